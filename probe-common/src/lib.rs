@@ -1,0 +1,166 @@
+//! Types shared by the XDP programs (`probe-ebpf`) and the agent (`probe-user`).
+//!
+//! Everything here is `#[repr(C)]`, made of plain integers and arrays, with
+//! padding spelled out as fields and sizes asserted at compile time, so both
+//! sides agree on every byte and the userspace side may implement `aya::Pod`.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map and program names: the ELF symbols the agent looks up.
+pub mod names {
+    pub const FLOWS: &str = "FLOWS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const PROG_LAN: &str = "icr_lan";
+    pub const PROG_WAN: &str = "icr_wan";
+}
+
+/// Default capacity of the kernel flow table (entries); the agent may resize
+/// it at load time.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+
+/// Which side of the gateway a packet arrived on (XDP sees ingress only).
+pub mod role {
+    /// Subscriber side: packets from devices, before NAT.
+    pub const LAN: u8 = 1;
+    /// Internet side: packets towards the public address, before de-NAT.
+    pub const WAN: u8 = 2;
+}
+
+/// TCP flag bits as they sit in the TCP header's flags byte.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+/// A flow, keyed so that both directions of a connection share one entry:
+/// the endpoint that sorts lower (address, then port) is `lo`. A packet from
+/// `lo` to `hi` travels in direction 0, the reverse in direction 1.
+///
+/// Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
+/// Ports are host byte order; for ICMP they are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Per-flow state in the kernel flow table. Counters are indexed by direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Kernel time (ns, CLOCK_MONOTONIC, or the replay clock) of the first packet.
+    pub first_ns: u64,
+    /// Kernel time of the latest packet.
+    pub last_ns: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    /// Source MAC of the first packet seen in each direction (zero if none).
+    pub mac: [[u8; 6]; 2],
+    /// OR of the TCP flags seen in each direction.
+    pub tcp_flags: [u8; 2],
+    /// Bit set of [`role`]s each direction was seen arriving on.
+    pub roles: [u8; 2],
+    /// Direction of the first packet seen.
+    pub first_dir: u8,
+    /// TCP flags of the first packet seen (a lone SYN names the client).
+    pub first_tcp_flags: u8,
+    /// Set once a flow-end event has been sent, so it is sent once.
+    pub end_sent: u8,
+    pub _pad: u8,
+    /// Interface the first packet arrived on.
+    pub first_ifindex: u32,
+}
+const _: () = assert!(size_of::<FlowValue>() == 72);
+
+/// Kinds of [`FlowEvent`].
+pub mod event_kind {
+    /// A new entry was added to the flow table.
+    pub const FLOW_START: u8 = 1;
+    /// A FIN or RST was seen on a tracked flow (sent once per flow).
+    pub const FLOW_END: u8 = 2;
+}
+
+/// What the XDP program sends to the agent through the per-CPU perf buffers:
+/// only flow starts and ends, never one event per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub kind: u8,
+    /// Direction of the packet that caused the event.
+    pub dir: u8,
+    /// [`role`] of the interface it arrived on.
+    pub role: u8,
+    pub tcp_flags: u8,
+    pub ifindex: u32,
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    pub mac_src: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowEvent>() == 64);
+
+/// Indices into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Packets the program saw.
+    pub const PACKETS: u32 = 0;
+    /// Packets that were not IPv4/IPv6 (ARP, LLDP, ...): passed, not tracked.
+    pub const NOT_IP: u32 = 1;
+    /// Packets whose headers were truncated or malformed: passed, not tracked.
+    pub const MALFORMED: u32 = 2;
+    /// Flows added to the flow table.
+    pub const FLOWS_CREATED: u32 = 3;
+    /// Packets of new flows that the full flow table could not take.
+    pub const FLOW_TABLE_FULL: u32 = 4;
+    /// Events the perf buffer had no room for.
+    pub const EVENTS_LOST: u32 = 5;
+    /// Events sent.
+    pub const EVENTS_SENT: u32 = 6;
+    /// Non-first IP fragments (no ports): counted under their 3-tuple flow.
+    pub const FRAGMENTS: u32 = 7;
+    pub const COUNT: u32 = 8;
+
+    /// Names for logs and metrics, in index order.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "not_ip",
+        "malformed",
+        "flows_created",
+        "flow_table_full",
+        "events_lost",
+        "events_sent",
+        "fragments",
+    ];
+}
+
+/// Run-time settings the agent writes into the one-entry `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// When non-zero, the program uses this as "now" instead of the kernel
+    /// clock: `icr replay` sets it to each captured packet's timestamp.
+    pub clock_override_ns: u64,
+}
+const _: () = assert!(size_of::<ProbeConfig>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain integers and arrays, `repr(C)`, no implicit padding
+    // (sizes asserted above).
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}

@@ -1,0 +1,150 @@
+//! The kernel flow table: counts each packet against its flow and direction,
+//! and reports flow starts and ends (FIN/RST) through the perf buffers.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use probe_common::{FlowEvent, FlowKey, FlowValue, counter, event_kind, tcp_flags};
+
+use crate::{
+    maps::{self, EVENTS, FLOWS},
+    parse::Packet,
+};
+
+const EEXIST: i32 = 17;
+
+/// Builds the direction-independent key and the packet's direction in it.
+#[inline(always)]
+fn key_of(packet: &Packet) -> (FlowKey, u8) {
+    let src = (u128::from_be_bytes(packet.src), packet.src_port);
+    let dst = (u128::from_be_bytes(packet.dst), packet.dst_port);
+    let src_is_lo = src <= dst;
+    let (lo, lo_port, hi, hi_port, dir) = if src_is_lo {
+        (packet.src, packet.src_port, packet.dst, packet.dst_port, 0)
+    } else {
+        (packet.dst, packet.dst_port, packet.src, packet.src_port, 1)
+    };
+    let key = FlowKey {
+        addr_lo: lo,
+        addr_hi: hi,
+        port_lo: lo_port,
+        port_hi: hi_port,
+        proto: packet.proto,
+        _pad: [0; 3],
+    };
+    (key, dir)
+}
+
+#[inline(always)]
+pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
+    let (key, dir) = key_of(packet);
+    let now = maps::now_ns();
+    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+        update(ctx, &key, value, packet, dir, role, now);
+        return;
+    }
+
+    let index = dir as usize & 1;
+    let mut value = FlowValue {
+        first_ns: now,
+        last_ns: now,
+        first_dir: dir,
+        first_tcp_flags: packet.tcp_flags,
+        first_ifindex: ctx.ingress_ifindex() as u32,
+        ..FlowValue::default()
+    };
+    value.packets[index] = 1;
+    value.bytes[index] = packet.ip_len as u64;
+    value.mac[index] = packet.mac_src;
+    value.tcp_flags[index] = packet.tcp_flags;
+    value.roles[index] = role;
+    let ends = ends_flow(packet.tcp_flags);
+    value.end_sent = ends as u8;
+
+    match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            maps::count(counter::FLOWS_CREATED);
+            emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now);
+            if ends {
+                emit(ctx, event_kind::FLOW_END, &key, packet, dir, role, now);
+            }
+        }
+        // Another CPU created it between our lookup and insert.
+        Err(e) if -e == EEXIST => {
+            if let Some(value) = FLOWS.get_ptr_mut(&key) {
+                update(ctx, &key, value, packet, dir, role, now);
+            }
+        }
+        Err(_) => maps::count(counter::FLOW_TABLE_FULL),
+    }
+}
+
+#[inline(always)]
+fn update(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    value: *mut FlowValue,
+    packet: &Packet,
+    dir: u8,
+    role: u8,
+    now: u64,
+) {
+    let index = dir as usize & 1;
+    // SAFETY: `value` points into a live hash map entry. Both directions of a
+    // flow may be counted on different CPUs at once, so the counters are
+    // atomic; the other fields tolerate a lost race (a flag bit, a MAC).
+    unsafe {
+        add(&raw mut (*value).packets[index], 1);
+        add(&raw mut (*value).bytes[index], packet.ip_len as u64);
+        (*value).last_ns = now;
+        (*value).tcp_flags[index] |= packet.tcp_flags;
+        (*value).roles[index] |= role;
+        if (*value).mac[index] == [0; 6] {
+            (*value).mac[index] = packet.mac_src;
+        }
+        if ends_flow(packet.tcp_flags) && (*value).end_sent == 0 {
+            (*value).end_sent = 1;
+            emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now);
+        }
+    }
+}
+
+/// An atomic add whose result is unused, which the BPF backend emits as one
+/// `lock xadd` instruction (core's `AtomicU64::fetch_add` is not available
+/// on the BPF target).
+#[inline(always)]
+unsafe fn add(counter: *mut u64, amount: u64) {
+    // SAFETY: the caller passes a pointer into a live map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, amount) };
+}
+
+#[inline(always)]
+fn ends_flow(flags: u8) -> bool {
+    flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+}
+
+#[inline(always)]
+fn emit(
+    ctx: &XdpContext,
+    kind: u8,
+    key: &FlowKey,
+    packet: &Packet,
+    dir: u8,
+    role: u8,
+    now: u64,
+) {
+    let event = FlowEvent {
+        kind,
+        dir,
+        role,
+        tcp_flags: packet.tcp_flags,
+        ifindex: ctx.ingress_ifindex() as u32,
+        ts_ns: now,
+        key: *key,
+        mac_src: packet.mac_src,
+        _pad: [0; 2],
+    };
+    match EVENTS.output(ctx, &event) {
+        Ok(()) => maps::count(counter::EVENTS_SENT),
+        Err(_) => maps::count(counter::EVENTS_LOST),
+    }
+}

@@ -1,0 +1,53 @@
+//! Every map the probe uses, defined once. Names and value types come from
+//! `probe-common`, which the agent reads them with.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use probe_common::{
+    DEFAULT_FLOW_TABLE_SIZE, FlowKey, FlowValue, ProbeConfig, counter,
+};
+
+use crate::events::PerCpuEvents;
+
+/// The kernel flow table. A plain (not LRU) hash, so that no flow is ever
+/// evicted behind the agent's back: the agent removes flows it has closed,
+/// and a full table is counted (`counter::FLOW_TABLE_FULL`). The agent may
+/// resize it at load time.
+#[map(name = "FLOWS")]
+pub static FLOWS: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Flow start/end events, one perf buffer per CPU.
+#[map(name = "EVENTS")]
+pub static EVENTS: PerCpuEvents = PerCpuEvents::new();
+
+/// Per-CPU counters, indexed by `probe_common::counter`.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Settings the agent writes at run time (one entry).
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<ProbeConfig> = Array::with_max_entries(1, 0);
+
+/// Adds one to a per-CPU counter. Per-CPU, so no atomics are needed.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer is this CPU's slot of a live array entry.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// "Now" for flow timestamps: the kernel's monotonic clock, or the clock the
+/// agent set while replaying a capture.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    if let Some(config) = CONFIG.get(0) {
+        if config.clock_override_ns != 0 {
+            return config.clock_override_ns;
+        }
+    }
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}

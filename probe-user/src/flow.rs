@@ -1,0 +1,659 @@
+//! The flow assembler: turns kernel flows into ICRs.
+//!
+//! The XDP program counts; this module decides when a flow is over. It learns
+//! of flows from start/end events, checks each one when its next timeout is
+//! due (one map lookup, not a scan), and every `full_sweep` walks the whole
+//! kernel table to adopt flows whose start event was lost. A flow is closed
+//! after FIN/RST plus a quiet `tcp_closed`, after an idle timeout, or reported
+//! in slices every `active` for long flows; its kernel entry is then removed,
+//! so the table never evicts anything by itself.
+//!
+//! On a NAT gateway a connection is two kernel flows: the LAN one (device ↔
+//! remote, upstream packets) and the WAN one (remote ↔ public address,
+//! downstream packets). Conntrack mappings join them into one record.
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap},
+    time::Duration,
+};
+
+use anyhow::Result;
+use probe_common::{FlowEvent, FlowKey, FlowValue, event_kind, role, tcp_flags};
+use uuid::Uuid;
+
+use crate::{
+    clock::Clock,
+    events::ProbeEvent,
+    icr::{Device, EndReason, Endpoint, Icr, mac_string, proto_name},
+    nat::{Mapping, NatTable},
+    tuple::Tuple,
+};
+
+const IPPROTO_TCP: u8 = 6;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Quiet time after FIN or RST before a TCP flow is closed.
+    pub tcp_closed: Duration,
+    /// TCP flows without FIN/RST are closed after this long without packets.
+    pub tcp_idle: Duration,
+    /// Non-TCP flows (UDP, ICMP, ...) are closed after this long without packets.
+    pub udp_idle: Duration,
+    /// Long flows are reported in slices of this length.
+    pub active: Duration,
+    /// How often the whole kernel table is walked for flows we were not told of.
+    pub full_sweep: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_closed: Duration::from_secs(5),
+            tcp_idle: Duration::from_secs(300),
+            udp_idle: Duration::from_secs(60),
+            active: Duration::from_secs(1800),
+            full_sweep: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The kernel flow table, as the assembler uses it (a trait so the logic can
+/// be tested without a kernel).
+pub trait FlowTable {
+    fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>>;
+    fn remove(&mut self, key: &FlowKey) -> Result<()>;
+    fn keys(&self) -> Result<Vec<FlowKey>>;
+}
+
+impl FlowTable for crate::probe::Probe {
+    fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        self.flow(key)
+    }
+    fn remove(&mut self, key: &FlowKey) -> Result<()> {
+        self.remove_flow(key)
+    }
+    fn keys(&self) -> Result<Vec<FlowKey>> {
+        self.flow_keys()
+    }
+}
+
+/// What the assembler remembers of a kernel flow.
+#[derive(Clone, Copy, Debug, Default)]
+struct Known {
+    /// Counters already reported in earlier active-timeout slices.
+    reported_packets: [u64; 2],
+    reported_bytes: [u64; 2],
+    /// Start of the slice not yet reported (0: the flow's first packet).
+    slice_start_ns: u64,
+    /// Something may be missing (start event lost, events overrun).
+    incomplete: bool,
+    /// The LAN flow this WAN flow belongs to, once joined.
+    joined_to: Option<FlowKey>,
+}
+
+/// Why a check closes a flow, if it does.
+fn close_reason(
+    timeouts: &Timeouts,
+    proto: u8,
+    flags: u8,
+    last_ns: u64,
+    now_ns: u64,
+) -> Option<EndReason> {
+    let quiet = Duration::from_nanos(now_ns.saturating_sub(last_ns));
+    if proto == IPPROTO_TCP {
+        if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 && quiet >= timeouts.tcp_closed {
+            return Some(if flags & tcp_flags::RST != 0 { EndReason::Rst } else { EndReason::Fin });
+        }
+        (quiet >= timeouts.tcp_idle).then_some(EndReason::Idle)
+    } else {
+        (quiet >= timeouts.udp_idle).then_some(EndReason::Idle)
+    }
+}
+
+pub struct Assembler {
+    timeouts: Timeouts,
+    clock: Clock,
+    /// Whether public addresses come from NAT mappings (a WAN interface is
+    /// watched and conntrack followed). Without, `public` is the device's own.
+    nat_expected: bool,
+    known: HashMap<FlowKey, Known>,
+    due: BinaryHeap<Reverse<(u64, FlowKey)>>,
+    next_full_sweep_ns: u64,
+    records: Vec<Icr>,
+    /// Flows adopted by a full sweep: their start event never arrived.
+    pub adopted: u64,
+    pub events_lost: u64,
+}
+
+impl Assembler {
+    pub fn new(timeouts: Timeouts, clock: Clock, nat_expected: bool) -> Self {
+        Self {
+            timeouts,
+            clock,
+            nat_expected,
+            known: HashMap::new(),
+            due: BinaryHeap::new(),
+            next_full_sweep_ns: 0,
+            records: Vec::new(),
+            adopted: 0,
+            events_lost: 0,
+        }
+    }
+
+    /// Flows the assembler is following.
+    pub fn open_flows(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Records closed since the last call.
+    pub fn take_records(&mut self) -> Vec<Icr> {
+        std::mem::take(&mut self.records)
+    }
+
+    pub fn on_event(&mut self, event: ProbeEvent) {
+        match event {
+            ProbeEvent::Flow(event) => self.on_flow_event(&event),
+            ProbeEvent::Lost { count, .. } => {
+                // Any open flow may have lost its end event: say so on its record.
+                self.events_lost += count;
+                self.known.values_mut().for_each(|known| known.incomplete = true);
+            }
+            ProbeEvent::Malformed { cpu, len } => {
+                log::warn!("ignored a {len}-byte event from CPU {cpu}: agent and probe disagree");
+            }
+        }
+    }
+
+    fn on_flow_event(&mut self, event: &FlowEvent) {
+        self.known.entry(event.key).or_default();
+        let wait = match event.kind {
+            event_kind::FLOW_END => self.timeouts.tcp_closed,
+            _ => self.idle_timeout(event.key.proto).min(self.timeouts.active),
+        };
+        self.schedule(event.key, event.ts_ns.saturating_add(nanos(wait)));
+    }
+
+    fn idle_timeout(&self, proto: u8) -> Duration {
+        if proto == IPPROTO_TCP { self.timeouts.tcp_idle } else { self.timeouts.udp_idle }
+    }
+
+    fn schedule(&mut self, key: FlowKey, at_ns: u64) {
+        self.due.push(Reverse((at_ns, key)));
+    }
+
+    /// Closes what is due at `now_ns` (kernel time).
+    pub fn tick(&mut self, now_ns: u64, table: &mut impl FlowTable, nat: &NatTable) -> Result<()> {
+        if now_ns >= self.next_full_sweep_ns {
+            self.full_sweep(table, now_ns)?;
+            self.next_full_sweep_ns = now_ns.saturating_add(nanos(self.timeouts.full_sweep));
+        }
+        while let Some(Reverse((at_ns, key))) = self.due.peek().copied() {
+            if at_ns > now_ns {
+                break;
+            }
+            self.due.pop();
+            self.check(key, now_ns, table, nat, None)?;
+        }
+        Ok(())
+    }
+
+    /// Closes every flow, as at shutdown or the end of a capture.
+    pub fn close_all(
+        &mut self,
+        now_ns: u64,
+        reason: EndReason,
+        table: &mut impl FlowTable,
+        nat: &NatTable,
+    ) -> Result<()> {
+        self.full_sweep(table, now_ns)?;
+        let mut keys: Vec<FlowKey> = self.known.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            // WAN flows first join their LAN flow, so close LAN flows first.
+            if let Some(value) = table.get(&key)? {
+                if is_wan_only(&value) {
+                    continue;
+                }
+            }
+            self.check(key, now_ns, table, nat, Some(reason))?;
+        }
+        let rest: Vec<FlowKey> = self.known.keys().copied().collect();
+        for key in rest {
+            self.check(key, now_ns, table, nat, Some(reason))?;
+        }
+        self.due.clear();
+        Ok(())
+    }
+
+    fn full_sweep(&mut self, table: &mut impl FlowTable, now_ns: u64) -> Result<()> {
+        for key in table.keys()? {
+            if !self.known.contains_key(&key) {
+                self.adopted += 1;
+                self.known.insert(key, Known { incomplete: true, ..Known::default() });
+                self.schedule(key, now_ns);
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at one flow: closes it, slices it, or schedules its next check.
+    /// `force` closes it whatever its state.
+    fn check(
+        &mut self,
+        key: FlowKey,
+        now_ns: u64,
+        table: &mut impl FlowTable,
+        nat: &NatTable,
+        force: Option<EndReason>,
+    ) -> Result<()> {
+        let Some(known) = self.known.get(&key).copied() else { return Ok(()) };
+        let Some(value) = table.get(&key)? else {
+            // Removed with the LAN flow it was joined to.
+            self.known.remove(&key);
+            return Ok(());
+        };
+
+        if is_wan_only(&value) {
+            if let Some(lan_key) = self.join_wan(&key, &value, nat) {
+                // Its LAN flow reports it; only a forced close without one reaches below.
+                self.known.entry(key).or_default().joined_to = Some(lan_key);
+                if self.known.contains_key(&lan_key) {
+                    if force.is_none() {
+                        let next = value.last_ns.saturating_add(nanos(self.idle_timeout(key.proto)));
+                        self.schedule(key, next.max(now_ns + 1));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+
+        let view = FlowView::new(&key, &value, nat, self.nat_expected);
+        let wan = match view.wan_key() {
+            Some(wan_key) if wan_key != key => {
+                table.get(&wan_key)?.map(|wan_value| (wan_key, wan_value))
+            }
+            _ => None,
+        };
+        let (flags, last_ns) = match &wan {
+            Some((_, wan_value)) => (
+                value.tcp_flags[0] | value.tcp_flags[1] | wan_value.tcp_flags[0] | wan_value.tcp_flags[1],
+                value.last_ns.max(wan_value.last_ns),
+            ),
+            None => (value.tcp_flags[0] | value.tcp_flags[1], value.last_ns),
+        };
+
+        let reason = force.or_else(|| close_reason(&self.timeouts, key.proto, flags, last_ns, now_ns));
+        let slice_start = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
+        let active_due = slice_start.saturating_add(nanos(self.timeouts.active));
+
+        match reason {
+            Some(reason) => {
+                let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
+                let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), last_ns, reason);
+                self.records.push(record);
+                table.remove(&key)?;
+                self.known.remove(&key);
+                if let Some((wan_key, _)) = wan {
+                    table.remove(&wan_key)?;
+                    self.known.remove(&wan_key);
+                }
+            }
+            None if now_ns >= active_due => {
+                let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
+                let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), now_ns, EndReason::Active);
+                self.records.push(record);
+                let entry = self.known.entry(key).or_default();
+                entry.reported_packets = value.packets;
+                entry.reported_bytes = value.bytes;
+                entry.slice_start_ns = now_ns;
+                entry.incomplete = false;
+                if let Some((wan_key, wan_value)) = wan {
+                    let entry = self.known.entry(wan_key).or_default();
+                    entry.reported_packets = wan_value.packets;
+                    entry.reported_bytes = wan_value.bytes;
+                }
+                self.schedule(key, now_ns.saturating_add(nanos(self.timeouts.active)));
+            }
+            None => {
+                let idle_due = if key.proto == IPPROTO_TCP && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                    last_ns.saturating_add(nanos(self.timeouts.tcp_closed))
+                } else {
+                    last_ns.saturating_add(nanos(self.idle_timeout(key.proto)))
+                };
+                self.schedule(key, idle_due.min(active_due).max(now_ns + 1));
+            }
+        }
+        Ok(())
+    }
+
+    /// The LAN flow a WAN-only flow belongs to, through its NAT mapping.
+    fn join_wan(&self, key: &FlowKey, value: &FlowValue, nat: &NatTable) -> Option<FlowKey> {
+        // On the WAN side the first packet usually comes from the remote end.
+        let inbound = Tuple::from_key(key, value.first_dir);
+        [inbound, inbound.reversed()]
+            .iter()
+            .find_map(|reply| nat.by_reply(reply))
+            .map(|mapping| mapping.original.key().0)
+    }
+
+    fn record(
+        &self,
+        view: &FlowView,
+        known: &Known,
+        wan: Option<&FlowValue>,
+        wan_known: Option<&Known>,
+        last_ns: u64,
+        reason: EndReason,
+    ) -> Icr {
+        let value = view.value;
+        let up = view.device_dir as usize;
+        let down = 1 - up;
+        let mut packets_up = value.packets[up] - known.reported_packets[up];
+        let mut packets_down = value.packets[down] - known.reported_packets[down];
+        let mut bytes_up = value.bytes[up] - known.reported_bytes[up];
+        let mut bytes_down = value.bytes[down] - known.reported_bytes[down];
+        if let (Some(wan), Some(mapping)) = (wan, view.mapping) {
+            let (_, reply_dir) = mapping.reply.key();
+            let (_, sent_dir) = mapping.reply.reversed().key();
+            let base = wan_known.copied().unwrap_or_default();
+            let (r, s) = (reply_dir as usize, sent_dir as usize);
+            packets_down += wan.packets[r] - base.reported_packets[r];
+            bytes_down += wan.bytes[r] - base.reported_bytes[r];
+            // Upstream packets are counted on the LAN side; the WAN side sees
+            // them only where the probe also watches WAN egress (never in XDP).
+            packets_up += wan.packets[s] - base.reported_packets[s];
+            bytes_up += wan.bytes[s] - base.reported_bytes[s];
+        }
+        let start_ns = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
+        let device = view.device;
+        let mac = value.mac[up];
+        let public = view.public();
+        let missing_nat = public.is_none();
+        Icr {
+            id: new_id(&self.clock, start_ns),
+            start: self.clock.to_utc(start_ns),
+            end: self.clock.to_utc(last_ns.max(start_ns)),
+            end_reason: reason,
+            proto: proto_name(view.key.proto),
+            device: Device {
+                mac: (mac != [0; 6]).then(|| mac_string(mac)),
+                ip: Some(device.src),
+                port: Some(device.src_port),
+                ..Device::default()
+            },
+            public,
+            remote: Endpoint { ip: device.dst, port: device.dst_port },
+            service: None,
+            dns: None,
+            packets_up,
+            packets_down,
+            bytes_up,
+            bytes_down,
+            incomplete: known.incomplete || wan_known.is_some_and(|w| w.incomplete) || missing_nat,
+        }
+    }
+}
+
+/// A kernel flow seen from the device: which direction is upstream, and the
+/// NAT mapping of the connection, if any.
+struct FlowView<'a> {
+    key: &'a FlowKey,
+    value: &'a FlowValue,
+    /// Direction in which the device sends.
+    device_dir: u8,
+    /// The upstream tuple: device → remote.
+    device: Tuple,
+    mapping: Option<&'a Mapping>,
+    nat_expected: bool,
+}
+
+impl<'a> FlowView<'a> {
+    fn new(key: &'a FlowKey, value: &'a FlowValue, nat: &'a NatTable, nat_expected: bool) -> Self {
+        let device_dir = device_direction(value);
+        let mut device = Tuple::from_key(key, device_dir);
+        let mapping = nat.by_original(&device).or_else(|| nat.by_reply(&device.reversed()));
+        if let Some(mapping) = mapping {
+            // A WAN flow reported on its own: the device is behind the NAT.
+            device = mapping.original;
+        }
+        Self { key, value, device_dir, device, mapping, nat_expected }
+    }
+
+    /// The kernel key of the WAN side of this connection, if NAT changed it.
+    fn wan_key(&self) -> Option<FlowKey> {
+        self.mapping.map(|mapping| mapping.reply.key().0)
+    }
+
+    fn public(&self) -> Option<Endpoint> {
+        if let Some(mapping) = self.mapping {
+            let (ip, port) = mapping.public();
+            return Some(Endpoint { ip, port });
+        }
+        let routed = (self.value.roles[0] | self.value.roles[1]) & role::WAN != 0;
+        (routed || !self.nat_expected)
+            .then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
+    }
+}
+
+/// The device's sending direction: the one that arrived on a LAN interface;
+/// when both or neither did (a single capture point), the connection's
+/// initiator.
+fn device_direction(value: &FlowValue) -> u8 {
+    let lan = [value.roles[0] & role::LAN != 0, value.roles[1] & role::LAN != 0];
+    match lan {
+        [true, false] => 0,
+        [false, true] => 1,
+        _ => {
+            let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+            if value.first_tcp_flags & syn_ack == syn_ack {
+                1 - value.first_dir
+            } else {
+                value.first_dir
+            }
+        }
+    }
+}
+
+fn is_wan_only(value: &FlowValue) -> bool {
+    let roles = value.roles[0] | value.roles[1];
+    roles & role::WAN != 0 && roles & role::LAN == 0
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A UUIDv7 whose time is the record's start: ids sort like records.
+fn new_id(clock: &Clock, start_ns: u64) -> String {
+    let start = clock.to_utc(start_ns);
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        start.timestamp().max(0) as u64,
+        start.timestamp_subsec_nanos(),
+    );
+    Uuid::new_v7(ts).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{nat::NatEvent, tuple::ipv4};
+
+    const SEC: u64 = 1_000_000_000;
+
+    #[derive(Default)]
+    struct FakeTable(HashMap<FlowKey, FlowValue>);
+
+    impl FlowTable for FakeTable {
+        fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+            Ok(self.0.get(key).copied())
+        }
+        fn remove(&mut self, key: &FlowKey) -> Result<()> {
+            self.0.remove(key);
+            Ok(())
+        }
+        fn keys(&self) -> Result<Vec<FlowKey>> {
+            Ok(self.0.keys().copied().collect())
+        }
+    }
+
+    impl FakeTable {
+        /// Counts a packet the way the XDP program does.
+        fn packet(&mut self, tuple: Tuple, bytes: u64, flags: u8, role: u8, at: u64) -> FlowKey {
+            let (key, dir) = tuple.key();
+            let d = dir as usize;
+            let value = self.0.entry(key).or_insert_with(|| FlowValue {
+                first_ns: at,
+                first_dir: dir,
+                first_tcp_flags: flags,
+                ..FlowValue::default()
+            });
+            value.last_ns = at;
+            value.packets[d] += 1;
+            value.bytes[d] += bytes;
+            value.tcp_flags[d] |= flags;
+            value.roles[d] |= role;
+            value.mac[d] = [2, 0, 0, 0, 0, role];
+            key
+        }
+    }
+
+    fn start_event(key: FlowKey, at: u64) -> ProbeEvent {
+        ProbeEvent::Flow(FlowEvent { kind: event_kind::FLOW_START, key, ts_ns: at, ..FlowEvent::default() })
+    }
+
+    fn end_event(key: FlowKey, at: u64) -> ProbeEvent {
+        ProbeEvent::Flow(FlowEvent { kind: event_kind::FLOW_END, key, ts_ns: at, ..FlowEvent::default() })
+    }
+
+    fn device_tuple() -> Tuple {
+        Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 }
+    }
+
+    #[test]
+    fn routed_tcp_flow_closes_after_fin_with_both_directions() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let up = device_tuple();
+        let key = table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
+        assembler.on_event(start_event(key, SEC));
+        table.packet(up.reversed(), 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
+        table.packet(up, 500, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 3 * SEC);
+        table.packet(up.reversed(), 1500, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 4 * SEC);
+        assembler.on_event(end_event(key, 4 * SEC));
+
+        assembler.tick(5 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty(), "still inside tcp_closed");
+        assembler.tick(10 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.end_reason, EndReason::Fin);
+        assert_eq!(r.device.ip, Some(up.src));
+        assert_eq!(r.device.port, Some(up.src_port));
+        assert_eq!(r.device.mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(r.remote, Endpoint { ip: up.dst, port: 443 });
+        assert_eq!(r.public, Some(Endpoint { ip: up.src, port: up.src_port }), "routed: no NAT");
+        assert_eq!((r.packets_up, r.packets_down, r.bytes_up, r.bytes_down), (2, 2, 560, 1560));
+        assert_eq!(r.start.timestamp(), 1);
+        assert_eq!(r.end.timestamp(), 4);
+        assert!(!r.incomplete);
+        assert!(table.0.is_empty(), "closed flows leave the kernel table");
+    }
+
+    #[test]
+    fn nat_joins_lan_and_wan_flows_into_one_record() {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let up = device_tuple();
+        let public = (ipv4(198, 51, 100, 1), 10007);
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: public.0, dst_port: public.1, proto: 6 };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
+
+        let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
+        let wan = table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
+        table.packet(up, 100, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 3 * SEC);
+        table.packet(reply, 900, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 4 * SEC);
+        assembler.on_event(start_event(wan, 2 * SEC));
+        assembler.on_event(start_event(lan, SEC));
+        assembler.on_event(end_event(lan, 3 * SEC));
+        assembler.on_event(end_event(wan, 4 * SEC));
+
+        assembler.tick(20 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1, "{records:#?}");
+        let r = &records[0];
+        assert_eq!(r.public, Some(Endpoint { ip: public.0, port: public.1 }));
+        assert_eq!(r.device.ip, Some(up.src));
+        assert_eq!((r.packets_up, r.packets_down, r.bytes_up, r.bytes_down), (2, 2, 160, 960));
+        assert_eq!(r.end.timestamp(), 4, "the WAN side's last packet counts");
+        assert!(!r.incomplete);
+        assert!(table.0.is_empty());
+        assert_eq!(assembler.open_flows(), 0);
+    }
+
+    #[test]
+    fn lan_flow_without_mapping_on_a_nat_gateway_is_incomplete() {
+        let mut table = FakeTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let key = table.packet(device_tuple(), 60, tcp_flags::SYN, role::LAN, SEC);
+        assembler.on_event(start_event(key, SEC));
+        assembler.close_all(2 * SEC, EndReason::Shutdown, &mut table, &NatTable::default()).unwrap();
+        let r = &assembler.take_records()[0];
+        assert_eq!(r.end_reason, EndReason::Shutdown);
+        assert_eq!(r.public, None);
+        assert!(r.incomplete);
+    }
+
+    #[test]
+    fn udp_idles_out_and_lost_start_events_are_adopted() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
+        let dns = Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: 17 };
+        table.packet(dns, 70, 0, role::LAN, SEC);
+        table.packet(dns.reversed(), 120, 0, role::LAN, SEC + 1000);
+        // No start event: the full sweep finds it.
+        assembler.tick(2 * SEC, &mut table, &nat).unwrap();
+        assert_eq!(assembler.adopted, 1);
+        assembler.tick(30 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty());
+        assembler.tick(62 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.end_reason, EndReason::Idle);
+        assert_eq!(r.proto, "udp");
+        assert_eq!(r.device.ip, Some(dns.src), "the initiator is the device on one interface");
+        assert_eq!((r.packets_up, r.packets_down), (1, 1));
+        assert!(r.incomplete, "its start event was lost");
+    }
+
+    #[test]
+    fn long_flows_are_reported_in_active_slices() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let timeouts = Timeouts { active: Duration::from_secs(10), ..Timeouts::default() };
+        let mut assembler = Assembler::new(timeouts, Clock::capture(), false);
+        let up = device_tuple();
+        let key = table.packet(up, 100, tcp_flags::SYN, role::LAN, SEC);
+        assembler.on_event(start_event(key, SEC));
+        table.packet(up, 100, tcp_flags::ACK, role::LAN, 9 * SEC);
+        assembler.tick(11 * SEC, &mut table, &nat).unwrap();
+        let first = assembler.take_records();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].end_reason, EndReason::Active);
+        assert_eq!(first[0].packets_up, 2);
+        table.packet(up, 100, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 12 * SEC);
+        assembler.on_event(end_event(key, 12 * SEC));
+        assembler.tick(18 * SEC, &mut table, &nat).unwrap();
+        let second = assembler.take_records();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].end_reason, EndReason::Fin);
+        assert_eq!(second[0].packets_up, 1, "only what the first slice did not report");
+        assert_eq!(second[0].start.timestamp(), 11);
+        assert_ne!(first[0].id, second[0].id);
+    }
+}

@@ -1,0 +1,181 @@
+//! The Internet Connection Record: the one thing the probe keeps. Its JSON
+//! form is a contract (`shared/ICR-FORMAT.md`): fields may be added, none
+//! renamed. No payload, URL, path or query string ever has a field here.
+use std::net::IpAddr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Icr {
+    /// UUIDv7: time-ordered, unique across restarts.
+    pub id: String,
+    #[serde(with = "micros")]
+    pub start: DateTime<Utc>,
+    #[serde(with = "micros")]
+    pub end: DateTime<Utc>,
+    pub end_reason: EndReason,
+    pub proto: String,
+    pub device: Device,
+    pub public: Option<Endpoint>,
+    pub remote: Endpoint,
+    pub service: Option<Service>,
+    pub dns: Option<Dns>,
+    pub packets_up: u64,
+    pub packets_down: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub incomplete: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    Fin,
+    Rst,
+    Idle,
+    Active,
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub port: Option<u16>,
+    /// Outer to inner VLAN ids; empty when untagged.
+    #[serde(default)]
+    pub vlan: Vec<u16>,
+    #[serde(default)]
+    pub pppoe_session: Option<u16>,
+    #[serde(default)]
+    pub subscriber: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub source: ServiceSource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceSource {
+    TlsSni,
+    QuicSni,
+    HttpHost,
+    Dns,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    pub qname: String,
+    pub qtype: String,
+    pub answers: Vec<String>,
+}
+
+/// The `proto` field: names for the common protocols, `other:<n>` otherwise.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        n => format!("other:{n}"),
+    }
+}
+
+/// Formats a MAC address the way the record spells it.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// RFC 3339 in UTC with microseconds, as the format requires.
+pub fn format_time(time: &DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+mod micros {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(time: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_time(time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Icr {
+        Icr {
+            id: "0192f1c4-0000-7000-8000-000000000001".into(),
+            start: DateTime::parse_from_rfc3339("2026-11-22T15:02:00.123456Z").unwrap().into(),
+            end: DateTime::parse_from_rfc3339("2026-11-22T15:04:59.000001Z").unwrap().into(),
+            end_reason: EndReason::Fin,
+            proto: proto_name(6),
+            device: Device {
+                mac: Some(mac_string([2, 0, 0, 0, 0, 0x17])),
+                ip: Some("192.168.1.23".parse().unwrap()),
+                port: Some(51544),
+                ..Device::default()
+            },
+            public: Some(Endpoint { ip: "62.25.96.1".parse().unwrap(), port: 10007 }),
+            remote: Endpoint { ip: "216.239.32.10".parse().unwrap(), port: 443 },
+            service: None,
+            dns: None,
+            packets_up: 12,
+            packets_down: 15,
+            bytes_up: 1840,
+            bytes_down: 9120,
+            incomplete: false,
+        }
+    }
+
+    #[test]
+    fn json_uses_the_contract_field_names() {
+        let json: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(json["start"], "2026-11-22T15:02:00.123456Z");
+        assert_eq!(json["end_reason"], "fin");
+        assert_eq!(json["proto"], "tcp");
+        assert_eq!(json["device"]["mac"], "02:00:00:00:00:17");
+        assert_eq!(json["device"]["vlan"], serde_json::json!([]));
+        assert_eq!(json["device"]["pppoe_session"], serde_json::Value::Null);
+        assert_eq!(json["public"]["port"], 10007);
+        assert_eq!(json["remote"]["ip"], "216.239.32.10");
+        assert_eq!(json["service"], serde_json::Value::Null);
+        assert_eq!(json["bytes_down"], 9120);
+        assert_eq!(json["incomplete"], false);
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let record = sample();
+        let text = serde_json::to_string(&record).unwrap();
+        assert_eq!(serde_json::from_str::<Icr>(&text).unwrap(), record);
+    }
+
+    #[test]
+    fn service_sources_are_snake_case() {
+        let service = Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni };
+        assert_eq!(serde_json::to_value(service).unwrap()["source"], "tls_sni");
+        assert_eq!(proto_name(47), "other:47");
+    }
+}

@@ -1,0 +1,1 @@
+//! Following the kernel's conntrack table over netlink (next slice).

@@ -1,0 +1,114 @@
+//! NAT mappings: which public address and port the gateway gave a device's
+//! connection. Fed by conntrack events; read when a flow's record is made.
+use std::collections::HashMap;
+
+use crate::tuple::Tuple;
+
+pub mod conntrack;
+
+/// One connection as conntrack saw it: the original direction (device →
+/// remote, before NAT) and the reply direction (remote → public address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub original: Tuple,
+    pub reply: Tuple,
+}
+
+impl Mapping {
+    /// The address and port the internet saw: where replies are sent.
+    pub fn public(&self) -> (std::net::IpAddr, u16) {
+        (self.reply.dst, self.reply.dst_port)
+    }
+}
+
+/// What the conntrack follower reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatEvent {
+    New(Mapping),
+    Destroy(Mapping),
+    /// Events were lost (netlink buffer overrun).
+    Overrun,
+}
+
+/// Mappings by original and by reply direction. Destroyed mappings are kept
+/// until `forget` so that flows closing after conntrack forgot them still join.
+#[derive(Default)]
+pub struct NatTable {
+    by_original: HashMap<Tuple, Mapping>,
+    by_reply: HashMap<Tuple, Tuple>,
+    destroyed: Vec<(u64, Tuple)>,
+}
+
+impl NatTable {
+    pub fn apply(&mut self, event: NatEvent, now_ns: u64) {
+        match event {
+            NatEvent::New(mapping) => {
+                self.by_reply.insert(mapping.reply, mapping.original);
+                self.by_original.insert(mapping.original, mapping);
+            }
+            NatEvent::Destroy(mapping) => {
+                // Make sure it is known (a NEW may have been missed).
+                self.by_reply.insert(mapping.reply, mapping.original);
+                self.by_original.insert(mapping.original, mapping);
+                self.destroyed.push((now_ns, mapping.original));
+            }
+            NatEvent::Overrun => {}
+        }
+    }
+
+    /// Drops mappings destroyed before `before_ns`.
+    pub fn forget(&mut self, before_ns: u64) {
+        let keep_from = self.destroyed.partition_point(|(at, _)| *at < before_ns);
+        for (_, original) in self.destroyed.drain(..keep_from) {
+            if let Some(mapping) = self.by_original.remove(&original) {
+                self.by_reply.remove(&mapping.reply);
+            }
+        }
+    }
+
+    /// The mapping of a connection by its original (device-side) direction.
+    pub fn by_original(&self, original: &Tuple) -> Option<&Mapping> {
+        self.by_original.get(original)
+    }
+
+    /// The mapping whose reply direction (remote → public) is `reply`.
+    pub fn by_reply(&self, reply: &Tuple) -> Option<&Mapping> {
+        self.by_reply.get(reply).and_then(|original| self.by_original.get(original))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_original.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_original.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuple::ipv4;
+
+    fn mapping() -> Mapping {
+        let original = Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 };
+        let reply = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: 6 };
+        Mapping { original, reply }
+    }
+
+    #[test]
+    fn joins_both_ways_and_forgets_after_destroy() {
+        let mut table = NatTable::default();
+        let m = mapping();
+        table.apply(NatEvent::New(m), 1);
+        assert_eq!(table.by_original(&m.original), Some(&m));
+        assert_eq!(table.by_reply(&m.reply), Some(&m));
+        assert_eq!(m.public(), (ipv4(198, 51, 100, 1), 10007));
+        table.apply(NatEvent::Destroy(m), 10);
+        table.forget(5);
+        assert_eq!(table.by_reply(&m.reply), Some(&m), "kept until its grace ends");
+        table.forget(11);
+        assert!(table.is_empty());
+        assert_eq!(table.by_reply(&m.reply), None);
+    }
+}

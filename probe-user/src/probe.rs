@@ -1,0 +1,248 @@
+//! The XDP probe as the agent sees it: loading the embedded object, attaching
+//! it, running it on frames (`BPF_PROG_TEST_RUN`), and reading its maps.
+use std::collections::HashMap as StdHashMap;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        perf::{PerfEventArray, PerfEventArrayBuffer},
+    },
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode},
+};
+use log::{info, warn};
+use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
+
+/// The XDP object built from `probe-ebpf`, embedded at build time.
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
+
+/// Pages per CPU for the event perf buffers (must be a power of two).
+const EVENT_BUFFER_PAGES: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// Capacity of the kernel flow table.
+    pub flow_table_size: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE }
+    }
+}
+
+/// How an interface ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Driver,
+    Generic,
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Debug)]
+pub struct TestRunOutput {
+    pub action: u32,
+    pub data_out: Vec<u8>,
+    pub duration_ns: u64,
+}
+
+pub struct Probe {
+    // Keeps the programs loaded and their links attached.
+    ebpf: Ebpf,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, ProbeConfig>,
+    events: Option<PerfEventArray<MapData>>,
+}
+
+impl Probe {
+    /// Loads the XDP programs and their maps into the kernel (not attached).
+    pub fn load(options: ProbeOptions) -> Result<Self> {
+        raise_memlock_limit();
+        if options.flow_table_size == 0 {
+            bail!("the flow table size must be at least 1");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOWS, options.flow_table_size)
+            .load(PROBE_OBJECT)
+            .context(
+                "loading the XDP object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, \
+                 and a kernel with BTF and BPF support)",
+            )?;
+        for name in [names::PROG_LAN, names::PROG_WAN] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the XDP object has no program {name}"))?
+                .try_into()
+                .with_context(|| format!("{name} is not an XDP program"))?;
+            program.load().with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
+        let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
+        let events = Some(PerfEventArray::try_from(take_map(&mut ebpf, names::EVENTS)?)?);
+        Ok(Self { ebpf, flows, counters, config, events })
+    }
+
+    fn program(&self, role: u8) -> Result<&Xdp> {
+        let name = program_name(role);
+        let program = self.ebpf.program(name).ok_or_else(|| anyhow!("no program {name}"))?;
+        Ok(program.try_into()?)
+    }
+
+    fn program_mut(&mut self, role: u8) -> Result<&mut Xdp> {
+        let name = program_name(role);
+        let program = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?;
+        Ok(program.try_into()?)
+    }
+
+    /// Attaches the program for `role` to `interface`: native (driver) mode
+    /// when the driver supports it, generic mode otherwise.
+    pub fn attach(&mut self, interface: &str, role: u8) -> Result<AttachMode> {
+        let program = self.program_mut(role)?;
+        match program.attach(interface, XdpMode::Driver) {
+            Ok(_) => {
+                info!("attached {} to {interface} in driver mode", program_name(role));
+                Ok(AttachMode::Driver)
+            }
+            Err(ProgramError::UnknownInterface { .. }) => {
+                bail!("interface {interface} does not exist")
+            }
+            Err(driver_error) => {
+                warn!(
+                    "driver-mode XDP unavailable on {interface} ({driver_error}); \
+                     falling back to generic mode"
+                );
+                program.attach(interface, XdpMode::Skb).with_context(|| {
+                    format!(
+                        "attaching XDP to {interface} (is another XDP program attached to it?)"
+                    )
+                })?;
+                info!("attached {} to {interface} in generic mode", program_name(role));
+                Ok(AttachMode::Generic)
+            }
+        }
+    }
+
+    /// Runs the program for `role` once on `frame` with `BPF_PROG_TEST_RUN`.
+    pub fn test_run(&self, role: u8, frame: &[u8]) -> Result<TestRunOutput> {
+        self.test_run_repeat(role, frame, 1)
+    }
+
+    /// As [`Probe::test_run`], `repeat` times; the duration is per run.
+    pub fn test_run_repeat(&self, role: u8, frame: &[u8], repeat: u32) -> Result<TestRunOutput> {
+        // XDP may grow the frame by its tailroom; leave space for that.
+        let mut data_out = vec![0u8; frame.len() + 256];
+        let result = self
+            .program(role)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data_out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        data_out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value,
+            data_out,
+            duration_ns: result.duration.as_nanos() as u64,
+        })
+    }
+
+    /// Makes the program use `ns` as "now" (0: the kernel clock again).
+    pub fn set_clock_override(&mut self, ns: u64) -> Result<()> {
+        self.config
+            .set(0, ProbeConfig { clock_override_ns: ns }, 0)
+            .context("writing the probe's CONFIG map")
+    }
+
+    /// Every counter of `probe_common::counter`, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let mut totals = [0u64; counter::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let per_cpu = self.counters.get(&(index as u32), 0).context("reading COUNTERS")?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(Counters(totals))
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        match self.flows.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error).context("reading the kernel flow table"),
+        }
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(error).context("removing a flow from the kernel flow table"),
+        }
+    }
+
+    /// Every key currently in the kernel flow table.
+    pub fn flow_keys(&self) -> Result<Vec<FlowKey>> {
+        self.flows
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing the kernel flow table")
+    }
+
+    /// Opens one event buffer per online CPU. Can be called once.
+    pub fn open_event_buffers(&mut self) -> Result<Vec<EventBuffer>> {
+        let mut events =
+            self.events.take().ok_or_else(|| anyhow!("the event buffers are already open"))?;
+        let cpus = aya::util::online_cpus()
+            .map_err(|(what, error)| anyhow!("reading the online CPUs from {what}: {error}"))?;
+        cpus.into_iter()
+            .map(|cpu| {
+                let buffer = events
+                    .open(cpu, Some(EVENT_BUFFER_PAGES))
+                    .with_context(|| format!("opening the event buffer of CPU {cpu}"))?;
+                Ok(EventBuffer { cpu, buffer })
+            })
+            .collect()
+    }
+}
+
+/// One CPU's perf buffer of flow events.
+pub struct EventBuffer {
+    pub cpu: u32,
+    pub buffer: PerfEventArrayBuffer<MapData>,
+}
+
+/// Snapshot of the probe's counters, indexed by `probe_common::counter`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; counter::COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+
+    /// Name → value, for logs and metrics.
+    pub fn named(&self) -> StdHashMap<&'static str, u64> {
+        counter::NAMES.iter().copied().zip(self.0).collect()
+    }
+}
+
+fn program_name(role: u8) -> &'static str {
+    if role == role::WAN { names::PROG_WAN } else { names::PROG_LAN }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("the XDP object has no map {name}"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so a large
+/// flow table loads there too. Failing is not fatal: newer kernels ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}

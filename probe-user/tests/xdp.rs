@@ -1,0 +1,258 @@
+//! The real XDP program, loaded into the running kernel and run on crafted
+//! frames with `BPF_PROG_TEST_RUN`: every frame must pass unmodified, and the
+//! flow table, counters and events must say what the frame was.
+//! Needs root (CAP_BPF, CAP_NET_ADMIN).
+use etherparse::{PacketBuilder, TcpHeader, VlanId};
+use icr::{
+    events::{self, ProbeEvent},
+    probe::{EventBuffer, Probe, ProbeOptions},
+    tuple::{Tuple, ipv4},
+};
+use probe_common::{FlowEvent, FlowValue, counter, event_kind, role, tcp_flags};
+
+const XDP_PASS: u32 = 2;
+const DEVICE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x17];
+const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+struct Harness {
+    probe: Probe,
+    buffers: Vec<EventBuffer>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_table(ProbeOptions::default())
+    }
+
+    fn with_table(options: ProbeOptions) -> Self {
+        let mut probe = Probe::load(options).expect("loading the probe (are we root?)");
+        let buffers = probe.open_event_buffers().unwrap();
+        Self { probe, buffers }
+    }
+
+    /// Runs the program on `frame` and checks the fail-open contract.
+    fn run(&mut self, role: u8, frame: &[u8]) {
+        let out = self.probe.test_run(role, frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "every packet must pass");
+        assert_eq!(out.data_out, frame, "the packet must leave unmodified");
+    }
+
+    fn events(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        events::drain(&mut self.buffers, &mut out);
+        out.into_iter()
+            .map(|event| match event {
+                ProbeEvent::Flow(event) => event,
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect()
+    }
+
+    fn flow(&self, tuple: &Tuple) -> Option<(FlowValue, usize)> {
+        let (key, dir) = tuple.key();
+        self.probe.flow(&key).unwrap().map(|value| (value, dir as usize))
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.probe.counters().unwrap().get(index)
+    }
+}
+
+fn tcp_frame(t: &Tuple, flags: u8, payload: &[u8], mac: [u8; 6]) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(t.src_port, t.dst_port, 1000, 64240);
+    tcp.syn = flags & tcp_flags::SYN != 0;
+    tcp.ack = flags & tcp_flags::ACK != 0;
+    tcp.fin = flags & tcp_flags::FIN != 0;
+    tcp.rst = flags & tcp_flags::RST != 0;
+    let builder = PacketBuilder::ethernet2(mac, GATEWAY_MAC);
+    let builder = match (t.src, t.dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let builder = builder.tcp_header(tcp);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+fn udp_frame(t: &Tuple, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(DEVICE_MAC, GATEWAY_MAC);
+    let builder = match (t.src, t.dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => builder.ipv4(s.octets(), d.octets(), 64),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => builder.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut frame = Vec::new();
+    builder.udp(t.src_port, t.dst_port).write(&mut frame, payload).unwrap();
+    frame
+}
+
+fn client() -> Tuple {
+    Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 }
+}
+
+#[test]
+fn tcp_connection_is_one_flow_with_both_directions_counted() {
+    let mut h = Harness::new();
+    let up = client();
+    let syn = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);
+    h.run(role::LAN, &syn);
+
+    let (value, dir) = h.flow(&up).expect("a flow entry for the SYN");
+    assert_eq!(value.packets[dir], 1);
+    assert_eq!(value.bytes[dir], 40, "IP bytes of a bare SYN");
+    assert_eq!(value.mac[dir], DEVICE_MAC);
+    assert_eq!(value.roles[dir], role::LAN);
+    assert_eq!(value.first_dir as usize, dir);
+    assert_eq!(value.first_tcp_flags, tcp_flags::SYN);
+    let events = h.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, event_kind::FLOW_START);
+    assert_eq!(events[0].key, up.key().0);
+    assert_eq!(events[0].mac_src, DEVICE_MAC);
+    assert_eq!(events[0].role, role::LAN);
+
+    let syn_ack = tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC);
+    h.run(role::WAN, &syn_ack);
+    let data = tcp_frame(&up, tcp_flags::ACK, &[7u8; 100], DEVICE_MAC);
+    h.run(role::LAN, &data);
+    let (value, dir) = h.flow(&up).unwrap();
+    let back = 1 - dir;
+    assert_eq!((value.packets[dir], value.packets[back]), (2, 1));
+    assert_eq!((value.bytes[dir], value.bytes[back]), (40 + 140, 40));
+    assert_eq!(value.roles[back], role::WAN);
+    assert_eq!(value.tcp_flags[back], tcp_flags::SYN | tcp_flags::ACK);
+    assert!(h.events().is_empty(), "mid-flow packets send no events");
+
+    let fin = tcp_frame(&up, tcp_flags::FIN | tcp_flags::ACK, &[], DEVICE_MAC);
+    h.run(role::LAN, &fin);
+    let events = h.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, event_kind::FLOW_END);
+    let fin_back = tcp_frame(&up.reversed(), tcp_flags::FIN | tcp_flags::ACK, &[], GATEWAY_MAC);
+    h.run(role::WAN, &fin_back);
+    assert!(h.events().is_empty(), "one end event per flow");
+
+    assert_eq!(h.counter(counter::PACKETS), 5);
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 1);
+    assert_eq!(h.counter(counter::EVENTS_SENT), 2);
+    assert_eq!(h.counter(counter::EVENTS_LOST), 0);
+}
+
+#[test]
+fn ipv6_udp_and_vlan_tagged_ipv4_are_tracked() {
+    let mut h = Harness::new();
+    let dns6 = Tuple {
+        src: "2001:db8::23".parse().unwrap(),
+        src_port: 40000,
+        dst: "2001:db8:53::1".parse().unwrap(),
+        dst_port: 53,
+        proto: 17,
+    };
+    h.run(role::LAN, &udp_frame(&dns6, &[0u8; 30]));
+    let (value, dir) = h.flow(&dns6).expect("IPv6 UDP flow");
+    assert_eq!(value.packets[dir], 1);
+    assert_eq!(value.bytes[dir], 40 + 8 + 30);
+
+    let v4 = Tuple { src: ipv4(10, 1, 0, 5), src_port: 5000, dst: ipv4(10, 2, 0, 9), dst_port: 6000, proto: 17 };
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(DEVICE_MAC, GATEWAY_MAC)
+        .single_vlan(VlanId::try_new(100).unwrap())
+        .ipv4([10, 1, 0, 5], [10, 2, 0, 9], 64)
+        .udp(5000, 6000)
+        .write(&mut frame, &[1, 2, 3])
+        .unwrap();
+    h.run(role::LAN, &frame);
+    assert!(h.flow(&v4).is_some(), "the VLAN tag is looked through");
+    assert_eq!(h.events().len(), 2);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_ports() {
+    let mut h = Harness::new();
+    let up = Tuple {
+        src: "2001:db8::23".parse().unwrap(),
+        src_port: 41000,
+        dst: "2001:db8::443".parse().unwrap(),
+        dst_port: 443,
+        proto: 6,
+    };
+    let mut frame = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);
+    // Insert a hop-by-hop header (8 bytes, one PadN option) after the IPv6 header.
+    const IPV6_START: usize = 14;
+    let next_header = frame[IPV6_START + 6];
+    frame[IPV6_START + 6] = 0;
+    let payload_len = u16::from_be_bytes([frame[IPV6_START + 4], frame[IPV6_START + 5]]) + 8;
+    frame[IPV6_START + 4..IPV6_START + 6].copy_from_slice(&payload_len.to_be_bytes());
+    let hop_by_hop = [next_header, 0, 1, 4, 0, 0, 0, 0];
+    frame.splice(IPV6_START + 40..IPV6_START + 40, hop_by_hop);
+
+    h.run(role::LAN, &frame);
+    let (value, dir) = h.flow(&up).expect("ports found behind the extension header");
+    assert_eq!(value.tcp_flags[dir], tcp_flags::SYN);
+}
+
+#[test]
+fn malformed_and_non_ip_frames_pass_untouched_and_are_counted() {
+    let mut h = Harness::new();
+    let good = tcp_frame(&client(), tcp_flags::SYN, &[], DEVICE_MAC);
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x43; // IPv4 with a 12-byte header
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x65;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // (Frames shorter than an Ethernet header never reach XDP; the kernel
+        // refuses them in BPF_PROG_TEST_RUN too.)
+        ("Ethernet header only", good[..14].to_vec()),
+        ("truncated IPv4 header", good[..14 + 12].to_vec()),
+        ("truncated TCP header", good[..14 + 20 + 10].to_vec()),
+        ("IHL below 5", bad_ihl),
+        ("IPv4 ethertype, version 6", bad_version),
+        ("truncated VLAN tag", {
+            let mut f = good[..14].to_vec();
+            f[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&[0, 100]);
+            f
+        }),
+    ];
+    for (name, frame) in &cases {
+        let out = h.probe.test_run(role::LAN, frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{name}");
+        assert_eq!(&out.data_out, frame, "{name}");
+    }
+    let mut arp = good[..14].to_vec();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    arp.extend_from_slice(&[0u8; 28]);
+    h.run(role::LAN, &arp);
+
+    assert_eq!(h.counter(counter::MALFORMED), cases.len() as u64);
+    assert_eq!(h.counter(counter::NOT_IP), 1);
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 0);
+    assert!(h.probe.flow_keys().unwrap().is_empty());
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn a_full_flow_table_is_counted_not_evicted() {
+    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 2 });
+    for port in [1000, 1001, 1002] {
+        let t = Tuple { src_port: port, ..client() };
+        h.run(role::LAN, &tcp_frame(&t, tcp_flags::SYN, &[], DEVICE_MAC));
+    }
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 2);
+    assert_eq!(h.counter(counter::FLOW_TABLE_FULL), 1);
+    assert!(h.flow(&Tuple { src_port: 1000, ..client() }).is_some(), "old flows stay");
+    assert_eq!(h.events().len(), 2);
+}
+
+#[test]
+fn the_replay_clock_overrides_kernel_time() {
+    let mut h = Harness::new();
+    let capture_ns = 1_700_000_000_123_456_000;
+    h.probe.set_clock_override(capture_ns).unwrap();
+    h.run(role::LAN, &tcp_frame(&client(), tcp_flags::SYN, &[], DEVICE_MAC));
+    let (value, _) = h.flow(&client()).unwrap();
+    assert_eq!(value.first_ns, capture_ns);
+    assert_eq!(h.events()[0].ts_ns, capture_ns);
+}

@@ -1,0 +1,63 @@
+//! `cargo xtask`: the project's commands. Each one first installs what it
+//! needs and is missing (Debian packages, the nightly's rust-src, bpf-linker),
+//! saying what it does.
+mod cmd;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, set up, test and demo icr-probe")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need, when it is missing.
+    Setup,
+    /// Build the XDP object and the `icr` binary (release).
+    Build,
+    /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace lab tests.
+    Test {
+        /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::ensure(setup::Needs::Test),
+        Command::Build => build(),
+        Command::Test { args } => test(&args),
+    };
+    if let Err(error) = result {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<()> {
+    setup::ensure(setup::Needs::Build)?;
+    cmd::cargo(&["build", "--release", "--package", "probe-user"])?;
+    println!("built {}", cmd::workspace_root().join("target/release/icr").display());
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::ensure(setup::Needs::Test)?;
+    // The lab tests run the real binary; build it first and tell them where.
+    cmd::cargo(&["build", "--package", "probe-user"])?;
+    let icr = cmd::workspace_root().join("target/debug/icr");
+    // probe-ebpf only builds for BPF, through probe-user's build script.
+    let mut test_args = vec!["test", "--workspace", "--exclude", "probe-ebpf", "--no-fail-fast"];
+    if !args.is_empty() {
+        test_args.push("--");
+        test_args.extend(args.iter().map(String::as_str));
+    }
+    cmd::cargo_with_env(&test_args, &[("ICR_BIN", icr.as_os_str())])
+}

@@ -1,0 +1,127 @@
+//! Installs what the build and the tests need, only when it is missing.
+//! Recipe (shared/DESIGN.md): bpf-linker is built against Debian's LLVM 22,
+//! the LLVM of the nightly that builds the eBPF crate.
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::cmd;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Needed only to build bpf-linker.
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+/// The lab: namespaces, NAT, real servers and clients.
+const LAB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "conntrack",
+    "curl",
+    "openssl",
+    "bind9-dnsutils",
+    "dnsmasq-base",
+    "nginx-light",
+    "python3",
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Building the probe.
+    Build,
+    /// Building, plus running the lab (tests and demo).
+    Test,
+}
+
+pub fn ensure(needs: Needs) -> Result<()> {
+    let mut packages: Vec<&str> = Vec::new();
+    let linker_missing = !has_bpf_linker();
+    if linker_missing {
+        packages.extend(LLVM_PACKAGES);
+    }
+    if needs == Needs::Test {
+        packages.extend(LAB_PACKAGES);
+    }
+    packages.retain(|package| !is_installed(package));
+    let nightly_missing = !cmd::succeeds(rustup().args(["run", "nightly", "rustc", "--version"]));
+    let rust_src_missing = nightly_missing || !has_rust_src();
+
+    if packages.is_empty() && !nightly_missing && !rust_src_missing && !linker_missing {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing prerequisites ({}) and not root: run as root so that they can be installed",
+            describe_missing(&packages, nightly_missing, rust_src_missing, linker_missing)
+        );
+    }
+    if !packages.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
+        cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if nightly_missing {
+        eprintln!("xtask: installing the nightly toolchain (builds the eBPF crate)");
+        cmd::run(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    if rust_src_missing {
+        eprintln!("xtask: adding rust-src to the nightly toolchain (build-std for BPF)");
+        cmd::run(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if linker_missing {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        let mut path = std::ffi::OsString::from(format!("{LLVM_PREFIX}/bin:"));
+        path.push(cmd::path_with_cargo_bin());
+        cmd::run(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env("PATH", path),
+        )?;
+    }
+    Ok(())
+}
+
+fn describe_missing(packages: &[&str], nightly: bool, rust_src: bool, linker: bool) -> String {
+    let mut missing: Vec<String> = packages.iter().map(|p| format!("apt:{p}")).collect();
+    if nightly {
+        missing.push("nightly toolchain".into());
+    }
+    if rust_src {
+        missing.push("rust-src (nightly)".into());
+    }
+    if linker {
+        missing.push("bpf-linker".into());
+    }
+    missing.join(", ")
+}
+
+fn rustup() -> Command {
+    let mut command = Command::new("rustup");
+    command.env("PATH", cmd::path_with_cargo_bin());
+    command
+}
+
+fn has_bpf_linker() -> bool {
+    cmd::succeeds(Command::new("bpf-linker").arg("--version").env("PATH", cmd::path_with_cargo_bin()))
+}
+
+fn has_rust_src() -> bool {
+    cmd::output(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .is_ok_and(|list| list.lines().any(|line| line.starts_with("rust-src")))
+}
+
+fn is_installed(package: &str) -> bool {
+    cmd::output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", package]))
+        .is_ok_and(|status| status.starts_with("ii"))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
