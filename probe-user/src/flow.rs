@@ -14,6 +14,7 @@
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
@@ -123,6 +124,9 @@ pub struct Assembler {
     /// Flows adopted by a full sweep: their start event never arrived.
     pub adopted: u64,
     pub events_lost: u64,
+    /// Flows that were no internet connection (link-local, multicast,
+    /// broadcast, unspecified): closed without a record.
+    pub local_flows: u64,
 }
 
 impl Assembler {
@@ -137,6 +141,7 @@ impl Assembler {
             records: Vec::new(),
             adopted: 0,
             events_lost: 0,
+            local_flows: 0,
         }
     }
 
@@ -290,7 +295,7 @@ impl Assembler {
             Some(reason) => {
                 let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
                 let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), last_ns, reason);
-                self.records.push(record);
+                self.keep(record);
                 table.remove(&key)?;
                 self.known.remove(&key);
                 if let Some((wan_key, _)) = wan {
@@ -301,7 +306,7 @@ impl Assembler {
             None if now_ns >= active_due => {
                 let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
                 let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), now_ns, EndReason::Active);
-                self.records.push(record);
+                self.keep(record);
                 let entry = self.known.entry(key).or_default();
                 entry.reported_packets = value.packets;
                 entry.reported_bytes = value.bytes;
@@ -324,6 +329,15 @@ impl Assembler {
             }
         }
         Ok(())
+    }
+
+    fn keep(&mut self, record: Icr) {
+        let device = record.device.ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if is_local_only(device) || is_local_only(record.remote.ip) {
+            self.local_flows += 1;
+        } else {
+            self.records.push(record);
+        }
     }
 
     /// The LAN flow a WAN-only flow belongs to, through its NAT mapping.
@@ -451,6 +465,15 @@ fn device_direction(value: &FlowValue) -> u8 {
                 value.first_dir
             }
         }
+    }
+}
+
+/// Addresses no internet connection has at either end: neighbour discovery,
+/// multicast group chatter, DHCP broadcasts, duplicate address detection.
+fn is_local_only(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast() || v6.is_unicast_link_local(),
     }
 }
 
@@ -629,6 +652,23 @@ mod tests {
         assert_eq!(r.device.ip, Some(dns.src), "the initiator is the device on one interface");
         assert_eq!((r.packets_up, r.packets_down), (1, 1));
         assert!(r.incomplete, "its start event was lost");
+    }
+
+    #[test]
+    fn link_local_and_multicast_flows_are_counted_not_recorded() {
+        let mut table = FakeTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
+        let mld = Tuple { src: "fe80::1".parse().unwrap(), src_port: 0, dst: "ff02::16".parse().unwrap(), dst_port: 0, proto: 58 };
+        let dad = Tuple { src: "::".parse().unwrap(), src_port: 0, dst: "ff02::1:ff00:1".parse().unwrap(), dst_port: 0, proto: 58 };
+        let dhcp = Tuple { src: ipv4(0, 0, 0, 0), src_port: 68, dst: ipv4(255, 255, 255, 255), dst_port: 67, proto: 17 };
+        for t in [mld, dad, dhcp] {
+            table.packet(t, 90, 0, role::LAN, SEC);
+        }
+        table.packet(device_tuple(), 60, tcp_flags::SYN, role::LAN, SEC);
+        assembler.close_all(2 * SEC, EndReason::Shutdown, &mut table, &NatTable::default()).unwrap();
+        assert_eq!(assembler.take_records().len(), 1);
+        assert_eq!(assembler.local_flows, 3);
+        assert!(table.0.is_empty(), "their kernel entries are removed too");
     }
 
     #[test]

@@ -1,10 +1,18 @@
 //! The ICR agent and command line: loads the XDP probe, assembles its flows
 //! into Internet Connection Records, stores them, and answers the three
 //! questions under the safeguards the law requires.
+pub mod agent;
+pub mod audit;
+pub mod cli;
 pub mod clock;
+pub mod commands;
+pub mod config;
 pub mod events;
+pub mod export;
 pub mod flow;
 pub mod icr;
 pub mod nat;
 pub mod probe;
+pub mod query;
+pub mod store;
 pub mod tuple;

@@ -1,0 +1,157 @@
+//! `icr run`: the agent. Attaches the probe, reads its events, follows
+//! conntrack, closes flows into ICRs and writes them, until SIGINT/SIGTERM,
+//! when it closes every open flow (`shutdown`), flushes and returns.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use chrono::Utc;
+use log::{info, warn};
+use probe_common::{counter, role};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::{MissedTickBehavior, interval},
+};
+
+use crate::{
+    clock::{Clock, monotonic_ns},
+    config::Config,
+    events,
+    flow::Assembler,
+    icr::EndReason,
+    nat::{NatEvent, NatTable, conntrack},
+    probe::{Probe, ProbeOptions},
+    store::Store,
+};
+
+/// How often due flows are closed and records written.
+const TICK: Duration = Duration::from_secs(1);
+/// How often the probe's counters are logged.
+const STATS_EVERY: Duration = Duration::from_secs(60);
+/// How often retention is applied while running.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// How long destroyed NAT mappings are kept for flows still closing.
+const NAT_GRACE: Duration = Duration::from_secs(600);
+/// Events waiting between the perf readers and the assembler.
+const EVENT_QUEUE: usize = 1 << 16;
+
+pub struct RunOptions {
+    pub lan: Vec<String>,
+    pub wan: Vec<String>,
+    pub db: PathBuf,
+    pub config: Config,
+}
+
+pub async fn run(options: RunOptions) -> Result<()> {
+    let RunOptions { lan, wan, db, config } = options;
+    let timeouts = config.flow_timeouts()?;
+    let store = Store::open(&db)?;
+    let mut probe = Probe::load(ProbeOptions { flow_table_size: config.probe.flow_table_size })?;
+    for interface in &lan {
+        probe.attach(interface, role::LAN)?;
+    }
+    for interface in &wan {
+        probe.attach(interface, role::WAN)?;
+    }
+
+    let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
+    events::spawn_readers(probe.open_event_buffers()?, event_tx)?;
+    let (nat_tx, mut nat_rx) = mpsc::channel(EVENT_QUEUE);
+    let nat_expected = !wan.is_empty();
+    if nat_expected {
+        if let Err(error) = conntrack::spawn(nat_tx) {
+            warn!("{error:#}; records will have no public address");
+        }
+    }
+
+    let clock = Clock::live();
+    let mut assembler = Assembler::new(timeouts, clock, nat_expected);
+    let mut nat = NatTable::default();
+    let mut tick = interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stats = interval(STATS_EVERY);
+    let mut sweep = interval(SWEEP_EVERY);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stored = 0u64;
+    info!(
+        "icr running: lan [{}] wan [{}], store {}, retention {} days",
+        lan.join(","),
+        wan.join(","),
+        store.path().display(),
+        config.retention_days
+    );
+
+    loop {
+        tokio::select! {
+            Some(event) = event_rx.recv() => assembler.on_event(event),
+            Some(event) = nat_rx.recv() => apply_nat(&mut nat, event),
+            _ = tick.tick() => {
+                let now = monotonic_ns();
+                assembler.tick(now, &mut probe, &nat)?;
+                nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
+                stored += write(&store, &mut assembler)?;
+            }
+            _ = stats.tick() => log_stats(&probe, &assembler, &nat, stored),
+            _ = sweep.tick() => {
+                let dropped = store.sweep(config.retention_days, Utc::now())?;
+                if !dropped.is_empty() {
+                    info!("retention: dropped {} day(s) of records", dropped.len());
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    info!("stopping: closing open flows");
+    // Take what is already queued so that flows and mappings are complete.
+    while let Ok(event) = event_rx.try_recv() {
+        assembler.on_event(event);
+    }
+    while let Ok(event) = nat_rx.try_recv() {
+        apply_nat(&mut nat, event);
+    }
+    assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
+    stored += write(&store, &mut assembler)?;
+    log_stats(&probe, &assembler, &nat, stored);
+    info!("stopped; {stored} records stored");
+    Ok(())
+}
+
+fn apply_nat(nat: &mut NatTable, event: NatEvent) {
+    if event == NatEvent::Overrun {
+        warn!("conntrack events were lost: some records may lack their public address");
+    }
+    nat.apply(event, monotonic_ns());
+}
+
+fn write(store: &Store, assembler: &mut Assembler) -> Result<u64> {
+    let records = assembler.take_records();
+    store.append(&records).context("storing records")?;
+    Ok(records.len() as u64)
+}
+
+fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64) {
+    match probe.counters() {
+        Ok(counters) => {
+            let lost = counters.get(counter::EVENTS_LOST) + assembler.events_lost;
+            let full = counters.get(counter::FLOW_TABLE_FULL);
+            let line = format!(
+                "packets {} flows {} open {} stored {} local {} nat {} | lost events {} table full {} adopted {} malformed {}",
+                counters.get(counter::PACKETS),
+                counters.get(counter::FLOWS_CREATED),
+                assembler.open_flows(),
+                stored,
+                assembler.local_flows,
+                nat.len(),
+                lost,
+                full,
+                assembler.adopted,
+                counters.get(counter::MALFORMED),
+            );
+            if lost + full > 0 { warn!("{line}") } else { info!("{line}") }
+        }
+        Err(error) => warn!("reading the probe's counters: {error:#}"),
+    }
+}

@@ -1,0 +1,146 @@
+//! The `icr` command line (`shared/CLI.md` is the contract).
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::export::Format;
+
+#[derive(Parser, Debug)]
+#[command(name = "icr", version, about = "Internet Connection Records: the XDP probe's agent and its queries")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The agent, in the foreground: attach XDP, follow conntrack, store ICRs.
+    Run(RunArgs),
+    /// Ask one of the three questions (authorised, purpose-bound, audited).
+    #[command(subcommand)]
+    Query(QueryCommand),
+    /// Every stored ICR in the window (an operator's command; audited).
+    List(ListArgs),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Apply retention now: drop every day older than `retention_days`.
+    Sweep(StoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Subscriber-side interfaces (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub lan: Vec<String>,
+    /// Internet-side interfaces (comma-separated); with NAT, conntrack is followed.
+    #[arg(long, value_delimiter = ',')]
+    pub wan: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store directory.
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Configuration file (default: DIR/icr.toml if present).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Requester {
+    /// The requesting authority, as configured.
+    #[arg(long)]
+    pub authority: Option<String>,
+    /// The officer making the request.
+    #[arg(long)]
+    pub officer: Option<String>,
+    /// The authorisation reference.
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// Output format (default: table on a terminal, NDJSON otherwise).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueryCommand {
+    /// Question 1: which device used this public address (and port) at this time.
+    Resolve {
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        at: String,
+        /// How far from --at a flow may lie (default 1s).
+        #[arg(long, default_value = "1s")]
+        tolerance: String,
+        /// The remote end contacted: IP or IP:PORT.
+        #[arg(long)]
+        remote: Option<String>,
+        /// The service contacted: a name.
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        who: Requester,
+    },
+    /// Question 2: the services a device used in a window.
+    Services {
+        /// A MAC, an IP or a subscriber id.
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        who: Requester,
+    },
+    /// Question 3: the devices that used any of these services in a window.
+    Accessed {
+        /// NAME, *.SUFFIX, IP or CIDR; repeatable.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// A file with one service per line.
+        #[arg(long)]
+        services_file: Option<PathBuf>,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        who: Requester,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Output format (default: table on a terminal, NDJSON otherwise).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain; exit 0 if intact, else name the first broken entry.
+    Verify {
+        #[arg(long)]
+        db: PathBuf,
+    },
+}

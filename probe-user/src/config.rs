@@ -1,0 +1,198 @@
+//! The configuration file (TOML, `shared/CLI.md`): retention, authorities,
+//! and the probe's tunables. Unknown keys are refused so a typo cannot
+//! silently weaken a safeguard.
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+use crate::flow::Timeouts;
+
+/// Twelve months: the legal maximum; a longer retention is refused.
+pub const MAX_RETENTION_DAYS: u32 = 365;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_retention")]
+    pub retention_days: u32,
+    #[serde(default, rename = "authority")]
+    pub authorities: Vec<Authority>,
+    #[serde(default)]
+    pub probe: ProbeSection,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Authority {
+    pub name: String,
+    pub kind: AuthorityKind,
+    #[serde(default)]
+    pub purposes: Vec<u8>,
+    /// For HTTP access; never the token itself.
+    #[serde(default)]
+    pub token_hash: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorityKind {
+    Police,
+    Intelligence,
+    Approved,
+    Local,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSection {
+    /// Capacity of the kernel flow table.
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        Self { flow_table_size: default_flow_table_size() }
+    }
+}
+
+/// Durations as `90s`, `5m`, `2h`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    pub tcp_closed: Option<String>,
+    pub tcp_idle: Option<String>,
+    pub udp_idle: Option<String>,
+    pub active: Option<String>,
+    pub full_sweep: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention(),
+            authorities: Vec::new(),
+            probe: ProbeSection::default(),
+            timeouts: TimeoutsSection::default(),
+        }
+    }
+}
+
+fn default_retention() -> u32 {
+    MAX_RETENTION_DAYS
+}
+
+fn default_flow_table_size() -> u32 {
+    probe_common::DEFAULT_FLOW_TABLE_SIZE
+}
+
+impl Config {
+    /// `--config FILE` if given, else `DIR/icr.toml` if present, else defaults.
+    pub fn load(explicit: Option<&Path>, db: Option<&Path>) -> Result<Self> {
+        let path = match (explicit, db) {
+            (Some(path), _) => Some(path.to_path_buf()),
+            (None, Some(db)) => Some(db.join("icr.toml")).filter(|p| p.exists()),
+            (None, None) => None,
+        };
+        let Some(path) = path else { return Ok(Self::default()) };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.retention_days > MAX_RETENTION_DAYS {
+            bail!(
+                "retention_days = {} exceeds the maximum of {MAX_RETENTION_DAYS} (12 months)",
+                self.retention_days
+            );
+        }
+        if self.retention_days == 0 {
+            bail!("retention_days must be at least 1");
+        }
+        for authority in &self.authorities {
+            if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {
+                bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
+            }
+        }
+        self.flow_timeouts()?;
+        Ok(())
+    }
+
+    pub fn authority(&self, name: &str) -> Option<&Authority> {
+        self.authorities.iter().find(|a| a.name == name)
+    }
+
+    pub fn flow_timeouts(&self) -> Result<Timeouts> {
+        let defaults = Timeouts::default();
+        let t = &self.timeouts;
+        Ok(Timeouts {
+            tcp_closed: duration(&t.tcp_closed, defaults.tcp_closed, "tcp_closed")?,
+            tcp_idle: duration(&t.tcp_idle, defaults.tcp_idle, "tcp_idle")?,
+            udp_idle: duration(&t.udp_idle, defaults.udp_idle, "udp_idle")?,
+            active: duration(&t.active, defaults.active, "active")?,
+            full_sweep: duration(&t.full_sweep, defaults.full_sweep, "full_sweep")?,
+        })
+    }
+}
+
+fn duration(text: &Option<String>, default: Duration, name: &str) -> Result<Duration> {
+    match text {
+        None => Ok(default),
+        Some(text) => parse_duration(text).with_context(|| format!("timeouts.{name}")),
+    }
+}
+
+/// `90s`, `5m`, `2h`, `1h30m`, `250ms`.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    humantime::parse_duration(text.trim())
+        .with_context(|| format!("{text:?} is not a duration like 90s, 5m or 2h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = Config::parse(
+            r#"
+            retention_days = 365
+            [[authority]]
+            name = "met-police"
+            kind = "police"
+            purposes = [1, 2, 3]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.authority("met-police").unwrap().kind, AuthorityKind::Police);
+        assert_eq!(config.flow_timeouts().unwrap(), Timeouts::default());
+    }
+
+    #[test]
+    fn more_than_twelve_months_is_refused() {
+        let error = Config::parse("retention_days = 366").unwrap_err();
+        assert!(format!("{error:#}").contains("exceeds the maximum of 365"), "{error:#}");
+    }
+
+    #[test]
+    fn typos_bad_purposes_and_bad_durations_are_refused() {
+        assert!(Config::parse("retention_dayz = 30").is_err());
+        assert!(Config::parse("[[authority]]\nname = \"x\"\nkind = \"police\"\npurposes = [4]").is_err());
+        assert!(Config::parse("[[authority]]\nname = \"x\"\nkind = \"sheriff\"").is_err());
+        assert!(Config::parse("[timeouts]\ntcp_idle = \"soon\"").is_err());
+        let config = Config::parse("[timeouts]\ntcp_idle = \"2m\"\nactive = \"1h\"").unwrap();
+        let timeouts = config.flow_timeouts().unwrap();
+        assert_eq!(timeouts.tcp_idle, Duration::from_secs(120));
+        assert_eq!(timeouts.active, Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,355 @@
+//! Where a query is checked and answered. Every query names who asks (an
+//! authority, an officer), under which authorisation reference and for which
+//! purpose; a purpose allows exactly one of the three questions. Whatever
+//! happens, answered or refused, is written to the audit log first.
+use std::net::IpAddr;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    config::{AuthorityKind, Config},
+    icr::{Icr, format_time},
+};
+
+/// The three questions an ICR exists to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// 1: which device sent a communication.
+    Resolve = 1,
+    /// 2: which services a device used.
+    Services = 2,
+    /// 3: which devices used given services.
+    Accessed = 3,
+}
+
+/// Who asks, and under what authority.
+#[derive(Clone, Debug, Default)]
+pub struct Authorisation {
+    pub authority: Option<String>,
+    pub officer: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// A refused query: the CLI exits with status 3.
+#[derive(Debug)]
+pub struct Refusal(pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Checks that the request may ask this question at all.
+pub fn authorise(config: &Config, who: &Authorisation, purpose: Purpose) -> Result<(), Refusal> {
+    let present = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
+    if !present(&who.authority) {
+        return Err(Refusal("no --authority named".into()));
+    }
+    if !present(&who.officer) {
+        return Err(Refusal("no --officer named".into()));
+    }
+    if !present(&who.reference) {
+        return Err(Refusal("no authorisation --reference given".into()));
+    }
+    let name = who.authority.as_deref().unwrap_or_default();
+    let Some(authority) = config.authority(name) else {
+        return Err(Refusal(format!("authority {name:?} is not configured")));
+    };
+    if authority.kind == AuthorityKind::Local {
+        return Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")));
+    }
+    if !authority.purposes.contains(&(purpose as u8)) {
+        return Err(Refusal(format!("{name} is not authorised for purpose {}", purpose as u8)));
+    }
+    Ok(())
+}
+
+/// A device, as an investigator names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSelector {
+    Mac(String),
+    Ip(IpAddr),
+    Subscriber(String),
+}
+
+impl DeviceSelector {
+    pub fn parse(text: &str) -> Self {
+        let text = text.trim();
+        if let Ok(ip) = text.parse() {
+            return Self::Ip(ip);
+        }
+        let hex_pairs: Vec<&str> = text.split([':', '-']).collect();
+        if hex_pairs.len() == 6 && hex_pairs.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok()) {
+            return Self::Mac(hex_pairs.join(":").to_ascii_lowercase());
+        }
+        Self::Subscriber(text.to_string())
+    }
+
+    pub fn matches(&self, record: &Icr) -> bool {
+        match self {
+            Self::Mac(mac) => record.device.mac.as_deref() == Some(mac.as_str()),
+            Self::Ip(ip) => record.device.ip == Some(*ip),
+            Self::Subscriber(name) => record.device.subscriber.as_deref() == Some(name.as_str()),
+        }
+    }
+}
+
+/// A service, as an investigator names it: `mail.example.com`,
+/// `*.example.com` (the domain and its subdomains), an IP or a CIDR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceSelector {
+    Name(String),
+    Suffix(String),
+    Net(IpNet),
+}
+
+impl ServiceSelector {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("an empty service".into());
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Self::Net(IpNet::from(ip)));
+        }
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(Self::Net(net.trunc()));
+        }
+        let name = text.trim_end_matches('.').to_ascii_lowercase();
+        if name.starts_with('*') {
+            return match name.strip_prefix("*.") {
+                Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => Ok(Self::Suffix(suffix.to_string())),
+                _ => Err(format!("{text:?} is not a suffix like *.example.com")),
+            };
+        }
+        if name.contains(['/', '?', ' ']) {
+            return Err(format!("{text:?} is not a host name, IP or CIDR (no URLs)"));
+        }
+        Ok(Self::Name(name))
+    }
+
+    pub fn matches(&self, record: &Icr) -> bool {
+        let name = record.service.as_ref().map(|s| s.name.as_str());
+        match self {
+            Self::Name(wanted) => name == Some(wanted.as_str()),
+            Self::Suffix(suffix) => name.is_some_and(|name| {
+                name == suffix || name.strip_suffix(suffix.as_str()).is_some_and(|rest| rest.ends_with('.'))
+            }),
+            Self::Net(net) => net.contains(&record.remote.ip),
+        }
+    }
+}
+
+/// One row of the answer to question 2.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceRow {
+    /// The service name, when the connection setup named one.
+    pub name: Option<String>,
+    pub remote: String,
+    pub proto: String,
+    pub first: String,
+    pub last: String,
+    pub connections: u64,
+    pub bytes: u64,
+}
+
+/// Question 2: one row per service (by name when known, else remote ip:port).
+pub fn services_of(records: &[Icr], device: &DeviceSelector) -> Vec<ServiceRow> {
+    let mut rows: Vec<(ServiceKey, Row)> = Vec::new();
+    for record in records.iter().filter(|r| device.matches(r)) {
+        let key = ServiceKey::of(record);
+        let bytes = record.bytes_up + record.bytes_down;
+        match rows.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, row)) => {
+                row.first = row.first.min(record.start);
+                row.last = row.last.max(record.end);
+                row.connections += 1;
+                row.bytes += bytes;
+            }
+            None => rows.push((key, Row { first: record.start, last: record.end, connections: 1, bytes, remote: record.remote_string(), proto: record.proto.clone() })),
+        }
+    }
+    rows.sort_by(|a, b| a.1.first.cmp(&b.1.first));
+    rows.into_iter()
+        .map(|(key, row)| ServiceRow {
+            name: key.name,
+            remote: row.remote,
+            proto: row.proto,
+            first: format_time(&row.first),
+            last: format_time(&row.last),
+            connections: row.connections,
+            bytes: row.bytes,
+        })
+        .collect()
+}
+
+#[derive(PartialEq)]
+struct ServiceKey {
+    name: Option<String>,
+    remote: Option<(IpAddr, u16, String)>,
+}
+
+impl ServiceKey {
+    fn of(record: &Icr) -> Self {
+        match &record.service {
+            Some(service) => Self { name: Some(service.name.clone()), remote: None },
+            None => Self { name: None, remote: Some((record.remote.ip, record.remote.port, record.proto.clone())) },
+        }
+    }
+}
+
+struct Row {
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    connections: u64,
+    bytes: u64,
+    remote: String,
+    proto: String,
+}
+
+impl Icr {
+    fn remote_string(&self) -> String {
+        match self.remote.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", self.remote.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", self.remote.port),
+        }
+    }
+}
+
+/// Question 1: the records whose public address (and port) was in use in
+/// the window they were scanned for, narrowed by the remote end and service,
+/// the devices with the most matching connections first.
+pub fn resolve(
+    records: Vec<Icr>,
+    ip: IpAddr,
+    port: Option<u16>,
+    remote: Option<(IpAddr, Option<u16>)>,
+    service: Option<&ServiceSelector>,
+) -> Vec<Icr> {
+    let mut hits: Vec<Icr> = records
+        .into_iter()
+        .filter(|r| r.public.is_some_and(|p| p.ip == ip && port.is_none_or(|port| p.port == port)))
+        .filter(|r| remote.is_none_or(|(rip, rport)| r.remote.ip == rip && rport.is_none_or(|p| r.remote.port == p)))
+        .filter(|r| service.is_none_or(|s| s.matches(r)))
+        .collect();
+    let device = |r: &Icr| (r.device.mac.clone(), r.device.ip);
+    let mut counts = std::collections::HashMap::new();
+    for r in &hits {
+        *counts.entry(device(r)).or_insert(0usize) += 1;
+    }
+    hits.sort_by_key(|r| (std::cmp::Reverse(counts[&device(r)]), r.start));
+    hits
+}
+
+/// Question 3: the records of any device that used any of `services`.
+pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
+    records.into_iter().filter(|r| services.iter().any(|s| s.matches(r))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Config,
+        icr::{Device, EndReason, Endpoint, Service, ServiceSource},
+    };
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+            [[authority]]
+            name = "met-police"
+            kind = "police"
+            purposes = [1, 2]
+            [[authority]]
+            name = "borough"
+            kind = "local"
+            purposes = [1, 2, 3]
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn who(authority: &str) -> Authorisation {
+        Authorisation {
+            authority: Some(authority.into()),
+            officer: Some("PC 1234".into()),
+            reference: Some("OP-1".into()),
+        }
+    }
+
+    #[test]
+    fn authorisation_rules() {
+        let c = config();
+        assert!(authorise(&c, &who("met-police"), Purpose::Services).is_ok());
+        let refused = |w: &Authorisation, p| authorise(&c, w, p).unwrap_err().0;
+        assert!(refused(&who("met-police"), Purpose::Accessed).contains("purpose 3"));
+        assert!(refused(&who("borough"), Purpose::Resolve).contains("local authorit"));
+        assert!(refused(&who("nca"), Purpose::Resolve).contains("not configured"));
+        assert!(refused(&Authorisation { reference: None, ..who("met-police") }, Purpose::Resolve).contains("reference"));
+        assert!(refused(&Authorisation { officer: Some("  ".into()), ..who("met-police") }, Purpose::Resolve).contains("officer"));
+    }
+
+    fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {
+        let start = DateTime::from_timestamp(start, 0).unwrap();
+        Icr {
+            id: uuid::Uuid::now_v7().to_string(),
+            start,
+            end: start + chrono::Duration::seconds(5),
+            end_reason: EndReason::Fin,
+            proto: "tcp".into(),
+            device: Device { ip: Some(device.parse().unwrap()), mac: Some("02:00:00:00:00:17".into()), ..Device::default() },
+            public: None,
+            remote: Endpoint { ip: remote.parse().unwrap(), port },
+            service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni }),
+            dns: None,
+            packets_up: 1,
+            packets_down: 1,
+            bytes_up: 100,
+            bytes_down: 1000,
+            incomplete: false,
+        }
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        assert_eq!(DeviceSelector::parse("02-00-00-00-00-17"), DeviceSelector::Mac("02:00:00:00:00:17".into()));
+        assert_eq!(DeviceSelector::parse("line-0042"), DeviceSelector::Subscriber("line-0042".into()));
+        let r = record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0);
+        assert!(DeviceSelector::parse("02:00:00:00:00:17").matches(&r));
+        assert!(DeviceSelector::parse("10.0.0.2").matches(&r));
+        assert!(ServiceSelector::parse("Mail.Example.com.").unwrap().matches(&r));
+        assert!(ServiceSelector::parse("*.example.com").unwrap().matches(&r));
+        assert!(!ServiceSelector::parse("*.ample.com").unwrap().matches(&r));
+        assert!(ServiceSelector::parse("192.0.2.0/24").unwrap().matches(&r));
+        assert!(!ServiceSelector::parse("192.0.3.0/24").unwrap().matches(&r));
+        assert!(ServiceSelector::parse("example.com/path?q=1").is_err());
+        assert!(ServiceSelector::parse("*.").is_err());
+    }
+
+    #[test]
+    fn services_are_grouped_per_name_or_remote() {
+        let records = vec![
+            record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0),
+            record("10.0.0.2", "192.0.2.11", 443, Some("mail.example.com"), 10),
+            record("10.0.0.2", "192.0.2.20", 853, None, 20),
+            record("10.0.0.3", "192.0.2.20", 853, None, 30),
+        ];
+        let rows = services_of(&records, &DeviceSelector::parse("10.0.0.2"));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].name.as_deref(), Some("mail.example.com"));
+        assert_eq!(rows[0].connections, 2);
+        assert_eq!(rows[0].bytes, 2200);
+        assert_eq!(rows[0].last, "1970-01-01T00:00:15.000000Z");
+        assert_eq!(rows[1].remote, "192.0.2.20:853");
+        assert_eq!(rows[1].connections, 1);
+        let hits = accessed(records, &[ServiceSelector::parse("192.0.2.20").unwrap()]);
+        assert_eq!(hits.len(), 2);
+    }
+}

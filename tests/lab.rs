@@ -1,0 +1,435 @@
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Names of everything a lab creates start with this.
+const NAME_PREFIX: &str = "icrlab";
+
+pub const LAN_NET: &str = "192.168.50";
+pub const GATEWAY_LAN_IP: &str = "192.168.50.1";
+/// The gateway's public address: every client is NATed to it.
+pub const PUBLIC_IP: &str = "203.0.113.1";
+pub const INTERNET_ROUTER_IP: &str = "203.0.113.254";
+pub const WEB_IP: &str = "198.51.100.10";
+pub const MAIL_IP: &str = "198.51.100.11";
+pub const EXCHANGE_IP: &str = "198.51.100.20";
+pub const EXCHANGE_PORT: u16 = 9000;
+pub const DNS_IP: &str = "198.51.100.53";
+pub const WEB_NAME: &str = "www.example.test";
+pub const MAIL_NAME: &str = "mail.example.test";
+
+/// The gateway's interfaces, as `icr run` is given them.
+pub const GATEWAY_WAN_IF: &str = "wan0";
+
+pub struct Client {
+    pub ns: String,
+    pub ip: String,
+    pub mac: String,
+    /// The gateway's port for this client (a bridge port, where XDP runs).
+    pub gateway_if: String,
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub gateway: String,
+    pub internet: String,
+    pub clients: Vec<Client>,
+    /// Configs, logs, the store: removed with the lab.
+    pub dir: PathBuf,
+    servers: Vec<Child>,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Builds the lab and starts its servers.
+    pub fn start(clients: usize) -> Result<Self> {
+        if clients == 0 || clients > 200 {
+            bail!("a lab has 1 to 200 clients");
+        }
+        remove_stale_labs();
+        let prefix = format!("{NAME_PREFIX}{}x{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let mut lab = Lab {
+            gateway: format!("{prefix}-gw"),
+            internet: format!("{prefix}-inet"),
+            clients: Vec::new(),
+            prefix,
+            dir,
+            servers: Vec::new(),
+        };
+        // From here on, a failure drops `lab`, which removes what was made.
+        lab.build_network(clients).context("building the lab network")?;
+        lab.start_servers().context("starting the lab's servers")?;
+        Ok(lab)
+    }
+
+    fn build_network(&mut self, clients: usize) -> Result<()> {
+        let (gw, inet) = (self.gateway.clone(), self.internet.clone());
+        for ns in [&gw, &inet] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        // Gateway ↔ internet.
+        ip(&["-n", &gw, "link", "add", GATEWAY_WAN_IF, "type", "veth", "peer", "name", "eth0", "netns", &inet])?;
+        ip(&["-n", &gw, "addr", "add", &format!("{PUBLIC_IP}/24"), "dev", GATEWAY_WAN_IF])?;
+        ip(&["-n", &gw, "link", "set", GATEWAY_WAN_IF, "up"])?;
+        ip(&["-n", &inet, "addr", "add", &format!("{INTERNET_ROUTER_IP}/24"), "dev", "eth0"])?;
+        ip(&["-n", &inet, "link", "set", "eth0", "up"])?;
+        for server in [WEB_IP, MAIL_IP, EXCHANGE_IP, DNS_IP] {
+            ip(&["-n", &inet, "addr", "add", &format!("{server}/32"), "dev", "lo"])?;
+        }
+        ip(&["-n", &gw, "route", "add", "default", "via", INTERNET_ROUTER_IP])?;
+
+        // The LAN: a bridge on the gateway, one port per client.
+        ip(&["-n", &gw, "link", "add", "brlan", "type", "bridge"])?;
+        ip(&["-n", &gw, "addr", "add", &format!("{GATEWAY_LAN_IP}/24"), "dev", "brlan"])?;
+        ip(&["-n", &gw, "link", "set", "brlan", "up"])?;
+        for index in 1..=clients {
+            let ns = format!("{}-c{index}", self.prefix);
+            let ip_address = format!("{LAN_NET}.{}", 10 + index);
+            let mac = format!("02:00:00:00:{:02x}:{:02x}", index / 256, index % 256);
+            let port = format!("lan{index}");
+            ip(&["netns", "add", &ns])?;
+            self.clients.push(Client { ns: ns.clone(), ip: ip_address.clone(), mac: mac.clone(), gateway_if: port.clone() });
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &gw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &gw, "link", "set", &port, "master", "brlan"])?;
+            ip(&["-n", &gw, "link", "set", &port, "up"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "address", &mac])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{ip_address}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", GATEWAY_LAN_IP])?;
+            // `ip netns exec` bind-mounts this over /etc/resolv.conf.
+            let etc = Path::new("/etc/netns").join(&ns);
+            fs::create_dir_all(&etc)?;
+            fs::write(etc.join("resolv.conf"), format!("nameserver {DNS_IP}\n"))?;
+        }
+
+        // Routing and NAT on the gateway.
+        run(Command::new("ip").args(["netns", "exec", &gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        let rules = self.dir.join("nat.nft");
+        fs::write(
+            &rules,
+            format!(
+                "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n    \
+                 oifname \"{GATEWAY_WAN_IF}\" masquerade\n  }}\n}}\n"
+            ),
+        )?;
+        run(Command::new("ip").args(["netns", "exec", &gw, "nft", "-f"]).arg(&rules))?;
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        // HTTPS for two names, with a self-signed certificate.
+        run(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", &format!("/CN={WEB_NAME}"), "-addext", &format!("subjectAltName=DNS:{WEB_NAME},DNS:{MAIL_NAME}")])
+            .arg("-keyout").arg(dir.join("key.pem")).arg("-out").arg(dir.join("cert.pem")))?;
+        fs::create_dir_all(dir.join("nginx-tmp"))?;
+        let d = dir.display();
+        let nginx_conf = format!(
+            r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 256; }}
+http {{
+    log_format icr '$remote_addr $remote_port $msec $ssl_server_name $request_length $bytes_sent';
+    access_log {d}/access.log icr;
+    client_body_temp_path {d}/nginx-tmp;
+    proxy_temp_path {d}/nginx-tmp;
+    fastcgi_temp_path {d}/nginx-tmp;
+    uwsgi_temp_path {d}/nginx-tmp;
+    scgi_temp_path {d}/nginx-tmp;
+    server {{
+        listen {WEB_IP}:443 ssl;
+        listen {MAIL_IP}:443 ssl;
+        server_name {WEB_NAME} {MAIL_NAME};
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        location / {{ return 200 "hello from $host\n"; }}
+    }}
+    server {{
+        listen {WEB_IP}:80;
+        location / {{ return 200 "plain hello\n"; }}
+    }}
+}}
+"#
+        );
+        fs::write(dir.join("nginx.conf"), nginx_conf)?;
+        let nginx = self.spawn_in(&self.internet.clone(), Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")), "nginx")?;
+        self.servers.push(nginx);
+
+        let dnsmasq = self.spawn_in(
+            &self.internet.clone(),
+            Command::new("dnsmasq").args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={DNS_IP}"),
+                "--port=53",
+                "--user=root",
+                &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+                &format!("--address=/{WEB_NAME}/{WEB_IP}"),
+                &format!("--address=/{MAIL_NAME}/{MAIL_IP}"),
+            ]),
+            "dnsmasq",
+        )?;
+        self.servers.push(dnsmasq);
+
+        let exchange = self.spawn_in(
+            &self.internet.clone(),
+            Command::new("python3").arg(exchange_script()).args(["serve", EXCHANGE_IP, &EXCHANGE_PORT.to_string()]),
+            "exchange",
+        )?;
+        self.servers.push(exchange);
+
+        wait_for(Duration::from_secs(10), "the servers to listen", || {
+            let listening = output(Command::new("ip").args(["netns", "exec", &self.internet, "ss", "-Hltnu"]))?;
+            Ok([format!("{WEB_IP}:443"), format!("{DNS_IP}:53"), format!("{EXCHANGE_IP}:{EXCHANGE_PORT}")]
+                .iter()
+                .all(|a| listening.contains(a.as_str())))
+        })
+    }
+
+    /// Starts `command` inside `ns`, its output in the lab directory.
+    pub fn spawn_in(&self, ns: &str, command: &mut Command, log_name: &str) -> Result<Child> {
+        let log = fs::File::create(self.dir.join(format!("{log_name}.log")))?;
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", ns]).arg(command.get_program()).args(command.get_args());
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        wrapped.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        wrapped.spawn().with_context(|| format!("starting {log_name} in {ns}"))
+    }
+
+    /// Runs `command` inside `ns` and returns its output (it must succeed).
+    pub fn exec(&self, ns: &str, command: &mut Command) -> Result<Output> {
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", ns]).arg(command.get_program()).args(command.get_args());
+        let out = wrapped.output().with_context(|| format!("running {:?} in {ns}", command.get_program()))?;
+        if !out.status.success() {
+            bail!(
+                "{:?} in {ns} failed ({}): {}",
+                command.get_program(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// A TCP exchange from `client`: sends `up` bytes, reads `down` bytes back.
+    /// Returns the client's source port.
+    pub fn exchange(&self, client: &Client, up: usize, down: usize) -> Result<u16> {
+        let out = self.exec(
+            &client.ns,
+            Command::new("python3").arg(exchange_script()).args(["connect", EXCHANGE_IP, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string()]),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim().parse().with_context(|| format!("the exchange client printed {text:?}"))
+    }
+
+    /// nginx's access log: (client address as nginx saw it, port, time, SNI).
+    pub fn web_access_log(&self) -> Result<Vec<(String, u16, f64, String)>> {
+        let text = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 4 {
+                    bail!("unexpected access log line {line:?}");
+                }
+                Ok((f[0].to_string(), f[1].parse()?, f[2].parse()?, f[3].to_string()))
+            })
+            .collect()
+    }
+
+    /// The client-facing interfaces of the gateway, as `icr run --lan` takes them.
+    pub fn lan_interfaces(&self) -> String {
+        self.clients.iter().map(|c| c.gateway_if.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_lab(&self.prefix);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `icr run` on the gateway.
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in the gateway and waits until it says it runs.
+    pub fn start(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        let log = lab.dir.join("agent.log");
+        let mut command = Command::new(icr);
+        command
+            .args(["run", "--lan", &lab.lan_interfaces(), "--wan", GATEWAY_WAN_IF, "--db"])
+            .arg(db)
+            .env("RUST_LOG", "info");
+        let child = lab.spawn_in(&lab.gateway, &mut command, "agent")?;
+        let mut agent = Agent { child: Some(child), log };
+        let started = Instant::now();
+        loop {
+            let text = fs::read_to_string(&agent.log).unwrap_or_default();
+            if text.contains("icr running") {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the agent exited ({status}) before running:\n{text}");
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the agent did not start within 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for a clean exit.
+    pub fn stop(mut self) -> Result<String> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                bail!("the agent did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        if !status.success() {
+            bail!("the agent exited with {status}:\n{log}");
+        }
+        Ok(log)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `icr` binary under test: `ICR_BIN` (set by `cargo xtask test`), else
+/// the workspace's debug build.
+pub fn icr_binary() -> PathBuf {
+    std::env::var_os("ICR_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/icr")
+    })
+}
+
+pub fn exchange_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab/exchange.py")
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    output(command).map(drop)
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command.stdin(Stdio::null()).output().with_context(|| format!("starting {:?}", command.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} {:?} failed: {}",
+            command.get_program(),
+            command.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if ready()? {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes every namespace (and its processes and resolv.conf) of a lab.
+fn remove_lab(prefix: &str) {
+    let Ok(list) = output(Command::new("ip").args(["netns", "list"])) else { return };
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        if !name.starts_with(&format!("{prefix}-")) {
+            continue;
+        }
+        if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", name])) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: signalling a process inside our own lab namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = output(Command::new("ip").args(["netns", "del", name]));
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(name));
+    }
+}
+
+/// Labs of processes that no longer exist (a killed test run) are removed.
+fn remove_stale_labs() {
+    let Ok(list) = output(Command::new("ip").args(["netns", "list"])) else { return };
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(rest) = name.strip_prefix(NAME_PREFIX) else { continue };
+        let Some((pid, _)) = rest.split_once('x') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let prefix = name.split('-').next().unwrap_or(name);
+            remove_lab(prefix);
+            let _ = fs::remove_dir_all(std::env::temp_dir().join(prefix));
+        }
+    }
+}
+
+/// Reads lines of a child's output file until `pattern` appears.
+pub fn file_contains(path: &Path, pattern: &str) -> bool {
+    fs::File::open(path)
+        .map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(pattern)))
+        .unwrap_or(false)
+}

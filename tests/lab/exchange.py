@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""A TCP exchange with byte counts the test knows.
+
+serve IP PORT: for each connection, read the 8-byte header (bytes up, bytes
+down), then that many bytes, then send the bytes down and close.
+connect IP PORT UP DOWN: send UP bytes, read DOWN bytes, close; print the
+client's source port.
+"""
+import socket
+import struct
+import sys
+
+
+def read_exactly(conn, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = conn.recv(min(65536, n - len(data)))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def serve(ip, port):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((ip, port))
+    listener.listen(128)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                up, down = struct.unpack("!II", read_exactly(conn, 8))
+                read_exactly(conn, up)
+                conn.sendall(b"d" * down)
+            except (ConnectionError, OSError) as error:
+                print(f"exchange: {error}", file=sys.stderr, flush=True)
+
+
+def connect(ip, port, up, down):
+    with socket.create_connection((ip, port), timeout=10) as conn:
+        # The 8-byte header counts towards the bytes sent up.
+        conn.sendall(struct.pack("!II", up - 8, down) + b"u" * (up - 8))
+        read_exactly(conn, down)
+        print(conn.getsockname()[1])
+
+
+if __name__ == "__main__":
+    mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "serve":
+        serve(ip, port)
+    else:
+        connect(ip, port, int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,160 @@
+//! The whole path on real parts: clients in namespaces behind a NAT gateway
+//! (nftables masquerade) with the XDP probe attached, real servers, real
+//! curl/dig/TCP traffic; then the stored ICRs and the queries on them.
+use std::{
+    collections::HashSet,
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use icr_tests::lab::{
+    Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary,
+};
+use serde_json::Value;
+
+const AUTHORITY_FLAGS: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-LAB-1"];
+
+fn write_config(db: &Path) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        r#"
+retention_days = 30
+
+[[authority]]
+name = "lab-police"
+kind = "police"
+purposes = [1, 2, 3]
+
+[[authority]]
+name = "lab-council"
+kind = "local"
+purposes = [1, 2, 3]
+
+[probe]
+flow_table_size = 65536
+
+[timeouts]
+tcp_closed = "1s"
+udp_idle = "2s"
+full_sweep = "1s"
+"#,
+    )
+    .unwrap();
+}
+
+fn icr(args: &[&str]) -> Output {
+    Command::new(icr_binary()).args(args).output().expect("running icr")
+}
+
+fn ndjson(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "icr failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("NDJSON"))
+        .collect()
+}
+
+/// IP bytes of `app` bytes of TCP payload in `packets` packets: each packet
+/// carries 40 to 80 bytes of IP and TCP headers (options vary).
+fn within_headers(ip_bytes: u64, app: u64, packets: u64) -> bool {
+    ip_bytes >= app + 40 * packets && ip_bytes <= app + 80 * packets
+}
+
+#[test]
+fn nat_gateway_records_real_traffic_and_answers_questions() {
+    let lab = Lab::start(2).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
+
+    // A TCP exchange whose payload sizes we know, from client 1.
+    let (up, down) = (3_000u64, 20_000u64);
+    let c1_port = lab.exchange(c1, up as usize, down as usize).expect("the exchange");
+    // HTTPS by name (DNS through dnsmasq, then TLS to nginx), and a dig, from client 2.
+    let curl = lab
+        .exec(&c2.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]))
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), format!("hello from {WEB_NAME}\n"));
+    lab.exec(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), "mail.example.test", "A"]))
+        .expect("dig");
+
+    // Let the closed flows pass tcp_closed, then stop: the rest closes as "shutdown".
+    std::thread::sleep(Duration::from_secs(3));
+    let log = agent.stop().expect("the agent stops cleanly");
+    assert!(!log.contains("lost events 1"), "no events lost:\n{log}");
+
+    let records = ndjson(&icr(&["list", "--db", db.to_str().unwrap(), "--format", "ndjson"]));
+    let find = |device_ip: &str, remote_ip: &str, remote_port: u64| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["device"]["ip"] == device_ip && r["remote"]["ip"] == remote_ip && r["remote"]["port"] == remote_port)
+            .collect()
+    };
+
+    // The exchange: one record, every field as the test knows it.
+    let exchange = find(&c1.ip, EXCHANGE_IP, u64::from(EXCHANGE_PORT));
+    assert_eq!(exchange.len(), 1, "one record for the exchange in {records:#?}");
+    let r = exchange[0];
+    assert_eq!(r["proto"], "tcp");
+    assert_eq!(r["device"]["mac"], c1.mac.as_str());
+    assert_eq!(r["device"]["port"], u64::from(c1_port));
+    assert_eq!(r["public"]["ip"], PUBLIC_IP, "the NAT mapping from conntrack");
+    assert!(r["public"]["port"].as_u64().is_some());
+    assert_eq!(r["end_reason"], "fin");
+    assert_eq!(r["incomplete"], false);
+    let (pu, pd) = (r["packets_up"].as_u64().unwrap(), r["packets_down"].as_u64().unwrap());
+    let (bu, bd) = (r["bytes_up"].as_u64().unwrap(), r["bytes_down"].as_u64().unwrap());
+    assert!((4..=40).contains(&pu), "packets up {pu}");
+    assert!((4..=60).contains(&pd), "packets down {pd} (counted on the WAN side)");
+    assert!(within_headers(bu, up, pu), "bytes up {bu} for {up} bytes in {pu} packets");
+    assert!(within_headers(bd, down, pd), "bytes down {bd} for {down} bytes in {pd} packets");
+    assert!(r["start"].as_str().unwrap() <= r["end"].as_str().unwrap());
+
+    // HTTPS: nginx's access log is the ground truth for the public port.
+    let access = lab.web_access_log().unwrap();
+    assert_eq!(access.len(), 1, "{access:?}");
+    assert_eq!(access[0].0, PUBLIC_IP, "nginx saw the NATed address");
+    let web = find(&c2.ip, WEB_IP, 443);
+    assert_eq!(web.len(), 1, "one HTTPS record in {records:#?}");
+    assert_eq!(web[0]["public"]["port"], u64::from(access[0].1), "public port = what the server saw");
+    assert_eq!(web[0]["device"]["mac"], c2.mac.as_str());
+    assert!(web[0]["bytes_down"].as_u64().unwrap() > 500, "the TLS handshake came back");
+
+    // DNS over UDP: the name lookup curl made and the dig.
+    let dns = find(&c2.ip, DNS_IP, 53);
+    assert!(!dns.is_empty(), "DNS records in {records:#?}");
+    assert!(dns.iter().all(|r| r["proto"] == "udp" && r["public"]["ip"] == PUBLIC_IP));
+    assert!(dns.iter().all(|r| r["packets_up"].as_u64().unwrap() >= 1 && r["packets_down"].as_u64().unwrap() >= 1));
+
+    // No record may name a device outside the LAN.
+    let devices: HashSet<&str> = records.iter().filter_map(|r| r["device"]["ip"].as_str()).collect();
+    assert!(devices.iter().all(|d| d.starts_with("192.168.50.")), "{devices:?}");
+
+    let db_arg = db.to_str().unwrap();
+    // Question 2: the services client 1 used.
+    let mut args = vec!["query", "services", "--device", c1.mac.as_str(), "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
+    args.extend(AUTHORITY_FLAGS);
+    let rows = ndjson(&icr(&args));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["remote"], format!("{EXCHANGE_IP}:{EXCHANGE_PORT}"));
+    assert_eq!(rows[0]["connections"], 1);
+
+    // Question 3: who used the web server.
+    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
+    args.extend(AUTHORITY_FLAGS);
+    let hits = ndjson(&icr(&args));
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0]["device"]["ip"], c2.ip.as_str());
+
+    // Refusals: no reference; a local authority. Exit 3, and audited.
+    let refused = icr(&["query", "accessed", "--service", WEB_IP, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-police", "--officer", "PC 1"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
+    let local = icr(&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-council", "--officer", "X", "--reference", "R"]);
+    assert_eq!(local.status.code(), Some(3));
+    let verify = icr(&["audit", "verify", "--db", db_arg]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("5 entries"), "list, 2 answers, 2 refusals");
+}
