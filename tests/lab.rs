@@ -392,8 +392,9 @@ pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> Result<b
     }
 }
 
-/// Removes every namespace (and its processes and resolv.conf) of a lab.
-fn remove_lab(prefix: &str) {
+/// Removes every namespace (and its processes and resolv.conf) of the lab
+/// named `prefix`: for signal handlers, which cannot run `Drop`.
+pub fn remove_lab(prefix: &str) {
     let Ok(list) = output(Command::new("ip").args(["netns", "list"])) else { return };
     for line in list.lines() {
         let Some(name) = line.split_whitespace().next() else { continue };

@@ -2,6 +2,7 @@
 //! needs and is missing (Debian packages, the nightly's rust-src, bpf-linker),
 //! saying what it does.
 mod cmd;
+mod demo;
 mod setup;
 
 use anyhow::Result;
@@ -26,6 +27,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The lab demo: namespaces with clients behind a NAT gateway running the
+    /// probe, real HTTPS/DNS/TCP traffic, then the records and the answers to
+    /// questions 2 and 3. Removes everything it made, also on failure or Ctrl-C.
+    Demo,
 }
 
 fn main() {
@@ -34,6 +39,7 @@ fn main() {
         Command::Setup => setup::ensure(setup::Needs::Test),
         Command::Build => build(),
         Command::Test { args } => test(&args),
+        Command::Demo => demo::run(),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
