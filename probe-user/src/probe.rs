@@ -17,6 +17,10 @@ use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
 /// The XDP object built from `probe-ebpf`, embedded at build time.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
+/// A bare `XDP_PASS` program, the baseline for the benchmarks.
+static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+
 /// Pages per CPU for the event perf buffers (must be a power of two).
 const EVENT_BUFFER_PAGES: usize = 64;
 
@@ -205,6 +209,36 @@ impl Probe {
                 Ok(EventBuffer { cpu, buffer })
             })
             .collect()
+    }
+}
+
+/// The bare `XDP_PASS` program, loaded for measuring against.
+pub struct Baseline {
+    ebpf: Ebpf,
+}
+
+impl Baseline {
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(BASELINE_OBJECT).context("loading the baseline XDP program")?;
+        let program: &mut Xdp = ebpf
+            .program_mut("baseline_pass")
+            .ok_or_else(|| anyhow!("no baseline_pass program"))?
+            .try_into()?;
+        program.load()?;
+        Ok(Self { ebpf })
+    }
+
+    /// Runs it `repeat` times on `frame`; returns the kernel's ns per run.
+    pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
+        let program: &Xdp = self
+            .ebpf
+            .program("baseline_pass")
+            .ok_or_else(|| anyhow!("no baseline_pass program"))?
+            .try_into()?;
+        let result = program
+            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok(result.duration.as_nanos() as u64)
     }
 }
 

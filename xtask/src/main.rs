@@ -31,6 +31,11 @@ enum Command {
     /// probe, real HTTPS/DNS/TCP traffic, then the records and the answers to
     /// questions 2 and 3. Removes everything it made, also on failure or Ctrl-C.
     Demo,
+    /// Benchmarks, figures printed at the end (`probe`: kernel cost per packet).
+    Bench {
+        #[arg(default_value = "probe")]
+        which: String,
+    },
 }
 
 fn main() {
@@ -40,6 +45,7 @@ fn main() {
         Command::Build => build(),
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
+        Command::Bench { which } => bench(&which),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
@@ -52,6 +58,14 @@ fn build() -> Result<()> {
     cmd::cargo(&["build", "--release", "--package", "probe-user"])?;
     println!("built {}", cmd::workspace_root().join("target/release/icr").display());
     Ok(())
+}
+
+fn bench(which: &str) -> Result<()> {
+    setup::ensure(setup::Needs::Build)?;
+    match which {
+        "probe" => cmd::cargo(&["bench", "--package", "probe-user", "--bench", "probe"]),
+        other => anyhow::bail!("no benchmark {other:?} (there is: probe)"),
+    }
 }
 
 fn test(args: &[String]) -> Result<()> {
