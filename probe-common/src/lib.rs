@@ -79,11 +79,26 @@ pub struct FlowValue {
     pub first_tcp_flags: u8,
     /// Set once a flow-end event has been sent, so it is sent once.
     pub end_sent: u8,
-    pub _pad: u8,
+    /// Set once the layer-2 fields below come from a LAN-side packet.
+    pub l2_from_lan: u8,
     /// Interface the first packet arrived on.
     pub first_ifindex: u32,
+    /// VLAN ids (outer, inner; 0: none) and PPPoE session (0: none) of the
+    /// device's side.
+    pub vlan: [u16; 2],
+    pub pppoe_session: u16,
+    /// Payload bytes already shipped as hints, per direction (see [`HINT_BUDGET`]).
+    pub hint_bytes: [u16; 2],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<FlowValue>() == 72);
+const _: () = assert!(size_of::<FlowValue>() == 88);
+
+/// Payload bytes per flow and direction the probe ships as hints: enough
+/// for a ClientHello with post-quantum key shares spread over several
+/// segments or QUIC Initials, and for a few DNS transactions.
+pub const HINT_BUDGET: u16 = 6144;
+/// Frames longer than this are shipped cut (jumbo frames).
+pub const HINT_MAX_FRAME: u32 = 9216;
 
 /// Kinds of [`FlowEvent`].
 pub mod event_kind {
@@ -91,10 +106,14 @@ pub mod event_kind {
     pub const FLOW_START: u8 = 1;
     /// A FIN or RST was seen on a tracked flow (sent once per flow).
     pub const FLOW_END: u8 = 2;
+    /// A packet whose payload may name the service (TLS ClientHello, QUIC
+    /// Initial, DNS, HTTP request): the frame follows the event.
+    pub const HINT: u8 = 3;
 }
 
 /// What the XDP program sends to the agent through the per-CPU perf buffers:
-/// only flow starts and ends, never one event per packet.
+/// flow starts and ends, and hints, never one event per packet. A hint
+/// event is followed by `captured_len` bytes of the frame, from its start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -108,9 +127,17 @@ pub struct FlowEvent {
     pub ts_ns: u64,
     pub key: FlowKey,
     pub mac_src: [u8; 6],
-    pub _pad: [u8; 2],
+    /// Where the transport payload starts in the frame.
+    pub payload_offset: u16,
+    /// Frame bytes following this event (hints only).
+    pub captured_len: u16,
+    pub pppoe_session: u16,
+    pub vlan: [u16; 2],
+    /// TCP sequence number of the packet (for reassembling hints).
+    pub tcp_seq: u32,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<FlowEvent>() == 64);
+const _: () = assert!(size_of::<FlowEvent>() == 80);
 
 /// Indices into the per-CPU `COUNTERS` array.
 pub mod counter {
@@ -130,7 +157,9 @@ pub mod counter {
     pub const EVENTS_SENT: u32 = 6;
     /// Non-first IP fragments (no ports): counted under their 3-tuple flow.
     pub const FRAGMENTS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Hint events sent (payload for service names).
+    pub const HINTS_SENT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Names for logs and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -142,6 +171,7 @@ pub mod counter {
         "events_lost",
         "events_sent",
         "fragments",
+        "hints_sent",
     ];
 }
 

@@ -31,15 +31,21 @@ impl PerCpuEvents {
         }))
     }
 
-    /// Sends `event` to the current CPU's buffer; `Err` if it had no room.
+    /// Sends `event`, followed by the first `frame_len` bytes of the packet
+    /// (0: none), to the current CPU's buffer; `Err` if it had no room. The
+    /// kernel copies the packet bytes itself (the upper 32 bits of the flags
+    /// of `bpf_perf_event_output` with an XDP context), so no copy loop is
+    /// needed here.
     #[inline(always)]
-    pub fn output<C: EbpfContext, T>(&self, ctx: &C, event: &T) -> Result<(), i64> {
-        // SAFETY: `event` is a live, initialised `T` of `size_of::<T>()` bytes.
+    pub fn output<C: EbpfContext, T>(&self, ctx: &C, event: &T, frame_len: u32) -> Result<(), i64> {
+        let flags = BPF_F_CURRENT_CPU | (u64::from(frame_len) << 32);
+        // SAFETY: `event` is a live, initialised `T` of `size_of::<T>()` bytes;
+        // the helper checks `frame_len` against the packet.
         let ret = unsafe {
             bpf_perf_event_output(
                 ctx.as_ptr(),
                 self.0.get().cast(),
-                BPF_F_CURRENT_CPU,
+                flags,
                 (event as *const T).cast_mut().cast::<c_void>(),
                 size_of::<T>() as u64,
             )

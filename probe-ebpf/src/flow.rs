@@ -3,7 +3,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
-use probe_common::{FlowEvent, FlowKey, FlowValue, counter, event_kind, tcp_flags};
+use probe_common::{
+    FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, counter, event_kind, role as roles,
+    tcp_flags,
+};
 
 use crate::{
     maps::{self, EVENTS, FLOWS},
@@ -11,6 +14,9 @@ use crate::{
 };
 
 const EEXIST: i32 = 17;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
 
 /// Builds the direction-independent key and the packet's direction in it.
 #[inline(always)]
@@ -57,13 +63,23 @@ pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
     value.mac[index] = packet.mac_src;
     value.tcp_flags[index] = packet.tcp_flags;
     value.roles[index] = role;
+    value.vlan = packet.vlan;
+    value.pppoe_session = packet.pppoe_session;
+    value.l2_from_lan = (role == roles::LAN) as u8;
     let ends = ends_flow(packet.tcp_flags);
     value.end_sent = ends as u8;
+    let hint = wants_hint(packet, dir, &value);
+    if hint {
+        value.hint_bytes[index] = packet.payload_len;
+    }
 
     match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::count(counter::FLOWS_CREATED);
             emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now);
+            if hint {
+                emit(ctx, event_kind::HINT, &key, packet, dir, role, now);
+            }
             if ends {
                 emit(ctx, event_kind::FLOW_END, &key, packet, dir, role, now);
             }
@@ -101,6 +117,15 @@ fn update(
         if (*value).mac[index] == [0; 6] {
             (*value).mac[index] = packet.mac_src;
         }
+        if role == roles::LAN && (*value).l2_from_lan == 0 {
+            (*value).l2_from_lan = 1;
+            (*value).vlan = packet.vlan;
+            (*value).pppoe_session = packet.pppoe_session;
+        }
+        if wants_hint(packet, dir, &*value) {
+            (*value).hint_bytes[index] = (*value).hint_bytes[index].saturating_add(packet.payload_len);
+            emit(ctx, event_kind::HINT, key, packet, dir, role, now);
+        }
         if ends_flow(packet.tcp_flags) && (*value).end_sent == 0 {
             (*value).end_sent = 1;
             emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now);
@@ -115,6 +140,23 @@ fn update(
 unsafe fn add(counter: *mut u64, amount: u64) {
     // SAFETY: the caller passes a pointer into a live map value.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, amount) };
+}
+
+/// Whether this packet's payload may name the service, within the flow's
+/// budget: TCP data from the side that opened the connection (ClientHello,
+/// HTTP request) or either side of DNS; UDP DNS, and QUIC long-header
+/// packets from the client.
+#[inline(always)]
+fn wants_hint(packet: &Packet, dir: u8, value: &FlowValue) -> bool {
+    if packet.payload_len == 0 || value.hint_bytes[dir as usize & 1] >= HINT_BUDGET {
+        return false;
+    }
+    let dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
+    match packet.proto {
+        IPPROTO_TCP => dns || dir == value.first_dir,
+        IPPROTO_UDP => dns || (dir == value.first_dir && packet.first_payload_byte & 0x80 != 0),
+        _ => false,
+    }
 }
 
 #[inline(always)]
@@ -132,6 +174,12 @@ fn emit(
     role: u8,
     now: u64,
 ) {
+    let frame_len = if kind == event_kind::HINT {
+        let len = (ctx.data_end() - ctx.data()) as u32;
+        if len < HINT_MAX_FRAME { len } else { HINT_MAX_FRAME }
+    } else {
+        0
+    };
     let event = FlowEvent {
         kind,
         dir,
@@ -141,10 +189,20 @@ fn emit(
         ts_ns: now,
         key: *key,
         mac_src: packet.mac_src,
-        _pad: [0; 2],
+        payload_offset: packet.payload_offset,
+        captured_len: frame_len as u16,
+        pppoe_session: packet.pppoe_session,
+        vlan: packet.vlan,
+        tcp_seq: packet.tcp_seq,
+        _pad: [0; 4],
     };
-    match EVENTS.output(ctx, &event) {
-        Ok(()) => maps::count(counter::EVENTS_SENT),
+    match EVENTS.output(ctx, &event, frame_len) {
+        Ok(()) => {
+            maps::count(counter::EVENTS_SENT);
+            if kind == event_kind::HINT {
+                maps::count(counter::HINTS_SENT);
+            }
+        }
         Err(_) => maps::count(counter::EVENTS_LOST),
     }
 }

@@ -17,6 +17,9 @@ const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+const PPP_IPV4: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
 
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_TCP: u8 = 6;
@@ -55,6 +58,18 @@ pub struct Packet {
     pub mac_src: [u8; 6],
     /// Bytes at the IP layer (the IP header's length field, bounded by the frame).
     pub ip_len: u32,
+    /// VLAN ids, outer then inner (0: none).
+    pub vlan: [u16; 2],
+    /// PPPoE session id (0: none).
+    pub pppoe_session: u16,
+    /// Where the transport payload starts, and how long it is (0 if none).
+    pub payload_offset: u16,
+    pub payload_len: u16,
+    pub tcp_seq: u32,
+    /// Where the IP header starts.
+    pub l3_offset: u16,
+    /// The payload's first byte (0 if none): tells a QUIC long header.
+    pub first_payload_byte: u8,
 }
 
 /// A read position in the packet.
@@ -105,15 +120,6 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
     // SAFETY: `next` checked that the header lies inside the packet.
     let (mac_src, mut ether_type) = unsafe { ((*eth).src_addr, u16::from_be((*eth).ether_type)) };
 
-    for _ in 0..MAX_VLAN_TAGS {
-        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
-            break;
-        }
-        let vlan = cursor.next::<VlanHdr>()?;
-        // SAFETY: bounds checked by `next`.
-        ether_type = unsafe { u16::from_be((*vlan).ether_type) };
-    }
-
     let mut packet = Packet {
         src: [0; 16],
         dst: [0; 16],
@@ -123,7 +129,29 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
         tcp_flags: 0,
         mac_src,
         ip_len: 0,
+        vlan: [0; 2],
+        pppoe_session: 0,
+        payload_offset: 0,
+        payload_len: 0,
+        tcp_seq: 0,
+        l3_offset: 0,
+        first_payload_byte: 0,
     };
+    for tag in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan = cursor.next::<VlanHdr>()?;
+        // SAFETY: bounds checked by `next`.
+        let (tci, next) = unsafe { (be16((*vlan).tci), u16::from_be((*vlan).ether_type)) };
+        packet.vlan[tag] = tci & 0x0fff;
+        ether_type = next;
+    }
+    if ether_type == ETH_P_PPPOE_SESSION {
+        ether_type = pppoe(&mut cursor, &mut packet)?;
+    }
+
+    packet.l3_offset = cursor.offset as u16;
     let first_fragment = match ether_type {
         ETH_P_IPV4 => ipv4(&mut cursor, &mut packet)?,
         ETH_P_IPV6 => ipv6(&mut cursor, &mut packet)?,
@@ -133,6 +161,21 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
         transport(&mut cursor, &mut packet)?;
     }
     Ok(packet)
+}
+
+/// PPPoE session header (RFC 2516) and the PPP protocol: returns the
+/// ethertype of what it carries, or `NOT_IP` for PPP control traffic.
+#[inline(always)]
+fn pppoe(cursor: &mut Cursor, packet: &mut Packet) -> Result<u16, Skip> {
+    let header = cursor.next::<[u8; 8]>()?;
+    // SAFETY: bounds checked by `next`.
+    let header = unsafe { *header };
+    packet.pppoe_session = be16([header[2], header[3]]);
+    match be16([header[6], header[7]]) {
+        PPP_IPV4 => Ok(ETH_P_IPV4),
+        PPP_IPV6 => Ok(ETH_P_IPV6),
+        _ => Err(Skip::NOT_IP),
+    }
 }
 
 /// Returns whether the transport header follows (false for non-first fragments).
@@ -212,9 +255,16 @@ fn transport(cursor: &mut Cursor, packet: &mut Packet) -> Result<(), Skip> {
             let tcp = unsafe { &*tcp };
             packet.src_port = be16(tcp.source);
             packet.dst_port = be16(tcp.dest);
+            packet.tcp_seq = u32::from_be_bytes(tcp.seq);
             // Byte 13 of the header: CWR ECE URG ACK PSH RST SYN FIN.
             // SAFETY: `tcp` spans the 20-byte header.
-            packet.tcp_flags = unsafe { *(tcp as *const TcpHdr).cast::<u8>().add(13) };
+            let [offset_byte, flags] = unsafe { *(tcp as *const TcpHdr).cast::<[u8; 2]>().add(6) };
+            packet.tcp_flags = flags;
+            let header_len = (offset_byte >> 4) as usize * 4;
+            if header_len < TcpHdr::LEN {
+                return Err(Skip::MALFORMED);
+            }
+            cursor.skip(header_len - TcpHdr::LEN);
         }
         IPPROTO_UDP => {
             let udp = cursor.next::<UdpHdr>()?;
@@ -223,7 +273,20 @@ fn transport(cursor: &mut Cursor, packet: &mut Packet) -> Result<(), Skip> {
             packet.src_port = be16(udp.src);
             packet.dst_port = be16(udp.dst);
         }
-        _ => {}
+        _ => return Ok(()),
+    }
+    // The payload: what the IP length says follows the transport header,
+    // bounded by the frame (Ethernet padding is not payload).
+    let l3_end = packet.l3_offset as usize + packet.ip_len as usize;
+    if cursor.offset < l3_end && cursor.offset < u16::MAX as usize {
+        packet.payload_offset = cursor.offset as u16;
+        packet.payload_len = (l3_end - cursor.offset) as u16;
+        // Two bytes, not one: LLVM turns a one-byte bounds check into a form
+        // the verifier cannot follow. A one-byte payload is no QUIC packet.
+        if let Ok(first) = cursor.next::<[u8; 2]>() {
+            // SAFETY: bounds checked by `next`.
+            packet.first_payload_byte = unsafe { (*first)[0] };
+        }
     }
     Ok(())
 }

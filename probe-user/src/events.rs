@@ -5,14 +5,16 @@ use std::mem::size_of;
 use anyhow::Result;
 use aya::maps::perf::PerfEvent;
 use log::warn;
-use probe_common::FlowEvent;
+use probe_common::{FlowEvent, event_kind};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use crate::probe::EventBuffer;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeEvent {
     Flow(FlowEvent),
+    /// A packet whose payload may name the service: the event and the frame.
+    Hint(FlowEvent, Vec<u8>),
     /// The kernel dropped `count` events of this CPU's buffer.
     Lost { cpu: u32, count: u64 },
     /// A sample too short to be a `FlowEvent` (a version mismatch).
@@ -28,14 +30,33 @@ pub fn decode(cpu: u32, event: PerfEvent<'_>) -> ProbeEvent {
             if len < size_of::<FlowEvent>() {
                 return ProbeEvent::Malformed { cpu, len };
             }
-            let mut bytes = [0u8; size_of::<FlowEvent>()];
-            let from_head = head.len().min(bytes.len());
-            bytes[..from_head].copy_from_slice(&head[..from_head]);
-            let from_tail = bytes.len() - from_head;
-            bytes[from_head..].copy_from_slice(&tail[..from_tail]);
+            let mut header = [0u8; size_of::<FlowEvent>()];
+            copy_out(head, tail, 0, &mut header);
             // SAFETY: `FlowEvent` is plain old data of exactly this size.
-            ProbeEvent::Flow(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+            let event: FlowEvent = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
+            if event.kind != event_kind::HINT {
+                return ProbeEvent::Flow(event);
+            }
+            let captured = usize::from(event.captured_len);
+            if len < header.len() + captured {
+                return ProbeEvent::Malformed { cpu, len };
+            }
+            let mut frame = vec![0u8; captured];
+            copy_out(head, tail, header.len(), &mut frame);
+            ProbeEvent::Hint(event, frame)
         }
+    }
+}
+
+/// Copies `out.len()` bytes starting at `offset` of the sample `head`+`tail`.
+/// The caller has checked that the sample holds `offset + out.len()` bytes.
+fn copy_out(head: &[u8], tail: &[u8], offset: usize, out: &mut [u8]) {
+    let from_head = head.len().saturating_sub(offset).min(out.len());
+    out[..from_head].copy_from_slice(&head[offset.min(head.len())..][..from_head]);
+    let rest = out.len() - from_head;
+    if rest > 0 {
+        let tail_start = offset + from_head - head.len();
+        out[from_head..].copy_from_slice(&tail[tail_start..tail_start + rest]);
     }
 }
 
@@ -79,4 +100,39 @@ pub fn spawn_readers(buffers: Vec<EventBuffer>, tx: mpsc::Sender<ProbeEvent>) ->
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(event: &FlowEvent, frame: &[u8]) -> Vec<u8> {
+        // SAFETY: plain old data.
+        let header: [u8; size_of::<FlowEvent>()] = unsafe { std::mem::transmute_copy(event) };
+        let mut bytes = header.to_vec();
+        bytes.extend_from_slice(frame);
+        bytes.extend_from_slice(&[0; 4]); // the kernel's alignment padding
+        bytes
+    }
+
+    #[test]
+    fn hints_decode_whether_or_not_the_sample_wraps() {
+        let frame: Vec<u8> = (0..200u8).collect();
+        let event = FlowEvent { kind: event_kind::HINT, captured_len: 200, ..FlowEvent::default() };
+        let bytes = sample(&event, &frame);
+        for split in [0, 10, 80, 81, 150, bytes.len()] {
+            let (head, tail) = bytes.split_at(split);
+            assert_eq!(decode(0, PerfEvent::Sample { head, tail }), ProbeEvent::Hint(event, frame.clone()), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn short_samples_are_reported_not_read() {
+        let event = FlowEvent { kind: event_kind::HINT, captured_len: 500, ..FlowEvent::default() };
+        let bytes = sample(&event, &[1, 2, 3]);
+        let decoded = decode(3, PerfEvent::Sample { head: &bytes, tail: &[] });
+        assert!(matches!(decoded, ProbeEvent::Malformed { cpu: 3, .. }));
+        assert!(matches!(decode(1, PerfEvent::Sample { head: &[0; 10], tail: &[] }), ProbeEvent::Malformed { .. }));
+        assert_eq!(decode(2, PerfEvent::Lost { count: 7 }), ProbeEvent::Lost { cpu: 2, count: 7 });
+    }
 }

@@ -163,6 +163,7 @@ impl Assembler {
                 self.events_lost += count;
                 self.known.values_mut().for_each(|known| known.incomplete = true);
             }
+            ProbeEvent::Hint(event, _frame) => self.on_flow_event(&event),
             ProbeEvent::Malformed { cpu, len } => {
                 log::warn!("ignored a {len}-byte event from CPU {cpu}: agent and probe disagree");
             }
@@ -393,7 +394,9 @@ impl Assembler {
                 mac: (mac != [0; 6]).then(|| mac_string(mac)),
                 ip: Some(device.src),
                 port: Some(device.src_port),
-                ..Device::default()
+                vlan: value.vlan.iter().copied().filter(|&id| id != 0).collect(),
+                pppoe_session: (value.pppoe_session != 0).then_some(value.pppoe_session),
+                subscriber: None,
             },
             public,
             remote: Endpoint { ip: device.dst, port: device.dst_port },

@@ -37,13 +37,30 @@ impl Harness {
         assert_eq!(out.data_out, frame, "the packet must leave unmodified");
     }
 
+    /// Flow start/end events (hints are checked apart, with `hints`).
     fn events(&mut self) -> Vec<FlowEvent> {
+        self.all_events()
+            .into_iter()
+            .filter_map(|event| match event {
+                ProbeEvent::Flow(event) => Some(event),
+                ProbeEvent::Hint(..) => None,
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect()
+    }
+
+    fn all_events(&mut self) -> Vec<ProbeEvent> {
         let mut out = Vec::new();
         events::drain(&mut self.buffers, &mut out);
-        out.into_iter()
-            .map(|event| match event {
-                ProbeEvent::Flow(event) => event,
-                other => panic!("unexpected event {other:?}"),
+        out
+    }
+
+    fn hints(&mut self) -> Vec<(FlowEvent, Vec<u8>)> {
+        self.all_events()
+            .into_iter()
+            .filter_map(|event| match event {
+                ProbeEvent::Hint(event, frame) => Some((event, frame)),
+                _ => None,
             })
             .collect()
     }
@@ -115,12 +132,20 @@ fn tcp_connection_is_one_flow_with_both_directions_counted() {
 
     let syn_ack = tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC);
     h.run(role::WAN, &syn_ack);
+    let server_data = tcp_frame(&up.reversed(), tcp_flags::ACK, &[9u8; 300], GATEWAY_MAC);
+    h.run(role::WAN, &server_data);
+    assert!(h.hints().is_empty(), "the server's data is no hint (not DNS)");
     let data = tcp_frame(&up, tcp_flags::ACK, &[7u8; 100], DEVICE_MAC);
     h.run(role::LAN, &data);
+    let hints = h.hints();
+    assert_eq!(hints.len(), 1, "the client's first data is a hint");
+    assert_eq!(hints[0].1, data, "the whole frame follows the event");
+    assert_eq!(usize::from(hints[0].0.payload_offset), data.len() - 100);
+    assert_eq!(hints[0].0.tcp_seq, 1000);
     let (value, dir) = h.flow(&up).unwrap();
     let back = 1 - dir;
-    assert_eq!((value.packets[dir], value.packets[back]), (2, 1));
-    assert_eq!((value.bytes[dir], value.bytes[back]), (40 + 140, 40));
+    assert_eq!((value.packets[dir], value.packets[back]), (2, 2));
+    assert_eq!((value.bytes[dir], value.bytes[back]), (40 + 140, 40 + 340));
     assert_eq!(value.roles[back], role::WAN);
     assert_eq!(value.tcp_flags[back], tcp_flags::SYN | tcp_flags::ACK);
     assert!(h.events().is_empty(), "mid-flow packets send no events");
@@ -134,9 +159,10 @@ fn tcp_connection_is_one_flow_with_both_directions_counted() {
     h.run(role::WAN, &fin_back);
     assert!(h.events().is_empty(), "one end event per flow");
 
-    assert_eq!(h.counter(counter::PACKETS), 5);
+    assert_eq!(h.counter(counter::PACKETS), 6);
     assert_eq!(h.counter(counter::FLOWS_CREATED), 1);
-    assert_eq!(h.counter(counter::EVENTS_SENT), 2);
+    assert_eq!(h.counter(counter::EVENTS_SENT), 3);
+    assert_eq!(h.counter(counter::HINTS_SENT), 1);
     assert_eq!(h.counter(counter::EVENTS_LOST), 0);
 }
 
@@ -165,7 +191,14 @@ fn ipv6_udp_and_vlan_tagged_ipv4_are_tracked() {
         .unwrap();
     h.run(role::LAN, &frame);
     assert!(h.flow(&v4).is_some(), "the VLAN tag is looked through");
-    assert_eq!(h.events().len(), 2);
+    let (value, _) = h.flow(&v4).unwrap();
+    assert_eq!(value.vlan, [100, 0]);
+    let events = h.all_events();
+    let starts = events.iter().filter(|e| matches!(e, ProbeEvent::Flow(f) if f.kind == event_kind::FLOW_START)).count();
+    let hints: Vec<_> = events.iter().filter_map(|e| match e { ProbeEvent::Hint(f, _) => Some(f), _ => None }).collect();
+    assert_eq!(starts, 2);
+    assert_eq!(hints.len(), 1, "DNS is a hint, other UDP is not");
+    assert_eq!(hints[0].key, dns6.key().0);
 }
 
 #[test]
@@ -255,4 +288,57 @@ fn the_replay_clock_overrides_kernel_time() {
     let (value, _) = h.flow(&client()).unwrap();
     assert_eq!(value.first_ns, capture_ns);
     assert_eq!(h.events()[0].ts_ns, capture_ns);
+}
+
+#[test]
+fn qinq_and_pppoe_sessions_are_parsed_and_kept() {
+    let mut h = Harness::new();
+    let up = client();
+    let inner = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);
+    // QinQ: 802.1ad outer tag 300, 802.1Q inner tag 20.
+    let mut qinq = inner[..12].to_vec();
+    qinq.extend_from_slice(&[0x88, 0xa8, 0x01, 0x2c, 0x81, 0x00, 0x00, 0x14]);
+    qinq.extend_from_slice(&inner[12..]);
+    h.run(role::LAN, &qinq);
+    let (value, _) = h.flow(&up).expect("tracked through two tags");
+    assert_eq!(value.vlan, [300, 20]);
+
+    // PPPoE session 0x1234 carrying IPv4 (PPP protocol 0x0021).
+    let other = Tuple { src_port: 51545, ..client() };
+    let ip = &tcp_frame(&other, tcp_flags::SYN, &[], DEVICE_MAC)[14..];
+    let mut pppoe = inner[..12].to_vec();
+    pppoe.extend_from_slice(&[0x88, 0x64, 0x11, 0x00, 0x12, 0x34]);
+    pppoe.extend_from_slice(&((ip.len() + 2) as u16).to_be_bytes());
+    pppoe.extend_from_slice(&[0x00, 0x21]);
+    pppoe.extend_from_slice(ip);
+    h.run(role::LAN, &pppoe);
+    let (value, dir) = h.flow(&other).expect("tracked inside PPPoE");
+    assert_eq!(value.pppoe_session, 0x1234);
+    assert_eq!(value.bytes[dir], 40);
+    let starts = h.events();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[1].pppoe_session, 0x1234);
+
+    // PPP control traffic (LCP, 0xc021) is not IP.
+    let mut lcp = pppoe.clone();
+    lcp[20..22].copy_from_slice(&[0xc0, 0x21]);
+    h.run(role::LAN, &lcp);
+    assert_eq!(h.counter(counter::NOT_IP), 1);
+}
+
+#[test]
+fn hints_stop_at_the_budget() {
+    let mut h = Harness::new();
+    let up = client();
+    h.run(role::LAN, &tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC));
+    let segment = tcp_frame(&up, tcp_flags::ACK, &[0x16; 1400], DEVICE_MAC);
+    let mut sent = 0;
+    for _ in 0..8 {
+        h.run(role::LAN, &segment);
+        sent += h.hints().len();
+    }
+    let budget = usize::from(probe_common::HINT_BUDGET);
+    assert_eq!(sent, budget.div_ceil(1400), "hints until {budget} payload bytes, then none");
+    let (value, dir) = h.flow(&up).unwrap();
+    assert_eq!(value.packets[dir], 9, "every packet is still counted");
 }
