@@ -24,6 +24,11 @@ pub const EXCHANGE_PORT: u16 = 9000;
 pub const DNS_IP: &str = "198.51.100.53";
 pub const WEB_NAME: &str = "www.example.test";
 pub const MAIL_NAME: &str = "mail.example.test";
+/// A name for the TCP exchange server, which speaks no TLS or HTTP: its
+/// records can only be named from the client's DNS lookups.
+pub const EXCHANGE_NAME: &str = "exchange.example.test";
+/// A CNAME pointing at the web server.
+pub const ALIAS_NAME: &str = "alias.example.test";
 
 /// The gateway's interfaces, as `icr run` is given them.
 pub const GATEWAY_WAN_IF: &str = "wan0";
@@ -183,6 +188,9 @@ http {{
                 &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
                 &format!("--address=/{WEB_NAME}/{WEB_IP}"),
                 &format!("--address=/{MAIL_NAME}/{MAIL_IP}"),
+                &format!("--address=/{EXCHANGE_NAME}/{EXCHANGE_IP}"),
+                &format!("--host-record={WEB_NAME},{WEB_IP}"),
+                &format!("--cname={ALIAS_NAME},{WEB_NAME}"),
             ]),
             "dnsmasq",
         )?;

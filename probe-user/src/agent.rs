@@ -84,7 +84,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     loop {
         tokio::select! {
-            Some(event) = event_rx.recv() => assembler.on_event(event),
+            Some(event) = event_rx.recv() => assembler.on_event(event, &nat),
             Some(event) = nat_rx.recv() => apply_nat(&mut nat, event),
             _ = tick.tick() => {
                 let now = monotonic_ns();
@@ -106,11 +106,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     info!("stopping: closing open flows");
     // Take what is already queued so that flows and mappings are complete.
-    while let Ok(event) = event_rx.try_recv() {
-        assembler.on_event(event);
-    }
     while let Ok(event) = nat_rx.try_recv() {
         apply_nat(&mut nat, event);
+    }
+    while let Ok(event) = event_rx.try_recv() {
+        assembler.on_event(event, &nat);
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
     stored += write(&store, &mut assembler)?;

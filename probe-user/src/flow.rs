@@ -25,7 +25,8 @@ use uuid::Uuid;
 use crate::{
     clock::Clock,
     events::ProbeEvent,
-    icr::{Device, EndReason, Endpoint, Icr, mac_string, proto_name},
+    hints::{DnsCache, FlowHints, HintPacket, dns},
+    icr::{Device, EndReason, Endpoint, Icr, Service, ServiceSource, mac_string, proto_name},
     nat::{Mapping, NatTable},
     tuple::Tuple,
 };
@@ -121,6 +122,11 @@ pub struct Assembler {
     due: BinaryHeap<Reverse<(u64, FlowKey)>>,
     next_full_sweep_ns: u64,
     records: Vec<Icr>,
+    /// What each kernel flow's hints have told (service names, DNS).
+    hints: HashMap<FlowKey, FlowHints>,
+    dns_cache: DnsCache,
+    /// DNS responses whose device is not known yet (the NAT mapping is late).
+    pending_dns: Vec<(Tuple, dns::Message, u64)>,
     /// Flows adopted by a full sweep: their start event never arrived.
     pub adopted: u64,
     pub events_lost: u64,
@@ -139,6 +145,9 @@ impl Assembler {
             due: BinaryHeap::new(),
             next_full_sweep_ns: 0,
             records: Vec::new(),
+            hints: HashMap::new(),
+            dns_cache: DnsCache::default(),
+            pending_dns: Vec::new(),
             adopted: 0,
             events_lost: 0,
             local_flows: 0,
@@ -155,15 +164,24 @@ impl Assembler {
         std::mem::take(&mut self.records)
     }
 
-    pub fn on_event(&mut self, event: ProbeEvent) {
+    pub fn on_event(&mut self, event: ProbeEvent, nat: &NatTable) {
         match event {
-            ProbeEvent::Flow(event) => self.on_flow_event(&event),
+            ProbeEvent::Flow(event) => {
+                let syn_only = event.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+                if event.kind == event_kind::FLOW_START && event.key.proto == IPPROTO_TCP && syn_only {
+                    self.hints.entry(event.key).or_default().client_syn(event.dir, event.tcp_seq);
+                }
+                self.on_flow_event(&event);
+            }
             ProbeEvent::Lost { count, .. } => {
                 // Any open flow may have lost its end event: say so on its record.
                 self.events_lost += count;
                 self.known.values_mut().for_each(|known| known.incomplete = true);
             }
-            ProbeEvent::Hint(event, _frame) => self.on_flow_event(&event),
+            ProbeEvent::Hint(event, frame) => {
+                self.known.entry(event.key).or_default();
+                self.on_hint(&event, &frame, nat);
+            }
             ProbeEvent::Malformed { cpu, len } => {
                 log::warn!("ignored a {len}-byte event from CPU {cpu}: agent and probe disagree");
             }
@@ -179,6 +197,49 @@ impl Assembler {
         self.schedule(event.key, event.ts_ns.saturating_add(nanos(wait)));
     }
 
+    fn on_hint(&mut self, event: &FlowEvent, frame: &[u8], nat: &NatTable) {
+        let Some(payload) = frame.get(usize::from(event.payload_offset)..) else { return };
+        let packet = Tuple::from_key(&event.key, event.dir);
+        let hint = HintPacket {
+            dir: event.dir,
+            proto: event.key.proto,
+            src_port: packet.src_port,
+            dst_port: packet.dst_port,
+            tcp_seq: event.tcp_seq,
+            payload,
+        };
+        let responses = self.hints.entry(event.key).or_default().add(&hint);
+        for response in responses {
+            match self.dns_device(&packet, event.role, nat) {
+                Some(device) => self.dns_cache.insert(device, &response, event.ts_ns),
+                None => self.pending_dns.push((packet, response, event.ts_ns)),
+            }
+        }
+    }
+
+    /// The device a DNS response travels to: behind NAT, the original
+    /// source of its connection; otherwise its destination.
+    fn dns_device(&self, response: &Tuple, role: u8, nat: &NatTable) -> Option<IpAddr> {
+        if let Some(mapping) = nat.by_reply(response) {
+            return Some(mapping.original.src);
+        }
+        (role == role::LAN || !self.nat_expected).then_some(response.dst)
+    }
+
+    /// Places DNS answers whose NAT mapping has arrived since; forgets old ones.
+    fn retry_pending_dns(&mut self, now_ns: u64, nat: &NatTable) {
+        const GIVE_UP_NS: u64 = 10_000_000_000;
+        let pending = std::mem::take(&mut self.pending_dns);
+        for (packet, response, seen_ns) in pending {
+            match nat.by_reply(&packet) {
+                Some(mapping) => self.dns_cache.insert(mapping.original.src, &response, seen_ns),
+                None if now_ns.saturating_sub(seen_ns) < GIVE_UP_NS => self.pending_dns.push((packet, response, seen_ns)),
+                None => {}
+            }
+        }
+        self.dns_cache.expire(now_ns);
+    }
+
     fn idle_timeout(&self, proto: u8) -> Duration {
         if proto == IPPROTO_TCP { self.timeouts.tcp_idle } else { self.timeouts.udp_idle }
     }
@@ -189,6 +250,7 @@ impl Assembler {
 
     /// Closes what is due at `now_ns` (kernel time).
     pub fn tick(&mut self, now_ns: u64, table: &mut impl FlowTable, nat: &NatTable) -> Result<()> {
+        self.retry_pending_dns(now_ns, nat);
         if now_ns >= self.next_full_sweep_ns {
             self.full_sweep(table, now_ns)?;
             self.next_full_sweep_ns = now_ns.saturating_add(nanos(self.timeouts.full_sweep));
@@ -256,6 +318,7 @@ impl Assembler {
         let Some(value) = table.get(&key)? else {
             // Removed with the LAN flow it was joined to.
             self.known.remove(&key);
+            self.hints.remove(&key);
             return Ok(());
         };
 
@@ -294,19 +357,19 @@ impl Assembler {
 
         match reason {
             Some(reason) => {
-                let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
-                let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), last_ns, reason);
+                let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
                 self.keep(record);
                 table.remove(&key)?;
                 self.known.remove(&key);
+                self.hints.remove(&key);
                 if let Some((wan_key, _)) = wan {
                     table.remove(&wan_key)?;
                     self.known.remove(&wan_key);
+                    self.hints.remove(&wan_key);
                 }
             }
             None if now_ns >= active_due => {
-                let wan_known = wan.as_ref().and_then(|(k, _)| self.known.get(k).copied());
-                let record = self.record(&view, &known, wan.as_ref().map(|(_, v)| v), wan_known.as_ref(), now_ns, EndReason::Active);
+                let record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
                 self.keep(record);
                 let entry = self.known.entry(key).or_default();
                 entry.reported_packets = value.packets;
@@ -355,11 +418,12 @@ impl Assembler {
         &self,
         view: &FlowView,
         known: &Known,
-        wan: Option<&FlowValue>,
-        wan_known: Option<&Known>,
+        wan_flow: Option<&(FlowKey, FlowValue)>,
         last_ns: u64,
         reason: EndReason,
     ) -> Icr {
+        let wan = wan_flow.map(|(_, value)| value);
+        let wan_known = wan_flow.and_then(|(key, _)| self.known.get(key));
         let value = view.value;
         let up = view.device_dir as usize;
         let down = 1 - up;
@@ -384,6 +448,18 @@ impl Assembler {
         let mac = value.mac[up];
         let public = view.public();
         let missing_nat = public.is_none();
+        let (mut service, dns) = FlowHints::merged(
+            self.hints.get(view.key),
+            wan_flow.and_then(|(key, _)| self.hints.get(key)),
+        );
+        if service.is_none() && dns.is_none() {
+            // No name of its own: what this device looked up for this address.
+            service = self.dns_cache.lookup(device.src, device.dst, value.first_ns).map(|name| Service {
+                name,
+                source: ServiceSource::Dns,
+                ech: false,
+            });
+        }
         Icr {
             id: new_id(&self.clock, start_ns),
             start: self.clock.to_utc(start_ns),
@@ -400,8 +476,8 @@ impl Assembler {
             },
             public,
             remote: Endpoint { ip: device.dst, port: device.dst_port },
-            service: None,
-            dns: None,
+            service,
+            dns,
             packets_up,
             packets_down,
             bytes_up,
@@ -563,11 +639,11 @@ mod tests {
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let up = device_tuple();
         let key = table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
-        assembler.on_event(start_event(key, SEC));
+        assembler.on_event(start_event(key, SEC), &NatTable::default());
         table.packet(up.reversed(), 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
         table.packet(up, 500, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 3 * SEC);
         table.packet(up.reversed(), 1500, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 4 * SEC);
-        assembler.on_event(end_event(key, 4 * SEC));
+        assembler.on_event(end_event(key, 4 * SEC), &NatTable::default());
 
         assembler.tick(5 * SEC, &mut table, &nat).unwrap();
         assert!(assembler.take_records().is_empty(), "still inside tcp_closed");
@@ -602,10 +678,10 @@ mod tests {
         let wan = table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
         table.packet(up, 100, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 3 * SEC);
         table.packet(reply, 900, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 4 * SEC);
-        assembler.on_event(start_event(wan, 2 * SEC));
-        assembler.on_event(start_event(lan, SEC));
-        assembler.on_event(end_event(lan, 3 * SEC));
-        assembler.on_event(end_event(wan, 4 * SEC));
+        assembler.on_event(start_event(wan, 2 * SEC), &NatTable::default());
+        assembler.on_event(start_event(lan, SEC), &NatTable::default());
+        assembler.on_event(end_event(lan, 3 * SEC), &NatTable::default());
+        assembler.on_event(end_event(wan, 4 * SEC), &NatTable::default());
 
         assembler.tick(20 * SEC, &mut table, &nat).unwrap();
         let records = assembler.take_records();
@@ -625,7 +701,7 @@ mod tests {
         let mut table = FakeTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let key = table.packet(device_tuple(), 60, tcp_flags::SYN, role::LAN, SEC);
-        assembler.on_event(start_event(key, SEC));
+        assembler.on_event(start_event(key, SEC), &NatTable::default());
         assembler.close_all(2 * SEC, EndReason::Shutdown, &mut table, &NatTable::default()).unwrap();
         let r = &assembler.take_records()[0];
         assert_eq!(r.end_reason, EndReason::Shutdown);
@@ -682,7 +758,7 @@ mod tests {
         let mut assembler = Assembler::new(timeouts, Clock::capture(), false);
         let up = device_tuple();
         let key = table.packet(up, 100, tcp_flags::SYN, role::LAN, SEC);
-        assembler.on_event(start_event(key, SEC));
+        assembler.on_event(start_event(key, SEC), &NatTable::default());
         table.packet(up, 100, tcp_flags::ACK, role::LAN, 9 * SEC);
         assembler.tick(11 * SEC, &mut table, &nat).unwrap();
         let first = assembler.take_records();
@@ -690,7 +766,7 @@ mod tests {
         assert_eq!(first[0].end_reason, EndReason::Active);
         assert_eq!(first[0].packets_up, 2);
         table.packet(up, 100, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 12 * SEC);
-        assembler.on_event(end_event(key, 12 * SEC));
+        assembler.on_event(end_event(key, 12 * SEC), &NatTable::default());
         assembler.tick(18 * SEC, &mut table, &nat).unwrap();
         let second = assembler.take_records();
         assert_eq!(second.len(), 1);

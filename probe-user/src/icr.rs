@@ -65,6 +65,10 @@ pub struct Endpoint {
 pub struct Service {
     pub name: String,
     pub source: ServiceSource,
+    /// The ClientHello used Encrypted Client Hello: `name` is the outer,
+    /// public name, not the service the user reached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ech: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,7 +178,7 @@ mod tests {
 
     #[test]
     fn service_sources_are_snake_case() {
-        let service = Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni };
+        let service = Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni, ech: false };
         assert_eq!(serde_json::to_value(service).unwrap()["source"], "tls_sni");
         assert_eq!(proto_name(47), "other:47");
     }

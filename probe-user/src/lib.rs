@@ -10,6 +10,7 @@ pub mod config;
 pub mod events;
 pub mod export;
 pub mod flow;
+pub mod hints;
 pub mod icr;
 pub mod nat;
 pub mod probe;

@@ -307,7 +307,7 @@ mod tests {
             device: Device { ip: Some(device.parse().unwrap()), mac: Some("02:00:00:00:00:17".into()), ..Device::default() },
             public: None,
             remote: Endpoint { ip: remote.parse().unwrap(), port },
-            service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni }),
+            service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni, ech: false }),
             dns: None,
             packets_up: 1,
             packets_down: 1,

@@ -1,0 +1,185 @@
+//! DNS messages: the question and the answers (A, AAAA, CNAME chains,
+//! HTTPS/SVCB targets and address hints). Over TCP a message is prefixed by
+//! its 2-byte length.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use simple_dns::{
+    Packet,
+    rdata::{RData, SVCParam},
+};
+
+use super::Parse;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub response: bool,
+    /// The first question's name (lower-case, no trailing dot) and type.
+    pub qname: String,
+    pub qtype: String,
+    pub answers: Vec<Answer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The owner name of the record (lower-case, no trailing dot).
+    pub name: String,
+    /// An address, a name (CNAME, HTTPS/SVCB target), as text.
+    pub data: String,
+    /// Set for A, AAAA and address hints: what the per-device cache keeps.
+    pub ip: Option<IpAddr>,
+    pub ttl: u32,
+}
+
+/// Parses one DNS message (UDP payload).
+pub fn message(bytes: &[u8]) -> Option<Message> {
+    let packet = Packet::parse(bytes).ok()?;
+    let question = packet.questions.first()?;
+    let qname = super::normalise_name(question.qname.to_string().as_bytes())?;
+    let qtype = type_name(u16::from(question.qtype));
+    let mut answers = Vec::new();
+    for record in &packet.answers {
+        let Some(name) = super::normalise_name(record.name.to_string().as_bytes()) else { continue };
+        let ttl = record.ttl;
+        let mut push = |data: String, ip: Option<IpAddr>| answers.push(Answer { name: name.clone(), data, ip, ttl });
+        match &record.rdata {
+            RData::A(a) => {
+                let ip = IpAddr::V4(Ipv4Addr::from(a.address));
+                push(ip.to_string(), Some(ip));
+            }
+            RData::AAAA(aaaa) => {
+                let ip = IpAddr::V6(Ipv6Addr::from(aaaa.address));
+                push(ip.to_string(), Some(ip));
+            }
+            RData::CNAME(cname) => {
+                if let Some(target) = super::normalise_name(cname.0.to_string().as_bytes()) {
+                    push(target, None);
+                }
+            }
+            RData::HTTPS(simple_dns::rdata::HTTPS(svcb)) | RData::SVCB(svcb) => {
+                let target = svcb.target.to_string();
+                if let Some(target) = super::normalise_name(target.as_bytes()) {
+                    push(target, None);
+                }
+                for param in svcb.iter_params() {
+                    match param {
+                        SVCParam::Ipv4Hint(ips) => {
+                            for ip in ips {
+                                let ip = IpAddr::V4(Ipv4Addr::from(*ip));
+                                push(ip.to_string(), Some(ip));
+                            }
+                        }
+                        SVCParam::Ipv6Hint(ips) => {
+                            for ip in ips {
+                                let ip = IpAddr::V6(Ipv6Addr::from(*ip));
+                                push(ip.to_string(), Some(ip));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Message { response: packet.has_flags(simple_dns::PacketFlag::RESPONSE), qname, qtype, answers })
+}
+
+/// DNS over TCP: the messages of a stream, each after its 2-byte length.
+/// `NeedMore` while the first message is incomplete.
+pub fn tcp_messages(stream: &[u8]) -> Parse<Vec<Message>> {
+    let mut messages = Vec::new();
+    let mut rest = stream;
+    while rest.len() >= 2 {
+        let length = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        if rest.len() < 2 + length {
+            break;
+        }
+        match message(&rest[2..2 + length]) {
+            Some(message) => messages.push(message),
+            None => return if messages.is_empty() { Parse::NotThis } else { Parse::Done(messages) },
+        }
+        rest = &rest[2 + length..];
+    }
+    if messages.is_empty() { Parse::NeedMore } else { Parse::Done(messages) }
+}
+
+/// The mnemonic of an RR type (RFC 3597's `TYPEn` for the others).
+fn type_name(code: u16) -> String {
+    let name = match code {
+        1 => "A",
+        2 => "NS",
+        5 => "CNAME",
+        6 => "SOA",
+        12 => "PTR",
+        15 => "MX",
+        16 => "TXT",
+        28 => "AAAA",
+        33 => "SRV",
+        64 => "SVCB",
+        65 => "HTTPS",
+        255 => "ANY",
+        257 => "CAA",
+        other => return format!("TYPE{other}"),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use simple_dns::{CLASS, Name, QCLASS, QTYPE, Question, ResourceRecord, TYPE, rdata};
+
+    use super::*;
+
+    pub fn response(qname: &str, qtype: TYPE, answers: Vec<ResourceRecord<'static>>) -> Vec<u8> {
+        let mut packet = Packet::new_reply(7);
+        packet.questions.push(Question::new(Name::new_unchecked(qname).into_owned(), QTYPE::TYPE(qtype), QCLASS::CLASS(CLASS::IN), false));
+        packet.answers = answers;
+        packet.build_bytes_vec().unwrap()
+    }
+
+    pub fn a_record(name: &str, ip: [u8; 4]) -> ResourceRecord<'static> {
+        ResourceRecord::new(Name::new_unchecked(name).into_owned(), CLASS::IN, 300, RData::A(rdata::A { address: u32::from_be_bytes(ip) }))
+    }
+
+    #[test]
+    fn a_cname_chain_and_addresses() {
+        let cname = ResourceRecord::new(
+            Name::new_unchecked("www.example.com").into_owned(),
+            CLASS::IN,
+            60,
+            RData::CNAME(rdata::CNAME(Name::new_unchecked("edge.CDN.example.net").into_owned())),
+        );
+        let bytes = response("WWW.example.com", TYPE::A, vec![cname, a_record("edge.cdn.example.net", [192, 0, 2, 7])]);
+        let m = message(&bytes).unwrap();
+        assert!(m.response);
+        assert_eq!((m.qname.as_str(), m.qtype.as_str()), ("www.example.com", "A"));
+        assert_eq!(m.answers.len(), 2);
+        assert_eq!(m.answers[0].data, "edge.cdn.example.net");
+        assert_eq!(m.answers[1].ip, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(m.answers[1].ttl, 300);
+    }
+
+    #[test]
+    fn https_records_give_their_target_and_hints() {
+        let mut svcb = rdata::SVCB::new(1, Name::new_unchecked("svc.example.com").into_owned());
+        svcb.set_ipv4hint(&[0xc000_0201]);
+        let https = ResourceRecord::new(Name::new_unchecked("example.com").into_owned(), CLASS::IN, 120, RData::HTTPS(rdata::HTTPS(svcb)));
+        let m = message(&response("example.com", TYPE::HTTPS, vec![https])).unwrap();
+        assert_eq!(m.qtype, "HTTPS");
+        let data: Vec<&str> = m.answers.iter().map(|a| a.data.as_str()).collect();
+        assert_eq!(data, ["svc.example.com", "192.0.2.1"]);
+    }
+
+    #[test]
+    fn tcp_framing_and_garbage() {
+        let one = response("a.example", TYPE::AAAA, vec![]);
+        let mut stream = (one.len() as u16).to_be_bytes().to_vec();
+        stream.extend_from_slice(&one);
+        assert_eq!(tcp_messages(&stream[..10]), Parse::NeedMore);
+        let Parse::Done(messages) = tcp_messages(&stream) else { panic!() };
+        assert_eq!(messages[0].qtype, "AAAA");
+        assert_eq!(message(&[1, 2, 3]), None);
+        assert_eq!(message(&[0; 12]), None, "no question");
+        assert_eq!(type_name(4242), "TYPE4242");
+    }
+}

@@ -1,0 +1,365 @@
+//! Service names from connection setup only: the ClientHello's SNI (TLS and
+//! QUIC), the HTTP Host header, DNS questions and answers. Payload is looked
+//! at here and nowhere else, and nothing but names leaves this module: no
+//! path, query string or content is ever kept.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use crate::icr::{Dns, Service, ServiceSource};
+
+pub mod dns;
+pub mod http;
+pub mod quic;
+pub mod tls;
+
+/// What a parser makes of the bytes it has so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Parse<T> {
+    Done(T),
+    /// Could still be this protocol: wait for more bytes.
+    NeedMore,
+    /// Not this protocol (or malformed): stop trying.
+    NotThis,
+}
+
+/// A host name as records spell it: lower-case, no trailing dot; `None` if
+/// it is not a plausible DNS name (so junk never becomes a service name).
+pub fn normalise_name(raw: &[u8]) -> Option<String> {
+    let name = std::str::from_utf8(raw).ok()?.trim_end_matches('.');
+    let plausible = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'*'));
+    plausible.then(|| name.to_ascii_lowercase())
+}
+
+/// One hint packet, as the assembler hands it over.
+pub struct HintPacket<'a> {
+    pub dir: u8,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_seq: u32,
+    pub payload: &'a [u8],
+}
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
+/// Bytes kept per stream while a name is being looked for.
+const STREAM_CAP: usize = probe_common::HINT_BUDGET as usize * 2;
+
+/// What the hints of one kernel flow have told so far.
+#[derive(Default)]
+pub struct FlowHints {
+    streams: [Stream; 2],
+    /// The client's stream was recognised (or given up on): stop parsing it.
+    client_decided: bool,
+    quic: quic::InitialCrypto,
+    pub service: Option<Service>,
+    pub dns: Option<Dns>,
+}
+
+impl FlowHints {
+    /// The client's SYN was seen: its data starts at `isn + 1`, so segments
+    /// arriving out of order are placed right.
+    pub fn client_syn(&mut self, dir: u8, isn: u32) {
+        let stream = &mut self.streams[usize::from(dir & 1)];
+        if stream.base.is_none() {
+            stream.base = Some(isn.wrapping_add(1));
+        }
+    }
+
+    /// Takes one hint packet; returns the DNS responses it completed (for
+    /// the per-device answer cache).
+    pub fn add(&mut self, packet: &HintPacket) -> Vec<dns::Message> {
+        let is_dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
+        match (packet.proto, is_dns) {
+            (IPPROTO_UDP, true) => dns::message(packet.payload).map(|m| self.note_dns(m)).into_iter().flatten().collect(),
+            (IPPROTO_TCP, true) => {
+                let stream = &mut self.streams[usize::from(packet.dir & 1)];
+                let before = stream.consumed;
+                stream.insert(packet.tcp_seq, packet.payload);
+                let bytes = stream.contiguous();
+                match dns::tcp_messages(&bytes[before..]) {
+                    Parse::Done(messages) => {
+                        stream.consumed = before + dns_tcp_len(&bytes[before..], messages.len());
+                        messages.into_iter().filter_map(|m| self.note_dns(m)).collect()
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            (IPPROTO_TCP, false) => {
+                if !self.client_decided {
+                    let stream = &mut self.streams[usize::from(packet.dir & 1)];
+                    stream.insert(packet.tcp_seq, packet.payload);
+                    let bytes = stream.contiguous();
+                    self.client_stream(&bytes);
+                }
+                Vec::new()
+            }
+            (IPPROTO_UDP, false) => {
+                if self.service.is_none() {
+                    if let Some(hello) = self.quic.add_packet(packet.payload) {
+                        self.service = hello.sni.map(|name| Service { name, source: ServiceSource::QuicSni, ech: hello.ech });
+                    }
+                }
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn client_stream(&mut self, bytes: &[u8]) {
+        match tls::client_hello(bytes) {
+            Parse::Done(hello) => {
+                self.client_decided = true;
+                self.service = hello.sni.map(|name| Service { name, source: ServiceSource::TlsSni, ech: hello.ech });
+                return;
+            }
+            Parse::NeedMore => {
+                if bytes.len() < STREAM_CAP {
+                    return;
+                }
+            }
+            Parse::NotThis => {}
+        }
+        match http::host(bytes) {
+            Parse::Done(host) => {
+                self.client_decided = true;
+                self.service = host.map(|name| Service { name, source: ServiceSource::HttpHost, ech: false });
+            }
+            Parse::NeedMore if bytes.len() < STREAM_CAP => {}
+            _ => {
+                // Neither TLS nor HTTP: nothing in this stream names the service.
+                self.client_decided = true;
+                self.streams = Default::default();
+            }
+        }
+    }
+
+    /// Folds a DNS message into the flow's `dns`; returns it if it is a response.
+    fn note_dns(&mut self, message: dns::Message) -> Option<dns::Message> {
+        let dns = self.dns.get_or_insert_with(|| Dns {
+            qname: message.qname.clone(),
+            qtype: message.qtype.clone(),
+            answers: Vec::new(),
+        });
+        if dns.qname == message.qname {
+            for answer in &message.answers {
+                if !dns.answers.contains(&answer.data) {
+                    dns.answers.push(answer.data.clone());
+                }
+            }
+        }
+        message.response.then_some(message)
+    }
+
+    /// Combines what the two kernel flows of one NATed connection learnt.
+    pub fn merged(lan: Option<&FlowHints>, wan: Option<&FlowHints>) -> (Option<Service>, Option<Dns>) {
+        let service = lan.and_then(|h| h.service.clone()).or_else(|| wan.and_then(|h| h.service.clone()));
+        let dns = match (lan.and_then(|h| h.dns.clone()), wan.and_then(|h| h.dns.clone())) {
+            (Some(mut question), Some(answer)) if question.qname == answer.qname => {
+                for data in answer.answers {
+                    if !question.answers.contains(&data) {
+                        question.answers.push(data);
+                    }
+                }
+                Some(question)
+            }
+            (Some(question), _) => Some(question),
+            (None, answer) => answer,
+        };
+        (service, dns)
+    }
+}
+
+/// Bytes taken by the first `count` length-prefixed DNS messages.
+fn dns_tcp_len(bytes: &[u8], count: usize) -> usize {
+    let mut offset = 0;
+    for _ in 0..count {
+        offset += 2 + usize::from(u16::from_be_bytes([bytes[offset], bytes[offset + 1]]));
+    }
+    offset
+}
+
+/// A TCP byte stream from hint segments, in sequence order, bounded.
+#[derive(Default)]
+struct Stream {
+    base: Option<u32>,
+    /// Offset from `base` → bytes.
+    segments: BTreeMap<u32, Vec<u8>>,
+    bytes: usize,
+    /// Bytes already parsed (DNS over TCP).
+    consumed: usize,
+}
+
+impl Stream {
+    fn insert(&mut self, seq: u32, data: &[u8]) {
+        if data.is_empty() || self.bytes + data.len() > STREAM_CAP {
+            return;
+        }
+        let base = *self.base.get_or_insert(seq);
+        let offset = seq.wrapping_sub(base) as i32;
+        if offset < 0 {
+            // An earlier segment arrived late: move the base back to it.
+            let shift = offset.unsigned_abs();
+            self.segments = std::mem::take(&mut self.segments).into_iter().map(|(o, d)| (o + shift, d)).collect();
+            self.base = Some(seq);
+            self.consumed = 0;
+            self.segments.insert(0, data.to_vec());
+        } else {
+            let slot = self.segments.entry(offset as u32).or_default();
+            if slot.len() >= data.len() {
+                return; // a retransmission
+            }
+            *slot = data.to_vec();
+        }
+        self.bytes += data.len();
+    }
+
+    /// The bytes from the base up to the first gap.
+    fn contiguous(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = Vec::new();
+        for (&offset, data) in &self.segments {
+            let offset = offset as usize;
+            if offset > out.len() {
+                break;
+            }
+            let overlap = out.len() - offset;
+            if overlap < data.len() {
+                out.extend_from_slice(&data[overlap..]);
+            }
+        }
+        out
+    }
+}
+
+/// Per-device DNS answers, so that a connection without a name of its own
+/// is named by what the device looked up for that address shortly before.
+#[derive(Default)]
+pub struct DnsCache {
+    by_device: HashMap<IpAddr, HashMap<IpAddr, CachedName>>,
+}
+
+#[derive(Clone, Debug)]
+struct CachedName {
+    name: String,
+    seen_ns: u64,
+    until_ns: u64,
+}
+
+/// Answers are trusted at least this long, whatever their TTL...
+const MIN_HOLD_NS: u64 = 300 * 1_000_000_000;
+/// ...and at most this long.
+const MAX_HOLD_NS: u64 = 86_400 * 1_000_000_000;
+/// Clocks of answer and connection may differ by this much.
+const SKEW_NS: u64 = 1_000_000_000;
+/// Addresses remembered per device.
+const MAX_PER_DEVICE: usize = 4096;
+
+impl DnsCache {
+    /// Remembers a response's addresses under the name the device asked for.
+    pub fn insert(&mut self, device: IpAddr, message: &dns::Message, seen_ns: u64) {
+        let entries = self.by_device.entry(device).or_default();
+        for answer in &message.answers {
+            let Some(ip) = answer.ip else { continue };
+            let hold = (u64::from(answer.ttl) * 1_000_000_000).clamp(MIN_HOLD_NS, MAX_HOLD_NS);
+            if entries.len() >= MAX_PER_DEVICE && !entries.contains_key(&ip) {
+                continue;
+            }
+            entries.insert(ip, CachedName { name: message.qname.clone(), seen_ns, until_ns: seen_ns + hold });
+        }
+    }
+
+    /// The name `device` resolved to `remote` before `at_ns`, if still valid.
+    pub fn lookup(&self, device: IpAddr, remote: IpAddr, at_ns: u64) -> Option<String> {
+        let entry = self.by_device.get(&device)?.get(&remote)?;
+        (entry.seen_ns <= at_ns + SKEW_NS && at_ns <= entry.until_ns).then(|| entry.name.clone())
+    }
+
+    /// Forgets answers that expired before `before_ns`.
+    pub fn expire(&mut self, before_ns: u64) {
+        self.by_device.retain(|_, entries| {
+            entries.retain(|_, entry| entry.until_ns >= before_ns);
+            !entries.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use simple_dns::TYPE;
+
+    use super::*;
+
+    fn tcp(dir: u8, seq: u32, payload: &[u8]) -> HintPacket<'_> {
+        HintPacket { dir, proto: IPPROTO_TCP, src_port: 50000, dst_port: 443, tcp_seq: seq, payload }
+    }
+
+    #[test]
+    fn a_client_hello_over_segments_in_any_order() {
+        let stream = tls::tests::in_records(&tls::tests::client_hello_bytes(Some("seg.example.com"), &[(21, vec![0; 3000])]), 16384);
+        let chunks: Vec<&[u8]> = stream.chunks(1400).collect();
+        let mut hints = FlowHints::default();
+        hints.client_syn(0, 1000);
+        // Second and third segments first, then the first.
+        hints.add(&tcp(0, 1001 + 1400, chunks[1]));
+        hints.add(&tcp(0, 1001 + 2800, chunks[2]));
+        assert_eq!(hints.service, None);
+        hints.add(&tcp(0, 1001, chunks[0]));
+        assert_eq!(hints.service.as_ref().map(|s| s.name.as_str()), Some("seg.example.com"));
+        assert_eq!(hints.service.as_ref().map(|s| s.source), Some(ServiceSource::TlsSni));
+    }
+
+    #[test]
+    fn http_host_and_nothing_else() {
+        let mut hints = FlowHints::default();
+        hints.add(&tcp(0, 1, b"GET /private/path?token=secret HTTP/1.1\r\nHost: Www.Example.Test\r\n\r\n"));
+        let service = hints.service.unwrap();
+        assert_eq!((service.name.as_str(), service.source), ("www.example.test", ServiceSource::HttpHost));
+        let mut other = FlowHints::default();
+        other.add(&tcp(0, 1, b"SSH-2.0-OpenSSH_9.2\r\n"));
+        assert!(other.service.is_none() && other.client_decided);
+    }
+
+    #[test]
+    fn dns_question_and_answers_merge_across_nat_sides() {
+        let query = dns::tests::response("www.example.test", TYPE::A, vec![]);
+        let mut query_only = query.clone();
+        query_only[2] &= 0x7f; // clear QR: a query
+        let answer = dns::tests::response("www.example.test", TYPE::A, vec![dns::tests::a_record("www.example.test", [198, 51, 100, 10])]);
+        let udp = |dir, payload| HintPacket { dir, proto: IPPROTO_UDP, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
+        let mut lan = FlowHints::default();
+        assert!(lan.add(&udp(0, &query_only)).is_empty(), "a query is no response");
+        let mut wan = FlowHints::default();
+        let responses = wan.add(&udp(1, &answer));
+        assert_eq!(responses.len(), 1);
+        let (service, dns) = FlowHints::merged(Some(&lan), Some(&wan));
+        assert!(service.is_none());
+        let dns = dns.unwrap();
+        assert_eq!((dns.qname.as_str(), dns.qtype.as_str()), ("www.example.test", "A"));
+        assert_eq!(dns.answers, ["198.51.100.10"]);
+
+        let mut cache = DnsCache::default();
+        let device: IpAddr = "192.168.50.12".parse().unwrap();
+        let web: IpAddr = "198.51.100.10".parse().unwrap();
+        cache.insert(device, &responses[0], 10 * 1_000_000_000);
+        assert_eq!(cache.lookup(device, web, 12 * 1_000_000_000).as_deref(), Some("www.example.test"));
+        assert_eq!(cache.lookup("192.168.50.13".parse().unwrap(), web, 12 * 1_000_000_000), None, "per device");
+        assert_eq!(cache.lookup(device, web, 5 * 1_000_000_000), None, "not before the answer");
+        assert_eq!(cache.lookup(device, web, 400 * 1_000_000_000), None, "not after it expired");
+        cache.expire(1_000 * 1_000_000_000);
+        assert!(cache.by_device.is_empty());
+    }
+
+    #[test]
+    fn names_are_normalised_or_refused() {
+        assert_eq!(normalise_name(b"WWW.Example.COM.").as_deref(), Some("www.example.com"));
+        assert_eq!(normalise_name(b"bad name"), None);
+        assert_eq!(normalise_name(b"a/b"), None);
+        assert_eq!(normalise_name(&[0xff, 0xfe]), None);
+        assert_eq!(normalise_name(b""), None);
+    }
+}

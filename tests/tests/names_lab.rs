@@ -1,0 +1,98 @@
+//! Service names on real traffic through the NAT gateway: TLS SNI from curl
+//! (TLS 1.2 and 1.3) and openssl (a ClientHello padded past two segments),
+//! HTTP Host, DNS over UDP and TCP with a CNAME chain, and a connection
+//! named only by the DNS lookup its device made before it.
+use std::{path::Path, process::Command, time::Duration};
+
+use icr_tests::lab::{
+    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, WEB_IP, WEB_NAME, icr_binary,
+};
+use serde_json::Value;
+
+fn write_config(db: &Path) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        "[probe]\nflow_table_size = 65536\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
+    )
+    .unwrap();
+}
+
+fn records(db: &Path) -> Vec<Value> {
+    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn names_come_from_sni_host_and_dns() {
+    let lab = Lab::start(2).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
+    let run = |ns: &str, command: &mut Command| lab.exec(ns, command).expect("client command");
+
+    // Client 1: TLS 1.3 and TLS 1.2 by name (each after a DNS lookup).
+    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]));
+    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", "--tlsv1.2", "--tls-max", "1.2", &format!("https://{MAIL_NAME}/")]));
+    // Client 2: openssl with a ClientHello over 2 KB (a long ALPN list), by address.
+    let alpn: Vec<String> = (0..120).map(|i| format!("proto-{i:04}-padding")).collect();
+    run(&c2.ns, Command::new("sh").args(["-c", &format!(
+        "openssl s_client -connect {MAIL_IP}:443 -servername {MAIL_NAME} -alpn {} </dev/null >/dev/null 2>&1; true",
+        alpn.join(",")
+    )]));
+    // Plain HTTP; DNS over TCP with a CNAME; then a connection named only by DNS.
+    run(&c2.ns, Command::new("curl").args(["-s", "--max-time", "10", &format!("http://{WEB_NAME}/")]));
+    run(&c2.ns, Command::new("dig").args(["+tcp", "+time=2", "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
+    run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
+    lab.exchange(c2, 100, 100).expect("the exchange");
+
+    std::thread::sleep(Duration::from_secs(3));
+    agent.stop().expect("the agent stops cleanly");
+    let records = records(&db);
+    let find = |device: &str, remote: &str, port: u64, proto: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["device"]["ip"] == device && r["remote"]["ip"] == remote && r["remote"]["port"] == port && r["proto"] == proto)
+            .collect()
+    };
+    let service = |r: &Value| (r["service"]["name"].as_str().unwrap_or("-").to_string(), r["service"]["source"].as_str().unwrap_or("-").to_string());
+
+    let tls13 = find(&c1.ip, WEB_IP, 443, "tcp");
+    assert_eq!(tls13.len(), 1, "{records:#?}");
+    assert_eq!(service(tls13[0]), (WEB_NAME.into(), "tls_sni".into()));
+    let tls12 = find(&c1.ip, MAIL_IP, 443, "tcp");
+    assert_eq!(tls12.len(), 1, "{records:#?}");
+    assert_eq!(service(tls12[0]), (MAIL_NAME.into(), "tls_sni".into()));
+
+    let padded = find(&c2.ip, MAIL_IP, 443, "tcp");
+    assert_eq!(padded.len(), 1, "{records:#?}");
+    assert_eq!(service(padded[0]), (MAIL_NAME.into(), "tls_sni".into()));
+    assert!(padded[0]["bytes_up"].as_u64().unwrap() > 2500, "the ClientHello spanned segments: {:?}", padded[0]);
+
+    let http = find(&c2.ip, WEB_IP, 80, "tcp");
+    assert_eq!(http.len(), 1);
+    assert_eq!(service(http[0]), (WEB_NAME.into(), "http_host".into()));
+
+    // DNS records: names asked, and the answers the device got back.
+    let dns_udp = find(&c1.ip, DNS_IP, 53, "udp");
+    let asked: Vec<&str> = dns_udp.iter().filter_map(|r| r["dns"]["qname"].as_str()).collect();
+    assert!(asked.contains(&WEB_NAME) && asked.contains(&MAIL_NAME), "{dns_udp:#?}");
+    let web_lookup = dns_udp.iter().find(|r| r["dns"]["qname"] == WEB_NAME).unwrap();
+    assert!(web_lookup["dns"]["answers"].as_array().unwrap().iter().any(|a| a == WEB_IP), "{web_lookup}");
+    let dns_tcp = find(&c2.ip, DNS_IP, 53, "tcp");
+    assert_eq!(dns_tcp.len(), 1, "{records:#?}");
+    assert_eq!(dns_tcp[0]["dns"]["qname"], ALIAS_NAME);
+    let answers: Vec<&str> = dns_tcp[0]["dns"]["answers"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(answers.contains(&WEB_NAME) && answers.contains(&WEB_IP), "the CNAME chain: {answers:?}");
+
+    // The exchange speaks neither TLS nor HTTP: named by the device's own lookup.
+    let exchange = find(&c2.ip, EXCHANGE_IP, 9000, "tcp");
+    assert_eq!(exchange.len(), 1);
+    assert_eq!(service(exchange[0]), (EXCHANGE_NAME.into(), "dns".into()));
+
+    // No record carries a path, query string or payload.
+    let text = serde_json::to_string(&records).unwrap();
+    assert!(!text.contains("hello from") && !text.contains("GET /"), "no content in records");
+}
