@@ -96,7 +96,7 @@ const _: () = assert!(size_of::<FlowValue>() == 88);
 /// Payload bytes per flow and direction the probe ships as hints: enough
 /// for a ClientHello with post-quantum key shares spread over several
 /// segments or QUIC Initials, and for a few DNS transactions.
-pub const HINT_BUDGET: u16 = 6144;
+pub const HINT_BUDGET: u16 = 8192;
 /// Frames longer than this are shipped cut (jumbo frames).
 pub const HINT_MAX_FRAME: u32 = 9216;
 

@@ -144,8 +144,8 @@ unsafe fn add(counter: *mut u64, amount: u64) {
 
 /// Whether this packet's payload may name the service, within the flow's
 /// budget: TCP data from the side that opened the connection (ClientHello,
-/// HTTP request) or either side of DNS; UDP DNS, and QUIC long-header
-/// packets from the client.
+/// HTTP request) or either side of DNS; UDP DNS, and QUIC Initials from the
+/// client.
 #[inline(always)]
 fn wants_hint(packet: &Packet, dir: u8, value: &FlowValue) -> bool {
     if packet.payload_len == 0 || value.hint_bytes[dir as usize & 1] >= HINT_BUDGET {
@@ -154,7 +154,7 @@ fn wants_hint(packet: &Packet, dir: u8, value: &FlowValue) -> bool {
     let dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
     match packet.proto {
         IPPROTO_TCP => dns || dir == value.first_dir,
-        IPPROTO_UDP => dns || (dir == value.first_dir && packet.first_payload_byte & 0x80 != 0),
+        IPPROTO_UDP => dns || (dir == value.first_dir && packet.quic_initial),
         _ => false,
     }
 }

@@ -68,8 +68,8 @@ pub struct Packet {
     pub tcp_seq: u32,
     /// Where the IP header starts.
     pub l3_offset: u16,
-    /// The payload's first byte (0 if none): tells a QUIC long header.
-    pub first_payload_byte: u8,
+    /// A QUIC v1 or v2 Initial: a long header whose type is Initial.
+    pub quic_initial: bool,
 }
 
 /// A read position in the packet.
@@ -135,7 +135,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
         payload_len: 0,
         tcp_seq: 0,
         l3_offset: 0,
-        first_payload_byte: 0,
+        quic_initial: false,
     };
     for tag in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
@@ -167,11 +167,20 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
 /// ethertype of what it carries, or `NOT_IP` for PPP control traffic.
 #[inline(always)]
 fn pppoe(cursor: &mut Cursor, packet: &mut Packet) -> Result<u16, Skip> {
-    let header = cursor.next::<[u8; 8]>()?;
+    let header = cursor.next::<[u8; 6]>()?;
+    let protocol = cursor.next::<[u8; 2]>()?;
     // SAFETY: bounds checked by `next`.
-    let header = unsafe { *header };
+    let (header, protocol) = unsafe { (*header, *protocol) };
     packet.pppoe_session = be16([header[2], header[3]]);
-    match be16([header[6], header[7]]) {
+    // Protocol field compression (RFC 1661 6.5): an odd first byte is the
+    // whole protocol number. Some PPPoE peers use it despite RFC 2516.
+    let protocol = if protocol[0] & 1 == 1 {
+        cursor.offset -= 1;
+        u16::from(protocol[0])
+    } else {
+        be16(protocol)
+    };
+    match protocol {
         PPP_IPV4 => Ok(ETH_P_IPV4),
         PPP_IPV6 => Ok(ETH_P_IPV6),
         _ => Err(Skip::NOT_IP),
@@ -281,14 +290,30 @@ fn transport(cursor: &mut Cursor, packet: &mut Packet) -> Result<(), Skip> {
     if cursor.offset < l3_end && cursor.offset < u16::MAX as usize {
         packet.payload_offset = cursor.offset as u16;
         packet.payload_len = (l3_end - cursor.offset) as u16;
-        // Two bytes, not one: LLVM turns a one-byte bounds check into a form
-        // the verifier cannot follow. A one-byte payload is no QUIC packet.
-        if let Ok(first) = cursor.next::<[u8; 2]>() {
-            // SAFETY: bounds checked by `next`.
-            packet.first_payload_byte = unsafe { (*first)[0] };
+        if packet.proto == IPPROTO_UDP {
+            packet.quic_initial = quic_initial(cursor);
         }
     }
     Ok(())
+}
+
+/// Whether the UDP payload at the cursor starts a QUIC Initial packet: the
+/// long-header bit, then the type bits that mean Initial in its version.
+/// (0-RTT and Handshake packets cannot be read by an observer.)
+#[inline(always)]
+fn quic_initial(cursor: &mut Cursor) -> bool {
+    const QUIC_V1: u32 = 0x0000_0001;
+    const QUIC_V2: u32 = 0x6b33_43cf;
+    let Ok(header) = cursor.next::<[u8; 5]>() else { return false };
+    // SAFETY: bounds checked by `next`.
+    let [first, v0, v1, v2, v3] = unsafe { *header };
+    let packet_type = (first & 0x30) >> 4;
+    first & 0x80 != 0
+        && match u32::from_be_bytes([v0, v1, v2, v3]) {
+            QUIC_V1 => packet_type == 0,
+            QUIC_V2 => packet_type == 1,
+            _ => false,
+        }
 }
 
 #[inline(always)]

@@ -16,6 +16,9 @@ pub struct Cli {
 pub enum Command {
     /// The agent, in the foreground: attach XDP, follow conntrack, store ICRs.
     Run(RunArgs),
+    /// Run a pcap/pcapng file through the same XDP program and assembler;
+    /// print the ICRs as NDJSON (capture timestamps).
+    Replay(ReplayArgs),
     /// Ask one of the three questions (authorised, purpose-bound, audited).
     #[command(subcommand)]
     Query(QueryCommand),
@@ -38,6 +41,18 @@ pub struct RunArgs {
     pub wan: Vec<String>,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The capture file (pcap or pcapng; Ethernet, Linux cooked, raw IP, BSD null, PPP).
+    pub file: PathBuf,
+    /// Also store the records here.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Configuration file (timeouts, flow table size).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,10 +8,11 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     audit::{AuditLog, AuditRecord},
-    cli::{AuditCommand, ListArgs, QueryCommand, Requester, StoreArgs},
+    cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
     config::{Config, parse_duration},
     export::{self, Format},
     icr::{Icr, format_time},
+    probe::ProbeOptions,
     query::{self, Authorisation, DeviceSelector, Purpose, Refusal, ServiceSelector},
     store::Store,
 };
@@ -68,6 +69,26 @@ pub fn query(command: QueryCommand) -> Result<()> {
             session.answer_records(&query::accessed(records, &selectors), who.format)
         }
     }
+}
+
+pub fn replay(args: ReplayArgs) -> Result<()> {
+    let config = Config::load(args.config.as_deref(), args.db.as_deref())?;
+    let store = args.db.as_deref().map(Store::open).transpose()?;
+    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size };
+    let mut out = std::io::stdout().lock();
+    let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |records| {
+        out.write_all(&export::ndjson(&records)?)?;
+        if let Some(store) = &store {
+            store.append(&records)?;
+        }
+        Ok(())
+    })?;
+    out.flush()?;
+    log::info!(
+        "replayed {} packets ({} of unsupported link types skipped): {} records",
+        stats.packets, stats.unsupported_link, stats.records
+    );
+    Ok(())
 }
 
 pub fn list(args: ListArgs) -> Result<()> {

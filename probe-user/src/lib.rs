@@ -15,5 +15,6 @@ pub mod icr;
 pub mod nat;
 pub mod probe;
 pub mod query;
+pub mod replay;
 pub mod store;
 pub mod tuple;

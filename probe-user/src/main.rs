@@ -21,6 +21,7 @@ fn main() {
                     .build()?
                     .block_on(agent::run(options))
             }),
+        Command::Replay(args) => commands::replay(args),
         Command::Query(query) => commands::query(query),
         Command::List(args) => commands::list(args),
         Command::Audit(audit) => commands::audit(audit),

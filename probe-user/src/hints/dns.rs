@@ -30,9 +30,10 @@ pub struct Answer {
     pub ttl: u32,
 }
 
-/// Parses one DNS message (UDP payload).
+/// Parses one DNS message (UDP payload). A message whose answers are
+/// damaged or cut still gives its question.
 pub fn message(bytes: &[u8]) -> Option<Message> {
-    let packet = Packet::parse(bytes).ok()?;
+    let Ok(packet) = Packet::parse(bytes) else { return question_only(bytes) };
     let question = packet.questions.first()?;
     let qname = super::normalise_name(question.qname.to_string().as_bytes())?;
     let qtype = type_name(u16::from(question.qtype));
@@ -82,6 +83,35 @@ pub fn message(bytes: &[u8]) -> Option<Message> {
         }
     }
     Some(Message { response: packet.has_flags(simple_dns::PacketFlag::RESPONSE), qname, qtype, answers })
+}
+
+/// The header and first question of a message the full parser refused.
+fn question_only(bytes: &[u8]) -> Option<Message> {
+    let header = bytes.get(..12)?;
+    if u16::from_be_bytes([header[4], header[5]]) == 0 {
+        return None;
+    }
+    let mut at = 12;
+    let mut labels: Vec<&[u8]> = Vec::new();
+    loop {
+        let length = usize::from(*bytes.get(at)?);
+        at += 1;
+        match length {
+            0 => break,
+            1..=63 => {
+                labels.push(bytes.get(at..at + length)?);
+                at += length;
+            }
+            // A compression pointer or an extended label: not in a question we trust.
+            _ => return None,
+        }
+        if at > 12 + 255 {
+            return None;
+        }
+    }
+    let qtype = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?);
+    let qname = super::normalise_name(&labels.join(&b'.'))?;
+    Some(Message { response: header[2] & 0x80 != 0, qname, qtype: type_name(qtype), answers: Vec::new() })
 }
 
 /// DNS over TCP: the messages of a stream, each after its 2-byte length.
@@ -179,6 +209,11 @@ pub(crate) mod tests {
         let Parse::Done(messages) = tcp_messages(&stream) else { panic!() };
         assert_eq!(messages[0].qtype, "AAAA");
         assert_eq!(message(&[1, 2, 3]), None);
+        let mut cut = response("cut.example", TYPE::A, vec![a_record("cut.example", [192, 0, 2, 1])]);
+        cut.truncate(cut.len() - 3);
+        let m = message(&cut).expect("the question of a cut response");
+        assert_eq!((m.qname.as_str(), m.qtype.as_str(), m.response), ("cut.example", "A", true));
+        assert!(m.answers.is_empty());
         assert_eq!(message(&[0; 12]), None, "no question");
         assert_eq!(type_name(4242), "TYPE4242");
     }

@@ -47,6 +47,9 @@ pub struct HintPacket<'a> {
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
+/// Cleartext before a ClientHello (STARTTLS, SOCKS) is short: past this
+/// much, a stream that is neither TLS nor HTTP is given up on.
+const PRELUDE_MAX: usize = 2048;
 /// Bytes kept per stream while a name is being looked for.
 const STREAM_CAP: usize = probe_common::HINT_BUDGET as usize * 2;
 
@@ -112,31 +115,34 @@ impl FlowHints {
     }
 
     fn client_stream(&mut self, bytes: &[u8]) {
+        let named = |hello: tls::ClientHello| {
+            hello.sni.map(|name| Service { name, source: ServiceSource::TlsSni, ech: hello.ech })
+        };
         match tls::client_hello(bytes) {
-            Parse::Done(hello) => {
-                self.client_decided = true;
-                self.service = hello.sni.map(|name| Service { name, source: ServiceSource::TlsSni, ech: hello.ech });
-                return;
-            }
-            Parse::NeedMore => {
-                if bytes.len() < STREAM_CAP {
-                    return;
-                }
-            }
-            Parse::NotThis => {}
+            Parse::Done(hello) => return self.decide(named(hello)),
+            Parse::NeedMore if bytes.len() < STREAM_CAP => return,
+            _ => {}
         }
         match http::host(bytes) {
             Parse::Done(host) => {
-                self.client_decided = true;
-                self.service = host.map(|name| Service { name, source: ServiceSource::HttpHost, ech: false });
+                return self.decide(host.map(|name| Service { name, source: ServiceSource::HttpHost, ech: false }));
             }
-            Parse::NeedMore if bytes.len() < STREAM_CAP => {}
-            _ => {
-                // Neither TLS nor HTTP: nothing in this stream names the service.
-                self.client_decided = true;
-                self.streams = Default::default();
-            }
+            Parse::NeedMore if bytes.len() < STREAM_CAP => return,
+            _ => {}
         }
+        // TLS may still follow a short cleartext prelude (STARTTLS, SOCKS).
+        match tls::client_hello_after_prelude(bytes) {
+            Parse::Done(hello) => self.decide(named(hello)),
+            Parse::NeedMore if bytes.len() < PRELUDE_MAX => {}
+            // Neither TLS nor HTTP: nothing in this stream names the service.
+            _ => self.decide(None),
+        }
+    }
+
+    fn decide(&mut self, service: Option<Service>) {
+        self.client_decided = true;
+        self.service = service;
+        self.streams = Default::default();
     }
 
     /// Folds a DNS message into the flow's `dns`; returns it if it is a response.
@@ -321,7 +327,10 @@ mod tests {
         assert_eq!((service.name.as_str(), service.source), ("www.example.test", ServiceSource::HttpHost));
         let mut other = FlowHints::default();
         other.add(&tcp(0, 1, b"SSH-2.0-OpenSSH_9.2\r\n"));
-        assert!(other.service.is_none() && other.client_decided);
+        assert!(!other.client_decided, "a short prelude may still lead to TLS");
+        other.add(&tcp(0, 22, &[0x5a; PRELUDE_MAX]));
+        assert!(other.service.is_none() && other.client_decided, "past the prelude limit: given up");
+        assert!(other.streams[0].segments.is_empty(), "and its bytes are dropped");
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct InitialCrypto {
     chunks: BTreeMap<u64, Vec<u8>>,
     bytes: usize,
     keys: HashMap<Vec<u8>, Option<InitialKeys>>,
+    /// The DCID of the client's first Initial: its keys stay in use when the
+    /// client switches to the server's connection id (RFC 9001 5.2).
+    first_dcid: Option<Vec<u8>>,
     done: bool,
 }
 
@@ -91,13 +94,15 @@ impl InitialCrypto {
         // A datagram may carry several coalesced packets.
         while let Some(packet) = LongHeader::parse(rest) {
             if packet.is_initial() {
-                if let Some(plain) = self.decrypt(&packet) {
-                    self.crypto_frames(&plain);
+                match self.decrypt(&packet) {
+                    Some(plain) => self.crypto_frames(&plain),
+                    None => log::debug!("quic: an Initial did not decrypt"),
                 }
             }
             rest = &rest[packet.total_len..];
         }
         let stream = self.contiguous();
+        log::debug!("quic: {} contiguous CRYPTO bytes of {} buffered", stream.len(), self.bytes);
         match tls::client_hello_message(&stream) {
             Parse::Done(hello) => {
                 self.done = true;
@@ -108,37 +113,18 @@ impl InitialCrypto {
         }
     }
 
+    /// Decrypts with the keys of the first DCID, or, after a Retry (when
+    /// the client starts over with a new DCID), with the packet's own.
     fn decrypt(&mut self, packet: &LongHeader) -> Option<Vec<u8>> {
-        let keys = self
-            .keys
-            .entry(packet.dcid.to_vec())
-            .or_insert_with(|| InitialKeys::derive(packet.version, packet.dcid))
-            .as_ref()?;
-        let bytes = packet.bytes;
-        let pn_offset = packet.pn_offset;
-        let sample = bytes.get(pn_offset + 4..pn_offset + 20)?;
-        let mask = keys.header.new_mask(sample).ok()?;
-        let first = bytes[0] ^ (mask[0] & 0x0f);
-        let pn_len = usize::from(first & 0x03) + 1;
-        let mut header = bytes.get(..pn_offset + pn_len)?.to_vec();
-        header[0] = first;
-        let mut packet_number = 0u64;
-        for i in 0..pn_len {
-            header[pn_offset + i] ^= mask[1 + i];
-            packet_number = packet_number << 8 | u64::from(header[pn_offset + i]);
+        let first = self.first_dcid.get_or_insert_with(|| packet.dcid.to_vec()).clone();
+        let mut candidates = vec![first];
+        if candidates[0] != packet.dcid {
+            candidates.push(packet.dcid.to_vec());
         }
-        let mut nonce = keys.iv;
-        for (i, byte) in packet_number.to_be_bytes().iter().enumerate() {
-            nonce[4 + i] ^= byte;
-        }
-        let mut payload = bytes.get(pn_offset + pn_len..packet.total_len)?.to_vec();
-        let plain_len = keys
-            .key
-            .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(&header), &mut payload)
-            .ok()?
-            .len();
-        payload.truncate(plain_len);
-        Some(payload)
+        candidates.into_iter().find_map(|dcid| {
+            let keys = self.keys.entry(dcid).or_insert_with_key(|dcid| InitialKeys::derive(packet.version, dcid));
+            open(keys.as_ref()?, packet)
+        })
     }
 
     /// Collects the CRYPTO frames of a decrypted Initial payload.
@@ -182,6 +168,35 @@ impl InitialCrypto {
         }
         out
     }
+}
+
+/// Removes header protection and decrypts one Initial with `keys`.
+fn open(keys: &InitialKeys, packet: &LongHeader) -> Option<Vec<u8>> {
+    let bytes = packet.bytes;
+    let pn_offset = packet.pn_offset;
+    let sample = bytes.get(pn_offset + 4..pn_offset + 20)?;
+    let mask = keys.header.new_mask(sample).ok()?;
+    let first = bytes[0] ^ (mask[0] & 0x0f);
+    let pn_len = usize::from(first & 0x03) + 1;
+    let mut header = bytes.get(..pn_offset + pn_len)?.to_vec();
+    header[0] = first;
+    let mut packet_number = 0u64;
+    for i in 0..pn_len {
+        header[pn_offset + i] ^= mask[1 + i];
+        packet_number = packet_number << 8 | u64::from(header[pn_offset + i]);
+    }
+    let mut nonce = keys.iv;
+    for (i, byte) in packet_number.to_be_bytes().iter().enumerate() {
+        nonce[4 + i] ^= byte;
+    }
+    let mut payload = bytes.get(pn_offset + pn_len..packet.total_len)?.to_vec();
+    let plain_len = keys
+        .key
+        .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(&header), &mut payload)
+        .ok()?
+        .len();
+    payload.truncate(plain_len);
+    Some(payload)
 }
 
 /// A long-header packet, as far as finding its Initial payload needs.
@@ -301,9 +316,14 @@ pub(crate) mod tests {
 
     /// Builds a protected client Initial carrying `frames`, as a client would.
     pub fn initial(version: u32, dcid: &[u8], packet_number: u32, frames: &[u8]) -> Vec<u8> {
+        sealed_initial(version, dcid, dcid, packet_number, frames)
+    }
+
+    /// An Initial sent to `header_dcid`, sealed with the keys of `key_dcid`.
+    pub fn sealed_initial(version: u32, key_dcid: &[u8], dcid: &[u8], packet_number: u32, frames: &[u8]) -> Vec<u8> {
         let prefix = if version == VERSION_1 { "quic" } else { "quicv2" };
         let salt = if version == VERSION_1 { &SALT_V1 } else { &SALT_V2 };
-        let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(dcid);
+        let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key_dcid);
         let client: [u8; 32] = expand_label(&initial, "client in").unwrap();
         let client = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &client);
         let key: [u8; 16] = expand_label(&client, &format!("{prefix} key")).unwrap();
@@ -369,6 +389,18 @@ pub(crate) mod tests {
         let hello = crypto.add_packet(&initial(VERSION_1, &DCID, 0, &crypto_frame(0, a))).expect("complete");
         assert_eq!(hello.sni.as_deref(), Some("split.quic.example"));
         assert!(crypto.add_packet(&initial(VERSION_1, &DCID, 2, &crypto_frame(0, a))).is_none(), "once");
+    }
+
+    #[test]
+    fn keys_stay_those_of_the_first_dcid_when_the_client_switches_ids() {
+        let message = hello("switch.quic.example", 1500);
+        let (a, b) = message.split_at(900);
+        let mut crypto = InitialCrypto::default();
+        assert!(crypto.add_packet(&initial(VERSION_1, &DCID, 0, &crypto_frame(0, a))).is_none());
+        // The next Initial goes to the server's id, still under the first keys.
+        let packet = sealed_initial(VERSION_1, &DCID, &[0xaa; 8], 1, &crypto_frame(900, b));
+        let hello = crypto.add_packet(&packet).expect("decrypted with the first DCID's keys");
+        assert_eq!(hello.sni.as_deref(), Some("switch.quic.example"));
     }
 
     #[test]

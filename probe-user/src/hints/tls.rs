@@ -1,14 +1,12 @@
 //! TLS: the server name (SNI) of a ClientHello, reassembled from however
 //! many TLS records and TCP segments it spans. With Encrypted Client Hello
 //! the SNI seen is the outer, public name; `ech` says so.
-use tls_parser::{
-    TlsExtension, TlsExtensionType, TlsMessage, TlsMessageHandshake, parse_tls_client_hello_extensions,
-    parse_tls_message_handshake,
-};
+use tls_parser::{TlsMessage, TlsMessageHandshake, parse_tls_message_handshake};
 
 use super::Parse;
 
 const CONTENT_HANDSHAKE: u8 = 22;
+const EXTENSION_SERVER_NAME: u16 = 0;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// encrypted_client_hello (draft-ietf-tls-esni), and the older ESNI.
 const EXTENSION_ECH: u16 = 0xfe0d;
@@ -55,6 +53,21 @@ pub fn client_hello(stream: &[u8]) -> Parse<ClientHello> {
     }
 }
 
+/// A ClientHello after a cleartext prelude (STARTTLS in SMTP/IMAP/XMPP/LDAP,
+/// a SOCKS handshake): the first handshake record that starts one.
+pub fn client_hello_after_prelude(stream: &[u8]) -> Parse<ClientHello> {
+    let starts = stream.windows(6).enumerate().filter(|(_, w)| {
+        w[0] == CONTENT_HANDSHAKE && w[1] == 3 && w[2] <= 4 && w[5] == HANDSHAKE_CLIENT_HELLO
+    });
+    for (at, _) in starts {
+        match client_hello(&stream[at..]) {
+            Parse::NotThis => continue,
+            found => return found,
+        }
+    }
+    Parse::NeedMore
+}
+
 /// A ClientHello handshake message (from a TLS stream or QUIC CRYPTO frames).
 pub fn client_hello_message(message: &[u8]) -> Parse<ClientHello> {
     if message.first() != Some(&HANDSHAKE_CLIENT_HELLO) {
@@ -64,23 +77,37 @@ pub fn client_hello_message(message: &[u8]) -> Parse<ClientHello> {
     else {
         return Parse::NotThis;
     };
-    let extensions = hello.ext.and_then(|bytes| parse_tls_client_hello_extensions(bytes).ok()).map(|(_, e)| e);
+    // Extensions are walked one by one (type, length, data), so that one
+    // extension tls-parser does not know how to read cannot hide the SNI.
     let mut result = ClientHello { sni: None, ech: false };
-    for extension in extensions.unwrap_or_default() {
-        match extension {
-            TlsExtension::SNI(names) => {
-                result.sni = names
-                    .iter()
-                    .filter(|(kind, _)| kind.0 == 0)
-                    .find_map(|(_, name)| super::normalise_name(name));
-            }
-            TlsExtension::Unknown(TlsExtensionType(kind), _) if kind == EXTENSION_ECH || kind == EXTENSION_ESNI => {
-                result.ech = true;
-            }
+    let mut rest = hello.ext.unwrap_or_default();
+    while let [t0, t1, l0, l1, tail @ ..] = rest {
+        let kind = u16::from_be_bytes([*t0, *t1]);
+        let length = usize::from(u16::from_be_bytes([*l0, *l1]));
+        let Some(data) = tail.get(..length) else { break };
+        match kind {
+            EXTENSION_SERVER_NAME => result.sni = host_name(data),
+            EXTENSION_ECH | EXTENSION_ESNI => result.ech = true,
             _ => {}
         }
+        rest = &tail[length..];
     }
     Parse::Done(result)
+}
+
+/// The host_name entry of a server_name extension (RFC 6066 3).
+fn host_name(data: &[u8]) -> Option<String> {
+    let [l0, l1, list @ ..] = data else { return None };
+    let mut list = list.get(..usize::from(u16::from_be_bytes([*l0, *l1])))?;
+    while let [kind, n0, n1, tail @ ..] = list {
+        let length = usize::from(u16::from_be_bytes([*n0, *n1]));
+        let name = tail.get(..length)?;
+        if *kind == 0 {
+            return super::normalise_name(name);
+        }
+        list = &tail[length..];
+    }
+    None
 }
 
 fn looks_like_handshake_record(bytes: &[u8]) -> bool {
@@ -173,6 +200,14 @@ pub(crate) mod tests {
         assert_eq!(client_hello(&stream), Parse::Done(ClientHello { sni: Some("public.example.com".into()), ech: true }));
         let stream = in_records(&client_hello_bytes(None, &[]), 16384);
         assert_eq!(client_hello(&stream), Parse::Done(ClientHello { sni: None, ech: false }));
+    }
+
+    #[test]
+    fn after_a_starttls_prelude() {
+        let mut stream = b"EHLO client.example\r\nSTARTTLS\r\n".to_vec();
+        assert_eq!(client_hello_after_prelude(&stream), Parse::NeedMore);
+        stream.extend(in_records(&client_hello_bytes(Some("smtp.example.net"), &[]), 16384));
+        assert!(matches!(client_hello_after_prelude(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "smtp.example.net"));
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! `icr replay` on third-party captures (Zeek's and Suricata's test traces,
+//! in `shared/captures`): the service names it recovers, per protocol,
+//! against what tshark dissects from the same files. A name tshark does not
+//! see is a false name and fails the test; recall must not fall below what
+//! the probe achieved when this test was written (the misses are listed in
+//! the output: tunnels, three VLAN tags, non-standard DNS ports, SSDP).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Command,
+};
+
+use icr_tests::lab::icr_binary;
+use serde_json::Value;
+
+fn captures_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/captures");
+    assert!(dir.join("MANIFEST.tsv").exists(), "the shared captures are missing at {}", dir.display());
+    dir
+}
+
+/// Kinds compared: (record source, MANIFEST column of tshark's names).
+const KINDS: [(&str, &str); 4] = [
+    ("tls_sni", "tshark_tls_sni"),
+    ("quic_sni", "tshark_quic_sni"),
+    ("http_host", "tshark_http_hosts"),
+    ("dns", "tshark_dns_qnames"),
+];
+/// Names recovered when this test was written (of 54, 25, 33, 115).
+const FLOOR: [usize; 4] = [54, 25, 29, 104];
+
+#[test]
+fn replayed_names_agree_with_tshark() {
+    let dir = captures_dir();
+    let manifest = std::fs::read_to_string(dir.join("MANIFEST.tsv")).unwrap();
+    let mut lines = manifest.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (mut expected, mut recovered, mut false_names) = ([0usize; 4], [0usize; 4], Vec::new());
+    let mut report = Vec::new();
+    let mut replayed = 0;
+
+    // Two replays at a time: each loads its own probe into the kernel.
+    let rows: Vec<&str> = lines.collect();
+    let outputs: Vec<(Vec<&str>, String)> = std::thread::scope(|scope| {
+        let halves: Vec<_> = rows
+            .chunks(rows.len().div_ceil(2))
+            .map(|half| {
+                let dir = &dir;
+                let column = &column;
+                scope.spawn(move || {
+                    half.iter()
+                        .map(|line| {
+                            let fields: Vec<&str> = line.split('\t').collect();
+                            let file = fields[column("file")];
+                            let out = Command::new(icr_binary()).arg("replay").arg(dir.join(file)).output().unwrap();
+                            assert!(out.status.success(), "icr replay {file} failed: {}", String::from_utf8_lossy(&out.stderr));
+                            (fields, String::from_utf8_lossy(&out.stdout).into_owned())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        halves.into_iter().flat_map(|h| h.join().expect("a replay thread panicked")).collect()
+    });
+
+    for (fields, stdout) in outputs {
+        let file = fields[column("file")];
+        replayed += 1;
+        let mut names: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for record in stdout.lines() {
+            let record: Value = serde_json::from_str(record).expect("NDJSON");
+            if let (Some(source), Some(name)) = (record["service"]["source"].as_str(), record["service"]["name"].as_str()) {
+                let kind = KINDS.iter().find(|(k, _)| *k == source).map(|(k, _)| *k);
+                if let Some(kind) = kind {
+                    names.entry(kind).or_default().insert(name.to_string());
+                }
+            }
+            if let Some(qname) = record["dns"]["qname"].as_str() {
+                names.entry("dns").or_default().insert(qname.to_string());
+            }
+        }
+        for (i, (kind, tshark_column)) in KINDS.iter().enumerate() {
+            let want: BTreeSet<String> = fields[column(tshark_column)]
+                .split(';')
+                .filter(|v| !v.is_empty())
+                .map(|v| v.trim_end_matches('.').to_ascii_lowercase())
+                .collect();
+            let got = names.remove(kind).unwrap_or_default();
+            expected[i] += want.len();
+            recovered[i] += want.intersection(&got).count();
+            let missing: Vec<&String> = want.difference(&got).collect();
+            for extra in got.difference(&want) {
+                false_names.push(format!("{file}: {kind} {extra}"));
+            }
+            if !missing.is_empty() {
+                report.push(format!("  {file}: {kind} not recovered: {missing:?}"));
+            }
+        }
+    }
+
+    println!("replayed {replayed} captures; names recovered / named by tshark:");
+    for (i, (kind, _)) in KINDS.iter().enumerate() {
+        println!("  {kind:9} {:3} / {:3}", recovered[i], expected[i]);
+    }
+    println!("{}", report.join("\n"));
+    assert!(replayed >= 100, "the MANIFEST lists over 100 captures");
+    assert!(false_names.is_empty(), "names tshark does not see: {false_names:#?}");
+    for (i, (kind, _)) in KINDS.iter().enumerate() {
+        assert!(recovered[i] >= FLOOR[i], "{kind}: {} recovered, fewer than {}", recovered[i], FLOOR[i]);
+    }
+}
