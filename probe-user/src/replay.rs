@@ -103,7 +103,7 @@ pub fn replay(
 
 /// Calls `each(timestamp_ns, link_type, bytes)` for every packet of a pcap or
 /// pcapng file.
-fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> Result<()>) -> Result<()> {
+pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> Result<()>) -> Result<()> {
     let open = || -> Result<BufReader<File>> {
         Ok(BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?))
     };
