@@ -23,6 +23,8 @@ pub const EXCHANGE_IP: &str = "198.51.100.20";
 pub const EXCHANGE_PORT: u16 = 9000;
 pub const DNS_IP: &str = "198.51.100.53";
 pub const WEB_NAME: &str = "www.example.test";
+/// The QUIC server listens on the web server's address, UDP 443.
+pub const QUIC_NAME: &str = "quic.example.test";
 pub const MAIL_NAME: &str = "mail.example.test";
 /// A name for the TCP exchange server, which speaks no TLS or HTTP: its
 /// records can only be named from the client's DNS lookups.
@@ -203,8 +205,19 @@ http {{
         )?;
         self.servers.push(exchange);
 
-        wait_for(Duration::from_secs(10), "the servers to listen", || {
+        let quic = self.spawn_in(
+            &self.internet.clone(),
+            Command::new(lab_python()).arg(quic_script()).args(["serve", WEB_IP, "443"]).arg(dir.join("cert.pem")).arg(dir.join("key.pem")),
+            "quic",
+        )?;
+        self.servers.push(quic);
+
+        wait_for(Duration::from_secs(20), "the servers to listen", || {
             let listening = output(Command::new("ip").args(["netns", "exec", &self.internet, "ss", "-Hltnu"]))?;
+            let udp = output(Command::new("ip").args(["netns", "exec", &self.internet, "ss", "-Hlun"]))?;
+            if !udp.contains(&format!("{WEB_IP}:443")) {
+                return Ok(false);
+            }
             Ok([format!("{WEB_IP}:443"), format!("{DNS_IP}:53"), format!("{EXCHANGE_IP}:{EXCHANGE_PORT}")]
                 .iter()
                 .all(|a| listening.contains(a.as_str())))
@@ -253,6 +266,35 @@ http {{
         text.trim().parse().with_context(|| format!("the exchange client printed {text:?}"))
     }
 
+    /// A QUIC handshake from `client` to the lab's QUIC server with `sni`.
+    pub fn quic_connect(&self, client: &Client, sni: &str) -> Result<()> {
+        let out = self.exec(&client.ns, Command::new(lab_python()).arg(quic_script()).args(["connect", WEB_IP, "443", sni]))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim() != "ok" {
+            bail!("the QUIC client said {text:?}");
+        }
+        Ok(())
+    }
+
+    /// Starts tcpdump on `client`'s interface, writing a pcap in the lab dir.
+    pub fn capture(&self, client: &Client, name: &str) -> Result<Capture> {
+        let path = self.dir.join(format!("{name}.pcap"));
+        let log = self.dir.join(format!("{name}-tcpdump.log"));
+        let child = self.spawn_in(
+            &client.ns,
+            Command::new("tcpdump").args(["-i", "eth0", "-n", "-U", "-s", "0", "-w"]).arg(&path),
+            &format!("{name}-tcpdump"),
+        )?;
+        let mut capture = Capture { child: Some(child), path };
+        wait_for(Duration::from_secs(10), "tcpdump to listen", || {
+            if let Some(status) = capture.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("tcpdump exited ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
+            }
+            Ok(fs::read_to_string(&log).unwrap_or_default().contains("listening on"))
+        })?;
+        Ok(capture)
+    }
+
     /// nginx's access log: (client address as nginx saw it, port, time, SNI).
     pub fn web_access_log(&self) -> Result<Vec<(String, u16, f64, String)>> {
         let text = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
@@ -281,6 +323,32 @@ impl Drop for Lab {
         }
         remove_lab(&self.prefix);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running tcpdump.
+pub struct Capture {
+    child: Option<Child>,
+    pub path: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump (SIGTERM flushes the file) and returns the pcap's path.
+    pub fn stop(mut self) -> Result<PathBuf> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait()?;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -360,6 +428,18 @@ pub fn icr_binary() -> PathBuf {
     std::env::var_os("ICR_BIN").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/icr")
     })
+}
+
+/// The lab's Python with aioquic: `ICR_LAB_PYTHON` (set by `cargo xtask
+/// test`), else the venv `cargo xtask setup` makes in target/.
+pub fn lab_python() -> PathBuf {
+    std::env::var_os("ICR_LAB_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/lab-python/bin/python3")
+    })
+}
+
+pub fn quic_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab/quic.py")
 }
 
 pub fn exchange_script() -> PathBuf {

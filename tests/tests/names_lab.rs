@@ -2,10 +2,16 @@
 //! (TLS 1.2 and 1.3) and openssl (a ClientHello padded past two segments),
 //! HTTP Host, DNS over UDP and TCP with a CNAME chain, and a connection
 //! named only by the DNS lookup its device made before it.
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use icr_tests::lab::{
-    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, WEB_IP, WEB_NAME, icr_binary,
+    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, QUIC_NAME, WEB_IP, WEB_NAME,
+    icr_binary,
 };
 use serde_json::Value;
 
@@ -32,6 +38,7 @@ fn names_come_from_sni_host_and_dns() {
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
     let run = |ns: &str, command: &mut Command| lab.exec(ns, command).expect("client command");
+    let captures = [lab.capture(c1, "c1").expect("tcpdump"), lab.capture(c2, "c2").expect("tcpdump")];
 
     // Client 1: TLS 1.3 and TLS 1.2 by name (each after a DNS lookup).
     run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]));
@@ -47,9 +54,12 @@ fn names_come_from_sni_host_and_dns() {
     run(&c2.ns, Command::new("dig").args(["+tcp", "+time=2", "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
     run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
     lab.exchange(c2, 100, 100).expect("the exchange");
+    // QUIC (aioquic client and server): the SNI from the decrypted Initial.
+    lab.quic_connect(c1, QUIC_NAME).expect("the QUIC handshake");
 
     std::thread::sleep(Duration::from_secs(3));
     agent.stop().expect("the agent stops cleanly");
+    let pcaps: Vec<_> = captures.into_iter().map(|c| c.stop().expect("stopping tcpdump")).collect();
     let records = records(&db);
     let find = |device: &str, remote: &str, port: u64, proto: &str| -> Vec<&Value> {
         records
@@ -92,7 +102,73 @@ fn names_come_from_sni_host_and_dns() {
     assert_eq!(exchange.len(), 1);
     assert_eq!(service(exchange[0]), (EXCHANGE_NAME.into(), "dns".into()));
 
+    let quic = find(&c1.ip, WEB_IP, 443, "udp");
+    assert_eq!(quic.len(), 1, "{records:#?}");
+    assert_eq!(service(quic[0]), (QUIC_NAME.into(), "quic_sni".into()));
+
+    // The same traffic, captured by tcpdump at the clients and replayed:
+    // every name tshark dissects from the capture, on the same flow.
+    for pcap in &pcaps {
+        let ours = replayed_names(pcap);
+        let tshark = tshark_names(pcap);
+        assert!(!tshark.is_empty(), "tshark found names in {}", pcap.display());
+        assert_eq!(ours, tshark, "icr replay and tshark disagree on {}", pcap.display());
+    }
+
     // No record carries a path, query string or payload.
     let text = serde_json::to_string(&records).unwrap();
     assert!(!text.contains("hello from") && !text.contains("GET /"), "no content in records");
+}
+
+type FlowNames = BTreeMap<(String, u64, String, u64), BTreeSet<String>>;
+
+/// Names per flow (client ip, port, server ip, port) from `icr replay`.
+fn replayed_names(pcap: &Path) -> FlowNames {
+    let out = Command::new(icr_binary()).arg("replay").arg(pcap).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names = FlowNames::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let flow = (
+            r["device"]["ip"].as_str().unwrap().to_string(),
+            r["device"]["port"].as_u64().unwrap(),
+            r["remote"]["ip"].as_str().unwrap().to_string(),
+            r["remote"]["port"].as_u64().unwrap(),
+        );
+        // Names from the connection's own setup; DNS-derived ones tshark cannot know.
+        if r["service"]["source"] != "dns" {
+            if let Some(name) = r["service"]["name"].as_str() {
+                names.entry(flow.clone()).or_default().insert(name.to_string());
+            }
+        }
+        if let Some(qname) = r["dns"]["qname"].as_str() {
+            names.entry(flow).or_default().insert(qname.to_string());
+        }
+    }
+    names
+}
+
+/// Names per flow as tshark dissects them: ClientHello SNI (TLS and QUIC),
+/// DNS query names, HTTP Host.
+fn tshark_names(pcap: &Path) -> FlowNames {
+    let out = Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args(["-Y", "tls.handshake.type == 1 || (dns && dns.flags.response == 0) || http.request"])
+        .args(["-T", "fields", "-E", "separator=|"])
+        .args(["-e", "ip.src", "-e", "tcp.srcport", "-e", "udp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e", "udp.dstport"])
+        .args(["-e", "tls.handshake.extensions_server_name", "-e", "dns.qry.name", "-e", "http.host"])
+        .output()
+        .expect("running tshark");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut names = FlowNames::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split('|').collect();
+        let port = |tcp: &str, udp: &str| if tcp.is_empty() { udp.parse().unwrap() } else { tcp.parse().unwrap() };
+        let flow = (f[0].to_string(), port(f[1], f[2]), f[3].to_string(), port(f[4], f[5]));
+        for name in f[6..].iter().flat_map(|v| v.split(',')).filter(|v| !v.is_empty()) {
+            names.entry(flow.clone()).or_default().insert(name.to_ascii_lowercase());
+        }
+    }
+    names
 }

@@ -79,5 +79,6 @@ fn test(args: &[String]) -> Result<()> {
         test_args.push("--");
         test_args.extend(args.iter().map(String::as_str));
     }
-    cmd::cargo_with_env(&test_args, &[("ICR_BIN", icr.as_os_str())])
+    let python = setup::lab_python();
+    cmd::cargo_with_env(&test_args, &[("ICR_BIN", icr.as_os_str()), ("ICR_LAB_PYTHON", python.as_os_str())])
 }

@@ -22,7 +22,12 @@ const LAB_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "nginx-light",
     "python3",
+    "python3-venv",
+    "tcpdump",
+    "tshark",
 ];
+/// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.
+const LAB_PYTHON_PACKAGES: &[&str] = &["aioquic==1.7.2"];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
@@ -45,7 +50,8 @@ pub fn ensure(needs: Needs) -> Result<()> {
     let nightly_missing = !cmd::succeeds(rustup().args(["run", "nightly", "rustc", "--version"]));
     let rust_src_missing = nightly_missing || !has_rust_src();
 
-    if packages.is_empty() && !nightly_missing && !rust_src_missing && !linker_missing {
+    let python_missing = needs == Needs::Test && !lab_python_ready();
+    if packages.is_empty() && !nightly_missing && !rust_src_missing && !linker_missing && !python_missing {
         return Ok(());
     }
     if !is_root() {
@@ -72,6 +78,9 @@ pub fn ensure(needs: Needs) -> Result<()> {
         eprintln!("xtask: adding rust-src to the nightly toolchain (build-std for BPF)");
         cmd::run(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
+    if needs == Needs::Test {
+        ensure_lab_python()?;
+    }
     if linker_missing {
         eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
         let mut path = std::ffi::OsString::from(format!("{LLVM_PREFIX}/bin:"));
@@ -84,6 +93,26 @@ pub fn ensure(needs: Needs) -> Result<()> {
                 .env("PATH", path),
         )?;
     }
+    Ok(())
+}
+
+/// The lab's Python: a venv of Debian's python3 with aioquic from PyPI.
+pub fn lab_python() -> std::path::PathBuf {
+    cmd::workspace_root().join("target/lab-python/bin/python3")
+}
+
+fn lab_python_ready() -> bool {
+    cmd::succeeds(Command::new(lab_python()).args(["-c", "import aioquic"]))
+}
+
+fn ensure_lab_python() -> Result<()> {
+    if lab_python_ready() {
+        return Ok(());
+    }
+    let venv = cmd::workspace_root().join("target/lab-python");
+    eprintln!("xtask: creating the lab's Python venv in {} (aioquic from PyPI)", venv.display());
+    cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+    cmd::run(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(LAB_PYTHON_PACKAGES))?;
     Ok(())
 }
 
