@@ -103,12 +103,25 @@ fn close_reason(
 ) -> Option<EndReason> {
     let quiet = Duration::from_nanos(now_ns.saturating_sub(last_ns));
     if proto == IPPROTO_TCP {
-        if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 && quiet >= timeouts.tcp_closed {
-            return Some(if flags & tcp_flags::RST != 0 { EndReason::Rst } else { EndReason::Fin });
+        if let Some(ended) = ended_by(flags) {
+            if quiet >= timeouts.tcp_closed {
+                return Some(ended);
+            }
         }
         (quiet >= timeouts.tcp_idle).then_some(EndReason::Idle)
     } else {
         (quiet >= timeouts.udp_idle).then_some(EndReason::Idle)
+    }
+}
+
+/// RST or FIN, from the TCP flags a flow saw.
+fn ended_by(flags: u8) -> Option<EndReason> {
+    if flags & tcp_flags::RST != 0 {
+        Some(EndReason::Rst)
+    } else if flags & tcp_flags::FIN != 0 {
+        Some(EndReason::Fin)
+    } else {
+        None
     }
 }
 
@@ -351,7 +364,13 @@ impl Assembler {
             None => (value.tcp_flags[0] | value.tcp_flags[1], value.last_ns),
         };
 
-        let reason = force.or_else(|| close_reason(&self.timeouts, key.proto, flags, last_ns, now_ns));
+        // A forced close (shutdown, end of capture) of a flow that already
+        // saw FIN or RST still says how it ended.
+        let ended = (key.proto == IPPROTO_TCP).then(|| ended_by(flags)).flatten();
+        let reason = match force {
+            Some(forced) => Some(ended.unwrap_or(forced)),
+            None => close_reason(&self.timeouts, key.proto, flags, last_ns, now_ns),
+        };
         let slice_start = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
         let active_due = slice_start.saturating_add(nanos(self.timeouts.active));
 

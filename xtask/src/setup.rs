@@ -23,6 +23,7 @@ const LAB_PACKAGES: &[&str] = &[
     "nginx-light",
     "python3",
     "python3-venv",
+    "python3-scapy",
     "tcpdump",
     "tshark",
 ];
