@@ -342,3 +342,131 @@ fn hints_stop_at_the_budget() {
     let (value, dir) = h.flow(&up).unwrap();
     assert_eq!(value.packets[dir], 9, "every packet is still counted");
 }
+
+/// A small, seeded generator: the same frames on every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Seeds for mutation: every header path the parser has.
+fn seed_frames() -> Vec<Vec<u8>> {
+    let up = client();
+    let v6 = Tuple { src: "2001:db8::23".parse().unwrap(), dst: "2001:db8::443".parse().unwrap(), ..client() };
+    let dns = Tuple { dst_port: 53, proto: 17, ..client() };
+    let quic = Tuple { dst_port: 443, proto: 17, ..client() };
+    let mut quic_payload = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0xd0];
+    quic_payload.resize(1200, 0x55);
+    let syn = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);
+    let mut frames = vec![
+        syn.clone(),
+        tcp_frame(&up, tcp_flags::ACK, &[0x16, 3, 1, 2, 0, 1, 0, 1, 0xfc, 3, 3], DEVICE_MAC),
+        tcp_frame(&v6, tcp_flags::SYN | tcp_flags::ACK, &[], DEVICE_MAC),
+        udp_frame(&dns, &[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1]),
+        udp_frame(&quic, &quic_payload),
+    ];
+    // QinQ, PPPoE (IPv4 and compressed-protocol IPv6) and an IPv6 extension chain.
+    let mut qinq = syn[..12].to_vec();
+    qinq.extend_from_slice(&[0x88, 0xa8, 0x01, 0x2c, 0x81, 0x00, 0x00, 0x14]);
+    qinq.extend_from_slice(&syn[12..]);
+    frames.push(qinq);
+    let mut pppoe = syn[..12].to_vec();
+    pppoe.extend_from_slice(&[0x88, 0x64, 0x11, 0x00, 0x12, 0x34, 0x00, 42, 0x00, 0x21]);
+    pppoe.extend_from_slice(&syn[14..]);
+    frames.push(pppoe);
+    let mut ext = tcp_frame(&v6, tcp_flags::SYN, &[], DEVICE_MAC);
+    let next = ext[20];
+    ext[20] = 0;
+    ext.splice(54..54, [43, 0, 0, 0, 0, 0, 0, 0, 44, 0, 0, 1, 0, 0, 0, 0]);
+    ext[54] = 44; // hop-by-hop → fragment → original
+    ext[62] = next;
+    frames.push(ext);
+    frames
+}
+
+fn mutate(rng: &mut XorShift, seed: &[u8]) -> Vec<u8> {
+    let mut frame = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(6) {
+            // Flip bits anywhere, or in the headers where the parser looks.
+            0 => {
+                let at = rng.below(frame.len());
+                frame[at] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let at = rng.below(frame.len().min(80));
+                frame[at] = rng.next() as u8;
+            }
+            // Truncate (never below an Ethernet header: the kernel refuses those).
+            2 => frame.truncate(14 + rng.below(frame.len().saturating_sub(14) + 1)),
+            // Extend with junk.
+            3 => frame.extend((0..rng.below(64)).map(|_| rng.next() as u8)),
+            // Lengths and counts to extremes: IPv4 IHL/total length, IPv6 payload length.
+            4 => {
+                let at = [14, 16, 17, 18, 19, 20, 21, 46, 47, 54, 55].get(rng.below(11)).copied().unwrap_or(14);
+                if at < frame.len() {
+                    frame[at] = [0x00, 0xff, 0x0f, 0xf0, 0x45, 0x4f][rng.below(6)];
+                }
+            }
+            // Ethertype to one of the tags the parser follows.
+            _ => {
+                let kind: [u8; 2] = [[0x81, 0x00], [0x88, 0xa8], [0x88, 0x64], [0x86, 0xdd], [0x08, 0x00]][rng.below(5)];
+                frame[12..14].copy_from_slice(&kind);
+            }
+        }
+    }
+    if frame.len() < 14 {
+        frame.resize(14, 0);
+    }
+    frame
+}
+
+/// Fail-open: random and mutated frames through the real program, each must
+/// pass unmodified. `ICR_FAILOPEN_FRAMES` sets the count (`cargo xtask
+/// fuzz` runs more); CI runs a million.
+#[test]
+fn a_million_mutated_frames_all_pass_unmodified() {
+    let count: u64 = std::env::var("ICR_FAILOPEN_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    // A small table: a full table is one more path to exercise.
+    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 4096 });
+    let seeds = seed_frames();
+    let mut rng = XorShift(0x1c2_0b5e_7ea5_5eed);
+    let mut sink = Vec::new();
+    for i in 0..count {
+        let frame = if i % 16 == 0 {
+            (0..14 + rng.below(200)).map(|_| rng.next() as u8).collect()
+        } else {
+            let seed = &seeds[rng.below(seeds.len())];
+            mutate(&mut rng, seed)
+        };
+        let role = if i % 2 == 0 { role::LAN } else { role::WAN };
+        let out = h.probe.test_run(role, &frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "frame {i} did not pass: {frame:02x?}");
+        assert_eq!(out.data_out, frame, "frame {i} was modified");
+        if i % 2048 == 0 {
+            sink.clear();
+            events::drain(&mut h.buffers, &mut sink);
+        }
+        if i % 100_000 == 0 {
+            for key in h.probe.flow_keys().unwrap() {
+                h.probe.remove_flow(&key).unwrap();
+            }
+        }
+    }
+    let counters = h.probe.counters().unwrap();
+    assert_eq!(counters.get(counter::PACKETS), count);
+    // Every kind of outcome was reached.
+    for index in [counter::MALFORMED, counter::NOT_IP, counter::FLOWS_CREATED, counter::HINTS_SENT, counter::FRAGMENTS] {
+        assert!(counters.get(index) > 0, "{} never counted", counter::NAMES[index as usize]);
+    }
+    println!("{count} frames passed unmodified: {:?}", counters.named());
+}

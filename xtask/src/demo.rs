@@ -65,8 +65,8 @@ pub fn run() -> Result<()> {
     let window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
     println!("\n== Question 2: which services did client 2 ({}) use?", c2.mac);
     icr_print(&icr, &[&["query", "services", "--device", &c2.mac, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
-    println!("\n== Question 3: which devices used the web server {WEB_IP}?");
-    icr_print(&icr, &[&["query", "accessed", "--service", WEB_IP, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
+    println!("\n== Question 3: which devices used {WEB_NAME} (by name) or the web server {WEB_IP}?");
+    icr_print(&icr, &[&["query", "accessed", "--service", WEB_NAME, "--service", WEB_IP, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
     println!("\n== A local authority asks: refused (exit 3), and audited");
     let refused = Command::new(&icr)
         .args([&["query", "accessed", "--service", WEB_IP, "--db", db_arg, "--authority", "demo-council", "--officer", "X", "--reference", "Y"][..], &window].concat())
