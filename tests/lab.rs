@@ -23,6 +23,8 @@ pub const EXCHANGE_IP: &str = "198.51.100.20";
 pub const EXCHANGE_PORT: u16 = 9000;
 pub const DNS_IP: &str = "198.51.100.53";
 pub const WEB_NAME: &str = "www.example.test";
+/// The web server's IPv6 address, as DNS gives it (AAAA); not routed in the lab.
+pub const WEB_IP6: &str = "2001:db8:100::10";
 /// The QUIC server listens on the web server's address, UDP 443.
 pub const QUIC_NAME: &str = "quic.example.test";
 pub const MAIL_NAME: &str = "mail.example.test";
@@ -191,7 +193,9 @@ http {{
                 &format!("--address=/{WEB_NAME}/{WEB_IP}"),
                 &format!("--address=/{MAIL_NAME}/{MAIL_IP}"),
                 &format!("--address=/{EXCHANGE_NAME}/{EXCHANGE_IP}"),
-                &format!("--host-record={WEB_NAME},{WEB_IP}"),
+                &format!("--host-record={WEB_NAME},{WEB_IP},{WEB_IP6}"),
+                // An HTTPS record (type 65): priority 1, target ".", ipv4hint = the web server.
+                &format!("--dns-rr={WEB_NAME},65,000100000400{}", "04c633640a"),
                 &format!("--cname={ALIAS_NAME},{WEB_NAME}"),
             ]),
             "dnsmasq",

@@ -10,8 +10,8 @@ use std::{
 };
 
 use icr_tests::lab::{
-    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, QUIC_NAME, WEB_IP, WEB_NAME,
-    icr_binary,
+    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, QUIC_NAME, WEB_IP, WEB_IP6,
+    WEB_NAME, icr_binary,
 };
 use serde_json::Value;
 
@@ -53,6 +53,9 @@ fn names_come_from_sni_host_and_dns() {
     run(&c2.ns, Command::new("curl").args(["-s", "--max-time", "10", &format!("http://{WEB_NAME}/")]));
     run(&c2.ns, Command::new("dig").args(["+tcp", "+time=2", "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
     run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
+    let aaaa = run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "AAAA"]));
+    assert_eq!(String::from_utf8_lossy(&aaaa.stdout).trim(), WEB_IP6);
+    run(&c2.ns, Command::new("dig").args(["+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "HTTPS"]));
     lab.exchange(c2, 100, 100).expect("the exchange");
     // QUIC (aioquic client and server): the SNI from the decrypted Initial.
     lab.quic_connect(c1, QUIC_NAME).expect("the QUIC handshake");
@@ -96,6 +99,12 @@ fn names_come_from_sni_host_and_dns() {
     assert_eq!(dns_tcp[0]["dns"]["qname"], ALIAS_NAME);
     let answers: Vec<&str> = dns_tcp[0]["dns"]["answers"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(answers.contains(&WEB_NAME) && answers.contains(&WEB_IP), "the CNAME chain: {answers:?}");
+
+    // AAAA and HTTPS lookups from client 2 (each on its own source port).
+    let c2_dns: Vec<&Value> = find(&c2.ip, DNS_IP, 53, "udp").into_iter().filter(|r| r["dns"]["qname"] == WEB_NAME).collect();
+    let by_type = |qtype: &str| c2_dns.iter().find(|r| r["dns"]["qtype"] == qtype).unwrap_or_else(|| panic!("no {qtype} lookup in {c2_dns:#?}"));
+    assert_eq!(by_type("AAAA")["dns"]["answers"], serde_json::json!([WEB_IP6]));
+    assert_eq!(by_type("HTTPS")["dns"]["answers"], serde_json::json!([WEB_IP]), "the HTTPS record's ipv4hint");
 
     // The exchange speaks neither TLS nor HTTP: named by the device's own lookup.
     let exchange = find(&c2.ip, EXCHANGE_IP, 9000, "tcp");
