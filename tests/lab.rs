@@ -37,6 +37,15 @@ pub const ALIAS_NAME: &str = "alias.example.test";
 /// The gateway's interfaces, as `icr run` is given them.
 pub const GATEWAY_WAN_IF: &str = "wan0";
 
+/// The gateway's NAT.
+#[derive(Clone, Copy, Debug)]
+pub enum Nat {
+    /// nftables masquerade to the public address.
+    Masquerade,
+    /// SNAT of TCP and UDP to the public address and this port range.
+    SnatPorts(u16, u16),
+}
+
 pub struct Client {
     pub ns: String,
     pub ip: String,
@@ -58,8 +67,13 @@ pub struct Lab {
 static LABS: AtomicU32 = AtomicU32::new(0);
 
 impl Lab {
-    /// Builds the lab and starts its servers.
+    /// Builds the lab (masquerade NAT) and starts its servers.
     pub fn start(clients: usize) -> Result<Self> {
+        Self::start_with(clients, Nat::Masquerade)
+    }
+
+    /// Builds the lab with the given NAT on the gateway.
+    pub fn start_with(clients: usize, nat: Nat) -> Result<Self> {
         if clients == 0 || clients > 200 {
             bail!("a lab has 1 to 200 clients");
         }
@@ -77,12 +91,12 @@ impl Lab {
             servers: Vec::new(),
         };
         // From here on, a failure drops `lab`, which removes what was made.
-        lab.build_network(clients).context("building the lab network")?;
+        lab.build_network(clients, nat).context("building the lab network")?;
         lab.start_servers().context("starting the lab's servers")?;
         Ok(lab)
     }
 
-    fn build_network(&mut self, clients: usize) -> Result<()> {
+    fn build_network(&mut self, clients: usize, nat: Nat) -> Result<()> {
         let (gw, inet) = (self.gateway.clone(), self.internet.clone());
         for ns in [&gw, &inet] {
             ip(&["netns", "add", ns])?;
@@ -126,15 +140,26 @@ impl Lab {
 
         // Routing and NAT on the gateway.
         run(Command::new("ip").args(["netns", "exec", &gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        let action = match nat {
+            Nat::Masquerade => "masquerade".to_string(),
+            // CGNAT-like: a small port range; conntrack forgets closed connections
+            // after 1 s (set below, once the NAT rules have loaded conntrack),
+            // so that public ports are soon reused by other devices.
+            Nat::SnatPorts(first, last) => format!("snat to {PUBLIC_IP}:{first}-{last}"),
+        };
         let rules = self.dir.join("nat.nft");
         fs::write(
             &rules,
             format!(
                 "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n    \
+                 oifname \"{GATEWAY_WAN_IF}\" ip protocol {{ tcp, udp }} {action}\n    \
                  oifname \"{GATEWAY_WAN_IF}\" masquerade\n  }}\n}}\n"
             ),
         )?;
         run(Command::new("ip").args(["netns", "exec", &gw, "nft", "-f"]).arg(&rules))?;
+        if let Nat::SnatPorts(..) = nat {
+            run(Command::new("ip").args(["netns", "exec", &gw, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"]))?;
+        }
         Ok(())
     }
 
@@ -152,7 +177,7 @@ pid {d}/nginx.pid;
 error_log {d}/nginx-error.log;
 events {{ worker_connections 256; }}
 http {{
-    log_format icr '$remote_addr $remote_port $msec $ssl_server_name $request_length $bytes_sent';
+    log_format icr '$remote_addr $remote_port $msec $ssl_server_name $request_length $bytes_sent $request_uri';
     access_log {d}/access.log icr;
     client_body_temp_path {d}/nginx-tmp;
     proxy_temp_path {d}/nginx-tmp;
@@ -299,16 +324,22 @@ http {{
         Ok(capture)
     }
 
-    /// nginx's access log: (client address as nginx saw it, port, time, SNI).
-    pub fn web_access_log(&self) -> Result<Vec<(String, u16, f64, String)>> {
+    /// nginx's access log: the ground truth of what the server saw.
+    pub fn web_access_log(&self) -> Result<Vec<AccessLine>> {
         let text = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
         text.lines()
             .map(|line| {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                if f.len() < 4 {
+                if f.len() < 7 {
                     bail!("unexpected access log line {line:?}");
                 }
-                Ok((f[0].to_string(), f[1].parse()?, f[2].parse()?, f[3].to_string()))
+                Ok(AccessLine {
+                    address: f[0].to_string(),
+                    port: f[1].parse()?,
+                    time: f[2].parse()?,
+                    server_name: f[3].to_string(),
+                    uri: f[6].to_string(),
+                })
             })
             .collect()
     }
@@ -328,6 +359,18 @@ impl Drop for Lab {
         remove_lab(&self.prefix);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// One request as nginx logged it.
+#[derive(Clone, Debug)]
+pub struct AccessLine {
+    /// The client address and port as the server saw them (after NAT).
+    pub address: String,
+    pub port: u16,
+    /// Unix time with milliseconds, when the request was logged.
+    pub time: f64,
+    pub server_name: String,
+    pub uri: String,
 }
 
 /// A running tcpdump.

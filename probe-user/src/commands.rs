@@ -29,7 +29,7 @@ pub fn query(command: QueryCommand) -> Result<()> {
             let remote = remote.as_deref().map(parse_remote).transpose()?;
             let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
             let records = session.store.scan(at - tolerance, at + tolerance)?;
-            let answer = query::resolve(records, ip, port, remote, service.as_ref());
+            let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
             session.answer_records(&answer, who.format)
         }
         QueryCommand::Services { device, from, to, store, who } => {

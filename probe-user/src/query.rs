@@ -222,11 +222,15 @@ impl Icr {
     }
 }
 
-/// Question 1: the records whose public address (and port) was in use in
-/// the window they were scanned for, narrowed by the remote end and service,
-/// the devices with the most matching connections first.
+/// Question 1: which device used public `ip` (and `port`) at `at`. Records
+/// in `records` lie within the tolerance of `at`; those whose lifetime
+/// contains `at` are the answer when there are any (a public port reused by
+/// another device a moment earlier or later must not confuse it), else the
+/// nearest. Narrowed by the remote end and service; the devices with the
+/// most matching connections first.
 pub fn resolve(
     records: Vec<Icr>,
+    at: DateTime<Utc>,
     ip: IpAddr,
     port: Option<u16>,
     remote: Option<(IpAddr, Option<u16>)>,
@@ -238,12 +242,29 @@ pub fn resolve(
         .filter(|r| remote.is_none_or(|(rip, rport)| r.remote.ip == rip && rport.is_none_or(|p| r.remote.port == p)))
         .filter(|r| service.is_none_or(|s| s.matches(r)))
         .collect();
+    if hits.iter().any(|r| r.start <= at && at <= r.end) {
+        hits.retain(|r| r.start <= at && at <= r.end);
+        if port.is_some() {
+            // A public ip:port toward one remote end has one user at a time;
+            // when NAT hands it over, the old flow's closing packets overlap
+            // the new flow's first ones. The latest to start is the user.
+            let mut latest: std::collections::HashMap<(IpAddr, u16), DateTime<Utc>> = Default::default();
+            for r in &hits {
+                let start = latest.entry((r.remote.ip, r.remote.port)).or_insert(r.start);
+                *start = (*start).max(r.start);
+            }
+            hits.retain(|r| latest[&(r.remote.ip, r.remote.port)] == r.start);
+        }
+    }
     let device = |r: &Icr| (r.device.mac.clone(), r.device.ip);
     let mut counts = std::collections::HashMap::new();
     for r in &hits {
         *counts.entry(device(r)).or_insert(0usize) += 1;
     }
-    hits.sort_by_key(|r| (std::cmp::Reverse(counts[&device(r)]), r.start));
+    let distance = |r: &Icr| {
+        if r.start > at { r.start - at } else if r.end < at { at - r.end } else { chrono::Duration::zero() }
+    };
+    hits.sort_by_key(|r| (std::cmp::Reverse(counts[&device(r)]), distance(r), r.start));
     hits
 }
 
@@ -331,6 +352,40 @@ mod tests {
         assert!(!ServiceSelector::parse("192.0.3.0/24").unwrap().matches(&r));
         assert!(ServiceSelector::parse("example.com/path?q=1").is_err());
         assert!(ServiceSelector::parse("*.").is_err());
+    }
+
+    #[test]
+    fn resolve_prefers_the_flow_alive_at_the_time_and_ranks_devices() {
+        let public = |mut r: Icr, port: u16| {
+            r.public = Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port });
+            r
+        };
+        let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+        // Port 20000: device .2 for [100, 105], then device .3 for [106, 111].
+        let records = vec![
+            public(record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 100), 20000),
+            public(record("10.0.0.3", "192.0.2.10", 443, Some("mail.example.com"), 106), 20000),
+            public(record("10.0.0.3", "192.0.2.10", 443, Some("mail.example.com"), 107), 20001),
+            public(record("10.0.0.4", "192.0.2.99", 443, None, 107), 20002),
+        ];
+        let ip: IpAddr = "203.0.113.1".parse().unwrap();
+        let first = |hits: Vec<Icr>| hits.first().and_then(|r| r.device.ip).map(|ip| ip.to_string());
+        assert_eq!(first(resolve(records.clone(), at(104), ip, Some(20000), None, None)).as_deref(), Some("10.0.0.2"));
+        let hits = resolve(records.clone(), at(108), ip, Some(20000), None, None);
+        assert_eq!(hits.len(), 1, "only the flow alive at the time");
+        assert_eq!(first(hits).as_deref(), Some("10.0.0.3"));
+        // A hand-over: .2 is still closing (until 105) when .3 starts at 104.5.
+        let mut overlap = records.clone();
+        overlap[1].start = DateTime::from_timestamp_millis(104_500).unwrap();
+        let hits = resolve(overlap, DateTime::from_timestamp_millis(104_800).unwrap(), ip, Some(20000), None, None);
+        assert_eq!(hits.len(), 1);
+        assert_eq!(first(hits).as_deref(), Some("10.0.0.3"), "the latest to start holds the port");
+        // Without a port: ranked by matching connections to the service.
+        let mail = ServiceSelector::parse("mail.example.com").unwrap();
+        let hits = resolve(records.clone(), at(108), ip, None, None, Some(&mail));
+        assert_eq!(first(hits).as_deref(), Some("10.0.0.3"));
+        let elsewhere = resolve(records, at(108), ip, None, Some(("192.0.2.99".parse().unwrap(), Some(443))), None);
+        assert_eq!(first(elsewhere).as_deref(), Some("10.0.0.4"));
     }
 
     #[test]

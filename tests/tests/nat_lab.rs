@@ -116,10 +116,10 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     // HTTPS: nginx's access log is the ground truth for the public port.
     let access = lab.web_access_log().unwrap();
     assert_eq!(access.len(), 1, "{access:?}");
-    assert_eq!(access[0].0, PUBLIC_IP, "nginx saw the NATed address");
+    assert_eq!(access[0].address, PUBLIC_IP, "nginx saw the NATed address");
     let web = find(&c2.ip, WEB_IP, 443);
     assert_eq!(web.len(), 1, "one HTTPS record in {records:#?}");
-    assert_eq!(web[0]["public"]["port"], u64::from(access[0].1), "public port = what the server saw");
+    assert_eq!(web[0]["public"]["port"], u64::from(access[0].port), "public port = what the server saw");
     assert_eq!(web[0]["device"]["mac"], c2.mac.as_str());
     assert!(web[0]["bytes_down"].as_u64().unwrap() > 500, "the TLS handshake came back");
 

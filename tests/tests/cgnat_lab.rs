@@ -1,0 +1,129 @@
+//! Question 1 under CGNAT: 50 devices behind one public address, SNAT to a
+//! small port range so public ports are reused by other devices seconds
+//! later, devices reusing the same source port, concurrent HTTPS requests.
+//! nginx's access log (public address, port, time; each request's path names
+//! its client) is the ground truth: every logged request must resolve to
+//! exactly the device that made it.
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary};
+use serde_json::Value;
+
+const CLIENTS: usize = 50;
+const WAVES: usize = 3;
+/// 40 public ports for 50 devices: ports must be shared over time.
+const PORTS: (u16, u16) = (20000, 20039);
+const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-CGNAT"];
+
+fn write_config(db: &Path) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        "[[authority]]\nname = \"lab-police\"\nkind = \"police\"\npurposes = [1]\n\
+         [probe]\nflow_table_size = 65536\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
+    )
+    .unwrap();
+}
+
+fn rfc3339(unix: f64) -> String {
+    let time = DateTime::<Utc>::from_timestamp_micros((unix * 1e6) as i64).unwrap();
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn resolve(db: &Path, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(icr_binary())
+        .args(["query", "resolve", "--ip", PUBLIC_IP, "--format", "ndjson", "--db"])
+        .arg(db)
+        .args(args)
+        .args(WHO)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "resolve {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// curl from each client at once; each request's path says who made it.
+fn wave(lab: &Lab, wave: usize, name: &str) {
+    let children: Vec<_> = lab
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let mut args = vec![
+                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sk".into(), "-o".into(), "/dev/null".into(),
+                "--max-time".into(), "10".into(), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
+                format!("https://{name}/c/{}/w{wave}", client.ip),
+            ];
+            // Every fifth device uses the same source port as the others of its group.
+            if i % 5 == 0 {
+                args.extend(["--local-port".into(), format!("{}", 41000 + wave)]);
+            }
+            Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "a curl failed in wave {wave}");
+    }
+}
+
+#[test]
+fn every_logged_request_resolves_to_the_device_that_made_it() {
+    let lab = Lab::start_with(CLIENTS, Nat::SnatPorts(PORTS.0, PORTS.1)).expect("building the CGNAT lab");
+    let db = lab.dir.join("db");
+    write_config(&db);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+
+    for w in 0..WAVES {
+        wave(&lab, w, WEB_NAME);
+        // Past conntrack's 1 s TIME_WAIT, so the next wave reuses ports.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // One device uses the mail service three times, another once.
+    let (heavy, light) = (&lab.clients[6], &lab.clients[7]);
+    for (client, times) in [(heavy, 3), (light, 1)] {
+        for _ in 0..times {
+            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", "10", "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
+                .expect("curl to mail");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    agent.stop().expect("the agent stops cleanly");
+
+    let log = lab.web_access_log().unwrap();
+    assert_eq!(log.len(), CLIENTS * WAVES + 4, "every request was logged");
+    let mut by_port: HashMap<u16, HashSet<String>> = HashMap::new();
+    let (mut correct, mut total) = (0, 0);
+    let mut wrong = Vec::new();
+    for line in &log {
+        assert_eq!(line.address, PUBLIC_IP);
+        let client = line.uri.split('/').nth(2).unwrap().to_string();
+        by_port.entry(line.port).or_default().insert(client.clone());
+        let port = line.port.to_string();
+        let at = rfc3339(line.time);
+        let hits = resolve(&db, &["--port", &port, "--at", &at]);
+        total += 1;
+        let answer: HashSet<&str> = hits.iter().filter_map(|r| r["device"]["ip"].as_str()).collect();
+        if answer.len() == 1 && answer.contains(client.as_str()) {
+            correct += 1;
+        } else {
+            wrong.push(format!("{} port {port} at {at}: got {answer:?}", client));
+        }
+    }
+    println!("CGNAT resolve: {correct} / {total} requests resolved to exactly their device");
+    assert!(by_port.values().any(|clients| clients.len() > 1), "public ports were reused by different devices");
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+
+    // Without a port: public address + time + service ranks the device with
+    // the most connections to that service first.
+    let mail: Vec<_> = log.iter().filter(|l| l.server_name == MAIL_NAME).collect();
+    let middle = rfc3339(mail[1].time);
+    let hits = resolve(&db, &["--at", &middle, "--tolerance", "30s", "--service", MAIL_NAME]);
+    assert_eq!(hits.first().and_then(|r| r["device"]["ip"].as_str()), Some(heavy.ip.as_str()), "{hits:#?}");
+    assert!(hits.iter().all(|r| r["service"]["name"] == MAIL_NAME));
+}
