@@ -22,6 +22,7 @@ use crate::{
     nat::{NatEvent, NatTable, conntrack},
     probe::{Probe, ProbeOptions},
     store::Store,
+    subscribers::Directory,
 };
 
 /// How often due flows are closed and records written.
@@ -46,6 +47,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config } = options;
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
+    let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let mut probe = Probe::load(ProbeOptions { flow_table_size: config.probe.flow_table_size })?;
     for interface in &lan {
         probe.attach(interface, role::LAN)?;
@@ -90,9 +92,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let now = monotonic_ns();
                 assembler.tick(now, &mut probe, &nat)?;
                 nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
-                stored += write(&store, &mut assembler)?;
+                stored += write(&store, &mut assembler, &directory)?;
             }
-            _ = stats.tick() => log_stats(&probe, &assembler, &nat, stored),
+            _ = stats.tick() => {
+                log_stats(&probe, &assembler, &nat, stored);
+                if let Err(error) = directory.refresh(Utc::now()) {
+                    warn!("refreshing the subscriber directory: {error:#}");
+                }
+            }
             _ = sweep.tick() => {
                 let dropped = store.sweep(config.retention_days, Utc::now())?;
                 if !dropped.is_empty() {
@@ -113,7 +120,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         assembler.on_event(event, &nat);
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
-    stored += write(&store, &mut assembler)?;
+    stored += write(&store, &mut assembler, &directory)?;
     log_stats(&probe, &assembler, &nat, stored);
     info!("stopped; {stored} records stored");
     Ok(())
@@ -126,8 +133,11 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
     nat.apply(event, monotonic_ns());
 }
 
-fn write(store: &Store, assembler: &mut Assembler) -> Result<u64> {
-    let records = assembler.take_records();
+fn write(store: &Store, assembler: &mut Assembler, directory: &Directory) -> Result<u64> {
+    let mut records = assembler.take_records();
+    for record in &mut records {
+        record.device.subscriber = directory.subscriber(record);
+    }
     store.append(&records).context("storing records")?;
     Ok(records.len() as u64)
 }

@@ -75,8 +75,12 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), args.db.as_deref())?;
     let store = args.db.as_deref().map(Store::open).transpose()?;
     let options = ProbeOptions { flow_table_size: config.probe.flow_table_size };
+    let directory = crate::subscribers::Directory::load(&config.subscribers)?;
     let mut out = std::io::stdout().lock();
-    let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |records| {
+    let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
+        for record in &mut records {
+            record.device.subscriber = directory.subscriber(record);
+        }
         out.write_all(&export::ndjson(&records)?)?;
         if let Some(store) = &store {
             store.append(&records)?;

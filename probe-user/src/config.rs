@@ -22,6 +22,8 @@ pub struct Config {
     pub probe: ProbeSection,
     #[serde(default)]
     pub timeouts: TimeoutsSection,
+    #[serde(default)]
+    pub subscribers: crate::subscribers::SubscribersSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -77,6 +79,7 @@ impl Default for Config {
             authorities: Vec::new(),
             probe: ProbeSection::default(),
             timeouts: TimeoutsSection::default(),
+            subscribers: Default::default(),
         }
     }
 }

@@ -17,4 +17,5 @@ pub mod probe;
 pub mod query;
 pub mod replay;
 pub mod store;
+pub mod subscribers;
 pub mod tuple;

@@ -15,12 +15,17 @@ use serde_json::Value;
 
 const AUTHORITY_FLAGS: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-LAB-1"];
 
-fn write_config(db: &Path) {
+fn write_config(db: &Path, c1_mac: &str) {
     std::fs::create_dir_all(db).unwrap();
+    let subscribers = db.join("subscribers.csv");
+    std::fs::write(&subscribers, format!("mac_or_ip,subscriber\n{c1_mac},line-0001\n192.168.50.0/24,lab-lan\n")).unwrap();
     std::fs::write(
         db.join("icr.toml"),
-        r#"
+        format!(r#"
 retention_days = 30
+
+[subscribers]
+static = "{}"
 
 [[authority]]
 name = "lab-police"
@@ -39,7 +44,7 @@ flow_table_size = 65536
 tcp_closed = "1s"
 udp_idle = "2s"
 full_sweep = "1s"
-"#,
+"#, subscribers.display()),
     )
     .unwrap();
 }
@@ -66,9 +71,9 @@ fn within_headers(ip_bytes: u64, app: u64, packets: u64) -> bool {
 fn nat_gateway_records_real_traffic_and_answers_questions() {
     let lab = Lab::start(2).expect("building the lab");
     let db = lab.dir.join("db");
-    write_config(&db);
-    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
+    write_config(&db, &c1.mac);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
 
     // A TCP exchange whose payload sizes we know, from client 1.
     let (up, down) = (3_000u64, 20_000u64);
@@ -105,6 +110,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert!(r["public"]["port"].as_u64().is_some());
     assert_eq!(r["end_reason"], "fin");
     assert_eq!(r["incomplete"], false);
+    assert_eq!(r["device"]["subscriber"], "line-0001", "from the static directory, by MAC");
     let (pu, pd) = (r["packets_up"].as_u64().unwrap(), r["packets_down"].as_u64().unwrap());
     let (bu, bd) = (r["bytes_up"].as_u64().unwrap(), r["bytes_down"].as_u64().unwrap());
     assert!((4..=40).contains(&pu), "packets up {pu}");
@@ -121,6 +127,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(web.len(), 1, "one HTTPS record in {records:#?}");
     assert_eq!(web[0]["public"]["port"], u64::from(access[0].port), "public port = what the server saw");
     assert_eq!(web[0]["device"]["mac"], c2.mac.as_str());
+    assert_eq!(web[0]["device"]["subscriber"], "lab-lan", "by network when the MAC is not listed");
     assert!(web[0]["bytes_down"].as_u64().unwrap() > 500, "the TLS handshake came back");
 
     // DNS over UDP: the name lookup curl made and the dig.
@@ -135,7 +142,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
 
     let db_arg = db.to_str().unwrap();
     // Question 2: the services client 1 used.
-    let mut args = vec!["query", "services", "--device", c1.mac.as_str(), "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec!["query", "services", "--device", "line-0001", "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
     args.extend(AUTHORITY_FLAGS);
     let rows = ndjson(&icr(&args));
     assert_eq!(rows.len(), 1, "{rows:?}");

@@ -68,9 +68,22 @@ async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
         let received = match guard.try_io(|socket| socket.get_ref().recv(&mut &mut buffer[..], 0)) {
             Ok(Ok(n)) => n,
             Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
-                warn!("conntrack events overran the receive buffer; some NAT mappings were missed");
+                warn!("conntrack events overran the receive buffer; resynchronising from a dump");
                 if tx.send(NatEvent::Overrun).await.is_err() {
                     return;
+                }
+                // What the overrun lost is still in the table (unless already
+                // destroyed): read it all again.
+                match tokio::task::spawn_blocking(dump).await {
+                    Ok(Ok(mappings)) => {
+                        for mapping in mappings {
+                            if tx.send(NatEvent::New(mapping)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Err(error)) => warn!("resynchronising conntrack: {error:#}"),
+                    Err(error) => warn!("resynchronising conntrack: {error}"),
                 }
                 continue;
             }
