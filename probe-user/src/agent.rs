@@ -47,6 +47,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config } = options;
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
+    crate::control::serve(&db, store.clone())?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let mut probe = Probe::load(ProbeOptions { flow_table_size: config.probe.flow_table_size })?;
     for interface in &lan {
@@ -122,6 +123,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
     stored += write(&store, &mut assembler, &directory)?;
     log_stats(&probe, &assembler, &nat, stored);
+    let _ = std::fs::remove_file(crate::control::socket_path(&db));
     info!("stopped; {stored} records stored");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The store-reading commands: queries, list, audit verify, sweep. Each query
 //! is authorised, answered from the store, and audited before it is printed.
-use std::{io::Write as _, net::IpAddr};
+//! They take the store they are given and write to `out`, so the same code
+//! answers on the command line and, through its socket, inside the agent.
+use std::{io::Write, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
@@ -17,43 +19,54 @@ use crate::{
     store::Store,
 };
 
-pub fn query(command: QueryCommand) -> Result<()> {
+/// The store directory a store-reading command names.
+pub fn store_dir(command: &crate::cli::Command) -> Option<&std::path::Path> {
+    use crate::cli::Command;
     match command {
-        QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store, who } => {
+        Command::Query(QueryCommand::Resolve { store, .. })
+        | Command::Query(QueryCommand::Services { store, .. })
+        | Command::Query(QueryCommand::Accessed { store, .. })
+        | Command::Sweep(store) => Some(&store.db),
+        Command::List(args) => Some(&args.store.db),
+        _ => None,
+    }
+}
+
+pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Result<()> {
+    match command {
+        QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store: args, who } => {
             let parameters = serde_json::json!({
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
-            let session = Session::open(&store, &who, Purpose::Resolve, "query resolve", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Resolve, "query resolve", parameters)?;
             let at = parse_time(&at, "--at")?;
             let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
+            session.check_window(at - tolerance, at + tolerance)?;
             let remote = remote.as_deref().map(parse_remote).transpose()?;
             let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
-            let records = session.store.scan(at - tolerance, at + tolerance)?;
+            let records = store.scan(at - tolerance, at + tolerance)?;
             let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
-            session.answer_records(&answer, who.format)
+            session.answer_records(&answer, who.format, out)
         }
-        QueryCommand::Services { device, from, to, store, who } => {
+        QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
-            let session = Session::open(&store, &who, Purpose::Services, "query services", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Services, "query services", parameters)?;
             let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
-            let records = session.store.scan(from, to)?;
+            session.check_window(from, to)?;
+            let records = store.scan(from, to)?;
             let rows = query::services_of(&records, &DeviceSelector::parse(&device));
-            let digest = sha256_hex(&export::ndjson(&rows)?);
-            session.audit_answer(rows.len() as u64, digest)?;
-            let mut out = std::io::stdout().lock();
-            export::write_services(&mut out, &rows, who.format.unwrap_or_else(Format::default_for_stdout))?;
-            out.flush()?;
+            session.audit_answer(rows.len() as u64, sha256_hex(&export::ndjson(&rows)?))?;
+            export::write_services(out, &rows, who.format.unwrap_or_else(Format::default_for_stdout))?;
             Ok(())
         }
-        QueryCommand::Accessed { services, services_file, from, to, store, who } => {
+        QueryCommand::Accessed { services, services_file, from, to, store: args, who } => {
             let parameters = serde_json::json!({
                 "services": services, "services_file": services_file, "from": from, "to": to,
             });
-            let session = Session::open(&store, &who, Purpose::Accessed, "query accessed", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Accessed, "query accessed", parameters)?;
             let mut texts = services;
             if let Some(file) = services_file {
-                let list = std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?;
+                let list = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
                 texts.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
             }
             if texts.is_empty() {
@@ -65,8 +78,9 @@ pub fn query(command: QueryCommand) -> Result<()> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow!(e))?;
             let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
-            let records = session.store.scan(from, to)?;
-            session.answer_records(&query::accessed(records, &selectors), who.format)
+            session.check_window(from, to)?;
+            let records = store.scan(from, to)?;
+            session.answer_records(&query::accessed(records, &selectors), who.format, out)
         }
     }
 }
@@ -95,11 +109,11 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn list(args: ListArgs) -> Result<()> {
+/// Every stored record in the window: an operator's command, audited.
+pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
     let from = args.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?.unwrap_or(DateTime::UNIX_EPOCH);
     let to = args.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
     Config::load(args.store.config.as_deref(), Some(&args.store.db))?;
-    let store = Store::open(&args.store.db)?;
     let records = store.scan(from, to)?;
     let bytes = export::ndjson(&records)?;
     AuditLog::in_dir(&args.store.db).append(AuditRecord {
@@ -112,41 +126,47 @@ pub fn list(args: ListArgs) -> Result<()> {
         result_sha256: Some(sha256_hex(&bytes)),
         ..AuditRecord::default()
     })?;
-    let mut out = std::io::stdout().lock();
-    export::write_records(&mut out, &records, args.format.unwrap_or_else(Format::default_for_stdout))?;
-    out.flush()?;
+    export::write_records(out, &records, args.format.unwrap_or_else(Format::default_for_stdout))?;
     Ok(())
 }
 
-pub fn audit(command: AuditCommand) -> Result<()> {
+pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
         AuditCommand::Verify { db } => {
             let log = AuditLog::in_dir(&db);
             let entries = log.verify().with_context(|| format!("{} is not intact", log.path().display()))?;
-            println!("audit log intact: {entries} entries");
+            writeln!(out, "audit log intact: {entries} entries")?;
             Ok(())
         }
     }
 }
 
-pub fn sweep(args: StoreArgs) -> Result<()> {
+pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
-    let store = Store::open(&args.db)?;
     let dropped = store.sweep(config.retention_days, Utc::now())?;
-    println!("retention {} days: dropped {} day(s){}", config.retention_days, dropped.len(),
-        if dropped.is_empty() { String::new() } else { format!(" ({} .. {})", dropped[0], dropped[dropped.len() - 1]) });
+    let span = match (dropped.first(), dropped.last()) {
+        (Some(first), Some(last)) => format!(" ({first} .. {last})"),
+        _ => String::new(),
+    };
+    writeln!(out, "retention {} days: dropped {} day(s){span}", config.retention_days, dropped.len())?;
     Ok(())
 }
 
 /// An authorised query in progress: refused ones are audited and never get here.
 struct Session {
-    store: Store,
     audit: AuditLog,
     record: AuditRecord,
+    max_window: chrono::Duration,
 }
 
 impl Session {
-    fn open(args: &StoreArgs, who: &Requester, purpose: Purpose, command: &str, parameters: serde_json::Value) -> Result<Self> {
+    fn open(
+        args: &StoreArgs,
+        who: &Requester,
+        purpose: Purpose,
+        command: &str,
+        parameters: serde_json::Value,
+    ) -> Result<Self> {
         let config = Config::load(args.config.as_deref(), Some(&args.db))?;
         let audit = AuditLog::in_dir(&args.db);
         let authorisation = Authorisation {
@@ -154,7 +174,7 @@ impl Session {
             officer: who.officer.clone(),
             reference: who.reference.clone(),
         };
-        let mut record = AuditRecord {
+        let record = AuditRecord {
             time: format_time(&Utc::now()),
             command: command.into(),
             authority: who.authority.clone(),
@@ -164,13 +184,35 @@ impl Session {
             parameters,
             ..AuditRecord::default()
         };
+        let session = Self { audit, record, max_window: chrono::Duration::days(i64::from(config.max_window_days)) };
         if let Err(refusal) = query::authorise(&config, &authorisation, purpose) {
-            record.outcome = refusal.to_string();
-            audit.append(record).context("auditing a refused query")?;
-            return Err(anyhow::Error::new(refusal));
+            return Err(session.refuse(refusal));
         }
-        let store = Store::open(&args.db)?;
-        Ok(Self { store, audit, record })
+        Ok(session)
+    }
+
+    /// Audits a refusal and returns it as the command's error.
+    fn refuse(&self, refusal: Refusal) -> anyhow::Error {
+        let mut record = self.record.clone();
+        record.outcome = refusal.to_string();
+        match self.audit.append(record) {
+            Ok(_) => anyhow::Error::new(refusal),
+            Err(error) => error.context("auditing a refused query"),
+        }
+    }
+
+    /// A window longer than the configured maximum is refused.
+    fn check_window(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<()> {
+        if to < from {
+            bail!("the window ends before it starts");
+        }
+        if to - from > self.max_window {
+            return Err(self.refuse(Refusal(format!(
+                "the window is longer than the {} days allowed",
+                self.max_window.num_days()
+            ))));
+        }
+        Ok(())
     }
 
     fn audit_answer(&self, count: u64, digest: String) -> Result<()> {
@@ -182,12 +224,9 @@ impl Session {
         Ok(())
     }
 
-    fn answer_records(&self, records: &[Icr], format: Option<Format>) -> Result<()> {
-        let bytes = export::ndjson(records)?;
-        self.audit_answer(records.len() as u64, sha256_hex(&bytes))?;
-        let mut out = std::io::stdout().lock();
-        export::write_records(&mut out, records, format.unwrap_or_else(Format::default_for_stdout))?;
-        out.flush()?;
+    fn answer_records(&self, records: &[Icr], format: Option<Format>, out: &mut dyn Write) -> Result<()> {
+        self.audit_answer(records.len() as u64, sha256_hex(&export::ndjson(records)?))?;
+        export::write_records(out, records, format.unwrap_or_else(Format::default_for_stdout))?;
         Ok(())
     }
 }

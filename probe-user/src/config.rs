@@ -18,6 +18,9 @@ pub struct Config {
     pub retention_days: u32,
     #[serde(default, rename = "authority")]
     pub authorities: Vec<Authority>,
+    /// The longest window a query may cover.
+    #[serde(default = "default_max_window_days")]
+    pub max_window_days: u32,
     #[serde(default)]
     pub probe: ProbeSection,
     #[serde(default)]
@@ -77,6 +80,7 @@ impl Default for Config {
         Self {
             retention_days: default_retention(),
             authorities: Vec::new(),
+            max_window_days: default_max_window_days(),
             probe: ProbeSection::default(),
             timeouts: TimeoutsSection::default(),
             subscribers: Default::default(),
@@ -86,6 +90,10 @@ impl Default for Config {
 
 fn default_retention() -> u32 {
     MAX_RETENTION_DAYS
+}
+
+fn default_max_window_days() -> u32 {
+    31
 }
 
 fn default_flow_table_size() -> u32 {
@@ -121,6 +129,9 @@ impl Config {
         }
         if self.retention_days == 0 {
             bail!("retention_days must be at least 1");
+        }
+        if self.max_window_days == 0 || self.max_window_days > MAX_RETENTION_DAYS {
+            bail!("max_window_days must be between 1 and {MAX_RETENTION_DAYS}");
         }
         for authority in &self.authorities {
             if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {

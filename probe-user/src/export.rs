@@ -41,7 +41,7 @@ const RECORD_COLUMNS: [&str; 25] = [
     "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete",
 ];
 
-pub fn write_records(out: &mut impl Write, records: &[Icr], format: Format) -> Result<()> {
+pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
     match format {
         Format::Ndjson => out.write_all(&ndjson(records)?)?,
         Format::Csv => {
@@ -70,7 +70,7 @@ pub fn write_records(out: &mut impl Write, records: &[Icr], format: Format) -> R
     Ok(())
 }
 
-pub fn write_services(out: &mut impl Write, rows: &[ServiceRow], format: Format) -> Result<()> {
+pub fn write_services(out: &mut (impl Write + ?Sized), rows: &[ServiceRow], format: Format) -> Result<()> {
     let fields = |row: &ServiceRow| {
         vec![
             row.name.clone().unwrap_or_default(),
@@ -137,7 +137,7 @@ fn endpoint(ip: &str, port: &str) -> String {
     }
 }
 
-fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -3,8 +3,10 @@ use clap::Parser as _;
 use icr::{
     agent::{self, RunOptions},
     cli::{Cli, Command},
-    commands,
+    commands, control,
     config::Config,
+    export::Format,
+    store::{Store, StoreInUse},
 };
 
 fn main() {
@@ -12,23 +14,58 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
+    let mut stdout = std::io::stdout().lock();
     let result = match cli.command {
-        Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db))
-            .and_then(|config| {
-                let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config };
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(agent::run(options))
-            }),
+        Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db)).and_then(|config| {
+            let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config };
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
+        }),
         Command::Replay(args) => commands::replay(args),
-        Command::Query(query) => commands::query(query),
-        Command::List(args) => commands::list(args),
-        Command::Audit(audit) => commands::audit(audit),
-        Command::Sweep(args) => commands::sweep(args),
+        Command::Audit(audit) => commands::audit(audit, &mut stdout),
+        command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
+            let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
+            match Store::open(&db) {
+                Ok(store) => match command {
+                    Command::Query(query) => commands::query(query, &store, &mut stdout),
+                    Command::List(args) => commands::list(args, &store, &mut stdout),
+                    Command::Sweep(args) => commands::sweep(args, &store, &mut stdout),
+                    _ => unreachable!("matched above"),
+                },
+                // The agent holds the store: it answers through its socket.
+                Err(error) if error.downcast_ref::<StoreInUse>().is_some() => {
+                    drop(stdout);
+                    let wants_format = matches!(command, Command::Query(_) | Command::List(_));
+                    match control::ask(&db, argv_for_agent(wants_format)) {
+                        Ok((status, reason)) => {
+                            if let Some(reason) = reason {
+                                eprintln!("icr: {reason}");
+                            }
+                            std::process::exit(status);
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            }
+        }
     };
     if let Err(error) = result {
         eprintln!("icr: {error:#}");
         std::process::exit(if commands::is_refusal(&error) { 3 } else { 1 });
     }
+}
+
+/// This command line, with the output format decided here (the agent cannot
+/// see whether our stdout is a terminal).
+fn argv_for_agent(wants_format: bool) -> Vec<String> {
+    let mut argv: Vec<String> = std::env::args().collect();
+    if wants_format && !argv.iter().any(|a| a == "--format" || a.starts_with("--format=")) {
+        let format = match Format::default_for_stdout() {
+            Format::Table => "table",
+            Format::Csv => "csv",
+            Format::Ndjson => "ndjson",
+        };
+        argv.extend(["--format".to_string(), format.to_string()]);
+    }
+    argv
 }

@@ -17,10 +17,25 @@ const PARTITION_PREFIX: &str = "icr/";
 /// starts: records starting up to a day before it may still overlap it.
 const LOOKBACK_DAYS: u64 = 1;
 
+/// A handle on the store; clones share it (sled is thread-safe).
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
 }
+
+/// The store is held by another process: the running agent, whose socket
+/// answers instead.
+#[derive(Debug)]
+pub struct StoreInUse(pub PathBuf);
+
+impl std::fmt::Display for StoreInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the store {} is in use by another process (a running agent?)", self.0.display())
+    }
+}
+
+impl std::error::Error for StoreInUse {}
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
@@ -36,10 +51,7 @@ impl Store {
                 sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
                     || io.to_string().contains("lock") =>
                 {
-                    anyhow::anyhow!(
-                        "the store {} is in use by another process (a running agent?)",
-                        path.display()
-                    )
+                    anyhow::Error::new(StoreInUse(path.clone()))
                 }
                 other => anyhow::Error::new(other)
                     .context(format!("opening the store {}", path.display())),

@@ -13,6 +13,13 @@ use icr_tests::lab::{
 };
 use serde_json::Value;
 
+/// A window around the test run (queries may span at most 31 days).
+static WINDOW: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+    let now = chrono::Utc::now();
+    let day = chrono::Duration::days(1);
+    ((now - day).to_rfc3339(), (now + day).to_rfc3339())
+});
+
 const AUTHORITY_FLAGS: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-LAB-1"];
 
 fn write_config(db: &Path, c1_mac: &str) {
@@ -88,7 +95,21 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
 
     // Let the closed flows pass tcp_closed, then stop: the rest closes as "shutdown".
     std::thread::sleep(Duration::from_secs(3));
+
+    // While the agent runs it holds the store: queries go through its socket.
+    let db_arg = db.to_str().unwrap();
+    let mut args = vec!["query", "services", "--device", c1.mac.as_str(), "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
+    args.extend(AUTHORITY_FLAGS);
+    let live = ndjson(&icr(&args));
+    assert_eq!(live.len(), 1, "answered by the running agent: {live:?}");
+    assert_eq!(live[0]["remote"], format!("{EXCHANGE_IP}:{EXCHANGE_PORT}"));
+    let refused = icr(&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg]);
+    assert_eq!(refused.status.code(), Some(3), "refused through the socket too: {}", String::from_utf8_lossy(&refused.stderr));
+    let too_long = icr(&[&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg][..], &AUTHORITY_FLAGS].concat());
+    assert_eq!(too_long.status.code(), Some(3), "a century is longer than the 31 days allowed");
+
     let log = agent.stop().expect("the agent stops cleanly");
+    assert!(!db.join("icr.sock").exists(), "the socket goes with the agent");
     assert!(!log.contains("lost events 1"), "no events lost:\n{log}");
 
     let records = ndjson(&icr(&["list", "--db", db.to_str().unwrap(), "--format", "ndjson"]));
@@ -140,9 +161,8 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     let devices: HashSet<&str> = records.iter().filter_map(|r| r["device"]["ip"].as_str()).collect();
     assert!(devices.iter().all(|d| d.starts_with("192.168.50.")), "{devices:?}");
 
-    let db_arg = db.to_str().unwrap();
     // Question 2: the services client 1 used.
-    let mut args = vec!["query", "services", "--device", "line-0001", "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec!["query", "services", "--device", "line-0001", "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
     args.extend(AUTHORITY_FLAGS);
     let rows = ndjson(&icr(&args));
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -150,7 +170,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(rows[0]["connections"], 1);
 
     // Question 3: who used the web server.
-    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
     args.extend(AUTHORITY_FLAGS);
     let hits = ndjson(&icr(&args));
     assert_eq!(hits.len(), 1);
@@ -163,5 +183,5 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(local.status.code(), Some(3));
     let verify = icr(&["audit", "verify", "--db", db_arg]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("5 entries"), "list, 2 answers, 2 refusals");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("8 entries"), "3 answers and a refusal while running; list, 2 answers, 2 refusals after");
 }
