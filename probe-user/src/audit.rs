@@ -71,6 +71,12 @@ impl AuditLog {
 
     /// Appends `record` to the chain and syncs it; returns its sequence number.
     pub fn append(&self, record: AuditRecord) -> Result<u64> {
+        self.append_entry(record).map(|(seq, _)| seq)
+    }
+
+    /// As `append`, also returning the entry's line as written (for a
+    /// disclosure bundle).
+    pub fn append_entry(&self, record: AuditRecord) -> Result<(u64, String)> {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -90,7 +96,8 @@ impl AuditLog {
         line.push(b'\n');
         file.write_all(&line).context("writing the audit log")?;
         file.sync_data().context("syncing the audit log")?;
-        Ok(seq)
+        line.pop();
+        Ok((seq, String::from_utf8(line)?))
     }
 
     /// Checks the whole chain; returns the number of entries, or the first

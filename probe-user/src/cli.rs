@@ -79,6 +79,10 @@ pub struct Requester {
     /// Output format (default: table on a terminal, NDJSON otherwise).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
+    /// Also write a disclosure bundle here: the results, this query's audit
+    /// entry, and a SHA-256 manifest of both (`sha256sum -c MANIFEST.sha256`).
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

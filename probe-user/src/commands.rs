@@ -46,7 +46,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
             let records = store.scan(at - tolerance, at + tolerance)?;
             let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
-            session.answer_records(&answer, who.format, out)
+            session.answer_records(&answer, &who, out)
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
@@ -55,9 +55,10 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             session.check_window(from, to)?;
             let records = store.scan(from, to)?;
             let rows = query::services_of(&records, &DeviceSelector::parse(&device));
-            session.audit_answer(rows.len() as u64, sha256_hex(&export::ndjson(&rows)?))?;
-            export::write_services(out, &rows, who.format.unwrap_or_else(Format::default_for_stdout))?;
-            Ok(())
+            let format = who.format.unwrap_or_else(Format::default_for_stdout);
+            let mut rendered = Vec::new();
+            export::write_services(&mut rendered, &rows, format)?;
+            session.answer(rows.len() as u64, &export::ndjson(&rows)?, &rendered, format, who.bundle.as_deref(), out)
         }
         QueryCommand::Accessed { services, services_file, from, to, store: args, who } => {
             let parameters = serde_json::json!({
@@ -80,7 +81,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
             session.check_window(from, to)?;
             let records = store.scan(from, to)?;
-            session.answer_records(&query::accessed(records, &selectors), who.format, out)
+            session.answer_records(&query::accessed(records, &selectors), &who, out)
         }
     }
 }
@@ -215,20 +216,62 @@ impl Session {
         Ok(())
     }
 
-    fn audit_answer(&self, count: u64, digest: String) -> Result<()> {
+    fn answer_records(&self, records: &[Icr], who: &Requester, out: &mut dyn Write) -> Result<()> {
+        let format = who.format.unwrap_or_else(Format::default_for_stdout);
+        let mut rendered = Vec::new();
+        export::write_records(&mut rendered, records, format)?;
+        self.answer(records.len() as u64, &export::ndjson(records)?, &rendered, format, who.bundle.as_deref(), out)
+    }
+
+    /// Audits the answer (its count and the SHA-256 of its NDJSON), writes the
+    /// disclosure bundle if asked, then the answer itself.
+    fn answer(
+        &self,
+        count: u64,
+        ndjson: &[u8],
+        rendered: &[u8],
+        format: Format,
+        bundle: Option<&std::path::Path>,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        if let Some(dir) = bundle {
+            // Checked before the answer is audited: a query that cannot be
+            // delivered is not recorded as answered.
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                bail!("the bundle directory {} is not empty", dir.display());
+            }
+        }
         let mut record = self.record.clone();
         record.outcome = "answered".into();
         record.result_count = count;
-        record.result_sha256 = Some(digest);
-        self.audit.append(record).context("auditing the query")?;
+        record.result_sha256 = Some(sha256_hex(ndjson));
+        let (_, entry) = self.audit.append_entry(record).context("auditing the query")?;
+        if let Some(dir) = bundle {
+            write_bundle(dir, ndjson, rendered, format, &entry)?;
+        }
+        out.write_all(rendered)?;
         Ok(())
     }
+}
 
-    fn answer_records(&self, records: &[Icr], format: Option<Format>, out: &mut dyn Write) -> Result<()> {
-        self.audit_answer(records.len() as u64, sha256_hex(&export::ndjson(records)?))?;
-        export::write_records(out, records, format.unwrap_or_else(Format::default_for_stdout))?;
-        Ok(())
+/// A disclosure bundle: the results (NDJSON, and the requested format if
+/// another), the audit entry of the query, and a manifest of their SHA-256
+/// sums in `sha256sum` form. An existing bundle is never overwritten.
+fn write_bundle(dir: &std::path::Path, ndjson: &[u8], rendered: &[u8], format: Format, entry: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("results.ndjson", ndjson.to_vec()), ("audit-entry.json", format!("{entry}\n").into_bytes())];
+    match format {
+        Format::Csv => files.push(("results.csv", rendered.to_vec())),
+        Format::Ecs => files.push(("results.ecs.ndjson", rendered.to_vec())),
+        Format::Ndjson | Format::Table => {}
     }
+    let mut manifest = String::new();
+    for (name, bytes) in &files {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {name} to the bundle"))?;
+        manifest.push_str(&format!("{}  {name}\n", sha256_hex(bytes)));
+    }
+    std::fs::write(dir.join("MANIFEST.sha256"), manifest).context("writing the bundle's manifest")?;
+    Ok(())
 }
 
 /// Whether an error is a refusal (the CLI exits 3 for those).

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    icr::{Icr, format_time},
+    icr::{Icr, ServiceSource, format_time},
     query::ServiceRow,
 };
 
@@ -15,6 +15,9 @@ pub enum Format {
     Ndjson,
     Csv,
     Table,
+    /// Elastic Common Schema, as Elasticsearch `_bulk` lines (an action line
+    /// before each document), ready for a Kibana/Elasticsearch import.
+    Ecs,
 }
 
 impl Format {
@@ -44,6 +47,15 @@ const RECORD_COLUMNS: [&str; 25] = [
 pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
     match format {
         Format::Ndjson => out.write_all(&ndjson(records)?)?,
+        Format::Ecs => {
+            for record in records {
+                let action = serde_json::json!({ "create": { "_index": "icr", "_id": record.id } });
+                serde_json::to_writer(&mut *out, &action)?;
+                out.write_all(b"\n")?;
+                serde_json::to_writer(&mut *out, &ecs(record))?;
+                out.write_all(b"\n")?;
+            }
+        }
         Format::Csv => {
             let mut csv = csv::Writer::from_writer(out);
             csv.write_record(RECORD_COLUMNS)?;
@@ -70,6 +82,62 @@ pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: F
     Ok(())
 }
 
+/// One record in Elastic Common Schema fields.
+pub fn ecs(r: &Icr) -> serde_json::Value {
+    use serde_json::json;
+    let service = r.service.as_ref();
+    let sni = service.filter(|s| matches!(s.source, ServiceSource::TlsSni | ServiceSource::QuicSni)).map(|s| &s.name);
+    let host = service.filter(|s| s.source == ServiceSource::HttpHost).map(|s| &s.name);
+    let duration_ns = (r.end - r.start).num_nanoseconds().unwrap_or(0);
+    let mut doc = json!({
+        "@timestamp": format_time(&r.start),
+        "ecs": { "version": "8.11.0" },
+        "event": {
+            "id": r.id, "kind": "event", "category": ["network"], "type": ["connection"],
+            "start": format_time(&r.start), "end": format_time(&r.end), "duration": duration_ns,
+        },
+        "network": {
+            "transport": r.proto, "packets": r.packets_up + r.packets_down, "bytes": r.bytes_up + r.bytes_down,
+            "vlan": r.device.vlan.first().map(|id| json!({ "id": id.to_string() })),
+            "inner": r.device.vlan.get(1).map(|id| json!({ "vlan": { "id": id.to_string() } })),
+        },
+        "source": {
+            "ip": r.device.ip, "port": r.device.port, "mac": r.device.mac.as_ref().map(|m| m.replace(':', "-").to_ascii_uppercase()),
+            "packets": r.packets_up, "bytes": r.bytes_up,
+            "nat": r.public.map(|p| json!({ "ip": p.ip, "port": p.port })),
+            "user": r.device.subscriber.as_ref().map(|s| json!({ "id": s })),
+        },
+        "destination": {
+            "ip": r.remote.ip, "port": r.remote.port, "packets": r.packets_down, "bytes": r.bytes_down,
+            "domain": service.map(|s| &s.name),
+        },
+        "tls": sni.map(|name| json!({ "client": { "server_name": name } })),
+        "url": host.map(|name| json!({ "domain": name })),
+        "dns": r.dns.as_ref().map(|d| json!({
+            "question": { "name": d.qname, "type": d.qtype },
+            "answers": d.answers.iter().map(|a| json!({ "data": a })).collect::<Vec<_>>(),
+        })),
+        "labels": {
+            "end_reason": serde_json::to_value(r.end_reason).ok(),
+            "service_source": service.and_then(|s| serde_json::to_value(s.source).ok()),
+            "incomplete": r.incomplete.to_string(),
+            "pppoe_session": r.device.pppoe_session.map(|s| s.to_string()),
+        },
+    });
+    strip_nulls(&mut doc);
+    doc
+}
+
+/// ECS documents leave unknown fields out rather than null.
+fn strip_nulls(value: &mut serde_json::Value) {
+    if let serde_json::Value::Object(map) = value {
+        map.retain(|_, v| !v.is_null());
+        for v in map.values_mut() {
+            strip_nulls(v);
+        }
+    }
+}
+
 pub fn write_services(out: &mut (impl Write + ?Sized), rows: &[ServiceRow], format: Format) -> Result<()> {
     let fields = |row: &ServiceRow| {
         vec![
@@ -84,7 +152,8 @@ pub fn write_services(out: &mut (impl Write + ?Sized), rows: &[ServiceRow], form
     };
     const HEADER: [&str; 7] = ["name", "remote", "proto", "first", "last", "connections", "bytes"];
     match format {
-        Format::Ndjson => out.write_all(&ndjson(rows)?)?,
+        // Service rows are no connection records: ECS gets them as NDJSON.
+        Format::Ndjson | Format::Ecs => out.write_all(&ndjson(rows)?)?,
         Format::Csv => {
             let mut csv = csv::Writer::from_writer(out);
             csv.write_record(HEADER)?;
@@ -197,6 +266,49 @@ mod tests {
         write_records(&mut out, &[record()], Format::Ndjson).unwrap();
         let back: Icr = serde_json::from_slice(&out).unwrap();
         assert_eq!(back, record());
+    }
+
+    #[test]
+    fn ecs_round_trips_into_the_record_fields() {
+        let mut r = record();
+        r.service = Some(crate::icr::Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni, ech: false });
+        r.public = Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 20001 });
+        r.device.mac = Some("02:00:00:00:00:17".into());
+        r.device.subscriber = Some("line-0042".into());
+        let mut out = Vec::new();
+        write_records(&mut out, &[r.clone()], Format::Ecs).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "an action line, then the document");
+        assert_eq!(lines[0]["create"]["_id"], r.id.as_str());
+        let doc = &lines[1];
+        assert_eq!(doc["@timestamp"], format_time(&r.start));
+        assert_eq!(doc["source"]["ip"], "10.0.0.2");
+        assert_eq!(doc["source"]["port"], 5353);
+        assert_eq!(doc["source"]["mac"], "02-00-00-00-00-17");
+        assert_eq!(doc["source"]["nat"]["port"], 20001);
+        assert_eq!(doc["source"]["user"]["id"], "line-0042");
+        assert_eq!(doc["destination"]["ip"], "2001:db8::1");
+        assert_eq!((doc["source"]["bytes"].as_u64(), doc["destination"]["bytes"].as_u64()), (Some(3), Some(4)));
+        assert_eq!(doc["network"]["transport"], "udp");
+        assert_eq!(doc["network"]["vlan"]["id"], "100");
+        assert_eq!(doc["network"]["inner"]["vlan"]["id"], "20");
+        assert_eq!(doc["tls"]["client"]["server_name"], "mail.example.com");
+        assert_eq!(doc["labels"]["incomplete"], "true");
+        assert!(doc.get("dns").is_none() && doc.get("url").is_none(), "absent, not null");
+    }
+
+    #[test]
+    fn csv_parses_back() {
+        let mut out = Vec::new();
+        write_records(&mut out, &[record()], Format::Csv).unwrap();
+        let mut reader = csv::Reader::from_reader(out.as_slice());
+        let headers = reader.headers().unwrap().clone();
+        let row = reader.records().next().unwrap().unwrap();
+        let field = |name: &str| row.get(headers.iter().position(|h| h == name).unwrap()).unwrap().to_string();
+        assert_eq!(field("device_ip"), "10.0.0.2");
+        assert_eq!(field("remote_ip"), "2001:db8::1");
+        assert_eq!(field("bytes_down"), "4");
+        assert_eq!(field("start"), format_time(&record().start));
     }
 
     #[test]

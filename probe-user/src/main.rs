@@ -1,5 +1,5 @@
 //! `icr`: argument parsing and wiring; the work is in the library's modules.
-use clap::Parser as _;
+use clap::{Parser as _, ValueEnum as _};
 use icr::{
     agent::{self, RunOptions},
     cli::{Cli, Command},
@@ -60,12 +60,8 @@ fn main() {
 fn argv_for_agent(wants_format: bool) -> Vec<String> {
     let mut argv: Vec<String> = std::env::args().collect();
     if wants_format && !argv.iter().any(|a| a == "--format" || a.starts_with("--format=")) {
-        let format = match Format::default_for_stdout() {
-            Format::Table => "table",
-            Format::Csv => "csv",
-            Format::Ndjson => "ndjson",
-        };
-        argv.extend(["--format".to_string(), format.to_string()]);
+        let format = Format::default_for_stdout().to_possible_value().expect("formats have names");
+        argv.extend(["--format".to_string(), format.get_name().to_string()]);
     }
     argv
 }

@@ -176,6 +176,36 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0]["device"]["ip"], c2.ip.as_str());
 
+    // The same question as a disclosure bundle (CSV), checkable by the receiver.
+    let bundle = lab.dir.join("bundle");
+    let bundle_arg = bundle.to_str().unwrap();
+    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "csv", "--bundle", bundle_arg];
+    args.extend(AUTHORITY_FLAGS);
+    let csv_out = icr(&args);
+    assert!(csv_out.status.success(), "{}", String::from_utf8_lossy(&csv_out.stderr));
+    let check = Command::new("sha256sum").args(["-c", "MANIFEST.sha256"]).current_dir(&bundle).output().unwrap();
+    assert!(check.status.success(), "the manifest checks: {}", String::from_utf8_lossy(&check.stdout));
+    let manifest = std::fs::read_to_string(bundle.join("MANIFEST.sha256")).unwrap();
+    assert!(["results.ndjson", "results.csv", "audit-entry.json"].iter().all(|f| manifest.contains(f)), "{manifest}");
+    assert_eq!(std::fs::read(bundle.join("results.csv")).unwrap(), csv_out.stdout, "the bundle holds what was disclosed");
+    let entry: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
+    assert_eq!(entry["reference"], "OP-LAB-1");
+    assert_eq!(entry["result_count"], 1);
+    let audit_log = std::fs::read_to_string(db.join("audit.log")).unwrap();
+    assert!(audit_log.contains(entry["hash"].as_str().unwrap()), "the bundled entry is the logged one");
+    let again = icr(&args);
+    assert!(!again.status.success(), "a bundle is never overwritten");
+
+    // ECS for Elasticsearch: action and document lines.
+    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ecs"];
+    args.extend(AUTHORITY_FLAGS);
+    let ecs = ndjson(&icr(&args));
+    assert_eq!(ecs.len(), 2);
+    assert!(ecs[0]["create"]["_id"].is_string());
+    assert_eq!(ecs[1]["source"]["ip"], c2.ip.as_str());
+    assert_eq!(ecs[1]["source"]["nat"]["ip"], PUBLIC_IP);
+    assert_eq!(ecs[1]["destination"]["ip"], WEB_IP);
+
     // Refusals: no reference; a local authority. Exit 3, and audited.
     let refused = icr(&["query", "accessed", "--service", WEB_IP, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-police", "--officer", "PC 1"]);
     assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
@@ -183,5 +213,5 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(local.status.code(), Some(3));
     let verify = icr(&["audit", "verify", "--db", db_arg]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("8 entries"), "3 answers and a refusal while running; list, 2 answers, 2 refusals after");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("10 entries"), "while running: 1 answer, 2 refusals; after: list, 4 answers (one bundle), 2 refusals");
 }
