@@ -41,13 +41,16 @@ pub struct RunOptions {
     pub wan: Vec<String>,
     pub db: PathBuf,
     pub config: Config,
+    /// The configuration file given, which queries re-read (authorities change).
+    pub config_file: Option<PathBuf>,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    let RunOptions { lan, wan, db, config } = options;
+    let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
     crate::control::serve(&db, store.clone())?;
+    crate::http::serve(&config.http, db.clone(), config_file, store.clone()).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let mut probe = Probe::load(ProbeOptions { flow_table_size: config.probe.flow_table_size })?;
     for interface in &lan {

@@ -29,6 +29,9 @@ pub enum Command {
     Audit(AuditCommand),
     /// Apply retention now: drop every day older than `retention_days`.
     Sweep(StoreArgs),
+    /// Read an HTTP API token on stdin; print its salted hash for an
+    /// authority's `token_hash` (the token itself is never stored).
+    HashToken,
 }
 
 #[derive(Args, Debug)]

@@ -27,6 +27,8 @@ pub struct Config {
     pub timeouts: TimeoutsSection,
     #[serde(default)]
     pub subscribers: crate::subscribers::SubscribersSection,
+    #[serde(default)]
+    pub http: crate::http::HttpSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -84,6 +86,7 @@ impl Default for Config {
             probe: ProbeSection::default(),
             timeouts: TimeoutsSection::default(),
             subscribers: Default::default(),
+            http: Default::default(),
         }
     }
 }

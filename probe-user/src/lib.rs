@@ -12,6 +12,7 @@ pub mod events;
 pub mod export;
 pub mod flow;
 pub mod hints;
+pub mod http;
 pub mod icr;
 pub mod nat;
 pub mod probe;

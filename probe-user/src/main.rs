@@ -1,4 +1,6 @@
 //! `icr`: argument parsing and wiring; the work is in the library's modules.
+use std::io::Write as _;
+
 use clap::{Parser as _, ValueEnum as _};
 use icr::{
     agent::{self, RunOptions},
@@ -17,10 +19,18 @@ fn main() {
     let mut stdout = std::io::stdout().lock();
     let result = match cli.command {
         Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db)).and_then(|config| {
-            let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config };
+            let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config, config_file: args.store.config };
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
         }),
         Command::Replay(args) => commands::replay(args),
+        Command::HashToken => {
+            let mut token = String::new();
+            std::io::stdin().read_line(&mut token).map_err(anyhow::Error::from).and_then(|_| {
+                let hash = icr::http::hash_token(token.trim())?;
+                writeln!(stdout, "{hash}")?;
+                Ok(())
+            })
+        }
         Command::Audit(audit) => commands::audit(audit, &mut stdout),
         command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
