@@ -62,7 +62,9 @@ pub fn run() -> Result<()> {
         println!("{line}");
     }
     let who = ["--authority", "demo-police", "--officer", "PC 4242", "--reference", "OP-DEMO-1"];
-    let window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"];
+    // Queries may cover at most 31 days: ask about the hour around the demo.
+    let (from, to) = window_around_now();
+    let window = ["--from", from.as_str(), "--to", to.as_str()];
     println!("\n== Question 2: which services did client 2 ({}) use?", c2.mac);
     icr_print(&icr, &[&["query", "services", "--device", &c2.mac, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
     println!("\n== Question 3: which devices used {WEB_NAME} (by name) or the web server {WEB_IP}?");
@@ -77,6 +79,13 @@ pub fn run() -> Result<()> {
     println!("\n== Removing the lab");
     drop(lab);
     Ok(())
+}
+
+/// RFC 3339 times an hour before and after now.
+fn window_around_now() -> (String, String) {
+    let now = chrono::Utc::now();
+    let hour = chrono::Duration::hours(1);
+    ((now - hour).to_rfc3339(), (now + hour).to_rfc3339())
 }
 
 fn write_config(db: &Path) -> Result<()> {
