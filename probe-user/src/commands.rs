@@ -39,49 +39,55 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
             let session = Session::open(&args, &who, Purpose::Resolve, "query resolve", parameters)?;
-            let at = parse_time(&at, "--at")?;
-            let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
-            session.check_window(at - tolerance, at + tolerance)?;
-            let remote = remote.as_deref().map(parse_remote).transpose()?;
-            let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
-            let records = store.scan(at - tolerance, at + tolerance)?;
-            let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
-            session.answer_records(&answer, &who, out)
+            session.run(|session| {
+                let at = parse_time(&at, "--at")?;
+                let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
+                session.check_window(at - tolerance, at + tolerance)?;
+                let remote = remote.as_deref().map(parse_remote).transpose()?;
+                let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
+                let records = store.scan(at - tolerance, at + tolerance)?;
+                let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
+                session.answer_records(&answer, &who, out)
+            })
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
             let session = Session::open(&args, &who, Purpose::Services, "query services", parameters)?;
-            let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
-            session.check_window(from, to)?;
-            let records = store.scan(from, to)?;
-            let rows = query::services_of(&records, &DeviceSelector::parse(&device));
-            let format = who.format.unwrap_or_else(Format::default_for_stdout);
-            let mut rendered = Vec::new();
-            export::write_services(&mut rendered, &rows, format)?;
-            session.answer(rows.len() as u64, &export::ndjson(&rows)?, &rendered, format, who.bundle.as_deref(), out)
+            session.run(|session| {
+                let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
+                session.check_window(from, to)?;
+                let records = store.scan(from, to)?;
+                let rows = query::services_of(&records, &DeviceSelector::parse(&device));
+                let format = who.format.unwrap_or_else(Format::default_for_stdout);
+                let mut rendered = Vec::new();
+                export::write_services(&mut rendered, &rows, format)?;
+                session.answer(rows.len() as u64, &export::ndjson(&rows)?, &rendered, format, who.bundle.as_deref(), out)
+            })
         }
         QueryCommand::Accessed { services, services_file, from, to, store: args, who } => {
             let parameters = serde_json::json!({
                 "services": services, "services_file": services_file, "from": from, "to": to,
             });
             let session = Session::open(&args, &who, Purpose::Accessed, "query accessed", parameters)?;
-            let mut texts = services;
-            if let Some(file) = services_file {
-                let list = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-                texts.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
-            }
-            if texts.is_empty() {
-                bail!("name at least one --service (or a --services-file)");
-            }
-            let selectors = texts
-                .iter()
-                .map(|t| ServiceSelector::parse(t))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow!(e))?;
-            let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
-            session.check_window(from, to)?;
-            let records = store.scan(from, to)?;
-            session.answer_records(&query::accessed(records, &selectors), &who, out)
+            session.run(|session| {
+                let mut texts = services;
+                if let Some(file) = services_file {
+                    let list = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                    texts.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+                }
+                if texts.is_empty() {
+                    bail!("name at least one --service (or a --services-file)");
+                }
+                let selectors = texts
+                    .iter()
+                    .map(|t| ServiceSelector::parse(t))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow!(e))?;
+                let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
+                session.check_window(from, to)?;
+                let records = store.scan(from, to)?;
+                session.answer_records(&query::accessed(records, &selectors), &who, out)
+            })
         }
     }
 }
@@ -190,6 +196,20 @@ impl Session {
             return Err(session.refuse(refusal));
         }
         Ok(session)
+    }
+
+    /// Runs the authorised query; a failure that is no refusal (a bad
+    /// parameter, an unreadable store) is audited too, as "failed".
+    fn run(&self, query: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+        let result = query(self);
+        if let Err(error) = &result {
+            if !is_refusal(error) {
+                let mut record = self.record.clone();
+                record.outcome = format!("failed: {error:#}");
+                self.audit.append(record).context("auditing a failed query")?;
+            }
+        }
+        result
     }
 
     /// Audits a refusal and returns it as the command's error.

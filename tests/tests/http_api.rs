@@ -136,8 +136,10 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let log = agent.stop().expect("the agent stops cleanly");
     let verify = Command::new(icr_binary()).args(["audit", "verify", "--db"]).arg(&db).output().unwrap();
     assert!(verify.status.success());
-    // 2 answers + wrong token + no token + local + wrong purpose + no reference + window = 8.
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("8 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // 2 answers + wrong token + no token + local + wrong purpose + no reference
+    // + window = 8, and the bad time, audited as failed = 9. (Requests that
+    // never became a query — not JSON, unknown parameters — are not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("9 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 

@@ -44,6 +44,11 @@ name = "lab-council"
 kind = "local"
 purposes = [1, 2, 3]
 
+[[authority]]
+name = "lab-narrow"
+kind = "approved"
+purposes = [2]
+
 [probe]
 flow_table_size = 65536
 
@@ -211,7 +216,27 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
     let local = icr(&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-council", "--officer", "X", "--reference", "R"]);
     assert_eq!(local.status.code(), Some(3));
+    let narrow = icr(&["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--authority", "lab-narrow", "--officer", "X", "--reference", "R"]);
+    assert_eq!(narrow.status.code(), Some(3), "purpose 3 is not among lab-narrow's");
+    assert!(String::from_utf8_lossy(&narrow.stderr).contains("purpose 3"));
+    // Malformed parameters: a clear error (exit 1), no panic, nothing answered.
+    for (bad, says) in [
+        (vec!["query", "resolve", "--ip", PUBLIC_IP, "--at", "yesterday-ish"], "RFC 3339"),
+        (vec!["query", "accessed", "--service", "example.com/path?q=1", "--from", &WINDOW.0, "--to", &WINDOW.1], "no URLs"),
+        (vec!["query", "services", "--device", "x", "--from", &WINDOW.1, "--to", &WINDOW.0], "ends before it starts"),
+    ] {
+        let out = icr(&[&bad[..], &["--db", db_arg], &AUTHORITY_FLAGS].concat());
+        assert_eq!(out.status.code(), Some(1), "{bad:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says) && stderr.lines().count() == 1, "{bad:?}: {stderr}");
+    }
     let verify = icr(&["audit", "verify", "--db", db_arg]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("10 entries"), "while running: 1 answer, 2 refusals; after: list, 4 answers (one bundle), 2 refusals");
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("15 entries"),
+        "while running: 1 answer, 2 refusals; after: list, 4 answers (one bundle), 3 refusals, 4 failed: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let audit_log = std::fs::read_to_string(db.join("audit.log")).unwrap();
+    assert_eq!(audit_log.matches("\"outcome\":\"failed: ").count(), 4, "the second bundle and the malformed queries are audited as failed");
 }

@@ -82,8 +82,9 @@ impl FlowHints {
             (IPPROTO_UDP, true) => dns::message(packet.payload).map(|m| self.note_dns(m)).into_iter().flatten().collect(),
             (IPPROTO_TCP, true) => {
                 let stream = &mut self.streams[usize::from(packet.dir & 1)];
-                let before = stream.consumed;
                 stream.insert(packet.tcp_seq, packet.payload);
+                // After the insert: an earlier segment moves the base back and resets it.
+                let before = stream.consumed;
                 let bytes = stream.contiguous();
                 match dns::tcp_messages(&bytes[before..]) {
                     Parse::Done(messages) => {
@@ -211,7 +212,15 @@ impl Stream {
         if offset < 0 {
             // An earlier segment arrived late: move the base back to it.
             let shift = offset.unsigned_abs();
-            self.segments = std::mem::take(&mut self.segments).into_iter().map(|(o, d)| (o + shift, d)).collect();
+            // Segments pushed past 4 GiB from the new base can never be reached: dropped.
+            for (o, d) in std::mem::take(&mut self.segments) {
+                match o.checked_add(shift) {
+                    Some(o) => {
+                        self.segments.insert(o, d);
+                    }
+                    None => self.bytes -= d.len(),
+                }
+            }
             self.base = Some(seq);
             self.consumed = 0;
             self.segments.insert(0, data.to_vec());
@@ -361,6 +370,30 @@ mod tests {
         assert_eq!(cache.lookup(device, web, 400 * 1_000_000_000), None, "not after it expired");
         cache.expire(1_000 * 1_000_000_000);
         assert!(cache.by_device.is_empty());
+    }
+
+    /// Found by fuzzing (fuzz/artifacts/flow_hints/regression-*).
+    #[test]
+    fn an_earlier_segment_after_parsed_dns_over_tcp() {
+        let one = dns::tests::response("tcp.example.test", TYPE::A, vec![]);
+        let mut framed = (one.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&one);
+        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: IPPROTO_TCP, src_port: 53, dst_port: 40000, tcp_seq: seq, payload };
+        let mut hints = FlowHints::default();
+        assert_eq!(hints.add(&dns_tcp(5000, &framed)).len(), 1);
+        // Before the base, with a gap: fewer contiguous bytes than were parsed.
+        assert!(hints.add(&dns_tcp(4000, &[0])).is_empty());
+        assert_eq!(hints.streams[1].consumed, 0);
+    }
+
+    #[test]
+    fn segments_four_gib_apart_do_not_overflow_offsets() {
+        let mut hints = FlowHints::default();
+        for seq in [0x1000_0000, 0x8fff_ffff, 0x9000_0000, 0x8fff_ffff] {
+            hints.add(&tcp(0, seq, b"x"));
+        }
+        assert!(hints.service.is_none() && !hints.client_decided);
+        assert_eq!(hints.streams[0].bytes, hints.streams[0].segments.values().map(Vec::len).sum::<usize>());
     }
 
     #[test]
