@@ -324,6 +324,21 @@ http {{
         Ok(capture)
     }
 
+    /// Starts an exchange from `client` that pauses `pause` seconds in the
+    /// middle; returns the running client and its source port.
+    pub fn slow_exchange(&self, client: &Client, up: usize, down: usize, pause: f64) -> Result<(Child, u16)> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &client.ns, "python3"])
+            .arg(exchange_script())
+            .args(["connect", EXCHANGE_IP, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string(), &pause.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+        let port = line.trim().parse().with_context(|| format!("the exchange client printed {line:?}"))?;
+        Ok((child, port))
+    }
+
     /// nginx's access log: the ground truth of what the server saw.
     pub fn web_access_log(&self) -> Result<Vec<AccessLine>> {
         let text = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
@@ -413,7 +428,7 @@ impl Agent {
         command
             .args(["run", "--lan", &lab.lan_interfaces(), "--wan", GATEWAY_WAN_IF, "--db"])
             .arg(db)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", std::env::var("ICR_LAB_LOG").unwrap_or_else(|_| "info".into()));
         let child = lab.spawn_in(&lab.gateway, &mut command, "agent")?;
         let mut agent = Agent { child: Some(child), log };
         let started = Instant::now();
@@ -430,6 +445,14 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGKILL: the agent dies at once, as in a crash.
+    pub fn kill(mut self) -> Result<()> {
+        let mut child = self.child.take().expect("running");
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// SIGTERM, then waits (at most 30 s) for a clean exit.

@@ -77,7 +77,8 @@ pub struct FlowValue {
     pub first_dir: u8,
     /// TCP flags of the first packet seen (a lone SYN names the client).
     pub first_tcp_flags: u8,
-    /// Set once a flow-end event has been sent, so it is sent once.
+    /// Bit per direction: a flow-end event was sent for that side's first
+    /// FIN or RST (each side's end is reported once).
     pub end_sent: u8,
     /// Set once the layer-2 fields below come from a LAN-side packet.
     pub l2_from_lan: u8,
@@ -104,7 +105,7 @@ pub const HINT_MAX_FRAME: u32 = 9216;
 pub mod event_kind {
     /// A new entry was added to the flow table.
     pub const FLOW_START: u8 = 1;
-    /// A FIN or RST was seen on a tracked flow (sent once per flow).
+    /// A side of a tracked flow sent its first FIN or RST (once per side).
     pub const FLOW_END: u8 = 2;
     /// A packet whose payload may name the service (TLS ClientHello, QUIC
     /// Initial, DNS, HTTP request): the frame follows the event.

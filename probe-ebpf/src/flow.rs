@@ -67,7 +67,7 @@ pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
     value.pppoe_session = packet.pppoe_session;
     value.l2_from_lan = (role == roles::LAN) as u8;
     let ends = ends_flow(packet.tcp_flags);
-    value.end_sent = ends as u8;
+    value.end_sent = (ends as u8) << index;
     let hint = wants_hint(packet, dir, &value);
     if hint {
         value.hint_bytes[index] = packet.payload_len;
@@ -126,8 +126,10 @@ fn update(
             (*value).hint_bytes[index] = (*value).hint_bytes[index].saturating_add(packet.payload_len);
             emit(ctx, event_kind::HINT, key, packet, dir, role, now);
         }
-        if ends_flow(packet.tcp_flags) && (*value).end_sent == 0 {
-            (*value).end_sent = 1;
+        // One end event per direction: the first FIN (or RST) each side sends.
+        let side = 1u8 << index;
+        if ends_flow(packet.tcp_flags) && (*value).end_sent & side == 0 {
+            (*value).end_sent |= side;
             emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now);
         }
     }

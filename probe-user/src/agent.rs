@@ -52,7 +52,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     crate::control::serve(&db, store.clone())?;
     crate::http::serve(&config.http, db.clone(), config_file, store.clone()).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
-    let mut probe = Probe::load(ProbeOptions { flow_table_size: config.probe.flow_table_size })?;
+    let mut probe = Probe::load(ProbeOptions {
+        flow_table_size: config.probe.flow_table_size,
+        pin_dir: config.probe.pin_dir.clone(),
+    })?;
     for interface in &lan {
         probe.attach(interface, role::LAN)?;
     }
@@ -127,6 +130,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     stored += write(&store, &mut assembler, &directory)?;
     log_stats(&probe, &assembler, &nat, stored);
     let _ = std::fs::remove_file(crate::control::socket_path(&db));
+    if let Some(dir) = &config.probe.pin_dir {
+        info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
+    }
     info!("stopped; {stored} records stored");
     Ok(())
 }

@@ -29,6 +29,9 @@ pub enum Command {
     Audit(AuditCommand),
     /// Apply retention now: drop every day older than `retention_days`.
     Sweep(StoreArgs),
+    /// Remove the probe a stopped agent left attached (the maps and XDP links
+    /// pinned in the configuration's `[probe] pin_dir`).
+    Detach(StoreArgs),
     /// Read an HTTP API token on stdin; print its salted hash for an
     /// authority's `token_hash` (the token itself is never stored).
     HashToken,

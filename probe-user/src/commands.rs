@@ -95,7 +95,8 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
 pub fn replay(args: ReplayArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), args.db.as_deref())?;
     let store = args.db.as_deref().map(Store::open).transpose()?;
-    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size };
+    // A replay never pins: it must not touch a running agent's maps.
+    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, pin_dir: None };
     let directory = crate::subscribers::Directory::load(&config.subscribers)?;
     let mut out = std::io::stdout().lock();
     let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
@@ -146,6 +147,21 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
             Ok(())
         }
     }
+}
+
+pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
+    let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+    let Some(dir) = config.probe.pin_dir else {
+        bail!("the configuration has no [probe] pin_dir: nothing is pinned");
+    };
+    if crate::control::socket_path(&args.db).exists()
+        && std::os::unix::net::UnixStream::connect(crate::control::socket_path(&args.db)).is_ok()
+    {
+        bail!("the agent of {} is running; stop it first", args.db.display());
+    }
+    let removed = crate::probe::unpin(&dir)?;
+    writeln!(out, "removed {} pinned object(s) from {}: {}", removed.len(), dir.display(), removed.join(" "))?;
+    Ok(())
 }
 
 pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> {

@@ -58,11 +58,16 @@ pub struct ProbeSection {
     /// Capacity of the kernel flow table.
     #[serde(default = "default_flow_table_size")]
     pub flow_table_size: u32,
+    /// Pin maps and XDP links here (a bpffs directory, e.g. /sys/fs/bpf/icr):
+    /// the probe then keeps counting while the agent restarts or upgrades.
+    /// `icr detach --config FILE` removes them.
+    #[serde(default)]
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { flow_table_size: default_flow_table_size() }
+        Self { flow_table_size: default_flow_table_size(), pin_dir: None }
     }
 }
 

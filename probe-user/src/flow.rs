@@ -114,6 +114,20 @@ fn close_reason(
     }
 }
 
+/// What the two sides' TCP flags say of the connection's end: RST from
+/// either side, or FIN only once both sides sent one. One FIN alone is a
+/// half-close: the other side may go on sending (or reading) for long.
+fn closing_flags(sent: u8, received: u8) -> u8 {
+    let either = sent | received;
+    if either & tcp_flags::RST != 0 {
+        tcp_flags::RST
+    } else if sent & received & tcp_flags::FIN != 0 {
+        tcp_flags::FIN
+    } else {
+        0
+    }
+}
+
 /// RST or FIN, from the TCP flags a flow saw.
 fn ended_by(flags: u8) -> Option<EndReason> {
     if flags & tcp_flags::RST != 0 {
@@ -356,13 +370,17 @@ impl Assembler {
             }
             _ => None,
         };
-        let (flags, last_ns) = match &wan {
-            Some((_, wan_value)) => (
-                value.tcp_flags[0] | value.tcp_flags[1] | wan_value.tcp_flags[0] | wan_value.tcp_flags[1],
-                value.last_ns.max(wan_value.last_ns),
-            ),
-            None => (value.tcp_flags[0] | value.tcp_flags[1], value.last_ns),
-        };
+        // TCP flags per side of the connection, the WAN flow's included.
+        let device_side = usize::from(view.device_dir);
+        let (mut sent, mut received) = (value.tcp_flags[device_side], value.tcp_flags[1 - device_side]);
+        let mut last_ns = value.last_ns;
+        if let (Some((_, wan_value)), Some(mapping)) = (&wan, view.mapping) {
+            let (_, reply_dir) = mapping.reply.key();
+            received |= wan_value.tcp_flags[usize::from(reply_dir)];
+            sent |= wan_value.tcp_flags[1 - usize::from(reply_dir)];
+            last_ns = last_ns.max(wan_value.last_ns);
+        }
+        let flags = closing_flags(sent, received);
 
         // A forced close (shutdown, end of capture) of a flow that already
         // saw FIN or RST still says how it ended.
@@ -376,6 +394,11 @@ impl Assembler {
 
         match reason {
             Some(reason) => {
+                log::debug!(
+                    "closing {key:?} ({reason:?}): first {} last {last_ns} now {now_ns} wan {:?}",
+                    value.first_ns,
+                    wan.as_ref().map(|(k, v)| (k.port_lo, k.port_hi, v.first_ns, v.last_ns))
+                );
                 let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
                 self.keep(record);
                 table.remove(&key)?;
@@ -663,6 +686,7 @@ mod tests {
         table.packet(up, 500, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 3 * SEC);
         table.packet(up.reversed(), 1500, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 4 * SEC);
         assembler.on_event(end_event(key, 4 * SEC), &NatTable::default());
+        table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 4 * SEC);
 
         assembler.tick(5 * SEC, &mut table, &nat).unwrap();
         assert!(assembler.take_records().is_empty(), "still inside tcp_closed");
@@ -676,7 +700,7 @@ mod tests {
         assert_eq!(r.device.mac.as_deref(), Some("02:00:00:00:00:01"));
         assert_eq!(r.remote, Endpoint { ip: up.dst, port: 443 });
         assert_eq!(r.public, Some(Endpoint { ip: up.src, port: up.src_port }), "routed: no NAT");
-        assert_eq!((r.packets_up, r.packets_down, r.bytes_up, r.bytes_down), (2, 2, 560, 1560));
+        assert_eq!((r.packets_up, r.packets_down, r.bytes_up, r.bytes_down), (3, 2, 600, 1560));
         assert_eq!(r.start.timestamp(), 1);
         assert_eq!(r.end.timestamp(), 4);
         assert!(!r.incomplete);
@@ -770,6 +794,28 @@ mod tests {
     }
 
     #[test]
+    fn a_half_closed_connection_stays_open_until_both_sides_finish() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
+        let up = device_tuple();
+        let key = table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
+        assembler.on_event(start_event(key, SEC), &nat);
+        // The server sends its data and FIN; the device reads much later.
+        table.packet(up.reversed(), 5000, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 2 * SEC);
+        assembler.on_event(end_event(key, 2 * SEC), &nat);
+        assembler.tick(20 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty(), "one FIN is a half-close");
+        table.packet(up, 52, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 30 * SEC);
+        assembler.on_event(end_event(key, 30 * SEC), &nat);
+        assembler.tick(40 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].end_reason, EndReason::Fin);
+        assert_eq!(records[0].end.timestamp(), 30);
+    }
+
+    #[test]
     fn long_flows_are_reported_in_active_slices() {
         let mut table = FakeTable::default();
         let nat = NatTable::default();
@@ -785,6 +831,7 @@ mod tests {
         assert_eq!(first[0].end_reason, EndReason::Active);
         assert_eq!(first[0].packets_up, 2);
         table.packet(up, 100, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 12 * SEC);
+        table.packet(up.reversed(), 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 12 * SEC);
         assembler.on_event(end_event(key, 12 * SEC), &NatTable::default());
         assembler.tick(18 * SEC, &mut table, &nat).unwrap();
         let second = assembler.take_records();

@@ -23,6 +23,7 @@ fn main() {
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
         }),
         Command::Replay(args) => commands::replay(args),
+        Command::Detach(args) => commands::detach(args, &mut stdout),
         Command::HashToken => {
             let mut token = String::new();
             std::io::stdin().read_line(&mut token).map_err(anyhow::Error::from).and_then(|_| {

@@ -1,6 +1,9 @@
 //! The XDP probe as the agent sees it: loading the embedded object, attaching
 //! it, running it on frames (`BPF_PROG_TEST_RUN`), and reading its maps.
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -9,7 +12,11 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray,
         perf::{PerfEventArray, PerfEventArrayBuffer},
     },
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use log::{info, warn};
 use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
@@ -24,15 +31,19 @@ static BASELINE_OBJECT: &[u8] =
 /// Pages per CPU for the event perf buffers (must be a power of two).
 const EVENT_BUFFER_PAGES: usize = 64;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ProbeOptions {
     /// Capacity of the kernel flow table.
     pub flow_table_size: u32,
+    /// Where to pin the maps and XDP links (bpffs). With it, the programs stay
+    /// attached and keep counting when the agent exits or dies, and the next
+    /// agent adopts the maps and replaces the programs without a gap.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE }
+        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE, pin_dir: None }
     }
 }
 
@@ -58,6 +69,7 @@ pub struct Probe {
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, ProbeConfig>,
     events: Option<PerfEventArray<MapData>>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Probe {
@@ -67,8 +79,20 @@ impl Probe {
         if options.flow_table_size == 0 {
             bail!("the flow table size must be at least 1");
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOWS, options.flow_table_size)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, options.flow_table_size);
+        let map_pins: Vec<(&str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;
+                [names::FLOWS, names::COUNTERS, names::CONFIG, names::EVENTS].into_iter().map(|name| (name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_pins {
+            // An existing pin is reused: the maps of the agent before us.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(PROBE_OBJECT)
             .context(
                 "loading the XDP object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, \
@@ -86,7 +110,7 @@ impl Probe {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = Some(PerfEventArray::try_from(take_map(&mut ebpf, names::EVENTS)?)?);
-        Ok(Self { ebpf, flows, counters, config, events })
+        Ok(Self { ebpf, flows, counters, config, events, pin_dir: options.pin_dir })
     }
 
     fn program(&self, role: u8) -> Result<&Xdp> {
@@ -102,13 +126,41 @@ impl Probe {
     }
 
     /// Attaches the program for `role` to `interface`: native (driver) mode
-    /// when the driver supports it, generic mode otherwise.
+    /// when the driver supports it, generic mode otherwise. With a pin
+    /// directory, a link pinned there by an earlier agent is taken over (its
+    /// program replaced atomically: not a packet uncounted), and a new link is
+    /// pinned so it outlives this process.
     pub fn attach(&mut self, interface: &str, role: u8) -> Result<AttachMode> {
+        let Some(dir) = self.pin_dir.clone() else { return Ok(self.attach_new(interface, role)?.0) };
+        let pin = link_pin_path(&dir, interface);
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            let program = self.program_mut(role)?;
+            let id = program.attach_to_link(link).with_context(|| format!("taking over the XDP link of {interface}"))?;
+            // Ours now, but left attached when we exit.
+            drop(program.take_link(id)?);
+            info!("took over the pinned XDP link of {interface}: counting went on without a gap");
+            return Ok(AttachMode::Driver);
+        }
+        let (mode, id) = self.attach_new(interface, role)?;
+        let program = self.program_mut(role)?;
+        let link = program.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                fd_link.pin(&pin).with_context(|| format!("pinning the XDP link of {interface} at {}", pin.display()))?;
+            }
+            Err(_) => warn!("{interface}: this kernel attaches XDP by netlink, which cannot be pinned; a restart will leave a gap"),
+        }
+        Ok(mode)
+    }
+
+    fn attach_new(&mut self, interface: &str, role: u8) -> Result<(AttachMode, XdpLinkId)> {
         let program = self.program_mut(role)?;
         match program.attach(interface, XdpMode::Driver) {
-            Ok(_) => {
+            Ok(id) => {
                 info!("attached {} to {interface} in driver mode", program_name(role));
-                Ok(AttachMode::Driver)
+                Ok((AttachMode::Driver, id))
             }
             Err(ProgramError::UnknownInterface { .. }) => {
                 bail!("interface {interface} does not exist")
@@ -118,13 +170,13 @@ impl Probe {
                     "driver-mode XDP unavailable on {interface} ({driver_error}); \
                      falling back to generic mode"
                 );
-                program.attach(interface, XdpMode::Skb).with_context(|| {
+                let id = program.attach(interface, XdpMode::Skb).with_context(|| {
                     format!(
                         "attaching XDP to {interface} (is another XDP program attached to it?)"
                     )
                 })?;
                 info!("attached {} to {interface} in generic mode", program_name(role));
-                Ok(AttachMode::Generic)
+                Ok((AttachMode::Generic, id))
             }
         }
     }
@@ -240,6 +292,26 @@ impl Baseline {
             .context("BPF_PROG_TEST_RUN")?;
         Ok(result.duration.as_nanos() as u64)
     }
+}
+
+/// Removes what a pin directory holds: the pinned links (which detaches the
+/// XDP programs) and maps. For `icr detach`.
+pub fn unpin(dir: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        removed.push(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(removed)
+}
+
+fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link-{interface}"))
 }
 
 /// One CPU's perf buffer of flow events.

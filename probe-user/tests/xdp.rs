@@ -155,13 +155,18 @@ fn tcp_connection_is_one_flow_with_both_directions_counted() {
     let events = h.events();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, event_kind::FLOW_END);
+    let fin_again = tcp_frame(&up, tcp_flags::FIN | tcp_flags::ACK, &[], DEVICE_MAC);
+    h.run(role::LAN, &fin_again);
+    assert!(h.events().is_empty(), "one end event per side");
     let fin_back = tcp_frame(&up.reversed(), tcp_flags::FIN | tcp_flags::ACK, &[], GATEWAY_MAC);
     h.run(role::WAN, &fin_back);
-    assert!(h.events().is_empty(), "one end event per flow");
+    let events = h.events();
+    assert_eq!(events.len(), 1, "the other side's FIN is reported too");
+    assert_eq!(events[0].kind, event_kind::FLOW_END);
 
-    assert_eq!(h.counter(counter::PACKETS), 6);
+    assert_eq!(h.counter(counter::PACKETS), 7);
     assert_eq!(h.counter(counter::FLOWS_CREATED), 1);
-    assert_eq!(h.counter(counter::EVENTS_SENT), 3);
+    assert_eq!(h.counter(counter::EVENTS_SENT), 4);
     assert_eq!(h.counter(counter::HINTS_SENT), 1);
     assert_eq!(h.counter(counter::EVENTS_LOST), 0);
 }
@@ -268,7 +273,7 @@ fn malformed_and_non_ip_frames_pass_untouched_and_are_counted() {
 
 #[test]
 fn a_full_flow_table_is_counted_not_evicted() {
-    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 2 });
+    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 2, ..ProbeOptions::default() });
     for port in [1000, 1001, 1002] {
         let t = Tuple { src_port: port, ..client() };
         h.run(role::LAN, &tcp_frame(&t, tcp_flags::SYN, &[], DEVICE_MAC));
@@ -437,7 +442,7 @@ fn mutate(rng: &mut XorShift, seed: &[u8]) -> Vec<u8> {
 fn a_million_mutated_frames_all_pass_unmodified() {
     let count: u64 = std::env::var("ICR_FAILOPEN_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     // A small table: a full table is one more path to exercise.
-    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 4096 });
+    let mut h = Harness::with_table(ProbeOptions { flow_table_size: 4096, ..ProbeOptions::default() });
     let seeds = seed_frames();
     let mut rng = XorShift(0x1c2_0b5e_7ea5_5eed);
     let mut sink = Vec::new();

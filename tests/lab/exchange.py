@@ -3,12 +3,13 @@
 
 serve IP PORT: for each connection, read the 8-byte header (bytes up, bytes
 down), then that many bytes, then send the bytes down and close.
-connect IP PORT UP DOWN: send UP bytes, read DOWN bytes, close; print the
-client's source port.
+connect IP PORT UP DOWN [PAUSE]: send UP bytes, wait PAUSE seconds, read
+DOWN bytes, close; print the client's source port.
 """
 import socket
 import struct
 import sys
+import time
 
 
 def read_exactly(conn, n):
@@ -37,12 +38,13 @@ def serve(ip, port):
                 print(f"exchange: {error}", file=sys.stderr, flush=True)
 
 
-def connect(ip, port, up, down):
-    with socket.create_connection((ip, port), timeout=10) as conn:
+def connect(ip, port, up, down, pause=0.0):
+    with socket.create_connection((ip, port), timeout=30) as conn:
+        print(conn.getsockname()[1], flush=True)
         # The 8-byte header counts towards the bytes sent up.
         conn.sendall(struct.pack("!II", up - 8, down) + b"u" * (up - 8))
+        time.sleep(pause)
         read_exactly(conn, down)
-        print(conn.getsockname()[1])
 
 
 if __name__ == "__main__":
@@ -50,4 +52,4 @@ if __name__ == "__main__":
     if mode == "serve":
         serve(ip, port)
     else:
-        connect(ip, port, int(sys.argv[4]), int(sys.argv[5]))
+        connect(ip, port, int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)

@@ -1,0 +1,97 @@
+//! Restarts without a gap: with the maps and XDP links pinned, the probe
+//! keeps counting while the agent is dead (kill -9) and the next agent takes
+//! over the links and adopts what accumulated. Every flow of the test
+//! traffic — finished before the crash, spanning it, made while no agent
+//! ran, and after — is in the store, with every byte counted.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
+use serde_json::Value;
+
+/// A bpffs of the test's own (`ip netns exec` hides /sys/fs/bpf behind a
+/// fresh sysfs, but not other mounts), unmounted however the test ends.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(at: PathBuf) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&at).output().unwrap();
+        assert!(out.status.success(), "mounting bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(at)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn write_config(db: &Path, pins: &Path) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        format!(
+            "[probe]\nflow_table_size = 65536\npin_dir = \"{}\"\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
+            pins.display()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_killed_agent_restarts_without_losing_a_flow() {
+    let lab = Lab::start(1).expect("building the lab");
+    let bpffs = Bpffs::mount(lab.dir.join("bpffs"));
+    let pins = bpffs.0.join("icr");
+    let db = lab.dir.join("db");
+    write_config(&db, &pins);
+    let c1 = &lab.clients[0];
+
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    assert!(pins.join("FLOWS").exists() && pins.join("link-lan1").exists(), "maps and links pinned");
+    let before = lab.exchange(c1, 2_000, 30_000).expect("exchange before the crash");
+    std::thread::sleep(Duration::from_millis(2500)); // closed and stored
+    let (mut spanning, spanning_port) = lab.slow_exchange(c1, 3_000, 40_000, 4.0).expect("a slow exchange");
+    std::thread::sleep(Duration::from_millis(500));
+
+    agent.kill().expect("kill -9");
+    // No agent runs: the pinned probe keeps counting.
+    let during = lab.exchange(c1, 4_000, 50_000).expect("exchange while no agent runs");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("restarting the agent");
+    assert!(agent.log_text().contains("took over the pinned XDP link"), "{}", agent.log_text());
+    assert!(spanning.wait().unwrap().success(), "the slow exchange completed across the restart");
+    let after = lab.exchange(c1, 5_000, 60_000).expect("exchange after the restart");
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.stop().expect("the agent stops cleanly");
+    if std::env::var_os("ICR_LAB_LOG").is_some() {
+        eprintln!("{log}");
+    }
+
+    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(&db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (name, port, up, down) in [("before", before, 2_000, 30_000), ("spanning", spanning_port, 3_000, 40_000), ("during", during, 4_000, 50_000), ("after", after, 5_000, 60_000)] {
+        let matching: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["device"]["port"] == u64::from(port) && r["remote"]["ip"] == EXCHANGE_IP)
+            .collect();
+        assert_eq!(matching.len(), 1, "{name}: one record in {records:#?}");
+        let r = matching[0];
+        let (bu, bd) = (r["bytes_up"].as_u64().unwrap(), r["bytes_down"].as_u64().unwrap());
+        assert!(bu >= up && bu < up + 2_000, "{name}: every byte up counted: {r}");
+        assert!(bd >= down && bd < down + 4_000, "{name}: every byte down counted: {r}");
+        assert_eq!(r["public"]["port"].is_u64(), true, "{name}: the NAT mapping was found again: {r}");
+    }
+
+    let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(&db).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+    assert!(!pins.exists(), "icr detach removes the pins");
+}
