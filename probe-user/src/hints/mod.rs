@@ -236,19 +236,25 @@ impl Stream {
 
     /// The bytes from the base up to the first gap.
     fn contiguous(&self) -> Vec<u8> {
-        let mut out: Vec<u8> = Vec::new();
-        for (&offset, data) in &self.segments {
-            let offset = offset as usize;
-            if offset > out.len() {
-                break;
-            }
-            let overlap = out.len() - offset;
-            if overlap < data.len() {
-                out.extend_from_slice(&data[overlap..]);
-            }
-        }
-        out
+        contiguous(self.segments.iter().map(|(&offset, data)| (u64::from(offset), data.as_slice())))
     }
+}
+
+/// Chunks given in offset order, joined from offset 0 up to the first gap
+/// (overlaps are taken once): TCP segments, QUIC CRYPTO frames.
+pub(crate) fn contiguous<'a>(chunks: impl Iterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    for (offset, data) in chunks {
+        let Ok(offset) = usize::try_from(offset) else { break };
+        if offset > out.len() {
+            break;
+        }
+        let overlap = out.len() - offset;
+        if overlap < data.len() {
+            out.extend_from_slice(&data[overlap..]);
+        }
+    }
+    out
 }
 
 /// Per-device DNS answers, so that a connection without a name of its own

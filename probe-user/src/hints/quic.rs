@@ -155,18 +155,7 @@ impl InitialCrypto {
     }
 
     fn contiguous(&self) -> Vec<u8> {
-        let mut out: Vec<u8> = Vec::new();
-        for (&offset, data) in &self.chunks {
-            let Ok(offset) = usize::try_from(offset) else { break };
-            if offset > out.len() {
-                break;
-            }
-            let overlap = out.len() - offset;
-            if overlap < data.len() {
-                out.extend_from_slice(&data[overlap..]);
-            }
-        }
-        out
+        super::contiguous(self.chunks.iter().map(|(&offset, data)| (offset, data.as_slice())))
     }
 }
 
