@@ -31,6 +31,16 @@ enum Command {
     /// probe, real HTTPS/DNS/TCP traffic, then the records and the answers to
     /// questions 2 and 3. Removes everything it made, also on failure or Ctrl-C.
     Demo,
+    /// Long fuzzing: the fail-open test on many more frames through the real
+    /// XDP program, then every cargo-fuzz target of fuzz/ for a while each.
+    Fuzz {
+        /// Seconds per cargo-fuzz target.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Frames for the fail-open test.
+        #[arg(long, default_value_t = 20_000_000)]
+        frames: u64,
+    },
     /// Benchmarks, figures printed at the end (`probe`: kernel cost per packet).
     Bench {
         #[arg(default_value = "probe")]
@@ -46,6 +56,7 @@ fn main() {
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench(&which),
+        Command::Fuzz { seconds, frames } => fuzz(seconds, frames),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
@@ -66,6 +77,27 @@ fn bench(which: &str) -> Result<()> {
         "probe" => cmd::cargo(&["bench", "--package", "probe-user", "--bench", "probe"]),
         other => anyhow::bail!("no benchmark {other:?} (there is: probe)"),
     }
+}
+
+fn fuzz(seconds: u64, frames: u64) -> Result<()> {
+    setup::ensure(setup::Needs::Build)?;
+    let frames = frames.to_string();
+    cmd::cargo_with_env(
+        &["test", "--release", "--package", "probe-user", "--test", "xdp", "a_million_mutated_frames", "--", "--nocapture"],
+        &[("ICR_FAILOPEN_FRAMES", std::ffi::OsStr::new(&frames))],
+    )?;
+    setup::ensure_cargo_fuzz()?;
+    let dir = cmd::workspace_root().join("fuzz");
+    let list = cmd::output(std::process::Command::new("cargo").args(["+nightly", "fuzz", "list"]).current_dir(&dir).env("PATH", cmd::path_with_cargo_bin()))?;
+    for target in list.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        cmd::run(
+            std::process::Command::new("cargo")
+                .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={seconds}")])
+                .current_dir(&dir)
+                .env("PATH", cmd::path_with_cargo_bin()),
+        )?;
+    }
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

@@ -97,6 +97,15 @@ pub fn ensure(needs: Needs) -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz`.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if cmd::succeeds(Command::new("cargo").args(["fuzz", "--version"]).env("PATH", cmd::path_with_cargo_bin())) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz");
+    cmd::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]).env("PATH", cmd::path_with_cargo_bin()))
+}
+
 /// The lab's Python: a venv of Debian's python3 with aioquic from PyPI.
 pub fn lab_python() -> std::path::PathBuf {
     cmd::workspace_root().join("target/lab-python/bin/python3")
