@@ -51,6 +51,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let store = Store::open(&db)?;
     crate::control::serve(&db, store.clone())?;
     crate::http::serve(&config.http, db.clone(), config_file, store.clone()).await?;
+    let snapshot = crate::metrics::Shared::default();
+    crate::metrics::serve(&config.metrics, snapshot.clone()).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let mut probe = Probe::load(ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
@@ -99,10 +101,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let now = monotonic_ns();
                 assembler.tick(now, &mut probe, &nat)?;
                 nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
+                let started = std::time::Instant::now();
                 stored += write(&store, &mut assembler, &directory)?;
+                let written = started.elapsed();
+                if let (Ok(counters), Ok(mut s)) = (probe.counters(), snapshot.lock()) {
+                    s.probe = counters;
+                    s.open_flows = assembler.open_flows() as u64;
+                    s.records_stored = stored;
+                    s.flows_adopted = assembler.adopted;
+                    s.local_flows = assembler.local_flows;
+                    s.events_lost_userspace = assembler.events_lost;
+                    s.nat_mappings = nat.len() as u64;
+                    s.nat_overruns = nat.overruns();
+                    s.event_queue = event_rx.len() as u64;
+                    s.event_queue_capacity = EVENT_QUEUE as u64;
+                    s.write_seconds = written.as_secs_f64();
+                }
             }
             _ = stats.tick() => {
                 log_stats(&probe, &assembler, &nat, stored);
+                if let Ok(mut s) = snapshot.lock() {
+                    s.store_bytes = store.size_on_disk();
+                }
                 if let Err(error) = directory.refresh(Utc::now()) {
                     warn!("refreshing the subscriber directory: {error:#}");
                 }

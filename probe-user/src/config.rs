@@ -29,6 +29,8 @@ pub struct Config {
     pub subscribers: crate::subscribers::SubscribersSection,
     #[serde(default)]
     pub http: crate::http::HttpSection,
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -92,6 +94,7 @@ impl Default for Config {
             timeouts: TimeoutsSection::default(),
             subscribers: Default::default(),
             http: Default::default(),
+            metrics: Default::default(),
         }
     }
 }

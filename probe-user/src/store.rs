@@ -129,6 +129,11 @@ impl Store {
         Ok(days)
     }
 
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

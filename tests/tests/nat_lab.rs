@@ -34,6 +34,9 @@ retention_days = 30
 [subscribers]
 static = "{}"
 
+[metrics]
+listen = "127.0.0.1:9464"
+
 [[authority]]
 name = "lab-police"
 kind = "police"
@@ -112,6 +115,18 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(refused.status.code(), Some(3), "refused through the socket too: {}", String::from_utf8_lossy(&refused.stderr));
     let too_long = icr(&[&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg][..], &AUTHORITY_FLAGS].concat());
     assert_eq!(too_long.status.code(), Some(3), "a century is longer than the 31 days allowed");
+
+    // Prometheus metrics, from inside the gateway.
+    let metrics = lab.exec(&lab.gateway, Command::new("curl").args(["-sf", "http://127.0.0.1:9464/metrics"])).expect("GET /metrics");
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let sample = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    assert!(sample("icr_probe_packets_total") > 20.0);
+    assert!(sample("icr_records_stored_total") >= 1.0);
+    assert_eq!(sample("icr_probe_events_lost_total"), 0.0);
+    assert_eq!(sample("icr_probe_flow_table_full_total"), 0.0);
 
     let log = agent.stop().expect("the agent stops cleanly");
     assert!(!db.join("icr.sock").exists(), "the socket goes with the agent");

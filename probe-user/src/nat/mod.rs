@@ -37,6 +37,7 @@ pub struct NatTable {
     by_original: HashMap<Tuple, Mapping>,
     by_reply: HashMap<Tuple, Tuple>,
     destroyed: Vec<(u64, Tuple)>,
+    overruns: u64,
 }
 
 impl NatTable {
@@ -52,7 +53,7 @@ impl NatTable {
                 self.by_original.insert(mapping.original, mapping);
                 self.destroyed.push((now_ns, mapping.original));
             }
-            NatEvent::Overrun => {}
+            NatEvent::Overrun => self.overruns += 1,
         }
     }
 
@@ -74,6 +75,11 @@ impl NatTable {
     /// The mapping whose reply direction (remote → public) is `reply`.
     pub fn by_reply(&self, reply: &Tuple) -> Option<&Mapping> {
         self.by_reply.get(reply).and_then(|original| self.by_original.get(original))
+    }
+
+    /// Conntrack event overruns seen (each followed by a resync).
+    pub fn overruns(&self) -> u64 {
+        self.overruns
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,99 @@
+//! Prometheus metrics (`GET /metrics` when `[metrics] listen` is set): the
+//! probe's kernel counters, every loss counter, the assembler's and the
+//! store's figures. The agent's loop refreshes a snapshot each tick; the
+//! endpoint only renders it, so scraping never touches the hot path.
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use log::info;
+use probe_common::counter;
+use serde::Deserialize;
+
+use crate::probe::Counters;
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address to serve `/metrics` on, e.g. "127.0.0.1:9464".
+    pub listen: Option<SocketAddr>,
+}
+
+/// What the agent knows of itself at its last tick.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub probe: Counters,
+    pub open_flows: u64,
+    pub records_stored: u64,
+    pub flows_adopted: u64,
+    pub local_flows: u64,
+    pub events_lost_userspace: u64,
+    pub nat_mappings: u64,
+    pub nat_overruns: u64,
+    pub event_queue: u64,
+    pub event_queue_capacity: u64,
+    pub store_bytes: u64,
+    pub write_seconds: f64,
+}
+
+pub type Shared = Arc<Mutex<Snapshot>>;
+
+pub async fn serve(section: &MetricsSection, snapshot: Shared) -> Result<()> {
+    let Some(listen) = section.listen else { return Ok(()) };
+    let app = Router::new().route("/metrics", get(metrics)).with_state(snapshot);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    info!("metrics on http://{listen}/metrics");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
+async fn metrics(State(snapshot): State<Shared>) -> impl IntoResponse {
+    let snapshot = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&snapshot))
+}
+
+/// The Prometheus text exposition of a snapshot.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP icr_{name} {help}\n# TYPE icr_{name} {kind}\nicr_{name} {value}");
+    };
+    for (index, name) in counter::NAMES.iter().enumerate() {
+        metric(&format!("probe_{name}_total"), "counter", &format!("XDP probe counter {name}, all CPUs"), s.probe.0[index].to_string());
+    }
+    metric("events_lost_userspace_total", "counter", "Samples the kernel reported lost in the perf buffers", s.events_lost_userspace.to_string());
+    metric("flows_open", "gauge", "Flows the assembler follows", s.open_flows.to_string());
+    metric("flows_adopted_total", "counter", "Flows found by a table sweep whose start event was lost", s.flows_adopted.to_string());
+    metric("flows_local_total", "counter", "Link-local, multicast and broadcast flows closed without a record", s.local_flows.to_string());
+    metric("records_stored_total", "counter", "ICRs written to the store", s.records_stored.to_string());
+    metric("nat_mappings", "gauge", "Conntrack mappings held", s.nat_mappings.to_string());
+    metric("nat_overruns_total", "counter", "Conntrack event overruns (ENOBUFS), each followed by a resync", s.nat_overruns.to_string());
+    metric("event_queue", "gauge", "Events waiting between the perf readers and the assembler", s.event_queue.to_string());
+    metric("event_queue_capacity", "gauge", "Capacity of that queue", s.event_queue_capacity.to_string());
+    metric("store_bytes", "gauge", "Size of the store on disk", s.store_bytes.to_string());
+    metric("store_write_seconds", "gauge", "Time the last batch took to write and flush", format!("{:.6}", s.write_seconds));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_counter_in_the_exposition_format() {
+        let mut snapshot = Snapshot { records_stored: 7, write_seconds: 0.0015, ..Snapshot::default() };
+        snapshot.probe.0[counter::EVENTS_LOST as usize] = 3;
+        let text = render(&snapshot);
+        assert!(text.contains("# TYPE icr_probe_events_lost_total counter\nicr_probe_events_lost_total 3\n"));
+        assert!(text.contains("icr_records_stored_total 7\n"));
+        assert!(text.contains("icr_store_write_seconds 0.001500\n"));
+        for name in counter::NAMES {
+            assert!(text.contains(&format!("icr_probe_{name}_total ")), "{name}");
+        }
+        assert!(text.lines().all(|l| l.starts_with('#') || l.split(' ').count() == 2), "one sample per line");
+    }
+}
