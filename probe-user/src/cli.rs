@@ -95,10 +95,13 @@ pub struct Requester {
 pub enum QueryCommand {
     /// Question 1: which device used this public address (and port) at this time.
     Resolve {
+        /// The public address the communication came from.
         #[arg(long)]
         ip: std::net::IpAddr,
+        /// Its public source port, when known.
         #[arg(long)]
         port: Option<u16>,
+        /// When (RFC 3339, e.g. 2026-11-22T15:02:00Z).
         #[arg(long)]
         at: String,
         /// How far from --at a flow may lie (default 1s).
