@@ -16,7 +16,7 @@ use crate::{
     icr::{Icr, format_time},
     probe::ProbeOptions,
     query::{self, Authorisation, DeviceSelector, Purpose, Refusal, ServiceSelector},
-    store::Store,
+    store::{Lookup, Store, index::IndexKey},
 };
 
 /// The store directory a store-reading command names.
@@ -45,7 +45,11 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
                 session.check_window(at - tolerance, at + tolerance)?;
                 let remote = remote.as_deref().map(parse_remote).transpose()?;
                 let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
-                let records = store.scan(at - tolerance, at + tolerance)?;
+                let key = match port {
+                    Some(port) => IndexKey::PublicPort(ip, port),
+                    None => IndexKey::PublicAddr(ip),
+                };
+                let records = store.find(at - tolerance, at + tolerance, Lookup::Any(&[key]))?;
                 let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
                 session.answer_records(&answer, &who, out)
             })
@@ -56,8 +60,9 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             session.run(|session| {
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
-                let records = store.scan(from, to)?;
-                let rows = query::services_of(&records, &DeviceSelector::parse(&device));
+                let device = DeviceSelector::parse(&device);
+                let records = store.find(from, to, Lookup::Any(&[device.index_key()]))?;
+                let rows = query::services_of(&records, &device);
                 let format = who.format.unwrap_or_else(Format::default_for_stdout);
                 let mut rendered = Vec::new();
                 export::write_services(&mut rendered, &rows, format)?;
@@ -85,8 +90,12 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
                     .map_err(|e| anyhow!(e))?;
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
-                let records = store.scan(from, to)?;
-                session.answer_records(&query::accessed(records, &selectors), &who, out)
+                let keys: Option<Vec<IndexKey>> =
+                    selectors.iter().map(ServiceSelector::index_keys).collect::<Option<Vec<_>>>().map(|k| k.concat());
+                let lookup = keys.as_deref().map_or(Lookup::All, Lookup::Any);
+                let mut records = query::accessed(store.find(from, to, lookup)?, &selectors);
+                records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+                session.answer_records(&records, &who, out)
             })
         }
     }

@@ -20,13 +20,12 @@ use std::{
 
 use anyhow::Result;
 use probe_common::{FlowEvent, FlowKey, FlowValue, event_kind, role, tcp_flags};
-use uuid::Uuid;
 
 use crate::{
     clock::Clock,
     events::ProbeEvent,
     hints::{DnsCache, FlowHints, HintPacket, dns},
-    icr::{Device, EndReason, Endpoint, Icr, Service, ServiceSource, mac_string, proto_name},
+    icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource, mac_string, proto_name},
     nat::{Mapping, NatTable},
     tuple::Tuple,
 };
@@ -160,6 +159,7 @@ pub struct Assembler {
     /// Flows that were no internet connection (link-local, multicast,
     /// broadcast, unspecified): closed without a record.
     pub local_flows: u64,
+    ids: RecordIds,
 }
 
 impl Assembler {
@@ -168,6 +168,7 @@ impl Assembler {
             timeouts,
             clock,
             nat_expected,
+            ids: RecordIds::default(),
             known: HashMap::new(),
             due: BinaryHeap::new(),
             next_full_sweep_ns: 0,
@@ -437,11 +438,12 @@ impl Assembler {
         Ok(())
     }
 
-    fn keep(&mut self, record: Icr) {
+    fn keep(&mut self, mut record: Icr) {
         let device = record.device.ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         if is_local_only(device) || is_local_only(record.remote.ip) {
             self.local_flows += 1;
         } else {
+            record.id = self.ids.next(&record.start);
             self.records.push(record);
         }
     }
@@ -503,7 +505,7 @@ impl Assembler {
             });
         }
         Icr {
-            id: new_id(&self.clock, start_ns),
+            id: String::new(), // given by `keep`, for the records kept
             start: self.clock.to_utc(start_ns),
             end: self.clock.to_utc(last_ns.max(start_ns)),
             end_reason: reason,
@@ -605,17 +607,6 @@ fn is_wan_only(value: &FlowValue) -> bool {
 
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// A UUIDv7 whose time is the record's start: ids sort like records.
-fn new_id(clock: &Clock, start_ns: u64) -> String {
-    let start = clock.to_utc(start_ns);
-    let ts = uuid::Timestamp::from_unix(
-        uuid::NoContext,
-        start.timestamp().max(0) as u64,
-        start.timestamp_subsec_nanos(),
-    );
-    Uuid::new_v7(ts).to_string()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::{
     config::{AuthorityKind, Config},
     icr::{Icr, format_time},
+    store::{codec::parse_mac, index::IndexKey},
 };
 
 /// The three questions an ICR exists to answer.
@@ -91,6 +92,18 @@ impl DeviceSelector {
         Self::Subscriber(text.to_string())
     }
 
+    /// The index key the store finds this device's records by.
+    pub fn index_key(&self) -> IndexKey {
+        match self {
+            Self::Mac(mac) => match parse_mac(mac) {
+                Some(mac) => IndexKey::Mac(mac),
+                None => IndexKey::Subscriber(mac.clone()),
+            },
+            Self::Ip(ip) => IndexKey::DeviceIp(*ip),
+            Self::Subscriber(name) => IndexKey::Subscriber(name.clone()),
+        }
+    }
+
     pub fn matches(&self, record: &Icr) -> bool {
         match self {
             Self::Mac(mac) => record.device.mac.as_deref() == Some(mac.as_str()),
@@ -132,6 +145,27 @@ impl ServiceSelector {
             return Err(format!("{text:?} is not a host name, IP or CIDR (no URLs)"));
         }
         Ok(Self::Name(name))
+    }
+
+    /// The index keys the store finds these services by; `None` for
+    /// networks too wide to enumerate (the window is then scanned).
+    pub fn index_keys(&self) -> Option<Vec<IndexKey>> {
+        match self {
+            Self::Name(name) => Some(vec![IndexKey::Name(name.clone())]),
+            Self::Suffix(domain) => Some(vec![IndexKey::Name(domain.clone()), IndexKey::Domain(domain.clone())]),
+            Self::Net(net) if net.prefix_len() == net.max_prefix_len() => Some(vec![IndexKey::RemoteIp(net.addr())]),
+            Self::Net(net) => {
+                // Remote addresses are indexed by /24 (IPv4) or /48 (IPv6).
+                let indexed = IndexKey::remote_net(net.addr()).prefix_len();
+                if net.prefix_len() >= indexed {
+                    return Some(vec![IndexKey::RemoteNet(IndexKey::remote_net(net.addr()))]);
+                }
+                if indexed - net.prefix_len() > 8 {
+                    return None;
+                }
+                Some(net.subnets(indexed).ok()?.map(IndexKey::RemoteNet).collect())
+            }
+        }
     }
 
     pub fn matches(&self, record: &Icr) -> bool {
@@ -406,5 +440,21 @@ mod tests {
         assert_eq!(rows[1].connections, 1);
         let hits = accessed(records, &[ServiceSelector::parse("192.0.2.20").unwrap()]);
         assert_eq!(hits.len(), 2);
+    }
+
+    #[test]
+    fn selectors_name_the_index_keys_that_find_them() {
+        let r = record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0);
+        let keys = crate::store::index::keys_of(&r);
+        for text in ["mail.example.com", "*.example.com", "*.com", "192.0.2.10", "192.0.2.0/24", "192.0.2.8/29", "192.0.0.0/16"] {
+            let wanted = ServiceSelector::parse(text).unwrap().index_keys().unwrap();
+            assert!(wanted.iter().any(|k| keys.contains(k)), "{text}");
+        }
+        assert_eq!(ServiceSelector::parse("192.0.0.0/16").unwrap().index_keys().unwrap().len(), 256);
+        assert!(ServiceSelector::parse("10.0.0.0/8").unwrap().index_keys().is_none());
+        assert!(ServiceSelector::parse("2001:db8::/44").unwrap().index_keys().is_some());
+        for text in ["02:00:00:00:00:17", "10.0.0.2"] {
+            assert!(keys.contains(&DeviceSelector::parse(text).index_key()), "{text}");
+        }
     }
 }
