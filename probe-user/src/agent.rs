@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use chrono::Utc;
-use log::{info, warn};
+use log::{error, info, warn};
 use probe_common::{counter, role};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -18,7 +18,7 @@ use crate::{
     config::Config,
     events,
     flow::Assembler,
-    icr::EndReason,
+    icr::{EndReason, Icr},
     nat::{NatEvent, NatTable, conntrack},
     probe::{Probe, ProbeOptions},
     store::Store,
@@ -35,6 +35,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 const NAT_GRACE: Duration = Duration::from_secs(600);
 /// Events waiting between the perf readers and the assembler.
 const EVENT_QUEUE: usize = 1 << 16;
+/// Batches of records (one a tick) waiting for the writer. When it is full
+/// the agent's loop waits for the writer (back-pressure, counted), the perf
+/// buffers fill, and the kernel counts what it cannot send: memory stays
+/// bounded and every loss is counted where it happens.
+const WRITE_QUEUE: usize = 64;
+/// How long the writer waits before retrying a failed write (a full disk).
+const WRITE_RETRY: Duration = Duration::from_secs(5);
 
 pub struct RunOptions {
     pub lan: Vec<String>,
@@ -75,6 +82,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
 
+    let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
+    let writer = spawn_writer(store.clone(), write_rx, snapshot.clone());
+
     let clock = Clock::live();
     let mut assembler = Assembler::new(timeouts, clock, nat_expected);
     let mut nat = NatTable::default();
@@ -84,7 +94,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut sweep = interval(SWEEP_EVERY);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut stored = 0u64;
+    let mut backpressure = 0u64;
     info!(
         "icr running: lan [{}] wan [{}], store {}, retention {} days",
         lan.join(","),
@@ -101,13 +111,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let now = monotonic_ns();
                 assembler.tick(now, &mut probe, &nat)?;
                 nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
-                let started = std::time::Instant::now();
-                stored += write(&store, &mut assembler, &directory)?;
-                let written = started.elapsed();
+                // Leases change at any time: the directory re-reads what
+                // changed (a stat per source) before records are named.
+                if let Err(error) = directory.refresh(Utc::now()) {
+                    warn!("refreshing the subscriber directory: {error:#}");
+                }
+                if !queue_records(&write_tx, &mut assembler, &directory).await? {
+                    backpressure += 1;
+                }
                 if let (Ok(counters), Ok(mut s)) = (probe.counters(), snapshot.lock()) {
                     s.probe = counters;
                     s.open_flows = assembler.open_flows() as u64;
-                    s.records_stored = stored;
+                    s.write_queue = (WRITE_QUEUE - write_tx.capacity()) as u64;
+                    s.write_queue_capacity = WRITE_QUEUE as u64;
+                    s.writer_backpressure = backpressure;
                     s.flows_adopted = assembler.adopted;
                     s.local_flows = assembler.local_flows;
                     s.events_lost_userspace = assembler.events_lost;
@@ -115,16 +132,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     s.nat_overruns = nat.overruns();
                     s.event_queue = event_rx.len() as u64;
                     s.event_queue_capacity = EVENT_QUEUE as u64;
-                    s.write_seconds = written.as_secs_f64();
                 }
             }
             _ = stats.tick() => {
-                log_stats(&probe, &assembler, &nat, stored);
+                log_stats(&probe, &assembler, &nat, stored(&snapshot), backpressure);
                 if let Ok(mut s) = snapshot.lock() {
                     s.store_bytes = store.size_on_disk();
-                }
-                if let Err(error) = directory.refresh(Utc::now()) {
-                    warn!("refreshing the subscriber directory: {error:#}");
                 }
             }
             _ = sweep.tick() => {
@@ -147,8 +160,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         assembler.on_event(event, &nat);
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
-    stored += write(&store, &mut assembler, &directory)?;
-    log_stats(&probe, &assembler, &nat, stored);
+    queue_records(&write_tx, &mut assembler, &directory).await?;
+    drop(write_tx);
+    writer.await.context("the writer task failed")?;
+    let stored = stored(&snapshot);
+    log_stats(&probe, &assembler, &nat, stored, backpressure);
     let _ = std::fs::remove_file(crate::control::socket_path(&db));
     if let Some(dir) = &config.probe.pin_dir {
         info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
@@ -164,22 +180,73 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
     nat.apply(event, monotonic_ns());
 }
 
-fn write(store: &Store, assembler: &mut Assembler, directory: &Directory) -> Result<u64> {
+/// Hands the closed flows' records to the writer; false when the queue was
+/// full and the loop had to wait for it.
+async fn queue_records(queue: &mpsc::Sender<Vec<Icr>>, assembler: &mut Assembler, directory: &Directory) -> Result<bool> {
     let mut records = assembler.take_records();
+    if records.is_empty() {
+        return Ok(true);
+    }
     for record in &mut records {
         record.device.subscriber = directory.subscriber(record);
     }
-    store.append(&records).context("storing records")?;
-    Ok(records.len() as u64)
+    match queue.try_send(records) {
+        Ok(()) => Ok(true),
+        Err(mpsc::error::TrySendError::Full(records)) => {
+            warn!("the store writer is behind ({WRITE_QUEUE} batches queued): waiting for it");
+            queue.send(records).await.map_err(|_| anyhow::anyhow!("the store writer stopped"))?;
+            Ok(false)
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => anyhow::bail!("the store writer stopped"),
+    }
 }
 
-fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64) {
+/// The writer: takes queued batches (several at once when it is behind),
+/// appends them durably, and counts them stored only then. A failed write
+/// (a full disk) is retried until it succeeds: records are never dropped;
+/// meanwhile the queue fills and back-pressure reaches the kernel, which
+/// keeps forwarding and counting.
+fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Vec<Icr>>, snapshot: crate::metrics::Shared) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        while let Some(mut records) = queue.blocking_recv() {
+            while let Ok(more) = queue.try_recv() {
+                records.extend(more);
+            }
+            let started = std::time::Instant::now();
+            let mut failures = 0u64;
+            while let Err(error) = store.append(&records) {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(60) {
+                    error!("storing {} records failed ({failures} tries so far), retrying every {WRITE_RETRY:?}: {error:#}", records.len());
+                }
+                if let Ok(mut s) = snapshot.lock() {
+                    s.write_errors += 1;
+                }
+                std::thread::sleep(WRITE_RETRY);
+            }
+            if failures > 0 {
+                info!("storing records works again after {failures} failed tries");
+            }
+            if let Ok(mut s) = snapshot.lock() {
+                s.records_stored += records.len() as u64;
+                s.write_seconds = started.elapsed().as_secs_f64();
+                s.store_bytes = store.size_on_disk();
+            }
+        }
+    })
+}
+
+fn stored(snapshot: &crate::metrics::Shared) -> u64 {
+    snapshot.lock().map(|s| s.records_stored).unwrap_or(0)
+}
+
+fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64, backpressure: u64) {
     match probe.counters() {
         Ok(counters) => {
             let lost = counters.get(counter::EVENTS_LOST) + assembler.events_lost;
             let full = counters.get(counter::FLOW_TABLE_FULL);
             let line = format!(
-                "packets {} flows {} open {} stored {} local {} nat {} | lost events {} table full {} adopted {} malformed {}",
+                "packets {} flows {} open {} stored {} local {} nat {} | lost events {} table full {} adopted {} malformed {} writer waits {}",
                 counters.get(counter::PACKETS),
                 counters.get(counter::FLOWS_CREATED),
                 assembler.open_flows(),
@@ -190,6 +257,7 @@ fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64) 
                 full,
                 assembler.adopted,
                 counters.get(counter::MALFORMED),
+                backpressure,
             );
             if lost + full > 0 { warn!("{line}") } else { info!("{line}") }
         }

@@ -38,6 +38,13 @@ pub struct Snapshot {
     pub event_queue_capacity: u64,
     pub store_bytes: u64,
     pub write_seconds: f64,
+    /// Batches waiting for the store writer, and how many it may hold.
+    pub write_queue: u64,
+    pub write_queue_capacity: u64,
+    /// Times the agent's loop waited for the writer (back-pressure).
+    pub writer_backpressure: u64,
+    /// Failed writes (each retried until it succeeds).
+    pub write_errors: u64,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -76,6 +83,10 @@ pub fn render(s: &Snapshot) -> String {
     metric("event_queue_capacity", "gauge", "Capacity of that queue", s.event_queue_capacity.to_string());
     metric("store_bytes", "gauge", "Size of the store on disk", s.store_bytes.to_string());
     metric("store_write_seconds", "gauge", "Time the last batch took to write and flush", format!("{:.6}", s.write_seconds));
+    metric("write_queue", "gauge", "Record batches waiting for the store writer", s.write_queue.to_string());
+    metric("write_queue_capacity", "gauge", "Capacity of that queue", s.write_queue_capacity.to_string());
+    metric("writer_backpressure_total", "counter", "Times the agent waited for the store writer", s.writer_backpressure.to_string());
+    metric("store_write_errors_total", "counter", "Failed store writes, each retried until it succeeded", s.write_errors.to_string());
     out
 }
 
