@@ -21,4 +21,5 @@ pub mod query;
 pub mod replay;
 pub mod store;
 pub mod subscribers;
+pub mod synthetic;
 pub mod tuple;

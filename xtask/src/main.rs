@@ -41,10 +41,15 @@ enum Command {
         #[arg(long, default_value_t = 20_000_000)]
         frames: u64,
     },
-    /// Benchmarks, figures printed at the end (`probe`: kernel cost per packet).
+    /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
+    /// kernel cost per packet; `store`: ingest, size and query latency,
+    /// `--records N` sets the store size).
     Bench {
         #[arg(default_value = "probe")]
         which: String,
+        /// Passed to the benchmark (`--records 100000000`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -55,7 +60,7 @@ fn main() {
         Command::Build => build(),
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
-        Command::Bench { which } => bench(&which),
+        Command::Bench { which, args } => bench(&which, &args),
         Command::Fuzz { seconds, frames } => fuzz(seconds, frames),
     };
     if let Err(error) = result {
@@ -71,12 +76,17 @@ fn build() -> Result<()> {
     Ok(())
 }
 
-fn bench(which: &str) -> Result<()> {
+fn bench(which: &str, args: &[String]) -> Result<()> {
     setup::ensure(setup::Needs::Build)?;
-    match which {
-        "probe" => cmd::cargo(&["bench", "--package", "probe-user", "--bench", "probe"]),
-        other => anyhow::bail!("no benchmark {other:?} (there is: probe)"),
+    if !["probe", "store"].contains(&which) {
+        anyhow::bail!("no benchmark {which:?} (there is: probe, store)");
     }
+    let mut cargo_args = vec!["bench", "--package", "probe-user", "--bench", which];
+    if !args.is_empty() {
+        cargo_args.push("--");
+        cargo_args.extend(args.iter().map(String::as_str));
+    }
+    cmd::cargo(&cargo_args)
 }
 
 fn fuzz(seconds: u64, frames: u64) -> Result<()> {

@@ -1,0 +1,236 @@
+//! `cargo xtask bench store [--records N]`: the store at ISP scale. Writes N
+//! synthetic ICRs (`icr::synthetic`) through `Store::append` on one thread,
+//! then asks the three questions many times over the result. Each rate is
+//! also given as a ratio to this disk's raw sequential write speed, measured
+//! in the same run. The last line is one JSON object for scripts.
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use chrono::{DateTime, Days, Utc};
+use icr::{
+    icr::Icr,
+    query::{self, DeviceSelector, ServiceSelector},
+    store::{Lookup, Store, index::IndexKey},
+    synthetic::{Generator, Options},
+};
+use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
+
+/// Records handed to `append` at once (the agent hands one tick's worth).
+const BATCH: usize = 16_384;
+const RESOLVE_QUERIES: usize = 1_000;
+const DEVICE_QUERIES: usize = 100;
+const NAME_QUERIES: usize = 3;
+
+struct Args {
+    records: u64,
+    dir: PathBuf,
+    per_second: f64,
+    keep: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args { records: 10_000_000, dir: PathBuf::from("target/bench-store"), per_second: 1_157.0, keep: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--records" => args.records = value()?.replace('_', "").parse().context("--records")?,
+            "--dir" => args.dir = value()?.into(),
+            "--per-second" => args.per_second = value()?.parse().context("--per-second")?,
+            "--keep" => args.keep = true,
+            "--bench" => {}
+            other => bail!("unknown argument {other} (there is --records N, --dir DIR, --per-second R, --keep)"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir).with_context(|| format!("clearing {}", args.dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let disk_mb_per_s = raw_write_speed(&args.dir)?;
+    println!("raw sequential write (1 GiB, 4 MiB writes, then fdatasync): {disk_mb_per_s:.0} MB/s");
+
+    let options = Options { per_second: args.per_second, ..Options::default() };
+    let store = Store::open(&args.dir.join("store"))?;
+    let mut generator = Generator::new(7, options.clone());
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut samples: Vec<Icr> = Vec::with_capacity(RESOLVE_QUERIES);
+    let mut batch = Vec::with_capacity(BATCH);
+    let (mut appending, mut generating) = (Duration::ZERO, Duration::ZERO);
+    let mut written = 0u64;
+    let mut last_end = options.start;
+    print!("ingesting {} records", args.records);
+    while written < args.records {
+        let started = Instant::now();
+        batch.clear();
+        while batch.len() < BATCH && written + (batch.len() as u64) < args.records {
+            batch.push(generator.next_record());
+        }
+        generating += started.elapsed();
+        // Reservoir sample of the records, for resolve queries.
+        for (i, record) in batch.iter().enumerate() {
+            let seen = written + i as u64;
+            if samples.len() < RESOLVE_QUERIES {
+                samples.push(record.clone());
+            } else if rng.random_range(0..=seen) < RESOLVE_QUERIES as u64 {
+                samples[rng.random_range(0..RESOLVE_QUERIES)] = record.clone();
+            }
+        }
+        last_end = batch.last().map_or(last_end, |r| r.end);
+        let started = Instant::now();
+        store.append(&batch)?;
+        appending += started.elapsed();
+        written += batch.len() as u64;
+        if written % 1_000_000 < BATCH as u64 {
+            print!(".");
+            std::io::stdout().flush()?;
+        }
+    }
+    println!();
+    let peak_rss_mb = peak_rss_mb()?;
+    let ingest_per_s = written as f64 / appending.as_secs_f64();
+    let bytes = store.size_on_disk();
+    let bytes_per_icr = bytes as f64 / written as f64;
+    let ingest_mb_per_s = bytes as f64 / 1e6 / appending.as_secs_f64();
+    println!(
+        "ingest: {written} ICRs over {:.1} days of record time in {:.1} s of appends ({:.1} s generating): {ingest_per_s:.0} ICRs/s",
+        (last_end - options.start).num_seconds() as f64 / 86_400.0,
+        appending.as_secs_f64(),
+        generating.as_secs_f64()
+    );
+    println!(
+        "store on disk: {:.1} MB = {bytes_per_icr:.1} bytes/ICR with indexes; written at {ingest_mb_per_s:.1} MB/s = {:.3} x the raw disk",
+        bytes as f64 / 1e6,
+        ingest_mb_per_s / disk_mb_per_s
+    );
+    println!("peak RSS while ingesting: {peak_rss_mb:.0} MB");
+
+    // Question 1: a public ip:port at a moment of each sampled connection.
+    let mut resolve_ms = Vec::new();
+    let mut resolved = 0;
+    for sample in &samples {
+        let public = sample.public.expect("synthetic records have a public address");
+        let span = (sample.end - sample.start).num_microseconds().unwrap_or(0).max(1);
+        let at = sample.start + chrono::Duration::microseconds(rng.random_range(0..span));
+        let tolerance = chrono::Duration::seconds(1);
+        let started = Instant::now();
+        let found = store.find(at - tolerance, at + tolerance, Lookup::Any(&[IndexKey::PublicPort(public.ip, public.port)]))?;
+        let answer = query::resolve(found, at, public.ip, Some(public.port), None, None);
+        resolve_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        resolved += usize::from(answer.iter().any(|r| r.id == sample.id));
+    }
+    let (resolve_p50, resolve_p99) = (percentile(&mut resolve_ms, 0.50), percentile(&mut resolve_ms, 0.99));
+    println!(
+        "resolve ip:port:time (±1 s): p50 {resolve_p50:.2} ms, p99 {resolve_p99:.2} ms; the sampled connection found {resolved}/{}",
+        samples.len()
+    );
+
+    // Question 2: the services of one device over the day of one of its records.
+    let mut device_ms = Vec::new();
+    let mut rows_total = 0;
+    for sample in samples.iter().take(DEVICE_QUERIES) {
+        let device = DeviceSelector::parse(sample.device.mac.as_deref().expect("a MAC"));
+        let day = sample.start.date_naive();
+        let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let to = from + chrono::Duration::days(1) - chrono::Duration::microseconds(1);
+        let started = Instant::now();
+        let records = store.find(from, to, Lookup::Any(&[device.index_key()]))?;
+        let rows = query::services_of(&records, &device);
+        device_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        rows_total += rows.len();
+    }
+    let (device_p50, device_p99) = (percentile(&mut device_ms, 0.50), percentile(&mut device_ms, 0.99));
+    println!(
+        "services of one device over one day: p50 {device_p50:.1} ms, p99 {device_p99:.1} ms ({:.0} services a device on average)",
+        rows_total as f64 / DEVICE_QUERIES as f64
+    );
+
+    // Question 3: the devices that used any of 1,000 names over 30 days.
+    let to = last_end;
+    let from = to.checked_sub_days(Days::new(30)).expect("in range");
+    let mut names_ms = Vec::new();
+    let mut hits = 0;
+    for _ in 0..NAME_QUERIES {
+        let selectors: Vec<ServiceSelector> = (0..1_000)
+            .map(|_| ServiceSelector::Name(Generator::name(rng.random_range(1..=options.names))))
+            .collect();
+        let keys: Vec<IndexKey> = selectors.iter().flat_map(|s| s.index_keys().expect("names are indexed")).collect();
+        let started = Instant::now();
+        let found = query::accessed(store.find(from, to, Lookup::Any(&keys))?, &selectors);
+        names_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        hits += found.len();
+    }
+    let names_ms_median = percentile(&mut names_ms, 0.5);
+    println!(
+        "devices using any of 1,000 names over 30 days: median {names_ms_median:.0} ms, max {:.0} ms ({} records a query)",
+        names_ms.iter().cloned().fold(0.0, f64::max),
+        hits / NAME_QUERIES
+    );
+
+    drop(store);
+    if !args.keep {
+        std::fs::remove_dir_all(&args.dir).ok();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "records": written,
+            "ingest_per_s": ingest_per_s.round(),
+            "disk_write_mb_per_s": disk_mb_per_s.round(),
+            "ingest_mb_per_s": (ingest_mb_per_s * 10.0).round() / 10.0,
+            "ingest_vs_disk": (ingest_mb_per_s / disk_mb_per_s * 1000.0).round() / 1000.0,
+            "bytes_per_icr": (bytes_per_icr * 10.0).round() / 10.0,
+            "resolve_p50_ms": round3(resolve_p50),
+            "resolve_p99_ms": round3(resolve_p99),
+            "resolve_found": resolved,
+            "device_day_p50_ms": round3(device_p50),
+            "device_day_p99_ms": round3(device_p99),
+            "names_1000_30d_ms": names_ms_median.round(),
+            "peak_rss_mb": peak_rss_mb.round(),
+        })
+    );
+    Ok(())
+}
+
+/// This disk's sequential write speed, MB/s: 1 GiB in 4 MiB writes, synced.
+fn raw_write_speed(dir: &std::path::Path) -> Result<f64> {
+    let path = dir.join("raw-write-test");
+    let chunk: Vec<u8> = (0..4 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..256 {
+        file.write_all(&chunk)?;
+    }
+    file.sync_data()?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(1024.0 * 1024.0 * 1024.0 / 1e6 / seconds)
+}
+
+fn peak_rss_mb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(kb / 1024.0)
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(((values.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
