@@ -20,6 +20,7 @@ const LAB_PACKAGES: &[&str] = &[
     "openssl",
     "bind9-dnsutils",
     "dnsmasq-base",
+    "busybox", // udhcpc: the DHCP lab's clients
     "nginx-light",
     "python3",
     "python3-venv",

@@ -1,0 +1,36 @@
+//! The store crash test's writer: appends synthetic ICRs to a store in
+//! batches, like the agent's writer, and prints each record's id only once
+//! `Store::append` has returned for it, the moment the agent would count
+//! it stored. The test kills it at random moments and checks that every id
+//! printed survives, once.
+//!
+//! Usage: store-ingest DIR SEED BATCHES BATCH_SIZE
+use std::io::Write as _;
+
+use anyhow::{Context as _, Result};
+use icr::{
+    store::Store,
+    synthetic::{Generator, Options},
+};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, dir, seed, batches, size] = args.as_slice() else {
+        anyhow::bail!("usage: store-ingest DIR SEED BATCHES BATCH_SIZE");
+    };
+    let store = Store::open(dir.as_ref()).with_context(|| format!("opening the store {dir}"))?;
+    let mut generator = Generator::new(seed.parse()?, Options { per_second: 20_000.0, ..Options::default() });
+    let mut out = std::io::stdout().lock();
+    for _ in 0..batches.parse::<u32>()? {
+        let batch: Vec<_> = (0..size.parse::<u32>()?).map(|_| generator.next_record()).collect();
+        store.append(&batch)?;
+        let mut acknowledged = String::with_capacity(batch.len() * 37);
+        for record in &batch {
+            acknowledged.push_str(&record.id);
+            acknowledged.push('\n');
+        }
+        out.write_all(acknowledged.as_bytes())?;
+        out.flush()?;
+    }
+    Ok(())
+}

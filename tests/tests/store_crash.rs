@@ -1,0 +1,98 @@
+//! Durability: a writer appending to the store is killed (SIGKILL) at random
+//! moments, mid-append, mid-seal, mid-flush, many times over; after each
+//! crash the store must open, and at the end every record the writer had
+//! acknowledged must be there exactly once.
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use icr::store::Store;
+
+const CRASHES: u64 = 25;
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn no_acknowledged_record_is_lost_or_doubled_by_kill_9() {
+    let dir = TempDir(std::env::temp_dir().join(format!("icr-store-crash-{}", std::process::id())));
+    let db = dir.0.join("store");
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut seed = 0u64;
+    for crash in 0..=CRASHES {
+        seed += 1;
+        // Batches cross block boundaries (4,096) at varying points.
+        let batch = 500 + (seed * 337) % 3000;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_store-ingest"))
+            .args([db.to_str().unwrap(), &seed.to_string(), "40", &batch.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting store-ingest");
+        let stdout = child.stdout.take().unwrap();
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The last run is not killed: it must finish cleanly.
+        let deadline = if crash < CRASHES {
+            Instant::now() + Duration::from_millis(100 + (seed * 7919) % 900)
+        } else {
+            Instant::now() + Duration::from_secs(120)
+        };
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if crash < CRASHES {
+            let _ = child.kill();
+        }
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        // A line is an acknowledgement only when whole (36 characters, a UUID).
+        let lines: Vec<String> = lines_rx.try_iter().filter(|l| l.len() == 36).collect();
+        if crash == CRASHES {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            assert!(status.success(), "the last run failed: {stderr}");
+        }
+        acknowledged.extend(lines);
+    }
+    assert!(acknowledged.len() > 100_000, "too few records were written to test anything: {}", acknowledged.len());
+
+    let store = Store::open(&db).expect("the store opens after the crashes");
+    let from = chrono::DateTime::from_timestamp(0, 0).unwrap();
+    let to = chrono::DateTime::from_timestamp(4_000_000_000, 0).unwrap();
+    let records = store.scan(from, to).unwrap();
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for record in &records {
+        *copies.entry(record.id.as_str()).or_default() += 1;
+    }
+    let doubled = copies.values().filter(|n| **n > 1).count();
+    let missing: Vec<&String> = acknowledged.iter().filter(|id| !copies.contains_key(id.as_str())).collect();
+    eprintln!(
+        "{} crashes: {} records acknowledged, {} stored ({} written but not yet acknowledged when killed)",
+        CRASHES,
+        acknowledged.len(),
+        records.len(),
+        records.len() - acknowledged.len().min(records.len())
+    );
+    assert_eq!(doubled, 0, "records stored twice");
+    assert!(missing.is_empty(), "{} acknowledged records missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+}
