@@ -72,6 +72,11 @@ pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
 
 /// Decodes a block written by [`encode`].
 pub fn decode(block: &[u8]) -> Result<Vec<Icr>> {
+    decode_filtered(block, |_| true)
+}
+
+/// Decodes the records of a block that `keep` keeps.
+pub fn decode_filtered(block: &[u8], mut keep: impl FnMut(&View) -> bool) -> Result<Vec<Icr>> {
     let mut header = Reader::new(block);
     let version = header.u8()?;
     ensure!(version == VERSION, "block encoding version {version} is not known to this icr (it knows {VERSION})");
@@ -97,9 +102,12 @@ pub fn decode(block: &[u8]) -> Result<Vec<Icr>> {
         offset += length;
     }
     let mut previous = Previous::default();
-    let mut records = Vec::with_capacity(count.min(1 << 16));
+    let mut records = Vec::new();
     for index in 0..count {
-        records.push(decode_record(&mut columns, &mut previous).with_context(|| format!("decoding record {index} of a block"))?);
+        let view = decode_view(&mut columns, &mut previous).with_context(|| format!("decoding record {index} of a block"))?;
+        if keep(&view) {
+            records.push(view.to_icr().with_context(|| format!("decoding record {index} of a block"))?);
+        }
     }
     Ok(records)
 }
@@ -170,7 +178,32 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
     Ok(())
 }
 
-fn decode_record(c: &mut [Reader], previous: &mut Previous) -> Result<Icr> {
+/// A decoded record that borrows its texts from the block: queries test
+/// these against their keys and build an [`Icr`] only for the records they
+/// keep, so the records they skip cost no allocation.
+pub struct View<'a> {
+    id: u128,
+    pub start_us: i64,
+    pub end_us: i64,
+    end_reason: u8,
+    proto: u8,
+    pub mac: Option<[u8; 6]>,
+    pub device_ip: Option<IpAddr>,
+    device_port: Option<u64>,
+    vlan: Vec<u16>,
+    pppoe: Option<u64>,
+    pub subscriber: Option<&'a str>,
+    pub public: Option<(IpAddr, u16)>,
+    pub remote: (IpAddr, u16),
+    pub service_name: Option<&'a str>,
+    service_meta: u8,
+    dns: Option<(&'a str, &'a str, Vec<&'a str>)>,
+    packets: (u64, u64),
+    bytes: (u64, u64),
+    incomplete: bool,
+}
+
+fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View<'a>> {
     let id_high_delta = c[ID_HIGH].signed()?;
     let low = previous.id_low.wrapping_add(c[ID_LOW].signed()? as u64);
     previous.id_low = low;
@@ -178,73 +211,111 @@ fn decode_record(c: &mut [Reader], previous: &mut Previous) -> Result<Icr> {
     previous.start_us = start_us;
     let expected_high = ((start_us.div_euclid(1000) as u64) << 16) | 0x7000;
     let high = expected_high.wrapping_add(id_high_delta as u64);
-    let id = uuid::Uuid::from_u128((u128::from(high) << 64) | u128::from(low));
     let end_us = start_us.wrapping_add(c[DURATION].signed()?);
-    let end_reason = match c[END_REASON].u8()? {
-        0 => EndReason::Fin,
-        1 => EndReason::Rst,
-        2 => EndReason::Idle,
-        3 => EndReason::Active,
-        4 => EndReason::Shutdown,
-        other => bail!("unknown end reason {other}"),
-    };
-    let proto = proto_name(c[PROTO].u8()?);
+    let end_reason = c[END_REASON].u8()?;
+    let proto = c[PROTO].u8()?;
     let mac = match c[MAC].u8()? {
         0 => None,
-        _ => Some(mac_string(c[MAC].bytes(6)?.try_into()?)),
+        _ => Some(<[u8; 6]>::try_from(c[MAC].bytes(6)?)?),
     };
-    let ip = c[DEVICE_IP].ip()?;
-    let port = c[DEVICE_PORT].optional()?.map(u16::try_from).transpose()?;
+    let device_ip = c[DEVICE_IP].ip()?;
+    let device_port = c[DEVICE_PORT].optional()?;
     let vlan_count = c[VLAN].varint()?;
     let vlan = (0..vlan_count).map(|_| Ok(u16::try_from(c[VLAN].varint()?)?)).collect::<Result<Vec<u16>>>()?;
-    let pppoe_session = c[PPPOE].optional()?.map(u16::try_from).transpose()?;
-    let subscriber = c[SUBSCRIBER].text()?;
+    let pppoe = c[PPPOE].optional()?;
+    let subscriber = c[SUBSCRIBER].text_ref()?;
     let public = match c[PUBLIC_IP].ip()? {
-        Some(ip) => Some(Endpoint { ip, port: u16::try_from(c[PUBLIC_PORT].varint()?)? }),
+        Some(ip) => Some((ip, u16::try_from(c[PUBLIC_PORT].varint()?)?)),
         None => None,
     };
     let remote_ip = c[REMOTE_IP].ip()?.ok_or_else(|| anyhow!("a record without a remote address"))?;
-    let remote = Endpoint { ip: remote_ip, port: u16::try_from(c[REMOTE_PORT].varint()?)? };
-    let service = match c[SERVICE_NAME].text()? {
-        Some(name) => {
-            let meta = c[SERVICE_META].u8()?;
-            let source = match meta & 0x7f {
-                0 => ServiceSource::TlsSni,
-                1 => ServiceSource::QuicSni,
-                2 => ServiceSource::HttpHost,
-                3 => ServiceSource::Dns,
-                other => bail!("unknown service source {other}"),
-            };
-            Some(Service { name, source, ech: meta & 0x80 != 0 })
-        }
-        None => None,
-    };
-    let dns = match c[DNS].text()? {
+    let remote = (remote_ip, u16::try_from(c[REMOTE_PORT].varint()?)?);
+    let service_name = c[SERVICE_NAME].text_ref()?;
+    let service_meta = if service_name.is_some() { c[SERVICE_META].u8()? } else { 0 };
+    let dns = match c[DNS].text_ref()? {
         Some(qname) => {
-            let qtype = c[DNS].text()?.unwrap_or_default();
+            let qtype = c[DNS].text_ref()?.unwrap_or_default();
             let count = c[DNS].varint()?;
-            let answers = (0..count).map(|_| Ok(c[DNS].text()?.unwrap_or_default())).collect::<Result<Vec<_>>>()?;
-            Some(Dns { qname, qtype, answers })
+            let answers = (0..count).map(|_| Ok(c[DNS].text_ref()?.unwrap_or_default())).collect::<Result<Vec<_>>>()?;
+            Some((qname, qtype, answers))
         }
         None => None,
     };
-    Ok(Icr {
-        id: id.to_string(),
-        start: time(start_us)?,
-        end: time(end_us)?,
+    Ok(View {
+        id: (u128::from(high) << 64) | u128::from(low),
+        start_us,
+        end_us,
         end_reason,
         proto,
-        device: Device { mac, ip, port, vlan, pppoe_session, subscriber },
+        mac,
+        device_ip,
+        device_port,
+        vlan,
+        pppoe,
+        subscriber,
         public,
         remote,
-        service,
+        service_name,
+        service_meta,
         dns,
-        packets_up: c[PACKETS].varint()?,
-        packets_down: c[PACKETS].varint()?,
-        bytes_up: c[BYTES].varint()?,
-        bytes_down: c[BYTES].varint()?,
+        packets: (c[PACKETS].varint()?, c[PACKETS].varint()?),
+        bytes: (c[BYTES].varint()?, c[BYTES].varint()?),
         incomplete: c[INCOMPLETE].u8()? != 0,
     })
+}
+
+impl View<'_> {
+    pub fn to_icr(&self) -> Result<Icr> {
+        let end_reason = match self.end_reason {
+            0 => EndReason::Fin,
+            1 => EndReason::Rst,
+            2 => EndReason::Idle,
+            3 => EndReason::Active,
+            4 => EndReason::Shutdown,
+            other => bail!("unknown end reason {other}"),
+        };
+        let service = match self.service_name {
+            Some(name) => {
+                let source = match self.service_meta & 0x7f {
+                    0 => ServiceSource::TlsSni,
+                    1 => ServiceSource::QuicSni,
+                    2 => ServiceSource::HttpHost,
+                    3 => ServiceSource::Dns,
+                    other => bail!("unknown service source {other}"),
+                };
+                Some(Service { name: name.to_owned(), source, ech: self.service_meta & 0x80 != 0 })
+            }
+            None => None,
+        };
+        Ok(Icr {
+            id: uuid::Uuid::from_u128(self.id).to_string(),
+            start: time(self.start_us)?,
+            end: time(self.end_us)?,
+            end_reason,
+            proto: proto_name(self.proto),
+            device: Device {
+                mac: self.mac.map(mac_string),
+                ip: self.device_ip,
+                port: self.device_port.map(u16::try_from).transpose()?,
+                vlan: self.vlan.clone(),
+                pppoe_session: self.pppoe.map(u16::try_from).transpose()?,
+                subscriber: self.subscriber.map(str::to_owned),
+            },
+            public: self.public.map(|(ip, port)| Endpoint { ip, port }),
+            remote: Endpoint { ip: self.remote.0, port: self.remote.1 },
+            service,
+            dns: self.dns.as_ref().map(|(qname, qtype, answers)| Dns {
+                qname: (*qname).to_owned(),
+                qtype: (*qtype).to_owned(),
+                answers: answers.iter().map(|a| (*a).to_owned()).collect(),
+            }),
+            packets_up: self.packets.0,
+            packets_down: self.packets.1,
+            bytes_up: self.bytes.0,
+            bytes_down: self.bytes.1,
+            incomplete: self.incomplete,
+        })
+    }
 }
 
 fn time(micros: i64) -> Result<DateTime<Utc>> {
@@ -357,10 +428,10 @@ impl<'a> Reader<'a> {
         Ok(self.varint()?.checked_sub(1))
     }
 
-    fn text(&mut self) -> Result<Option<String>> {
+    fn text_ref(&mut self) -> Result<Option<&'a str>> {
         let Some(length) = self.optional()? else { return Ok(None) };
         let bytes = self.bytes(usize::try_from(length)?)?;
-        Ok(Some(std::str::from_utf8(bytes).context("a stored text is not UTF-8")?.to_owned()))
+        Ok(Some(std::str::from_utf8(bytes).context("a stored text is not UTF-8")?))
     }
 
     fn ip(&mut self) -> Result<Option<IpAddr>> {

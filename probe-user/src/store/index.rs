@@ -10,13 +10,16 @@
 //! block, and never a read per record. Fingerprints may collide: a block
 //! found through the index is a candidate, and its records are checked
 //! against the keys themselves.
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use anyhow::{Result, anyhow, ensure};
 use integer_encoding::VarInt;
 use ipnet::IpNet;
 
-use crate::{icr::Icr, store::codec::parse_mac};
+use crate::{
+    icr::Icr,
+    store::codec::{View, parse_mac},
+};
 
 /// Blocks merged into one run (a u64 mask says which of them hold a key).
 pub const RUN_BLOCKS: u32 = 64;
@@ -52,52 +55,21 @@ impl IndexKey {
     /// thousand names reads the name pages of a run, not all of them.
     pub fn fingerprint(&self) -> u32 {
         let mut bytes = Vec::with_capacity(24);
-        let ip = |bytes: &mut Vec<u8>, ip: &IpAddr| match ip {
-            IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
-            IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
-        };
         match self {
-            Self::PublicAddr(addr) => {
-                bytes.push(1);
-                ip(&mut bytes, addr);
-            }
-            Self::PublicPort(addr, port) => {
-                bytes.push(2);
-                ip(&mut bytes, addr);
-                bytes.extend_from_slice(&port.to_be_bytes());
-            }
-            Self::Mac(mac) => {
-                bytes.push(3);
-                bytes.extend_from_slice(mac);
-            }
-            Self::DeviceIp(addr) => {
-                bytes.push(4);
-                ip(&mut bytes, addr);
-            }
-            Self::Subscriber(name) => {
-                bytes.push(5);
-                bytes.extend_from_slice(name.as_bytes());
-            }
-            Self::Name(name) => {
-                bytes.push(6);
-                bytes.extend_from_slice(name.as_bytes());
-            }
-            Self::Domain(name) => {
-                bytes.push(7);
-                bytes.extend_from_slice(name.as_bytes());
-            }
-            Self::RemoteIp(addr) => {
-                bytes.push(8);
-                ip(&mut bytes, addr);
-            }
-            Self::RemoteNet(net) => {
-                bytes.push(9);
-                ip(&mut bytes, &net.network());
-                bytes.push(net.prefix_len());
-            }
+            Self::PublicAddr(addr) => key_bytes(&mut bytes, PUBLIC_ADDR, |b| put_ip(b, addr)),
+            Self::PublicPort(addr, port) => key_bytes(&mut bytes, PUBLIC_PORT, |b| {
+                put_ip(b, addr);
+                b.extend_from_slice(&port.to_be_bytes());
+            }),
+            Self::Mac(mac) => key_bytes(&mut bytes, MAC, |b| b.extend_from_slice(mac)),
+            Self::DeviceIp(addr) => key_bytes(&mut bytes, DEVICE_IP, |b| put_ip(b, addr)),
+            Self::Subscriber(name) => key_bytes(&mut bytes, SUBSCRIBER, |b| b.extend_from_slice(name.as_bytes())),
+            Self::Name(name) => key_bytes(&mut bytes, NAME, |b| b.extend_from_slice(name.as_bytes())),
+            Self::Domain(name) => key_bytes(&mut bytes, DOMAIN, |b| b.extend_from_slice(name.as_bytes())),
+            Self::RemoteIp(addr) => key_bytes(&mut bytes, REMOTE_IP, |b| put_ip(b, addr)),
+            Self::RemoteNet(net) => key_bytes(&mut bytes, REMOTE_NET, |b| put_net(b, net)),
         }
-        let kind = u32::from(bytes[0]);
-        (kind << 28) | (xxhash_rust::xxh3::xxh3_64(&bytes) >> 36) as u32
+        print_of(&bytes)
     }
 
     /// The fingerprints of one kind lie in `kind_range(print)`.
@@ -106,72 +78,174 @@ impl IndexKey {
     }
 }
 
-/// Every index key of a record.
-pub fn keys_of(record: &Icr) -> Vec<IndexKey> {
-    let mut keys = Vec::with_capacity(10);
+// The kinds of key, the first byte of what is hashed.
+const PUBLIC_ADDR: u8 = 1;
+const PUBLIC_PORT: u8 = 2;
+const MAC: u8 = 3;
+const DEVICE_IP: u8 = 4;
+const SUBSCRIBER: u8 = 5;
+const NAME: u8 = 6;
+const DOMAIN: u8 = 7;
+const REMOTE_IP: u8 = 8;
+const REMOTE_NET: u8 = 9;
+
+fn key_bytes(buffer: &mut Vec<u8>, kind: u8, fill: impl FnOnce(&mut Vec<u8>)) {
+    buffer.clear();
+    buffer.push(kind);
+    fill(buffer);
+}
+
+fn print_of(bytes: &[u8]) -> u32 {
+    (u32::from(bytes[0]) << 28) | (xxhash_rust::xxh3::xxh3_64(bytes) >> 36) as u32
+}
+
+fn put_ip(buffer: &mut Vec<u8>, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(ip) => buffer.extend_from_slice(&ip.octets()),
+        IpAddr::V6(ip) => buffer.extend_from_slice(&ip.octets()),
+    }
+}
+
+fn put_net(buffer: &mut Vec<u8>, net: &IpNet) {
+    put_ip(buffer, &net.network());
+    buffer.push(net.prefix_len());
+}
+
+/// The fingerprints of every index key of a record (its public ip and
+/// ip:port, MAC, device IP, subscriber, service name and each parent domain
+/// of it, remote IP and remote network), into `prints`. Built without
+/// allocating: this runs for every record written.
+fn record_prints(record: &Icr, buffer: &mut Vec<u8>, prints: &mut Vec<u32>) {
+    let mut add = |buffer: &mut Vec<u8>, kind: u8, fill: &dyn Fn(&mut Vec<u8>)| {
+        key_bytes(buffer, kind, fill);
+        prints.push(print_of(buffer));
+    };
     if let Some(public) = record.public {
-        keys.push(IndexKey::PublicAddr(public.ip));
-        keys.push(IndexKey::PublicPort(public.ip, public.port));
+        add(buffer, PUBLIC_ADDR, &|b| put_ip(b, &public.ip));
+        add(buffer, PUBLIC_PORT, &|b| {
+            put_ip(b, &public.ip);
+            b.extend_from_slice(&public.port.to_be_bytes());
+        });
     }
     if let Some(mac) = record.device.mac.as_deref().and_then(parse_mac) {
-        keys.push(IndexKey::Mac(mac));
+        add(buffer, MAC, &|b| b.extend_from_slice(&mac));
     }
     if let Some(ip) = record.device.ip {
-        keys.push(IndexKey::DeviceIp(ip));
+        add(buffer, DEVICE_IP, &|b| put_ip(b, &ip));
     }
     if let Some(subscriber) = &record.device.subscriber {
-        keys.push(IndexKey::Subscriber(subscriber.clone()));
+        add(buffer, SUBSCRIBER, &|b| b.extend_from_slice(subscriber.as_bytes()));
     }
     if let Some(service) = &record.service {
-        let name = service.name.to_ascii_lowercase();
-        let mut rest = name.as_str();
-        while let Some((_, parent)) = rest.split_once('.') {
-            if parent.is_empty() {
-                break;
-            }
-            keys.push(IndexKey::Domain(parent.to_string()));
-            rest = parent;
+        let name = lowercase(&service.name);
+        add(buffer, NAME, &|b| b.extend_from_slice(name.as_bytes()));
+        for domain in parent_domains(&name) {
+            add(buffer, DOMAIN, &|b| b.extend_from_slice(domain.as_bytes()));
         }
-        keys.push(IndexKey::Name(name));
     }
-    keys.push(IndexKey::RemoteIp(record.remote.ip));
-    keys.push(IndexKey::RemoteNet(IndexKey::remote_net(record.remote.ip)));
-    keys
+    add(buffer, REMOTE_IP, &|b| put_ip(b, &record.remote.ip));
+    add(buffer, REMOTE_NET, &|b| put_net(b, &IndexKey::remote_net(record.remote.ip)));
 }
 
-/// Whether a record has any of `keys` (the exact check behind a fingerprint).
-pub fn has_any(record: &Icr, keys: &[IndexKey]) -> bool {
-    keys.iter().any(|key| key.matches(record))
+/// Every fingerprint a record is indexed under.
+pub fn fingerprints_of(record: &Icr) -> Vec<u32> {
+    let mut prints = Vec::with_capacity(12);
+    record_prints(record, &mut Vec::with_capacity(64), &mut prints);
+    prints
 }
 
-impl IndexKey {
-    /// Whether `record` has this key (what [`keys_of`] would say, without
-    /// building them all: this runs for every record a query reads).
-    pub fn matches(&self, record: &Icr) -> bool {
-        let name = || record.service.as_ref().map(|s| s.name.as_str());
-        match self {
-            Self::PublicAddr(ip) => record.public.is_some_and(|p| p.ip == *ip),
-            Self::PublicPort(ip, port) => record.public.is_some_and(|p| p.ip == *ip && p.port == *port),
-            Self::Mac(mac) => record.device.mac.as_deref().and_then(parse_mac) == Some(*mac),
-            Self::DeviceIp(ip) => record.device.ip == Some(*ip),
-            Self::Subscriber(name) => record.device.subscriber.as_deref() == Some(name.as_str()),
-            Self::Name(wanted) => name().is_some_and(|n| n.eq_ignore_ascii_case(wanted)),
-            Self::Domain(domain) => name().is_some_and(|n| {
-                n.len() > domain.len() + 1
-                    && n.is_char_boundary(n.len() - domain.len() - 1)
-                    && n[n.len() - domain.len()..].eq_ignore_ascii_case(domain)
-                    && n.as_bytes()[n.len() - domain.len() - 1] == b'.'
-                    && !n[..n.len() - domain.len() - 1].is_empty()
-            }),
-            Self::RemoteIp(ip) => record.remote.ip == *ip,
-            Self::RemoteNet(net) => Self::remote_net(record.remote.ip) == *net,
+/// `example.com` and `com` for `mail.example.com`.
+fn parent_domains(name: &str) -> impl Iterator<Item = &str> {
+    name.match_indices('.').map(|(dot, _)| &name[dot + 1..]).filter(|d| !d.is_empty())
+}
+
+fn lowercase(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// The keys a query asks for, as sets: testing a record against a thousand
+/// names costs a few hash lookups, not a thousand comparisons.
+#[derive(Debug, Default)]
+pub struct KeyFilter {
+    public_addr: HashSet<IpAddr>,
+    public_port: HashSet<(IpAddr, u16)>,
+    mac: HashSet<[u8; 6]>,
+    device_ip: HashSet<IpAddr>,
+    subscriber: HashSet<String>,
+    name: HashSet<String>,
+    domain: HashSet<String>,
+    remote_ip: HashSet<IpAddr>,
+    remote_net: HashSet<IpNet>,
+}
+
+impl KeyFilter {
+    pub fn new(keys: &[IndexKey]) -> Self {
+        let mut filter = Self::default();
+        for key in keys {
+            match key {
+                IndexKey::PublicAddr(ip) => filter.public_addr.insert(*ip),
+                IndexKey::PublicPort(ip, port) => filter.public_port.insert((*ip, *port)),
+                IndexKey::Mac(mac) => filter.mac.insert(*mac),
+                IndexKey::DeviceIp(ip) => filter.device_ip.insert(*ip),
+                IndexKey::Subscriber(name) => filter.subscriber.insert(name.clone()),
+                IndexKey::Name(name) => filter.name.insert(name.to_ascii_lowercase()),
+                IndexKey::Domain(name) => filter.domain.insert(name.to_ascii_lowercase()),
+                IndexKey::RemoteIp(ip) => filter.remote_ip.insert(*ip),
+                IndexKey::RemoteNet(net) => filter.remote_net.insert(*net),
+            };
         }
+        filter
+    }
+
+    /// Whether a stored record (not yet built into an [`Icr`]) has a key asked for.
+    pub fn matches_view(&self, view: &View) -> bool {
+        self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.service_name, view.remote.0)
+    }
+
+    pub fn matches_record(&self, record: &Icr) -> bool {
+        self.matches(
+            record.public.map(|p| (p.ip, p.port)),
+            record.device.mac.as_deref().and_then(parse_mac),
+            record.device.ip,
+            record.device.subscriber.as_deref(),
+            record.service.as_ref().map(|s| s.name.as_str()),
+            record.remote.ip,
+        )
+    }
+
+    fn matches(
+        &self,
+        public: Option<(IpAddr, u16)>,
+        mac: Option<[u8; 6]>,
+        device_ip: Option<IpAddr>,
+        subscriber: Option<&str>,
+        service_name: Option<&str>,
+        remote_ip: IpAddr,
+    ) -> bool {
+        public.is_some_and(|(ip, port)| self.public_addr.contains(&ip) || self.public_port.contains(&(ip, port)))
+            || mac.is_some_and(|mac| self.mac.contains(&mac))
+            || device_ip.is_some_and(|ip| self.device_ip.contains(&ip))
+            || subscriber.is_some_and(|name| self.subscriber.contains(name))
+            || service_name.is_some_and(|name| {
+                let name = lowercase(name);
+                self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
+            })
+            || self.remote_ip.contains(&remote_ip)
+            || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(remote_ip)))
     }
 }
 
 /// The sorted, distinct fingerprints of a block's records.
 pub fn block_fingerprints(records: &[Icr]) -> Vec<u32> {
-    let mut prints: Vec<u32> = records.iter().flat_map(keys_of).map(|key| key.fingerprint()).collect();
+    let mut prints = Vec::with_capacity(records.len() * 12);
+    let mut buffer = Vec::with_capacity(64);
+    for record in records {
+        record_prints(record, &mut buffer, &mut prints);
+    }
     prints.sort_unstable();
     prints.dedup();
     prints
@@ -277,21 +351,39 @@ mod tests {
     #[test]
     fn a_record_is_found_by_each_of_its_keys() {
         let record = sample(3);
-        let keys = keys_of(&record);
+        let prints = fingerprints_of(&record);
         let public = record.public.unwrap();
-        assert!(keys.contains(&IndexKey::PublicPort(public.ip, public.port)));
-        assert!(keys.contains(&IndexKey::Domain("example.com".into())));
-        assert!(keys.contains(&IndexKey::Domain("com".into())));
-        assert!(keys.contains(&IndexKey::RemoteNet("192.0.2.0/24".parse().unwrap())));
-        assert!(has_any(&record, &[IndexKey::Subscriber("line-3".into())]));
-        assert!(!has_any(&record, &[IndexKey::Subscriber("line-4".into())]));
+        let keys = [
+            IndexKey::PublicAddr(public.ip),
+            IndexKey::PublicPort(public.ip, public.port),
+            IndexKey::Mac([2, 0, 0, 0, 3, 0x17]),
+            IndexKey::DeviceIp(record.device.ip.unwrap()),
+            IndexKey::Subscriber("line-3".into()),
+            IndexKey::Name("s3.example.com".into()),
+            IndexKey::Domain("example.com".into()),
+            IndexKey::Domain("com".into()),
+            IndexKey::RemoteIp(record.remote.ip),
+            IndexKey::RemoteNet("192.0.2.0/24".parse().unwrap()),
+        ];
+        assert_eq!(prints.len(), keys.len());
         for key in &keys {
-            assert!(key.matches(&record), "{key:?}");
+            assert!(prints.contains(&key.fingerprint()), "{key:?}");
+            assert!(KeyFilter::new(std::slice::from_ref(key)).matches_record(&record), "{key:?}");
         }
-        for other in ["example.com.", ".example.com", "3.example.com", "xample.com", ""] {
-            assert!(!IndexKey::Domain(other.into()).matches(&record), "{other:?}");
+        let not = [
+            IndexKey::Subscriber("line-4".into()),
+            IndexKey::Name("s3.example.co".into()),
+            IndexKey::Domain("s3.example.com".into()),
+            IndexKey::Domain("xample.com".into()),
+            IndexKey::PublicPort(public.ip, public.port + 1),
+        ];
+        for key in &not {
+            assert!(!KeyFilter::new(std::slice::from_ref(key)).matches_record(&record), "{key:?}");
         }
-        assert!(!IndexKey::Name("s3.example.co".into()).matches(&record));
+        let mut upper = record.clone();
+        upper.service.as_mut().unwrap().name = "S3.Example.COM".into();
+        assert_eq!(fingerprints_of(&upper), prints, "names are indexed lowercase");
+        assert!(KeyFilter::new(&[IndexKey::Domain("example.com".into())]).matches_record(&upper));
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub enum Lookup<'a> {
 /// One day partition, as far as it is loaded.
 struct Day {
     tree: sled::Tree,
+    /// Midnight UTC starting the day, µs.
+    start_us: i64,
     blocks: Vec<BlockMeta>,
     /// Runs built: run `r` covers blocks `r*64 .. r*64+64`.
     runs: u32,
@@ -91,29 +93,50 @@ struct Day {
     wal: Option<Wal>,
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Minutes in a day: a block's meta says in which of them any of its
+/// records was alive, so a query for one moment skips the blocks that only
+/// a few long flows stretch over it.
+const MINUTES: usize = 1440;
+const MINUTE_US: i64 = 60_000_000;
+const MINUTE_WORDS: usize = MINUTES.div_ceil(64);
+
+#[derive(Clone, Debug)]
 struct BlockMeta {
     min_start_us: i64,
     max_end_us: i64,
     records: u32,
+    /// Bit m: a record was alive in minute m of the partition's day (or
+    /// after the day, for the last bit).
+    alive: [u64; MINUTE_WORDS],
 }
 
 impl BlockMeta {
-    const LEN: usize = 20;
+    const LEN: usize = 20 + MINUTE_WORDS * 8;
 
-    fn of(records: &[Icr]) -> Self {
+    fn of(records: &[Icr], day_start_us: i64) -> Self {
+        let mut alive = [0u64; MINUTE_WORDS];
+        for record in records {
+            let minute = |us: i64| ((us - day_start_us).div_euclid(MINUTE_US)).clamp(0, MINUTES as i64 - 1) as usize;
+            for m in minute(record.start.timestamp_micros())..=minute(record.end.timestamp_micros()) {
+                alive[m / 64] |= 1 << (m % 64);
+            }
+        }
         Self {
             min_start_us: records.iter().map(|r| r.start.timestamp_micros()).min().unwrap_or(0),
             max_end_us: records.iter().map(|r| r.end.timestamp_micros()).max().unwrap_or(0),
             records: records.len() as u32,
+            alive,
         }
     }
 
-    fn encode(&self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
-        out[..8].copy_from_slice(&self.min_start_us.to_be_bytes());
-        out[8..16].copy_from_slice(&self.max_end_us.to_be_bytes());
-        out[16..].copy_from_slice(&self.records.to_be_bytes());
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.min_start_us.to_be_bytes());
+        out.extend_from_slice(&self.max_end_us.to_be_bytes());
+        out.extend_from_slice(&self.records.to_be_bytes());
+        for word in &self.alive {
+            out.extend_from_slice(&word.to_be_bytes());
+        }
         out
     }
 
@@ -121,15 +144,24 @@ impl BlockMeta {
         if bytes.len() != Self::LEN {
             bail!("a block meta of {} bytes", bytes.len());
         }
+        let mut alive = [0u64; MINUTE_WORDS];
+        for (word, chunk) in alive.iter_mut().zip(bytes[20..].chunks_exact(8)) {
+            *word = u64::from_be_bytes(chunk.try_into()?);
+        }
         Ok(Self {
             min_start_us: i64::from_be_bytes(bytes[..8].try_into()?),
             max_end_us: i64::from_be_bytes(bytes[8..16].try_into()?),
-            records: u32::from_be_bytes(bytes[16..].try_into()?),
+            records: u32::from_be_bytes(bytes[16..20].try_into()?),
+            alive,
         })
     }
 
-    fn overlaps(&self, from_us: i64, to_us: i64) -> bool {
-        self.min_start_us <= to_us && self.max_end_us >= from_us
+    fn overlaps(&self, from_us: i64, to_us: i64, day_start_us: i64) -> bool {
+        if self.min_start_us > to_us || self.max_end_us < from_us {
+            return false;
+        }
+        let minute = |us: i64| ((us - day_start_us).div_euclid(MINUTE_US)).clamp(0, MINUTES as i64 - 1) as usize;
+        (minute(from_us)..=minute(to_us)).any(|m| self.alive[m / 64] & (1 << (m % 64)) != 0)
     }
 }
 
@@ -244,11 +276,15 @@ impl Store {
         }
         let (from_us, to_us) = (from.timestamp_micros(), to.timestamp_micros());
         let first_day = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
+        let filter = match lookup {
+            Lookup::All => None,
+            Lookup::Any(keys) => Some(index::KeyFilter::new(keys)),
+        };
         let wanted = |record: &Icr| {
-            record.end >= from && record.start <= to && match lookup {
-                Lookup::All => true,
-                Lookup::Any(keys) => index::has_any(record, keys),
-            }
+            record.end >= from && record.start <= to && filter.as_ref().is_none_or(|f| f.matches_record(record))
+        };
+        let wanted_view = |view: &codec::View| {
+            view.end_us >= from_us && view.start_us <= to_us && filter.as_ref().is_none_or(|f| f.matches_view(view))
         };
         let mut found = Vec::new();
         for date in self.days()? {
@@ -268,8 +304,7 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                let records = codec::decode(&bytes).with_context(|| format!("block {block} of {date}"))?;
-                found.extend(records.into_iter().filter(|r| wanted(r)));
+                found.extend(codec::decode_filtered(&bytes, wanted_view).with_context(|| format!("block {block} of {date}"))?);
             }
         }
         Ok(found)
@@ -337,7 +372,7 @@ impl Store {
     fn day<'a>(&self, days: &'a mut BTreeMap<NaiveDate, Day>, date: NaiveDate) -> Result<&'a mut Day> {
         if !days.contains_key(&date) {
             let tree = self.inner.db.open_tree(day_name(date)).context("opening a day partition")?;
-            days.insert(date, Day::load(tree).with_context(|| format!("loading the day {date}"))?);
+            days.insert(date, Day::load(tree, date).with_context(|| format!("loading the day {date}"))?);
         }
         Ok(days.get_mut(&date).expect("inserted"))
     }
@@ -394,7 +429,7 @@ impl Store {
 }
 
 impl Day {
-    fn load(tree: sled::Tree) -> Result<Self> {
+    fn load(tree: sled::Tree, date: NaiveDate) -> Result<Self> {
         let mut blocks = Vec::new();
         for entry in tree.scan_prefix([b'M']) {
             let (key, value) = entry.context("reading block metas")?;
@@ -410,7 +445,8 @@ impl Day {
             let (key, value) = entry.context("reading block fingerprints")?;
             unrun.insert(number_of(&key)?, index::decode_fingerprints(&value)?);
         }
-        Ok(Self { tree, blocks, runs, unrun, open: Vec::new(), wal: None })
+        let start_us = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros();
+        Ok(Self { tree, start_us, blocks, runs, unrun, open: Vec::new(), wal: None })
     }
 
     /// Writes the first `count` open records as the next block, with its
@@ -419,11 +455,11 @@ impl Day {
     fn seal_front(&mut self, count: usize) -> Result<()> {
         let records = &self.open[..count];
         let number = self.blocks.len() as u32;
-        let meta = BlockMeta::of(records);
+        let meta = BlockMeta::of(records, self.start_us);
         let prints = index::block_fingerprints(records);
         let mut batch = sled::Batch::default();
         batch.insert(&key(b'B', number), codec::encode(records, true)?);
-        batch.insert(&key(b'M', number), &meta.encode());
+        batch.insert(&key(b'M', number), meta.encode());
         batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
         self.tree.apply_batch(batch).context("writing a block")?;
         self.blocks.push(meta);
@@ -459,7 +495,7 @@ impl Day {
     /// The sealed blocks that may hold records of the window with the keys.
     fn candidates(&self, from_us: i64, to_us: i64, lookup: Lookup) -> Result<Vec<u32>> {
         let in_window: BTreeSet<u32> =
-            (0..self.blocks.len() as u32).filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us)).collect();
+            (0..self.blocks.len() as u32).filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us)).collect();
         let keys = match lookup {
             Lookup::All => return Ok(in_window.into_iter().collect()),
             Lookup::Any(keys) => keys,
@@ -644,7 +680,7 @@ mod tests {
                 let window = (records[80].start, records[records.len() - 90].start);
                 let expected: Vec<Icr> = all
                     .iter()
-                    .filter(|r| index::has_any(r, &keys) && r.end >= window.0 && r.start <= window.1)
+                    .filter(|r| index::KeyFilter::new(&keys).matches_record(r) && r.end >= window.0 && r.start <= window.1)
                     .cloned()
                     .collect();
                 let got = store.find(window.0, window.1, Lookup::Any(&keys)).unwrap();
