@@ -280,6 +280,18 @@ impl Baseline {
         Ok(Self { ebpf })
     }
 
+    /// Attaches it to `interface` (driver mode), for live benchmarks; it stays
+    /// attached until this is dropped.
+    pub fn attach(&mut self, interface: &str) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("baseline_pass")
+            .ok_or_else(|| anyhow!("no baseline_pass program"))?
+            .try_into()?;
+        program.attach(interface, XdpMode::Driver).with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
+        Ok(())
+    }
+
     /// Runs it `repeat` times on `frame`; returns the kernel's ns per run.
     pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
         let program: &Xdp = self
