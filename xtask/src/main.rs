@@ -72,7 +72,7 @@ fn build() -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    setup::ensure(setup::Needs::Build)?;
+    setup::ensure(setup::Needs::Bench)?;
     match which {
         "probe" => cmd::cargo(&["bench", "--package", "probe-user", "--bench", "probe"]),
         other => anyhow::bail!("no benchmark {other:?} (there is: probe)"),
