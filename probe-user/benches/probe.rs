@@ -14,17 +14,48 @@
 //!      call on distinct flows, beside the bare program and a mid-flow packet
 //!      measured the same way; `*_est_ns` is the large-repeat mid-flow cost
 //!      plus the path's extra cost over mid-flow in that one-call setting.
+//! 2. Live: packets per second through a veth pair between two namespaces
+//!    made for the run, from an AF_PACKET `sendmmsg` sender (a mix of TCP,
+//!    DNS and QUIC connections, 4,096 at a time, no 5-tuple reused) into the
+//!    peer, without XDP, with the bare program and with the probe (`icr_lan`),
+//!    whose perf buffers are drained meanwhile the way the agent does
+//!    (`events::spawn_readers`); events lost are reported (the kernel's
+//!    counter, plus any sent but never received), and if any are lost at the
+//!    highest rate, a rate at which none are. With `bpf_stats` on, the
+//!    programs' own run time per packet, live; and, as a diagnostic, the
+//!    probe's with its event buffers closed (the cost without delivery).
+//! 3. softflowd on the same interface with the same traffic: its CPU time per
+//!    million packets, beside ours (XDP run time + the event reader's CPU).
 //!
 //! The last line is one JSON object for scripts. Knobs: ICR_BENCH_REPEAT,
-//! ICR_BENCH_FLOWS.
-use anyhow::Result;
+//! ICR_BENCH_FLOWS, ICR_BENCH_SECONDS (per live phase, default 4),
+//! ICR_BENCH_MAX_PACKETS (per live phase), ICR_BENCH_SEGMENTS (server
+//! segments per connection, default 32), ICR_BENCH_SENDER_CPU and
+//! ICR_BENCH_READER_CPU (pin those threads), ICR_BENCH_LIVE=0 (test runs
+//! only), ICR_BENCH_VERBOSE (softflowctl's statistics).
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
 use etherparse::{PacketBuilder, TcpHeader};
 use icr::{
-    events,
+    events::{self, ProbeEvent},
     probe::{Baseline, EventBuffer, Probe, ProbeOptions},
 };
-use probe_common::{counter, role};
+use probe_common::{counter, event_kind, role};
 use serde_json::{Map, Value, json};
+use support::{
+    netns::{self, NetnsPair},
+    softflowd::Softflowd,
+    traffic::{self, Traffic},
+};
 
 const ROUNDS: usize = 5;
 
@@ -208,8 +239,422 @@ fn test_runs() -> Result<TestRuns> {
     Ok(TestRuns { json })
 }
 
+// --------------------------------------------------------------------- live
+
+/// Run time, run count and JIT size of the XDP program attached to the
+/// receiver.
+fn prog_stats(pair: &NetnsPair) -> Result<(u64, u64, u32)> {
+    let id = pair.rx_xdp_prog_id()?.context("no XDP program on the receiving interface")?;
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.id() == id {
+            return Ok((info.run_time().as_nanos() as u64, info.run_count(), info.size_jitted()));
+        }
+    }
+    bail!("program {id} not found")
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+struct Phase {
+    sent: traffic::Sent,
+    mix: traffic::Mix,
+    received: u64,
+    rx_dropped: u64,
+}
+
+impl Phase {
+    fn pps(&self) -> f64 {
+        self.received as f64 / self.sent.elapsed.as_secs_f64()
+    }
+}
+
+/// Sends traffic from the sender's namespace (a thread made for it) at `rate`
+/// (None: flat out) and counts what the receiving interface received.
+fn send_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64) -> Result<Phase> {
+    let (rx0, drop0) = pair.rx_stats()?;
+    let (ns, interface) = (pair.tx_ns.clone(), pair.tx_if.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = std::thread::spawn(move || -> Result<(traffic::Sent, traffic::Mix)> {
+        netns::enter(&ns)?;
+        if let Some(cpu) = std::env::var("ICR_BENCH_SENDER_CPU").ok().and_then(|n| n.parse::<usize>().ok()) {
+            pin(cpu);
+        }
+        let mut traffic = Traffic::new(macs.0, macs.1, segments, first_conn);
+        let sent = traffic::send(&interface, &mut traffic, rate, max_packets, Duration::from_secs_f64(seconds), &stop)?;
+        Ok((sent, traffic.mix))
+    });
+    let (sent, mix) = sender.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    // Let the receiver's softirq finish what is queued.
+    std::thread::sleep(Duration::from_millis(100));
+    let (rx1, drop1) = pair.rx_stats()?;
+    Ok(Phase { sent, mix, received: rx1 - rx0, rx_dropped: drop1 - drop0 })
+}
+
+#[derive(Default, Debug)]
+struct ReaderResult {
+    flow_events: u64,
+    hints: u64,
+    lost_records: u64,
+    malformed: u64,
+    cpu: Duration,
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; plain syscall on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn thread_cpu() -> Duration {
+    // SAFETY: clock_gettime with a valid pointer.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The agent's event path: a current-thread tokio runtime on its own thread
+/// running `events::spawn_readers` into a channel of the agent's size, and a
+/// consumer counting what arrives, until `stop`.
+fn spawn_reader(buffers: Vec<EventBuffer>, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::thread::JoinHandle<Result<ReaderResult>> {
+    std::thread::spawn(move || {
+        if let Some(cpu) = std::env::var("ICR_BENCH_READER_CPU").ok().and_then(|n| n.parse::<usize>().ok()) {
+            pin(cpu);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let cpu0 = thread_cpu();
+        let mut result = runtime.block_on(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 16);
+            events::spawn_readers(buffers, tx)?;
+            let mut result = ReaderResult::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            loop {
+                tokio::select! {
+                    event = rx.recv() => match event {
+                        Some(ProbeEvent::Flow(_)) => { result.flow_events += 1; received.fetch_add(1, Ordering::Relaxed); }
+                        Some(ProbeEvent::Hint(event, _)) => {
+                            debug_assert_eq!(event.kind, event_kind::HINT);
+                            result.hints += 1;
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(ProbeEvent::Lost { count, .. }) => result.lost_records += count,
+                        Some(ProbeEvent::Malformed { .. }) => result.malformed += 1,
+                        None => break,
+                    },
+                    _ = tick.tick() => if stop.load(Ordering::Relaxed) { break },
+                }
+            }
+            anyhow::Ok(result)
+        })?;
+        result.cpu = thread_cpu() - cpu0;
+        Ok(result)
+    })
+}
+
+struct ProbePhase {
+    phase: Phase,
+    reader: ReaderResult,
+    events_sent: u64,
+    events_lost: u64,
+    packets_seen: u64,
+    flows_created: u64,
+    table_full: u64,
+    run_ns: u64,
+    run_cnt: u64,
+    jited: u32,
+    irq_work: u64,
+}
+
+impl ProbePhase {
+    /// Events lost: those the kernel could not put in a buffer (the
+    /// buffers' lost records count the same ones again), those sent but
+    /// never received, and malformed ones.
+    fn lost(&self) -> u64 {
+        let received = self.reader.flow_events + self.reader.hints;
+        self.events_lost + self.events_sent.saturating_sub(received) + self.reader.malformed
+    }
+}
+
+/// IRQ work interrupts so far, all CPUs (each perf event wakeup from XDP
+/// raises one).
+fn irq_work_interrupts() -> u64 {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    text.lines()
+        .find(|line| line.trim_start().starts_with("IWI:"))
+        .map(|line| line.split_whitespace().skip(1).map_while(|n| n.parse::<u64>().ok()).sum())
+        .unwrap_or(0)
+}
+
+/// The probe on the receiver with its events drained live. Without
+/// `deliver`, its event buffers are not opened: each event fails at once
+/// (counted lost), which shows what the probe costs without event delivery.
+#[allow(clippy::too_many_arguments)]
+fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64, deliver: bool) -> Result<ProbePhase> {
+    let mut probe = Probe::load(ProbeOptions::default())?;
+    netns::in_netns(&pair.rx_ns, || probe.attach(&pair.rx_if, role::LAN))??;
+    let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let buffers = if deliver { probe.open_event_buffers()? } else { Vec::new() };
+    let reader = spawn_reader(buffers, stop.clone(), received.clone());
+    let stats0 = prog_stats(pair)?;
+    let iwi0 = irq_work_interrupts();
+    let phase = send_phase(pair, macs, segments, first_conn, rate, seconds, max_packets);
+    // Wait (bounded) for the reader to take every event sent.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let counters = probe.counters()?;
+        if !deliver || received.load(Ordering::Relaxed) >= counters.get(counter::EVENTS_SENT) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats1 = prog_stats(pair)?;
+    let irq_work = irq_work_interrupts() - iwi0;
+    stop.store(true, Ordering::Relaxed);
+    let reader = reader.join().map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    let phase = phase?;
+    let counters = probe.counters()?;
+    Ok(ProbePhase {
+        phase,
+        reader,
+        events_sent: counters.get(counter::EVENTS_SENT),
+        events_lost: counters.get(counter::EVENTS_LOST),
+        packets_seen: counters.get(counter::PACKETS),
+        flows_created: counters.get(counter::FLOWS_CREATED),
+        table_full: counters.get(counter::FLOW_TABLE_FULL),
+        run_ns: stats1.0 - stats0.0,
+        run_cnt: stats1.1 - stats0.1,
+        jited: stats1.2,
+        irq_work,
+    })
+}
+
+fn live() -> Result<Map<String, Value>> {
+    let seconds: f64 = env("ICR_BENCH_SECONDS", 4.0);
+    let max_packets: u64 = env("ICR_BENCH_MAX_PACKETS", 20_000_000);
+    let segments: u32 = env("ICR_BENCH_SEGMENTS", 32u32).clamp(2, 1000);
+    let pair = NetnsPair::create()?;
+    let macs = (pair.mac(&pair.tx_ns, &pair.tx_if)?, pair.mac(&pair.rx_ns, &pair.rx_if)?);
+    // Each phase gets its own range of connection numbers.
+    let mut conn_base = 0u64;
+    let mut next_base = || {
+        conn_base += 100_000_000;
+        conn_base
+    };
+    let mut json = Map::new();
+    println!(
+        "== live: veth between namespaces {} and {}, AF_PACKET sendmmsg sender ({seconds} s per phase; load average {}) ==",
+        pair.tx_ns,
+        pair.rx_ns,
+        loadavg()
+    );
+
+    // Warm-up (page cache, allocator, CPU frequency), not reported.
+    send_phase(&pair, macs, segments, next_base(), None, 0.5, max_packets)?;
+
+    let none = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
+
+    // Program run time per packet, for the bare program and the probe: the
+    // kernel's bpf_stats, on while this fd is open (closed on any exit).
+    let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    let (bare, bare_ns, bare_cnt, bare_jited) = {
+        let mut baseline = Baseline::load()?;
+        netns::in_netns(&pair.rx_ns, || baseline.attach(&pair.rx_if))??;
+        let s0 = prog_stats(&pair)?;
+        let phase = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
+        let s1 = prog_stats(&pair)?;
+        (phase, s1.0 - s0.0, s1.1 - s0.1, s1.2)
+    };
+    let max = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true)?;
+    // Losses at the highest rate: find a rate without (halving, bounded).
+    let mut lossless = None;
+    if max.lost() > 0 {
+        let mut rate = max.phase.pps() / 2.0;
+        for _ in 0..5 {
+            let run = probe_phase(&pair, macs, segments, next_base(), Some(rate), seconds.min(3.0), max_packets, true)?;
+            println!("  rate {rate:.0} pps: {} events lost", run.lost());
+            if run.lost() == 0 {
+                lossless = Some((rate, run));
+                break;
+            }
+            rate /= 2.0;
+        }
+    }
+    // Diagnostic: the probe with no event delivery (buffers not opened).
+    let silent = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, false)?;
+    drop(stats_fd);
+
+    // softflowd on the same interface, same traffic, no XDP program.
+    let softflowd = Softflowd::start(&pair.rx_ns, &pair.rx_if)?;
+    let cpu0 = softflowd.cpu()?;
+    let (processed0, _, _) = softflowd.statistics()?;
+    let sf = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
+    // Let it take what its capture buffer still holds (bounded).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut processed = 0;
+    let mut pcap_dropped = 0;
+    while Instant::now() < deadline {
+        let (p, d, _) = softflowd.statistics()?;
+        let before = processed;
+        (processed, pcap_dropped) = (p - processed0, d);
+        // Done when all is taken or dropped, or it stopped moving.
+        if processed + pcap_dropped >= sf.received || (processed > 0 && processed == before) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sf_cpu = softflowd.cpu()? - cpu0;
+    let (_, _, sf_text) = softflowd.statistics()?;
+    let sf_exported = softflowd.exported.load(Ordering::Relaxed);
+    let sf_command = softflowd.command_line.clone();
+    drop(softflowd);
+
+    // Report.
+    let row = |label: &str, p: &Phase| {
+        println!(
+            "  {label:<34} {:>10.0} pps  ({} sent in {:.2} s, {} received, {} rx dropped)",
+            p.pps(),
+            p.sent.packets,
+            p.sent.elapsed.as_secs_f64(),
+            p.received,
+            p.rx_dropped
+        );
+    };
+    let m = &max.phase.mix;
+    println!(
+        "  traffic: {} packets in {} connections (80% TCP/443, 10% DNS, 10% QUIC, {segments} segments from the server; {:.1}% SYN, {:.1}% FIN), 4,096 at a time",
+        m.packets,
+        m.connections,
+        100.0 * m.syn as f64 / m.packets.max(1) as f64,
+        100.0 * m.fin as f64 / m.packets.max(1) as f64
+    );
+    row("no XDP program", &none);
+    row("bare XDP_PASS attached", &bare);
+    row("probe (icr_lan) + event reader", &max.phase);
+    row("softflowd, no XDP program", &sf);
+    let (p_none, p_bare, p_probe) = (none.pps(), bare.pps(), max.phase.pps());
+    println!(
+        "  probe: {:.2}x the pps without XDP, {:.2}x the pps with the bare program",
+        p_probe / p_none,
+        p_probe / p_bare
+    );
+    // The sender is one thread, and the receiving side runs in its context
+    // (softirq on the sender's CPU): 1/pps is what a packet costs that CPU,
+    // and its growth over the run without XDP is what the receiver's
+    // additions cost, kernel side included (which softflowd's own CPU time,
+    // below, does not show: its capture copies packets in softirq).
+    let extra = |p: f64| 1e6 / p - 1e6 / p_none;
+    println!(
+        "  sender CPU per packet: {:.2} us without XDP; extra with bare XDP_PASS {:.2} us, with the probe {:.2} us, with softflowd {:.2} us",
+        1e6 / p_none,
+        extra(p_bare),
+        extra(p_probe),
+        extra(sf.pps())
+    );
+    let probe_ns_pkt = max.run_ns as f64 / max.run_cnt.max(1) as f64;
+    let bare_ns_pkt = bare_ns as f64 / bare_cnt.max(1) as f64;
+    println!(
+        "  program run time (bpf_stats): bare {bare_ns_pkt:.1} ns/packet over {bare_cnt} runs, probe {probe_ns_pkt:.1} ns/packet over {} runs ({:.2}x); JIT size {bare_jited} vs {} bytes",
+        max.run_cnt,
+        probe_ns_pkt / bare_ns_pkt,
+        max.jited
+    );
+    let silent_ns_pkt = silent.run_ns as f64 / silent.run_cnt.max(1) as f64;
+    println!(
+        "  diagnostic, probe with its event buffers closed (every event fails at once): {:.0} pps, {silent_ns_pkt:.1} ns/packet \
+         ({:.2}x bare); so event delivery costs {:.1} ns/packet here, {:.0} ns per event ({} events, one IRQ work interrupt each: {})",
+        silent.phase.pps(),
+        silent_ns_pkt / bare_ns_pkt,
+        probe_ns_pkt - silent_ns_pkt,
+        (probe_ns_pkt - silent_ns_pkt) * max.run_cnt as f64 / max.events_sent.max(1) as f64,
+        max.events_sent,
+        max.irq_work
+    );
+    let show_events = |label: &str, run: &ProbePhase| {
+        println!(
+            "  events {label}: {} sent, {} flow + {} hints received; LOST {} (kernel counter {}, never received {}, malformed {}; \
+             the buffers' lost records: {}); packets seen {}, flows {}, table full {}, IRQ work interrupts {}, reader CPU {:.3} s",
+            run.events_sent,
+            run.reader.flow_events,
+            run.reader.hints,
+            run.lost(),
+            run.events_lost,
+            run.events_sent.saturating_sub(run.reader.flow_events + run.reader.hints),
+            run.reader.malformed,
+            run.reader.lost_records,
+            run.packets_seen,
+            run.flows_created,
+            run.table_full,
+            run.irq_work,
+            run.reader.cpu.as_secs_f64()
+        );
+    };
+    show_events("at the highest rate", &max);
+    if let Some((rate, run)) = &lossless {
+        show_events(&format!("at {rate:.0} pps"), run);
+    }
+
+    // CPU per million packets.
+    let icr_cpu_s = (max.run_ns as f64 / 1e9 + max.reader.cpu.as_secs_f64()) / (max.run_cnt.max(1) as f64 / 1e6);
+    let icr_kernel_s = (max.run_ns as f64 / 1e9) / (max.run_cnt.max(1) as f64 / 1e6);
+    let sf_per = processed.max(1);
+    let sf_cpu_s = sf_cpu.as_secs_f64() / (sf_per as f64 / 1e6);
+    println!("  CPU seconds per million packets:");
+    println!(
+        "    softflowd   {sf_cpu_s:8.4}   ({:.2} s CPU for {processed} packets processed of {} received, pcap dropped {pcap_dropped}, {sf_exported} NetFlow datagrams; {sf_command})",
+        sf_cpu.as_secs_f64(),
+        sf.received
+    );
+    println!(
+        "    icr         {icr_cpu_s:8.4}   (XDP {icr_kernel_s:.4} + reader {:.4}; {:.3} s XDP + {:.3} s reader for {} packets)",
+        icr_cpu_s - icr_kernel_s,
+        max.run_ns as f64 / 1e9,
+        max.reader.cpu.as_secs_f64(),
+        max.run_cnt
+    );
+    println!("    softflowd / icr: {:.1}x", sf_cpu_s / icr_cpu_s);
+    println!("  load average at the end: {}", loadavg());
+    if std::env::var_os("ICR_BENCH_VERBOSE").is_some() {
+        println!("softflowctl statistics:\n{sf_text}");
+    }
+
+    let live_lost = lossless.as_ref().map_or(max.lost(), |(_, run)| run.lost());
+    json.insert("live_pps_max".into(), json!(p_probe));
+    json.insert("live_pps_without_probe".into(), json!(p_none));
+    json.insert("live_pps_xdp_pass".into(), json!(p_bare));
+    json.insert("live_pps_softflowd".into(), json!(sf.pps()));
+    json.insert("live_pps_ratio_vs_none".into(), json!(p_probe / p_none));
+    json.insert("live_pps_ratio_vs_xdp_pass".into(), json!(p_probe / p_bare));
+    json.insert("live_lost_events_at_max".into(), json!(max.lost()));
+    json.insert("live_lost_events".into(), json!(live_lost));
+    json.insert("live_lossless_pps".into(), json!(lossless.as_ref().map_or(p_probe, |(_, run)| run.phase.pps())));
+    json.insert("live_events_sent".into(), json!(max.events_sent));
+    json.insert("live_probe_run_ns".into(), json!(probe_ns_pkt));
+    json.insert("live_xdp_pass_run_ns".into(), json!(bare_ns_pkt));
+    json.insert("live_probe_run_ns_ratio".into(), json!(probe_ns_pkt / bare_ns_pkt));
+    json.insert("live_probe_no_delivery_run_ns".into(), json!(silent_ns_pkt));
+    json.insert("live_events_per_packet".into(), json!(max.events_sent as f64 / max.run_cnt.max(1) as f64));
+    json.insert("softflowd_cpu_s_per_mpkt".into(), json!(sf_cpu_s));
+    json.insert("icr_cpu_s_per_mpkt".into(), json!(icr_cpu_s));
+    json.insert("icr_xdp_cpu_s_per_mpkt".into(), json!(icr_kernel_s));
+    json.insert("softflowd_over_icr_cpu".into(), json!(sf_cpu_s / icr_cpu_s));
+    json.insert("softflowd_pcap_dropped".into(), json!(pcap_dropped));
+    json.insert("sender_extra_us_per_pkt_probe".into(), json!(extra(p_probe)));
+    json.insert("sender_extra_us_per_pkt_xdp_pass".into(), json!(extra(p_bare)));
+    json.insert("sender_extra_us_per_pkt_softflowd".into(), json!(extra(sf.pps())));
+    Ok(json)
+}
+
 fn main() -> Result<()> {
-    let json = test_runs()?.json;
+    let mut json = test_runs()?.json;
+    if env("ICR_BENCH_LIVE", 1u8) != 0 {
+        json.extend(live()?);
+    }
     println!("{}", Value::Object(json));
     Ok(())
 }
