@@ -165,16 +165,17 @@ impl Probe {
             Err(ProgramError::UnknownInterface { .. }) => {
                 bail!("interface {interface} does not exist")
             }
+            Err(error) if is_busy(&error) => bail!(busy_message(interface)),
             Err(driver_error) => {
                 warn!(
                     "driver-mode XDP unavailable on {interface} ({driver_error}); \
                      falling back to generic mode"
                 );
-                let id = program.attach(interface, XdpMode::Skb).with_context(|| {
-                    format!(
-                        "attaching XDP to {interface} (is another XDP program attached to it?)"
-                    )
-                })?;
+                let id = match program.attach(interface, XdpMode::Skb) {
+                    Ok(id) => id,
+                    Err(error) if is_busy(&error) => bail!(busy_message(interface)),
+                    Err(error) => return Err(error).with_context(|| format!("attaching XDP to {interface}")),
+                };
                 info!("attached {} to {interface} in generic mode", program_name(role));
                 Ok((AttachMode::Generic, id))
             }
@@ -320,6 +321,26 @@ pub fn unpin(dir: &Path) -> Result<Vec<String>> {
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(removed)
+}
+
+/// Whether attaching failed because the interface already has an XDP
+/// program: EBUSY (a program or link is there), or EEXIST (one in the other
+/// mode: native and generic cannot be active at once).
+fn is_busy(error: &ProgramError) -> bool {
+    let errno = match error {
+        ProgramError::SyscallError(error) => error.io_error.raw_os_error(),
+        ProgramError::XdpError(aya::programs::xdp::XdpError::NetlinkError(error)) => error.raw_os_error(),
+        _ => None,
+    };
+    matches!(errno, Some(libc::EBUSY | libc::EEXIST))
+}
+
+fn busy_message(interface: &str) -> String {
+    format!(
+        "{interface} already has an XDP program attached, so the probe cannot attach there: \
+         if it is an earlier icr's, stop that agent and run `icr detach` (with its --db / pin_dir); \
+         otherwise remove it with `ip link set dev {interface} xdp off` (see `ip -d link show dev {interface}`)"
+    )
 }
 
 fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
