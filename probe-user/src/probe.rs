@@ -92,19 +92,20 @@ impl Probe {
             // An existing pin is reused: the maps of the agent before us.
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
-            .load(PROBE_OBJECT)
-            .context(
-                "loading the XDP object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, \
-                 and a kernel with BTF and BPF support)",
-            )?;
+        let mut ebpf = loader.load(PROBE_OBJECT).map_err(|error| {
+            explain_permission(anyhow::Error::from(error).context(
+                "loading the XDP object into the kernel (needs a kernel with BTF and BPF support)",
+            ))
+        })?;
         for name in [names::PROG_LAN, names::PROG_WAN] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the XDP object has no program {name}"))?
                 .try_into()
                 .with_context(|| format!("{name} is not an XDP program"))?;
-            program.load().with_context(|| format!("the verifier rejected {name}"))?;
+            program
+                .load()
+                .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {name}"))))?;
         }
         let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
@@ -321,6 +322,20 @@ pub fn unpin(dir: &Path) -> Result<Vec<String>> {
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(removed)
+}
+
+/// With an EPERM anywhere in `error`, says first what the agent needs.
+fn explain_permission(error: anyhow::Error) -> anyhow::Error {
+    let eperm = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EPERM)));
+    if !eperm {
+        return error;
+    }
+    error.context(
+        "no permission to use BPF: the agent needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+         (deploy/icr.service grants them; on kernels before 5.11 a low RLIMIT_MEMLOCK also gives this error)",
+    )
 }
 
 /// Whether attaching failed because the interface already has an XDP

@@ -522,3 +522,31 @@ fn an_interface_with_another_xdp_program_is_named_in_the_error() {
     // The free peer still takes the probe.
     ns.run(|| probe.attach("busy1", role::LAN)).unwrap();
 }
+
+/// Run by `without_bpf_permission_the_error_says_what_is_needed` as an
+/// unprivileged user (it does nothing unless asked to).
+#[test]
+#[ignore = "run as an unprivileged child by the test below"]
+fn unprivileged_child_loads_the_probe() {
+    if std::env::var_os("ICR_TEST_UNPRIVILEGED_CHILD").is_none() {
+        return;
+    }
+    let error = Probe::load(ProbeOptions::default()).err().expect("loading needs privileges");
+    println!("ERROR: {error:#}");
+}
+
+#[test]
+fn without_bpf_permission_the_error_says_what_is_needed() {
+    // The test binary again, as nobody without capabilities.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "unprivileged_child_loads_the_probe", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("ICR_TEST_UNPRIVILEGED_CHILD", "1")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let message = stdout.lines().find_map(|line| line.split_once("ERROR: ").map(|(_, message)| message)).unwrap_or_else(|| panic!("no error printed: {stdout}"));
+    assert!(message.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"), "{message}");
+}
