@@ -254,8 +254,13 @@ fn prog_stats(pair: &NetnsPair) -> Result<(u64, u64, u32)> {
     bail!("program {id} not found")
 }
 
+/// Load average and CPU pressure (the share of time some task waited for a
+/// CPU, last 10 s): how busy the machine was around the figures.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+    let some = pressure.lines().find(|l| l.starts_with("some")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("avg10=?");
+    format!("{load}, CPU pressure {some}%")
 }
 
 struct Phase {
@@ -300,6 +305,9 @@ struct ReaderResult {
     lost_records: u64,
     malformed: u64,
     cpu: Duration,
+    /// The longest time between two batches of events received: a reader
+    /// kept off the CPU this long lets the buffers fill.
+    longest_gap: Duration,
 }
 
 /// Pins the calling thread to `cpu`.
@@ -334,10 +342,19 @@ fn spawn_reader(buffers: Vec<EventBuffer>, stop: Arc<AtomicBool>, received: Arc<
             events::spawn_readers(buffers, tx)?;
             let mut result = ReaderResult::default();
             let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut last: Option<Instant> = None;
             loop {
                 tokio::select! {
                     event = rx.recv() => match event {
-                        Some(ProbeEvent::Flow(_)) => { result.flow_events += 1; received.fetch_add(1, Ordering::Relaxed); }
+                        Some(ProbeEvent::Flow(_)) => {
+                            let now = Instant::now();
+                            if let Some(last) = last {
+                                result.longest_gap = result.longest_gap.max(now - last);
+                            }
+                            last = Some(now);
+                            result.flow_events += 1;
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
                         Some(ProbeEvent::Hint(event, _)) => {
                             debug_assert_eq!(event.kind, event_kind::HINT);
                             result.hints += 1;
@@ -578,7 +595,8 @@ fn live() -> Result<Map<String, Value>> {
     let show_events = |label: &str, run: &ProbePhase| {
         println!(
             "  events {label}: {} sent, {} flow + {} hints received; LOST {} (kernel counter {}, never received {}, malformed {}; \
-             the buffers' lost records: {}); packets seen {}, flows {}, table full {}, IRQ work interrupts {}, reader CPU {:.3} s",
+             the buffers' lost records: {}); packets seen {}, flows {}, table full {}, IRQ work interrupts {}, reader CPU {:.3} s, \
+             longest pause between flow events received {:.1} ms",
             run.events_sent,
             run.reader.flow_events,
             run.reader.hints,
@@ -591,7 +609,8 @@ fn live() -> Result<Map<String, Value>> {
             run.flows_created,
             run.table_full,
             run.irq_work,
-            run.reader.cpu.as_secs_f64()
+            run.reader.cpu.as_secs_f64(),
+            run.reader.longest_gap.as_secs_f64() * 1e3
         );
     };
     show_events("at the highest rate", &max);
@@ -634,6 +653,7 @@ fn live() -> Result<Map<String, Value>> {
     json.insert("live_lost_events".into(), json!(live_lost));
     json.insert("live_lossless_pps".into(), json!(lossless.as_ref().map_or(p_probe, |(_, run)| run.phase.pps())));
     json.insert("live_events_sent".into(), json!(max.events_sent));
+    json.insert("live_reader_longest_pause_ms".into(), json!(max.reader.longest_gap.as_secs_f64() * 1e3));
     json.insert("live_probe_run_ns".into(), json!(probe_ns_pkt));
     json.insert("live_xdp_pass_run_ns".into(), json!(bare_ns_pkt));
     json.insert("live_probe_run_ns_ratio".into(), json!(probe_ns_pkt / bare_ns_pkt));
