@@ -92,19 +92,20 @@ impl Probe {
             // An existing pin is reused: the maps of the agent before us.
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
-            .load(PROBE_OBJECT)
-            .context(
-                "loading the XDP object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, \
-                 and a kernel with BTF and BPF support)",
-            )?;
+        let mut ebpf = loader.load(PROBE_OBJECT).map_err(|error| {
+            explain_permission(anyhow::Error::from(error).context(
+                "loading the XDP object into the kernel (needs a kernel with BTF and BPF support)",
+            ))
+        })?;
         for name in [names::PROG_LAN, names::PROG_WAN] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the XDP object has no program {name}"))?
                 .try_into()
                 .with_context(|| format!("{name} is not an XDP program"))?;
-            program.load().with_context(|| format!("the verifier rejected {name}"))?;
+            program
+                .load()
+                .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {name}"))))?;
         }
         let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
@@ -165,16 +166,17 @@ impl Probe {
             Err(ProgramError::UnknownInterface { .. }) => {
                 bail!("interface {interface} does not exist")
             }
+            Err(error) if is_busy(&error) => bail!(busy_message(interface)),
             Err(driver_error) => {
                 warn!(
                     "driver-mode XDP unavailable on {interface} ({driver_error}); \
                      falling back to generic mode"
                 );
-                let id = program.attach(interface, XdpMode::Skb).with_context(|| {
-                    format!(
-                        "attaching XDP to {interface} (is another XDP program attached to it?)"
-                    )
-                })?;
+                let id = match program.attach(interface, XdpMode::Skb) {
+                    Ok(id) => id,
+                    Err(error) if is_busy(&error) => bail!(busy_message(interface)),
+                    Err(error) => return Err(error).with_context(|| format!("attaching XDP to {interface}")),
+                };
                 info!("attached {} to {interface} in generic mode", program_name(role));
                 Ok((AttachMode::Generic, id))
             }
@@ -280,6 +282,18 @@ impl Baseline {
         Ok(Self { ebpf })
     }
 
+    /// Attaches it to `interface` (driver mode), for live benchmarks; it stays
+    /// attached until this is dropped.
+    pub fn attach(&mut self, interface: &str) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("baseline_pass")
+            .ok_or_else(|| anyhow!("no baseline_pass program"))?
+            .try_into()?;
+        program.attach(interface, XdpMode::Driver).with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
+        Ok(())
+    }
+
     /// Runs it `repeat` times on `frame`; returns the kernel's ns per run.
     pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
         let program: &Xdp = self
@@ -308,6 +322,40 @@ pub fn unpin(dir: &Path) -> Result<Vec<String>> {
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
     Ok(removed)
+}
+
+/// With an EPERM anywhere in `error`, says first what the agent needs.
+fn explain_permission(error: anyhow::Error) -> anyhow::Error {
+    let eperm = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EPERM)));
+    if !eperm {
+        return error;
+    }
+    error.context(
+        "no permission to use BPF: the agent needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+         (deploy/icr.service grants them; on kernels before 5.11 a low RLIMIT_MEMLOCK also gives this error)",
+    )
+}
+
+/// Whether attaching failed because the interface already has an XDP
+/// program: EBUSY (a program or link is there), or EEXIST (one in the other
+/// mode: native and generic cannot be active at once).
+fn is_busy(error: &ProgramError) -> bool {
+    let errno = match error {
+        ProgramError::SyscallError(error) => error.io_error.raw_os_error(),
+        ProgramError::XdpError(aya::programs::xdp::XdpError::NetlinkError(error)) => error.raw_os_error(),
+        _ => None,
+    };
+    matches!(errno, Some(libc::EBUSY | libc::EEXIST))
+}
+
+fn busy_message(interface: &str) -> String {
+    format!(
+        "{interface} already has an XDP program attached, so the probe cannot attach there: \
+         if it is an earlier icr's, stop that agent and run `icr detach` (with its --db / pin_dir); \
+         otherwise remove it with `ip link set dev {interface} xdp off` (see `ip -d link show dev {interface}`)"
+    )
 }
 
 fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {

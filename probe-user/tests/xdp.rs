@@ -475,3 +475,78 @@ fn a_million_mutated_frames_all_pass_unmodified() {
     }
     println!("{count} frames passed unmodified: {:?}", counters.named());
 }
+
+/// A network namespace with a veth pair in it, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn with_veth(name: &str) -> Self {
+        let ns = Self(format!("{name}-{}", std::process::id()));
+        let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        ip(&["netns", "add", &ns.0]);
+        ip(&["-n", &ns.0, "link", "add", "busy0", "type", "veth", "peer", "name", "busy1"]);
+        ip(&["-n", &ns.0, "link", "set", "busy0", "up"]);
+        ip(&["-n", &ns.0, "link", "set", "busy1", "up"]);
+        ns
+    }
+
+    /// Runs `f` with this thread in the namespace.
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        use std::os::fd::AsRawFd as _;
+        let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+        let target = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        // SAFETY: setns on namespace fds we hold open.
+        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let result = f();
+        assert_eq!(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        result
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "delete", &self.0]).status();
+    }
+}
+
+#[test]
+fn an_interface_with_another_xdp_program_is_named_in_the_error() {
+    let ns = Netns::with_veth("icrt-busy");
+    let mut other = icr::probe::Baseline::load().unwrap();
+    ns.run(|| other.attach("busy0")).unwrap();
+    let mut probe = Probe::load(ProbeOptions::default()).unwrap();
+    let error = ns.run(|| probe.attach("busy0", role::LAN)).expect_err("the interface is busy");
+    let message = format!("{error:#}");
+    assert!(message.contains("busy0 already has an XDP program attached"), "{message}");
+    assert!(message.contains("icr detach") && message.contains("ip link set dev busy0 xdp off"), "{message}");
+    // The free peer still takes the probe.
+    ns.run(|| probe.attach("busy1", role::LAN)).unwrap();
+}
+
+/// Run by `without_bpf_permission_the_error_says_what_is_needed` as an
+/// unprivileged user (it does nothing unless asked to).
+#[test]
+#[ignore = "run as an unprivileged child by the test below"]
+fn unprivileged_child_loads_the_probe() {
+    if std::env::var_os("ICR_TEST_UNPRIVILEGED_CHILD").is_none() {
+        return;
+    }
+    let error = Probe::load(ProbeOptions::default()).err().expect("loading needs privileges");
+    println!("ERROR: {error:#}");
+}
+
+#[test]
+fn without_bpf_permission_the_error_says_what_is_needed() {
+    // The test binary again, as nobody without capabilities.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "unprivileged_child_loads_the_probe", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("ICR_TEST_UNPRIVILEGED_CHILD", "1")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let message = stdout.lines().find_map(|line| line.split_once("ERROR: ").map(|(_, message)| message)).unwrap_or_else(|| panic!("no error printed: {stdout}"));
+    assert!(message.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"), "{message}");
+}

@@ -77,7 +77,7 @@ fn build() -> Result<()> {
 }
 
 fn bench(which: &str, args: &[String]) -> Result<()> {
-    setup::ensure(setup::Needs::Build)?;
+    setup::ensure(setup::Needs::Bench)?;
     if !["probe", "store"].contains(&which) {
         anyhow::bail!("no benchmark {which:?} (there is: probe, store)");
     }

@@ -28,6 +28,9 @@ const LAB_PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
 ];
+/// `cargo xtask bench probe`: namespaces and veth, and softflowd to compare
+/// against.
+const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd"];
 /// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.
 const LAB_PYTHON_PACKAGES: &[&str] = &["aioquic==1.7.2"];
 
@@ -37,6 +40,8 @@ pub enum Needs {
     Build,
     /// Building, plus running the lab (tests and demo).
     Test,
+    /// Building, plus the live benchmark (namespaces, softflowd).
+    Bench,
 }
 
 pub fn ensure(needs: Needs) -> Result<()> {
@@ -47,6 +52,9 @@ pub fn ensure(needs: Needs) -> Result<()> {
     }
     if needs == Needs::Test {
         packages.extend(LAB_PACKAGES);
+    }
+    if needs == Needs::Bench {
+        packages.extend(BENCH_PACKAGES);
     }
     packages.retain(|package| !is_installed(package));
     let nightly_missing = !cmd::succeeds(rustup().args(["run", "nightly", "rustc", "--version"]));
