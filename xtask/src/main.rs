@@ -4,6 +4,7 @@
 mod cmd;
 mod demo;
 mod setup;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long, default_value_t = 20_000_000)]
         frames: u64,
     },
+    /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`)
+    /// under qemu and run the kernel (xdp) and namespace lab tests in it.
+    VmTest(vm::Args),
     /// Benchmarks, figures printed at the end (`probe`: kernel cost per packet).
     Bench {
         #[arg(default_value = "probe")]
@@ -57,6 +61,7 @@ fn main() {
         Command::Demo => demo::run(),
         Command::Bench { which } => bench(&which),
         Command::Fuzz { seconds, frames } => fuzz(seconds, frames),
+        Command::VmTest(args) => vm::run(&args),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
