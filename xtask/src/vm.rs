@@ -29,6 +29,10 @@ use crate::{cmd, setup};
 /// them: it is handed to the guest at each run.
 const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-packages"];
 
+/// The tests' own settings, handed to the guest when they are set here
+/// (e.g. `ICR_FAILOPEN_FRAMES=100000` shortens the fail-open test under TCG).
+const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG"];
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The image's kernel: `debian12` (Debian 12's linux-image-amd64, 6.1) or
@@ -301,13 +305,18 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
     fs::create_dir_all(&run_dir.0)?;
     fs::copy(recipes.join("guest-run.sh"), run_dir.0.join("guest-run.sh"))?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let env = format!(
+    let mut env = format!(
         "ICR_VM_ROOT={}\nICR_VM_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
         quote(&root.to_string_lossy()),
         quote(&shared.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
         args.test_timeout,
         quote(&args.args.join(" ")),
     );
+    for name in PASSED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            env.push_str(&format!("export {name}={}\n", quote(&value.to_string_lossy())));
+        }
+    }
     fs::write(run_dir.0.join("run.env"), env)?;
     let list: String = tests
         .iter()
