@@ -10,12 +10,13 @@
 //! off. A watchdog kills qemu past the deadline.
 use std::{
     fs,
+    os::unix::process::CommandExt as _,
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI32, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -291,6 +292,7 @@ impl Console {
 
 /// qemu's pid, for the Ctrl-C handler.
 static QEMU_PID: AtomicI32 = AtomicI32::new(0);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn kvm_usable() -> bool {
     fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
@@ -358,6 +360,14 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
         qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrshared,security_model=none,readonly=on", shared.display()));
     }
     qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // SAFETY: prctl is async-signal-safe. qemu dies with this process, even
+    // if it is killed without a chance to kill qemu itself.
+    unsafe {
+        qemu.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 
     let started = Instant::now();
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
@@ -365,6 +375,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
     let _ = ctrlc::set_handler(|| {
         let pid = QEMU_PID.load(Ordering::SeqCst);
         if pid > 0 {
+            INTERRUPTED.store(true, Ordering::SeqCst);
             eprintln!("\nxtask: interrupted: stopping qemu");
             // SAFETY: signalling the qemu this process started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -452,6 +463,9 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
     println!("vm-test {}: {} passed, {} failed, {} ignored", args.kernel, console.passed, console.failed, console.ignored);
     if let Some(why) = killed {
         bail!("{why} (kernel {})", image.release);
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
     }
     match result {
         Some(0) => Ok(()),
