@@ -4,6 +4,7 @@
 mod cmd;
 mod demo;
 mod setup;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long, default_value_t = 20_000_000)]
         frames: u64,
     },
+    /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`)
+    /// under qemu and run the kernel (xdp) and namespace lab tests in it.
+    VmTest(vm::Args),
     /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
     /// kernel cost per packet; `store`: ingest, size and query latency,
     /// `--records N` sets the store size).
@@ -62,6 +66,7 @@ fn main() {
         Command::Demo => demo::run(),
         Command::Bench { which, args } => bench(&which, &args),
         Command::Fuzz { seconds, frames } => fuzz(seconds, frames),
+        Command::VmTest(args) => vm::run(&args),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");

@@ -31,6 +31,8 @@ const LAB_PACKAGES: &[&str] = &[
 /// `cargo xtask bench probe`: namespaces and veth, and softflowd to compare
 /// against.
 const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd"];
+/// Test VMs (`cargo xtask vm-test`): qemu, debootstrap, `mkfs.ext4 -d`.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "debootstrap", "e2fsprogs"];
 /// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.
 const LAB_PYTHON_PACKAGES: &[&str] = &["aioquic==1.7.2"];
 
@@ -104,6 +106,26 @@ pub fn ensure(needs: Needs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What `cargo xtask vm-test` needs to build and boot its images.
+pub fn ensure_vm() -> Result<()> {
+    let mut packages = VM_PACKAGES.to_vec();
+    packages.retain(|package| !is_installed(package));
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing prerequisites ({}) and not root: run as root so that they can be installed", describe_missing(&packages, false, false, false));
+    }
+    eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
+    cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// cargo-fuzz, for `cargo xtask fuzz`.

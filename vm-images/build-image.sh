@@ -1,0 +1,117 @@
+#!/bin/bash
+# Builds a bootable test VM for icr-probe from Debian's packages:
+#
+#   build-image.sh NAME OUTDIR
+#
+# NAME.env (beside this script) says which suite the userland and the kernel
+# come from. The result, OUTDIR, holds:
+#   rootfs.ext4      the root file system (no partition table, no bootloader)
+#   vmlinuz, initrd.img, kernel-release   the image's own kernel, for qemu -kernel
+#   apt-policy.txt   where the kernel came from (apt-cache policy)
+# qemu boots it with -kernel vmlinuz -initrd initrd.img
+# -append "root=/dev/vda rw init=/sbin/icr-vm-init ..." (see xtask/src/vm.rs).
+#
+# Runs as root. Everything it mounts lives in a private mount namespace, so
+# the mounts go away with it, also when it fails or is killed; its scratch
+# directory (OUTDIR.build) is removed on exit. OUTDIR appears only complete.
+set -euo pipefail
+
+if [ "${ICR_VM_IN_NAMESPACE:-}" != 1 ]; then
+    ICR_VM_IN_NAMESPACE=1 exec unshare --mount --propagation private -- "$0" "$@"
+fi
+
+here=$(cd "$(dirname "$0")" && pwd)
+name=${1:?usage: build-image.sh NAME OUTDIR}
+out=${2:?usage: build-image.sh NAME OUTDIR}
+[ -f "$here/$name.env" ] || { echo "build-image: no recipe $here/$name.env" >&2; exit 2; }
+# shellcheck source=/dev/null
+. "$here/$name.env"
+: "${SUITE:?}" "${KERNEL_SUITE:?}"
+mirror=${ICR_VM_MIRROR:-http://deb.debian.org/debian}
+security_mirror=${ICR_VM_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+
+work="$out.build"
+root="$work/root"
+cleanup() {
+    local status=$?
+    for mount in dev/pts dev proc sys; do
+        if mountpoint -q "$root/$mount" 2>/dev/null; then umount -l "$root/$mount" || true; fi
+    done
+    rm -rf "$work"
+    [ $status = 0 ] || echo "build-image: $name failed ($status)" >&2
+}
+trap cleanup EXIT
+rm -rf "$work" "$out"
+mkdir -p "$work"
+
+say() { echo "build-image [$name]: $*" >&2; }
+
+say "debootstrap $SUITE (minbase) from $mirror"
+debootstrap --variant=minbase "$SUITE" "$root" "$mirror"
+
+{
+    echo "deb $mirror $SUITE main"
+    echo "deb $mirror $SUITE-updates main"
+    echo "deb $security_mirror $SUITE-security main"
+    if [ "$KERNEL_SUITE" != "$SUITE" ]; then echo "deb $mirror $KERNEL_SUITE main"; fi
+} > "$root/etc/apt/sources.list"
+# No service starts inside the chroot.
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod 755 "$root/usr/sbin/policy-rc.d"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+mount -t proc proc "$root/proc"
+mount -t sysfs sys "$root/sys"
+mount --bind /dev "$root/dev"
+mount -t devpts devpts "$root/dev/pts"
+
+in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
+
+packages=$(sed -e 's/#.*//' "$here/packages" | xargs)
+say "installing: $packages"
+in_root apt-get update -q
+in_root apt-get install -y -q --no-install-recommends $packages
+
+say "kernel: linux-image-amd64 from $KERNEL_SUITE"
+in_root apt-cache policy linux-image-amd64 | tee "$work/apt-policy.txt" >&2
+target=()
+# Only for another suite: -t bookworm would prefer bookworm over bookworm-security.
+if [ "$KERNEL_SUITE" != "$SUITE" ]; then target=(-t "$KERNEL_SUITE"); fi
+in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64 initramfs-tools
+
+# The lab's QUIC peer (aioquic) is on PyPI, not in Debian 12. pip checks
+# certificates against the build machine's bundle (which may carry a local CA).
+python_packages=$(sed -e 's/#.*//' "$here/python-packages" | xargs)
+say "lab Python: /opt/icr-lab-python with $python_packages"
+cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/build-ca.crt"
+in_root python3 -m venv /opt/icr-lab-python
+in_root /opt/icr-lab-python/bin/pip install -q --no-cache-dir --cert /tmp/build-ca.crt $python_packages
+rm -f "$root/tmp/build-ca.crt"
+in_root /opt/icr-lab-python/bin/python3 -c 'import aioquic; print("aioquic", aioquic.__version__)' >&2
+
+install -m 755 "$here/init" "$root/sbin/icr-vm-init"
+echo icr-vm > "$root/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 icr-vm\n::1 localhost\n' > "$root/etc/hosts"
+printf '/dev/vda / ext4 rw 0 1\n' > "$root/etc/fstab"
+: > "$root/etc/resolv.conf"
+rm -f "$root/usr/sbin/policy-rc.d"
+in_root apt-get clean
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+
+# The kernel and initrd, for qemu -kernel/-initrd.
+kernels=("$root"/boot/vmlinuz-*)
+[ ${#kernels[@]} = 1 ] || { say "expected one kernel in /boot, found: ${kernels[*]}"; exit 1; }
+release=${kernels[0]##*/vmlinuz-}
+mkdir -p "$work/out"
+cp "${kernels[0]}" "$work/out/vmlinuz"
+cp "$root/boot/initrd.img-$release" "$work/out/initrd.img"
+echo "$release" > "$work/out/kernel-release"
+mv "$work/apt-policy.txt" "$work/out/"
+
+for mount in dev/pts dev proc sys; do umount "$root/$mount"; done
+# Room for the tests' files (/tmp is on the root file system in the guest).
+used_mb=$(du -sm "$root" | cut -f1)
+size_mb=$((used_mb + 1536))
+say "root file system: ${used_mb} MiB used, image ${size_mb} MiB"
+mkfs.ext4 -q -F -L icr-vm -d "$root" "$work/out/rootfs.ext4" "${size_mb}M"
+mv "$work/out" "$out"
+say "done: $out (kernel $release)"

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Runs inside the test VM (started by /sbin/icr-vm-init from the host's run
+# directory, mounted at /run/icr-vm): mounts the host's workspace and shared/
+# at the same paths as on the host (the test binaries have those paths built
+# in), then runs each test binary of tests.list and prints a summary.
+# Exit status: 0 when every test binary passed.
+#
+# run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_SHARED,
+# ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
+# tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG).
+# tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE.
+set -u
+ctl=/run/icr-vm
+# shellcheck source=/dev/null
+. "$ctl/run.env"
+
+share() { # TAG PATH
+    mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose "$1" "$2"
+}
+share icrroot "$ICR_VM_ROOT" || { echo "guest-run: cannot mount the workspace at $ICR_VM_ROOT"; exit 120; }
+if [ -n "${ICR_VM_SHARED:-}" ]; then
+    share icrshared "$ICR_VM_SHARED" || { echo "guest-run: cannot mount shared/ at $ICR_VM_SHARED"; exit 120; }
+fi
+
+echo "guest-run: kernel $(uname -r) ($(uname -v))"
+features() {
+    local have=()
+    [ -e /sys/kernel/btf/vmlinux ] && have+=(btf) || have+=(no-btf)
+    grep -qw bpf /proc/filesystems && have+=(bpffs)
+    echo "guest-run: features: ${have[*]}; unprivileged_bpf_disabled=$(cat /proc/sys/kernel/unprivileged_bpf_disabled 2>/dev/null)"
+}
+features
+
+export ICR_BIN="$ICR_VM_ROOT/target/debug/icr"
+export ICR_LAB_PYTHON=/opt/icr-lab-python/bin/python3
+export RUST_BACKTRACE=1
+"$ICR_BIN" --version 2>&1 | sed 's/^/guest-run: /'
+
+read -r -a extra_args <<< "${ICR_VM_TEST_ARGS:-}"
+passed_bins=0
+failed_bins=()
+while IFS=$'\t' read -r name dir exe; do
+    [ -n "$name" ] || continue
+    echo "ICR-VM-TEST-START: $name"
+    start=$(date +%s)
+    (cd "$dir" && exec timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" "$exe" "${extra_args[@]}")
+    code=$?
+    took=$(( $(date +%s) - start ))
+    echo "ICR-VM-TEST-END: $name exit=$code seconds=$took"
+    if [ "$code" = 0 ]; then passed_bins=$((passed_bins + 1)); else failed_bins+=("$name"); fi
+done < "$ctl/tests.list"
+
+echo "guest-run: test binaries passed: $passed_bins, failed: ${#failed_bins[@]} ${failed_bins[*]:-}"
+# Leftovers would say a test does not clean up after itself.
+left=$(ip netns list 2>/dev/null | wc -l)
+[ "$left" = 0 ] || echo "guest-run: $left network namespaces left: $(ip netns list | tr '\n' ' ')"
+[ ${#failed_bins[@]} = 0 ]

@@ -1,0 +1,479 @@
+//! `cargo xtask vm-test`: the probe's kernel tests and the namespace lab in a
+//! VM running a distribution kernel, under qemu.
+//!
+//! The image (vm-images/: debootstrap, Debian's kernel, the lab's packages)
+//! is cached as `<cache>/<kernel>-<hash of its recipe>/` and rebuilt only when
+//! the recipe changes. The guest boots its own kernel (`-kernel`, `-initrd`
+//! from the image), mounts this workspace and `shared/` read-only over 9p at
+//! the same paths as here (the test binaries have those paths built in), runs
+//! the test binaries built here, prints `ICR-VM-RESULT: <code>` and powers
+//! off. A watchdog kills qemu past the deadline.
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, setup};
+
+/// The files an image is made from: a change to any of them (or to the
+/// kernel's `<name>.env`) makes a new image. `guest-run.sh` is not among
+/// them: it is handed to the guest at each run.
+const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-packages"];
+
+/// The tests' own settings, handed to the guest when they are set here
+/// (e.g. `ICR_FAILOPEN_FRAMES=100000` shortens the fail-open test under TCG).
+const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG"];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The image's kernel: `debian12` (Debian 12's linux-image-amd64, 6.1) or
+    /// `backports` (Debian 12 with bookworm-backports' linux-image-amd64).
+    #[arg(long, default_value = "debian12")]
+    kernel: String,
+    /// Test binaries to run in the VM, by target name (default: probe-user's
+    /// `xdp` and every test of the `icr-tests` crate), e.g. `--only xdp,nat_lab`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Kill the VM this many seconds after starting it (boot included).
+    #[arg(long, default_value_t = 2400)]
+    timeout: u64,
+    /// Kill a test binary in the guest after this many seconds.
+    #[arg(long, default_value_t = 1200)]
+    test_timeout: u64,
+    /// Where images are kept (outside the repository).
+    #[arg(long, env = "ICR_VM_CACHE", default_value = "/var/cache/icr-vm")]
+    cache: PathBuf,
+    /// Build (or find) the image, print where it is, and stop.
+    #[arg(long)]
+    image_only: bool,
+    /// Passed to every test binary in the guest (a name filter, `--test-threads=1`, ...).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// A built image: `rootfs.ext4`, `vmlinuz`, `initrd.img`, `kernel-release`.
+struct Image {
+    dir: PathBuf,
+    release: String,
+}
+
+/// A test binary, as the guest runs it.
+struct TestBinary {
+    name: String,
+    /// Its package's directory: cargo runs tests there.
+    dir: PathBuf,
+    executable: PathBuf,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let recipes = cmd::workspace_root().join("vm-images");
+    if !recipes.join(format!("{}.env", args.kernel)).exists() {
+        bail!("no VM image {:?}: there is {}", args.kernel, available_kernels(&recipes).join(", "));
+    }
+    if !setup::is_root() {
+        bail!("vm-test builds images (debootstrap, chroot) and runs the lab: run it as root");
+    }
+    setup::ensure_vm()?;
+    let image = ensure_image(args, &recipes)?;
+    if args.image_only {
+        println!("{} (kernel {})", image.dir.display(), image.release);
+        return Ok(());
+    }
+    setup::ensure(setup::Needs::Build)?;
+    cmd::cargo(&["build", "--package", "probe-user"])?;
+    let tests = test_binaries(&args.only)?;
+    boot_and_test(args, &recipes, &image, &tests)
+}
+
+fn available_kernels(recipes: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(recipes)
+        .map(|dir| {
+            dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// FNV-1a over the recipe's file names and contents: the image's cache key.
+fn recipe_hash(recipes: &Path, kernel: &str) -> Result<String> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let env = format!("{kernel}.env");
+    for name in RECIPE_FILES.iter().copied().chain([env.as_str()]) {
+        let path = recipes.join(name);
+        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        for byte in name.bytes().chain([0]).chain(bytes).chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(format!("{hash:016x}"))
+}
+
+fn ensure_image(args: &Args, recipes: &Path) -> Result<Image> {
+    let hash = recipe_hash(recipes, &args.kernel)?;
+    let dir = args.cache.join(format!("{}-{hash}", args.kernel));
+    if !dir.join("rootfs.ext4").exists() {
+        fs::create_dir_all(&args.cache)?;
+        eprintln!(
+            "xtask: building the {} VM image in {} (debootstrap from Debian's mirror: several minutes)",
+            args.kernel,
+            dir.display()
+        );
+        let started = Instant::now();
+        cmd::run(Command::new("bash").arg(recipes.join("build-image.sh")).arg(&args.kernel).arg(&dir))?;
+        eprintln!("xtask: image built in {:.0} s", started.elapsed().as_secs_f64());
+        remove_stale_images(&args.cache, &args.kernel, &dir);
+    }
+    let release = fs::read_to_string(dir.join("kernel-release"))
+        .with_context(|| format!("{}: incomplete image, remove it", dir.display()))?
+        .trim()
+        .to_string();
+    Ok(Image { dir, release })
+}
+
+/// Images of an older recipe of the same kernel.
+fn remove_stale_images(cache: &Path, kernel: &str, current: &Path) {
+    let Ok(entries) = fs::read_dir(cache) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name
+            .strip_prefix(&format!("{kernel}-"))
+            .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        if stale && path != current {
+            eprintln!("xtask: removing the older image {}", path.display());
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Builds the test binaries and picks those the VM runs, from cargo's JSON
+/// messages (`compiler-artifact` lines with an `executable`).
+fn test_binaries(only: &[String]) -> Result<Vec<TestBinary>> {
+    eprintln!("xtask: building the test binaries (cargo test --no-run)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["test", "--workspace", "--exclude", "probe-ebpf", "--no-run", "--message-format=json"])
+        .current_dir(cmd::workspace_root())
+        .env("PATH", cmd::path_with_cargo_bin())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed ({})", out.status);
+    }
+    let root = cmd::workspace_root();
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.contains(r#""reason":"compiler-artifact""#) || !line.contains(r#""kind":["test"]"#) {
+            continue;
+        }
+        let (Some(executable), Some(name), Some(manifest)) =
+            (json_string(line, "executable"), json_string(line, "name"), json_string(line, "manifest_path"))
+        else {
+            continue;
+        };
+        let dir = Path::new(&manifest).parent().context("manifest path")?.to_path_buf();
+        let ours = (dir == root.join("probe-user") && name == "xdp") || dir == root.join("tests");
+        if !ours || !(only.is_empty() || only.contains(&name)) {
+            continue;
+        }
+        let executable = PathBuf::from(executable);
+        if !executable.starts_with(&root) {
+            bail!("{} is outside the workspace, which is all the VM sees (unset CARGO_TARGET_DIR)", executable.display());
+        }
+        tests.push(TestBinary { name, dir, executable });
+    }
+    tests.sort_by(|a, b| a.name.cmp(&b.name));
+    // xdp first: if the probe does not load, the labs cannot pass either.
+    tests.sort_by_key(|t| t.name != "xdp");
+    for wanted in only {
+        if !tests.iter().any(|t| &t.name == wanted) {
+            bail!("no test binary {wanted:?} (there are probe-user's xdp and the icr-tests crate's tests)");
+        }
+    }
+    if tests.is_empty() {
+        bail!("cargo test --no-run named no test binaries");
+    }
+    Ok(tests)
+}
+
+/// The string value of the first `"key":"..."` in a JSON line (cargo's
+/// messages put the target's `name` before any other `name`).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut value = String::new();
+    let mut chars = line[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                't' => value.push('\t'),
+                'u' => {
+                    let code: String = chars.by_ref().take(4).collect();
+                    value.push(char::from_u32(u32::from_str_radix(&code, 16).ok()?)?);
+                }
+                other => value.push(other),
+            },
+            c => value.push(c),
+        }
+    }
+    None
+}
+
+/// The host's run directory, shared with the guest as 9p tag `icrctl`:
+/// removed when the run ends, however it ends.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the console said, as it said it.
+#[derive(Default)]
+struct Console {
+    booted: Option<Instant>,
+    result: Option<(Instant, i32)>,
+    /// Per test binary: name, exit code, seconds (from ICR-VM-TEST-END).
+    binaries: Vec<(String, i32, u64)>,
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Console {
+    fn read_line(&mut self, line: &str) {
+        let line = line.trim_end();
+        if line.starts_with("ICR-VM-BOOTED:") && self.booted.is_none() {
+            self.booted = Some(Instant::now());
+        } else if let Some(code) = line.strip_prefix("ICR-VM-RESULT: ") {
+            if let Ok(code) = code.trim().parse() {
+                self.result = Some((Instant::now(), code));
+            }
+        } else if let Some(rest) = line.strip_prefix("ICR-VM-TEST-END: ") {
+            // NAME exit=N seconds=S
+            let mut fields = rest.split_whitespace();
+            let name = fields.next().unwrap_or("?").to_string();
+            let value = |field: Option<&str>, key: &str| field.and_then(|f| f.strip_prefix(key)).and_then(|v| v.parse().ok());
+            let code = value(fields.next(), "exit=").unwrap_or(-1);
+            let seconds = value(fields.next(), "seconds=").unwrap_or(0);
+            self.binaries.push((name, code, seconds as u64));
+        } else if let Some(rest) = line.strip_prefix("test result: ") {
+            // ok. 9 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.2s
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => self.passed += n,
+                        "failed" => self.failed += n,
+                        "ignored" => self.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// qemu's pid, for the Ctrl-C handler.
+static QEMU_PID: AtomicI32 = AtomicI32::new(0);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn kvm_usable() -> bool {
+    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary]) -> Result<()> {
+    let root = cmd::workspace_root();
+    let shared = root.parent().map(|p| p.join("shared")).filter(|p| p.is_dir());
+
+    let run_dir = RunDir(args.cache.join("runs").join(format!("{}-{}", args.kernel, std::process::id())));
+    let _ = fs::remove_dir_all(&run_dir.0);
+    fs::create_dir_all(&run_dir.0)?;
+    fs::copy(recipes.join("guest-run.sh"), run_dir.0.join("guest-run.sh"))?;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut env = format!(
+        "ICR_VM_ROOT={}\nICR_VM_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
+        quote(&root.to_string_lossy()),
+        quote(&shared.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
+        args.test_timeout,
+        quote(&args.args.join(" ")),
+    );
+    for name in PASSED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            env.push_str(&format!("export {name}={}\n", quote(&value.to_string_lossy())));
+        }
+    }
+    fs::write(run_dir.0.join("run.env"), env)?;
+    let list: String = tests
+        .iter()
+        .map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display()))
+        .collect();
+    fs::write(run_dir.0.join("tests.list"), list)?;
+
+    let kvm = kvm_usable();
+    if kvm {
+        eprintln!("xtask: booting {} (kernel {}) with KVM", args.kernel, image.release);
+    } else {
+        eprintln!(
+            "xtask: /dev/kvm is not usable here: booting {} (kernel {}) under TCG software emulation, \
+             which is slow (minutes to boot, the lab tests many times slower than on the host)",
+            args.kernel, image.release
+        );
+    }
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .args(["-m", "2G", "-smp", "2"]);
+    if kvm {
+        qemu.args(["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+    }
+    qemu.arg("-kernel")
+        .arg(image.dir.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.dir.join("initrd.img"))
+        .args(["-append", "root=/dev/vda rw rootfstype=ext4 console=ttyS0 init=/sbin/icr-vm-init panic=1 loglevel=4"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,snapshot=on", image.dir.join("rootfs.ext4").display()))
+        .args(["-device", "virtio-rng-pci"])
+        .arg("-virtfs")
+        .arg(format!("local,path={},mount_tag=icrctl,security_model=none", run_dir.0.display()))
+        .arg("-virtfs")
+        .arg(format!("local,path={},mount_tag=icrroot,security_model=none,readonly=on", root.display()));
+    if let Some(shared) = &shared {
+        qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrshared,security_model=none,readonly=on", shared.display()));
+    }
+    qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // SAFETY: prctl is async-signal-safe. qemu dies with this process, even
+    // if it is killed without a chance to kill qemu itself.
+    unsafe {
+        qemu.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+
+    let started = Instant::now();
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    QEMU_PID.store(child.id() as i32, Ordering::SeqCst);
+    let _ = ctrlc::set_handler(|| {
+        let pid = QEMU_PID.load(Ordering::SeqCst);
+        if pid > 0 {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            eprintln!("\nxtask: interrupted: stopping qemu");
+            // SAFETY: signalling the qemu this process started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+
+    // The console, streamed as it comes, and read for the markers.
+    let console = Arc::new(Mutex::new(Console::default()));
+    let stdout = child.stdout.take().context("qemu's stdout")?;
+    let reader = {
+        let console = Arc::clone(&console);
+        std::thread::spawn(move || {
+            let mut stdout_lock = std::io::stdout();
+            let mut reader = BufReader::new(stdout);
+            let mut buffer = Vec::new();
+            while reader.read_until(b'\n', &mut buffer).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&buffer).replace('\r', "");
+                let _ = stdout_lock.write_all(line.as_bytes());
+                let _ = stdout_lock.flush();
+                console.lock().expect("console").read_line(&line);
+                buffer.clear();
+            }
+        })
+    };
+
+    // The watchdog: qemu is killed past the deadline, or if it does not power
+    // off soon after the guest gave its result.
+    let deadline = Duration::from_secs(args.timeout);
+    let mut killed: Option<String> = None;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let result_at = console.lock().expect("console").result.map(|(at, _)| at);
+        if started.elapsed() > deadline {
+            killed = Some(format!("the VM ran past the {} s deadline (--timeout)", args.timeout));
+        } else if result_at.is_some_and(|at| at.elapsed() > Duration::from_secs(60)) {
+            killed = Some("the VM did not power off within 60 s of its result".into());
+        }
+        if let Some(why) = &killed {
+            eprintln!("\nxtask: watchdog: {why}: killing qemu");
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    QEMU_PID.store(0, Ordering::SeqCst);
+    let _ = reader.join();
+    let total = started.elapsed();
+
+    let console = console.lock().expect("console");
+    let result = fs::read_to_string(run_dir.0.join("result"))
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .or(console.result.map(|(_, code)| code));
+    let boot = console.booted.map(|at| at.duration_since(started));
+    let tests_time = match (console.booted, console.result) {
+        (Some(booted), Some((done, _))) => Some(done.duration_since(booted)),
+        _ => None,
+    };
+    let seconds = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.0} s", d.as_secs_f64()));
+    eprintln!();
+    eprintln!(
+        "xtask: vm-test {}: kernel {}, {}; boot {}, tests {}, total {:.0} s",
+        args.kernel,
+        image.release,
+        if kvm { "KVM" } else { "TCG" },
+        seconds(boot),
+        seconds(tests_time),
+        total.as_secs_f64()
+    );
+    for (name, code, secs) in &console.binaries {
+        let verdict = match code {
+            0 => "ok".to_string(),
+            124 | 137 => format!("TIMED OUT (exit {code})"),
+            _ => format!("FAILED (exit {code})"),
+        };
+        eprintln!("xtask:   {name:<14} {verdict:<20} {secs} s");
+    }
+    let ran: Vec<&str> = console.binaries.iter().map(|(name, ..)| name.as_str()).collect();
+    for test in tests.iter().filter(|t| !ran.contains(&t.name.as_str())) {
+        eprintln!("xtask:   {:<14} did not finish", test.name);
+    }
+    // The plain closing line: the individual tests of every binary.
+    println!("vm-test {}: {} passed, {} failed, {} ignored", args.kernel, console.passed, console.failed, console.ignored);
+    if let Some(why) = killed {
+        bail!("{why} (kernel {})", image.release);
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    match result {
+        Some(0) => Ok(()),
+        Some(code) => bail!("tests failed in the {} VM (kernel {}, guest exit {code})", args.kernel, image.release),
+        None => bail!(
+            "the {} VM stopped ({status}) without a result: see its console above (kernel {})",
+            args.kernel,
+            image.release
+        ),
+    }
+}
