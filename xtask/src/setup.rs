@@ -73,14 +73,7 @@ pub fn ensure(needs: Needs) -> Result<()> {
         );
     }
     if !packages.is_empty() {
-        eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
-        cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
-        cmd::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_install(&packages)?;
     }
     if nightly_missing {
         eprintln!("xtask: installing the nightly toolchain (builds the eBPF crate)");
@@ -118,12 +111,16 @@ pub fn ensure_vm() -> Result<()> {
     if !is_root() {
         bail!("missing prerequisites ({}) and not root: run as root so that they can be installed", describe_missing(&packages, false, false, false));
     }
+    apt_install(&packages)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     eprintln!("xtask: installing Debian packages: {}", packages.join(" "));
     cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&packages)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
