@@ -241,7 +241,7 @@ http {{
         )?;
         self.servers.push(quic);
 
-        wait_for(Duration::from_secs(20), "the servers to listen", || {
+        wait_for(patience(Duration::from_secs(20)), "the servers to listen", || {
             let listening = output(Command::new("ip").args(["netns", "exec", &self.internet, "ss", "-Hltnu"]))?;
             let udp = output(Command::new("ip").args(["netns", "exec", &self.internet, "ss", "-Hlun"]))?;
             if !udp.contains(&format!("{WEB_IP}:443")) {
@@ -440,7 +440,7 @@ impl Agent {
             if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("the agent exited ({status}) before running:\n{text}");
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > patience(Duration::from_secs(30)) {
                 bail!("the agent did not start within 30 s:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -465,7 +465,7 @@ impl Agent {
             if let Some(status) = child.try_wait()? {
                 break status;
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > patience(Duration::from_secs(30)) {
                 let _ = child.kill();
                 bail!("the agent did not stop within 30 s of SIGTERM");
             }
@@ -490,6 +490,14 @@ impl Drop for Agent {
             let _ = child.wait();
         }
     }
+}
+
+/// How long to wait for something the lab starts: `base`, times
+/// `ICR_LAB_SLOWDOWN` when set (`cargo xtask vm-test` sets 4 under software
+/// emulation, where everything runs several times slower).
+pub fn patience(base: Duration) -> Duration {
+    let factor = std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
+    base.mul_f64(factor)
 }
 
 /// The `icr` binary under test: `ICR_BIN` (set by `cargo xtask test`), else

@@ -7,7 +7,8 @@
 #
 # run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_SHARED,
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
-# tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG).
+# tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
+# ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG).
 # tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE.
 set -u
 ctl=/run/icr-vm

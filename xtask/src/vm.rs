@@ -32,7 +32,9 @@ const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-pa
 
 /// The tests' own settings, handed to the guest when they are set here
 /// (e.g. `ICR_FAILOPEN_FRAMES=100000` shortens the fail-open test under TCG).
-const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG"];
+const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG", "ICR_LAB_SLOWDOWN"];
+/// The lab's waits are scaled by this under TCG, unless ICR_LAB_SLOWDOWN is set.
+const TCG_SLOWDOWN: &str = "4";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -318,6 +320,9 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
         if let Some(value) = std::env::var_os(name) {
             env.push_str(&format!("export {name}={}\n", quote(&value.to_string_lossy())));
         }
+    }
+    if std::env::var_os("ICR_LAB_SLOWDOWN").is_none() && !kvm_usable() {
+        env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
     fs::write(run_dir.0.join("run.env"), env)?;
     let list: String = tests
