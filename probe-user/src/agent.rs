@@ -19,9 +19,13 @@ use crate::{
     events,
     flow::Assembler,
     icr::{EndReason, Icr},
+    loss::{LossTracker, Totals},
     nat::{NatEvent, NatTable, conntrack},
     probe::{Probe, ProbeOptions},
-    store::Store,
+    store::{
+        Store,
+        gaps::{Gap, LossKind, Watermark},
+    },
     subscribers::Directory,
 };
 
@@ -42,6 +46,30 @@ const EVENT_QUEUE: usize = 1 << 16;
 const WRITE_QUEUE: usize = 64;
 /// How long the writer waits before retrying a failed write (a full disk).
 const WRITE_RETRY: Duration = Duration::from_secs(5);
+/// How often (in ticks) the loss watermark is written even without loss:
+/// the next agent dates what it finds lost, or a stop, from the last one.
+const WATERMARK_TICKS: u64 = 10;
+
+/// One tick's output for the writer.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Icr>,
+    gaps: Vec<Gap>,
+    watermark: Option<Watermark>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.gaps.is_empty() && self.watermark.is_none()
+    }
+
+    fn absorb(&mut self, other: Batch) {
+        self.records.extend(other.records);
+        // Written in order: a later entry of an episode replaces the earlier.
+        self.gaps.extend(other.gaps);
+        self.watermark = other.watermark.or(self.watermark.take());
+    }
+}
 
 pub struct RunOptions {
     pub lan: Vec<String>,
@@ -85,6 +113,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
     let writer = spawn_writer(store.clone(), write_rx, snapshot.clone());
 
+    let mut losses = loss_tracker(&store, &probe)?;
+    let mut ticks = 0u64;
+
     let clock = Clock::live();
     let mut assembler = Assembler::new(timeouts, clock, nat_expected);
     let mut nat = NatTable::default();
@@ -116,7 +147,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = directory.refresh(Utc::now()) {
                     warn!("refreshing the subscriber directory: {error:#}");
                 }
-                if !queue_records(&write_tx, &mut assembler, &directory).await? {
+                let mut batch = Batch { records: named_records(&mut assembler, &directory), ..Batch::default() };
+                ticks += 1;
+                if let Ok(counters) = probe.counters() {
+                    let totals = Totals {
+                        events_lost: counters.get(counter::EVENTS_LOST),
+                        flow_table_full: counters.get(counter::FLOW_TABLE_FULL),
+                        conntrack_overruns: nat.overruns(),
+                        writer_waits: backpressure,
+                    };
+                    batch.gaps = losses.observe(totals, Utc::now());
+                    for gap in &batch.gaps {
+                        warn!("{}", gap.describe());
+                    }
+                    if !batch.gaps.is_empty() || ticks.is_multiple_of(WATERMARK_TICKS) {
+                        batch.watermark = Some(watermark(&probe, &losses));
+                    }
+                }
+                if !queue_batch(&write_tx, batch).await? {
                     backpressure += 1;
                 }
                 if let (Ok(counters), Ok(mut s)) = (probe.counters(), snapshot.lock()) {
@@ -160,7 +208,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         assembler.on_event(event, &nat);
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
-    queue_records(&write_tx, &mut assembler, &directory).await?;
+    let records = named_records(&mut assembler, &directory);
+    queue_batch(&write_tx, Batch { records, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) }).await?;
     drop(write_tx);
     writer.await.context("the writer task failed")?;
     let stored = stored(&snapshot);
@@ -180,25 +229,71 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
     nat.apply(event, monotonic_ns());
 }
 
-/// Hands the closed flows' records to the writer; false when the queue was
-/// full and the loop had to wait for it.
-async fn queue_records(queue: &mpsc::Sender<Vec<Icr>>, assembler: &mut Assembler, directory: &Directory) -> Result<bool> {
+/// The closed flows' records, named with their subscribers.
+fn named_records(assembler: &mut Assembler, directory: &Directory) -> Vec<Icr> {
     let mut records = assembler.take_records();
-    if records.is_empty() {
-        return Ok(true);
-    }
     for record in &mut records {
         record.device.subscriber = directory.subscriber(record);
     }
-    match queue.try_send(records) {
+    records
+}
+
+/// Hands a tick's batch to the writer; false when the queue was full and
+/// the loop had to wait for it.
+async fn queue_batch(queue: &mpsc::Sender<Batch>, batch: Batch) -> Result<bool> {
+    if batch.is_empty() {
+        return Ok(true);
+    }
+    match queue.try_send(batch) {
         Ok(()) => Ok(true),
-        Err(mpsc::error::TrySendError::Full(records)) => {
+        Err(mpsc::error::TrySendError::Full(batch)) => {
             warn!("the store writer is behind ({WRITE_QUEUE} batches queued): waiting for it");
-            queue.send(records).await.map_err(|_| anyhow::anyhow!("the store writer stopped"))?;
+            queue.send(batch).await.map_err(|_| anyhow::anyhow!("the store writer stopped"))?;
             Ok(false)
         }
         Err(mpsc::error::TrySendError::Closed(_)) => anyhow::bail!("the store writer stopped"),
     }
+}
+
+/// Where loss counting starts. A probe adopted from pins counted while no
+/// agent ran: its losses count from the watermark the last agent left (and
+/// are dated from then). A freshly loaded probe means nothing captured since
+/// the last agent's last watermark: that is a gap of its own.
+fn loss_tracker(store: &Store, probe: &Probe) -> Result<LossTracker> {
+    let now = Utc::now();
+    let counters = probe.counters()?;
+    let kernel = Totals {
+        events_lost: counters.get(counter::EVENTS_LOST),
+        flow_table_full: counters.get(counter::FLOW_TABLE_FULL),
+        ..Totals::default()
+    };
+    let last = store.watermark()?;
+    match last {
+        Some(last) if probe.adopted() && last.probe == probe.instance() => {
+            let baseline = Totals { events_lost: last.events_lost, flow_table_full: last.flow_table_full, ..Totals::default() };
+            info!("adopted the pinned probe: counting losses since the last agent's watermark at {}", crate::icr::format_time(&last.at));
+            Ok(LossTracker::new(baseline, last.at))
+        }
+        last => {
+            if probe.adopted() && kernel != Totals::default() {
+                warn!(
+                    "the adopted probe had counted {} lost events and {} flows not tracked before this agent, at times unknown",
+                    kernel.events_lost, kernel.flow_table_full
+                );
+            }
+            if let Some(last) = last.filter(|_| !probe.adopted()) {
+                let gap = Gap::new(LossKind::NotCapturing, last.at, now, 0);
+                warn!("{}", gap.describe());
+                store.record_gaps(&[gap], None).context("recording the time no agent captured")?;
+            }
+            Ok(LossTracker::new(kernel, now))
+        }
+    }
+}
+
+fn watermark(probe: &Probe, losses: &LossTracker) -> Watermark {
+    let totals = losses.totals();
+    Watermark { probe: probe.instance(), at: Utc::now(), events_lost: totals.events_lost, flow_table_full: totals.flow_table_full }
 }
 
 /// The writer: takes queued batches (several at once when it is behind),
@@ -206,34 +301,45 @@ async fn queue_records(queue: &mpsc::Sender<Vec<Icr>>, assembler: &mut Assembler
 /// (a full disk) is retried until it succeeds: records are never dropped;
 /// meanwhile the queue fills and back-pressure reaches the kernel, which
 /// keeps forwarding and counting.
-fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Vec<Icr>>, snapshot: crate::metrics::Shared) -> tokio::task::JoinHandle<()> {
+fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate::metrics::Shared) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
-        while let Some(mut records) = queue.blocking_recv() {
+        while let Some(mut batch) = queue.blocking_recv() {
             while let Ok(more) = queue.try_recv() {
-                records.extend(more);
+                batch.absorb(more);
             }
             let started = std::time::Instant::now();
-            let mut failures = 0u64;
-            while let Err(error) = store.append(&records) {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(60) {
-                    error!("storing {} records failed ({failures} tries so far), retrying every {WRITE_RETRY:?}: {error:#}", records.len());
-                }
-                if let Ok(mut s) = snapshot.lock() {
-                    s.write_errors += 1;
-                }
-                std::thread::sleep(WRITE_RETRY);
-            }
-            if failures > 0 {
-                info!("storing records works again after {failures} failed tries");
+            let what = format!("storing {} records", batch.records.len());
+            until_written(&what, &snapshot, || store.append(&batch.records));
+            if !batch.gaps.is_empty() || batch.watermark.is_some() {
+                until_written("recording capture gaps", &snapshot, || store.record_gaps(&batch.gaps, batch.watermark.as_ref()));
             }
             if let Ok(mut s) = snapshot.lock() {
-                s.records_stored += records.len() as u64;
+                s.records_stored += batch.records.len() as u64;
+                s.gaps_recorded += batch.gaps.len() as u64;
                 s.write_seconds = started.elapsed().as_secs_f64();
                 s.store_bytes = store.size_on_disk();
             }
         }
     })
+}
+
+/// Retries `write` every [`WRITE_RETRY`] until it succeeds, counting and
+/// logging the failures.
+fn until_written(what: &str, snapshot: &crate::metrics::Shared, mut write: impl FnMut() -> Result<()>) {
+    let mut failures = 0u64;
+    while let Err(error) = write() {
+        failures += 1;
+        if failures == 1 || failures.is_multiple_of(60) {
+            error!("{what} failed ({failures} tries so far), retrying every {WRITE_RETRY:?}: {error:#}");
+        }
+        if let Ok(mut s) = snapshot.lock() {
+            s.write_errors += 1;
+        }
+        std::thread::sleep(WRITE_RETRY);
+    }
+    if failures > 0 {
+        info!("{what} works again after {failures} failed tries");
+    }
 }
 
 fn stored(snapshot: &crate::metrics::Shared) -> u64 {

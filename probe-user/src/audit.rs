@@ -31,6 +31,14 @@ pub struct AuditRecord {
     pub result_count: u64,
     /// SHA-256 of the NDJSON of the results, so a disclosure can be checked later.
     pub result_sha256: Option<String>,
+    /// Capture gaps in the window, reported with the answer (absent when
+    /// none, so entries written before gaps existed verify unchanged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gaps: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,6 +204,8 @@ mod tests {
             outcome: "answered".into(),
             result_count: n,
             result_sha256: None,
+            // Half with gaps, half without the field at all: both verify.
+            gaps: n % 2,
         }
     }
 

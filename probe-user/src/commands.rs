@@ -2,7 +2,7 @@
 //! is authorised, answered from the store, and audited before it is printed.
 //! They take the store they are given and write to `out`, so the same code
 //! answers on the command line and, through its socket, inside the agent.
-use std::{io::Write, net::IpAddr};
+use std::{cell::Cell, io::Write, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
@@ -16,7 +16,7 @@ use crate::{
     icr::{Icr, format_time},
     probe::ProbeOptions,
     query::{self, Authorisation, DeviceSelector, Purpose, Refusal, ServiceSelector},
-    store::{Lookup, Store, index::IndexKey},
+    store::{Lookup, Store, gaps::Gap, index::IndexKey},
 };
 
 /// The store directory a store-reading command names.
@@ -32,13 +32,15 @@ pub fn store_dir(command: &crate::cli::Command) -> Option<&std::path::Path> {
     }
 }
 
-pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Result<()> {
+/// Answers a query; returns the capture gaps its window touches, which the
+/// caller must show beside the answer (they are audited and bundled too).
+pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Result<Vec<Gap>> {
     match command {
         QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store: args, who } => {
             let parameters = serde_json::json!({
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
-            let session = Session::open(&args, &who, Purpose::Resolve, "query resolve", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Resolve, "query resolve", parameters, store)?;
             session.run(|session| {
                 let at = parse_time(&at, "--at")?;
                 let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
@@ -56,7 +58,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
-            let session = Session::open(&args, &who, Purpose::Services, "query services", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Services, "query services", parameters, store)?;
             session.run(|session| {
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
@@ -73,7 +75,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let parameters = serde_json::json!({
                 "services": services, "services_file": services_file, "from": from, "to": to,
             });
-            let session = Session::open(&args, &who, Purpose::Accessed, "query accessed", parameters)?;
+            let session = Session::open(&args, &who, Purpose::Accessed, "query accessed", parameters, store)?;
             session.run(|session| {
                 let mut texts = services;
                 if let Some(file) = services_file {
@@ -127,11 +129,13 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 }
 
 /// Every stored record in the window: an operator's command, audited.
-pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
+/// Returns the capture gaps in the window, as [`query`] does.
+pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Gap>> {
     let from = args.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?.unwrap_or(DateTime::UNIX_EPOCH);
     let to = args.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
     Config::load(args.store.config.as_deref(), Some(&args.store.db))?;
     let records = store.scan(from, to)?;
+    let gaps = store.gaps(from, to)?;
     let bytes = export::ndjson(&records)?;
     AuditLog::in_dir(&args.store.db).append(AuditRecord {
         time: format_time(&Utc::now()),
@@ -141,10 +145,11 @@ pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
         outcome: "answered".into(),
         result_count: records.len() as u64,
         result_sha256: Some(sha256_hex(&bytes)),
+        gaps: gaps.len() as u64,
         ..AuditRecord::default()
     })?;
     export::write_records(out, &records, args.format.unwrap_or_else(Format::default_for_stdout))?;
-    Ok(())
+    Ok(gaps)
 }
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
@@ -185,19 +190,23 @@ pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> 
 }
 
 /// An authorised query in progress: refused ones are audited and never get here.
-struct Session {
+struct Session<'a> {
     audit: AuditLog,
     record: AuditRecord,
     max_window: chrono::Duration,
+    store: &'a Store,
+    /// The window asked about, once checked: its gaps go with the answer.
+    window: Cell<Option<(DateTime<Utc>, DateTime<Utc>)>>,
 }
 
-impl Session {
+impl<'a> Session<'a> {
     fn open(
         args: &StoreArgs,
         who: &Requester,
         purpose: Purpose,
         command: &str,
         parameters: serde_json::Value,
+        store: &'a Store,
     ) -> Result<Self> {
         let config = Config::load(args.config.as_deref(), Some(&args.db))?;
         let audit = AuditLog::in_dir(&args.db);
@@ -216,7 +225,8 @@ impl Session {
             parameters,
             ..AuditRecord::default()
         };
-        let session = Self { audit, record, max_window: chrono::Duration::days(i64::from(config.max_window_days)) };
+        let max_window = chrono::Duration::days(i64::from(config.max_window_days));
+        let session = Self { audit, record, max_window, store, window: Cell::new(None) };
         if let Err(refusal) = query::authorise(&config, &authorisation, purpose) {
             return Err(session.refuse(refusal));
         }
@@ -225,7 +235,7 @@ impl Session {
 
     /// Runs the authorised query; a failure that is no refusal (a bad
     /// parameter, an unreadable store) is audited too, as "failed".
-    fn run(&self, query: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
+    fn run<T>(&self, query: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         let result = query(self);
         if let Err(error) = &result {
             if !is_refusal(error) {
@@ -258,18 +268,20 @@ impl Session {
                 self.max_window.num_days()
             ))));
         }
+        self.window.set(Some((from, to)));
         Ok(())
     }
 
-    fn answer_records(&self, records: &[Icr], who: &Requester, out: &mut dyn Write) -> Result<()> {
+    fn answer_records(&self, records: &[Icr], who: &Requester, out: &mut dyn Write) -> Result<Vec<Gap>> {
         let format = who.format.unwrap_or_else(Format::default_for_stdout);
         let mut rendered = Vec::new();
         export::write_records(&mut rendered, records, format)?;
         self.answer(records.len() as u64, &export::ndjson(records)?, &rendered, format, who.bundle.as_deref(), out)
     }
 
-    /// Audits the answer (its count and the SHA-256 of its NDJSON), writes the
-    /// disclosure bundle if asked, then the answer itself.
+    /// Audits the answer (its count, the SHA-256 of its NDJSON, the capture
+    /// gaps in its window), writes the disclosure bundle if asked, then the
+    /// answer itself; returns the gaps, for the caller to show.
     fn answer(
         &self,
         count: u64,
@@ -278,7 +290,9 @@ impl Session {
         format: Format,
         bundle: Option<&std::path::Path>,
         out: &mut dyn Write,
-    ) -> Result<()> {
+    ) -> Result<Vec<Gap>> {
+        let (from, to) = self.window.get().context("a query answered before its window was checked")?;
+        let gaps = self.store.gaps(from, to)?;
         if let Some(dir) = bundle {
             // Checked before the answer is audited: a query that cannot be
             // delivered is not recorded as answered.
@@ -290,21 +304,27 @@ impl Session {
         record.outcome = "answered".into();
         record.result_count = count;
         record.result_sha256 = Some(sha256_hex(ndjson));
+        record.gaps = gaps.len() as u64;
         let (_, entry) = self.audit.append_entry(record).context("auditing the query")?;
         if let Some(dir) = bundle {
-            write_bundle(dir, ndjson, rendered, format, &entry)?;
+            write_bundle(dir, ndjson, rendered, format, &entry, &gaps)?;
         }
         out.write_all(rendered)?;
-        Ok(())
+        Ok(gaps)
     }
 }
 
 /// A disclosure bundle: the results (NDJSON, and the requested format if
-/// another), the audit entry of the query, and a manifest of their SHA-256
-/// sums in `sha256sum` form. An existing bundle is never overwritten.
-fn write_bundle(dir: &std::path::Path, ndjson: &[u8], rendered: &[u8], format: Format, entry: &str) -> Result<()> {
+/// another), the audit entry of the query, the capture gaps in its window
+/// (`gaps.ndjson`, empty when none), and a manifest of their SHA-256 sums in
+/// `sha256sum` form. An existing bundle is never overwritten.
+fn write_bundle(dir: &std::path::Path, ndjson: &[u8], rendered: &[u8], format: Format, entry: &str, gaps: &[Gap]) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut files: Vec<(&str, Vec<u8>)> = vec![("results.ndjson", ndjson.to_vec()), ("audit-entry.json", format!("{entry}\n").into_bytes())];
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("results.ndjson", ndjson.to_vec()),
+        ("audit-entry.json", format!("{entry}\n").into_bytes()),
+        ("gaps.ndjson", export::ndjson(gaps)?),
+    ];
     match format {
         Format::Csv => files.push(("results.csv", rendered.to_vec())),
         Format::Ecs => files.push(("results.ecs.ndjson", rendered.to_vec())),

@@ -22,7 +22,7 @@ use tokio::{
 use crate::{
     cli::{Cli, Command},
     commands,
-    store::Store,
+    store::{Store, gaps::Gap},
 };
 
 const SOCKET_NAME: &str = "icr.sock";
@@ -39,6 +39,16 @@ struct Reply {
     /// The exit status the command line should give: 0, 1, or 3 (refused).
     status: i32,
     error: Option<String>,
+    /// Capture gaps in the answer's window, for the command line to show.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gaps: Vec<Gap>,
+}
+
+/// What the agent answered: the output went to stdout already.
+pub struct Answer {
+    pub status: i32,
+    pub error: Option<String>,
+    pub gaps: Vec<Gap>,
 }
 
 pub fn socket_path(db: &Path) -> PathBuf {
@@ -79,7 +89,7 @@ async fn answer(stream: UnixStream, store: Store) -> Result<()> {
     let peer = stream.peer_cred()?;
     let (reader, mut writer) = stream.into_split();
     if peer.uid() != 0 {
-        let reply = Reply { status: 3, error: Some("refused: the local socket is for root only".into()) };
+        let reply = Reply { status: 3, error: Some("refused: the local socket is for root only".into()), gaps: Vec::new() };
         writer.write_all(&reply_line(&reply)?).await?;
         return Ok(());
     }
@@ -99,15 +109,15 @@ fn run(argv: Vec<String>, store: &Store) -> (Reply, Vec<u8>) {
     let result = match Cli::try_parse_from(argv) {
         Ok(Cli { command: Command::Query(query) }) => commands::query(query, store, &mut output),
         Ok(Cli { command: Command::List(args) }) => commands::list(args, store, &mut output),
-        Ok(Cli { command: Command::Sweep(args) }) => commands::sweep(args, store, &mut output),
+        Ok(Cli { command: Command::Sweep(args) }) => commands::sweep(args, store, &mut output).map(|()| Vec::new()),
         Ok(_) => Err(anyhow::anyhow!("only queries, list and sweep are answered on this socket")),
         Err(error) => Err(anyhow::anyhow!("{}", error.to_string().lines().next().unwrap_or("bad arguments"))),
     };
     let reply = match result {
-        Ok(()) => Reply { status: 0, error: None },
+        Ok(gaps) => Reply { status: 0, error: None, gaps },
         Err(error) => {
             output.clear();
-            Reply { status: if commands::is_refusal(&error) { 3 } else { 1 }, error: Some(format!("{error:#}")) }
+            Reply { status: if commands::is_refusal(&error) { 3 } else { 1 }, error: Some(format!("{error:#}")), gaps: Vec::new() }
         }
     };
     (reply, output)
@@ -120,8 +130,8 @@ fn reply_line(reply: &Reply) -> Result<Vec<u8>> {
 }
 
 /// The command line's side: sends `argv` to the agent of `db`, copies the
-/// output to stdout, and returns the exit status and error to report.
-pub fn ask(db: &Path, argv: Vec<String>) -> Result<(i32, Option<String>)> {
+/// output to stdout, and returns the exit status, error and gaps to report.
+pub fn ask(db: &Path, argv: Vec<String>) -> Result<Answer> {
     let path = socket_path(db);
     let mut stream = StdUnixStream::connect(&path)
         .with_context(|| format!("the store is in use, and its agent's socket {} does not answer", path.display()))?;
@@ -138,5 +148,5 @@ pub fn ask(db: &Path, argv: Vec<String>) -> Result<(i32, Option<String>)> {
     let mut stdout = std::io::stdout().lock();
     std::io::copy(&mut reader.by_ref(), &mut stdout)?;
     stdout.flush()?;
-    Ok((reply.status, reply.error))
+    Ok(Answer { status: reply.status, error: reply.error, gaps: reply.gaps })
 }

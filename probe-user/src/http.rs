@@ -29,7 +29,7 @@ use crate::{
     commands,
     config::Config,
     icr::format_time,
-    store::Store,
+    store::{Store, gaps::Gap},
 };
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -135,12 +135,29 @@ fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> Res
     let format = argv.iter().position(|a| a == "--format").and_then(|i| argv.get(i + 1)).cloned().unwrap_or_default();
     let mut out = Vec::new();
     match commands::query(command, &state.store, &mut out) {
-        Ok(()) => {
+        Ok(gaps) => {
             let content_type = if format == "csv" { "text/csv" } else { "application/x-ndjson" };
-            ([(header::CONTENT_TYPE, content_type)], out).into_response()
+            let mut response = ([(header::CONTENT_TYPE, content_type)], out).into_response();
+            gap_headers(response.headers_mut(), &gaps);
+            response
         }
         Err(e) if commands::is_refusal(&e) => error(StatusCode::FORBIDDEN, format!("{e:#}")),
         Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
+/// Most gap entries listed in a response's `ICR-Gap` headers; `ICR-Gaps`
+/// always has the full count.
+const MAX_GAP_HEADERS: usize = 100;
+
+/// Capture gaps in the window ride beside the body, which stays the answer:
+/// `ICR-Gaps: N` and one `ICR-Gap` header per gap, its JSON.
+fn gap_headers(headers: &mut HeaderMap, gaps: &[Gap]) {
+    headers.insert("icr-gaps", gaps.len().into());
+    for gap in gaps.iter().take(MAX_GAP_HEADERS) {
+        if let Ok(value) = serde_json::to_string(gap).map_err(anyhow::Error::from).and_then(|json| Ok(json.parse()?)) {
+            headers.append("icr-gap", value);
+        }
     }
 }
 

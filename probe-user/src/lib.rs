@@ -14,6 +14,7 @@ pub mod flow;
 pub mod hints;
 pub mod http;
 pub mod icr;
+pub mod loss;
 pub mod metrics;
 pub mod nat;
 pub mod probe;

@@ -37,8 +37,8 @@ fn main() {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
             match Store::open(&db) {
                 Ok(store) => match command {
-                    Command::Query(query) => commands::query(query, &store, &mut stdout),
-                    Command::List(args) => commands::list(args, &store, &mut stdout),
+                    Command::Query(query) => commands::query(query, &store, &mut stdout).map(|gaps| warn_of(&gaps)),
+                    Command::List(args) => commands::list(args, &store, &mut stdout).map(|gaps| warn_of(&gaps)),
                     Command::Sweep(args) => commands::sweep(args, &store, &mut stdout),
                     _ => unreachable!("matched above"),
                 },
@@ -47,11 +47,12 @@ fn main() {
                     drop(stdout);
                     let wants_format = matches!(command, Command::Query(_) | Command::List(_));
                     match control::ask(&db, argv_for_agent(wants_format)) {
-                        Ok((status, reason)) => {
-                            if let Some(reason) = reason {
+                        Ok(answer) => {
+                            warn_of(&answer.gaps);
+                            if let Some(reason) = answer.error {
                                 eprintln!("icr: {reason}");
                             }
-                            std::process::exit(status);
+                            std::process::exit(answer.status);
                         }
                         Err(error) => Err(error),
                     }
@@ -63,6 +64,14 @@ fn main() {
     if let Err(error) = result {
         eprintln!("icr: {error:#}");
         std::process::exit(if commands::is_refusal(&error) { 3 } else { 1 });
+    }
+}
+
+/// Capture gaps go to stderr, one line each, so stdout stays the answer
+/// that scripts parse.
+fn warn_of(gaps: &[icr::store::gaps::Gap]) {
+    for gap in gaps {
+        eprintln!("icr: warning: {}", gap.describe());
     }
 }
 

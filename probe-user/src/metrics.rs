@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub writer_backpressure: u64,
     /// Failed writes (each retried until it succeeds).
     pub write_errors: u64,
+    /// Gap entries written (an episode that grows is written again).
+    pub gaps_recorded: u64,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -87,6 +89,7 @@ pub fn render(s: &Snapshot) -> String {
     metric("write_queue_capacity", "gauge", "Capacity of that queue", s.write_queue_capacity.to_string());
     metric("writer_backpressure_total", "counter", "Times the agent waited for the store writer", s.writer_backpressure.to_string());
     metric("store_write_errors_total", "counter", "Failed store writes, each retried until it succeeded", s.write_errors.to_string());
+    metric("gap_entries_written_total", "counter", "Gap entries written to the store (loss episodes, rewritten as they grow)", s.gaps_recorded.to_string());
     out
 }
 

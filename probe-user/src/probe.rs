@@ -70,6 +70,10 @@ pub struct Probe {
     config: Array<MapData, ProbeConfig>,
     events: Option<PerfEventArray<MapData>>,
     pin_dir: Option<PathBuf>,
+    /// The maps were pinned by an agent before us, and taken over.
+    adopted: bool,
+    /// Kernel id of the counter map: names this probe instance.
+    instance: u32,
 }
 
 impl Probe {
@@ -88,6 +92,7 @@ impl Probe {
             }
             None => Vec::new(),
         };
+        let adopted = map_pins.iter().any(|(name, path)| *name == names::COUNTERS && path.exists());
         for (name, path) in &map_pins {
             // An existing pin is reused: the maps of the agent before us.
             loader.map_pin_path(name, path.as_path());
@@ -108,10 +113,26 @@ impl Probe {
                 .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {name}"))))?;
         }
         let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
+        let counters = take_map(&mut ebpf, names::COUNTERS)?;
+        let instance = match &counters {
+            aya::maps::Map::PerCpuArray(data) => data.info().context("reading the counter map's id")?.id(),
+            _ => bail!("the map {} is not a per-CPU array", names::COUNTERS),
+        };
+        let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = Some(PerfEventArray::try_from(take_map(&mut ebpf, names::EVENTS)?)?);
-        Ok(Self { ebpf, flows, counters, config, events, pin_dir: options.pin_dir })
+        Ok(Self { ebpf, flows, counters, config, events, pin_dir: options.pin_dir, adopted, instance })
+    }
+
+    /// Whether the maps are those an earlier agent pinned (it counted while
+    /// no agent ran).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The probe instance: the same for every agent that adopts it.
+    pub fn instance(&self) -> u32 {
+        self.instance
     }
 
     fn program(&self, role: u8) -> Result<&Xdp> {

@@ -16,6 +16,7 @@
 //! (until its run is built), `I`+run+first fingerprint → run page, `R`+run →
 //! the run is complete.
 pub mod codec;
+pub mod gaps;
 pub mod index;
 mod wal;
 
@@ -30,6 +31,7 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use log::{info, warn};
 
 use crate::icr::Icr;
+use gaps::{Gap, Watermark};
 use index::{IndexKey, RUN_BLOCKS};
 use wal::Wal;
 
@@ -38,6 +40,11 @@ use wal::Wal;
 /// to reach sealed blocks and built runs with a few thousand records.
 pub const BLOCK_RECORDS: usize = if cfg!(test) { 64 } else { 4096 };
 const DAY_PREFIX: &str = "day/";
+/// Gap entries ([`gaps`]), beside the days: a gap may span midnight.
+const GAPS_TREE: &str = "gaps";
+/// The agent's loss watermark ([`Watermark`]), one key.
+const AGENT_TREE: &str = "agent";
+const WATERMARK_KEY: &[u8] = b"watermark";
 /// The first layout's trees (one JSON value per record): migrated on open.
 const JSON_DAY_PREFIX: &str = "icr/";
 /// Records start at most this long before a window and still overlap it
@@ -331,8 +338,62 @@ impl Store {
                 dropped.push(date);
             }
         }
+        let cutoff = oldest_kept.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let gaps = self.gaps_tree()?;
+        for entry in gaps.iter() {
+            let (key, value) = entry.context("reading gap entries")?;
+            let gap: Gap = serde_json::from_slice(&value).context("a damaged gap entry")?;
+            if gap.to < cutoff {
+                gaps.remove(key).context("dropping an expired gap entry")?;
+            }
+        }
         self.inner.db.flush().context("flushing the store")?;
         Ok(dropped)
+    }
+
+    /// Writes (or rewrites, when an episode grew) gap entries, and the
+    /// watermark they were counted from, durably.
+    pub fn record_gaps(&self, gaps: &[Gap], watermark: Option<&Watermark>) -> Result<()> {
+        let tree = self.gaps_tree()?;
+        for gap in gaps {
+            tree.insert(gap.key(), serde_json::to_vec(gap)?).context("writing a gap entry")?;
+        }
+        if let Some(watermark) = watermark {
+            self.agent_tree()?.insert(WATERMARK_KEY, serde_json::to_vec(watermark)?).context("writing the loss watermark")?;
+        }
+        self.inner.db.flush().context("flushing gap entries")?;
+        Ok(())
+    }
+
+    /// The gap entries that overlap `[from, to]`, oldest first.
+    pub fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
+        let end = (to.timestamp_micros().max(0) as u64).to_be_bytes();
+        let mut found = Vec::new();
+        // Keys sort by start: every gap starting after `to` is past the range.
+        for entry in self.gaps_tree()?.range(..=[end.as_slice(), &[u8::MAX]].concat()) {
+            let (_, value) = entry.context("reading gap entries")?;
+            let gap: Gap = serde_json::from_slice(&value).context("a damaged gap entry")?;
+            if gap.overlaps(from, to) {
+                found.push(gap);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The loss watermark the last agent left, if any.
+    pub fn watermark(&self) -> Result<Option<Watermark>> {
+        match self.agent_tree()?.get(WATERMARK_KEY).context("reading the loss watermark")? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("a damaged loss watermark")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn gaps_tree(&self) -> Result<sled::Tree> {
+        self.inner.db.open_tree(GAPS_TREE).context("opening the gap entries")
+    }
+
+    fn agent_tree(&self) -> Result<sled::Tree> {
+        self.inner.db.open_tree(AGENT_TREE).context("opening the agent's state")
     }
 
     /// The day partitions present, oldest first.
