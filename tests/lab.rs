@@ -481,6 +481,25 @@ impl Agent {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// SIGSTOP: the agent stops reading while the kernel side goes on (a
+    /// descheduled or stuck agent); [`Agent::resume`] continues it.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: i32) -> Result<()> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        // SAFETY: signalling our own child, which has not been waited for.
+        if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+            bail!("signalling the agent: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Agent {

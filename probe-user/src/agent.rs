@@ -39,11 +39,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 const NAT_GRACE: Duration = Duration::from_secs(600);
 /// Events waiting between the perf readers and the assembler.
 const EVENT_QUEUE: usize = 1 << 16;
-/// Batches of records (one a tick) waiting for the writer. When it is full
-/// the agent's loop waits for the writer (back-pressure, counted), the perf
-/// buffers fill, and the kernel counts what it cannot send: memory stays
-/// bounded and every loss is counted where it happens.
-const WRITE_QUEUE: usize = 64;
 /// How long the writer waits before retrying a failed write (a full disk).
 const WRITE_RETRY: Duration = Duration::from_secs(5);
 /// How often (in ticks) the loss watermark is written even without loss:
@@ -110,7 +105,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
 
-    let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
+    // Batches (one a tick) waiting for the writer. When it is full the
+    // loop waits for the writer (back-pressure, counted), the perf buffers
+    // fill, and the kernel counts what it cannot send: memory stays bounded
+    // and every loss is counted where it happens.
+    let write_queue = config.store.write_queue;
+    let (write_tx, write_rx) = mpsc::channel(write_queue);
     let writer = spawn_writer(store.clone(), write_rx, snapshot.clone());
 
     let mut losses = loss_tracker(&store, &probe)?;
@@ -154,6 +154,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                         events_lost: counters.get(counter::EVENTS_LOST),
                         flow_table_full: counters.get(counter::FLOW_TABLE_FULL),
                         conntrack_overruns: nat.overruns(),
+                        conntrack_overrun_since: nat.take_overrun_since(),
                         writer_waits: backpressure,
                     };
                     batch.gaps = losses.observe(totals, Utc::now());
@@ -170,8 +171,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let (Ok(counters), Ok(mut s)) = (probe.counters(), snapshot.lock()) {
                     s.probe = counters;
                     s.open_flows = assembler.open_flows() as u64;
-                    s.write_queue = (WRITE_QUEUE - write_tx.capacity()) as u64;
-                    s.write_queue_capacity = WRITE_QUEUE as u64;
+                    s.write_queue = (write_queue - write_tx.capacity()) as u64;
+                    s.write_queue_capacity = write_queue as u64;
                     s.writer_backpressure = backpressure;
                     s.flows_adopted = assembler.adopted;
                     s.local_flows = assembler.local_flows;
@@ -223,7 +224,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 fn apply_nat(nat: &mut NatTable, event: NatEvent) {
-    if event == NatEvent::Overrun {
+    if matches!(event, NatEvent::Overrun { .. }) {
         warn!("conntrack events were lost: some records may lack their public address");
     }
     nat.apply(event, monotonic_ns());
@@ -247,7 +248,7 @@ async fn queue_batch(queue: &mpsc::Sender<Batch>, batch: Batch) -> Result<bool> 
     match queue.try_send(batch) {
         Ok(()) => Ok(true),
         Err(mpsc::error::TrySendError::Full(batch)) => {
-            warn!("the store writer is behind ({WRITE_QUEUE} batches queued): waiting for it");
+            warn!("the store writer is behind ({} batches queued): waiting for it", queue.max_capacity());
             queue.send(batch).await.map_err(|_| anyhow::anyhow!("the store writer stopped"))?;
             Ok(false)
         }

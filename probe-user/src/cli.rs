@@ -86,7 +86,8 @@ pub struct Requester {
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// Also write a disclosure bundle here: the results, this query's audit
-    /// entry, and a SHA-256 manifest of both (`sha256sum -c MANIFEST.sha256`).
+    /// entry, the capture gaps in its window, and a SHA-256 manifest of them
+    /// (`sha256sum -c MANIFEST.sha256`).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
 }

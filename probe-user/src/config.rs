@@ -31,6 +31,28 @@ pub struct Config {
     pub http: crate::http::HttpSection,
     #[serde(default)]
     pub metrics: crate::metrics::MetricsSection,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Ticks (seconds) of records that may wait for a slow or failing disk
+    /// before the agent stops reading events (back-pressure, reported as a
+    /// gap). More tolerates longer stalls at the cost of memory.
+    #[serde(default = "default_write_queue")]
+    pub write_queue: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self { write_queue: default_write_queue() }
+    }
+}
+
+fn default_write_queue() -> usize {
+    64
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -95,6 +117,7 @@ impl Default for Config {
             subscribers: Default::default(),
             http: Default::default(),
             metrics: Default::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -148,6 +171,9 @@ impl Config {
             if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {
                 bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
             }
+        }
+        if !(1..=86_400).contains(&self.store.write_queue) {
+            bail!("[store] write_queue = {} must be between 1 and 86400 (ticks of records)", self.store.write_queue);
         }
         self.flow_timeouts()?;
         Ok(())

@@ -17,6 +17,9 @@ pub struct Totals {
     /// New flows the full kernel table could not take.
     pub flow_table_full: u64,
     pub conntrack_overruns: u64,
+    /// The earliest the overruns counted since the last tick may have begun
+    /// (they are noticed only when the follower reads again).
+    pub conntrack_overrun_since: Option<DateTime<Utc>>,
     /// Ticks at which the agent's loop waited for the store writer.
     pub writer_waits: u64,
 }
@@ -56,14 +59,16 @@ impl LossTracker {
             if grown == 0 {
                 continue;
             }
+            let noticed_late = if kind == LossKind::ConntrackOverrun { totals.conntrack_overrun_since } else { None };
+            let from = noticed_late.map_or(self.seen_at, |since| since.min(self.seen_at));
             let gap = match self.episodes.get_mut(&kind) {
-                Some(gap) if gap.to == self.seen_at => {
+                Some(gap) if gap.to >= from => {
                     gap.to = now;
                     gap.count += grown;
                     gap.clone()
                 }
                 _ => {
-                    let gap = Gap::new(kind, self.seen_at, now, grown);
+                    let gap = Gap::new(kind, from, now, grown);
                     self.episodes.insert(kind, gap.clone());
                     gap
                 }
@@ -100,7 +105,10 @@ mod tests {
         let grown = tracker.observe(Totals { events_lost: 20, writer_waits: 1, ..Totals::default() }, at(3));
         assert_eq!(grown, vec![Gap::new(LossKind::EventBufferFull, at(1), at(3), 15)], "the same episode, longer");
         assert!(tracker.observe(Totals { events_lost: 20, writer_waits: 1, ..Totals::default() }, at(4)).is_empty());
-        let later = tracker.observe(Totals { events_lost: 21, writer_waits: 1, flow_table_full: 3, conntrack_overruns: 1 }, at(5));
+        let later = tracker.observe(
+            Totals { events_lost: 21, writer_waits: 1, flow_table_full: 3, conntrack_overruns: 1, conntrack_overrun_since: None },
+            at(5),
+        );
         assert_eq!(
             later,
             vec![
@@ -110,6 +118,14 @@ mod tests {
             ],
             "after a quiet tick, a new episode"
         );
+    }
+
+    #[test]
+    fn an_overrun_noticed_late_is_dated_from_when_the_socket_was_last_drained() {
+        let mut tracker = LossTracker::new(Totals::default(), at(0));
+        assert!(tracker.observe(Totals::default(), at(5)).is_empty());
+        let late = tracker.observe(Totals { conntrack_overruns: 1, conntrack_overrun_since: Some(at(2)), ..Totals::default() }, at(6));
+        assert_eq!(late, vec![Gap::new(LossKind::ConntrackOverrun, at(2), at(6), 1)]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, bail};
+use chrono::Utc;
 use log::{debug, warn};
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -57,6 +58,8 @@ fn subscribe() -> Result<AsyncFd<Socket>> {
 
 async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
     let mut buffer = vec![0u8; 1 << 16];
+    // An overrun can only begin after the socket was last found empty.
+    let mut drained_at = Utc::now();
     loop {
         let mut guard = match socket.readable().await {
             Ok(guard) => guard,
@@ -69,7 +72,7 @@ async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
             Ok(Ok(n)) => n,
             Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
                 warn!("conntrack events overran the receive buffer; resynchronising from a dump");
-                if tx.send(NatEvent::Overrun).await.is_err() {
+                if tx.send(NatEvent::Overrun { since: drained_at }).await.is_err() {
                     return;
                 }
                 // What the overrun lost is still in the table (unless already
@@ -91,7 +94,10 @@ async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
                 warn!("reading conntrack events: {error}");
                 return;
             }
-            Err(_would_block) => continue,
+            Err(_would_block) => {
+                drained_at = Utc::now();
+                continue;
+            }
         };
         for event in parse_datagram(&buffer[..received]) {
             if tx.send(event).await.is_err() {

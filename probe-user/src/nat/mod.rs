@@ -2,6 +2,8 @@
 //! connection. Fed by conntrack events; read when a flow's record is made.
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+
 use crate::tuple::Tuple;
 
 pub mod conntrack;
@@ -26,8 +28,9 @@ impl Mapping {
 pub enum NatEvent {
     New(Mapping),
     Destroy(Mapping),
-    /// Events were lost (netlink buffer overrun).
-    Overrun,
+    /// Events were lost (netlink buffer overrun) at some time after `since`,
+    /// when the follower last found its socket drained.
+    Overrun { since: DateTime<Utc> },
 }
 
 /// Mappings by original and by reply direction. Destroyed mappings are kept
@@ -38,6 +41,8 @@ pub struct NatTable {
     by_reply: HashMap<Tuple, Tuple>,
     destroyed: Vec<(u64, Tuple)>,
     overruns: u64,
+    /// The earliest an overrun not yet reported may have begun.
+    overrun_since: Option<DateTime<Utc>>,
 }
 
 impl NatTable {
@@ -53,7 +58,10 @@ impl NatTable {
                 self.by_original.insert(mapping.original, mapping);
                 self.destroyed.push((now_ns, mapping.original));
             }
-            NatEvent::Overrun => self.overruns += 1,
+            NatEvent::Overrun { since } => {
+                self.overruns += 1;
+                self.overrun_since = Some(self.overrun_since.map_or(since, |earlier| earlier.min(since)));
+            }
         }
     }
 
@@ -80,6 +88,11 @@ impl NatTable {
     /// Conntrack event overruns seen (each followed by a resync).
     pub fn overruns(&self) -> u64 {
         self.overruns
+    }
+
+    /// When the overruns since the last call may have begun.
+    pub fn take_overrun_since(&mut self) -> Option<DateTime<Utc>> {
+        self.overrun_since.take()
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,220 @@
+//! Loss is never silent: each kind of loss is forced for real — an agent
+//! that stops reading (SIGSTOP) while a burst of new connections crosses the
+//! gateway, a kernel flow table too small for the traffic, an agent that was
+//! not running — and each must come back as gap entries that every answer
+//! over the window reports (stderr, audit), with counts equal to the
+//! kernel's own counters; outside the gaps, answers carry no warning.
+use std::{path::Path, process::Command, time::Duration};
+
+use chrono::{DateTime, Utc};
+use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary, patience, wait_for};
+use serde_json::Value;
+
+const METRICS: &str = "127.0.0.1:9464";
+/// UDP port on the exchange server nobody listens on: each datagram from a
+/// new source port is a new flow (and a new conntrack mapping).
+const BURST_PORT: u16 = 9999;
+const BURST_SCRIPT: &str = "
+import socket, sys
+host, port, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for source in range(first, first + count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('', source))
+    s.sendto(b'x', (host, port))
+    s.close()
+";
+
+fn write_config(db: &Path, flow_table_size: u32) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        format!(
+            r#"
+[[authority]]
+name = "lab-police"
+kind = "police"
+purposes = [1, 2, 3]
+
+[probe]
+flow_table_size = {flow_table_size}
+
+[metrics]
+listen = "{METRICS}"
+
+[timeouts]
+tcp_closed = "1s"
+udp_idle = "2s"
+full_sweep = "1s"
+"#
+        ),
+    )
+    .unwrap();
+}
+
+/// Sends one datagram from each of `count` source ports starting at `first`.
+fn burst(lab: &Lab, first: u16, count: u16) {
+    lab.exec(
+        &lab.clients[0].ns,
+        Command::new("python3").args(["-c", BURST_SCRIPT, EXCHANGE_IP, &BURST_PORT.to_string(), &first.to_string(), &count.to_string()]),
+    )
+    .expect("the burst of datagrams");
+}
+
+fn metric(lab: &Lab, name: &str) -> u64 {
+    let out = lab.exec(&lab.gateway, Command::new("curl").args(["-sf", &format!("http://{METRICS}/metrics")])).expect("reading /metrics");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("icr_{name} "))?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric icr_{name} in\n{text}"))
+}
+
+/// `icr list` over a window: the records and the gap lines on stderr.
+fn list(db: &Path, from: DateTime<Utc>, to: DateTime<Utc>) -> (Vec<Value>, Vec<String>) {
+    let out = Command::new(icr_binary())
+        .args(["list", "--format", "ndjson", "--from", &from.to_rfc3339(), "--to", &to.to_rfc3339(), "--db"])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (records, gap_lines(&out.stderr))
+}
+
+fn gap_lines(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr).lines().filter(|l| l.contains("capture gap")).map(str::to_owned).collect()
+}
+
+/// The gap entries as stored, through an audited query's bundle.
+fn bundled_gaps(db: &Path, lab_dir: &Path, from: DateTime<Utc>, to: DateTime<Utc>) -> (Vec<Value>, Vec<String>) {
+    let bundle = lab_dir.join(format!("bundle-{}", from.timestamp_micros()));
+    let out = Command::new(icr_binary())
+        .args(["query", "accessed", "--service", EXCHANGE_IP, "--from", &from.to_rfc3339(), "--to", &to.to_rfc3339()])
+        .args(["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-LOSS", "--format", "ndjson", "--bundle"])
+        .arg(&bundle)
+        .arg("--db")
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(bundle.join("gaps.ndjson")).unwrap();
+    let audit: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
+    let gaps: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(audit["gaps"].as_u64().unwrap_or(0), gaps.len() as u64, "the audit entry counts the gaps: {audit}");
+    (gaps, gap_lines(&out.stderr))
+}
+
+fn time_of(gap: &Value, field: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(gap[field].as_str().unwrap()).unwrap().into()
+}
+
+fn total(gaps: &[Value], kind: &str) -> u64 {
+    gaps.iter().filter(|g| g["kind"] == kind).map(|g| g["count"].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
+    let lab = Lab::start(1).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db, 65536);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let before = lab.exchange(&lab.clients[0], 1_000, 1_000).expect("an exchange before");
+    std::thread::sleep(patience(Duration::from_secs(3)));
+    let stopped = Utc::now();
+
+    // The agent stops reading; 20,000 new flows (and NAT mappings) arrive:
+    // more than its per-CPU event buffers and conntrack socket hold.
+    agent.pause().unwrap();
+    burst(&lab, 20_000, 20_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let resumed = Utc::now();
+    agent.resume().unwrap();
+
+    wait_for(patience(Duration::from_secs(30)), "gap entries for both losses", || {
+        Ok(metric(&lab, "gap_entries_written_total") >= 2 && metric(&lab, "nat_overruns_total") > 0)
+    })
+    .unwrap();
+    let events_lost = metric(&lab, "probe_events_lost_total");
+    let overruns = metric(&lab, "nat_overruns_total");
+    assert!(events_lost > 0, "the kernel counted lost events");
+    // Every burst flow is still in the kernel table: the sweep adopts them.
+    wait_for(patience(Duration::from_secs(60)), "the burst's flows stored", || Ok(metric(&lab, "records_stored_total") > 20_000)).unwrap();
+    let log = agent.stop().expect("the agent stops cleanly");
+    assert!(log.contains("capture gap"), "operators see the gaps in the log:\n{log}");
+
+    let window = (stopped - chrono::Duration::seconds(60), Utc::now());
+    let (records, lines) = list(&db, window.0, window.1);
+    let (gaps, query_lines) = bundled_gaps(&db, &lab.dir, window.0, window.1);
+    assert_eq!(lines.len(), gaps.len(), "list warns of each gap: {lines:?}");
+    assert_eq!(query_lines, lines, "a query warns of the same gaps");
+    assert_eq!(total(&gaps, "event_buffer_full"), events_lost, "the gaps count every lost event: {gaps:#?}");
+    assert_eq!(total(&gaps, "conntrack_overrun"), overruns, "and every overrun: {gaps:#?}");
+    for gap in &gaps {
+        assert!(time_of(gap, "from") <= resumed && time_of(gap, "to") >= stopped, "the gap spans the stop: {gap}");
+    }
+    assert!(lines.iter().any(|l| l.contains("kernel event buffers") && l.contains(&format!("{events_lost} events lost"))), "{lines:?}");
+
+    // No flow is missing, though its events were: one record per source port.
+    let burst_records: Vec<&Value> = records.iter().filter(|r| r["remote"]["port"] == BURST_PORT && r["proto"] == "udp").collect();
+    let mut ports: Vec<u64> = burst_records.iter().map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 20_000, "every burst flow has a record");
+    assert_eq!(burst_records.len(), 20_000, "and only one");
+    assert!(burst_records.iter().any(|r| r["incomplete"] == true), "flows touched by the loss are marked incomplete");
+    let early = records.iter().find(|r| r["device"]["port"] == u64::from(before)).expect("the exchange before the stop");
+    assert_eq!(early["incomplete"], false, "a flow stored before the loss is complete: {early}");
+
+    // A window that ends before the loss has no gap and no warning.
+    let (quiet_gaps, quiet_lines) = bundled_gaps(&db, &lab.dir, stopped - chrono::Duration::seconds(600), stopped - chrono::Duration::seconds(5));
+    assert!(quiet_gaps.is_empty() && quiet_lines.is_empty(), "{quiet_gaps:?} {quiet_lines:?}");
+}
+
+#[test]
+fn a_full_flow_table_is_a_gap_counted_flow_by_flow() {
+    let lab = Lab::start(1).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db, 64);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let started = Utc::now();
+    burst(&lab, 30_000, 300);
+    wait_for(patience(Duration::from_secs(20)), "a flow-table gap entry", || Ok(metric(&lab, "gap_entries_written_total") >= 1)).unwrap();
+    let full = metric(&lab, "probe_flow_table_full_total");
+    assert!(full > 0, "the kernel counted flows it could not track");
+    agent.stop().expect("the agent stops cleanly");
+
+    let (records, lines) = list(&db, started - chrono::Duration::seconds(5), Utc::now());
+    let (gaps, _) = bundled_gaps(&db, &lab.dir, started - chrono::Duration::seconds(5), Utc::now());
+    assert_eq!(total(&gaps, "flow_table_full"), full, "{gaps:#?}");
+    assert!(gaps.iter().all(|g| g["kind"] == "flow_table_full" && g["where"] == "kernel flow table"), "{gaps:#?}");
+    assert!(lines.iter().any(|l| l.contains(&format!("kernel flow table: {full} flows not counted"))), "{lines:?}");
+    let tracked = records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).count() as u64;
+    assert!(tracked < 300, "a table of 64 cannot have tracked all 300 flows ({tracked} records)");
+}
+
+#[test]
+fn time_without_an_agent_is_a_gap() {
+    let lab = Lab::start(1).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db, 65536);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let first = lab.exchange(&lab.clients[0], 1_000, 1_000).expect("an exchange");
+    // Past the watermark interval, so the agent has left one.
+    std::thread::sleep(patience(Duration::from_secs(12)));
+    agent.kill().expect("kill -9");
+    let killed = Utc::now();
+    std::thread::sleep(Duration::from_secs(2));
+    // No pins: nothing counts until the next agent loads a fresh probe.
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("restarting the agent");
+    let restarted = Utc::now();
+    agent.stop().expect("the agent stops cleanly");
+
+    let (records, lines) = list(&db, killed - chrono::Duration::seconds(60), Utc::now());
+    assert!(records.iter().any(|r| r["device"]["port"] == u64::from(first)), "the exchange before the crash is stored");
+    let (gaps, _) = bundled_gaps(&db, &lab.dir, killed - chrono::Duration::seconds(60), Utc::now());
+    let down: Vec<&Value> = gaps.iter().filter(|g| g["kind"] == "not_capturing").collect();
+    assert_eq!(down.len(), 1, "{gaps:#?}");
+    let (from, to) = (time_of(down[0], "from"), time_of(down[0], "to"));
+    assert!(from <= killed && from >= killed - chrono::Duration::seconds(11), "it starts at the last watermark: {}", down[0]);
+    assert!(to >= killed + chrono::Duration::seconds(2) && to <= restarted, "it ends when capture resumed: {}", down[0]);
+    assert!(lines.iter().any(|l| l.contains("in the agent")), "{lines:?}");
+}
