@@ -25,6 +25,10 @@ for source in range(first, first + count):
 ";
 
 fn write_config(db: &Path, flow_table_size: u32) {
+    write_config_with(db, flow_table_size, "");
+}
+
+fn write_config_with(db: &Path, flow_table_size: u32, extra: &str) {
     std::fs::create_dir_all(db).unwrap();
     std::fs::write(
         db.join("icr.toml"),
@@ -45,6 +49,7 @@ listen = "{METRICS}"
 tcp_closed = "1s"
 udp_idle = "2s"
 full_sweep = "1s"
+{extra}
 "#
         ),
     )
@@ -217,4 +222,99 @@ fn time_without_an_agent_is_a_gap() {
     assert!(from <= killed && from >= killed - chrono::Duration::seconds(11), "it starts at the last watermark: {}", down[0]);
     assert!(to >= killed + chrono::Duration::seconds(2) && to <= restarted, "it ends when capture resumed: {}", down[0]);
     assert!(lines.iter().any(|l| l.contains("in the agent")), "{lines:?}");
+}
+
+/// A small tmpfs of the test's own, unmounted however the test ends.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&at).output().unwrap();
+        assert!(out.status.success(), "mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(at)
+    }
+
+    /// Writes a ballast file until the disk is full.
+    fn fill(&self) {
+        for block in ["1M", "4k", "512"] {
+            // dd stops with ENOSPC: that is the point.
+            let _ = Command::new("dd")
+                .args(["if=/dev/zero", "oflag=append", "conv=notrunc", &format!("bs={block}")])
+                .arg(format!("of={}", self.0.join("ballast").display()))
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("ballast")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn df(disk: &SmallDisk) -> String {
+    let out = Command::new("sh").arg("-c").arg(format!("df -h {0}; ls -laR {0}", disk.0.display())).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_when_space_returns() {
+    let lab = Lab::start(1).expect("building the lab");
+    let disk = SmallDisk::mount(lab.dir.join("disk"), "64m");
+    let db = disk.0.join("db");
+    // A short writer queue, so back-pressure comes within seconds.
+    write_config_with(&db, 65536, "[store]\nwrite_queue = 3\n");
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let client = &lab.clients[0];
+    let mut ports = vec![lab.exchange(client, 1_000, 1_000).expect("an exchange before")];
+    wait_for(patience(Duration::from_secs(15)), "the first record stored", || Ok(metric(&lab, "records_stored_total") >= 1)).unwrap();
+
+    disk.fill();
+    let full_since = Utc::now();
+    // The gateway forwards as before: every exchange completes. Bursts of
+    // flows make records enough to need new disk blocks (a few fit in the
+    // slack of the blocks already written).
+    for round in 0..6u16 {
+        ports.push(lab.exchange(client, 2_000, 2_000).expect("an exchange while the disk is full"));
+        burst(&lab, 40_000 + round * 200, 200);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    wait_for(patience(Duration::from_secs(20)), "failed writes", || Ok(metric(&lab, "store_write_errors_total") > 0))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.log_text(), df(&disk)));
+    // (A few records may fit in the slack of blocks already written.)
+    let held = metric(&lab, "records_stored_total");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(metric(&lab, "records_stored_total"), held, "nothing more is reported stored while the disk is full");
+    let expected = ports.len() as u64 + 6 * 200;
+    assert!(held < expected, "records are held back ({held} of {expected} reported stored)");
+    assert!(agent.log_text().contains("No space left on device"), "the operator is told why:\n{}", agent.log_text());
+
+    disk.free();
+    wait_for(patience(Duration::from_secs(30)), "the held records written", || Ok(metric(&lab, "records_stored_total") >= expected))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.log_text(), df(&disk)));
+    let log = agent.stop().expect("the agent stops cleanly");
+    assert!(log.contains("works again"), "the operator is told it recovered:\n{log}");
+
+    let (records, lines) = list(&db, full_since - chrono::Duration::seconds(60), Utc::now());
+    for port in &ports {
+        let n = records.iter().filter(|r| r["device"]["port"] == u64::from(*port) && r["remote"]["ip"] == EXCHANGE_IP).count();
+        assert_eq!(n, 1, "exchange from port {port}: one record (none lost, none doubled)");
+    }
+    let mut burst_ports: Vec<u64> =
+        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    let burst_records = burst_ports.len();
+    burst_ports.sort_unstable();
+    burst_ports.dedup();
+    assert_eq!((burst_records, burst_ports.len()), (1_200, 1_200), "every burst flow stored once");
+    let (gaps, _) = bundled_gaps(&db, &lab.dir, full_since - chrono::Duration::seconds(60), Utc::now());
+    let waits = total(&gaps, "writer_backpressure");
+    assert!(waits > 0, "the agent waited for the writer, and says so: {gaps:#?}");
+    assert!(lines.iter().any(|l| l.contains("store writer queue")), "{lines:?}");
 }

@@ -77,6 +77,8 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
 
     let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(&db).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let warnings = String::from_utf8_lossy(&out.stderr);
+    assert!(!warnings.contains("in the agent"), "the pinned probe counted on: no time without capture:\n{warnings}");
     let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     for (name, port, up, down) in [("before", before, 2_000, 30_000), ("spanning", spanning_port, 3_000, 40_000), ("during", during, 4_000, 50_000), ("after", after, 5_000, 60_000)] {
         let matching: Vec<&Value> = records
