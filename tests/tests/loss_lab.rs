@@ -11,6 +11,8 @@ use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary, patience, wait_for};
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:9464";
+const API: &str = "127.0.0.1:8481";
+const TOKEN: &str = "loss-lab-token-5d1e";
 /// UDP port on the exchange server nobody listens on: each datagram from a
 /// new source port is a new flow (and a new conntrack mapping).
 const BURST_PORT: u16 = 9999;
@@ -38,6 +40,10 @@ fn write_config_with(db: &Path, flow_table_size: u32, extra: &str) {
 name = "lab-police"
 kind = "police"
 purposes = [1, 2, 3]
+token_hash = "{token_hash}"
+
+[http]
+listen = "{API}"
 
 [probe]
 flow_table_size = {flow_table_size}
@@ -50,10 +56,51 @@ tcp_closed = "1s"
 udp_idle = "2s"
 full_sweep = "1s"
 {extra}
-"#
+"#,
+            token_hash = hash_token(TOKEN),
         ),
     )
     .unwrap();
+}
+
+fn hash_token(token: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(icr_binary())
+        .arg("hash-token")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Asks question 3 over HTTP from inside the gateway: the gap headers.
+fn http_gaps(lab: &Lab, from: DateTime<Utc>, to: DateTime<Utc>) -> (u64, Vec<Value>) {
+    let body = format!(
+        r#"{{"officer": "PC 1", "reference": "OP-LOSS-HTTP", "service": ["{EXCHANGE_IP}"], "from": "{}", "to": "{}"}}"#,
+        from.to_rfc3339(),
+        to.to_rfc3339()
+    );
+    let out = lab
+        .exec(
+            &lab.gateway,
+            Command::new("curl").args(["-sf", "-D", "-", "-o", "/dev/null", "-X", "POST", "-H", &format!("Authorization: Bearer {TOKEN}")]).args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+                &format!("http://{API}/v1/query/accessed"),
+            ]),
+        )
+        .expect("asking over HTTP");
+    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |line: &str, name: &str| line.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned());
+    let count = headers.lines().find_map(|l| value(l, "icr-gaps")).unwrap_or_else(|| panic!("no ICR-Gaps header in\n{headers}"));
+    let gaps = headers.lines().filter_map(|l| value(l, "icr-gap")).map(|v| serde_json::from_str(&v).unwrap()).collect();
+    (count.parse().unwrap(), gaps)
 }
 
 /// Sends one datagram from each of `count` source ports starting at `first`.
@@ -143,14 +190,20 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     assert!(events_lost > 0, "the kernel counted lost events");
     // Every burst flow is still in the kernel table: the sweep adopts them.
     wait_for(patience(Duration::from_secs(60)), "the burst's flows stored", || Ok(metric(&lab, "records_stored_total") > 20_000)).unwrap();
+    // While the agent runs, answers come through its socket and its HTTP API:
+    // both carry the gaps.
+    let window = (stopped - chrono::Duration::seconds(60), Utc::now());
+    let (_, socket_lines) = list(&db, window.0, window.1);
+    let (http_count, http_gaps) = http_gaps(&lab, window.0, window.1);
     let log = agent.stop().expect("the agent stops cleanly");
     assert!(log.contains("capture gap"), "operators see the gaps in the log:\n{log}");
 
-    let window = (stopped - chrono::Duration::seconds(60), Utc::now());
     let (records, lines) = list(&db, window.0, window.1);
     let (gaps, query_lines) = bundled_gaps(&db, &lab.dir, window.0, window.1);
     assert_eq!(lines.len(), gaps.len(), "list warns of each gap: {lines:?}");
     assert_eq!(query_lines, lines, "a query warns of the same gaps");
+    assert_eq!(socket_lines, lines, "so does the agent's socket");
+    assert_eq!((http_count, &http_gaps), (gaps.len() as u64, &gaps), "and the HTTP API, in its headers");
     assert_eq!(total(&gaps, "event_buffer_full"), events_lost, "the gaps count every lost event: {gaps:#?}");
     assert_eq!(total(&gaps, "conntrack_overrun"), overruns, "and every overrun: {gaps:#?}");
     for gap in &gaps {
