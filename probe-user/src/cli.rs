@@ -71,6 +71,37 @@ pub struct StoreArgs {
     pub config: Option<PathBuf>,
 }
 
+/// Where a query is answered: a store directory (directly, or through its
+/// running agent's socket), or a remote agent's HTTP API.
+#[derive(Args, Debug, Clone)]
+pub struct QueryTarget {
+    /// The store directory.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    pub db: Option<PathBuf>,
+    /// A remote agent's HTTP API, e.g. https://gateway.example:8443. The
+    /// bearer token is read from --token-file or $ICR_TOKEN and names the
+    /// authority.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Configuration file (default: DIR/icr.toml if present).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// With --server: a file holding the API token (else $ICR_TOKEN).
+    #[arg(long, requires = "server")]
+    pub token_file: Option<PathBuf>,
+    /// With --server: trust this CA certificate (PEM) instead of the Web PKI.
+    #[arg(long, requires = "server")]
+    pub ca: Option<PathBuf>,
+}
+
+impl QueryTarget {
+    /// The store directory: queries answered here need one.
+    pub fn store_args(&self) -> anyhow::Result<StoreArgs> {
+        let db = self.db.clone().ok_or_else(|| anyhow::anyhow!("this query needs --db DIR"))?;
+        Ok(StoreArgs { db, config: self.config.clone() })
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct Requester {
     /// The requesting authority, as configured.
@@ -115,7 +146,7 @@ pub enum QueryCommand {
         #[arg(long)]
         service: Option<String>,
         #[command(flatten)]
-        store: StoreArgs,
+        store: QueryTarget,
         #[command(flatten)]
         who: Requester,
     },
@@ -129,7 +160,7 @@ pub enum QueryCommand {
         #[arg(long)]
         to: String,
         #[command(flatten)]
-        store: StoreArgs,
+        store: QueryTarget,
         #[command(flatten)]
         who: Requester,
     },
@@ -146,10 +177,18 @@ pub enum QueryCommand {
         #[arg(long)]
         to: String,
         #[command(flatten)]
-        store: StoreArgs,
+        store: QueryTarget,
         #[command(flatten)]
         who: Requester,
     },
+}
+
+impl QueryCommand {
+    pub fn target(&self) -> &QueryTarget {
+        match self {
+            Self::Resolve { store, .. } | Self::Services { store, .. } | Self::Accessed { store, .. } => store,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

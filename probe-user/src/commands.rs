@@ -25,8 +25,8 @@ pub fn store_dir(command: &crate::cli::Command) -> Option<&std::path::Path> {
     match command {
         Command::Query(QueryCommand::Resolve { store, .. })
         | Command::Query(QueryCommand::Services { store, .. })
-        | Command::Query(QueryCommand::Accessed { store, .. })
-        | Command::Sweep(store) => Some(&store.db),
+        | Command::Query(QueryCommand::Accessed { store, .. }) => store.db.as_deref(),
+        Command::Sweep(store) => Some(&store.db),
         Command::List(args) => Some(&args.store.db),
         _ => None,
     }
@@ -40,7 +40,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let parameters = serde_json::json!({
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
-            let session = Session::open(&args, &who, Purpose::Resolve, "query resolve", parameters, store)?;
+            let session = Session::open(&args.store_args()?, &who, Purpose::Resolve, "query resolve", parameters, store)?;
             session.run(|session| {
                 let at = parse_time(&at, "--at")?;
                 let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
@@ -58,7 +58,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
-            let session = Session::open(&args, &who, Purpose::Services, "query services", parameters, store)?;
+            let session = Session::open(&args.store_args()?, &who, Purpose::Services, "query services", parameters, store)?;
             session.run(|session| {
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
@@ -75,16 +75,9 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let parameters = serde_json::json!({
                 "services": services, "services_file": services_file, "from": from, "to": to,
             });
-            let session = Session::open(&args, &who, Purpose::Accessed, "query accessed", parameters, store)?;
+            let session = Session::open(&args.store_args()?, &who, Purpose::Accessed, "query accessed", parameters, store)?;
             session.run(|session| {
-                let mut texts = services;
-                if let Some(file) = services_file {
-                    let list = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-                    texts.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
-                }
-                if texts.is_empty() {
-                    bail!("name at least one --service (or a --services-file)");
-                }
+                let texts = service_list(services, services_file.as_deref())?;
                 let selectors = texts
                     .iter()
                     .map(|t| ServiceSelector::parse(t))
@@ -101,6 +94,19 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             })
         }
     }
+}
+
+/// The services a question 3 names: each --service, then each line of the
+/// --services-file (blank lines and `#` comments skipped).
+pub fn service_list(mut services: Vec<String>, file: Option<&std::path::Path>) -> Result<Vec<String>> {
+    if let Some(file) = file {
+        let list = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        services.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+    }
+    if services.is_empty() {
+        bail!("name at least one --service (or a --services-file)");
+    }
+    Ok(services)
 }
 
 pub fn replay(args: ReplayArgs) -> Result<()> {

@@ -111,18 +111,30 @@ fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> Res
         Ok(config) => config,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
-    let Some(authority) = authenticate(&config, headers) else {
+    let refuse = |status: StatusCode, authority: Option<String>, reason: String| {
         let audit = AuditLog::in_dir(&state.db).append(AuditRecord {
             time: format_time(&Utc::now()),
             command: format!("http query {kind}"),
-            outcome: "refused: no valid token".into(),
+            authority,
+            outcome: format!("refused: {reason}"),
             ..AuditRecord::default()
         });
-        if let Err(e) = audit {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}"));
+        match audit {
+            Ok(_) => error(status, format!("refused: {reason}")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}")),
         }
-        return error(StatusCode::UNAUTHORIZED, "refused: no valid token");
     };
+    let Some(authority) = authenticate(&config, headers) else {
+        return refuse(StatusCode::UNAUTHORIZED, None, "no valid token".into());
+    };
+    // A client may say which authority it acts for (`icr query --server
+    // --authority`): the token must be that authority's.
+    if let Some(claimed) = headers.get("icr-authority") {
+        if claimed.as_bytes() != authority.as_bytes() {
+            let claimed = String::from_utf8_lossy(claimed.as_bytes()).into_owned();
+            return refuse(StatusCode::FORBIDDEN, Some(authority), format!("the token is not {claimed:?}'s"));
+        }
+    }
     let argv = match argv(kind, params, &authority, &state.db, state.config_file.as_deref(), body) {
         Ok(argv) => argv,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod commands;
 pub mod config;

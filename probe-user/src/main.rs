@@ -33,6 +33,9 @@ fn main() {
             })
         }
         Command::Audit(audit) => commands::audit(audit, &mut stdout),
+        Command::Query(query) if query.target().server.is_some() => {
+            icr::client::query(&query, &mut stdout).map(|gaps| warn_of(&gaps))
+        }
         command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
             match Store::open(&db) {

@@ -181,7 +181,7 @@ impl ServiceSelector {
 }
 
 /// One row of the answer to question 2.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct ServiceRow {
     /// The service name, when the connection setup named one.
     pub name: Option<String>,

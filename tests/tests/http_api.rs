@@ -63,11 +63,36 @@ udp_idle = "2s"
         police = hash(POLICE_TOKEN),
         council = hash(COUNCIL_TOKEN),
         narrow = hash(NARROW_TOKEN),
-        cert = lab_dir.join("cert.pem").display(),
-        key = lab_dir.join("key.pem").display(),
+        cert = lab_dir.join("api.pem").display(),
+        key = lab_dir.join("api.key").display(),
     );
     assert!(!config.contains(POLICE_TOKEN), "only hashes are configured");
     std::fs::write(db.join("icr.toml"), config).unwrap();
+}
+
+/// A CA and, signed by it, the API's certificate for 127.0.0.1, so that
+/// `icr query --server` can verify the server (`--ca`).
+fn make_api_certificate(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=icr lab CA", "-keyout", "ca.key", "-out", "ca.pem"]].concat());
+    openssl(&[&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "api.key", "-out", "api.csr"]].concat());
+    std::fs::write(dir.join("api.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(&["x509", "-req", "-in", "api.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "api.ext", "-out", "api.pem"]);
+}
+
+/// `icr query ... --server` from inside the gateway: (exit code, stdout, stderr).
+fn icr_remote(lab: &Lab, args: &[&str]) -> (i32, String, String) {
+    let token_file = lab.dir.join("token");
+    std::fs::write(&token_file, format!("{POLICE_TOKEN}\n")).unwrap();
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &lab.gateway]).arg(icr_binary()).args(["query"]).args(args);
+    command.args(["--server", &format!("https://127.0.0.1:{PORT}"), "--ca"]).arg(lab.dir.join("ca.pem")).arg("--token-file").arg(&token_file);
+    let out = command.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// POSTs `body` to the agent's API from inside the gateway; (status, body).
@@ -88,6 +113,7 @@ fn post(lab: &Lab, kind: &str, token: Option<&str>, body: &str) -> (u16, String)
 fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let lab = Lab::start(1).expect("building the lab");
     let db = lab.dir.join("db");
+    make_api_certificate(&lab.dir);
     write_config(&db, &lab.dir);
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let c1 = &lab.clients[0];
@@ -133,13 +159,30 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let (status, _) = post(&lab, "services", Some(NARROW_TOKEN), &services.replace(r#""officer""#, r#""authority": "lab-police", "officer""#));
     assert_eq!(status, 400);
 
+    // The command line asks the same API with --server (verifying the
+    // server's certificate): the same rows, a table drawn locally, and a
+    // refusal when the token is not the authority the officer names.
+    let services_args = ["services", "--device", c1.ip.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--officer", "PC 1", "--reference", "OP-HTTP-3"];
+    let (code, stdout, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "ndjson"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let remote_rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(remote_rows, rows, "--server answers as the API does");
+    assert!(!stderr.contains("capture gap"), "no loss, no warning: {stderr}");
+    let (code, table, stderr) = icr_remote(&lab, &[&services_args[..], &["--format", "table"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(table.lines().next().unwrap().contains("connections") && table.contains(WEB_NAME), "a table: {table}");
+    let (code, stdout, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-council"]].concat());
+    assert_eq!((code, stdout.as_str()), (3, ""), "another authority's name is refused: {stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+
     let log = agent.stop().expect("the agent stops cleanly");
     let verify = Command::new(icr_binary()).args(["audit", "verify", "--db"]).arg(&db).output().unwrap();
     assert!(verify.status.success());
     // 2 answers + wrong token + no token + local + wrong purpose + no reference
-    // + window = 8, and the bad time, audited as failed = 9. (Requests that
-    // never became a query — not JSON, unknown parameters — are not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("9 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // + window = 8, and the bad time, audited as failed = 9; then the two
+    // --server answers and its refusal = 12. (Requests that never became a
+    // query — not JSON, unknown parameters — are not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("12 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 

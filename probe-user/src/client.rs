@@ -1,0 +1,134 @@
+//! `--server URL`: a query asked of a remote agent's HTTP API (`http.rs`)
+//! with the same flags as a local one. The bearer token (from --token-file
+//! or $ICR_TOKEN) names the authority, and the server authorises, audits and
+//! answers; the answer is printed as a local one would be, and its capture
+//! gaps are returned for the caller to show.
+use std::{io::Write, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::ValueEnum as _;
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    cli::{QueryCommand, QueryTarget, Requester},
+    commands::service_list,
+    export::{self, Format},
+    icr::Icr,
+    query::{Refusal, ServiceRow},
+    store::gaps::Gap,
+};
+
+/// Long enough for a 30-day question over a busy gateway.
+const TIMEOUT: Duration = Duration::from_secs(300);
+const TOKEN_VARIABLE: &str = "ICR_TOKEN";
+
+pub fn query(command: &QueryCommand, out: &mut dyn Write) -> Result<Vec<Gap>> {
+    let (kind, mut body, target, who) = match command {
+        QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store, who } => {
+            let body = json!({ "ip": ip.to_string(), "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service });
+            ("resolve", body, store, who)
+        }
+        QueryCommand::Services { device, from, to, store, who } => ("services", json!({ "device": device, "from": from, "to": to }), store, who),
+        QueryCommand::Accessed { services, services_file, from, to, store, who } => {
+            let services = service_list(services.clone(), services_file.as_deref())?;
+            ("accessed", json!({ "service": services, "from": from, "to": to }), store, who)
+        }
+    };
+    let server = target.server.as_deref().context("no --server given")?;
+    if who.bundle.is_some() {
+        bail!("--bundle needs --db: a disclosure bundle is written where the query is audited");
+    }
+    let format = who.format.unwrap_or_else(Format::default_for_stdout);
+    // The API answers in machine formats; a table is drawn here from NDJSON.
+    let asked = if format == Format::Table { Format::Ndjson } else { format };
+    let fields = body.as_object_mut().expect("an object");
+    fields.retain(|_, value| !value.is_null());
+    requester_fields(who, fields);
+    fields.insert("format".into(), json!(asked.to_possible_value().expect("formats have names").get_name()));
+
+    let url = format!("{}/v1/query/{kind}", server.trim_end_matches('/'));
+    let mut request = agent(target)?.post(&url).set("Authorization", &format!("Bearer {}", token(target)?)).timeout(TIMEOUT);
+    if let Some(authority) = &who.authority {
+        // The server refuses if the token belongs to another authority.
+        request = request.set("ICR-Authority", authority);
+    }
+    let response = match request.send_json(body) {
+        Ok(response) => response,
+        Err(ureq::Error::Status(status, response)) => {
+            let reason = response.into_json::<Value>().ok().and_then(|v| v["error"].as_str().map(str::to_owned)).unwrap_or_default();
+            return Err(match status {
+                401 | 403 => anyhow::Error::new(Refusal(format!("{server} refused the query: {reason}"))),
+                _ => anyhow!("{server} answered {status}: {reason}"),
+            });
+        }
+        Err(error) => return Err(anyhow::Error::new(error).context(format!("asking {url}"))),
+    };
+    let gaps = response
+        .all("ICR-Gap")
+        .into_iter()
+        .map(|value| serde_json::from_str(value).with_context(|| format!("{server} sent a malformed ICR-Gap header: {value}")))
+        .collect::<Result<Vec<Gap>>>()?;
+    let listed: usize = response.header("ICR-Gaps").and_then(|n| n.parse().ok()).unwrap_or(gaps.len());
+    if listed > gaps.len() {
+        log::warn!("{server} reports {listed} capture gaps in the window; only the first {} are listed", gaps.len());
+    }
+    let answer = response.into_string().with_context(|| format!("reading the answer of {url}"))?;
+    if format == Format::Table {
+        draw_table(kind, &answer, out)?;
+    } else {
+        out.write_all(answer.as_bytes())?;
+    }
+    Ok(gaps)
+}
+
+fn requester_fields(who: &Requester, fields: &mut Map<String, Value>) {
+    for (key, value) in [("officer", &who.officer), ("reference", &who.reference)] {
+        if let Some(value) = value {
+            fields.insert(key.into(), json!(value));
+        }
+    }
+}
+
+fn draw_table(kind: &str, ndjson: &str, out: &mut dyn Write) -> Result<()> {
+    let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
+    if kind == "services" {
+        let rows = lines.map(|l| serde_json::from_str(l).context("a malformed service row")).collect::<Result<Vec<ServiceRow>>>()?;
+        export::write_services(out, &rows, Format::Table)
+    } else {
+        let records = lines.map(|l| serde_json::from_str(l).context("a malformed record")).collect::<Result<Vec<Icr>>>()?;
+        export::write_records(out, &records, Format::Table)
+    }
+}
+
+fn token(target: &QueryTarget) -> Result<String> {
+    let token = match &target.token_file {
+        Some(file) => std::fs::read_to_string(file).with_context(|| format!("reading the token file {}", file.display()))?,
+        None => std::env::var(TOKEN_VARIABLE)
+            .map_err(|_| anyhow!("--server needs the API token: --token-file FILE or ${TOKEN_VARIABLE}"))?,
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("the API token is empty");
+    }
+    Ok(token)
+}
+
+fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
+    let builder = ureq::AgentBuilder::new();
+    let Some(ca) = &target.ca else { return Ok(builder.build()) };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading the CA file {}", ca.display()))? {
+        let certificate = certificate.with_context(|| format!("a malformed certificate in {}", ca.display()))?;
+        roots.add(certificate).with_context(|| format!("an unusable CA certificate in {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no certificate", ca.display());
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("configuring TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(builder.tls_config(Arc::new(tls)).build())
+}
