@@ -511,6 +511,21 @@ impl Drop for Agent {
     }
 }
 
+/// The `token_hash` for an authority's API token, as `icr hash-token` gives it.
+pub fn hash_token(token: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(icr_binary())
+        .arg("hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running icr hash-token");
+    child.stdin.take().expect("piped").write_all(format!("{token}\n").as_bytes()).expect("writing the token");
+    let out = child.wait_with_output().expect("icr hash-token");
+    assert!(out.status.success(), "icr hash-token failed");
+    String::from_utf8(out.stdout).expect("a hash is text").trim().to_string()
+}
+
 /// How long to wait for something the lab starts: `base`, times
 /// `ICR_LAB_SLOWDOWN` when set (`cargo xtask vm-test` sets 4 under software
 /// emulation, where everything runs several times slower).

@@ -4,27 +4,13 @@
 //! agent's log or an export.
 use std::{path::Path, process::Command, time::Duration};
 
-use icr_tests::lab::{Agent, Lab, WEB_IP, WEB_NAME, icr_binary};
+use icr_tests::lab::{Agent, Lab, WEB_IP, WEB_NAME, hash_token, icr_binary};
 use serde_json::Value;
 
 const PORT: u16 = 8480;
 const POLICE_TOKEN: &str = "police-token-7f3a9c";
 const COUNCIL_TOKEN: &str = "council-token-1b2c3d";
 const NARROW_TOKEN: &str = "narrow-token-9e8d7c";
-
-fn hash(token: &str) -> String {
-    let mut child = Command::new(icr_binary())
-        .arg("hash-token")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 fn write_config(db: &Path, lab_dir: &Path) {
     std::fs::create_dir_all(db).unwrap();
@@ -60,9 +46,9 @@ flow_table_size = 65536
 tcp_closed = "1s"
 udp_idle = "2s"
 "#,
-        police = hash(POLICE_TOKEN),
-        council = hash(COUNCIL_TOKEN),
-        narrow = hash(NARROW_TOKEN),
+        police = hash_token(POLICE_TOKEN),
+        council = hash_token(COUNCIL_TOKEN),
+        narrow = hash_token(NARROW_TOKEN),
         cert = lab_dir.join("api.pem").display(),
         key = lab_dir.join("api.key").display(),
     );

@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{DateTime, Utc};
-use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary, patience, wait_for};
+use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, hash_token, icr_binary, patience, wait_for};
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -61,20 +61,6 @@ full_sweep = "1s"
         ),
     )
     .unwrap();
-}
-
-fn hash_token(token: &str) -> String {
-    use std::io::Write as _;
-    let mut child = Command::new(icr_binary())
-        .arg("hash-token")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Asks question 3 over HTTP from inside the gateway: the gap headers.
