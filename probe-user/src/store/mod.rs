@@ -226,27 +226,52 @@ impl Store {
         }
         let newest = *by_day.keys().next_back().expect("not empty");
         let mut days = self.lock()?;
-        let mut sealed = Vec::new();
-        for (date, records) in by_day {
-            let day = self.day(&mut days, date)?;
+        // First every record into its day's log. If one day's log fails, the
+        // logs this call already wrote are rewritten from their open blocks
+        // by the next append (the writer's retry of the same records), so
+        // that a failed call keeps no record twice.
+        let mut logged = Vec::new();
+        for (date, records) in &by_day {
+            let day = self.day(&mut days, *date)?;
             let written = match &mut day.wal {
-                Some(wal) => wal.append(&records),
+                Some(wal) => wal.append(records),
                 // No log yet, or the last write to it failed (a full disk):
                 // write it anew with every open record, so a torn frame is
                 // never followed by good ones.
-                None => Wal::create(&self.wal_path(date), day.blocks.len() as u32, &[day.open.as_slice(), &records].concat())
+                None => Wal::create(&self.wal_path(*date), day.blocks.len() as u32, &[day.open.as_slice(), records].concat())
                     .map(|wal| day.wal = Some(wal)),
             };
             if let Err(error) = written {
                 day.wal = None;
+                for date in logged {
+                    days.get_mut(&date).expect("present").wal = None;
+                }
                 return Err(error);
             }
-            day.open.extend(records);
+            logged.push(*date);
+        }
+        // Durable now: they join the open blocks. Sealing may still fail (a
+        // full disk); that loses nothing, and the next append seals again.
+        for (date, records) in by_day {
+            days.get_mut(&date).expect("present").open.extend(records);
+        }
+        if let Err(error) = self.seal_filled(&mut days, &logged, newest) {
+            warn!("sealing blocks failed; their records are safe in the open-block logs and sealing is retried: {error:#}");
+        }
+        Ok(())
+    }
+
+    /// Seals the full blocks of `touched` days and what days two behind the
+    /// newest hold, then rewrites those days' logs with what stays open.
+    fn seal_filled(&self, days: &mut BTreeMap<NaiveDate, Day>, touched: &[NaiveDate], newest: NaiveDate) -> Result<()> {
+        let mut sealed = Vec::new();
+        for date in touched {
+            let day = days.get_mut(date).expect("present");
             if day.open.len() >= BLOCK_RECORDS {
                 while day.open.len() >= BLOCK_RECORDS {
                     day.seal_front(BLOCK_RECORDS)?;
                 }
-                sealed.push(date);
+                sealed.push(*date);
             }
         }
         // A day two days behind the newest gets no more records: seal what
@@ -784,6 +809,28 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
         assert_eq!(sorted(all), sorted(records));
+    }
+
+    #[test]
+    fn a_retried_append_after_one_day_failed_keeps_every_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = RecordIds::default();
+        let earlier = sample_at(0, at("2026-11-21T23:59:00Z"), &mut ids);
+        let batch = vec![sample_at(1, at("2026-11-21T23:59:30Z"), &mut ids), sample_at(2, at("2026-11-22T00:00:10Z"), &mut ids)];
+        let store = Store::open(dir.path()).unwrap();
+        store.append(std::slice::from_ref(&earlier)).unwrap();
+        // The second day's log cannot be created (as on a full disk) after
+        // the first day's took its record.
+        let blocker = dir.path().join("open-blocks/2026-11-22.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(store.append(&batch).is_err());
+        std::fs::remove_dir(&blocker).unwrap();
+        store.append(&batch).unwrap();
+        let everything = (at("2026-11-20T00:00:00Z"), at("2026-11-23T00:00:00Z"));
+        let expected = sorted(vec![earlier, batch[0].clone(), batch[1].clone()]);
+        assert_eq!(store.scan(everything.0, everything.1).unwrap(), expected);
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().scan(everything.0, everything.1).unwrap(), expected, "and after reopening");
     }
 
     #[test]
