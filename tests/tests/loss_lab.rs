@@ -192,6 +192,7 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     assert_eq!((http_count, &http_gaps), (gaps.len() as u64, &gaps), "and the HTTP API, in its headers");
     assert_eq!(total(&gaps, "event_buffer_full"), events_lost, "the gaps count every lost event: {gaps:#?}");
     assert_eq!(total(&gaps, "conntrack_overrun"), overruns, "and every overrun: {gaps:#?}");
+    eprintln!("stopped agent: {events_lost} events lost, {overruns} conntrack overruns, {} gap entries", gaps.len());
     for gap in &gaps {
         assert!(time_of(gap, "from") <= resumed && time_of(gap, "to") >= stopped, "the gap spans the stop: {gap}");
     }
@@ -229,6 +230,7 @@ fn a_full_flow_table_is_a_gap_counted_flow_by_flow() {
     let (records, lines) = list(&db, started - chrono::Duration::seconds(5), Utc::now());
     let (gaps, _) = bundled_gaps(&db, &lab.dir, started - chrono::Duration::seconds(5), Utc::now());
     assert_eq!(total(&gaps, "flow_table_full"), full, "{gaps:#?}");
+    eprintln!("64-entry table: {full} flows not tracked, {} gap entries", gaps.len());
     assert!(gaps.iter().all(|g| g["kind"] == "flow_table_full" && g["where"] == "kernel flow table"), "{gaps:#?}");
     assert!(lines.iter().any(|l| l.contains(&format!("kernel flow table: {full} flows not counted"))), "{lines:?}");
     let tracked = records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).count() as u64;
@@ -355,6 +357,7 @@ fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_
     assert_eq!((burst_records, burst_ports.len()), (1_200, 1_200), "every burst flow stored once");
     let (gaps, _) = bundled_gaps(&db, &lab.dir, full_since - chrono::Duration::seconds(60), Utc::now());
     let waits = total(&gaps, "writer_backpressure");
+    eprintln!("full disk: {held} of {expected} records reported stored while full, then all; {waits} writer waits");
     assert!(waits > 0, "the agent waited for the writer, and says so: {gaps:#?}\n{context}");
     assert!(lines.iter().any(|l| l.contains("store writer queue")), "{lines:?}");
 }
