@@ -149,13 +149,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
                 let mut batch = Batch { records: named_records(&mut assembler, &directory), ..Batch::default() };
                 ticks += 1;
-                if let Ok(counters) = probe.counters() {
+                // Read once a tick: the loss totals and the metrics share it.
+                let counters = probe.counters();
+                if let Ok(counters) = &counters {
                     let totals = Totals {
-                        events_lost: counters.get(counter::EVENTS_LOST),
-                        flow_table_full: counters.get(counter::FLOW_TABLE_FULL),
                         conntrack_overruns: nat.overruns(),
                         conntrack_overrun_since: nat.take_overrun_since(),
                         writer_waits: backpressure,
+                        ..Totals::of_kernel(counters)
                     };
                     batch.gaps = losses.observe(totals, Utc::now());
                     for gap in &batch.gaps {
@@ -168,7 +169,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if !queue_batch(&write_tx, batch).await? {
                     backpressure += 1;
                 }
-                if let (Ok(counters), Ok(mut s)) = (probe.counters(), snapshot.lock()) {
+                if let (Ok(counters), Ok(mut s)) = (counters, snapshot.lock()) {
                     s.probe = counters;
                     s.open_flows = assembler.open_flows() as u64;
                     s.write_queue = (write_queue - write_tx.capacity()) as u64;
@@ -263,11 +264,7 @@ async fn queue_batch(queue: &mpsc::Sender<Batch>, batch: Batch) -> Result<bool> 
 fn loss_tracker(store: &Store, probe: &Probe) -> Result<LossTracker> {
     let now = Utc::now();
     let counters = probe.counters()?;
-    let kernel = Totals {
-        events_lost: counters.get(counter::EVENTS_LOST),
-        flow_table_full: counters.get(counter::FLOW_TABLE_FULL),
-        ..Totals::default()
-    };
+    let kernel = Totals::of_kernel(&counters);
     let last = store.watermark()?;
     match last {
         Some(last) if probe.adopted() && last.probe == probe.instance() => {
