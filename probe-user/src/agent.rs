@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use log::{error, info, warn};
 use probe_common::{counter, role};
 use tokio::{
@@ -84,10 +84,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let snapshot = crate::metrics::Shared::default();
     crate::metrics::serve(&config.metrics, snapshot.clone()).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
+    let loaded_at = Utc::now();
     let mut probe = Probe::load(ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
         pin_dir: config.probe.pin_dir.clone(),
     })?;
+    // Readers first: a flow event sent before its CPU's buffer is open is
+    // lost, and the first packets arrive as soon as the program attaches.
+    let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
+    events::spawn_readers(probe.open_event_buffers()?, event_tx)?;
     for interface in &lan {
         probe.attach(interface, role::LAN)?;
     }
@@ -95,8 +100,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         probe.attach(interface, role::WAN)?;
     }
 
-    let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
-    events::spawn_readers(probe.open_event_buffers()?, event_tx)?;
     let (nat_tx, mut nat_rx) = mpsc::channel(EVENT_QUEUE);
     let nat_expected = !wan.is_empty();
     if nat_expected {
@@ -113,7 +116,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (write_tx, write_rx) = mpsc::channel(write_queue);
     let writer = spawn_writer(store.clone(), write_rx, snapshot.clone());
 
-    let mut losses = loss_tracker(&store, &probe)?;
+    let mut losses = loss_tracker(&store, &probe, loaded_at)?;
     let mut ticks = 0u64;
 
     let clock = Clock::live();
@@ -260,8 +263,9 @@ async fn queue_batch(queue: &mpsc::Sender<Batch>, batch: Batch) -> Result<bool> 
 /// Where loss counting starts. A probe adopted from pins counted while no
 /// agent ran: its losses count from the watermark the last agent left (and
 /// are dated from then). A freshly loaded probe means nothing captured since
-/// the last agent's last watermark: that is a gap of its own.
-fn loss_tracker(store: &Store, probe: &Probe) -> Result<LossTracker> {
+/// the last agent's last watermark: that is a gap of its own. A probe this
+/// agent loaded counts from zero at `loaded_at`: all its losses are ours.
+fn loss_tracker(store: &Store, probe: &Probe, loaded_at: DateTime<Utc>) -> Result<LossTracker> {
     let now = Utc::now();
     let counters = probe.counters()?;
     let kernel = Totals::of_kernel(&counters);
@@ -279,12 +283,15 @@ fn loss_tracker(store: &Store, probe: &Probe) -> Result<LossTracker> {
                     kernel.events_lost, kernel.flow_table_full
                 );
             }
-            if let Some(last) = last.filter(|_| !probe.adopted()) {
-                let gap = Gap::new(LossKind::NotCapturing, last.at, now, 0);
+            if probe.adopted() {
+                return Ok(LossTracker::new(kernel, now));
+            }
+            if let Some(last) = last {
+                let gap = Gap::new(LossKind::NotCapturing, last.at, loaded_at, 0);
                 warn!("{}", gap.describe());
                 store.record_gaps(&[gap], None).context("recording the time no agent captured")?;
             }
-            Ok(LossTracker::new(kernel, now))
+            Ok(LossTracker::new(Totals::default(), loaded_at))
         }
     }
 }
