@@ -12,7 +12,7 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary};
+use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary};
 use serde_json::Value;
 
 const CLIENTS: usize = 50;
@@ -57,7 +57,7 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
         .map(|(i, client)| {
             let mut args = vec![
                 "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sk".into(), "-o".into(), "/dev/null".into(),
-                "--max-time".into(), "10".into(), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
+                "--max-time".into(), client_timeout(10), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
                 format!("https://{name}/c/{}/w{wave}", client.ip),
             ];
             // Every fifth device uses the same source port as the others of its group.
@@ -88,7 +88,7 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
     let (heavy, light) = (&lab.clients[6], &lab.clients[7]);
     for (client, times) in [(heavy, 3), (light, 1)] {
         for _ in 0..times {
-            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", "10", "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
+            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
                 .expect("curl to mail");
         }
     }
