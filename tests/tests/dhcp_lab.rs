@@ -90,7 +90,7 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
         let child = lab
             .spawn_in(
                 &client.ns,
-                Command::new("busybox").args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", "1", "-s"]).arg(&script),
+                Command::new("busybox").args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", &client_timeout(1), "-s"]).arg(&script),
                 &format!("udhcpc-{}", client.ns),
             )
             .expect("udhcpc");
@@ -108,14 +108,14 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
     // A holds the address and uses the web service.
     let a_lease = udhcpc(a);
     wait_for(patience(Duration::from_secs(10)), "A's lease in the leases file", || Ok(leased_to(&a.mac))).unwrap();
-    std::thread::sleep(Duration::from_secs(2)); // the agent re-reads the file each second
+    std::thread::sleep(patience(Duration::from_secs(2))); // the agent re-reads the file each second
     curl(a, WEB_NAME);
     // A releases it; B gets the same address and uses the mail service.
     a_lease.release();
     wait_for(patience(Duration::from_secs(10)), "A's lease to be released", || Ok(!leased_to(&a.mac))).unwrap();
     let _b_lease = udhcpc(b);
     wait_for(patience(Duration::from_secs(10)), "B's lease in the leases file", || Ok(leased_to(&b.mac))).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(patience(Duration::from_secs(2)));
     curl(b, MAIL_NAME);
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.stop().expect("the agent stops cleanly");
