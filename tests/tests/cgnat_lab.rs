@@ -56,7 +56,7 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
         .enumerate()
         .map(|(i, client)| {
             let mut args = vec![
-                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sk".into(), "-o".into(), "/dev/null".into(),
+                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sSk".into(), "-o".into(), "/dev/null".into(),
                 "--max-time".into(), client_timeout(10), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
                 format!("https://{name}/c/{}/w{wave}", client.ip),
             ];
@@ -64,11 +64,14 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
             if i % 5 == 0 {
                 args.extend(["--local-port".into(), format!("{}", 41000 + wave)]);
             }
-            Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+            let child = Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            (client.ip.clone(), child)
         })
         .collect();
-    for mut child in children {
-        assert!(child.wait().unwrap().success(), "a curl failed in wave {wave}");
+    for (ip, child) in children {
+        let out = child.wait_with_output().unwrap();
+        // curl's exit code says which: 7 could not connect, 28 timed out, 35 TLS.
+        assert!(out.status.success(), "a curl failed in wave {wave}: {ip}, {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
 }
 
