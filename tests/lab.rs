@@ -450,9 +450,9 @@ impl Agent {
     /// SIGKILL: the agent dies at once, as in a crash.
     pub fn kill(mut self) -> Result<()> {
         let mut child = self.child.take().expect("running");
-        child.kill()?;
+        let killed = child.kill();
         child.wait()?;
-        Ok(())
+        Ok(killed?)
     }
 
     /// SIGTERM, then waits (at most 30 s) for a clean exit.

@@ -416,6 +416,7 @@ fn kernel_release() -> String {
 /// agent runs under `ip netns exec`, whose fresh sysfs hides the mount), the
 /// agent runs unpinned and says so: it records as before, but its maps and
 /// links die with it, so a restart leaves a gap.
+#[allow(clippy::unnecessary_cast)] // BPF_FS_MAGIC is a c_long: i64 on 64-bit targets only
 fn pinning_possible(dir: &Path) -> bool {
     match file_system_of(dir) {
         Some(magic) if magic == libc::BPF_FS_MAGIC as i64 => true,

@@ -146,10 +146,10 @@ fn replayed_names(pcap: &Path) -> FlowNames {
             r["remote"]["port"].as_u64().unwrap(),
         );
         // Names from the connection's own setup; DNS-derived ones tshark cannot know.
-        if r["service"]["source"] != "dns" {
-            if let Some(name) = r["service"]["name"].as_str() {
-                names.entry(flow.clone()).or_default().insert(name.to_string());
-            }
+        if r["service"]["source"] != "dns"
+            && let Some(name) = r["service"]["name"].as_str()
+        {
+            names.entry(flow.clone()).or_default().insert(name.to_string());
         }
         if let Some(qname) = r["dns"]["qname"].as_str() {
             names.entry(flow).or_default().insert(qname.to_string());
