@@ -297,7 +297,7 @@ http {{
 
     /// A QUIC handshake from `client` to the lab's QUIC server with `sni`.
     pub fn quic_connect(&self, client: &Client, sni: &str) -> Result<()> {
-        let out = self.exec(&client.ns, Command::new(lab_python()).arg(quic_script()).args(["connect", WEB_IP, "443", sni]))?;
+        let out = self.exec(&client.ns, Command::new(lab_python()).arg(quic_script()).args(["connect", WEB_IP, "443", sni, &client_timeout(15)]))?;
         let text = String::from_utf8_lossy(&out.stdout);
         if text.trim() != "ok" {
             bail!("the QUIC client said {text:?}");
@@ -315,7 +315,7 @@ http {{
             &format!("{name}-tcpdump"),
         )?;
         let mut capture = Capture { child: Some(child), path };
-        wait_for(Duration::from_secs(10), "tcpdump to listen", || {
+        wait_for(patience(Duration::from_secs(10)), "tcpdump to listen", || {
             if let Some(status) = capture.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("tcpdump exited ({status}): {}", fs::read_to_string(&log).unwrap_or_default());
             }
@@ -450,9 +450,9 @@ impl Agent {
     /// SIGKILL: the agent dies at once, as in a crash.
     pub fn kill(mut self) -> Result<()> {
         let mut child = self.child.take().expect("running");
-        child.kill()?;
+        let killed = child.kill();
         child.wait()?;
-        Ok(())
+        Ok(killed?)
     }
 
     /// SIGTERM, then waits (at most 30 s) for a clean exit.
@@ -532,6 +532,13 @@ pub fn hash_token(token: &str) -> String {
 pub fn patience(base: Duration) -> Duration {
     let factor = std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
     base.mul_f64(factor)
+}
+
+/// A client's own time limit (curl's `--max-time`, dig's `+time`, ...) in
+/// whole seconds, as its argument: `base_seconds` scaled like [`patience`]
+/// (under TCG, a 10 s limit becomes 40 s).
+pub fn client_timeout(base_seconds: u64) -> String {
+    patience(Duration::from_secs(base_seconds)).as_secs().to_string()
 }
 
 /// The `icr` binary under test: `ICR_BIN` (set by `cargo xtask test`), else

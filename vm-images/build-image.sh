@@ -76,7 +76,14 @@ in_root apt-cache policy linux-image-amd64 | tee "$work/apt-policy.txt" >&2
 target=()
 # Only for another suite: -t bookworm would prefer bookworm over bookworm-security.
 if [ "$KERNEL_SUITE" != "$SUITE" ]; then target=(-t "$KERNEL_SUITE"); fi
-in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64 initramfs-tools
+if [ "${INITRAMFS_FROM_SUITE:-}" = 1 ]; then
+    # An older suite's initramfs-tools would pull that suite's udev, which
+    # conflicts with the userland's libudev1: take the userland's.
+    in_root apt-get install -y -q --no-install-recommends initramfs-tools
+    in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64
+else
+    in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64 initramfs-tools
+fi
 
 # The lab's QUIC peer (aioquic) is on PyPI, not in Debian 12. pip checks
 # certificates against the build machine's bundle (which may carry a local CA).

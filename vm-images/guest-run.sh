@@ -5,7 +5,9 @@
 # in), then runs each test binary of tests.list and prints a summary.
 # Exit status: 0 when every test binary passed.
 #
-# run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_SHARED,
+# run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_TARGET (cargo's
+# target directory; ICR_VM_TARGET_SHARED=1 when it is outside ICR_VM_ROOT and
+# shared on its own), ICR_VM_SHARED,
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
 # tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
 # ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG).
@@ -19,6 +21,9 @@ share() { # TAG PATH
     mkdir -p "$2" && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose "$1" "$2"
 }
 share icrroot "$ICR_VM_ROOT" || { echo "guest-run: cannot mount the workspace at $ICR_VM_ROOT"; exit 120; }
+if [ "${ICR_VM_TARGET_SHARED:-0}" = 1 ]; then
+    share icrtarget "$ICR_VM_TARGET" || { echo "guest-run: cannot mount the target directory at $ICR_VM_TARGET"; exit 120; }
+fi
 if [ -n "${ICR_VM_SHARED:-}" ]; then
     share icrshared "$ICR_VM_SHARED" || { echo "guest-run: cannot mount shared/ at $ICR_VM_SHARED"; exit 120; }
 fi
@@ -32,7 +37,7 @@ features() {
 }
 features
 
-export ICR_BIN="$ICR_VM_ROOT/target/debug/icr"
+export ICR_BIN="${ICR_VM_TARGET:-$ICR_VM_ROOT/target}/debug/icr"
 export ICR_LAB_PYTHON=/opt/icr-lab-python/bin/python3
 export RUST_BACKTRACE=1
 "$ICR_BIN" --version 2>&1 | sed 's/^/guest-run: /'

@@ -220,7 +220,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let stored = stored(&snapshot);
     log_stats(&probe, &assembler, &nat, stored, backpressure);
     let _ = std::fs::remove_file(crate::control::socket_path(&db));
-    if let Some(dir) = &config.probe.pin_dir {
+    if let Some(dir) = probe.pin_dir() {
         info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
     }
     info!("stopped; {stored} records stored");

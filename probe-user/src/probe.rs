@@ -9,14 +9,15 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, MapType, PerCpuArray,
         perf::{PerfEventArray, PerfEventArrayBuffer},
     },
     programs::{
-        ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        ProgramError, ProgramType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
+    sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
 use log::{info, warn};
 use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
@@ -83,9 +84,11 @@ impl Probe {
         if options.flow_table_size == 0 {
             bail!("the flow table size must be at least 1");
         }
+        check_kernel_features()?;
+        let pin_dir = options.pin_dir.filter(|dir| pinning_possible(dir));
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, options.flow_table_size);
-        let map_pins: Vec<(&str, PathBuf)> = match &options.pin_dir {
+        let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;
                 [names::FLOWS, names::COUNTERS, names::CONFIG, names::EVENTS].into_iter().map(|name| (name, dir.join(name))).collect()
@@ -99,7 +102,7 @@ impl Probe {
         }
         let mut ebpf = loader.load(PROBE_OBJECT).map_err(|error| {
             explain_permission(anyhow::Error::from(error).context(
-                "loading the XDP object into the kernel (needs a kernel with BTF and BPF support)",
+                "loading the XDP object into the kernel",
             ))
         })?;
         for name in [names::PROG_LAN, names::PROG_WAN] {
@@ -121,7 +124,7 @@ impl Probe {
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = Some(PerfEventArray::try_from(take_map(&mut ebpf, names::EVENTS)?)?);
-        Ok(Self { ebpf, flows, counters, config, events, pin_dir: options.pin_dir, adopted, instance })
+        Ok(Self { ebpf, flows, counters, config, events, pin_dir, adopted, instance })
     }
 
     /// Whether the maps are those an earlier agent pinned (it counted while
@@ -133,6 +136,12 @@ impl Probe {
     /// The probe instance: the same for every agent that adopts it.
     pub fn instance(&self) -> u32 {
         self.instance
+    }
+
+    /// Where the maps and links are pinned: the configured pin directory,
+    /// unless it is not on a BPF file system (then nothing is pinned).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     fn program(&self, role: u8) -> Result<&Xdp> {
@@ -329,6 +338,141 @@ impl Baseline {
     }
 }
 
+/// What the XDP object needs from the kernel. Probed (aya's feature probes:
+/// a minimal program or map is created) before the object is loaded, so
+/// that a kernel without one is refused with the feature's name rather than
+/// with a loader or verifier error.
+const KERNEL_NEEDS: [KernelNeed; 7] = [
+    KernelNeed::XdpPrograms,
+    KernelNeed::HashMaps,
+    KernelNeed::ArrayMaps,
+    KernelNeed::PerCpuArrayMaps,
+    KernelNeed::PerfEventArrayMaps,
+    KernelNeed::KtimeHelper,
+    KernelNeed::PerfOutputHelper,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelNeed {
+    XdpPrograms,
+    HashMaps,
+    ArrayMaps,
+    PerCpuArrayMaps,
+    PerfEventArrayMaps,
+    KtimeHelper,
+    PerfOutputHelper,
+}
+
+impl KernelNeed {
+    fn name(self) -> &'static str {
+        match self {
+            Self::XdpPrograms => "XDP programs (BPF_PROG_TYPE_XDP, Linux 4.8)",
+            Self::HashMaps => "BPF hash maps (the flow table)",
+            Self::ArrayMaps => "BPF array maps (the probe's settings)",
+            Self::PerCpuArrayMaps => "per-CPU array maps (the counters, Linux 4.6)",
+            Self::PerfEventArrayMaps => "perf event array maps (the event buffers, Linux 4.3)",
+            Self::KtimeHelper => "the bpf_ktime_get_ns helper in XDP programs",
+            Self::PerfOutputHelper => "the bpf_perf_event_output helper in XDP programs (Linux 4.15)",
+        }
+    }
+
+    fn probe(self) -> Result<bool> {
+        let xdp_helper = |helper| is_helper_supported(ProgramType::Xdp, helper);
+        Ok(match self {
+            Self::XdpPrograms => is_program_supported(ProgramType::Xdp)?,
+            Self::HashMaps => is_map_supported(MapType::Hash)?,
+            Self::ArrayMaps => is_map_supported(MapType::Array)?,
+            Self::PerCpuArrayMaps => is_map_supported(MapType::PerCpuArray)?,
+            Self::PerfEventArrayMaps => is_map_supported(MapType::PerfEventArray)?,
+            Self::KtimeHelper => xdp_helper(BpfHelper::BPF_FUNC_ktime_get_ns)?,
+            Self::PerfOutputHelper => xdp_helper(BpfHelper::BPF_FUNC_perf_event_output)?,
+        })
+    }
+}
+
+/// Probes the kernel for everything in [`KERNEL_NEEDS`]; refuses, naming
+/// each missing feature, when one is missing. Logs what it found, with
+/// what the probe can do without (BTF: the object has no CO-RE relocations,
+/// and aya leaves out the program BTF a kernel cannot take).
+pub fn check_kernel_features() -> Result<()> {
+    check_features(&kernel_release(), KERNEL_NEEDS.iter().map(|need| (need.name(), need.probe())))?;
+    let btf_vmlinux = Path::new("/sys/kernel/btf/vmlinux").exists();
+    info!(
+        "kernel {}: XDP programs, hash, array, per-CPU array and perf event array maps, bpf_ktime_get_ns and \
+         bpf_perf_event_output in XDP: present; program BTF: {}; kernel BTF (/sys/kernel/btf/vmlinux): {}",
+        kernel_release(),
+        if aya::features().btf().is_some() { "supported" } else { "not supported (loaded without it)" },
+        if btf_vmlinux { "present" } else { "absent (not needed)" },
+    );
+    Ok(())
+}
+
+/// The verdict on the probed features: the first probe that fails (EPERM:
+/// no BPF permission) ends the check; features probed absent are named.
+fn check_features<'a>(release: &str, probed: impl Iterator<Item = (&'a str, Result<bool>)>) -> Result<()> {
+    let mut missing = Vec::new();
+    for (name, result) in probed {
+        match result {
+            Ok(true) => {}
+            Ok(false) => missing.push(name),
+            Err(error) => return Err(explain_permission(error.context(format!("probing the kernel for {name}")))),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "this kernel ({release}) lacks what the XDP probe needs: {}. The probe is proven on Linux 5.10 and later \
+             (see README, Kernel support)",
+            missing.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|r| r.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// Whether maps and links can be pinned in `dir`: it must be on a BPF file
+/// system (bpffs). When it is not (bpffs not mounted at /sys/fs/bpf, or the
+/// agent runs under `ip netns exec`, whose fresh sysfs hides the mount), the
+/// agent runs unpinned and says so: it records as before, but its maps and
+/// links die with it, so a restart leaves a gap.
+#[allow(clippy::unnecessary_cast)] // BPF_FS_MAGIC is a c_long: i64 on 64-bit targets only
+fn pinning_possible(dir: &Path) -> bool {
+    match file_system_of(dir) {
+        Some(magic) if magic == libc::BPF_FS_MAGIC as i64 => true,
+        found => {
+            let found = match found {
+                Some(magic) => format!("file system magic {magic:#x}"),
+                None => "no existing directory".into(),
+            };
+            warn!(
+                "pin_dir {} is not on a BPF file system (bpffs is not mounted there: {found}; \
+                 `mount -t bpf bpf /sys/fs/bpf`): the maps and XDP links are not pinned, so they \
+                 end with the agent and a restart will leave a gap in counting",
+                dir.display()
+            );
+            false
+        }
+    }
+}
+
+/// `statfs`'s magic number of the file system holding `dir`, or of its
+/// nearest existing ancestor.
+fn file_system_of(dir: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let existing = dir.ancestors().find(|path| path.is_dir())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path and a zeroed statfs for the kernel to fill.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Some(stat.f_type as i64)
+}
+
 /// Removes what a pin directory holds: the pinned links (which detaches the
 /// XDP programs) and maps. For `icr detach`.
 pub fn unpin(dir: &Path) -> Result<Vec<String>> {
@@ -419,5 +563,40 @@ fn raise_memlock_limit() {
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!("could not lift RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_kernel_feature_is_named_in_the_refusal() {
+        let probed = KERNEL_NEEDS.iter().map(|need| {
+            let present = !matches!(need, KernelNeed::PerfEventArrayMaps | KernelNeed::PerfOutputHelper);
+            (need.name(), Ok(present))
+        });
+        let message = format!("{:#}", check_features("4.4.0-test", probed).unwrap_err());
+        assert!(message.contains("this kernel (4.4.0-test) lacks what the XDP probe needs"), "{message}");
+        assert!(message.contains("perf event array maps (the event buffers, Linux 4.3)"), "{message}");
+        assert!(message.contains("bpf_perf_event_output helper in XDP programs"), "{message}");
+        assert!(!message.contains("hash maps"), "{message}");
+        assert!(check_features("6.1", KERNEL_NEEDS.iter().map(|need| (need.name(), Ok(true)))).is_ok());
+    }
+
+    #[test]
+    fn a_failed_probe_without_permission_says_what_is_needed() {
+        let eperm = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EPERM));
+        let message = format!("{:#}", check_features("6.1", [("XDP programs", Err(eperm))].into_iter()).unwrap_err());
+        assert!(message.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"), "{message}");
+        assert!(message.contains("probing the kernel for XDP programs"), "{message}");
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_not_used() {
+        // /tmp is no bpffs (tmpfs or the root file system).
+        let dir = std::env::temp_dir().join("icr-probe-test-no-bpffs/pins");
+        assert!(!pinning_possible(&dir));
+        assert!(file_system_of(&dir).is_some(), "an existing ancestor was found");
     }
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary};
+use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary};
 use serde_json::Value;
 
 const CLIENTS: usize = 50;
@@ -56,19 +56,22 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
         .enumerate()
         .map(|(i, client)| {
             let mut args = vec![
-                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sk".into(), "-o".into(), "/dev/null".into(),
-                "--max-time".into(), "10".into(), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
+                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sSk".into(), "-o".into(), "/dev/null".into(),
+                "--max-time".into(), client_timeout(10), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
                 format!("https://{name}/c/{}/w{wave}", client.ip),
             ];
             // Every fifth device uses the same source port as the others of its group.
             if i % 5 == 0 {
                 args.extend(["--local-port".into(), format!("{}", 41000 + wave)]);
             }
-            Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+            let child = Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            (client.ip.clone(), child)
         })
         .collect();
-    for mut child in children {
-        assert!(child.wait().unwrap().success(), "a curl failed in wave {wave}");
+    for (ip, child) in children {
+        let out = child.wait_with_output().unwrap();
+        // curl's exit code says which: 7 could not connect, 28 timed out, 35 TLS.
+        assert!(out.status.success(), "a curl failed in wave {wave}: {ip}, {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
 }
 
@@ -88,7 +91,7 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
     let (heavy, light) = (&lab.clients[6], &lab.clients[7]);
     for (client, times) in [(heavy, 3), (light, 1)] {
         for _ in 0..times {
-            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", "10", "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
+            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
                 .expect("curl to mail");
         }
     }

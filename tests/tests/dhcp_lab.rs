@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_tests::lab::{Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary, wait_for};
+use icr_tests::lab::{Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary, patience, wait_for};
 use serde_json::Value;
 
 const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-DHCP"];
@@ -90,7 +90,7 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
         let child = lab
             .spawn_in(
                 &client.ns,
-                Command::new("busybox").args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", "1", "-s"]).arg(&script),
+                Command::new("busybox").args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", &client_timeout(1), "-s"]).arg(&script),
                 &format!("udhcpc-{}", client.ns),
             )
             .expect("udhcpc");
@@ -100,22 +100,22 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
     let curl = |client: &icr_tests::lab::Client, name: &str| {
         lab.exec(
             &client.ns,
-            Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", "10", "--resolve", &format!("{name}:443:{WEB_IP}"), &format!("https://{name}/dhcp")]),
+            Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{name}:443:{WEB_IP}"), &format!("https://{name}/dhcp")]),
         )
         .expect("curl");
     };
 
     // A holds the address and uses the web service.
     let a_lease = udhcpc(a);
-    wait_for(Duration::from_secs(10), "A's lease in the leases file", || Ok(leased_to(&a.mac))).unwrap();
-    std::thread::sleep(Duration::from_secs(2)); // the agent re-reads the file each second
+    wait_for(patience(Duration::from_secs(10)), "A's lease in the leases file", || Ok(leased_to(&a.mac))).unwrap();
+    std::thread::sleep(patience(Duration::from_secs(2))); // the agent re-reads the file each second
     curl(a, WEB_NAME);
     // A releases it; B gets the same address and uses the mail service.
     a_lease.release();
-    wait_for(Duration::from_secs(10), "A's lease to be released", || Ok(!leased_to(&a.mac))).unwrap();
+    wait_for(patience(Duration::from_secs(10)), "A's lease to be released", || Ok(!leased_to(&a.mac))).unwrap();
     let _b_lease = udhcpc(b);
-    wait_for(Duration::from_secs(10), "B's lease in the leases file", || Ok(leased_to(&b.mac))).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for(patience(Duration::from_secs(10)), "B's lease in the leases file", || Ok(leased_to(&b.mac))).unwrap();
+    std::thread::sleep(patience(Duration::from_secs(2)));
     curl(b, MAIL_NAME);
     std::thread::sleep(Duration::from_secs(3));
     let log = agent.stop().expect("the agent stops cleanly");

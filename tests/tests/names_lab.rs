@@ -11,7 +11,7 @@ use std::{
 
 use icr_tests::lab::{
     ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, QUIC_NAME, WEB_IP, WEB_IP6,
-    WEB_NAME, icr_binary,
+    WEB_NAME, client_timeout, icr_binary,
 };
 use serde_json::Value;
 
@@ -38,11 +38,12 @@ fn names_come_from_sni_host_and_dns() {
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
     let run = |ns: &str, command: &mut Command| lab.exec(ns, command).expect("client command");
+    let (timeout, dig_time) = (client_timeout(10), format!("+time={}", client_timeout(2)));
     let captures = [lab.capture(c1, "c1").expect("tcpdump"), lab.capture(c2, "c2").expect("tcpdump")];
 
     // Client 1: TLS 1.3 and TLS 1.2 by name (each after a DNS lookup).
-    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]));
-    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", "--tlsv1.2", "--tls-max", "1.2", &format!("https://{MAIL_NAME}/")]));
+    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", &timeout, &format!("https://{WEB_NAME}/")]));
+    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", &timeout, "--tlsv1.2", "--tls-max", "1.2", &format!("https://{MAIL_NAME}/")]));
     // Client 2: openssl with a ClientHello over 2 KB (a long ALPN list), by address.
     let alpn: Vec<String> = (0..120).map(|i| format!("proto-{i:04}-padding")).collect();
     run(&c2.ns, Command::new("sh").args(["-c", &format!(
@@ -50,12 +51,12 @@ fn names_come_from_sni_host_and_dns() {
         alpn.join(",")
     )]));
     // Plain HTTP; DNS over TCP with a CNAME; then a connection named only by DNS.
-    run(&c2.ns, Command::new("curl").args(["-s", "--max-time", "10", &format!("http://{WEB_NAME}/")]));
-    run(&c2.ns, Command::new("dig").args(["+tcp", "+time=2", "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
-    run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
-    let aaaa = run(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "AAAA"]));
+    run(&c2.ns, Command::new("curl").args(["-s", "--max-time", &timeout, &format!("http://{WEB_NAME}/")]));
+    run(&c2.ns, Command::new("dig").args(["+tcp", &dig_time, "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
+    run(&c2.ns, Command::new("dig").args(["+short", &dig_time, "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
+    let aaaa = run(&c2.ns, Command::new("dig").args(["+short", &dig_time, "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "AAAA"]));
     assert_eq!(String::from_utf8_lossy(&aaaa.stdout).trim(), WEB_IP6);
-    run(&c2.ns, Command::new("dig").args(["+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "HTTPS"]));
+    run(&c2.ns, Command::new("dig").args([&dig_time, "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "HTTPS"]));
     lab.exchange(c2, 100, 100).expect("the exchange");
     // QUIC (aioquic client and server): the SNI from the decrypted Initial.
     lab.quic_connect(c1, QUIC_NAME).expect("the QUIC handshake");
@@ -145,10 +146,10 @@ fn replayed_names(pcap: &Path) -> FlowNames {
             r["remote"]["port"].as_u64().unwrap(),
         );
         // Names from the connection's own setup; DNS-derived ones tshark cannot know.
-        if r["service"]["source"] != "dns" {
-            if let Some(name) = r["service"]["name"].as_str() {
-                names.entry(flow.clone()).or_default().insert(name.to_string());
-            }
+        if r["service"]["source"] != "dns"
+            && let Some(name) = r["service"]["name"].as_str()
+        {
+            names.entry(flow.clone()).or_default().insert(name.to_string());
         }
         if let Some(qname) = r["dns"]["qname"].as_str() {
             names.entry(flow).or_default().insert(qname.to_string());

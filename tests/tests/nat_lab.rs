@@ -9,7 +9,7 @@ use std::{
 };
 
 use icr_tests::lab::{
-    Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary,
+    Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary,
 };
 use serde_json::Value;
 
@@ -95,10 +95,10 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     let c1_port = lab.exchange(c1, up as usize, down as usize).expect("the exchange");
     // HTTPS by name (DNS through dnsmasq, then TLS to nginx), and a dig, from client 2.
     let curl = lab
-        .exec(&c2.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]))
+        .exec(&c2.ns, Command::new("curl").args(["-sk", "--max-time", &client_timeout(10), &format!("https://{WEB_NAME}/")]))
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&curl.stdout), format!("hello from {WEB_NAME}\n"));
-    lab.exec(&c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), "mail.example.test", "A"]))
+    lab.exec(&c2.ns, Command::new("dig").args(["+short", &format!("+time={}", client_timeout(2)), "+tries=1", &format!("@{DNS_IP}"), "mail.example.test", "A"]))
         .expect("dig");
 
     // Let the closed flows pass tcp_closed, then stop: the rest closes as "shutdown".

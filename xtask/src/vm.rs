@@ -38,8 +38,9 @@ const TCG_SLOWDOWN: &str = "4";
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The image's kernel: `debian12` (Debian 12's linux-image-amd64, 6.1) or
-    /// `backports` (Debian 12 with bookworm-backports' linux-image-amd64).
+    /// The image's kernel: `debian12` (Debian 12's linux-image-amd64, 6.1),
+    /// `backports` (Debian 12 with bookworm-backports' linux-image-amd64, 6.12)
+    /// or `bullseye` (Debian 12 with Debian 11's linux-image-amd64, 5.10).
     #[arg(long, default_value = "debian12")]
     kernel: String,
     /// Test binaries to run in the VM, by target name (default: probe-user's
@@ -93,8 +94,27 @@ pub fn run(args: &Args) -> Result<()> {
     }
     setup::ensure(setup::Needs::Build)?;
     cmd::cargo(&["build", "--package", "probe-user"])?;
-    let tests = test_binaries(&args.only)?;
-    boot_and_test(args, &recipes, &image, &tests)
+    let target = target_dir()?;
+    let tests = test_binaries(&args.only, &target)?;
+    boot_and_test(args, &recipes, &image, &target, &tests)
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or the workspace's
+/// `target/`): the guest mounts it at the same path when it is elsewhere.
+fn target_dir() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .current_dir(cmd::workspace_root())
+        .env("PATH", cmd::path_with_cargo_bin())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let dir = json_string(&String::from_utf8_lossy(&out.stdout), "target_directory").context("cargo metadata named no target_directory")?;
+    Ok(PathBuf::from(dir))
 }
 
 fn available_kernels(recipes: &Path) -> Vec<String> {
@@ -163,7 +183,7 @@ fn remove_stale_images(cache: &Path, kernel: &str, current: &Path) {
 
 /// Builds the test binaries and picks those the VM runs, from cargo's JSON
 /// messages (`compiler-artifact` lines with an `executable`).
-fn test_binaries(only: &[String]) -> Result<Vec<TestBinary>> {
+fn test_binaries(only: &[String], target: &Path) -> Result<Vec<TestBinary>> {
     eprintln!("xtask: building the test binaries (cargo test --no-run)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
@@ -193,8 +213,8 @@ fn test_binaries(only: &[String]) -> Result<Vec<TestBinary>> {
             continue;
         }
         let executable = PathBuf::from(executable);
-        if !executable.starts_with(&root) {
-            bail!("{} is outside the workspace, which is all the VM sees (unset CARGO_TARGET_DIR)", executable.display());
+        if !executable.starts_with(&root) && !executable.starts_with(target) {
+            bail!("{} is outside the workspace and the target directory, which is all the VM sees", executable.display());
         }
         tests.push(TestBinary { name, dir, executable });
     }
@@ -300,8 +320,10 @@ fn kvm_usable() -> bool {
     fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
-fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary]) -> Result<()> {
+fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, tests: &[TestBinary]) -> Result<()> {
     let root = cmd::workspace_root();
+    // A target directory outside the workspace is shared on its own.
+    let target_share = (!target.starts_with(&root)).then_some(target);
     let shared = root.parent().map(|p| p.join("shared")).filter(|p| p.is_dir());
 
     let run_dir = RunDir(args.cache.join("runs").join(format!("{}-{}", args.kernel, std::process::id())));
@@ -310,8 +332,10 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
     fs::copy(recipes.join("guest-run.sh"), run_dir.0.join("guest-run.sh"))?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut env = format!(
-        "ICR_VM_ROOT={}\nICR_VM_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
+        "ICR_VM_ROOT={}\nICR_VM_TARGET={}\nICR_VM_TARGET_SHARED={}\nICR_VM_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
         quote(&root.to_string_lossy()),
+        quote(&target.to_string_lossy()),
+        u8::from(target_share.is_some()),
         quote(&shared.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
         args.test_timeout,
         quote(&args.args.join(" ")),
@@ -361,6 +385,9 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, tests: &[TestBinary
         .arg(format!("local,path={},mount_tag=icrctl,security_model=none", run_dir.0.display()))
         .arg("-virtfs")
         .arg(format!("local,path={},mount_tag=icrroot,security_model=none,readonly=on", root.display()));
+    if let Some(target) = target_share {
+        qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrtarget,security_model=none,readonly=on", target.display()));
+    }
     if let Some(shared) = &shared {
         qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrshared,security_model=none,readonly=on", shared.display()));
     }
