@@ -61,8 +61,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
                 let device = DeviceSelector::parse(&device);
-                let records = store.find(from, to, Lookup::Any(&[device.index_key()]))?;
-                let rows = query::services_of(&records, &device);
+                let rows = query::service_rows(store.services(from, to, &device.index_key())?);
                 let format = who.format.unwrap_or_else(Format::default_for_stdout);
                 let mut rendered = Vec::new();
                 export::write_services(&mut rendered, &rows, format)?;

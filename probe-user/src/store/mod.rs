@@ -11,12 +11,18 @@
 //! - the open block lives in memory behind a synced append log ([`wal`]):
 //!   `append` returns only when its records are durable.
 //!
+//! - each block's devices and the services they used are rolled up
+//!   ([`rollup`]), and merged per run, so question 2 reads one page per run.
+//!
 //! Keys in a day's tree, block and run numbers big-endian:
 //! `B`+block → block, `M`+block → meta, `L`+block → the block's fingerprints
-//! (until its run is built), `I`+run+first fingerprint → run page, `R`+run →
-//! the run is complete.
+//! and `V`+block → its rollup (both until its run is built), `I`+run+first
+//! fingerprint → run index page, `U`+run+first fingerprint → run rollup
+//! page, `R`+run → the run is complete. The default tree's `layout` says
+//! which layout the store has.
 pub mod codec;
 pub mod index;
+pub mod rollup;
 mod wal;
 
 use std::{
@@ -31,6 +37,7 @@ use log::{info, warn};
 
 use crate::icr::Icr;
 use index::{IndexKey, RUN_BLOCKS};
+use rollup::{Rollup, Services};
 use wal::Wal;
 
 /// Records a sealed block holds (the design brief measured 4,096 as the
@@ -43,6 +50,10 @@ const JSON_DAY_PREFIX: &str = "icr/";
 /// Records start at most this long before a window and still overlap it
 /// (the active timeout slices longer flows).
 const LOOKBACK_DAYS: u64 = 1;
+/// The layout written and read: 2 added rollups and longer block metas.
+/// A store of another layout is refused, never read as this one.
+const LAYOUT: u32 = 2;
+const LAYOUT_KEY: &[u8] = b"layout";
 
 /// A handle on the store; clones share it.
 #[derive(Clone)]
@@ -78,6 +89,17 @@ pub enum Lookup<'a> {
     Any(&'a [IndexKey]),
 }
 
+/// Where question 2's answer for one day comes from.
+#[derive(Default)]
+struct Plan {
+    /// Runs answered by their rollup.
+    runs: Vec<u32>,
+    /// Unrun blocks answered by their rollup.
+    blocks: Vec<u32>,
+    /// Blocks whose records are read.
+    decode: Vec<u32>,
+}
+
 /// One day partition, as far as it is loaded.
 struct Day {
     tree: sled::Tree,
@@ -104,6 +126,10 @@ const MINUTE_WORDS: usize = MINUTES.div_ceil(64);
 struct BlockMeta {
     min_start_us: i64,
     max_end_us: i64,
+    /// With the two above: whether every record of the block overlaps a
+    /// window, so that its rollup stands for it (question 2).
+    max_start_us: i64,
+    min_end_us: i64,
     records: u32,
     /// Bit m: a record was alive in minute m of the partition's day (or
     /// after the day, for the last bit).
@@ -111,7 +137,7 @@ struct BlockMeta {
 }
 
 impl BlockMeta {
-    const LEN: usize = 20 + MINUTE_WORDS * 8;
+    const LEN: usize = 36 + MINUTE_WORDS * 8;
 
     fn of(records: &[Icr], day_start_us: i64) -> Self {
         let mut alive = [0u64; MINUTE_WORDS];
@@ -124,6 +150,8 @@ impl BlockMeta {
         Self {
             min_start_us: records.iter().map(|r| r.start.timestamp_micros()).min().unwrap_or(0),
             max_end_us: records.iter().map(|r| r.end.timestamp_micros()).max().unwrap_or(0),
+            max_start_us: records.iter().map(|r| r.start.timestamp_micros()).max().unwrap_or(0),
+            min_end_us: records.iter().map(|r| r.end.timestamp_micros()).min().unwrap_or(0),
             records: records.len() as u32,
             alive,
         }
@@ -133,6 +161,8 @@ impl BlockMeta {
         let mut out = Vec::with_capacity(Self::LEN);
         out.extend_from_slice(&self.min_start_us.to_be_bytes());
         out.extend_from_slice(&self.max_end_us.to_be_bytes());
+        out.extend_from_slice(&self.max_start_us.to_be_bytes());
+        out.extend_from_slice(&self.min_end_us.to_be_bytes());
         out.extend_from_slice(&self.records.to_be_bytes());
         for word in &self.alive {
             out.extend_from_slice(&word.to_be_bytes());
@@ -145,15 +175,22 @@ impl BlockMeta {
             bail!("a block meta of {} bytes", bytes.len());
         }
         let mut alive = [0u64; MINUTE_WORDS];
-        for (word, chunk) in alive.iter_mut().zip(bytes[20..].chunks_exact(8)) {
+        for (word, chunk) in alive.iter_mut().zip(bytes[36..].chunks_exact(8)) {
             *word = u64::from_be_bytes(chunk.try_into()?);
         }
         Ok(Self {
             min_start_us: i64::from_be_bytes(bytes[..8].try_into()?),
             max_end_us: i64::from_be_bytes(bytes[8..16].try_into()?),
-            records: u32::from_be_bytes(bytes[16..20].try_into()?),
+            max_start_us: i64::from_be_bytes(bytes[16..24].try_into()?),
+            min_end_us: i64::from_be_bytes(bytes[24..32].try_into()?),
+            records: u32::from_be_bytes(bytes[32..36].try_into()?),
             alive,
         })
+    }
+
+    /// Every record of the block overlaps `[from, to]`.
+    fn within(&self, from_us: i64, to_us: i64) -> bool {
+        self.records > 0 && self.min_end_us >= from_us && self.max_start_us <= to_us
     }
 
     fn overlaps(&self, from_us: i64, to_us: i64, day_start_us: i64) -> bool {
@@ -172,10 +209,22 @@ fn key(tag: u8, number: u32) -> [u8; 5] {
 }
 
 fn page_key(run: u32, first: u32) -> [u8; 9] {
-    let mut key = [b'I'; 9];
+    run_key(b'I', run, first)
+}
+
+fn run_key(tag: u8, run: u32, first: u32) -> [u8; 9] {
+    let mut key = [tag; 9];
     key[1..5].copy_from_slice(&run.to_be_bytes());
     key[5..].copy_from_slice(&first.to_be_bytes());
     key
+}
+
+/// The rollup page of `run` that would hold `print`.
+fn rollup_page(tree: &sled::Tree, run: u32, print: u32) -> Result<Option<sled::IVec>> {
+    match tree.range(run_key(b'U', run, 0)..=run_key(b'U', run, print)).next_back() {
+        Some(entry) => Ok(Some(entry.context("reading a rollup page")?.1)),
+        None => Ok(None),
+    }
 }
 
 fn number_of(key: &[u8]) -> Result<u32> {
@@ -199,6 +248,7 @@ impl Store {
                 }
                 other => anyhow::Error::new(other).context(format!("opening the store {}", path.display())),
             })?;
+        check_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
         let store = Self { inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()) }) };
@@ -308,6 +358,75 @@ impl Store {
             }
         }
         Ok(found)
+    }
+
+    /// Question 2: the services used by the device `device` (a MAC, device
+    /// IP or subscriber key) in records overlapping `[from, to]`. Blocks and
+    /// runs wholly inside the window answer from their rollups; the others
+    /// (at the window's edges, and the open block) from their records.
+    pub fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &IndexKey) -> Result<Services> {
+        if to < from {
+            bail!("the window ends before it starts");
+        }
+        if !matches!(device, IndexKey::Mac(_) | IndexKey::DeviceIp(_) | IndexKey::Subscriber(_)) {
+            bail!("{device:?} does not name a device");
+        }
+        let (from_us, to_us) = (from.timestamp_micros(), to.timestamp_micros());
+        let first_day = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
+        let filter = index::KeyFilter::new(std::slice::from_ref(device));
+        let wanted_view = |view: &codec::View| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
+        let mut services = Services::default();
+        for date in self.days()? {
+            if date < first_day || date > to.date_naive() {
+                continue;
+            }
+            let (tree, plan) = {
+                let mut days = self.lock()?;
+                let day = self.day(&mut days, date)?;
+                for record in day.open.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
+                    services.add_record(record);
+                }
+                (day.tree.clone(), day.services_plan(from_us, to_us, device)?)
+            };
+            let print = device.fingerprint();
+            for run in plan.runs {
+                let context = || format!("the rollup of run {run} of {date}");
+                let mut aliases = Vec::new();
+                if let Some(page) = rollup_page(&tree, run, print).with_context(context)? {
+                    rollup::lookup(&page, device, true, &mut services, &mut aliases).with_context(context)?;
+                }
+                for alias in aliases {
+                    if let Some(page) = rollup_page(&tree, run, alias).with_context(context)? {
+                        rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new()).with_context(context)?;
+                    }
+                }
+            }
+            let mut decode = plan.decode;
+            for block in plan.blocks {
+                let context = || format!("the rollup of block {block} of {date}");
+                // Its run was built since the plan was made: the block's
+                // rollup is gone, its records are not.
+                let Some(page) = tree.get(key(b'V', block)).with_context(context)? else {
+                    decode.push(block);
+                    continue;
+                };
+                let mut aliases = Vec::new();
+                rollup::lookup(&page, device, true, &mut services, &mut aliases).with_context(context)?;
+                for alias in aliases {
+                    rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new()).with_context(context)?;
+                }
+            }
+            for block in decode {
+                let bytes = tree
+                    .get(key(b'B', block))
+                    .context("reading a block")?
+                    .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
+                for record in codec::decode_filtered(&bytes, wanted_view).with_context(|| format!("block {block} of {date}"))? {
+                    services.add_record(&record);
+                }
+            }
+        }
+        Ok(services)
     }
 
     /// Every record overlapping `[from, to]`, in start order.
@@ -461,6 +580,8 @@ impl Day {
         batch.insert(&key(b'B', number), codec::encode(records, true)?);
         batch.insert(&key(b'M', number), meta.encode());
         batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
+        let (_, rollup) = Rollup::of(records).pages(usize::MAX)?.pop().unwrap_or_default();
+        batch.insert(&key(b'V', number), rollup);
         self.tree.apply_batch(batch).context("writing a block")?;
         self.blocks.push(meta);
         self.unrun.insert(number, prints);
@@ -479,8 +600,18 @@ impl Day {
             for (first, page) in index::build_run(&lists) {
                 batch.insert(&page_key(run, first), page);
             }
+            let mut rollup = Rollup::default();
+            for n in &numbers {
+                if let Some(page) = self.tree.get(key(b'V', *n)).context("reading a block's rollup")? {
+                    rollup.merge_page(&page).with_context(|| format!("the rollup of block {n}"))?;
+                }
+            }
+            for (first, page) in rollup.pages(rollup::RUN_PAGE_BYTES)? {
+                batch.insert(&run_key(b'U', run, first), page);
+            }
             for n in &numbers {
                 batch.remove(&key(b'L', *n));
+                batch.remove(&key(b'V', *n));
             }
             batch.insert(&key(b'R', run), &[]);
             self.tree.apply_batch(batch).context("writing an index run")?;
@@ -492,10 +623,44 @@ impl Day {
         Ok(())
     }
 
+    /// How question 2 reads the window: the runs and unrun blocks whose
+    /// every record is inside it answer from their rollups; the blocks at
+    /// its edges that the index names for the device, from their records.
+    fn services_plan(&self, from_us: i64, to_us: i64, device: &IndexKey) -> Result<Plan> {
+        let mut plan = Plan::default();
+        let mut edges = BTreeSet::new();
+        let overlapping = |n: u32| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us);
+        let within = |n: u32| self.blocks[n as usize].within(from_us, to_us);
+        for run in 0..self.runs {
+            let numbers = run * RUN_BLOCKS..(run + 1) * RUN_BLOCKS;
+            if numbers.clone().all(within) {
+                plan.runs.push(run);
+            } else {
+                edges.extend(numbers.filter(|&n| overlapping(n)));
+            }
+        }
+        for n in self.runs * RUN_BLOCKS..self.blocks.len() as u32 {
+            if within(n) {
+                plan.blocks.push(n);
+            } else if overlapping(n) {
+                edges.insert(n);
+            }
+        }
+        if !edges.is_empty() {
+            plan.decode = self.candidates_among(edges, Lookup::Any(std::slice::from_ref(device)))?;
+        }
+        Ok(plan)
+    }
+
     /// The sealed blocks that may hold records of the window with the keys.
     fn candidates(&self, from_us: i64, to_us: i64, lookup: Lookup) -> Result<Vec<u32>> {
         let in_window: BTreeSet<u32> =
             (0..self.blocks.len() as u32).filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us)).collect();
+        self.candidates_among(in_window, lookup)
+    }
+
+    /// Those of `in_window` that may hold records with the keys.
+    fn candidates_among(&self, in_window: BTreeSet<u32>, lookup: Lookup) -> Result<Vec<u32>> {
         let keys = match lookup {
             Lookup::All => return Ok(in_window.into_iter().collect()),
             Lookup::Any(keys) => keys,
@@ -548,6 +713,26 @@ impl Day {
         }
         Ok(mask)
     }
+}
+
+/// Refuses a store of another layout; marks a new one.
+fn check_layout(db: &sled::Db, path: &Path) -> Result<()> {
+    let found = match db.get(LAYOUT_KEY).context("reading the store's layout")? {
+        Some(value) => u32::from_be_bytes(value.as_ref().try_into().map_err(|_| anyhow!("the store's layout marker is damaged"))?),
+        None if db.tree_names().iter().any(|name| name.starts_with(DAY_PREFIX.as_bytes())) => 1,
+        None => {
+            db.insert(LAYOUT_KEY, &LAYOUT.to_be_bytes()).context("marking the store's layout")?;
+            db.flush().context("marking the store's layout")?;
+            return Ok(());
+        }
+    };
+    if found != LAYOUT {
+        bail!(
+            "the store {} has layout {found}, and this icr reads only layout {LAYOUT}: read it with the icr that wrote it, or give this one a new --db",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn day_name(date: NaiveDate) -> String {
@@ -695,6 +880,87 @@ mod tests {
             check(&store);
         }
         check(&Store::open(dir.path()).unwrap());
+    }
+
+    /// Question 2 from rollups (runs, unrun blocks) and records (the open
+    /// block, the blocks at a window's edges) equals the answer from a full
+    /// scan, for each kind of device key, before and after reopening.
+    #[test]
+    fn services_from_rollups_equal_services_from_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = samples(BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        // Devices known by IP or subscriber only, and one whose IP another
+        // device also had: their rows come through the rollups' aliases.
+        for (i, record) in records.iter_mut().enumerate().filter(|(i, _)| i % 97 == 0) {
+            record.device.mac = None;
+            if i % 2 == 0 {
+                record.device.ip = None;
+            }
+        }
+        let check = |store: &Store| {
+            {
+                let days = store.lock().unwrap();
+                let day = &days[&records[0].start.date_naive()];
+                assert_eq!((day.runs, day.blocks.len(), day.open.len()), (2, 2 * RUN_BLOCKS as usize + 3, 30));
+                let plan = day.services_plan(at("2026-11-22T00:00:00Z").timestamp_micros(), at("2026-11-23T00:00:00Z").timestamp_micros(), &IndexKey::Mac([2, 0, 0, 0, 9, 0x17])).unwrap();
+                assert_eq!((plan.runs.len(), plan.blocks.len(), plan.decode.len()), (2, 3, 0), "a whole day reads rollups only");
+            }
+            let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
+            let keys = [
+                IndexKey::Mac([2, 0, 0, 0, 9, 0x17]),
+                IndexKey::Mac([2, 0, 0, 0, 0, 0x17]),
+                IndexKey::DeviceIp("10.0.1.11".parse().unwrap()),
+                IndexKey::DeviceIp(records[97].device.ip.unwrap()),
+                IndexKey::Subscriber("line-200".into()),
+                IndexKey::Subscriber(records[194].device.subscriber.clone().unwrap()),
+                IndexKey::Subscriber("nobody".into()),
+            ];
+            let windows = [
+                (at("2026-11-22T00:00:00Z"), at("2026-11-22T23:59:59.999999Z")),
+                (records[80].start, records[records.len() - 90].start),
+                (records[5000].end, records[6000].start),
+                (at("2026-11-21T00:00:00Z"), at("2026-11-23T00:00:00Z")),
+            ];
+            for key in &keys {
+                let filter = index::KeyFilter::new(std::slice::from_ref(key));
+                for (from, to) in windows {
+                    let mut expected = Services::default();
+                    for record in all.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
+                        expected.add_record(record);
+                    }
+                    let expected = expected.into_sorted();
+                    assert!(!expected.is_empty() || matches!(key, IndexKey::Subscriber(s) if s == "nobody"), "{key:?}");
+                    assert_eq!(store.services(from, to, key).unwrap().into_sorted(), expected, "{key:?} {from} {to}");
+                }
+            }
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for chunk in records.chunks(1000) {
+                store.append(chunk).unwrap();
+            }
+            check(&store);
+        }
+        check(&Store::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_store_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.append(&samples(10)).unwrap();
+            store.inner.db.remove(LAYOUT_KEY).unwrap();
+            store.inner.db.flush().unwrap();
+        }
+        let error = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(error.contains("layout 1"), "{error}");
+        {
+            let db = sled::open(dir.path().join("records")).unwrap();
+            db.insert(LAYOUT_KEY, &3u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        assert!(Store::open(dir.path()).err().expect("refused").to_string().contains("layout 3"));
     }
 
     #[test]
