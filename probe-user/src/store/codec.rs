@@ -75,8 +75,11 @@ pub fn decode(block: &[u8]) -> Result<Vec<Icr>> {
     decode_filtered(block, |_| true)
 }
 
-/// Decodes the records of a block that `keep` keeps.
-pub fn decode_filtered(block: &[u8], mut keep: impl FnMut(&View) -> bool) -> Result<Vec<Icr>> {
+/// Decodes the records of a block that `keep` keeps. `keep` sees only the
+/// columns a query tests (times and keys), read first for every record; the
+/// other columns are read only if some record is kept, and a record is built
+/// only if it is: most blocks a query reads keep few records or none.
+pub fn decode_filtered(block: &[u8], mut keep: impl FnMut(&Keys) -> bool) -> Result<Vec<Icr>> {
     let mut header = Reader::new(block);
     let version = header.u8()?;
     ensure!(version == VERSION, "block encoding version {version} is not known to this icr (it knows {VERSION})");
@@ -101,15 +104,64 @@ pub fn decode_filtered(block: &[u8], mut keep: impl FnMut(&View) -> bool) -> Res
         columns.push(Reader::new(&body[offset..offset + length]));
         offset += length;
     }
+    let mut kept = Vec::new();
+    {
+        let mut key_columns = columns.clone();
+        let mut start_us = 0i64;
+        for index in 0..count {
+            let keys = decode_keys(&mut key_columns, &mut start_us).with_context(|| format!("decoding record {index} of a block"))?;
+            if keep(&keys) {
+                kept.push(index);
+            }
+        }
+    }
+    let mut records = Vec::with_capacity(kept.len());
     let mut previous = Previous::default();
-    let mut records = Vec::new();
+    let mut wanted = kept.iter().peekable();
     for index in 0..count {
+        if wanted.peek().is_none() {
+            break;
+        }
         let view = decode_view(&mut columns, &mut previous).with_context(|| format!("decoding record {index} of a block"))?;
-        if keep(&view) {
+        if wanted.next_if(|k| **k == index).is_some() {
             records.push(view.to_icr().with_context(|| format!("decoding record {index} of a block"))?);
         }
     }
     Ok(records)
+}
+
+/// A stored record's times and index keys, borrowing its texts from the
+/// block: what a query tests before it decodes the rest.
+pub struct Keys<'a> {
+    pub start_us: i64,
+    pub end_us: i64,
+    pub mac: Option<[u8; 6]>,
+    pub device_ip: Option<IpAddr>,
+    pub subscriber: Option<&'a str>,
+    pub public: Option<(IpAddr, u16)>,
+    pub remote: (IpAddr, u16),
+    pub service_name: Option<&'a str>,
+}
+
+/// Reads the next record's [`Keys`] from their columns only (each column
+/// is read in its own order, so the others can be left unread).
+fn decode_keys<'a>(c: &mut [Reader<'a>], start_us: &mut i64) -> Result<Keys<'a>> {
+    *start_us = start_us.wrapping_add(c[START].signed()?);
+    let end_us = start_us.wrapping_add(c[DURATION].signed()?);
+    let mac = match c[MAC].u8()? {
+        0 => None,
+        _ => Some(<[u8; 6]>::try_from(c[MAC].bytes(6)?)?),
+    };
+    let device_ip = c[DEVICE_IP].ip()?;
+    let subscriber = c[SUBSCRIBER].text_ref()?;
+    let public = match c[PUBLIC_IP].ip()? {
+        Some(ip) => Some((ip, u16::try_from(c[PUBLIC_PORT].varint()?)?)),
+        None => None,
+    };
+    let remote_ip = c[REMOTE_IP].ip()?.ok_or_else(|| anyhow!("a record without a remote address"))?;
+    let remote = (remote_ip, u16::try_from(c[REMOTE_PORT].varint()?)?);
+    let service_name = c[SERVICE_NAME].text_ref()?;
+    Ok(Keys { start_us: *start_us, end_us, mac, device_ip, subscriber, public, remote, service_name })
 }
 
 /// What the delta-coded columns are relative to.
@@ -178,24 +230,23 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
     Ok(())
 }
 
-/// A decoded record that borrows its texts from the block: queries test
-/// these against their keys and build an [`Icr`] only for the records they
-/// keep, so the records they skip cost no allocation.
-pub struct View<'a> {
+/// A decoded record that borrows its texts from the block, before it is
+/// built into an [`Icr`].
+struct View<'a> {
     id: u128,
-    pub start_us: i64,
-    pub end_us: i64,
+    start_us: i64,
+    end_us: i64,
     end_reason: u8,
     proto: u8,
-    pub mac: Option<[u8; 6]>,
-    pub device_ip: Option<IpAddr>,
+    mac: Option<[u8; 6]>,
+    device_ip: Option<IpAddr>,
     device_port: Option<u64>,
     vlan: Vec<u16>,
     pppoe: Option<u64>,
-    pub subscriber: Option<&'a str>,
-    pub public: Option<(IpAddr, u16)>,
-    pub remote: (IpAddr, u16),
-    pub service_name: Option<&'a str>,
+    subscriber: Option<&'a str>,
+    public: Option<(IpAddr, u16)>,
+    remote: (IpAddr, u16),
+    service_name: Option<&'a str>,
     service_meta: u8,
     dns: Option<(&'a str, &'a str, Vec<&'a str>)>,
     packets: (u64, u64),
@@ -265,7 +316,7 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
 }
 
 impl View<'_> {
-    pub fn to_icr(&self) -> Result<Icr> {
+    fn to_icr(&self) -> Result<Icr> {
         let end_reason = match self.end_reason {
             0 => EndReason::Fin,
             1 => EndReason::Rst,
@@ -388,6 +439,7 @@ fn push_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
 }
 
 /// Reads one column; every read is checked, a short column is an error.
+#[derive(Clone)]
 struct Reader<'a> {
     bytes: &'a [u8],
 }

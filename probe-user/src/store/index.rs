@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     icr::Icr,
-    store::codec::{View, parse_mac},
+    store::codec::{Keys, parse_mac},
 };
 
 /// Blocks merged into one run (a u64 mask says which of them hold a key).
@@ -202,7 +202,7 @@ impl KeyFilter {
     }
 
     /// Whether a stored record (not yet built into an [`Icr`]) has a key asked for.
-    pub fn matches_view(&self, view: &View) -> bool {
+    pub fn matches_view(&self, view: &Keys) -> bool {
         self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.service_name, view.remote.0)
     }
 

@@ -333,7 +333,7 @@ impl Store {
         let wanted = |record: &Icr| {
             record.end >= from && record.start <= to && filter.as_ref().is_none_or(|f| f.matches_record(record))
         };
-        let wanted_view = |view: &codec::View| {
+        let wanted_view = |view: &codec::Keys| {
             view.end_us >= from_us && view.start_us <= to_us && filter.as_ref().is_none_or(|f| f.matches_view(view))
         };
         let mut found = Vec::new();
@@ -374,7 +374,7 @@ impl Store {
         let (from_us, to_us) = (from.timestamp_micros(), to.timestamp_micros());
         let first_day = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
         let filter = index::KeyFilter::new(std::slice::from_ref(device));
-        let wanted_view = |view: &codec::View| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
+        let wanted_view = |view: &codec::Keys| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
         let mut services = Services::default();
         for date in self.days()? {
             if date < first_day || date > to.date_naive() {
