@@ -16,7 +16,7 @@
 //!
 //! Keys in a day's tree, block and run numbers big-endian:
 //! `B`+block → block, `M`+block → meta, `L`+block → the block's fingerprints
-//! and `V`+block → its rollup (both until its run is built), `I`+run+first
+//! (until its run is built; their rollups are kept in memory), `I`+run+first
 //! fingerprint → run index page, `U`+run+first fingerprint → run rollup
 //! page, `R`+run → the run is complete. The default tree's `layout` says
 //! which layout the store has.
@@ -110,6 +110,10 @@ struct Day {
     runs: u32,
     /// Fingerprints of the sealed blocks not yet in a run, by block number.
     unrun: BTreeMap<u32, Vec<u32>>,
+    /// The rollups of the same blocks, as one compressed page each. Kept in
+    /// memory, not in sled: they would be rewritten into the run's rollup
+    /// and deleted within the hour, and are rebuilt from the blocks on open.
+    unrun_rollups: BTreeMap<u32, sled::IVec>,
     /// The open block: acknowledged records, also in `wal`.
     open: Vec<Icr>,
     wal: Option<Wal>,
@@ -380,13 +384,16 @@ impl Store {
             if date < first_day || date > to.date_naive() {
                 continue;
             }
-            let (tree, plan) = {
+            let (tree, plan, block_pages) = {
                 let mut days = self.lock()?;
                 let day = self.day(&mut days, date)?;
                 for record in day.open.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
                     services.add_record(record);
                 }
-                (day.tree.clone(), day.services_plan(from_us, to_us, device)?)
+                let plan = day.services_plan(from_us, to_us, device)?;
+                let pages: Vec<(u32, Option<sled::IVec>)> =
+                    plan.blocks.iter().map(|n| (*n, day.unrun_rollups.get(n).cloned())).collect();
+                (day.tree.clone(), Plan { blocks: Vec::new(), ..plan }, pages)
             };
             let print = device.fingerprint();
             for run in plan.runs {
@@ -402,12 +409,10 @@ impl Store {
                 }
             }
             let mut decode = plan.decode;
-            for block in plan.blocks {
+            for (block, page) in block_pages {
                 let context = || format!("the rollup of block {block} of {date}");
-                // Its run was built since the plan was made: the block's
-                // rollup is gone, its records are not.
-                let Some(page) = tree.get(key(b'V', block)).with_context(context)? else {
-                    decode.push(block);
+                let Some(page) = page else {
+                    decode.push(block); // not expected: read its records instead
                     continue;
                 };
                 let mut aliases = Vec::new();
@@ -473,6 +478,27 @@ impl Store {
             .map(|dir| dir.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
             .unwrap_or(0);
         self.inner.db.size_on_disk().unwrap_or(0) + logs
+    }
+
+    /// Bytes of keys and values in the day trees by the kind of entry
+    /// (blocks, metas, index, rollups...): where the store's size goes.
+    pub fn bytes_by_kind(&self) -> Result<BTreeMap<String, u64>> {
+        let mut sizes = BTreeMap::new();
+        for date in self.days()? {
+            let tree = self.inner.db.open_tree(day_name(date)).context("opening a day partition")?;
+            for entry in tree.iter() {
+                let (key, value) = entry.context("reading a day partition")?;
+                let kind = match key.first() {
+                    Some(b'B') => "blocks",
+                    Some(b'M') => "metas",
+                    Some(b'L' | b'I' | b'R') => "index",
+                    Some(b'U') => "rollups",
+                    _ => "other",
+                };
+                *sizes.entry(kind.to_owned()).or_insert(0) += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(sizes)
     }
 
     pub fn path(&self) -> &Path {
@@ -564,8 +590,14 @@ impl Day {
             let (key, value) = entry.context("reading block fingerprints")?;
             unrun.insert(number_of(&key)?, index::decode_fingerprints(&value)?);
         }
+        let mut unrun_rollups = BTreeMap::new();
+        for &number in unrun.keys() {
+            let block = tree.get(key(b'B', number)).context("reading a block")?.ok_or_else(|| anyhow!("block {number} is missing"))?;
+            let records = codec::decode(&block).with_context(|| format!("block {number}"))?;
+            unrun_rollups.insert(number, block_rollup(&records)?);
+        }
         let start_us = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros();
-        Ok(Self { tree, start_us, blocks, runs, unrun, open: Vec::new(), wal: None })
+        Ok(Self { tree, start_us, blocks, runs, unrun, unrun_rollups, open: Vec::new(), wal: None })
     }
 
     /// Writes the first `count` open records as the next block, with its
@@ -580,11 +612,11 @@ impl Day {
         batch.insert(&key(b'B', number), codec::encode(records, true)?);
         batch.insert(&key(b'M', number), meta.encode());
         batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
-        let (_, rollup) = Rollup::of(records).pages(usize::MAX)?.pop().unwrap_or_default();
-        batch.insert(&key(b'V', number), rollup);
+        let rollup = block_rollup(records)?;
         self.tree.apply_batch(batch).context("writing a block")?;
         self.blocks.push(meta);
         self.unrun.insert(number, prints);
+        self.unrun_rollups.insert(number, rollup);
         self.open.drain(..count);
         Ok(())
     }
@@ -602,8 +634,8 @@ impl Day {
             }
             let mut rollup = Rollup::default();
             for n in &numbers {
-                if let Some(page) = self.tree.get(key(b'V', *n)).context("reading a block's rollup")? {
-                    rollup.merge_page(&page).with_context(|| format!("the rollup of block {n}"))?;
+                if let Some(page) = self.unrun_rollups.get(n) {
+                    rollup.merge_page(page).with_context(|| format!("the rollup of block {n}"))?;
                 }
             }
             for (first, page) in rollup.pages(rollup::RUN_PAGE_BYTES)? {
@@ -611,12 +643,12 @@ impl Day {
             }
             for n in &numbers {
                 batch.remove(&key(b'L', *n));
-                batch.remove(&key(b'V', *n));
             }
             batch.insert(&key(b'R', run), &[]);
             self.tree.apply_batch(batch).context("writing an index run")?;
             for n in &numbers {
                 self.unrun.remove(n);
+                self.unrun_rollups.remove(n);
             }
             self.runs += 1;
         }
@@ -733,6 +765,12 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A block's rollup, one compressed page (empty for a block without devices).
+fn block_rollup(records: &[Icr]) -> Result<sled::IVec> {
+    let (_, page) = Rollup::of(records).pages(usize::MAX)?.pop().unwrap_or_default();
+    Ok(page.into())
 }
 
 fn day_name(date: NaiveDate) -> String {

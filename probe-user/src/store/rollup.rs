@@ -89,9 +89,14 @@ impl ServiceUse {
 /// service not seen yet.
 #[derive(Debug, Default)]
 pub struct Services {
-    names: HashMap<String, ServiceUse>,
-    remotes: HashMap<(IpAddr, u16, u8), ServiceUse>,
+    names: HashMap<String, ServiceUse, Hasher>,
+    remotes: HashMap<(IpAddr, u16, u8), ServiceUse, Hasher>,
 }
+
+/// These maps are built for every block written: a fast hash, not SipHash
+/// (their keys are not chosen by an attacker who could profit from
+/// collisions; at worst a lookup slows).
+type Hasher = xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 impl Services {
     pub fn add_record(&mut self, record: &Icr) {
@@ -174,7 +179,7 @@ impl Identity {
 /// The services of every device of some records, being built.
 #[derive(Default)]
 pub struct Rollup {
-    identities: HashMap<Identity, usize>,
+    identities: HashMap<Identity, usize, Hasher>,
     services: Vec<Services>,
 }
 
