@@ -16,7 +16,7 @@
 //!
 //! Keys in a day's tree, block and run numbers big-endian:
 //! `B`+block → block, `M`+block → meta, `L`+block → the block's fingerprints
-//! (until its run is built; their rollups are kept in memory), `I`+run+first
+//! (until its run is built; their rollup is kept in memory), `I`+run+first
 //! fingerprint → run index page, `U`+run+first fingerprint → run rollup
 //! page, `R`+run → the run is complete. The default tree's `layout` says
 //! which layout the store has.
@@ -94,8 +94,8 @@ pub enum Lookup<'a> {
 struct Plan {
     /// Runs answered by their rollup.
     runs: Vec<u32>,
-    /// Unrun blocks answered by their rollup.
-    blocks: Vec<u32>,
+    /// Whether the unrun blocks are answered by their rollup.
+    pending: bool,
     /// Blocks whose records are read.
     decode: Vec<u32>,
 }
@@ -110,10 +110,10 @@ struct Day {
     runs: u32,
     /// Fingerprints of the sealed blocks not yet in a run, by block number.
     unrun: BTreeMap<u32, Vec<u32>>,
-    /// The rollups of the same blocks, as one compressed page each. Kept in
-    /// memory, not in sled: they would be rewritten into the run's rollup
-    /// and deleted within the hour, and are rebuilt from the blocks on open.
-    unrun_rollups: BTreeMap<u32, sled::IVec>,
+    /// The rollup of the same blocks, by run: kept in memory, not in sled,
+    /// until the run is built (then written once, as its pages), and rebuilt
+    /// from the blocks when the day is loaded.
+    pending: BTreeMap<u32, Rollup>,
     /// The open block: acknowledged records, also in `wal`.
     open: Vec<Icr>,
     wal: Option<Wal>,
@@ -384,16 +384,19 @@ impl Store {
             if date < first_day || date > to.date_naive() {
                 continue;
             }
-            let (tree, plan, block_pages) = {
+            let (tree, plan) = {
                 let mut days = self.lock()?;
                 let day = self.day(&mut days, date)?;
                 for record in day.open.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
                     services.add_record(record);
                 }
                 let plan = day.services_plan(from_us, to_us, device)?;
-                let pages: Vec<(u32, Option<sled::IVec>)> =
-                    plan.blocks.iter().map(|n| (*n, day.unrun_rollups.get(n).cloned())).collect();
-                (day.tree.clone(), Plan { blocks: Vec::new(), ..plan }, pages)
+                if plan.pending {
+                    for rollup in day.pending.values() {
+                        rollup.lookup(device, &mut services);
+                    }
+                }
+                (day.tree.clone(), plan)
             };
             let print = device.fingerprint();
             for run in plan.runs {
@@ -408,20 +411,7 @@ impl Store {
                     }
                 }
             }
-            let mut decode = plan.decode;
-            for (block, page) in block_pages {
-                let context = || format!("the rollup of block {block} of {date}");
-                let Some(page) = page else {
-                    decode.push(block); // not expected: read its records instead
-                    continue;
-                };
-                let mut aliases = Vec::new();
-                rollup::lookup(&page, device, true, &mut services, &mut aliases).with_context(context)?;
-                for alias in aliases {
-                    rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new()).with_context(context)?;
-                }
-            }
-            for block in decode {
+            for block in plan.decode {
                 let bytes = tree
                     .get(key(b'B', block))
                     .context("reading a block")?
@@ -590,14 +580,14 @@ impl Day {
             let (key, value) = entry.context("reading block fingerprints")?;
             unrun.insert(number_of(&key)?, index::decode_fingerprints(&value)?);
         }
-        let mut unrun_rollups = BTreeMap::new();
+        let mut pending = BTreeMap::<u32, Rollup>::new();
         for &number in unrun.keys() {
             let block = tree.get(key(b'B', number)).context("reading a block")?.ok_or_else(|| anyhow!("block {number} is missing"))?;
             let records = codec::decode(&block).with_context(|| format!("block {number}"))?;
-            unrun_rollups.insert(number, block_rollup(&records)?);
+            pending.entry(number / RUN_BLOCKS).or_default().add_records(&records);
         }
         let start_us = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros();
-        Ok(Self { tree, start_us, blocks, runs, unrun, unrun_rollups, open: Vec::new(), wal: None })
+        Ok(Self { tree, start_us, blocks, runs, unrun, pending, open: Vec::new(), wal: None })
     }
 
     /// Writes the first `count` open records as the next block, with its
@@ -612,11 +602,10 @@ impl Day {
         batch.insert(&key(b'B', number), codec::encode(records, true)?);
         batch.insert(&key(b'M', number), meta.encode());
         batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
-        let rollup = block_rollup(records)?;
         self.tree.apply_batch(batch).context("writing a block")?;
         self.blocks.push(meta);
+        self.pending.entry(number / RUN_BLOCKS).or_default().add_records(records);
         self.unrun.insert(number, prints);
-        self.unrun_rollups.insert(number, rollup);
         self.open.drain(..count);
         Ok(())
     }
@@ -632,13 +621,8 @@ impl Day {
             for (first, page) in index::build_run(&lists) {
                 batch.insert(&page_key(run, first), page);
             }
-            let mut rollup = Rollup::default();
-            for n in &numbers {
-                if let Some(page) = self.unrun_rollups.get(n) {
-                    rollup.merge_page(page).with_context(|| format!("the rollup of block {n}"))?;
-                }
-            }
-            for (first, page) in rollup.pages(rollup::RUN_PAGE_BYTES)? {
+            let rollup = self.pending.get(&run).map(|r| r.pages(rollup::RUN_PAGE_BYTES)).transpose()?.unwrap_or_default();
+            for (first, page) in rollup {
                 batch.insert(&run_key(b'U', run, first), page);
             }
             for n in &numbers {
@@ -648,8 +632,8 @@ impl Day {
             self.tree.apply_batch(batch).context("writing an index run")?;
             for n in &numbers {
                 self.unrun.remove(n);
-                self.unrun_rollups.remove(n);
             }
+            self.pending.remove(&run);
             self.runs += 1;
         }
         Ok(())
@@ -671,12 +655,12 @@ impl Day {
                 edges.extend(numbers.filter(|&n| overlapping(n)));
             }
         }
-        for n in self.runs * RUN_BLOCKS..self.blocks.len() as u32 {
-            if within(n) {
-                plan.blocks.push(n);
-            } else if overlapping(n) {
-                edges.insert(n);
-            }
+        // The unrun blocks have one rollup between them.
+        let unrun = self.runs * RUN_BLOCKS..self.blocks.len() as u32;
+        if !unrun.is_empty() && unrun.clone().all(within) {
+            plan.pending = true;
+        } else {
+            edges.extend(unrun.filter(|&n| overlapping(n)));
         }
         if !edges.is_empty() {
             plan.decode = self.candidates_among(edges, Lookup::Any(std::slice::from_ref(device)))?;
@@ -765,12 +749,6 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A block's rollup, one compressed page (empty for a block without devices).
-fn block_rollup(records: &[Icr]) -> Result<sled::IVec> {
-    let (_, page) = Rollup::of(records).pages(usize::MAX)?.pop().unwrap_or_default();
-    Ok(page.into())
 }
 
 fn day_name(date: NaiveDate) -> String {
@@ -941,7 +919,7 @@ mod tests {
                 let day = &days[&records[0].start.date_naive()];
                 assert_eq!((day.runs, day.blocks.len(), day.open.len()), (2, 2 * RUN_BLOCKS as usize + 3, 30));
                 let plan = day.services_plan(at("2026-11-22T00:00:00Z").timestamp_micros(), at("2026-11-23T00:00:00Z").timestamp_micros(), &IndexKey::Mac([2, 0, 0, 0, 9, 0x17])).unwrap();
-                assert_eq!((plan.runs.len(), plan.blocks.len(), plan.decode.len()), (2, 3, 0), "a whole day reads rollups only");
+                assert_eq!((plan.runs.len(), plan.pending, plan.decode.len()), (2, true, 0), "a whole day reads rollups only");
             }
             let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
             let keys = [

@@ -120,6 +120,15 @@ impl Services {
         self.remotes.entry(remote).and_modify(|known| known.merge(used)).or_insert(*used);
     }
 
+    pub fn merge(&mut self, other: &Services) {
+        for (name, used) in &other.names {
+            self.add_name(name, used);
+        }
+        for (remote, used) in &other.remotes {
+            self.add_remote(*remote, used);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.names.len() + self.remotes.len()
     }
@@ -186,14 +195,27 @@ pub struct Rollup {
 impl Rollup {
     pub fn of(records: &[Icr]) -> Self {
         let mut rollup = Self::default();
+        rollup.add_records(records);
+        rollup
+    }
+
+    pub fn add_records(&mut self, records: &[Icr]) {
         for record in records {
             let identity = Identity::of(record);
             if identity.mac.is_none() && identity.ip.is_none() && identity.subscriber.is_none() {
                 continue; // no key asks for it
             }
-            rollup.services_of(identity).add_record(record);
+            self.services_of(identity).add_record(record);
         }
-        rollup
+    }
+
+    /// Adds to `out` the services of the identities `key` names.
+    pub fn lookup(&self, key: &IndexKey, out: &mut Services) {
+        for (identity, &index) in &self.identities {
+            if identity.matches(key) {
+                out.merge(&self.services[index]);
+            }
+        }
     }
 
     fn services_of(&mut self, identity: Identity) -> &mut Services {
@@ -205,7 +227,9 @@ impl Rollup {
         &mut self.services[index]
     }
 
-    /// Adds every identity of a page (built by [`Rollup::pages`]).
+    /// Adds every identity of a page (built by [`Rollup::pages`]): reads a
+    /// page whole (the store itself reads pages by key).
+    #[cfg(test)]
     pub fn merge_page(&mut self, compressed: &[u8]) -> Result<()> {
         if compressed.is_empty() {
             return Ok(()); // a block without devices
