@@ -337,6 +337,7 @@ impl Store {
         let wanted = |record: &Icr| {
             record.end >= from && record.start <= to && filter.as_ref().is_none_or(|f| f.matches_record(record))
         };
+        let fields = filter.as_ref().map(index::KeyFilter::fields).unwrap_or_default();
         let wanted_view = |view: &codec::Keys| {
             view.end_us >= from_us && view.start_us <= to_us && filter.as_ref().is_none_or(|f| f.matches_view(view))
         };
@@ -358,7 +359,7 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                found.extend(codec::decode_filtered(&bytes, wanted_view).with_context(|| format!("block {block} of {date}"))?);
+                found.extend(codec::decode_filtered(&bytes, fields, wanted_view).with_context(|| format!("block {block} of {date}"))?);
             }
         }
         Ok(found)
@@ -416,7 +417,7 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                for record in codec::decode_filtered(&bytes, wanted_view).with_context(|| format!("block {block} of {date}"))? {
+                for record in codec::decode_filtered(&bytes, filter.fields(), wanted_view).with_context(|| format!("block {block} of {date}"))? {
                     services.add_record(&record);
                 }
             }
