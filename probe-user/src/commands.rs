@@ -226,13 +226,12 @@ impl Session {
     /// parameter, an unreadable store) is audited too, as "failed".
     fn run(&self, query: impl FnOnce(&Self) -> Result<()>) -> Result<()> {
         let result = query(self);
-        if let Err(error) = &result {
-            if !is_refusal(error) {
+        if let Err(error) = &result
+            && !is_refusal(error) {
                 let mut record = self.record.clone();
                 record.outcome = format!("failed: {error:#}");
                 self.audit.append(record).context("auditing a failed query")?;
             }
-        }
         result
     }
 

@@ -506,9 +506,9 @@ impl Store {
 
     /// The day's state, loaded on first use.
     fn day<'a>(&self, days: &'a mut BTreeMap<NaiveDate, Day>, date: NaiveDate) -> Result<&'a mut Day> {
-        if !days.contains_key(&date) {
+        if let std::collections::btree_map::Entry::Vacant(e) = days.entry(date) {
             let tree = self.inner.db.open_tree(day_name(date)).context("opening a day partition")?;
-            days.insert(date, Day::load(tree, date).with_context(|| format!("loading the day {date}"))?);
+            e.insert(Day::load(tree, date).with_context(|| format!("loading the day {date}"))?);
         }
         Ok(days.get_mut(&date).expect("inserted"))
     }
@@ -554,7 +554,7 @@ impl Store {
             let records = tree
                 .iter()
                 .values()
-                .map(|value| Ok(serde_json::from_slice::<Icr>(&value?).context("decoding a record of the JSON layout")?))
+                .map(|value| serde_json::from_slice::<Icr>(&value?).context("decoding a record of the JSON layout"))
                 .collect::<Result<Vec<_>>>()?;
             self.append(&records)?;
             self.inner.db.drop_tree(&name)?;
@@ -776,14 +776,14 @@ pub(crate) mod test_records {
             id: ids.next(&start),
             start,
             end: start + chrono::Duration::milliseconds(1500 + (i % 7) as i64 * 100),
-            end_reason: if i % 5 == 0 { EndReason::Rst } else { EndReason::Fin },
-            proto: if i % 3 == 0 { "udp".into() } else { "tcp".into() },
+            end_reason: if i.is_multiple_of(5) { EndReason::Rst } else { EndReason::Fin },
+            proto: if i.is_multiple_of(3) { "udp".into() } else { "tcp".into() },
             device: Device {
                 mac: Some(crate::icr::mac_string([2, 0, 0, 0, (i % 250) as u8, 0x17])),
                 ip: Some(format!("10.0.{}.{}", i % 3, i % 250 + 2).parse().unwrap()),
                 port: Some(40000 + (i % 20000) as u16),
-                vlan: if i % 11 == 0 { vec![100, 20] } else { vec![] },
-                pppoe_session: (i % 13 == 0).then_some(7),
+                vlan: if i.is_multiple_of(11) { vec![100, 20] } else { vec![] },
+                pppoe_session: i.is_multiple_of(13).then_some(7),
                 subscriber: Some(format!("line-{}", i % 250)),
             },
             public: Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
@@ -793,7 +793,7 @@ pub(crate) mod test_records {
                 source: ServiceSource::TlsSni,
                 ech: false,
             }),
-            dns: (i % 9 == 0).then(|| crate::icr::Dns {
+            dns: i.is_multiple_of(9).then(|| crate::icr::Dns {
                 qname: "a.example".into(),
                 qtype: "A".into(),
                 answers: vec!["192.0.2.1".into()],
@@ -802,7 +802,7 @@ pub(crate) mod test_records {
             packets_down: 12 + i % 70,
             bytes_up: 1000 + i * 3 % 5000,
             bytes_down: 9000 + i * 7 % 90000,
-            incomplete: i % 17 == 0,
+            incomplete: i.is_multiple_of(17),
         }
     }
 
