@@ -112,6 +112,11 @@ fn main() -> Result<()> {
         ingest_mb_per_s / disk_mb_per_s
     );
     println!("peak RSS while ingesting: {peak_rss_mb:.0} MB");
+    let by_kind = store.bytes_by_kind()?;
+    println!(
+        "stored values by kind (bytes/ICR): {}",
+        by_kind.iter().map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / written as f64)).collect::<Vec<_>>().join(", ")
+    );
 
     // Question 1: a public ip:port at a moment of each sampled connection.
     let mut resolve_ms = Vec::new();
@@ -142,8 +147,7 @@ fn main() -> Result<()> {
         let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
         let to = from + chrono::Duration::days(1) - chrono::Duration::microseconds(1);
         let started = Instant::now();
-        let records = store.find(from, to, Lookup::Any(&[device.index_key()]))?;
-        let rows = query::services_of(&records, &device);
+        let rows = query::service_rows(store.services(from, to, &device.index_key())?);
         device_ms.push(started.elapsed().as_secs_f64() * 1e3);
         rows_total += rows.len();
     }
@@ -195,6 +199,7 @@ fn main() -> Result<()> {
             "device_day_p99_ms": round3(device_p99),
             "names_1000_30d_ms": names_ms_median.round(),
             "peak_rss_mb": peak_rss_mb.round(),
+            "value_bytes_per_icr": by_kind.iter().map(|(k, b)| (k.clone(), serde_json::json!((*b as f64 / written as f64 * 10.0).round() / 10.0))).collect::<serde_json::Map<_, _>>(),
         })
     );
     Ok(())

@@ -63,8 +63,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
                 let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
                 session.check_window(from, to)?;
                 let device = DeviceSelector::parse(&device);
-                let records = store.find(from, to, Lookup::Any(&[device.index_key()]))?;
-                let rows = query::services_of(&records, &device);
+                let rows = query::service_rows(store.services(from, to, &device.index_key())?);
                 let format = who.format.unwrap_or_else(Format::default_for_stdout);
                 let mut rendered = Vec::new();
                 export::write_services(&mut rendered, &rows, format)?;
@@ -243,13 +242,12 @@ impl<'a> Session<'a> {
     /// parameter, an unreadable store) is audited too, as "failed".
     fn run<T>(&self, query: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
         let result = query(self);
-        if let Err(error) = &result {
-            if !is_refusal(error) {
+        if let Err(error) = &result
+            && !is_refusal(error) {
                 let mut record = self.record.clone();
                 record.outcome = format!("failed: {error:#}");
                 self.audit.append(record).context("auditing a failed query")?;
             }
-        }
         result
     }
 

@@ -102,11 +102,10 @@ fn close_reason(
 ) -> Option<EndReason> {
     let quiet = Duration::from_nanos(now_ns.saturating_sub(last_ns));
     if proto == IPPROTO_TCP {
-        if let Some(ended) = ended_by(flags) {
-            if quiet >= timeouts.tcp_closed {
+        if let Some(ended) = ended_by(flags)
+            && quiet >= timeouts.tcp_closed {
                 return Some(ended);
             }
-        }
         (quiet >= timeouts.tcp_idle).then_some(EndReason::Idle)
     } else {
         (quiet >= timeouts.udp_idle).then_some(EndReason::Idle)
@@ -306,11 +305,10 @@ impl Assembler {
         keys.sort_unstable();
         for key in keys {
             // WAN flows first join their LAN flow, so close LAN flows first.
-            if let Some(value) = table.get(&key)? {
-                if is_wan_only(&value) {
+            if let Some(value) = table.get(&key)?
+                && is_wan_only(&value) {
                     continue;
                 }
-            }
             self.check(key, now_ns, table, nat, Some(reason))?;
         }
         let rest: Vec<FlowKey> = self.known.keys().copied().collect();
@@ -350,8 +348,8 @@ impl Assembler {
             return Ok(());
         };
 
-        if is_wan_only(&value) {
-            if let Some(lan_key) = self.join_wan(&key, &value, nat) {
+        if is_wan_only(&value)
+            && let Some(lan_key) = self.join_wan(&key, &value, nat) {
                 // Its LAN flow reports it; only a forced close without one reaches below.
                 self.known.entry(key).or_default().joined_to = Some(lan_key);
                 if self.known.contains_key(&lan_key) {
@@ -362,7 +360,6 @@ impl Assembler {
                     return Ok(());
                 }
             }
-        }
 
         let view = FlowView::new(&key, &value, nat, self.nat_expected);
         let wan = match view.wan_key() {

@@ -11,8 +11,12 @@ use serde::Serialize;
 
 use crate::{
     config::{AuthorityKind, Config},
-    icr::{Icr, format_time},
-    store::{codec::parse_mac, index::IndexKey},
+    icr::{Icr, format_time, proto_name},
+    store::{
+        codec::parse_mac,
+        index::IndexKey,
+        rollup::{ServiceKey, Services},
+    },
 };
 
 /// The three questions an ICR exists to answer.
@@ -193,66 +197,42 @@ pub struct ServiceRow {
     pub bytes: u64,
 }
 
-/// Question 2: one row per service (by name when known, else remote ip:port).
+/// Question 2 over records: one row per service (by name when known, else
+/// remote ip:port and protocol). The store answers it from its rollups
+/// ([`crate::store::Store::services`]); this is the same answer from records.
 pub fn services_of(records: &[Icr], device: &DeviceSelector) -> Vec<ServiceRow> {
-    let mut rows: Vec<(ServiceKey, Row)> = Vec::new();
+    let mut services = Services::default();
     for record in records.iter().filter(|r| device.matches(r)) {
-        let key = ServiceKey::of(record);
-        let bytes = record.bytes_up + record.bytes_down;
-        match rows.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, row)) => {
-                row.first = row.first.min(record.start);
-                row.last = row.last.max(record.end);
-                row.connections += 1;
-                row.bytes += bytes;
-            }
-            None => rows.push((key, Row { first: record.start, last: record.end, connections: 1, bytes, remote: record.remote_string(), proto: record.proto.clone() })),
-        }
+        services.add_record(record);
     }
-    rows.sort_by(|a, b| a.1.first.cmp(&b.1.first));
-    rows.into_iter()
-        .map(|(key, row)| ServiceRow {
-            name: key.name,
-            remote: row.remote,
-            proto: row.proto,
-            first: format_time(&row.first),
-            last: format_time(&row.last),
-            connections: row.connections,
-            bytes: row.bytes,
+    service_rows(services)
+}
+
+/// The rows of question 2's answer, first used first.
+pub fn service_rows(services: Services) -> Vec<ServiceRow> {
+    let time = |us: i64| DateTime::from_timestamp_micros(us).map(|t| format_time(&t)).unwrap_or_default();
+    services
+        .into_sorted()
+        .into_iter()
+        .map(|(key, used)| ServiceRow {
+            name: match key {
+                ServiceKey::Name(name) => Some(name),
+                ServiceKey::Remote(..) => None,
+            },
+            remote: remote_string(used.remote.0, used.remote.1),
+            proto: proto_name(used.proto),
+            first: time(used.first_us),
+            last: time(used.last_us),
+            connections: used.connections,
+            bytes: used.bytes,
         })
         .collect()
 }
 
-#[derive(PartialEq)]
-struct ServiceKey {
-    name: Option<String>,
-    remote: Option<(IpAddr, u16, String)>,
-}
-
-impl ServiceKey {
-    fn of(record: &Icr) -> Self {
-        match &record.service {
-            Some(service) => Self { name: Some(service.name.clone()), remote: None },
-            None => Self { name: None, remote: Some((record.remote.ip, record.remote.port, record.proto.clone())) },
-        }
-    }
-}
-
-struct Row {
-    first: DateTime<Utc>,
-    last: DateTime<Utc>,
-    connections: u64,
-    bytes: u64,
-    remote: String,
-    proto: String,
-}
-
-impl Icr {
-    fn remote_string(&self) -> String {
-        match self.remote.ip {
-            IpAddr::V4(ip) => format!("{ip}:{}", self.remote.port),
-            IpAddr::V6(ip) => format!("[{ip}]:{}", self.remote.port),
-        }
+fn remote_string(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}:{port}"),
+        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
     }
 }
 
@@ -303,8 +283,31 @@ pub fn resolve(
 }
 
 /// Question 3: the records of any device that used any of `services`.
+/// Names and suffixes are looked up in sets: with 1,000 selectors and
+/// 400,000 candidate records, testing each against each took seconds.
 pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
-    records.into_iter().filter(|r| services.iter().any(|s| s.matches(r))).collect()
+    let mut names = std::collections::HashSet::new();
+    let mut suffixes = std::collections::HashSet::new();
+    let mut nets = Vec::new();
+    for selector in services {
+        match selector {
+            ServiceSelector::Name(name) => names.insert(name.as_str()),
+            ServiceSelector::Suffix(suffix) => suffixes.insert(suffix.as_str()),
+            ServiceSelector::Net(net) => {
+                nets.push(*net);
+                true
+            }
+        };
+    }
+    let named = |name: &str| {
+        names.contains(name)
+            || (!suffixes.is_empty()
+                && (suffixes.contains(name) || name.match_indices('.').any(|(dot, _)| suffixes.contains(&name[dot + 1..]))))
+    };
+    records
+        .into_iter()
+        .filter(|r| r.service.as_ref().is_some_and(|s| named(&s.name)) || nets.iter().any(|net| net.contains(&r.remote.ip)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -438,8 +441,21 @@ mod tests {
         assert_eq!(rows[0].last, "1970-01-01T00:00:15.000000Z");
         assert_eq!(rows[1].remote, "192.0.2.20:853");
         assert_eq!(rows[1].connections, 1);
-        let hits = accessed(records, &[ServiceSelector::parse("192.0.2.20").unwrap()]);
+        let hits = accessed(records.clone(), &[ServiceSelector::parse("192.0.2.20").unwrap()]);
         assert_eq!(hits.len(), 2);
+        // The sets answer as each selector's own match does.
+        let selectors: Vec<ServiceSelector> =
+            ["mail.example.com", "*.example.com", "*.com", "*.ample.com", "192.0.2.11", "192.0.2.0/30", "other.example"]
+                .iter()
+                .map(|t| ServiceSelector::parse(t).unwrap())
+                .collect();
+        for chosen in 0..selectors.len() {
+            for pair in [vec![chosen], vec![chosen, (chosen + 3) % selectors.len()]] {
+                let wanted: Vec<ServiceSelector> = pair.iter().map(|i| selectors[*i].clone()).collect();
+                let expected: Vec<Icr> = records.iter().filter(|r| wanted.iter().any(|s| s.matches(r))).cloned().collect();
+                assert_eq!(accessed(records.clone(), &wanted), expected, "{wanted:?}");
+            }
+        }
     }
 
     #[test]

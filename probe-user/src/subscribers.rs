@@ -68,25 +68,22 @@ impl Directory {
 
     /// Re-reads the sources that changed since the last read.
     pub fn refresh(&mut self, now: DateTime<Utc>) -> Result<()> {
-        if let Some(path) = self.config.static_csv.clone() {
-            if let Some(text) = self.changed(&path)? {
+        if let Some(path) = self.config.static_csv.clone()
+            && let Some(text) = self.changed(&path)? {
                 let (by_mac, by_net) = parse_static(&text).with_context(|| format!("in {}", path.display()))?;
                 self.by_mac = by_mac;
                 self.by_net = by_net;
             }
-        }
-        if let Some(path) = self.config.dnsmasq_leases.clone() {
-            if let Some(text) = self.changed(&path)? {
+        if let Some(path) = self.config.dnsmasq_leases.clone()
+            && let Some(text) = self.changed(&path)? {
                 let leases = parse_dnsmasq(&text, now).with_context(|| format!("in {}", path.display()))?;
                 self.merge(leases);
             }
-        }
-        if let Some(path) = self.config.kea_leases.clone() {
-            if let Some(text) = self.changed(&path)? {
+        if let Some(path) = self.config.kea_leases.clone()
+            && let Some(text) = self.changed(&path)? {
                 let leases = parse_kea(&text).with_context(|| format!("in {}", path.display()))?;
                 self.merge(leases);
             }
-        }
         Ok(())
     }
 
@@ -133,11 +130,10 @@ impl Directory {
             return Some(name.clone());
         }
         if let Some(ip) = device.ip {
-            if let Some(lease) = self.lease_at(ip, record.start) {
-                if let Some(name) = self.by_mac.get(&lease.mac) {
+            if let Some(lease) = self.lease_at(ip, record.start)
+                && let Some(name) = self.by_mac.get(&lease.mac) {
                     return Some(name.clone());
                 }
-            }
             if let Some((_, name)) = self.by_net.iter().filter(|(net, _)| net.contains(&ip)).max_by_key(|(net, _)| net.prefix_len()) {
                 return Some(name.clone());
             }

@@ -104,11 +104,10 @@ impl FlowHints {
                 Vec::new()
             }
             (IPPROTO_UDP, false) => {
-                if self.service.is_none() {
-                    if let Some(hello) = self.quic.add_packet(packet.payload) {
+                if self.service.is_none()
+                    && let Some(hello) = self.quic.add_packet(packet.payload) {
                         self.service = hello.sni.map(|name| Service { name, source: ServiceSource::QuicSni, ech: hello.ech });
                     }
-                }
                 Vec::new()
             }
             _ => Vec::new(),

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     icr::Icr,
-    store::codec::{View, parse_mac},
+    store::codec::{KeyFields, Keys, parse_mac},
 };
 
 /// Blocks merged into one run (a u64 mask says which of them hold a key).
@@ -202,8 +202,21 @@ impl KeyFilter {
     }
 
     /// Whether a stored record (not yet built into an [`Icr`]) has a key asked for.
-    pub fn matches_view(&self, view: &View) -> bool {
-        self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.service_name, view.remote.0)
+    /// Whether a stored record's keys (read for [`KeyFilter::fields`]) include one asked for.
+    pub fn matches_view(&self, view: &Keys) -> bool {
+        self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.service_name, view.remote.map(|r| r.0))
+    }
+
+    /// The keys this filter tests: a block decodes only their columns.
+    pub fn fields(&self) -> KeyFields {
+        KeyFields {
+            public: !self.public_addr.is_empty() || !self.public_port.is_empty(),
+            mac: !self.mac.is_empty(),
+            device_ip: !self.device_ip.is_empty(),
+            subscriber: !self.subscriber.is_empty(),
+            remote: !self.remote_ip.is_empty() || !self.remote_net.is_empty(),
+            service_name: !self.name.is_empty() || !self.domain.is_empty(),
+        }
     }
 
     pub fn matches_record(&self, record: &Icr) -> bool {
@@ -213,7 +226,7 @@ impl KeyFilter {
             record.device.ip,
             record.device.subscriber.as_deref(),
             record.service.as_ref().map(|s| s.name.as_str()),
-            record.remote.ip,
+            Some(record.remote.ip),
         )
     }
 
@@ -224,7 +237,7 @@ impl KeyFilter {
         device_ip: Option<IpAddr>,
         subscriber: Option<&str>,
         service_name: Option<&str>,
-        remote_ip: IpAddr,
+        remote_ip: Option<IpAddr>,
     ) -> bool {
         public.is_some_and(|(ip, port)| self.public_addr.contains(&ip) || self.public_port.contains(&(ip, port)))
             || mac.is_some_and(|mac| self.mac.contains(&mac))
@@ -234,8 +247,9 @@ impl KeyFilter {
                 let name = lowercase(name);
                 self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
             })
-            || self.remote_ip.contains(&remote_ip)
-            || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(remote_ip)))
+            || remote_ip.is_some_and(|ip| {
+                self.remote_ip.contains(&ip) || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(ip)))
+            })
     }
 }
 

@@ -11,13 +11,19 @@
 //! - the open block lives in memory behind a synced append log ([`wal`]):
 //!   `append` returns only when its records are durable.
 //!
+//! - each block's devices and the services they used are rolled up
+//!   ([`rollup`]), and merged per run, so question 2 reads one page per run.
+//!
 //! Keys in a day's tree, block and run numbers big-endian:
 //! `B`+block → block, `M`+block → meta, `L`+block → the block's fingerprints
-//! (until its run is built), `I`+run+first fingerprint → run page, `R`+run →
-//! the run is complete.
+//! (until its run is built; their rollup is kept in memory), `I`+run+first
+//! fingerprint → run index page, `U`+run+first fingerprint → run rollup
+//! page, `R`+run → the run is complete. The default tree's `layout` says
+//! which layout the store has.
 pub mod codec;
 pub mod gaps;
 pub mod index;
+pub mod rollup;
 mod wal;
 
 use std::{
@@ -33,6 +39,7 @@ use log::{info, warn};
 use crate::icr::Icr;
 use gaps::{Gap, Watermark};
 use index::{IndexKey, RUN_BLOCKS};
+use rollup::{Rollup, Services};
 use wal::Wal;
 
 /// Records a sealed block holds (the design brief measured 4,096 as the
@@ -50,6 +57,10 @@ const JSON_DAY_PREFIX: &str = "icr/";
 /// Records start at most this long before a window and still overlap it
 /// (the active timeout slices longer flows).
 const LOOKBACK_DAYS: u64 = 1;
+/// The layout written and read: 2 added rollups and longer block metas.
+/// A store of another layout is refused, never read as this one.
+const LAYOUT: u32 = 2;
+const LAYOUT_KEY: &[u8] = b"layout";
 
 /// A handle on the store; clones share it.
 #[derive(Clone)]
@@ -85,6 +96,17 @@ pub enum Lookup<'a> {
     Any(&'a [IndexKey]),
 }
 
+/// Where question 2's answer for one day comes from.
+#[derive(Default)]
+struct Plan {
+    /// Runs answered by their rollup.
+    runs: Vec<u32>,
+    /// Whether the unrun blocks are answered by their rollup.
+    pending: bool,
+    /// Blocks whose records are read.
+    decode: Vec<u32>,
+}
+
 /// One day partition, as far as it is loaded.
 struct Day {
     tree: sled::Tree,
@@ -95,6 +117,10 @@ struct Day {
     runs: u32,
     /// Fingerprints of the sealed blocks not yet in a run, by block number.
     unrun: BTreeMap<u32, Vec<u32>>,
+    /// The rollup of the same blocks, by run: kept in memory, not in sled,
+    /// until the run is built (then written once, as its pages), and rebuilt
+    /// from the blocks when the day is loaded.
+    pending: BTreeMap<u32, Rollup>,
     /// The open block: acknowledged records, also in `wal`.
     open: Vec<Icr>,
     wal: Option<Wal>,
@@ -111,6 +137,10 @@ const MINUTE_WORDS: usize = MINUTES.div_ceil(64);
 struct BlockMeta {
     min_start_us: i64,
     max_end_us: i64,
+    /// With the two above: whether every record of the block overlaps a
+    /// window, so that its rollup stands for it (question 2).
+    max_start_us: i64,
+    min_end_us: i64,
     records: u32,
     /// Bit m: a record was alive in minute m of the partition's day (or
     /// after the day, for the last bit).
@@ -118,7 +148,7 @@ struct BlockMeta {
 }
 
 impl BlockMeta {
-    const LEN: usize = 20 + MINUTE_WORDS * 8;
+    const LEN: usize = 36 + MINUTE_WORDS * 8;
 
     fn of(records: &[Icr], day_start_us: i64) -> Self {
         let mut alive = [0u64; MINUTE_WORDS];
@@ -131,6 +161,8 @@ impl BlockMeta {
         Self {
             min_start_us: records.iter().map(|r| r.start.timestamp_micros()).min().unwrap_or(0),
             max_end_us: records.iter().map(|r| r.end.timestamp_micros()).max().unwrap_or(0),
+            max_start_us: records.iter().map(|r| r.start.timestamp_micros()).max().unwrap_or(0),
+            min_end_us: records.iter().map(|r| r.end.timestamp_micros()).min().unwrap_or(0),
             records: records.len() as u32,
             alive,
         }
@@ -140,6 +172,8 @@ impl BlockMeta {
         let mut out = Vec::with_capacity(Self::LEN);
         out.extend_from_slice(&self.min_start_us.to_be_bytes());
         out.extend_from_slice(&self.max_end_us.to_be_bytes());
+        out.extend_from_slice(&self.max_start_us.to_be_bytes());
+        out.extend_from_slice(&self.min_end_us.to_be_bytes());
         out.extend_from_slice(&self.records.to_be_bytes());
         for word in &self.alive {
             out.extend_from_slice(&word.to_be_bytes());
@@ -152,15 +186,22 @@ impl BlockMeta {
             bail!("a block meta of {} bytes", bytes.len());
         }
         let mut alive = [0u64; MINUTE_WORDS];
-        for (word, chunk) in alive.iter_mut().zip(bytes[20..].chunks_exact(8)) {
+        for (word, chunk) in alive.iter_mut().zip(bytes[36..].chunks_exact(8)) {
             *word = u64::from_be_bytes(chunk.try_into()?);
         }
         Ok(Self {
             min_start_us: i64::from_be_bytes(bytes[..8].try_into()?),
             max_end_us: i64::from_be_bytes(bytes[8..16].try_into()?),
-            records: u32::from_be_bytes(bytes[16..20].try_into()?),
+            max_start_us: i64::from_be_bytes(bytes[16..24].try_into()?),
+            min_end_us: i64::from_be_bytes(bytes[24..32].try_into()?),
+            records: u32::from_be_bytes(bytes[32..36].try_into()?),
             alive,
         })
+    }
+
+    /// Every record of the block overlaps `[from, to]`.
+    fn within(&self, from_us: i64, to_us: i64) -> bool {
+        self.records > 0 && self.min_end_us >= from_us && self.max_start_us <= to_us
     }
 
     fn overlaps(&self, from_us: i64, to_us: i64, day_start_us: i64) -> bool {
@@ -179,10 +220,22 @@ fn key(tag: u8, number: u32) -> [u8; 5] {
 }
 
 fn page_key(run: u32, first: u32) -> [u8; 9] {
-    let mut key = [b'I'; 9];
+    run_key(b'I', run, first)
+}
+
+fn run_key(tag: u8, run: u32, first: u32) -> [u8; 9] {
+    let mut key = [tag; 9];
     key[1..5].copy_from_slice(&run.to_be_bytes());
     key[5..].copy_from_slice(&first.to_be_bytes());
     key
+}
+
+/// The rollup page of `run` that would hold `print`.
+fn rollup_page(tree: &sled::Tree, run: u32, print: u32) -> Result<Option<sled::IVec>> {
+    match tree.range(run_key(b'U', run, 0)..=run_key(b'U', run, print)).next_back() {
+        Some(entry) => Ok(Some(entry.context("reading a rollup page")?.1)),
+        None => Ok(None),
+    }
 }
 
 fn number_of(key: &[u8]) -> Result<u32> {
@@ -206,6 +259,7 @@ impl Store {
                 }
                 other => anyhow::Error::new(other).context(format!("opening the store {}", path.display())),
             })?;
+        check_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
         let store = Self { inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()) }) };
@@ -315,7 +369,8 @@ impl Store {
         let wanted = |record: &Icr| {
             record.end >= from && record.start <= to && filter.as_ref().is_none_or(|f| f.matches_record(record))
         };
-        let wanted_view = |view: &codec::View| {
+        let fields = filter.as_ref().map(index::KeyFilter::fields).unwrap_or_default();
+        let wanted_view = |view: &codec::Keys| {
             view.end_us >= from_us && view.start_us <= to_us && filter.as_ref().is_none_or(|f| f.matches_view(view))
         };
         let mut found = Vec::new();
@@ -336,10 +391,70 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                found.extend(codec::decode_filtered(&bytes, wanted_view).with_context(|| format!("block {block} of {date}"))?);
+                found.extend(codec::decode_filtered(&bytes, fields, wanted_view).with_context(|| format!("block {block} of {date}"))?);
             }
         }
         Ok(found)
+    }
+
+    /// Question 2: the services used by the device `device` (a MAC, device
+    /// IP or subscriber key) in records overlapping `[from, to]`. Blocks and
+    /// runs wholly inside the window answer from their rollups; the others
+    /// (at the window's edges, and the open block) from their records.
+    pub fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &IndexKey) -> Result<Services> {
+        if to < from {
+            bail!("the window ends before it starts");
+        }
+        if !matches!(device, IndexKey::Mac(_) | IndexKey::DeviceIp(_) | IndexKey::Subscriber(_)) {
+            bail!("{device:?} does not name a device");
+        }
+        let (from_us, to_us) = (from.timestamp_micros(), to.timestamp_micros());
+        let first_day = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
+        let filter = index::KeyFilter::new(std::slice::from_ref(device));
+        let wanted_view = |view: &codec::Keys| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
+        let mut services = Services::default();
+        for date in self.days()? {
+            if date < first_day || date > to.date_naive() {
+                continue;
+            }
+            let (tree, plan) = {
+                let mut days = self.lock()?;
+                let day = self.day(&mut days, date)?;
+                for record in day.open.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
+                    services.add_record(record);
+                }
+                let plan = day.services_plan(from_us, to_us, device)?;
+                if plan.pending {
+                    for rollup in day.pending.values() {
+                        rollup.lookup(device, &mut services);
+                    }
+                }
+                (day.tree.clone(), plan)
+            };
+            let print = device.fingerprint();
+            for run in plan.runs {
+                let context = || format!("the rollup of run {run} of {date}");
+                let mut aliases = Vec::new();
+                if let Some(page) = rollup_page(&tree, run, print).with_context(context)? {
+                    rollup::lookup(&page, device, true, &mut services, &mut aliases).with_context(context)?;
+                }
+                for alias in aliases {
+                    if let Some(page) = rollup_page(&tree, run, alias).with_context(context)? {
+                        rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new()).with_context(context)?;
+                    }
+                }
+            }
+            for block in plan.decode {
+                let bytes = tree
+                    .get(key(b'B', block))
+                    .context("reading a block")?
+                    .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
+                for record in codec::decode_filtered(&bytes, filter.fields(), wanted_view).with_context(|| format!("block {block} of {date}"))? {
+                    services.add_record(&record);
+                }
+            }
+        }
+        Ok(services)
     }
 
     /// Every record overlapping `[from, to]`, in start order.
@@ -442,6 +557,27 @@ impl Store {
         self.inner.db.size_on_disk().unwrap_or(0) + logs
     }
 
+    /// Bytes of keys and values in the day trees by the kind of entry
+    /// (blocks, metas, index, rollups...): where the store's size goes.
+    pub fn bytes_by_kind(&self) -> Result<BTreeMap<String, u64>> {
+        let mut sizes = BTreeMap::new();
+        for date in self.days()? {
+            let tree = self.inner.db.open_tree(day_name(date)).context("opening a day partition")?;
+            for entry in tree.iter() {
+                let (key, value) = entry.context("reading a day partition")?;
+                let kind = match key.first() {
+                    Some(b'B') => "blocks",
+                    Some(b'M') => "metas",
+                    Some(b'L' | b'I' | b'R') => "index",
+                    Some(b'U') => "rollups",
+                    _ => "other",
+                };
+                *sizes.entry(kind.to_owned()).or_insert(0) += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(sizes)
+    }
+
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -456,9 +592,9 @@ impl Store {
 
     /// The day's state, loaded on first use.
     fn day<'a>(&self, days: &'a mut BTreeMap<NaiveDate, Day>, date: NaiveDate) -> Result<&'a mut Day> {
-        if !days.contains_key(&date) {
+        if let std::collections::btree_map::Entry::Vacant(e) = days.entry(date) {
             let tree = self.inner.db.open_tree(day_name(date)).context("opening a day partition")?;
-            days.insert(date, Day::load(tree, date).with_context(|| format!("loading the day {date}"))?);
+            e.insert(Day::load(tree, date).with_context(|| format!("loading the day {date}"))?);
         }
         Ok(days.get_mut(&date).expect("inserted"))
     }
@@ -504,7 +640,7 @@ impl Store {
             let records = tree
                 .iter()
                 .values()
-                .map(|value| Ok(serde_json::from_slice::<Icr>(&value?).context("decoding a record of the JSON layout")?))
+                .map(|value| serde_json::from_slice::<Icr>(&value?).context("decoding a record of the JSON layout"))
                 .collect::<Result<Vec<_>>>()?;
             self.append(&records)?;
             self.inner.db.drop_tree(&name)?;
@@ -531,8 +667,14 @@ impl Day {
             let (key, value) = entry.context("reading block fingerprints")?;
             unrun.insert(number_of(&key)?, index::decode_fingerprints(&value)?);
         }
+        let mut pending = BTreeMap::<u32, Rollup>::new();
+        for &number in unrun.keys() {
+            let block = tree.get(key(b'B', number)).context("reading a block")?.ok_or_else(|| anyhow!("block {number} is missing"))?;
+            let records = codec::decode(&block).with_context(|| format!("block {number}"))?;
+            pending.entry(number / RUN_BLOCKS).or_default().add_records(&records);
+        }
         let start_us = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros();
-        Ok(Self { tree, start_us, blocks, runs, unrun, open: Vec::new(), wal: None })
+        Ok(Self { tree, start_us, blocks, runs, unrun, pending, open: Vec::new(), wal: None })
     }
 
     /// Writes the first `count` open records as the next block, with its
@@ -549,6 +691,7 @@ impl Day {
         batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
         self.tree.apply_batch(batch).context("writing a block")?;
         self.blocks.push(meta);
+        self.pending.entry(number / RUN_BLOCKS).or_default().add_records(records);
         self.unrun.insert(number, prints);
         self.open.drain(..count);
         Ok(())
@@ -565,6 +708,10 @@ impl Day {
             for (first, page) in index::build_run(&lists) {
                 batch.insert(&page_key(run, first), page);
             }
+            let rollup = self.pending.get(&run).map(|r| r.pages(rollup::RUN_PAGE_BYTES)).transpose()?.unwrap_or_default();
+            for (first, page) in rollup {
+                batch.insert(&run_key(b'U', run, first), page);
+            }
             for n in &numbers {
                 batch.remove(&key(b'L', *n));
             }
@@ -573,15 +720,50 @@ impl Day {
             for n in &numbers {
                 self.unrun.remove(n);
             }
+            self.pending.remove(&run);
             self.runs += 1;
         }
         Ok(())
+    }
+
+    /// How question 2 reads the window: the runs and unrun blocks whose
+    /// every record is inside it answer from their rollups; the blocks at
+    /// its edges that the index names for the device, from their records.
+    fn services_plan(&self, from_us: i64, to_us: i64, device: &IndexKey) -> Result<Plan> {
+        let mut plan = Plan::default();
+        let mut edges = BTreeSet::new();
+        let overlapping = |n: u32| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us);
+        let within = |n: u32| self.blocks[n as usize].within(from_us, to_us);
+        for run in 0..self.runs {
+            let numbers = run * RUN_BLOCKS..(run + 1) * RUN_BLOCKS;
+            if numbers.clone().all(within) {
+                plan.runs.push(run);
+            } else {
+                edges.extend(numbers.filter(|&n| overlapping(n)));
+            }
+        }
+        // The unrun blocks have one rollup between them.
+        let unrun = self.runs * RUN_BLOCKS..self.blocks.len() as u32;
+        if !unrun.is_empty() && unrun.clone().all(within) {
+            plan.pending = true;
+        } else {
+            edges.extend(unrun.filter(|&n| overlapping(n)));
+        }
+        if !edges.is_empty() {
+            plan.decode = self.candidates_among(edges, Lookup::Any(std::slice::from_ref(device)))?;
+        }
+        Ok(plan)
     }
 
     /// The sealed blocks that may hold records of the window with the keys.
     fn candidates(&self, from_us: i64, to_us: i64, lookup: Lookup) -> Result<Vec<u32>> {
         let in_window: BTreeSet<u32> =
             (0..self.blocks.len() as u32).filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us)).collect();
+        self.candidates_among(in_window, lookup)
+    }
+
+    /// Those of `in_window` that may hold records with the keys.
+    fn candidates_among(&self, in_window: BTreeSet<u32>, lookup: Lookup) -> Result<Vec<u32>> {
         let keys = match lookup {
             Lookup::All => return Ok(in_window.into_iter().collect()),
             Lookup::Any(keys) => keys,
@@ -636,6 +818,26 @@ impl Day {
     }
 }
 
+/// Refuses a store of another layout; marks a new one.
+fn check_layout(db: &sled::Db, path: &Path) -> Result<()> {
+    let found = match db.get(LAYOUT_KEY).context("reading the store's layout")? {
+        Some(value) => u32::from_be_bytes(value.as_ref().try_into().map_err(|_| anyhow!("the store's layout marker is damaged"))?),
+        None if db.tree_names().iter().any(|name| name.starts_with(DAY_PREFIX.as_bytes())) => 1,
+        None => {
+            db.insert(LAYOUT_KEY, &LAYOUT.to_be_bytes()).context("marking the store's layout")?;
+            db.flush().context("marking the store's layout")?;
+            return Ok(());
+        }
+    };
+    if found != LAYOUT {
+        bail!(
+            "the store {} has layout {found}, and this icr reads only layout {LAYOUT}: read it with the icr that wrote it, or give this one a new --db",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn day_name(date: NaiveDate) -> String {
     format!("{DAY_PREFIX}{date}")
 }
@@ -660,14 +862,14 @@ pub(crate) mod test_records {
             id: ids.next(&start),
             start,
             end: start + chrono::Duration::milliseconds(1500 + (i % 7) as i64 * 100),
-            end_reason: if i % 5 == 0 { EndReason::Rst } else { EndReason::Fin },
-            proto: if i % 3 == 0 { "udp".into() } else { "tcp".into() },
+            end_reason: if i.is_multiple_of(5) { EndReason::Rst } else { EndReason::Fin },
+            proto: if i.is_multiple_of(3) { "udp".into() } else { "tcp".into() },
             device: Device {
                 mac: Some(crate::icr::mac_string([2, 0, 0, 0, (i % 250) as u8, 0x17])),
                 ip: Some(format!("10.0.{}.{}", i % 3, i % 250 + 2).parse().unwrap()),
                 port: Some(40000 + (i % 20000) as u16),
-                vlan: if i % 11 == 0 { vec![100, 20] } else { vec![] },
-                pppoe_session: (i % 13 == 0).then_some(7),
+                vlan: if i.is_multiple_of(11) { vec![100, 20] } else { vec![] },
+                pppoe_session: i.is_multiple_of(13).then_some(7),
                 subscriber: Some(format!("line-{}", i % 250)),
             },
             public: Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
@@ -677,7 +879,7 @@ pub(crate) mod test_records {
                 source: ServiceSource::TlsSni,
                 ech: false,
             }),
-            dns: (i % 9 == 0).then(|| crate::icr::Dns {
+            dns: i.is_multiple_of(9).then(|| crate::icr::Dns {
                 qname: "a.example".into(),
                 qtype: "A".into(),
                 answers: vec!["192.0.2.1".into()],
@@ -686,7 +888,7 @@ pub(crate) mod test_records {
             packets_down: 12 + i % 70,
             bytes_up: 1000 + i * 3 % 5000,
             bytes_down: 9000 + i * 7 % 90000,
-            incomplete: i % 17 == 0,
+            incomplete: i.is_multiple_of(17),
         }
     }
 
@@ -781,6 +983,87 @@ mod tests {
             check(&store);
         }
         check(&Store::open(dir.path()).unwrap());
+    }
+
+    /// Question 2 from rollups (runs, unrun blocks) and records (the open
+    /// block, the blocks at a window's edges) equals the answer from a full
+    /// scan, for each kind of device key, before and after reopening.
+    #[test]
+    fn services_from_rollups_equal_services_from_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut records = samples(BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        // Devices known by IP or subscriber only, and one whose IP another
+        // device also had: their rows come through the rollups' aliases.
+        for (i, record) in records.iter_mut().enumerate().filter(|(i, _)| i % 97 == 0) {
+            record.device.mac = None;
+            if i % 2 == 0 {
+                record.device.ip = None;
+            }
+        }
+        let check = |store: &Store| {
+            {
+                let days = store.lock().unwrap();
+                let day = &days[&records[0].start.date_naive()];
+                assert_eq!((day.runs, day.blocks.len(), day.open.len()), (2, 2 * RUN_BLOCKS as usize + 3, 30));
+                let plan = day.services_plan(at("2026-11-22T00:00:00Z").timestamp_micros(), at("2026-11-23T00:00:00Z").timestamp_micros(), &IndexKey::Mac([2, 0, 0, 0, 9, 0x17])).unwrap();
+                assert_eq!((plan.runs.len(), plan.pending, plan.decode.len()), (2, true, 0), "a whole day reads rollups only");
+            }
+            let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
+            let keys = [
+                IndexKey::Mac([2, 0, 0, 0, 9, 0x17]),
+                IndexKey::Mac([2, 0, 0, 0, 0, 0x17]),
+                IndexKey::DeviceIp("10.0.1.11".parse().unwrap()),
+                IndexKey::DeviceIp(records[97].device.ip.unwrap()),
+                IndexKey::Subscriber("line-200".into()),
+                IndexKey::Subscriber(records[194].device.subscriber.clone().unwrap()),
+                IndexKey::Subscriber("nobody".into()),
+            ];
+            let windows = [
+                (at("2026-11-22T00:00:00Z"), at("2026-11-22T23:59:59.999999Z")),
+                (records[80].start, records[records.len() - 90].start),
+                (records[5000].end, records[6000].start),
+                (at("2026-11-21T00:00:00Z"), at("2026-11-23T00:00:00Z")),
+            ];
+            for key in &keys {
+                let filter = index::KeyFilter::new(std::slice::from_ref(key));
+                for (from, to) in windows {
+                    let mut expected = Services::default();
+                    for record in all.iter().filter(|r| r.end >= from && r.start <= to && filter.matches_record(r)) {
+                        expected.add_record(record);
+                    }
+                    let expected = expected.into_sorted();
+                    assert!(!expected.is_empty() || matches!(key, IndexKey::Subscriber(s) if s == "nobody"), "{key:?}");
+                    assert_eq!(store.services(from, to, key).unwrap().into_sorted(), expected, "{key:?} {from} {to}");
+                }
+            }
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for chunk in records.chunks(1000) {
+                store.append(chunk).unwrap();
+            }
+            check(&store);
+        }
+        check(&Store::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_store_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.append(&samples(10)).unwrap();
+            store.inner.db.remove(LAYOUT_KEY).unwrap();
+            store.inner.db.flush().unwrap();
+        }
+        let error = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(error.contains("layout 1"), "{error}");
+        {
+            let db = sled::open(dir.path().join("records")).unwrap();
+            db.insert(LAYOUT_KEY, &3u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        assert!(Store::open(dir.path()).err().expect("refused").to_string().contains("layout 3"));
     }
 
     #[test]
