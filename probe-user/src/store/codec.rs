@@ -9,7 +9,10 @@
 //!
 //! A block starts with a version byte; a reader refuses versions it does not
 //! know rather than guessing (version 1 compressed the columns together).
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
@@ -53,21 +56,16 @@ const COLUMNS: usize = 22;
 /// Encodes records into one block (`compress` false for the append log,
 /// where every write is small and latency matters more than size).
 pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
-    let mut columns: [Vec<u8>; COLUMNS] = Default::default();
-    let mut previous = Previous::default();
-    for record in records {
-        encode_record(record, &mut columns, &mut previous)
-            .with_context(|| format!("encoding record {}", record.id))?;
-    }
+    let columns = encode_columns(records)?;
     let mut out = vec![VERSION, u8::from(compress)];
     push_varint(&mut out, records.len() as u64);
-    let stored: Vec<std::borrow::Cow<[u8]>> = columns
+    let stored: Vec<Cow<[u8]>> = columns
         .iter()
         .map(|column| {
             Ok(if compress && !column.is_empty() {
-                std::borrow::Cow::Owned(zstd::bulk::compress(column, ZSTD_LEVEL).context("compressing a block")?)
+                Cow::Owned(zstd::bulk::compress(column, ZSTD_LEVEL).context("compressing a block")?)
             } else {
-                std::borrow::Cow::Borrowed(column.as_slice())
+                Cow::Borrowed(column.as_slice())
             })
         })
         .collect::<Result<_>>()?;
@@ -81,7 +79,32 @@ pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes a block written by [`encode`].
+fn encode_columns(records: &[Icr]) -> Result<[Vec<u8>; COLUMNS]> {
+    let mut columns: [Vec<u8>; COLUMNS] = Default::default();
+    let mut previous = Previous::default();
+    for record in records {
+        encode_record(record, &mut columns, &mut previous)
+            .with_context(|| format!("encoding record {}", record.id))?;
+    }
+    Ok(columns)
+}
+
+/// A version 1 block, as icr wrote them before layout 2: for tests of
+/// reading and migrating old stores.
+#[cfg(test)]
+pub fn encode_v1(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
+    let columns = encode_columns(records)?;
+    let mut out = vec![1, u8::from(compress)];
+    push_varint(&mut out, records.len() as u64);
+    for column in &columns {
+        push_varint(&mut out, column.len() as u64);
+    }
+    let body = columns.concat();
+    out.extend_from_slice(&if compress { zstd::bulk::compress(&body, ZSTD_LEVEL)? } else { body });
+    Ok(out)
+}
+
+/// Decodes a block written by [`encode`] (or an older version).
 pub fn decode(block: &[u8]) -> Result<Vec<Icr>> {
     decode_filtered(block, KeyFields::default(), |_| true)
 }
@@ -120,14 +143,17 @@ struct Columns<'a> {
     count: usize,
     compressed: bool,
     /// (decoded length, stored bytes) of each column.
-    stored: Vec<(usize, &'a [u8])>,
+    stored: Vec<(usize, Cow<'a, [u8]>)>,
 }
 
 impl<'a> Columns<'a> {
     fn parse(block: &'a [u8]) -> Result<Self> {
         let mut header = Reader::new(block);
         let version = header.u8()?;
-        ensure!(version == VERSION, "block encoding version {version} is not known to this icr (it knows {VERSION})");
+        if version == 1 {
+            return Self::parse_v1(header);
+        }
+        ensure!(version == VERSION, "block encoding version {version} is not known to this icr (it knows 1 and {VERSION})");
         let compressed = header.u8()? != 0;
         let count = usize::try_from(header.varint()?)?;
         let mut lengths = Vec::with_capacity(COLUMNS);
@@ -142,23 +168,50 @@ impl<'a> Columns<'a> {
             ensure!(body.len() >= stored_length, "a block ends early");
             ensure!(compressed || length == stored_length, "an uncompressed column of {stored_length} bytes claims {length}");
             let (column, rest) = body.split_at(stored_length);
-            stored.push((length, column));
+            stored.push((length, Cow::Borrowed(column)));
             body = rest;
         }
         ensure!(body.is_empty(), "{} bytes follow a block's columns", body.len());
         Ok(Self { count, compressed, stored })
     }
 
+    /// Version 1 (stores written before layout 2, and their open-block
+    /// logs): the same columns, compressed together. Read for migrating
+    /// them and for replaying old logs; never written.
+    fn parse_v1(mut header: Reader<'a>) -> Result<Self> {
+        let compressed = header.u8()? != 0;
+        let count = usize::try_from(header.varint()?)?;
+        let mut lengths = [0usize; COLUMNS];
+        for length in &mut lengths {
+            *length = usize::try_from(header.varint()?)?;
+        }
+        let total: usize = lengths.iter().try_fold(0usize, |sum, l| sum.checked_add(*l)).ok_or_else(|| anyhow!("column lengths overflow"))?;
+        ensure!(total <= MAX_DECODED_BYTES, "a block claims {total} bytes of columns");
+        let rest = header.rest();
+        let body = if compressed { zstd::bulk::decompress(rest, total).context("decompressing a block")? } else { rest.to_vec() };
+        ensure!(body.len() == total, "block body is {} bytes, its header says {total}", body.len());
+        let mut offset = 0;
+        let stored = lengths
+            .iter()
+            .map(|&length| {
+                let column = body[offset..offset + length].to_vec();
+                offset += length;
+                (length, Cow::Owned(column))
+            })
+            .collect();
+        Ok(Self { count, compressed: false, stored })
+    }
+
     /// Column `c`, decompressed if need be.
-    fn load(&self, c: usize) -> Result<std::borrow::Cow<'a, [u8]>> {
-        let (length, stored) = self.stored[c];
+    fn load(&self, c: usize) -> Result<Cow<'_, [u8]>> {
+        let (length, stored) = (self.stored[c].0, self.stored[c].1.as_ref());
         if !self.compressed || length == 0 {
             ensure!(stored.len() == length, "column {c} is {} bytes, its header says {length}", stored.len());
-            return Ok(std::borrow::Cow::Borrowed(stored));
+            return Ok(Cow::Borrowed(stored));
         }
         let body = zstd::bulk::decompress(stored, length).with_context(|| format!("decompressing column {c} of a block"))?;
         ensure!(body.len() == length, "column {c} is {} bytes, its header says {length}", body.len());
-        Ok(std::borrow::Cow::Owned(body))
+        Ok(Cow::Owned(body))
     }
 }
 
@@ -169,7 +222,7 @@ impl<'a> Columns<'a> {
 /// is: most blocks a query reads keep few records or none.
 pub fn decode_filtered(block: &[u8], fields: KeyFields, mut keep: impl FnMut(&Keys) -> bool) -> Result<Vec<Icr>> {
     let block = Columns::parse(block)?;
-    let mut bodies: Vec<Option<std::borrow::Cow<[u8]>>> = vec![None; COLUMNS];
+    let mut bodies: Vec<Option<Cow<[u8]>>> = vec![None; COLUMNS];
     for c in fields.columns() {
         bodies[c] = Some(block.load(c)?);
     }
@@ -645,6 +698,26 @@ mod tests {
             assert_eq!(decode(&block).unwrap(), records);
         }
         assert_eq!(decode(&encode(&[], true).unwrap()).unwrap(), Vec::<Icr>::new());
+    }
+
+    #[test]
+    fn version_1_blocks_are_still_read_and_filtered() {
+        let records = samples(500);
+        for compress in [false, true] {
+            let block = encode_v1(&records, compress).unwrap();
+            assert_eq!(decode(&block).unwrap(), records);
+            let fields = KeyFields { service_name: true, ..KeyFields::default() };
+            let mut seen = 0;
+            let kept = decode_filtered(&block, fields, |_| {
+                seen += 1;
+                seen % 5 == 0
+            })
+            .unwrap();
+            assert_eq!(kept, records.iter().skip(4).step_by(5).cloned().collect::<Vec<_>>());
+        }
+        let mut damaged = encode_v1(&records, true).unwrap();
+        damaged.truncate(damaged.len() - 9);
+        assert!(decode(&damaged).is_err(), "a damaged version 1 block is an error");
     }
 
     #[test]

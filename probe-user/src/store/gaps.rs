@@ -118,7 +118,6 @@ pub struct Watermark {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().into()
@@ -132,7 +131,7 @@ mod tests {
         let table = Gap::new(LossKind::FlowTableFull, at("2026-11-22T10:00:00Z"), at("2026-11-22T10:00:01Z"), 7);
         let watermark = Watermark { probe: 9, at: at("2026-11-22T10:00:01Z"), events_lost: 40, flow_table_full: 7 };
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::test_records::reopen(dir.path()).unwrap();
             assert_eq!(store.watermark().unwrap(), None);
             store.record_gaps(&[old.clone(), episode.clone(), table.clone()], Some(&watermark)).unwrap();
             // The next observation still loses: the same episode, longer.
@@ -140,7 +139,7 @@ mod tests {
             episode.count = 90;
             store.record_gaps(std::slice::from_ref(&episode), None).unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::test_records::reopen(dir.path()).unwrap();
         assert_eq!(store.watermark().unwrap(), Some(watermark));
         let window = |from, to| store.gaps(at(from), at(to)).unwrap();
         assert_eq!(window("2026-11-22T10:00:02Z", "2026-11-22T11:00:00Z"), vec![episode.clone()]);

@@ -23,6 +23,7 @@
 pub mod codec;
 pub mod gaps;
 pub mod index;
+mod migrate;
 pub mod rollup;
 mod wal;
 
@@ -58,7 +59,7 @@ const JSON_DAY_PREFIX: &str = "icr/";
 /// (the active timeout slices longer flows).
 const LOOKBACK_DAYS: u64 = 1;
 /// The layout written and read: 2 added rollups and longer block metas.
-/// A store of another layout is refused, never read as this one.
+/// An older store is migrated when opened ([`migrate`]); a newer one refused.
 const LAYOUT: u32 = 2;
 const LAYOUT_KEY: &[u8] = b"layout";
 
@@ -259,7 +260,7 @@ impl Store {
                 }
                 other => anyhow::Error::new(other).context(format!("opening the store {}", path.display())),
             })?;
-        check_layout(&db, &path)?;
+        migrate::to_current_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
         let store = Self { inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()) }) };
@@ -818,26 +819,6 @@ impl Day {
     }
 }
 
-/// Refuses a store of another layout; marks a new one.
-fn check_layout(db: &sled::Db, path: &Path) -> Result<()> {
-    let found = match db.get(LAYOUT_KEY).context("reading the store's layout")? {
-        Some(value) => u32::from_be_bytes(value.as_ref().try_into().map_err(|_| anyhow!("the store's layout marker is damaged"))?),
-        None if db.tree_names().iter().any(|name| name.starts_with(DAY_PREFIX.as_bytes())) => 1,
-        None => {
-            db.insert(LAYOUT_KEY, &LAYOUT.to_be_bytes()).context("marking the store's layout")?;
-            db.flush().context("marking the store's layout")?;
-            return Ok(());
-        }
-    };
-    if found != LAYOUT {
-        bail!(
-            "the store {} has layout {found}, and this icr reads only layout {LAYOUT}: read it with the icr that wrote it, or give this one a new --db",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
 fn day_name(date: NaiveDate) -> String {
     format!("{DAY_PREFIX}{date}")
 }
@@ -856,6 +837,21 @@ fn remove_if_present(path: &Path) -> Result<()> {
 pub(crate) mod test_records {
     use crate::icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
     use chrono::{DateTime, Utc};
+
+    /// Opens the store in `dir`, waiting (at most 5 s) for a handle this
+    /// process just dropped: sled releases its file lock from a background
+    /// thread after the drop returns (spacejam/sled#1289).
+    pub fn reopen(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match super::Store::open(dir) {
+                Err(error) if error.downcast_ref::<super::StoreInUse>().is_some() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
 
     pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
         Icr {
@@ -908,7 +904,7 @@ pub(crate) mod test_records {
 mod tests {
     use super::*;
     use crate::icr::RecordIds;
-    use test_records::{sample_at, samples};
+    use test_records::{reopen, sample_at, samples};
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().into()
@@ -922,7 +918,7 @@ mod tests {
     #[test]
     fn windows_return_overlapping_records_across_days() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let mut ids = RecordIds::default();
         let mut late = sample_at(1, at("2026-11-21T23:59:50Z"), &mut ids);
         late.end = at("2026-11-22T00:00:10Z");
@@ -976,13 +972,13 @@ mod tests {
             }
         };
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             for chunk in records.chunks(1000) {
                 store.append(chunk).unwrap();
             }
             check(&store);
         }
-        check(&Store::open(dir.path()).unwrap());
+        check(&reopen(dir.path()).unwrap());
     }
 
     /// Question 2 from rollups (runs, unrun blocks) and records (the open
@@ -1038,32 +1034,97 @@ mod tests {
             }
         };
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             for chunk in records.chunks(1000) {
                 store.append(chunk).unwrap();
             }
             check(&store);
         }
-        check(&Store::open(dir.path()).unwrap());
+        check(&reopen(dir.path()).unwrap());
+    }
+
+    /// Rewrites a layout 2 store as layout 1 had it: version 1 blocks, short
+    /// metas, no rollup pages, no marker. Blocks before `from_block` stay as
+    /// they are: a migration that stopped after them.
+    fn downgrade_to_layout_1(store: &Store, from_block: u32) {
+        let db = &store.inner.db;
+        for name in db.tree_names().into_iter().filter(|name| name.starts_with(DAY_PREFIX.as_bytes())) {
+            let tree = db.open_tree(&name).unwrap();
+            for entry in tree.scan_prefix([b'M']) {
+                let (meta_key, meta) = entry.unwrap();
+                let number = number_of(&meta_key).unwrap();
+                if number < from_block {
+                    continue;
+                }
+                let meta = BlockMeta::decode(&meta).unwrap();
+                let mut old = [meta.min_start_us.to_be_bytes(), meta.max_end_us.to_be_bytes()].concat();
+                old.extend_from_slice(&meta.records.to_be_bytes());
+                meta.alive.iter().for_each(|word| old.extend_from_slice(&word.to_be_bytes()));
+                assert_eq!(old.len(), migrate::V1_META_LEN);
+                tree.insert(meta_key, old).unwrap();
+                let records = codec::decode(&tree.get(key(b'B', number)).unwrap().unwrap()).unwrap();
+                tree.insert(key(b'B', number), codec::encode_v1(&records, true).unwrap()).unwrap();
+            }
+            for entry in tree.scan_prefix([b'U']) {
+                let (page_key, _) = entry.unwrap();
+                if number_of(&page_key).unwrap() >= from_block / RUN_BLOCKS {
+                    tree.remove(page_key).unwrap();
+                }
+            }
+        }
+        db.remove(LAYOUT_KEY).unwrap();
+        db.flush().unwrap();
     }
 
     #[test]
-    fn a_store_of_another_layout_is_refused() {
+    fn a_layout_1_store_is_moved_to_layout_2_when_opened_and_answers_the_same() {
+        let records = samples(BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        let window = (records[0].start, records.last().unwrap().end);
+        let devices = [IndexKey::Mac([2, 0, 0, 0, 9, 0x17]), IndexKey::Subscriber("line-200".into())];
+        let answers = |store: &Store| {
+            let services: Vec<_> = devices.iter().map(|d| store.services(window.0, window.1, d).unwrap().into_sorted()).collect();
+            (sorted(store.scan(window.0, window.1).unwrap()), services)
+        };
+        // Stopped after no run, and after the first run's batch.
+        for from_block in [0, RUN_BLOCKS] {
+            let dir = tempfile::tempdir().unwrap();
+            let expected = {
+                let store = reopen(dir.path()).unwrap();
+                for chunk in records.chunks(1000) {
+                    store.append(chunk).unwrap();
+                }
+                let expected = answers(&store);
+                assert_eq!(expected.0, sorted(records.clone()));
+                downgrade_to_layout_1(&store, from_block);
+                expected
+            };
+            let store = reopen(dir.path()).unwrap();
+            assert_eq!(answers(&store), expected, "the same answers after moving from block {from_block}");
+            let db = &store.inner.db;
+            assert_eq!(db.get(LAYOUT_KEY).unwrap().unwrap().as_ref(), LAYOUT.to_be_bytes());
+            let tree = db.open_tree(day_name(records[0].start.date_naive())).unwrap();
+            assert!(tree.scan_prefix([b'B']).all(|entry| entry.unwrap().1[0] == 2), "every block is rewritten in version 2");
+            for run in 0..2u32 {
+                assert!(tree.scan_prefix(&run_key(b'U', run, 0)[..5]).next().is_some(), "run {run} has its rollup pages");
+            }
+            let days = store.lock().unwrap();
+            let day = &days[&records[0].start.date_naive()];
+            let plan = day.services_plan(window.0.timestamp_micros(), window.1.timestamp_micros(), &devices[0]).unwrap();
+            assert_eq!((plan.runs.len(), plan.pending), (2, true), "question 2 reads the new rollups");
+        }
+    }
+
+    #[test]
+    fn a_store_of_a_newer_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             store.append(&samples(10)).unwrap();
-            store.inner.db.remove(LAYOUT_KEY).unwrap();
+            store.inner.db.insert(LAYOUT_KEY, &3u32.to_be_bytes()).unwrap();
             store.inner.db.flush().unwrap();
         }
-        let error = Store::open(dir.path()).err().expect("refused").to_string();
-        assert!(error.contains("layout 1"), "{error}");
-        {
-            let db = sled::open(dir.path().join("records")).unwrap();
-            db.insert(LAYOUT_KEY, &3u32.to_be_bytes()).unwrap();
-            db.flush().unwrap();
-        }
-        assert!(Store::open(dir.path()).err().expect("refused").to_string().contains("layout 3"));
+        let error = reopen(dir.path()).err().expect("refused").to_string();
+        assert!(error.contains("layout 3") && error.contains("newer"), "{error}");
     }
 
     #[test]
@@ -1072,13 +1133,13 @@ mod tests {
         let records = samples(BLOCK_RECORDS as u64 + 10);
         let log = dir.path().join("open-blocks").join("2026-11-22.log");
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             store.append(&records[..BLOCK_RECORDS - 5]).unwrap();
         }
         // The log as it was before the block sealed.
         let before = std::fs::read(&log).unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             store.append(&records[BLOCK_RECORDS - 5..]).unwrap();
         }
         // Put back the old log plus a frame of the last records: as if the
@@ -1089,7 +1150,7 @@ mod tests {
         };
         wal.append(&records[BLOCK_RECORDS - 5..]).unwrap();
         drop(wal);
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
         assert_eq!(sorted(all), sorted(records));
     }
@@ -1100,7 +1161,7 @@ mod tests {
         let mut ids = RecordIds::default();
         let earlier = sample_at(0, at("2026-11-21T23:59:00Z"), &mut ids);
         let batch = vec![sample_at(1, at("2026-11-21T23:59:30Z"), &mut ids), sample_at(2, at("2026-11-22T00:00:10Z"), &mut ids)];
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         store.append(std::slice::from_ref(&earlier)).unwrap();
         // The second day's log cannot be created (as on a full disk) after
         // the first day's took its record.
@@ -1113,7 +1174,7 @@ mod tests {
         let expected = sorted(vec![earlier, batch[0].clone(), batch[1].clone()]);
         assert_eq!(store.scan(everything.0, everything.1).unwrap(), expected);
         drop(store);
-        assert_eq!(Store::open(dir.path()).unwrap().scan(everything.0, everything.1).unwrap(), expected, "and after reopening");
+        assert_eq!(reopen(dir.path()).unwrap().scan(everything.0, everything.1).unwrap(), expected, "and after reopening");
     }
 
     #[test]
@@ -1123,11 +1184,11 @@ mod tests {
         let old: Vec<Icr> = (0..BLOCK_RECORDS as u64 + 1).map(|i| sample_at(i, at("2025-11-01T10:00:00Z"), &mut ids)).collect();
         let recent = sample_at(1, at("2026-11-20T10:00:00Z"), &mut ids);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = reopen(dir.path()).unwrap();
             store.append(&old).unwrap();
             store.append(std::slice::from_ref(&recent)).unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let everything = (at("2025-01-01T00:00:00Z"), at("2026-12-31T00:00:00Z"));
         assert_eq!(store.scan(everything.0, everything.1).unwrap().len(), old.len() + 1);
         // The clock moved: a year and a day later, retention 365 days.
@@ -1141,7 +1202,7 @@ mod tests {
         };
         check(&store);
         drop(store);
-        check(&Store::open(dir.path()).unwrap());
+        check(&reopen(dir.path()).unwrap());
     }
 
     #[test]
@@ -1156,7 +1217,7 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert_eq!(sorted(store.scan(records[0].start, records[19].end).unwrap()), sorted(records));
         assert_eq!(store.days().unwrap().len(), 1);
     }
