@@ -11,13 +11,13 @@
 //! know rather than guessing (version 1 compressed the columns together).
 use std::{
     borrow::Cow,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
-use integer_encoding::VarInt;
 
+use super::wire::{Reader, push_ip, push_signed, push_varint};
 use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource, mac_string, proto_name};
 
 /// The encoding version written now.
@@ -579,18 +579,6 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-fn push_varint(out: &mut Vec<u8>, value: u64) {
-    let mut buffer = [0u8; 10];
-    let n = value.encode_var(&mut buffer);
-    out.extend_from_slice(&buffer[..n]);
-}
-
-fn push_signed(out: &mut Vec<u8>, value: i64) {
-    let mut buffer = [0u8; 10];
-    let n = value.encode_var(&mut buffer);
-    out.extend_from_slice(&buffer[..n]);
-}
-
 /// `None` as 0, a value as value + 1.
 fn push_optional(out: &mut Vec<u8>, value: Option<u64>) {
     push_varint(out, value.map_or(0, |v| v + 1));
@@ -606,58 +594,9 @@ fn push_text(out: &mut Vec<u8>, text: Option<&str>) {
     }
 }
 
-fn push_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
-    match ip {
-        None => out.push(0),
-        Some(IpAddr::V4(ip)) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-        Some(IpAddr::V6(ip)) => {
-            out.push(6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-}
-
-/// Reads one column; every read is checked, a short column is an error.
-#[derive(Clone)]
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
+/// The column reads only blocks make.
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { bytes }
-    }
-
-    fn rest(self) -> &'a [u8] {
-        self.bytes
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        ensure!(self.bytes.len() >= n, "a column ends early");
-        let (head, tail) = self.bytes.split_at(n);
-        self.bytes = tail;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    fn varint(&mut self) -> Result<u64> {
-        let (value, n) = u64::decode_var(self.bytes).ok_or_else(|| anyhow!("a bad varint"))?;
-        self.bytes = &self.bytes[n..];
-        Ok(value)
-    }
-
-    fn signed(&mut self) -> Result<i64> {
-        let (value, n) = i64::decode_var(self.bytes).ok_or_else(|| anyhow!("a bad varint"))?;
-        self.bytes = &self.bytes[n..];
-        Ok(value)
-    }
-
+    /// `None` as 0, a value as value + 1.
     fn optional(&mut self) -> Result<Option<u64>> {
         Ok(self.varint()?.checked_sub(1))
     }
@@ -673,15 +612,6 @@ impl<'a> Reader<'a> {
         let Some(length) = self.optional()? else { return Ok(false) };
         self.bytes(usize::try_from(length)?)?;
         Ok(true)
-    }
-
-    fn ip(&mut self) -> Result<Option<IpAddr>> {
-        Ok(match self.u8()? {
-            0 => None,
-            4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.bytes(4)?)?))),
-            6 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.bytes(16)?)?))),
-            other => bail!("unknown address family tag {other}"),
-        })
     }
 }
 

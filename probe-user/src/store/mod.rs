@@ -26,6 +26,7 @@ pub mod index;
 mod migrate;
 pub mod rollup;
 mod wal;
+mod wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -13,17 +13,17 @@
 //! collision never lends another device's services.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use integer_encoding::VarInt;
 
 use crate::{
     icr::Icr,
     store::{
         codec::{parse_mac, proto_number},
         index::IndexKey,
+        wire::{Reader, push_ip, push_signed, push_varint},
     },
 };
 
@@ -235,10 +235,10 @@ impl Rollup {
             return Ok(()); // a block without devices
         }
         let page = decompress(compressed)?;
-        let mut reader = Reader(&page);
+        let mut reader = Reader::new(&page);
         let base_us = reader.signed()?;
         let mut print = 0u32;
-        while !reader.0.is_empty() {
+        while !reader.is_empty() {
             let (item_print, kind, mut payload) = reader.item(print)?;
             print = item_print;
             if kind == IDENTITY {
@@ -320,10 +320,10 @@ pub fn lookup_print(compressed: &[u8], print: u32, key: &IndexKey, follow: bool,
         return Ok(()); // a block without devices
     }
     let page = decompress(compressed)?;
-    let mut reader = Reader(&page);
+    let mut reader = Reader::new(&page);
     let base_us = reader.signed()?;
     let mut current = 0u32;
-    while !reader.0.is_empty() {
+    while !reader.is_empty() {
         let (item_print, kind, mut payload) = reader.item(current)?;
         current = item_print;
         if current > print {
@@ -409,71 +409,11 @@ fn write_use(out: &mut Vec<u8>, used: &ServiceUse, base_us: i64) {
     push_varint(out, used.bytes);
 }
 
-fn push_varint(out: &mut Vec<u8>, value: u64) {
-    let mut buffer = [0u8; 10];
-    let n = value.encode_var(&mut buffer);
-    out.extend_from_slice(&buffer[..n]);
-}
-
-fn push_signed(out: &mut Vec<u8>, value: i64) {
-    let mut buffer = [0u8; 10];
-    let n = value.encode_var(&mut buffer);
-    out.extend_from_slice(&buffer[..n]);
-}
-
-fn push_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
-    match ip {
-        None => out.push(0),
-        Some(IpAddr::V4(ip)) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-        Some(IpAddr::V6(ip)) => {
-            out.push(6);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-}
-
-/// Reads a page; every read is checked, bad data is an error.
-struct Reader<'a>(&'a [u8]);
-
+/// The reads only rollup pages make.
 impl<'a> Reader<'a> {
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        ensure!(self.0.len() >= n, "a rollup page ends early");
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.bytes(1)?[0])
-    }
-
-    fn varint(&mut self) -> Result<u64> {
-        let (value, n) = u64::decode_var(self.0).ok_or_else(|| anyhow!("a bad varint in a rollup page"))?;
-        self.0 = &self.0[n..];
-        Ok(value)
-    }
-
-    fn signed(&mut self) -> Result<i64> {
-        let (value, n) = i64::decode_var(self.0).ok_or_else(|| anyhow!("a bad varint in a rollup page"))?;
-        self.0 = &self.0[n..];
-        Ok(value)
-    }
-
     fn text(&mut self, length: u64) -> Result<&'a str> {
         let bytes = self.bytes(usize::try_from(length)?)?;
         std::str::from_utf8(bytes).context("a rollup text is not UTF-8")
-    }
-
-    fn ip(&mut self) -> Result<Option<IpAddr>> {
-        Ok(match self.u8()? {
-            0 => None,
-            4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.bytes(4)?)?))),
-            6 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.bytes(16)?)?))),
-            other => bail!("unknown address family tag {other} in a rollup page"),
-        })
     }
 
     /// The next item: its fingerprint, kind and payload.
@@ -482,7 +422,7 @@ impl<'a> Reader<'a> {
         let print = previous.checked_add(delta).ok_or_else(|| anyhow!("a rollup page overflows"))?;
         let kind = self.u8()?;
         let length = usize::try_from(self.varint()?)?;
-        Ok((print, kind, Reader(self.bytes(length)?)))
+        Ok((print, kind, Reader::new(self.bytes(length)?)))
     }
 
     fn identity(&mut self) -> Result<Identity> {
