@@ -18,7 +18,7 @@ use crate::{
     flow::{Assembler, Timeouts},
     icr::{EndReason, Icr},
     nat::NatTable,
-    probe::{Probe, ProbeOptions},
+    probe::{EventBuffer, Probe, ProbeOptions},
 };
 
 const ETH_HEADER: usize = 14;
@@ -41,10 +41,65 @@ pub fn replay(
     path: &Path,
     options: ProbeOptions,
     timeouts: Timeouts,
+    sink: impl FnMut(Vec<Icr>) -> Result<()>,
+) -> Result<ReplayStats> {
+    Replayer::load(options)?.replay(path, timeouts, sink)
+}
+
+/// A probe loaded once for replaying capture files one after another: each
+/// file starts from an empty kernel flow table and empty event buffers, as
+/// with a freshly loaded probe. Loading (the verifier) is what a short
+/// capture's replay spends most of its time on, and under emulation (a VM
+/// without KVM) it takes tens of seconds.
+pub struct Replayer {
+    probe: Probe,
+    buffers: Vec<EventBuffer>,
+}
+
+impl Replayer {
+    pub fn load(options: ProbeOptions) -> Result<Self> {
+        let mut probe = Probe::load(options)?;
+        let buffers = probe.open_event_buffers()?;
+        Ok(Self { probe, buffers })
+    }
+
+    /// Replays `path`, handing every record to `sink` as it closes.
+    pub fn replay(
+        &mut self,
+        path: &Path,
+        timeouts: Timeouts,
+        sink: impl FnMut(Vec<Icr>) -> Result<()>,
+    ) -> Result<ReplayStats> {
+        self.reset()?;
+        let result = replay_loaded(&mut self.probe, &mut self.buffers, path, timeouts, sink);
+        // A failed file may leave flows and events behind: the next one must not see them.
+        if result.is_err() {
+            let _ = self.reset();
+        }
+        result
+    }
+
+    /// Forgets what an earlier file left. A replay that ends normally leaves
+    /// nothing (closing every flow empties the kernel table, the clock is
+    /// reset): this is for one that failed midway, which leaves flows,
+    /// unread events and its capture clock.
+    fn reset(&mut self) -> Result<()> {
+        for key in self.probe.flow_keys()? {
+            self.probe.remove_flow(&key)?;
+        }
+        let mut stale = Vec::new();
+        events::drain(&mut self.buffers, &mut stale);
+        self.probe.set_clock_override(0)
+    }
+}
+
+fn replay_loaded(
+    probe: &mut Probe,
+    buffers: &mut [EventBuffer],
+    path: &Path,
+    timeouts: Timeouts,
     mut sink: impl FnMut(Vec<Icr>) -> Result<()>,
 ) -> Result<ReplayStats> {
-    let mut probe = Probe::load(options)?;
-    let mut buffers = probe.open_event_buffers()?;
     let mut assembler = Assembler::new(timeouts, Clock::capture(), false);
     let nat = NatTable::default();
     let mut stats = ReplayStats::default();
@@ -62,7 +117,7 @@ pub fn replay(
         if out.action != 2 {
             bail!("the probe returned XDP action {} instead of XDP_PASS", out.action);
         }
-        events::drain(&mut buffers, &mut events);
+        events::drain(buffers, &mut events);
         for event in events.drain(..) {
             assembler.on_event(event, &nat);
         }
@@ -77,7 +132,7 @@ pub fn replay(
     };
     let mut unsupported_link = 0;
     read_capture(path, |ts_ns, link, data| match to_ethernet(link, data) {
-        Some(frame) => on_packet(ts_ns, &frame, &mut probe),
+        Some(frame) => on_packet(ts_ns, &frame, probe),
         None => {
             unsupported_link += 1;
             Ok(())
@@ -86,14 +141,14 @@ pub fn replay(
     stats.unsupported_link = unsupported_link;
 
     let mut rest = Vec::new();
-    events::drain(&mut buffers, &mut rest);
+    events::drain(buffers, &mut rest);
     for event in rest {
         if !matches!(event, ProbeEvent::Malformed { .. }) {
             assembler.on_event(event, &nat);
         }
     }
     // The capture ends: what is still open closes as if the probe stopped.
-    assembler.close_all(last_ns.max(1), EndReason::Shutdown, &mut probe, &nat)?;
+    assembler.close_all(last_ns.max(1), EndReason::Shutdown, probe, &nat)?;
     let records = assembler.take_records();
     stats.records += records.len() as u64;
     sink(records)?;

@@ -4,12 +4,21 @@
 //! see is a false name and fails the test; recall must not fall below what
 //! the probe achieved when this test was written (the misses are listed in
 //! the output: tunnels, three VLAN tags, non-standard DNS ports, SSDP).
+//!
+//! The captures are replayed in this process by `icr replay`'s own code
+//! (`icr::replay::Replayer`, serialised by `icr::export::ndjson`), with one
+//! probe load per thread rather than one per file: loading (the verifier)
+//! is most of a short replay's time, tens of seconds under emulation (a VM
+//! without KVM). The `icr replay` command itself is run on the last file with
+//! records of each thread, and must print the same records: that proves both the
+//! command and that a reused probe starts each file afresh.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
 };
 
+use icr::{config::Config, export, probe::ProbeOptions, replay::Replayer};
 use icr_tests::lab::icr_binary;
 use serde_json::Value;
 
@@ -40,7 +49,7 @@ fn replayed_names_agree_with_tshark() {
     let mut report = Vec::new();
     let mut replayed = 0;
 
-    // Two replays at a time: each loads its own probe into the kernel.
+    // Two threads, each with its own probe loaded once for its half.
     let rows: Vec<&str> = lines.collect();
     let outputs: Vec<(Vec<&str>, String)> = std::thread::scope(|scope| {
         let halves: Vec<_> = rows
@@ -49,15 +58,30 @@ fn replayed_names_agree_with_tshark() {
                 let dir = &dir;
                 let column = &column;
                 scope.spawn(move || {
-                    half.iter()
+                    let config = Config::default();
+                    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, pin_dir: None };
+                    let mut replayer = Replayer::load(options).expect("loading the probe");
+                    let outputs: Vec<_> = half
+                        .iter()
                         .map(|line| {
                             let fields: Vec<&str> = line.split('\t').collect();
                             let file = fields[column("file")];
-                            let out = Command::new(icr_binary()).arg("replay").arg(dir.join(file)).output().unwrap();
-                            assert!(out.status.success(), "icr replay {file} failed: {}", String::from_utf8_lossy(&out.stderr));
-                            (fields, String::from_utf8_lossy(&out.stdout).into_owned())
+                            let mut out = Vec::new();
+                            replayer
+                                .replay(&dir.join(file), config.flow_timeouts().unwrap(), |records| {
+                                    out.extend(export::ndjson(&records)?);
+                                    Ok(())
+                                })
+                                .unwrap_or_else(|error| panic!("replaying {file} failed: {error:#}"));
+                            (fields, String::from_utf8(out).expect("NDJSON is UTF-8"))
                         })
-                        .collect::<Vec<_>>()
+                        .collect();
+                    // The last file with records: replayed after many others by the same probe.
+                    let (fields, in_process) =
+                        outputs.iter().rev().find(|(_, records)| !records.is_empty()).expect("a half has records");
+                    let file = fields[column("file")];
+                    assert_same_records(&dir.join(file), in_process, &replay_command(&dir.join(file)));
+                    outputs
                 })
             })
             .collect();
@@ -109,4 +133,30 @@ fn replayed_names_agree_with_tshark() {
     for (i, (kind, _)) in KINDS.iter().enumerate() {
         assert!(recovered[i] >= FLOOR[i], "{kind}: {} recovered, fewer than {}", recovered[i], FLOOR[i]);
     }
+}
+
+/// `icr replay FILE`'s standard output.
+fn replay_command(file: &Path) -> String {
+    let out = Command::new(icr_binary()).arg("replay").arg(file).output().unwrap();
+    assert!(out.status.success(), "icr replay {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("NDJSON is UTF-8")
+}
+
+/// The same records, in any order, but for their `id` (new at each replay).
+fn assert_same_records(file: &Path, in_process: &str, command: &str) {
+    let records = |ndjson: &str| -> Vec<String> {
+        let mut records: Vec<String> = ndjson
+            .lines()
+            .map(|line| {
+                let mut record: Value = serde_json::from_str(line).expect("NDJSON");
+                record.as_object_mut().expect("a record is an object").remove("id");
+                record.to_string()
+            })
+            .collect();
+        records.sort();
+        records
+    };
+    let (ours, theirs) = (records(in_process), records(command));
+    assert!(!theirs.is_empty(), "icr replay {} printed no records", file.display());
+    assert_eq!(ours, theirs, "{}: the reused probe's records differ from icr replay's", file.display());
 }
