@@ -33,7 +33,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { records: 10_000_000, dir: PathBuf::from("target/bench-store"), per_second: 1_157.0, keep: false };
+    let mut args = Args { records: 10_000_000, dir: PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-store")), per_second: 1_157.0, keep: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
