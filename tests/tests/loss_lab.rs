@@ -193,8 +193,17 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     assert_eq!(total(&gaps, "event_buffer_full"), events_lost, "the gaps count every lost event: {gaps:#?}");
     assert_eq!(total(&gaps, "conntrack_overrun"), overruns, "and every overrun: {gaps:#?}");
     eprintln!("stopped agent: {events_lost} events lost, {overruns} conntrack overruns, {} gap entries", gaps.len());
+    // Each loss is dated to the stop. A machine too slow to drain what the
+    // burst leaves behind (conntrack's events for 20,000 flows, under
+    // emulation) may overrun the socket again after the resume: that is a
+    // real loss too, counted above, and must be dated after the resume.
+    let spans_stop = |gap: &Value| time_of(gap, "from") <= resumed && time_of(gap, "to") >= stopped;
     for gap in &gaps {
-        assert!(time_of(gap, "from") <= resumed && time_of(gap, "to") >= stopped, "the gap spans the stop: {gap}");
+        let later_overrun = gap["kind"] == "conntrack_overrun" && time_of(gap, "from") >= resumed;
+        assert!(spans_stop(gap) || later_overrun, "the gap spans the stop ({stopped} to {resumed}): {gap}");
+    }
+    for kind in ["event_buffer_full", "conntrack_overrun"] {
+        assert!(gaps.iter().any(|g| g["kind"] == kind && spans_stop(g)), "a {kind} gap spans the stop: {gaps:#?}");
     }
     assert!(lines.iter().any(|l| l.contains("kernel event buffers") && l.contains(&format!("{events_lost} events lost"))), "{lines:?}");
 
