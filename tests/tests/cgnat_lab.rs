@@ -130,6 +130,7 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
     let mut by_port: HashMap<u16, HashSet<String>> = HashMap::new();
     let (mut correct, mut total) = (0, 0);
     let mut wrong = Vec::new();
+    let mut wrong_ports = Vec::new();
     for line in &log {
         assert_eq!(line.address, PUBLIC_IP);
         let client = line.uri.split('/').nth(2).unwrap().to_string();
@@ -143,11 +144,12 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
             correct += 1;
         } else {
             wrong.push(format!("{} port {port} at {at}: got {answer:?}", client));
+            wrong_ports.push((line.port, line.time, client.clone()));
         }
     }
     println!("CGNAT resolve: {correct} / {total} requests resolved to exactly their device");
     assert!(by_port.values().any(|clients| clients.len() > 1), "public ports were reused by different devices");
-    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+    assert!(wrong.is_empty(), "wrong answers:\n{}\n{}", wrong.join("\n"), records_behind(&db, &wrong_ports));
 
     // Without a port: public address + time + service ranks the device with
     // the most connections to that service first.
@@ -156,4 +158,29 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
     let hits = resolve(&db, &["--at", &middle, "--tolerance", "30s", "--service", MAIL_NAME]);
     assert_eq!(hits.first().and_then(|r| r["device"]["ip"].as_str()), Some(heavy.ip.as_str()), "{hits:#?}");
     assert!(hits.iter().all(|r| r["service"]["name"] == MAIL_NAME));
+}
+
+/// The stored records near each wrong answer: those of its public port and
+/// those of the device that made the request, within 10 s of the logged time.
+fn records_behind(db: &Path, wrong: &[(u16, f64, String)]) -> String {
+    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().unwrap();
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let unix = |v: &Value| v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6);
+    let mut text = String::from("records near the wrong answers (device, public port, start, end, end reason, packets up/down):");
+    for (port, time, client) in wrong {
+        text.push_str(&format!("\n{client} port {port} at {time:.3}:"));
+        for r in &records {
+            let (start, end) = (unix(&r["start"]), unix(&r["end"]));
+            let near = start <= time + 10.0 && end >= time - 10.0;
+            let ours = r["public"]["port"].as_u64() == Some(u64::from(*port)) || r["device"]["ip"].as_str() == Some(client);
+            if near && ours {
+                text.push_str(&format!(
+                    "\n  {}:{} -> {} {:.3}..{:.3} {} {}/{}",
+                    r["device"]["ip"].as_str().unwrap_or("?"), r["device"]["port"], r["public"]["port"], start, end,
+                    r["end_reason"].as_str().unwrap_or("?"), r["packets_up"], r["packets_down"]
+                ));
+            }
+        }
+    }
+    text
 }

@@ -35,6 +35,9 @@ const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-pa
 const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG", "ICR_LAB_SLOWDOWN"];
 /// The lab's waits are scaled by this under TCG, unless ICR_LAB_SLOWDOWN is set.
 const TCG_SLOWDOWN: &str = "4";
+/// The VM's default deadline, boot included, in seconds.
+const KVM_TIMEOUT: u64 = 2400;
+const TCG_TIMEOUT: u64 = 7200;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,8 +51,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Kill the VM this many seconds after starting it (boot included).
-    #[arg(long, default_value_t = 2400)]
-    timeout: u64,
+    /// Default: 2400 with KVM, 7200 under TCG (the whole default set takes
+    /// about 50 minutes there).
+    #[arg(long)]
+    timeout: Option<u64>,
     /// Kill a test binary in the guest after this many seconds.
     #[arg(long, default_value_t = 1200)]
     test_timeout: u64,
@@ -435,7 +440,8 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
 
     // The watchdog: qemu is killed past the deadline, or if it does not power
     // off soon after the guest gave its result.
-    let deadline = Duration::from_secs(args.timeout);
+    let timeout = args.timeout.unwrap_or(if kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
+    let deadline = Duration::from_secs(timeout);
     let mut killed: Option<String> = None;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -443,7 +449,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         }
         let result_at = console.lock().expect("console").result.map(|(at, _)| at);
         if started.elapsed() > deadline {
-            killed = Some(format!("the VM ran past the {} s deadline (--timeout)", args.timeout));
+            killed = Some(format!("the VM ran past the {timeout} s deadline (--timeout)"));
         } else if result_at.is_some_and(|at| at.elapsed() > Duration::from_secs(60)) {
             killed = Some("the VM did not power off within 60 s of its result".into());
         }
