@@ -90,9 +90,21 @@ pub struct FlowValue {
     pub pppoe_session: u16,
     /// Payload bytes already shipped as hints, per direction (see [`HINT_BUDGET`]).
     pub hint_bytes: [u16; 2],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// When the opener last sent a TCP SYN without ACK again, in units of
+    /// 2^20 ns (about 1 ms) after `first_ns`; 0 if it never did. A SYN is
+    /// retried when it got no answer, e.g. dropped by a NAT with no public
+    /// port free: the connection opened with the last one, perhaps seconds
+    /// after the first. (In what was padding: maps pinned by an older probe
+    /// keep their size and read 0.)
+    pub syn_retry: u32,
 }
 const _: () = assert!(size_of::<FlowValue>() == 88);
+
+/// The unit of [`FlowValue::syn_retry`], as a shift of nanoseconds: a
+/// shift is cheaper than a division in the kernel, and 32 bits of it span
+/// 52 days.
+pub const SYN_RETRY_SHIFT: u32 = 20;
 
 /// Payload bytes per flow and direction the probe ships as hints: enough
 /// for a ClientHello with post-quantum key shares spread over several

@@ -4,8 +4,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use probe_common::{
-    FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, counter, event_kind, role as roles,
-    tcp_flags,
+    FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, SYN_RETRY_SHIFT, counter, event_kind,
+    role as roles, tcp_flags,
 };
 
 use crate::{
@@ -113,6 +113,9 @@ fn update(
         add(&raw mut (*value).bytes[index], packet.ip_len as u64);
         (*value).last_ns = now;
         (*value).tcp_flags[index] |= packet.tcp_flags;
+        if packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN && dir == (*value).first_dir {
+            (*value).syn_retry = (now.saturating_sub((*value).first_ns) >> SYN_RETRY_SHIFT) as u32;
+        }
         (*value).roles[index] |= role;
         if (*value).mac[index] == [0; 6] {
             (*value).mac[index] = packet.mac_src;

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Result;
-use probe_common::{FlowEvent, FlowKey, FlowValue, event_kind, role, tcp_flags};
+use probe_common::{FlowEvent, FlowKey, FlowValue, SYN_RETRY_SHIFT, event_kind, role, tcp_flags};
 
 use crate::{
     clock::Clock,
@@ -484,7 +484,7 @@ impl Assembler {
             packets_up += wan.packets[s] - base.reported_packets[s];
             bytes_up += wan.bytes[s] - base.reported_bytes[s];
         }
-        let start_ns = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
+        let start_ns = if known.slice_start_ns == 0 { opened_ns(value) } else { known.slice_start_ns };
         let device = view.device;
         let mac = value.mac[up];
         let public = view.public();
@@ -569,6 +569,15 @@ impl<'a> FlowView<'a> {
     }
 }
 
+/// When the connection opened: its first packet, or for TCP the last SYN
+/// its opener retried unanswered. Under CGNAT a device's SYNs are dropped
+/// until a public port frees; dating its record from the first of them made
+/// it overlap the port's previous holder, and question 1 named the wrong
+/// device.
+fn opened_ns(value: &FlowValue) -> u64 {
+    value.first_ns.saturating_add(u64::from(value.syn_retry) << SYN_RETRY_SHIFT)
+}
+
 /// The device's sending direction: the one that arrived on a LAN interface;
 /// when both or neither did (a single capture point), the connection's
 /// initiator.
@@ -641,6 +650,9 @@ mod tests {
                 ..FlowValue::default()
             });
             value.last_ns = at;
+            if value.packets[d] > 0 && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN && dir == value.first_dir {
+                value.syn_retry = ((at - value.first_ns) >> SYN_RETRY_SHIFT) as u32;
+            }
             value.packets[d] += 1;
             value.bytes[d] += bytes;
             value.tcp_flags[d] |= flags;
@@ -725,6 +737,30 @@ mod tests {
         assert!(!r.incomplete);
         assert!(table.0.is_empty());
         assert_eq!(assembler.open_flows(), 0);
+    }
+
+    #[test]
+    fn a_connection_opens_with_the_last_syn_its_device_retried() {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let up = device_tuple();
+        // No public port free: the NAT drops the SYNs at 1 s and 2 s; the one
+        // at 4 s gets port 10007 and its answer.
+        for at in [SEC, 2 * SEC, 4 * SEC] {
+            table.packet(up, 60, tcp_flags::SYN, role::LAN, at);
+        }
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: 6 };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), 4 * SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 4 * SEC + 10_000_000);
+        table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 5 * SEC);
+        table.packet(reply, 40, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 5 * SEC);
+        assembler.close_all(6 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let r = &assembler.take_records()[0];
+        let start_ns = r.start.timestamp_nanos_opt().unwrap() as u64;
+        assert!(start_ns <= 4 * SEC && 4 * SEC - start_ns < 1 << SYN_RETRY_SHIFT, "opened with the SYN at 4 s: {}", r.start);
+        assert_eq!(r.packets_up, 4, "the dropped SYNs were still sent");
+        assert_eq!(r.end_reason, EndReason::Fin);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use icr::{
     probe::{EventBuffer, Probe, ProbeOptions},
     tuple::{Tuple, ipv4},
 };
-use probe_common::{FlowEvent, FlowValue, counter, event_kind, role, tcp_flags};
+use probe_common::{FlowEvent, FlowValue, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
 
 const XDP_PASS: u32 = 2;
 const DEVICE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x17];
@@ -293,6 +293,29 @@ fn the_replay_clock_overrides_kernel_time() {
     let (value, _) = h.flow(&client()).unwrap();
     assert_eq!(value.first_ns, capture_ns);
     assert_eq!(h.events()[0].ts_ns, capture_ns);
+}
+
+#[test]
+fn a_retried_syn_is_dated_and_answers_are_not() {
+    let mut h = Harness::new();
+    let first_ns = 1_700_000_000_000_000_000;
+    let up = client();
+    h.probe.set_clock_override(first_ns).unwrap();
+    h.run(role::LAN, &tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC));
+    assert_eq!(h.flow(&up).unwrap().0.syn_retry, 0, "a first SYN is no retry");
+    // Unanswered (a NAT with no public port free), the SYN is sent again 3 s later.
+    h.probe.set_clock_override(first_ns + 3_000_000_000).unwrap();
+    h.run(role::LAN, &tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC));
+    let retried = (3_000_000_000u64 >> SYN_RETRY_SHIFT) as u32;
+    assert_eq!(h.flow(&up).unwrap().0.syn_retry, retried);
+    // The answer, the handshake's ACK and the server's SYN-ACK sent again move nothing.
+    h.probe.set_clock_override(first_ns + 5_000_000_000).unwrap();
+    h.run(role::WAN, &tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC));
+    h.run(role::LAN, &tcp_frame(&up, tcp_flags::ACK, &[], DEVICE_MAC));
+    h.run(role::WAN, &tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC));
+    let (value, dir) = h.flow(&up).unwrap();
+    assert_eq!(value.syn_retry, retried);
+    assert_eq!(value.packets[dir], 3, "every SYN is counted");
 }
 
 #[test]
