@@ -53,8 +53,9 @@ impl NatTable {
                 self.by_original.insert(mapping.original, mapping);
             }
             NatEvent::Destroy(mapping) => {
-                // Make sure it is known (a NEW may have been missed).
-                self.by_reply.insert(mapping.reply, mapping.original);
+                // Make sure it is known (a NEW may have been missed), but the
+                // public port may already have a new holder: keep it.
+                self.by_reply.entry(mapping.reply).or_insert(mapping.original);
                 self.by_original.insert(mapping.original, mapping);
                 self.destroyed.push((now_ns, mapping.original));
             }
@@ -69,7 +70,9 @@ impl NatTable {
     pub fn forget(&mut self, before_ns: u64) {
         let keep_from = self.destroyed.partition_point(|(at, _)| *at < before_ns);
         for (_, original) in self.destroyed.drain(..keep_from) {
-            if let Some(mapping) = self.by_original.remove(&original) {
+            if let Some(mapping) = self.by_original.remove(&original)
+                && self.by_reply.get(&mapping.reply) == Some(&original)
+            {
                 self.by_reply.remove(&mapping.reply);
             }
         }
@@ -129,5 +132,22 @@ mod tests {
         table.forget(11);
         assert!(table.is_empty());
         assert_eq!(table.by_reply(&m.reply), None);
+    }
+
+    #[test]
+    fn a_public_port_reused_by_another_device_joins_the_new_holder() {
+        let mut table = NatTable::default();
+        let old = mapping();
+        let new = Mapping { original: Tuple { src: ipv4(192, 168, 1, 40), ..old.original }, reply: old.reply };
+        table.apply(NatEvent::New(old), 1);
+        table.apply(NatEvent::New(new), 2);
+        // The old holder's destroy arriving late does not take the port back.
+        table.apply(NatEvent::Destroy(old), 3);
+        assert_eq!(table.by_reply(&new.reply), Some(&new));
+        // Forgetting the old holder leaves the new one joined.
+        table.forget(4);
+        assert_eq!(table.by_reply(&new.reply), Some(&new));
+        assert_eq!(table.by_original(&old.original), None);
+        assert_eq!(table.len(), 1);
     }
 }
