@@ -31,6 +31,9 @@ use crate::{
 };
 
 const IPPROTO_TCP: u8 = 6;
+/// A sweep adopts a flow it has no event of once its first packet is this
+/// old: a start event still queued behind a busy agent is not a lost one.
+const ADOPT_AFTER_NS: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -86,8 +89,11 @@ struct Known {
     reported_bytes: [u64; 2],
     /// Start of the slice not yet reported (0: the flow's first packet).
     slice_start_ns: u64,
-    /// Something may be missing (start event lost, events overrun).
+    /// Something may be missing (events overrun).
     incomplete: bool,
+    /// Found by a sweep before its start event arrived: that event, and the
+    /// hints after it, may be lost. Cleared if the start event comes late.
+    adopted: bool,
     /// The LAN flow this WAN flow belongs to, once joined.
     joined_to: Option<FlowKey>,
 }
@@ -216,7 +222,11 @@ impl Assembler {
     }
 
     fn on_flow_event(&mut self, event: &FlowEvent) {
-        self.known.entry(event.key).or_default();
+        let known = self.known.entry(event.key).or_default();
+        if event.kind == event_kind::FLOW_START {
+            // Late, not lost (the agent was behind when the sweep ran).
+            known.adopted = false;
+        }
         let wait = match event.kind {
             event_kind::FLOW_END => self.timeouts.tcp_closed,
             _ => self.idle_timeout(event.key.proto).min(self.timeouts.active),
@@ -279,7 +289,7 @@ impl Assembler {
     pub fn tick(&mut self, now_ns: u64, table: &mut impl FlowTable, nat: &NatTable) -> Result<()> {
         self.retry_pending_dns(now_ns, nat);
         if now_ns >= self.next_full_sweep_ns {
-            self.full_sweep(table, now_ns)?;
+            self.full_sweep(table, now_ns, ADOPT_AFTER_NS)?;
             self.next_full_sweep_ns = now_ns.saturating_add(nanos(self.timeouts.full_sweep));
         }
         while let Some(Reverse((at_ns, key))) = self.due.peek().copied() {
@@ -300,7 +310,8 @@ impl Assembler {
         table: &mut impl FlowTable,
         nat: &NatTable,
     ) -> Result<()> {
-        self.full_sweep(table, now_ns)?;
+        // Every event has been handled: what the table holds beyond is adopted.
+        self.full_sweep(table, now_ns, 0)?;
         let mut keys: Vec<FlowKey> = self.known.keys().copied().collect();
         keys.sort_unstable();
         for key in keys {
@@ -319,13 +330,19 @@ impl Assembler {
         Ok(())
     }
 
-    fn full_sweep(&mut self, table: &mut impl FlowTable, now_ns: u64) -> Result<()> {
+    /// Adopts the flows of the kernel table the agent has no event of, once
+    /// their first packet is `grace_ns` old (their start event may be on its way).
+    fn full_sweep(&mut self, table: &mut impl FlowTable, now_ns: u64, grace_ns: u64) -> Result<()> {
         for key in table.keys()? {
-            if !self.known.contains_key(&key) {
-                self.adopted += 1;
-                self.known.insert(key, Known { incomplete: true, ..Known::default() });
-                self.schedule(key, now_ns);
+            if self.known.contains_key(&key) {
+                continue;
             }
+            if grace_ns > 0 && table.get(&key)?.is_some_and(|value| now_ns.saturating_sub(value.first_ns) < grace_ns) {
+                continue;
+            }
+            self.adopted += 1;
+            self.known.insert(key, Known { adopted: true, ..Known::default() });
+            self.schedule(key, now_ns);
         }
         Ok(())
     }
@@ -416,6 +433,7 @@ impl Assembler {
                 entry.reported_bytes = value.bytes;
                 entry.slice_start_ns = now_ns;
                 entry.incomplete = false;
+                entry.adopted = false;
                 if let Some((wan_key, wan_value)) = wan {
                     let entry = self.known.entry(wan_key).or_default();
                     entry.reported_packets = wan_value.packets;
@@ -523,7 +541,10 @@ impl Assembler {
             packets_down,
             bytes_up,
             bytes_down,
-            incomplete: known.incomplete || wan_known.is_some_and(|w| w.incomplete) || missing_nat,
+            incomplete: known.incomplete
+                || known.adopted
+                || wan_known.is_some_and(|w| w.incomplete || w.adopted)
+                || missing_nat,
         }
     }
 }
@@ -798,6 +819,25 @@ mod tests {
         assert_eq!(r.device.ip, Some(dns.src), "the initiator is the device on one interface");
         assert_eq!((r.packets_up, r.packets_down), (1, 1));
         assert!(r.incomplete, "its start event was lost");
+    }
+
+    #[test]
+    fn a_start_event_behind_a_sweep_is_late_not_lost() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
+        let young = table.packet(device_tuple(), 60, tcp_flags::SYN, role::LAN, 10 * SEC);
+        let old = table.packet(Tuple { src_port: 51545, ..device_tuple() }, 60, tcp_flags::SYN, role::LAN, 8 * SEC);
+        // A sweep at 10.5 s: the young flow's start event may be on its way.
+        assembler.tick(10 * SEC + SEC / 2, &mut table, &nat).unwrap();
+        assert_eq!(assembler.adopted, 1, "only the flow a second old is adopted");
+        // Both start events arrive after all.
+        assembler.on_event(start_event(young, 10 * SEC), &nat);
+        assembler.on_event(start_event(old, 8 * SEC), &nat);
+        assembler.close_all(12 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| !r.incomplete), "{records:#?}");
     }
 
     #[test]
