@@ -2,7 +2,7 @@
 //! of the table at start, then NEW and DESTROY events, each with the original
 //! tuple (as the device sent it) and the reply tuple (as the internet answers
 //! it, i.e. to the public address and port NAT chose).
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use chrono::Utc;
@@ -56,21 +56,32 @@ fn subscribe() -> Result<AsyncFd<Socket>> {
     Ok(unsafe { AsyncFd::register(socket)? })
 }
 
+/// How often an idle follower looks at its socket: an overrun is dated
+/// from the last time the socket was found empty, so a quiet socket is
+/// looked at, not only a readable one.
+const DRAINED_CHECK: Duration = Duration::from_secs(1);
+
 async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
     let mut buffer = vec![0u8; 1 << 16];
     // An overrun can only begin after the socket was last found empty.
     let mut drained_at = Utc::now();
     loop {
-        let mut guard = match socket.readable().await {
-            Ok(guard) => guard,
-            Err(error) => {
+        let read = match tokio::time::timeout(DRAINED_CHECK, socket.readable()).await {
+            Ok(Ok(mut guard)) => match guard.try_io(|socket| socket.get_ref().recv(&mut &mut buffer[..], 0)) {
+                Ok(read) => read,
+                Err(_would_block) => Err(std::io::ErrorKind::WouldBlock.into()),
+            },
+            Ok(Err(error)) => {
                 warn!("conntrack socket failed: {error}");
                 return;
             }
+            // Quiet for a second: read anyway (the socket does not block), so
+            // that an overrun pending since then is not dated after it.
+            Err(_elapsed) => socket.get_ref().recv(&mut &mut buffer[..], 0),
         };
-        let received = match guard.try_io(|socket| socket.get_ref().recv(&mut &mut buffer[..], 0)) {
-            Ok(Ok(n)) => n,
-            Ok(Err(error)) if error.raw_os_error() == Some(libc::ENOBUFS) => {
+        let received = match read {
+            Ok(n) => n,
+            Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {
                 warn!("conntrack events overran the receive buffer; resynchronising from a dump");
                 if tx.send(NatEvent::Overrun { since: drained_at }).await.is_err() {
                     return;
@@ -90,13 +101,13 @@ async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
                 }
                 continue;
             }
-            Ok(Err(error)) => {
-                warn!("reading conntrack events: {error}");
-                return;
-            }
-            Err(_would_block) => {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                 drained_at = Utc::now();
                 continue;
+            }
+            Err(error) => {
+                warn!("reading conntrack events: {error}");
+                return;
             }
         };
         for event in parse_datagram(&buffer[..received]) {
