@@ -119,8 +119,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut losses = loss_tracker(&store, &probe, loaded_at)?;
     let mut ticks = 0u64;
 
-    let clock = Clock::live();
-    let mut assembler = Assembler::new(timeouts, clock, nat_expected);
+    let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected);
     let mut nat = NatTable::default();
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -142,6 +141,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
             Some(event) = event_rx.recv() => assembler.on_event(event, &nat),
             Some(event) = nat_rx.recv() => apply_nat(&mut nat, event),
             _ = tick.tick() => {
+                if let Some(step) = assembler.resync_clock() {
+                    let (way, by) = if step < chrono::TimeDelta::zero() { ("back", -step) } else { ("forward", step) };
+                    let by = humantime::format_duration(by.to_std().unwrap_or_default());
+                    warn!("the wall clock stepped {way} by {by}: records closed from now on are dated by the new time");
+                }
                 let now = monotonic_ns();
                 assembler.tick(now, &mut probe, &nat)?;
                 nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));

@@ -302,6 +302,12 @@ impl Assembler {
         Ok(())
     }
 
+    /// Follows a step of the wall clock: records converted afterwards
+    /// (all still open, too) are dated by the new time.
+    pub fn resync_clock(&mut self) -> Option<chrono::TimeDelta> {
+        self.clock.resync()
+    }
+
     /// Closes every flow, as at shutdown or the end of a capture.
     pub fn close_all(
         &mut self,
