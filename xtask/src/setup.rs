@@ -47,6 +47,7 @@ pub enum Needs {
 }
 
 pub fn ensure(needs: Needs) -> Result<()> {
+    warn_if_disk_short(needs);
     let mut packages: Vec<&str> = Vec::new();
     let linker_missing = !has_bpf_linker();
     if linker_missing {
@@ -186,6 +187,38 @@ fn has_rust_src() -> bool {
 fn is_installed(package: &str) -> bool {
     cmd::output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", package]))
         .is_ok_and(|status| status.starts_with("ii"))
+}
+
+/// Says so before a long build when the disk is short: cargo would stop
+/// with "No space left on device" many minutes in (CI did).
+fn warn_if_disk_short(needs: Needs) {
+    // A clean build of what each needs under target/, with room to spare
+    // for the tests' stores (measured: see the README).
+    let need_gib = if needs == Needs::Test { 4 } else { 2 };
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| cmd::workspace_root().join("target"), Into::into);
+    let on = target.ancestors().find(|dir| dir.exists()).unwrap_or(&target);
+    match free_bytes(on) {
+        Ok(free) if free < need_gib << 30 => eprintln!(
+            "xtask: warning: {} has {:.1} GiB free; a clean build and its tests need about {need_gib} GiB",
+            on.display(),
+            free as f64 / f64::from(1u32 << 30)
+        ),
+        Ok(_) => {}
+        Err(error) => eprintln!("xtask: warning: cannot tell the free disk space of {}: {error}", on.display()),
+    }
+}
+
+fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail * stat.f_frsize)
 }
 
 pub fn is_root() -> bool {
