@@ -11,8 +11,7 @@
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
 # tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
 # ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG).
-# tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE, and
-# optionally <TAB>ARGS of its own (before ICR_VM_TEST_ARGS).
+# tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE.
 set -u
 ctl=/run/icr-vm
 # shellcheck source=/dev/null
@@ -46,12 +45,11 @@ export RUST_BACKTRACE=1
 read -r -a extra_args <<< "${ICR_VM_TEST_ARGS:-}"
 passed_bins=0
 failed_bins=()
-while IFS=$'\t' read -r name dir exe own; do
+while IFS=$'\t' read -r name dir exe; do
     [ -n "$name" ] || continue
-    read -r -a own_args <<< "${own:-}"
-    echo "ICR-VM-TEST-START: $name${own:+ ($own)}"
+    echo "ICR-VM-TEST-START: $name"
     start=$(date +%s)
-    (cd "$dir" && exec timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" "$exe" "${own_args[@]}" "${extra_args[@]}")
+    (cd "$dir" && exec timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" "$exe" "${extra_args[@]}")
     code=$?
     took=$(( $(date +%s) - start ))
     echo "ICR-VM-TEST-END: $name exit=$code seconds=$took"

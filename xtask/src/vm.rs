@@ -35,13 +35,6 @@ const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-pa
 const PASSED_ENV: &[&str] = &["ICR_FAILOPEN_FRAMES", "ICR_LAB_LOG", "ICR_LAB_SLOWDOWN"];
 /// The lab's waits are scaled by this under TCG, unless ICR_LAB_SLOWDOWN is set.
 const TCG_SLOWDOWN: &str = "4";
-/// Test binaries whose tests run one at a time under TCG. The xdp tests
-/// attach programs while the fail-open test runs a million frames through
-/// the kernel's XDP dispatcher, which each attach patches. Under TCG on
-/// 6.12 a vCPU once trapped on the patch's int3 after the patch was done
-/// (an Oops in bpf_dispatcher_xdp_func, the guest panicked): an emulation
-/// race, which the serialising IPIs of text_poke_bp close on real CPUs.
-const TCG_ONE_AT_A_TIME: &[&str] = &["xdp"];
 /// The VM's default deadline, boot included, in seconds.
 const KVM_TIMEOUT: u64 = 2400;
 const TCG_TIMEOUT: u64 = 7200;
@@ -361,18 +354,13 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
     fs::write(run_dir.0.join("run.env"), env)?;
-    let kvm = kvm_usable();
-    let threads_given = args.args.iter().any(|arg| arg.starts_with("--test-threads"));
     let list: String = tests
         .iter()
-        .map(|t| {
-            let one_at_a_time = !kvm && !threads_given && TCG_ONE_AT_A_TIME.contains(&t.name.as_str());
-            let own_args = if one_at_a_time { "\t--test-threads=1" } else { "" };
-            format!("{}\t{}\t{}{own_args}\n", t.name, t.dir.display(), t.executable.display())
-        })
+        .map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display()))
         .collect();
     fs::write(run_dir.0.join("tests.list"), list)?;
 
+    let kvm = kvm_usable();
     if kvm {
         eprintln!("xtask: booting {} (kernel {}) with KVM", args.kernel, image.release);
     } else {
