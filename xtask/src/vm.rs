@@ -61,13 +61,13 @@ pub struct Args {
     /// Where images are kept (outside the repository).
     #[arg(long, env = "ICR_VM_CACHE", default_value = "/var/cache/icr-vm")]
     cache: PathBuf,
-    /// Under TCG: `multi` runs each vCPU on its own host thread (faster);
-    /// `single` runs both on one. Guests on 6.12 under multi-threaded TCG
-    /// often panic with an int3 Oops where the kernel patches its own code
-    /// (static keys, the XDP dispatcher): a known emulation race (LKML,
-    /// July 2023, "qemu-x86_64 booting with 8.0.0 stil see int3"), not the
-    /// probe's. `single` avoids it.
-    #[arg(long, value_enum, default_value_t = TcgThreads::Multi)]
+    /// Under TCG: `single` runs both vCPUs on one host thread; `multi` runs
+    /// each on its own. Guests on 6.12 under multi-threaded TCG often panic
+    /// with an int3 Oops where the kernel patches its own code (static keys,
+    /// the XDP dispatcher): a known emulation race (LKML, July 2023,
+    /// "qemu-x86_64 booting with 8.0.0 stil see int3"), not the probe's.
+    /// `single` avoids it, and the whole default set took as long with it.
+    #[arg(long, value_enum, default_value_t = TcgThreads::Single)]
     tcg_threads: TcgThreads,
     /// Build (or find) the image, print where it is, and stop.
     #[arg(long)]
