@@ -19,7 +19,7 @@ use std::{
 };
 
 use icr::{config::Config, export, probe::ProbeOptions, replay::Replayer};
-use icr_tests::lab::icr_binary;
+use icr_lab::icr_binary;
 use serde_json::Value;
 
 fn captures_dir() -> PathBuf {

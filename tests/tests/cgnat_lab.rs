@@ -12,7 +12,7 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_tests::lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary};
+use icr_lab::{Agent, Lab, MAIL_NAME, Nat, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary};
 use serde_json::Value;
 
 const CLIENTS: usize = 50;

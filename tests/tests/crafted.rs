@@ -4,7 +4,7 @@
 //! Each replays to a record with the right name, VLAN ids and PPPoE session.
 use std::process::Command;
 
-use icr_tests::lab::icr_binary;
+use icr_lab::icr_binary;
 use serde_json::{Value, json};
 
 #[test]

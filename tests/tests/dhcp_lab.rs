@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_tests::lab::{Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary, patience, wait_for};
+use icr_lab::{Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary, patience, wait_for};
 use serde_json::Value;
 
 const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-DHCP"];
@@ -85,7 +85,7 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
 
     // udhcpc stays in the foreground holding the lease; SIGTERM makes it
     // release the lease (-R) and exit.
-    let udhcpc = |client: &icr_tests::lab::Client| {
+    let udhcpc = |client: &icr_lab::Client| {
         lab.exec(&client.ns, Command::new("ip").args(["addr", "flush", "dev", "eth0"])).unwrap();
         let child = lab
             .spawn_in(
@@ -97,7 +97,7 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
         KillOnDrop(child)
     };
     let leased_to = |mac: &str| std::fs::read_to_string(&leases).unwrap_or_default().lines().any(|l| l.contains(mac) && l.contains(&shared_ip));
-    let curl = |client: &icr_tests::lab::Client, name: &str| {
+    let curl = |client: &icr_lab::Client, name: &str| {
         lab.exec(
             &client.ns,
             Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{name}:443:{WEB_IP}"), &format!("https://{name}/dhcp")]),

@@ -4,7 +4,7 @@
 //! agent's log or an export.
 use std::{path::Path, process::Command, time::Duration};
 
-use icr_tests::lab::{Agent, Lab, WEB_IP, WEB_NAME, hash_token, icr_binary};
+use icr_lab::{Agent, Lab, WEB_IP, WEB_NAME, hash_token, icr_binary};
 use serde_json::Value;
 
 const PORT: u16 = 8480;

@@ -9,7 +9,7 @@
 //! warning naming bpffs, and still record.
 use std::{path::Path, process::Command};
 
-use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
+use icr_lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
 
 /// A pin directory under /sys/fs/bpf, which the agent (in the gateway's

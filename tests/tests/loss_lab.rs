@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{DateTime, Utc};
-use icr_tests::lab::{Agent, EXCHANGE_IP, EXCHANGE_PORT, Lab, hash_token, icr_binary, patience, wait_for};
+use icr_lab::{Agent, EXCHANGE_IP, EXCHANGE_PORT, Lab, hash_token, icr_binary, patience, wait_for};
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:9464";

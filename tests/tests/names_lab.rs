@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use icr_tests::lab::{
+use icr_lab::{
     ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_NAME, Lab, MAIL_IP, MAIL_NAME, QUIC_NAME, WEB_IP, WEB_IP6,
     WEB_NAME, client_timeout, icr_binary,
 };

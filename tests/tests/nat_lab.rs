@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use icr_tests::lab::{
+use icr_lab::{
     Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary,
 };
 use serde_json::Value;

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use icr_tests::lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
+use icr_lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
 
 /// A bpffs of the test's own (`ip netns exec` hides /sys/fs/bpf behind a

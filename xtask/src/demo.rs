@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use icr_tests::lab::{self, Agent, DNS_IP, EXCHANGE_IP, Lab, MAIL_NAME, WEB_IP, WEB_NAME};
+use icr_lab::{self as lab, Agent, DNS_IP, EXCHANGE_IP, Lab, MAIL_NAME, WEB_IP, WEB_NAME};
 
 use crate::{cmd, setup};
 

@@ -1,3 +1,11 @@
+//! The lab: network namespaces with LAN clients, a NAT gateway running the
+//! probe, and an "internet" with real servers (nginx over HTTPS, dnsmasq,
+//! a TCP exchange server). Used by the integration tests and `cargo xtask demo`.
+//!
+//! Everything a lab creates is named after its prefix, and removed when the
+//! `Lab` is dropped, also when a test fails; labs left by killed runs are
+//! removed by the next one.
+
 use std::{
     fs,
     io::{BufRead as _, BufReader},
@@ -545,7 +553,7 @@ pub fn client_timeout(base_seconds: u64) -> String {
 /// the workspace's debug build.
 pub fn icr_binary() -> PathBuf {
     std::env::var_os("ICR_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/icr")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/icr")
     })
 }
 
@@ -553,16 +561,16 @@ pub fn icr_binary() -> PathBuf {
 /// test`), else the venv `cargo xtask setup` makes in target/.
 pub fn lab_python() -> PathBuf {
     std::env::var_os("ICR_LAB_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/lab-python/bin/python3")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/lab-python/bin/python3")
     })
 }
 
 pub fn quic_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab/quic.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("quic.py")
 }
 
 pub fn exchange_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lab/exchange.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("exchange.py")
 }
 
 fn ip(args: &[&str]) -> Result<()> {
