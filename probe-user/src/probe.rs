@@ -29,6 +29,21 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
 
+/// Why a probe cannot be loaded, where the caller may want to tell.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "this icr carries no XDP program: it was built with AYA_BUILD_SKIP=1 (for checks only); \
+         build it with `cargo xtask build`, which installs the eBPF toolchain when it is missing"
+    )]
+    NotBuilt,
+}
+
+/// The embedded object, or why there is none.
+fn embedded(object: &'static [u8]) -> Result<&'static [u8], ProbeError> {
+    if object.is_empty() { Err(ProbeError::NotBuilt) } else { Ok(object) }
+}
+
 /// Pages per CPU for the event perf buffers (must be a power of two).
 const EVENT_BUFFER_PAGES: usize = 64;
 
@@ -80,6 +95,7 @@ pub struct Probe {
 impl Probe {
     /// Loads the XDP programs and their maps into the kernel (not attached).
     pub fn load(options: ProbeOptions) -> Result<Self> {
+        let object = embedded(PROBE_OBJECT)?;
         raise_memlock_limit();
         if options.flow_table_size == 0 {
             bail!("the flow table size must be at least 1");
@@ -100,7 +116,7 @@ impl Probe {
             // An existing pin is reused: the maps of the agent before us.
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(PROBE_OBJECT).map_err(|error| {
+        let mut ebpf = loader.load(object).map_err(|error| {
             explain_permission(anyhow::Error::from(error).context(
                 "loading the XDP object into the kernel",
             ))
@@ -303,7 +319,7 @@ pub struct Baseline {
 
 impl Baseline {
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(BASELINE_OBJECT).context("loading the baseline XDP program")?;
+        let mut ebpf = Ebpf::load(embedded(BASELINE_OBJECT)?).context("loading the baseline XDP program")?;
         let program: &mut Xdp = ebpf
             .program_mut("baseline_pass")
             .ok_or_else(|| anyhow!("no baseline_pass program"))?
