@@ -42,8 +42,9 @@ enum Command {
         #[arg(long, default_value_t = 20_000_000)]
         frames: u64,
     },
-    /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`)
-    /// under qemu and run the kernel (xdp) and namespace lab tests in it.
+    /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`,
+    /// `bullseye`) under qemu (KVM when it really boots a guest here, else
+    /// TCG) and run the kernel (xdp) and namespace lab tests in it.
     VmTest(vm::Args),
     /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
     /// kernel cost per packet; `store`: ingest, size and query latency,

@@ -52,7 +52,7 @@ pub struct Args {
     only: Vec<String>,
     /// Kill the VM this many seconds after starting it (boot included).
     /// Default: 2400 with KVM, 7200 under TCG (the whole default set takes
-    /// about 50 minutes there).
+    /// 35 to 45 minutes there).
     #[arg(long)]
     timeout: Option<u64>,
     /// Kill a test binary in the guest after this many seconds.
@@ -340,8 +340,89 @@ impl Console {
 static QEMU_PID: AtomicI32 = AtomicI32::new(0);
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn kvm_usable() -> bool {
-    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+/// How long a guest kernel may take to print its first line under KVM
+/// before KVM is taken not to work here. A working KVM prints it within a
+/// second or two.
+const KVM_PROBE_SECONDS: u64 = 20;
+/// What the kernel proper prints first (the decompressor's lines come before).
+const KERNEL_FIRST_LINE: &str = "Linux version";
+
+/// How qemu runs the guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Accel {
+    Kvm,
+    Tcg(TcgThreads),
+}
+
+impl Accel {
+    fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg(_) => "TCG",
+        }
+    }
+}
+
+/// KVM when `/dev/kvm` opens and really boots this image's kernel, else TCG.
+/// Under nested virtualization `/dev/kvm` can open and yet the guest kernel
+/// hangs silently right after decompression ("KASLR disabled", then
+/// nothing), so a short boot probe decides, not the device node.
+fn choose_accel(image: &Image, tcg_threads: TcgThreads) -> Result<Accel> {
+    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        eprintln!("xtask: /dev/kvm is not usable here: the VM runs under TCG software emulation, which is slow");
+        return Ok(Accel::Tcg(tcg_threads));
+    }
+    eprintln!("xtask: /dev/kvm opens: checking that it boots the guest's kernel (at most {KVM_PROBE_SECONDS} s)");
+    let started = Instant::now();
+    if kernel_prints_under_kvm(image)? {
+        eprintln!("xtask: KVM booted the kernel in {:.1} s: the VM runs with KVM", started.elapsed().as_secs_f64());
+        Ok(Accel::Kvm)
+    } else {
+        eprintln!(
+            "xtask: /dev/kvm opens, but the guest's kernel printed nothing under KVM in {KVM_PROBE_SECONDS} s \
+             (nested virtualization?): the VM runs under TCG software emulation instead, which is slow"
+        );
+        Ok(Accel::Tcg(tcg_threads))
+    }
+}
+
+/// Boots the image's kernel under KVM with no disk and watches the console
+/// for the kernel's first line; qemu is killed either way.
+fn kernel_prints_under_kvm(image: &Image) -> Result<bool> {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .args(["-m", "512M", "-smp", "1", "-accel", "kvm", "-cpu", "host"])
+        .arg("-kernel")
+        .arg(image.dir.join("vmlinuz"))
+        .args(["-append", "console=ttyS0 loglevel=7 panic=-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; the probe dies with this process.
+    unsafe {
+        qemu.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64 for the KVM boot probe")?;
+    let stdout = child.stdout.take().context("the KVM probe's console")?;
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buffer = Vec::new();
+        while reader.read_until(b'\n', &mut buffer).is_ok_and(|n| n > 0) {
+            if String::from_utf8_lossy(&buffer).contains(KERNEL_FIRST_LINE) {
+                let _ = seen_tx.send(());
+                return;
+            }
+            buffer.clear();
+        }
+    });
+    let seen = seen_rx.recv_timeout(Duration::from_secs(KVM_PROBE_SECONDS)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(seen)
 }
 
 fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, tests: &[TestBinary]) -> Result<()> {
@@ -369,7 +450,8 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
             env.push_str(&format!("export {name}={}\n", quote(&value.to_string_lossy())));
         }
     }
-    if std::env::var_os("ICR_LAB_SLOWDOWN").is_none() && !kvm_usable() {
+    let accel = choose_accel(image, args.tcg_threads)?;
+    if std::env::var_os("ICR_LAB_SLOWDOWN").is_none() && accel != Accel::Kvm {
         env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
     fs::write(run_dir.0.join("run.env"), env)?;
@@ -379,25 +461,15 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         .collect();
     fs::write(run_dir.0.join("tests.list"), list)?;
 
-    let kvm = kvm_usable();
-    if kvm {
-        eprintln!("xtask: booting {} (kernel {}) with KVM", args.kernel, image.release);
-    } else {
-        eprintln!(
-            "xtask: /dev/kvm is not usable here: booting {} (kernel {}) under TCG software emulation, \
-             which is slow (minutes to boot, the lab tests many times slower than on the host)",
-            args.kernel, image.release
-        );
-    }
+    eprintln!("xtask: booting {} (kernel {}) under {}", args.kernel, image.release, accel.name());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
         .args(["-m", "2G", "-smp", "2"]);
-    if kvm {
-        qemu.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        let accel = if args.tcg_threads == TcgThreads::Single { "tcg,thread=single" } else { "tcg,thread=multi" };
-        qemu.args(["-accel", accel, "-cpu", "max"]);
-    }
+    match accel {
+        Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg(TcgThreads::Single) => qemu.args(["-accel", "tcg,thread=single", "-cpu", "max"]),
+        Accel::Tcg(TcgThreads::Multi) => qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+    };
     qemu.arg("-kernel")
         .arg(image.dir.join("vmlinuz"))
         .arg("-initrd")
@@ -460,7 +532,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
 
     // The watchdog: qemu is killed past the deadline, or if it does not power
     // off soon after the guest gave its result.
-    let timeout = args.timeout.unwrap_or(if kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
+    let timeout = args.timeout.unwrap_or(if accel == Accel::Kvm { KVM_TIMEOUT } else { TCG_TIMEOUT });
     let deadline = Duration::from_secs(timeout);
     let mut killed: Option<String> = None;
     let status = loop {
@@ -500,7 +572,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         "xtask: vm-test {}: kernel {}, {}; boot {}, tests {}, total {:.0} s",
         args.kernel,
         image.release,
-        if kvm { "KVM" } else { "TCG" },
+        accel.name(),
         seconds(boot),
         seconds(tests_time),
         total.as_secs_f64()
@@ -519,7 +591,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
     }
     // The plain closing line: the individual tests of every binary.
     println!("vm-test {}: {} passed, {} failed, {} ignored", args.kernel, console.passed, console.failed, console.ignored);
-    if console.stray_int3 && !kvm && args.tcg_threads == TcgThreads::Multi {
+    if console.stray_int3 && accel == Accel::Tcg(TcgThreads::Multi) {
         eprintln!(
             "xtask: the guest kernel trapped on a stray int3 (an Oops above): multi-threaded TCG's race with \
              the kernel patching its own code, not the probe; `--tcg-threads single` avoids it"
