@@ -11,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 /// The binaries of probe-ebpf that `probe.rs` embeds.
-const OBJECTS: &[&str] = &["probe", "baseline"];
+const OBJECTS: &[&str] = &["probe", "probe-perf", "baseline"];
 
 fn main() -> anyhow::Result<()> {
     if build_skipped() {

@@ -10,7 +10,10 @@ use core::mem::size_of;
 /// Map and program names: the ELF symbols the agent looks up.
 pub mod names {
     pub const FLOWS: &str = "FLOWS";
+    /// The per-CPU perf event arrays of the `probe-perf` object.
     pub const EVENTS: &str = "EVENTS";
+    /// The ring buffer of the `probe` object.
+    pub const EVENT_RING: &str = "EVENT_RING";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     pub const PROG_LAN: &str = "icr_lan";
@@ -113,6 +116,18 @@ pub const HINT_BUDGET: u16 = 8192;
 /// Frames longer than this are shipped cut (jumbo frames).
 pub const HINT_MAX_FRAME: u32 = 9216;
 
+/// Size of the event ring buffer (a power of two number of pages): room for
+/// about 100,000 flow events, or 5,000 full-frame hints, while the agent is
+/// between two reads.
+pub const EVENT_RING_BYTES: u32 = 8 << 20;
+/// A record wakes the agent only when the ring holds this much; below it the
+/// agent's timer drains the ring ([`EVENT_RING_DRAIN_MS`]). One wakeup costs
+/// microseconds, so it is spread over thousands of events.
+pub const EVENT_RING_WAKEUP_BYTES: u64 = 256 << 10;
+/// How often the agent drains the ring whether or not it was woken: the
+/// longest a quiet ring holds an event.
+pub const EVENT_RING_DRAIN_MS: u64 = 50;
+
 /// Kinds of [`FlowEvent`].
 pub mod event_kind {
     /// A new entry was added to the flow table.
@@ -124,7 +139,7 @@ pub mod event_kind {
     pub const HINT: u8 = 3;
 }
 
-/// What the XDP program sends to the agent through the per-CPU perf buffers:
+/// What the XDP program sends to the agent through its event buffer:
 /// flow starts and ends, and hints, never one event per packet. A hint
 /// event is followed by `captured_len` bytes of the frame, from its start.
 #[repr(C)]

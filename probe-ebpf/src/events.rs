@@ -1,16 +1,33 @@
-//! The per-CPU perf event array the probe reports through.
-//!
-//! aya-ebpf's `PerfEventArray::output` discards the helper's result, so a full
-//! buffer would go unnoticed; this wrapper returns it so that every lost event
-//! is counted.
+//! How events reach the agent. `flow` decides what to send; an
+//! [`EventSink`] sends it, and says when it had no room, so that every lost
+//! event is counted by the caller.
 use core::{cell::UnsafeCell, ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_CPU, bpf_map_def, bpf_map_type::BPF_MAP_TYPE_PERF_EVENT_ARRAY},
-    helpers::bpf_perf_event_output,
+    bindings::{
+        BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_map_def,
+        bpf_map_type::BPF_MAP_TYPE_PERF_EVENT_ARRAY,
+    },
+    helpers::{bpf_perf_event_output, bpf_xdp_load_bytes},
+    maps::RingBuf,
+    programs::XdpContext,
 };
+use probe_common::{EVENT_RING_WAKEUP_BYTES, FlowEvent, HINT_MAX_FRAME};
 
+/// The buffer had no room: the event is lost (and the caller counts it).
+pub struct Full;
+
+pub trait EventSink {
+    /// Sends `event`, followed by the first `frame_len` bytes of the frame
+    /// (0: none; at most [`HINT_MAX_FRAME`]), as one record.
+    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full>;
+}
+
+/// Per-CPU perf event arrays. aya-ebpf's `PerfEventArray::output` discards
+/// the helper's result, so a full buffer would go unnoticed; this wrapper
+/// returns it. Each record wakes the reader (aya 0.14's reader asks for a
+/// wakeup per event), which is why the ring buffer is preferred.
 #[repr(transparent)]
 pub struct PerCpuEvents(UnsafeCell<bpf_map_def>);
 
@@ -30,26 +47,113 @@ impl PerCpuEvents {
             pinning: 0,
         }))
     }
+}
 
-    /// Sends `event`, followed by the first `frame_len` bytes of the packet
-    /// (0: none), to the current CPU's buffer; `Err` if it had no room. The
-    /// kernel copies the packet bytes itself (the upper 32 bits of the flags
-    /// of `bpf_perf_event_output` with an XDP context), so no copy loop is
-    /// needed here.
+impl Default for PerCpuEvents {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventSink for PerCpuEvents {
+    /// The kernel copies the frame bytes itself (the upper 32 bits of the
+    /// flags of `bpf_perf_event_output` with an XDP context).
     #[inline(always)]
-    pub fn output<C: EbpfContext, T>(&self, ctx: &C, event: &T, frame_len: u32) -> Result<(), i64> {
+    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         let flags = BPF_F_CURRENT_CPU | (u64::from(frame_len) << 32);
-        // SAFETY: `event` is a live, initialised `T` of `size_of::<T>()` bytes;
-        // the helper checks `frame_len` against the packet.
+        // SAFETY: `event` is a live `FlowEvent`; the helper checks
+        // `frame_len` against the packet.
         let ret = unsafe {
             bpf_perf_event_output(
                 ctx.as_ptr(),
                 self.0.get().cast(),
                 flags,
-                (event as *const T).cast_mut().cast::<c_void>(),
-                size_of::<T>() as u64,
+                (event as *const FlowEvent).cast_mut().cast::<c_void>(),
+                size_of::<FlowEvent>() as u64,
             )
         };
-        if ret == 0 { Ok(()) } else { Err(ret) }
+        if ret == 0 { Ok(()) } else { Err(Full) }
+    }
+}
+
+/// One BPF ring buffer shared by all CPUs. A record wakes the reader only
+/// when the ring holds [`EVENT_RING_WAKEUP_BYTES`] or more; below that the
+/// agent's timer drains it, so events are delivered in batches.
+#[repr(transparent)]
+pub struct RingEvents(RingBuf);
+
+/// A hint's record: the event, then a slot for the frame. The kernel needs
+/// a reservation's size at verification time, so there are a few sizes and
+/// a frame takes the smallest that holds it (DNS fits the first, a full
+/// Ethernet frame the second).
+#[repr(C)]
+struct HintRecord<const SLOT: usize> {
+    event: FlowEvent,
+    frame: [u8; SLOT],
+}
+
+const SMALL_SLOT: usize = 512;
+const MTU_SLOT: usize = 1536;
+const JUMBO_SLOT: usize = HINT_MAX_FRAME as usize;
+
+impl RingEvents {
+    pub const fn with_byte_size(bytes: u32) -> Self {
+        Self(RingBuf::with_byte_size(bytes, 0))
+    }
+
+    /// Wake the reader only once the ring holds a batch worth reading.
+    #[inline(always)]
+    fn wakeup(&self) -> u64 {
+        if self.0.query(BPF_RB_AVAIL_DATA as u64) >= EVENT_RING_WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
+
+    #[inline(always)]
+    fn send_hint<const SLOT: usize>(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+        // The verifier must see the copy's length bounded by the slot. LLVM
+        // knows the caller chose the slot by length and drops a plain check,
+        // but it may compare a different copy of the length than it passes
+        // (the frame's length is read from the context twice), which the
+        // verifier cannot relate: an opaque value keeps the check, on the
+        // register the copy then uses.
+        let len = core::hint::black_box(frame_len);
+        if len == 0 || len > SLOT as u32 {
+            return Err(Full);
+        }
+        let Some(mut record) = self.0.reserve::<HintRecord<SLOT>>(0) else { return Err(Full) };
+        let frame = record.as_mut_ptr();
+        // SAFETY: `frame` points at a reserved, writable `HintRecord<SLOT>`;
+        // the helper writes `len` <= SLOT bytes into its frame slot.
+        let copied = unsafe {
+            (&raw mut (*frame).event).write(FlowEvent { captured_len: len as u16, ..*event });
+            bpf_xdp_load_bytes(ctx.as_ptr().cast(), 0, (&raw mut (*frame).frame).cast(), len)
+        };
+        if copied != 0 {
+            // The frame is shorter than the caller measured: cannot happen
+            // for a frame that was parsed, but never send garbage.
+            record.discard(BPF_RB_NO_WAKEUP as u64);
+            return Err(Full);
+        }
+        record.submit(self.wakeup());
+        Ok(())
+    }
+}
+
+impl EventSink for RingEvents {
+    #[inline(always)]
+    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+        if frame_len == 0 {
+            return self.0.output::<FlowEvent>(event, self.wakeup()).map_err(|_| Full);
+        }
+        if frame_len <= SMALL_SLOT as u32 {
+            self.send_hint::<SMALL_SLOT>(ctx, event, frame_len)
+        } else if frame_len <= MTU_SLOT as u32 {
+            self.send_hint::<MTU_SLOT>(ctx, event, frame_len)
+        } else {
+            self.send_hint::<JUMBO_SLOT>(ctx, event, frame_len)
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The kernel flow table: counts each packet against its flow and direction,
-//! and reports flow starts and ends (FIN/RST) through the perf buffers.
+//! and reports flow starts and ends (FIN/RST) and hints through an
+//! [`EventSink`].
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
@@ -9,7 +10,8 @@ use probe_common::{
 };
 
 use crate::{
-    maps::{self, EVENTS, FLOWS},
+    events::EventSink,
+    maps::{self, FLOWS},
     parse::Packet,
 };
 
@@ -20,7 +22,7 @@ const DNS_PORT: u16 = 53;
 
 /// Builds the direction-independent key and the packet's direction in it.
 #[inline(always)]
-fn key_of(packet: &Packet) -> (FlowKey, u8) {
+pub fn key_of(packet: &Packet) -> (FlowKey, u8) {
     let src = (u128::from_be_bytes(packet.src), packet.src_port);
     let dst = (u128::from_be_bytes(packet.dst), packet.dst_port);
     let src_is_lo = src <= dst;
@@ -41,11 +43,11 @@ fn key_of(packet: &Packet) -> (FlowKey, u8) {
 }
 
 #[inline(always)]
-pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
+pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: &S) {
     let (key, dir) = key_of(packet);
     let now = maps::now_ns();
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
-        update(ctx, &key, value, packet, dir, role, now);
+        update(ctx, &key, value, packet, dir, role, now, events);
         return;
     }
 
@@ -76,18 +78,18 @@ pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
     match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::count(counter::FLOWS_CREATED);
-            emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now);
+            emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now, events);
             if hint {
-                emit(ctx, event_kind::HINT, &key, packet, dir, role, now);
+                emit(ctx, event_kind::HINT, &key, packet, dir, role, now, events);
             }
             if ends {
-                emit(ctx, event_kind::FLOW_END, &key, packet, dir, role, now);
+                emit(ctx, event_kind::FLOW_END, &key, packet, dir, role, now, events);
             }
         }
         // Another CPU created it between our lookup and insert.
         Err(e) if -e == EEXIST => {
             if let Some(value) = FLOWS.get_ptr_mut(&key) {
-                update(ctx, &key, value, packet, dir, role, now);
+                update(ctx, &key, value, packet, dir, role, now, events);
             }
         }
         Err(_) => maps::count(counter::FLOW_TABLE_FULL),
@@ -95,7 +97,8 @@ pub fn track(ctx: &XdpContext, packet: &Packet, role: u8) {
 }
 
 #[inline(always)]
-fn update(
+#[allow(clippy::too_many_arguments)]
+fn update<S: EventSink>(
     ctx: &XdpContext,
     key: &FlowKey,
     value: *mut FlowValue,
@@ -103,6 +106,7 @@ fn update(
     dir: u8,
     role: u8,
     now: u64,
+    events: &S,
 ) {
     let index = dir as usize & 1;
     // SAFETY: `value` points into a live hash map entry. Both directions of a
@@ -127,13 +131,13 @@ fn update(
         }
         if wants_hint(packet, dir, &*value) {
             (*value).hint_bytes[index] = (*value).hint_bytes[index].saturating_add(packet.payload_len);
-            emit(ctx, event_kind::HINT, key, packet, dir, role, now);
+            emit(ctx, event_kind::HINT, key, packet, dir, role, now, events);
         }
         // One end event per direction: the first FIN (or RST) each side sends.
         let side = 1u8 << index;
         if ends_flow(packet.tcp_flags) && (*value).end_sent & side == 0 {
             (*value).end_sent |= side;
-            emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now);
+            emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now, events);
         }
     }
 }
@@ -170,7 +174,8 @@ fn ends_flow(flags: u8) -> bool {
 }
 
 #[inline(always)]
-fn emit(
+#[allow(clippy::too_many_arguments)]
+fn emit<S: EventSink>(
     ctx: &XdpContext,
     kind: u8,
     key: &FlowKey,
@@ -178,6 +183,7 @@ fn emit(
     dir: u8,
     role: u8,
     now: u64,
+    events: &S,
 ) {
     let frame_len = if kind == event_kind::HINT {
         let len = (ctx.data_end() - ctx.data()) as u32;
@@ -201,7 +207,7 @@ fn emit(
         tcp_seq: packet.tcp_seq,
         _pad: [0; 4],
     };
-    match EVENTS.output(ctx, &event, frame_len) {
+    match events.send(ctx, &event, frame_len) {
         Ok(()) => {
             maps::count(counter::EVENTS_SENT);
             if kind == event_kind::HINT {

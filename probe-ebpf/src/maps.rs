@@ -1,4 +1,5 @@
-//! Every map the probe uses, defined once. Names and value types come from
+//! Every map the probe uses but the event buffer (each object defines its
+//! own, `src/bin/`), defined once. Names and value types come from
 //! `probe-common`, which the agent reads them with.
 use aya_ebpf::{
     macros::map,
@@ -8,8 +9,6 @@ use probe_common::{
     DEFAULT_FLOW_TABLE_SIZE, FlowKey, FlowValue, ProbeConfig, counter,
 };
 
-use crate::events::PerCpuEvents;
-
 /// The kernel flow table. A plain (not LRU) hash, so that no flow is ever
 /// evicted behind the agent's back: the agent removes flows it has closed,
 /// and a full table is counted (`counter::FLOW_TABLE_FULL`). The agent may
@@ -17,10 +16,6 @@ use crate::events::PerCpuEvents;
 #[map(name = "FLOWS")]
 pub static FLOWS: HashMap<FlowKey, FlowValue> =
     HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
-
-/// Flow start/end events, one perf buffer per CPU.
-#[map(name = "EVENTS")]
-pub static EVENTS: PerCpuEvents = PerCpuEvents::new();
 
 /// Per-CPU counters, indexed by `probe_common::counter`.
 #[map(name = "COUNTERS")]

@@ -3,7 +3,9 @@
 //! baseline measured in the same run, and the ratios are what to quote.
 //!
 //! 1. Kernel cost per packet from `BPF_PROG_TEST_RUN`, beside a bare
-//!    `XDP_PASS` program (probe-ebpf's `baseline`):
+//!    `XDP_PASS` program and a program that parses and does the one flow
+//!    table lookup and nothing else (probe-ebpf's `baseline`: the floor a
+//!    flow-table design cannot go under):
 //!    - mid-flow TCP: one established flow, the same data packet from the
 //!      server `repeat` times;
 //!    - SYN (new flow), ClientHello (a 1,400-byte segment from the client on
@@ -18,8 +20,9 @@
 //!    made for the run, from an AF_PACKET `sendmmsg` sender (a mix of TCP,
 //!    DNS and QUIC connections, 4,096 at a time, no 5-tuple reused) into the
 //!    peer, without XDP, with the bare program and with the probe (`icr_lan`),
-//!    whose perf buffers are drained meanwhile the way the agent does
-//!    (`events::spawn_readers`); events lost are reported (the kernel's
+//!    whose events are drained meanwhile the way the agent does
+//!    (`events::spawn_readers`), through the ring buffer and, once more,
+//!    through the perf buffers of the fallback; events lost are reported (the kernel's
 //!    counter, plus any sent but never received), and if any are lost at the
 //!    highest rate, a rate at which none are. With `bpf_stats` on, the
 //!    programs' own run time per packet, live; and, as a diagnostic, the
@@ -32,7 +35,8 @@
 //! ICR_BENCH_MAX_PACKETS (per live phase), ICR_BENCH_SEGMENTS (server
 //! segments per connection, default 32), ICR_BENCH_SENDER_CPU and
 //! ICR_BENCH_READER_CPU (pin those threads), ICR_BENCH_LIVE=0 (test runs
-//! only), ICR_BENCH_VERBOSE (softflowctl's statistics).
+//! only), ICR_BENCH_EVENTS=ring|perf (the probe's event path; default: what
+//! the agent would choose), ICR_BENCH_VERBOSE (softflowctl's statistics).
 mod support;
 
 use std::{
@@ -47,7 +51,8 @@ use anyhow::{Context as _, Result, bail};
 use etherparse::{PacketBuilder, TcpHeader};
 use icr::{
     events::{self, ProbeEvent},
-    probe::{Baseline, EventBuffer, Probe, ProbeOptions},
+    probe::{Baseline, EventPath, EventReader, Probe, ProbeOptions},
+    tuple::{Tuple, ipv4},
 };
 use probe_common::{counter, event_kind, role};
 use serde_json::{Map, Value, json};
@@ -61,6 +66,15 @@ const ROUNDS: usize = 5;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The event path to bench: ICR_BENCH_EVENTS, else the agent's choice.
+fn event_path() -> Option<EventPath> {
+    match std::env::var("ICR_BENCH_EVENTS").ok().as_deref() {
+        Some("ring") => Some(EventPath::Ring),
+        Some("perf") => Some(EventPath::Perf),
+        _ => None,
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -123,7 +137,7 @@ fn clear_flows(probe: &mut Probe) -> Result<()> {
 fn per_call(
     probe: &mut Probe,
     baseline: &Baseline,
-    buffers: &mut [EventBuffer],
+    buffers: &mut EventReader,
     flows: u16,
     prepare: impl Fn(u16) -> Vec<Vec<u8>>,
     timed: impl Fn(u16) -> Vec<u8>,
@@ -155,17 +169,22 @@ struct TestRuns {
 fn test_runs() -> Result<TestRuns> {
     let repeat: u32 = env("ICR_BENCH_REPEAT", 1_000_000);
     let flows: u16 = env("ICR_BENCH_FLOWS", 10_000u16).min(30_000);
-    let baseline = Baseline::load()?;
-    let mut probe = Probe::load(ProbeOptions::default())?;
-    let mut buffers = probe.open_event_buffers()?;
+    let options = ProbeOptions { events: event_path(), ..ProbeOptions::default() };
+    let mut baseline = Baseline::load(options.flow_table_size)?;
+    let mut probe = Probe::load(options)?;
+    let mut buffers = probe.open_events()?;
 
-    // Large repeat: the bare program, and a mid-flow packet of an
-    // established flow: data from the server (never a hint).
+    // Large repeat: the bare program, parsing plus the lookup (which finds
+    // the flow, as the probe does), and a mid-flow packet of an established
+    // flow: data from the server (never a hint).
     let data = tcp(40000, false, false, 100);
     probe.test_run(role::LAN, &tcp(40000, true, true, 0))?;
-    let (mut bare_rep, mut mid_rep) = (Vec::new(), Vec::new());
+    let server_to_client = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(192, 168, 1, 23), dst_port: 40000, proto: 6 };
+    baseline.insert_flow(server_to_client.key().0)?;
+    let (mut bare_rep, mut lookup_rep, mut mid_rep) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         bare_rep.push(baseline.test_run_repeat(&data, repeat)? as f64);
+        lookup_rep.push(baseline.lookup_test_run_repeat(&data, repeat)? as f64);
         mid_rep.push(probe.test_run_repeat(role::LAN, &data, repeat)?.duration_ns as f64);
         let mut sink = Vec::new();
         events::drain(&mut buffers, &mut sink);
@@ -198,14 +217,22 @@ fn test_runs() -> Result<TestRuns> {
         }
     }
     let counters = probe.counters()?;
-    let (bare, mid) = (median(bare_rep), median(mid_rep));
+    let (bare, lookup, mid) = (median(bare_rep), median(lookup_rep), median(mid_rep));
     let mid_one = median(rows[0].2.clone());
 
     let mut json = Map::new();
-    println!("== BPF_PROG_TEST_RUN (median of {ROUNDS} rounds; ns per packet) ==");
+    println!("== BPF_PROG_TEST_RUN (median of {ROUNDS} rounds; ns per packet; events through the {}) ==", probe.event_path().name());
     println!("  large repeat ({repeat} runs of one frame):");
     println!("    bare XDP_PASS                                   {bare:8.1}");
-    println!("    mid-flow TCP, 100 B from the server             {mid:8.1}   {:6.2}x bare", mid / bare);
+    println!("    parse + one flow table lookup (the floor)       {lookup:8.1}   {:6.2}x bare", lookup / bare);
+    println!(
+        "    mid-flow TCP, 100 B from the server             {mid:8.1}   {:6.2}x bare, {:.2}x the floor",
+        mid / bare,
+        mid / lookup
+    );
+    json.insert("event_path".into(), json!(probe.event_path().name()));
+    json.insert("lookup_baseline_ns".into(), json!(lookup));
+    json.insert("midflow_over_lookup".into(), json!(mid / lookup));
     println!("  one run per call ({flows} distinct flows per round; per-call overhead included):");
     println!("    {:<48} {:>8} {:>8} {:>9} {:>9}", "", "probe", "bare", "x bare", "est. ns");
     json.insert("xdp_pass_ns".into(), json!(bare));
@@ -225,6 +252,8 @@ fn test_runs() -> Result<TestRuns> {
             json.insert(format!("{key}_ratio"), json!(p / b));
             json.insert(format!("{key}_est_ns"), json!(est));
             json.insert(format!("{key}_est_ratio"), json!(est / bare));
+            // The measure: each event path against the mid-flow path.
+            json.insert(format!("{key}_over_midflow"), json!(est / mid));
         }
     }
     println!(
@@ -330,7 +359,7 @@ fn thread_cpu() -> Duration {
 /// The agent's event path: a current-thread tokio runtime on its own thread
 /// running `events::spawn_readers` into a channel of the agent's size, and a
 /// consumer counting what arrives, until `stop`.
-fn spawn_reader(buffers: Vec<EventBuffer>, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::thread::JoinHandle<Result<ReaderResult>> {
+fn spawn_reader(reader: Option<EventReader>, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::thread::JoinHandle<Result<ReaderResult>> {
     std::thread::spawn(move || {
         if let Some(cpu) = std::env::var("ICR_BENCH_READER_CPU").ok().and_then(|n| n.parse::<usize>().ok()) {
             pin(cpu);
@@ -339,7 +368,10 @@ fn spawn_reader(buffers: Vec<EventBuffer>, stop: Arc<AtomicBool>, received: Arc<
         let cpu0 = thread_cpu();
         let mut result = runtime.block_on(async move {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 16);
-            events::spawn_readers(buffers, tx)?;
+            match reader {
+                Some(reader) => events::spawn_readers(reader, tx)?,
+                None => drop(tx),
+            }
             let mut result = ReaderResult::default();
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             let mut last: Option<Instant> = None;
@@ -375,6 +407,7 @@ fn spawn_reader(buffers: Vec<EventBuffer>, stop: Arc<AtomicBool>, received: Arc<
 }
 
 struct ProbePhase {
+    path: EventPath,
     phase: Phase,
     reader: ReaderResult,
     events_sent: u64,
@@ -409,15 +442,17 @@ fn irq_work_interrupts() -> u64 {
 }
 
 /// The probe on the receiver with its events drained live. Without
-/// `deliver`, its event buffers are not opened: each event fails at once
-/// (counted lost), which shows what the probe costs without event delivery.
+/// `deliver`, its event buffers are not read: perf buffers are not even
+/// opened (each event fails at once), a ring fills and then fails each
+/// event; counted lost, which shows what the probe costs without delivery.
 #[allow(clippy::too_many_arguments)]
-fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64, deliver: bool) -> Result<ProbePhase> {
-    let mut probe = Probe::load(ProbeOptions::default())?;
+fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64, deliver: bool, events: Option<EventPath>) -> Result<ProbePhase> {
+    let mut probe = Probe::load(ProbeOptions { events, ..ProbeOptions::default() })?;
     netns::in_netns(&pair.rx_ns, || probe.attach(&pair.rx_if, role::LAN))??;
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let buffers = if deliver { probe.open_event_buffers()? } else { Vec::new() };
-    let reader = spawn_reader(buffers, stop.clone(), received.clone());
+    let reader = if deliver { Some(probe.open_events()?) } else { None };
+    let path = probe.event_path();
+    let reader = spawn_reader(reader, stop.clone(), received.clone());
     let stats0 = prog_stats(pair)?;
     let iwi0 = irq_work_interrupts();
     let phase = send_phase(pair, macs, segments, first_conn, rate, seconds, max_packets);
@@ -437,6 +472,7 @@ fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_
     let phase = phase?;
     let counters = probe.counters()?;
     Ok(ProbePhase {
+        path,
         phase,
         reader,
         events_sent: counters.get(counter::EVENTS_SENT),
@@ -480,20 +516,21 @@ fn live() -> Result<Map<String, Value>> {
     // kernel's bpf_stats, on while this fd is open (closed on any exit).
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let (bare, bare_ns, bare_cnt, bare_jited) = {
-        let mut baseline = Baseline::load()?;
+        let mut baseline = Baseline::load(16)?;
         netns::in_netns(&pair.rx_ns, || baseline.attach(&pair.rx_if))??;
         let s0 = prog_stats(&pair)?;
         let phase = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
         let s1 = prog_stats(&pair)?;
         (phase, s1.0 - s0.0, s1.1 - s0.1, s1.2)
     };
-    let max = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true)?;
+    let path = event_path();
+    let max = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true, path)?;
     // Losses at the highest rate: find a rate without (halving, bounded).
     let mut lossless = None;
     if max.lost() > 0 {
         let mut rate = max.phase.pps() / 2.0;
         for _ in 0..5 {
-            let run = probe_phase(&pair, macs, segments, next_base(), Some(rate), seconds.min(3.0), max_packets, true)?;
+            let run = probe_phase(&pair, macs, segments, next_base(), Some(rate), seconds.min(3.0), max_packets, true, path)?;
             println!("  rate {rate:.0} pps: {} events lost", run.lost());
             if run.lost() == 0 {
                 lossless = Some((rate, run));
@@ -503,7 +540,11 @@ fn live() -> Result<Map<String, Value>> {
         }
     }
     // Diagnostic: the probe with no event delivery (buffers not opened).
-    let silent = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, false)?;
+    let silent = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, false, path)?;
+    // The perf buffer fallback at its highest rate, for comparison.
+    let perf = (max.path != EventPath::Perf)
+        .then(|| probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true, Some(EventPath::Perf)))
+        .transpose()?;
     drop(stats_fd);
 
     // softflowd on the same interface, same traffic, no XDP program.
@@ -552,7 +593,10 @@ fn live() -> Result<Map<String, Value>> {
     );
     row("no XDP program", &none);
     row("bare XDP_PASS attached", &bare);
-    row("probe (icr_lan) + event reader", &max.phase);
+    row(&format!("probe (icr_lan), {}", max.path.name()), &max.phase);
+    if let Some(perf) = &perf {
+        row("probe (icr_lan), perf buffers", &perf.phase);
+    }
     row("softflowd, no XDP program", &sf);
     let (p_none, p_bare, p_probe) = (none.pps(), bare.pps(), max.phase.pps());
     println!(
@@ -614,12 +658,16 @@ fn live() -> Result<Map<String, Value>> {
         );
     };
     show_events("at the highest rate", &max);
+    if let Some(perf) = &perf {
+        show_events("at the highest rate, perf buffers", perf);
+    }
     if let Some((rate, run)) = &lossless {
         show_events(&format!("at {rate:.0} pps"), run);
     }
 
     // CPU per million packets.
-    let icr_cpu_s = (max.run_ns as f64 / 1e9 + max.reader.cpu.as_secs_f64()) / (max.run_cnt.max(1) as f64 / 1e6);
+    let cpu_per_mpkt = |run: &ProbePhase| (run.run_ns as f64 / 1e9 + run.reader.cpu.as_secs_f64()) / (run.run_cnt.max(1) as f64 / 1e6);
+    let icr_cpu_s = cpu_per_mpkt(&max);
     let icr_kernel_s = (max.run_ns as f64 / 1e9) / (max.run_cnt.max(1) as f64 / 1e6);
     let sf_per = processed.max(1);
     let sf_cpu_s = sf_cpu.as_secs_f64() / (sf_per as f64 / 1e6);
@@ -636,6 +684,19 @@ fn live() -> Result<Map<String, Value>> {
         max.reader.cpu.as_secs_f64(),
         max.run_cnt
     );
+    if let Some(perf) = &perf {
+        let perf_cpu_s = cpu_per_mpkt(perf);
+        println!(
+            "    icr, perf   {perf_cpu_s:8.4}   (the fallback; {:.3} s XDP + {:.3} s reader for {} packets)",
+            perf.run_ns as f64 / 1e9,
+            perf.reader.cpu.as_secs_f64(),
+            perf.run_cnt
+        );
+        json.insert("icr_perf_cpu_s_per_mpkt".into(), json!(perf_cpu_s));
+        json.insert("softflowd_over_icr_perf_cpu".into(), json!(sf_cpu_s / perf_cpu_s));
+        json.insert("live_pps_perf".into(), json!(perf.phase.pps()));
+        json.insert("live_lost_events_perf_at_max".into(), json!(perf.lost()));
+    }
     println!("    softflowd / icr: {:.1}x", sf_cpu_s / icr_cpu_s);
     println!("  load average at the end: {}", loadavg());
     if std::env::var_os("ICR_BENCH_VERBOSE").is_some() {

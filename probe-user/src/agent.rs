@@ -37,7 +37,7 @@ const STATS_EVERY: Duration = Duration::from_secs(60);
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// How long destroyed NAT mappings are kept for flows still closing.
 const NAT_GRACE: Duration = Duration::from_secs(600);
-/// Events waiting between the perf readers and the assembler.
+/// Events waiting between the event readers and the assembler.
 const EVENT_QUEUE: usize = 1 << 16;
 /// How long the writer waits before retrying a failed write (a full disk).
 const WRITE_RETRY: Duration = Duration::from_secs(5);
@@ -88,11 +88,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut probe = Probe::load(ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
         pin_dir: config.probe.pin_dir.clone(),
+        events: config.probe.events,
     })?;
     // Readers first: a flow event sent before its CPU's buffer is open is
     // lost, and the first packets arrive as soon as the program attaches.
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
-    events::spawn_readers(probe.open_event_buffers()?, event_tx)?;
+    events::spawn_readers(probe.open_events()?, event_tx)?;
     for interface in &lan {
         probe.attach(interface, role::LAN)?;
     }
@@ -109,7 +110,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     // Batches (one a tick) waiting for the writer. When it is full the
-    // loop waits for the writer (back-pressure, counted), the perf buffers
+    // loop waits for the writer (back-pressure, counted), the event buffer
     // fill, and the kernel counts what it cannot send: memory stays bounded
     // and every loss is counted where it happens.
     let write_queue = config.store.write_queue;

@@ -87,11 +87,15 @@ pub struct ProbeSection {
     /// `icr detach --config FILE` removes them.
     #[serde(default)]
     pub pin_dir: Option<std::path::PathBuf>,
+    /// How events reach the agent: `"ring"` or `"perf"`. Unset: the ring
+    /// buffer where the kernel can (5.18 and later), else perf buffers.
+    #[serde(default)]
+    pub events: Option<crate::probe::EventPath>,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { flow_table_size: default_flow_table_size(), pin_dir: None }
+        Self { flow_table_size: default_flow_table_size(), pin_dir: None, events: None }
     }
 }
 

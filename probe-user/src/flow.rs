@@ -216,7 +216,8 @@ impl Assembler {
                 self.on_hint(&event, &frame, nat);
             }
             ProbeEvent::Malformed { cpu, len } => {
-                log::warn!("ignored a {len}-byte event from CPU {cpu}: agent and probe disagree");
+                let from = cpu.map_or_else(|| "the ring buffer".to_string(), |cpu| format!("CPU {cpu}"));
+                log::warn!("ignored a {len}-byte event from {from}: agent and probe disagree");
             }
         }
     }

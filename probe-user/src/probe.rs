@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapType, PerCpuArray,
+        Array, HashMap, MapData, MapType, PerCpuArray, RingBuf,
         perf::{PerfEventArray, PerfEventArrayBuffer},
     },
     programs::{
@@ -22,10 +22,12 @@ use aya::{
 use log::{info, warn};
 use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
 
-/// The XDP object built from `probe-ebpf`, embedded at build time.
+/// The XDP objects built from `probe-ebpf`, embedded at build time: events
+/// through a ring buffer, and through per-CPU perf buffers (the fallback).
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
+static PROBE_PERF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-perf"));
 
-/// A bare `XDP_PASS` program, the baseline for the benchmarks.
+/// The benchmarks' floors: a bare `XDP_PASS`, and parsing plus one lookup.
 static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
 
@@ -47,6 +49,26 @@ fn embedded(object: &'static [u8]) -> Result<&'static [u8], ProbeError> {
 /// Pages per CPU for the event perf buffers (must be a power of two).
 const EVENT_BUFFER_PAGES: usize = 64;
 
+/// How the probe's events reach the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventPath {
+    /// One BPF ring buffer for all CPUs, wakeups batched (Linux 5.18 and
+    /// later: ring buffers and `bpf_xdp_load_bytes` in XDP).
+    Ring,
+    /// Per-CPU perf event arrays, a wakeup per event: the fallback.
+    Perf,
+}
+
+impl EventPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventPath::Ring => "ring buffer",
+            EventPath::Perf => "per-CPU perf buffers",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
     /// Capacity of the kernel flow table.
@@ -55,11 +77,14 @@ pub struct ProbeOptions {
     /// attached and keep counting when the agent exits or dies, and the next
     /// agent adopts the maps and replaces the programs without a gap.
     pub pin_dir: Option<PathBuf>,
+    /// The event path; `None`: the ring buffer where the kernel has what it
+    /// needs, else the perf buffers.
+    pub events: Option<EventPath>,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE, pin_dir: None }
+        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE, pin_dir: None, events: None }
     }
 }
 
@@ -84,7 +109,9 @@ pub struct Probe {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, ProbeConfig>,
-    events: Option<PerfEventArray<MapData>>,
+    /// Taken by [`Probe::open_events`].
+    events: Option<EventMap>,
+    event_path: EventPath,
     pin_dir: Option<PathBuf>,
     /// The maps were pinned by an agent before us, and taken over.
     adopted: bool,
@@ -95,19 +122,22 @@ pub struct Probe {
 impl Probe {
     /// Loads the XDP programs and their maps into the kernel (not attached).
     pub fn load(options: ProbeOptions) -> Result<Self> {
-        let object = embedded(PROBE_OBJECT)?;
         raise_memlock_limit();
         if options.flow_table_size == 0 {
             bail!("the flow table size must be at least 1");
         }
-        check_kernel_features()?;
+        let event_path = check_kernel_features(options.events)?;
+        let (object, event_map) = match event_path {
+            EventPath::Ring => (embedded(PROBE_OBJECT)?, names::EVENT_RING),
+            EventPath::Perf => (embedded(PROBE_PERF_OBJECT)?, names::EVENTS),
+        };
         let pin_dir = options.pin_dir.filter(|dir| pinning_possible(dir));
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, options.flow_table_size);
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;
-                [names::FLOWS, names::COUNTERS, names::CONFIG, names::EVENTS].into_iter().map(|name| (name, dir.join(name))).collect()
+                [names::FLOWS, names::COUNTERS, names::CONFIG, event_map].into_iter().map(|name| (name, dir.join(name))).collect()
             }
             None => Vec::new(),
         };
@@ -139,8 +169,16 @@ impl Probe {
         };
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
-        let events = Some(PerfEventArray::try_from(take_map(&mut ebpf, names::EVENTS)?)?);
-        Ok(Self { ebpf, flows, counters, config, events, pin_dir, adopted, instance })
+        let events = match event_path {
+            EventPath::Ring => EventMap::Ring(RingBuf::try_from(take_map(&mut ebpf, event_map)?)?),
+            EventPath::Perf => EventMap::Perf(PerfEventArray::try_from(take_map(&mut ebpf, event_map)?)?),
+        };
+        Ok(Self { ebpf, flows, counters, config, events: Some(events), event_path, pin_dir, adopted, instance })
+    }
+
+    /// How this probe's events reach the agent.
+    pub fn event_path(&self) -> EventPath {
+        self.event_path
     }
 
     /// Whether the maps are those an earlier agent pinned (it counted while
@@ -295,20 +333,26 @@ impl Probe {
             .context("listing the kernel flow table")
     }
 
-    /// Opens one event buffer per online CPU. Can be called once.
-    pub fn open_event_buffers(&mut self) -> Result<Vec<EventBuffer>> {
-        let mut events =
-            self.events.take().ok_or_else(|| anyhow!("the event buffers are already open"))?;
-        let cpus = aya::util::online_cpus()
-            .map_err(|(what, error)| anyhow!("reading the online CPUs from {what}: {error}"))?;
-        cpus.into_iter()
-            .map(|cpu| {
-                let buffer = events
-                    .open(cpu, Some(EVENT_BUFFER_PAGES))
-                    .with_context(|| format!("opening the event buffer of CPU {cpu}"))?;
-                Ok(EventBuffer { cpu, buffer })
-            })
-            .collect()
+    /// Opens the event buffer for reading: the ring, or one perf buffer
+    /// per online CPU. Can be called once.
+    pub fn open_events(&mut self) -> Result<EventReader> {
+        match self.events.take().ok_or_else(|| anyhow!("the event buffers are already open"))? {
+            EventMap::Ring(ring) => Ok(EventReader::Ring(ring)),
+            EventMap::Perf(mut events) => {
+                let cpus = aya::util::online_cpus()
+                    .map_err(|(what, error)| anyhow!("reading the online CPUs from {what}: {error}"))?;
+                let buffers = cpus
+                    .into_iter()
+                    .map(|cpu| {
+                        let buffer = events
+                            .open(cpu, Some(EVENT_BUFFER_PAGES))
+                            .with_context(|| format!("opening the event buffer of CPU {cpu}"))?;
+                        Ok(EventBuffer { cpu, buffer })
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(EventReader::Perf(buffers))
+            }
+        }
     }
 }
 
@@ -317,36 +361,56 @@ pub struct Baseline {
     ebpf: Ebpf,
 }
 
+/// The baselines' programs.
+const BASELINE_PASS: &str = "baseline_pass";
+const BASELINE_LOOKUP: &str = "baseline_lookup";
+
 impl Baseline {
-    pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(embedded(BASELINE_OBJECT)?).context("loading the baseline XDP program")?;
-        let program: &mut Xdp = ebpf
-            .program_mut("baseline_pass")
-            .ok_or_else(|| anyhow!("no baseline_pass program"))?
-            .try_into()?;
-        program.load()?;
+    /// Loads both baselines; the lookup's flow table has `flow_table_size`
+    /// entries, like the probe it is compared with.
+    pub fn load(flow_table_size: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOWS, flow_table_size)
+            .load(embedded(BASELINE_OBJECT)?)
+            .context("loading the baseline XDP programs")?;
+        for name in [BASELINE_PASS, BASELINE_LOOKUP] {
+            let program: &mut Xdp =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
         Ok(Self { ebpf })
+    }
+
+    /// Puts `key` in the lookup baseline's flow table, so that its lookup
+    /// finds the flow as the probe's does mid-flow.
+    pub fn insert_flow(&mut self, key: FlowKey) -> Result<()> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(names::FLOWS).ok_or_else(|| anyhow!("the baseline has no flow table"))?)?;
+        flows.insert(key, FlowValue::default(), 0).context("inserting into the baseline's flow table")
     }
 
     /// Attaches it to `interface` (driver mode), for live benchmarks; it stays
     /// attached until this is dropped.
     pub fn attach(&mut self, interface: &str) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut("baseline_pass")
-            .ok_or_else(|| anyhow!("no baseline_pass program"))?
-            .try_into()?;
+        let program: &mut Xdp =
+            self.ebpf.program_mut(BASELINE_PASS).ok_or_else(|| anyhow!("no {BASELINE_PASS} program"))?.try_into()?;
         program.attach(interface, XdpMode::Driver).with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
         Ok(())
     }
 
-    /// Runs it `repeat` times on `frame`; returns the kernel's ns per run.
+    /// Runs the bare `XDP_PASS` `repeat` times on `frame`; returns the
+    /// kernel's ns per run.
     pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
-        let program: &Xdp = self
-            .ebpf
-            .program("baseline_pass")
-            .ok_or_else(|| anyhow!("no baseline_pass program"))?
-            .try_into()?;
+        self.test_run_program(BASELINE_PASS, frame, repeat)
+    }
+
+    /// As [`Baseline::test_run_repeat`], for parsing plus the one lookup.
+    pub fn lookup_test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
+        self.test_run_program(BASELINE_LOOKUP, frame, repeat)
+    }
+
+    fn test_run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<u64> {
+        let program: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
         let result = program
             .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })
             .context("BPF_PROG_TEST_RUN")?;
@@ -354,19 +418,21 @@ impl Baseline {
     }
 }
 
-/// What the XDP object needs from the kernel. Probed (aya's feature probes:
-/// a minimal program or map is created) before the object is loaded, so
-/// that a kernel without one is refused with the feature's name rather than
-/// with a loader or verifier error.
-const KERNEL_NEEDS: [KernelNeed; 7] = [
+/// What either XDP object needs from the kernel. Probed (aya's feature
+/// probes: a minimal program or map is created) before an object is loaded,
+/// so that a kernel without one is refused with the feature's name rather
+/// than with a loader or verifier error.
+const KERNEL_NEEDS: [KernelNeed; 5] = [
     KernelNeed::XdpPrograms,
     KernelNeed::HashMaps,
     KernelNeed::ArrayMaps,
     KernelNeed::PerCpuArrayMaps,
-    KernelNeed::PerfEventArrayMaps,
     KernelNeed::KtimeHelper,
-    KernelNeed::PerfOutputHelper,
 ];
+/// What the ring buffer object needs besides.
+const RING_NEEDS: [KernelNeed; 3] = [KernelNeed::RingBufMaps, KernelNeed::RingBufHelpers, KernelNeed::XdpLoadBytesHelper];
+/// What the perf buffer object needs besides.
+const PERF_NEEDS: [KernelNeed; 2] = [KernelNeed::PerfEventArrayMaps, KernelNeed::PerfOutputHelper];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KernelNeed {
@@ -377,6 +443,9 @@ enum KernelNeed {
     PerfEventArrayMaps,
     KtimeHelper,
     PerfOutputHelper,
+    RingBufMaps,
+    RingBufHelpers,
+    XdpLoadBytesHelper,
 }
 
 impl KernelNeed {
@@ -389,6 +458,9 @@ impl KernelNeed {
             Self::PerfEventArrayMaps => "perf event array maps (the event buffers, Linux 4.3)",
             Self::KtimeHelper => "the bpf_ktime_get_ns helper in XDP programs",
             Self::PerfOutputHelper => "the bpf_perf_event_output helper in XDP programs (Linux 4.15)",
+            Self::RingBufMaps => "BPF ring buffer maps (Linux 5.8)",
+            Self::RingBufHelpers => "the bpf_ringbuf_reserve/submit/query helpers in XDP programs (Linux 5.8)",
+            Self::XdpLoadBytesHelper => "the bpf_xdp_load_bytes helper (Linux 5.18)",
         }
     }
 
@@ -402,25 +474,53 @@ impl KernelNeed {
             Self::PerfEventArrayMaps => is_map_supported(MapType::PerfEventArray)?,
             Self::KtimeHelper => xdp_helper(BpfHelper::BPF_FUNC_ktime_get_ns)?,
             Self::PerfOutputHelper => xdp_helper(BpfHelper::BPF_FUNC_perf_event_output)?,
+            Self::RingBufMaps => is_map_supported(MapType::RingBuf)?,
+            Self::RingBufHelpers => {
+                xdp_helper(BpfHelper::BPF_FUNC_ringbuf_reserve)? && xdp_helper(BpfHelper::BPF_FUNC_ringbuf_query)?
+            }
+            Self::XdpLoadBytesHelper => xdp_helper(BpfHelper::BPF_FUNC_xdp_load_bytes)?,
         })
     }
 }
 
-/// Probes the kernel for everything in [`KERNEL_NEEDS`]; refuses, naming
-/// each missing feature, when one is missing. Logs what it found, with
-/// what the probe can do without (BTF: the object has no CO-RE relocations,
-/// and aya leaves out the program BTF a kernel cannot take).
-pub fn check_kernel_features() -> Result<()> {
-    check_features(&kernel_release(), KERNEL_NEEDS.iter().map(|need| (need.name(), need.probe())))?;
+/// Probes the kernel for what the probe needs and picks the event path:
+/// `wanted`, or the ring buffer where the kernel has all of [`RING_NEEDS`],
+/// else the perf buffers. Refuses, naming each missing feature, when the
+/// path cannot load. Logs what it found, with what the probe can do
+/// without (BTF: the objects have no CO-RE relocations, and aya leaves out
+/// the program BTF a kernel cannot take).
+pub fn check_kernel_features(wanted: Option<EventPath>) -> Result<EventPath> {
+    let probe = |needs: &'static [KernelNeed]| needs.iter().map(|need| (need.name(), need.probe()));
+    check_features(&kernel_release(), probe(&KERNEL_NEEDS))?;
+    let path = match wanted {
+        Some(EventPath::Ring) => {
+            check_features(&kernel_release(), probe(&RING_NEEDS))?;
+            EventPath::Ring
+        }
+        Some(EventPath::Perf) => {
+            check_features(&kernel_release(), probe(&PERF_NEEDS))?;
+            EventPath::Perf
+        }
+        None => match check_features(&kernel_release(), probe(&RING_NEEDS)) {
+            Ok(()) => EventPath::Ring,
+            Err(ring_missing) => {
+                check_features(&kernel_release(), probe(&PERF_NEEDS))
+                    .with_context(|| format!("and the ring buffer path cannot load either: {ring_missing:#}"))?;
+                info!("events go through per-CPU perf buffers, a wakeup each: {ring_missing:#}");
+                EventPath::Perf
+            }
+        },
+    };
     let btf_vmlinux = Path::new("/sys/kernel/btf/vmlinux").exists();
     info!(
-        "kernel {}: XDP programs, hash, array, per-CPU array and perf event array maps, bpf_ktime_get_ns and \
-         bpf_perf_event_output in XDP: present; program BTF: {}; kernel BTF (/sys/kernel/btf/vmlinux): {}",
+        "kernel {}: XDP programs, hash, array and per-CPU array maps, bpf_ktime_get_ns: present; events through \
+         the {}; program BTF: {}; kernel BTF (/sys/kernel/btf/vmlinux): {}",
         kernel_release(),
+        path.name(),
         if aya::features().btf().is_some() { "supported" } else { "not supported (loaded without it)" },
         if btf_vmlinux { "present" } else { "absent (not needed)" },
     );
-    Ok(())
+    Ok(path)
 }
 
 /// The verdict on the probed features: the first probe that fails (EPERM:
@@ -543,6 +643,20 @@ fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}"))
 }
 
+/// The event map, before it is opened for reading.
+enum EventMap {
+    Ring(RingBuf<MapData>),
+    Perf(PerfEventArray<MapData>),
+}
+
+/// The probe's events, open for reading (`events::drain`, `events::spawn_readers`).
+pub enum EventReader {
+    /// One ring buffer for all CPUs.
+    Ring(RingBuf<MapData>),
+    /// One perf buffer per online CPU.
+    Perf(Vec<EventBuffer>),
+}
+
 /// One CPU's perf buffer of flow events.
 pub struct EventBuffer {
     pub cpu: u32,
@@ -588,7 +702,7 @@ mod tests {
 
     #[test]
     fn a_missing_kernel_feature_is_named_in_the_refusal() {
-        let probed = KERNEL_NEEDS.iter().map(|need| {
+        let probed = KERNEL_NEEDS.iter().chain(&PERF_NEEDS).map(|need| {
             let present = !matches!(need, KernelNeed::PerfEventArrayMaps | KernelNeed::PerfOutputHelper);
             (need.name(), Ok(present))
         });

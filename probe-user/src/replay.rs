@@ -18,7 +18,7 @@ use crate::{
     flow::{Assembler, Timeouts},
     icr::{EndReason, Icr},
     nat::NatTable,
-    probe::{EventBuffer, Probe, ProbeOptions},
+    probe::{EventReader, Probe, ProbeOptions},
 };
 
 const ETH_HEADER: usize = 14;
@@ -53,13 +53,13 @@ pub fn replay(
 /// without KVM) it takes tens of seconds.
 pub struct Replayer {
     probe: Probe,
-    buffers: Vec<EventBuffer>,
+    buffers: EventReader,
 }
 
 impl Replayer {
     pub fn load(options: ProbeOptions) -> Result<Self> {
         let mut probe = Probe::load(options)?;
-        let buffers = probe.open_event_buffers()?;
+        let buffers = probe.open_events()?;
         Ok(Self { probe, buffers })
     }
 
@@ -95,7 +95,7 @@ impl Replayer {
 
 fn replay_loaded(
     probe: &mut Probe,
-    buffers: &mut [EventBuffer],
+    buffers: &mut EventReader,
     path: &Path,
     timeouts: Timeouts,
     mut sink: impl FnMut(Vec<Icr>) -> Result<()>,

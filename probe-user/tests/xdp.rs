@@ -5,7 +5,7 @@
 use etherparse::{PacketBuilder, TcpHeader, VlanId};
 use icr::{
     events::{self, ProbeEvent},
-    probe::{EventBuffer, Probe, ProbeOptions},
+    probe::{EventPath, EventReader, Probe, ProbeOptions},
     tuple::{Tuple, ipv4},
 };
 use probe_common::{FlowEvent, FlowValue, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
@@ -16,7 +16,7 @@ const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
 struct Harness {
     probe: Probe,
-    buffers: Vec<EventBuffer>,
+    buffers: EventReader,
 }
 
 impl Harness {
@@ -26,7 +26,7 @@ impl Harness {
 
     fn with_table(options: ProbeOptions) -> Self {
         let mut probe = Probe::load(options).expect("loading the probe (are we root?)");
-        let buffers = probe.open_event_buffers().unwrap();
+        let buffers = probe.open_events().unwrap();
         Self { probe, buffers }
     }
 
@@ -371,6 +371,105 @@ fn hints_stop_at_the_budget() {
     assert_eq!(value.packets[dir], 9, "every packet is still counted");
 }
 
+/// A connection's life as frames (role, frame): handshake, the client's
+/// first data (a hint), the server's data, a DNS query and answer (hints
+/// both ways), and both FINs.
+fn a_connection_and_a_lookup() -> Vec<(u8, Vec<u8>)> {
+    let up = client();
+    let dns = Tuple { dst_port: 53, proto: 17, ..client() };
+    vec![
+        (role::LAN, udp_frame(&dns, &[0x12; 40])),
+        (role::WAN, udp_frame(&dns.reversed(), &[0x34; 120])),
+        (role::LAN, tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC)),
+        (role::WAN, tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC)),
+        (role::LAN, tcp_frame(&up, tcp_flags::ACK, &[0x16; 600], DEVICE_MAC)),
+        (role::LAN, tcp_frame(&up, tcp_flags::ACK, &[0x16; 1400], DEVICE_MAC)),
+        (role::WAN, tcp_frame(&up.reversed(), tcp_flags::ACK, &[9; 1000], GATEWAY_MAC)),
+        (role::LAN, tcp_frame(&up, tcp_flags::FIN | tcp_flags::ACK, &[], DEVICE_MAC)),
+        (role::WAN, tcp_frame(&up.reversed(), tcp_flags::FIN | tcp_flags::ACK, &[], GATEWAY_MAC)),
+    ]
+}
+
+#[test]
+fn the_ring_buffer_and_the_perf_fallback_deliver_the_same_events() {
+    let mut delivered = Vec::new();
+    for path in [EventPath::Ring, EventPath::Perf] {
+        let mut h = Harness::with_table(ProbeOptions { events: Some(path), ..ProbeOptions::default() });
+        assert_eq!(h.probe.event_path(), path);
+        let mut events = Vec::new();
+        for (at, (role, frame)) in a_connection_and_a_lookup().into_iter().enumerate() {
+            // The replay clock: the same time stamps on both paths.
+            h.probe.set_clock_override(1_000_000 * (at as u64 + 1)).unwrap();
+            h.run(role, &frame);
+            events.extend(h.all_events());
+        }
+        let hints = events.iter().filter(|event| matches!(event, ProbeEvent::Hint(..))).count();
+        assert_eq!(hints, 4, "{path:?}: the DNS query and answer and the client's two segments: {events:?}");
+        for event in &events {
+            if let ProbeEvent::Hint(event, frame) = event {
+                assert_eq!(usize::from(event.captured_len), frame.len(), "{path:?}");
+                assert!(frame.len() > 14 + 20 + 8, "{path:?}: the whole frame, headers and payload");
+            }
+        }
+        assert_eq!(h.counter(counter::EVENTS_LOST), 0, "{path:?}");
+        delivered.push(events);
+    }
+    assert_eq!(delivered[0], delivered[1], "ring and perf buffers carry the same events and frames");
+}
+
+#[test]
+fn the_ring_buffer_is_chosen_where_the_kernel_has_it() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.trim().split(['.', '-']).map(|part| part.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let probe = Probe::load(ProbeOptions::default()).unwrap();
+    // Ring buffers (5.8) and bpf_xdp_load_bytes (5.18).
+    let expected = if version >= (5, 18) { EventPath::Ring } else { EventPath::Perf };
+    assert_eq!(probe.event_path(), expected, "kernel {}", release.trim());
+}
+
+/// Waits up to `ms` for an edge-triggered epoll on `fd` to report it readable.
+fn woken_within(epoll: i32, ms: i32) -> bool {
+    let mut event = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one event slot we own.
+    let n = unsafe { libc::epoll_wait(epoll, &mut event, 1, ms) };
+    assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+    n == 1
+}
+
+#[test]
+fn the_ring_buffer_wakes_the_reader_only_for_a_batch() {
+    use std::os::fd::AsRawFd as _;
+    let mut h = Harness::with_table(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() });
+    let EventReader::Ring(ring) = &h.buffers else { panic!("the ring path was asked for") };
+    // Edge-triggered, as tokio's reactor registers it: only a wakeup
+    // from the kernel makes it readable.
+    // SAFETY: plain syscalls on fds we own.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epoll >= 0);
+    let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 1 };
+    assert_eq!(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut interest) }, 0);
+    assert!(!woken_within(epoll, 0), "an empty ring is not readable");
+
+    // One flow start each: 80 bytes and the ring's 8-byte record header.
+    let record = (std::mem::size_of::<FlowEvent>() + 8) as u64;
+    let below = probe_common::EVENT_RING_WAKEUP_BYTES / record - 2;
+    let syn = |port: u16| tcp_frame(&Tuple { src_port: port, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC);
+    for port in 0..below as u16 {
+        h.run(role::LAN, &syn(1024 + port));
+    }
+    assert!(!woken_within(epoll, 200), "{below} events below the batch size woke the reader");
+    for port in below as u16..below as u16 + 8 {
+        h.run(role::LAN, &syn(1024 + port));
+    }
+    assert!(woken_within(epoll, 1000), "a batch's worth of events did not wake the reader");
+    // SAFETY: our fd.
+    unsafe { libc::close(epoll) };
+    let events = h.events();
+    assert_eq!(events.len() as u64, below + 8, "every event is read, woken or not");
+    assert_eq!(h.counter(counter::EVENTS_LOST), 0);
+}
+
 /// A small, seeded generator: the same frames on every run.
 struct XorShift(u64);
 
@@ -535,7 +634,7 @@ impl Drop for Netns {
 #[test]
 fn an_interface_with_another_xdp_program_is_named_in_the_error() {
     let ns = Netns::with_veth("icrt-busy");
-    let mut other = icr::probe::Baseline::load().unwrap();
+    let mut other = icr::probe::Baseline::load(16).unwrap();
     ns.run(|| other.attach("busy0")).unwrap();
     let mut probe = Probe::load(ProbeOptions::default()).unwrap();
     let error = ns.run(|| probe.attach("busy0", role::LAN)).expect_err("the interface is busy");

@@ -2,37 +2,32 @@
 //! the kernel flow table, and tells the agent when a flow starts or ends.
 //! Every packet leaves with `XDP_PASS`, unmodified: the probe is passive and
 //! fails open; what it could not parse is counted, never acted on.
+//!
+//! The code is shared by two objects that differ only in how events reach
+//! the agent (`events::EventSink`): `probe` (one BPF ring buffer, wakeups
+//! batched) and `probe-perf` (per-CPU perf event arrays, for kernels
+//! without ring buffers). The agent picks one at start.
 #![no_std]
-#![no_main]
 // For the one atomic add the flow counters need (see `flow::add`).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-mod events;
-mod flow;
-mod maps;
-mod parse;
+pub mod events;
+pub mod flow;
+pub mod maps;
+pub mod parse;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use probe_common::{counter, role};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use probe_common::counter;
 
-/// Attached to subscriber-facing interfaces.
-#[xdp]
-pub fn icr_lan(ctx: XdpContext) -> u32 {
-    probe(&ctx, role::LAN)
-}
+use crate::events::EventSink;
 
-/// Attached to internet-facing interfaces.
-#[xdp]
-pub fn icr_wan(ctx: XdpContext) -> u32 {
-    probe(&ctx, role::WAN)
-}
-
+/// The whole program for one packet that arrived on an interface of `role`.
 #[inline(always)]
-fn probe(ctx: &XdpContext, role: u8) -> u32 {
+pub fn probe<S: EventSink>(ctx: &XdpContext, role: u8, events: &S) -> u32 {
     maps::count(counter::PACKETS);
     match parse::packet(ctx) {
-        Ok(packet) => flow::track(ctx, &packet, role),
+        Ok(packet) => flow::track(ctx, &packet, role, events),
         Err(skip) => maps::count(skip.counter()),
     }
     xdp_action::XDP_PASS
@@ -44,7 +39,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects programs that could reach here; this is never run.
     loop {}
 }
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
