@@ -116,14 +116,18 @@ pub const HINT_BUDGET: u16 = 8192;
 /// Frames longer than this are shipped cut (jumbo frames).
 pub const HINT_MAX_FRAME: u32 = 9216;
 
-/// Size of the event ring buffer (a power of two number of pages): room for
-/// about 100,000 flow events, or 5,000 full-frame hints, while the agent is
-/// between two reads.
+/// Default size of the event ring buffer (a power of two number of pages):
+/// room for about 100,000 flow events, or 5,000 full-frame hints, while the
+/// agent is between two reads. The agent may size it at load time.
 pub const EVENT_RING_BYTES: u32 = 8 << 20;
-/// A record wakes the agent only when the ring holds this much; below it the
-/// agent's timer drains the ring ([`EVENT_RING_DRAIN_MS`]). One wakeup costs
-/// microseconds, so it is spread over thousands of events.
-pub const EVENT_RING_WAKEUP_BYTES: u64 = 256 << 10;
+/// A record wakes the agent only when the ring holds 1/this of its size (256
+/// KiB of the default); below it the agent's timer drains the ring
+/// ([`EVENT_RING_DRAIN_MS`]). One wakeup costs microseconds, so it is spread
+/// over thousands of events.
+pub const EVENT_RING_WAKEUP_DIVISOR: u32 = 32;
+/// The probe's global holding that threshold in bytes, set by the agent when
+/// it loads the ring buffer object.
+pub const EVENT_RING_WAKEUP_GLOBAL: &str = "ICR_RING_WAKEUP_BYTES";
 /// How often the agent drains the ring whether or not it was woken: the
 /// longest a quiet ring holds an event.
 pub const EVENT_RING_DRAIN_MS: u64 = 50;

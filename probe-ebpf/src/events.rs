@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::RingBuf,
     programs::XdpContext,
 };
-use probe_common::{EVENT_RING_WAKEUP_BYTES, FlowEvent, HINT_MAX_FRAME};
+use probe_common::{EVENT_RING_BYTES, EVENT_RING_WAKEUP_DIVISOR, FlowEvent, HINT_MAX_FRAME};
 
 /// The buffer had no room: the event is lost (and the caller counts it).
 pub struct Full;
@@ -76,8 +76,14 @@ impl EventSink for PerCpuEvents {
     }
 }
 
+/// How full the ring must be before a record wakes the reader
+/// (`probe_common::EVENT_RING_WAKEUP_GLOBAL`): the agent sets it at load
+/// time from the ring's size.
+#[unsafe(no_mangle)]
+static ICR_RING_WAKEUP_BYTES: u64 = (EVENT_RING_BYTES / EVENT_RING_WAKEUP_DIVISOR) as u64;
+
 /// One BPF ring buffer shared by all CPUs. A record wakes the reader only
-/// when the ring holds [`EVENT_RING_WAKEUP_BYTES`] or more; below that the
+/// when the ring holds `ICR_RING_WAKEUP_BYTES` or more; below that the
 /// agent's timer drains it, so events are delivered in batches.
 #[repr(transparent)]
 pub struct RingEvents(RingBuf);
@@ -104,7 +110,10 @@ impl RingEvents {
     /// Wake the reader only once the ring holds a batch worth reading.
     #[inline(always)]
     fn wakeup(&self) -> u64 {
-        if self.0.query(BPF_RB_AVAIL_DATA as u64) >= EVENT_RING_WAKEUP_BYTES {
+        // SAFETY: a plain read of a global; volatile, so that the value the
+        // agent sets at load time is read, not the one compiled in.
+        let threshold = unsafe { core::ptr::read_volatile(&raw const ICR_RING_WAKEUP_BYTES) };
+        if self.0.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
             BPF_RB_FORCE_WAKEUP as u64
         } else {
             BPF_RB_NO_WAKEUP as u64

@@ -89,6 +89,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         flow_table_size: config.probe.flow_table_size,
         pin_dir: config.probe.pin_dir.clone(),
         events: config.probe.events,
+        event_ring_bytes: config.probe.event_ring_bytes,
     })?;
     // Readers first: a flow event sent before its CPU's buffer is open is
     // lost, and the first packets arrive as soon as the program attaches.
@@ -119,6 +120,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let mut losses = loss_tracker(&store, &probe, loaded_at)?;
     let mut ticks = 0u64;
+    // The kernel's lost-event count as of the last tick (an adopted probe's
+    // earlier losses are not this agent's open flows').
+    let mut kernel_events_lost = probe.counters().map(|c| c.get(counter::EVENTS_LOST)).unwrap_or(0);
 
     let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected);
     let mut nat = NatTable::default();
@@ -148,6 +152,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     warn!("the wall clock stepped {way} by {by}: records closed from now on are dated by the new time");
                 }
                 let now = monotonic_ns();
+                // Read once a tick: the loss totals and the metrics share it.
+                let counters = probe.counters();
+                if let Ok(counters) = &counters {
+                    // The ring buffer reports no loss in its stream: the
+                    // kernel's counter says an event went missing.
+                    let lost = counters.get(counter::EVENTS_LOST);
+                    if lost > kernel_events_lost {
+                        assembler.events_went_missing();
+                    }
+                    kernel_events_lost = lost;
+                }
                 assembler.tick(now, &mut probe, &nat)?;
                 nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
                 // Leases change at any time: the directory re-reads what
@@ -157,8 +172,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
                 let mut batch = Batch { records: named_records(&mut assembler, &directory), ..Batch::default() };
                 ticks += 1;
-                // Read once a tick: the loss totals and the metrics share it.
-                let counters = probe.counters();
                 if let Ok(counters) = &counters {
                     let totals = Totals {
                         conntrack_overruns: nat.overruns(),

@@ -112,7 +112,12 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), args.db.as_deref())?;
     let store = args.db.as_deref().map(Store::open).transpose()?;
     // A replay never pins: it must not touch a running agent's maps.
-    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, pin_dir: None, events: config.probe.events };
+    let options = ProbeOptions {
+        flow_table_size: config.probe.flow_table_size,
+        pin_dir: None,
+        events: config.probe.events,
+        event_ring_bytes: config.probe.event_ring_bytes,
+    };
     let directory = crate::subscribers::Directory::load(&config.subscribers)?;
     let mut out = std::io::stdout().lock();
     let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {

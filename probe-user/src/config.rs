@@ -91,12 +91,25 @@ pub struct ProbeSection {
     /// buffer where the kernel can (5.18 and later), else perf buffers.
     #[serde(default)]
     pub events: Option<crate::probe::EventPath>,
+    /// Size of the event ring buffer in bytes (a power of two, 64 KiB to
+    /// 1 GiB): how long a burst it absorbs while the agent is busy.
+    #[serde(default = "default_event_ring_bytes")]
+    pub event_ring_bytes: u32,
 }
 
 impl Default for ProbeSection {
     fn default() -> Self {
-        Self { flow_table_size: default_flow_table_size(), pin_dir: None, events: None }
+        Self {
+            flow_table_size: default_flow_table_size(),
+            pin_dir: None,
+            events: None,
+            event_ring_bytes: default_event_ring_bytes(),
+        }
     }
+}
+
+fn default_event_ring_bytes() -> u32 {
+    probe_common::EVENT_RING_BYTES
 }
 
 /// Durations as `90s`, `5m`, `2h`.
@@ -175,6 +188,10 @@ impl Config {
             if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {
                 bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
             }
+        }
+        let ring = self.probe.event_ring_bytes;
+        if !ring.is_power_of_two() || !(64 << 10..=1 << 30).contains(&ring) {
+            bail!("[probe] event_ring_bytes = {ring} must be a power of two from 65536 (64 KiB) to 1073741824 (1 GiB)");
         }
         if !(1..=86_400).contains(&self.store.write_queue) {
             bail!("[store] write_queue = {} must be between 1 and 86400 (ticks of records)", self.store.write_queue);

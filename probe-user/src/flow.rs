@@ -197,6 +197,13 @@ impl Assembler {
         std::mem::take(&mut self.records)
     }
 
+    /// Events were lost (a perf buffer's lost record, or the kernel's
+    /// counter grew): any open flow may have lost its end event, so say so
+    /// on its record.
+    pub fn events_went_missing(&mut self) {
+        self.known.values_mut().for_each(|known| known.incomplete = true);
+    }
+
     pub fn on_event(&mut self, event: ProbeEvent, nat: &NatTable) {
         match event {
             ProbeEvent::Flow(event) => {
@@ -207,9 +214,8 @@ impl Assembler {
                 self.on_flow_event(&event);
             }
             ProbeEvent::Lost { count, .. } => {
-                // Any open flow may have lost its end event: say so on its record.
                 self.events_lost += count;
-                self.known.values_mut().for_each(|known| known.incomplete = true);
+                self.events_went_missing();
             }
             ProbeEvent::Hint(event, frame) => {
                 self.known.entry(event.key).or_default();

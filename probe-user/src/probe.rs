@@ -80,11 +80,18 @@ pub struct ProbeOptions {
     /// The event path; `None`: the ring buffer where the kernel has what it
     /// needs, else the perf buffers.
     pub events: Option<EventPath>,
+    /// Size of the event ring buffer, bytes: a power of two, at least a page.
+    pub event_ring_bytes: u32,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
-        Self { flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE, pin_dir: None, events: None }
+        Self {
+            flow_table_size: probe_common::DEFAULT_FLOW_TABLE_SIZE,
+            pin_dir: None,
+            events: None,
+            event_ring_bytes: probe_common::EVENT_RING_BYTES,
+        }
     }
 }
 
@@ -134,6 +141,14 @@ impl Probe {
         let pin_dir = options.pin_dir.filter(|dir| pinning_possible(dir));
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, options.flow_table_size);
+        let wakeup_bytes = u64::from(options.event_ring_bytes / probe_common::EVENT_RING_WAKEUP_DIVISOR);
+        if event_path == EventPath::Ring {
+            if !options.event_ring_bytes.is_power_of_two() || options.event_ring_bytes < 4096 {
+                bail!("the event ring size must be a power of two of at least 4096 bytes, not {}", options.event_ring_bytes);
+            }
+            loader.map_max_entries(names::EVENT_RING, options.event_ring_bytes);
+            loader.override_global(probe_common::EVENT_RING_WAKEUP_GLOBAL, &wakeup_bytes, true);
+        }
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;

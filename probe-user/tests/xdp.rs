@@ -449,11 +449,20 @@ fn woken_within(epoll: i32, ms: i32) -> bool {
 
 #[test]
 fn the_ring_buffer_wakes_the_reader_only_for_a_batch() {
-    use std::os::fd::AsRawFd as _;
     if !kernel_has_ring_path() {
         return; // the refusal is checked above
     }
-    let mut h = Harness::with_table(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() });
+    // The default ring, and a small one: the agent sets the threshold from
+    // the size it loads.
+    for ring_bytes in [probe_common::EVENT_RING_BYTES, 64 << 10] {
+        wakes_for_a_batch_only(ring_bytes);
+    }
+}
+
+fn wakes_for_a_batch_only(ring_bytes: u32) {
+    use std::os::fd::AsRawFd as _;
+    let options = ProbeOptions { events: Some(EventPath::Ring), event_ring_bytes: ring_bytes, ..ProbeOptions::default() };
+    let mut h = Harness::with_table(options);
     let EventReader::Ring(ring) = &h.buffers else { panic!("the ring path was asked for") };
     // Edge-triggered, as tokio's reactor registers it: only a wakeup
     // from the kernel makes it readable.
@@ -466,16 +475,17 @@ fn the_ring_buffer_wakes_the_reader_only_for_a_batch() {
 
     // One flow start each: 80 bytes and the ring's 8-byte record header.
     let record = (std::mem::size_of::<FlowEvent>() + 8) as u64;
-    let below = probe_common::EVENT_RING_WAKEUP_BYTES / record - 2;
+    let threshold = u64::from(ring_bytes / probe_common::EVENT_RING_WAKEUP_DIVISOR);
+    let below = threshold / record - 2;
     let syn = |port: u16| tcp_frame(&Tuple { src_port: port, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC);
     for port in 0..below as u16 {
         h.run(role::LAN, &syn(1024 + port));
     }
-    assert!(!woken_within(epoll, 200), "{below} events below the batch size woke the reader");
+    assert!(!woken_within(epoll, 200), "{ring_bytes}-byte ring: {below} events below the batch size woke the reader");
     for port in below as u16..below as u16 + 8 {
         h.run(role::LAN, &syn(1024 + port));
     }
-    assert!(woken_within(epoll, 1000), "a batch's worth of events did not wake the reader");
+    assert!(woken_within(epoll, 1000), "{ring_bytes}-byte ring: a batch's worth of events did not wake the reader");
     // SAFETY: our fd.
     unsafe { libc::close(epoll) };
     let events = h.events();

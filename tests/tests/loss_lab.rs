@@ -63,6 +63,15 @@ full_sweep = "1s"
     .unwrap();
 }
 
+/// Sizes the event ring buffer (the agent's `[probe] event_ring_bytes`).
+fn set_event_ring(db: &Path, bytes: u32) {
+    let path = db.join("icr.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let config = config.replacen("[probe]\n", &format!("[probe]\nevent_ring_bytes = {bytes}\n"), 1);
+    assert!(config.contains("event_ring_bytes"), "the config has a [probe] section");
+    std::fs::write(path, config).unwrap();
+}
+
 /// Asks question 3 over HTTP from inside the gateway: the gap headers.
 fn http_gaps(lab: &Lab, from: DateTime<Utc>, to: DateTime<Utc>) -> (u64, Vec<Value>) {
     let body = format!(
@@ -167,14 +176,17 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
         lab.exec(&lab.gateway, Command::new("sysctl").args(["-qw", &format!("net.netfilter.{timeout}=3600")])).unwrap();
     }
     let db = lab.dir.join("db");
+    // The smallest event ring: 20,000 flows overflow it (the default holds
+    // about 100,000 events).
     write_config(&db, 65536);
+    set_event_ring(&db, 64 << 10);
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let before = lab.exchange(&lab.clients[0], 1_000, 1_000).expect("an exchange before");
     std::thread::sleep(patience(Duration::from_secs(3)));
     let stopped = Utc::now();
 
     // The agent stops reading; 20,000 new flows (and NAT mappings) arrive:
-    // more than its per-CPU event buffers and conntrack socket hold.
+    // more than its event buffer and conntrack socket hold.
     agent.pause().unwrap();
     burst(&lab, 20_000, 20_000);
     std::thread::sleep(Duration::from_millis(500));
