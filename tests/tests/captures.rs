@@ -59,7 +59,7 @@ fn replayed_names_agree_with_tshark() {
                 let column = &column;
                 scope.spawn(move || {
                     let config = Config::default();
-                    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, pin_dir: None };
+                    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, ..ProbeOptions::default() };
                     let mut replayer = Replayer::load(options).expect("loading the probe");
                     let outputs: Vec<_> = half
                         .iter()

@@ -1,6 +1,7 @@
 //! What the agent does when the system lacks something the probe uses. It
-//! probes the kernel at start (XDP programs, the map types, the helpers)
-//! and says what it found; a kernel lacking one is refused with the
+//! probes the kernel at start (XDP programs, the map types, the helpers),
+//! says what it found and which event path that gives (the ring buffer from
+//! 5.18, else perf buffers); a kernel lacking one is refused with the
 //! feature's name (a unit test of probe.rs: every kernel `cargo xtask
 //! vm-test` boots has them all). Here, on a real system: a pin directory
 //! that is not on bpffs — as on a gateway that does not mount bpffs, or
@@ -11,6 +12,12 @@ use std::{path::Path, process::Command};
 
 use icr_lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.trim().split(['.', '-']).map(|part| part.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
+}
 
 /// A pin directory under /sys/fs/bpf, which the agent (in the gateway's
 /// namespace, under `ip netns exec`) sees on a fresh sysfs, not on bpffs.
@@ -40,9 +47,12 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let started = agent.log_text();
     assert!(
-        started.contains("XDP programs, hash, array, per-CPU array and perf event array maps") && started.contains(": present;"),
+        started.contains("XDP programs, hash, array and per-CPU array maps, bpf_ktime_get_ns: present;"),
         "the agent says what it probed in the kernel:\n{started}"
     );
+    // Ring buffers with bpf_xdp_load_bytes from 5.18, else perf buffers.
+    let path = if kernel_at_least(5, 18) { "events through the ring buffer" } else { "events through the per-CPU perf buffers" };
+    assert!(started.contains(path), "the agent says which event path this kernel gets ({path}):\n{started}");
     assert!(
         started.contains(&format!("pin_dir {pins} is not on a BPF file system")) && started.contains("mount -t bpf bpf /sys/fs/bpf"),
         "the agent names bpffs as what is missing:\n{started}"
