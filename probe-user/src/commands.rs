@@ -43,7 +43,10 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let session = Session::open(&args.store_args()?, &who, Purpose::Resolve, "query resolve", parameters, store)?;
             session.run(|session| {
                 let at = parse_time(&at, "--at")?;
-                let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)?;
+                let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)
+                    .ok()
+                    .filter(|tolerance| at.checked_sub_signed(*tolerance).zip(at.checked_add_signed(*tolerance)).is_some())
+                    .with_context(|| format!("--tolerance {tolerance:?} reaches past the times this can represent"))?;
                 session.check_window(at - tolerance, at + tolerance)?;
                 let remote = remote.as_deref().map(parse_remote).transpose()?;
                 let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;

@@ -184,7 +184,16 @@ impl Config {
         if self.max_window_days == 0 || self.max_window_days > MAX_RETENTION_DAYS {
             bail!("max_window_days must be between 1 and {MAX_RETENTION_DAYS}");
         }
+        let mut names = std::collections::BTreeSet::new();
         for authority in &self.authorities {
+            if authority.name.trim().is_empty() {
+                bail!("an [[authority]] has an empty name: every authority must be named");
+            }
+            // Requests name their authority: two of one name would let a
+            // token of the second be taken for the first.
+            if !names.insert(authority.name.as_str()) {
+                bail!("authority {:?} is configured twice: names must be unique", authority.name);
+            }
             if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {
                 bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
             }
@@ -220,7 +229,12 @@ impl Config {
 fn duration(text: &Option<String>, default: Duration, name: &str) -> Result<Duration> {
     match text {
         None => Ok(default),
-        Some(text) => parse_duration(text).with_context(|| format!("timeouts.{name}")),
+        Some(text) => match parse_duration(text).with_context(|| format!("timeouts.{name}"))? {
+            // A zero timeout would close every flow at its first packet, or
+            // sweep without pause.
+            zero if zero.is_zero() => bail!("timeouts.{name} = {text:?}: a timeout must be longer than zero"),
+            duration => Ok(duration),
+        },
     }
 }
 
@@ -266,5 +280,20 @@ mod tests {
         let timeouts = config.flow_timeouts().unwrap();
         assert_eq!(timeouts.tcp_idle, Duration::from_secs(120));
         assert_eq!(timeouts.active, Duration::from_secs(3600));
+    }
+
+    fn refusal(text: &str) -> String {
+        format!("{:#}", Config::parse(text).expect_err(text))
+    }
+
+    #[test]
+    fn duplicate_or_empty_authority_names_and_zero_timeouts_are_refused() {
+        let police = "[[authority]]\nname = \"force\"\nkind = \"police\"\npurposes = [1]\n";
+        let local = "[[authority]]\nname = \"force\"\nkind = \"local\"\npurposes = [1, 2, 3]\n";
+        assert!(refusal(&format!("{police}{local}")).contains("authority \"force\" is configured twice"));
+        assert!(refusal("[[authority]]\nname = \" \"\nkind = \"police\"").contains("empty name"));
+        assert!(refusal("[timeouts]\ntcp_idle = \"0s\"").contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero"));
+        assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
+        assert!(Config::parse(police).is_ok());
     }
 }

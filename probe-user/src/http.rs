@@ -44,6 +44,9 @@ pub struct HttpSection {
 
 /// The salted argon2 hash of a token, for an authority's `token_hash`.
 pub fn hash_token(token: &str) -> Result<String> {
+    if token.is_empty() {
+        anyhow::bail!("the token is empty: give the token on standard input");
+    }
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
     let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -235,6 +238,7 @@ mod tests {
 
     #[test]
     fn tokens_verify_against_their_hash_only() {
+        assert!(format!("{:#}", hash_token("").unwrap_err()).contains("the token is empty"));
         let hash = hash_token("s3cret-token").unwrap();
         assert!(!hash.contains("s3cret"), "the hash does not contain the token");
         let config = Config::parse(&format!(

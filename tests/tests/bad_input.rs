@@ -1,0 +1,112 @@
+//! Bad input to the real `icr` binary: a clear error and exit status 1 (3
+//! for a refusal), never a panic (101), and a query that fails is audited.
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use icr_lab::icr_binary;
+
+const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
+
+/// A store directory of its own, removed when dropped.
+struct StoreDir(PathBuf);
+
+impl StoreDir {
+    fn with_config(config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("icr-bad-input-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("icr.toml"), config).unwrap();
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn icr(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(icr_binary())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running icr");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn resolve(store: &StoreDir, tolerance: &str) -> Output {
+    let db = store.path().to_str().unwrap();
+    icr(
+        &[
+            "query", "resolve", "--ip", "203.0.113.1", "--at", "2026-11-22T15:00:00Z", "--tolerance", tolerance, "--db", db,
+            "--authority", "met", "--officer", "PC 1", "--reference", "OP-1", "--format", "ndjson",
+        ],
+        b"",
+    )
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn an_overflowing_tolerance_is_a_clear_audited_error_not_a_panic() {
+    let store = StoreDir::with_config(POLICE);
+    let output = resolve(&store, "300000years");
+    assert_eq!(output.status.code(), Some(1), "exit 1, not a panic: {}", stderr(&output));
+    assert!(stderr(&output).contains("--tolerance \"300000years\" reaches past the times this can represent"), "{}", stderr(&output));
+    let audit = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
+    assert_eq!(audit.lines().count(), 1, "the failed query is audited: {audit}");
+    assert!(audit.contains("\"outcome\":\"failed: --tolerance"), "{audit}");
+    let verify = icr(&["audit", "verify", "--db", store.path().to_str().unwrap()], b"");
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    // A tolerance that fits is answered.
+    assert!(resolve(&store, "5m").status.success());
+}
+
+#[test]
+fn an_authority_configured_twice_is_refused_before_anything_is_answered() {
+    // The second entry's kind and purposes must not be taken for the first's.
+    let local = "[[authority]]\nname = \"met\"\nkind = \"local\"\npurposes = [1, 2, 3]\n";
+    let store = StoreDir::with_config(&format!("{POLICE}{local}"));
+    let output = resolve(&store, "5m");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("authority \"met\" is configured twice"), "{}", stderr(&output));
+    assert!(!store.path().join("audit.log").exists() || std::fs::read_to_string(store.path().join("audit.log")).unwrap().is_empty());
+}
+
+#[test]
+fn empty_authority_names_and_zero_timeouts_are_refused() {
+    for (config, says) in [
+        ("[[authority]]\nname = \"\"\nkind = \"police\"\npurposes = [1]\n", "empty name"),
+        (&format!("{POLICE}[timeouts]\ntcp_idle = \"0s\"\n"), "a timeout must be longer than zero"),
+    ] {
+        let store = StoreDir::with_config(config);
+        let output = resolve(&store, "5m");
+        assert_eq!(output.status.code(), Some(1), "{config}: {}", stderr(&output));
+        assert!(stderr(&output).contains(says), "{config}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn an_empty_token_is_not_hashed() {
+    let output = icr(&["hash-token"], b"\n");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the token is empty"), "{}", stderr(&output));
+    assert!(output.stdout.is_empty(), "no hash printed");
+    assert!(icr(&["hash-token"], b"a-real-token\n").status.success());
+}
