@@ -48,7 +48,9 @@ pub fn query(command: &QueryCommand, out: &mut dyn Write) -> Result<Vec<Gap>> {
     fields.insert("format".into(), json!(asked.to_possible_value().expect("formats have names").get_name()));
 
     let url = format!("{}/v1/query/{kind}", server.trim_end_matches('/'));
-    let mut request = agent(target)?.post(&url).set("Authorization", &format!("Bearer {}", token(target)?)).timeout(TIMEOUT);
+    let request = agent(target)?.post(&url);
+    check_transport(&request.request_url().with_context(|| format!("--server {server:?} is not a URL"))?)?;
+    let mut request = request.set("Authorization", &format!("Bearer {}", token(target)?)).timeout(TIMEOUT);
     if let Some(authority) = &who.authority {
         // The server refuses if the token belongs to another authority.
         request = request.set("ICR-Authority", authority);
@@ -101,6 +103,22 @@ fn draw_table(kind: &str, ndjson: &str, out: &mut dyn Write) -> Result<()> {
     }
 }
 
+/// A token travels over HTTPS, or over plain HTTP to this machine only:
+/// anywhere else it would cross the network in clear.
+fn check_transport(url: &ureq::RequestUrl) -> Result<()> {
+    let host = url.host().trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => bail!(
+            "--server {}: the token would cross the network in clear; use https:// (plain http:// only to loopback)",
+            url.as_url()
+        ),
+        scheme => bail!("--server {}: {scheme}:// is not http:// or https://", url.as_url()),
+    }
+}
+
 fn token(target: &QueryTarget) -> Result<String> {
     let token = match &target.token_file {
         Some(file) => std::fs::read_to_string(file).with_context(|| format!("reading the token file {}", file.display()))?,
@@ -131,4 +149,25 @@ fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(builder.tls_config(Arc::new(tls)).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(url: &str) -> Result<()> {
+        check_transport(&ureq::get(url).request_url().unwrap())
+    }
+
+    #[test]
+    fn tokens_go_in_clear_to_loopback_only() {
+        for url in ["https://icr.example:8443/v1/query/resolve", "http://127.0.0.1:8481/v1", "http://localhost:1/v1", "http://[::1]:1/v1"] {
+            assert!(transport(url).is_ok(), "{url}");
+        }
+        for url in ["http://192.0.2.10:8080/v1", "http://icr.example/v1", "http://[2001:db8::1]/v1"] {
+            let error = format!("{:#}", transport(url).expect_err(url));
+            assert!(error.contains("the token would cross the network in clear"), "{url}: {error}");
+        }
+        assert!(format!("{:#}", transport("ftp://127.0.0.1/").unwrap_err()).contains("is not http:// or https://"));
+    }
 }

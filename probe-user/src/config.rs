@@ -198,6 +198,16 @@ impl Config {
                 bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
             }
         }
+        if let Some(listen) = self.http.listen
+            && self.http.cert.is_none()
+            && self.http.key.is_none()
+            && !listen.ip().is_loopback()
+        {
+            bail!(
+                "[http] listen = \"{listen}\" without cert and key would take bearer tokens in clear over the network: \
+                 plain HTTP is allowed on loopback only (127.0.0.0/8, ::1); set cert and key for HTTPS"
+            );
+        }
         let ring = self.probe.event_ring_bytes;
         if !ring.is_power_of_two() || !(64 << 10..=1 << 30).contains(&ring) {
             bail!("[probe] event_ring_bytes = {ring} must be a power of two from 65536 (64 KiB) to 1073741824 (1 GiB)");
@@ -295,5 +305,14 @@ mod tests {
         assert!(refusal("[timeouts]\ntcp_idle = \"0s\"").contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero"));
         assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
         assert!(Config::parse(police).is_ok());
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_loopback() {
+        assert!(refusal("[http]\nlisten = \"0.0.0.0:8080\"").contains("plain HTTP is allowed on loopback only"));
+        assert!(refusal("[http]\nlisten = \"[2001:db8::1]:8080\"").contains("plain HTTP is allowed on loopback only"));
+        assert!(Config::parse("[http]\nlisten = \"127.0.0.1:8080\"").is_ok());
+        assert!(Config::parse("[http]\nlisten = \"[::1]:8080\"").is_ok());
+        assert!(Config::parse("[http]\nlisten = \"0.0.0.0:8443\"\ncert = \"/etc/icr/c.pem\"\nkey = \"/etc/icr/k.pem\"").is_ok());
     }
 }
