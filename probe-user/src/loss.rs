@@ -40,7 +40,7 @@ impl Totals {
             LossKind::FlowTableFull => self.flow_table_full,
             LossKind::ConntrackOverrun => self.conntrack_overruns,
             LossKind::WriterBackpressure => self.writer_waits,
-            LossKind::NotCapturing => 0,
+            LossKind::NotCapturing | LossKind::StoreCorruption => 0,
         }
     }
 }

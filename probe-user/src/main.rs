@@ -38,7 +38,9 @@ fn main() {
         }
         command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
-            match Store::open(&db) {
+            // Questions change nothing in the store; a sweep does.
+            let open = if matches!(command, Command::Sweep(_)) { Store::open } else { Store::open_read_only };
+            match open(&db) {
                 Ok(store) => match command {
                     Command::Query(query) => commands::query(query, &store, &mut stdout).map(|gaps| warn_of(&gaps)),
                     Command::List(args) => commands::list(args, &store, &mut stdout).map(|gaps| warn_of(&gaps)),

@@ -96,3 +96,55 @@ fn no_acknowledged_record_is_lost_or_doubled_by_kill_9() {
     assert_eq!(doubled, 0, "records stored twice");
     assert!(missing.is_empty(), "{} acknowledged records missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
 }
+
+/// `icr list --format ndjson` on `db`: the records' ids, and stderr.
+fn list_ids(db: &std::path::Path) -> (Vec<String>, String) {
+    let out = Command::new(icr_lab::icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().expect("running icr list");
+    assert!(out.status.success(), "icr list: {}", String::from_utf8_lossy(&out.stderr));
+    let ids = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    (ids, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// One byte flipped in the first of three frames of a day's open-block log
+/// (300 acknowledged records): a question answers the other 200 and warns
+/// of the damage without changing the log; the agent's next open keeps the
+/// damaged frame aside, byte for byte, and the warning stays.
+#[test]
+fn a_damaged_log_frame_costs_its_own_records_and_is_reported() {
+    let dir = TempDir(std::env::temp_dir().join(format!("icr-store-damage-{}", std::process::id())));
+    let db = dir.0.join("store");
+    let out = Command::new(env!("CARGO_BIN_EXE_store-ingest")).arg(&db).args(["7", "3", "100"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(written.len(), 300);
+    let logs: Vec<_> = std::fs::read_dir(db.join("open-blocks")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(logs.len(), 1, "one day's log: {logs:?}");
+    let mut bytes = std::fs::read(&logs[0]).unwrap();
+    // The 12-byte log header, the first frame's 8-byte header, then its records.
+    bytes[12 + 8 + 30] ^= 0x01;
+    std::fs::write(&logs[0], &bytes).unwrap();
+
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let expected = sorted(written[100..].to_vec());
+    let (ids, warnings) = list_ids(&db);
+    assert_eq!(sorted(ids), expected, "the second and third frames' records, and only those");
+    assert!(warnings.contains("store: a day's open-block log"), "the answer warns of the damage: {warnings}");
+    assert_eq!(std::fs::read(&logs[0]).unwrap(), bytes, "a question changes no byte of the log");
+
+    // The agent's open (here: a sweep's) keeps the damage aside.
+    let sweep = Command::new(icr_lab::icr_binary()).args(["sweep", "--db"]).arg(&db).output().unwrap();
+    assert!(sweep.status.success(), "{}", String::from_utf8_lossy(&sweep.stderr));
+    let kept: Vec<_> = std::fs::read_dir(db.join("open-blocks/quarantine")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let frame_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[12..12 + 8 + frame_len], "the damaged frame, byte for byte");
+    let (ids, warnings) = list_ids(&db);
+    assert_eq!(sorted(ids), expected);
+    assert!(warnings.contains("store: a day's open-block log"), "recorded, the gap is still reported: {warnings}");
+}

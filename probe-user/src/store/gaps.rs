@@ -26,11 +26,21 @@ pub enum LossKind {
     /// Nothing was capturing: the agent was stopped or had crashed, and no
     /// pinned probe counted for it.
     NotCapturing = 5,
+    /// A day's open-block log was damaged on disk: records acknowledged that
+    /// day may be missing. The damaged bytes are kept aside, as they were,
+    /// under `open-blocks/quarantine/`.
+    StoreCorruption = 6,
 }
 
 impl LossKind {
-    pub const ALL: [LossKind; 5] =
-        [Self::EventBufferFull, Self::FlowTableFull, Self::ConntrackOverrun, Self::WriterBackpressure, Self::NotCapturing];
+    pub const ALL: [LossKind; 6] = [
+        Self::EventBufferFull,
+        Self::FlowTableFull,
+        Self::ConntrackOverrun,
+        Self::WriterBackpressure,
+        Self::NotCapturing,
+        Self::StoreCorruption,
+    ];
 
     /// Where the loss happened, for people.
     pub fn place(self) -> &'static str {
@@ -40,6 +50,7 @@ impl LossKind {
             Self::ConntrackOverrun => "conntrack event socket",
             Self::WriterBackpressure => "store writer queue",
             Self::NotCapturing => "agent",
+            Self::StoreCorruption => "store: a day's open-block log",
         }
     }
 
@@ -51,6 +62,7 @@ impl LossKind {
             Self::ConntrackOverrun => "overruns",
             Self::WriterBackpressure => "waits",
             Self::NotCapturing => "unknown losses",
+            Self::StoreCorruption => "damaged bytes kept aside",
         }
     }
 }

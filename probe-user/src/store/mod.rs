@@ -30,6 +30,7 @@ mod wire;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -39,10 +40,10 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use log::{info, warn};
 
 use crate::icr::Icr;
-use gaps::{Gap, Watermark};
+use gaps::{Gap, LossKind, Watermark};
 use index::{IndexKey, RUN_BLOCKS};
 use rollup::{Rollup, Services};
-use wal::Wal;
+use wal::{Damage, DamageKind, Wal};
 
 /// Records a sealed block holds (the design brief measured 4,096 as the
 /// point where compression stops improving). The unit tests use small blocks
@@ -63,6 +64,8 @@ const LOOKBACK_DAYS: u64 = 1;
 /// An older store is migrated when opened ([`migrate`]); a newer one refused.
 const LAYOUT: u32 = 2;
 const LAYOUT_KEY: &[u8] = b"layout";
+/// Under the open-block log directory: damaged log ranges, kept as they were.
+const QUARANTINE_DIR: &str = "quarantine";
 
 /// A handle on the store; clones share it.
 #[derive(Clone)]
@@ -75,6 +78,11 @@ struct Inner {
     path: PathBuf,
     wal_dir: PathBuf,
     days: Mutex<BTreeMap<NaiveDate, Day>>,
+    /// Opened for questions only: no file of the store is changed.
+    read_only: bool,
+    /// Damage found in open-block logs by a read-only open, which may not
+    /// record it: reported with the stored gaps.
+    unrecorded_gaps: Vec<Gap>,
 }
 
 /// The store is held by another process: the running agent, whose socket
@@ -240,15 +248,35 @@ fn rollup_page(tree: &sled::Tree, run: u32, print: u32) -> Result<Option<sled::I
     }
 }
 
+/// A UTC day as a window: its first and its last microsecond.
+fn day_bounds(date: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
+    let from = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    (from, from + chrono::Duration::days(1) - chrono::Duration::microseconds(1))
+}
+
 fn number_of(key: &[u8]) -> Result<u32> {
     Ok(u32::from_be_bytes(key.get(1..5).ok_or_else(|| anyhow!("a short key in the store"))?.try_into()?))
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`, recovering what a crash left:
-    /// append logs are read back (a torn tail cut) and the records that a
-    /// block sealed before the crash already holds are not counted twice.
+    /// append logs are read back and the records that a block sealed before
+    /// the crash already holds are not counted twice. What a log held that
+    /// is not a whole, checked frame is moved aside as it was (a torn tail
+    /// too, though it was never acknowledged); damage to acknowledged
+    /// records becomes a `store_corruption` gap of that day.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens the store to answer questions: the open-block logs are read,
+    /// not repaired, and their damage is reported as gaps without being
+    /// written; appends are refused.
+    pub fn open_read_only(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    fn open_with(dir: &Path, read_only: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
         let path = dir.join("records");
         let db = sled::Config::new()
@@ -264,9 +292,16 @@ impl Store {
         migrate::to_current_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
-        let store = Self { inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()) }) };
-        store.recover_logs()?;
-        store.migrate_json_days()?;
+        let mut store = Self {
+            inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()), read_only, unrecorded_gaps: Vec::new() }),
+        };
+        let gaps = store.recover_logs()?;
+        if read_only {
+            Arc::get_mut(&mut store.inner).expect("not shared yet").unrecorded_gaps = gaps;
+        } else {
+            store.record_gaps(&gaps, None)?;
+            store.migrate_json_days()?;
+        }
         Ok(store)
     }
 
@@ -275,6 +310,9 @@ impl Store {
     pub fn append(&self, records: &[Icr]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
+        }
+        if self.inner.read_only {
+            bail!("the store was opened read-only, for questions");
         }
         let mut by_day: BTreeMap<NaiveDate, Vec<Icr>> = BTreeMap::new();
         for record in records {
@@ -510,7 +548,7 @@ impl Store {
     /// The gap entries that overlap `[from, to]`, oldest first.
     pub fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
         let end = (to.timestamp_micros().max(0) as u64).to_be_bytes();
-        let mut found = Vec::new();
+        let mut found: Vec<Gap> = self.inner.unrecorded_gaps.iter().filter(|gap| gap.overlaps(from, to)).cloned().collect();
         // Keys sort by start: every gap starting after `to` is past the range.
         for entry in self.gaps_tree()?.range(..=[end.as_slice(), &[u8::MAX]].concat()) {
             let (_, value) = entry.context("reading gap entries")?;
@@ -519,6 +557,7 @@ impl Store {
                 found.push(gap);
             }
         }
+        found.sort_by_key(|gap| gap.from);
         Ok(found)
     }
 
@@ -601,35 +640,70 @@ impl Store {
         Ok(days.get_mut(&date).expect("inserted"))
     }
 
-    /// Reads back every open block's log after a stop or a crash.
-    fn recover_logs(&self) -> Result<()> {
+    /// Reads back every open block's log after a stop or a crash; returns a
+    /// gap for each day whose log lost acknowledged records.
+    fn recover_logs(&self) -> Result<Vec<Gap>> {
         let entries = std::fs::read_dir(&self.inner.wal_dir).with_context(|| format!("listing {}", self.inner.wal_dir.display()))?;
         let mut days = self.lock()?;
+        let mut gaps = Vec::new();
         for entry in entries {
             let path = entry?.path();
             let Some(date) = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<NaiveDate>().ok()) else {
                 continue;
             };
             if path.extension().is_some_and(|e| e == "tmp") {
-                remove_if_present(&path)?; // a log rewrite that did not finish: the old log stands
+                if !self.inner.read_only {
+                    remove_if_present(&path)?; // a log rewrite that did not finish: the old log stands
+                }
                 continue;
             }
             let recovered = Wal::read(&path)?;
-            if recovered.cut > 0 {
-                warn!("{}: cut {} bytes of a write a crash interrupted", path.display(), recovered.cut);
+            if recovered.lost_records() {
+                let (from, to) = day_bounds(date);
+                let damaged = recovered.damage.iter().filter(|d| d.kind != DamageKind::TornTail).map(|d| d.bytes.len() as u64).sum();
+                let gap = Gap::new(LossKind::StoreCorruption, from, to, damaged);
+                warn!("{}: {}", path.display(), gap.describe());
+                gaps.push(gap);
             }
             let day = self.day(&mut days, date)?;
             // Blocks sealed from this log before the crash hold its first records.
             let sealed: usize = day.blocks.iter().skip(recovered.base_block as usize).map(|b| b.records as usize).sum();
             let records = recovered.records.get(sealed..).unwrap_or_default().to_vec();
-            if sealed > 0 {
-                day.wal = Some(Wal::create(&path, day.blocks.len() as u32, &records)?);
-            } else {
-                day.wal = Some(Wal::reopen(&path)?);
+            if !self.inner.read_only {
+                self.set_aside(date, &recovered.damage)?;
+                if sealed > 0 || !recovered.damage.is_empty() {
+                    // Only whole frames, and only the records no block holds.
+                    day.wal = Some(Wal::create(&path, day.blocks.len() as u32, &records)?);
+                } else {
+                    day.wal = Some(Wal::reopen(&path)?);
+                }
             }
             day.open = records;
         }
-        Ok(())
+        Ok(gaps)
+    }
+
+    /// Keeps each damaged range of a day's log, byte for byte, in
+    /// `open-blocks/quarantine/DATE-OFFSET-KIND.bad`, before the log is
+    /// rewritten without it.
+    fn set_aside(&self, date: NaiveDate, damage: &[Damage]) -> Result<()> {
+        if damage.is_empty() {
+            return Ok(());
+        }
+        let dir = self.inner.wal_dir.join(QUARANTINE_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for damaged in damage {
+            let kind = match damaged.kind {
+                DamageKind::TornTail => "torn",
+                DamageKind::Corrupt => "corrupt",
+                DamageKind::NotALog => "not-a-log",
+            };
+            let path = dir.join(format!("{date}-{}-{kind}.bad", damaged.offset));
+            let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(&damaged.bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+            warn!("kept {} damaged bytes of the {date} open-block log aside in {}", damaged.bytes.len(), path.display());
+        }
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
     }
 
     /// Moves records of the first layout (one JSON value each) into blocks.
@@ -843,9 +917,21 @@ pub(crate) mod test_records {
     /// process just dropped: sled releases its file lock from a background
     /// thread after the drop returns (spacejam/sled#1289).
     pub fn reopen(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+        reopen_with(dir, super::Store::open)
+    }
+
+    /// As [`reopen`], read-only.
+    pub fn reopen_read_only(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+        reopen_with(dir, super::Store::open_read_only)
+    }
+
+    fn reopen_with(
+        dir: &std::path::Path,
+        open: fn(&std::path::Path) -> anyhow::Result<super::Store>,
+    ) -> anyhow::Result<super::Store> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            match super::Store::open(dir) {
+            match open(dir) {
                 Err(error) if error.downcast_ref::<super::StoreInUse>().is_some() && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
@@ -905,7 +991,7 @@ pub(crate) mod test_records {
 mod tests {
     use super::*;
     use crate::icr::RecordIds;
-    use test_records::{reopen, sample_at, samples};
+    use test_records::{reopen, reopen_read_only, sample_at, samples};
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().into()
@@ -1112,6 +1198,112 @@ mod tests {
             let day = &days[&records[0].start.date_naive()];
             let plan = day.services_plan(window.0.timestamp_micros(), window.1.timestamp_micros(), &devices[0]).unwrap();
             assert_eq!((plan.runs.len(), plan.pending), (2, true), "question 2 reads the new rollups");
+        }
+    }
+
+    /// A day's log of three frames, 60 acknowledged records (fewer than a block holds) in its open
+    /// block, and where each frame starts.
+    fn store_with_three_frames(dir: &Path) -> (Vec<Icr>, PathBuf, [usize; 3]) {
+        let records = samples(60);
+        let store = reopen(dir).unwrap();
+        let log = store.wal_path(records[0].start.date_naive());
+        let mut starts = [0; 3];
+        for (frame, chunk) in records.chunks(20).enumerate() {
+            // The first append writes the log's header too: 12 bytes.
+            starts[frame] = std::fs::metadata(&log).map_or(12, |m| m.len() as usize);
+            store.append(chunk).unwrap();
+        }
+        (records, log, starts)
+    }
+
+    fn day_window(records: &[Icr]) -> (DateTime<Utc>, DateTime<Utc>) {
+        day_bounds(records[0].start.date_naive())
+    }
+
+    #[test]
+    fn a_damaged_log_frame_costs_its_records_only_is_kept_aside_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (records, log, starts) = store_with_three_frames(dir.path());
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[starts[0] + 30] ^= 0x01; // a byte of the first frame's records
+        std::fs::write(&log, &bytes).unwrap();
+        let (from, to) = day_window(&records);
+
+        // A question: the other frames' records, a gap for the day, and
+        // nothing on disk changed.
+        {
+            let store = reopen_read_only(dir.path()).unwrap();
+            assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records[20..].to_vec()));
+            let gaps = store.gaps(from, to).unwrap();
+            assert_eq!(gaps.len(), 1, "{gaps:?}");
+            assert_eq!(gaps[0].kind, LossKind::StoreCorruption);
+            assert_eq!(gaps[0].count, (starts[1] - starts[0]) as u64, "the damaged frame's bytes");
+            assert!(store.append(&records[..1]).is_err(), "read-only");
+        }
+        assert_eq!(std::fs::read(&log).unwrap(), bytes, "a question changes no byte of the log");
+        assert!(!dir.path().join("open-blocks").join(QUARANTINE_DIR).exists());
+
+        // The agent's open: the damaged frame kept aside as it was, the log
+        // rewritten with the good frames, the gap recorded.
+        {
+            let store = reopen(dir.path()).unwrap();
+            assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records[20..].to_vec()));
+            assert_eq!(store.gaps(from, to).unwrap().len(), 1);
+        }
+        let quarantine = dir.path().join("open-blocks").join(QUARANTINE_DIR);
+        let kept: Vec<_> = std::fs::read_dir(&quarantine).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[starts[0]..starts[1]], "byte for byte");
+        let store = reopen_read_only(dir.path()).unwrap();
+        let gaps = store.gaps(from, to).unwrap();
+        assert_eq!(gaps.len(), 1, "recorded once, found again after the repair: {gaps:?}");
+        assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records[20..].to_vec()));
+    }
+
+    #[test]
+    fn a_frame_claiming_two_gigabytes_costs_its_records_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (records, log, starts) = store_with_three_frames(dir.path());
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[starts[1]..starts[1] + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        std::fs::write(&log, &bytes).unwrap();
+        let (from, to) = day_window(&records);
+        let store = reopen(dir.path()).unwrap();
+        let expected = [&records[..20], &records[40..]].concat();
+        assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(expected));
+        assert_eq!(store.gaps(from, to).unwrap()[0].kind, LossKind::StoreCorruption);
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_set_aside_without_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (records, log, starts) = store_with_three_frames(dir.path());
+        let bytes = std::fs::read(&log).unwrap();
+        std::fs::write(&log, &bytes[..bytes.len() - 7]).unwrap(); // an append a crash cut short
+        let (from, to) = day_window(&records);
+        let store = reopen(dir.path()).unwrap();
+        assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records[..40].to_vec()));
+        assert!(store.gaps(from, to).unwrap().is_empty(), "never acknowledged: no loss");
+        let quarantine = dir.path().join("open-blocks").join(QUARANTINE_DIR);
+        let kept: Vec<_> = std::fs::read_dir(&quarantine).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[starts[2]..bytes.len() - 7], "kept aside all the same");
+    }
+
+    #[test]
+    fn one_damaged_day_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (records, _, _) = store_with_three_frames(dir.path());
+        let other_day = dir.path().join("open-blocks").join("2026-11-20.log");
+        std::fs::write(&other_day, b"").unwrap();
+        let third_day = dir.path().join("open-blocks").join("2026-11-19.log");
+        std::fs::write(&third_day, b"XCRWAL1\n\0\0\0\0garbage").unwrap();
+        let (from, to) = day_window(&records);
+        for open in [reopen_read_only, reopen] {
+            let store = open(dir.path()).unwrap();
+            assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records.clone()), "the good day answers");
+            let damaged = store.gaps(at("2026-11-19T00:00:00Z"), at("2026-11-20T23:59:59Z")).unwrap();
+            assert_eq!(damaged.iter().filter(|g| g.kind == LossKind::StoreCorruption).count(), 2, "{damaged:?}");
+            drop(store);
         }
     }
 

@@ -1,7 +1,14 @@
 //! The append log of a day's open block: the records acknowledged but not
 //! yet sealed into a compressed block. Each append is one checksummed frame,
-//! synced before the store says the records are stored; reading stops at
-//! the first torn or damaged frame (a crash mid-write) and cuts it off.
+//! synced before the store says the records are stored.
+//!
+//! Reading never changes the file. It reads every whole, checked frame; past
+//! a damaged one it looks for the next frame that checks, so one bad frame
+//! costs only its own records, and it reports each damaged range as it was,
+//! byte for byte: an unfinished last frame (a write a crash interrupted,
+//! never acknowledged) apart from damage to acknowledged ones. What to do
+//! with them (keep them aside, rewrite the log, report a gap) is the
+//! store's decision (`Store::open`).
 //!
 //! The header names the block number the log's records will be sealed into:
 //! after a crash between sealing blocks and rewriting the log, recovery skips
@@ -12,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use crate::{icr::Icr, store::codec};
 
@@ -31,8 +38,38 @@ pub struct Recovered {
     /// The block its records will be sealed into.
     pub base_block: u32,
     pub records: Vec<Icr>,
-    /// Bytes cut from a torn or damaged tail.
-    pub cut: u64,
+    /// What could not be read, in file order.
+    pub damage: Vec<Damage>,
+}
+
+/// A range of a log that is not a whole, checked frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// Where it starts in the file.
+    pub offset: u64,
+    /// The range as it was.
+    pub bytes: Vec<u8>,
+    pub kind: DamageKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DamageKind {
+    /// A last frame shorter than its header says, with nothing after it: an
+    /// append a crash interrupted before it was synced, so never acknowledged.
+    TornTail,
+    /// A frame whose length, checksum or contents are wrong: records that
+    /// were acknowledged are lost.
+    Corrupt,
+    /// The file is not an append log at all (its header is damaged): the
+    /// whole file.
+    NotALog,
+}
+
+impl Recovered {
+    /// Whether acknowledged records were lost (more than a torn tail).
+    pub fn lost_records(&self) -> bool {
+        self.damage.iter().any(|damage| damage.kind != DamageKind::TornTail)
+    }
 }
 
 impl Wal {
@@ -68,33 +105,57 @@ impl Wal {
             .with_context(|| format!("appending to {}", self.path.display()))
     }
 
-    /// Reads a log back, cutting off a torn or damaged tail.
+    /// Reads a log back, without changing it.
     pub fn read(path: &Path) -> Result<Recovered> {
         let mut bytes = Vec::new();
         File::open(path)
             .and_then(|mut file| file.read_to_end(&mut bytes))
             .with_context(|| format!("reading {}", path.display()))?;
-        if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
-            bail!("{} is not an icr append log", path.display());
-        }
-        let base_block = u32::from_le_bytes(bytes[MAGIC.len()..HEADER].try_into()?);
-        let mut records = Vec::new();
-        let mut offset = HEADER;
-        while let Some((payload, next)) = next_frame(&bytes, offset) {
-            match codec::decode(payload) {
-                Ok(mut frame) => records.append(&mut frame),
-                Err(_) => break,
-            }
+        Ok(parse(bytes))
+    }
+}
+
+/// The frames of a log's bytes, and the ranges between them that are not.
+fn parse(bytes: Vec<u8>) -> Recovered {
+    if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
+        return Recovered { base_block: 0, records: Vec::new(), damage: vec![Damage { offset: 0, bytes, kind: DamageKind::NotALog }] };
+    }
+    let base_block = u32::from_le_bytes(bytes[MAGIC.len()..HEADER].try_into().expect("four bytes"));
+    let mut records = Vec::new();
+    let mut damage = Vec::new();
+    let mut offset = HEADER;
+    while offset < bytes.len() {
+        if let Some((mut frame, next)) = checked_frame(&bytes, offset) {
+            records.append(&mut frame);
             offset = next;
+            continue;
         }
-        let cut = (bytes.len() - offset) as u64;
-        if cut > 0 {
-            let file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-            file.set_len(offset as u64)
-                .and_then(|()| file.sync_all())
-                .with_context(|| format!("cutting the torn tail of {}", path.display()))?;
+        // The next frame that checks, if any: one bad frame costs only itself.
+        let resync = (offset + 1..bytes.len()).find(|&at| checked_frame(&bytes, at).is_some());
+        let end = resync.unwrap_or(bytes.len());
+        let kind = if resync.is_none() && runs_past_the_end(&bytes, offset) { DamageKind::TornTail } else { DamageKind::Corrupt };
+        damage.push(Damage { offset: offset as u64, bytes: bytes[offset..end].to_vec(), kind });
+        offset = end;
+    }
+    Recovered { base_block, records, damage }
+}
+
+/// The records of the frame at `offset` and where the next frame starts,
+/// if the frame is whole, its checksum right and its contents decode.
+fn checked_frame(bytes: &[u8], offset: usize) -> Option<(Vec<Icr>, usize)> {
+    let (payload, next) = next_frame(bytes, offset)?;
+    codec::decode(payload).ok().map(|records| (records, next))
+}
+
+/// Whether the frame at `offset` is cut short by the end of the file: its
+/// header incomplete, or its payload longer than what follows.
+fn runs_past_the_end(bytes: &[u8], offset: usize) -> bool {
+    match bytes.get(offset..offset + 8) {
+        None => true,
+        Some(header) => {
+            let length = u32::from_le_bytes(header[..4].try_into().expect("four bytes")) as usize;
+            length <= MAX_FRAME && offset + 8 + length > bytes.len()
         }
-        Ok(Recovered { base_block, records, cut })
     }
 }
 
@@ -139,27 +200,68 @@ mod tests {
         wal.append(&records[10..20]).unwrap();
         wal.append(&records[20..]).unwrap();
         drop(wal);
-        let whole = std::fs::metadata(&path).unwrap().len();
+        let whole = std::fs::read(&path).unwrap();
         let back = Wal::read(&path).unwrap();
-        assert_eq!((back.base_block, back.cut), (7, 0));
+        assert_eq!(back.base_block, 7);
+        assert!(back.damage.is_empty());
         assert_eq!(back.records, records);
 
-        // A crash mid-append leaves part of a frame: it is cut, the rest kept.
+        // A crash mid-append leaves part of a frame: a torn tail, the rest kept.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.set_len(whole - 5).unwrap();
+        file.set_len(whole.len() as u64 - 5).unwrap();
         let back = Wal::read(&path).unwrap();
         assert_eq!(back.records, records[..20]);
-        assert!(back.cut > 0);
-        Wal::reopen(&path).unwrap().append(&records[20..]).unwrap();
-        assert_eq!(Wal::read(&path).unwrap().records, records);
+        assert_eq!(back.damage.len(), 1);
+        assert_eq!(back.damage[0].kind, DamageKind::TornTail);
+        assert!(!back.lost_records());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64 - 5, "reading changes nothing");
+    }
 
-        // A damaged frame ends the log where it starts.
-        let mut bytes = std::fs::read(&path).unwrap();
-        let middle = bytes.len() - 20;
-        bytes[middle] ^= 0xff;
-        std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(Wal::read(&path).unwrap().records, records[..20]);
-        std::fs::write(&path, b"not a log").unwrap();
-        assert!(Wal::read(&path).is_err());
+    /// Offsets of the frames in a log of three frames of 10 records.
+    fn three_frames(path: &Path) -> (Vec<Icr>, Vec<u8>, [usize; 3]) {
+        let records = samples(30);
+        let mut wal = Wal::create(path, 0, &records[..10]).unwrap();
+        let first_end = std::fs::metadata(path).unwrap().len() as usize;
+        wal.append(&records[10..20]).unwrap();
+        let second_end = std::fs::metadata(path).unwrap().len() as usize;
+        wal.append(&records[20..]).unwrap();
+        (records, std::fs::read(path).unwrap(), [HEADER, first_end, second_end])
+    }
+
+    #[test]
+    fn a_damaged_frame_costs_only_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("day.log");
+        let (records, bytes, [first, second, third]) = three_frames(&path);
+
+        // One byte flipped inside the first frame's payload.
+        let mut flipped = bytes.clone();
+        flipped[first + 20] ^= 0x01;
+        let back = parse(flipped.clone());
+        assert_eq!(back.records, records[10..], "the frames after the damage are read");
+        assert_eq!(back.damage, vec![Damage { offset: first as u64, bytes: flipped[first..second].to_vec(), kind: DamageKind::Corrupt }]);
+        assert!(back.lost_records());
+
+        // The second frame's length field claims 2 GiB.
+        let mut long = bytes.clone();
+        long[second..second + 4].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        let back = parse(long);
+        assert_eq!(back.records, [&records[..10], &records[20..]].concat());
+        assert_eq!(back.damage.len(), 1);
+        assert_eq!((back.damage[0].offset, back.damage[0].kind), (second as u64, DamageKind::Corrupt));
+        assert_eq!(back.damage[0].bytes.len(), third - second);
+
+        // A whole last frame with a bad checksum is damage, not a torn write.
+        let mut last = bytes.clone();
+        *last.last_mut().unwrap() ^= 0x80;
+        let back = parse(last);
+        assert_eq!(back.records, records[..20]);
+        assert_eq!(back.damage[0].kind, DamageKind::Corrupt);
+
+        // Not a log at all: the whole file, kept as it was.
+        let back = parse(b"not a log".to_vec());
+        assert!(back.records.is_empty());
+        assert_eq!(back.damage, vec![Damage { offset: 0, bytes: b"not a log".to_vec(), kind: DamageKind::NotALog }]);
+        assert_eq!(parse(Vec::new()).damage[0].kind, DamageKind::NotALog);
     }
 }
