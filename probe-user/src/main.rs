@@ -12,6 +12,11 @@ use icr::{
 };
 
 fn main() {
+    // Everything icr writes (the store, its logs, the audit log with
+    // officers and targets, disclosure bundles) is for root alone, whatever
+    // umask it was started with.
+    // SAFETY: umask cannot fail; no other thread runs yet.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)

@@ -278,6 +278,9 @@ impl Store {
 
     fn open_with(dir: &Path, read_only: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
+        if !read_only {
+            make_private(dir)?;
+        }
         let path = dir.join("records");
         let db = sled::Config::new()
             .path(&path)
@@ -896,6 +899,28 @@ impl Day {
 
 fn day_name(date: NaiveDate) -> String {
     format!("{DAY_PREFIX}{date}")
+}
+
+/// Makes `dir` and everything under it readable by its owner (root) only:
+/// directories 0700, files 0600. Stores made before this, or by a process
+/// with a looser umask, are fixed when the agent opens them.
+fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let metadata = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mode = if metadata.is_dir() { 0o700 } else { 0o600 };
+    if metadata.file_type().is_symlink() {
+        return Ok(()); // not followed: what it points to is not the store's
+    }
+    if metadata.permissions().mode() & 0o777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} private", dir.display()))?;
+    }
+    if metadata.is_dir() {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            make_private(&entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
