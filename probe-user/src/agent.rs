@@ -79,6 +79,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
+    store.set_retention_days(config.retention_days);
     crate::control::serve(&db, store.clone())?;
     crate::http::serve(&config.http, db.clone(), config_file, store.clone()).await?;
     let snapshot = crate::metrics::Shared::default();
@@ -212,10 +213,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = sweep.tick() => {
-                let dropped = store.sweep(config.retention_days, Utc::now())?;
-                if !dropped.is_empty() {
-                    info!("retention: dropped {} day(s) of records", dropped.len());
-                }
+                let summary = crate::audit::sweep(&store, &db, config.retention_days, "agent (hourly retention)")?;
+                info!("{summary}");
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

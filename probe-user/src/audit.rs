@@ -188,6 +188,27 @@ impl Drop for FileLock {
     }
 }
 
+/// Applies retention now and audits it: what was dropped, by whom (the
+/// agent's hourly sweep, or an operator's `icr sweep`).
+pub fn sweep(store: &crate::store::Store, db: &std::path::Path, retention_days: u32, by: &str) -> Result<String> {
+    let dropped = store.sweep(retention_days, chrono::Utc::now())?;
+    let span = match (dropped.first(), dropped.last()) {
+        (Some(first), Some(last)) => format!(" ({first} .. {last})"),
+        _ => String::new(),
+    };
+    let summary = format!("retention {retention_days} days: dropped {} day(s){span}", dropped.len());
+    AuditLog::in_dir(db).append(AuditRecord {
+        time: crate::icr::format_time(&chrono::Utc::now()),
+        command: "sweep".into(),
+        officer: Some(by.to_owned()),
+        parameters: serde_json::json!({ "retention_days": retention_days, "dropped": dropped.iter().map(|d| d.to_string()).collect::<Vec<_>>() }),
+        outcome: summary.clone(),
+        result_count: dropped.len() as u64,
+        ..AuditRecord::default()
+    })?;
+    Ok(summary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -146,7 +146,8 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Gap>> {
     let from = args.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?.unwrap_or(DateTime::UNIX_EPOCH);
     let to = args.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
-    Config::load(args.store.config.as_deref(), Some(&args.store.db))?;
+    let config = Config::load(args.store.config.as_deref(), Some(&args.store.db))?;
+    store.set_retention_days(config.retention_days);
     let records = store.scan(from, to)?;
     let gaps = store.gaps(from, to)?;
     let bytes = export::ndjson(&records)?;
@@ -193,14 +194,11 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
 
 pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
-    let dropped = store.sweep(config.retention_days, Utc::now())?;
-    let span = match (dropped.first(), dropped.last()) {
-        (Some(first), Some(last)) => format!(" ({first} .. {last})"),
-        _ => String::new(),
-    };
-    writeln!(out, "retention {} days: dropped {} day(s){span}", config.retention_days, dropped.len())?;
+    let summary = crate::audit::sweep(store, &args.db, config.retention_days, &operator())?;
+    writeln!(out, "{summary}")?;
     Ok(())
 }
+
 
 /// An authorised query in progress: refused ones are audited and never get here.
 struct Session<'a> {
@@ -222,6 +220,7 @@ impl<'a> Session<'a> {
         store: &'a Store,
     ) -> Result<Self> {
         let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+        store.set_retention_days(config.retention_days);
         let audit = AuditLog::in_dir(&args.db);
         let authorisation = Authorisation {
             authority: who.authority.clone(),

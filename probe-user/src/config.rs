@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::flow::Timeouts;
 
 /// Twelve months: the legal maximum; a longer retention is refused.
-pub const MAX_RETENTION_DAYS: u32 = 365;
+pub use crate::store::MAX_RETENTION_DAYS;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -64,6 +64,9 @@ const LOOKBACK_DAYS: u64 = 1;
 /// An older store is migrated when opened ([`migrate`]); a newer one refused.
 const LAYOUT: u32 = 2;
 const LAYOUT_KEY: &[u8] = b"layout";
+/// The longest retention the law allows (12 months), and the store's until
+/// its configuration says less.
+pub const MAX_RETENTION_DAYS: u32 = 365;
 /// Under the open-block log directory: damaged log ranges, kept as they were.
 const QUARANTINE_DIR: &str = "quarantine";
 
@@ -83,6 +86,9 @@ struct Inner {
     /// Damage found in open-block logs by a read-only open, which may not
     /// record it: reported with the stored gaps.
     unrecorded_gaps: Vec<Gap>,
+    /// Days kept ([`Store::set_retention_days`]): reads return nothing a
+    /// sweep now would drop, whether or not one has run.
+    retention_days: std::sync::atomic::AtomicU32,
 }
 
 /// The store is held by another process: the running agent, whose socket
@@ -296,7 +302,15 @@ impl Store {
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
         let mut store = Self {
-            inner: Arc::new(Inner { db, path, wal_dir, days: Mutex::new(BTreeMap::new()), read_only, unrecorded_gaps: Vec::new() }),
+            inner: Arc::new(Inner {
+                db,
+                path,
+                wal_dir,
+                days: Mutex::new(BTreeMap::new()),
+                read_only,
+                unrecorded_gaps: Vec::new(),
+                retention_days: MAX_RETENTION_DAYS.into(),
+            }),
         };
         let gaps = store.recover_logs()?;
         if read_only {
@@ -397,6 +411,23 @@ impl Store {
         Ok(())
     }
 
+    /// How many days the store keeps (the configuration's `retention_days`,
+    /// at most [`MAX_RETENTION_DAYS`]): from now on, reads return nothing a
+    /// sweep would drop now.
+    pub fn set_retention_days(&self, days: u32) {
+        self.inner.retention_days.store(days.min(MAX_RETENTION_DAYS), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The oldest day a sweep at `now` keeps.
+    fn oldest_kept(retention_days: u32, now: DateTime<Utc>) -> NaiveDate {
+        now.date_naive().checked_sub_days(Days::new(u64::from(retention_days))).unwrap_or(NaiveDate::MIN)
+    }
+
+    /// The oldest day reads may return now.
+    fn oldest_readable(&self) -> NaiveDate {
+        Self::oldest_kept(self.inner.retention_days.load(std::sync::atomic::Ordering::Relaxed), Utc::now())
+    }
+
     /// Records whose lifetime overlaps `[from, to]` and that have any of the
     /// keys asked for, in no particular order.
     pub fn find(&self, from: DateTime<Utc>, to: DateTime<Utc>, lookup: Lookup) -> Result<Vec<Icr>> {
@@ -417,8 +448,9 @@ impl Store {
             view.end_us >= from_us && view.start_us <= to_us && filter.as_ref().is_none_or(|f| f.matches_view(view))
         };
         let mut found = Vec::new();
+        let oldest = self.oldest_readable();
         for date in self.days()? {
-            if date < first_day || date > to.date_naive() {
+            if date < first_day || date < oldest || date > to.date_naive() {
                 continue;
             }
             // Under the lock: which blocks to read, and the open block.
@@ -456,8 +488,9 @@ impl Store {
         let filter = index::KeyFilter::new(std::slice::from_ref(device));
         let wanted_view = |view: &codec::Keys| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
         let mut services = Services::default();
+        let oldest = self.oldest_readable();
         for date in self.days()? {
-            if date < first_day || date > to.date_naive() {
+            if date < first_day || date < oldest || date > to.date_naive() {
                 continue;
             }
             let (tree, plan) = {
@@ -510,7 +543,7 @@ impl Store {
     /// Drops every day partition more than `retention_days` before `now`:
     /// its blocks, indexes and open block together.
     pub fn sweep(&self, retention_days: u32, now: DateTime<Utc>) -> Result<Vec<NaiveDate>> {
-        let oldest_kept = now.date_naive().checked_sub_days(Days::new(u64::from(retention_days))).unwrap_or(NaiveDate::MIN);
+        let oldest_kept = Self::oldest_kept(retention_days, now);
         let mut days = self.lock()?;
         let mut dropped = Vec::new();
         for date in self.days()? {
@@ -551,6 +584,12 @@ impl Store {
     /// The gap entries that overlap `[from, to]`, oldest first.
     pub fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
         let end = (to.timestamp_micros().max(0) as u64).to_be_bytes();
+        // Gaps expire with the days they are about.
+        let cutoff = self.oldest_readable().and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let from = from.max(cutoff);
+        if to < from {
+            return Ok(Vec::new());
+        }
         let mut found: Vec<Gap> = self.inner.unrecorded_gaps.iter().filter(|gap| gap.overlaps(from, to)).cloned().collect();
         // Keys sort by start: every gap starting after `to` is past the range.
         for entry in self.gaps_tree()?.range(..=[end.as_slice(), &[u8::MAX]].concat()) {

@@ -4,7 +4,8 @@
 //! it stored. The test kills it at random moments and checks that every id
 //! printed survives, once.
 //!
-//! Usage: store-ingest DIR SEED BATCHES BATCH_SIZE
+//! Usage: store-ingest DIR SEED BATCHES BATCH_SIZE [DAYS_AGO]
+//! (records start DAYS_AGO days before now, default 1)
 use std::io::Write as _;
 
 use anyhow::{Context as _, Result};
@@ -15,11 +16,15 @@ use icr::{
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, dir, seed, batches, size] = args.as_slice() else {
-        anyhow::bail!("usage: store-ingest DIR SEED BATCHES BATCH_SIZE");
+    let (dir, seed, batches, size, days_ago) = match args.as_slice() {
+        [_, dir, seed, batches, size] => (dir, seed, batches, size, 1),
+        [_, dir, seed, batches, size, days_ago] => (dir, seed, batches, size, days_ago.parse()?),
+        _ => anyhow::bail!("usage: store-ingest DIR SEED BATCHES BATCH_SIZE [DAYS_AGO]"),
     };
+    // Relative to now: retention applies to what the store holds.
+    let start = chrono::Utc::now() - chrono::Duration::days(days_ago);
     let store = Store::open(dir.as_ref()).with_context(|| format!("opening the store {dir}"))?;
-    let mut generator = Generator::new(seed.parse()?, Options { per_second: 20_000.0, ..Options::default() });
+    let mut generator = Generator::new(seed.parse()?, Options { per_second: 20_000.0, start, ..Options::default() });
     let mut out = std::io::stdout().lock();
     for _ in 0..batches.parse::<u32>()? {
         let batch: Vec<_> = (0..size.parse::<u32>()?).map(|_| generator.next_record()).collect();
