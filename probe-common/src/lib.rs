@@ -114,7 +114,9 @@ pub const SYN_RETRY_SHIFT: u32 = 20;
 /// segments or QUIC Initials, and for a few DNS transactions.
 pub const HINT_BUDGET: u16 = 8192;
 /// Frames longer than this are shipped cut (jumbo frames).
-pub const HINT_MAX_FRAME: u32 = 9216;
+/// (A power of two: the ring buffer's hint slots are; see probe-ebpf's
+/// `events::RingEvents`. A frame this long holds the whole payload budget.)
+pub const HINT_MAX_FRAME: u32 = 8192;
 
 /// Default size of the event ring buffer (a power of two number of pages):
 /// room for about 100,000 flow events, or 5,000 full-frame hints, while the

@@ -91,7 +91,8 @@ pub struct RingEvents(RingBuf);
 /// A hint's record: the event, then a slot for the frame. The kernel needs
 /// a reservation's size at verification time, so there are a few sizes and
 /// a frame takes the smallest that holds it (DNS fits the first, a full
-/// Ethernet frame the second).
+/// Ethernet frame the second). Powers of two, for the copy's bound (see
+/// `send_hint`).
 #[repr(C)]
 struct HintRecord<const SLOT: usize> {
     event: FlowEvent,
@@ -99,8 +100,9 @@ struct HintRecord<const SLOT: usize> {
 }
 
 const SMALL_SLOT: usize = 512;
-const MTU_SLOT: usize = 1536;
+const MTU_SLOT: usize = 2048;
 const JUMBO_SLOT: usize = HINT_MAX_FRAME as usize;
+const _: () = assert!(SMALL_SLOT.is_power_of_two() && MTU_SLOT.is_power_of_two() && JUMBO_SLOT.is_power_of_two());
 
 impl RingEvents {
     pub const fn with_byte_size(bytes: u32) -> Self {
@@ -122,16 +124,16 @@ impl RingEvents {
 
     #[inline(always)]
     fn send_hint<const SLOT: usize>(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
-        // The verifier must see the copy's length bounded by the slot. LLVM
-        // knows the caller chose the slot by length and drops a plain check,
-        // but it may compare a different copy of the length than it passes
-        // (the frame's length is read from the context twice), which the
-        // verifier cannot relate: an opaque value keeps the check, on the
-        // register the copy then uses.
-        let len = core::hint::black_box(frame_len);
-        if len == 0 || len > SLOT as u32 {
+        if frame_len == 0 || frame_len > SLOT as u32 {
             return Err(Full);
         }
+        // The verifier must see the copy's length within 1 ..= SLOT. LLVM
+        // knows the caller chose the slot by length, so it drops or merges
+        // plain checks (a `len == 0 || len > SLOT` becomes one compare of
+        // `len - 1`, whose bound older verifiers, 6.1's, do not carry back
+        // to `len`). An opaque value and a mask give the bound by
+        // arithmetic alone; for the lengths that get here it is `len` itself.
+        let len = (core::hint::black_box(frame_len).wrapping_sub(1) & (SLOT as u32 - 1)) + 1;
         let Some(mut record) = self.0.reserve::<HintRecord<SLOT>>(0) else { return Err(Full) };
         let frame = record.as_mut_ptr();
         // SAFETY: `frame` points at a reserved, writable `HintRecord<SLOT>`;
