@@ -64,6 +64,26 @@ impl Entry {
     }
 }
 
+/// The chain's head as the operator keeps it elsewhere: `SEQ:HASH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (seq, hash) = text.split_once(':').ok_or_else(|| format!("{text:?} is not SEQ:HASH"))?;
+        let seq = seq.parse().map_err(|_| format!("{seq:?} is not an entry's sequence number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{hash:?} is not an entry's hash (64 hex digits)"));
+        }
+        Ok(Self { seq, hash: hash.to_ascii_lowercase() })
+    }
+}
+
 pub struct AuditLog {
     path: PathBuf,
 }
@@ -108,18 +128,40 @@ impl AuditLog {
         Ok((seq, String::from_utf8(line)?))
     }
 
+    /// Checks the whole chain and that it still reaches `head` (a sequence
+    /// number and its hash, kept elsewhere: a chain cut after it is whole
+    /// but ends early); returns the number of entries, or the first broken one.
+    pub fn verify_to(&self, head: Option<&Head>) -> Result<u64> {
+        let (entries, hashes) = self.walk(head.map(|h| h.seq))?;
+        if let Some(head) = head {
+            match hashes {
+                Some(hash) if hash == head.hash => {}
+                Some(hash) => bail!("entry {} has the hash {hash}, not the head's {}: the log was rewritten", head.seq, head.hash),
+                None => bail!("the log has {entries} entries but the head names entry {}: its tail was cut", head.seq),
+            }
+        }
+        Ok(entries)
+    }
+
     /// Checks the whole chain; returns the number of entries, or the first
     /// broken one.
     pub fn verify(&self) -> Result<u64> {
+        self.walk(None).map(|(entries, _)| entries)
+    }
+
+    /// Walks the chain; returns the number of entries and the hash of entry
+    /// `seq`, if asked for and present.
+    fn walk(&self, seq: Option<u64>) -> Result<(u64, Option<String>)> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((0, None)),
             Err(error) => {
                 return Err(error).with_context(|| format!("opening {}", self.path.display()));
             }
         };
         let mut prev = GENESIS.to_string();
         let mut expected_seq = 1;
+        let mut found = None;
         for (index, line) in BufReader::new(file).lines().enumerate() {
             let line_no = index + 1;
             let line = line.with_context(|| format!("reading line {line_no}"))?;
@@ -134,36 +176,54 @@ impl AuditLog {
             if Entry::digest(entry.seq, &entry.prev, &entry.record)? != entry.hash {
                 bail!("entry {} (line {line_no}) was altered: its hash does not match its content", entry.seq);
             }
+            if Some(entry.seq) == seq {
+                found = Some(entry.hash.clone());
+            }
             prev = entry.hash;
             expected_seq += 1;
         }
-        Ok(expected_seq - 1)
+        Ok((expected_seq - 1, found))
     }
 }
 
-/// The last complete entry. A torn last line (a crash mid-write, never
-/// acknowledged) is cut off so the chain continues from the last whole entry.
+/// The last complete entry, however long. A torn last line (a crash
+/// mid-write, never acknowledged) is cut off so the chain continues from the
+/// last whole entry.
 fn last_entry(file: &mut File) -> Result<Option<Entry>> {
     let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
+    // Read back from the end in chunks until the last two newlines (or the
+    // start of the file) are in hand.
+    const CHUNK: u64 = 64 * 1024;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut start = len;
+    let (complete, line_start) = loop {
+        let newlines: Vec<usize> = tail.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).rev().take(2).collect();
+        match newlines.as_slice() {
+            [last, before, ..] => break (Some(*last), *before + 1),
+            [last] if start == 0 => break (Some(*last), 0),
+            [] if start == 0 => break (None, 0),
+            _ => {}
+        }
+        let read = CHUNK.min(start);
+        start -= read;
+        file.seek(SeekFrom::Start(start))?;
+        let mut chunk = vec![0; read as usize];
+        file.read_exact(&mut chunk).context("reading the audit log")?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+    };
+    let Some(complete) = complete else {
+        if len > 0 {
+            log::warn!("the audit log held only a torn entry (a crash while writing); cutting it off");
+            file.set_len(0)?;
+        }
         return Ok(None);
-    }
-    let tail_len = len.min(64 * 1024);
-    file.seek(SeekFrom::Start(len - tail_len))?;
-    let mut tail = Vec::with_capacity(tail_len as usize);
-    file.read_to_end(&mut tail)?;
-    let complete = match tail.iter().rposition(|&b| b == b'\n') {
-        Some(end) => end,
-        None => bail!("the audit log's last entry is longer than 64 KiB or torn; refusing to append"),
     };
     if complete + 1 != tail.len() {
-        let keep = len - tail_len + complete as u64 + 1;
         log::warn!("the audit log ended in a torn entry (a crash while writing); cutting it off");
-        file.set_len(keep)?;
+        file.set_len(start + complete as u64 + 1)?;
     }
-    let body = &tail[..complete];
-    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let entry = serde_json::from_slice(&body[start..]).context("the audit log's last entry is unreadable")?;
+    let entry = serde_json::from_slice(&tail[line_start..complete]).context("the audit log's last entry is unreadable")?;
     Ok(Some(entry))
 }
 
@@ -245,6 +305,36 @@ mod tests {
 
     fn write(log: &AuditLog, lines: &[String]) {
         std::fs::write(log.path(), lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn entries_of_any_size_chain_on() {
+        let (_dir, log) = log_with(2);
+        let mut big = record(3);
+        big.parameters = serde_json::json!({ "services": vec!["x".repeat(100); 2000] });
+        assert_eq!(log.append(big).unwrap(), 3, "a 200 KB entry");
+        assert_eq!(log.append(record(4)).unwrap(), 4, "and one after it");
+        assert_eq!(log.verify().unwrap(), 4);
+        // A torn last line after a long one is cut, the chain goes on.
+        let mut bytes = std::fs::read(log.path()).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":5,\"prev");
+        std::fs::write(log.path(), bytes).unwrap();
+        assert_eq!(log.append(record(5)).unwrap(), 5);
+        assert_eq!(log.verify().unwrap(), 5);
+    }
+
+    #[test]
+    fn a_cut_tail_is_found_against_the_head() {
+        let (_dir, log) = log_with(4);
+        let last: Entry = serde_json::from_str(&lines(&log)[3]).unwrap();
+        let head: Head = format!("4:{}", last.hash).parse().unwrap();
+        assert_eq!(log.verify_to(Some(&head)).unwrap(), 4);
+        write(&log, &lines(&log)[..3]);
+        let error = format!("{:#}", log.verify_to(Some(&head)).unwrap_err());
+        assert!(error.contains("the log has 3 entries but the head names entry 4: its tail was cut"), "{error}");
+        let other: Head = format!("2:{}", last.hash).parse().unwrap();
+        assert!(format!("{:#}", log.verify_to(Some(&other)).unwrap_err()).contains("the log was rewritten"));
+        assert!("4:abc".parse::<Head>().is_err() && "x:".parse::<Head>().is_err());
     }
 
     #[test]

@@ -210,5 +210,10 @@ pub enum AuditCommand {
     Verify {
         #[arg(long)]
         db: PathBuf,
+        /// The chain's head as kept elsewhere (SEQ:HASH, e.g. from a
+        /// disclosure bundle or the system journal): the log must still
+        /// reach it, so a cut tail is found.
+        #[arg(long)]
+        head: Option<crate::audit::Head>,
     },
 }

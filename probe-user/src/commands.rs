@@ -8,6 +8,13 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use sha2::{Digest as _, Sha256};
 
+/// The longest value a request may carry in one field (a name, an officer,
+/// a reference): DNS names are at most 253 bytes.
+const MAX_FIELD_BYTES: usize = 1024;
+/// The most a request's parameters may weigh in all (question 3 may name
+/// thousands of services).
+const MAX_PARAMETERS_BYTES: usize = 1 << 20;
+
 use crate::{
     audit::{AuditLog, AuditRecord},
     cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
@@ -168,9 +175,9 @@ pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Ga
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
-        AuditCommand::Verify { db } => {
+        AuditCommand::Verify { db, head } => {
             let log = AuditLog::in_dir(&db);
-            let entries = log.verify().with_context(|| format!("{} is not intact", log.path().display()))?;
+            let entries = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
             writeln!(out, "audit log intact: {entries} entries")?;
             Ok(())
         }
@@ -238,7 +245,19 @@ impl<'a> Session<'a> {
             ..AuditRecord::default()
         };
         let max_window = chrono::Duration::days(i64::from(config.max_window_days));
-        let session = Self { audit, record, max_window, store, window: Cell::new(None) };
+        let oversized = oversized(&record);
+        let mut session = Self { audit, record, max_window, store, window: Cell::new(None) };
+        if let Some(reason) = oversized {
+            // Audited without the oversized values: the entry says what was
+            // refused and why, at a bounded size.
+            session.record.parameters = serde_json::json!({ "oversized": reason });
+            for field in [&mut session.record.officer, &mut session.record.reference, &mut session.record.authority] {
+                if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
+                    *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
+                }
+            }
+            return Err(session.refuse(Refusal(reason)));
+        }
         if let Err(refusal) = query::authorise(&config, &authorisation, purpose) {
             return Err(session.refuse(refusal));
         }
@@ -374,6 +393,25 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Who runs an operator command, for the audit log.
+/// Why a request is too large to answer (or audit as it is), if it is.
+fn oversized(record: &AuditRecord) -> Option<String> {
+    fn longest(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::String(text) => text.len(),
+            serde_json::Value::Array(items) => items.iter().map(longest).max().unwrap_or(0),
+            serde_json::Value::Object(fields) => fields.values().map(longest).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let fields = [&record.officer, &record.reference, &record.authority];
+    let field = fields.iter().filter_map(|f| f.as_ref()).map(String::len).chain([longest(&record.parameters)]).max().unwrap_or(0);
+    if field > MAX_FIELD_BYTES {
+        return Some(format!("a value of {field} bytes is longer than the {MAX_FIELD_BYTES} a request may carry"));
+    }
+    let total = serde_json::to_vec(&record.parameters).map_or(usize::MAX, |bytes| bytes.len());
+    (total > MAX_PARAMETERS_BYTES).then(|| format!("the parameters weigh {total} bytes, more than the {MAX_PARAMETERS_BYTES} allowed"))
+}
+
 fn operator() -> String {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };

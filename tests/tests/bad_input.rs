@@ -110,3 +110,51 @@ fn an_empty_token_is_not_hashed() {
     assert!(output.stdout.is_empty(), "no hash printed");
     assert!(icr(&["hash-token"], b"a-real-token\n").status.success());
 }
+
+fn query_accessed(store: &StoreDir, service: &str) -> Output {
+    let db = store.path().to_str().unwrap();
+    icr(
+        &[
+            "query", "accessed", "--service", service, "--from", "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z", "--db", db,
+            "--authority", "met", "--officer", "PC 1", "--reference", "OP-1", "--format", "ndjson",
+        ],
+        b"",
+    )
+}
+
+#[test]
+fn an_oversized_request_is_refused_audited_and_breaks_nothing_after_it() {
+    let store = StoreDir::with_config(POLICE);
+    let huge = format!("{}.example", "a".repeat(70_000));
+    let output = query_accessed(&store, &huge);
+    assert_eq!(output.status.code(), Some(3), "a refusal: {}", stderr(&output));
+    assert!(stderr(&output).contains("longer than the 1024 a request may carry"), "{}", stderr(&output));
+    let audit = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
+    assert!(audit.contains("\"outcome\":\"refused: a value of 70008 bytes"), "audited: {audit}");
+    assert!(audit.len() < 4096, "audited at a bounded size: {} bytes", audit.len());
+    // Later requests are answered and the chain is intact.
+    assert!(query_accessed(&store, "www.example.test").status.success());
+    let verify = icr(&["audit", "verify", "--db", store.path().to_str().unwrap()], b"");
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
+
+#[test]
+fn a_cut_audit_tail_is_found_against_the_head_kept_elsewhere() {
+    let store = StoreDir::with_config(POLICE);
+    for _ in 0..3 {
+        assert!(query_accessed(&store, "www.example.test").status.success());
+    }
+    let path = store.path().join("audit.log");
+    let log = std::fs::read_to_string(&path).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let head = format!("{}:{}", last["seq"], last["hash"].as_str().unwrap());
+    let db = store.path().to_str().unwrap();
+    assert!(icr(&["audit", "verify", "--db", db, "--head", &head], b"").status.success());
+    // Cut the last entry: the chain is whole, but no longer reaches the head.
+    let cut: String = log.lines().take(2).map(|line| format!("{line}\n")).collect();
+    std::fs::write(&path, cut).unwrap();
+    assert!(icr(&["audit", "verify", "--db", db], b"").status.success(), "without the head a cut tail looks intact");
+    let output = icr(&["audit", "verify", "--db", db, "--head", &head], b"");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("its tail was cut"), "{}", stderr(&output));
+}
