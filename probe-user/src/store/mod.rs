@@ -86,8 +86,9 @@ struct Inner {
     /// Damage found in open-block logs by a read-only open, which may not
     /// record it: reported with the stored gaps.
     unrecorded_gaps: Vec<Gap>,
-    /// Days kept ([`Store::set_retention_days`]): reads return nothing a
-    /// sweep now would drop, whether or not one has run.
+    /// Days kept ([`Store::set_retention_days`]; 0: not set, nothing
+    /// filtered): reads return nothing a sweep now would drop, whether or
+    /// not one has run.
     retention_days: std::sync::atomic::AtomicU32,
 }
 
@@ -309,7 +310,7 @@ impl Store {
                 days: Mutex::new(BTreeMap::new()),
                 read_only,
                 unrecorded_gaps: Vec::new(),
-                retention_days: MAX_RETENTION_DAYS.into(),
+                retention_days: 0.into(),
             }),
         };
         let gaps = store.recover_logs()?;
@@ -413,9 +414,10 @@ impl Store {
 
     /// How many days the store keeps (the configuration's `retention_days`,
     /// at most [`MAX_RETENTION_DAYS`]): from now on, reads return nothing a
-    /// sweep would drop now.
+    /// sweep would drop now. Every reader that answers a request sets it
+    /// (the agent, queries, list); until then nothing is filtered.
     pub fn set_retention_days(&self, days: u32) {
-        self.inner.retention_days.store(days.min(MAX_RETENTION_DAYS), std::sync::atomic::Ordering::Relaxed);
+        self.inner.retention_days.store(days.clamp(1, MAX_RETENTION_DAYS), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The oldest day a sweep at `now` keeps.
@@ -425,7 +427,10 @@ impl Store {
 
     /// The oldest day reads may return now.
     fn oldest_readable(&self) -> NaiveDate {
-        Self::oldest_kept(self.inner.retention_days.load(std::sync::atomic::Ordering::Relaxed), Utc::now())
+        match self.inner.retention_days.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => NaiveDate::MIN,
+            days => Self::oldest_kept(days, Utc::now()),
+        }
     }
 
     /// Records whose lifetime overlaps `[from, to]` and that have any of the
@@ -585,8 +590,8 @@ impl Store {
     pub fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
         let end = (to.timestamp_micros().max(0) as u64).to_be_bytes();
         // Gaps expire with the days they are about.
-        let cutoff = self.oldest_readable().and_hms_opt(0, 0, 0).expect("midnight").and_utc();
-        let from = from.max(cutoff);
+        let oldest = self.oldest_readable();
+        let from = if oldest == NaiveDate::MIN { from } else { from.max(oldest.and_hms_opt(0, 0, 0).expect("midnight").and_utc()) };
         if to < from {
             return Ok(Vec::new());
         }
@@ -740,8 +745,15 @@ impl Store {
                 DamageKind::Corrupt => "corrupt",
                 DamageKind::NotALog => "not-a-log",
             };
-            let path = dir.join(format!("{date}-{}-{kind}.bad", damaged.offset));
-            let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            // Never over an earlier file: the same day's log may be damaged
+            // again, at the same offset, after a repair.
+            let (path, mut file) = (0..)
+                .map(|n| dir.join(format!("{date}-{}-{kind}{}.bad", damaged.offset, if n == 0 { String::new() } else { format!(".{n}") })))
+                .find_map(|path| match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                    Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => None,
+                    opened => Some(opened.map(|file| (path.clone(), file)).with_context(|| format!("creating {}", path.display()))),
+                })
+                .expect("an unused name")?;
             file.write_all(&damaged.bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", path.display()))?;
             warn!("kept {} damaged bytes of the {date} open-block log aside in {}", damaged.bytes.len(), path.display());
         }
@@ -1322,6 +1334,14 @@ mod tests {
         let gaps = store.gaps(from, to).unwrap();
         assert_eq!(gaps.len(), 1, "recorded once, found again after the repair: {gaps:?}");
         assert_eq!(sorted(store.scan(from, to).unwrap()), sorted(records[20..].to_vec()));
+        drop(store);
+        // Damaged again at the same place after the repair: kept beside the first.
+        let mut again = std::fs::read(&log).unwrap();
+        again[starts[0] + 30] ^= 0x01;
+        std::fs::write(&log, &again).unwrap();
+        drop(reopen(dir.path()).unwrap());
+        assert_eq!(std::fs::read_dir(&quarantine).unwrap().count(), 2, "the first file is not overwritten");
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[starts[0]..starts[1]]);
     }
 
     #[test]
