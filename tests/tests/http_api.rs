@@ -166,10 +166,12 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     assert!(verify.status.success());
     // 2 answers + wrong token + no token + local + wrong purpose + no reference
     // + window = 8, and the bad time, audited as failed = 9; then the two
-    // --server answers and its refusal = 12. (Requests that never became a
-    // query — not JSON, unknown parameters — are not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("12 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // --server answers and its refusal = 12; and the agent's retention
+    // sweep when it started = 13. (Requests that never became a query —
+    // not JSON, unknown parameters — are not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("13 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
+    assert_eq!(audit.matches("\"officer\":\"agent (hourly retention)\"").count(), 1, "the agent's sweep is audited: {audit}");
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 
     // Data minimisation: nothing of the URLs anywhere we write.

@@ -248,8 +248,9 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     let verify = icr(&["audit", "verify", "--db", db_arg]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
     assert!(
-        String::from_utf8_lossy(&verify.stdout).contains("15 entries"),
-        "while running: 1 answer, 2 refusals; after: list, 4 answers (one bundle), 3 refusals, 4 failed: {}",
+        String::from_utf8_lossy(&verify.stdout).contains("16 entries"),
+        "while running: the agent's retention sweep at start, 1 answer, 2 refusals; after: list, 4 answers (one bundle), \
+         3 refusals, 4 failed: {}",
         String::from_utf8_lossy(&verify.stdout)
     );
     let audit_log = std::fs::read_to_string(db.join("audit.log")).unwrap();
