@@ -2,38 +2,28 @@
 //! for a refusal), never a panic (101), and a query that fails is audited.
 use std::{
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
 };
 
-use icr_lab::icr_binary;
+use icr_lab::{TempDir, icr_binary};
 
 const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
 
-/// A store directory of its own, removed when dropped.
-struct StoreDir(PathBuf);
+/// A store directory of its own with `config` as its configuration,
+/// removed when dropped.
+struct StoreDir(TempDir);
 
 impl StoreDir {
     fn with_config(config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("icr-bad-input-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("icr.toml"), config).unwrap();
+        let dir = TempDir::new("icr-bad-input");
+        std::fs::write(dir.path().join("icr.toml"), config).unwrap();
         Self(dir)
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
-}
-
-impl Drop for StoreDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 fn icr(args: &[&str], stdin: &[u8]) -> Output {

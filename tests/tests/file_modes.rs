@@ -3,19 +3,11 @@
 //! started with.
 use std::{
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
 };
 
-use icr_lab::icr_binary;
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use icr_lab::{TempDir, icr_binary};
 
 /// `program` as a user with umask 022 would start it.
 fn with_umask_022(program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -50,8 +42,8 @@ fn not_private(dir: &Path) -> Vec<String> {
 
 #[test]
 fn the_store_audit_log_and_bundles_are_private_whatever_the_umask() {
-    let dir = TempDir(std::env::temp_dir().join(format!("icr-file-modes-{}", std::process::id())));
-    let db = dir.0.join("store");
+    let dir = TempDir::new("icr-file-modes");
+    let db = dir.path().join("store");
     // A store written with umask 022 by another program (as by an older icr).
     let out = with_umask_022(env!("CARGO_BIN_EXE_store-ingest")).arg(&db).args(["3", "2", "50"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -64,12 +56,12 @@ fn the_store_audit_log_and_bundles_are_private_whatever_the_umask() {
     assert_eq!(not_private(&db), Vec::<String>::new());
 
     // A question on a new store: the store, the audit log and the bundle.
-    let fresh = dir.0.join("fresh");
+    let fresh = dir.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(fresh.join("icr.toml"), "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n").unwrap();
     std::fs::set_permissions(fresh.join("icr.toml"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let bundle = dir.0.join("bundle");
+    let bundle = dir.path().join("bundle");
     let query = with_umask_022(icr_binary())
         .args(["query", "resolve", "--ip", "203.0.113.1", "--at", "2026-11-22T15:00:00Z", "--db"])
         .arg(&fresh)

@@ -1,16 +1,8 @@
 //! Retention holds on reads: nothing older than `retention_days` is
 //! returned, whether or not a sweep has run; and every sweep is audited.
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use icr_lab::icr_binary;
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use icr_lab::{TempDir, icr_binary};
 
 fn icr(args: &[&str], db: &std::path::Path) -> std::process::Output {
     Command::new(icr_binary()).args(args).arg("--db").arg(db).output().expect("running icr")
@@ -28,8 +20,8 @@ fn set_retention(db: &std::path::Path, days: u32) {
 
 #[test]
 fn records_past_retention_are_not_returned_before_a_sweep_and_sweeps_are_audited() {
-    let dir = TempDir(std::env::temp_dir().join(format!("icr-retention-{}", std::process::id())));
-    let db = dir.0.join("store");
+    let dir = TempDir::new("icr-retention");
+    let db = dir.path().join("store");
     // 200 records of ten days ago.
     let out = Command::new(env!("CARGO_BIN_EXE_store-ingest")).arg(&db).args(["5", "2", "100", "10"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

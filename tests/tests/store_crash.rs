@@ -11,21 +11,14 @@ use std::{
 };
 
 use icr::store::Store;
+use icr_lab::TempDir;
 
 const CRASHES: u64 = 25;
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn no_acknowledged_record_is_lost_or_doubled_by_kill_9() {
-    let dir = TempDir(std::env::temp_dir().join(format!("icr-store-crash-{}", std::process::id())));
-    let db = dir.0.join("store");
+    let dir = TempDir::new("icr-store-crash");
+    let db = dir.path().join("store");
     let mut acknowledged: Vec<String> = Vec::new();
     let mut seed = 0u64;
     for crash in 0..=CRASHES {
@@ -114,8 +107,8 @@ fn list_ids(db: &std::path::Path) -> (Vec<String>, String) {
 /// damaged frame aside, byte for byte, and the warning stays.
 #[test]
 fn a_damaged_log_frame_costs_its_own_records_and_is_reported() {
-    let dir = TempDir(std::env::temp_dir().join(format!("icr-store-damage-{}", std::process::id())));
-    let db = dir.0.join("store");
+    let dir = TempDir::new("icr-store-damage");
+    let db = dir.path().join("store");
     let out = Command::new(env!("CARGO_BIN_EXE_store-ingest")).arg(&db).args(["7", "3", "100"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let written: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();

@@ -649,3 +649,29 @@ pub fn file_contains(path: &Path, pattern: &str) -> bool {
         .map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(pattern)))
         .unwrap_or(false)
 }
+
+/// A directory of its own under the system's temporary directory, removed
+/// (with everything in it) when dropped, also when a test fails.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `<tmp>/<name>-<pid>-<n>`: unique within this process and across runs.
+    pub fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{name}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir); // left by a killed run with the same pid
+        fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("creating {}: {error}", dir.display()));
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
