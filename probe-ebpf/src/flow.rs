@@ -11,7 +11,7 @@ use probe_common::{
 
 use crate::{
     events::EventSink,
-    maps::{self, FLOWS},
+    maps::{self, FLOWS, MidFlowClock},
     parse::Packet,
 };
 
@@ -43,13 +43,14 @@ pub fn key_of(packet: &Packet) -> (FlowKey, u8) {
 }
 
 #[inline(always)]
-pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: &S) {
+pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: &S, mid_flow_clock: MidFlowClock) {
     let (key, dir) = key_of(packet);
-    let now = maps::now_ns();
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
-        update(ctx, &key, value, packet, dir, role, now, events);
+        update(ctx, &key, value, packet, dir, role, events, mid_flow_clock);
         return;
     }
+    // A flow's start is always precise: question 1 matches on it.
+    let now = maps::now_ns(MidFlowClock::Precise);
 
     let index = dir as usize & 1;
     let mut value = FlowValue {
@@ -89,7 +90,7 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
         // Another CPU created it between our lookup and insert.
         Err(e) if -e == EEXIST => {
             if let Some(value) = FLOWS.get_ptr_mut(&key) {
-                update(ctx, &key, value, packet, dir, role, now, events);
+                update(ctx, &key, value, packet, dir, role, events, MidFlowClock::Precise);
             }
         }
         Err(_) => maps::count(counter::FLOW_TABLE_FULL),
@@ -105,19 +106,30 @@ fn update<S: EventSink>(
     packet: &Packet,
     dir: u8,
     role: u8,
-    now: u64,
     events: &S,
+    mid_flow_clock: MidFlowClock,
 ) {
     let index = dir as usize & 1;
+    let side = 1u8 << index;
     // SAFETY: `value` points into a live hash map entry. Both directions of a
     // flow may be counted on different CPUs at once, so the counters are
     // atomic; the other fields tolerate a lost race (a flag bit, a MAC).
     unsafe {
+        let retry = packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN && dir == (*value).first_dir;
+        let hint = wants_hint(packet, dir, &*value);
+        let ends = ends_flow(packet.tcp_flags) && (*value).end_sent & side == 0;
+        // A packet that sends an event, or times a SYN retry, is stamped
+        // precisely; one that only updates the flow may take the coarse clock.
+        let now = maps::now_ns(if hint || ends || retry { MidFlowClock::Precise } else { mid_flow_clock });
         add(&raw mut (*value).packets[index], 1);
         add(&raw mut (*value).bytes[index], packet.ip_len as u64);
-        (*value).last_ns = now;
+        // Never backwards: a coarse stamp can be older than a precise one
+        // of a packet just before it.
+        if now > (*value).last_ns {
+            (*value).last_ns = now;
+        }
         (*value).tcp_flags[index] |= packet.tcp_flags;
-        if packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN && dir == (*value).first_dir {
+        if retry {
             (*value).syn_retry = (now.saturating_sub((*value).first_ns) >> SYN_RETRY_SHIFT) as u32;
         }
         (*value).roles[index] |= role;
@@ -129,13 +141,12 @@ fn update<S: EventSink>(
             (*value).vlan = packet.vlan;
             (*value).pppoe_session = packet.pppoe_session;
         }
-        if wants_hint(packet, dir, &*value) {
+        if hint {
             (*value).hint_bytes[index] = (*value).hint_bytes[index].saturating_add(packet.payload_len);
             emit(ctx, event_kind::HINT, key, packet, dir, role, now, events);
         }
         // One end event per direction: the first FIN (or RST) each side sends.
-        let side = 1u8 << index;
-        if ends_flow(packet.tcp_flags) && (*value).end_sent & side == 0 {
+        if ends {
             (*value).end_sent |= side;
             emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now, events);
         }

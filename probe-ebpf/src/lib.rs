@@ -20,14 +20,15 @@ pub mod parse;
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use probe_common::counter;
 
-use crate::events::EventSink;
+use crate::{events::EventSink, maps::MidFlowClock};
 
 /// The whole program for one packet that arrived on an interface of `role`.
+/// `mid_flow_clock`: what the object's kernels allow (see [`MidFlowClock`]).
 #[inline(always)]
-pub fn probe<S: EventSink>(ctx: &XdpContext, role: u8, events: &S) -> u32 {
+pub fn probe<S: EventSink>(ctx: &XdpContext, role: u8, events: &S, mid_flow_clock: MidFlowClock) -> u32 {
     maps::count(counter::PACKETS);
     match parse::packet(ctx) {
-        Ok(packet) => flow::track(ctx, &packet, role, events),
+        Ok(packet) => flow::track(ctx, &packet, role, events, mid_flow_clock),
         Err(skip) => maps::count(skip.counter()),
     }
     xdp_action::XDP_PASS

@@ -51,7 +51,7 @@ use anyhow::{Context as _, Result, bail};
 use etherparse::{PacketBuilder, TcpHeader};
 use icr::{
     events::{self, ProbeEvent},
-    probe::{Baseline, EventPath, EventReader, Probe, ProbeOptions},
+    probe::{Baseline, EventPath, EventReader, Floor, Probe, ProbeOptions, RingLayout},
     tuple::{Tuple, ipv4},
 };
 use probe_common::{counter, event_kind, role};
@@ -63,6 +63,9 @@ use support::{
 };
 
 const ROUNDS: usize = 5;
+/// Rounds of the large-repeat runs, each program in turn within a round, so
+/// that a noisy spell on a shared machine hits them alike.
+const REPEAT_ROUNDS: usize = 25;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -167,10 +170,10 @@ struct TestRuns {
 }
 
 fn test_runs() -> Result<TestRuns> {
-    let repeat: u32 = env("ICR_BENCH_REPEAT", 1_000_000);
+    let repeat: u32 = env("ICR_BENCH_REPEAT", 200_000);
     let flows: u16 = env("ICR_BENCH_FLOWS", 10_000u16).min(30_000);
     let options = ProbeOptions { events: event_path(), ..ProbeOptions::default() };
-    let mut baseline = Baseline::load(options.flow_table_size)?;
+    let mut baseline = Baseline::load_with_rings(options.flow_table_size, CONTENTION_RING_BYTES)?;
     let mut probe = Probe::load(options)?;
     let mut buffers = probe.open_events()?;
 
@@ -181,10 +184,13 @@ fn test_runs() -> Result<TestRuns> {
     probe.test_run(role::LAN, &tcp(40000, true, true, 0))?;
     let server_to_client = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(192, 168, 1, 23), dst_port: 40000, proto: 6 };
     baseline.insert_flow(server_to_client.key().0)?;
-    let (mut bare_rep, mut lookup_rep, mut mid_rep) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        bare_rep.push(baseline.test_run_repeat(&data, repeat)? as f64);
-        lookup_rep.push(baseline.lookup_test_run_repeat(&data, repeat)? as f64);
+    let floors: Vec<Floor> = Floor::ALL.into_iter().filter(|floor| baseline.has(*floor)).collect();
+    let mut floor_reps = vec![Vec::new(); floors.len()];
+    let mut mid_rep = Vec::new();
+    for _ in 0..REPEAT_ROUNDS {
+        for (floor, reps) in floors.iter().zip(&mut floor_reps) {
+            reps.push(baseline.floor_test_run_repeat(*floor, &data, repeat)? as f64);
+        }
         mid_rep.push(probe.test_run_repeat(role::LAN, &data, repeat)?.duration_ns as f64);
         let mut sink = Vec::new();
         events::drain(&mut buffers, &mut sink);
@@ -217,12 +223,14 @@ fn test_runs() -> Result<TestRuns> {
         }
     }
     let counters = probe.counters()?;
-    let (bare, lookup, mid) = (median(bare_rep), median(lookup_rep), median(mid_rep));
+    let floor_ns: Vec<(Floor, f64)> = floors.iter().copied().zip(floor_reps.into_iter().map(median)).collect();
+    let floor = |wanted: Floor| floor_ns.iter().find(|(f, _)| *f == wanted).map(|(_, ns)| *ns);
+    let (bare, lookup, mid) = (floor(Floor::Pass).unwrap_or(f64::NAN), floor(Floor::Lookup).unwrap_or(f64::NAN), median(mid_rep));
     let mid_one = median(rows[0].2.clone());
 
     let mut json = Map::new();
     println!("== BPF_PROG_TEST_RUN (median of {ROUNDS} rounds; ns per packet; events through the {}) ==", probe.event_path().name());
-    println!("  large repeat ({repeat} runs of one frame):");
+    println!("  large repeat (median of {REPEAT_ROUNDS} rounds of {repeat} runs of one frame):");
     println!("    bare XDP_PASS                                   {bare:8.1}");
     println!("    parse + one flow table lookup (the floor)       {lookup:8.1}   {:6.2}x bare", lookup / bare);
     println!(
@@ -230,6 +238,25 @@ fn test_runs() -> Result<TestRuns> {
         mid / bare,
         mid / lookup
     );
+    println!("  what each per-packet step adds to the floor (the floor plus that one step, minus the floor):");
+    for (step, ns) in &floor_ns {
+        let (label, key) = match step {
+            Floor::Parse => ("parse and build the key (the floor minus the lookup)", "parse"),
+            Floor::Clock => ("precise clock, bpf_ktime_get_ns", "clock"),
+            Floor::CoarseClock => ("coarse clock, bpf_ktime_get_coarse_ns", "coarse_clock"),
+            Floor::Now => ("the probe's clock (replay override + precise)", "now"),
+            Floor::Counter => ("one per-CPU counter", "counter"),
+            Floor::Atomics => ("two atomic adds on the flow", "atomics"),
+            Floor::Pass | Floor::Lookup => continue,
+        };
+        if *step == Floor::Parse {
+            println!("    {label:<47} {ns:8.1}");
+            json.insert("parse_only_ns".into(), json!(ns));
+        } else {
+            println!("    {label:<47} {:8.1}", ns - lookup);
+            json.insert(format!("step_{key}_ns"), json!(ns - lookup));
+        }
+    }
     json.insert("event_path".into(), json!(probe.event_path().name()));
     json.insert("lookup_baseline_ns".into(), json!(lookup));
     json.insert("midflow_over_lookup".into(), json!(mid / lookup));
@@ -265,7 +292,73 @@ fn test_runs() -> Result<TestRuns> {
         counters.get(counter::EVENTS_LOST),
         counters.get(counter::FLOW_TABLE_FULL)
     );
+    json.extend(ring_contention(&mut baseline, &data)?);
     Ok(TestRuns { json })
+}
+
+/// Each contention ring's size: two CPUs' `CONTENTION_REPEAT` records fit.
+const CONTENTION_RING_BYTES: u32 = 64 << 20;
+const CONTENTION_REPEAT: u32 = 100_000;
+
+/// Reserve contention on the event ring: ns per event sent through one ring
+/// with one CPU sending, with both CPUs sending at once, and through one
+/// ring per CPU with both sending. Rounds interleave the three.
+fn ring_contention(baseline: &mut Baseline, frame: &[u8]) -> Result<Map<String, Value>> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut json = Map::new();
+    if cpus < 2 {
+        println!("  reserve contention: needs two CPUs, this machine has {cpus}");
+        return Ok(json);
+    }
+    let (mut alone, mut shared, mut per_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (_, lost_before) = baseline.drain_rings()?;
+    let mut records = 0;
+    for _ in 0..REPEAT_ROUNDS {
+        alone.push(run_on_cpus(baseline, RingLayout::Shared, frame, 1)?);
+        records += baseline.drain_rings()?.0;
+        shared.push(run_on_cpus(baseline, RingLayout::Shared, frame, 2)?);
+        records += baseline.drain_rings()?.0;
+        per_cpu.push(run_on_cpus(baseline, RingLayout::PerCpu, frame, 2)?);
+        records += baseline.drain_rings()?.0;
+    }
+    let (_, lost_after) = baseline.drain_rings()?;
+    let lost = lost_after - lost_before;
+    let expected = REPEAT_ROUNDS as u64 * 5 * u64::from(CONTENTION_REPEAT);
+    if records + lost != expected {
+        bail!("reserve contention: {records} records and {lost} without room, {expected} sent");
+    }
+    let (alone, shared, per_cpu) = (median(alone), median(shared), median(per_cpu));
+    println!("  reserve contention (ns per flow event sent, median of {REPEAT_ROUNDS} rounds of {CONTENTION_REPEAT} per CPU):");
+    println!("    one ring, one CPU sending                       {alone:8.1}");
+    println!("    one ring, both CPUs sending at once             {shared:8.1}   {:6.2}x one CPU", shared / alone);
+    println!("    a ring per CPU, both CPUs sending at once       {per_cpu:8.1}   {:6.2}x one CPU", per_cpu / alone);
+    println!("    ({records} records read back, {lost} sends found no room)");
+    json.insert("ring_event_one_cpu_ns".into(), json!(alone));
+    json.insert("ring_event_shared_two_cpus_ns".into(), json!(shared));
+    json.insert("ring_event_per_cpu_two_cpus_ns".into(), json!(per_cpu));
+    json.insert("ring_shared_contention".into(), json!(shared / alone));
+    json.insert("ring_per_cpu_contention".into(), json!(per_cpu / alone));
+    Ok(json)
+}
+
+/// Runs `layout`'s program on CPUs `0..cpus` at once, a thread pinned to
+/// each; returns the mean of their ns per run.
+fn run_on_cpus(baseline: &Baseline, layout: RingLayout, frame: &[u8], cpus: usize) -> Result<f64> {
+    let start = std::sync::Barrier::new(cpus);
+    let per_run = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                let start = &start;
+                scope.spawn(move || {
+                    pin(cpu);
+                    start.wait();
+                    baseline.ring_test_run_repeat(layout, frame, CONTENTION_REPEAT)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|thread| thread.join().map_err(|_| anyhow::anyhow!("a sending thread panicked"))?).collect::<Result<Vec<u64>>>()
+    })?;
+    Ok(per_run.iter().sum::<u64>() as f64 / cpus as f64)
 }
 
 // --------------------------------------------------------------------- live
@@ -517,7 +610,7 @@ fn live() -> Result<Map<String, Value>> {
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let (bare, bare_ns, bare_cnt, bare_jited) = {
         let mut baseline = Baseline::load(16)?;
-        netns::in_netns(&pair.rx_ns, || baseline.attach(&pair.rx_if))??;
+        netns::in_netns(&pair.rx_ns, || baseline.attach(Floor::Pass, &pair.rx_if))??;
         let s0 = prog_stats(&pair)?;
         let phase = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
         let s1 = prog_stats(&pair)?;

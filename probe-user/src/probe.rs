@@ -371,44 +371,146 @@ impl Probe {
     }
 }
 
-/// The bare `XDP_PASS` program, loaded for measuring against.
+/// The programs the probe is measured against (probe-ebpf's `baseline`
+/// object), loaded for benchmarks.
 pub struct Baseline {
     ebpf: Ebpf,
 }
 
-/// The baselines' programs.
-const BASELINE_PASS: &str = "baseline_pass";
-const BASELINE_LOOKUP: &str = "baseline_lookup";
+/// One of the baseline object's programs: the floors, and the floor plus one
+/// of the probe's per-packet steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Floor {
+    /// A bare `XDP_PASS`.
+    Pass,
+    /// Parsing alone.
+    Parse,
+    /// Parsing and the one flow-table lookup: the floor of a flow-table probe.
+    Lookup,
+    /// The lookup plus the precise clock (`bpf_ktime_get_ns`).
+    Clock,
+    /// The lookup plus the coarse clock (`bpf_ktime_get_coarse_ns`, 5.11+).
+    CoarseClock,
+    /// The lookup plus the probe's clock (replay override, then precise).
+    Now,
+    /// The lookup plus one per-CPU counter.
+    Counter,
+    /// The lookup plus the flow's two atomic adds.
+    Atomics,
+}
+
+impl Floor {
+    pub const ALL: [Floor; 8] =
+        [Floor::Pass, Floor::Parse, Floor::Lookup, Floor::Clock, Floor::CoarseClock, Floor::Now, Floor::Counter, Floor::Atomics];
+
+    fn program(self) -> &'static str {
+        match self {
+            Floor::Pass => "baseline_pass",
+            Floor::Parse => "baseline_parse",
+            Floor::Lookup => "baseline_lookup",
+            Floor::Clock => "baseline_clock",
+            Floor::CoarseClock => "baseline_coarse_clock",
+            Floor::Now => "baseline_now",
+            Floor::Counter => "baseline_counter",
+            Floor::Atomics => "baseline_atomics",
+        }
+    }
+}
+
+/// Where the reserve-contention programs send their events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingLayout {
+    /// One ring all CPUs share, as the probe has.
+    Shared,
+    /// One ring per CPU (two: even and odd CPUs).
+    PerCpu,
+}
+
+impl RingLayout {
+    const MAPS: [&str; 3] = ["SHARED_RING", "CPU_RING_EVEN", "CPU_RING_ODD"];
+
+    fn program(self) -> &'static str {
+        match self {
+            RingLayout::Shared => "baseline_ring_shared",
+            RingLayout::PerCpu => "baseline_ring_per_cpu",
+        }
+    }
+}
 
 impl Baseline {
-    /// Loads both baselines; the lookup's flow table has `flow_table_size`
-    /// entries, like the probe it is compared with.
+    /// Loads the baselines; their flow table has `flow_table_size` entries,
+    /// like the probe they are compared with. A program the kernel refuses
+    /// (the coarse clock before 5.11) is left out: [`Baseline::has`].
     pub fn load(flow_table_size: u32) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOWS, flow_table_size)
-            .load(embedded(BASELINE_OBJECT)?)
-            .context("loading the baseline XDP programs")?;
-        for name in [BASELINE_PASS, BASELINE_LOOKUP] {
+        Self::load_with_rings(flow_table_size, 4096)
+    }
+
+    /// As [`Baseline::load`], with each of the rings the reserve-contention
+    /// programs send to `ring_bytes` large (a power of two, 4096 or more).
+    /// Their records never wake a reader: what is measured is reserving and
+    /// submitting.
+    pub fn load_with_rings(flow_table_size: u32, ring_bytes: u32) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS, flow_table_size);
+        for ring in RingLayout::MAPS {
+            loader.map_max_entries(ring, ring_bytes);
+        }
+        loader.override_global(probe_common::EVENT_RING_WAKEUP_GLOBAL, &u64::MAX, true);
+        let mut ebpf = loader.load(embedded(BASELINE_OBJECT)?).context("loading the baseline XDP programs")?;
+        let programs = Floor::ALL.map(|floor| (floor.program(), floor != Floor::CoarseClock));
+        let rings = [RingLayout::Shared, RingLayout::PerCpu].map(|layout| (layout.program(), true));
+        for (name, required) in programs.into_iter().chain(rings) {
             let program: &mut Xdp =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
+            let loaded = program.load();
+            if required {
+                loaded.with_context(|| format!("loading {name}"))?;
+            }
         }
         Ok(Self { ebpf })
     }
 
-    /// Puts `key` in the lookup baseline's flow table, so that its lookup
-    /// finds the flow as the probe's does mid-flow.
+    /// Runs `layout`'s program `repeat` times, each run sending one flow
+    /// event; returns the kernel's ns per run.
+    pub fn ring_test_run_repeat(&self, layout: RingLayout, frame: &[u8], repeat: u32) -> Result<u64> {
+        self.test_run_program(layout.program(), frame, repeat)
+    }
+
+    /// Empties the reserve-contention rings; returns how many records they
+    /// held, and how many sends found no room.
+    pub fn drain_rings(&mut self) -> Result<(u64, u64)> {
+        let mut records = 0;
+        for name in RingLayout::MAPS {
+            let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the baseline has no map {name}"))?;
+            let mut ring = RingBuf::try_from(map)?;
+            while ring.next().is_some() {
+                records += 1;
+            }
+        }
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(names::COUNTERS).ok_or_else(|| anyhow!("the baseline has no counters"))?)?;
+        let lost = counters.get(&counter::EVENTS_LOST, 0)?.iter().sum();
+        Ok((records, lost))
+    }
+
+    /// Whether `floor`'s program loaded.
+    pub fn has(&self, floor: Floor) -> bool {
+        self.ebpf.program(floor.program()).is_some_and(|program| program.fd().is_ok())
+    }
+
+    /// Puts `key` in the baselines' flow table, so that their lookup finds
+    /// the flow as the probe's does mid-flow.
     pub fn insert_flow(&mut self, key: FlowKey) -> Result<()> {
         let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
             HashMap::try_from(self.ebpf.map_mut(names::FLOWS).ok_or_else(|| anyhow!("the baseline has no flow table"))?)?;
         flows.insert(key, FlowValue::default(), 0).context("inserting into the baseline's flow table")
     }
 
-    /// Attaches it to `interface` (driver mode), for live benchmarks; it stays
-    /// attached until this is dropped.
-    pub fn attach(&mut self, interface: &str) -> Result<()> {
-        let program: &mut Xdp =
-            self.ebpf.program_mut(BASELINE_PASS).ok_or_else(|| anyhow!("no {BASELINE_PASS} program"))?.try_into()?;
+    /// Attaches `floor`'s program to `interface` (driver mode), for live
+    /// benchmarks; it stays attached until this is dropped.
+    pub fn attach(&mut self, floor: Floor, interface: &str) -> Result<()> {
+        let name = floor.program();
+        let program: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
         program.attach(interface, XdpMode::Driver).with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
         Ok(())
     }
@@ -416,12 +518,12 @@ impl Baseline {
     /// Runs the bare `XDP_PASS` `repeat` times on `frame`; returns the
     /// kernel's ns per run.
     pub fn test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
-        self.test_run_program(BASELINE_PASS, frame, repeat)
+        self.floor_test_run_repeat(Floor::Pass, frame, repeat)
     }
 
-    /// As [`Baseline::test_run_repeat`], for parsing plus the one lookup.
-    pub fn lookup_test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
-        self.test_run_program(BASELINE_LOOKUP, frame, repeat)
+    /// As [`Baseline::test_run_repeat`], for `floor`'s program.
+    pub fn floor_test_run_repeat(&self, floor: Floor, frame: &[u8], repeat: u32) -> Result<u64> {
+        self.test_run_program(floor.program(), frame, repeat)
     }
 
     fn test_run_program(&self, name: &str, frame: &[u8], repeat: u32) -> Result<u64> {
@@ -445,7 +547,10 @@ const KERNEL_NEEDS: [KernelNeed; 5] = [
     KernelNeed::KtimeHelper,
 ];
 /// What the ring buffer object needs besides.
-const RING_NEEDS: [KernelNeed; 3] = [KernelNeed::RingBufMaps, KernelNeed::RingBufHelpers, KernelNeed::XdpLoadBytesHelper];
+/// (The coarse clock comes with 5.11, before the others; probed all the same,
+/// so that a kernel that lacks it is refused by name.)
+const RING_NEEDS: [KernelNeed; 4] =
+    [KernelNeed::RingBufMaps, KernelNeed::RingBufHelpers, KernelNeed::XdpLoadBytesHelper, KernelNeed::CoarseClockHelper];
 /// What the perf buffer object needs besides.
 const PERF_NEEDS: [KernelNeed; 2] = [KernelNeed::PerfEventArrayMaps, KernelNeed::PerfOutputHelper];
 
@@ -461,6 +566,7 @@ enum KernelNeed {
     RingBufMaps,
     RingBufHelpers,
     XdpLoadBytesHelper,
+    CoarseClockHelper,
 }
 
 impl KernelNeed {
@@ -476,6 +582,7 @@ impl KernelNeed {
             Self::RingBufMaps => "BPF ring buffer maps (Linux 5.8)",
             Self::RingBufHelpers => "the bpf_ringbuf_reserve/submit/query helpers in XDP programs (Linux 5.8)",
             Self::XdpLoadBytesHelper => "the bpf_xdp_load_bytes helper (Linux 5.18)",
+            Self::CoarseClockHelper => "the bpf_ktime_get_coarse_ns helper in XDP programs (Linux 5.11)",
         }
     }
 
@@ -494,6 +601,7 @@ impl KernelNeed {
                 xdp_helper(BpfHelper::BPF_FUNC_ringbuf_reserve)? && xdp_helper(BpfHelper::BPF_FUNC_ringbuf_query)?
             }
             Self::XdpLoadBytesHelper => xdp_helper(BpfHelper::BPF_FUNC_xdp_load_bytes)?,
+            Self::CoarseClockHelper => xdp_helper(BpfHelper::BPF_FUNC_ktime_get_coarse_ns)?,
         })
     }
 }

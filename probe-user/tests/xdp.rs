@@ -284,6 +284,37 @@ fn a_full_flow_table_is_counted_not_evicted() {
     assert_eq!(h.events().len(), 2);
 }
 
+/// The kernel's CLOCK_MONOTONIC, which the probe's clocks read.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes into `now`, which we own.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) }, 0);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn mid_flow_packets_never_date_a_flow_before_its_start() {
+    // The ring object stamps packets that only update a flow with the
+    // coarse clock, which lags by up to a tick: right after the precise
+    // start, a plain stamp would fall before it.
+    let mut h = Harness::new();
+    let up = client();
+    let before = monotonic_ns();
+    h.run(role::LAN, &tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC));
+    h.run(role::WAN, &tcp_frame(&up.reversed(), tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC));
+    for _ in 0..100 {
+        h.run(role::WAN, &tcp_frame(&up.reversed(), tcp_flags::ACK, &[9u8; 300], GATEWAY_MAC));
+    }
+    let after = monotonic_ns();
+    let (value, _) = h.flow(&up).unwrap();
+    assert!(before <= value.first_ns && value.first_ns <= after, "the start is precise: {before} <= {} <= {after}", value.first_ns);
+    assert!(value.first_ns <= value.last_ns && value.last_ns <= after, "first {} last {} after {after}", value.first_ns, value.last_ns);
+    assert_eq!(value.packets.iter().sum::<u64>(), 102);
+    let start = h.events();
+    assert_eq!(start.len(), 1);
+    assert_eq!(start[0].ts_ns, value.first_ns, "the start event carries the flow's start");
+}
+
 #[test]
 fn the_replay_clock_overrides_kernel_time() {
     let mut h = Harness::new();
@@ -658,7 +689,7 @@ impl Drop for Netns {
 fn an_interface_with_another_xdp_program_is_named_in_the_error() {
     let ns = Netns::with_veth("icrt-busy");
     let mut other = icr::probe::Baseline::load(16).unwrap();
-    ns.run(|| other.attach("busy0")).unwrap();
+    ns.run(|| other.attach(icr::probe::Floor::Pass, "busy0")).unwrap();
     let mut probe = Probe::load(ProbeOptions::default()).unwrap();
     let error = ns.run(|| probe.attach("busy0", role::LAN)).expect_err("the interface is busy");
     let message = format!("{error:#}");

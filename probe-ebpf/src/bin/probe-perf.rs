@@ -1,11 +1,12 @@
 //! The probe with its events in per-CPU perf event arrays: the fallback for
 //! kernels without BPF ring buffers or `bpf_xdp_load_bytes` (before 5.18).
+//! Every packet takes the precise clock: the coarse one needs 5.11.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{macros::{map, xdp}, programs::XdpContext};
 use probe_common::role;
-use probe_ebpf::{events::PerCpuEvents, probe};
+use probe_ebpf::{maps::MidFlowClock, events::PerCpuEvents, probe};
 
 #[map(name = "EVENTS")]
 static EVENTS: PerCpuEvents = PerCpuEvents::new();
@@ -13,13 +14,13 @@ static EVENTS: PerCpuEvents = PerCpuEvents::new();
 /// Attached to subscriber-facing interfaces.
 #[xdp]
 pub fn icr_lan(ctx: XdpContext) -> u32 {
-    probe(&ctx, role::LAN, &EVENTS)
+    probe(&ctx, role::LAN, &EVENTS, MidFlowClock::Precise)
 }
 
 /// Attached to internet-facing interfaces.
 #[xdp]
 pub fn icr_wan(ctx: XdpContext) -> u32 {
-    probe(&ctx, role::WAN, &EVENTS)
+    probe(&ctx, role::WAN, &EVENTS, MidFlowClock::Precise)
 }
 
 #[unsafe(link_section = "license")]
