@@ -12,8 +12,8 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     /// The per-CPU perf event arrays of the `probe-perf` object.
     pub const EVENTS: &str = "EVENTS";
-    /// The ring buffer of the `probe` object.
-    pub const EVENT_RING: &str = "EVENT_RING";
+    /// The `probe` object's array of per-CPU ring buffers.
+    pub const EVENT_RINGS: &str = "EVENT_RINGS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const CONFIG: &str = "CONFIG";
     pub const PROG_LAN: &str = "icr_lan";
@@ -118,11 +118,18 @@ pub const HINT_BUDGET: u16 = 8192;
 /// `events::RingEvents`. A frame this long holds the whole payload budget.)
 pub const HINT_MAX_FRAME: u32 = 8192;
 
-/// Default size of the event ring buffer (a power of two number of pages):
-/// room for about 100,000 flow events, or 5,000 full-frame hints, while the
-/// agent is between two reads. The agent may size it at load time.
-pub const EVENT_RING_BYTES: u32 = 8 << 20;
-/// A record wakes the agent only when the ring holds 1/this of its size (256
+/// Default size of each CPU's event ring buffer (a power of two number of
+/// pages): room for about 50,000 flow events, or 2,500 full-frame hints, from
+/// one CPU while the agent is between two reads. The agent may size them at
+/// load time.
+pub const EVENT_RING_BYTES: u32 = 4 << 20;
+/// The ring the probe's object declares as the template of its per-CPU
+/// rings: the kernel checks the agent's rings against its type, not its size.
+pub const EVENT_RING_TEMPLATE_BYTES: u32 = 4096;
+/// The per-CPU ring array's size in the object; the agent sizes it to the
+/// machine's possible CPUs at load time.
+pub const EVENT_RINGS_MAX_CPUS: u32 = 1024;
+/// A record wakes the agent only when its ring holds 1/this of its size (128
 /// KiB of the default); below it the agent's timer drains the ring
 /// ([`EVENT_RING_DRAIN_MS`]). One wakeup costs microseconds, so it is spread
 /// over thousands of events.

@@ -9,11 +9,17 @@ use aya_ebpf::{
         BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_map_def,
         bpf_map_type::BPF_MAP_TYPE_PERF_EVENT_ARRAY,
     },
-    helpers::{bpf_perf_event_output, bpf_xdp_load_bytes},
+    btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
+    helpers::{
+        bpf_get_smp_processor_id, bpf_perf_event_output, bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query,
+        bpf_ringbuf_reserve, bpf_ringbuf_submit, bpf_xdp_load_bytes,
+    },
     maps::RingBuf,
     programs::XdpContext,
 };
-use probe_common::{EVENT_RING_BYTES, EVENT_RING_WAKEUP_DIVISOR, FlowEvent, HINT_MAX_FRAME};
+use probe_common::{
+    EVENT_RING_BYTES, EVENT_RING_TEMPLATE_BYTES, EVENT_RING_WAKEUP_DIVISOR, EVENT_RINGS_MAX_CPUS, FlowEvent, HINT_MAX_FRAME,
+};
 
 /// The buffer had no room: the event is lost (and the caller counts it).
 pub struct Full;
@@ -76,17 +82,55 @@ impl EventSink for PerCpuEvents {
     }
 }
 
-/// How full the ring must be before a record wakes the reader
+/// How full a ring must be before a record wakes the reader
 /// (`probe_common::EVENT_RING_WAKEUP_GLOBAL`): the agent sets it at load
-/// time from the ring's size.
+/// time from the rings' size.
 #[unsafe(no_mangle)]
 static ICR_RING_WAKEUP_BYTES: u64 = (EVENT_RING_BYTES / EVENT_RING_WAKEUP_DIVISOR) as u64;
 
-/// One BPF ring buffer shared by all CPUs. A record wakes the reader only
-/// when the ring holds `ICR_RING_WAKEUP_BYTES` or more; below that the
-/// agent's timer drains it, so events are delivered in batches.
+/// One BPF ring buffer per CPU, in an array of maps the agent fills at load
+/// time (`probe_common::names::EVENT_RINGS`): a CPU never waits on another
+/// to reserve (`cargo xtask bench probe` measured one shared ring at 7.5x
+/// the cost per event with two CPUs sending). The inner map here is only
+/// the template the kernel checks the agent's rings against.
+pub type PerCpuRings = ArrayOfMaps<BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>, { EVENT_RINGS_MAX_CPUS as usize }>;
+
+impl EventSink for PerCpuRings {
+    #[inline(always)]
+    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+        // SAFETY: helper without arguments.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        // A CPU without a ring (the agent sized the array from the
+        // possible CPUs, so none) loses the event, counted by the caller.
+        let ring = self.get(cpu).ok_or(Full)?;
+        Ring((ring as *const BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>).cast_mut().cast()).send(ctx, event, frame_len)
+    }
+}
+
+/// One BPF ring buffer all CPUs share: the benchmarks' comparison for
+/// [`PerCpuRings`].
 #[repr(transparent)]
 pub struct RingEvents(RingBuf);
+
+impl RingEvents {
+    pub const fn with_byte_size(bytes: u32) -> Self {
+        Self(RingBuf::with_byte_size(bytes, 0))
+    }
+}
+
+impl EventSink for RingEvents {
+    #[inline(always)]
+    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+        // The map's address is what the loader relocates to the map.
+        Ring((&raw const self.0).cast_mut().cast()).send(ctx, event, frame_len)
+    }
+}
+
+/// A ring buffer map, by the address the helpers take. A record wakes the
+/// reader only when the ring holds `ICR_RING_WAKEUP_BYTES` or more; below
+/// that the agent's timer drains it, so events are delivered in batches.
+#[derive(Clone, Copy)]
+struct Ring(*mut c_void);
 
 /// A hint's record: the event, then a slot for the frame. The kernel needs
 /// a reservation's size at verification time, so there are a few sizes and
@@ -104,18 +148,33 @@ const MTU_SLOT: usize = 2048;
 const JUMBO_SLOT: usize = HINT_MAX_FRAME as usize;
 const _: () = assert!(SMALL_SLOT.is_power_of_two() && MTU_SLOT.is_power_of_two() && JUMBO_SLOT.is_power_of_two());
 
-impl RingEvents {
-    pub const fn with_byte_size(bytes: u32) -> Self {
-        Self(RingBuf::with_byte_size(bytes, 0))
+impl Ring {
+    #[inline(always)]
+    fn send(self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+        if frame_len == 0 {
+            // SAFETY: `event` is a live `FlowEvent`, copied by the helper.
+            let ret = unsafe {
+                bpf_ringbuf_output(self.0, (event as *const FlowEvent).cast_mut().cast(), size_of::<FlowEvent>() as u64, self.wakeup())
+            };
+            return if ret == 0 { Ok(()) } else { Err(Full) };
+        }
+        if frame_len <= SMALL_SLOT as u32 {
+            self.send_hint::<SMALL_SLOT>(ctx, event, frame_len)
+        } else if frame_len <= MTU_SLOT as u32 {
+            self.send_hint::<MTU_SLOT>(ctx, event, frame_len)
+        } else {
+            self.send_hint::<JUMBO_SLOT>(ctx, event, frame_len)
+        }
     }
 
     /// Wake the reader only once the ring holds a batch worth reading.
     #[inline(always)]
-    fn wakeup(&self) -> u64 {
+    fn wakeup(self) -> u64 {
         // SAFETY: a plain read of a global; volatile, so that the value the
         // agent sets at load time is read, not the one compiled in.
         let threshold = unsafe { core::ptr::read_volatile(&raw const ICR_RING_WAKEUP_BYTES) };
-        if self.0.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        // SAFETY: `self.0` is a ring buffer map.
+        if unsafe { bpf_ringbuf_query(self.0, BPF_RB_AVAIL_DATA as u64) } >= threshold {
             BPF_RB_FORCE_WAKEUP as u64
         } else {
             BPF_RB_NO_WAKEUP as u64
@@ -123,7 +182,7 @@ impl RingEvents {
     }
 
     #[inline(always)]
-    fn send_hint<const SLOT: usize>(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send_hint<const SLOT: usize>(self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         if frame_len == 0 || frame_len > SLOT as u32 {
             return Err(Full);
         }
@@ -134,37 +193,26 @@ impl RingEvents {
         // to `len`). An opaque value and a mask give the bound by
         // arithmetic alone; for the lengths that get here it is `len` itself.
         let len = (core::hint::black_box(frame_len).wrapping_sub(1) & (SLOT as u32 - 1)) + 1;
-        let Some(mut record) = self.0.reserve::<HintRecord<SLOT>>(0) else { return Err(Full) };
-        let frame = record.as_mut_ptr();
-        // SAFETY: `frame` points at a reserved, writable `HintRecord<SLOT>`;
+        // SAFETY: `self.0` is a ring buffer map; a constant size.
+        let record = unsafe { bpf_ringbuf_reserve(self.0, size_of::<HintRecord<SLOT>>() as u64, 0) }.cast::<HintRecord<SLOT>>();
+        if record.is_null() {
+            return Err(Full);
+        }
+        // SAFETY: `record` points at a reserved, writable `HintRecord<SLOT>`;
         // the helper writes `len` <= SLOT bytes into its frame slot.
         let copied = unsafe {
-            (&raw mut (*frame).event).write(FlowEvent { captured_len: len as u16, ..*event });
-            bpf_xdp_load_bytes(ctx.as_ptr().cast(), 0, (&raw mut (*frame).frame).cast(), len)
+            (&raw mut (*record).event).write(FlowEvent { captured_len: len as u16, ..*event });
+            bpf_xdp_load_bytes(ctx.as_ptr().cast(), 0, (&raw mut (*record).frame).cast(), len)
         };
         if copied != 0 {
             // The frame is shorter than the caller measured: cannot happen
             // for a frame that was parsed, but never send garbage.
-            record.discard(BPF_RB_NO_WAKEUP as u64);
+            // SAFETY: a record reserved above, not yet submitted.
+            unsafe { bpf_ringbuf_discard(record.cast(), BPF_RB_NO_WAKEUP as u64) };
             return Err(Full);
         }
-        record.submit(self.wakeup());
+        // SAFETY: a record reserved above, written in full.
+        unsafe { bpf_ringbuf_submit(record.cast(), self.wakeup()) };
         Ok(())
-    }
-}
-
-impl EventSink for RingEvents {
-    #[inline(always)]
-    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
-        if frame_len == 0 {
-            return self.0.output::<FlowEvent>(event, self.wakeup()).map_err(|_| Full);
-        }
-        if frame_len <= SMALL_SLOT as u32 {
-            self.send_hint::<SMALL_SLOT>(ctx, event, frame_len)
-        } else if frame_len <= MTU_SLOT as u32 {
-            self.send_hint::<MTU_SLOT>(ctx, event, frame_len)
-        } else {
-            self.send_hint::<JUMBO_SLOT>(ctx, event, frame_len)
-        }
     }
 }

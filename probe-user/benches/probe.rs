@@ -5,7 +5,12 @@
 //! 1. Kernel cost per packet from `BPF_PROG_TEST_RUN`, beside a bare
 //!    `XDP_PASS` program and a program that parses and does the one flow
 //!    table lookup and nothing else (probe-ebpf's `baseline`: the floor a
-//!    flow-table design cannot go under):
+//!    flow-table design cannot go under), and beside that floor plus each
+//!    of the probe's per-packet steps alone (clocks, a counter, atomics), so
+//!    that each step's cost reads as the difference;
+//!    then reserve contention: one flow event per run sent from one CPU and
+//!    from two at once, through one shared ring and through a ring per CPU.
+//!    Then, per path:
 //!    - mid-flow TCP: one established flow, the same data packet from the
 //!      server `repeat` times;
 //!    - SYN (new flow), ClientHello (a 1,400-byte segment from the client on
@@ -21,7 +26,7 @@
 //!    DNS and QUIC connections, 4,096 at a time, no 5-tuple reused) into the
 //!    peer, without XDP, with the bare program and with the probe (`icr_lan`),
 //!    whose events are drained meanwhile the way the agent does
-//!    (`events::spawn_readers`), through the ring buffer and, once more,
+//!    (`events::spawn_readers`), through the per-CPU ring buffers and, once more,
 //!    through the perf buffers of the fallback; events lost are reported (the kernel's
 //!    counter, plus any sent but never received), and if any are lost at the
 //!    highest rate, a rate at which none are. With `bpf_stats` on, the

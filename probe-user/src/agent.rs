@@ -156,7 +156,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 // Read once a tick: the loss totals and the metrics share it.
                 let counters = probe.counters();
                 if let Ok(counters) = &counters {
-                    // The ring buffer reports no loss in its stream: the
+                    // The ring buffers report no loss in their stream: the
                     // kernel's counter says an event went missing.
                     let lost = counters.get(counter::EVENTS_LOST);
                     if lost > kernel_events_lost {

@@ -91,8 +91,8 @@ pub struct ProbeSection {
     /// buffer where the kernel can (5.18 and later), else perf buffers.
     #[serde(default)]
     pub events: Option<crate::probe::EventPath>,
-    /// Size of the event ring buffer in bytes (a power of two, 64 KiB to
-    /// 1 GiB): how long a burst it absorbs while the agent is busy.
+    /// Size of each CPU's event ring buffer in bytes (a power of two, 64 KiB
+    /// to 1 GiB): how long a burst it absorbs while the agent is busy.
     #[serde(default = "default_event_ring_bytes")]
     pub event_ring_bytes: u32,
 }

@@ -1,6 +1,6 @@
-//! Reading the probe's events: from its ring buffer (drained when the
-//! probe wakes us, which it does only once a batch is waiting, and on a
-//! short timer) or, on older kernels, from per-CPU perf buffers, whose
+//! Reading the probe's events: from its ring buffers, one per CPU (each
+//! drained when the probe wakes us, which it does only once a batch is
+//! waiting, and on a short timer) or, on older kernels, from per-CPU perf buffers, whose
 //! kernel "lost N samples" records are noticed too.
 use std::{mem::size_of, time::Duration};
 
@@ -10,7 +10,7 @@ use log::warn;
 use probe_common::{EVENT_RING_DRAIN_MS, FlowEvent, event_kind};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time::MissedTickBehavior};
 
-use crate::probe::{EventBuffer, EventReader};
+use crate::probe::{CpuRing, EventBuffer, EventReader};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeEvent {
@@ -20,7 +20,7 @@ pub enum ProbeEvent {
     /// The kernel dropped `count` events of this CPU's perf buffer.
     Lost { cpu: u32, count: u64 },
     /// A record too short to be a `FlowEvent` (a version mismatch); `cpu`
-    /// is `None` for the ring buffer, which all CPUs share.
+    /// is `None` for a ring buffer record.
     Malformed { cpu: Option<u32>, len: usize },
 }
 
@@ -77,7 +77,11 @@ fn copy_out(head: &[u8], tail: &[u8], offset: usize, out: &mut [u8]) {
 /// Takes everything waiting, without blocking (replay, tests).
 pub fn drain(reader: &mut EventReader, out: &mut Vec<ProbeEvent>) {
     match reader {
-        EventReader::Ring(ring) => drain_ring(ring, out),
+        EventReader::Ring(rings) => {
+            for CpuRing { ring, .. } in rings {
+                drain_ring(ring, out);
+            }
+        }
         EventReader::Perf(buffers) => {
             for EventBuffer { cpu, buffer } in buffers {
                 let cpu = *cpu;
@@ -98,15 +102,20 @@ fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<ProbeEvent>) {
 /// agent growing without bound.
 pub fn spawn_readers(reader: EventReader, tx: mpsc::Sender<ProbeEvent>) -> Result<()> {
     match reader {
-        EventReader::Ring(ring) => spawn_ring_reader(ring, tx),
+        EventReader::Ring(rings) => {
+            for ring in rings {
+                spawn_ring_reader(ring, tx.clone())?;
+            }
+            Ok(())
+        }
         EventReader::Perf(buffers) => spawn_perf_readers(buffers, tx),
     }
 }
 
-/// Drains the ring when the probe wakes us (a batch is waiting) and every
-/// [`EVENT_RING_DRAIN_MS`] ms, since below the batch size the probe does
-/// not wake us at all.
-fn spawn_ring_reader(ring: RingBuf<MapData>, tx: mpsc::Sender<ProbeEvent>) -> Result<()> {
+/// Drains a CPU's ring when the probe wakes us (a batch is waiting) and
+/// every [`EVENT_RING_DRAIN_MS`] ms, since below the batch size the probe
+/// does not wake us at all.
+fn spawn_ring_reader(CpuRing { cpu, ring }: CpuRing, tx: mpsc::Sender<ProbeEvent>) -> Result<()> {
     // SAFETY: the ring owns its map fd and keeps it open (and the same) for
     // as long as the `AsyncFd` that owns the ring.
     let mut fd = unsafe { AsyncFd::register(ring)? };
@@ -121,7 +130,7 @@ fn spawn_ring_reader(ring: RingBuf<MapData>, tx: mpsc::Sender<ProbeEvent>) -> Re
                     // the readiness instead of being left until the next one.
                     Ok(mut guard) => guard.clear_ready(),
                     Err(error) => {
-                        warn!("the event ring failed: {error}");
+                        warn!("the event ring of CPU {cpu} failed: {error}");
                         return;
                     }
                 },

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapType, PerCpuArray, RingBuf,
+        Array, ArrayOfMaps, HashMap, MapData, MapError, MapType, PerCpuArray, RingBuf,
         perf::{PerfEventArray, PerfEventArrayBuffer},
     },
     programs::{
@@ -19,11 +19,12 @@ use aya::{
     },
     sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
 };
+use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
 use log::{info, warn};
 use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
 
 /// The XDP objects built from `probe-ebpf`, embedded at build time: events
-/// through a ring buffer, and through per-CPU perf buffers (the fallback).
+/// through per-CPU ring buffers, and through per-CPU perf buffers (the fallback).
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 static PROBE_PERF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-perf"));
 
@@ -53,8 +54,8 @@ const EVENT_BUFFER_PAGES: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventPath {
-    /// One BPF ring buffer for all CPUs, wakeups batched (Linux 5.18 and
-    /// later: ring buffers and `bpf_xdp_load_bytes` in XDP).
+    /// A BPF ring buffer per CPU, wakeups batched (Linux 5.18 and later:
+    /// ring buffers, arrays of maps and `bpf_xdp_load_bytes` in XDP).
     Ring,
     /// Per-CPU perf event arrays, a wakeup per event: the fallback.
     Perf,
@@ -63,7 +64,7 @@ pub enum EventPath {
 impl EventPath {
     pub fn name(self) -> &'static str {
         match self {
-            EventPath::Ring => "ring buffer",
+            EventPath::Ring => "per-CPU ring buffers",
             EventPath::Perf => "per-CPU perf buffers",
         }
     }
@@ -77,10 +78,11 @@ pub struct ProbeOptions {
     /// attached and keep counting when the agent exits or dies, and the next
     /// agent adopts the maps and replaces the programs without a gap.
     pub pin_dir: Option<PathBuf>,
-    /// The event path; `None`: the ring buffer where the kernel has what it
+    /// The event path; `None`: the ring buffers where the kernel has what it
     /// needs, else the perf buffers.
     pub events: Option<EventPath>,
-    /// Size of the event ring buffer, bytes: a power of two, at least a page.
+    /// Size of each CPU's event ring buffer, bytes: a power of two, at
+    /// least a page.
     pub event_ring_bytes: u32,
 }
 
@@ -135,7 +137,7 @@ impl Probe {
         }
         let event_path = check_kernel_features(options.events)?;
         let (object, event_map) = match event_path {
-            EventPath::Ring => (embedded(PROBE_OBJECT)?, names::EVENT_RING),
+            EventPath::Ring => (embedded(PROBE_OBJECT)?, names::EVENT_RINGS),
             EventPath::Perf => (embedded(PROBE_PERF_OBJECT)?, names::EVENTS),
         };
         let pin_dir = options.pin_dir.filter(|dir| pinning_possible(dir));
@@ -146,7 +148,7 @@ impl Probe {
             if !options.event_ring_bytes.is_power_of_two() || options.event_ring_bytes < 4096 {
                 bail!("the event ring size must be a power of two of at least 4096 bytes, not {}", options.event_ring_bytes);
             }
-            loader.map_max_entries(names::EVENT_RING, options.event_ring_bytes);
+            loader.map_max_entries(names::EVENT_RINGS, possible_cpus()?);
             loader.override_global(probe_common::EVENT_RING_WAKEUP_GLOBAL, &wakeup_bytes, true);
         }
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
@@ -185,7 +187,7 @@ impl Probe {
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = match event_path {
-            EventPath::Ring => EventMap::Ring(RingBuf::try_from(take_map(&mut ebpf, event_map)?)?),
+            EventPath::Ring => EventMap::Ring(per_cpu_rings(take_map(&mut ebpf, event_map)?, options.event_ring_bytes)?),
             EventPath::Perf => EventMap::Perf(PerfEventArray::try_from(take_map(&mut ebpf, event_map)?)?),
         };
         Ok(Self { ebpf, flows, counters, config, events: Some(events), event_path, pin_dir, adopted, instance })
@@ -348,11 +350,11 @@ impl Probe {
             .context("listing the kernel flow table")
     }
 
-    /// Opens the event buffer for reading: the ring, or one perf buffer
-    /// per online CPU. Can be called once.
+    /// Opens the event buffers for reading: a ring, or a perf buffer, per
+    /// CPU. Can be called once.
     pub fn open_events(&mut self) -> Result<EventReader> {
         match self.events.take().ok_or_else(|| anyhow!("the event buffers are already open"))? {
-            EventMap::Ring(ring) => Ok(EventReader::Ring(ring)),
+            EventMap::Ring(rings) => Ok(EventReader::Ring(rings)),
             EventMap::Perf(mut events) => {
                 let cpus = aya::util::online_cpus()
                     .map_err(|(what, error)| anyhow!("reading the online CPUs from {what}: {error}"))?;
@@ -375,6 +377,8 @@ impl Probe {
 /// object), loaded for benchmarks.
 pub struct Baseline {
     ebpf: Ebpf,
+    /// The reserve-contention program's per-CPU rings.
+    cpu_rings: Vec<CpuRing>,
 }
 
 /// One of the baseline object's programs: the floors, and the floor plus one
@@ -420,14 +424,15 @@ impl Floor {
 /// Where the reserve-contention programs send their events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingLayout {
-    /// One ring all CPUs share, as the probe has.
+    /// One ring all CPUs share.
     Shared,
-    /// One ring per CPU (two: even and odd CPUs).
+    /// One ring per CPU, as the probe has.
     PerCpu,
 }
 
 impl RingLayout {
-    const MAPS: [&str; 3] = ["SHARED_RING", "CPU_RING_EVEN", "CPU_RING_ODD"];
+    const SHARED_RING: &str = "SHARED_RING";
+    const CPU_RINGS: &str = "CPU_RINGS";
 
     fn program(self) -> &'static str {
         match self {
@@ -452,9 +457,8 @@ impl Baseline {
     pub fn load_with_rings(flow_table_size: u32, ring_bytes: u32) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOWS, flow_table_size);
-        for ring in RingLayout::MAPS {
-            loader.map_max_entries(ring, ring_bytes);
-        }
+        loader.map_max_entries(RingLayout::SHARED_RING, ring_bytes);
+        loader.map_max_entries(RingLayout::CPU_RINGS, possible_cpus()?);
         loader.override_global(probe_common::EVENT_RING_WAKEUP_GLOBAL, &u64::MAX, true);
         let mut ebpf = loader.load(embedded(BASELINE_OBJECT)?).context("loading the baseline XDP programs")?;
         let programs = Floor::ALL.map(|floor| (floor.program(), floor != Floor::CoarseClock));
@@ -467,7 +471,8 @@ impl Baseline {
                 loaded.with_context(|| format!("loading {name}"))?;
             }
         }
-        Ok(Self { ebpf })
+        let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes)?;
+        Ok(Self { ebpf, cpu_rings })
     }
 
     /// Runs `layout`'s program `repeat` times, each run sending one flow
@@ -480,9 +485,12 @@ impl Baseline {
     /// held, and how many sends found no room.
     pub fn drain_rings(&mut self) -> Result<(u64, u64)> {
         let mut records = 0;
-        for name in RingLayout::MAPS {
-            let map = self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the baseline has no map {name}"))?;
-            let mut ring = RingBuf::try_from(map)?;
+        let name = RingLayout::SHARED_RING;
+        let mut shared = RingBuf::try_from(self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the baseline has no map {name}"))?)?;
+        while shared.next().is_some() {
+            records += 1;
+        }
+        for CpuRing { ring, .. } in &mut self.cpu_rings {
             while ring.next().is_some() {
                 records += 1;
             }
@@ -549,8 +557,13 @@ const KERNEL_NEEDS: [KernelNeed; 5] = [
 /// What the ring buffer object needs besides.
 /// (The coarse clock comes with 5.11, before the others; probed all the same,
 /// so that a kernel that lacks it is refused by name.)
-const RING_NEEDS: [KernelNeed; 4] =
-    [KernelNeed::RingBufMaps, KernelNeed::RingBufHelpers, KernelNeed::XdpLoadBytesHelper, KernelNeed::CoarseClockHelper];
+const RING_NEEDS: [KernelNeed; 5] = [
+    KernelNeed::RingBufMaps,
+    KernelNeed::ArrayOfMaps,
+    KernelNeed::RingBufHelpers,
+    KernelNeed::XdpLoadBytesHelper,
+    KernelNeed::CoarseClockHelper,
+];
 /// What the perf buffer object needs besides.
 const PERF_NEEDS: [KernelNeed; 2] = [KernelNeed::PerfEventArrayMaps, KernelNeed::PerfOutputHelper];
 
@@ -564,6 +577,7 @@ enum KernelNeed {
     KtimeHelper,
     PerfOutputHelper,
     RingBufMaps,
+    ArrayOfMaps,
     RingBufHelpers,
     XdpLoadBytesHelper,
     CoarseClockHelper,
@@ -580,6 +594,7 @@ impl KernelNeed {
             Self::KtimeHelper => "the bpf_ktime_get_ns helper in XDP programs",
             Self::PerfOutputHelper => "the bpf_perf_event_output helper in XDP programs (Linux 4.15)",
             Self::RingBufMaps => "BPF ring buffer maps (Linux 5.8)",
+            Self::ArrayOfMaps => "arrays of maps (the per-CPU rings, Linux 4.12)",
             Self::RingBufHelpers => "the bpf_ringbuf_reserve/submit/query helpers in XDP programs (Linux 5.8)",
             Self::XdpLoadBytesHelper => "the bpf_xdp_load_bytes helper (Linux 5.18)",
             Self::CoarseClockHelper => "the bpf_ktime_get_coarse_ns helper in XDP programs (Linux 5.11)",
@@ -597,6 +612,7 @@ impl KernelNeed {
             Self::KtimeHelper => xdp_helper(BpfHelper::BPF_FUNC_ktime_get_ns)?,
             Self::PerfOutputHelper => xdp_helper(BpfHelper::BPF_FUNC_perf_event_output)?,
             Self::RingBufMaps => is_map_supported(MapType::RingBuf)?,
+            Self::ArrayOfMaps => is_map_supported(MapType::ArrayOfMaps)?,
             Self::RingBufHelpers => {
                 xdp_helper(BpfHelper::BPF_FUNC_ringbuf_reserve)? && xdp_helper(BpfHelper::BPF_FUNC_ringbuf_query)?
             }
@@ -766,18 +782,55 @@ fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}"))
 }
 
-/// The event map, before it is opened for reading.
+/// The event maps, before they are opened for reading.
 enum EventMap {
-    Ring(RingBuf<MapData>),
+    Ring(Vec<CpuRing>),
     Perf(PerfEventArray<MapData>),
 }
 
 /// The probe's events, open for reading (`events::drain`, `events::spawn_readers`).
 pub enum EventReader {
-    /// One ring buffer for all CPUs.
-    Ring(RingBuf<MapData>),
+    /// One ring buffer per possible CPU.
+    Ring(Vec<CpuRing>),
     /// One perf buffer per online CPU.
     Perf(Vec<EventBuffer>),
+}
+
+/// One CPU's ring buffer of flow events.
+pub struct CpuRing {
+    pub cpu: u32,
+    pub ring: RingBuf<MapData>,
+}
+
+/// The number of CPUs the kernel may ever run (`bpf_get_smp_processor_id`
+/// is below it).
+fn possible_cpus() -> Result<u32> {
+    aya::util::nr_cpus().map(|n| n as u32).map_err(|(what, error)| anyhow!("reading the possible CPUs from {what}: {error}"))
+}
+
+/// Fills the probe's array of rings with one ring of `bytes` per possible
+/// CPU, or, where an agent before us pinned the array, takes the rings it
+/// holds (with what they still hold) and adds any that is missing.
+fn per_cpu_rings(map: aya::maps::Map, bytes: u32) -> Result<Vec<CpuRing>> {
+    let mut array: ArrayOfMaps<MapData, RingBuf<MapData>> =
+        ArrayOfMaps::try_from(map).with_context(|| format!("the map {} is not an array of maps", names::EVENT_RINGS))?;
+    (0..possible_cpus()?)
+        .map(|cpu| {
+            let ring = match array.get(&cpu, 0) {
+                Ok(ring) => ring,
+                Err(MapError::KeyNotFound) => {
+                    let definition = aya_obj::Map::new_from_params(BPF_MAP_TYPE_RINGBUF as u32, 0, 0, bytes, 0);
+                    let data = MapData::create(definition, &format!("icr_ring_{cpu}"), None)
+                        .with_context(|| format!("creating the event ring of CPU {cpu} ({bytes} bytes)"))?;
+                    let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data))?;
+                    array.set(cpu, &ring, 0).with_context(|| format!("putting CPU {cpu}'s event ring in {}", names::EVENT_RINGS))?;
+                    ring
+                }
+                Err(error) => return Err(anyhow::Error::from(error).context(format!("reading CPU {cpu}'s pinned event ring"))),
+            };
+            Ok(CpuRing { cpu, ring })
+        })
+        .collect()
 }
 
 /// One CPU's perf buffer of flow events.

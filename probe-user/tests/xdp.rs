@@ -493,8 +493,11 @@ fn the_ring_buffer_wakes_the_reader_only_for_a_batch() {
 fn wakes_for_a_batch_only(ring_bytes: u32) {
     use std::os::fd::AsRawFd as _;
     let options = ProbeOptions { events: Some(EventPath::Ring), event_ring_bytes: ring_bytes, ..ProbeOptions::default() };
+    // The probe sends through the ring of the CPU it runs on: stay on one.
+    pin_to_cpu(0);
     let mut h = Harness::with_table(options);
-    let EventReader::Ring(ring) = &h.buffers else { panic!("the ring path was asked for") };
+    let EventReader::Ring(rings) = &h.buffers else { panic!("the ring path was asked for") };
+    let ring = &rings.iter().find(|ring| ring.cpu == 0).expect("CPU 0 has a ring").ring;
     // Edge-triggered, as tokio's reactor registers it: only a wakeup
     // from the kernel makes it readable.
     // SAFETY: plain syscalls on fds we own.
@@ -522,6 +525,42 @@ fn wakes_for_a_batch_only(ring_bytes: u32) {
     let events = h.events();
     assert_eq!(events.len() as u64, below + 8, "every event is read, woken or not");
     assert_eq!(h.counter(counter::EVENTS_LOST), 0);
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; a plain syscall on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU {cpu}");
+    }
+}
+
+#[test]
+fn each_cpu_sends_through_its_own_ring() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if !kernel_has_ring_path() || cpus < 2 {
+        return; // one ring is all there is to read
+    }
+    let mut h = Harness::with_table(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() });
+    for cpu in 0..2 {
+        pin_to_cpu(cpu);
+        h.run(role::LAN, &tcp_frame(&Tuple { src_port: 2000 + cpu as u16, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC));
+    }
+    let EventReader::Ring(rings) = &mut h.buffers else { panic!("the ring path was asked for") };
+    assert!(rings.len() >= 2, "a ring per CPU: {}", rings.len());
+    for icr::probe::CpuRing { cpu, ring } in rings.iter_mut() {
+        let mut ports = Vec::new();
+        while let Some(record) = ring.next() {
+            match events::decode_ring(&record) {
+                ProbeEvent::Flow(event) => ports.push(event.key.port_lo.max(event.key.port_hi)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let expected: Vec<u16> = if *cpu < 2 { vec![2000 + *cpu as u16] } else { vec![] };
+        assert_eq!(ports, expected, "CPU {cpu}'s ring");
+    }
 }
 
 /// A small, seeded generator: the same frames on every run.

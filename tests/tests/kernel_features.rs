@@ -1,6 +1,6 @@
 //! What the agent does when the system lacks something the probe uses. It
 //! probes the kernel at start (XDP programs, the map types, the helpers),
-//! says what it found and which event path that gives (the ring buffer from
+//! says what it found and which event path that gives (per-CPU ring buffers from
 //! 5.18, else perf buffers); a kernel lacking one is refused with the
 //! feature's name (a unit test of probe.rs: every kernel `cargo xtask
 //! vm-test` boots has them all). Here, on a real system: a pin directory
@@ -51,7 +51,7 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
         "the agent says what it probed in the kernel:\n{started}"
     );
     // Ring buffers with bpf_xdp_load_bytes from 5.18, else perf buffers.
-    let path = if kernel_at_least(5, 18) { "events through the ring buffer" } else { "events through the per-CPU perf buffers" };
+    let path = if kernel_at_least(5, 18) { "events through the per-CPU ring buffers" } else { "events through the per-CPU perf buffers" };
     assert!(started.contains(path), "the agent says which event path this kernel gets ({path}):\n{started}");
     assert!(
         started.contains(&format!("pin_dir {pins} is not on a BPF file system")) && started.contains("mount -t bpf bpf /sys/fs/bpf"),

@@ -13,12 +13,12 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::xdp_action,
     helpers,
-    macros::{map, xdp},
+    macros::{btf_map, map, xdp},
     programs::XdpContext,
 };
 use probe_common::{FlowEvent, FlowValue, counter, event_kind};
 use probe_ebpf::{
-    events::{EventSink, RingEvents},
+    events::{EventSink, PerCpuRings, RingEvents},
     flow,
     maps::{self, FLOWS},
     parse,
@@ -112,16 +112,13 @@ pub fn baseline_coarse_clock(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-// Reserve contention: one ring all CPUs share (the probe's design), against
-// one ring per CPU, each CPU sending an event per run. The agent sizes
-// these at load time; two rings stand for "one per CPU" on a two-CPU
-// machine, the largest the bench runs on.
+// Reserve contention: one ring all CPUs share, against one ring per CPU
+// (the probe's design, filled by the agent's loader), each CPU sending an
+// event per run. The loader sizes them.
 #[map(name = "SHARED_RING")]
 static SHARED_RING: RingEvents = RingEvents::with_byte_size(1 << 12);
-#[map(name = "CPU_RING_EVEN")]
-static CPU_RING_EVEN: RingEvents = RingEvents::with_byte_size(1 << 12);
-#[map(name = "CPU_RING_ODD")]
-static CPU_RING_ODD: RingEvents = RingEvents::with_byte_size(1 << 12);
+#[btf_map]
+static CPU_RINGS: PerCpuRings = PerCpuRings::new();
 
 /// Sends one flow event through the ring all CPUs share.
 #[xdp]
@@ -133,14 +130,12 @@ pub fn baseline_ring_shared(ctx: XdpContext) -> u32 {
 /// Sends one flow event through this CPU's own ring.
 #[xdp]
 pub fn baseline_ring_per_cpu(ctx: XdpContext) -> u32 {
-    // SAFETY: helper without arguments.
-    let cpu = unsafe { helpers::bpf_get_smp_processor_id() };
-    send_event(&ctx, if cpu & 1 == 0 { &CPU_RING_EVEN } else { &CPU_RING_ODD });
+    send_event(&ctx, &CPU_RINGS);
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-fn send_event(ctx: &XdpContext, ring: &RingEvents) {
+fn send_event(ctx: &XdpContext, ring: &impl EventSink) {
     let event = FlowEvent { kind: event_kind::FLOW_START, ..FlowEvent::default() };
     if ring.send(ctx, &event, 0).is_err() {
         maps::count(counter::EVENTS_LOST);
