@@ -37,7 +37,8 @@
 //!
 //! The last line is one JSON object for scripts. Knobs: ICR_BENCH_REPEAT,
 //! ICR_BENCH_FLOWS, ICR_BENCH_SECONDS (per live phase, default 4),
-//! ICR_BENCH_MAX_PACKETS (per live phase), ICR_BENCH_SEGMENTS (server
+//! ICR_BENCH_MAX_PACKETS (per live phase), ICR_BENCH_FLOW_TABLE (the flow
+//! table's entries, for the probe and the floors), ICR_BENCH_SEGMENTS (server
 //! segments per connection, default 32), ICR_BENCH_SENDER_CPU and
 //! ICR_BENCH_READER_CPU (pin those threads), ICR_BENCH_LIVE=0 (test runs
 //! only), ICR_BENCH_EVENTS=ring|perf (the probe's event path; default: what
@@ -83,6 +84,12 @@ fn event_path() -> Option<EventPath> {
         Some("perf") => Some(EventPath::Perf),
         _ => None,
     }
+}
+
+/// The flow table size of the probe and of the floors it is measured
+/// against (ICR_BENCH_FLOW_TABLE; default: the probe's default).
+fn flow_table_size() -> u32 {
+    env("ICR_BENCH_FLOW_TABLE", probe_common::DEFAULT_FLOW_TABLE_SIZE).max(1)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -177,7 +184,7 @@ struct TestRuns {
 fn test_runs() -> Result<TestRuns> {
     let repeat: u32 = env("ICR_BENCH_REPEAT", 200_000);
     let flows: u16 = env("ICR_BENCH_FLOWS", 10_000u16).min(30_000);
-    let options = ProbeOptions { events: event_path(), ..ProbeOptions::default() };
+    let options = ProbeOptions { events: event_path(), flow_table_size: flow_table_size(), ..ProbeOptions::default() };
     let mut baseline = Baseline::load_with_rings(options.flow_table_size, CONTENTION_RING_BYTES)?;
     let mut probe = Probe::load(options)?;
     let mut buffers = probe.open_events()?;
@@ -252,7 +259,7 @@ fn test_runs() -> Result<TestRuns> {
             Floor::Now => ("the probe's clock (replay override + precise)", "now"),
             Floor::Counter => ("one per-CPU counter", "counter"),
             Floor::Atomics => ("two atomic adds on the flow", "atomics"),
-            Floor::Pass | Floor::Lookup => continue,
+            Floor::Pass | Floor::Lookup | Floor::Upsert => continue,
         };
         if *step == Floor::Parse {
             println!("    {label:<47} {ns:8.1}");
@@ -545,7 +552,7 @@ fn irq_work_interrupts() -> u64 {
 /// event; counted lost, which shows what the probe costs without delivery.
 #[allow(clippy::too_many_arguments)]
 fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64, deliver: bool, events: Option<EventPath>) -> Result<ProbePhase> {
-    let mut probe = Probe::load(ProbeOptions { events, ..ProbeOptions::default() })?;
+    let mut probe = Probe::load(ProbeOptions { events, flow_table_size: flow_table_size(), ..ProbeOptions::default() })?;
     netns::in_netns(&pair.rx_ns, || probe.attach(&pair.rx_if, role::LAN))??;
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let reader = if deliver { Some(probe.open_events()?) } else { None };
@@ -620,6 +627,16 @@ fn live() -> Result<Map<String, Value>> {
         let phase = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
         let s1 = prog_stats(&pair)?;
         (phase, s1.0 - s0.0, s1.1 - s0.1, s1.2)
+    };
+    // The live floor: parse, look up, create what is missing, in a table
+    // the probe's size.
+    let (upsert_ns, upsert_cnt) = {
+        let mut baseline = Baseline::load(flow_table_size())?;
+        netns::in_netns(&pair.rx_ns, || baseline.attach(Floor::Upsert, &pair.rx_if))??;
+        let s0 = prog_stats(&pair)?;
+        send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
+        let s1 = prog_stats(&pair)?;
+        (s1.0 - s0.0, s1.1 - s0.1)
     };
     let path = event_path();
     let max = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true, path)?;
@@ -723,6 +740,14 @@ fn live() -> Result<Map<String, Value>> {
         probe_ns_pkt / bare_ns_pkt,
         max.jited
     );
+    let upsert_ns_pkt = upsert_ns as f64 / upsert_cnt.max(1) as f64;
+    println!(
+        "  the live floor (parse, one lookup, create the flow when missing; same table size): {upsert_ns_pkt:.1} ns/packet; \
+         the probe is {:.2}x it",
+        probe_ns_pkt / upsert_ns_pkt
+    );
+    json.insert("live_upsert_floor_run_ns".into(), json!(upsert_ns_pkt));
+    json.insert("live_probe_over_upsert_floor".into(), json!(probe_ns_pkt / upsert_ns_pkt));
     let silent_ns_pkt = silent.run_ns as f64 / silent.run_cnt.max(1) as f64;
     println!(
         "  diagnostic, probe with its event buffers closed (every event fails at once): {:.0} pps, {silent_ns_pkt:.1} ns/packet \

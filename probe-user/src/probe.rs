@@ -401,11 +401,23 @@ pub enum Floor {
     Counter,
     /// The lookup plus the flow's two atomic adds.
     Atomics,
+    /// The lookup, and creating the flow when it is missing: the floor of a
+    /// flow-table probe live, where new flows keep arriving.
+    Upsert,
 }
 
 impl Floor {
-    pub const ALL: [Floor; 8] =
-        [Floor::Pass, Floor::Parse, Floor::Lookup, Floor::Clock, Floor::CoarseClock, Floor::Now, Floor::Counter, Floor::Atomics];
+    pub const ALL: [Floor; 9] = [
+        Floor::Pass,
+        Floor::Parse,
+        Floor::Lookup,
+        Floor::Clock,
+        Floor::CoarseClock,
+        Floor::Now,
+        Floor::Counter,
+        Floor::Atomics,
+        Floor::Upsert,
+    ];
 
     fn program(self) -> &'static str {
         match self {
@@ -417,6 +429,7 @@ impl Floor {
             Floor::Now => "baseline_now",
             Floor::Counter => "baseline_counter",
             Floor::Atomics => "baseline_atomics",
+            Floor::Upsert => "baseline_upsert",
         }
     }
 }
