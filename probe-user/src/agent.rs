@@ -1,7 +1,10 @@
 //! `icr run`: the agent. Attaches the probe, reads its events, follows
 //! conntrack, closes flows into ICRs and writes them, until SIGINT/SIGTERM,
 //! when it closes every open flow (`shutdown`), flushes and returns.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -75,15 +78,53 @@ pub struct RunOptions {
     pub config_file: Option<PathBuf>,
 }
 
+/// The doors (the query socket, the HTTP API, metrics) on a runtime of
+/// their own, on threads of their own: no request, however slow or many,
+/// takes the capture's thread. Shut down when dropped.
+struct ServiceRuntime(Option<tokio::runtime::Runtime>);
+
+/// The doors' threads.
+const SERVICE_THREADS: usize = 2;
+
+impl ServiceRuntime {
+    async fn start(db: &Path, config: &Config, config_file: Option<PathBuf>, store: &Store, snapshot: &crate::metrics::Shared) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SERVICE_THREADS)
+            .thread_name("icr-doors")
+            .enable_all()
+            .build()
+            .context("starting the query service's runtime")?;
+        let (db, http, metrics, store, snapshot) =
+            (db.to_path_buf(), config.http.clone(), config.metrics.clone(), store.clone(), snapshot.clone());
+        // Started there, so that their tasks run there; a listener that
+        // cannot start is reported here.
+        let started = runtime.spawn(async move {
+            crate::control::serve(&db, store.clone())?;
+            crate::http::serve(&http, db.clone(), config_file, store).await?;
+            crate::metrics::serve(&metrics, snapshot).await
+        });
+        let doors = Self(Some(runtime));
+        started.await.context("the query service's runtime")??;
+        Ok(doors)
+    }
+}
+
+impl Drop for ServiceRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Dropped from within the agent's runtime, which may not block.
+            runtime.shutdown_background();
+        }
+    }
+}
+
 pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
     store.set_retention_days(config.retention_days);
-    crate::control::serve(&db, store.clone())?;
-    crate::http::serve(&config.http, db.clone(), config_file, store.clone()).await?;
     let snapshot = crate::metrics::Shared::default();
-    crate::metrics::serve(&config.metrics, snapshot.clone()).await?;
+    let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let loaded_at = Utc::now();
     let mut probe = Probe::load(ProbeOptions {
@@ -105,10 +146,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let (nat_tx, mut nat_rx) = mpsc::channel(EVENT_QUEUE);
     let nat_expected = !wan.is_empty();
-    if nat_expected {
-        if let Err(error) = conntrack::spawn(nat_tx) {
-            warn!("{error:#}; records will have no public address");
-        }
+    if nat_expected
+        && let Err(error) = conntrack::spawn(nat_tx)
+    {
+        warn!("{error:#}; records will have no public address");
     }
 
     // Batches (one a tick) waiting for the writer. When it is full the

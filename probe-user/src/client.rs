@@ -50,11 +50,9 @@ pub fn query(command: &QueryCommand, out: &mut dyn Write) -> Result<Vec<Gap>> {
     let url = format!("{}/v1/query/{kind}", server.trim_end_matches('/'));
     let request = agent(target)?.post(&url);
     check_transport(&request.request_url().with_context(|| format!("--server {server:?} is not a URL"))?)?;
-    let mut request = request.set("Authorization", &format!("Bearer {}", token(target)?)).timeout(TIMEOUT);
-    if let Some(authority) = &who.authority {
-        // The server refuses if the token belongs to another authority.
-        request = request.set("ICR-Authority", authority);
-    }
+    // The server checks the token against the authority named, and only it.
+    let authority = who.authority.as_deref().context("--server needs --authority NAME: the server checks the token against it")?;
+    let request = request.set("Authorization", &format!("Bearer {}", token(target)?)).set("ICR-Authority", authority).timeout(TIMEOUT);
     let response = match request.send_json(body) {
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {

@@ -208,6 +208,8 @@ impl Config {
                  plain HTTP is allowed on loopback only (127.0.0.0/8, ::1); set cert and key for HTTPS"
             );
         }
+        self.http.max_connections()?;
+        self.http.request_timeout()?;
         let ring = self.probe.event_ring_bytes;
         if !ring.is_power_of_two() || !(64 << 10..=1 << 30).contains(&ring) {
             bail!("[probe] event_ring_bytes = {ring} must be a power of two from 65536 (64 KiB) to 1073741824 (1 GiB)");

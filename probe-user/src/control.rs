@@ -74,9 +74,11 @@ pub fn serve(db: &Path, store: Store) -> Result<()> {
                         }
                     });
                 }
+                // Out of file descriptors, say: the socket stays, and is
+                // tried again shortly.
                 Err(error) => {
-                    warn!("the query socket failed: {error}");
-                    return;
+                    warn!("the query socket could not accept a connection: {error}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }
         }

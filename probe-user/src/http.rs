@@ -5,21 +5,35 @@
 //! argon2 `token_hash`; the token itself is never stored), and the query runs
 //! through the same code as on the command line: authorised, purpose-bound,
 //! audited. A request without a valid token is refused and audited too.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    collections::HashMap as StdHashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use argon2::{Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, password_hash::SaltString};
 use axum::{
     Router,
-    body::Bytes,
-    extract::{Path as UrlPath, State},
+    body::Body,
+    extract::{ConnectInfo, Path as UrlPath, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
 use chrono::Utc;
 use clap::Parser as _;
-use log::info;
+use axum_server::accept::{Accept, DefaultAcceptor};
+use log::{info, warn};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -40,6 +54,39 @@ pub struct HttpSection {
     /// PEM certificate chain and key: HTTPS when both are set.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Open connections at most; one more is closed at once (default 64).
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send its TLS handshake, its headers, and
+    /// then its body, each (default 10s).
+    pub request_timeout: Option<String>,
+}
+
+/// Default of `[http] max_connections`.
+const MAX_CONNECTIONS: usize = 64;
+/// Default of `[http] request_timeout`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request body: a query's parameters (1 MiB), with room for
+/// JSON's quoting.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+impl HttpSection {
+    pub fn max_connections(&self) -> Result<usize> {
+        match self.max_connections {
+            None => Ok(MAX_CONNECTIONS),
+            Some(0) => bail!("[http] max_connections must be at least 1"),
+            Some(n) => Ok(n),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Result<Duration> {
+        match &self.request_timeout {
+            None => Ok(REQUEST_TIMEOUT),
+            Some(text) => match crate::config::parse_duration(text).context("[http] request_timeout")? {
+                zero if zero.is_zero() => bail!("[http] request_timeout = {text:?} must be longer than zero"),
+                timeout => Ok(timeout),
+            },
+        }
+    }
 }
 
 /// The salted argon2 hash of a token, for an authority's `token_hash`.
@@ -70,36 +117,200 @@ struct AppState {
     db: PathBuf,
     config_file: Option<PathBuf>,
     store: Store,
+    request_timeout: Duration,
+    failures: Arc<Failures>,
 }
 
+/// Serves the API on its own task; a listener that cannot bind, or a
+/// certificate that does not load, is an error here.
 pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, store: Store) -> Result<()> {
     let Some(listen) = section.listen else { return Ok(()) };
+    let request_timeout = section.request_timeout()?;
+    let permits = Arc::new(Semaphore::new(section.max_connections()?));
+    let state = AppState { db, config_file, store, request_timeout, failures: Arc::default() };
     let app = Router::new()
         .route("/v1/query/{kind}", post(query))
-        .with_state(AppState { db, config_file, store });
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let server = axum_server::from_tcp(listener)?;
     match (&section.cert, &section.key) {
         (Some(cert), Some(key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
                 .with_context(|| format!("loading the certificate {} and key {}", cert.display(), key.display()))?;
+            let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(request_timeout);
+            let mut server = server.acceptor(LimitAcceptor { inner: tls, permits });
+            limit_headers(server.http_builder(), request_timeout);
             info!("HTTPS API on {listen}");
-            tokio::spawn(async move { axum_server::bind_rustls(listen, tls).serve(app.into_make_service()).await });
+            tokio::spawn(async move {
+                if let Err(error) = server.serve(app).await {
+                    warn!("the HTTPS API stopped: {error}");
+                }
+            });
         }
         (None, None) => {
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+            let mut server = server.acceptor(LimitAcceptor { inner: DefaultAcceptor, permits });
+            limit_headers(server.http_builder(), request_timeout);
             info!("HTTP API on {listen} (no certificate configured: plain HTTP)");
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            tokio::spawn(async move {
+                if let Err(error) = server.serve(app).await {
+                    warn!("the HTTP API stopped: {error}");
+                }
+            });
         }
         _ => bail!("[http] needs both cert and key for HTTPS, or neither"),
     }
     Ok(())
 }
 
-async fn query(State(state): State<AppState>, UrlPath(kind): UrlPath<String>, headers: HeaderMap, body: Bytes) -> Response {
+/// A client that dribbles its headers is cut off after `timeout`.
+fn limit_headers(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, timeout: Duration) {
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+}
+
+/// Closes a connection at once when `permits` are all taken; each open
+/// connection holds one until it closes.
+#[derive(Clone)]
+struct LimitAcceptor<A> {
+    inner: A,
+    permits: Arc<Semaphore>,
+}
+
+impl<I, S, A> Accept<I, S> for LimitAcceptor<A>
+where
+    A: Accept<I, S>,
+    A::Future: Send + 'static,
+    A::Stream: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = Limited<A::Stream>;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<(Self::Stream, Self::Service)>> + Send>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            // Dropping `stream` closes it: no handshake, no task kept.
+            return Box::pin(std::future::ready(Err(std::io::Error::other("the connection limit is reached"))));
+        };
+        let accepted = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (stream, service) = accepted.await?;
+            Ok((Limited { stream, _permit: permit }, service))
+        })
+    }
+}
+
+/// A connection with its permit, given back when it closes.
+struct Limited<S> {
+    stream: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Failed authentications per client address: after a few, each answer to
+/// that address waits, longer each time, so that tokens cannot be guessed at
+/// speed. Forgotten after a quiet spell, and on success.
+#[derive(Default)]
+struct Failures(Mutex<StdHashMap<IpAddr, (u32, Instant)>>);
+
+/// Failures allowed before answers slow down.
+const FREE_FAILURES: u32 = 3;
+/// The first wait, doubled at each further failure, up to `MAX_FAILURE_DELAY`.
+const FIRST_FAILURE_DELAY: Duration = Duration::from_millis(250);
+const MAX_FAILURE_DELAY: Duration = Duration::from_secs(8);
+/// A client quiet this long starts afresh.
+const FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
+/// Addresses remembered at most (the oldest are forgotten first).
+const MAX_FAILING_CLIENTS: usize = 10_000;
+
+impl Failures {
+    fn delay(&self, client: IpAddr) -> Duration {
+        let map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match map.get(&client) {
+            Some(&(count, last)) if count >= FREE_FAILURES && last.elapsed() < FAILURE_MEMORY => {
+                let doublings = (count - FREE_FAILURES).min(16);
+                (FIRST_FAILURE_DELAY * 2u32.pow(doublings)).min(MAX_FAILURE_DELAY)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn failed(&self, client: IpAddr) {
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if map.len() >= MAX_FAILING_CLIENTS && !map.contains_key(&client) {
+            map.retain(|_, (_, last)| last.elapsed() < FAILURE_MEMORY);
+            if map.len() >= MAX_FAILING_CLIENTS
+                && let Some(oldest) = map.iter().min_by_key(|(_, (_, last))| *last).map(|(ip, _)| *ip)
+            {
+                map.remove(&oldest);
+            }
+        }
+        let entry = map.entry(client).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_MEMORY {
+            entry.0 = 0;
+        }
+        *entry = (entry.0.saturating_add(1), Instant::now());
+    }
+
+    fn succeeded(&self, client: IpAddr) {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&client);
+    }
+}
+
+async fn query(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    UrlPath(kind): UrlPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // The body within the time and size limits, before any work.
+    let body = match tokio::time::timeout(state.request_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {MAX_BODY_BYTES} bytes, or broken")),
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the body took too long"),
+    };
+    let delay = state.failures.delay(client.ip());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let state2 = state.clone();
-    match tokio::task::spawn_blocking(move || answer(&state2, &kind, &headers, &body)).await {
-        Ok(response) => response,
+    let answered = tokio::task::spawn_blocking(move || answer(&state2, &kind, &headers, &body)).await;
+    match answered {
+        Ok((response, auth)) => {
+            match auth {
+                Auth::Passed => state.failures.succeeded(client.ip()),
+                Auth::Failed => state.failures.failed(client.ip()),
+                Auth::NotChecked => {}
+            }
+            response
+        }
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}")).into_response(),
     }
 }
@@ -108,37 +319,44 @@ fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, axum::Json(serde_json::json!({ "error": reason.into() }))).into_response()
 }
 
-fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> Response {
-    let Some(params) = allowed(kind) else { return error(StatusCode::NOT_FOUND, "no such question") };
+/// Whether a request's token was checked, and how it went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Auth {
+    NotChecked,
+    Passed,
+    Failed,
+}
+
+fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Response, Auth) {
+    let Some(params) = allowed(kind) else { return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked) };
     let config = match Config::load(state.config_file.as_deref(), Some(&state.db)) {
         Ok(config) => config,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), Auth::NotChecked),
     };
-    let refuse = |status: StatusCode, authority: Option<String>, reason: String| {
-        let audit = AuditLog::in_dir(&state.db).append(AuditRecord {
-            time: format_time(&Utc::now()),
-            command: format!("http query {kind}"),
-            authority,
-            outcome: format!("refused: {reason}"),
-            ..AuditRecord::default()
-        });
-        match audit {
-            Ok(_) => error(status, format!("refused: {reason}")),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}")),
-        }
+    let authority = match authenticate(&config, headers) {
+        Ok(authority) => authority,
+        Err(reason) => return (refuse(state, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
     };
-    let Some(authority) = authenticate(&config, headers) else {
-        return refuse(StatusCode::UNAUTHORIZED, None, "no valid token".into());
-    };
-    // A client may say which authority it acts for (`icr query --server
-    // --authority`): the token must be that authority's.
-    if let Some(claimed) = headers.get("icr-authority") {
-        if claimed.as_bytes() != authority.as_bytes() {
-            let claimed = String::from_utf8_lossy(claimed.as_bytes()).into_owned();
-            return refuse(StatusCode::FORBIDDEN, Some(authority), format!("the token is not {claimed:?}'s"));
-        }
+    (answer_authenticated(state, kind, params, &authority, body), Auth::Passed)
+}
+
+/// Refuses a request, audited.
+fn refuse(state: &AppState, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
+    let audit = AuditLog::in_dir(&state.db).append(AuditRecord {
+        time: format_time(&Utc::now()),
+        command: format!("http query {kind}"),
+        authority,
+        outcome: format!("refused: {reason}"),
+        ..AuditRecord::default()
+    });
+    match audit {
+        Ok(_) => error(status, format!("refused: {reason}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}")),
     }
-    let argv = match argv(kind, params, &authority, &state.db, state.config_file.as_deref(), body) {
+}
+
+fn answer_authenticated(state: &AppState, kind: &str, params: &[&str], authority: &str, body: &[u8]) -> Response {
+    let argv = match argv(kind, params, authority, &state.db, state.config_file.as_deref(), body) {
         Ok(argv) => argv,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     };
@@ -176,17 +394,46 @@ fn gap_headers(headers: &mut HeaderMap, gaps: &[Gap]) {
     }
 }
 
-/// The authority whose token this is.
-fn authenticate(config: &Config, headers: &HeaderMap) -> Option<String> {
-    let token = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?.trim();
-    if token.is_empty() {
-        return None;
-    }
-    config.authorities.iter().find_map(|authority| {
-        let hash = PasswordHash::new(authority.token_hash.as_deref()?).ok()?;
-        Argon2::default().verify_password(token.as_bytes(), &hash).ok()?;
-        Some(authority.name.clone())
-    })
+/// The header that names the authority a request acts for (`icr query
+/// --server --authority NAME` sends it).
+pub const AUTHORITY_HEADER: &str = "icr-authority";
+
+/// The authority the request names, if its token is that authority's. One
+/// argon2 check per request, whatever the number of authorities: the
+/// request names whose token it carries, and an unknown name is checked
+/// against a stand-in hash so that it takes as long as a wrong token.
+fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> {
+    let name = headers
+        .get(AUTHORITY_HEADER)
+        .and_then(|name| name.to_str().ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| "the request names no authority (the ICR-Authority header)".to_string())?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+        .ok_or_else(|| "no bearer token".to_string())?;
+    let configured = config.authority(name).and_then(|authority| authority.token_hash.as_deref());
+    let hash = configured.and_then(|hash| PasswordHash::new(hash).ok());
+    let verified = match &hash {
+        Some(hash) => Argon2::default().verify_password(token.as_bytes(), hash).is_ok(),
+        None => {
+            if let Ok(stand_in) = PasswordHash::new(stand_in_hash()) {
+                let _ = Argon2::default().verify_password(token.as_bytes(), &stand_in);
+            }
+            false
+        }
+    };
+    if verified { Ok(name.to_string()) } else { Err(format!("no valid token for authority {name:?}")) }
+}
+
+/// A hash no token matches, for names without one.
+fn stand_in_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| hash_token("no authority has this token").unwrap_or_default())
 }
 
 /// The command line this request stands for.
@@ -241,17 +488,48 @@ mod tests {
         assert!(format!("{:#}", hash_token("").unwrap_err()).contains("the token is empty"));
         let hash = hash_token("s3cret-token").unwrap();
         assert!(!hash.contains("s3cret"), "the hash does not contain the token");
+        let other = hash_token("other-token").unwrap();
         let config = Config::parse(&format!(
-            "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{hash}\"\n"
+            "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{hash}\"\n\
+             [[authority]]\nname = \"nca\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{other}\"\n"
         ))
         .unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer s3cret-token".parse().unwrap());
-        assert_eq!(authenticate(&config, &headers).as_deref(), Some("met"));
+        let refused = authenticate(&config, &headers).unwrap_err();
+        assert!(refused.contains("names no authority"), "{refused}");
+        headers.insert(AUTHORITY_HEADER, "met".parse().unwrap());
+        assert_eq!(authenticate(&config, &headers).as_deref(), Ok("met"));
+        // Another authority's token, or an authority that is not configured.
+        headers.insert(AUTHORITY_HEADER, "nca".parse().unwrap());
+        assert!(authenticate(&config, &headers).unwrap_err().contains("no valid token for authority \"nca\""));
+        headers.insert(AUTHORITY_HEADER, "nobody".parse().unwrap());
+        assert!(authenticate(&config, &headers).is_err());
+        headers.insert(AUTHORITY_HEADER, "met".parse().unwrap());
         headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
-        assert_eq!(authenticate(&config, &headers), None);
+        assert!(authenticate(&config, &headers).is_err());
         headers.remove(header::AUTHORIZATION);
-        assert_eq!(authenticate(&config, &headers), None);
+        assert_eq!(authenticate(&config, &headers), Err("no bearer token".to_string()));
+    }
+
+    #[test]
+    fn repeated_failures_from_one_address_are_slowed_and_forgotten_on_success() {
+        let failures = Failures::default();
+        let (client, other): (IpAddr, IpAddr) = ("192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap());
+        for _ in 0..FREE_FAILURES {
+            assert_eq!(failures.delay(client), Duration::ZERO);
+            failures.failed(client);
+        }
+        assert_eq!(failures.delay(client), FIRST_FAILURE_DELAY);
+        failures.failed(client);
+        assert_eq!(failures.delay(client), FIRST_FAILURE_DELAY * 2);
+        for _ in 0..40 {
+            failures.failed(client);
+        }
+        assert_eq!(failures.delay(client), MAX_FAILURE_DELAY);
+        assert_eq!(failures.delay(other), Duration::ZERO, "per address");
+        failures.succeeded(client);
+        assert_eq!(failures.delay(client), Duration::ZERO);
     }
 
     #[test]

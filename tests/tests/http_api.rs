@@ -38,6 +38,8 @@ token_hash = "{narrow}"
 listen = "127.0.0.1:{PORT}"
 cert = "{cert}"
 key = "{key}"
+max_connections = {MAX_CONNECTIONS}
+request_timeout = "2s"
 
 [probe]
 flow_table_size = 65536
@@ -81,9 +83,61 @@ fn icr_remote(lab: &Lab, args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// POSTs `body` to the agent's API from inside the gateway; (status, body).
-fn post(lab: &Lab, kind: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut args = vec!["-sk".to_string(), "-o".into(), "-".into(), "-w".into(), "\n%{http_code}".into(), "-X".into(), "POST".into()];
+/// Holds `max` TLS connections open without a request, tries one more, then
+/// sends headers that never end on one connection and times how long the
+/// server waits: one JSON line.
+const ABUSE_SCRIPT: &str = r#"
+import json, socket, ssl, sys, time
+port, limit = int(sys.argv[1]), int(sys.argv[2])
+tls = ssl.create_default_context()
+tls.check_hostname = False
+tls.verify_mode = ssl.CERT_NONE
+def connect():
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return tls.wrap_socket(raw, server_hostname="127.0.0.1")
+held = [connect() for _ in range(limit)]
+try:
+    extra = connect()
+    extra.settimeout(5)
+    over_closed = extra.recv(1) == b""
+except socket.timeout:
+    over_closed = False
+except (ssl.SSLError, ConnectionError, OSError):
+    over_closed = True
+for conn in held:
+    conn.close()
+time.sleep(0.5)
+slow = connect()
+slow.sendall(b"POST /v1/query/services HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+slow.settimeout(10)
+start = time.monotonic()
+try:
+    slow.recv(4096)
+    cut = True
+except socket.timeout:
+    cut = False
+except (ssl.SSLError, ConnectionError, OSError):
+    cut = True
+after = time.monotonic() - start
+print(json.dumps({"within_limit_open": len(held), "over_limit_closed": over_closed, "slow_headers_cut_after_s": after if cut and after < 10 else None}))
+"#;
+
+/// The lab agent's `[http] max_connections`.
+const MAX_CONNECTIONS: usize = 4;
+
+/// POSTs `body` to the agent's API from inside the gateway, as `authority`
+/// with `token`; (status, body).
+fn post(lab: &Lab, kind: &str, authority: Option<&str>, token: Option<&str>, body: &str) -> (u16, String) {
+    post_with(lab, &[], kind, authority, token, body)
+}
+
+/// As `post`, with more curl arguments.
+fn post_with(lab: &Lab, curl: &[&str], kind: &str, authority: Option<&str>, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut args: Vec<String> = curl.iter().map(|arg| arg.to_string()).collect();
+    args.extend(["-sk".to_string(), "-o".into(), "-".into(), "-w".into(), "\n%{http_code}".into(), "-X".into(), "POST".into()]);
+    if let Some(authority) = authority {
+        args.extend(["-H".into(), format!("ICR-Authority: {authority}")]);
+    }
     if let Some(token) = token {
         args.extend(["-H".into(), format!("Authorization: Bearer {token}")]);
     }
@@ -116,33 +170,35 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let accessed = format!(r#"{{"officer": "PC 1", "reference": "OP-HTTP-2", "service": ["{WEB_NAME}"], "from": "{from}", "to": "{to}", "format": "csv"}}"#);
 
     // Authorised: question 2 (NDJSON) and question 3 (CSV).
-    let (status, body) = post(&lab, "services", Some(POLICE_TOKEN), &services);
+    let (status, body) = post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services);
     assert_eq!(status, 200, "{body}");
     let rows: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(rows.iter().any(|r| r["name"] == WEB_NAME), "{rows:?}");
-    let (status, body) = post(&lab, "accessed", Some(POLICE_TOKEN), &accessed);
+    let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed);
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("id,start,end"), "CSV: {body}");
     assert_eq!(body.lines().count(), 3, "a header and the two connections: {body}");
 
     // Refusals, each audited.
     let cases = [
-        ("wrong token", post(&lab, "services", Some("not-a-token"), &services), 401),
-        ("no token", post(&lab, "services", None, &services), 401),
-        ("local authority", post(&lab, "services", Some(COUNCIL_TOKEN), &services), 403),
-        ("wrong purpose", post(&lab, "accessed", Some(NARROW_TOKEN), &accessed), 403),
-        ("no reference", post(&lab, "services", Some(POLICE_TOKEN), &services.replace(r#""reference": "OP-HTTP-1", "#, "")), 403),
-        ("window too long", post(&lab, "services", Some(POLICE_TOKEN), &services.replace(&from, "2020-01-01T00:00:00Z")), 403),
-        ("not JSON", post(&lab, "services", Some(POLICE_TOKEN), "device=1"), 400),
-        ("unknown parameter", post(&lab, "services", Some(POLICE_TOKEN), r#"{"db": "/tmp/elsewhere"}"#), 400),
-        ("bad time", post(&lab, "services", Some(POLICE_TOKEN), &services.replace(&to, "tomorrow")), 400),
-        ("no such question", post(&lab, "everything", Some(POLICE_TOKEN), &services), 404),
+        ("wrong token", post(&lab, "services", Some("lab-police"), Some("not-a-token"), &services), 401),
+        ("no token", post(&lab, "services", Some("lab-police"), None, &services), 401),
+        ("no authority named", post(&lab, "services", None, Some(POLICE_TOKEN), &services), 401),
+        ("another authority's token", post(&lab, "services", Some("lab-police"), Some(NARROW_TOKEN), &services), 401),
+        ("local authority", post(&lab, "services", Some("lab-council"), Some(COUNCIL_TOKEN), &services), 403),
+        ("wrong purpose", post(&lab, "accessed", Some("lab-narrow"), Some(NARROW_TOKEN), &accessed), 403),
+        ("no reference", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(r#""reference": "OP-HTTP-1", "#, "")), 403),
+        ("window too long", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(&from, "2020-01-01T00:00:00Z")), 403),
+        ("not JSON", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), "device=1"), 400),
+        ("unknown parameter", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), r#"{"db": "/tmp/elsewhere"}"#), 400),
+        ("bad time", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(&to, "tomorrow")), 400),
+        ("no such question", post(&lab, "everything", Some("lab-police"), Some(POLICE_TOKEN), &services), 404),
     ];
     for (name, (status, body), expected) in &cases {
         assert_eq!(status, expected, "{name}: {body}");
     }
     // The authority comes from the token, never from the body.
-    let (status, _) = post(&lab, "services", Some(NARROW_TOKEN), &services.replace(r#""officer""#, r#""authority": "lab-police", "officer""#));
+    let (status, _) = post(&lab, "services", Some("lab-narrow"), Some(NARROW_TOKEN), &services.replace(r#""officer""#, r#""authority": "lab-police", "officer""#));
     assert_eq!(status, 400);
 
     // The command line asks the same API with --server (verifying the
@@ -154,22 +210,41 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let remote_rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(remote_rows, rows, "--server answers as the API does");
     assert!(!stderr.contains("capture gap"), "no loss, no warning: {stderr}");
-    let (code, table, stderr) = icr_remote(&lab, &[&services_args[..], &["--format", "table"]].concat());
+    let (code, table, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "table"]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(table.lines().next().unwrap().contains("connections") && table.contains(WEB_NAME), "a table: {table}");
     let (code, stdout, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-council"]].concat());
     assert_eq!((code, stdout.as_str()), (3, ""), "another authority's name is refused: {stderr}");
     assert!(stderr.contains("refused"), "{stderr}");
 
+    // Abuse: an oversized body, headers that never end, more connections
+    // than allowed; then an answer as before.
+    let huge = lab.dir.join("huge.json");
+    std::fs::write(&huge, format!(r#"{{"officer": "{}"}}"#, "x".repeat(3 << 20))).unwrap();
+    // (HTTP/1.1: over HTTP/2 the server's early answer resets the stream,
+    // which curl reports as its own failure.)
+    let (status, body) = post_with(&lab, &["--http1.1"], "services", Some("lab-police"), Some(POLICE_TOKEN), &format!("@{}", huge.display()));
+    assert_eq!(status, 413, "a 3 MiB body: {body}");
+    let abuse = lab.exec(&lab.gateway, Command::new(icr_lab::lab_python()).arg("-c").arg(ABUSE_SCRIPT).arg(PORT.to_string()).arg(MAX_CONNECTIONS.to_string()));
+    let abuse = String::from_utf8_lossy(&abuse.expect("the abuse script runs").stdout).into_owned();
+    let seen: Value = serde_json::from_str(abuse.trim()).unwrap_or_else(|e| panic!("{e}: {abuse}"));
+    assert_eq!(seen["over_limit_closed"], true, "a connection over the limit is closed at once: {seen}");
+    assert_eq!(seen["within_limit_open"], MAX_CONNECTIONS, "connections within the limit are served: {seen}");
+    let cut_after = seen["slow_headers_cut_after_s"].as_f64().unwrap_or_else(|| panic!("headers that never end are cut off: {seen}"));
+    assert!((1.5..6.0).contains(&cut_after), "cut off after the 2 s request timeout: {seen}");
+    let (status, body) = post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services);
+    assert_eq!(status, 200, "answered after the abuse: {body}");
+
     let log = agent.stop().expect("the agent stops cleanly");
     let verify = Command::new(icr_binary()).args(["audit", "verify", "--db"]).arg(&db).output().unwrap();
     assert!(verify.status.success());
-    // 2 answers + wrong token + no token + local + wrong purpose + no reference
-    // + window = 8, and the bad time, audited as failed = 9; then the two
-    // --server answers and its refusal = 12; and the agent's retention
-    // sweep when it started = 13. (Requests that never became a query —
-    // not JSON, unknown parameters — are not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("13 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // 2 answers + wrong token + no token + no authority named + another's
+    // token + local + wrong purpose + no reference + window = 10, and the
+    // bad time, audited as failed = 11; then the two --server answers and
+    // its refusal = 14; the agent's retention sweep when it started = 15;
+    // and the answer after the abuse = 16. (Requests that never became a
+    // query — not JSON, unknown parameters, the oversized body — are not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("16 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
     assert_eq!(audit.matches("\"officer\":\"agent (hourly retention)\"").count(), 1, "the agent's sweep is audited: {audit}");
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
