@@ -82,7 +82,7 @@ fn http_gaps(lab: &Lab, from: DateTime<Utc>, to: DateTime<Utc>) -> (u64, Vec<Val
     let out = lab
         .exec(
             &lab.gateway,
-            Command::new("curl").args(["-sf", "-D", "-", "-o", "/dev/null", "-X", "POST", "-H", &format!("Authorization: Bearer {TOKEN}")]).args([
+            Command::new("curl").args(["-sf", "-D", "-", "-o", "/dev/null", "-X", "POST", "-H", "ICR-Authority: lab-police", "-H", &format!("Authorization: Bearer {TOKEN}")]).args([
                 "-H",
                 "Content-Type: application/json",
                 "--data-binary",
