@@ -254,7 +254,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = sweep.tick() => {
-                let summary = crate::audit::sweep(&store, &db, config.retention_days, "agent (hourly retention)")?;
+                let summary = crate::audit::sweep(&store, &db, &config.audit, config.retention_days, "agent (hourly retention)")?;
                 info!("{summary}");
             }
             _ = sigint.recv() => break,

@@ -2,6 +2,13 @@
 //! line before, so that an edit, a deletion or a reordering is detectable
 //! (`icr audit verify`). Appends are serialised with a file lock and synced
 //! before the answer is given.
+//!
+//! A hash chain alone can be rewritten by whoever can write the file: delete
+//! an entry, recompute the rest. So with `[audit] key` (a file outside the
+//! store, root's only) each entry also carries an HMAC-SHA256 under that
+//! key, which a rewrite cannot recompute; and each entry's head (`SEQ:HASH`)
+//! is sent to the system journal, where a cut tail shows
+//! (`icr audit verify --head`).
 use std::{
     fs::{File, OpenOptions},
     io::{BufRead as _, BufReader, Read as _, Seek as _, SeekFrom, Write as _},
@@ -10,8 +17,26 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+/// `[audit]` in the configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// A file of at least 32 random bytes, outside the store, owned by root
+    /// and readable by root only: each entry is authenticated with it.
+    pub key: Option<PathBuf>,
+    /// The system journal's socket, where each entry's head is sent (default
+    /// `/run/systemd/journal/socket`, when it exists).
+    pub journal: Option<PathBuf>,
+}
+
+/// systemd-journald's native socket.
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+/// The shortest key accepted: HMAC-SHA256's block of strength.
+const MIN_KEY_BYTES: usize = 32;
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -48,10 +73,15 @@ struct Entry {
     #[serde(flatten)]
     record: AuditRecord,
     hash: String,
+    /// HMAC-SHA256 of the same bytes as `hash`, under `[audit] key`
+    /// (absent from entries written without a key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
 impl Entry {
-    fn digest(seq: u64, prev: &str, record: &AuditRecord) -> Result<String> {
+    /// What `hash` and `mac` are computed over.
+    fn body(seq: u64, prev: &str, record: &AuditRecord) -> Result<Vec<u8>> {
         #[derive(Serialize)]
         struct Body<'a> {
             seq: u64,
@@ -59,9 +89,9 @@ impl Entry {
             #[serde(flatten)]
             record: &'a AuditRecord,
         }
-        let bytes = serde_json::to_vec(&Body { seq, prev, record })?;
-        Ok(hex::encode(Sha256::digest(&bytes)))
+        Ok(serde_json::to_vec(&Body { seq, prev, record })?)
     }
+
 }
 
 /// The chain's head as the operator keeps it elsewhere: `SEQ:HASH`.
@@ -86,11 +116,32 @@ impl std::str::FromStr for Head {
 
 pub struct AuditLog {
     path: PathBuf,
+    key: Option<hmac::Key>,
+    journal: Option<PathBuf>,
+}
+
+/// What `verify` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub entries: u64,
+    /// Entries at the start written before a key was configured.
+    pub unauthenticated: u64,
 }
 
 impl AuditLog {
+    /// The log of the store in `dir`, without a key: entries are chained but
+    /// not authenticated (tests, and stores without `[audit] key`).
     pub fn in_dir(dir: &Path) -> Self {
-        Self { path: dir.join("audit.log") }
+        Self { path: dir.join("audit.log"), key: None, journal: None }
+    }
+
+    /// The log of the store in `dir`, as `section` configures it; refuses a
+    /// key that is missing, short, inside the store, or readable by anyone
+    /// but root.
+    pub fn open(dir: &Path, section: &AuditSection) -> Result<Self> {
+        let key = section.key.as_deref().map(|path| load_key(path, dir)).transpose()?;
+        let journal = section.journal.clone().or_else(|| Some(PathBuf::from(JOURNAL_SOCKET)).filter(|path| path.exists()));
+        Ok(Self { path: dir.join("audit.log"), key, journal })
     }
 
     pub fn path(&self) -> &Path {
@@ -119,42 +170,55 @@ impl AuditLog {
             Some(entry) => (entry.seq + 1, entry.hash),
             None => (1, GENESIS.to_string()),
         };
-        let hash = Entry::digest(seq, &prev, &record)?;
-        let mut line = serde_json::to_vec(&Entry { seq, prev, record, hash })?;
+        let body = Entry::body(seq, &prev, &record)?;
+        let hash = hex::encode(Sha256::digest(&body));
+        let mac = self.key.as_ref().map(|key| hex::encode(hmac::sign(key, &body)));
+        let head = format!("{seq}:{hash}");
+        let mut line = serde_json::to_vec(&Entry { seq, prev, record, hash, mac })?;
         line.push(b'\n');
         file.write_all(&line).context("writing the audit log")?;
         file.sync_data().context("syncing the audit log")?;
         line.pop();
+        if let Some(journal) = &self.journal {
+            // The entry is durable already; a journal that cannot take the
+            // head is reported, not fatal.
+            if let Err(error) = send_head(journal, &head) {
+                log::warn!("could not send the audit head {head} to {}: {error}", journal.display());
+            }
+        }
         Ok((seq, String::from_utf8(line)?))
     }
 
     /// Checks the whole chain and that it still reaches `head` (a sequence
     /// number and its hash, kept elsewhere: a chain cut after it is whole
     /// but ends early); returns the number of entries, or the first broken one.
-    pub fn verify_to(&self, head: Option<&Head>) -> Result<u64> {
-        let (entries, hashes) = self.walk(head.map(|h| h.seq))?;
+    pub fn verify_to(&self, head: Option<&Head>) -> Result<Verified> {
+        let (verified, hashes) = self.walk(head.map(|h| h.seq))?;
         if let Some(head) = head {
             match hashes {
                 Some(hash) if hash == head.hash => {}
                 Some(hash) => bail!("entry {} has the hash {hash}, not the head's {}: the log was rewritten", head.seq, head.hash),
-                None => bail!("the log has {entries} entries but the head names entry {}: its tail was cut", head.seq),
+                None => bail!("the log has {} entries but the head names entry {}: its tail was cut", verified.entries, head.seq),
             }
         }
-        Ok(entries)
+        Ok(verified)
     }
 
     /// Checks the whole chain; returns the number of entries, or the first
     /// broken one.
     pub fn verify(&self) -> Result<u64> {
-        self.walk(None).map(|(entries, _)| entries)
+        self.walk(None).map(|(verified, _)| verified.entries)
     }
 
-    /// Walks the chain; returns the number of entries and the hash of entry
-    /// `seq`, if asked for and present.
-    fn walk(&self, seq: Option<u64>) -> Result<(u64, Option<String>)> {
+    /// Walks the chain; returns what it found and the hash of entry `seq`,
+    /// if asked for and present. With a key, every entry from the first
+    /// authenticated one on, and the last, must carry a valid MAC.
+    fn walk(&self, seq: Option<u64>) -> Result<(Verified, Option<String>)> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok((0, None)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Verified { entries: 0, unauthenticated: 0 }, None));
+            }
             Err(error) => {
                 return Err(error).with_context(|| format!("opening {}", self.path.display()));
             }
@@ -162,6 +226,8 @@ impl AuditLog {
         let mut prev = GENESIS.to_string();
         let mut expected_seq = 1;
         let mut found = None;
+        let mut unauthenticated = 0;
+        let mut last_authenticated = true;
         for (index, line) in BufReader::new(file).lines().enumerate() {
             let line_no = index + 1;
             let line = line.with_context(|| format!("reading line {line_no}"))?;
@@ -173,8 +239,32 @@ impl AuditLog {
             if entry.prev != prev {
                 bail!("entry {} (line {line_no}) does not follow the entry before it", entry.seq);
             }
-            if Entry::digest(entry.seq, &entry.prev, &entry.record)? != entry.hash {
+            let body = Entry::body(entry.seq, &entry.prev, &entry.record)?;
+            if hex::encode(Sha256::digest(&body)) != entry.hash {
                 bail!("entry {} (line {line_no}) was altered: its hash does not match its content", entry.seq);
+            }
+            match (&entry.mac, &self.key) {
+                (Some(mac), Some(key)) => {
+                    let mac = hex::decode(mac).unwrap_or_default();
+                    if hmac::verify(key, &body, &mac).is_err() {
+                        bail!(
+                            "entry {} (line {line_no}) is not authenticated by the audit key: the log was rewritten (or the key \
+                             is not the one it was written with)",
+                            entry.seq
+                        );
+                    }
+                    last_authenticated = true;
+                }
+                (Some(_), None) => bail!("the log's entries are authenticated: verify it with its [audit] key configured"),
+                (None, Some(_)) if unauthenticated + 1 != entry.seq => bail!(
+                    "entry {} (line {line_no}) carries no MAC after entries that did: the log was rewritten without the key",
+                    entry.seq
+                ),
+                (None, Some(_)) => {
+                    unauthenticated += 1;
+                    last_authenticated = false;
+                }
+                (None, None) => {}
             }
             if Some(entry.seq) == seq {
                 found = Some(entry.hash.clone());
@@ -182,8 +272,50 @@ impl AuditLog {
             prev = entry.hash;
             expected_seq += 1;
         }
-        Ok((expected_seq - 1, found))
+        let entries = expected_seq - 1;
+        if self.key.is_some() && entries > 0 && !last_authenticated {
+            bail!(
+                "no entry of the {entries} is authenticated by the audit key: the log was rewritten without it, or nothing was \
+                 audited since the key was configured"
+            );
+        }
+        Ok((Verified { entries, unauthenticated: if self.key.is_some() { unauthenticated } else { entries } }, found))
     }
+}
+
+/// Reads the audit key at `path`, which must be root's alone and outside the
+/// store in `store_dir` (whoever can rewrite the store must not hold it).
+fn load_key(path: &Path, store_dir: &Path) -> Result<hmac::Key> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).with_context(|| format!("reading the audit key {}", path.display()))?;
+    if !metadata.is_file() {
+        bail!("the audit key {} is not a file", path.display());
+    }
+    if metadata.uid() != 0 || metadata.mode() & 0o077 != 0 {
+        bail!(
+            "the audit key {} must be owned by root and readable by root only (chmod 0400 or 0600); it is uid {} mode {:o}",
+            path.display(),
+            metadata.uid(),
+            metadata.mode() & 0o7777
+        );
+    }
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if canonical(path).starts_with(canonical(store_dir)) {
+        bail!("the audit key {} is inside the store {}: keep it where the store's writers cannot read it", path.display(), store_dir.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading the audit key {}", path.display()))?;
+    if bytes.len() < MIN_KEY_BYTES {
+        bail!("the audit key {} holds {} bytes; it needs at least {MIN_KEY_BYTES} random bytes (head -c 32 /dev/urandom)", path.display(), bytes.len());
+    }
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+}
+
+/// Sends an entry's head to the journal socket, in journald's native
+/// format (a datagram of `FIELD=value` lines).
+fn send_head(socket: &Path, head: &str) -> std::io::Result<()> {
+    let message = format!("MESSAGE=icr audit head {head}\nSYSLOG_IDENTIFIER=icr\nPRIORITY=6\nICR_AUDIT_HEAD={head}\n");
+    std::os::unix::net::UnixDatagram::unbound()?.send_to(message.as_bytes(), socket)?;
+    Ok(())
 }
 
 /// The last complete entry, however long. A torn last line (a crash
@@ -250,14 +382,15 @@ impl Drop for FileLock {
 
 /// Applies retention now and audits it: what was dropped, by whom (the
 /// agent's hourly sweep, or an operator's `icr sweep`).
-pub fn sweep(store: &crate::store::Store, db: &std::path::Path, retention_days: u32, by: &str) -> Result<String> {
+pub fn sweep(store: &crate::store::Store, db: &std::path::Path, audit: &AuditSection, retention_days: u32, by: &str) -> Result<String> {
+    let log = AuditLog::open(db, audit)?;
     let dropped = store.sweep(retention_days, chrono::Utc::now())?;
     let span = match (dropped.first(), dropped.last()) {
         (Some(first), Some(last)) => format!(" ({first} .. {last})"),
         _ => String::new(),
     };
     let summary = format!("retention {retention_days} days: dropped {} day(s){span}", dropped.len());
-    AuditLog::in_dir(db).append(AuditRecord {
+    log.append(AuditRecord {
         time: crate::icr::format_time(&chrono::Utc::now()),
         command: "sweep".into(),
         officer: Some(by.to_owned()),
@@ -307,6 +440,112 @@ mod tests {
         std::fs::write(log.path(), lines.join("\n") + "\n").unwrap();
     }
 
+    /// A key file as `[audit] key` wants it: root's, 0400, outside `store`.
+    fn key_file(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("audit.key");
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        path
+    }
+
+    /// Deletes entry `gone` and recomputes the chain after it, as someone
+    /// who can write the file but lacks the key would.
+    fn rechain_without(log: &AuditLog, gone: u64) {
+        let mut prev = GENESIS.to_string();
+        let mut out = Vec::new();
+        for line in lines(log) {
+            let mut entry: Entry = serde_json::from_str(&line).unwrap();
+            if entry.seq == gone {
+                continue;
+            }
+            entry.seq = out.len() as u64 + 1;
+            entry.prev = prev.clone();
+            entry.hash = hex::encode(Sha256::digest(Entry::body(entry.seq, &entry.prev, &entry.record).unwrap()));
+            prev = entry.hash.clone();
+            out.push(serde_json::to_string(&entry).unwrap());
+        }
+        write(log, &out);
+    }
+
+    #[test]
+    fn a_rechained_log_verifies_without_a_key_and_fails_with_one() {
+        let store = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let section = AuditSection { key: Some(key_file(keys.path())), journal: None };
+        let log = AuditLog::open(store.path(), &section).unwrap();
+        for i in 1..=4 {
+            log.append(record(i)).unwrap();
+        }
+        assert_eq!(log.verify_to(None).unwrap(), Verified { entries: 4, unauthenticated: 0 });
+        rechain_without(&log, 2);
+        let error = format!("{:#}", log.verify_to(None).unwrap_err());
+        assert!(error.contains("entry 2 (line 2) is not authenticated by the audit key"), "{error}");
+        // Stripping every MAC does not help either.
+        let stripped: Vec<String> = lines(&log).into_iter().map(|line| {
+            let mut entry: Entry = serde_json::from_str(&line).unwrap();
+            entry.mac = None;
+            serde_json::to_string(&entry).unwrap()
+        }).collect();
+        write(&log, &stripped);
+        // The chain alone is whole again (what `icr audit verify` said
+        // before there was a key): only the key tells.
+        assert_eq!(AuditLog::in_dir(store.path()).verify().unwrap(), 3);
+        let error = format!("{:#}", log.verify_to(None).unwrap_err());
+        assert!(error.contains("no entry of the 3 is authenticated"), "{error}");
+    }
+
+    #[test]
+    fn entries_from_before_the_key_are_counted_and_none_may_lack_it_after() {
+        let store = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let unkeyed = AuditLog::in_dir(store.path());
+        unkeyed.append(record(1)).unwrap();
+        unkeyed.append(record(2)).unwrap();
+        let keyed = AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        keyed.append(record(3)).unwrap();
+        assert_eq!(keyed.verify_to(None).unwrap(), Verified { entries: 3, unauthenticated: 2 });
+        unkeyed.append(record(4)).unwrap();
+        let error = format!("{:#}", keyed.verify_to(None).unwrap_err());
+        assert!(error.contains("entry 4 (line 4) carries no MAC after entries that did"), "{error}");
+        let error = format!("{:#}", unkeyed.verify_to(None).unwrap_err());
+        assert!(error.contains("verify it with its [audit] key configured"), "{error}");
+    }
+
+    #[test]
+    fn a_key_must_be_roots_alone_long_and_outside_the_store() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let store = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let open = |path: &Path| AuditLog::open(store.path(), &AuditSection { key: Some(path.to_path_buf()), journal: None });
+        let key = key_file(keys.path());
+        assert!(open(&key).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(format!("{:#}", open(&key).err().unwrap()).contains("readable by root only"));
+        let inside = key_file(store.path());
+        assert!(format!("{:#}", open(&inside).err().unwrap()).contains("is inside the store"));
+        let short = keys.path().join("short.key");
+        std::fs::write(&short, b"too short").unwrap();
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(format!("{:#}", open(&short).err().unwrap()).contains("needs at least 32"));
+        assert!(format!("{:#}", open(&keys.path().join("missing")).err().unwrap()).contains("reading the audit key"));
+    }
+
+    #[test]
+    fn each_head_goes_to_the_journal() {
+        let store = tempfile::tempdir().unwrap();
+        let journal = store.path().join("journal.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&journal).unwrap();
+        let log = AuditLog::open(store.path(), &AuditSection { key: None, journal: Some(journal) }).unwrap();
+        let (seq, line) = log.append_entry(record(1)).unwrap();
+        let entry: Entry = serde_json::from_str(&line).unwrap();
+        let mut buffer = [0u8; 512];
+        let n = socket.recv(&mut buffer).unwrap();
+        let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+        assert!(message.contains(&format!("\nICR_AUDIT_HEAD={seq}:{}\n", entry.hash)), "{message}");
+        assert!(message.starts_with("MESSAGE=icr audit head "), "{message}");
+    }
+
     #[test]
     fn entries_of_any_size_chain_on() {
         let (_dir, log) = log_with(2);
@@ -328,7 +567,7 @@ mod tests {
         let (_dir, log) = log_with(4);
         let last: Entry = serde_json::from_str(&lines(&log)[3]).unwrap();
         let head: Head = format!("4:{}", last.hash).parse().unwrap();
-        assert_eq!(log.verify_to(Some(&head)).unwrap(), 4);
+        assert_eq!(log.verify_to(Some(&head)).unwrap().entries, 4);
         write(&log, &lines(&log)[..3]);
         let error = format!("{:#}", log.verify_to(Some(&head)).unwrap_err());
         assert!(error.contains("the log has 3 entries but the head names entry 4: its tail was cut"), "{error}");

@@ -158,7 +158,7 @@ pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Ga
     let records = store.scan(from, to)?;
     let gaps = store.gaps(from, to)?;
     let bytes = export::ndjson(&records)?;
-    AuditLog::in_dir(&args.store.db).append(AuditRecord {
+    AuditLog::open(&args.store.db, &config.audit)?.append(AuditRecord {
         time: format_time(&Utc::now()),
         command: "list".into(),
         officer: Some(operator()),
@@ -176,9 +176,16 @@ pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Ga
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
         AuditCommand::Verify { db, head } => {
-            let log = AuditLog::in_dir(&db);
-            let entries = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
-            writeln!(out, "audit log intact: {entries} entries")?;
+            // The store's own configuration names the key.
+            let config = Config::load(None, Some(&db))?;
+            let log = AuditLog::open(&db, &config.audit)?;
+            let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
+            let authenticated = match (&config.audit.key, verified.unauthenticated) {
+                (None, _) => "chained, not authenticated: no [audit] key is configured".to_string(),
+                (Some(_), 0) => "each authenticated by the audit key".to_string(),
+                (Some(_), n) => format!("authenticated by the audit key but for the first {n}, written before it was configured"),
+            };
+            writeln!(out, "audit log intact: {} entries, {authenticated}", verified.entries)?;
             Ok(())
         }
     }
@@ -201,7 +208,7 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
 
 pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
-    let summary = crate::audit::sweep(store, &args.db, config.retention_days, &operator())?;
+    let summary = crate::audit::sweep(store, &args.db, &config.audit, config.retention_days, &operator())?;
     writeln!(out, "{summary}")?;
     Ok(())
 }
@@ -228,7 +235,7 @@ impl<'a> Session<'a> {
     ) -> Result<Self> {
         let config = Config::load(args.config.as_deref(), Some(&args.db))?;
         store.set_retention_days(config.retention_days);
-        let audit = AuditLog::in_dir(&args.db);
+        let audit = AuditLog::open(&args.db, &config.audit)?;
         let authorisation = Authorisation {
             authority: who.authority.clone(),
             officer: who.officer.clone(),

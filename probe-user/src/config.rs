@@ -33,6 +33,8 @@ pub struct Config {
     pub metrics: crate::metrics::MetricsSection,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub audit: crate::audit::AuditSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -133,6 +135,7 @@ impl Default for Config {
             timeouts: TimeoutsSection::default(),
             subscribers: Default::default(),
             http: Default::default(),
+            audit: Default::default(),
             metrics: Default::default(),
             store: StoreSection::default(),
         }

@@ -335,20 +335,20 @@ fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Re
     };
     let authority = match authenticate(&config, headers) {
         Ok(authority) => authority,
-        Err(reason) => return (refuse(state, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
+        Err(reason) => return (refuse(state, &config, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
     };
     (answer_authenticated(state, kind, params, &authority, body), Auth::Passed)
 }
 
 /// Refuses a request, audited.
-fn refuse(state: &AppState, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
-    let audit = AuditLog::in_dir(&state.db).append(AuditRecord {
+fn refuse(state: &AppState, config: &Config, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
+    let audit = AuditLog::open(&state.db, &config.audit).and_then(|log| log.append(AuditRecord {
         time: format_time(&Utc::now()),
         command: format!("http query {kind}"),
         authority,
         outcome: format!("refused: {reason}"),
         ..AuditRecord::default()
-    });
+    }));
     match audit {
         Ok(_) => error(status, format!("refused: {reason}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}")),

@@ -148,3 +148,64 @@ fn a_cut_audit_tail_is_found_against_the_head_kept_elsewhere() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("its tail was cut"), "{}", stderr(&output));
 }
+
+/// SHA-256 of `bytes`, hex (coreutils' sha256sum).
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut child| {
+        child.stdin.take().unwrap().write_all(bytes)?;
+        child.wait_with_output()
+    });
+    String::from_utf8_lossy(&out.expect("sha256sum").stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// Deletes the audit entry `gone` and re-chains the rest with plain SHA-256,
+/// as whoever can write the store could (the MACs, which need the key, are
+/// dropped).
+fn rechain_without(log: &str, gone: usize) -> String {
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for (seq, line) in log.lines().enumerate().filter(|(index, _)| index + 1 != gone).map(|(_, line)| line).enumerate() {
+        let after_prev = line.find(",\"prev\":\"").unwrap() + ",\"prev\":\"".len() + 64 + 1;
+        let record = &line[after_prev..line.find(",\"hash\":\"").unwrap()];
+        let body = format!("{{\"seq\":{},\"prev\":\"{prev}\"{record}}}", seq + 1);
+        let hash = sha256_hex(body.as_bytes());
+        out.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
+        prev = hash;
+    }
+    out
+}
+
+#[test]
+fn with_an_audit_key_a_rechained_log_fails_verification() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let keys = TempDir::new("icr-audit-key");
+    let key = keys.path().join("audit.key");
+    std::fs::write(&key, [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let keyed = format!("{POLICE}\n[audit]\nkey = \"{}\"\n", key.display());
+    let store = StoreDir::with_config(&keyed);
+    for _ in 0..3 {
+        assert!(query_accessed(&store, "www.example.test").status.success());
+    }
+    let db = store.path().to_str().unwrap();
+    let output = icr(&["audit", "verify", "--db", db], b"");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("3 entries, each authenticated by the audit key"));
+
+    let path = store.path().join("audit.log");
+    std::fs::write(&path, rechain_without(&std::fs::read_to_string(&path).unwrap(), 2)).unwrap();
+    // Without the key the rewrite passes, as every log did before keys.
+    std::fs::write(store.path().join("icr.toml"), POLICE).unwrap();
+    assert!(icr(&["audit", "verify", "--db", db], b"").status.success(), "a re-chained log is a whole chain");
+    std::fs::write(store.path().join("icr.toml"), &keyed).unwrap();
+    let output = icr(&["audit", "verify", "--db", db], b"");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("no entry of the 2 is authenticated by the audit key"), "{}", stderr(&output));
+
+    // A key others can read is refused before anything is answered.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = query_accessed(&store, "www.example.test");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("readable by root only"), "{}", stderr(&output));
+    assert!(output.stdout.is_empty());
+}
