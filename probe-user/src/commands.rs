@@ -2,9 +2,9 @@
 //! is authorised, answered from the store, and audited before it is printed.
 //! They take the store they are given and write to `out`, so the same code
 //! answers on the command line and, through its socket, inside the agent.
-use std::{cell::Cell, io::Write, net::IpAddr};
+use std::{cell::Cell, io::Write};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use chrono::{DateTime, Utc};
 use sha2::{Digest as _, Sha256};
 
@@ -18,11 +18,11 @@ const MAX_PARAMETERS_BYTES: usize = 1 << 20;
 use crate::{
     audit::{AuditLog, AuditRecord},
     cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
-    config::{Config, parse_duration},
+    config::Config,
     export::{self, Format},
     icr::{Icr, format_time},
     probe::ProbeOptions,
-    query::{self, Authorisation, DeviceSelector, Purpose, Refusal, ServiceSelector},
+    query::{self, Authorisation, Purpose, Question, Refusal, ServiceSelector, parse_time},
     store::{Lookup, Store, gaps::Gap, index::IndexKey},
 };
 
@@ -49,19 +49,17 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             });
             let session = Session::open(&args.store_args()?, &who, Purpose::Resolve, "query resolve", parameters, store)?;
             session.run(|session| {
-                let at = parse_time(&at, "--at")?;
-                let tolerance = chrono::Duration::from_std(parse_duration(&tolerance)?)
-                    .ok()
-                    .filter(|tolerance| at.checked_sub_signed(*tolerance).zip(at.checked_add_signed(*tolerance)).is_some())
-                    .with_context(|| format!("--tolerance {tolerance:?} reaches past the times this can represent"))?;
-                session.check_window(at - tolerance, at + tolerance)?;
-                let remote = remote.as_deref().map(parse_remote).transpose()?;
-                let service = service.as_deref().map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
+                let Question::Resolve { ip, port, at, from, to, remote, service } =
+                    Question::resolve(ip, port, &at, &tolerance, remote.as_deref(), service.as_deref())?
+                else {
+                    unreachable!("Question::resolve gives a Resolve")
+                };
+                session.check_window(from, to)?;
                 let key = match port {
                     Some(port) => IndexKey::PublicPort(ip, port),
                     None => IndexKey::PublicAddr(ip),
                 };
-                let records = store.find(at - tolerance, at + tolerance, Lookup::Any(&[key]))?;
+                let records = store.find(from, to, Lookup::Any(&[key]))?;
                 let answer = query::resolve(records, at, ip, port, remote, service.as_ref());
                 session.answer_records(&answer, &who, out)
             })
@@ -70,9 +68,10 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
             let session = Session::open(&args.store_args()?, &who, Purpose::Services, "query services", parameters, store)?;
             session.run(|session| {
-                let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
+                let Question::Services { device, from, to } = Question::services(&device, &from, &to)? else {
+                    unreachable!("Question::services gives a Services")
+                };
                 session.check_window(from, to)?;
-                let device = DeviceSelector::parse(&device);
                 let rows = query::service_rows(store.services(from, to, &device.index_key())?);
                 let format = who.format.unwrap_or_else(Format::default_for_stdout);
                 let mut rendered = Vec::new();
@@ -87,12 +86,9 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             let session = Session::open(&args.store_args()?, &who, Purpose::Accessed, "query accessed", parameters, store)?;
             session.run(|session| {
                 let texts = service_list(services, services_file.as_deref())?;
-                let selectors = texts
-                    .iter()
-                    .map(|t| ServiceSelector::parse(t))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| anyhow!(e))?;
-                let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
+                let Question::Accessed { services: selectors, from, to } = Question::accessed(&texts, &from, &to)? else {
+                    unreachable!("Question::accessed gives an Accessed")
+                };
                 session.check_window(from, to)?;
                 let keys: Option<Vec<IndexKey>> =
                     selectors.iter().map(ServiceSelector::index_keys).collect::<Option<Vec<_>>>().map(|k| k.concat());
@@ -381,18 +377,20 @@ pub fn is_refusal(error: &anyhow::Error) -> bool {
     error.downcast_ref::<Refusal>().is_some()
 }
 
-fn parse_time(text: &str, flag: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .with_context(|| format!("{flag} {text:?} is not an RFC 3339 time like 2026-11-22T15:02:00Z"))
-}
-
-fn parse_remote(text: &str) -> Result<(IpAddr, Option<u16>)> {
-    if let Ok(ip) = text.parse() {
-        return Ok((ip, None));
+/// A query's values, parsed and checked as the store would take them, with
+/// no store and no authority: what the command line, the query socket and
+/// the HTTP API all come to (and what `fuzz/`'s `query_request` drives).
+/// A `--services-file` is read here.
+pub fn parse_question(command: &QueryCommand) -> Result<Question> {
+    match command {
+        QueryCommand::Resolve { ip, port, at, tolerance, remote, service, .. } => {
+            Question::resolve(*ip, *port, at, tolerance, remote.as_deref(), service.as_deref())
+        }
+        QueryCommand::Services { device, from, to, .. } => Question::services(device, from, to),
+        QueryCommand::Accessed { services, services_file, from, to, .. } => {
+            Question::accessed(&service_list(services.clone(), services_file.as_deref())?, from, to)
+        }
     }
-    let address: std::net::SocketAddr = text.parse().with_context(|| format!("--remote {text:?} is not IP or IP:PORT"))?;
-    Ok((address.ip(), Some(address.port())))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

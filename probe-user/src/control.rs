@@ -29,9 +29,10 @@ const SOCKET_NAME: &str = "icr.sock";
 /// A request line longer than this is refused.
 const MAX_REQUEST: usize = 1 << 20;
 
+/// A query through the socket: one JSON line.
 #[derive(Serialize, Deserialize)]
-struct Request {
-    argv: Vec<String>,
+pub struct Request {
+    pub argv: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]

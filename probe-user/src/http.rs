@@ -103,7 +103,7 @@ pub fn hash_token(token: &str) -> Result<String> {
 /// Parameters each question takes over HTTP (as command-line flags). Paths
 /// on the server (`--db`, `--config`, `--bundle`, `--services-file`) are not
 /// among them.
-fn allowed(kind: &str) -> Option<&'static [&'static str]> {
+pub fn allowed(kind: &str) -> Option<&'static [&'static str]> {
     match kind {
         "resolve" => Some(&["ip", "port", "at", "tolerance", "remote", "service"]),
         "services" => Some(&["device", "from", "to"]),
@@ -356,7 +356,7 @@ fn refuse(state: &AppState, config: &Config, kind: &str, status: StatusCode, aut
 }
 
 fn answer_authenticated(state: &AppState, kind: &str, params: &[&str], authority: &str, body: &[u8]) -> Response {
-    let argv = match argv(kind, params, authority, &state.db, state.config_file.as_deref(), body) {
+    let argv = match request_argv(kind, params, authority, &state.db, state.config_file.as_deref(), body) {
         Ok(argv) => argv,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
     };
@@ -436,8 +436,8 @@ fn stand_in_hash() -> &'static str {
     HASH.get_or_init(|| hash_token("no authority has this token").unwrap_or_default())
 }
 
-/// The command line this request stands for.
-fn argv(
+/// The command line a request's body stands for.
+pub fn request_argv(
     kind: &str,
     params: &[&str],
     authority: &str,
@@ -536,13 +536,13 @@ mod tests {
     fn bodies_become_the_same_command_line() {
         let db = std::path::Path::new("/var/lib/icr");
         let body = br#"{"officer": "PC 1", "reference": "OP-1", "service": ["a.example", "*.b.example"], "from": "2026-11-22T00:00:00Z", "to": "2026-11-23T00:00:00Z"}"#;
-        let line = argv("accessed", allowed("accessed").unwrap(), "met", db, None, body).unwrap();
+        let line = request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, body).unwrap();
         assert!(Cli::try_parse_from(&line).is_ok(), "{line:?}");
         assert_eq!(line.iter().filter(|a| *a == "--service").count(), 2);
-        assert!(argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"db": "/tmp/x"}"#).is_err(), "no server paths");
-        assert!(argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"bundle": "/tmp/x"}"#).is_err());
-        assert!(argv("resolve", allowed("resolve").unwrap(), "met", db, None, b"[1, 2]").is_err());
-        assert!(argv("resolve", allowed("resolve").unwrap(), "met", db, None, br#"{"format": "table"}"#).is_err());
+        assert!(request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"db": "/tmp/x"}"#).is_err(), "no server paths");
+        assert!(request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"bundle": "/tmp/x"}"#).is_err());
+        assert!(request_argv("resolve", allowed("resolve").unwrap(), "met", db, None, b"[1, 2]").is_err());
+        assert!(request_argv("resolve", allowed("resolve").unwrap(), "met", db, None, br#"{"format": "table"}"#).is_err());
         assert!(allowed("list").is_none());
     }
 }

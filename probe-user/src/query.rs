@@ -4,7 +4,7 @@
 //! happens, answered or refused, is written to the audit log first.
 use std::net::IpAddr;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::Serialize;
@@ -28,6 +28,90 @@ pub enum Purpose {
     Services = 2,
     /// 3: which devices used given services.
     Accessed = 3,
+}
+
+/// A question with its values parsed and checked, before it is authorised:
+/// times are times, the window is representable, selectors are typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Question {
+    /// 1: who had `ip` (and `port`) at `at`, looked for in `from..=to`.
+    Resolve {
+        ip: IpAddr,
+        port: Option<u16>,
+        at: DateTime<Utc>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        remote: Option<(IpAddr, Option<u16>)>,
+        service: Option<ServiceSelector>,
+    },
+    /// 2: the services `device` used in `from..to`.
+    Services { device: DeviceSelector, from: DateTime<Utc>, to: DateTime<Utc> },
+    /// 3: the devices that used any of `services` in `from..to`.
+    Accessed { services: Vec<ServiceSelector>, from: DateTime<Utc>, to: DateTime<Utc> },
+}
+
+impl Question {
+    pub fn resolve(
+        ip: IpAddr,
+        port: Option<u16>,
+        at: &str,
+        tolerance: &str,
+        remote: Option<&str>,
+        service: Option<&str>,
+    ) -> Result<Self> {
+        let at = parse_time(at, "--at")?;
+        let tolerance = chrono::Duration::from_std(crate::config::parse_duration(tolerance)?)
+            .ok()
+            .and_then(|tolerance| at.checked_sub_signed(tolerance).zip(at.checked_add_signed(tolerance)))
+            .with_context(|| format!("--tolerance {tolerance:?} reaches past the times this can represent"))?;
+        let remote = remote.map(parse_remote).transpose()?;
+        let service = service.map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
+        Ok(Self::Resolve { ip, port, at, from: tolerance.0, to: tolerance.1, remote, service })
+    }
+
+    pub fn services(device: &str, from: &str, to: &str) -> Result<Self> {
+        Ok(Self::Services { device: DeviceSelector::parse(device), from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
+    }
+
+    /// `services`: at least one.
+    pub fn accessed(services: &[String], from: &str, to: &str) -> Result<Self> {
+        if services.is_empty() {
+            bail!("name at least one --service (or a --services-file)");
+        }
+        let services = services.iter().map(|text| ServiceSelector::parse(text)).collect::<Result<Vec<_>, _>>().map_err(|e| anyhow!(e))?;
+        Ok(Self::Accessed { services, from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
+    }
+
+    pub fn purpose(&self) -> Purpose {
+        match self {
+            Self::Resolve { .. } => Purpose::Resolve,
+            Self::Services { .. } => Purpose::Services,
+            Self::Accessed { .. } => Purpose::Accessed,
+        }
+    }
+
+    /// The window the question reads.
+    pub fn window(&self) -> (DateTime<Utc>, DateTime<Utc>) {
+        match self {
+            Self::Resolve { from, to, .. } | Self::Services { from, to, .. } | Self::Accessed { from, to, .. } => (*from, *to),
+        }
+    }
+}
+
+/// An RFC 3339 time given with `flag`.
+pub fn parse_time(text: &str, flag: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("{flag} {text:?} is not an RFC 3339 time like 2026-11-22T15:02:00Z"))
+}
+
+/// `--remote`: IP or IP:PORT.
+fn parse_remote(text: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(ip) = text.parse() {
+        return Ok((ip, None));
+    }
+    let address: std::net::SocketAddr = text.parse().with_context(|| format!("--remote {text:?} is not IP or IP:PORT"))?;
+    Ok((address.ip(), Some(address.port())))
 }
 
 /// Who asks, and under what authority.
