@@ -99,7 +99,8 @@ impl ServiceRuntime {
         // Started there, so that their tasks run there; a listener that
         // cannot start is reported here.
         let started = runtime.spawn(async move {
-            crate::control::serve(&db, store.clone())?;
+            let authorising = crate::config::StoreConfig::of_agent(&db, config_file.as_deref());
+            crate::control::serve(&db, authorising, store.clone())?;
             crate::http::serve(&http, db.clone(), config_file, store).await?;
             crate::metrics::serve(&metrics, snapshot).await
         });

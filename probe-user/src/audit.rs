@@ -60,6 +60,11 @@ pub struct AuditRecord {
     /// none, so entries written before gaps existed verify unchanged).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub gaps: u64,
+    /// SHA-256 of the configuration that authorised (or refused) the
+    /// request; absent when the store has no configuration file, and in
+    /// entries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -18,7 +18,7 @@ const MAX_PARAMETERS_BYTES: usize = 1 << 20;
 use crate::{
     audit::{AuditLog, AuditRecord},
     cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
-    config::Config,
+    config::{Config, LoadedConfig, StoreConfig},
     export::{self, Format},
     icr::{Icr, format_time},
     probe::ProbeOptions,
@@ -41,13 +41,15 @@ pub fn store_dir(command: &crate::cli::Command) -> Option<&std::path::Path> {
 
 /// Answers a query; returns the capture gaps its window touches, which the
 /// caller must show beside the answer (they are audited and bundled too).
-pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Result<Vec<Gap>> {
+/// `authorising` is the store's configuration as the door that took the
+/// query knows it (see [`StoreConfig`]).
+pub fn query(command: QueryCommand, store: &Store, authorising: &StoreConfig, out: &mut dyn Write) -> Result<Vec<Gap>> {
     match command {
         QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store: args, who } => {
             let parameters = serde_json::json!({
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
-            let session = Session::open(&args.store_args()?, &who, Purpose::Resolve, "query resolve", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Resolve, "query resolve", parameters, store)?;
             session.run(|session| {
                 let Question::Resolve { ip, port, at, from, to, remote, service } =
                     Question::resolve(ip, port, &at, &tolerance, remote.as_deref(), service.as_deref())?
@@ -66,7 +68,7 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
-            let session = Session::open(&args.store_args()?, &who, Purpose::Services, "query services", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Services, "query services", parameters, store)?;
             session.run(|session| {
                 let Question::Services { device, from, to } = Question::services(&device, &from, &to)? else {
                     unreachable!("Question::services gives a Services")
@@ -80,12 +82,14 @@ pub fn query(command: QueryCommand, store: &Store, out: &mut dyn Write) -> Resul
             })
         }
         QueryCommand::Accessed { services, services_file, from, to, store: args, who } => {
+            // The audit entry holds the services themselves, the file's too.
+            let listed = service_list(services.clone(), services_file.as_deref());
             let parameters = serde_json::json!({
-                "services": services, "services_file": services_file, "from": from, "to": to,
+                "services": listed.as_ref().unwrap_or(&services), "services_file": services_file, "from": from, "to": to,
             });
-            let session = Session::open(&args.store_args()?, &who, Purpose::Accessed, "query accessed", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Accessed, "query accessed", parameters, store)?;
             session.run(|session| {
-                let texts = service_list(services, services_file.as_deref())?;
+                let texts = listed?;
                 let Question::Accessed { services: selectors, from, to } = Question::accessed(&texts, &from, &to)? else {
                     unreachable!("Question::accessed gives an Accessed")
                 };
@@ -146,10 +150,11 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 
 /// Every stored record in the window: an operator's command, audited.
 /// Returns the capture gaps in the window, as [`query`] does.
-pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Gap>> {
+pub fn list(args: ListArgs, store: &Store, authorising: &StoreConfig, out: &mut dyn Write) -> Result<Vec<Gap>> {
     let from = args.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?.unwrap_or(DateTime::UNIX_EPOCH);
     let to = args.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
-    let config = Config::load(args.store.config.as_deref(), Some(&args.store.db))?;
+    refuse_other_config(authorising, args.store.config.as_deref())?;
+    let LoadedConfig { config, sha256 } = authorising.load()?;
     store.set_retention_days(config.retention_days);
     let records = store.scan(from, to)?;
     let gaps = store.gaps(from, to)?;
@@ -163,6 +168,7 @@ pub fn list(args: ListArgs, store: &Store, out: &mut dyn Write) -> Result<Vec<Ga
         result_count: records.len() as u64,
         result_sha256: Some(sha256_hex(&bytes)),
         gaps: gaps.len() as u64,
+        config_sha256: sha256,
         ..AuditRecord::default()
     })?;
     export::write_records(out, &records, args.format.unwrap_or_else(Format::default_for_stdout))?;
@@ -202,8 +208,22 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-pub fn sweep(args: StoreArgs, store: &Store, out: &mut dyn Write) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+/// A store-reading command that names a configuration other than the
+/// store's is refused: its retention or authorities would be the caller's.
+fn refuse_other_config(authorising: &StoreConfig, named: Option<&std::path::Path>) -> Result<()> {
+    match named {
+        Some(named) if !authorising.is(named) => Err(anyhow::Error::new(Refusal(format!(
+            "the store is governed by its configuration {}, not by {}",
+            authorising.path().display(),
+            named.display()
+        )))),
+        _ => Ok(()),
+    }
+}
+
+pub fn sweep(args: StoreArgs, store: &Store, authorising: &StoreConfig, out: &mut dyn Write) -> Result<()> {
+    refuse_other_config(authorising, args.config.as_deref())?;
+    let config = authorising.load()?.config;
     let summary = crate::audit::sweep(store, &args.db, &config.audit, config.retention_days, &operator())?;
     writeln!(out, "{summary}")?;
     Ok(())
@@ -223,13 +243,14 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     fn open(
         args: &StoreArgs,
+        authorising: &StoreConfig,
         who: &Requester,
         purpose: Purpose,
         command: &str,
         parameters: serde_json::Value,
         store: &'a Store,
     ) -> Result<Self> {
-        let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+        let LoadedConfig { config, sha256 } = authorising.load()?;
         store.set_retention_days(config.retention_days);
         let audit = AuditLog::open(&args.db, &config.audit)?;
         let authorisation = Authorisation {
@@ -245,6 +266,7 @@ impl<'a> Session<'a> {
             reference: who.reference.clone(),
             purpose: Some(purpose as u8),
             parameters,
+            config_sha256: sha256,
             ..AuditRecord::default()
         };
         let max_window = chrono::Duration::days(i64::from(config.max_window_days));
@@ -260,6 +282,14 @@ impl<'a> Session<'a> {
                 }
             }
             return Err(session.refuse(Refusal(reason)));
+        }
+        // Whoever asks cannot bring authorities of their own.
+        if let Some(named) = args.config.as_deref().filter(|named| !authorising.is(named)) {
+            return Err(session.refuse(Refusal(format!(
+                "queries are authorised by the store's configuration {}, not by {}",
+                authorising.path().display(),
+                named.display()
+            ))));
         }
         if let Err(refusal) = query::authorise(&config, &authorisation, purpose) {
             return Err(session.refuse(refusal));

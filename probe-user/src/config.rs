@@ -1,7 +1,10 @@
 //! The configuration file (TOML, `shared/CLI.md`): retention, authorities,
 //! and the probe's tunables. Unknown keys are refused so a typo cannot
 //! silently weaken a safeguard.
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
@@ -152,6 +155,61 @@ fn default_max_window_days() -> u32 {
 
 fn default_flow_table_size() -> u32 {
     probe_common::DEFAULT_FLOW_TABLE_SIZE
+}
+
+/// The configuration that authorises the queries of a store: the store's
+/// own (`DIR/icr.toml`), or the file its agent was started with (`icr run
+/// --config FILE`). The door that takes a query chooses it, never the
+/// request: a query naming another configuration is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    path: PathBuf,
+}
+
+/// What a [`StoreConfig`] holds now: the configuration, and the SHA-256 of
+/// its file (recorded with every audit entry it authorises; `None` when the
+/// store has no file and the defaults apply).
+pub struct LoadedConfig {
+    pub config: Config,
+    pub sha256: Option<String>,
+}
+
+impl StoreConfig {
+    /// `DIR/icr.toml`.
+    pub fn of_store(db: &Path) -> Self {
+        Self { path: db.join("icr.toml") }
+    }
+
+    /// The agent's: its `--config FILE`, else the store's own.
+    pub fn of_agent(db: &Path, config_file: Option<&Path>) -> Self {
+        config_file.map_or_else(|| Self::of_store(db), |path| Self { path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `named` (a request's `--config`) is this configuration.
+    pub fn is(&self, named: &Path) -> bool {
+        let canonical = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        canonical(named) == canonical(&self.path)
+    }
+
+    /// Reads it now (authorities change without a restart); a store without
+    /// a configuration file has the defaults, and no authority.
+    pub fn load(&self) -> Result<LoadedConfig> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LoadedConfig { config: Config::default(), sha256: None });
+            }
+            Err(error) => return Err(error).with_context(|| format!("reading the configuration {}", self.path.display())),
+        };
+        let text = String::from_utf8(bytes).with_context(|| format!("the configuration {} is not UTF-8", self.path.display()))?;
+        let config = Config::parse(&text).with_context(|| format!("in the configuration {}", self.path.display()))?;
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+        Ok(LoadedConfig { config, sha256: Some(sha256) })
+    }
 }
 
 impl Config {

@@ -22,6 +22,7 @@ use tokio::{
 use crate::{
     cli::{Cli, Command},
     commands,
+    config::StoreConfig,
     store::{Store, gaps::Gap},
 };
 
@@ -56,8 +57,9 @@ pub fn socket_path(db: &Path) -> PathBuf {
     db.join(SOCKET_NAME)
 }
 
-/// Serves the socket until the agent stops.
-pub fn serve(db: &Path, store: Store) -> Result<()> {
+/// Serves the socket until the agent stops. Queries are authorised by
+/// `authorising`, the agent's configuration, whatever the request names.
+pub fn serve(db: &Path, authorising: StoreConfig, store: Store) -> Result<()> {
     let path = socket_path(db);
     if path.exists() {
         std::fs::remove_file(&path).with_context(|| format!("removing the stale socket {}", path.display()))?;
@@ -68,9 +70,9 @@ pub fn serve(db: &Path, store: Store) -> Result<()> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let store = store.clone();
+                    let (store, authorising) = (store.clone(), authorising.clone());
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, store).await {
+                        if let Err(error) = answer(stream, store, authorising).await {
                             warn!("a local query failed: {error:#}");
                         }
                     });
@@ -87,7 +89,7 @@ pub fn serve(db: &Path, store: Store) -> Result<()> {
     Ok(())
 }
 
-async fn answer(stream: UnixStream, store: Store) -> Result<()> {
+async fn answer(stream: UnixStream, store: Store, authorising: StoreConfig) -> Result<()> {
     // Root only: the file mode says so, and so must the peer.
     let peer = stream.peer_cred()?;
     let (reader, mut writer) = stream.into_split();
@@ -99,7 +101,7 @@ async fn answer(stream: UnixStream, store: Store) -> Result<()> {
     let mut line = String::new();
     AsyncBufReader::new(tokio::io::AsyncReadExt::take(reader, MAX_REQUEST as u64)).read_line(&mut line).await?;
     let request: Request = serde_json::from_str(&line).context("a malformed request")?;
-    let (reply, output) = tokio::task::spawn_blocking(move || run(request.argv, &store)).await?;
+    let (reply, output) = tokio::task::spawn_blocking(move || run(request.argv, &store, &authorising)).await?;
     writer.write_all(&reply_line(&reply)?).await?;
     writer.write_all(&output).await?;
     writer.shutdown().await?;
@@ -107,12 +109,12 @@ async fn answer(stream: UnixStream, store: Store) -> Result<()> {
 }
 
 /// Runs a store-reading command line against the agent's store.
-fn run(argv: Vec<String>, store: &Store) -> (Reply, Vec<u8>) {
+fn run(argv: Vec<String>, store: &Store, authorising: &StoreConfig) -> (Reply, Vec<u8>) {
     let mut output = Vec::new();
     let result = match Cli::try_parse_from(argv) {
-        Ok(Cli { command: Command::Query(query) }) => commands::query(query, store, &mut output),
-        Ok(Cli { command: Command::List(args) }) => commands::list(args, store, &mut output),
-        Ok(Cli { command: Command::Sweep(args) }) => commands::sweep(args, store, &mut output).map(|()| Vec::new()),
+        Ok(Cli { command: Command::Query(query) }) => commands::query(query, store, authorising, &mut output),
+        Ok(Cli { command: Command::List(args) }) => commands::list(args, store, authorising, &mut output),
+        Ok(Cli { command: Command::Sweep(args) }) => commands::sweep(args, store, authorising, &mut output).map(|()| Vec::new()),
         Ok(_) => Err(anyhow::anyhow!("only queries, list and sweep are answered on this socket")),
         Err(error) => Err(anyhow::anyhow!("{}", error.to_string().lines().next().unwrap_or("bad arguments"))),
     };

@@ -41,7 +41,7 @@ use crate::{
     audit::{AuditLog, AuditRecord},
     cli::{Cli, Command},
     commands,
-    config::Config,
+    config::{Config, LoadedConfig, StoreConfig},
     icr::format_time,
     store::{Store, gaps::Gap},
 };
@@ -119,6 +119,13 @@ struct AppState {
     store: Store,
     request_timeout: Duration,
     failures: Arc<Failures>,
+}
+
+impl AppState {
+    /// Queries over HTTP are authorised by the agent's configuration.
+    fn authorising(&self) -> StoreConfig {
+        StoreConfig::of_agent(&self.db, self.config_file.as_deref())
+    }
 }
 
 /// Serves the API on its own task; a listener that cannot bind, or a
@@ -329,24 +336,25 @@ enum Auth {
 
 fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Response, Auth) {
     let Some(params) = allowed(kind) else { return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked) };
-    let config = match Config::load(state.config_file.as_deref(), Some(&state.db)) {
-        Ok(config) => config,
+    let loaded = match state.authorising().load() {
+        Ok(loaded) => loaded,
         Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), Auth::NotChecked),
     };
-    let authority = match authenticate(&config, headers) {
+    let authority = match authenticate(&loaded.config, headers) {
         Ok(authority) => authority,
-        Err(reason) => return (refuse(state, &config, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
+        Err(reason) => return (refuse(state, &loaded, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
     };
     (answer_authenticated(state, kind, params, &authority, body), Auth::Passed)
 }
 
 /// Refuses a request, audited.
-fn refuse(state: &AppState, config: &Config, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
-    let audit = AuditLog::open(&state.db, &config.audit).and_then(|log| log.append(AuditRecord {
+fn refuse(state: &AppState, loaded: &LoadedConfig, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
+    let audit = AuditLog::open(&state.db, &loaded.config.audit).and_then(|log| log.append(AuditRecord {
         time: format_time(&Utc::now()),
         command: format!("http query {kind}"),
         authority,
         outcome: format!("refused: {reason}"),
+        config_sha256: loaded.sha256.clone(),
         ..AuditRecord::default()
     }));
     match audit {
@@ -367,7 +375,7 @@ fn answer_authenticated(state: &AppState, kind: &str, params: &[&str], authority
     };
     let format = argv.iter().position(|a| a == "--format").and_then(|i| argv.get(i + 1)).cloned().unwrap_or_default();
     let mut out = Vec::new();
-    match commands::query(command, &state.store, &mut out) {
+    match commands::query(command, &state.store, &state.authorising(), &mut out) {
         Ok(gaps) => {
             let content_type = if format == "csv" { "text/csv" } else { "application/x-ndjson" };
             let mut response = ([(header::CONTENT_TYPE, content_type)], out).into_response();

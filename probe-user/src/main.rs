@@ -6,7 +6,7 @@ use icr::{
     agent::{self, RunOptions},
     cli::{Cli, Command},
     commands, control,
-    config::Config,
+    config::{Config, StoreConfig},
     export::Format,
     store::{Store, StoreInUse},
 };
@@ -45,11 +45,13 @@ fn main() {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
             // Questions change nothing in the store; a sweep does.
             let open = if matches!(command, Command::Sweep(_)) { Store::open } else { Store::open_read_only };
+            // Without an agent, the store's own configuration governs it.
+            let authorising = StoreConfig::of_store(&db);
             match open(&db) {
                 Ok(store) => match command {
-                    Command::Query(query) => commands::query(query, &store, &mut stdout).map(|gaps| warn_of(&gaps)),
-                    Command::List(args) => commands::list(args, &store, &mut stdout).map(|gaps| warn_of(&gaps)),
-                    Command::Sweep(args) => commands::sweep(args, &store, &mut stdout),
+                    Command::Query(query) => commands::query(query, &store, &authorising, &mut stdout).map(|gaps| warn_of(&gaps)),
+                    Command::List(args) => commands::list(args, &store, &authorising, &mut stdout).map(|gaps| warn_of(&gaps)),
+                    Command::Sweep(args) => commands::sweep(args, &store, &authorising, &mut stdout),
                     _ => unreachable!("matched above"),
                 },
                 // The agent holds the store: it answers through its socket.

@@ -209,3 +209,74 @@ fn with_an_audit_key_a_rechained_log_fails_verification() {
     assert!(stderr(&output).contains("readable by root only"), "{}", stderr(&output));
     assert!(output.stdout.is_empty());
 }
+
+/// The audit log's entries, parsed.
+fn audit_entries(store: &StoreDir) -> Vec<serde_json::Value> {
+    let log = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
+    log.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+#[test]
+fn a_query_is_authorised_by_the_stores_configuration_never_the_callers() {
+    let store = StoreDir::with_config(POLICE);
+    let db = store.path().to_str().unwrap();
+    // The caller's own file: an authority of their making, a long window.
+    let elsewhere = TempDir::new("icr-caller-config");
+    let forged = elsewhere.path().join("mine.toml");
+    std::fs::write(&forged, "max_window_days = 365\n[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n").unwrap();
+    let ask = |config: &Path, authority: &str| {
+        icr(
+            &[
+                "query", "accessed", "--service", "www.example.test", "--from", "2026-01-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z",
+                "--db", db, "--config", config.to_str().unwrap(), "--authority", authority, "--officer", "PC 1", "--reference", "OP-1",
+                "--format", "ndjson",
+            ],
+            b"",
+        )
+    };
+    let output = ask(&forged, "fake");
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("authorised by the store's configuration"), "{}", stderr(&output));
+    let entries = audit_entries(&store);
+    let refused = entries.last().unwrap();
+    assert!(refused["outcome"].as_str().unwrap().starts_with("refused"), "{refused}");
+    // The entry names the configuration that decided: the store's.
+    let own = store.path().join("icr.toml");
+    let expected = {
+        let out = Command::new("sha256sum").arg(&own).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    assert_eq!(refused["config_sha256"], expected.as_str(), "{refused}");
+
+    // Naming the store's own file is no change; the window rule is its own.
+    let output = ask(&own, "met");
+    assert_eq!(output.status.code(), Some(3), "the store allows 31 days: {}", stderr(&output));
+    assert!(stderr(&output).contains("longer than the 31 days"), "{}", stderr(&output));
+    // Nor can a sweep bring its own retention.
+    let output = icr(&["sweep", "--db", db, "--config", forged.to_str().unwrap()], b"");
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("governed by its configuration"), "{}", stderr(&output));
+}
+
+#[test]
+fn the_services_of_a_services_file_are_audited_themselves() {
+    let store = StoreDir::with_config(POLICE);
+    let db = store.path().to_str().unwrap();
+    let list = store.path().join("services.txt");
+    std::fs::write(&list, "# wanted\nfirst.example.test\n\n*.second.example.test\n").unwrap();
+    let output = icr(
+        &[
+            "query", "accessed", "--services-file", list.to_str().unwrap(), "--service", "third.example.test", "--from",
+            "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z", "--db", db, "--authority", "met", "--officer", "PC 1",
+            "--reference", "OP-1", "--format", "ndjson",
+        ],
+        b"",
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let entry = audit_entries(&store).pop().unwrap();
+    assert_eq!(
+        entry["parameters"]["services"],
+        serde_json::json!(["third.example.test", "first.example.test", "*.second.example.test"]),
+        "{entry}"
+    );
+}
