@@ -193,13 +193,15 @@ impl QueryCommand {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
+    /// The window's start (RFC 3339).
     #[arg(long)]
-    pub from: Option<String>,
+    pub from: String,
+    /// Its end: at most the configuration's `max_window_days` after --from.
     #[arg(long)]
-    pub to: Option<String>,
-    /// Output format (default: table on a terminal, NDJSON otherwise).
-    #[arg(long, value_enum)]
-    pub format: Option<Format>,
+    pub to: String,
+    /// Who asks (an operator authority) and why, and the output.
+    #[command(flatten)]
+    pub who: Requester,
     #[command(flatten)]
     pub store: StoreArgs,
 }

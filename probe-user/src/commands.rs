@@ -22,7 +22,7 @@ use crate::{
     export::{self, Format},
     icr::{Icr, format_time},
     probe::ProbeOptions,
-    query::{self, Authorisation, Purpose, Question, Refusal, ServiceSelector, parse_time},
+    query::{self, Act, Authorisation, Purpose, Question, Refusal, ServiceSelector, parse_time},
     store::{Lookup, Store, gaps::Gap, index::IndexKey},
 };
 
@@ -49,7 +49,7 @@ pub fn query(command: QueryCommand, store: &Store, authorising: &StoreConfig, ou
             let parameters = serde_json::json!({
                 "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service,
             });
-            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Resolve, "query resolve", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Act::Ask(Purpose::Resolve), "query resolve", parameters, store)?;
             session.run(|session| {
                 let Question::Resolve { ip, port, at, from, to, remote, service } =
                     Question::resolve(ip, port, &at, &tolerance, remote.as_deref(), service.as_deref())?
@@ -68,7 +68,7 @@ pub fn query(command: QueryCommand, store: &Store, authorising: &StoreConfig, ou
         }
         QueryCommand::Services { device, from, to, store: args, who } => {
             let parameters = serde_json::json!({ "device": device, "from": from, "to": to });
-            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Services, "query services", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Act::Ask(Purpose::Services), "query services", parameters, store)?;
             session.run(|session| {
                 let Question::Services { device, from, to } = Question::services(&device, &from, &to)? else {
                     unreachable!("Question::services gives a Services")
@@ -87,7 +87,7 @@ pub fn query(command: QueryCommand, store: &Store, authorising: &StoreConfig, ou
             let parameters = serde_json::json!({
                 "services": listed.as_ref().unwrap_or(&services), "services_file": services_file, "from": from, "to": to,
             });
-            let session = Session::open(&args.store_args()?, authorising, &who, Purpose::Accessed, "query accessed", parameters, store)?;
+            let session = Session::open(&args.store_args()?, authorising, &who, Act::Ask(Purpose::Accessed), "query accessed", parameters, store)?;
             session.run(|session| {
                 let texts = listed?;
                 let Question::Accessed { services: selectors, from, to } = Question::accessed(&texts, &from, &to)? else {
@@ -148,31 +148,20 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every stored record in the window: an operator's command, audited.
-/// Returns the capture gaps in the window, as [`query`] does.
+/// Every stored record in a window, for maintenance: a request like the
+/// questions (an operator authority, an officer, a reference, a window of
+/// at most `max_window_days`), audited with them. Returns the capture gaps
+/// in the window, as [`query`] does.
 pub fn list(args: ListArgs, store: &Store, authorising: &StoreConfig, out: &mut dyn Write) -> Result<Vec<Gap>> {
-    let from = args.from.as_deref().map(|t| parse_time(t, "--from")).transpose()?.unwrap_or(DateTime::UNIX_EPOCH);
-    let to = args.to.as_deref().map(|t| parse_time(t, "--to")).transpose()?.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
-    refuse_other_config(authorising, args.store.config.as_deref())?;
-    let LoadedConfig { config, sha256 } = authorising.load()?;
-    store.set_retention_days(config.retention_days);
-    let records = store.scan(from, to)?;
-    let gaps = store.gaps(from, to)?;
-    let bytes = export::ndjson(&records)?;
-    AuditLog::open(&args.store.db, &config.audit)?.append(AuditRecord {
-        time: format_time(&Utc::now()),
-        command: "list".into(),
-        officer: Some(operator()),
-        parameters: serde_json::json!({ "from": format_time(&from), "to": format_time(&to) }),
-        outcome: "answered".into(),
-        result_count: records.len() as u64,
-        result_sha256: Some(sha256_hex(&bytes)),
-        gaps: gaps.len() as u64,
-        config_sha256: sha256,
-        ..AuditRecord::default()
-    })?;
-    export::write_records(out, &records, args.format.unwrap_or_else(Format::default_for_stdout))?;
-    Ok(gaps)
+    let ListArgs { from, to, who, store: store_args } = args;
+    let parameters = serde_json::json!({ "from": from, "to": to });
+    let session = Session::open(&store_args, authorising, &who, Act::List, "list", parameters, store)?;
+    session.run(|session| {
+        let (from, to) = (parse_time(&from, "--from")?, parse_time(&to, "--to")?);
+        session.check_window(from, to)?;
+        let records = store.scan(from, to)?;
+        session.answer_records(&records, &who, out)
+    })
 }
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
@@ -245,7 +234,7 @@ impl<'a> Session<'a> {
         args: &StoreArgs,
         authorising: &StoreConfig,
         who: &Requester,
-        purpose: Purpose,
+        act: Act,
         command: &str,
         parameters: serde_json::Value,
         store: &'a Store,
@@ -264,7 +253,10 @@ impl<'a> Session<'a> {
             authority: who.authority.clone(),
             officer: who.officer.clone(),
             reference: who.reference.clone(),
-            purpose: Some(purpose as u8),
+            purpose: match act {
+                Act::Ask(purpose) => Some(purpose as u8),
+                Act::List => None,
+            },
             parameters,
             config_sha256: sha256,
             ..AuditRecord::default()
@@ -291,7 +283,7 @@ impl<'a> Session<'a> {
                 named.display()
             ))));
         }
-        if let Err(refusal) = query::authorise(&config, &authorisation, purpose) {
+        if let Err(refusal) = query::authorise(&config, &authorisation, act) {
             return Err(session.refuse(refusal));
         }
         Ok(session)

@@ -79,6 +79,10 @@ pub enum AuthorityKind {
     Intelligence,
     Approved,
     Local,
+    /// Maintenance: may `list` records, and ask none of the three questions.
+    Operator,
+    /// Reads the audit log; may neither list records nor ask the questions.
+    Auditor,
 }
 
 #[derive(Clone, Debug, Deserialize)]

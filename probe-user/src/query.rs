@@ -135,7 +135,15 @@ impl std::fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 /// Checks that the request may ask this question at all.
-pub fn authorise(config: &Config, who: &Authorisation, purpose: Purpose) -> Result<(), Refusal> {
+/// What a request does with the records: ask one of the three questions, or
+/// list them for maintenance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Ask(Purpose),
+    List,
+}
+
+pub fn authorise(config: &Config, who: &Authorisation, act: Act) -> Result<(), Refusal> {
     let present = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
     if !present(&who.authority) {
         return Err(Refusal("no --authority named".into()));
@@ -150,13 +158,21 @@ pub fn authorise(config: &Config, who: &Authorisation, purpose: Purpose) -> Resu
     let Some(authority) = config.authority(name) else {
         return Err(Refusal(format!("authority {name:?} is not configured")));
     };
-    if authority.kind == AuthorityKind::Local {
-        return Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")));
+    match (act, authority.kind) {
+        (_, AuthorityKind::Local) => {
+            Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")))
+        }
+        (_, AuthorityKind::Auditor) => Err(Refusal(format!("{name} is an auditor authority: it reads the audit log, not records"))),
+        (Act::List, AuthorityKind::Operator) => Ok(()),
+        (Act::List, _) => Err(Refusal(format!("{name} is not an operator authority: only an operator may list records"))),
+        (Act::Ask(_), AuthorityKind::Operator) => {
+            Err(Refusal(format!("{name} is an operator authority: it may list records for maintenance, not ask the questions")))
+        }
+        (Act::Ask(purpose), _) if !authority.purposes.contains(&(purpose as u8)) => {
+            Err(Refusal(format!("{name} is not authorised for purpose {}", purpose as u8)))
+        }
+        (Act::Ask(_), _) => Ok(()),
     }
-    if !authority.purposes.contains(&(purpose as u8)) {
-        return Err(Refusal(format!("{name} is not authorised for purpose {}", purpose as u8)));
-    }
-    Ok(())
 }
 
 /// A device, as an investigator names it.
@@ -413,6 +429,10 @@ mod tests {
             name = "borough"
             kind = "local"
             purposes = [1, 2, 3]
+            [[authority]]
+            name = "noc"
+            kind = "operator"
+            purposes = [1, 2, 3]
             "#,
         )
         .unwrap()
@@ -429,13 +449,19 @@ mod tests {
     #[test]
     fn authorisation_rules() {
         let c = config();
-        assert!(authorise(&c, &who("met-police"), Purpose::Services).is_ok());
-        let refused = |w: &Authorisation, p| authorise(&c, w, p).unwrap_err().0;
+        assert!(authorise(&c, &who("met-police"), Act::Ask(Purpose::Services)).is_ok());
+        let refused = |w: &Authorisation, p| authorise(&c, w, Act::Ask(p)).unwrap_err().0;
         assert!(refused(&who("met-police"), Purpose::Accessed).contains("purpose 3"));
         assert!(refused(&who("borough"), Purpose::Resolve).contains("local authorit"));
         assert!(refused(&who("nca"), Purpose::Resolve).contains("not configured"));
         assert!(refused(&Authorisation { reference: None, ..who("met-police") }, Purpose::Resolve).contains("reference"));
         assert!(refused(&Authorisation { officer: Some("  ".into()), ..who("met-police") }, Purpose::Resolve).contains("officer"));
+        // An operator lists, whatever its purposes say, and asks nothing.
+        assert!(authorise(&c, &who("noc"), Act::List).is_ok());
+        assert!(refused(&who("noc"), Purpose::Resolve).contains("operator authority"));
+        assert!(authorise(&c, &who("met-police"), Act::List).unwrap_err().0.contains("only an operator may list"));
+        assert!(authorise(&c, &who("borough"), Act::List).is_err());
+        assert!(authorise(&c, &Authorisation { reference: None, ..who("noc") }, Act::List).unwrap_err().0.contains("reference"));
     }
 
     fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {

@@ -280,3 +280,45 @@ fn the_services_of_a_services_file_are_audited_themselves() {
         "{entry}"
     );
 }
+
+#[test]
+fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited() {
+    let operator = "[[authority]]\nname = \"noc\"\nkind = \"operator\"\npurposes = []\n";
+    let store = StoreDir::with_config(&format!("{POLICE}\n{operator}"));
+    let db = store.path().to_str().unwrap();
+    let list = |extra: &[&str]| icr(&[&["list", "--db", db, "--format", "ndjson"][..], extra].concat(), b"");
+    let window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z"];
+    let who = |authority: &'static str| ["--authority", authority, "--officer", "NOC 7", "--reference", "MAINT-12"];
+
+    // What every caller got before: everything since 1970, no questions asked.
+    let output = list(&[]);
+    assert_eq!(output.status.code(), Some(2), "--from and --to are required: {}", stderr(&output));
+    let output = list(&window);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("no --authority named"), "{}", stderr(&output));
+    let output = list(&[&window[..], &who("met")].concat());
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("only an operator may list"), "{}", stderr(&output));
+    let output = list(&["--from", "2025-01-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z", "--authority", "noc", "--officer", "NOC 7", "--reference", "MAINT-12"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("longer than the 31 days"), "{}", stderr(&output));
+
+    let output = list(&[&window[..], &who("noc")].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let entry = audit_entries(&store).pop().unwrap();
+    assert_eq!(entry["command"], "list");
+    assert_eq!((entry["authority"].as_str(), entry["officer"].as_str(), entry["reference"].as_str()), (Some("noc"), Some("NOC 7"), Some("MAINT-12")));
+    assert_eq!(entry["parameters"]["from"], "2026-11-01T00:00:00Z");
+    assert_eq!(entry["outcome"], "answered");
+    // An operator asks none of the three questions.
+    let output = icr(
+        &[
+            "query", "accessed", "--service", "www.example.test", "--from", "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z",
+            "--db", db, "--authority", "noc", "--officer", "NOC 7", "--reference", "MAINT-12",
+        ],
+        b"",
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("operator authority"), "{}", stderr(&output));
+    assert_eq!(audit_entries(&store).iter().filter(|e| e["outcome"].as_str().unwrap().starts_with("refused")).count(), 4);
+}

@@ -163,7 +163,7 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
 /// The stored records near each wrong answer: those of its public port and
 /// those of the device that made the request, within 10 s of the logged time.
 fn records_behind(db: &Path, wrong: &[(u16, f64, String)]) -> String {
-    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().unwrap();
+    let out = icr_lab::icr_list(db, "ndjson", None);
     let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let unix = |v: &Value| v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6);
     let mut text = String::from("records near the wrong answers (device, public port, start, end, end reason, packets up/down):");

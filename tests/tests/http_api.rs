@@ -250,7 +250,7 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 
     // Data minimisation: nothing of the URLs anywhere we write.
-    let export = Command::new(icr_binary()).args(["list", "--format", "csv", "--db"]).arg(&db).output().unwrap();
+    let export = icr_lab::icr_list(&db, "csv", None);
     let mut haystack = String::from_utf8_lossy(&export.stdout).into_owned();
     haystack.push_str(&log);
     for entry in walk(&db) {

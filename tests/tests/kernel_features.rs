@@ -71,7 +71,7 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
     let link = lab.exec(&lab.gateway, Command::new("ip").args(["-d", "link", "show", "dev", &c1.gateway_if])).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "{}", String::from_utf8_lossy(&link.stdout));
 
-    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(&db).output().unwrap();
+    let out = icr_lab::icr_list(&db, "ndjson", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let matching: Vec<&Value> =

@@ -117,11 +117,7 @@ fn metric(lab: &Lab, name: &str) -> u64 {
 
 /// `icr list` over a window: the records and the gap lines on stderr.
 fn list(db: &Path, from: DateTime<Utc>, to: DateTime<Utc>) -> (Vec<Value>, Vec<String>) {
-    let out = Command::new(icr_binary())
-        .args(["list", "--format", "ndjson", "--from", &from.to_rfc3339(), "--to", &to.to_rfc3339(), "--db"])
-        .arg(db)
-        .output()
-        .unwrap();
+    let out = icr_lab::icr_list(db, "ndjson", Some((from.timestamp(), to.timestamp())));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let records = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     (records, gap_lines(&out.stderr))

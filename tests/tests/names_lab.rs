@@ -25,7 +25,7 @@ fn write_config(db: &Path) {
 }
 
 fn records(db: &Path) -> Vec<Value> {
-    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().unwrap();
+    let out = icr_lab::icr_list(db, "ndjson", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }

@@ -132,7 +132,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert!(!db.join("icr.sock").exists(), "the socket goes with the agent");
     assert!(!log.contains("lost events 1"), "no events lost:\n{log}");
 
-    let records = ndjson(&icr(&["list", "--db", db.to_str().unwrap(), "--format", "ndjson"]));
+    let records = ndjson(&icr_lab::icr_list(&db, "ndjson", None));
     let find = |device_ip: &str, remote_ip: &str, remote_port: u64| -> Vec<&Value> {
         records
             .iter()

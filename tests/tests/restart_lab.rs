@@ -75,7 +75,7 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
         eprintln!("{log}");
     }
 
-    let out = Command::new(icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(&db).output().unwrap();
+    let out = icr_lab::icr_list(&db, "ndjson", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let warnings = String::from_utf8_lossy(&out.stderr);
     assert!(!warnings.contains("in the agent"), "the pinned probe counted on: no time without capture:\n{warnings}");

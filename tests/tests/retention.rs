@@ -9,7 +9,7 @@ fn icr(args: &[&str], db: &std::path::Path) -> std::process::Output {
 }
 
 fn listed(db: &std::path::Path) -> usize {
-    let out = icr(&["list", "--format", "ndjson"], db);
+    let out = icr_lab::icr_list(db, "ndjson", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().count()
 }

@@ -92,7 +92,7 @@ fn no_acknowledged_record_is_lost_or_doubled_by_kill_9() {
 
 /// `icr list --format ndjson` on `db`: the records' ids, and stderr.
 fn list_ids(db: &std::path::Path) -> (Vec<String>, String) {
-    let out = Command::new(icr_lab::icr_binary()).args(["list", "--format", "ndjson", "--db"]).arg(db).output().expect("running icr list");
+    let out = icr_lab::icr_list(db, "ndjson", None);
     assert!(out.status.success(), "icr list: {}", String::from_utf8_lossy(&out.stderr));
     let ids = String::from_utf8_lossy(&out.stdout)
         .lines()

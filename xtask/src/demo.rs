@@ -54,17 +54,19 @@ pub fn run() -> Result<()> {
     }
 
     let db_arg = db.to_str().context("non-UTF-8 path")?;
-    println!("\n== The records (icr list)");
-    icr_print(&icr, &["list", "--db", db_arg, "--format", "table"])?;
+    // Queries, and listings, may cover at most 31 days: the hour around the demo.
+    let (from, to) = window_around_now();
+    let window = ["--from", from.as_str(), "--to", to.as_str()];
+    // Listing is maintenance: an operator authority's, audited like a query.
+    let operator = ["--authority", "demo-noc", "--officer", "NOC 1", "--reference", "MAINT-DEMO-1"];
+    println!("\n== The records (icr list, as the operator)");
+    icr_print(&icr, &[&["list", "--db", db_arg, "--format", "table"][..], &window, &operator].concat())?;
     println!("\n== The records as NDJSON (ICR-FORMAT.md), first two");
-    let ndjson = icr_output(&icr, &["list", "--db", db_arg, "--format", "ndjson"])?;
+    let ndjson = icr_output(&icr, &[&["list", "--db", db_arg, "--format", "ndjson"][..], &window, &operator].concat())?;
     for line in ndjson.lines().take(2) {
         println!("{line}");
     }
     let who = ["--authority", "demo-police", "--officer", "PC 4242", "--reference", "OP-DEMO-1"];
-    // Queries may cover at most 31 days: ask about the hour around the demo.
-    let (from, to) = window_around_now();
-    let window = ["--from", from.as_str(), "--to", to.as_str()];
     println!("\n== Question 2: which services did client 2 ({}) use?", c2.mac);
     icr_print(&icr, &[&["query", "services", "--device", &c2.mac, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
     println!("\n== Question 3: which devices used {WEB_NAME} (by name) or the web server {WEB_IP}?");
@@ -103,6 +105,11 @@ purposes = [1, 2, 3]
 name = "demo-council"
 kind = "local"
 purposes = [1, 2, 3]
+
+[[authority]]
+name = "demo-noc"
+kind = "operator"
+purposes = []
 
 [probe]
 flow_table_size = 65536

@@ -557,6 +557,56 @@ pub fn icr_binary() -> PathBuf {
     })
 }
 
+/// The operator authority `icr list` runs as in the lab's stores.
+pub const LAB_OPERATOR: &str = "lab-operator";
+
+/// Adds [`LAB_OPERATOR`] to the configuration of the store in `db` (made if
+/// missing), so that the store may be listed.
+pub fn allow_listing(db: &Path) -> Result<()> {
+    let path = db.join("icr.toml");
+    let config = match std::fs::read_to_string(&path) {
+        Ok(config) => config,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    if !config.contains(&format!("name = \"{LAB_OPERATOR}\"")) {
+        let operator = format!("\n[[authority]]\nname = \"{LAB_OPERATOR}\"\nkind = \"operator\"\npurposes = []\n");
+        std::fs::create_dir_all(db)?;
+        std::fs::write(&path, config + &operator).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `icr list --db db --format format` as the lab's operator, over the window
+/// `from..to` (Unix seconds; default: the last 29 days to a day ahead).
+pub fn icr_list(db: &Path, format: &str, window: Option<(i64, i64)>) -> Output {
+    allow_listing(db).expect("allowing the lab's operator to list");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let (from, to) = window.unwrap_or((now - 29 * 86_400, now + 86_400));
+    Command::new(icr_binary())
+        .args(["list", "--format", format, "--from", &rfc3339(from), "--to", &rfc3339(to)])
+        .args(["--authority", LAB_OPERATOR, "--officer", "lab", "--reference", "LAB-LIST", "--db"])
+        .arg(db)
+        .output()
+        .expect("running icr list")
+}
+
+/// Unix seconds as an RFC 3339 UTC time.
+pub fn rfc3339(unix: i64) -> String {
+    // Howard Hinnant's days-to-civil.
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
 /// The lab's Python with aioquic: `ICR_LAB_PYTHON` (set by `cargo xtask
 /// test`), else the venv `cargo xtask setup` makes in target/.
 pub fn lab_python() -> PathBuf {
@@ -673,5 +723,15 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unix_seconds_are_written_as_rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_173_323), "2026-12-02T01:02:03Z");
+        assert_eq!(super::rfc3339(951_868_799), "2000-02-29T23:59:59Z");
     }
 }
