@@ -60,6 +60,30 @@ pub struct FlowKey {
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
+impl FlowKey {
+    /// The key both directions of a flow share, and the direction of a
+    /// packet from `src` to `dst` in it: the one ordering the XDP program,
+    /// the agent and the tests all use.
+    #[inline(always)]
+    pub fn of(src: [u8; 16], src_port: u16, dst: [u8; 16], dst_port: u16, proto: u8) -> (FlowKey, u8) {
+        // Big-endian integers compare as the bytes do, in fewer instructions.
+        let src_is_lo = (u128::from_be_bytes(src), src_port) <= (u128::from_be_bytes(dst), dst_port);
+        let (addr_lo, port_lo, addr_hi, port_hi, dir) =
+            if src_is_lo { (src, src_port, dst, dst_port, 0) } else { (dst, dst_port, src, src_port, 1) };
+        (FlowKey { addr_lo, addr_hi, port_lo, port_hi, proto, _pad: [0; 3] }, dir)
+    }
+}
+
+/// IP protocol numbers (IANA), as the key's `proto` holds them.
+pub mod ip_proto {
+    pub const HOPOPTS: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DSTOPTS: u8 = 60;
+}
+
 /// Per-flow state in the kernel flow table. Counters are indexed by direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use probe_common::{
-    FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, SYN_RETRY_SHIFT, counter, event_kind,
+    FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, SYN_RETRY_SHIFT, counter, event_kind, ip_proto,
     role as roles, tcp_flags,
 };
 
@@ -16,30 +16,12 @@ use crate::{
 };
 
 const EEXIST: i32 = 17;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 
 /// Builds the direction-independent key and the packet's direction in it.
 #[inline(always)]
 pub fn key_of(packet: &Packet) -> (FlowKey, u8) {
-    let src = (u128::from_be_bytes(packet.src), packet.src_port);
-    let dst = (u128::from_be_bytes(packet.dst), packet.dst_port);
-    let src_is_lo = src <= dst;
-    let (lo, lo_port, hi, hi_port, dir) = if src_is_lo {
-        (packet.src, packet.src_port, packet.dst, packet.dst_port, 0)
-    } else {
-        (packet.dst, packet.dst_port, packet.src, packet.src_port, 1)
-    };
-    let key = FlowKey {
-        addr_lo: lo,
-        addr_hi: hi,
-        port_lo: lo_port,
-        port_hi: hi_port,
-        proto: packet.proto,
-        _pad: [0; 3],
-    };
-    (key, dir)
+    FlowKey::of(packet.src, packet.src_port, packet.dst, packet.dst_port, packet.proto)
 }
 
 #[inline(always)]
@@ -53,27 +35,29 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
     let now = maps::now_ns(MidFlowClock::Precise);
 
     let index = dir as usize & 1;
+    let ends = ends_flow(packet.tcp_flags);
+    // Each per-direction pair is built whole: a variable index into a value
+    // on the stack can compile to a pointer OR, which the verifier refuses.
     let mut value = FlowValue {
         first_ns: now,
         last_ns: now,
         first_dir: dir,
         first_tcp_flags: packet.tcp_flags,
         first_ifindex: ctx.ingress_ifindex() as u32,
+        packets: pair(index, 1),
+        bytes: pair(index, packet.ip_len as u64),
+        mac: pair(index, packet.mac_src),
+        tcp_flags: pair(index, packet.tcp_flags),
+        roles: pair(index, role),
+        vlan: packet.vlan,
+        pppoe_session: packet.pppoe_session,
+        l2_from_lan: (role == roles::LAN) as u8,
+        end_sent: (ends as u8) << index,
         ..FlowValue::default()
     };
-    value.packets[index] = 1;
-    value.bytes[index] = packet.ip_len as u64;
-    value.mac[index] = packet.mac_src;
-    value.tcp_flags[index] = packet.tcp_flags;
-    value.roles[index] = role;
-    value.vlan = packet.vlan;
-    value.pppoe_session = packet.pppoe_session;
-    value.l2_from_lan = (role == roles::LAN) as u8;
-    let ends = ends_flow(packet.tcp_flags);
-    value.end_sent = (ends as u8) << index;
     let hint = wants_hint(packet, dir, &value);
     if hint {
-        value.hint_bytes[index] = packet.payload_len;
+        value.hint_bytes = pair(index, packet.payload_len);
     }
 
     match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
@@ -173,10 +157,16 @@ fn wants_hint(packet: &Packet, dir: u8, value: &FlowValue) -> bool {
     }
     let dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
     match packet.proto {
-        IPPROTO_TCP => dns || dir == value.first_dir,
-        IPPROTO_UDP => dns || (dir == value.first_dir && packet.quic_initial),
+        ip_proto::TCP => dns || dir == value.first_dir,
+        ip_proto::UDP => dns || (dir == value.first_dir && packet.quic_initial),
         _ => false,
     }
+}
+
+/// `[value, default]` for direction 0, `[default, value]` for 1.
+#[inline(always)]
+fn pair<T: Copy + Default>(index: usize, value: T) -> [T; 2] {
+    if index == 0 { [value, T::default()] } else { [T::default(), value] }
 }
 
 #[inline(always)]

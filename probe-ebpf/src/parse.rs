@@ -11,7 +11,13 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use probe_common::counter;
+use probe_common::{
+    counter,
+    ip_proto::{
+        DSTOPTS as IPPROTO_DSTOPTS, FRAGMENT as IPPROTO_FRAGMENT, HOPOPTS as IPPROTO_HOPOPTS, ROUTING as IPPROTO_ROUTING,
+        TCP as IPPROTO_TCP, UDP as IPPROTO_UDP,
+    },
+};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -21,12 +27,6 @@ const ETH_P_PPPOE_SESSION: u16 = 0x8864;
 const PPP_IPV4: u16 = 0x0021;
 const PPP_IPV6: u16 = 0x0057;
 
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_DSTOPTS: u8 = 60;
 
 /// VLAN tags we look through (802.1Q, QinQ).
 const MAX_VLAN_TAGS: usize = 2;

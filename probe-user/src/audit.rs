@@ -425,6 +425,7 @@ mod tests {
             result_sha256: None,
             // Half with gaps, half without the field at all: both verify.
             gaps: n % 2,
+            config_sha256: None,
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Result;
-use probe_common::{FlowEvent, FlowKey, FlowValue, SYN_RETRY_SHIFT, event_kind, role, tcp_flags};
+use probe_common::{FlowEvent, FlowKey, FlowValue, SYN_RETRY_SHIFT, event_kind, ip_proto::TCP as IPPROTO_TCP, role, tcp_flags};
 
 use crate::{
     clock::Clock,
@@ -30,7 +30,6 @@ use crate::{
     tuple::Tuple,
 };
 
-const IPPROTO_TCP: u8 = 6;
 /// A sweep adopts a flow it has no event of once its first packet is this
 /// old: a start event still queued behind a busy agent is not a lost one.
 const ADOPT_AFTER_NS: u64 = 1_000_000_000;

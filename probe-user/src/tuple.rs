@@ -36,21 +36,10 @@ impl Tuple {
         }
     }
 
-    /// The kernel's key for this tuple's flow, and this tuple's direction in it
-    /// (the same ordering as the XDP program's).
+    /// The kernel's key for this tuple's flow, and this tuple's direction in
+    /// it (`FlowKey::of`, as the XDP program builds it).
     pub fn key(&self) -> (FlowKey, u8) {
-        let src = (ip_to_bytes(self.src), self.src_port);
-        let dst = (ip_to_bytes(self.dst), self.dst_port);
-        let (lo, hi, dir) = if src <= dst { (src, dst, 0) } else { (dst, src, 1) };
-        let key = FlowKey {
-            addr_lo: lo.0,
-            addr_hi: hi.0,
-            port_lo: lo.1,
-            port_hi: hi.1,
-            proto: self.proto,
-            _pad: [0; 3],
-        };
-        (key, dir)
+        FlowKey::of(ip_to_bytes(self.src), self.src_port, ip_to_bytes(self.dst), self.dst_port, self.proto)
     }
 }
 

@@ -7,6 +7,8 @@ use std::{
     net::IpAddr,
 };
 
+use probe_common::ip_proto::{TCP as IPPROTO_TCP, UDP as IPPROTO_UDP};
+
 use crate::icr::{Dns, Service, ServiceSource};
 
 pub mod dns;
@@ -44,8 +46,6 @@ pub struct HintPacket<'a> {
     pub payload: &'a [u8],
 }
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 /// Cleartext before a ClientHello (STARTTLS, SOCKS) is short: past this
 /// much, a stream that is neither TLS nor HTTP is given up on.
