@@ -411,6 +411,15 @@ pub const AUTHORITY_HEADER: &str = "icr-authority";
 /// request names whose token it carries, and an unknown name is checked
 /// against a stand-in hash so that it takes as long as a wrong token.
 fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> {
+    authenticate_with(config, headers, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok())
+}
+
+/// [`authenticate`], with the argon2 check given (tests count its calls).
+fn authenticate_with(
+    config: &Config,
+    headers: &HeaderMap,
+    mut verify: impl FnMut(&str, &PasswordHash) -> bool,
+) -> Result<String, String> {
     let name = headers
         .get(AUTHORITY_HEADER)
         .and_then(|name| name.to_str().ok())
@@ -427,10 +436,10 @@ fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> 
     let configured = config.authority(name).and_then(|authority| authority.token_hash.as_deref());
     let hash = configured.and_then(|hash| PasswordHash::new(hash).ok());
     let verified = match &hash {
-        Some(hash) => Argon2::default().verify_password(token.as_bytes(), hash).is_ok(),
+        Some(hash) => verify(token, hash),
         None => {
             if let Ok(stand_in) = PasswordHash::new(stand_in_hash()) {
-                let _ = Argon2::default().verify_password(token.as_bytes(), &stand_in);
+                verify(token, &stand_in);
             }
             false
         }
@@ -518,6 +527,29 @@ mod tests {
         assert!(authenticate(&config, &headers).is_err());
         headers.remove(header::AUTHORIZATION);
         assert_eq!(authenticate(&config, &headers), Err("no bearer token".to_string()));
+    }
+
+    #[test]
+    fn a_request_costs_one_argon2_check_whatever_the_number_of_authorities() {
+        let hashes: Vec<String> = (0..5).map(|i| hash_token(&format!("token-{i}")).unwrap()).collect();
+        let config: String = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, hash)| format!("[[authority]]\nname = \"a{i}\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{hash}\"\n"))
+            .collect();
+        let config = Config::parse(&config).unwrap();
+        for (name, token, accepted) in [("a4", "token-4", true), ("a4", "token-0", false), ("a2", "wrong", false), ("nobody", "token-1", false)] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+            headers.insert(AUTHORITY_HEADER, name.parse().unwrap());
+            let mut checks = 0;
+            let result = authenticate_with(&config, &headers, |token, hash| {
+                checks += 1;
+                Argon2::default().verify_password(token.as_bytes(), hash).is_ok()
+            });
+            assert_eq!(result.is_ok(), accepted, "{name} {token}");
+            assert_eq!(checks, 1, "{name} {token}: one argon2 check, not one per authority");
+        }
     }
 
     #[test]
