@@ -78,6 +78,9 @@ pub struct Store {
 
 struct Inner {
     db: sled::Db,
+    /// `DIR/icr.lock`, flocked while the store is open: one process at a
+    /// time, and "in use" known from the lock's errno.
+    _lock: std::fs::File,
     path: PathBuf,
     wal_dir: PathBuf,
     days: Mutex<BTreeMap<NaiveDate, Day>>,
@@ -289,22 +292,16 @@ impl Store {
             make_private(dir)?;
         }
         let path = dir.join("records");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(64 << 20)
-            .open()
-            .map_err(|error| match error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                    anyhow::Error::new(StoreInUse(path.clone()))
-                }
-                other => anyhow::Error::new(other).context(format!("opening the store {}", path.display())),
-            })?;
+        // sled locks its files too, but says so only in an error's text.
+        let lock = lock_store(dir)?;
+        let db = open_sled(&path)?;
         migrate::to_current_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
         let mut store = Self {
             inner: Arc::new(Inner {
                 db,
+                _lock: lock,
                 path,
                 wal_dir,
                 days: Mutex::new(BTreeMap::new()),
@@ -955,6 +952,45 @@ fn day_name(date: NaiveDate) -> String {
 /// Makes `dir` and everything under it readable by its owner (root) only:
 /// directories 0700, files 0600. Stores made before this, or by a process
 /// with a looser umask, are fixed when the agent opens them.
+/// Opens sled's database under the store's lock. sled's own file lock
+/// outlives a close in this process by a moment (its flusher thread), so an
+/// I/O error is tried again briefly: no other process can hold the store.
+fn open_sled(path: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(path).cache_capacity(64 << 20).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(error) => return Err(error).with_context(|| format!("opening the store {}", path.display())),
+        }
+    }
+}
+
+/// Takes the store's lock, or says it is in use (by the errno of a
+/// non-blocking exclusive `flock`).
+fn lock_store(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = dir.join("icr.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening the store's lock {}", path.display()))?;
+    // SAFETY: a valid fd, which the returned file owns (the lock goes with it).
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(anyhow::Error::new(StoreInUse(dir.to_path_buf())));
+        }
+        return Err(error).with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(file)
+}
+
 fn make_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let metadata = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -1076,6 +1112,18 @@ mod tests {
     fn sorted(mut records: Vec<Icr>) -> Vec<Icr> {
         records.sort_by(|a, b| a.id.cmp(&b.id));
         records
+    }
+
+    #[test]
+    fn a_store_open_elsewhere_is_in_use_by_its_error_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        for second in [Store::open(dir.path()), Store::open_read_only(dir.path())] {
+            let error = second.err().expect("the store is held");
+            assert!(error.downcast_ref::<StoreInUse>().is_some(), "{error:#}");
+        }
+        drop(first);
+        assert!(Store::open_read_only(dir.path()).is_ok(), "free once closed");
     }
 
     #[test]
