@@ -48,7 +48,7 @@ use wal::{Damage, DamageKind, Wal};
 /// Records a sealed block holds (the design brief measured 4,096 as the
 /// point where compression stops improving). The unit tests use small blocks
 /// to reach sealed blocks and built runs with a few thousand records.
-pub const BLOCK_RECORDS: usize = if cfg!(test) { 64 } else { 4096 };
+pub const BLOCK_RECORDS: usize = 4096;
 const DAY_PREFIX: &str = "day/";
 /// Gap entries ([`gaps`]), beside the days: a gap may span midnight.
 const GAPS_TREE: &str = "gaps";
@@ -86,6 +86,9 @@ struct Inner {
     days: Mutex<BTreeMap<NaiveDate, Day>>,
     /// Opened for questions only: no file of the store is changed.
     read_only: bool,
+    /// Records per sealed block: [`BLOCK_RECORDS`], or fewer where tests
+    /// want many blocks from few records.
+    block_records: usize,
     /// Damage found in open-block logs by a read-only open, which may not
     /// record it: reported with the stored gaps.
     unrecorded_gaps: Vec<Gap>,
@@ -276,17 +279,22 @@ impl Store {
     /// too, though it was never acknowledged); damage to acknowledged
     /// records becomes a `store_corruption` gap of that day.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, false)
+        Self::open_with(dir, false, BLOCK_RECORDS)
     }
 
     /// Opens the store to answer questions: the open-block logs are read,
     /// not repaired, and their damage is reported as gaps without being
     /// written; appends are refused.
     pub fn open_read_only(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, true)
+        Self::open_with(dir, true, BLOCK_RECORDS)
     }
 
-    fn open_with(dir: &Path, read_only: bool) -> Result<Self> {
+    /// As [`Store::open`] (or read-only), sealing blocks of `block_records`
+    /// (tests: many blocks from few records).
+    pub fn open_with(dir: &Path, read_only: bool, block_records: usize) -> Result<Self> {
+        if block_records == 0 {
+            bail!("a block holds at least one record");
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
         if !read_only {
             make_private(dir)?;
@@ -306,6 +314,7 @@ impl Store {
                 wal_dir,
                 days: Mutex::new(BTreeMap::new()),
                 read_only,
+                block_records,
                 unrecorded_gaps: Vec::new(),
                 retention_days: 0.into(),
             }),
@@ -376,9 +385,10 @@ impl Store {
         let mut sealed = Vec::new();
         for date in touched {
             let day = days.get_mut(date).expect("present");
-            if day.open.len() >= BLOCK_RECORDS {
-                while day.open.len() >= BLOCK_RECORDS {
-                    day.seal_front(BLOCK_RECORDS)?;
+            let block_records = self.inner.block_records;
+            if day.open.len() >= block_records {
+                while day.open.len() >= block_records {
+                    day.seal_front(block_records)?;
                 }
                 sealed.push(*date);
             }
@@ -1029,12 +1039,25 @@ pub(crate) mod test_records {
     /// process just dropped: sled releases its file lock from a background
     /// thread after the drop returns (spacejam/sled#1289).
     pub fn reopen(dir: &std::path::Path) -> anyhow::Result<super::Store> {
-        reopen_with(dir, super::Store::open)
+        reopen_with(dir, open)
     }
 
     /// As [`reopen`], read-only.
     pub fn reopen_read_only(dir: &std::path::Path) -> anyhow::Result<super::Store> {
-        reopen_with(dir, super::Store::open_read_only)
+        reopen_with(dir, open_read_only)
+    }
+
+    /// Records per block in the tests: many blocks from few records.
+    pub const TEST_BLOCK_RECORDS: usize = 64;
+
+    /// [`super::Store::open`] with [`TEST_BLOCK_RECORDS`].
+    pub fn open(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+        super::Store::open_with(dir, false, TEST_BLOCK_RECORDS)
+    }
+
+    /// [`super::Store::open_read_only`] with [`TEST_BLOCK_RECORDS`].
+    pub fn open_read_only(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+        super::Store::open_with(dir, true, TEST_BLOCK_RECORDS)
     }
 
     fn reopen_with(
@@ -1103,7 +1126,7 @@ pub(crate) mod test_records {
 mod tests {
     use super::*;
     use crate::icr::RecordIds;
-    use test_records::{reopen, reopen_read_only, sample_at, samples};
+    use test_records::{TEST_BLOCK_RECORDS, reopen, reopen_read_only, sample_at, samples};
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().into()
@@ -1117,13 +1140,13 @@ mod tests {
     #[test]
     fn a_store_open_elsewhere_is_in_use_by_its_error_type() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path()).unwrap();
-        for second in [Store::open(dir.path()), Store::open_read_only(dir.path())] {
+        let first = test_records::open(dir.path()).unwrap();
+        for second in [test_records::open(dir.path()), test_records::open_read_only(dir.path())] {
             let error = second.err().expect("the store is held");
             assert!(error.downcast_ref::<StoreInUse>().is_some(), "{error:#}");
         }
         drop(first);
-        assert!(Store::open_read_only(dir.path()).is_ok(), "free once closed");
+        assert!(test_records::open_read_only(dir.path()).is_ok(), "free once closed");
     }
 
     #[test]
@@ -1150,7 +1173,7 @@ mod tests {
     #[test]
     fn index_lookups_equal_a_scan_in_runs_unrun_blocks_and_the_open_block() {
         let dir = tempfile::tempdir().unwrap();
-        let records = samples(BLOCK_RECORDS as u64 * (RUN_BLOCKS as u64 + 3) + 30);
+        let records = samples(TEST_BLOCK_RECORDS as u64 * (RUN_BLOCKS as u64 + 3) + 30);
         let (from, to) = (records[0].start, records.last().unwrap().end);
         let check = |store: &Store| {
             let day = store.lock().unwrap();
@@ -1198,7 +1221,7 @@ mod tests {
     #[test]
     fn services_from_rollups_equal_services_from_a_scan() {
         let dir = tempfile::tempdir().unwrap();
-        let mut records = samples(BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        let mut records = samples(TEST_BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
         // Devices known by IP or subscriber only, and one whose IP another
         // device also had: their rows come through the rollups' aliases.
         for (i, record) in records.iter_mut().enumerate().filter(|(i, _)| i % 97 == 0) {
@@ -1289,7 +1312,7 @@ mod tests {
 
     #[test]
     fn a_layout_1_store_is_moved_to_layout_2_when_opened_and_answers_the_same() {
-        let records = samples(BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        let records = samples(TEST_BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
         let window = (records[0].start, records.last().unwrap().end);
         let devices = [IndexKey::Mac([2, 0, 0, 0, 9, 0x17]), IndexKey::Subscriber("line-200".into())];
         let answers = |store: &Store| {
@@ -1455,17 +1478,17 @@ mod tests {
     #[test]
     fn a_crash_between_sealing_and_rewriting_the_log_counts_no_record_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let records = samples(BLOCK_RECORDS as u64 + 10);
+        let records = samples(TEST_BLOCK_RECORDS as u64 + 10);
         let log = dir.path().join("open-blocks").join("2026-11-22.log");
         {
             let store = reopen(dir.path()).unwrap();
-            store.append(&records[..BLOCK_RECORDS - 5]).unwrap();
+            store.append(&records[..TEST_BLOCK_RECORDS - 5]).unwrap();
         }
         // The log as it was before the block sealed.
         let before = std::fs::read(&log).unwrap();
         {
             let store = reopen(dir.path()).unwrap();
-            store.append(&records[BLOCK_RECORDS - 5..]).unwrap();
+            store.append(&records[TEST_BLOCK_RECORDS - 5..]).unwrap();
         }
         // Put back the old log plus a frame of the last records: as if the
         // crash came after the block was flushed but before the rewrite.
@@ -1473,7 +1496,7 @@ mod tests {
             std::fs::write(&log, &before).unwrap();
             Wal::reopen(&log).unwrap()
         };
-        wal.append(&records[BLOCK_RECORDS - 5..]).unwrap();
+        wal.append(&records[TEST_BLOCK_RECORDS - 5..]).unwrap();
         drop(wal);
         let store = reopen(dir.path()).unwrap();
         let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
@@ -1506,7 +1529,7 @@ mod tests {
     fn sweep_drops_expired_days_with_their_indexes_and_open_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let mut ids = RecordIds::default();
-        let old: Vec<Icr> = (0..BLOCK_RECORDS as u64 + 1).map(|i| sample_at(i, at("2025-11-01T10:00:00Z"), &mut ids)).collect();
+        let old: Vec<Icr> = (0..TEST_BLOCK_RECORDS as u64 + 1).map(|i| sample_at(i, at("2025-11-01T10:00:00Z"), &mut ids)).collect();
         let recent = sample_at(1, at("2026-11-20T10:00:00Z"), &mut ids);
         {
             let store = reopen(dir.path()).unwrap();
