@@ -36,19 +36,12 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
 
     let index = dir as usize & 1;
     let ends = ends_flow(packet.tcp_flags);
-    // Each per-direction pair is built whole: a variable index into a value
-    // on the stack can compile to a pointer OR, which the verifier refuses.
     let mut value = FlowValue {
         first_ns: now,
         last_ns: now,
         first_dir: dir,
         first_tcp_flags: packet.tcp_flags,
         first_ifindex: ctx.ingress_ifindex() as u32,
-        packets: pair(index, 1),
-        bytes: pair(index, packet.ip_len as u64),
-        mac: pair(index, packet.mac_src),
-        tcp_flags: pair(index, packet.tcp_flags),
-        roles: pair(index, role),
         vlan: packet.vlan,
         pppoe_session: packet.pppoe_session,
         l2_from_lan: (role == roles::LAN) as u8,
@@ -56,8 +49,12 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
         ..FlowValue::default()
     };
     let hint = wants_hint(packet, dir, &value);
-    if hint {
-        value.hint_bytes = pair(index, packet.payload_len);
+    // Constant indices: a variable index into a value on the stack can
+    // compile to a pointer OR, which the verifier refuses.
+    if index == 0 {
+        first_side::<0>(&mut value, packet, role, hint);
+    } else {
+        first_side::<1>(&mut value, packet, role, hint);
     }
 
     match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
@@ -163,10 +160,17 @@ fn wants_hint(packet: &Packet, dir: u8, value: &FlowValue) -> bool {
     }
 }
 
-/// `[value, default]` for direction 0, `[default, value]` for 1.
+/// A new flow's counters for the direction `SIDE` its first packet took.
 #[inline(always)]
-fn pair<T: Copy + Default>(index: usize, value: T) -> [T; 2] {
-    if index == 0 { [value, T::default()] } else { [T::default(), value] }
+fn first_side<const SIDE: usize>(value: &mut FlowValue, packet: &Packet, role: u8, hint: bool) {
+    value.packets[SIDE] = 1;
+    value.bytes[SIDE] = packet.ip_len as u64;
+    value.mac[SIDE] = packet.mac_src;
+    value.tcp_flags[SIDE] = packet.tcp_flags;
+    value.roles[SIDE] = role;
+    if hint {
+        value.hint_bytes[SIDE] = packet.payload_len;
+    }
 }
 
 #[inline(always)]
