@@ -66,7 +66,9 @@ pub struct StoreArgs {
     /// The store directory.
     #[arg(long)]
     pub db: PathBuf,
-    /// Configuration file (default: DIR/icr.toml if present).
+    /// Configuration file (default: DIR/icr.toml if present). `icr run` may
+    /// name one elsewhere; list and sweep are governed by the store's own
+    /// (DIR/icr.toml, or its running agent's) and refuse another.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -83,7 +85,8 @@ pub struct QueryTarget {
     /// authority.
     #[arg(long)]
     pub server: Option<String>,
-    /// Configuration file (default: DIR/icr.toml if present).
+    /// The store's configuration, if named: queries are authorised by
+    /// DIR/icr.toml (or its running agent's file) and refuse another.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// With --server: a file holding the API token (else $ICR_TOKEN).

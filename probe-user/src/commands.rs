@@ -168,7 +168,7 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
         AuditCommand::Verify { db, head } => {
             // The store's own configuration names the key.
-            let config = Config::load(None, Some(&db))?;
+            let config = StoreConfig::of_store(&db).load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
             let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
             let authenticated = match (&config.audit.key, verified.unauthenticated) {
