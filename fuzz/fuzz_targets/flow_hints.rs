@@ -13,7 +13,7 @@
 #![no_main]
 use std::net::{IpAddr, Ipv4Addr};
 
-use icr::hints::{DnsCache, FlowHints, HintPacket};
+use icr::capture::hints::{DnsCache, FlowHints, HintPacket};
 use libfuzzer_sys::fuzz_target;
 
 const PORTS: [u16; 4] = [53, 443, 80, 8080];

@@ -5,7 +5,7 @@
 //! request is an error.
 #![no_main]
 use clap::Parser as _;
-use icr::cli::{Cli, Command, QueryCommand};
+use icr::serve::cli::{Cli, Command, QueryCommand};
 use libfuzzer_sys::fuzz_target;
 
 fn check(argv: Vec<String>) {
@@ -14,7 +14,7 @@ fn check(argv: Vec<String>) {
     if matches!(&query, QueryCommand::Accessed { services_file: Some(_), .. }) {
         return;
     }
-    if let Ok(question) = icr::commands::parse_question(&query) {
+    if let Ok(question) = icr::serve::commands::parse_question(&query) {
         let (from, to) = question.window();
         assert!(question.purpose() as u8 >= 1);
         let _ = (from, to);
@@ -24,12 +24,12 @@ fn check(argv: Vec<String>) {
 fuzz_target!(|data: &[u8]| {
     let db = std::path::Path::new("/var/lib/icr-fuzz");
     for kind in ["resolve", "services", "accessed"] {
-        let params = icr::http::allowed(kind).expect("a question");
-        if let Ok(argv) = icr::http::request_argv(kind, params, "fuzz", db, None, data) {
+        let params = icr::serve::http::allowed(kind).expect("a question");
+        if let Ok(argv) = icr::serve::http::request_argv(kind, params, "fuzz", db, None, data) {
             check(argv);
         }
     }
-    if let Ok(request) = serde_json::from_slice::<icr::control::Request>(data) {
+    if let Ok(request) = serde_json::from_slice::<icr::serve::control::Request>(data) {
         check(request.argv);
     }
     let words = data.split(|byte| *byte == 0).map(|word| String::from_utf8_lossy(word).into_owned());

@@ -12,7 +12,7 @@
 //!   len:   u16  big-endian length of the frames (the last may be cut)
 //!   frames
 #![no_main]
-use icr::hints::quic::{InitialCrypto, SALT_V1, SALT_V2, VERSION_1, VERSION_2};
+use icr::capture::hints::quic::{InitialCrypto, SALT_V1, SALT_V2, VERSION_1, VERSION_2};
 use libfuzzer_sys::fuzz_target;
 use ring::{
     aead::{self, quic::HeaderProtectionKey},
@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
         };
         if let Some(hello) = crypto.add_packet(&seal(version, key_dcid, dcid, u32::from(flags >> 3), frames)) {
             if let Some(name) = hello.sni {
-                assert_eq!(icr::hints::normalise_name(name.as_bytes()).as_deref(), Some(name.as_str()));
+                assert_eq!(icr::capture::hints::normalise_name(name.as_bytes()).as_deref(), Some(name.as_str()));
             }
         }
     }

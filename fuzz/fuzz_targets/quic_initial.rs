@@ -2,7 +2,7 @@
 //! reassembly. Input: datagrams, each after a 2-byte big-endian length (the
 //! last one may be cut short).
 #![no_main]
-use icr::hints::quic::InitialCrypto;
+use icr::capture::hints::quic::InitialCrypto;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

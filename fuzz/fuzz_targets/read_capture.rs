@@ -19,8 +19,8 @@ fn scratch() -> &'static PathBuf {
 fuzz_target!(|data: &[u8]| {
     let path = scratch();
     std::fs::write(path, data).expect("writing the scratch capture");
-    let _ = icr::replay::read_capture(path, |_ts_ns, link, packet| {
-        if let Some(frame) = icr::replay::to_ethernet(link, packet) {
+    let _ = icr::capture::replay::read_capture(path, |_ts_ns, link, packet| {
+        if let Some(frame) = icr::capture::replay::to_ethernet(link, packet) {
             assert!(frame.len() >= 14);
         }
         Ok(())

@@ -1,13 +1,13 @@
 //! A client's TCP stream as TLS records, a bare handshake message, and a
 //! ClientHello after a cleartext prelude: never a panic, whatever the bytes.
 #![no_main]
-use icr::hints::{Parse, tls};
+use icr::capture::hints::{Parse, tls};
 use libfuzzer_sys::fuzz_target;
 
 fn check(parse: Parse<tls::ClientHello>) {
     if let Parse::Done(tls::ClientHello { sni: Some(name), .. }) = parse {
         // What leaves the parser is a normalised name, never raw bytes.
-        assert_eq!(icr::hints::normalise_name(name.as_bytes()).as_deref(), Some(name.as_str()));
+        assert_eq!(icr::capture::hints::normalise_name(name.as_bytes()).as_deref(), Some(name.as_str()));
     }
 }
 

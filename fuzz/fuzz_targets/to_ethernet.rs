@@ -1,7 +1,7 @@
 //! Link layers to the Ethernet frame the XDP program parses. The first byte
 //! picks the link type, the rest is the packet.
 #![no_main]
-use icr::replay::to_ethernet;
+use icr::capture::replay::to_ethernet;
 use libfuzzer_sys::fuzz_target;
 use pcap_file::DataLink;
 

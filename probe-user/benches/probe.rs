@@ -56,9 +56,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use etherparse::{PacketBuilder, TcpHeader};
 use icr::{
-    events::{self, ProbeEvent},
-    probe::{Baseline, EventPath, EventReader, Floor, Probe, ProbeOptions, RingLayout},
-    tuple::{Tuple, ipv4},
+    capture::events::{self, ProbeEvent},
+    capture::probe::{Baseline, EventPath, EventReader, Floor, Probe, ProbeOptions, RingLayout},
+    capture::tuple::{Tuple, ipv4},
 };
 use probe_common::{counter, event_kind, role};
 use serde_json::{Map, Value, json};

@@ -147,7 +147,7 @@ fn main() -> Result<()> {
         let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
         let to = from + chrono::Duration::days(1) - chrono::Duration::microseconds(1);
         let started = Instant::now();
-        let rows = query::service_rows(store.services(from, to, &device.index_key())?);
+        let rows = store.services(from, to, &device.index_key())?.into_rows();
         device_ms.push(started.elapsed().as_secs_f64() * 1e3);
         rows_total += rows.len();
     }

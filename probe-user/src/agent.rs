@@ -17,19 +17,19 @@ use tokio::{
 };
 
 use crate::{
-    clock::{Clock, monotonic_ns},
+    capture::clock::{Clock, monotonic_ns},
     config::Config,
-    events,
-    flow::Assembler,
+    capture::events,
+    capture::flow::Assembler,
     icr::{EndReason, Icr},
-    loss::{LossTracker, Totals},
-    nat::{NatEvent, NatTable, conntrack},
-    probe::{Probe, ProbeOptions},
+    capture::loss::{LossTracker, Totals},
+    capture::nat::{NatEvent, NatTable, conntrack},
+    capture::probe::{Probe, ProbeOptions},
     store::{
         Store,
         gaps::{Gap, LossKind, Watermark},
     },
-    subscribers::Directory,
+    capture::subscribers::Directory,
 };
 
 /// How often due flows are closed and records written.
@@ -87,7 +87,7 @@ struct ServiceRuntime(Option<tokio::runtime::Runtime>);
 const SERVICE_THREADS: usize = 2;
 
 impl ServiceRuntime {
-    async fn start(db: &Path, config: &Config, config_file: Option<PathBuf>, store: &Store, snapshot: &crate::metrics::Shared) -> Result<Self> {
+    async fn start(db: &Path, config: &Config, config_file: Option<PathBuf>, store: &Store, snapshot: &crate::serve::metrics::Shared) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(SERVICE_THREADS)
             .thread_name("icr-doors")
@@ -100,9 +100,9 @@ impl ServiceRuntime {
         // cannot start is reported here.
         let started = runtime.spawn(async move {
             let authorising = crate::config::StoreConfig::of_agent(&db, config_file.as_deref());
-            crate::control::serve(&db, authorising, store.clone())?;
-            crate::http::serve(&http, db.clone(), config_file, store).await?;
-            crate::metrics::serve(&metrics, snapshot).await
+            crate::serve::control::serve(&db, authorising, store.clone())?;
+            crate::serve::http::serve(&http, db.clone(), config_file, store).await?;
+            crate::serve::metrics::serve(&metrics, snapshot).await
         });
         let doors = Self(Some(runtime));
         started.await.context("the query service's runtime")??;
@@ -124,7 +124,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let timeouts = config.flow_timeouts()?;
     let store = Store::open(&db)?;
     store.set_retention_days(config.retention_days);
-    let snapshot = crate::metrics::Shared::default();
+    let snapshot = crate::serve::metrics::Shared::default();
     let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let loaded_at = Utc::now();
@@ -255,7 +255,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = sweep.tick() => {
-                let summary = crate::audit::sweep(&store, &db, &config.audit, config.retention_days, "agent (hourly retention)")?;
+                let summary = crate::query::audit::sweep(&store, &db, &config.audit, config.retention_days, "agent (hourly retention)")?;
                 info!("{summary}");
             }
             _ = sigint.recv() => break,
@@ -278,7 +278,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     writer.await.context("the writer task failed")?;
     let stored = stored(&snapshot);
     log_stats(&probe, &assembler, &nat, stored, backpressure);
-    let _ = std::fs::remove_file(crate::control::socket_path(&db));
+    let _ = std::fs::remove_file(crate::serve::control::socket_path(&db));
     if let Some(dir) = probe.pin_dir() {
         info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
     }
@@ -365,7 +365,7 @@ fn watermark(probe: &Probe, losses: &LossTracker) -> Watermark {
 /// (a full disk) is retried until it succeeds: records are never dropped;
 /// meanwhile the queue fills and back-pressure reaches the kernel, which
 /// keeps forwarding and counting.
-fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate::metrics::Shared) -> tokio::task::JoinHandle<()> {
+fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate::serve::metrics::Shared) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         while let Some(mut batch) = queue.blocking_recv() {
             while let Ok(more) = queue.try_recv() {
@@ -389,7 +389,7 @@ fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate:
 
 /// Retries `write` every [`WRITE_RETRY`] until it succeeds, counting and
 /// logging the failures.
-fn until_written(what: &str, snapshot: &crate::metrics::Shared, mut write: impl FnMut() -> Result<()>) {
+fn until_written(what: &str, snapshot: &crate::serve::metrics::Shared, mut write: impl FnMut() -> Result<()>) {
     let mut failures = 0u64;
     while let Err(error) = write() {
         failures += 1;
@@ -406,7 +406,7 @@ fn until_written(what: &str, snapshot: &crate::metrics::Shared, mut write: impl 
     }
 }
 
-fn stored(snapshot: &crate::metrics::Shared) -> u64 {
+fn stored(snapshot: &crate::serve::metrics::Shared) -> u64 {
     snapshot.lock().map(|s| s.records_stored).unwrap_or(0)
 }
 

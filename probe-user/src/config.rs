@@ -2,6 +2,7 @@
 //! and the probe's tunables. Unknown keys are refused so a typo cannot
 //! silently weaken a safeguard.
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -9,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
-use crate::flow::Timeouts;
+use crate::capture::flow::Timeouts;
 
 /// Twelve months: the legal maximum; a longer retention is refused.
 pub use crate::store::MAX_RETENTION_DAYS;
@@ -29,15 +30,15 @@ pub struct Config {
     #[serde(default)]
     pub timeouts: TimeoutsSection,
     #[serde(default)]
-    pub subscribers: crate::subscribers::SubscribersSection,
+    pub subscribers: crate::capture::subscribers::SubscribersSection,
     #[serde(default)]
-    pub http: crate::http::HttpSection,
+    pub http: HttpSection,
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsSection,
+    pub metrics: MetricsSection,
     #[serde(default)]
     pub store: StoreSection,
     #[serde(default)]
-    pub audit: crate::audit::AuditSection,
+    pub audit: AuditSection,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -99,7 +100,7 @@ pub struct ProbeSection {
     /// How events reach the agent: `"ring"` or `"perf"`. Unset: the ring
     /// buffer where the kernel can (5.18 and later), else perf buffers.
     #[serde(default)]
-    pub events: Option<crate::probe::EventPath>,
+    pub events: Option<crate::capture::probe::EventPath>,
     /// Size of each CPU's event ring buffer in bytes (a power of two, 64 KiB
     /// to 1 GiB): how long a burst it absorbs while the agent is busy.
     #[serde(default = "default_event_ring_bytes")]
@@ -382,4 +383,64 @@ mod tests {
         assert!(Config::parse("[http]\nlisten = \"[::1]:8080\"").is_ok());
         assert!(Config::parse("[http]\nlisten = \"0.0.0.0:8443\"\ncert = \"/etc/icr/c.pem\"\nkey = \"/etc/icr/k.pem\"").is_ok());
     }
+}
+
+/// `[http]`: the HTTP API.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to serve on, e.g. "127.0.0.1:8443".
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain and key: HTTPS when both are set.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Open connections at most; one more is closed at once (default 64).
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send its TLS handshake, its headers, and
+    /// then its body, each (default 10s).
+    pub request_timeout: Option<String>,
+}
+
+/// Default of `[http] max_connections`.
+const MAX_CONNECTIONS: usize = 64;
+/// Default of `[http] request_timeout`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+impl HttpSection {
+    pub fn max_connections(&self) -> Result<usize> {
+        match self.max_connections {
+            None => Ok(MAX_CONNECTIONS),
+            Some(0) => bail!("[http] max_connections must be at least 1"),
+            Some(n) => Ok(n),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Result<Duration> {
+        match &self.request_timeout {
+            None => Ok(REQUEST_TIMEOUT),
+            Some(text) => match crate::config::parse_duration(text).context("[http] request_timeout")? {
+                zero if zero.is_zero() => bail!("[http] request_timeout = {text:?} must be longer than zero"),
+                timeout => Ok(timeout),
+            },
+        }
+    }
+}
+
+/// `[audit]` in the configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// A file of at least 32 random bytes, outside the store, owned by root
+    /// and readable by root only: each entry is authenticated with it.
+    pub key: Option<PathBuf>,
+    /// The system journal's socket, where each entry's head is sent (default
+    /// `/run/systemd/journal/socket`, when it exists).
+    pub journal: Option<PathBuf>,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address to serve `/metrics` on, e.g. "127.0.0.1:9464".
+    pub listen: Option<SocketAddr>,
 }

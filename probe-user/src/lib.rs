@@ -1,27 +1,17 @@
 //! The ICR agent and command line: loads the XDP probe, assembles its flows
 //! into Internet Connection Records, stores them, and answers the three
 //! questions under the safeguards the law requires.
+//!
+//! One folder per concern; imports run one way:
+//! `serve` → `query` → `store`, `capture` → `store`, `query` → `export` →
+//! `store`. `icr` (the record) and `config` are read by all. `agent` wires
+//! capture, store and the doors together.
 pub mod agent;
-pub mod audit;
-pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod commands;
+pub mod capture;
 pub mod config;
-pub mod control;
-pub mod events;
 pub mod export;
-pub mod flow;
-pub mod hints;
-pub mod http;
 pub mod icr;
-pub mod loss;
-pub mod metrics;
-pub mod nat;
-pub mod probe;
 pub mod query;
-pub mod replay;
+pub mod serve;
 pub mod store;
-pub mod subscribers;
 pub mod synthetic;
-pub mod tuple;

@@ -4,8 +4,8 @@ use std::io::Write as _;
 use clap::{Parser as _, ValueEnum as _};
 use icr::{
     agent::{self, RunOptions},
-    cli::{Cli, Command},
-    commands, control,
+    serve::cli::{Cli, Command},
+    serve::commands, serve::control,
     config::{Config, StoreConfig},
     export::Format,
     store::{Store, StoreInUse},
@@ -32,14 +32,14 @@ fn main() {
         Command::HashToken => {
             let mut token = String::new();
             std::io::stdin().read_line(&mut token).map_err(anyhow::Error::from).and_then(|_| {
-                let hash = icr::http::hash_token(token.trim())?;
+                let hash = icr::serve::http::hash_token(token.trim())?;
                 writeln!(stdout, "{hash}")?;
                 Ok(())
             })
         }
         Command::Audit(audit) => commands::audit(audit, &mut stdout),
         Command::Query(query) if query.target().server.is_some() => {
-            icr::client::query(&query, &mut stdout).map(|gaps| warn_of(&gaps))
+            icr::serve::client::query(&query, &mut stdout).map(|gaps| warn_of(&gaps))
         }
         command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
             let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();

@@ -4,9 +4,9 @@
 //! Needs root (CAP_BPF, CAP_NET_ADMIN).
 use etherparse::{PacketBuilder, TcpHeader, VlanId};
 use icr::{
-    events::{self, ProbeEvent},
-    probe::{EventPath, EventReader, Probe, ProbeOptions},
-    tuple::{Tuple, ipv4},
+    capture::events::{self, ProbeEvent},
+    capture::probe::{EventPath, EventReader, Probe, ProbeOptions},
+    capture::tuple::{Tuple, ipv4},
 };
 use probe_common::{FlowEvent, FlowValue, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
 
@@ -550,7 +550,7 @@ fn each_cpu_sends_through_its_own_ring() {
     }
     let EventReader::Ring(rings) = &mut h.buffers else { panic!("the ring path was asked for") };
     assert!(rings.len() >= 2, "a ring per CPU: {}", rings.len());
-    for icr::probe::CpuRing { cpu, ring } in rings.iter_mut() {
+    for icr::capture::probe::CpuRing { cpu, ring } in rings.iter_mut() {
         let mut ports = Vec::new();
         while let Some(record) = ring.next() {
             match events::decode_ring(&record) {
@@ -727,8 +727,8 @@ impl Drop for Netns {
 #[test]
 fn an_interface_with_another_xdp_program_is_named_in_the_error() {
     let ns = Netns::with_veth("icrt-busy");
-    let mut other = icr::probe::Baseline::load(16).unwrap();
-    ns.run(|| other.attach(icr::probe::Floor::Pass, "busy0")).unwrap();
+    let mut other = icr::capture::probe::Baseline::load(16).unwrap();
+    ns.run(|| other.attach(icr::capture::probe::Floor::Pass, "busy0")).unwrap();
     let mut probe = Probe::load(ProbeOptions::default()).unwrap();
     let error = ns.run(|| probe.attach("busy0", role::LAN)).expect_err("the interface is busy");
     let message = format!("{error:#}");

@@ -6,7 +6,7 @@
 //! the output: tunnels, three VLAN tags, non-standard DNS ports, SSDP).
 //!
 //! The captures are replayed in this process by `icr replay`'s own code
-//! (`icr::replay::Replayer`, serialised by `icr::export::ndjson`), with one
+//! (`icr::capture::replay::Replayer`, serialised by `icr::export::ndjson`), with one
 //! probe load per thread rather than one per file: loading (the verifier)
 //! is most of a short replay's time, tens of seconds under emulation (a VM
 //! without KVM). The `icr replay` command itself is run on the last file with
@@ -18,7 +18,7 @@ use std::{
     process::Command,
 };
 
-use icr::{config::Config, export, probe::ProbeOptions, replay::Replayer};
+use icr::{config::Config, export, capture::probe::ProbeOptions, capture::replay::Replayer};
 use icr_lab::icr_binary;
 use serde_json::Value;
 

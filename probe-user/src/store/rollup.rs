@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
 use crate::{
-    icr::Icr,
+    icr::{Icr, format_time, proto_name},
     store::{
         codec::{parse_mac, proto_number},
         index::IndexKey,
@@ -467,6 +467,49 @@ impl<'a> Reader<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// One row of the answer to question 2.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceRow {
+    /// The service name, when the connection setup named one.
+    pub name: Option<String>,
+    pub remote: String,
+    pub proto: String,
+    pub first: String,
+    pub last: String,
+    pub connections: u64,
+    pub bytes: u64,
+}
+
+impl Services {
+    /// The rows of question 2's answer, first used first.
+    pub fn into_rows(self) -> Vec<ServiceRow> {
+        let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).map(|t| format_time(&t)).unwrap_or_default();
+        self
+            .into_sorted()
+            .into_iter()
+            .map(|(key, used)| ServiceRow {
+                name: match key {
+                    ServiceKey::Name(name) => Some(name),
+                    ServiceKey::Remote(..) => None,
+                },
+                remote: remote_string(used.remote.0, used.remote.1),
+                proto: proto_name(used.proto),
+                first: time(used.first_us),
+                last: time(used.last_us),
+                connections: used.connections,
+                bytes: used.bytes,
+            })
+            .collect()
+    }
+}
+
+fn remote_string(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}:{port}"),
+        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
     }
 }
 

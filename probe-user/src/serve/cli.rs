@@ -219,6 +219,6 @@ pub enum AuditCommand {
         /// disclosure bundle or the system journal): the log must still
         /// reach it, so a cut tail is found.
         #[arg(long)]
-        head: Option<crate::audit::Head>,
+        head: Option<crate::query::audit::Head>,
     },
 }

@@ -4,7 +4,6 @@
 //! endpoint only renders it, so scraping never touches the hot path.
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
@@ -12,16 +11,9 @@ use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use log::info;
 use probe_common::counter;
-use serde::Deserialize;
 
-use crate::probe::Counters;
+use crate::{capture::probe::Counters, config::MetricsSection};
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// Address to serve `/metrics` on, e.g. "127.0.0.1:9464".
-    pub listen: Option<SocketAddr>,
-}
 
 /// What the agent knows of itself at its last tick.
 #[derive(Clone, Debug, Default)]

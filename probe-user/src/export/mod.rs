@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     icr::{Icr, ServiceSource, format_time},
-    query::ServiceRow,
+    store::rollup::ServiceRow,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

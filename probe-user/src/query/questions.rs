@@ -7,15 +7,14 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
-use serde::Serialize;
 
 use crate::{
     config::{AuthorityKind, Config},
-    icr::{Icr, format_time, proto_name},
+    icr::Icr,
     store::{
         codec::parse_mac,
         index::IndexKey,
-        rollup::{ServiceKey, Services},
+        rollup::{ServiceRow, Services},
     },
 };
 
@@ -284,19 +283,6 @@ impl ServiceSelector {
     }
 }
 
-/// One row of the answer to question 2.
-#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct ServiceRow {
-    /// The service name, when the connection setup named one.
-    pub name: Option<String>,
-    pub remote: String,
-    pub proto: String,
-    pub first: String,
-    pub last: String,
-    pub connections: u64,
-    pub bytes: u64,
-}
-
 /// Question 2 over records: one row per service (by name when known, else
 /// remote ip:port and protocol). The store answers it from its rollups
 /// ([`crate::store::Store::services`]); this is the same answer from records.
@@ -305,35 +291,7 @@ pub fn services_of(records: &[Icr], device: &DeviceSelector) -> Vec<ServiceRow> 
     for record in records.iter().filter(|r| device.matches(r)) {
         services.add_record(record);
     }
-    service_rows(services)
-}
-
-/// The rows of question 2's answer, first used first.
-pub fn service_rows(services: Services) -> Vec<ServiceRow> {
-    let time = |us: i64| DateTime::from_timestamp_micros(us).map(|t| format_time(&t)).unwrap_or_default();
-    services
-        .into_sorted()
-        .into_iter()
-        .map(|(key, used)| ServiceRow {
-            name: match key {
-                ServiceKey::Name(name) => Some(name),
-                ServiceKey::Remote(..) => None,
-            },
-            remote: remote_string(used.remote.0, used.remote.1),
-            proto: proto_name(used.proto),
-            first: time(used.first_us),
-            last: time(used.last_us),
-            connections: used.connections,
-            bytes: used.bytes,
-        })
-        .collect()
-}
-
-fn remote_string(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V4(ip) => format!("{ip}:{port}"),
-        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
-    }
+    services.into_rows()
 }
 
 /// Question 1: which device used public `ip` (and `port`) at `at`. Records

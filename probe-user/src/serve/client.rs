@@ -11,11 +11,12 @@ use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::{Map, Value, json};
 
 use crate::{
-    cli::{QueryCommand, QueryTarget, Requester},
-    commands::service_list,
+    serve::cli::{QueryCommand, QueryTarget, Requester},
+    serve::commands::service_list,
     export::{self, Format},
     icr::Icr,
-    query::{Refusal, ServiceRow},
+    query::Refusal,
+    store::rollup::ServiceRow,
     store::gaps::Gap,
 };
 

@@ -10,7 +10,7 @@ use log::warn;
 use probe_common::{EVENT_RING_DRAIN_MS, FlowEvent, event_kind};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time::MissedTickBehavior};
 
-use crate::probe::{CpuRing, EventBuffer, EventReader};
+use crate::capture::probe::{CpuRing, EventBuffer, EventReader};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeEvent {

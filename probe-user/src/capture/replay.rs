@@ -13,12 +13,12 @@ use pcap_file::{
 use probe_common::role;
 
 use crate::{
-    clock::Clock,
-    events::{self, ProbeEvent},
-    flow::{Assembler, Timeouts},
+    capture::clock::Clock,
+    capture::events::{self, ProbeEvent},
+    capture::flow::{Assembler, Timeouts},
     icr::{EndReason, Icr},
-    nat::NatTable,
-    probe::{EventReader, Probe, ProbeOptions},
+    capture::nat::NatTable,
+    capture::probe::{EventReader, Probe, ProbeOptions},
 };
 
 const ETH_HEADER: usize = 14;

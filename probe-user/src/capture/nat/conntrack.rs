@@ -18,7 +18,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{Mapping, NatEvent};
-use crate::tuple::Tuple;
+use crate::capture::tuple::Tuple;
 
 /// Multicast groups of ctnetlink (linux/netfilter/nfnetlink.h).
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;

@@ -22,12 +22,12 @@ use anyhow::Result;
 use probe_common::{FlowEvent, FlowKey, FlowValue, SYN_RETRY_SHIFT, event_kind, ip_proto::TCP as IPPROTO_TCP, role, tcp_flags};
 
 use crate::{
-    clock::Clock,
-    events::ProbeEvent,
-    hints::{DnsCache, FlowHints, HintPacket, dns},
+    capture::clock::Clock,
+    capture::events::ProbeEvent,
+    capture::hints::{DnsCache, FlowHints, HintPacket, dns},
     icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource, mac_string, proto_name},
-    nat::{Mapping, NatTable},
-    tuple::Tuple,
+    capture::nat::{Mapping, NatTable},
+    capture::tuple::Tuple,
 };
 
 /// A sweep adopts a flow it has no event of once its first packet is this
@@ -68,7 +68,7 @@ pub trait FlowTable {
     fn keys(&self) -> Result<Vec<FlowKey>>;
 }
 
-impl FlowTable for crate::probe::Probe {
+impl FlowTable for crate::capture::probe::Probe {
     fn get(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         self.flow(key)
     }
@@ -651,7 +651,7 @@ fn nanos(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{nat::NatEvent, tuple::ipv4};
+    use crate::{capture::nat::NatEvent, capture::tuple::ipv4};
 
     const SEC: u64 = 1_000_000_000;
 

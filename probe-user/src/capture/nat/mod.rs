@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::tuple::Tuple;
+use crate::capture::tuple::Tuple;
 
 pub mod conntrack;
 
@@ -110,7 +110,7 @@ impl NatTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tuple::ipv4;
+    use crate::capture::tuple::ipv4;
 
     fn mapping() -> Mapping {
         let original = Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 };

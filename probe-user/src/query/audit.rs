@@ -18,20 +18,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use ring::hmac;
+use crate::config::AuditSection;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// `[audit]` in the configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AuditSection {
-    /// A file of at least 32 random bytes, outside the store, owned by root
-    /// and readable by root only: each entry is authenticated with it.
-    pub key: Option<PathBuf>,
-    /// The system journal's socket, where each entry's head is sent (default
-    /// `/run/systemd/journal/socket`, when it exists).
-    pub journal: Option<PathBuf>,
-}
 
 /// systemd-journald's native socket.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";

@@ -20,8 +20,8 @@ use tokio::{
 };
 
 use crate::{
-    cli::{Cli, Command},
-    commands,
+    serve::cli::{Cli, Command},
+    serve::commands,
     config::StoreConfig,
     store::{Store, gaps::Gap},
 };

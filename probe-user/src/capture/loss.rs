@@ -26,7 +26,7 @@ pub struct Totals {
 
 impl Totals {
     /// The losses the probe counts in the kernel; the agent's own are zero.
-    pub fn of_kernel(counters: &crate::probe::Counters) -> Self {
+    pub fn of_kernel(counters: &crate::capture::probe::Counters) -> Self {
         Self {
             events_lost: counters.get(probe_common::counter::EVENTS_LOST),
             flow_table_full: counters.get(probe_common::counter::FLOW_TABLE_FULL),

@@ -16,19 +16,19 @@ const MAX_FIELD_BYTES: usize = 1024;
 const MAX_PARAMETERS_BYTES: usize = 1 << 20;
 
 use crate::{
-    audit::{AuditLog, AuditRecord},
-    cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
+    query::audit::{AuditLog, AuditRecord},
+    serve::cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
     config::{Config, LoadedConfig, StoreConfig},
     export::{self, Format},
     icr::{Icr, format_time},
-    probe::ProbeOptions,
+    capture::probe::ProbeOptions,
     query::{self, Act, Authorisation, Purpose, Question, Refusal, ServiceSelector, parse_time},
     store::{Lookup, Store, gaps::Gap, index::IndexKey},
 };
 
 /// The store directory a store-reading command names.
-pub fn store_dir(command: &crate::cli::Command) -> Option<&std::path::Path> {
-    use crate::cli::Command;
+pub fn store_dir(command: &crate::serve::cli::Command) -> Option<&std::path::Path> {
+    use crate::serve::cli::Command;
     match command {
         Command::Query(QueryCommand::Resolve { store, .. })
         | Command::Query(QueryCommand::Services { store, .. })
@@ -74,7 +74,7 @@ pub fn query(command: QueryCommand, store: &Store, authorising: &StoreConfig, ou
                     unreachable!("Question::services gives a Services")
                 };
                 session.check_window(from, to)?;
-                let rows = query::service_rows(store.services(from, to, &device.index_key())?);
+                let rows = store.services(from, to, &device.index_key())?.into_rows();
                 let format = who.format.unwrap_or_else(Format::default_for_stdout);
                 let mut rendered = Vec::new();
                 export::write_services(&mut rendered, &rows, format)?;
@@ -128,9 +128,9 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         events: config.probe.events,
         event_ring_bytes: config.probe.event_ring_bytes,
     };
-    let directory = crate::subscribers::Directory::load(&config.subscribers)?;
+    let directory = crate::capture::subscribers::Directory::load(&config.subscribers)?;
     let mut out = std::io::stdout().lock();
-    let stats = crate::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
+    let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
         for record in &mut records {
             record.device.subscriber = directory.subscriber(record);
         }
@@ -187,12 +187,12 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     let Some(dir) = config.probe.pin_dir else {
         bail!("the configuration has no [probe] pin_dir: nothing is pinned");
     };
-    if crate::control::socket_path(&args.db).exists()
-        && std::os::unix::net::UnixStream::connect(crate::control::socket_path(&args.db)).is_ok()
+    if crate::serve::control::socket_path(&args.db).exists()
+        && std::os::unix::net::UnixStream::connect(crate::serve::control::socket_path(&args.db)).is_ok()
     {
         bail!("the agent of {} is running; stop it first", args.db.display());
     }
-    let removed = crate::probe::unpin(&dir)?;
+    let removed = crate::capture::probe::unpin(&dir)?;
     writeln!(out, "removed {} pinned object(s) from {}: {}", removed.len(), dir.display(), removed.join(" "))?;
     Ok(())
 }
@@ -213,7 +213,7 @@ fn refuse_other_config(authorising: &StoreConfig, named: Option<&std::path::Path
 pub fn sweep(args: StoreArgs, store: &Store, authorising: &StoreConfig, out: &mut dyn Write) -> Result<()> {
     refuse_other_config(authorising, args.config.as_deref())?;
     let config = authorising.load()?.config;
-    let summary = crate::audit::sweep(store, &args.db, &config.audit, config.retention_days, &operator())?;
+    let summary = crate::query::audit::sweep(store, &args.db, &config.audit, config.retention_days, &operator())?;
     writeln!(out, "{summary}")?;
     Ok(())
 }

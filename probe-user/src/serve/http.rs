@@ -34,60 +34,22 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    audit::{AuditLog, AuditRecord},
-    cli::{Cli, Command},
-    commands,
+    config::HttpSection,
+    query::audit::{AuditLog, AuditRecord},
+    serve::cli::{Cli, Command},
+    serve::commands,
     config::{Config, LoadedConfig, StoreConfig},
     icr::format_time,
     store::{Store, gaps::Gap},
 };
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSection {
-    /// Address to serve on, e.g. "127.0.0.1:8443".
-    pub listen: Option<SocketAddr>,
-    /// PEM certificate chain and key: HTTPS when both are set.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// Open connections at most; one more is closed at once (default 64).
-    pub max_connections: Option<usize>,
-    /// How long a client may take to send its TLS handshake, its headers, and
-    /// then its body, each (default 10s).
-    pub request_timeout: Option<String>,
-}
 
-/// Default of `[http] max_connections`.
-const MAX_CONNECTIONS: usize = 64;
-/// Default of `[http] request_timeout`.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body: a query's parameters (1 MiB), with room for
 /// JSON's quoting.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
-
-impl HttpSection {
-    pub fn max_connections(&self) -> Result<usize> {
-        match self.max_connections {
-            None => Ok(MAX_CONNECTIONS),
-            Some(0) => bail!("[http] max_connections must be at least 1"),
-            Some(n) => Ok(n),
-        }
-    }
-
-    pub fn request_timeout(&self) -> Result<Duration> {
-        match &self.request_timeout {
-            None => Ok(REQUEST_TIMEOUT),
-            Some(text) => match crate::config::parse_duration(text).context("[http] request_timeout")? {
-                zero if zero.is_zero() => bail!("[http] request_timeout = {text:?} must be longer than zero"),
-                timeout => Ok(timeout),
-            },
-        }
-    }
-}
 
 /// The salted argon2 hash of a token, for an authority's `token_hash`.
 pub fn hash_token(token: &str) -> Result<String> {

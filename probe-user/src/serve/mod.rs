@@ -1,0 +1,9 @@
+//! The doors: the command line, the agent's local socket, the HTTP API and
+//! its metrics. Each turns what it is given into a query request and hands
+//! it to the desk (`crate::query`); none authorises or answers by itself.
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod control;
+pub mod http;
+pub mod metrics;
