@@ -1,37 +1,44 @@
-//! A query request as each door parses it: the HTTP API's JSON body (for
-//! each question), the query socket's JSON line, and a command line (words
-//! separated by NUL bytes); whatever clap accepts is then parsed into a
-//! typed question, as before it is authorised. Nothing may panic: a bad
-//! request is an error.
+//! A query request as each door reads it: the HTTP API's JSON body (for
+//! each question), the local socket's JSON order, and a command line (words
+//! separated by NUL bytes). Whatever a door accepts becomes a request, and
+//! its question is parsed as the desk parses it before answering. Nothing
+//! may panic: a bad request is an error.
 #![no_main]
 use clap::Parser as _;
-use icr::serve::cli::{Cli, Command, QueryCommand};
+use icr::{
+    query::{Question, Request},
+    serve::{
+        cli::{Cli, Command, QueryCommand},
+        commands, control, http,
+    },
+};
 use libfuzzer_sys::fuzz_target;
 
-fn check(argv: Vec<String>) {
+fn check(request: &Request) {
+    if let Ok(question) = Question::of(&request.ask) {
+        let _ = question.window();
+    }
+    // What the audit log would keep of it.
+    let _ = request.ask.parameters();
+}
+
+fuzz_target!(|data: &[u8]| {
+    for kind in ["resolve", "services", "accessed"] {
+        if let Ok(request) = http::request_of(kind, "fuzz", data) {
+            check(&request);
+        }
+    }
+    if let Ok(control::Order::Query(request)) = serde_json::from_slice::<control::Order>(data) {
+        check(&request);
+    }
+    let words = data.split(|byte| *byte == 0).map(|word| String::from_utf8_lossy(word).into_owned());
+    let argv: Vec<String> = ["icr".to_string(), "query".to_string()].into_iter().chain(words).collect();
     let Ok(Cli { command: Command::Query(query) }) = Cli::try_parse_from(argv) else { return };
     // A services file is a path on this machine: not read while fuzzing.
     if matches!(&query, QueryCommand::Accessed { services_file: Some(_), .. }) {
         return;
     }
-    if let Ok(question) = icr::serve::commands::parse_question(&query) {
-        let (from, to) = question.window();
-        assert!(question.purpose() as u8 >= 1);
-        let _ = (from, to);
+    if let Ok(request) = commands::query_request(&query) {
+        check(&request);
     }
-}
-
-fuzz_target!(|data: &[u8]| {
-    let db = std::path::Path::new("/var/lib/icr-fuzz");
-    for kind in ["resolve", "services", "accessed"] {
-        let params = icr::serve::http::allowed(kind).expect("a question");
-        if let Ok(argv) = icr::serve::http::request_argv(kind, params, "fuzz", db, None, data) {
-            check(argv);
-        }
-    }
-    if let Ok(request) = serde_json::from_slice::<icr::serve::control::Request>(data) {
-        check(request.argv);
-    }
-    let words = data.split(|byte| *byte == 0).map(|word| String::from_utf8_lossy(word).into_owned());
-    check(["icr".to_string(), "query".to_string()].into_iter().chain(words).collect());
 });

@@ -13,8 +13,8 @@ use anyhow::{Context as _, Result, bail};
 use chrono::{DateTime, Days, Utc};
 use icr::{
     icr::Icr,
-    query::{self, DeviceSelector, ServiceSelector},
-    store::{Lookup, Store, index::IndexKey},
+    query::{Backend, DeviceSelector, ServiceSelector, questions},
+    store::Store,
     synthetic::{Generator, Options},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
@@ -118,6 +118,8 @@ fn main() -> Result<()> {
         by_kind.iter().map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / written as f64)).collect::<Vec<_>>().join(", ")
     );
 
+    // The questions as the desk asks them of its backend.
+    let backend: &dyn Backend = &store;
     // Question 1: a public ip:port at a moment of each sampled connection.
     let mut resolve_ms = Vec::new();
     let mut resolved = 0;
@@ -127,8 +129,8 @@ fn main() -> Result<()> {
         let at = sample.start + chrono::Duration::microseconds(rng.random_range(0..span));
         let tolerance = chrono::Duration::seconds(1);
         let started = Instant::now();
-        let found = store.find(at - tolerance, at + tolerance, Lookup::Any(&[IndexKey::PublicPort(public.ip, public.port)]))?;
-        let answer = query::resolve(found, at, public.ip, Some(public.port), None, None);
+        let found = backend.by_public(at - tolerance, at + tolerance, public.ip, Some(public.port))?;
+        let answer = questions::resolve(found, at, public.ip, Some(public.port), None, None);
         resolve_ms.push(started.elapsed().as_secs_f64() * 1e3);
         resolved += usize::from(answer.iter().any(|r| r.id == sample.id));
     }
@@ -147,7 +149,7 @@ fn main() -> Result<()> {
         let from: DateTime<Utc> = day.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
         let to = from + chrono::Duration::days(1) - chrono::Duration::microseconds(1);
         let started = Instant::now();
-        let rows = store.services(from, to, &device.index_key())?.into_rows();
+        let rows = backend.services(from, to, &device)?.into_rows();
         device_ms.push(started.elapsed().as_secs_f64() * 1e3);
         rows_total += rows.len();
     }
@@ -166,9 +168,8 @@ fn main() -> Result<()> {
         let selectors: Vec<ServiceSelector> = (0..1_000)
             .map(|_| ServiceSelector::Name(Generator::name(rng.random_range(1..=options.names))))
             .collect();
-        let keys: Vec<IndexKey> = selectors.iter().flat_map(|s| s.index_keys().expect("names are indexed")).collect();
         let started = Instant::now();
-        let found = query::accessed(store.find(from, to, Lookup::Any(&keys))?, &selectors);
+        let found = questions::accessed(backend.by_services(from, to, &selectors)?, &selectors);
         names_ms.push(started.elapsed().as_secs_f64() * 1e3);
         hits += found.len();
     }

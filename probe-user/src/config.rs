@@ -67,10 +67,49 @@ pub struct Authority {
     pub name: String,
     pub kind: AuthorityKind,
     #[serde(default)]
-    pub purposes: Vec<u8>,
+    pub purposes: Vec<Purpose>,
     /// For HTTP access; never the token itself.
     #[serde(default)]
     pub token_hash: Option<String>,
+}
+
+/// The three questions an ICR exists to answer; an authority is granted
+/// some of them. Written as their numbers, 1 to 3, in the configuration and
+/// the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum Purpose {
+    /// 1: which device sent a communication.
+    Resolve = 1,
+    /// 2: which services a device used.
+    Services = 2,
+    /// 3: which devices used given services.
+    Accessed = 3,
+}
+
+impl TryFrom<u8> for Purpose {
+    type Error = String;
+
+    fn try_from(number: u8) -> Result<Self, String> {
+        match number {
+            1 => Ok(Self::Resolve),
+            2 => Ok(Self::Services),
+            3 => Ok(Self::Accessed),
+            other => Err(format!("purpose {other} is not 1, 2 or 3")),
+        }
+    }
+}
+
+impl From<Purpose> for u8 {
+    fn from(purpose: Purpose) -> u8 {
+        purpose as u8
+    }
+}
+
+impl std::fmt::Display for Purpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", *self as u8)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -259,9 +298,6 @@ impl Config {
             // token of the second be taken for the first.
             if !names.insert(authority.name.as_str()) {
                 bail!("authority {:?} is configured twice: names must be unique", authority.name);
-            }
-            if let Some(purpose) = authority.purposes.iter().find(|p| !(1..=3).contains(*p)) {
-                bail!("authority {}: purpose {purpose} is not 1, 2 or 3", authority.name);
             }
         }
         if let Some(listen) = self.http.listen

@@ -1,13 +1,16 @@
 //! `icr`: argument parsing and wiring; the work is in the library's modules.
-use std::io::Write as _;
+use std::{io::Write, path::Path};
 
-use clap::{Parser as _, ValueEnum as _};
+use clap::Parser as _;
 use icr::{
     agent::{self, RunOptions},
-    serve::cli::{Cli, Command},
-    serve::commands, serve::control,
     config::{Config, StoreConfig},
-    export::Format,
+    query::{Desk, Failure, Request},
+    serve::{
+        cli::{Cli, Command},
+        commands,
+        control::{self, Order},
+    },
     store::{Store, StoreInUse},
 };
 
@@ -22,61 +25,81 @@ fn main() {
         .format_target(false)
         .init();
     let mut stdout = std::io::stdout().lock();
-    let result = match cli.command {
-        Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db)).and_then(|config| {
-            let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config, config_file: args.store.config };
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
-        }),
-        Command::Replay(args) => commands::replay(args),
-        Command::Detach(args) => commands::detach(args, &mut stdout),
-        Command::HashToken => {
-            let mut token = String::new();
-            std::io::stdin().read_line(&mut token).map_err(anyhow::Error::from).and_then(|_| {
-                let hash = icr::serve::http::hash_token(token.trim())?;
-                writeln!(stdout, "{hash}")?;
-                Ok(())
+    let result: Result<(), Failure> = match cli.command {
+        Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db))
+            .and_then(|config| {
+                let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config, config_file: args.store.config };
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
             })
-        }
-        Command::Audit(audit) => commands::audit(audit, &mut stdout),
-        Command::Query(query) if query.target().server.is_some() => {
-            icr::serve::client::query(&query, &mut stdout).map(|gaps| warn_of(&gaps))
-        }
-        command @ (Command::Query(_) | Command::List(_) | Command::Sweep(_)) => {
-            let db = commands::store_dir(&command).expect("store commands name a store").to_path_buf();
-            // Questions change nothing in the store; a sweep does.
-            let open = if matches!(command, Command::Sweep(_)) { Store::open } else { Store::open_read_only };
-            // Without an agent, the store's own configuration governs it.
-            let authorising = StoreConfig::of_store(&db);
-            match open(&db) {
-                Ok(store) => match command {
-                    Command::Query(query) => commands::query(query, &store, &authorising, &mut stdout).map(|gaps| warn_of(&gaps)),
-                    Command::List(args) => commands::list(args, &store, &authorising, &mut stdout).map(|gaps| warn_of(&gaps)),
-                    Command::Sweep(args) => commands::sweep(args, &store, &authorising, &mut stdout),
-                    _ => unreachable!("matched above"),
-                },
-                // The agent holds the store: it answers through its socket.
-                Err(error) if error.downcast_ref::<StoreInUse>().is_some() => {
-                    drop(stdout);
-                    let wants_format = matches!(command, Command::Query(_) | Command::List(_));
-                    match control::ask(&db, argv_for_agent(wants_format)) {
-                        Ok(answer) => {
-                            warn_of(&answer.gaps);
-                            if let Some(reason) = answer.error {
-                                eprintln!("icr: {reason}");
-                            }
-                            std::process::exit(answer.status);
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
-                Err(error) => Err(error),
-            }
-        }
+            .map_err(Failure::from),
+        Command::Replay(args) => commands::replay(args).map_err(Failure::from),
+        Command::Detach(args) => commands::detach(args, &mut stdout).map_err(Failure::from),
+        Command::HashToken => hash_token(&mut stdout).map_err(Failure::from),
+        Command::Audit(audit) => commands::audit(audit, &mut stdout).map_err(Failure::from),
+        Command::Query(query) => match commands::query_request(&query) {
+            Err(error) => Err(Failure::Invalid(format!("{error:#}"))),
+            Ok(request) => match &query.target().db {
+                Some(db) => ask_store(db, request, &mut stdout),
+                None => icr::serve::client::query(query.target(), &request, &mut stdout).map(|gaps| warn_of(&gaps)),
+            },
+        },
+        Command::List(args) => ask_store(&args.store.db.clone(), commands::list_request(&args), &mut stdout),
+        Command::Sweep(args) => sweep(&args.db, args.config.as_deref(), &mut stdout),
     };
-    if let Err(error) = result {
-        eprintln!("icr: {error:#}");
-        std::process::exit(if commands::is_refusal(&error) { 3 } else { 1 });
+    if let Err(failure) = result {
+        eprintln!("icr: {failure}");
+        std::process::exit(failure.exit_status());
     }
+}
+
+fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut token = String::new();
+    std::io::stdin().read_line(&mut token)?;
+    writeln!(out, "{}", icr::serve::http::hash_token(token.trim())?)?;
+    Ok(())
+}
+
+/// Answers a request from the store in `db`: here, with the store's own
+/// configuration, or through its running agent's socket when the agent
+/// holds the store.
+fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
+    match Store::open_read_only(db) {
+        Ok(store) => {
+            let governing = StoreConfig::of_store(db);
+            let answer = Desk::new(db, &governing, &store).answer(&request)?;
+            out.write_all(&answer.body).map_err(anyhow::Error::from)?;
+            warn_of(&answer.gaps);
+            Ok(())
+        }
+        Err(error) if error.downcast_ref::<StoreInUse>().is_some() => from_agent(db, &Order::Query(Box::new(request))),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A sweep, here or by the running agent.
+fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Failure> {
+    match Store::open(db) {
+        Ok(store) => {
+            let summary = commands::sweep(named, &store, db, &StoreConfig::of_store(db))?;
+            writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
+            Ok(())
+        }
+        Err(error) if error.downcast_ref::<StoreInUse>().is_some() => {
+            from_agent(db, &Order::Sweep { config: named.map(Path::to_path_buf) })
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Sends `order` to the agent that holds the store; its answer goes to
+/// stdout, and the process exits as the agent says.
+fn from_agent(db: &Path, order: &Order) -> Result<(), Failure> {
+    let answer = control::ask(db, order)?;
+    warn_of(&answer.gaps);
+    if let Some(reason) = answer.error {
+        eprintln!("icr: {reason}");
+    }
+    std::process::exit(answer.status);
 }
 
 /// Capture gaps go to stderr, one line each, so stdout stays the answer
@@ -85,15 +108,4 @@ fn warn_of(gaps: &[icr::store::gaps::Gap]) {
     for gap in gaps {
         eprintln!("icr: warning: {}", gap.describe());
     }
-}
-
-/// This command line, with the output format decided here (the agent cannot
-/// see whether our stdout is a terminal).
-fn argv_for_agent(wants_format: bool) -> Vec<String> {
-    let mut argv: Vec<String> = std::env::args().collect();
-    if wants_format && !argv.iter().any(|a| a == "--format" || a.starts_with("--format=")) {
-        let format = Format::default_for_stdout().to_possible_value().expect("formats have names");
-        argv.extend(["--format".to_string(), format.get_name().to_string()]);
-    }
-    argv
 }

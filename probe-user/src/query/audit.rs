@@ -38,7 +38,7 @@ pub struct AuditRecord {
     pub authority: Option<String>,
     pub officer: Option<String>,
     pub reference: Option<String>,
-    pub purpose: Option<u8>,
+    pub purpose: Option<crate::config::Purpose>,
     /// The query's parameters as given.
     pub parameters: serde_json::Value,
     /// "answered" or "refused: <reason>".
@@ -408,7 +408,7 @@ mod tests {
             authority: Some("met-police".into()),
             officer: Some("PC 1234".into()),
             reference: Some(format!("OP-{n}")),
-            purpose: Some(2),
+            purpose: Some(crate::config::Purpose::Services),
             parameters: serde_json::json!({ "device": "10.0.0.2" }),
             outcome: "answered".into(),
             result_count: n,

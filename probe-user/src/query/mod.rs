@@ -1,6 +1,22 @@
-//! The query side: a request names its question, who asks and why; the desk
-//! authorises it, audits it and answers it from a backend.
+//! The query side. A door (`crate::serve`) turns what it was given into a
+//! [`Request`]; the [`Desk`] authorises it against the configuration that
+//! governs the store, audits it, and answers it from a [`Backend`].
+//!
+//! - `request`: what is asked, by whom, in which format
+//! - `desk`: the one path from a request to an answer
+//! - `authorise`: who may ask what
+//! - `questions`: the three questions' values, selectors and ranking
+//! - `backend`: where the desk finds records (the gateway's store)
+//! - `audit`: the hash-chained, authenticated log of every request
 pub mod audit;
-mod questions;
+pub mod authorise;
+pub mod backend;
+pub mod desk;
+pub mod questions;
+pub mod request;
 
-pub use questions::*;
+pub use authorise::Refusal;
+pub use backend::Backend;
+pub use desk::{Answer, Desk, Failure};
+pub use questions::{DeviceSelector, Question, ServiceSelector};
+pub use request::{Ask, Request, Who};

@@ -1,7 +1,7 @@
-//! Where a query is checked and answered. Every query names who asks (an
-//! authority, an officer), under which authorisation reference and for which
-//! purpose; a purpose allows exactly one of the three questions. Whatever
-//! happens, answered or refused, is written to the audit log first.
+//! The three questions, as the store's records answer them: their values
+//! parsed and typed ([`Question`]), the selectors investigators name devices
+//! and services by, and the answers' final ranking and filtering, which is
+//! the same whichever backend found the candidate records.
 use std::net::IpAddr;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -9,25 +9,14 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
 use crate::{
-    config::{AuthorityKind, Config},
     icr::Icr,
+    query::request::Ask,
     store::{
         codec::parse_mac,
         index::IndexKey,
         rollup::{ServiceRow, Services},
     },
 };
-
-/// The three questions an ICR exists to answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Purpose {
-    /// 1: which device sent a communication.
-    Resolve = 1,
-    /// 2: which services a device used.
-    Services = 2,
-    /// 3: which devices used given services.
-    Accessed = 3,
-}
 
 /// A question with its values parsed and checked, before it is authorised:
 /// times are times, the window is representable, selectors are typed.
@@ -47,9 +36,23 @@ pub enum Question {
     Services { device: DeviceSelector, from: DateTime<Utc>, to: DateTime<Utc> },
     /// 3: the devices that used any of `services` in `from..to`.
     Accessed { services: Vec<ServiceSelector>, from: DateTime<Utc>, to: DateTime<Utc> },
+    /// Every record in `from..to` (maintenance).
+    List { from: DateTime<Utc>, to: DateTime<Utc> },
 }
 
 impl Question {
+    /// The question a request asks, its values parsed and checked.
+    pub fn of(ask: &Ask) -> Result<Self> {
+        match ask {
+            Ask::Resolve { ip, port, at, tolerance, remote, service } => {
+                Self::resolve(*ip, *port, at, tolerance, remote.as_deref(), service.as_deref())
+            }
+            Ask::Services { device, from, to } => Self::services(device, from, to),
+            Ask::Accessed { services, from, to } => Self::accessed(services, from, to),
+            Ask::List { from, to } => Ok(Self::List { from: parse_time(from, "--from")?, to: parse_time(to, "--to")? }),
+        }
+    }
+
     pub fn resolve(
         ip: IpAddr,
         port: Option<u16>,
@@ -81,18 +84,13 @@ impl Question {
         Ok(Self::Accessed { services, from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
     }
 
-    pub fn purpose(&self) -> Purpose {
-        match self {
-            Self::Resolve { .. } => Purpose::Resolve,
-            Self::Services { .. } => Purpose::Services,
-            Self::Accessed { .. } => Purpose::Accessed,
-        }
-    }
-
     /// The window the question reads.
     pub fn window(&self) -> (DateTime<Utc>, DateTime<Utc>) {
         match self {
-            Self::Resolve { from, to, .. } | Self::Services { from, to, .. } | Self::Accessed { from, to, .. } => (*from, *to),
+            Self::Resolve { from, to, .. }
+            | Self::Services { from, to, .. }
+            | Self::Accessed { from, to, .. }
+            | Self::List { from, to } => (*from, *to),
         }
     }
 }
@@ -111,67 +109,6 @@ fn parse_remote(text: &str) -> Result<(IpAddr, Option<u16>)> {
     }
     let address: std::net::SocketAddr = text.parse().with_context(|| format!("--remote {text:?} is not IP or IP:PORT"))?;
     Ok((address.ip(), Some(address.port())))
-}
-
-/// Who asks, and under what authority.
-#[derive(Clone, Debug, Default)]
-pub struct Authorisation {
-    pub authority: Option<String>,
-    pub officer: Option<String>,
-    pub reference: Option<String>,
-}
-
-/// A refused query: the CLI exits with status 3.
-#[derive(Debug)]
-pub struct Refusal(pub String);
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "refused: {}", self.0)
-    }
-}
-
-impl std::error::Error for Refusal {}
-
-/// Checks that the request may ask this question at all.
-/// What a request does with the records: ask one of the three questions, or
-/// list them for maintenance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Act {
-    Ask(Purpose),
-    List,
-}
-
-pub fn authorise(config: &Config, who: &Authorisation, act: Act) -> Result<(), Refusal> {
-    let present = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.trim().is_empty());
-    if !present(&who.authority) {
-        return Err(Refusal("no --authority named".into()));
-    }
-    if !present(&who.officer) {
-        return Err(Refusal("no --officer named".into()));
-    }
-    if !present(&who.reference) {
-        return Err(Refusal("no authorisation --reference given".into()));
-    }
-    let name = who.authority.as_deref().unwrap_or_default();
-    let Some(authority) = config.authority(name) else {
-        return Err(Refusal(format!("authority {name:?} is not configured")));
-    };
-    match (act, authority.kind) {
-        (_, AuthorityKind::Local) => {
-            Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")))
-        }
-        (_, AuthorityKind::Auditor) => Err(Refusal(format!("{name} is an auditor authority: it reads the audit log, not records"))),
-        (Act::List, AuthorityKind::Operator) => Ok(()),
-        (Act::List, _) => Err(Refusal(format!("{name} is not an operator authority: only an operator may list records"))),
-        (Act::Ask(_), AuthorityKind::Operator) => {
-            Err(Refusal(format!("{name} is an operator authority: it may list records for maintenance, not ask the questions")))
-        }
-        (Act::Ask(purpose), _) if !authority.purposes.contains(&(purpose as u8)) => {
-            Err(Refusal(format!("{name} is not authorised for purpose {}", purpose as u8)))
-        }
-        (Act::Ask(_), _) => Ok(()),
-    }
 }
 
 /// A device, as an investigator names it.
@@ -372,55 +309,8 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
 mod tests {
     use super::*;
     use crate::{
-        config::Config,
         icr::{Device, EndReason, Endpoint, Service, ServiceSource},
     };
-
-    fn config() -> Config {
-        Config::parse(
-            r#"
-            [[authority]]
-            name = "met-police"
-            kind = "police"
-            purposes = [1, 2]
-            [[authority]]
-            name = "borough"
-            kind = "local"
-            purposes = [1, 2, 3]
-            [[authority]]
-            name = "noc"
-            kind = "operator"
-            purposes = [1, 2, 3]
-            "#,
-        )
-        .unwrap()
-    }
-
-    fn who(authority: &str) -> Authorisation {
-        Authorisation {
-            authority: Some(authority.into()),
-            officer: Some("PC 1234".into()),
-            reference: Some("OP-1".into()),
-        }
-    }
-
-    #[test]
-    fn authorisation_rules() {
-        let c = config();
-        assert!(authorise(&c, &who("met-police"), Act::Ask(Purpose::Services)).is_ok());
-        let refused = |w: &Authorisation, p| authorise(&c, w, Act::Ask(p)).unwrap_err().0;
-        assert!(refused(&who("met-police"), Purpose::Accessed).contains("purpose 3"));
-        assert!(refused(&who("borough"), Purpose::Resolve).contains("local authorit"));
-        assert!(refused(&who("nca"), Purpose::Resolve).contains("not configured"));
-        assert!(refused(&Authorisation { reference: None, ..who("met-police") }, Purpose::Resolve).contains("reference"));
-        assert!(refused(&Authorisation { officer: Some("  ".into()), ..who("met-police") }, Purpose::Resolve).contains("officer"));
-        // An operator lists, whatever its purposes say, and asks nothing.
-        assert!(authorise(&c, &who("noc"), Act::List).is_ok());
-        assert!(refused(&who("noc"), Purpose::Resolve).contains("operator authority"));
-        assert!(authorise(&c, &who("met-police"), Act::List).unwrap_err().0.contains("only an operator may list"));
-        assert!(authorise(&c, &who("borough"), Act::List).is_err());
-        assert!(authorise(&c, &Authorisation { reference: None, ..who("noc") }, Act::List).unwrap_err().0.contains("reference"));
-    }
 
     fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {
         let start = DateTime::from_timestamp(start, 0).unwrap();

@@ -97,14 +97,6 @@ pub struct QueryTarget {
     pub ca: Option<PathBuf>,
 }
 
-impl QueryTarget {
-    /// The store directory: queries answered here need one.
-    pub fn store_args(&self) -> anyhow::Result<StoreArgs> {
-        let db = self.db.clone().ok_or_else(|| anyhow::anyhow!("this query needs --db DIR"))?;
-        Ok(StoreArgs { db, config: self.config.clone() })
-    }
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct Requester {
     /// The requesting authority, as configured.

@@ -6,64 +6,64 @@
 use std::{io::Write, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use clap::ValueEnum as _;
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::{
-    serve::cli::{QueryCommand, QueryTarget, Requester},
-    serve::commands::service_list,
     export::{self, Format},
     icr::Icr,
-    query::Refusal,
-    store::rollup::ServiceRow,
-    store::gaps::Gap,
+    query::{Ask, Failure, Refusal, Request},
+    serve::cli::QueryTarget,
+    store::{gaps::Gap, rollup::ServiceRow},
 };
 
 /// Long enough for a 30-day question over a busy gateway.
 const TIMEOUT: Duration = Duration::from_secs(300);
 const TOKEN_VARIABLE: &str = "ICR_TOKEN";
 
-pub fn query(command: &QueryCommand, out: &mut dyn Write) -> Result<Vec<Gap>> {
-    let (kind, mut body, target, who) = match command {
-        QueryCommand::Resolve { ip, port, at, tolerance, remote, service, store, who } => {
-            let body = json!({ "ip": ip.to_string(), "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service });
-            ("resolve", body, store, who)
-        }
-        QueryCommand::Services { device, from, to, store, who } => ("services", json!({ "device": device, "from": from, "to": to }), store, who),
-        QueryCommand::Accessed { services, services_file, from, to, store, who } => {
-            let services = service_list(services.clone(), services_file.as_deref())?;
-            ("accessed", json!({ "service": services, "from": from, "to": to }), store, who)
-        }
-    };
+/// Sends `request` to `--server` and writes its answer to `out`; returns the
+/// capture gaps the server reported.
+pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Result<Vec<Gap>, Failure> {
     let server = target.server.as_deref().context("no --server given")?;
-    if who.bundle.is_some() {
-        bail!("--bundle needs --db: a disclosure bundle is written where the query is audited");
+    if request.bundle.is_some() {
+        return Err(Failure::invalid("--bundle needs --db: a disclosure bundle is written where the query is audited"));
     }
-    let format = who.format.unwrap_or_else(Format::default_for_stdout);
     // The API answers in machine formats; a table is drawn here from NDJSON.
-    let asked = if format == Format::Table { Format::Ndjson } else { format };
+    let asked = if request.format == Format::Table { Format::Ndjson } else { request.format };
+    let (kind, mut body) = match &request.ask {
+        Ask::Resolve { ip, port, at, tolerance, remote, service } => {
+            ("resolve", json!({ "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service }))
+        }
+        Ask::Services { device, from, to } => ("services", json!({ "device": device, "from": from, "to": to })),
+        Ask::Accessed { services, from, to } => ("accessed", json!({ "service": services, "from": from, "to": to })),
+        Ask::List { .. } => return Err(Failure::invalid("the HTTP API answers the three questions; list records with --db")),
+    };
     let fields = body.as_object_mut().expect("an object");
     fields.retain(|_, value| !value.is_null());
-    requester_fields(who, fields);
-    fields.insert("format".into(), json!(asked.to_possible_value().expect("formats have names").get_name()));
+    for (key, value) in [("officer", &request.who.officer), ("reference", &request.who.reference)] {
+        if let Some(value) = value {
+            fields.insert(key.into(), json!(value));
+        }
+    }
+    fields.insert("format".into(), json!(asked));
 
     let url = format!("{}/v1/query/{kind}", server.trim_end_matches('/'));
-    let request = agent(target)?.post(&url);
-    check_transport(&request.request_url().with_context(|| format!("--server {server:?} is not a URL"))?)?;
+    let call = agent(target)?.post(&url);
+    check_transport(&call.request_url().with_context(|| format!("--server {server:?} is not a URL"))?)?;
     // The server checks the token against the authority named, and only it.
-    let authority = who.authority.as_deref().context("--server needs --authority NAME: the server checks the token against it")?;
-    let request = request.set("Authorization", &format!("Bearer {}", token(target)?)).set("ICR-Authority", authority).timeout(TIMEOUT);
-    let response = match request.send_json(body) {
+    let authority = request.who.authority.as_deref().context("--server needs --authority NAME: the server checks the token against it")?;
+    let call = call.set("Authorization", &format!("Bearer {}", token(target)?)).set("ICR-Authority", authority).timeout(TIMEOUT);
+    let response = match call.send_json(body) {
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {
             let reason = response.into_json::<Value>().ok().and_then(|v| v["error"].as_str().map(str::to_owned)).unwrap_or_default();
             return Err(match status {
-                401 | 403 => anyhow::Error::new(Refusal(format!("{server} refused the query: {reason}"))),
-                _ => anyhow!("{server} answered {status}: {reason}"),
+                401 | 403 => Failure::Refused(Refusal(format!("{server} refused the query: {reason}"))),
+                400 => Failure::Invalid(format!("{server}: {reason}")),
+                _ => Failure::Failed(anyhow!("{server} answered {status}: {reason}")),
             });
         }
-        Err(error) => return Err(anyhow::Error::new(error).context(format!("asking {url}"))),
+        Err(error) => return Err(anyhow::Error::new(error).context(format!("asking {url}")).into()),
     };
     let gaps = response
         .all("ICR-Gap")
@@ -75,20 +75,12 @@ pub fn query(command: &QueryCommand, out: &mut dyn Write) -> Result<Vec<Gap>> {
         log::warn!("{server} reports {listed} capture gaps in the window; only the first {} are listed", gaps.len());
     }
     let answer = response.into_string().with_context(|| format!("reading the answer of {url}"))?;
-    if format == Format::Table {
+    if request.format == Format::Table {
         draw_table(kind, &answer, out)?;
     } else {
-        out.write_all(answer.as_bytes())?;
+        out.write_all(answer.as_bytes()).context("writing the answer")?;
     }
     Ok(gaps)
-}
-
-fn requester_fields(who: &Requester, fields: &mut Map<String, Value>) {
-    for (key, value) in [("officer", &who.officer), ("reference", &who.reference)] {
-        if let Some(value) = value {
-            fields.insert(key.into(), json!(value));
-        }
-    }
 }
 
 fn draw_table(kind: &str, ndjson: &str, out: &mut dyn Write) -> Result<()> {

@@ -1,9 +1,10 @@
 //! The agent's local socket (`DIR/icr.sock`, root only): while the agent
-//! holds the store, the query commands that name the same `--db` are sent
-//! here and answered by the same code, with the agent's open store.
+//! holds the store, the command line sends the requests that name the same
+//! `--db` here, and the agent's desk answers them from its open store.
 //!
-//! One request per connection: a JSON line `{"argv": [...]}`; the answer is a
-//! JSON line `{"status": N, "error": "..."}` followed by the command's output.
+//! One order per connection: a JSON line, `{"query": REQUEST}` (a
+//! `query::Request`) or `{"sweep": {"config": null}}`; the answer is a JSON
+//! line `{"status": N, "error": "..."}` followed by the answer's body.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
@@ -11,7 +12,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::Parser as _;
 use log::warn;
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -20,9 +20,9 @@ use tokio::{
 };
 
 use crate::{
-    serve::cli::{Cli, Command},
-    serve::commands,
     config::StoreConfig,
+    query::{Desk, Request},
+    serve::commands,
     store::{Store, gaps::Gap},
 };
 
@@ -30,10 +30,15 @@ const SOCKET_NAME: &str = "icr.sock";
 /// A request line longer than this is refused.
 const MAX_REQUEST: usize = 1 << 20;
 
-/// A query through the socket: one JSON line.
-#[derive(Serialize, Deserialize)]
-pub struct Request {
-    pub argv: Vec<String>,
+/// What the command line asks of the agent: one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Order {
+    /// A question, or a listing: answered by the agent's desk.
+    Query(Box<Request>),
+    /// Apply retention now. `config` is the configuration the operator
+    /// named, refused unless it is the agent's.
+    Sweep { config: Option<PathBuf> },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,6 +66,7 @@ pub fn socket_path(db: &Path) -> PathBuf {
 /// `authorising`, the agent's configuration, whatever the request names.
 pub fn serve(db: &Path, authorising: StoreConfig, store: Store) -> Result<()> {
     let path = socket_path(db);
+    let db = db.to_path_buf();
     if path.exists() {
         std::fs::remove_file(&path).with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
@@ -70,9 +76,9 @@ pub fn serve(db: &Path, authorising: StoreConfig, store: Store) -> Result<()> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let (store, authorising) = (store.clone(), authorising.clone());
+                    let (db, store, authorising) = (db.clone(), store.clone(), authorising.clone());
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, store, authorising).await {
+                        if let Err(error) = answer(stream, db, store, authorising).await {
                             warn!("a local query failed: {error:#}");
                         }
                     });
@@ -89,7 +95,7 @@ pub fn serve(db: &Path, authorising: StoreConfig, store: Store) -> Result<()> {
     Ok(())
 }
 
-async fn answer(stream: UnixStream, store: Store, authorising: StoreConfig) -> Result<()> {
+async fn answer(stream: UnixStream, db: PathBuf, store: Store, authorising: StoreConfig) -> Result<()> {
     // Root only: the file mode says so, and so must the peer.
     let peer = stream.peer_cred()?;
     let (reader, mut writer) = stream.into_split();
@@ -100,32 +106,31 @@ async fn answer(stream: UnixStream, store: Store, authorising: StoreConfig) -> R
     }
     let mut line = String::new();
     AsyncBufReader::new(tokio::io::AsyncReadExt::take(reader, MAX_REQUEST as u64)).read_line(&mut line).await?;
-    let request: Request = serde_json::from_str(&line).context("a malformed request")?;
-    let (reply, output) = tokio::task::spawn_blocking(move || run(request.argv, &store, &authorising)).await?;
+    let (reply, output) = match serde_json::from_str::<Order>(&line) {
+        Ok(order) => {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || run(order, &db, &store, &authorising)).await?
+        }
+        Err(error) => (Reply { status: 1, error: Some(format!("a malformed order: {error}")), gaps: Vec::new() }, Vec::new()),
+    };
     writer.write_all(&reply_line(&reply)?).await?;
     writer.write_all(&output).await?;
     writer.shutdown().await?;
     Ok(())
 }
 
-/// Runs a store-reading command line against the agent's store.
-fn run(argv: Vec<String>, store: &Store, authorising: &StoreConfig) -> (Reply, Vec<u8>) {
-    let mut output = Vec::new();
-    let result = match Cli::try_parse_from(argv) {
-        Ok(Cli { command: Command::Query(query) }) => commands::query(query, store, authorising, &mut output),
-        Ok(Cli { command: Command::List(args) }) => commands::list(args, store, authorising, &mut output),
-        Ok(Cli { command: Command::Sweep(args) }) => commands::sweep(args, store, authorising, &mut output).map(|()| Vec::new()),
-        Ok(_) => Err(anyhow::anyhow!("only queries, list and sweep are answered on this socket")),
-        Err(error) => Err(anyhow::anyhow!("{}", error.to_string().lines().next().unwrap_or("bad arguments"))),
-    };
-    let reply = match result {
-        Ok(gaps) => Reply { status: 0, error: None, gaps },
-        Err(error) => {
-            output.clear();
-            Reply { status: if commands::is_refusal(&error) { 3 } else { 1 }, error: Some(format!("{error:#}")), gaps: Vec::new() }
+/// Carries out an order with the agent's store.
+fn run(order: Order, db: &Path, store: &Store, governing: &StoreConfig) -> (Reply, Vec<u8>) {
+    let result = match order {
+        Order::Query(request) => Desk::new(db, governing, store).answer(&request).map(|answer| (answer.body, answer.gaps)),
+        Order::Sweep { config } => {
+            commands::sweep(config.as_deref(), store, db, governing).map(|summary| (format!("{summary}\n").into_bytes(), Vec::new()))
         }
     };
-    (reply, output)
+    match result {
+        Ok((output, gaps)) => (Reply { status: 0, error: None, gaps }, output),
+        Err(failure) => (Reply { status: failure.exit_status(), error: Some(failure.to_string()), gaps: Vec::new() }, Vec::new()),
+    }
 }
 
 fn reply_line(reply: &Reply) -> Result<Vec<u8>> {
@@ -134,13 +139,13 @@ fn reply_line(reply: &Reply) -> Result<Vec<u8>> {
     Ok(line)
 }
 
-/// The command line's side: sends `argv` to the agent of `db`, copies the
+/// The command line's side: sends `order` to the agent of `db`, copies the
 /// output to stdout, and returns the exit status, error and gaps to report.
-pub fn ask(db: &Path, argv: Vec<String>) -> Result<Answer> {
+pub fn ask(db: &Path, order: &Order) -> Result<Answer> {
     let path = socket_path(db);
     let mut stream = StdUnixStream::connect(&path)
         .with_context(|| format!("the store is in use, and its agent's socket {} does not answer", path.display()))?;
-    let mut request = serde_json::to_vec(&Request { argv })?;
+    let mut request = serde_json::to_vec(order)?;
     request.push(b'\n');
     stream.write_all(&request)?;
     let mut reader = BufReader::new(stream);
@@ -154,4 +159,95 @@ pub fn ask(db: &Path, argv: Vec<String>) -> Result<Answer> {
     std::io::copy(&mut reader.by_ref(), &mut stdout)?;
     stdout.flush()?;
     Ok(Answer { status: reply.status, error: reply.error, gaps: reply.gaps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        export::Format,
+        query::{Ask, Who},
+        store::test_records,
+    };
+
+    const POLICE: &str = "retention_days = 365\n[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [2]\n";
+
+    fn services(config: Option<PathBuf>, authority: &str) -> Order {
+        Order::Query(Box::new(Request {
+            ask: Ask::Services { device: "10.0.0.2".into(), from: "2026-11-22T00:00:00Z".into(), to: "2026-11-23T00:00:00Z".into() },
+            who: Who { authority: Some(authority.into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) },
+            format: Format::Ndjson,
+            bundle: None,
+            config,
+        }))
+    }
+
+    /// Sends one raw line to the socket; the reply's header and body.
+    fn send(db: &Path, line: &[u8]) -> (Reply, Vec<u8>) {
+        let mut stream = StdUnixStream::connect(socket_path(db)).unwrap();
+        stream.write_all(line).unwrap();
+        stream.write_all(b"\n").unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).unwrap();
+        (serde_json::from_str(&header).unwrap(), body)
+    }
+
+    #[test]
+    fn the_socket_answers_typed_orders_with_the_agents_configuration_only() {
+        let store_dir = tempfile::tempdir().unwrap();
+        let db = store_dir.path();
+        std::fs::write(db.join("icr.toml"), POLICE).unwrap();
+        let store = test_records::open(db).unwrap();
+        store.append(&test_records::samples(10)).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _serving = runtime.enter();
+        runtime.block_on(async { serve(db, StoreConfig::of_agent(db, None), store.clone()) }).unwrap();
+        let thread = std::thread::spawn({
+            let db = db.to_path_buf();
+            move || {
+                let order = |order: &Order| send(&db, &serde_json::to_vec(order).unwrap());
+                // Answered by the agent's desk.
+                let (reply, body) = order(&services(None, "met"));
+                assert_eq!((reply.status, reply.error.as_deref()), (0, None));
+                assert!(!body.is_empty(), "the device's services");
+                // A caller's own configuration, with authorities of its own: refused.
+                let elsewhere = tempfile::tempdir().unwrap();
+                let forged = elsewhere.path().join("mine.toml");
+                std::fs::write(&forged, "[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n").unwrap();
+                let (reply, body) = order(&services(Some(forged.clone()), "fake"));
+                assert_eq!(reply.status, 3, "{:?}", reply.error);
+                assert!(reply.error.unwrap().contains("authorised by the store's configuration"));
+                assert!(body.is_empty());
+                // The old argv protocol, with its own --db and --config, is no order.
+                let argv = serde_json::json!({ "argv": ["icr", "query", "services", "--db", "/tmp/other", "--config", forged] });
+                let (reply, _) = send(&db, argv.to_string().as_bytes());
+                assert_eq!(reply.status, 1);
+                assert!(reply.error.unwrap().contains("malformed order"));
+                // A sweep naming another configuration is refused too.
+                let (reply, _) = order(&Order::Sweep { config: Some(forged) });
+                assert_eq!(reply.status, 3, "{:?}", reply.error);
+                let (reply, body) = order(&Order::Sweep { config: None });
+                assert_eq!(reply.status, 0, "{:?}", reply.error);
+                assert!(String::from_utf8_lossy(&body).contains("retention 365 days"));
+            }
+        });
+        runtime.block_on(async {
+            while !thread.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        });
+        thread.join().unwrap();
+        let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
+        let entries: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let outcomes: Vec<&str> = entries.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+        assert_eq!(outcomes.len(), 3, "the answer, the refusal, the sweep: {outcomes:?}");
+        assert_eq!(outcomes[0], "answered");
+        assert!(outcomes[1].starts_with("refused: queries are authorised by the store's configuration"), "{outcomes:?}");
+        assert_eq!(entries[1]["authority"], "fake");
+        assert_eq!(entries[0]["config_sha256"], entries[1]["config_sha256"], "both name the agent's configuration");
+        assert!(entries[0]["config_sha256"].is_string());
+    }
 }

@@ -26,23 +26,18 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use chrono::Utc;
-use clap::Parser as _;
 use axum_server::accept::{Accept, DefaultAcceptor};
 use log::{info, warn};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use serde_json::Value;
+use serde::Deserialize;
 
 use crate::{
-    config::HttpSection,
-    query::audit::{AuditLog, AuditRecord},
-    serve::cli::{Cli, Command},
-    serve::commands,
-    config::{Config, LoadedConfig, StoreConfig},
-    icr::format_time,
+    config::{Config, HttpSection, StoreConfig},
+    export::Format,
+    query::{Ask, Desk, Failure, Refusal, Request, Who},
     store::{Store, gaps::Gap},
 };
 
@@ -60,18 +55,6 @@ pub fn hash_token(token: &str) -> Result<String> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
     let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Argon2::default().hash_password(token.as_bytes(), &salt).map_err(|e| anyhow::anyhow!("{e}"))?.to_string())
-}
-
-/// Parameters each question takes over HTTP (as command-line flags). Paths
-/// on the server (`--db`, `--config`, `--bundle`, `--services-file`) are not
-/// among them.
-pub fn allowed(kind: &str) -> Option<&'static [&'static str]> {
-    match kind {
-        "resolve" => Some(&["ip", "port", "at", "tolerance", "remote", "service"]),
-        "services" => Some(&["device", "from", "to"]),
-        "accessed" => Some(&["service", "from", "to"]),
-        _ => None,
-    }
 }
 
 #[derive(Clone)]
@@ -297,56 +280,48 @@ enum Auth {
 }
 
 fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Response, Auth) {
-    let Some(params) = allowed(kind) else { return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked) };
-    let loaded = match state.authorising().load() {
+    if !QUESTIONS.contains(&kind) {
+        return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked);
+    }
+    let governing = state.authorising();
+    let desk = Desk::new(&state.db, &governing, &state.store);
+    let loaded = match desk.configuration() {
         Ok(loaded) => loaded,
         Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), Auth::NotChecked),
     };
     let authority = match authenticate(&loaded.config, headers) {
         Ok(authority) => authority,
-        Err(reason) => return (refuse(state, &loaded, kind, StatusCode::UNAUTHORIZED, None, reason), Auth::Failed),
+        Err(reason) => {
+            let response = match desk.refuse_unread(&loaded, &format!("http query {kind}"), None, Refusal(reason)) {
+                refused @ Failure::Refused(_) => error(StatusCode::UNAUTHORIZED, refused.to_string()),
+                other => failure(&other),
+            };
+            return (response, Auth::Failed);
+        }
     };
-    (answer_authenticated(state, kind, params, &authority, body), Auth::Passed)
-}
-
-/// Refuses a request, audited.
-fn refuse(state: &AppState, loaded: &LoadedConfig, kind: &str, status: StatusCode, authority: Option<String>, reason: String) -> Response {
-    let audit = AuditLog::open(&state.db, &loaded.config.audit).and_then(|log| log.append(AuditRecord {
-        time: format_time(&Utc::now()),
-        command: format!("http query {kind}"),
-        authority,
-        outcome: format!("refused: {reason}"),
-        config_sha256: loaded.sha256.clone(),
-        ..AuditRecord::default()
-    }));
-    match audit {
-        Ok(_) => error(status, format!("refused: {reason}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("auditing: {e:#}")),
-    }
-}
-
-fn answer_authenticated(state: &AppState, kind: &str, params: &[&str], authority: &str, body: &[u8]) -> Response {
-    let argv = match request_argv(kind, params, authority, &state.db, state.config_file.as_deref(), body) {
-        Ok(argv) => argv,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+    let request = match request_of(kind, &authority, body) {
+        Ok(request) => request,
+        Err(e) => return (error(StatusCode::BAD_REQUEST, format!("{e:#}")), Auth::Passed),
     };
-    let command = match Cli::try_parse_from(&argv) {
-        Ok(Cli { command: Command::Query(query) }) => query,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "not a query"),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string().lines().next().unwrap_or("bad parameters").to_string()),
-    };
-    let format = argv.iter().position(|a| a == "--format").and_then(|i| argv.get(i + 1)).cloned().unwrap_or_default();
-    let mut out = Vec::new();
-    match commands::query(command, &state.store, &state.authorising(), &mut out) {
-        Ok(gaps) => {
-            let content_type = if format == "csv" { "text/csv" } else { "application/x-ndjson" };
-            let mut response = ([(header::CONTENT_TYPE, content_type)], out).into_response();
-            gap_headers(response.headers_mut(), &gaps);
+    let response = match desk.answer(&request) {
+        Ok(answer) => {
+            let content_type = if answer.format == Format::Csv { "text/csv" } else { "application/x-ndjson" };
+            let mut response = ([(header::CONTENT_TYPE, content_type)], answer.body).into_response();
+            gap_headers(response.headers_mut(), &answer.gaps);
             response
         }
-        Err(e) if commands::is_refusal(&e) => error(StatusCode::FORBIDDEN, format!("{e:#}")),
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-    }
+        Err(refused) => failure(&refused),
+    };
+    (response, Auth::Passed)
+}
+
+fn failure(failure: &Failure) -> Response {
+    let status = match failure {
+        Failure::Refused(_) => StatusCode::FORBIDDEN,
+        Failure::Invalid(_) => StatusCode::BAD_REQUEST,
+        Failure::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, failure.to_string())
 }
 
 /// Most gap entries listed in a response's `ICR-Gap` headers; `ICR-Gaps`
@@ -415,47 +390,103 @@ fn stand_in_hash() -> &'static str {
     HASH.get_or_init(|| hash_token("no authority has this token").unwrap_or_default())
 }
 
-/// The command line a request's body stands for.
-pub fn request_argv(
-    kind: &str,
-    params: &[&str],
-    authority: &str,
-    db: &std::path::Path,
-    config_file: Option<&std::path::Path>,
-    body: &[u8],
-) -> Result<Vec<String>> {
-    let Value::Object(fields) = serde_json::from_slice::<Value>(body).context("the body is not a JSON object")? else {
-        bail!("the body is not a JSON object");
-    };
-    let mut argv: Vec<String> = vec!["icr".into(), "query".into(), kind.into(), "--authority".into(), authority.into()];
-    argv.extend(["--db".into(), db.display().to_string()]);
-    if let Some(file) = config_file {
-        argv.extend(["--config".into(), file.display().to_string()]);
-    }
-    let mut format = "ndjson".to_string();
-    for (key, value) in fields {
-        let texts: Vec<String> = match &value {
-            Value::String(s) => vec![s.clone()],
-            Value::Number(n) => vec![n.to_string()],
-            Value::Array(items) => items.iter().map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).collect(),
-            _ => bail!("{key}: expected a string, number or list"),
-        };
-        match key.as_str() {
-            "officer" | "reference" => argv.extend([format!("--{key}"), texts.concat()]),
-            "format" => format = texts.concat(),
-            other if params.contains(&other) => {
-                for text in texts {
-                    argv.extend([format!("--{other}"), text]);
-                }
-            }
-            other => bail!("unknown parameter {other:?} for {kind}"),
+/// The questions served: `POST /v1/query/{kind}`.
+const QUESTIONS: [&str; 3] = ["resolve", "services", "accessed"];
+
+/// A body's fields for each question: the command line's flags, without
+/// anything that names a path on the server (`db`, `config`, `bundle`,
+/// `services_file`) and without `authority`, which the token names. (Each
+/// lists who asks itself: serde cannot refuse unknown fields past a
+/// flattened one.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    officer: Option<String>,
+    reference: Option<String>,
+    format: Option<Format>,
+    ip: IpAddr,
+    port: Option<Port>,
+    at: String,
+    tolerance: Option<String>,
+    remote: Option<String>,
+    service: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicesBody {
+    officer: Option<String>,
+    reference: Option<String>,
+    format: Option<Format>,
+    device: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessedBody {
+    officer: Option<String>,
+    reference: Option<String>,
+    format: Option<Format>,
+    service: OneOrMany,
+    from: String,
+    to: String,
+}
+
+/// A port as a number or as its digits.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Port {
+    Number(u16),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The request a body stands for, on behalf of the authenticated `authority`.
+pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
+    let (ask, (officer, reference, format)) = match kind {
+        "resolve" => {
+            let b: ResolveBody = serde_json::from_slice(body).context("the body")?;
+            let port = match b.port {
+                None => None,
+                Some(Port::Number(port)) => Some(port),
+                Some(Port::Text(text)) => Some(text.trim().parse().with_context(|| format!("port {text:?} is not a port number"))?),
+            };
+            let tolerance = b.tolerance.unwrap_or_else(|| crate::query::request::DEFAULT_TOLERANCE.to_string());
+            (Ask::Resolve { ip: b.ip, port, at: b.at, tolerance, remote: b.remote, service: b.service }, (b.officer, b.reference, b.format))
         }
-    }
-    if !["ndjson", "csv", "ecs"].contains(&format.as_str()) {
+        "services" => {
+            let b: ServicesBody = serde_json::from_slice(body).context("the body")?;
+            (Ask::Services { device: b.device, from: b.from, to: b.to }, (b.officer, b.reference, b.format))
+        }
+        "accessed" => {
+            let b: AccessedBody = serde_json::from_slice(body).context("the body")?;
+            let services = match b.service {
+                OneOrMany::One(service) => vec![service],
+                OneOrMany::Many(services) => services,
+            };
+            (Ask::Accessed { services, from: b.from, to: b.to }, (b.officer, b.reference, b.format))
+        }
+        other => bail!("no such question {other:?}"),
+    };
+    let format = format.unwrap_or(Format::Ndjson);
+    if format == Format::Table {
         bail!("format must be ndjson, csv or ecs");
     }
-    argv.extend(["--format".into(), format]);
-    Ok(argv)
+    Ok(Request {
+        ask,
+        who: Who { authority: Some(authority.to_string()), officer, reference },
+        format,
+        bundle: None,
+        config: None,
+    })
 }
 
 #[cfg(test)]
@@ -535,16 +566,28 @@ mod tests {
     }
 
     #[test]
-    fn bodies_become_the_same_command_line() {
-        let db = std::path::Path::new("/var/lib/icr");
+    fn bodies_become_requests_for_the_desk() {
         let body = br#"{"officer": "PC 1", "reference": "OP-1", "service": ["a.example", "*.b.example"], "from": "2026-11-22T00:00:00Z", "to": "2026-11-23T00:00:00Z"}"#;
-        let line = request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, body).unwrap();
-        assert!(Cli::try_parse_from(&line).is_ok(), "{line:?}");
-        assert_eq!(line.iter().filter(|a| *a == "--service").count(), 2);
-        assert!(request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"db": "/tmp/x"}"#).is_err(), "no server paths");
-        assert!(request_argv("accessed", allowed("accessed").unwrap(), "met", db, None, br#"{"bundle": "/tmp/x"}"#).is_err());
-        assert!(request_argv("resolve", allowed("resolve").unwrap(), "met", db, None, b"[1, 2]").is_err());
-        assert!(request_argv("resolve", allowed("resolve").unwrap(), "met", db, None, br#"{"format": "table"}"#).is_err());
-        assert!(allowed("list").is_none());
+        let request = request_of("accessed", "met", body).unwrap();
+        assert_eq!(request.who, Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) });
+        assert!(matches!(&request.ask, Ask::Accessed { services, .. } if services.len() == 2));
+        assert_eq!((request.format, request.bundle, request.config), (Format::Ndjson, None, None));
+        let one = request_of("accessed", "met", br#"{"service": "a.example", "from": "f", "to": "t"}"#).unwrap();
+        assert!(matches!(&one.ask, Ask::Accessed { services, .. } if services == &["a.example"]));
+        let port = |body: &[u8]| request_of("resolve", "met", body).map(|r| match r.ask {
+            Ask::Resolve { port, .. } => port,
+            _ => unreachable!(),
+        });
+        assert_eq!(port(br#"{"ip": "192.0.2.1", "port": 10007, "at": "t"}"#).unwrap(), Some(10007));
+        assert_eq!(port(br#"{"ip": "192.0.2.1", "port": "10007", "at": "t"}"#).unwrap(), Some(10007));
+        assert!(port(br#"{"ip": "192.0.2.1", "port": "many", "at": "t"}"#).is_err());
+        // Nothing that names a path on the server, and no authority but the token's.
+        for field in [r#""db": "/tmp/x""#, r#""bundle": "/tmp/x""#, r#""config": "/tmp/x""#, r#""authority": "nca""#, r#""services_file": "/x""#] {
+            let body = format!(r#"{{{field}, "service": "a.example", "from": "f", "to": "t"}}"#);
+            assert!(request_of("accessed", "met", body.as_bytes()).is_err(), "{field}");
+        }
+        assert!(request_of("resolve", "met", b"[1, 2]").is_err());
+        assert!(request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "format": "table"}"#).is_err());
+        assert!(request_of("list", "met", br#"{"from": "f", "to": "t"}"#).is_err());
     }
 }

@@ -1,0 +1,288 @@
+//! The desk: the one place a request is answered. Whatever door it came
+//! through, a request is checked against the configuration that governs the
+//! store (never one the asker brings), authorised, written to the audit log
+//! (synced before anything is answered), answered from a [`Backend`], and
+//! given the capture gaps of its window.
+use std::path::Path;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    config::{Config, LoadedConfig, StoreConfig},
+    export::{self, Format},
+    icr::{Icr, format_time},
+    query::{
+        audit::{AuditLog, AuditRecord},
+        authorise::{Refusal, authorise},
+        backend::Backend,
+        questions::{self, Question},
+        request::{Act, Request},
+    },
+    store::gaps::Gap,
+};
+
+/// The longest value a request may carry in one field (a name, an officer,
+/// a reference): DNS names are at most 253 bytes.
+const MAX_FIELD_BYTES: usize = 1024;
+/// The most a request's parameters may weigh in all (question 3 may name
+/// thousands of services).
+const MAX_PARAMETERS_BYTES: usize = 1 << 20;
+
+/// Why a request was not answered. Each is audited before it is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Not allowed: the command line exits 3, HTTP answers 403.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// A value the asker gave is malformed or contradictory (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store, the audit log or the configuration failed (HTTP 500).
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl Failure {
+    pub fn invalid(error: impl std::fmt::Display) -> Self {
+        Self::Invalid(error.to_string())
+    }
+
+    /// The exit status the command line gives for it.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            Self::Refused(_) => 3,
+            Self::Invalid(_) | Self::Failed(_) => 1,
+        }
+    }
+}
+
+/// An answered request.
+#[derive(Debug)]
+pub struct Answer {
+    /// The answer, written in the requested format.
+    pub body: Vec<u8>,
+    pub format: Format,
+    /// The capture gaps in the window: no record inside a gap is not no
+    /// connection. The door shows them beside the answer.
+    pub gaps: Vec<Gap>,
+}
+
+pub struct Desk<'a> {
+    /// Where the audit log is (the store's directory).
+    audit_dir: &'a Path,
+    governing: &'a StoreConfig,
+    backend: &'a dyn Backend,
+}
+
+impl<'a> Desk<'a> {
+    pub fn new(audit_dir: &'a Path, governing: &'a StoreConfig, backend: &'a dyn Backend) -> Self {
+        Self { audit_dir, governing, backend }
+    }
+
+    /// The configuration that governs this desk, as it is now.
+    pub fn configuration(&self) -> anyhow::Result<LoadedConfig> {
+        self.governing.load()
+    }
+
+    /// Audits a request refused before it could be read (a door's own
+    /// refusal, e.g. an API token that does not match), and returns it.
+    pub fn refuse_unread(&self, loaded: &LoadedConfig, command: &str, authority: Option<String>, refusal: Refusal) -> Failure {
+        let record = AuditRecord {
+            time: format_time(&Utc::now()),
+            command: command.to_string(),
+            authority,
+            outcome: refusal.to_string(),
+            config_sha256: loaded.sha256.clone(),
+            ..AuditRecord::default()
+        };
+        match AuditLog::open(self.audit_dir, &loaded.config.audit).and_then(|log| log.append(record)) {
+            Ok(_) => Failure::Refused(refusal),
+            Err(error) => Failure::Failed(error.context("auditing a refused request")),
+        }
+    }
+
+    /// Answers `request`, or says why not; either way it is audited first.
+    pub fn answer(&self, request: &Request) -> Result<Answer, Failure> {
+        let LoadedConfig { config, sha256 } = self.configuration()?;
+        let audit = AuditLog::open(self.audit_dir, &config.audit)?;
+        let act = request.ask.act();
+        let mut entry = AuditRecord {
+            time: format_time(&Utc::now()),
+            command: request.ask.command().into(),
+            authority: request.who.authority.clone(),
+            officer: request.who.officer.clone(),
+            reference: request.who.reference.clone(),
+            purpose: match act {
+                Act::Ask(purpose) => Some(purpose),
+                Act::List => None,
+            },
+            parameters: request.ask.parameters(),
+            config_sha256: sha256,
+            ..AuditRecord::default()
+        };
+        if let Some(reason) = oversized(&entry) {
+            // Audited without the oversized values: the entry says what was
+            // refused and why, at a bounded size.
+            entry.parameters = serde_json::json!({ "oversized": reason });
+            for field in [&mut entry.officer, &mut entry.reference, &mut entry.authority] {
+                if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
+                    *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
+                }
+            }
+            return Err(Open { audit: &audit, entry: &entry }.refuse(Refusal(reason)));
+        }
+        let open = Open { audit: &audit, entry: &entry };
+        // Whoever asks cannot bring authorities of their own.
+        if let Some(named) = request.config.as_deref().filter(|named| !self.governing.is(named)) {
+            return Err(open.refuse(Refusal(format!(
+                "queries are authorised by the store's configuration {}, not by {}",
+                self.governing.path().display(),
+                named.display()
+            ))));
+        }
+        if let Err(refusal) = authorise(&config, &request.who, act) {
+            return Err(open.refuse(refusal));
+        }
+        match self.answer_authorised(&config, &open, request) {
+            Ok(answer) => Ok(answer),
+            // Refusals are audited where they are decided.
+            Err(failure @ Failure::Refused(_)) => Err(failure),
+            Err(failure) => {
+                let mut failed = entry.clone();
+                failed.outcome = format!("failed: {failure}");
+                match audit.append(failed) {
+                    Ok(_) => Err(failure),
+                    Err(error) => Err(Failure::Failed(error.context(format!("auditing a failed request ({failure})")))),
+                }
+            }
+        }
+    }
+
+    fn answer_authorised(&self, config: &Config, open: &Open, request: &Request) -> Result<Answer, Failure> {
+        let question = Question::of(&request.ask).map_err(|e| Failure::invalid(format!("{e:#}")))?;
+        let (from, to) = question.window();
+        if to < from {
+            return Err(Failure::invalid("the window ends before it starts"));
+        }
+        let max_window = chrono::Duration::days(i64::from(config.max_window_days));
+        if to - from > max_window {
+            return Err(open.refuse(Refusal(format!("the window is longer than the {} days allowed", config.max_window_days))));
+        }
+        if let Some(dir) = &request.bundle {
+            // Checked before the answer is audited: a request that cannot be
+            // delivered is not recorded as answered.
+            if dir.exists() && std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some() {
+                return Err(Failure::invalid(format!("the bundle directory {} is not empty", dir.display())));
+            }
+        }
+        self.backend.keep_days(config.retention_days);
+        let format = request.format;
+        let (count, ndjson, body) = match question {
+            Question::Resolve { ip, port, at, from, to, remote, service } => {
+                let records = self.backend.by_public(from, to, ip, port)?;
+                render_records(&questions::resolve(records, at, ip, port, remote, service.as_ref()), format)?
+            }
+            Question::Services { device, from, to } => {
+                let rows = self.backend.services(from, to, &device)?.into_rows();
+                let mut body = Vec::new();
+                export::write_services(&mut body, &rows, format)?;
+                (rows.len() as u64, export::ndjson(&rows)?, body)
+            }
+            Question::Accessed { services, from, to } => {
+                let mut records = questions::accessed(self.backend.by_services(from, to, &services)?, &services);
+                records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+                render_records(&records, format)?
+            }
+            Question::List { from, to } => render_records(&self.backend.all(from, to)?, format)?,
+        };
+        let gaps = self.backend.gaps(from, to)?;
+        let mut entry = open.entry.clone();
+        entry.outcome = "answered".into();
+        entry.result_count = count;
+        entry.result_sha256 = Some(sha256_hex(&ndjson));
+        entry.gaps = gaps.len() as u64;
+        let (_, line) = open.audit.append_entry(entry).context("auditing the answer")?;
+        if let Some(dir) = &request.bundle {
+            write_bundle(dir, &ndjson, &body, format, &line, &gaps)?;
+        }
+        Ok(Answer { body, format, gaps })
+    }
+}
+
+/// A request being answered: its audit log and the entry it will be
+/// recorded as.
+struct Open<'a> {
+    audit: &'a AuditLog,
+    entry: &'a AuditRecord,
+}
+
+impl Open<'_> {
+    /// Audits a refusal and returns it.
+    fn refuse(&self, refusal: Refusal) -> Failure {
+        let mut entry = self.entry.clone();
+        entry.outcome = refusal.to_string();
+        match self.audit.append(entry) {
+            Ok(_) => Failure::Refused(refusal),
+            Err(error) => Failure::Failed(error.context("auditing a refused request")),
+        }
+    }
+}
+
+/// The count, the NDJSON (what the audit digest covers) and the answer as
+/// asked for.
+fn render_records(records: &[Icr], format: Format) -> anyhow::Result<(u64, Vec<u8>, Vec<u8>)> {
+    let mut body = Vec::new();
+    export::write_records(&mut body, records, format)?;
+    Ok((records.len() as u64, export::ndjson(records)?, body))
+}
+
+/// A disclosure bundle: the results (NDJSON, and the requested format if
+/// another), the audit entry of the request, the capture gaps in its window
+/// (`gaps.ndjson`, empty when none), and a manifest of their SHA-256 sums in
+/// `sha256sum` form. An existing bundle is never overwritten.
+fn write_bundle(dir: &Path, ndjson: &[u8], rendered: &[u8], format: Format, entry: &str, gaps: &[Gap]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("results.ndjson", ndjson.to_vec()),
+        ("audit-entry.json", format!("{entry}\n").into_bytes()),
+        ("gaps.ndjson", export::ndjson(gaps)?),
+    ];
+    match format {
+        Format::Csv => files.push(("results.csv", rendered.to_vec())),
+        Format::Ecs => files.push(("results.ecs.ndjson", rendered.to_vec())),
+        Format::Ndjson | Format::Table => {}
+    }
+    let mut manifest = String::new();
+    for (name, bytes) in &files {
+        std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {name} to the bundle"))?;
+        manifest.push_str(&format!("{}  {name}\n", sha256_hex(bytes)));
+    }
+    std::fs::write(dir.join("MANIFEST.sha256"), manifest).context("writing the bundle's manifest")?;
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Why a request is too large to answer (or audit as it is), if it is.
+fn oversized(record: &AuditRecord) -> Option<String> {
+    fn longest(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::String(text) => text.len(),
+            serde_json::Value::Array(items) => items.iter().map(longest).max().unwrap_or(0),
+            serde_json::Value::Object(fields) => fields.values().map(longest).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let fields = [&record.officer, &record.reference, &record.authority];
+    let field = fields.iter().filter_map(|f| f.as_ref()).map(String::len).chain([longest(&record.parameters)]).max().unwrap_or(0);
+    if field > MAX_FIELD_BYTES {
+        return Some(format!("a value of {field} bytes is longer than the {MAX_FIELD_BYTES} a request may carry"));
+    }
+    let total = serde_json::to_vec(&record.parameters).map_or(usize::MAX, |bytes| bytes.len());
+    (total > MAX_PARAMETERS_BYTES).then(|| format!("the parameters weigh {total} bytes, more than the {MAX_PARAMETERS_BYTES} allowed"))
+}
+

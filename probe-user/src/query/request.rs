@@ -1,0 +1,128 @@
+//! A request, as every door hands it to the desk: the question with its
+//! values as the asker gave them, who asks and why, and how the answer is
+//! to be written. Values stay text until the desk parses them, so that a
+//! malformed value is audited like any other outcome.
+use std::{net::IpAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::Purpose, export::Format};
+
+/// One request to the desk. This is also the local socket's wire form.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub ask: Ask,
+    pub who: Who,
+    pub format: Format,
+    /// Also write a disclosure bundle into this directory (on the machine
+    /// that audits the request; no remote door offers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// A configuration the asker named: refused unless it is the one that
+    /// governs the store (authorities never come from the asker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
+}
+
+/// What is asked, with its values as given: the three questions, and the
+/// operator's listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "question", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Ask {
+    /// Question 1: who had `ip` (and `port`) at `at`.
+    Resolve {
+        ip: IpAddr,
+        port: Option<u16>,
+        at: String,
+        #[serde(default = "default_tolerance")]
+        tolerance: String,
+        remote: Option<String>,
+        service: Option<String>,
+    },
+    /// Question 2: the services `device` used in the window.
+    Services { device: String, from: String, to: String },
+    /// Question 3: the devices that used any of `services` in the window.
+    Accessed { services: Vec<String>, from: String, to: String },
+    /// Every record in the window, for maintenance (an operator's request).
+    List { from: String, to: String },
+}
+
+/// How far from `at` a flow may lie when none is given.
+pub const DEFAULT_TOLERANCE: &str = "1s";
+
+fn default_tolerance() -> String {
+    DEFAULT_TOLERANCE.to_string()
+}
+
+/// Who asks, under what authority. Missing values are refused by the desk,
+/// not by the door, so that the refusal is audited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Who {
+    pub authority: Option<String>,
+    pub officer: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// What a request does with the records: ask one of the three questions, or
+/// list them for maintenance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Ask(Purpose),
+    List,
+}
+
+impl Ask {
+    pub fn act(&self) -> Act {
+        match self {
+            Self::Resolve { .. } => Act::Ask(Purpose::Resolve),
+            Self::Services { .. } => Act::Ask(Purpose::Services),
+            Self::Accessed { .. } => Act::Ask(Purpose::Accessed),
+            Self::List { .. } => Act::List,
+        }
+    }
+
+    /// The request's name in the audit log.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Self::Resolve { .. } => "query resolve",
+            Self::Services { .. } => "query services",
+            Self::Accessed { .. } => "query accessed",
+            Self::List { .. } => "list",
+        }
+    }
+
+    /// The values asked about, as the audit log keeps them: every selector,
+    /// whichever door it came through.
+    pub fn parameters(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(fields) = value.as_object_mut() {
+            fields.remove("question");
+        }
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_travel_as_json_and_refuse_unknown_fields() {
+        let request = Request {
+            ask: Ask::Accessed { services: vec!["a.example".into(), "*.b.example".into()], from: "x".into(), to: "y".into() },
+            who: Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) },
+            format: Format::Csv,
+            bundle: None,
+            config: None,
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(line.contains(r#""question":"accessed""#), "{line}");
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
+        assert!(serde_json::from_str::<Request>(&line.replace(r#""from""#, r#""db":"/tmp","from""#)).is_err());
+        assert_eq!(request.ask.parameters(), serde_json::json!({"services": ["a.example", "*.b.example"], "from": "x", "to": "y"}));
+        let resolve: Ask = serde_json::from_str(r#"{"question":"resolve","ip":"192.0.2.1","at":"t"}"#).unwrap();
+        assert!(matches!(resolve, Ask::Resolve { tolerance, port: None, .. } if tolerance == DEFAULT_TOLERANCE));
+    }
+}
