@@ -14,6 +14,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use icr::capture::hints::{DnsCache, FlowHints, HintPacket};
+use probe_common::Proto;
 use libfuzzer_sys::fuzz_target;
 
 const PORTS: [u16; 4] = [53, 443, 80, 8080];
@@ -21,7 +22,7 @@ const CLIENT_PORT: u16 = 50000;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flow, mut rest)) = data.split_first() else { return };
-    let proto = if flow & 1 != 0 { 17 } else { 6 };
+    let proto = if flow & 1 != 0 { Proto::Udp } else { Proto::Tcp };
     let port = PORTS[usize::from(flow >> 1 & 3)];
     let mut sides = [FlowHints::default(), FlowHints::default()];
     let mut cache = DnsCache::default();

@@ -7,6 +7,9 @@
 
 use core::mem::size_of;
 
+mod typed;
+pub use typed::{BadMac, BadProto, Mac, Proto, Role, Roles};
+
 /// Map and program names: the ELF symbols the agent looks up.
 pub mod names {
     pub const FLOWS: &str = "FLOWS";

@@ -60,7 +60,7 @@ use icr::{
     capture::probe::{Baseline, EventPath, EventReader, Floor, Probe, ProbeOptions, RingLayout},
     capture::tuple::{Tuple, ipv4},
 };
-use probe_common::{counter, event_kind, role};
+use probe_common::{Proto, counter, event_kind, role};
 use serde_json::{Map, Value, json};
 use support::{
     netns::{self, NetnsPair},
@@ -194,7 +194,7 @@ fn test_runs() -> Result<TestRuns> {
     // flow: data from the server (never a hint).
     let data = tcp(40000, false, false, 100);
     probe.test_run(role::LAN, &tcp(40000, true, true, 0))?;
-    let server_to_client = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(192, 168, 1, 23), dst_port: 40000, proto: 6 };
+    let server_to_client = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(192, 168, 1, 23), dst_port: 40000, proto: Proto::Tcp };
     baseline.insert_flow(server_to_client.key().0)?;
     let floors: Vec<Floor> = Floor::ALL.into_iter().filter(|floor| baseline.has(*floor)).collect();
     let mut floor_reps = vec![Vec::new(); floors.len()];

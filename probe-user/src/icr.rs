@@ -124,23 +124,6 @@ fn random_node() -> u64 {
     (uuid::Uuid::new_v4().as_u128() as u64) & ((1 << 42) - 1)
 }
 
-/// The `proto` field: names for the common protocols, `other:<n>` otherwise.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        n => format!("other:{n}"),
-    }
-}
-
-/// Formats a MAC address the way the record spells it.
-pub fn mac_string(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
 /// RFC 3339 in UTC with microseconds, as the format requires.
 pub fn format_time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -171,9 +154,9 @@ mod tests {
             start: DateTime::parse_from_rfc3339("2026-11-22T15:02:00.123456Z").unwrap().into(),
             end: DateTime::parse_from_rfc3339("2026-11-22T15:04:59.000001Z").unwrap().into(),
             end_reason: EndReason::Fin,
-            proto: proto_name(6),
+            proto: probe_common::Proto::Tcp.to_string(),
             device: Device {
-                mac: Some(mac_string([2, 0, 0, 0, 0, 0x17])),
+                mac: Some(probe_common::Mac([2, 0, 0, 0, 0, 0x17]).to_string()),
                 ip: Some("192.168.1.23".parse().unwrap()),
                 port: Some(51544),
                 ..Device::default()
@@ -234,6 +217,5 @@ mod tests {
     fn service_sources_are_snake_case() {
         let service = Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni, ech: false };
         assert_eq!(serde_json::to_value(service).unwrap()["source"], "tls_sni");
-        assert_eq!(proto_name(47), "other:47");
     }
 }

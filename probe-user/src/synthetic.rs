@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 use rand_distr::{Distribution as _, Exp, Zipf};
 
-use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource, mac_string};
+use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
+use probe_common::Mac;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -75,7 +76,7 @@ impl Generator {
     pub fn device(number: u32) -> Device {
         let [_, a, b, c] = number.to_be_bytes();
         Device {
-            mac: Some(mac_string([2, 0x1c, 0, a, b, c])),
+            mac: Some(Mac([2, 0x1c, 0, a, b, c]).to_string()),
             ip: Some(IpAddr::V4(Ipv4Addr::new(100, 64 + (a & 0x3f), b, c))),
             port: None,
             vlan: Vec::new(),

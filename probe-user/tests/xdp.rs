@@ -8,7 +8,7 @@ use icr::{
     capture::probe::{EventPath, EventReader, Probe, ProbeOptions},
     capture::tuple::{Tuple, ipv4},
 };
-use probe_common::{FlowEvent, FlowValue, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
+use probe_common::{FlowEvent, FlowValue, Proto, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
 
 const XDP_PASS: u32 = 2;
 const DEVICE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x17];
@@ -106,7 +106,7 @@ fn udp_frame(t: &Tuple, payload: &[u8]) -> Vec<u8> {
 }
 
 fn client() -> Tuple {
-    Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 }
+    Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: Proto::Tcp }
 }
 
 #[test]
@@ -179,14 +179,14 @@ fn ipv6_udp_and_vlan_tagged_ipv4_are_tracked() {
         src_port: 40000,
         dst: "2001:db8:53::1".parse().unwrap(),
         dst_port: 53,
-        proto: 17,
+        proto: Proto::Udp,
     };
     h.run(role::LAN, &udp_frame(&dns6, &[0u8; 30]));
     let (value, dir) = h.flow(&dns6).expect("IPv6 UDP flow");
     assert_eq!(value.packets[dir], 1);
     assert_eq!(value.bytes[dir], 40 + 8 + 30);
 
-    let v4 = Tuple { src: ipv4(10, 1, 0, 5), src_port: 5000, dst: ipv4(10, 2, 0, 9), dst_port: 6000, proto: 17 };
+    let v4 = Tuple { src: ipv4(10, 1, 0, 5), src_port: 5000, dst: ipv4(10, 2, 0, 9), dst_port: 6000, proto: Proto::Udp };
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(DEVICE_MAC, GATEWAY_MAC)
         .single_vlan(VlanId::try_new(100).unwrap())
@@ -214,7 +214,7 @@ fn ipv6_extension_headers_are_walked_to_the_ports() {
         src_port: 41000,
         dst: "2001:db8::443".parse().unwrap(),
         dst_port: 443,
-        proto: 6,
+        proto: Proto::Tcp,
     };
     let mut frame = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);
     // Insert a hop-by-hop header (8 bytes, one PadN option) after the IPv6 header.
@@ -407,7 +407,7 @@ fn hints_stop_at_the_budget() {
 /// both ways), and both FINs.
 fn a_connection_and_a_lookup() -> Vec<(u8, Vec<u8>)> {
     let up = client();
-    let dns = Tuple { dst_port: 53, proto: 17, ..client() };
+    let dns = Tuple { dst_port: 53, proto: Proto::Udp, ..client() };
     vec![
         (role::LAN, udp_frame(&dns, &[0x12; 40])),
         (role::WAN, udp_frame(&dns.reversed(), &[0x34; 120])),
@@ -582,8 +582,8 @@ impl XorShift {
 fn seed_frames() -> Vec<Vec<u8>> {
     let up = client();
     let v6 = Tuple { src: "2001:db8::23".parse().unwrap(), dst: "2001:db8::443".parse().unwrap(), ..client() };
-    let dns = Tuple { dst_port: 53, proto: 17, ..client() };
-    let quic = Tuple { dst_port: 443, proto: 17, ..client() };
+    let dns = Tuple { dst_port: 53, proto: Proto::Udp, ..client() };
+    let quic = Tuple { dst_port: 443, proto: Proto::Udp, ..client() };
     let mut quic_payload = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0xd0];
     quic_payload.resize(1200, 0x55);
     let syn = tcp_frame(&up, tcp_flags::SYN, &[], DEVICE_MAC);

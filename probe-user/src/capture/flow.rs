@@ -19,13 +19,13 @@ use std::{
 };
 
 use anyhow::Result;
-use probe_common::{FlowEvent, FlowKey, FlowValue, SYN_RETRY_SHIFT, event_kind, ip_proto::TCP as IPPROTO_TCP, role, tcp_flags};
+use probe_common::{FlowEvent, FlowKey, FlowValue, Mac, Proto, Role, Roles, SYN_RETRY_SHIFT, event_kind, tcp_flags};
 
 use crate::{
     capture::clock::Clock,
     capture::events::ProbeEvent,
     capture::hints::{DnsCache, FlowHints, HintPacket, dns},
-    icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource, mac_string, proto_name},
+    icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
     capture::nat::{Mapping, NatTable},
     capture::tuple::Tuple,
 };
@@ -100,13 +100,13 @@ struct Known {
 /// Why a check closes a flow, if it does.
 fn close_reason(
     timeouts: &Timeouts,
-    proto: u8,
+    proto: Proto,
     flags: u8,
     last_ns: u64,
     now_ns: u64,
 ) -> Option<EndReason> {
     let quiet = Duration::from_nanos(now_ns.saturating_sub(last_ns));
-    if proto == IPPROTO_TCP {
+    if proto == Proto::Tcp {
         if let Some(ended) = ended_by(flags)
             && quiet >= timeouts.tcp_closed {
                 return Some(ended);
@@ -207,7 +207,7 @@ impl Assembler {
         match event {
             ProbeEvent::Flow(event) => {
                 let syn_only = event.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-                if event.kind == event_kind::FLOW_START && event.key.proto == IPPROTO_TCP && syn_only {
+                if event.kind == event_kind::FLOW_START && Proto::from(event.key.proto) == Proto::Tcp && syn_only {
                     self.hints.entry(event.key).or_default().client_syn(event.dir, event.tcp_seq);
                 }
                 self.on_flow_event(&event);
@@ -235,7 +235,7 @@ impl Assembler {
         }
         let wait = match event.kind {
             event_kind::FLOW_END => self.timeouts.tcp_closed,
-            _ => self.idle_timeout(event.key.proto).min(self.timeouts.active),
+            _ => self.idle_timeout(Proto::from(event.key.proto)).min(self.timeouts.active),
         };
         self.schedule(event.key, event.ts_ns.saturating_add(nanos(wait)));
     }
@@ -245,7 +245,7 @@ impl Assembler {
         let packet = Tuple::from_key(&event.key, event.dir);
         let hint = HintPacket {
             dir: event.dir,
-            proto: event.key.proto,
+            proto: Proto::from(event.key.proto),
             src_port: packet.src_port,
             dst_port: packet.dst_port,
             tcp_seq: event.tcp_seq,
@@ -253,7 +253,7 @@ impl Assembler {
         };
         let responses = self.hints.entry(event.key).or_default().add(&hint);
         for response in responses {
-            match self.dns_device(&packet, event.role, nat) {
+            match self.dns_device(&packet, Roles::from_bits(event.role), nat) {
                 Some(device) => self.dns_cache.insert(device, &response, event.ts_ns),
                 None => self.pending_dns.push((packet, response, event.ts_ns)),
             }
@@ -262,11 +262,11 @@ impl Assembler {
 
     /// The device a DNS response travels to: behind NAT, the original
     /// source of its connection; otherwise its destination.
-    fn dns_device(&self, response: &Tuple, role: u8, nat: &NatTable) -> Option<IpAddr> {
+    fn dns_device(&self, response: &Tuple, roles: Roles, nat: &NatTable) -> Option<IpAddr> {
         if let Some(mapping) = nat.by_reply(response) {
             return Some(mapping.original.src);
         }
-        (role == role::LAN || !self.nat_expected).then_some(response.dst)
+        (roles.has(Role::Lan) || !self.nat_expected).then_some(response.dst)
     }
 
     /// Places DNS answers whose NAT mapping has arrived since; forgets old ones.
@@ -283,8 +283,8 @@ impl Assembler {
         self.dns_cache.expire(now_ns);
     }
 
-    fn idle_timeout(&self, proto: u8) -> Duration {
-        if proto == IPPROTO_TCP { self.timeouts.tcp_idle } else { self.timeouts.udp_idle }
+    fn idle_timeout(&self, proto: Proto) -> Duration {
+        if proto == Proto::Tcp { self.timeouts.tcp_idle } else { self.timeouts.udp_idle }
     }
 
     fn schedule(&mut self, key: FlowKey, at_ns: u64) {
@@ -383,7 +383,7 @@ impl Assembler {
                 self.known.entry(key).or_default().joined_to = Some(lan_key);
                 if self.known.contains_key(&lan_key) {
                     if force.is_none() {
-                        let next = value.last_ns.saturating_add(nanos(self.idle_timeout(key.proto)));
+                        let next = value.last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))));
                         self.schedule(key, next.max(now_ns + 1));
                     }
                     return Ok(());
@@ -411,10 +411,10 @@ impl Assembler {
 
         // A forced close (shutdown, end of capture) of a flow that already
         // saw FIN or RST still says how it ended.
-        let ended = (key.proto == IPPROTO_TCP).then(|| ended_by(flags)).flatten();
+        let ended = (Proto::from(key.proto) == Proto::Tcp).then(|| ended_by(flags)).flatten();
         let reason = match force {
             Some(forced) => Some(ended.unwrap_or(forced)),
-            None => close_reason(&self.timeouts, key.proto, flags, last_ns, now_ns),
+            None => close_reason(&self.timeouts, Proto::from(key.proto), flags, last_ns, now_ns),
         };
         let slice_start = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
         let active_due = slice_start.saturating_add(nanos(self.timeouts.active));
@@ -454,10 +454,10 @@ impl Assembler {
                 self.schedule(key, now_ns.saturating_add(nanos(self.timeouts.active)));
             }
             None => {
-                let idle_due = if key.proto == IPPROTO_TCP && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                let idle_due = if Proto::from(key.proto) == Proto::Tcp && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
                     last_ns.saturating_add(nanos(self.timeouts.tcp_closed))
                 } else {
-                    last_ns.saturating_add(nanos(self.idle_timeout(key.proto)))
+                    last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))))
                 };
                 self.schedule(key, idle_due.min(active_due).max(now_ns + 1));
             }
@@ -516,7 +516,7 @@ impl Assembler {
         }
         let start_ns = if known.slice_start_ns == 0 { opened_ns(value) } else { known.slice_start_ns };
         let device = view.device;
-        let mac = value.mac[up];
+        let mac = Mac(value.mac[up]);
         let public = view.public();
         let missing_nat = public.is_none();
         let (mut service, dns) = FlowHints::merged(
@@ -536,9 +536,9 @@ impl Assembler {
             start: self.clock.to_utc(start_ns),
             end: self.clock.to_utc(last_ns.max(start_ns)),
             end_reason: reason,
-            proto: proto_name(view.key.proto),
+            proto: Proto::from(view.key.proto).to_string(),
             device: Device {
-                mac: (mac != [0; 6]).then(|| mac_string(mac)),
+                mac: (!mac.is_unset()).then(|| mac.to_string()),
                 ip: Some(device.src),
                 port: Some(device.src_port),
                 vlan: value.vlan.iter().copied().filter(|&id| id != 0).collect(),
@@ -596,7 +596,7 @@ impl<'a> FlowView<'a> {
             let (ip, port) = mapping.public();
             return Some(Endpoint { ip, port });
         }
-        let routed = (self.value.roles[0] | self.value.roles[1]) & role::WAN != 0;
+        let routed = roles_of(&self.value).has(Role::Wan);
         (routed || !self.nat_expected)
             .then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
     }
@@ -615,7 +615,7 @@ fn opened_ns(value: &FlowValue) -> u64 {
 /// when both or neither did (a single capture point), the connection's
 /// initiator.
 fn device_direction(value: &FlowValue) -> u8 {
-    let lan = [value.roles[0] & role::LAN != 0, value.roles[1] & role::LAN != 0];
+    let lan = value.roles.map(|bits| Roles::from_bits(bits).has(Role::Lan));
     match lan {
         [true, false] => 0,
         [false, true] => 1,
@@ -640,8 +640,13 @@ fn is_local_only(ip: IpAddr) -> bool {
 }
 
 fn is_wan_only(value: &FlowValue) -> bool {
-    let roles = value.roles[0] | value.roles[1];
-    roles & role::WAN != 0 && roles & role::LAN == 0
+    let roles = roles_of(value);
+    roles.has(Role::Wan) && !roles.has(Role::Lan)
+}
+
+/// The roles a flow's packets were seen with, either way.
+fn roles_of(value: &FlowValue) -> Roles {
+    Roles::from_bits(value.roles[0]).union(Roles::from_bits(value.roles[1]))
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -651,6 +656,7 @@ fn nanos(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use probe_common::role;
     use crate::{capture::nat::NatEvent, capture::tuple::ipv4};
 
     const SEC: u64 = 1_000_000_000;
@@ -704,7 +710,7 @@ mod tests {
     }
 
     fn device_tuple() -> Tuple {
-        Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 }
+        Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: Proto::Tcp }
     }
 
     #[test]
@@ -747,7 +753,7 @@ mod tests {
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let up = device_tuple();
         let public = (ipv4(198, 51, 100, 1), 10007);
-        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: public.0, dst_port: public.1, proto: 6 };
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: public.0, dst_port: public.1, proto: Proto::Tcp };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
 
         let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
@@ -783,7 +789,7 @@ mod tests {
         for at in [SEC, 2 * SEC, 4 * SEC] {
             table.packet(up, 60, tcp_flags::SYN, role::LAN, at);
         }
-        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: 6 };
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), 4 * SEC);
         table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 4 * SEC + 10_000_000);
         table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 5 * SEC);
@@ -814,7 +820,7 @@ mod tests {
         let mut table = FakeTable::default();
         let nat = NatTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
-        let dns = Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: 17 };
+        let dns = Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: Proto::Udp };
         table.packet(dns, 70, 0, role::LAN, SEC);
         table.packet(dns.reversed(), 120, 0, role::LAN, SEC + 1000);
         // No start event: the full sweep finds it.
@@ -856,9 +862,9 @@ mod tests {
     fn link_local_and_multicast_flows_are_counted_not_recorded() {
         let mut table = FakeTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
-        let mld = Tuple { src: "fe80::1".parse().unwrap(), src_port: 0, dst: "ff02::16".parse().unwrap(), dst_port: 0, proto: 58 };
-        let dad = Tuple { src: "::".parse().unwrap(), src_port: 0, dst: "ff02::1:ff00:1".parse().unwrap(), dst_port: 0, proto: 58 };
-        let dhcp = Tuple { src: ipv4(0, 0, 0, 0), src_port: 68, dst: ipv4(255, 255, 255, 255), dst_port: 67, proto: 17 };
+        let mld = Tuple { src: "fe80::1".parse().unwrap(), src_port: 0, dst: "ff02::16".parse().unwrap(), dst_port: 0, proto: Proto::Icmpv6 };
+        let dad = Tuple { src: "::".parse().unwrap(), src_port: 0, dst: "ff02::1:ff00:1".parse().unwrap(), dst_port: 0, proto: Proto::Icmpv6 };
+        let dhcp = Tuple { src: ipv4(0, 0, 0, 0), src_port: 68, dst: ipv4(255, 255, 255, 255), dst_port: 67, proto: Proto::Udp };
         for t in [mld, dad, dhcp] {
             table.packet(t, 90, 0, role::LAN, SEC);
         }

@@ -2,7 +2,7 @@
 //! `FlowKey`.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use probe_common::FlowKey;
+use probe_common::{FlowKey, Proto};
 
 /// One direction of a connection: `src` sent to `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -11,7 +11,7 @@ pub struct Tuple {
     pub src_port: u16,
     pub dst: IpAddr,
     pub dst_port: u16,
-    pub proto: u8,
+    pub proto: Proto,
 }
 
 impl Tuple {
@@ -20,9 +20,9 @@ impl Tuple {
         let lo = ip_from_bytes(key.addr_lo);
         let hi = ip_from_bytes(key.addr_hi);
         if dir == 0 {
-            Tuple { src: lo, src_port: key.port_lo, dst: hi, dst_port: key.port_hi, proto: key.proto }
+            Tuple { src: lo, src_port: key.port_lo, dst: hi, dst_port: key.port_hi, proto: Proto::from(key.proto) }
         } else {
-            Tuple { src: hi, src_port: key.port_hi, dst: lo, dst_port: key.port_lo, proto: key.proto }
+            Tuple { src: hi, src_port: key.port_hi, dst: lo, dst_port: key.port_lo, proto: Proto::from(key.proto) }
         }
     }
 
@@ -39,7 +39,7 @@ impl Tuple {
     /// The kernel's key for this tuple's flow, and this tuple's direction in
     /// it (`FlowKey::of`, as the XDP program builds it).
     pub fn key(&self) -> (FlowKey, u8) {
-        FlowKey::of(ip_to_bytes(self.src), self.src_port, ip_to_bytes(self.dst), self.dst_port, self.proto)
+        FlowKey::of(ip_to_bytes(self.src), self.src_port, ip_to_bytes(self.dst), self.dst_port, u8::from(self.proto))
     }
 }
 
@@ -69,7 +69,7 @@ mod tests {
 
     #[test]
     fn key_is_shared_by_both_directions() {
-        let up = Tuple { src: ipv4(10, 0, 0, 2), src_port: 40000, dst: ipv4(1, 1, 1, 1), dst_port: 443, proto: 6 };
+        let up = Tuple { src: ipv4(10, 0, 0, 2), src_port: 40000, dst: ipv4(1, 1, 1, 1), dst_port: 443, proto: Proto::Tcp };
         let (key_up, dir_up) = up.key();
         let (key_down, dir_down) = up.reversed().key();
         assert_eq!(key_up, key_down);

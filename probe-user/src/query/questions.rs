@@ -8,11 +8,12 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
+use probe_common::Mac;
+
 use crate::{
     icr::Icr,
     query::request::Ask,
     store::{
-        codec::parse_mac,
         index::IndexKey,
         rollup::{ServiceRow, Services},
     },
@@ -114,7 +115,7 @@ fn parse_remote(text: &str) -> Result<(IpAddr, Option<u16>)> {
 /// A device, as an investigator names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceSelector {
-    Mac(String),
+    Mac(Mac),
     Ip(IpAddr),
     Subscriber(String),
 }
@@ -125,9 +126,8 @@ impl DeviceSelector {
         if let Ok(ip) = text.parse() {
             return Self::Ip(ip);
         }
-        let hex_pairs: Vec<&str> = text.split([':', '-']).collect();
-        if hex_pairs.len() == 6 && hex_pairs.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok()) {
-            return Self::Mac(hex_pairs.join(":").to_ascii_lowercase());
+        if let Ok(mac) = text.parse() {
+            return Self::Mac(mac);
         }
         Self::Subscriber(text.to_string())
     }
@@ -135,10 +135,7 @@ impl DeviceSelector {
     /// The index key the store finds this device's records by.
     pub fn index_key(&self) -> IndexKey {
         match self {
-            Self::Mac(mac) => match parse_mac(mac) {
-                Some(mac) => IndexKey::Mac(mac),
-                None => IndexKey::Subscriber(mac.clone()),
-            },
+            Self::Mac(mac) => IndexKey::Mac(mac.0),
             Self::Ip(ip) => IndexKey::DeviceIp(*ip),
             Self::Subscriber(name) => IndexKey::Subscriber(name.clone()),
         }
@@ -146,7 +143,7 @@ impl DeviceSelector {
 
     pub fn matches(&self, record: &Icr) -> bool {
         match self {
-            Self::Mac(mac) => record.device.mac.as_deref() == Some(mac.as_str()),
+            Self::Mac(mac) => record.device.mac.as_deref().and_then(|text| text.parse::<Mac>().ok()) == Some(*mac),
             Self::Ip(ip) => record.device.ip == Some(*ip),
             Self::Subscriber(name) => record.device.subscriber.as_deref() == Some(name.as_str()),
         }
@@ -335,7 +332,7 @@ mod tests {
 
     #[test]
     fn selectors_parse_and_match() {
-        assert_eq!(DeviceSelector::parse("02-00-00-00-00-17"), DeviceSelector::Mac("02:00:00:00:00:17".into()));
+        assert_eq!(DeviceSelector::parse("02-00-00-00-00-17"), DeviceSelector::Mac(Mac([2, 0, 0, 0, 0, 0x17])));
         assert_eq!(DeviceSelector::parse("line-0042"), DeviceSelector::Subscriber("line-0042".into()));
         let r = record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0);
         assert!(DeviceSelector::parse("02:00:00:00:00:17").matches(&r));

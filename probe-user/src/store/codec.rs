@@ -18,7 +18,8 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
 
 use super::wire::{Reader, push_ip, push_signed, push_varint};
-use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource, mac_string, proto_name};
+use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
+use probe_common::{Mac, Proto};
 
 /// The encoding version written now.
 const VERSION: u8 = 2;
@@ -327,11 +328,11 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
     previous.start_us = start_us;
     push_signed(&mut c[DURATION], r.end.timestamp_micros().wrapping_sub(start_us));
     c[END_REASON].push(r.end_reason as u8);
-    c[PROTO].push(proto_number(&r.proto).ok_or_else(|| anyhow!("unknown proto {:?}", r.proto))?);
+    c[PROTO].push(r.proto.parse::<Proto>().map(u8::from).map_err(|_| ()).ok().ok_or_else(|| anyhow!("unknown proto {:?}", r.proto))?);
     match &r.device.mac {
         Some(mac) => {
             c[MAC].push(1);
-            c[MAC].extend_from_slice(&parse_mac(mac).ok_or_else(|| anyhow!("bad MAC {mac:?}"))?);
+            c[MAC].extend_from_slice(&mac.parse::<Mac>().map(|mac| mac.0).ok().ok_or_else(|| anyhow!("bad MAC {mac:?}"))?);
         }
         None => c[MAC].push(0),
     }
@@ -525,9 +526,9 @@ impl View<'_> {
             start: time(self.start_us)?,
             end: time(self.end_us)?,
             end_reason,
-            proto: proto_name(self.proto),
+            proto: Proto::from(self.proto).to_string(),
             device: Device {
-                mac: self.mac.map(mac_string),
+                mac: self.mac.map(|mac| Mac(mac).to_string()),
                 ip: self.device_ip,
                 port: self.device_port.map(u16::try_from).transpose()?,
                 vlan: self.vlan.clone(),
@@ -556,29 +557,6 @@ fn time(micros: i64) -> Result<DateTime<Utc>> {
 }
 
 /// The protocol number behind a record's `proto` text.
-pub fn proto_number(text: &str) -> Option<u8> {
-    match text {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        "icmp" => Some(1),
-        "icmpv6" => Some(58),
-        other => other.strip_prefix("other:")?.parse().ok(),
-    }
-}
-
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split([':', '-']);
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 /// `None` as 0, a value as value + 1.
 fn push_optional(out: &mut Vec<u8>, value: Option<u64>) {
     push_varint(out, value.map_or(0, |v| v + 1));

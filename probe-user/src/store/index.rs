@@ -16,9 +16,11 @@ use anyhow::{Result, anyhow, ensure};
 use integer_encoding::VarInt;
 use ipnet::IpNet;
 
+use probe_common::Mac;
+
 use crate::{
     icr::Icr,
-    store::codec::{KeyFields, Keys, parse_mac},
+    store::codec::{KeyFields, Keys},
 };
 
 /// Blocks merged into one run (a u64 mask says which of them hold a key).
@@ -127,7 +129,7 @@ fn record_prints(record: &Icr, buffer: &mut Vec<u8>, prints: &mut Vec<u32>) {
             b.extend_from_slice(&public.port.to_be_bytes());
         });
     }
-    if let Some(mac) = record.device.mac.as_deref().and_then(parse_mac) {
+    if let Some(mac) = record.device.mac.as_deref().and_then(|mac| mac.parse::<Mac>().ok()).map(|mac| mac.0) {
         add(buffer, MAC, &|b| b.extend_from_slice(&mac));
     }
     if let Some(ip) = record.device.ip {
@@ -222,7 +224,7 @@ impl KeyFilter {
     pub fn matches_record(&self, record: &Icr) -> bool {
         self.matches(
             record.public.map(|p| (p.ip, p.port)),
-            record.device.mac.as_deref().and_then(parse_mac),
+            record.device.mac.as_deref().and_then(|mac| mac.parse::<Mac>().ok()).map(|mac| mac.0),
             record.device.ip,
             record.device.subscriber.as_deref(),
             record.service.as_ref().map(|s| s.name.as_str()),

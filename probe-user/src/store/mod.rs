@@ -1083,7 +1083,7 @@ pub(crate) mod test_records {
             end_reason: if i.is_multiple_of(5) { EndReason::Rst } else { EndReason::Fin },
             proto: if i.is_multiple_of(3) { "udp".into() } else { "tcp".into() },
             device: Device {
-                mac: Some(crate::icr::mac_string([2, 0, 0, 0, (i % 250) as u8, 0x17])),
+                mac: Some(probe_common::Mac([2, 0, 0, 0, (i % 250) as u8, 0x17]).to_string()),
                 ip: Some(format!("10.0.{}.{}", i % 3, i % 250 + 2).parse().unwrap()),
                 port: Some(40000 + (i % 20000) as u16),
                 vlan: if i.is_multiple_of(11) { vec![100, 20] } else { vec![] },

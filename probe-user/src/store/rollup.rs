@@ -18,10 +18,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
+use probe_common::{Mac, Proto};
+
 use crate::{
-    icr::{Icr, format_time, proto_name},
+    icr::{Icr, format_time},
     store::{
-        codec::{parse_mac, proto_number},
         index::IndexKey,
         wire::{Reader, push_ip, push_signed, push_varint},
     },
@@ -67,7 +68,7 @@ impl ServiceUse {
             bytes: record.bytes_up.saturating_add(record.bytes_down),
             incomplete: record.incomplete,
             remote: (record.remote.ip, record.remote.port),
-            proto: proto_number(&record.proto).unwrap_or(0),
+            proto: record.proto.parse::<Proto>().map_or(0, u8::from),
         }
     }
 
@@ -161,7 +162,7 @@ struct Identity {
 impl Identity {
     fn of(record: &Icr) -> Self {
         Self {
-            mac: record.device.mac.as_deref().and_then(parse_mac),
+            mac: record.device.mac.as_deref().and_then(|mac| mac.parse::<Mac>().ok()).map(|mac| mac.0),
             ip: record.device.ip,
             subscriber: record.device.subscriber.clone(),
         }
@@ -496,7 +497,7 @@ impl Services {
                     ServiceKey::Remote(..) => None,
                 },
                 remote: remote_string(used.remote.0, used.remote.1),
-                proto: proto_name(used.proto),
+                proto: Proto::from(used.proto).to_string(),
                 first: time(used.first_us),
                 last: time(used.last_us),
                 connections: used.connections,

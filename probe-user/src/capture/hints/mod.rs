@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
 };
 
-use probe_common::ip_proto::{TCP as IPPROTO_TCP, UDP as IPPROTO_UDP};
+use probe_common::Proto;
 
 use crate::icr::{Dns, Service, ServiceSource};
 
@@ -39,7 +39,7 @@ pub fn normalise_name(raw: &[u8]) -> Option<String> {
 /// One hint packet, as the assembler hands it over.
 pub struct HintPacket<'a> {
     pub dir: u8,
-    pub proto: u8,
+    pub proto: Proto,
     pub src_port: u16,
     pub dst_port: u16,
     pub tcp_seq: u32,
@@ -79,8 +79,8 @@ impl FlowHints {
     pub fn add(&mut self, packet: &HintPacket) -> Vec<dns::Message> {
         let is_dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
         match (packet.proto, is_dns) {
-            (IPPROTO_UDP, true) => dns::message(packet.payload).map(|m| self.note_dns(m)).into_iter().flatten().collect(),
-            (IPPROTO_TCP, true) => {
+            (Proto::Udp, true) => dns::message(packet.payload).map(|m| self.note_dns(m)).into_iter().flatten().collect(),
+            (Proto::Tcp, true) => {
                 let stream = &mut self.streams[usize::from(packet.dir & 1)];
                 stream.insert(packet.tcp_seq, packet.payload);
                 // After the insert: an earlier segment moves the base back and resets it.
@@ -94,7 +94,7 @@ impl FlowHints {
                     _ => Vec::new(),
                 }
             }
-            (IPPROTO_TCP, false) => {
+            (Proto::Tcp, false) => {
                 if !self.client_decided {
                     let stream = &mut self.streams[usize::from(packet.dir & 1)];
                     stream.insert(packet.tcp_seq, packet.payload);
@@ -103,7 +103,7 @@ impl FlowHints {
                 }
                 Vec::new()
             }
-            (IPPROTO_UDP, false) => {
+            (Proto::Udp, false) => {
                 if self.service.is_none()
                     && let Some(hello) = self.quic.add_packet(packet.payload) {
                         self.service = hello.sni.map(|name| Service { name, source: ServiceSource::QuicSni, ech: hello.ech });
@@ -315,7 +315,7 @@ mod tests {
     use super::*;
 
     fn tcp(dir: u8, seq: u32, payload: &[u8]) -> HintPacket<'_> {
-        HintPacket { dir, proto: IPPROTO_TCP, src_port: 50000, dst_port: 443, tcp_seq: seq, payload }
+        HintPacket { dir, proto: Proto::Tcp, src_port: 50000, dst_port: 443, tcp_seq: seq, payload }
     }
 
     #[test]
@@ -353,7 +353,7 @@ mod tests {
         let mut query_only = query.clone();
         query_only[2] &= 0x7f; // clear QR: a query
         let answer = dns::tests::response("www.example.test", TYPE::A, vec![dns::tests::a_record("www.example.test", [198, 51, 100, 10])]);
-        let udp = |dir, payload| HintPacket { dir, proto: IPPROTO_UDP, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
+        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
         let mut lan = FlowHints::default();
         assert!(lan.add(&udp(0, &query_only)).is_empty(), "a query is no response");
         let mut wan = FlowHints::default();
@@ -383,7 +383,7 @@ mod tests {
         let one = dns::tests::response("tcp.example.test", TYPE::A, vec![]);
         let mut framed = (one.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&one);
-        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: IPPROTO_TCP, src_port: 53, dst_port: 40000, tcp_seq: seq, payload };
+        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: Proto::Tcp, src_port: 53, dst_port: 40000, tcp_seq: seq, payload };
         let mut hints = FlowHints::default();
         assert_eq!(hints.add(&dns_tcp(5000, &framed)).len(), 1);
         // Before the base, with a gap: fewer contiguous bytes than were parsed.

@@ -232,7 +232,7 @@ fn tuple_of(parts: &[CtTuple]) -> Option<Tuple> {
             _ => {}
         }
     }
-    Some(Tuple { src: src?, src_port, dst: dst?, dst_port, proto: proto? })
+    Some(Tuple { src: src?, src_port, dst: dst?, dst_port, proto: proto?.into() })
 }
 
 fn align4(length: usize) -> usize {

@@ -113,8 +113,8 @@ mod tests {
     use crate::capture::tuple::ipv4;
 
     fn mapping() -> Mapping {
-        let original = Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: 6 };
-        let reply = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: 6 };
+        let original = Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: probe_common::Proto::Tcp };
+        let reply = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: probe_common::Proto::Tcp };
         Mapping { original, reply }
     }
 
