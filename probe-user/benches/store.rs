@@ -1,5 +1,5 @@
 //! `cargo xtask bench store [--records N]`: the store at ISP scale. Writes N
-//! synthetic ICRs (`icr::synthetic`) through `Store::append` on one thread,
+//! synthetic ICRs (`support/synthetic.rs`) through `Store::append` on one thread,
 //! then asks the three questions many times over the result. Each rate is
 //! also given as a ratio to this disk's raw sequential write speed, measured
 //! in the same run. The last line is one JSON object for scripts.
@@ -15,9 +15,12 @@ use icr::{
     icr::Icr,
     query::{Backend, DeviceSelector, ServiceSelector, questions},
     store::Store,
-    synthetic::{Generator, Options},
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
+
+#[path = "support/synthetic.rs"]
+mod synthetic;
+use synthetic::{Generator, Options};
 
 /// Records handed to `append` at once (the agent hands one tick's worth).
 const BATCH: usize = 16_384;

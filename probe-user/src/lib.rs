@@ -14,4 +14,3 @@ pub mod icr;
 pub mod query;
 pub mod serve;
 pub mod store;
-pub mod synthetic;

@@ -596,7 +596,7 @@ impl<'a> FlowView<'a> {
             let (ip, port) = mapping.public();
             return Some(Endpoint { ip, port });
         }
-        let routed = roles_of(&self.value).has(Role::Wan);
+        let routed = roles_of(self.value).has(Role::Wan);
         (routed || !self.nat_expected)
             .then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
     }

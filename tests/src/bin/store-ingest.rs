@@ -9,10 +9,12 @@
 use std::io::Write as _;
 
 use anyhow::{Context as _, Result};
-use icr::{
-    store::Store,
-    synthetic::{Generator, Options},
-};
+// The store bench's generator: one definition of a realistic ICR stream.
+#[path = "../../../probe-user/benches/support/synthetic.rs"]
+mod synthetic;
+use synthetic::{Generator, Options};
+
+use icr::store::Store;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -1,4 +1,5 @@
-//! Realistic synthetic ICRs for the store's benchmark and crash tests: many
+//! Realistic synthetic ICRs for the store's benchmark and crash tests
+//! (`benches/store.rs`; `tests/src/bin/store-ingest.rs` includes this file): many
 //! devices behind a CGNAT pool (public ports drawn per connection),
 //! Zipf-distributed service names (a few very popular, a long tail), DNS
 //! lookups, flows of exponentially distributed length, emitted in the order
@@ -9,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 use rand_distr::{Distribution as _, Exp, Zipf};
 
-use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
+use icr::icr::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
 use probe_common::Mac;
 
 #[derive(Clone, Debug)]
@@ -138,25 +139,5 @@ impl Generator {
             bytes_down: up * self.rng.random_range(60..1400),
             incomplete: false,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_are_plausible_and_closed_in_order() {
-        let mut generator = Generator::new(1, Options::default());
-        let records: Vec<Icr> = (0..10_000).map(|_| generator.next_record()).collect();
-        assert!(records.windows(2).all(|w| w[0].end <= w[1].end));
-        assert!(records.iter().all(|r| r.start <= r.end && r.public.is_some()));
-        let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids.len(), records.len());
-        let named = records.iter().filter(|r| r.service.is_some()).count();
-        assert!((7_000..9_500).contains(&named), "{named}");
-        // Zipf: the most popular name is far more common than the median.
-        let top = records.iter().filter(|r| r.service.as_ref().is_some_and(|s| s.name == Generator::name(1))).count();
-        assert!(top > 100, "{top}");
     }
 }
