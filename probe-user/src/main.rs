@@ -11,7 +11,7 @@ use icr::{
         commands,
         control::{self, Order},
     },
-    store::{Store, StoreInUse},
+    store::{OpenError, Store},
 };
 
 fn main() {
@@ -71,8 +71,8 @@ fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Fai
             warn_of(&answer.gaps);
             Ok(())
         }
-        Err(error) if error.downcast_ref::<StoreInUse>().is_some() => from_agent(db, &Order::Query(Box::new(request))),
-        Err(error) => Err(error.into()),
+        Err(OpenError::InUse(_)) => from_agent(db, &Order::Query(Box::new(request))),
+        Err(OpenError::Failed(error)) => Err(error.into()),
     }
 }
 
@@ -84,10 +84,8 @@ fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Fai
             writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
             Ok(())
         }
-        Err(error) if error.downcast_ref::<StoreInUse>().is_some() => {
-            from_agent(db, &Order::Sweep { config: named.map(Path::to_path_buf) })
-        }
-        Err(error) => Err(error.into()),
+        Err(OpenError::InUse(_)) => from_agent(db, &Order::Sweep { config: named.map(Path::to_path_buf) }),
+        Err(OpenError::Failed(error)) => Err(error.into()),
     }
 }
 

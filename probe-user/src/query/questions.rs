@@ -4,7 +4,7 @@
 //! the same whichever backend found the candidate records.
 use std::net::IpAddr;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 
@@ -68,7 +68,7 @@ impl Question {
             .and_then(|tolerance| at.checked_sub_signed(tolerance).zip(at.checked_add_signed(tolerance)))
             .with_context(|| format!("--tolerance {tolerance:?} reaches past the times this can represent"))?;
         let remote = remote.map(parse_remote).transpose()?;
-        let service = service.map(ServiceSelector::parse).transpose().map_err(|e| anyhow!(e))?;
+        let service = service.map(ServiceSelector::parse).transpose()?;
         Ok(Self::Resolve { ip, port, at, from: tolerance.0, to: tolerance.1, remote, service })
     }
 
@@ -81,7 +81,7 @@ impl Question {
         if services.is_empty() {
             bail!("name at least one --service (or a --services-file)");
         }
-        let services = services.iter().map(|text| ServiceSelector::parse(text)).collect::<Result<Vec<_>, _>>().map_err(|e| anyhow!(e))?;
+        let services = services.iter().map(|text| ServiceSelector::parse(text)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self::Accessed { services, from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
     }
 
@@ -159,11 +159,16 @@ pub enum ServiceSelector {
     Net(IpNet),
 }
 
+/// A service an investigator named that is no name, suffix, IP or CIDR.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadSelector(String);
+
 impl ServiceSelector {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, BadSelector> {
         let text = text.trim();
         if text.is_empty() {
-            return Err("an empty service".into());
+            return Err(BadSelector("an empty service".into()));
         }
         if let Ok(ip) = text.parse::<IpAddr>() {
             return Ok(Self::Net(IpNet::from(ip)));
@@ -175,11 +180,11 @@ impl ServiceSelector {
         if name.starts_with('*') {
             return match name.strip_prefix("*.") {
                 Some(suffix) if !suffix.is_empty() && !suffix.contains('*') => Ok(Self::Suffix(suffix.to_string())),
-                _ => Err(format!("{text:?} is not a suffix like *.example.com")),
+                _ => Err(BadSelector(format!("{text:?} is not a suffix like *.example.com"))),
             };
         }
         if name.contains(['/', '?', ' ']) {
-            return Err(format!("{text:?} is not a host name, IP or CIDR (no URLs)"));
+            return Err(BadSelector(format!("{text:?} is not a host name, IP or CIDR (no URLs)")));
         }
         Ok(Self::Name(name))
     }

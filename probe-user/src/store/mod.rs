@@ -100,16 +100,18 @@ struct Inner {
 
 /// The store is held by another process: the running agent, whose socket
 /// answers instead.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the store {} is in use by another process (a running agent?)", .0.display())]
 pub struct StoreInUse(pub PathBuf);
 
-impl std::fmt::Display for StoreInUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the store {} is in use by another process (a running agent?)", self.0.display())
-    }
+/// Why a store did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    InUse(#[from] StoreInUse),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
 }
-
-impl std::error::Error for StoreInUse {}
 
 /// What a query asks the store for: every record in the window, or those
 /// with any of these index keys.
@@ -278,22 +280,22 @@ impl Store {
     /// is not a whole, checked frame is moved aside as it was (a torn tail
     /// too, though it was never acknowledged); damage to acknowledged
     /// records becomes a `store_corruption` gap of that day.
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
         Self::open_with(dir, false, BLOCK_RECORDS)
     }
 
     /// Opens the store to answer questions: the open-block logs are read,
     /// not repaired, and their damage is reported as gaps without being
     /// written; appends are refused.
-    pub fn open_read_only(dir: &Path) -> Result<Self> {
+    pub fn open_read_only(dir: &Path) -> Result<Self, OpenError> {
         Self::open_with(dir, true, BLOCK_RECORDS)
     }
 
     /// As [`Store::open`] (or read-only), sealing blocks of `block_records`
     /// (tests: many blocks from few records).
-    pub fn open_with(dir: &Path, read_only: bool, block_records: usize) -> Result<Self> {
+    pub fn open_with(dir: &Path, read_only: bool, block_records: usize) -> Result<Self, OpenError> {
         if block_records == 0 {
-            bail!("a block holds at least one record");
+            return Err(anyhow::anyhow!("a block holds at least one record").into());
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
         if !read_only {
@@ -980,7 +982,7 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
 
 /// Takes the store's lock, or says it is in use (by the errno of a
 /// non-blocking exclusive `flock`).
-fn lock_store(dir: &Path) -> Result<std::fs::File> {
+fn lock_store(dir: &Path) -> Result<std::fs::File, OpenError> {
     use std::os::fd::AsRawFd as _;
     let path = dir.join("icr.lock");
     let file = std::fs::OpenOptions::new()
@@ -994,9 +996,9 @@ fn lock_store(dir: &Path) -> Result<std::fs::File> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let error = std::io::Error::last_os_error();
         if error.kind() == std::io::ErrorKind::WouldBlock {
-            return Err(anyhow::Error::new(StoreInUse(dir.to_path_buf())));
+            return Err(StoreInUse(dir.to_path_buf()).into());
         }
-        return Err(error).with_context(|| format!("locking {}", path.display()));
+        return Err(anyhow::Error::new(error).context(format!("locking {}", path.display())).into());
     }
     Ok(file)
 }
@@ -1051,26 +1053,26 @@ pub(crate) mod test_records {
     pub const TEST_BLOCK_RECORDS: usize = 64;
 
     /// [`super::Store::open`] with [`TEST_BLOCK_RECORDS`].
-    pub fn open(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+    pub fn open(dir: &std::path::Path) -> Result<super::Store, super::OpenError> {
         super::Store::open_with(dir, false, TEST_BLOCK_RECORDS)
     }
 
     /// [`super::Store::open_read_only`] with [`TEST_BLOCK_RECORDS`].
-    pub fn open_read_only(dir: &std::path::Path) -> anyhow::Result<super::Store> {
+    pub fn open_read_only(dir: &std::path::Path) -> Result<super::Store, super::OpenError> {
         super::Store::open_with(dir, true, TEST_BLOCK_RECORDS)
     }
 
     fn reopen_with(
         dir: &std::path::Path,
-        open: fn(&std::path::Path) -> anyhow::Result<super::Store>,
+        open: fn(&std::path::Path) -> Result<super::Store, super::OpenError>,
     ) -> anyhow::Result<super::Store> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             match open(dir) {
-                Err(error) if error.downcast_ref::<super::StoreInUse>().is_some() && std::time::Instant::now() < deadline => {
+                Err(super::OpenError::InUse(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                result => return result,
+                result => return Ok(result?),
             }
         }
     }
@@ -1143,7 +1145,7 @@ mod tests {
         let first = test_records::open(dir.path()).unwrap();
         for second in [test_records::open(dir.path()), test_records::open_read_only(dir.path())] {
             let error = second.err().expect("the store is held");
-            assert!(error.downcast_ref::<StoreInUse>().is_some(), "{error:#}");
+            assert!(matches!(error, OpenError::InUse(StoreInUse(_))), "{error}");
         }
         drop(first);
         assert!(test_records::open_read_only(dir.path()).is_ok(), "free once closed");
