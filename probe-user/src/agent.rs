@@ -127,6 +127,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let snapshot = crate::serve::metrics::Shared::default();
     let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
+    let probe_id = config.probe_id();
     let loaded_at = Utc::now();
     let mut probe = Probe::load(ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
@@ -213,7 +214,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = directory.refresh(Utc::now()) {
                     warn!("refreshing the subscriber directory: {error:#}");
                 }
-                let mut batch = Batch { records: named_records(&mut assembler, &directory), ..Batch::default() };
+                let mut batch = Batch { records: named_records(&mut assembler, &directory, &probe_id), ..Batch::default() };
                 ticks += 1;
                 if let Ok(counters) = &counters {
                     let totals = Totals {
@@ -272,7 +273,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         assembler.on_event(event, &nat);
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
-    let records = named_records(&mut assembler, &directory);
+    let records = named_records(&mut assembler, &directory, &probe_id);
     queue_batch(&write_tx, Batch { records, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) }).await?;
     drop(write_tx);
     writer.await.context("the writer task failed")?;
@@ -294,9 +295,10 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
 }
 
 /// The closed flows' records, named with their subscribers.
-fn named_records(assembler: &mut Assembler, directory: &Directory) -> Vec<Icr> {
+fn named_records(assembler: &mut Assembler, directory: &Directory, probe: &str) -> Vec<Icr> {
     let mut records = assembler.take_records();
     for record in &mut records {
+        record.probe = Some(probe.to_string());
         record.device.subscriber = directory.subscriber(record);
     }
     records

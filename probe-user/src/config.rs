@@ -39,6 +39,23 @@ pub struct Config {
     pub store: StoreSection,
     #[serde(default)]
     pub audit: AuditSection,
+    /// Names this gateway on every record (default: the host name).
+    #[serde(default)]
+    pub probe_id: Option<String>,
+    /// Where records and gaps are shipped for provider-wide questions.
+    #[serde(default)]
+    pub clickhouse: Option<ClickHouseSection>,
+}
+
+/// `[clickhouse]`: a cluster (or one server) that every record and gap is
+/// shipped to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSection {
+    /// The HTTP interface of any node, e.g. `http://10.0.0.5:8123`.
+    pub url: String,
+    /// The `remote_servers` cluster; omitted for one server.
+    pub cluster: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -185,6 +202,8 @@ impl Default for Config {
             audit: Default::default(),
             metrics: Default::default(),
             store: StoreSection::default(),
+            probe_id: None,
+            clickhouse: None,
         }
     }
 }
@@ -286,6 +305,9 @@ impl Config {
         if self.retention_days == 0 {
             bail!("retention_days must be at least 1");
         }
+        if self.probe_id.as_deref().is_some_and(|id| id.trim().is_empty() || id.len() > 255) {
+            bail!("probe_id must be a name of 1 to 255 bytes");
+        }
         if self.max_window_days == 0 || self.max_window_days > MAX_RETENTION_DAYS {
             bail!("max_window_days must be between 1 and {MAX_RETENTION_DAYS}");
         }
@@ -321,6 +343,15 @@ impl Config {
         }
         self.flow_timeouts()?;
         Ok(())
+    }
+
+    /// The name records of this gateway carry: `probe_id`, else the host
+    /// name.
+    pub fn probe_id(&self) -> String {
+        match &self.probe_id {
+            Some(id) => id.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).unwrap_or_default(),
+        }
     }
 
     pub fn authority(&self, name: &str) -> Option<&Authority> {

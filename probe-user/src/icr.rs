@@ -10,6 +10,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Icr {
     /// UUIDv7: time-ordered, unique across restarts.
     pub id: String,
+    /// The gateway that saw it (the configuration's `probe_id`).
+    #[serde(default)]
+    pub probe: Option<String>,
     #[serde(with = "micros")]
     pub start: DateTime<Utc>,
     #[serde(with = "micros")]
@@ -151,6 +154,7 @@ mod tests {
     fn sample() -> Icr {
         Icr {
             id: "0192f1c4-0000-7000-8000-000000000001".into(),
+            probe: None,
             start: DateTime::parse_from_rfc3339("2026-11-22T15:02:00.123456Z").unwrap().into(),
             end: DateTime::parse_from_rfc3339("2026-11-22T15:04:59.000001Z").unwrap().into(),
             end_reason: EndReason::Fin,

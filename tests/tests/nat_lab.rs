@@ -30,6 +30,7 @@ fn write_config(db: &Path, c1_mac: &str) {
         db.join("icr.toml"),
         format!(r#"
 retention_days = 30
+probe_id = "gw-lab-1"
 
 [subscribers]
 static = "{}"
@@ -152,6 +153,7 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(r["end_reason"], "fin");
     assert_eq!(r["incomplete"], false);
     assert_eq!(r["device"]["subscriber"], "line-0001", "from the static directory, by MAC");
+    assert_eq!(r["probe"], "gw-lab-1", "the gateway that saw it, from probe_id");
     let (pu, pd) = (r["packets_up"].as_u64().unwrap(), r["packets_down"].as_u64().unwrap());
     let (bu, bd) = (r["bytes_up"].as_u64().unwrap(), r["bytes_down"].as_u64().unwrap());
     assert!((4..=40).contains(&pu), "packets up {pu}");

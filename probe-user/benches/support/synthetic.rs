@@ -124,6 +124,7 @@ impl Generator {
         let up = self.rng.random_range(5..200u64);
         Icr {
             id: self.ids.next(&start),
+            probe: None,
             start,
             end: DateTime::from_timestamp_micros(end_us).expect("in range"),
             end_reason: if proto == "udp" { EndReason::Idle } else if kind % 7 == 0 { EndReason::Rst } else { EndReason::Fin },

@@ -533,6 +533,7 @@ impl Assembler {
         }
         Icr {
             id: String::new(), // given by `keep`, for the records kept
+            probe: None,
             start: self.clock.to_utc(start_ns),
             end: self.clock.to_utc(last_ns.max(start_ns)),
             end_reason: reason,

@@ -244,6 +244,7 @@ mod tests {
     fn record(mac: Option<&str>, ip: &str, start: i64) -> Icr {
         Icr {
             id: "x".into(),
+            probe: None,
             start: at(start),
             end: at(start + 1),
             end_reason: EndReason::Fin,

@@ -38,11 +38,12 @@ pub fn ndjson<T: Serialize>(items: &[T]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-const RECORD_COLUMNS: [&str; 25] = [
+// New columns go last: spreadsheets and scripts read the others by place.
+const RECORD_COLUMNS: [&str; 26] = [
     "id", "start", "end", "end_reason", "proto", "device_mac", "device_ip", "device_port",
     "device_vlan", "device_pppoe_session", "device_subscriber", "public_ip", "public_port",
     "remote_ip", "remote_port", "service_name", "service_source", "dns_qname", "dns_qtype",
-    "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete",
+    "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete", "probe",
 ];
 
 pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
@@ -93,6 +94,7 @@ pub fn ecs(r: &Icr) -> serde_json::Value {
     let mut doc = json!({
         "@timestamp": format_time(&r.start),
         "ecs": { "version": "8.11.0" },
+        "observer": r.probe.as_ref().map(|name| json!({ "name": name, "type": "gateway" })),
         "event": {
             "id": r.id, "kind": "event", "category": ["network"], "type": ["connection"],
             "start": format_time(&r.start), "end": format_time(&r.end), "duration": duration_ns,
@@ -196,6 +198,7 @@ fn record_fields(r: &Icr) -> Vec<String> {
         r.bytes_up.to_string(),
         r.bytes_down.to_string(),
         r.incomplete.to_string(),
+        opt(r.probe.clone()),
     ]
 }
 
@@ -232,6 +235,7 @@ mod tests {
     fn record() -> Icr {
         Icr {
             id: "0192f1c4-0000-7000-8000-000000000001".into(),
+            probe: Some("gw-07".into()),
             start: chrono::DateTime::from_timestamp(0, 0).unwrap(),
             end: chrono::DateTime::from_timestamp(1, 0).unwrap(),
             end_reason: EndReason::Idle,
@@ -258,7 +262,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("id,start,end,end_reason,proto,device_mac"));
         assert!(lines[1].contains(",idle,udp,,10.0.0.2,5353,100;20,"), "{}", lines[1]);
-        assert!(lines[1].ends_with(",1,2,3,4,true"));
+        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07"), "the probe is the last column: {}", lines[1]);
     }
 
     #[test]

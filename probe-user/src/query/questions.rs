@@ -318,6 +318,7 @@ mod tests {
         let start = DateTime::from_timestamp(start, 0).unwrap();
         Icr {
             id: uuid::Uuid::now_v7().to_string(),
+            probe: None,
             start,
             end: start + chrono::Duration::seconds(5),
             end_reason: EndReason::Fin,

@@ -94,9 +94,11 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
         event_ring_bytes: config.probe.event_ring_bytes,
     };
     let directory = crate::capture::subscribers::Directory::load(&config.subscribers)?;
+    let probe_id = config.probe_id();
     let mut out = std::io::stdout().lock();
     let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
         for record in &mut records {
+            record.probe = Some(probe_id.clone());
             record.device.subscriber = directory.subscriber(record);
         }
         out.write_all(&export::ndjson(&records)?)?;

@@ -8,7 +8,8 @@
 //! times and names) and the rest only for blocks where something matched.
 //!
 //! A block starts with a version byte; a reader refuses versions it does not
-//! know rather than guessing (version 1 compressed the columns together).
+//! know rather than guessing (version 1 compressed the columns together;
+//! version 3 added the gateway's name, `probe`, which older blocks lack).
 use std::{
     borrow::Cow,
     net::IpAddr,
@@ -22,7 +23,9 @@ use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
 use probe_common::{Mac, Proto};
 
 /// The encoding version written now.
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
+/// Columns of blocks before version 3 (no `probe`).
+const COLUMNS_V2: usize = 22;
 /// zstd level: 1 was as small as 3 on synthetic ICRs and twice as fast.
 const ZSTD_LEVEL: i32 = 1;
 /// A decoded block may not claim more than this (a corrupt header must not
@@ -52,14 +55,24 @@ const DNS: usize = 18;
 const PACKETS: usize = 19;
 const BYTES: usize = 20;
 const INCOMPLETE: usize = 21;
-const COLUMNS: usize = 22;
+const PROBE: usize = 22;
+const COLUMNS: usize = 23;
 
 /// Encodes records into one block (`compress` false for the append log,
 /// where every write is small and latency matters more than size).
 pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
-    let columns = encode_columns(records)?;
-    let mut out = vec![VERSION, u8::from(compress)];
-    push_varint(&mut out, records.len() as u64);
+    encode_as(VERSION, &encode_columns(records)?, records.len(), compress)
+}
+
+/// A version 2 block, as icr wrote them before records named their probe.
+#[cfg(test)]
+pub fn encode_v2(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
+    encode_as(2, &encode_columns(records)?[..COLUMNS_V2], records.len(), compress)
+}
+
+fn encode_as(version: u8, columns: &[Vec<u8>], count: usize, compress: bool) -> Result<Vec<u8>> {
+    let mut out = vec![version, u8::from(compress)];
+    push_varint(&mut out, count as u64);
     let stored: Vec<Cow<[u8]>> = columns
         .iter()
         .map(|column| {
@@ -95,9 +108,10 @@ fn encode_columns(records: &[Icr]) -> Result<[Vec<u8>; COLUMNS]> {
 #[cfg(test)]
 pub fn encode_v1(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
     let columns = encode_columns(records)?;
+    let columns = &columns[..COLUMNS_V2];
     let mut out = vec![1, u8::from(compress)];
     push_varint(&mut out, records.len() as u64);
-    for column in &columns {
+    for column in columns {
         push_varint(&mut out, column.len() as u64);
     }
     let body = columns.concat();
@@ -145,6 +159,8 @@ struct Columns<'a> {
     compressed: bool,
     /// (decoded length, stored bytes) of each column.
     stored: Vec<(usize, Cow<'a, [u8]>)>,
+    /// Columns the block holds; those after them were made up, plain.
+    written: usize,
 }
 
 impl<'a> Columns<'a> {
@@ -154,11 +170,15 @@ impl<'a> Columns<'a> {
         if version == 1 {
             return Self::parse_v1(header);
         }
-        ensure!(version == VERSION, "block encoding version {version} is not known to this icr (it knows 1 and {VERSION})");
+        ensure!(
+            version == 2 || version == VERSION,
+            "block encoding version {version} is not known to this icr (it knows 1 to {VERSION})"
+        );
         let compressed = header.u8()? != 0;
         let count = usize::try_from(header.varint()?)?;
+        let written = if version == 2 { COLUMNS_V2 } else { COLUMNS };
         let mut lengths = Vec::with_capacity(COLUMNS);
-        for _ in 0..COLUMNS {
+        for _ in 0..written {
             lengths.push((usize::try_from(header.varint()?)?, usize::try_from(header.varint()?)?));
         }
         let total: usize = lengths.iter().try_fold(0usize, |sum, l| sum.checked_add(l.0)).ok_or_else(|| anyhow!("column lengths overflow"))?;
@@ -173,7 +193,9 @@ impl<'a> Columns<'a> {
             body = rest;
         }
         ensure!(body.is_empty(), "{} bytes follow a block's columns", body.len());
-        Ok(Self { count, compressed, stored })
+        let mut columns = Self { count, compressed, stored, written: 0 };
+        columns.add_missing();
+        Ok(columns)
     }
 
     /// Version 1 (stores written before layout 2, and their open-block
@@ -182,7 +204,7 @@ impl<'a> Columns<'a> {
     fn parse_v1(mut header: Reader<'a>) -> Result<Self> {
         let compressed = header.u8()? != 0;
         let count = usize::try_from(header.varint()?)?;
-        let mut lengths = [0usize; COLUMNS];
+        let mut lengths = [0usize; COLUMNS_V2];
         for length in &mut lengths {
             *length = usize::try_from(header.varint()?)?;
         }
@@ -200,13 +222,24 @@ impl<'a> Columns<'a> {
                 (length, Cow::Owned(column))
             })
             .collect();
-        Ok(Self { count, compressed: false, stored })
+        let mut columns = Self { count, compressed: false, stored, written: 0 };
+        columns.add_missing();
+        Ok(columns)
+    }
+
+    /// Columns an older block does not have read as absent values (a
+    /// `probe` of `None` for each record), stored plain.
+    fn add_missing(&mut self) {
+        self.written = self.stored.len();
+        while self.stored.len() < COLUMNS {
+            self.stored.push((self.count, Cow::Owned(vec![0u8; self.count])));
+        }
     }
 
     /// Column `c`, decompressed if need be.
     fn load(&self, c: usize) -> Result<Cow<'_, [u8]>> {
         let (length, stored) = (self.stored[c].0, self.stored[c].1.as_ref());
-        if !self.compressed || length == 0 {
+        if !self.compressed || length == 0 || c >= self.written {
             ensure!(stored.len() == length, "column {c} is {} bytes, its header says {length}", stored.len());
             return Ok(Cow::Borrowed(stored));
         }
@@ -344,6 +377,7 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
     }
     push_optional(&mut c[PPPOE], r.device.pppoe_session.map(u64::from));
     push_text(&mut c[SUBSCRIBER], r.device.subscriber.as_deref());
+    push_text(&mut c[PROBE], r.probe.as_deref());
     push_ip(&mut c[PUBLIC_IP], r.public.map(|p| p.ip));
     if let Some(public) = r.public {
         push_varint(&mut c[PUBLIC_PORT], u64::from(public.port));
@@ -387,6 +421,7 @@ struct View<'a> {
     vlan: Vec<u16>,
     pppoe: Option<u64>,
     subscriber: Option<&'a str>,
+    probe: Option<&'a str>,
     public: Option<(IpAddr, u16)>,
     remote: (IpAddr, u16),
     service_name: Option<&'a str>,
@@ -418,6 +453,7 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
     let vlan = (0..vlan_count).map(|_| Ok(u16::try_from(c[VLAN].varint()?)?)).collect::<Result<Vec<u16>>>()?;
     let pppoe = c[PPPOE].optional()?;
     let subscriber = c[SUBSCRIBER].text_ref()?;
+    let probe = c[PROBE].text_ref()?;
     let public = match c[PUBLIC_IP].ip()? {
         Some(ip) => Some((ip, u16::try_from(c[PUBLIC_PORT].varint()?)?)),
         None => None,
@@ -447,6 +483,7 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
         vlan,
         pppoe,
         subscriber,
+        probe,
         public,
         remote,
         service_name,
@@ -477,6 +514,7 @@ fn skip_record(c: &mut [Reader], previous: &mut Previous) -> Result<()> {
     }
     c[PPPOE].varint()?;
     c[SUBSCRIBER].skip_text()?;
+    c[PROBE].skip_text()?;
     if c[PUBLIC_IP].ip()?.is_some() {
         c[PUBLIC_PORT].varint()?;
     }
@@ -523,6 +561,7 @@ impl View<'_> {
         };
         Ok(Icr {
             id: uuid::Uuid::from_u128(self.id).to_string(),
+            probe: self.probe.map(str::to_owned),
             start: time(self.start_us)?,
             end: time(self.end_us)?,
             end_reason,
@@ -629,6 +668,20 @@ mod tests {
     }
 
     #[test]
+    fn blocks_written_before_records_named_their_probe_read_as_no_probe() {
+        let named: Vec<Icr> = samples(300).into_iter().map(|r| Icr { probe: Some("gw-07".into()), ..r }).collect();
+        let unnamed: Vec<Icr> = named.iter().cloned().map(|r| Icr { probe: None, ..r }).collect();
+        for compress in [false, true] {
+            assert_eq!(decode(&encode(&named, compress).unwrap()).unwrap(), named);
+            let old = encode_v2(&named, compress).unwrap();
+            assert_eq!(old[0], 2);
+            assert_eq!(decode(&old).unwrap(), unnamed, "compressed: {compress}");
+            let fields = KeyFields { public: true, ..KeyFields::default() };
+            assert_eq!(decode_filtered(&old, fields, |keys| keys.public.is_some()).unwrap().len(), unnamed.iter().filter(|r| r.public.is_some()).count());
+        }
+    }
+
+    #[test]
     fn a_filter_keeps_exactly_the_records_it_chose() {
         let records = samples(500);
         let block = encode(&records, true).unwrap();
@@ -656,6 +709,7 @@ mod tests {
         record.service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
         record.dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec![] });
         record.packets_up = u64::MAX;
+        record.probe = Some("gw-07".into());
         let block = encode(std::slice::from_ref(&record), true).unwrap();
         assert_eq!(decode(&block).unwrap(), vec![record]);
     }
