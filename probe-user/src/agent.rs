@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    export::clickhouse::ClickHouse,
     capture::clock::{Clock, monotonic_ns},
     config::Config,
     capture::events,
@@ -128,6 +129,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let probe_id = config.probe_id();
+    if let Some(section) = &config.clickhouse {
+        let cluster = ClickHouse::new(section)?;
+        // Before the first append: everything from now on is spooled.
+        store.enable_outbox().context("opening the outbox")?;
+        info!("shipping records and gap entries to {} ({} records waiting)", cluster.url(), store.outbox_backlog());
+        tokio::spawn(crate::export::clickhouse::ship::run(store.clone(), cluster, probe_id.clone()));
+    }
     let loaded_at = Utc::now();
     let mut probe = Probe::load(ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
@@ -384,6 +392,9 @@ fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate:
                 s.gaps_recorded += batch.gaps.len() as u64;
                 s.write_seconds = started.elapsed().as_secs_f64();
                 s.store_bytes = store.size_on_disk();
+                if store.is_spooling() {
+                    s.export_backlog = Some(store.outbox_backlog());
+                }
             }
         }
     })

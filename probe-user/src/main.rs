@@ -7,7 +7,7 @@ use icr::{
     config::{Config, StoreConfig},
     query::{Desk, Failure, Request},
     serve::{
-        cli::{Cli, Command},
+        cli::{Cli, ClickHouseCommand, Command},
         commands,
         control::{self, Order},
     },
@@ -21,7 +21,7 @@ fn main() {
     // SAFETY: umask cannot fail; no other thread runs yet.
     unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,clickhouse=warn"))
         .format_target(false)
         .init();
     let mut stdout = std::io::stdout().lock();
@@ -38,13 +38,30 @@ fn main() {
         Command::Audit(audit) => commands::audit(audit, &mut stdout).map_err(Failure::from),
         Command::Query(query) => match commands::query_request(&query) {
             Err(error) => Err(Failure::Invalid(format!("{error:#}"))),
-            Ok(request) => match &query.target().db {
-                Some(db) => ask_store(db, request, &mut stdout),
-                None => icr::serve::client::query(query.target(), &request, &mut stdout).map(|gaps| warn_of(&gaps)),
-            },
+            Ok(request) => {
+                let target = query.target();
+                match (&target.clickhouse, &target.db) {
+                    (Some(url), db) => ask_cluster(url, db.as_deref().unwrap_or(Path::new(commands::CENTRAL_DIR)), request, &mut stdout),
+                    (None, Some(db)) => ask_store(db, request, &mut stdout),
+                    (None, None) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
+                }
+            }
         },
-        Command::List(args) => ask_store(&args.store.db.clone(), commands::list_request(&args), &mut stdout),
-        Command::Sweep(args) => sweep(&args.db, args.config.as_deref(), &mut stdout),
+        Command::List(args) => match &args.clickhouse {
+            Some(url) => ask_cluster(url, &args.store.db, commands::list_request(&args), &mut stdout),
+            None => ask_store(&args.store.db.clone(), commands::list_request(&args), &mut stdout),
+        },
+        Command::Sweep(args) => match &args.clickhouse {
+            Some(url) => {
+                let governing = StoreConfig::of_store(&args.store.db);
+                commands::sweep_cluster(args.store.config.as_deref(), url, &args.store.db, &governing)
+                    .and_then(|summary| writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e))))
+            }
+            None => sweep(&args.store.db, args.store.config.as_deref(), &mut stdout),
+        },
+        Command::ClickHouse(ClickHouseCommand::Init { url, cluster }) => {
+            commands::clickhouse_init(url, cluster, &mut stdout).map_err(Failure::from)
+        }
     };
     if let Err(failure) = result {
         eprintln!("icr: {failure}");
@@ -74,6 +91,17 @@ fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Fai
         Err(OpenError::InUse(_)) => from_agent(db, &Order::Query(Box::new(request))),
         Err(OpenError::Failed(error)) => Err(error.into()),
     }
+}
+
+/// Answers a request from the provider's cluster: the configuration in `dir`
+/// governs it, and its audit log there records it.
+fn ask_cluster(url: &str, dir: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
+    let governing = StoreConfig::of_store(dir);
+    let cluster = commands::cluster_of(url, &governing)?;
+    let answer = Desk::new(dir, &governing, &cluster).answer(&request)?;
+    out.write_all(&answer.body).map_err(anyhow::Error::from)?;
+    warn_of(&answer.gaps);
+    Ok(())
 }
 
 /// A sweep, here or by the running agent.

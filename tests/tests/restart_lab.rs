@@ -4,33 +4,13 @@
 //! traffic — finished before the crash, spanning it, made while no agent
 //! ran, and after — is in the store, with every byte counted.
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
 
-use icr_lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
+use icr_lab::{Agent, Bpffs, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
-
-/// A bpffs of the test's own (`ip netns exec` hides /sys/fs/bpf behind a
-/// fresh sysfs, but not other mounts), unmounted however the test ends.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(at: PathBuf) -> Self {
-        std::fs::create_dir_all(&at).unwrap();
-        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&at).output().unwrap();
-        assert!(out.status.success(), "mounting bpffs: {}", String::from_utf8_lossy(&out.stderr));
-        Self(at)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 fn write_config(db: &Path, pins: &Path) {
     std::fs::create_dir_all(db).unwrap();
@@ -93,7 +73,7 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
         // packet (a slow machine sends more, smaller packets and ACKs).
         assert!(bu >= up + 40 * pu && bu <= up + 80 * pu, "{name}: every byte up counted: {r}");
         assert!(bd >= down + 40 * pd && bd <= down + 80 * pd, "{name}: every byte down counted: {r}");
-        assert_eq!(r["public"]["port"].is_u64(), true, "{name}: the NAT mapping was found again: {r}");
+        assert!(r["public"]["port"].is_u64(), "{name}: the NAT mapping was found again: {r}");
     }
 
     let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(&db).output().unwrap();

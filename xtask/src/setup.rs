@@ -27,6 +27,8 @@ const LAB_PACKAGES: &[&str] = &[
     "python3-scapy",
     "tcpdump",
     "tshark",
+    // The provider-wide store's tests: two servers as two shards.
+    "clickhouse-server",
 ];
 /// `cargo xtask bench probe`: namespaces and veth, and softflowd to compare
 /// against.

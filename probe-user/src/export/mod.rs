@@ -2,6 +2,8 @@
 //! contract), CSV with a header row, and a table for people at a terminal.
 use std::io::Write;
 
+pub mod clickhouse;
+
 use anyhow::Result;
 use serde::Serialize;
 

@@ -6,11 +6,13 @@
 //! - `desk`: the one path from a request to an answer
 //! - `authorise`: who may ask what
 //! - `questions`: the three questions' values, selectors and ranking
-//! - `backend`: where the desk finds records (the gateway's store)
+//! - `backend`: where the desk finds records (the gateway's store), and
+//!   `cluster`: the provider's ClickHouse, across every gateway
 //! - `audit`: the hash-chained, authenticated log of every request
 pub mod audit;
 pub mod authorise;
 pub mod backend;
+pub mod cluster;
 pub mod desk;
 pub mod questions;
 pub mod request;

@@ -28,7 +28,10 @@ pub enum Command {
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Apply retention now: drop every day older than `retention_days`.
-    Sweep(StoreArgs),
+    Sweep(SweepArgs),
+    /// The provider-wide store: a ClickHouse cluster every gateway ships to.
+    #[command(subcommand, name = "clickhouse")]
+    ClickHouse(ClickHouseCommand),
     /// Remove the probe a stopped agent left attached (the maps and XDP links
     /// pinned in the configuration's `[probe] pin_dir`).
     Detach(StoreArgs),
@@ -77,9 +80,15 @@ pub struct StoreArgs {
 /// running agent's socket), or a remote agent's HTTP API.
 #[derive(Args, Debug, Clone)]
 pub struct QueryTarget {
-    /// The store directory.
-    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    /// The store directory. With --clickhouse: the directory of the
+    /// configuration that governs the cluster's questions and of their audit
+    /// log (default /var/lib/icr).
+    #[arg(long, required_unless_present_any = ["server", "clickhouse"], conflicts_with = "server")]
     pub db: Option<PathBuf>,
+    /// Ask the provider's ClickHouse cluster (any node's HTTP interface)
+    /// across every gateway, instead of one gateway's store.
+    #[arg(long, conflicts_with = "server")]
+    pub clickhouse: Option<String>,
     /// A remote agent's HTTP API, e.g. https://gateway.example:8443. The
     /// bearer token is read from --token-file or $ICR_TOKEN and names the
     /// authority.
@@ -199,6 +208,34 @@ pub struct ListArgs {
     pub who: Requester,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// List the provider's ClickHouse cluster instead (--db then names the
+    /// governing configuration and the audit log).
+    #[arg(long)]
+    pub clickhouse: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Drop the expired day partitions on every node of this ClickHouse
+    /// cluster instead (--db then names the governing configuration).
+    #[arg(long)]
+    pub clickhouse: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClickHouseCommand {
+    /// Create the central tables on every node of the cluster: each shard's
+    /// local tables and the Distributed tables over them (again: no change).
+    Init {
+        /// Any node's HTTP interface, e.g. http://10.0.0.5:8123.
+        #[arg(long)]
+        url: String,
+        /// The `remote_servers` cluster (omit for one server).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

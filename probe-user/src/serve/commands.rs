@@ -4,14 +4,20 @@
 use std::io::Write;
 
 use anyhow::{Context as _, Result, bail};
+use chrono::{Days, NaiveDate, Utc};
 
 use crate::{
     capture::probe::ProbeOptions,
-    config::{Config, StoreConfig},
-    export::{self, Format},
+    config::{ClickHouseSection, Config, StoreConfig},
+    export::{
+        self, Format,
+        clickhouse::{ClickHouse, block_on},
+    },
+    icr::format_time,
     query::{
         Ask, Failure, Refusal, Request, Who,
-        audit::AuditLog,
+        audit::{AuditLog, AuditRecord},
+        cluster::Cluster,
     },
     serve::cli::{AuditCommand, Command, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
     store::Store,
@@ -21,7 +27,7 @@ use crate::{
 pub fn store_dir(command: &Command) -> Option<&std::path::Path> {
     match command {
         Command::Query(query) => query.target().db.as_deref(),
-        Command::Sweep(store) => Some(&store.db),
+        Command::Sweep(args) => Some(&args.store.db),
         Command::List(args) => Some(&args.store.db),
         _ => None,
     }
@@ -148,16 +154,67 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// Applies retention now, audited. A sweep that names a configuration other
-/// than the store's is refused: its retention would be the caller's.
-pub fn sweep(named: Option<&std::path::Path>, store: &Store, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
-    if let Some(named) = named.filter(|named| !governing.is(named)) {
-        return Err(Failure::Refused(Refusal(format!(
+/// Where the configuration that governs questions to a cluster, and their
+/// audit log, are when `--clickhouse` comes without `--db`.
+pub const CENTRAL_DIR: &str = "/var/lib/icr";
+
+/// `icr clickhouse init`: the tables on every node; says which.
+pub fn clickhouse_init(url: String, cluster: Option<String>, out: &mut dyn Write) -> Result<()> {
+    let clickhouse = ClickHouse::new(&ClickHouseSection { url, cluster })?;
+    let nodes = block_on(clickhouse.init())?;
+    writeln!(out, "the ICR tables are on {} node(s): {}", nodes.len(), nodes.join(" "))?;
+    Ok(())
+}
+
+/// The cluster at `url`, as the governing configuration's `[clickhouse]`
+/// names it (its cluster name; one server when it names none).
+pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
+    let config = governing.load()?.config;
+    let section = ClickHouseSection { url: url.to_string(), cluster: config.clickhouse.and_then(|c| c.cluster) };
+    Ok(Cluster::new(ClickHouse::new(&section)?))
+}
+
+/// Applies retention to the cluster now: drops the expired day partitions
+/// on every node, audited in `db`.
+pub fn sweep_cluster(named: Option<&std::path::Path>, url: &str, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
+    refuse_another(named, governing)?;
+    let config = governing.load()?.config;
+    let section = ClickHouseSection { url: url.to_string(), cluster: config.clickhouse.clone().and_then(|c| c.cluster) };
+    let clickhouse = ClickHouse::new(&section)?;
+    let oldest_kept = Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
+    let dropped = block_on(clickhouse.drop_days_before(oldest_kept))?;
+    let summary = format!("retention {} days on {url}: dropped {} day(s)", config.retention_days, dropped.len());
+    AuditLog::open(db, &config.audit)?.append(AuditRecord {
+        time: format_time(&Utc::now()),
+        command: "sweep".into(),
+        officer: Some(operator()),
+        parameters: serde_json::json!({
+            "retention_days": config.retention_days,
+            "clickhouse": url,
+            "dropped": dropped.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        }),
+        outcome: summary.clone(),
+        result_count: dropped.len() as u64,
+        ..AuditRecord::default()
+    })?;
+    Ok(summary)
+}
+
+fn refuse_another(named: Option<&std::path::Path>, governing: &StoreConfig) -> Result<(), Failure> {
+    match named.filter(|named| !governing.is(named)) {
+        Some(named) => Err(Failure::Refused(Refusal(format!(
             "the store is governed by its configuration {}, not by {}",
             governing.path().display(),
             named.display()
-        ))));
+        )))),
+        None => Ok(()),
     }
+}
+
+/// Applies retention now, audited. A sweep that names a configuration other
+/// than the store's is refused: its retention would be the caller's.
+pub fn sweep(named: Option<&std::path::Path>, store: &Store, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
+    refuse_another(named, governing)?;
     let config = governing.load()?.config;
     Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &operator())?)
 }

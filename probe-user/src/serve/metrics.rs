@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub write_errors: u64,
     /// Gap entries written (an episode that grows is written again).
     pub gaps_recorded: u64,
+    /// Records waiting in the outbox for the cluster (when shipping).
+    pub export_backlog: Option<u64>,
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -82,6 +84,9 @@ pub fn render(s: &Snapshot) -> String {
     metric("writer_backpressure_total", "counter", "Times the agent waited for the store writer", s.writer_backpressure.to_string());
     metric("store_write_errors_total", "counter", "Failed store writes, each retried until it succeeded", s.write_errors.to_string());
     metric("gap_entries_written_total", "counter", "Gap entries written to the store (loss episodes, rewritten as they grow)", s.gaps_recorded.to_string());
+    if let Some(backlog) = s.export_backlog {
+        metric("export_backlog_records", "gauge", "Records stored but not yet shipped to the ClickHouse cluster", backlog.to_string());
+    }
     out
 }
 

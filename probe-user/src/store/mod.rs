@@ -24,6 +24,7 @@ pub mod codec;
 pub mod gaps;
 pub mod index;
 mod migrate;
+pub mod outbox;
 pub mod rollup;
 mod wal;
 mod wire;
@@ -59,7 +60,7 @@ const WATERMARK_KEY: &[u8] = b"watermark";
 const JSON_DAY_PREFIX: &str = "icr/";
 /// Records start at most this long before a window and still overlap it
 /// (the active timeout slices longer flows).
-const LOOKBACK_DAYS: u64 = 1;
+pub const LOOKBACK_DAYS: u64 = 1;
 /// The layout written and read: 2 added rollups and longer block metas.
 /// An older store is migrated when opened ([`migrate`]); a newer one refused.
 const LAYOUT: u32 = 2;
@@ -96,6 +97,10 @@ struct Inner {
     /// filtered): reads return nothing a sweep now would drop, whether or
     /// not one has run.
     retention_days: std::sync::atomic::AtomicU32,
+    /// Appends and gap entries are also spooled for shipping (`outbox`).
+    outbox: std::sync::atomic::AtomicBool,
+    /// Records the outbox holds.
+    outbox_records: std::sync::atomic::AtomicU64,
 }
 
 /// The store is held by another process: the running agent, whose socket
@@ -319,6 +324,8 @@ impl Store {
                 block_records,
                 unrecorded_gaps: Vec::new(),
                 retention_days: 0.into(),
+                outbox: false.into(),
+                outbox_records: 0.into(),
             }),
         };
         let gaps = store.recover_logs()?;
@@ -345,6 +352,12 @@ impl Store {
             by_day.entry(record.start.date_naive()).or_default().push(record.clone());
         }
         let newest = *by_day.keys().next_back().expect("not empty");
+        if self.is_spooling() {
+            // Before the records are acknowledged: nothing acknowledged is
+            // missing from the outbox (a failed append retried is spooled
+            // twice; the cluster keeps one row per record id).
+            self.spool(&outbox::Spooled::Records(records.to_vec()))?;
+        }
         let mut days = self.lock()?;
         // First every record into its day's log. If one day's log fails, the
         // logs this call already wrote are rewritten from their open blocks
@@ -584,6 +597,9 @@ impl Store {
     /// Writes (or rewrites, when an episode grew) gap entries, and the
     /// watermark they were counted from, durably.
     pub fn record_gaps(&self, gaps: &[Gap], watermark: Option<&Watermark>) -> Result<()> {
+        if self.is_spooling() && !gaps.is_empty() {
+            self.spool(&outbox::Spooled::Gaps(gaps.to_vec()))?;
+        }
         let tree = self.gaps_tree()?;
         for gap in gaps {
             tree.insert(gap.key(), serde_json::to_vec(gap)?).context("writing a gap entry")?;

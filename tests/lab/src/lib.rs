@@ -6,6 +6,8 @@
 //! `Lab` is dropped, also when a test fails; labs left by killed runs are
 //! removed by the next one.
 
+pub mod clickhouse;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader},
@@ -64,6 +66,8 @@ pub struct Client {
 
 pub struct Lab {
     pub prefix: String,
+    /// The gateway's public address ([`PUBLIC_IP`] unless chosen).
+    pub public_ip: String,
     pub gateway: String,
     pub internet: String,
     pub clients: Vec<Client>,
@@ -74,6 +78,12 @@ pub struct Lab {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh name for a lab's namespaces (stale ones of dead runs removed).
+fn next_prefix() -> String {
+    remove_stale_labs();
+    format!("{NAME_PREFIX}{}x{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed))
+}
+
 impl Lab {
     /// Builds the lab (masquerade NAT) and starts its servers.
     pub fn start(clients: usize) -> Result<Self> {
@@ -82,15 +92,21 @@ impl Lab {
 
     /// Builds the lab with the given NAT on the gateway.
     pub fn start_with(clients: usize, nat: Nat) -> Result<Self> {
+        Self::start_with_public(clients, nat, PUBLIC_IP)
+    }
+
+    /// As [`Lab::start_with`], the gateway's public address `public_ip`
+    /// (in 203.0.113.0/24): labs of several gateways of one provider.
+    pub fn start_with_public(clients: usize, nat: Nat, public_ip: &str) -> Result<Self> {
         if clients == 0 || clients > 200 {
             bail!("a lab has 1 to 200 clients");
         }
-        remove_stale_labs();
-        let prefix = format!("{NAME_PREFIX}{}x{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed));
+        let prefix = next_prefix();
         let dir = std::env::temp_dir().join(&prefix);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let mut lab = Lab {
+            public_ip: public_ip.to_string(),
             gateway: format!("{prefix}-gw"),
             internet: format!("{prefix}-inet"),
             clients: Vec::new(),
@@ -112,7 +128,7 @@ impl Lab {
         }
         // Gateway ↔ internet.
         ip(&["-n", &gw, "link", "add", GATEWAY_WAN_IF, "type", "veth", "peer", "name", "eth0", "netns", &inet])?;
-        ip(&["-n", &gw, "addr", "add", &format!("{PUBLIC_IP}/24"), "dev", GATEWAY_WAN_IF])?;
+        ip(&["-n", &gw, "addr", "add", &format!("{}/24", self.public_ip), "dev", GATEWAY_WAN_IF])?;
         ip(&["-n", &gw, "link", "set", GATEWAY_WAN_IF, "up"])?;
         ip(&["-n", &inet, "addr", "add", &format!("{INTERNET_ROUTER_IP}/24"), "dev", "eth0"])?;
         ip(&["-n", &inet, "link", "set", "eth0", "up"])?;
@@ -153,7 +169,7 @@ impl Lab {
             // CGNAT-like: a small port range; conntrack forgets closed connections
             // after 1 s (set below, once the NAT rules have loaded conntrack),
             // so that public ports are soon reused by other devices.
-            Nat::SnatPorts(first, last) => format!("snat to {PUBLIC_IP}:{first}-{last}"),
+            Nat::SnatPorts(first, last) => format!("snat to {}:{first}-{last}", self.public_ip),
         };
         let rules = self.dir.join("nat.nft");
         fs::write(
@@ -690,6 +706,26 @@ fn remove_stale_labs() {
             remove_lab(prefix);
             let _ = fs::remove_dir_all(std::env::temp_dir().join(prefix));
         }
+    }
+}
+
+/// A bpffs of a test's own (`ip netns exec` hides /sys/fs/bpf behind a
+/// fresh sysfs, but not other mounts), unmounted however the test ends.
+pub struct Bpffs(pub PathBuf);
+
+impl Bpffs {
+    pub fn mount(at: PathBuf) -> Self {
+        fs::create_dir_all(&at).unwrap();
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&at).output().unwrap();
+        assert!(out.status.success(), "mounting bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(at)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
     }
 }
 

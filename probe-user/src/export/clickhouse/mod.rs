@@ -1,0 +1,282 @@
+//! The provider-wide store: a ClickHouse cluster (or one server) that every
+//! gateway ships its records and gap entries to, and that the desk asks
+//! across all gateways (`query::backend`).
+//!
+//! Only what ClickHouse 18.16 (Debian bookworm) and current releases both
+//! have: the HTTP interface, MergeTree with `PARTITION BY` day, `Distributed`,
+//! materialized views, RowBinary. The official `clickhouse` crate speaks
+//! RowBinary with its schema validation off (18.16 lacks
+//! RowBinaryWithNamesAndTypes). Without ZooKeeper there is no `ON CLUSTER`
+//! DDL, so tables are created, and day partitions dropped, node by node: the
+//! nodes are the cluster's `system.clusters` hosts, reached on the HTTP port
+//! of the URL given (every node serves HTTP on the same port).
+//!
+//! Tables, in database `icr`, each a `_local` MergeTree on every node and a
+//! `Distributed` table over them:
+//! - `records`: ordered for question 1 (public address, port, time);
+//!   sharded by public address, so one address's records are on one shard.
+//! - `records_by_device` (question 2) and `records_by_service` (question 3):
+//!   the same rows in their own order, filled by materialized views.
+//! - `public_holders`: which gateway held which public address on which day.
+//! - `gaps`: every gateway's gap entries.
+//!
+//! A record shipped twice (an agent killed between an insert and noting it)
+//! is stored twice until a merge; readers keep one row per record id.
+pub mod rows;
+pub mod ship;
+
+use anyhow::{Context as _, Result, bail};
+use chrono::NaiveDate;
+use clickhouse::Client;
+
+use crate::config::ClickHouseSection;
+use rows::{GAP_COLUMNS, GapRow, RECORD_COLUMNS, RecordRow};
+
+pub const DATABASE: &str = "icr";
+
+/// The tables a query reads (Distributed ones on a cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Records,
+    ByDevice,
+    ByService,
+    Gaps,
+}
+
+impl Table {
+    fn base(self) -> &'static str {
+        match self {
+            Self::Records => "records",
+            Self::ByDevice => "records_by_device",
+            Self::ByService => "records_by_service",
+            Self::Gaps => "gaps",
+        }
+    }
+}
+
+/// The local tables, each with its ordering; all are partitioned by day.
+const LOCAL_TABLES: &[(&str, &str)] = &[
+    ("records", "(public_ip, public_port, start_us)"),
+    ("records_by_device", "(device_mac, start_us)"),
+    ("records_by_service", "(service_name, remote_ip, start_us)"),
+];
+
+/// A cluster (or one server), as the configuration names it.
+#[derive(Clone, Debug)]
+pub struct ClickHouse {
+    url: String,
+    cluster: Option<String>,
+}
+
+impl ClickHouse {
+    pub fn new(section: &ClickHouseSection) -> Result<Self> {
+        let url = section.url.trim_end_matches('/').to_string();
+        let parsed = url.split_once("://").map(|(scheme, _)| scheme);
+        if parsed != Some("http") {
+            bail!("[clickhouse] url {url:?} is not http://HOST:PORT (the HTTP interface of any node)");
+        }
+        if let Some(cluster) = &section.cluster
+            && (cluster.is_empty() || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            bail!("[clickhouse] cluster {cluster:?} is not a cluster name");
+        }
+        Ok(Self { url, cluster: section.cluster.clone() })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn client(url: &str) -> Client {
+        Client::default()
+            .with_url(url)
+            .with_validation(false)
+            // An insert returns once every shard has its rows: the gateway
+            // forgets a batch only when the cluster holds it.
+            .with_setting("insert_distributed_sync", "1")
+    }
+
+    /// The table a query reads, in database `icr`.
+    pub fn table(&self, table: Table) -> String {
+        format!("{DATABASE}.{}", self.table_name(table))
+    }
+
+    /// Its name alone (an insert names its database apart).
+    fn table_name(&self, table: Table) -> String {
+        match self.cluster {
+            Some(_) => table.base().to_string(),
+            None => format!("{}_local", table.base()),
+        }
+    }
+
+    /// The HTTP URL of every node: the cluster's hosts, on the port of the
+    /// URL given; without a cluster, that URL alone.
+    pub async fn nodes(&self) -> Result<Vec<String>> {
+        let Some(cluster) = &self.cluster else { return Ok(vec![self.url.clone()]) };
+        let hosts: Vec<String> = Self::client(&self.url)
+            .query("SELECT DISTINCT host_address FROM system.clusters WHERE cluster = ? ORDER BY host_address")
+            .bind(cluster.as_str())
+            .fetch_all()
+            .await
+            .with_context(|| format!("asking {} for the hosts of cluster {cluster}", self.url))?;
+        if hosts.is_empty() {
+            bail!("{} has no cluster {cluster:?} in its remote_servers", self.url);
+        }
+        let (scheme, rest) = self.url.split_once("://").context("a URL")?;
+        let port = rest.rsplit_once(':').map(|(_, port)| port).filter(|p| p.chars().all(|c| c.is_ascii_digit()));
+        Ok(hosts
+            .into_iter()
+            .map(|host| {
+                let host = if host.contains(':') { format!("[{host}]") } else { host };
+                match port {
+                    Some(port) => format!("{scheme}://{host}:{port}"),
+                    None => format!("{scheme}://{host}"),
+                }
+            })
+            .collect())
+    }
+
+    /// Creates the database and tables on every node (again: nothing changes).
+    /// Returns the nodes.
+    pub async fn init(&self) -> Result<Vec<String>> {
+        let nodes = self.nodes().await?;
+        for node in &nodes {
+            let client = Self::client(node);
+            for statement in self.schema() {
+                client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// The DDL of one node.
+    fn schema(&self) -> Vec<String> {
+        let columns = |list: &[(&str, &str)]| list.iter().map(|(name, kind)| format!("{name} {kind}")).collect::<Vec<_>>().join(", ");
+        let records = columns(RECORD_COLUMNS);
+        let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {DATABASE}")];
+        for (table, order) in LOCAL_TABLES {
+            ddl.push(format!(
+                "CREATE TABLE IF NOT EXISTS {DATABASE}.{table}_local ({records}) ENGINE = MergeTree PARTITION BY day ORDER BY {order}"
+            ));
+        }
+        for table in ["records_by_device", "records_by_service"] {
+            ddl.push(format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.{table}_mv TO {DATABASE}.{table}_local AS SELECT * FROM {DATABASE}.records_local"
+            ));
+        }
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {DATABASE}.public_holders_local (day Date, public_ip FixedString(16), probe String, \
+             first_us Int64, last_us Int64, records UInt64) ENGINE = MergeTree PARTITION BY day ORDER BY (public_ip, day, probe)"
+        ));
+        ddl.push(format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.public_holders_mv TO {DATABASE}.public_holders_local AS \
+             SELECT day, public_ip, probe, min(start_us) AS first_us, max(end_us) AS last_us, count() AS records \
+             FROM {DATABASE}.records_local WHERE public_ip != toFixedString('', 16) GROUP BY day, public_ip, probe"
+        ));
+        ddl.push(format!(
+            "CREATE TABLE IF NOT EXISTS {DATABASE}.gaps_local ({}) ENGINE = MergeTree PARTITION BY day ORDER BY (from_us, probe, kind)",
+            columns(GAP_COLUMNS)
+        ));
+        if let Some(cluster) = &self.cluster {
+            for (table, sharding) in [
+                ("records", "cityHash64(public_ip)"),
+                ("records_by_device", "rand()"),
+                ("records_by_service", "rand()"),
+                ("public_holders", "cityHash64(public_ip)"),
+                ("gaps", "rand()"),
+            ] {
+                ddl.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {DATABASE}.{table} AS {DATABASE}.{table}_local \
+                     ENGINE = Distributed({cluster}, {DATABASE}, {table}_local, {sharding})"
+                ));
+            }
+        }
+        ddl
+    }
+
+    pub async fn insert_records(&self, rows: &[RecordRow]) -> Result<()> {
+        let client = Self::client(&self.url).with_database(DATABASE);
+        let mut insert = client.insert::<RecordRow>(&self.table_name(Table::Records)).await?;
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await.with_context(|| format!("inserting {} records into {}", rows.len(), self.url))?;
+        Ok(())
+    }
+
+    pub async fn insert_gaps(&self, rows: &[GapRow]) -> Result<()> {
+        let client = Self::client(&self.url).with_database(DATABASE);
+        let mut insert = client.insert::<GapRow>(&self.table_name(Table::Gaps)).await?;
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await.with_context(|| format!("inserting {} gap entries into {}", rows.len(), self.url))?;
+        Ok(())
+    }
+
+    /// Rows of `table` that satisfy `condition` (SQL whose `?` take `binds`),
+    /// one per record id.
+    pub async fn records(&self, table: Table, condition: &str, binds: &[Bind]) -> Result<Vec<RecordRow>> {
+        let columns = RECORD_COLUMNS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
+        let sql = format!("SELECT {columns} FROM {} WHERE {condition} LIMIT 1 BY id", self.table(table));
+        let mut query = Self::client(&self.url).query(&sql);
+        for bind in binds {
+            query = match bind {
+                Bind::Int(n) => query.bind(*n),
+                Bind::Text(text) => query.bind(text.as_str()),
+            };
+        }
+        query.fetch_all().await.with_context(|| format!("asking {}", self.url))
+    }
+
+    /// Gap entries overlapping `from_us..=to_us`, the longest of each episode.
+    pub async fn gaps(&self, from_us: i64, to_us: i64) -> Result<Vec<GapRow>> {
+        let sql = format!(
+            "SELECT any(day) AS day, probe, from_us, max(to_us) AS to_us, kind, max(count) AS count FROM {} \
+             WHERE from_us <= ? GROUP BY probe, from_us, kind HAVING to_us >= ? ORDER BY from_us, probe, kind",
+            self.table(Table::Gaps)
+        );
+        Self::client(&self.url).query(&sql).bind(to_us).bind(from_us).fetch_all().await.with_context(|| format!("asking {}", self.url))
+    }
+
+    /// Drops every day partition before `oldest_kept` on every node; returns
+    /// the days dropped.
+    pub async fn drop_days_before(&self, oldest_kept: NaiveDate) -> Result<Vec<NaiveDate>> {
+        let mut dropped = std::collections::BTreeSet::new();
+        for node in self.nodes().await? {
+            let client = Self::client(&node);
+            let parts: Vec<(String, String)> = client
+                .query("SELECT DISTINCT table, partition FROM system.parts WHERE database = ? AND active AND table LIKE '%\\_local'")
+                .bind(DATABASE)
+                .fetch_all()
+                .await
+                .with_context(|| format!("listing the partitions on {node}"))?;
+            for (table, partition) in parts {
+                // `PARTITION BY day`: the partition is the day, as YYYY-MM-DD.
+                let Ok(day) = NaiveDate::parse_from_str(partition.trim_matches('\''), "%Y-%m-%d") else { continue };
+                if day < oldest_kept {
+                    client
+                        .query(&format!("ALTER TABLE {DATABASE}.{table} DROP PARTITION '{day}'"))
+                        .execute()
+                        .await
+                        .with_context(|| format!("dropping {table} {day} on {node}"))?;
+                    dropped.insert(day);
+                }
+            }
+        }
+        Ok(dropped.into_iter().collect())
+    }
+}
+
+/// A value bound to a `?` of a condition.
+#[derive(Clone, Debug)]
+pub enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// A ClickHouse for callers without a runtime (the command line, the desk's
+/// blocking answers): each call runs on its own small runtime.
+pub fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime for ClickHouse")?.block_on(work)
+}

@@ -1,0 +1,265 @@
+//! Records and gap entries as ClickHouse rows, in the column types both
+//! 18.16 and current releases have: times as microseconds (no DateTime64),
+//! addresses as 16 bytes (IPv4 mapped; no IPv6 type), absent texts as ''.
+//! A row reads back as the record it was made from.
+use std::net::{IpAddr, Ipv6Addr};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use chrono::{DateTime, NaiveDate, Utc};
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource},
+    store::gaps::{Gap, LossKind},
+};
+
+/// One record: the columns of `records_local` (and of the tables ordered
+/// for questions 2 and 3), in their order.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct RecordRow {
+    /// Days since 1970-01-01 (ClickHouse `Date`): the day partition.
+    pub day: u16,
+    pub id: String,
+    pub probe: String,
+    pub start_us: i64,
+    pub end_us: i64,
+    pub end_reason: u8,
+    pub proto: String,
+    pub device_mac: String,
+    pub device_ip: Option<[u8; 16]>,
+    pub device_port: Option<u16>,
+    pub vlan: Vec<u16>,
+    pub pppoe_session: Option<u16>,
+    pub subscriber: String,
+    /// All zero when the exchange never left the gateway.
+    pub public_ip: [u8; 16],
+    pub public_port: u16,
+    pub remote_ip: [u8; 16],
+    pub remote_port: u16,
+    pub service_name: String,
+    /// 0 none, else the [`ServiceSource`] + 1.
+    pub service_source: u8,
+    pub service_ech: u8,
+    pub dns_qname: String,
+    pub dns_qtype: String,
+    pub dns_answers: Vec<String>,
+    pub packets_up: u64,
+    pub packets_down: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub incomplete: u8,
+}
+
+/// The column list of [`RecordRow`], for `CREATE TABLE` and `SELECT`.
+pub const RECORD_COLUMNS: &[(&str, &str)] = &[
+    ("day", "Date"),
+    ("id", "String"),
+    ("probe", "String"),
+    ("start_us", "Int64"),
+    ("end_us", "Int64"),
+    ("end_reason", "UInt8"),
+    ("proto", "String"),
+    ("device_mac", "String"),
+    ("device_ip", "Nullable(FixedString(16))"),
+    ("device_port", "Nullable(UInt16)"),
+    ("vlan", "Array(UInt16)"),
+    ("pppoe_session", "Nullable(UInt16)"),
+    ("subscriber", "String"),
+    ("public_ip", "FixedString(16)"),
+    ("public_port", "UInt16"),
+    ("remote_ip", "FixedString(16)"),
+    ("remote_port", "UInt16"),
+    ("service_name", "String"),
+    ("service_source", "UInt8"),
+    ("service_ech", "UInt8"),
+    ("dns_qname", "String"),
+    ("dns_qtype", "String"),
+    ("dns_answers", "Array(String)"),
+    ("packets_up", "UInt64"),
+    ("packets_down", "UInt64"),
+    ("bytes_up", "UInt64"),
+    ("bytes_down", "UInt64"),
+    ("incomplete", "UInt8"),
+];
+
+/// An address as ClickHouse keeps it.
+pub fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn ip_of(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// The day partition of a time.
+pub fn day_number(time: DateTime<Utc>) -> Result<u16> {
+    let days = time.date_naive().signed_duration_since(NaiveDate::default()).num_days();
+    u16::try_from(days).map_err(|_| anyhow!("{time} is outside ClickHouse's Date range (1970 to 2149)"))
+}
+
+fn text(value: Option<&str>) -> String {
+    value.unwrap_or_default().to_string()
+}
+
+fn optional(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+impl RecordRow {
+    pub fn of(record: &Icr) -> Result<Self> {
+        let service = record.service.as_ref();
+        let dns = record.dns.as_ref();
+        Ok(Self {
+            day: day_number(record.start)?,
+            id: record.id.clone(),
+            probe: text(record.probe.as_deref()),
+            start_us: record.start.timestamp_micros(),
+            end_us: record.end.timestamp_micros(),
+            end_reason: record.end_reason as u8,
+            proto: record.proto.clone(),
+            device_mac: text(record.device.mac.as_deref()),
+            device_ip: record.device.ip.map(ip_bytes),
+            device_port: record.device.port,
+            vlan: record.device.vlan.clone(),
+            pppoe_session: record.device.pppoe_session,
+            subscriber: text(record.device.subscriber.as_deref()),
+            public_ip: record.public.map_or([0; 16], |p| ip_bytes(p.ip)),
+            public_port: record.public.map_or(0, |p| p.port),
+            remote_ip: ip_bytes(record.remote.ip),
+            remote_port: record.remote.port,
+            service_name: text(service.map(|s| s.name.as_str())),
+            service_source: service.map_or(0, |s| s.source as u8 + 1),
+            service_ech: service.map_or(0, |s| u8::from(s.ech)),
+            dns_qname: text(dns.map(|d| d.qname.as_str())),
+            dns_qtype: text(dns.map(|d| d.qtype.as_str())),
+            dns_answers: dns.map(|d| d.answers.clone()).unwrap_or_default(),
+            packets_up: record.packets_up,
+            packets_down: record.packets_down,
+            bytes_up: record.bytes_up,
+            bytes_down: record.bytes_down,
+            incomplete: u8::from(record.incomplete),
+        })
+    }
+
+    pub fn into_icr(self) -> Result<Icr> {
+        let time = |us: i64| DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("time {us} µs is out of range"));
+        let end_reason = match self.end_reason {
+            0 => EndReason::Fin,
+            1 => EndReason::Rst,
+            2 => EndReason::Idle,
+            3 => EndReason::Active,
+            4 => EndReason::Shutdown,
+            other => bail!("record {}: unknown end reason {other}", self.id),
+        };
+        let source = match self.service_source {
+            0 => None,
+            1 => Some(ServiceSource::TlsSni),
+            2 => Some(ServiceSource::QuicSni),
+            3 => Some(ServiceSource::HttpHost),
+            4 => Some(ServiceSource::Dns),
+            other => bail!("record {}: unknown service source {other}", self.id),
+        };
+        let service = match (optional(self.service_name), source) {
+            (Some(name), Some(source)) => Some(Service { name, source, ech: self.service_ech != 0 }),
+            _ => None,
+        };
+        let dns = optional(self.dns_qname).map(|qname| Dns { qname, qtype: self.dns_qtype, answers: self.dns_answers });
+        Ok(Icr {
+            start: time(self.start_us).with_context(|| format!("record {}", self.id))?,
+            end: time(self.end_us).with_context(|| format!("record {}", self.id))?,
+            id: self.id,
+            probe: optional(self.probe),
+            end_reason,
+            proto: self.proto,
+            device: Device {
+                mac: optional(self.device_mac),
+                ip: self.device_ip.map(ip_of),
+                port: self.device_port,
+                vlan: self.vlan,
+                pppoe_session: self.pppoe_session,
+                subscriber: optional(self.subscriber),
+            },
+            public: (self.public_ip != [0; 16]).then(|| Endpoint { ip: ip_of(self.public_ip), port: self.public_port }),
+            remote: Endpoint { ip: ip_of(self.remote_ip), port: self.remote_port },
+            service,
+            dns,
+            packets_up: self.packets_up,
+            packets_down: self.packets_down,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            incomplete: self.incomplete != 0,
+        })
+    }
+}
+
+/// One gap entry of one gateway. An episode that grows is shipped again
+/// with a later `to_us`; readers keep the longest.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct GapRow {
+    pub day: u16,
+    pub probe: String,
+    pub from_us: i64,
+    pub to_us: i64,
+    pub kind: u8,
+    pub count: u64,
+}
+
+pub const GAP_COLUMNS: &[(&str, &str)] = &[
+    ("day", "Date"),
+    ("probe", "String"),
+    ("from_us", "Int64"),
+    ("to_us", "Int64"),
+    ("kind", "UInt8"),
+    ("count", "UInt64"),
+];
+
+impl GapRow {
+    pub fn of(gap: &Gap, probe: &str) -> Result<Self> {
+        Ok(Self {
+            day: day_number(gap.from)?,
+            probe: probe.to_string(),
+            from_us: gap.from.timestamp_micros(),
+            to_us: gap.to.timestamp_micros(),
+            kind: gap.kind as u8,
+            count: gap.count,
+        })
+    }
+
+    pub fn into_gap(self) -> Result<Gap> {
+        let kind = LossKind::ALL
+            .into_iter()
+            .find(|kind| *kind as u8 == self.kind)
+            .ok_or_else(|| anyhow!("unknown loss kind {}", self.kind))?;
+        let time = |us: i64| DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("time {us} µs is out of range"));
+        let mut gap = Gap::new(kind, time(self.from_us)?, time(self.to_us)?, self.count);
+        if !self.probe.is_empty() {
+            gap.place = format!("{} (gateway {})", gap.place, self.probe);
+        }
+        Ok(gap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_records::samples;
+
+    #[test]
+    fn rows_read_back_as_the_records_they_were_made_from() {
+        let mut records = samples(200);
+        records[3].probe = Some("gw-07".into());
+        records[4].public = None;
+        records[5].dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec!["2001:db8::1".into()] });
+        records[6].service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
+        records[7].device = Device { vlan: vec![100, 20], pppoe_session: Some(7), ..Device::default() };
+        for record in records {
+            assert_eq!(RecordRow::of(&record).unwrap().into_icr().unwrap(), record);
+        }
+        assert!(day_number(DateTime::from_timestamp(-1, 0).unwrap()).is_err(), "before 1970");
+    }
+}

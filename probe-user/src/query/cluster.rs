@@ -1,0 +1,132 @@
+//! The provider's cluster as a backend: the same questions as the gateway's
+//! store answers, asked of every gateway's records in ClickHouse. Each
+//! selector becomes a condition on the table ordered for its question; a
+//! record shipped twice is read once (one row per record id).
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::Result;
+use chrono::{DateTime, Days, NaiveDate, Utc};
+
+use crate::{
+    export::clickhouse::{Bind, ClickHouse, Table, block_on, rows::ip_bytes},
+    icr::Icr,
+    query::{
+        backend::Backend,
+        questions::{DeviceSelector, ServiceSelector},
+    },
+    store::{LOOKBACK_DAYS, gaps::Gap, rollup::Services},
+};
+
+pub struct Cluster {
+    clickhouse: ClickHouse,
+    /// Days kept (0: not set).
+    retention_days: AtomicU32,
+}
+
+impl Cluster {
+    pub fn new(clickhouse: ClickHouse) -> Self {
+        Self { clickhouse, retention_days: AtomicU32::new(0) }
+    }
+
+    /// The first day a read may return: the window's start less the
+    /// lookback (a record started before it may still be alive in it), and
+    /// not before retention.
+    fn first_day(&self, from: DateTime<Utc>) -> NaiveDate {
+        let lookback = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
+        match self.retention_days.load(Ordering::Relaxed) {
+            0 => lookback,
+            days => lookback.max(Utc::now().date_naive().checked_sub_days(Days::new(u64::from(days))).unwrap_or(NaiveDate::MIN)),
+        }
+    }
+
+    /// Records of `table` alive in `from..=to` that satisfy `condition`.
+    fn overlapping(&self, table: Table, from: DateTime<Utc>, to: DateTime<Utc>, condition: &str, binds: Vec<Bind>) -> Result<Vec<Icr>> {
+        let mut all = binds;
+        all.extend([
+            Bind::Text(self.first_day(from).to_string()),
+            Bind::Int(to.timestamp_micros()),
+            Bind::Int(from.timestamp_micros()),
+        ]);
+        let condition = format!("({condition}) AND day >= toDate(?) AND start_us <= ? AND end_us >= ?");
+        let rows = block_on(self.clickhouse.records(table, &condition, &all))?;
+        rows.into_iter().map(|row| row.into_icr()).collect()
+    }
+}
+
+fn address(ip: std::net::IpAddr) -> Bind {
+    Bind::Text(hex::encode(ip_bytes(ip)))
+}
+
+/// A 16-byte address column compared with a bound address.
+const ADDRESS: &str = "toFixedString(unhex(?), 16)";
+
+impl Backend for Cluster {
+    fn keep_days(&self, days: u32) {
+        self.retention_days.store(days, Ordering::Relaxed);
+    }
+
+    fn by_public(&self, from: DateTime<Utc>, to: DateTime<Utc>, ip: std::net::IpAddr, port: Option<u16>) -> Result<Vec<Icr>> {
+        match port {
+            Some(port) => self.overlapping(
+                Table::Records,
+                from,
+                to,
+                &format!("public_ip = {ADDRESS} AND public_port = ?"),
+                vec![address(ip), Bind::Int(i64::from(port))],
+            ),
+            None => self.overlapping(Table::Records, from, to, &format!("public_ip = {ADDRESS}"), vec![address(ip)]),
+        }
+    }
+
+    fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &DeviceSelector) -> Result<Services> {
+        let (condition, bind) = match device {
+            DeviceSelector::Mac(mac) => ("device_mac = ?".to_string(), Bind::Text(mac.to_string())),
+            DeviceSelector::Ip(ip) => (format!("device_ip = {ADDRESS}"), address(*ip)),
+            DeviceSelector::Subscriber(name) => ("subscriber = ?".to_string(), Bind::Text(name.clone())),
+        };
+        let mut services = Services::default();
+        for record in self.overlapping(Table::ByDevice, from, to, &condition, vec![bind])? {
+            services.add_record(&record);
+        }
+        Ok(services)
+    }
+
+    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, selectors: &[ServiceSelector]) -> Result<Vec<Icr>> {
+        let (mut conditions, mut binds) = (Vec::new(), Vec::new());
+        let names: Vec<&String> = selectors.iter().filter_map(|s| if let ServiceSelector::Name(name) = s { Some(name) } else { None }).collect();
+        if !names.is_empty() {
+            conditions.push(format!("service_name IN ({})", vec!["?"; names.len()].join(", ")));
+            binds.extend(names.into_iter().map(|name| Bind::Text(name.clone())));
+        }
+        for selector in selectors {
+            match selector {
+                ServiceSelector::Name(_) => {}
+                ServiceSelector::Suffix(suffix) => {
+                    conditions.push("(service_name = ? OR endsWith(service_name, ?))".into());
+                    binds.extend([Bind::Text(suffix.clone()), Bind::Text(format!(".{suffix}"))]);
+                }
+                ServiceSelector::Net(net) => {
+                    conditions.push(format!("(remote_ip >= {ADDRESS} AND remote_ip <= {ADDRESS})"));
+                    binds.extend([address(net.network()), address(net.broadcast())]);
+                }
+            }
+        }
+        if conditions.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.overlapping(Table::ByService, from, to, &conditions.join(" OR "), binds)
+    }
+
+    fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>> {
+        let mut records = self.overlapping(Table::Records, from, to, "1", Vec::new())?;
+        // As the store lists: records that started in the window.
+        records.retain(|r| r.start >= from && r.start <= to);
+        records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        Ok(records)
+    }
+
+    fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
+        let rows = block_on(self.clickhouse.gaps(from.timestamp_micros(), to.timestamp_micros()))?;
+        rows.into_iter().map(|row| row.into_gap()).collect()
+    }
+}

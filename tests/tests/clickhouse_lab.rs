@@ -1,0 +1,295 @@
+//! The provider-wide store on real ClickHouse servers (Debian's
+//! `clickhouse-server`, two of them as two shards of cluster `icr`), fed by
+//! real gateways' agents, asked through the same desk as one gateway's
+//! store.
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+
+use icr_lab::{
+    Agent, Bpffs, Lab, Nat, TempDir, WEB_IP, WEB_NAME,
+    clickhouse::{CLUSTER, ClickHouseCluster},
+    icr_binary, patience, wait_for,
+};
+use serde_json::Value;
+
+const AUTHORITIES: &str = r#"
+[[authority]]
+name = "lab-police"
+kind = "police"
+purposes = [1, 2, 3]
+
+[[authority]]
+name = "lab-noc"
+kind = "operator"
+purposes = []
+"#;
+const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-CH-1"];
+
+/// The central query service's directory: its configuration names the
+/// cluster and the authorities; its audit log records every question.
+fn central_dir(cluster: &ClickHouseCluster) -> std::path::PathBuf {
+    let dir = cluster.dir.join("central");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("icr.toml"),
+        format!("retention_days = 30\n[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n{AUTHORITIES}", cluster.url(0)),
+    )
+    .unwrap();
+    dir
+}
+
+/// `icr ARGS` in the provider's namespace: (exit code, stdout, stderr).
+fn icr(cluster: &ClickHouseCluster, args: &[&str]) -> (i32, String, String) {
+    let out = cluster.exec(Command::new(icr_binary()).args(args)).unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ndjson(text: &str) -> Vec<Value> {
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn init(cluster: &ClickHouseCluster) {
+    let (code, stdout, stderr) = icr(cluster, &["clickhouse", "init", "--url", &cluster.url(0), "--cluster", CLUSTER]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("on 2 node(s)"), "{stdout}");
+}
+
+#[test]
+fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearly() {
+    let mut cluster = ClickHouseCluster::start(2).expect("two ClickHouse shards");
+    init(&cluster);
+    init(&cluster); // again: nothing changes, nothing fails
+    for shard in 0..2 {
+        let tables = cluster.query_at(&cluster.url(shard), "SHOW TABLES FROM icr").unwrap();
+        for table in ["records", "records_local", "records_by_device_local", "records_by_service_local", "gaps", "public_holders_local"] {
+            assert!(tables.lines().any(|t| t == table), "shard {shard} has {table}: {tables}");
+        }
+    }
+    let central = central_dir(&cluster);
+    let db = central.to_str().unwrap();
+    let resolve = ["query", "resolve", "--ip", "203.0.113.1", "--port", "40000", "--at", "2026-11-22T15:00:00Z", "--clickhouse"];
+    let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    assert_eq!((code, stdout.as_str()), (0, ""), "an empty cluster answers nothing: {stderr}");
+
+    cluster.stop_shard(1).unwrap();
+    let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    assert_eq!((code, stdout.as_str()), (1, ""), "a shard down fails the answer, never a partial one: {stderr}");
+    assert!(stderr.contains("10.99.0.2"), "the error names the shard that did not answer: {stderr}");
+    let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
+    assert_eq!(audit.lines().count(), 2, "both questions audited: {audit}");
+    assert!(audit.lines().last().unwrap().contains("\"outcome\":\"failed: "), "{audit}");
+}
+
+/// The config of a gateway that ships to the cluster.
+/// Pinned, so that an agent killed outright loses no flow (its successor
+/// adopts them), and with short timeouts, so that flows close soon.
+fn gateway_config(db: &Path, probe: &str, cluster: &ClickHouseCluster, metrics_port: u16, pins: &Path) {
+    std::fs::create_dir_all(db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        format!(
+            "retention_days = 30\nprobe_id = \"{probe}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+             [probe]\nflow_table_size = 65536\npin_dir = \"{}\"\n\
+             [timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n\
+             [clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n{AUTHORITIES}",
+            pins.display(),
+            cluster.url(0)
+        ),
+    )
+    .unwrap();
+}
+
+fn fetch(lab: &Lab, client: usize, times: usize) {
+    for _ in 0..times {
+        lab.exec(
+            &lab.clients[client].ns,
+            Command::new("curl").args(["-sk", "--max-time", "10", "-o", "/dev/null", &format!("https://{WEB_NAME}/")]).args(["--resolve", &format!("{WEB_NAME}:443:{WEB_IP}")]),
+        )
+        .expect("curl through the gateway");
+    }
+}
+
+/// The backlog a gateway's agent reports.
+fn backlog(lab: &Lab, port: u16) -> Option<u64> {
+    let out = lab.exec(&lab.gateway, Command::new("curl").args(["-s", &format!("http://127.0.0.1:{port}/metrics")])).ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("icr_export_backlog_records ").and_then(|v| v.trim().parse().ok()))
+}
+
+/// Every record a gateway's own store holds, by id (listed through its
+/// running agent).
+fn gateway_records(lab: &Lab, db: &Path) -> BTreeMap<String, Value> {
+    let now = chrono_now();
+    let out = lab
+        .exec(
+            &lab.gateway,
+            Command::new(icr_binary()).args(["list", "--db"]).arg(db).args([
+                "--from", &icr_lab::rfc3339(now - 86_400), "--to", &icr_lab::rfc3339(now + 3_600),
+                "--authority", "lab-noc", "--officer", "NOC 1", "--reference", "MAINT-1", "--format", "ndjson",
+            ]),
+        )
+        .expect("listing the gateway's store");
+    ndjson(&String::from_utf8_lossy(&out.stdout)).into_iter().map(|r| (r["id"].as_str().unwrap().to_string(), r)).collect()
+}
+
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Rows and distinct record ids the cluster holds.
+fn stored(cluster: &ClickHouseCluster) -> (u64, u64) {
+    let text = cluster.query_at(&cluster.url(0), "SELECT count(), uniqExact(id) FROM icr.records").unwrap();
+    let mut numbers = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// Waits until both gateways have shipped everything; else fails with
+/// their agents' logs.
+fn drain(labs: &[Lab; 2], ports: [u16; 2], agents: &[Option<Agent>]) {
+    let drained = wait_for(patience(Duration::from_secs(90)), "the backlogs to drain", || {
+        Ok(labs.iter().zip(ports).all(|(lab, port)| backlog(lab, port) == Some(0)))
+    });
+    if let Err(error) = drained {
+        let backlogs: Vec<Option<u64>> = labs.iter().zip(ports).map(|(lab, port)| backlog(lab, port)).collect();
+        let logs: Vec<String> = agents.iter().flatten().map(Agent::log_text).collect();
+        panic!("{error:#}: backlogs {backlogs:?}\n{}", logs.join("\n----\n"));
+    }
+}
+
+#[test]
+fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
+    let mut cluster = ClickHouseCluster::start(2).expect("two ClickHouse shards");
+    init(&cluster);
+    let labs = [
+        Lab::start_with_public(2, Nat::Masquerade, "203.0.113.1").expect("gateway A"),
+        Lab::start_with_public(2, Nat::Masquerade, "203.0.113.2").expect("gateway B"),
+    ];
+    let dirs = [TempDir::new("ch-gw-a"), TempDir::new("ch-gw-b")];
+    let bpffs: Vec<Bpffs> = labs.iter().map(|lab| Bpffs::mount(lab.dir.join("bpffs"))).collect();
+    let ports = [9471u16, 9472];
+    let mut agents = Vec::new();
+    for (index, lab) in labs.iter().enumerate() {
+        cluster.link(lab).unwrap();
+        gateway_config(dirs[index].path(), ["gw-a", "gw-b"][index], &cluster, ports[index], &bpffs[index].0.join("icr"));
+        agents.push(Some(Agent::start(lab, &icr_binary(), dirs[index].path()).expect("the agent starts")));
+    }
+
+    // Traffic through both gateways; then the cluster goes away for a while
+    // (one shard stopped: no insert can complete), and traffic goes on.
+    for lab in &labs {
+        fetch(lab, 0, 3);
+        fetch(lab, 1, 2);
+    }
+    cluster.stop_shard(1).unwrap();
+    for lab in &labs {
+        fetch(lab, 0, 2);
+        fetch(lab, 1, 3);
+    }
+    // The agents close flows within seconds; their records wait in the outbox.
+    wait_for(patience(Duration::from_secs(40)), "records waiting while a shard is down", || {
+        Ok(labs.iter().zip(ports).all(|(lab, port)| backlog(lab, port).is_some_and(|n| n > 0)))
+    })
+    .unwrap();
+    // Gateway A's agent is killed outright meanwhile, and started again;
+    // first its flows close and are stored (a record closed in the last
+    // tick before a kill is lost: see the note on #18).
+    std::thread::sleep(Duration::from_secs(4));
+    agents[0].take().unwrap().kill().unwrap();
+    agents[0] = Some(Agent::start(&labs[0], &icr_binary(), dirs[0].path()).expect("the agent restarts"));
+    cluster.start_shard(1).unwrap();
+    drain(&labs, ports, &agents);
+    // More traffic while shipping runs, and a kill in the middle of it.
+    fetch(&labs[0], 0, 4);
+    std::thread::sleep(Duration::from_secs(4));
+    agents[0].take().unwrap().kill().unwrap();
+    agents[0] = Some(Agent::start(&labs[0], &icr_binary(), dirs[0].path()).expect("the agent restarts"));
+    fetch(&labs[1], 1, 2);
+
+    // Every flow closed (1 s after its FIN) and shipped.
+    std::thread::sleep(Duration::from_secs(4));
+    drain(&labs, ports, &agents);
+    let gateway: Vec<BTreeMap<String, Value>> = labs.iter().zip(&dirs).map(|(lab, dir)| gateway_records(lab, dir.path())).collect();
+    let (rows, ids) = stored(&cluster);
+    let all: BTreeMap<&String, &Value> = gateway.iter().flatten().collect();
+    eprintln!("cluster: {rows} rows, {ids} distinct records; gateways: {} records", all.len());
+    assert_eq!(ids as usize, all.len(), "every record of both gateways arrived");
+
+    // What an agent killed between an insert and forgetting the batch does:
+    // the batch is stored twice. Here every record of gateway A is (the
+    // same rows again); answers must still hold each record once.
+    let again = format!("{}/?insert_distributed_sync=1", cluster.url(0));
+    cluster.query_at(&again, "INSERT INTO icr.records SELECT * FROM icr.records WHERE probe = 'gw-a'").unwrap();
+    let (rows, ids) = stored(&cluster);
+    let gw_a = gateway[0].len() as u64;
+    assert_eq!((rows, ids), (all.len() as u64 + gw_a, all.len() as u64), "gateway A's records are stored twice");
+
+    // Every request nginx logged resolves across the cluster to its device and gateway.
+    let central = central_dir(&cluster);
+    let db = central.to_str().unwrap();
+    let url = cluster.url(0);
+    let mut resolved = 0;
+    for (lab, records) in labs.iter().zip(&gateway) {
+        for line in lab.web_access_log().unwrap() {
+            let at = icr_lab::rfc3339(line.time as i64);
+            let (code, stdout, stderr) = icr(&cluster, &[
+                &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
+                &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
+            ].concat());
+            assert_eq!(code, 0, "{stderr}");
+            let answer = ndjson(&stdout);
+            assert!(!answer.is_empty(), "{}:{} at {at} resolves", line.address, line.port);
+            let ids: Vec<&str> = answer.iter().map(|r| r["id"].as_str().unwrap()).collect();
+            let unique: std::collections::BTreeSet<&str> = ids.iter().copied().collect();
+            assert_eq!(unique.len(), ids.len(), "no record twice in an answer: {ids:?}");
+            let first = &answer[0];
+            let theirs = &records[first["id"].as_str().unwrap()];
+            assert_eq!(first, theirs, "the cluster's record is the gateway's own");
+            assert_eq!(first["public"]["ip"], lab.public_ip.as_str());
+            resolved += 1;
+        }
+    }
+    assert!(resolved >= 20, "{resolved} requests resolved");
+
+    // Questions 2 and 3 across the cluster: the union of both gateways' answers.
+    let (from, to) = (icr_lab::rfc3339(chrono_now() - 3_600), icr_lab::rfc3339(chrono_now() + 60));
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["query", "accessed", "--service", WEB_NAME, "--from", &from, "--to", &to][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let across: std::collections::BTreeSet<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let expected: std::collections::BTreeSet<String> = gateway
+        .iter()
+        .flatten()
+        .filter(|(_, r)| r["service"]["name"] == WEB_NAME)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(across, expected, "question 3 over the cluster is the union of the gateways'");
+    let probes: std::collections::BTreeSet<String> =
+        ndjson(&stdout).iter().map(|r| r["probe"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(probes, ["gw-a", "gw-b"].map(String::from).into(), "both gateways named");
+    let device = &labs[1].clients[1];
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["query", "services", "--device", &device.mac, "--from", &from, "--to", &to][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let rows = ndjson(&stdout);
+    let web = rows.iter().find(|r| r["name"] == WEB_NAME).unwrap_or_else(|| panic!("{rows:?}"));
+    // The labs give their clients the same MACs: the device is on both
+    // gateways, and the cluster's answer is the union of theirs.
+    let connections = gateway.iter().flat_map(|g| g.values()).filter(|r| r["device"]["mac"] == device.mac.as_str() && r["service"]["name"] == WEB_NAME).count();
+    assert_eq!(web["connections"], connections as u64, "question 2 over the cluster: both gateways' connections, each once");
+
+    for (agent, dir) in agents.iter_mut().zip(&dirs) {
+        agent.take().unwrap().stop().expect("the agent stops");
+        let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(dir.path()).output().unwrap();
+        assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+    }
+    // Retention on the cluster: nothing is older than 30 days, nothing dropped.
+    let (code, stdout, stderr) = icr(&cluster, &["sweep", "--db", db, "--clickhouse", url.as_str()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("dropped 0 day(s)"), "{stdout}");
+    let verify = icr(&cluster, &["audit", "verify", "--db", db]);
+    assert_eq!(verify.0, 0, "{}", verify.2);
+}
