@@ -102,7 +102,7 @@ impl ServiceRuntime {
         let started = runtime.spawn(async move {
             let authorising = crate::config::StoreConfig::of_agent(&db, config_file.as_deref());
             crate::serve::control::serve(&db, authorising, store.clone())?;
-            crate::serve::http::serve(&http, db.clone(), config_file, store).await?;
+            crate::serve::http::serve(&http, db.clone(), config_file, std::sync::Arc::new(store)).await?;
             crate::serve::metrics::serve(&metrics, snapshot).await
         });
         let doors = Self(Some(runtime));

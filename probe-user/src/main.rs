@@ -59,6 +59,7 @@ fn main() {
             }
             None => sweep(&args.store.db, args.store.config.as_deref(), &mut stdout),
         },
+        Command::Serve(args) => commands::serve_cluster(args).map_err(Failure::from),
         Command::ClickHouse(ClickHouseCommand::Init { url, cluster }) => {
             commands::clickhouse_init(url, cluster, &mut stdout).map_err(Failure::from)
         }

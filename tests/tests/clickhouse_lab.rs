@@ -23,15 +23,22 @@ kind = "operator"
 purposes = []
 "#;
 const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-CH-1"];
+const TOKEN: &str = "central-police-token";
+/// The central query service's HTTP API, inside the provider's namespace.
+const CENTRAL_HTTP: &str = "127.0.0.1:8480";
 
 /// The central query service's directory: its configuration names the
 /// cluster and the authorities; its audit log records every question.
 fn central_dir(cluster: &ClickHouseCluster) -> std::path::PathBuf {
     let dir = cluster.dir.join("central");
     std::fs::create_dir_all(&dir).unwrap();
+    let authorities = AUTHORITIES.replacen("purposes = [1, 2, 3]\n", &format!("purposes = [1, 2, 3]\ntoken_hash = \"{}\"\n", icr_lab::hash_token(TOKEN)), 1);
     std::fs::write(
         dir.join("icr.toml"),
-        format!("retention_days = 30\n[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n{AUTHORITIES}", cluster.url(0)),
+        format!(
+            "retention_days = 30\n[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n[http]\nlisten = \"{CENTRAL_HTTP}\"\n{authorities}",
+            cluster.url(0)
+        ),
     )
     .unwrap();
     dir
@@ -280,6 +287,33 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     // gateways, and the cluster's answer is the union of theirs.
     let connections = gateway.iter().flat_map(|g| g.values()).filter(|r| r["device"]["mac"] == device.mac.as_str() && r["service"]["name"] == WEB_NAME).count();
     assert_eq!(web["connections"], connections as u64, "question 2 over the cluster: both gateways' connections, each once");
+
+    // The central query service: the same question over HTTP, answered from
+    // the cluster by `icr serve`, audited in the same log.
+    let line = &labs[1].web_access_log().unwrap()[0];
+    let mut serve = cluster.spawn(Command::new(icr_binary()).args(["serve", "--db", db]), "serve").unwrap();
+    let body = format!(
+        r#"{{"ip": "{}", "port": {}, "at": "{}", "tolerance": "2s", "officer": "PC 1", "reference": "OP-CH-HTTP"}}"#,
+        line.address,
+        line.port,
+        icr_lab::rfc3339(line.time as i64)
+    );
+    let post = || {
+        cluster.exec(Command::new("curl").args([
+            "-s", "--max-time", "20", "-w", "\n%{http_code}", "-H", "ICR-Authority: lab-police", "-H",
+            &format!("Authorization: Bearer {TOKEN}"), "--data-binary", &body, &format!("http://{CENTRAL_HTTP}/v1/query/resolve"),
+        ]))
+        .unwrap()
+    };
+    wait_for(patience(Duration::from_secs(20)), "icr serve to answer", || Ok(String::from_utf8_lossy(&post().stdout).ends_with("200"))).unwrap();
+    let answer = String::from_utf8_lossy(&post().stdout).into_owned();
+    let (records, _) = answer.rsplit_once('\n').unwrap();
+    let over_http = ndjson(records);
+    assert_eq!(over_http[0]["public"]["ip"], "203.0.113.2");
+    assert_eq!(over_http[0], gateway[1][over_http[0]["id"].as_str().unwrap()], "the central API answers with gateway B's own record");
+    // SAFETY: our own child.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    serve.wait().unwrap();
 
     for (agent, dir) in agents.iter_mut().zip(&dirs) {
         agent.take().unwrap().stop().expect("the agent stops");

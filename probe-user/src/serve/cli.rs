@@ -29,6 +29,10 @@ pub enum Command {
     Audit(AuditCommand),
     /// Apply retention now: drop every day older than `retention_days`.
     Sweep(SweepArgs),
+    /// The central query service: the HTTP API (`[http]`) over the provider's
+    /// ClickHouse cluster (`[clickhouse]`), with no capture. Its directory
+    /// holds the governing configuration and the audit log.
+    Serve(StoreArgs),
     /// The provider-wide store: a ClickHouse cluster every gateway ships to.
     #[command(subcommand, name = "clickhouse")]
     ClickHouse(ClickHouseCommand),

@@ -158,6 +158,25 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
 /// audit log, are when `--clickhouse` comes without `--db`.
 pub const CENTRAL_DIR: &str = "/var/lib/icr";
 
+/// `icr serve`: the HTTP API over the cluster until SIGINT or SIGTERM.
+pub fn serve_cluster(args: StoreArgs) -> Result<()> {
+    let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+    let section = config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
+    let Some(listen) = config.http.listen else { bail!("icr serve is the HTTP API: the configuration has no [http] listen") };
+    let cluster = Cluster::new(ClickHouse::new(&section)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster)).await?;
+        log::info!("icr serving questions on {listen} from the cluster at {}", section.url);
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        Ok(())
+    })
+}
+
 /// `icr clickhouse init`: the tables on every node; says which.
 pub fn clickhouse_init(url: String, cluster: Option<String>, out: &mut dyn Write) -> Result<()> {
     let clickhouse = ClickHouse::new(&ClickHouseSection { url, cluster })?;

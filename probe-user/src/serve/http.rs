@@ -37,8 +37,8 @@ use serde::Deserialize;
 use crate::{
     config::{Config, HttpSection, StoreConfig},
     export::Format,
-    query::{Ask, Desk, Failure, Refusal, Request, Who},
-    store::{Store, gaps::Gap},
+    query::{Ask, Backend, Desk, Failure, Refusal, Request, Who},
+    store::gaps::Gap,
 };
 
 
@@ -61,7 +61,7 @@ pub fn hash_token(token: &str) -> Result<String> {
 struct AppState {
     db: PathBuf,
     config_file: Option<PathBuf>,
-    store: Store,
+    backend: Arc<dyn Backend>,
     request_timeout: Duration,
     failures: Arc<Failures>,
 }
@@ -75,11 +75,13 @@ impl AppState {
 
 /// Serves the API on its own task; a listener that cannot bind, or a
 /// certificate that does not load, is an error here.
-pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, store: Store) -> Result<()> {
+/// `backend` answers: the agent's store, or the provider's cluster (`icr
+/// serve`).
+pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, backend: Arc<dyn Backend>) -> Result<()> {
     let Some(listen) = section.listen else { return Ok(()) };
     let request_timeout = section.request_timeout()?;
     let permits = Arc::new(Semaphore::new(section.max_connections()?));
-    let state = AppState { db, config_file, store, request_timeout, failures: Arc::default() };
+    let state = AppState { db, config_file, backend, request_timeout, failures: Arc::default() };
     let app = Router::new()
         .route("/v1/query/{kind}", post(query))
         .with_state(state)
@@ -284,7 +286,7 @@ fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Re
         return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked);
     }
     let governing = state.authorising();
-    let desk = Desk::new(&state.db, &governing, &state.store);
+    let desk = Desk::new(&state.db, &governing, state.backend.as_ref());
     let loaded = match desk.configuration() {
         Ok(loaded) => loaded,
         Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), Auth::NotChecked),

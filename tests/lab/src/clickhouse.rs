@@ -137,6 +137,15 @@ impl ClickHouseCluster {
         wrapped.stdin(Stdio::null()).output().with_context(|| format!("running {:?} in {}", command.get_program(), self.ns))
     }
 
+    /// Starts `command` in the provider's namespace, its output in `log_name`.log.
+    pub fn spawn(&self, command: &mut Command, log_name: &str) -> Result<Child> {
+        let log = fs::File::create(self.dir.join(format!("{log_name}.log")))?;
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", &self.ns]).arg(command.get_program()).args(command.get_args());
+        wrapped.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        wrapped.spawn().with_context(|| format!("starting {log_name} in {}", self.ns))
+    }
+
     /// Links a lab's gateway to the provider's network: the gateway reaches
     /// every shard through it (and nothing else does).
     pub fn link(&mut self, lab: &Lab) -> Result<()> {
