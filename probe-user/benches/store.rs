@@ -1,8 +1,13 @@
-//! `cargo xtask bench store [--records N]`: the store at ISP scale. Writes N
-//! synthetic ICRs (`support/synthetic.rs`) through `Store::append` on one thread,
-//! then asks the three questions many times over the result. Each rate is
-//! also given as a ratio to this disk's raw sequential write speed, measured
-//! in the same run. The last line is one JSON object for scripts.
+//! `cargo xtask bench store [--records N] [--backend clickhouse]`: the store
+//! at ISP scale. Writes N synthetic ICRs (`support/synthetic.rs`) through
+//! `Store::append` on one thread, then asks the three questions many times
+//! over the result, through the desk's `Backend`. Each rate is also given as
+//! a ratio to this disk's raw sequential write speed, measured in the same
+//! run. With `--backend clickhouse` the same records then go to a
+//! `clickhouse-server` started here (one server, the tables `icr clickhouse
+//! init` makes), in batches as the shipper sends them, and the same
+//! questions are asked of it; the two are printed side by side. The last
+//! line is one JSON object for scripts (the sled figures the line before).
 use std::{
     io::Write as _,
     path::PathBuf,
@@ -12,12 +17,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use chrono::{DateTime, Days, Utc};
 use icr::{
+    config::ClickHouseSection,
+    export::clickhouse::{ClickHouse, rows::RecordRow},
     icr::Icr,
-    query::{Backend, DeviceSelector, ServiceSelector, questions},
+    query::{Backend, DeviceSelector, ServiceSelector, cluster::Cluster, questions},
     store::Store,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 
+#[path = "support/clickhouse_server.rs"]
+mod clickhouse_server;
 #[path = "support/synthetic.rs"]
 mod synthetic;
 use synthetic::{Generator, Options};
@@ -33,10 +42,11 @@ struct Args {
     dir: PathBuf,
     per_second: f64,
     keep: bool,
+    clickhouse: bool,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { records: 10_000_000, dir: PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-store")), per_second: 1_157.0, keep: false };
+    let mut args = Args { records: 10_000_000, dir: PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-store")), per_second: 1_157.0, keep: false, clickhouse: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
@@ -45,11 +55,72 @@ fn parse_args() -> Result<Args> {
             "--dir" => args.dir = value()?.into(),
             "--per-second" => args.per_second = value()?.parse().context("--per-second")?,
             "--keep" => args.keep = true,
+            "--backend" => match value()?.as_str() {
+                "sled" => args.clickhouse = false,
+                "clickhouse" => args.clickhouse = true,
+                other => bail!("--backend {other}: sled or clickhouse"),
+            },
             "--bench" => {}
-            other => bail!("unknown argument {other} (there is --records N, --dir DIR, --per-second R, --keep)"),
+            other => bail!("unknown argument {other} (there is --records N, --dir DIR, --per-second R, --keep, --backend sled|clickhouse)"),
         }
     }
     Ok(args)
+}
+
+/// Where the records go, and how its size on disk is read.
+trait Target {
+    fn append(&mut self, batch: &[Icr]) -> Result<()>;
+    fn bytes(&self) -> Result<u64>;
+    fn backend(&self) -> &dyn Backend;
+}
+
+struct Sled(Store);
+
+impl Target for Sled {
+    fn append(&mut self, batch: &[Icr]) -> Result<()> {
+        self.0.append(batch)
+    }
+    fn bytes(&self) -> Result<u64> {
+        Ok(self.0.size_on_disk())
+    }
+    fn backend(&self) -> &dyn Backend {
+        &self.0
+    }
+}
+
+struct ClickHouseTarget {
+    server: clickhouse_server::Server,
+    clickhouse: ClickHouse,
+    cluster: Cluster,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Target for ClickHouseTarget {
+    fn append(&mut self, batch: &[Icr]) -> Result<()> {
+        let rows = batch.iter().map(RecordRow::of).collect::<Result<Vec<_>>>()?;
+        self.runtime.block_on(self.clickhouse.insert_records(&rows))
+    }
+    fn bytes(&self) -> Result<u64> {
+        // Every table: the three orderings and the holders, compressed.
+        let text = self.server.query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = 'icr' AND active")?;
+        text.trim().parse().with_context(|| format!("bytes on disk: {text:?}"))
+    }
+    fn backend(&self) -> &dyn Backend {
+        &self.cluster
+    }
+}
+
+/// What one backend measured.
+struct Figures {
+    written: u64,
+    ingest_per_s: f64,
+    ingest_mb_per_s: f64,
+    bytes_per_icr: f64,
+    resolve: (f64, f64),
+    resolved: usize,
+    device: (f64, f64),
+    names: (f64, f64),
+    peak_rss_mb: f64,
 }
 
 fn main() -> Result<()> {
@@ -61,8 +132,85 @@ fn main() -> Result<()> {
     let disk_mb_per_s = raw_write_speed(&args.dir)?;
     println!("raw sequential write (1 GiB, 4 MiB writes, then fdatasync): {disk_mb_per_s:.0} MB/s");
 
+    println!("== sled (the gateway's store)");
+    let mut sled = Sled(Store::open(&args.dir.join("store"))?);
+    let sled_figures = measure(&args, &mut sled, disk_mb_per_s)?;
+    let by_kind = sled.0.bytes_by_kind()?;
+    println!(
+        "stored values by kind (bytes/ICR): {}",
+        by_kind.iter().map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / sled_figures.written as f64)).collect::<Vec<_>>().join(", ")
+    );
+    drop(sled);
+    let mut sled_json = json(&sled_figures, "sled", disk_mb_per_s);
+    sled_json["value_bytes_per_icr"] = by_kind
+        .iter()
+        .map(|(k, b)| (k.clone(), serde_json::json!((*b as f64 / sled_figures.written as f64 * 10.0).round() / 10.0)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+
+    let clickhouse_figures = if args.clickhouse {
+        println!("== clickhouse (one clickhouse-server, the cluster's tables)");
+        let server = clickhouse_server::Server::start(&args.dir.join("clickhouse"))?;
+        let clickhouse = ClickHouse::new(&ClickHouseSection { url: server.url(), cluster: None })?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(clickhouse.init())?;
+        let cluster = Cluster::new(clickhouse.clone());
+        let mut target = ClickHouseTarget { server, clickhouse, cluster, runtime };
+        let figures = measure(&args, &mut target, disk_mb_per_s)?;
+        Some(figures)
+    } else {
+        None
+    };
+
+    if !args.keep {
+        std::fs::remove_dir_all(&args.dir).ok();
+    }
+    if let Some(clickhouse) = &clickhouse_figures {
+        let rows: [(&str, String, String); 8] = [
+            ("ingest (ICRs/s)", format!("{:.0}", sled_figures.ingest_per_s), format!("{:.0}", clickhouse.ingest_per_s)),
+            ("bytes per ICR on disk", format!("{:.1}", sled_figures.bytes_per_icr), format!("{:.1}", clickhouse.bytes_per_icr)),
+            ("resolve p50 (ms)", format!("{:.2}", sled_figures.resolve.0), format!("{:.2}", clickhouse.resolve.0)),
+            ("resolve p99 (ms)", format!("{:.2}", sled_figures.resolve.1), format!("{:.2}", clickhouse.resolve.1)),
+            ("services, one device, one day p50 (ms)", format!("{:.1}", sled_figures.device.0), format!("{:.1}", clickhouse.device.0)),
+            ("services, one device, one day p99 (ms)", format!("{:.1}", sled_figures.device.1), format!("{:.1}", clickhouse.device.1)),
+            ("1,000 names over 30 days, median (ms)", format!("{:.0}", sled_figures.names.0), format!("{:.0}", clickhouse.names.0)),
+            ("1,000 names over 30 days, max (ms)", format!("{:.0}", sled_figures.names.1), format!("{:.0}", clickhouse.names.1)),
+        ];
+        println!("\n{:<42} {:>12} {:>12}", "", "sled", "clickhouse");
+        for (what, sled, clickhouse) in rows {
+            println!("{what:<42} {sled:>12} {clickhouse:>12}");
+        }
+        println!("{sled_json}");
+        println!("{}", json(clickhouse, "clickhouse", disk_mb_per_s));
+    } else {
+        println!("{sled_json}");
+    }
+    Ok(())
+}
+
+fn json(f: &Figures, backend: &str, disk_mb_per_s: f64) -> serde_json::Value {
+    serde_json::json!({
+        "backend": backend,
+        "records": f.written,
+        "ingest_per_s": f.ingest_per_s.round(),
+        "disk_write_mb_per_s": disk_mb_per_s.round(),
+        "ingest_mb_per_s": (f.ingest_mb_per_s * 10.0).round() / 10.0,
+        "ingest_vs_disk": (f.ingest_mb_per_s / disk_mb_per_s * 1000.0).round() / 1000.0,
+        "bytes_per_icr": (f.bytes_per_icr * 10.0).round() / 10.0,
+        "resolve_p50_ms": round3(f.resolve.0),
+        "resolve_p99_ms": round3(f.resolve.1),
+        "resolve_found": f.resolved,
+        "device_day_p50_ms": round3(f.device.0),
+        "device_day_p99_ms": round3(f.device.1),
+        "names_1000_30d_ms": f.names.0.round(),
+        "peak_rss_mb": f.peak_rss_mb.round(),
+    })
+}
+
+/// Writes the records to `target` and asks the questions of it. The same
+/// seeds give every backend the same records and the same questions.
+fn measure(args: &Args, target: &mut dyn Target, disk_mb_per_s: f64) -> Result<Figures> {
     let options = Options { per_second: args.per_second, ..Options::default() };
-    let store = Store::open(&args.dir.join("store"))?;
     let mut generator = Generator::new(7, options.clone());
     let mut rng = SmallRng::seed_from_u64(11);
     let mut samples: Vec<Icr> = Vec::with_capacity(RESOLVE_QUERIES);
@@ -89,7 +237,7 @@ fn main() -> Result<()> {
         }
         last_end = batch.last().map_or(last_end, |r| r.end);
         let started = Instant::now();
-        store.append(&batch)?;
+        target.append(&batch)?;
         appending += started.elapsed();
         written += batch.len() as u64;
         if written % 1_000_000 < BATCH as u64 {
@@ -100,7 +248,7 @@ fn main() -> Result<()> {
     println!();
     let peak_rss_mb = peak_rss_mb()?;
     let ingest_per_s = written as f64 / appending.as_secs_f64();
-    let bytes = store.size_on_disk();
+    let bytes = target.bytes()?;
     let bytes_per_icr = bytes as f64 / written as f64;
     let ingest_mb_per_s = bytes as f64 / 1e6 / appending.as_secs_f64();
     println!(
@@ -110,19 +258,13 @@ fn main() -> Result<()> {
         generating.as_secs_f64()
     );
     println!(
-        "store on disk: {:.1} MB = {bytes_per_icr:.1} bytes/ICR with indexes; written at {ingest_mb_per_s:.1} MB/s = {:.3} x the raw disk",
+        "on disk: {:.1} MB = {bytes_per_icr:.1} bytes/ICR with indexes; written at {ingest_mb_per_s:.1} MB/s = {:.3} x the raw disk",
         bytes as f64 / 1e6,
         ingest_mb_per_s / disk_mb_per_s
     );
     println!("peak RSS while ingesting: {peak_rss_mb:.0} MB");
-    let by_kind = store.bytes_by_kind()?;
-    println!(
-        "stored values by kind (bytes/ICR): {}",
-        by_kind.iter().map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / written as f64)).collect::<Vec<_>>().join(", ")
-    );
+    let backend = target.backend();
 
-    // The questions as the desk asks them of its backend.
-    let backend: &dyn Backend = &store;
     // Question 1: a public ip:port at a moment of each sampled connection.
     let mut resolve_ms = Vec::new();
     let mut resolved = 0;
@@ -137,9 +279,11 @@ fn main() -> Result<()> {
         resolve_ms.push(started.elapsed().as_secs_f64() * 1e3);
         resolved += usize::from(answer.iter().any(|r| r.id == sample.id));
     }
-    let (resolve_p50, resolve_p99) = (percentile(&mut resolve_ms, 0.50), percentile(&mut resolve_ms, 0.99));
+    let resolve = (percentile(&mut resolve_ms, 0.50), percentile(&mut resolve_ms, 0.99));
     println!(
-        "resolve ip:port:time (±1 s): p50 {resolve_p50:.2} ms, p99 {resolve_p99:.2} ms; the sampled connection found {resolved}/{}",
+        "resolve ip:port:time (±1 s): p50 {:.2} ms, p99 {:.2} ms; the sampled connection found {resolved}/{}",
+        resolve.0,
+        resolve.1,
         samples.len()
     );
 
@@ -156,9 +300,11 @@ fn main() -> Result<()> {
         device_ms.push(started.elapsed().as_secs_f64() * 1e3);
         rows_total += rows.len();
     }
-    let (device_p50, device_p99) = (percentile(&mut device_ms, 0.50), percentile(&mut device_ms, 0.99));
+    let device = (percentile(&mut device_ms, 0.50), percentile(&mut device_ms, 0.99));
     println!(
-        "services of one device over one day: p50 {device_p50:.1} ms, p99 {device_p99:.1} ms ({:.0} services a device on average)",
+        "services of one device over one day: p50 {:.1} ms, p99 {:.1} ms ({:.0} services a device on average)",
+        device.0,
+        device.1,
         rows_total as f64 / DEVICE_QUERIES as f64
     );
 
@@ -176,37 +322,10 @@ fn main() -> Result<()> {
         names_ms.push(started.elapsed().as_secs_f64() * 1e3);
         hits += found.len();
     }
-    let names_ms_median = percentile(&mut names_ms, 0.5);
-    println!(
-        "devices using any of 1,000 names over 30 days: median {names_ms_median:.0} ms, max {:.0} ms ({} records a query)",
-        names_ms.iter().cloned().fold(0.0, f64::max),
-        hits / NAME_QUERIES
-    );
-
-    drop(store);
-    if !args.keep {
-        std::fs::remove_dir_all(&args.dir).ok();
-    }
-    println!(
-        "{}",
-        serde_json::json!({
-            "records": written,
-            "ingest_per_s": ingest_per_s.round(),
-            "disk_write_mb_per_s": disk_mb_per_s.round(),
-            "ingest_mb_per_s": (ingest_mb_per_s * 10.0).round() / 10.0,
-            "ingest_vs_disk": (ingest_mb_per_s / disk_mb_per_s * 1000.0).round() / 1000.0,
-            "bytes_per_icr": (bytes_per_icr * 10.0).round() / 10.0,
-            "resolve_p50_ms": round3(resolve_p50),
-            "resolve_p99_ms": round3(resolve_p99),
-            "resolve_found": resolved,
-            "device_day_p50_ms": round3(device_p50),
-            "device_day_p99_ms": round3(device_p99),
-            "names_1000_30d_ms": names_ms_median.round(),
-            "peak_rss_mb": peak_rss_mb.round(),
-            "value_bytes_per_icr": by_kind.iter().map(|(k, b)| (k.clone(), serde_json::json!((*b as f64 / written as f64 * 10.0).round() / 10.0))).collect::<serde_json::Map<_, _>>(),
-        })
-    );
-    Ok(())
+    let names = (percentile(&mut names_ms, 0.5), names_ms.iter().cloned().fold(0.0, f64::max));
+    println!("devices using any of 1,000 names over 30 days: median {:.0} ms, max {:.0} ms ({} records a query)", names.0, names.1, hits / NAME_QUERIES);
+    let _ = disk_mb_per_s;
+    Ok(Figures { written, ingest_per_s, ingest_mb_per_s, bytes_per_icr, resolve, resolved, device, names, peak_rss_mb })
 }
 
 /// This disk's sequential write speed, MB/s: 1 GiB in 4 MiB writes, synced.

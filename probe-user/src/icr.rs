@@ -42,6 +42,22 @@ pub enum EndReason {
     Shutdown = 4,
 }
 
+impl TryFrom<u8> for EndReason {
+    type Error = anyhow::Error;
+
+    /// From the stored number.
+    fn try_from(number: u8) -> anyhow::Result<Self> {
+        Ok(match number {
+            0 => Self::Fin,
+            1 => Self::Rst,
+            2 => Self::Idle,
+            3 => Self::Active,
+            4 => Self::Shutdown,
+            other => anyhow::bail!("unknown end reason {other}"),
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Device {
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -63,6 +79,21 @@ pub struct Device {
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
+}
+
+impl TryFrom<u8> for ServiceSource {
+    type Error = anyhow::Error;
+
+    /// From the stored number.
+    fn try_from(number: u8) -> anyhow::Result<Self> {
+        Ok(match number {
+            0 => Self::TlsSni,
+            1 => Self::QuicSni,
+            2 => Self::HttpHost,
+            3 => Self::Dns,
+            other => anyhow::bail!("unknown service source {other}"),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,9 +30,10 @@ const LAB_PACKAGES: &[&str] = &[
     // The provider-wide store's tests: two servers as two shards.
     "clickhouse-server",
 ];
-/// `cargo xtask bench probe`: namespaces and veth, and softflowd to compare
-/// against.
-const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd"];
+/// `cargo xtask bench`: namespaces and veth, and softflowd to compare
+/// against,
+/// and ClickHouse for the store bench's second backend.
+const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd", "clickhouse-server"];
 /// Test VMs (`cargo xtask vm-test`): qemu, debootstrap, `mkfs.ext4 -d`.
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "debootstrap", "e2fsprogs"];
 /// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.

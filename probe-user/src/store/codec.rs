@@ -15,7 +15,7 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use chrono::{DateTime, Utc};
 
 use super::wire::{Reader, push_ip, push_signed, push_varint};
@@ -538,23 +538,10 @@ fn skip_record(c: &mut [Reader], previous: &mut Previous) -> Result<()> {
 
 impl View<'_> {
     fn to_icr(&self) -> Result<Icr> {
-        let end_reason = match self.end_reason {
-            0 => EndReason::Fin,
-            1 => EndReason::Rst,
-            2 => EndReason::Idle,
-            3 => EndReason::Active,
-            4 => EndReason::Shutdown,
-            other => bail!("unknown end reason {other}"),
-        };
+        let end_reason = EndReason::try_from(self.end_reason)?;
         let service = match self.service_name {
             Some(name) => {
-                let source = match self.service_meta & 0x7f {
-                    0 => ServiceSource::TlsSni,
-                    1 => ServiceSource::QuicSni,
-                    2 => ServiceSource::HttpHost,
-                    3 => ServiceSource::Dns,
-                    other => bail!("unknown service source {other}"),
-                };
+                let source = ServiceSource::try_from(self.service_meta & 0x7f)?;
                 Some(Service { name: name.to_owned(), source, ech: self.service_meta & 0x80 != 0 })
             }
             None => None,

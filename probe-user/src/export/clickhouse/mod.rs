@@ -195,22 +195,23 @@ impl ClickHouse {
     }
 
     pub async fn insert_records(&self, rows: &[RecordRow]) -> Result<()> {
-        let client = Self::client(&self.url).with_database(DATABASE);
-        let mut insert = client.insert::<RecordRow>(&self.table_name(Table::Records)).await?;
-        for row in rows {
-            insert.write(row).await?;
-        }
-        insert.end().await.with_context(|| format!("inserting {} records into {}", rows.len(), self.url))?;
-        Ok(())
+        self.insert(Table::Records, rows).await.with_context(|| format!("inserting {} records into {}", rows.len(), self.url))
     }
 
     pub async fn insert_gaps(&self, rows: &[GapRow]) -> Result<()> {
+        self.insert(Table::Gaps, rows).await.with_context(|| format!("inserting {} gap entries into {}", rows.len(), self.url))
+    }
+
+    async fn insert<T>(&self, table: Table, rows: &[T]) -> Result<()>
+    where
+        T: for<'a> clickhouse::Row<Value<'a> = T> + serde::Serialize,
+    {
         let client = Self::client(&self.url).with_database(DATABASE);
-        let mut insert = client.insert::<GapRow>(&self.table_name(Table::Gaps)).await?;
+        let mut insert = client.insert::<T>(&self.table_name(table)).await?;
         for row in rows {
             insert.write(row).await?;
         }
-        insert.end().await.with_context(|| format!("inserting {} gap entries into {}", rows.len(), self.url))?;
+        insert.end().await?;
         Ok(())
     }
 

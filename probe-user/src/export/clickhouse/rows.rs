@@ -4,7 +4,7 @@
 //! A row reads back as the record it was made from.
 use std::net::{IpAddr, Ipv6Addr};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
@@ -148,21 +148,10 @@ impl RecordRow {
 
     pub fn into_icr(self) -> Result<Icr> {
         let time = |us: i64| DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("time {us} µs is out of range"));
-        let end_reason = match self.end_reason {
-            0 => EndReason::Fin,
-            1 => EndReason::Rst,
-            2 => EndReason::Idle,
-            3 => EndReason::Active,
-            4 => EndReason::Shutdown,
-            other => bail!("record {}: unknown end reason {other}", self.id),
-        };
+        let end_reason = EndReason::try_from(self.end_reason).with_context(|| format!("record {}", self.id))?;
         let source = match self.service_source {
             0 => None,
-            1 => Some(ServiceSource::TlsSni),
-            2 => Some(ServiceSource::QuicSni),
-            3 => Some(ServiceSource::HttpHost),
-            4 => Some(ServiceSource::Dns),
-            other => bail!("record {}: unknown service source {other}", self.id),
+            stored => Some(ServiceSource::try_from(stored - 1).with_context(|| format!("record {}", self.id))?),
         };
         let service = match (optional(self.service_name), source) {
             (Some(name), Some(source)) => Some(Service { name, source, ech: self.service_ech != 0 }),
