@@ -154,7 +154,7 @@ fn main() -> Result<()> {
         let clickhouse = ClickHouse::new(&ClickHouseSection { url: server.url(), cluster: None })?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(clickhouse.init())?;
-        let cluster = Cluster::new(clickhouse.clone());
+        let cluster = Cluster::new(clickhouse.clone())?;
         let mut target = ClickHouseTarget { server, clickhouse, cluster, runtime };
         let figures = measure(&args, &mut target, disk_mb_per_s)?;
         Some(figures)

@@ -4,11 +4,11 @@
 //! record shipped twice is read once (one row per record id).
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use chrono::{DateTime, Days, NaiveDate, Utc};
 
 use crate::{
-    export::clickhouse::{Bind, ClickHouse, Table, block_on, rows::ip_bytes},
+    export::clickhouse::{Bind, ClickHouse, Table, rows::ip_bytes},
     icr::Icr,
     query::{
         backend::Backend,
@@ -21,11 +21,20 @@ pub struct Cluster {
     clickhouse: ClickHouse,
     /// Days kept (0: not set).
     retention_days: AtomicU32,
+    /// Runs the client for the desk's blocking calls, from any thread; it
+    /// keeps the client's connections open between questions.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Cluster {
-    pub fn new(clickhouse: ClickHouse) -> Self {
-        Self { clickhouse, retention_days: AtomicU32::new(0) }
+    pub fn new(clickhouse: ClickHouse) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("icr-clickhouse")
+            .enable_all()
+            .build()
+            .context("a runtime for the ClickHouse client")?;
+        Ok(Self { clickhouse, retention_days: AtomicU32::new(0), runtime })
     }
 
     /// The first day a read may return: the window's start less the
@@ -48,7 +57,7 @@ impl Cluster {
             Bind::Int(from.timestamp_micros()),
         ]);
         let condition = format!("({condition}) AND day >= toDate(?) AND start_us <= ? AND end_us >= ?");
-        let rows = block_on(self.clickhouse.records(table, &condition, &all))?;
+        let rows = self.runtime.block_on(self.clickhouse.records(table, &condition, &all))?;
         rows.into_iter().map(|row| row.into_icr()).collect()
     }
 }
@@ -126,7 +135,7 @@ impl Backend for Cluster {
     }
 
     fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
-        let rows = block_on(self.clickhouse.gaps(from.timestamp_micros(), to.timestamp_micros()))?;
+        let rows = self.runtime.block_on(self.clickhouse.gaps(from.timestamp_micros(), to.timestamp_micros()))?;
         rows.into_iter().map(|row| row.into_gap()).collect()
     }
 }

@@ -163,7 +163,7 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
     let section = config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
     let Some(listen) = config.http.listen else { bail!("icr serve is the HTTP API: the configuration has no [http] listen") };
-    let cluster = Cluster::new(ClickHouse::new(&section)?);
+    let cluster = Cluster::new(ClickHouse::new(&section)?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster)).await?;
@@ -190,7 +190,7 @@ pub fn clickhouse_init(url: String, cluster: Option<String>, out: &mut dyn Write
 pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
     let config = governing.load()?.config;
     let section = ClickHouseSection { url: url.to_string(), cluster: config.clickhouse.and_then(|c| c.cluster) };
-    Ok(Cluster::new(ClickHouse::new(&section)?))
+    Cluster::new(ClickHouse::new(&section)?)
 }
 
 /// Applies retention to the cluster now: drops the expired day partitions

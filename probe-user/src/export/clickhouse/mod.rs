@@ -62,10 +62,12 @@ const LOCAL_TABLES: &[(&str, &str)] = &[
 ];
 
 /// A cluster (or one server), as the configuration names it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClickHouse {
     url: String,
     cluster: Option<String>,
+    /// The node at `url`; clones share its connections.
+    client: Client,
 }
 
 impl ClickHouse {
@@ -80,7 +82,7 @@ impl ClickHouse {
         {
             bail!("[clickhouse] cluster {cluster:?} is not a cluster name");
         }
-        Ok(Self { url, cluster: section.cluster.clone() })
+        Ok(Self { client: Self::client(&url), url, cluster: section.cluster.clone() })
     }
 
     pub fn url(&self) -> &str {
@@ -206,7 +208,7 @@ impl ClickHouse {
     where
         T: for<'a> clickhouse::Row<Value<'a> = T> + serde::Serialize,
     {
-        let client = Self::client(&self.url).with_database(DATABASE);
+        let client = self.client.clone().with_database(DATABASE);
         let mut insert = client.insert::<T>(&self.table_name(table)).await?;
         for row in rows {
             insert.write(row).await?;
@@ -220,7 +222,7 @@ impl ClickHouse {
     pub async fn records(&self, table: Table, condition: &str, binds: &[Bind]) -> Result<Vec<RecordRow>> {
         let columns = RECORD_COLUMNS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
         let sql = format!("SELECT {columns} FROM {} WHERE {condition} LIMIT 1 BY id", self.table(table));
-        let mut query = Self::client(&self.url).query(&sql);
+        let mut query = self.client.query(&sql);
         for bind in binds {
             query = match bind {
                 Bind::Int(n) => query.bind(*n),
@@ -237,7 +239,7 @@ impl ClickHouse {
              WHERE from_us <= ? GROUP BY probe, from_us, kind HAVING to_us >= ? ORDER BY from_us, probe, kind",
             self.table(Table::Gaps)
         );
-        Self::client(&self.url).query(&sql).bind(to_us).bind(from_us).fetch_all().await.with_context(|| format!("asking {}", self.url))
+        self.client.query(&sql).bind(to_us).bind(from_us).fetch_all().await.with_context(|| format!("asking {}", self.url))
     }
 
     /// Drops every day partition before `oldest_kept` on every node; returns
