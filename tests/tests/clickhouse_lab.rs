@@ -288,6 +288,16 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     let connections = gateway.iter().flat_map(|g| g.values()).filter(|r| r["device"]["mac"] == device.mac.as_str() && r["service"]["name"] == WEB_NAME).count();
     assert_eq!(web["connections"], connections as u64, "question 2 over the cluster: both gateways' connections, each once");
 
+    // An operator's listing over the cluster: every record once.
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["list", "--from", &from, "--to", &to, "--authority", "lab-noc", "--officer", "NOC 1", "--reference", "MAINT-CH"][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let listed: Vec<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed.len(), all.len(), "listed once each, though gateway A's are stored twice");
+    assert_eq!(listed.iter().collect::<std::collections::BTreeSet<_>>(), all.keys().copied().collect());
+
     // The central query service: the same question over HTTP, answered from
     // the cluster by `icr serve`, audited in the same log.
     let line = &labs[1].web_access_log().unwrap()[0];
