@@ -77,12 +77,33 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
     let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
     assert_eq!((code, stdout.as_str()), (0, ""), "an empty cluster answers nothing: {stderr}");
 
+    // Retention: a record 40 days old (retention_days = 30) goes with its
+    // day partition, on every shard and in every ordering; today's stays.
+    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
+    for (id, age) in [("old-record", 40), ("new-record", 0)] {
+        let insert = format!(
+            "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
+             VALUES (today() - {age}, '{id}', 0, 0, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
+             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')"
+        );
+        cluster.query_at(&sync, &insert).unwrap();
+    }
+    let (code, stdout, stderr) = icr(&cluster, &["sweep", "--db", db, "--clickhouse", &cluster.url(0)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("dropped 1 day(s)"), "{stdout}");
+    for table in ["records", "records_by_device", "records_by_service", "public_holders"] {
+        let left = cluster.query_at(&cluster.url(0), &format!("SELECT count() FROM icr.{table} WHERE day < today() - 30")).unwrap();
+        assert_eq!(left.trim(), "0", "{table} keeps nothing past retention");
+    }
+    let kept = cluster.query_at(&cluster.url(0), "SELECT id FROM icr.records").unwrap();
+    assert_eq!(kept.trim(), "new-record");
+
     cluster.stop_shard(1).unwrap();
     let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
     assert_eq!((code, stdout.as_str()), (1, ""), "a shard down fails the answer, never a partial one: {stderr}");
     assert!(stderr.contains("10.99.0.2"), "the error names the shard that did not answer: {stderr}");
     let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
-    assert_eq!(audit.lines().count(), 2, "both questions audited: {audit}");
+    assert_eq!(audit.lines().count(), 3, "both questions and the sweep audited: {audit}");
     assert!(audit.lines().last().unwrap().contains("\"outcome\":\"failed: "), "{audit}");
 }
 
