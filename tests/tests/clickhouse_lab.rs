@@ -202,19 +202,20 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
         agents.push(Some(Agent::start(lab, &icr_binary(), dirs[index].path()).expect("the agent starts")));
     }
 
-    // Traffic through both gateways; then the cluster goes away for a while
-    // (one shard stopped: no insert can complete), and traffic goes on.
+    // Traffic through both gateways; then ClickHouse goes away for a while
+    // (both servers stopped), and traffic goes on.
     for lab in &labs {
         fetch(lab, 0, 3);
         fetch(lab, 1, 2);
     }
+    cluster.stop_shard(0).unwrap();
     cluster.stop_shard(1).unwrap();
     for lab in &labs {
         fetch(lab, 0, 2);
         fetch(lab, 1, 3);
     }
     // The agents close flows within seconds; their records wait in the outbox.
-    wait_for(patience(Duration::from_secs(40)), "records waiting while a shard is down", || {
+    wait_for(patience(Duration::from_secs(40)), "records waiting while ClickHouse is down", || {
         Ok(labs.iter().zip(ports).all(|(lab, port)| backlog(lab, port).is_some_and(|n| n > 0)))
     })
     .unwrap();
@@ -224,6 +225,7 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     std::thread::sleep(Duration::from_secs(4));
     agents[0].take().unwrap().kill().unwrap();
     agents[0] = Some(Agent::start(&labs[0], &icr_binary(), dirs[0].path()).expect("the agent restarts"));
+    cluster.start_shard(0).unwrap();
     cluster.start_shard(1).unwrap();
     drain(&labs, ports, &agents);
     // More traffic while shipping runs, and a kill in the middle of it.
