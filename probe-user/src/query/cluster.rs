@@ -34,7 +34,8 @@ impl Cluster {
             .enable_all()
             .build()
             .context("a runtime for the ClickHouse client")?;
-        Ok(Self { clickhouse, retention_days: AtomicU32::new(0), runtime })
+        // Connections opened on another runtime would stall on this one.
+        Ok(Self { clickhouse: clickhouse.with_own_connections(), retention_days: AtomicU32::new(0), runtime })
     }
 
     /// The first day a read may return: the window's start less the

@@ -85,6 +85,12 @@ impl ClickHouse {
         Ok(Self { client: Self::client(&url), url, cluster: section.cluster.clone() })
     }
 
+    /// The same cluster with connections of its own: a connection serves
+    /// only the runtime that opened it, and stalls on another.
+    pub fn with_own_connections(&self) -> Self {
+        Self { client: Self::client(&self.url), ..self.clone() }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
