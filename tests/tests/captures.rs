@@ -142,14 +142,18 @@ fn replay_command(file: &Path) -> String {
     String::from_utf8(out.stdout).expect("NDJSON is UTF-8")
 }
 
-/// The same records, in any order, but for their `id` (new at each replay).
+/// The same records, in any order, but for their `id` (new at each replay)
+/// and `probe` (the command names this host; the in-process replayer, no
+/// configuration's gateway).
 fn assert_same_records(file: &Path, in_process: &str, command: &str) {
     let records = |ndjson: &str| -> Vec<String> {
         let mut records: Vec<String> = ndjson
             .lines()
             .map(|line| {
                 let mut record: Value = serde_json::from_str(line).expect("NDJSON");
-                record.as_object_mut().expect("a record is an object").remove("id");
+                let fields = record.as_object_mut().expect("a record is an object");
+                fields.remove("id");
+                fields.remove("probe");
                 record.to_string()
             })
             .collect();
@@ -158,5 +162,10 @@ fn assert_same_records(file: &Path, in_process: &str, command: &str) {
     };
     let (ours, theirs) = (records(in_process), records(command));
     assert!(!theirs.is_empty(), "icr replay {} printed no records", file.display());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for line in command.lines() {
+        let record: Value = serde_json::from_str(line).expect("NDJSON");
+        assert_eq!(record["probe"], host.as_str(), "icr replay names this host as the probe (no probe_id configured)");
+    }
     assert_eq!(ours, theirs, "{}: the reused probe's records differ from icr replay's", file.display());
 }
