@@ -356,7 +356,7 @@ impl Store {
             // Before the records are acknowledged: nothing acknowledged is
             // missing from the outbox (a failed append retried is spooled
             // twice; the cluster keeps one row per record id).
-            self.spool(&outbox::Spooled::Records(records.to_vec()))?;
+            self.spool_records(records)?;
         }
         let mut days = self.lock()?;
         // First every record into its day's log. If one day's log fails, the
@@ -598,7 +598,7 @@ impl Store {
     /// watermark they were counted from, durably.
     pub fn record_gaps(&self, gaps: &[Gap], watermark: Option<&Watermark>) -> Result<()> {
         if self.is_spooling() && !gaps.is_empty() {
-            self.spool(&outbox::Spooled::Gaps(gaps.to_vec()))?;
+            self.spool_gaps(gaps)?;
         }
         let tree = self.gaps_tree()?;
         for gap in gaps {

@@ -14,8 +14,11 @@ use crate::icr::Icr;
 const OUTBOX_TREE: &str = "outbox";
 const RECORDS: u8 = 1;
 const GAPS: u8 = 2;
+/// An entry: its kind, its record count (big-endian u32, so the backlog is
+/// counted without decoding), then the records' block or the gaps' JSON.
+const HEADER: usize = 5;
 
-/// One spooled entry.
+/// One spooled entry, decoded.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spooled {
     Records(Vec<Icr>),
@@ -23,27 +26,21 @@ pub enum Spooled {
 }
 
 impl Spooled {
-    fn encode(&self) -> Result<Vec<u8>> {
-        Ok(match self {
-            Self::Records(records) => [vec![RECORDS], codec::encode(records, true)?].concat(),
-            Self::Gaps(gaps) => [vec![GAPS], serde_json::to_vec(gaps)?].concat(),
-        })
-    }
-
     fn decode(bytes: &[u8]) -> Result<Self> {
-        match bytes.split_first() {
-            Some((&RECORDS, block)) => Ok(Self::Records(codec::decode(block)?)),
-            Some((&GAPS, json)) => Ok(Self::Gaps(serde_json::from_slice(json)?)),
-            _ => bail!("an outbox entry of unknown kind"),
+        if bytes.len() < HEADER {
+            bail!("an outbox entry of {} bytes", bytes.len());
+        }
+        match bytes[0] {
+            RECORDS => Ok(Self::Records(codec::decode(&bytes[HEADER..])?)),
+            GAPS => Ok(Self::Gaps(serde_json::from_slice(&bytes[HEADER..])?)),
+            other => bail!("an outbox entry of unknown kind {other}"),
         }
     }
+}
 
-    fn records(&self) -> u64 {
-        match self {
-            Self::Records(records) => records.len() as u64,
-            Self::Gaps(_) => 0,
-        }
-    }
+/// The records an entry holds, from its header alone.
+fn records_in(bytes: &[u8]) -> u64 {
+    bytes.get(1..HEADER).map_or(0, |count| u64::from(u32::from_be_bytes(count.try_into().expect("four bytes"))))
 }
 
 impl Store {
@@ -53,7 +50,7 @@ impl Store {
         let mut records = 0;
         for entry in self.outbox_tree()?.iter() {
             let (_, value) = entry.context("reading the outbox")?;
-            records += Spooled::decode(&value).map_or(0, |spooled| spooled.records());
+            records += records_in(&value);
         }
         self.inner.outbox_records.store(records, Ordering::Relaxed);
         self.inner.outbox.store(true, Ordering::Release);
@@ -65,14 +62,27 @@ impl Store {
         self.inner.outbox.load(Ordering::Acquire)
     }
 
-    /// Writes `spooled` to the outbox, durably.
-    pub(super) fn spool(&self, spooled: &Spooled) -> Result<()> {
-        let tree = self.outbox_tree()?;
+    /// Spools `records` (one block, as the store keeps them).
+    pub(super) fn spool_records(&self, records: &[Icr]) -> Result<()> {
+        let count = u32::try_from(records.len()).context("an append of more than 4 billion records")?;
+        self.spool(RECORDS, count, codec::encode(records, true)?)
+    }
+
+    pub(super) fn spool_gaps(&self, gaps: &[Gap]) -> Result<()> {
+        self.spool(GAPS, 0, serde_json::to_vec(gaps)?)
+    }
+
+    /// Writes an entry to the outbox, durably.
+    fn spool(&self, kind: u8, records: u32, payload: Vec<u8>) -> Result<()> {
+        let mut entry = Vec::with_capacity(HEADER + payload.len());
+        entry.push(kind);
+        entry.extend_from_slice(&records.to_be_bytes());
+        entry.extend_from_slice(&payload);
         // Monotonic across restarts: keys sort in the order things were spooled.
         let key = self.inner.db.generate_id().context("numbering an outbox entry")?;
-        tree.insert(key.to_be_bytes(), spooled.encode()?).context("writing to the outbox")?;
+        self.outbox_tree()?.insert(key.to_be_bytes(), entry).context("writing to the outbox")?;
         self.inner.db.flush().context("flushing the outbox")?;
-        self.inner.outbox_records.fetch_add(spooled.records(), Ordering::Relaxed);
+        self.inner.outbox_records.fetch_add(u64::from(records), Ordering::Relaxed);
         Ok(())
     }
 
@@ -94,11 +104,11 @@ impl Store {
         let mut removed = 0;
         for entry in tree.range(..=last.to_be_bytes()) {
             let (key, value) = entry.context("reading the outbox")?;
-            removed += Spooled::decode(&value).map_or(0, |spooled| spooled.records());
+            removed += records_in(&value);
             tree.remove(key).context("removing a shipped outbox entry")?;
         }
         self.inner.db.flush().context("flushing the outbox")?;
-        self.inner.outbox_records.fetch_sub(removed.min(self.outbox_backlog()), Ordering::Relaxed);
+        let _ = self.inner.outbox_records.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(removed)));
         Ok(())
     }
 

@@ -47,7 +47,8 @@ pub async fn run(store: Store, cluster: ClickHouse, probe: String) {
     }
 }
 
-/// Ships the oldest entries; returns how many records went (0: nothing to do).
+/// Ships the oldest entries; returns how many records went, and at least 1
+/// when only gap entries did (0: nothing to do).
 pub async fn ship_batch(store: &Store, cluster: &ClickHouse, probe: &str) -> Result<usize> {
     let entries = {
         let store = store.clone();
