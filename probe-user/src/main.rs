@@ -41,23 +41,24 @@ fn main() {
             Ok(request) => {
                 let target = query.target();
                 match (&target.clickhouse, &target.db) {
-                    (Some(url), db) => ask_cluster(url, db.as_deref().unwrap_or(Path::new(commands::CENTRAL_DIR)), request, &mut stdout),
+                    (Some(url), db) => ask_cluster(url, db.as_deref().unwrap_or(Path::new(icr::serve::cli::CENTRAL_DIR)), request, &mut stdout),
                     (None, Some(db)) => ask_store(db, request, &mut stdout),
                     (None, None) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
                 }
             }
         },
-        Command::List(args) => match &args.clickhouse {
-            Some(url) => ask_cluster(url, &args.store.db, commands::list_request(&args), &mut stdout),
-            None => ask_store(&args.store.db.clone(), commands::list_request(&args), &mut stdout),
+        Command::List(args) => match &args.target.clickhouse {
+            Some(url) => ask_cluster(url, &args.target.dir(), commands::list_request(&args), &mut stdout),
+            None => ask_store(&args.target.dir(), commands::list_request(&args), &mut stdout),
         },
-        Command::Sweep(args) => match &args.clickhouse {
+        Command::Sweep(args) => match &args.target.clickhouse {
             Some(url) => {
-                let governing = StoreConfig::of_store(&args.store.db);
-                commands::sweep_cluster(args.store.config.as_deref(), url, &args.store.db, &governing)
+                let dir = args.target.dir();
+                let governing = StoreConfig::of_store(&dir);
+                commands::sweep_cluster(args.target.config.as_deref(), url, &dir, &governing)
                     .and_then(|summary| writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e))))
             }
-            None => sweep(&args.store.db, args.store.config.as_deref(), &mut stdout),
+            None => sweep(&args.target.dir(), args.target.config.as_deref(), &mut stdout),
         },
         Command::Serve(args) => commands::serve_cluster(args).map_err(Failure::from),
         Command::ClickHouse(ClickHouseCommand::Init { url, cluster }) => {

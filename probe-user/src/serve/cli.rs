@@ -211,22 +211,43 @@ pub struct ListArgs {
     #[command(flatten)]
     pub who: Requester,
     #[command(flatten)]
-    pub store: StoreArgs,
-    /// List the provider's ClickHouse cluster instead (--db then names the
-    /// governing configuration and the audit log).
-    #[arg(long)]
-    pub clickhouse: Option<String>,
+    pub target: StoreOrCluster,
 }
 
 #[derive(Args, Debug)]
 pub struct SweepArgs {
     #[command(flatten)]
-    pub store: StoreArgs,
-    /// Drop the expired day partitions on every node of this ClickHouse
-    /// cluster instead (--db then names the governing configuration).
+    pub target: StoreOrCluster,
+}
+
+/// A store, or the provider's cluster (`--clickhouse URL` in place of `--db`).
+#[derive(Args, Debug)]
+pub struct StoreOrCluster {
+    /// The store directory. With --clickhouse: the directory of the
+    /// configuration that governs the cluster and of the audit log (default
+    /// /var/lib/icr).
+    #[arg(long, required_unless_present = "clickhouse")]
+    pub db: Option<PathBuf>,
+    /// The store's configuration, if named: list and sweep are governed by
+    /// DIR/icr.toml (or its running agent's file) and refuse another.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The provider's ClickHouse cluster (any node's HTTP interface) instead
+    /// of one gateway's store.
     #[arg(long)]
     pub clickhouse: Option<String>,
 }
+
+impl StoreOrCluster {
+    /// The store directory, or the central directory of a cluster's questions.
+    pub fn dir(&self) -> PathBuf {
+        self.db.clone().unwrap_or_else(|| PathBuf::from(CENTRAL_DIR))
+    }
+}
+
+/// Where the configuration that governs questions to a cluster, and their
+/// audit log, are when `--clickhouse` comes without `--db`.
+pub const CENTRAL_DIR: &str = "/var/lib/icr";
 
 #[derive(Subcommand, Debug)]
 pub enum ClickHouseCommand {

@@ -27,8 +27,8 @@ use crate::{
 pub fn store_dir(command: &Command) -> Option<&std::path::Path> {
     match command {
         Command::Query(query) => query.target().db.as_deref(),
-        Command::Sweep(args) => Some(&args.store.db),
-        Command::List(args) => Some(&args.store.db),
+        Command::Sweep(args) => args.target.db.as_deref(),
+        Command::List(args) => args.target.db.as_deref(),
         _ => None,
     }
 }
@@ -63,7 +63,7 @@ pub fn query_request(command: &QueryCommand) -> Result<Request> {
 /// The request `icr list` makes.
 pub fn list_request(args: &ListArgs) -> Request {
     let ask = Ask::List { from: args.from.clone(), to: args.to.clone() };
-    request(ask, &args.who, args.store.config.clone())
+    request(ask, &args.who, args.target.config.clone())
 }
 
 fn request(ask: Ask, who: &Requester, config: Option<std::path::PathBuf>) -> Request {
@@ -153,10 +153,6 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "removed {} pinned object(s) from {}: {}", removed.len(), dir.display(), removed.join(" "))?;
     Ok(())
 }
-
-/// Where the configuration that governs questions to a cluster, and their
-/// audit log, are when `--clickhouse` comes without `--db`.
-pub const CENTRAL_DIR: &str = "/var/lib/icr";
 
 /// `icr serve`: the HTTP API over the cluster until SIGINT or SIGTERM.
 pub fn serve_cluster(args: StoreArgs) -> Result<()> {
