@@ -21,18 +21,24 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const PROG_LAN: &str = "icr_lan";
     pub const PROG_WAN: &str = "icr_wan";
+    /// The TC program on LAN ports' egress (the gateway's own answers).
+    pub const PROG_LAN_EGRESS: &str = "icr_lan_egress";
 }
 
 /// Default capacity of the kernel flow table (entries); the agent may resize
 /// it at load time.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 
-/// Which side of the gateway a packet arrived on (XDP sees ingress only).
+/// Where a packet was seen: which side of the gateway it arrived on (XDP),
+/// or leaving a LAN port from the gateway itself (TC egress).
 pub mod role {
     /// Subscriber side: packets from devices, before NAT.
     pub const LAN: u8 = 1;
     /// Internet side: packets towards the public address, before de-NAT.
     pub const WAN: u8 = 2;
+    /// Sent by the gateway's own stack to a device (its resolver, DHCP
+    /// server, web page): the exchange never left the gateway.
+    pub const GATEWAY: u8 = 4;
 }
 
 /// TCP flag bits as they sit in the TCP header's flags byte.

@@ -4,11 +4,13 @@ use core::{fmt, str::FromStr};
 
 use crate::{ip_proto, role};
 
-/// Which side of the gateway a port faces.
+/// Which side of the gateway a port faces, or the gateway itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     Lan,
     Wan,
+    /// Sent by the gateway itself to a device (seen leaving a LAN port).
+    Gateway,
 }
 
 impl Role {
@@ -17,6 +19,7 @@ impl Role {
         match self {
             Self::Lan => role::LAN,
             Self::Wan => role::WAN,
+            Self::Gateway => role::GATEWAY,
         }
     }
 }

@@ -4,7 +4,6 @@
 use core::{cell::UnsafeCell, ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{
         BPF_F_CURRENT_CPU, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_map_def,
         bpf_map_type::BPF_MAP_TYPE_PERF_EVENT_ARRAY,
@@ -12,14 +11,15 @@ use aya_ebpf::{
     btf_maps::{ArrayOfMaps, RingBuf as BtfRingBuf},
     helpers::{
         bpf_get_smp_processor_id, bpf_perf_event_output, bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query,
-        bpf_ringbuf_reserve, bpf_ringbuf_submit, bpf_xdp_load_bytes,
+        bpf_ringbuf_reserve, bpf_ringbuf_submit,
     },
     maps::RingBuf,
-    programs::XdpContext,
 };
 use probe_common::{
     EVENT_RING_BYTES, EVENT_RING_TEMPLATE_BYTES, EVENT_RING_WAKEUP_DIVISOR, EVENT_RINGS_MAX_CPUS, FlowEvent, HINT_MAX_FRAME,
 };
+
+use crate::frame::Frame;
 
 /// The buffer had no room: the event is lost (and the caller counts it).
 pub struct Full;
@@ -27,7 +27,7 @@ pub struct Full;
 pub trait EventSink {
     /// Sends `event`, followed by the first `frame_len` bytes of the frame
     /// (0: none; at most [`HINT_MAX_FRAME`]), as one record.
-    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full>;
+    fn send<F: Frame>(&self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full>;
 }
 
 /// Per-CPU perf event arrays. aya-ebpf's `PerfEventArray::output` discards
@@ -63,9 +63,9 @@ impl Default for PerCpuEvents {
 
 impl EventSink for PerCpuEvents {
     /// The kernel copies the frame bytes itself (the upper 32 bits of the
-    /// flags of `bpf_perf_event_output` with an XDP context).
+    /// flags of `bpf_perf_event_output` with an XDP or socket buffer context).
     #[inline(always)]
-    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send<F: Frame>(&self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         let flags = BPF_F_CURRENT_CPU | (u64::from(frame_len) << 32);
         // SAFETY: `event` is a live `FlowEvent`; the helper checks
         // `frame_len` against the packet.
@@ -97,7 +97,7 @@ pub type PerCpuRings = ArrayOfMaps<BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as
 
 impl EventSink for PerCpuRings {
     #[inline(always)]
-    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send<F: Frame>(&self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         // SAFETY: helper without arguments.
         let cpu = unsafe { bpf_get_smp_processor_id() };
         // A CPU without a ring (the agent sized the array from the
@@ -120,7 +120,7 @@ impl RingEvents {
 
 impl EventSink for RingEvents {
     #[inline(always)]
-    fn send(&self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send<F: Frame>(&self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         // The map's address is what the loader relocates to the map.
         Ring((&raw const self.0).cast_mut().cast()).send(ctx, event, frame_len)
     }
@@ -150,7 +150,7 @@ const _: () = assert!(SMALL_SLOT.is_power_of_two() && MTU_SLOT.is_power_of_two()
 
 impl Ring {
     #[inline(always)]
-    fn send(self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send<F: Frame>(self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         if frame_len == 0 {
             // SAFETY: `event` is a live `FlowEvent`, copied by the helper.
             let ret = unsafe {
@@ -159,11 +159,11 @@ impl Ring {
             return if ret == 0 { Ok(()) } else { Err(Full) };
         }
         if frame_len <= SMALL_SLOT as u32 {
-            self.send_hint::<SMALL_SLOT>(ctx, event, frame_len)
+            self.send_hint::<F, SMALL_SLOT>(ctx, event, frame_len)
         } else if frame_len <= MTU_SLOT as u32 {
-            self.send_hint::<MTU_SLOT>(ctx, event, frame_len)
+            self.send_hint::<F, MTU_SLOT>(ctx, event, frame_len)
         } else {
-            self.send_hint::<JUMBO_SLOT>(ctx, event, frame_len)
+            self.send_hint::<F, JUMBO_SLOT>(ctx, event, frame_len)
         }
     }
 
@@ -182,7 +182,7 @@ impl Ring {
     }
 
     #[inline(always)]
-    fn send_hint<const SLOT: usize>(self, ctx: &XdpContext, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
+    fn send_hint<F: Frame, const SLOT: usize>(self, ctx: &F, event: &FlowEvent, frame_len: u32) -> Result<(), Full> {
         if frame_len == 0 || frame_len > SLOT as u32 {
             return Err(Full);
         }
@@ -202,7 +202,7 @@ impl Ring {
         // the helper writes `len` <= SLOT bytes into its frame slot.
         let copied = unsafe {
             (&raw mut (*record).event).write(FlowEvent { captured_len: len as u16, ..*event });
-            bpf_xdp_load_bytes(ctx.as_ptr().cast(), 0, (&raw mut (*record).frame).cast(), len)
+            ctx.load_bytes(0, (&raw mut (*record).frame).cast(), len)
         };
         if copied != 0 {
             // The frame is shorter than the caller measured: cannot happen

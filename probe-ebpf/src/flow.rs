@@ -3,7 +3,7 @@
 //! [`EventSink`].
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use probe_common::{
     FlowEvent, FlowKey, FlowValue, HINT_BUDGET, HINT_MAX_FRAME, SYN_RETRY_SHIFT, counter, event_kind, ip_proto,
     role as roles, tcp_flags,
@@ -11,6 +11,7 @@ use probe_common::{
 
 use crate::{
     events::EventSink,
+    frame::Frame,
     maps::{self, FLOWS, MidFlowClock},
     parse::Packet,
 };
@@ -25,7 +26,7 @@ pub fn key_of(packet: &Packet) -> (FlowKey, u8) {
 }
 
 #[inline(always)]
-pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: &S, mid_flow_clock: MidFlowClock) {
+pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events: &S, mid_flow_clock: MidFlowClock) {
     let (key, dir) = key_of(packet);
     if let Some(value) = FLOWS.get_ptr_mut(&key) {
         update(ctx, &key, value, packet, dir, role, events, mid_flow_clock);
@@ -41,7 +42,7 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
         last_ns: now,
         first_dir: dir,
         first_tcp_flags: packet.tcp_flags,
-        first_ifindex: ctx.ingress_ifindex() as u32,
+        first_ifindex: ctx.ifindex(),
         vlan: packet.vlan,
         pppoe_session: packet.pppoe_session,
         l2_from_lan: (role == roles::LAN) as u8,
@@ -78,10 +79,23 @@ pub fn track<S: EventSink>(ctx: &XdpContext, packet: &Packet, role: u8, events: 
     }
 }
 
+/// A packet the gateway itself sent to a device (TC egress on a LAN port):
+/// counted against the device's flow, if the probe tracks it, as the
+/// flow's downstream side, with the gateway's role. Never creates a flow:
+/// the device's first packet, seen by XDP, does; what the gateway starts on
+/// its own is no device's connection.
+#[inline(always)]
+pub fn from_gateway<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, events: &S, mid_flow_clock: MidFlowClock) {
+    let (key, dir) = key_of(packet);
+    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+        update(ctx, &key, value, packet, dir, roles::GATEWAY, events, mid_flow_clock);
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn update<S: EventSink>(
-    ctx: &XdpContext,
+fn update<F: Frame, S: EventSink>(
+    ctx: &F,
     key: &FlowKey,
     value: *mut FlowValue,
     packet: &Packet,
@@ -180,8 +194,8 @@ fn ends_flow(flags: u8) -> bool {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn emit<S: EventSink>(
-    ctx: &XdpContext,
+fn emit<F: Frame, S: EventSink>(
+    ctx: &F,
     kind: u8,
     key: &FlowKey,
     packet: &Packet,
@@ -191,7 +205,7 @@ fn emit<S: EventSink>(
     events: &S,
 ) {
     let frame_len = if kind == event_kind::HINT {
-        let len = (ctx.data_end() - ctx.data()) as u32;
+        let len = ctx.len();
         if len < HINT_MAX_FRAME { len } else { HINT_MAX_FRAME }
     } else {
         0
@@ -201,7 +215,7 @@ fn emit<S: EventSink>(
         dir,
         role,
         tcp_flags: packet.tcp_flags,
-        ifindex: ctx.ingress_ifindex() as u32,
+        ifindex: ctx.ifindex(),
         ts_ns: now,
         key: *key,
         mac_src: packet.mac_src,

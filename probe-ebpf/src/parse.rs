@@ -3,7 +3,6 @@
 //! next. Every loop is bounded so the verifier can see its end.
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -18,6 +17,8 @@ use probe_common::{
         TCP as IPPROTO_TCP, UDP as IPPROTO_UDP,
     },
 };
+
+use crate::frame::Frame;
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -73,12 +74,12 @@ pub struct Packet {
 }
 
 /// A read position in the packet.
-struct Cursor<'a> {
-    ctx: &'a XdpContext,
+struct Cursor<'a, F: Frame> {
+    ctx: &'a F,
     offset: usize,
 }
 
-impl<'a> Cursor<'a> {
+impl<F: Frame> Cursor<'_, F> {
     /// Returns a pointer to a `T` at the cursor and moves past it, or
     /// `MALFORMED` if the packet ends first. The only bounds check in the file.
     #[inline(always)]
@@ -114,7 +115,7 @@ fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
 
 /// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, then TCP or UDP.
 #[inline(always)]
-pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
+pub fn packet<F: Frame>(ctx: &F) -> Result<Packet, Skip> {
     let mut cursor = Cursor { ctx, offset: 0 };
     let eth = cursor.next::<EthHdr>()?;
     // SAFETY: `next` checked that the header lies inside the packet.
@@ -166,7 +167,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Skip> {
 /// PPPoE session header (RFC 2516) and the PPP protocol: returns the
 /// ethertype of what it carries, or `NOT_IP` for PPP control traffic.
 #[inline(always)]
-fn pppoe(cursor: &mut Cursor, packet: &mut Packet) -> Result<u16, Skip> {
+fn pppoe<F: Frame>(cursor: &mut Cursor<F>, packet: &mut Packet) -> Result<u16, Skip> {
     let header = cursor.next::<[u8; 6]>()?;
     let protocol = cursor.next::<[u8; 2]>()?;
     // SAFETY: bounds checked by `next`.
@@ -189,7 +190,7 @@ fn pppoe(cursor: &mut Cursor, packet: &mut Packet) -> Result<u16, Skip> {
 
 /// Returns whether the transport header follows (false for non-first fragments).
 #[inline(always)]
-fn ipv4(cursor: &mut Cursor, packet: &mut Packet) -> Result<bool, Skip> {
+fn ipv4<F: Frame>(cursor: &mut Cursor<F>, packet: &mut Packet) -> Result<bool, Skip> {
     let available = cursor.remaining();
     let ip = cursor.next::<Ipv4Hdr>()?;
     // SAFETY: bounds checked by `next`.
@@ -212,7 +213,7 @@ fn ipv4(cursor: &mut Cursor, packet: &mut Packet) -> Result<bool, Skip> {
 
 /// Walks a bounded number of extension headers to find the transport header.
 #[inline(always)]
-fn ipv6(cursor: &mut Cursor, packet: &mut Packet) -> Result<bool, Skip> {
+fn ipv6<F: Frame>(cursor: &mut Cursor<F>, packet: &mut Packet) -> Result<bool, Skip> {
     let available = cursor.remaining();
     let ip = cursor.next::<Ipv6Hdr>()?;
     // SAFETY: bounds checked by `next`.
@@ -256,7 +257,7 @@ fn ipv6(cursor: &mut Cursor, packet: &mut Packet) -> Result<bool, Skip> {
 
 /// Fills ports (and TCP flags); other protocols are tracked by addresses alone.
 #[inline(always)]
-fn transport(cursor: &mut Cursor, packet: &mut Packet) -> Result<(), Skip> {
+fn transport<F: Frame>(cursor: &mut Cursor<F>, packet: &mut Packet) -> Result<(), Skip> {
     match packet.proto {
         IPPROTO_TCP => {
             let tcp = cursor.next::<TcpHdr>()?;
@@ -301,7 +302,7 @@ fn transport(cursor: &mut Cursor, packet: &mut Packet) -> Result<(), Skip> {
 /// long-header bit, then the type bits that mean Initial in its version.
 /// (0-RTT and Handshake packets cannot be read by an observer.)
 #[inline(always)]
-fn quic_initial(cursor: &mut Cursor) -> bool {
+fn quic_initial<F: Frame>(cursor: &mut Cursor<F>) -> bool {
     const QUIC_V1: u32 = 0x0000_0001;
     const QUIC_V2: u32 = 0x6b33_43cf;
     let Ok(header) = cursor.next::<[u8; 5]>() else { return false };

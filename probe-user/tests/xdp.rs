@@ -11,6 +11,9 @@ use icr::{
 use probe_common::{FlowEvent, FlowValue, Proto, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
 
 const XDP_PASS: u32 = 2;
+/// What the TC egress program returns for every packet: no verdict of its
+/// own, so the packet goes on (and any classifier after it decides).
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const DEVICE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x17];
 const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
@@ -34,6 +37,14 @@ impl Harness {
     fn run(&mut self, role: u8, frame: &[u8]) {
         let out = self.probe.test_run(role, frame).unwrap();
         assert_eq!(out.action, XDP_PASS, "every packet must pass");
+        assert_eq!(out.data_out, frame, "the packet must leave unmodified");
+    }
+
+    /// Runs the TC egress program on `frame`, sent by the gateway itself or
+    /// forwarded, and checks the same contract.
+    fn egress(&mut self, frame: &[u8], from_gateway: bool) {
+        let out = self.probe.egress_test_run(frame, from_gateway).unwrap();
+        assert_eq!(out.action, TC_ACT_UNSPEC, "every packet must go on");
         assert_eq!(out.data_out, frame, "the packet must leave unmodified");
     }
 
@@ -405,6 +416,98 @@ fn hints_stop_at_the_budget() {
 /// A connection's life as frames (role, frame): handshake, the client's
 /// first data (a hint), the server's data, a DNS query and answer (hints
 /// both ways), and both FINs.
+/// A device's DNS exchange with the gateway's own resolver: XDP sees the
+/// query arrive, only the egress program sees the answer leave.
+fn resolver_exchange() -> (Tuple, Vec<u8>, Vec<u8>) {
+    let query = Tuple { src: ipv4(192, 168, 1, 23), src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+    let question = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x07example\x04test\x00\x00\x01\x00\x01";
+    let mut answer = question.to_vec();
+    answer[2] = 0x81;
+    answer[7] = 1;
+    answer.extend_from_slice(b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc6\x33\x64\x0a");
+    let answer_frame = {
+        let builder = PacketBuilder::ethernet2(GATEWAY_MAC, DEVICE_MAC).ipv4([192, 168, 1, 1], [192, 168, 1, 23], 64);
+        let mut frame = Vec::new();
+        builder.udp(53, 40000).write(&mut frame, &answer).unwrap();
+        frame
+    };
+    (query, udp_frame(&query, question), answer_frame)
+}
+
+#[test]
+fn the_gateways_own_dns_answer_is_counted_and_handed_over_on_egress() {
+    let mut h = Harness::new();
+    let (query, question, answer) = resolver_exchange();
+    h.run(role::LAN, &question);
+    h.egress(&answer, true);
+    let (value, up) = h.flow(&query).expect("the query made a flow");
+    let down = 1 - up;
+    assert_eq!(value.packets, { let mut p = [0; 2]; p[up] = 1; p[down] = 1; p }, "both directions counted, once each");
+    assert_eq!(value.roles[up], role::LAN);
+    assert_eq!(value.roles[down], role::GATEWAY, "the answer is the gateway's own");
+    assert_eq!(value.mac[down], GATEWAY_MAC);
+    let hints = h.hints();
+    assert_eq!(hints.len(), 2, "the query and the answer");
+    let (event, frame) = &hints[1];
+    assert_eq!((event.role, event.dir as usize, event.kind), (role::GATEWAY, down, event_kind::HINT));
+    assert_eq!(frame, &answer, "the whole answer frame");
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 1, "egress never creates a flow");
+
+    // Over TCP: the answer segment from port 53 is a hint too.
+    let tcp_query = Tuple { src_port: 40001, proto: Proto::Tcp, ..query };
+    h.run(role::LAN, &tcp_frame(&tcp_query, tcp_flags::SYN, &[], DEVICE_MAC));
+    let tcp_answer = tcp_frame(&tcp_query.reversed(), tcp_flags::ACK, b"\x00\x20rest-of-a-dns-answer-over-tcp...", GATEWAY_MAC);
+    h.egress(&tcp_answer, true);
+    let hints = h.hints();
+    assert_eq!(hints.len(), 1);
+    assert_eq!((hints[0].0.role, &hints[0].1), (role::GATEWAY, &tcp_answer));
+}
+
+#[test]
+fn forwarded_and_untracked_packets_are_left_alone_on_egress() {
+    let mut h = Harness::new();
+    let (query, question, answer) = resolver_exchange();
+    h.run(role::LAN, &question);
+    h.hints();
+    // Forwarded: XDP counted it where it arrived.
+    h.egress(&answer, false);
+    let (value, up) = h.flow(&query).unwrap();
+    assert_eq!(value.packets[1 - up], 0, "a forwarded packet is not counted again");
+    assert!(h.all_events().is_empty());
+    // The gateway's own packet to a device, of no flow a device opened.
+    let unsolicited = Tuple { src: ipv4(192, 168, 1, 1), src_port: 5353, dst: ipv4(192, 168, 1, 23), dst_port: 5353, proto: Proto::Udp };
+    h.egress(&udp_frame(&unsolicited, b"hello"), true);
+    assert!(h.flow(&unsolicited).is_none(), "egress never creates a flow");
+    assert!(h.all_events().is_empty());
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 1);
+}
+
+#[test]
+fn malformed_frames_on_egress_pass_and_are_counted() {
+    let mut h = Harness::new();
+    let good = tcp_frame(&client().reversed(), tcp_flags::ACK, &[], GATEWAY_MAC);
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x43;
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x65;
+    // (The kernel refuses to test-run a frame whose IP header is cut: the
+    // stack never sends one either.)
+    let frames = [good[..14 + 20 + 10].to_vec(), bad_ihl, bad_version];
+    for frame in &frames {
+        h.egress(frame, true);
+        // Forwarded frames are not even parsed.
+        h.egress(frame, false);
+    }
+    let mut arp = good[..14].to_vec();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    arp.extend_from_slice(&[0u8; 28]);
+    h.egress(&arp, true);
+    assert_eq!(h.counter(counter::MALFORMED), frames.len() as u64);
+    assert_eq!(h.counter(counter::NOT_IP), 1);
+    assert_eq!(h.counter(counter::PACKETS), 0, "PACKETS counts what XDP saw");
+    assert!(h.all_events().is_empty());
+}
+
 fn a_connection_and_a_lookup() -> Vec<(u8, Vec<u8>)> {
     let up = client();
     let dns = Tuple { dst_port: 53, proto: Proto::Udp, ..client() };
@@ -661,6 +764,7 @@ fn a_million_mutated_frames_all_pass_unmodified() {
     let seeds = seed_frames();
     let mut rng = XorShift(0x1c2_0b5e_7ea5_5eed);
     let mut sink = Vec::new();
+    let mut egress_runs = 0u64;
     for i in 0..count {
         let frame = if i % 16 == 0 {
             (0..14 + rng.below(200)).map(|_| rng.next() as u8).collect()
@@ -672,6 +776,18 @@ fn a_million_mutated_frames_all_pass_unmodified() {
         let out = h.probe.test_run(role, &frame).unwrap();
         assert_eq!(out.action, XDP_PASS, "frame {i} did not pass: {frame:02x?}");
         assert_eq!(out.data_out, frame, "frame {i} was modified");
+        if i % 4 == 3 {
+            // The same frame leaving by a LAN port, as the gateway's own.
+            match h.probe.egress_test_run(&frame, true) {
+                Ok(out) => {
+                    assert_eq!(out.action, TC_ACT_UNSPEC, "frame {i} did not go on from egress: {frame:02x?}");
+                    assert_eq!(out.data_out, frame, "frame {i} was modified on egress");
+                    egress_runs += 1;
+                }
+                Err(error) if refused_by_kernel(&error) => {}
+                Err(error) => panic!("frame {i} on egress: {error:#}"),
+            }
+        }
         if i % 2048 == 0 {
             sink.clear();
             events::drain(&mut h.buffers, &mut sink);
@@ -688,7 +804,19 @@ fn a_million_mutated_frames_all_pass_unmodified() {
     for index in [counter::MALFORMED, counter::NOT_IP, counter::FLOWS_CREATED, counter::HINTS_SENT, counter::FRAGMENTS] {
         assert!(counters.get(index) > 0, "{} never counted", counter::NAMES[index as usize]);
     }
-    println!("{count} frames passed unmodified: {:?}", counters.named());
+    assert!(egress_runs > count / 8, "only {egress_runs} of {} frames ran on egress", count / 4);
+    println!("{count} frames passed unmodified ({egress_runs} on egress too): {:?}", counters.named());
+}
+
+/// `BPF_PROG_TEST_RUN` refused the frame (EINVAL): the kernel will not build
+/// a socket buffer whose IP header is cut, and its stack never sends one.
+fn refused_by_kernel(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<aya::programs::ProgramError>(),
+            Some(aya::programs::ProgramError::SyscallError(call)) if call.io_error.raw_os_error() == Some(libc::EINVAL)
+        )
+    })
 }
 
 /// A network namespace with a veth pair in it, deleted on drop.

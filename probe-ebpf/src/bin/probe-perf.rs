@@ -4,9 +4,9 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::{map, xdp}, programs::XdpContext};
+use aya_ebpf::{macros::{classifier, map, xdp}, programs::{TcContext, XdpContext}};
 use probe_common::role;
-use probe_ebpf::{maps::MidFlowClock, events::PerCpuEvents, probe};
+use probe_ebpf::{events::PerCpuEvents, gateway_egress, maps::MidFlowClock, probe};
 
 #[map(name = "EVENTS")]
 static EVENTS: PerCpuEvents = PerCpuEvents::new();
@@ -21,6 +21,13 @@ pub fn icr_lan(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn icr_wan(ctx: XdpContext) -> u32 {
     probe(&ctx, role::WAN, &EVENTS, MidFlowClock::Precise)
+}
+
+/// Attached to subscriber-facing interfaces' egress (TC): what the gateway
+/// itself sends to devices.
+#[classifier]
+pub fn icr_lan_egress(ctx: TcContext) -> i32 {
+    gateway_egress(&ctx, &EVENTS, MidFlowClock::Precise)
 }
 
 #[unsafe(link_section = "license")]

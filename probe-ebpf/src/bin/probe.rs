@@ -5,9 +5,9 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::{btf_map, xdp}, programs::XdpContext};
+use aya_ebpf::{macros::{btf_map, classifier, xdp}, programs::{TcContext, XdpContext}};
 use probe_common::role;
-use probe_ebpf::{events::PerCpuRings, maps::MidFlowClock, probe};
+use probe_ebpf::{events::PerCpuRings, gateway_egress, maps::MidFlowClock, probe};
 
 #[btf_map]
 static EVENT_RINGS: PerCpuRings = PerCpuRings::new();
@@ -22,6 +22,13 @@ pub fn icr_lan(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn icr_wan(ctx: XdpContext) -> u32 {
     probe(&ctx, role::WAN, &EVENT_RINGS, MidFlowClock::Coarse)
+}
+
+/// Attached to subscriber-facing interfaces' egress (TC): what the gateway
+/// itself sends to devices.
+#[classifier]
+pub fn icr_lan_egress(ctx: TcContext) -> i32 {
+    gateway_egress(&ctx, &EVENT_RINGS, MidFlowClock::Coarse)
 }
 
 #[unsafe(link_section = "license")]

@@ -13,11 +13,13 @@ use aya::{
         perf::{PerfEventArray, PerfEventArrayBuffer},
     },
     programs::{
-        ProgramError, ProgramType, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        ProgramError, ProgramType, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, TcError},
         xdp::{XdpLink, XdpLinkId},
     },
     sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported},
+    util::KernelVersion,
 };
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF;
 use log::{info, warn};
@@ -178,6 +180,14 @@ impl Probe {
                 .load()
                 .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {name}"))))?;
         }
+        let egress: &mut SchedClassifier = ebpf
+            .program_mut(names::PROG_LAN_EGRESS)
+            .ok_or_else(|| anyhow!("the XDP object has no program {}", names::PROG_LAN_EGRESS))?
+            .try_into()
+            .with_context(|| format!("{} is not a TC classifier", names::PROG_LAN_EGRESS))?;
+        egress
+            .load()
+            .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {}", names::PROG_LAN_EGRESS))))?;
         let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let instance = match &counters {
@@ -232,7 +242,18 @@ impl Probe {
     /// directory, a link pinned there by an earlier agent is taken over (its
     /// program replaced atomically: not a packet uncounted), and a new link is
     /// pinned so it outlives this process.
+    ///
+    /// A LAN port also gets the TC egress program, which counts what the
+    /// gateway itself sends to devices (see [`Probe::attach_egress`]).
     pub fn attach(&mut self, interface: &str, role: u8) -> Result<AttachMode> {
+        let mode = self.attach_xdp(interface, role)?;
+        if role == role::LAN {
+            self.attach_egress(interface)?;
+        }
+        Ok(mode)
+    }
+
+    fn attach_xdp(&mut self, interface: &str, role: u8) -> Result<AttachMode> {
         let Some(dir) = self.pin_dir.clone() else { return Ok(self.attach_new(interface, role)?.0) };
         let pin = link_pin_path(&dir, interface);
         if pin.exists() {
@@ -255,6 +276,86 @@ impl Probe {
             Err(_) => warn!("{interface}: this kernel attaches XDP by netlink, which cannot be pinned; a restart will leave a gap"),
         }
         Ok(mode)
+    }
+
+    /// Attaches the TC program to `interface`'s egress. Linux 6.6 and later
+    /// attach it by a tcx link, which is pinned like the XDP links and taken
+    /// over by the next agent; older kernels by a netlink filter on a
+    /// `clsact` qdisc (added if missing, and left there: other filters may
+    /// use it), detached when the agent exits.
+    pub fn attach_egress(&mut self, interface: &str) -> Result<()> {
+        // aya picks tcx by the same test.
+        let tcx = KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0));
+        let pin = self.pin_dir.as_deref().filter(|_| tcx).map(|dir| egress_link_pin_path(dir, interface));
+        let program = self.egress_program_mut()?;
+        if let Some(pin) = &pin
+            && pin.exists()
+        {
+            let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).context("the pinned egress link is not a tcx link")?;
+            let id = program.attach_to_link(link).with_context(|| format!("taking over the egress link of {interface}"))?;
+            // Ours now, but left attached when we exit.
+            drop(program.take_link(id)?);
+            info!("took over the pinned egress link of {interface}");
+            return Ok(());
+        }
+        if !tcx {
+            match tc::qdisc_add_clsact(interface) {
+                Ok(()) | Err(TcError::AlreadyAttached) => {}
+                Err(TcError::NetlinkError(error)) if error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(error) => return Err(error).with_context(|| format!("adding a clsact qdisc to {interface}")),
+            }
+        }
+        let id = program
+            .attach(interface, TcAttachType::Egress)
+            .with_context(|| format!("attaching {} to the egress of {interface}", names::PROG_LAN_EGRESS))?;
+        if let Some(pin) = pin {
+            let link = FdLink::try_from(program.take_link(id)?).context("a tcx link is an fd link")?;
+            link.pin(&pin).with_context(|| format!("pinning the egress link of {interface} at {}", pin.display()))?;
+        } else if self.pin_dir.is_some() {
+            warn!("{interface}: this kernel attaches TC programs by netlink, which cannot be pinned; the egress program detaches when the agent exits");
+        }
+        info!("attached {} to the egress of {interface}", names::PROG_LAN_EGRESS);
+        Ok(())
+    }
+
+    fn egress_program_mut(&mut self) -> Result<&mut SchedClassifier> {
+        let program = self.ebpf.program_mut(names::PROG_LAN_EGRESS).ok_or_else(|| anyhow!("no program {}", names::PROG_LAN_EGRESS))?;
+        Ok(program.try_into()?)
+    }
+
+    /// Runs the TC egress program once on `frame`, as a packet the gateway
+    /// sent (`from_gateway`) or forwarded; returns its verdict.
+    pub fn egress_test_run(&self, frame: &[u8], from_gateway: bool) -> Result<TestRunOutput> {
+        self.egress_test_run_repeat(frame, from_gateway, 1)
+    }
+
+    /// As [`Probe::egress_test_run`], `repeat` times; the duration is per run.
+    pub fn egress_test_run_repeat(&self, frame: &[u8], from_gateway: bool, repeat: u32) -> Result<TestRunOutput> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_LAN_EGRESS)
+            .ok_or_else(|| anyhow!("no program {}", names::PROG_LAN_EGRESS))?
+            .try_into()?;
+        // The kernel builds the socket buffer from `struct __sk_buff`:
+        // a forwarded packet has the interface it arrived on (loopback's
+        // index will do), one the gateway made has none.
+        let mut context = [0u8; SK_BUFF_CONTEXT_BYTES];
+        if !from_gateway {
+            context[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4].copy_from_slice(&1u32.to_ne_bytes());
+        }
+        let mut data_out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut data_out),
+                ctx_in: Some(&context),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN of the egress program")?;
+        data_out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput { action: result.return_value, data_out, duration_ns: result.duration.as_nanos() as u64 })
     }
 
     fn attach_new(&mut self, interface: &str, role: u8) -> Result<(AttachMode, XdpLinkId)> {
@@ -560,8 +661,9 @@ impl Baseline {
 /// probes: a minimal program or map is created) before an object is loaded,
 /// so that a kernel without one is refused with the feature's name rather
 /// than with a loader or verifier error.
-const KERNEL_NEEDS: [KernelNeed; 5] = [
+const KERNEL_NEEDS: [KernelNeed; 6] = [
     KernelNeed::XdpPrograms,
+    KernelNeed::TcPrograms,
     KernelNeed::HashMaps,
     KernelNeed::ArrayMaps,
     KernelNeed::PerCpuArrayMaps,
@@ -570,29 +672,36 @@ const KERNEL_NEEDS: [KernelNeed; 5] = [
 /// What the ring buffer object needs besides.
 /// (The coarse clock comes with 5.11, before the others; probed all the same,
 /// so that a kernel that lacks it is refused by name.)
-const RING_NEEDS: [KernelNeed; 5] = [
+const RING_NEEDS: [KernelNeed; 7] = [
     KernelNeed::RingBufMaps,
     KernelNeed::ArrayOfMaps,
     KernelNeed::RingBufHelpers,
+    KernelNeed::TcRingBufHelpers,
     KernelNeed::XdpLoadBytesHelper,
+    KernelNeed::SkbLoadBytesHelper,
     KernelNeed::CoarseClockHelper,
 ];
 /// What the perf buffer object needs besides.
-const PERF_NEEDS: [KernelNeed; 2] = [KernelNeed::PerfEventArrayMaps, KernelNeed::PerfOutputHelper];
+const PERF_NEEDS: [KernelNeed; 3] =
+    [KernelNeed::PerfEventArrayMaps, KernelNeed::PerfOutputHelper, KernelNeed::TcPerfOutputHelper];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KernelNeed {
     XdpPrograms,
+    TcPrograms,
     HashMaps,
     ArrayMaps,
     PerCpuArrayMaps,
     PerfEventArrayMaps,
     KtimeHelper,
     PerfOutputHelper,
+    TcPerfOutputHelper,
     RingBufMaps,
     ArrayOfMaps,
     RingBufHelpers,
+    TcRingBufHelpers,
     XdpLoadBytesHelper,
+    SkbLoadBytesHelper,
     CoarseClockHelper,
 }
 
@@ -600,12 +709,16 @@ impl KernelNeed {
     fn name(self) -> &'static str {
         match self {
             Self::XdpPrograms => "XDP programs (BPF_PROG_TYPE_XDP, Linux 4.8)",
+            Self::TcPrograms => "TC classifier programs (BPF_PROG_TYPE_SCHED_CLS, the LAN egress program)",
             Self::HashMaps => "BPF hash maps (the flow table)",
             Self::ArrayMaps => "BPF array maps (the probe's settings)",
             Self::PerCpuArrayMaps => "per-CPU array maps (the counters, Linux 4.6)",
             Self::PerfEventArrayMaps => "perf event array maps (the event buffers, Linux 4.3)",
             Self::KtimeHelper => "the bpf_ktime_get_ns helper in XDP programs",
             Self::PerfOutputHelper => "the bpf_perf_event_output helper in XDP programs (Linux 4.15)",
+            Self::TcPerfOutputHelper => "the bpf_perf_event_output helper in TC programs (Linux 4.4)",
+            Self::TcRingBufHelpers => "the bpf_ringbuf_reserve/submit/query helpers in TC programs (Linux 5.8)",
+            Self::SkbLoadBytesHelper => "the bpf_skb_load_bytes helper in TC programs (Linux 4.5)",
             Self::RingBufMaps => "BPF ring buffer maps (Linux 5.8)",
             Self::ArrayOfMaps => "arrays of maps (the per-CPU rings, Linux 4.12)",
             Self::RingBufHelpers => "the bpf_ringbuf_reserve/submit/query helpers in XDP programs (Linux 5.8)",
@@ -616,8 +729,15 @@ impl KernelNeed {
 
     fn probe(self) -> Result<bool> {
         let xdp_helper = |helper| is_helper_supported(ProgramType::Xdp, helper);
+        let tc_helper = |helper| is_helper_supported(ProgramType::SchedClassifier, helper);
         Ok(match self {
             Self::XdpPrograms => is_program_supported(ProgramType::Xdp)?,
+            Self::TcPrograms => is_program_supported(ProgramType::SchedClassifier)?,
+            Self::TcPerfOutputHelper => tc_helper(BpfHelper::BPF_FUNC_perf_event_output)?,
+            Self::TcRingBufHelpers => {
+                tc_helper(BpfHelper::BPF_FUNC_ringbuf_reserve)? && tc_helper(BpfHelper::BPF_FUNC_ringbuf_query)?
+            }
+            Self::SkbLoadBytesHelper => tc_helper(BpfHelper::BPF_FUNC_skb_load_bytes)?,
             Self::HashMaps => is_map_supported(MapType::Hash)?,
             Self::ArrayMaps => is_map_supported(MapType::Array)?,
             Self::PerCpuArrayMaps => is_map_supported(MapType::PerCpuArray)?,
@@ -794,6 +914,17 @@ fn busy_message(interface: &str) -> String {
 fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}"))
 }
+
+fn egress_link_pin_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("link-{interface}-egress"))
+}
+
+/// `struct __sk_buff` (uapi/linux/bpf.h) up to and including `ingress_ifindex`
+/// at byte 36 (after len, pkt_type, mark, queue_mapping, protocol,
+/// vlan_present, vlan_tci, vlan_proto, priority): what `BPF_PROG_TEST_RUN`
+/// takes as a TC program's context.
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_CONTEXT_BYTES: usize = SK_BUFF_INGRESS_IFINDEX + 4;
 
 /// The event maps, before they are opened for reading.
 enum EventMap {
