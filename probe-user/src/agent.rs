@@ -250,6 +250,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     s.writer_backpressure = backpressure;
                     s.flows_adopted = assembler.adopted;
                     s.local_flows = assembler.local_flows;
+                    s.gateway_flows = assembler.gateway_flows;
                     s.events_lost_userspace = assembler.events_lost;
                     s.nat_mappings = nat.len() as u64;
                     s.nat_overruns = nat.overruns();

@@ -163,6 +163,9 @@ pub struct Assembler {
     /// Flows that were no internet connection (link-local, multicast,
     /// broadcast, unspecified): closed without a record.
     pub local_flows: u64,
+    /// The gateway's own connections (its resolver's queries upstream,
+    /// NTP): no device's, closed without a record.
+    pub gateway_flows: u64,
     ids: RecordIds,
 }
 
@@ -183,6 +186,7 @@ impl Assembler {
             adopted: 0,
             events_lost: 0,
             local_flows: 0,
+            gateway_flows: 0,
         }
     }
 
@@ -266,7 +270,8 @@ impl Assembler {
         if let Some(mapping) = nat.by_reply(response) {
             return Some(mapping.original.src);
         }
-        (roles.has(Role::Lan) || !self.nat_expected).then_some(response.dst)
+        // Seen arriving on a LAN port, or sent by the gateway itself to the device.
+        (roles.has(Role::Lan) || roles.has(Role::Gateway) || !self.nat_expected).then_some(response.dst)
     }
 
     /// Places DNS answers whose NAT mapping has arrived since; forgets old ones.
@@ -377,18 +382,26 @@ impl Assembler {
             return Ok(());
         };
 
-        if is_wan_only(&value)
-            && let Some(lan_key) = self.join_wan(&key, &value, nat) {
-                // Its LAN flow reports it; only a forced close without one reaches below.
-                self.known.entry(key).or_default().joined_to = Some(lan_key);
-                if self.known.contains_key(&lan_key) {
-                    if force.is_none() {
-                        let next = value.last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))));
-                        self.schedule(key, next.max(now_ns + 1));
+        // Seen on the WAN side only, and conntrack has it untranslated: a
+        // connection of the gateway's own, which no device made.
+        let mut gateways_own = false;
+        if is_wan_only(&value) {
+            match self.join_wan(&key, &value, nat) {
+                Some(lan_key) if lan_key == key => gateways_own = true,
+                Some(lan_key) => {
+                    // Its LAN flow reports it; only a forced close without one reaches below.
+                    self.known.entry(key).or_default().joined_to = Some(lan_key);
+                    if self.known.contains_key(&lan_key) {
+                        if force.is_none() {
+                            let next = value.last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))));
+                            self.schedule(key, next.max(now_ns + 1));
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
                 }
+                None => {}
             }
+        }
 
         let view = FlowView::new(&key, &value, nat, self.nat_expected);
         let wan = match view.wan_key() {
@@ -426,8 +439,12 @@ impl Assembler {
                     value.first_ns,
                     wan.as_ref().map(|(k, v)| (k.port_lo, k.port_hi, v.first_ns, v.last_ns))
                 );
-                let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
-                self.keep(record);
+                if gateways_own {
+                    self.gateway_flows += 1;
+                } else {
+                    let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
+                    self.keep(record);
+                }
                 table.remove(&key)?;
                 self.known.remove(&key);
                 self.hints.remove(&key);
@@ -438,8 +455,10 @@ impl Assembler {
                 }
             }
             None if now_ns >= active_due => {
-                let record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
-                self.keep(record);
+                if !gateways_own {
+                    let record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
+                    self.keep(record);
+                }
                 let entry = self.known.entry(key).or_default();
                 entry.reported_packets = value.packets;
                 entry.reported_bytes = value.bytes;
@@ -517,13 +536,15 @@ impl Assembler {
         let start_ns = if known.slice_start_ns == 0 { opened_ns(value) } else { known.slice_start_ns };
         let device = view.device;
         let mac = Mac(value.mac[up]);
-        let public = view.public();
-        let missing_nat = public.is_none();
-        let (mut service, dns) = FlowHints::merged(
+        let local = view.is_local();
+        let public = if local { None } else { view.public() };
+        let missing_nat = public.is_none() && !local;
+        let (mut service, dns_all) = FlowHints::merged(
             self.hints.get(view.key),
             wan_flow.and_then(|(key, _)| self.hints.get(key)),
         );
-        if service.is_none() && dns.is_none() {
+        let dns = dns_all.first().cloned();
+        if service.is_none() && dns_all.is_empty() {
             // No name of its own: what this device looked up for this address.
             service = self.dns_cache.lookup(device.src, device.dst, value.first_ns).map(|name| Service {
                 name,
@@ -590,6 +611,15 @@ impl<'a> FlowView<'a> {
     /// The kernel key of the WAN side of this connection, if NAT changed it.
     fn wan_key(&self) -> Option<FlowKey> {
         self.mapping.map(|mapping| mapping.reply.key().0)
+    }
+
+    /// Whether the exchange never left the gateway: the gateway itself
+    /// answered the device (its resolver, DHCP server, web page: the TC
+    /// egress program saw it), and no packet of it crossed the WAN side or
+    /// was translated.
+    fn is_local(&self) -> bool {
+        let roles = roles_of(self.value);
+        roles.has(Role::Gateway) && !roles.has(Role::Wan) && self.mapping.is_none_or(|m| m.reply == m.original.reversed())
     }
 
     fn public(&self) -> Option<Endpoint> {
@@ -745,6 +775,85 @@ mod tests {
         assert_eq!(r.end.timestamp(), 4);
         assert!(!r.incomplete);
         assert!(table.0.is_empty(), "closed flows leave the kernel table");
+    }
+
+    /// A hint event of `tuple`'s packet, its payload the whole frame.
+    fn hint_event(tuple: Tuple, role: u8, at: u64, payload: &[u8]) -> ProbeEvent {
+        let (key, dir) = tuple.key();
+        ProbeEvent::Hint(FlowEvent { kind: event_kind::HINT, key, dir, role, ts_ns: at, ..FlowEvent::default() }, payload.to_vec())
+    }
+
+    #[test]
+    fn the_gateways_resolver_answer_names_a_later_connection_and_its_exchange_is_local() {
+        use crate::capture::hints::dns::tests::{a_record, response};
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let device = ipv4(192, 168, 1, 23);
+        let web = ipv4(198, 51, 100, 10);
+        let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+        // Conntrack follows the exchange with the gateway too, untranslated.
+        nat.apply(NatEvent::New(Mapping { original: lookup, reply: lookup.reversed() }), SEC);
+        let answer = response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        let mut question = answer.clone();
+        question[2] &= 0x7f;
+        let key = table.packet(lookup, 60, 0, role::LAN, SEC);
+        assembler.on_event(start_event(key, SEC), &nat);
+        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
+        table.packet(lookup.reversed(), 90, 0, role::GATEWAY, SEC + 1000);
+        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), &nat);
+
+        // A connection with no name of its own, to the answered address, NATed.
+        let up = Tuple { src: device, src_port: 51000, dst: web, dst_port: 8080, proto: Proto::Tcp };
+        let reply = Tuple { src: web, src_port: 8080, dst: ipv4(203, 0, 113, 1), dst_port: 10001, proto: Proto::Tcp };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), 2 * SEC);
+        let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, 2 * SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC + 1000);
+        assembler.on_event(start_event(lan, 2 * SEC), &nat);
+
+        assembler.close_all(3 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 2, "{records:#?}");
+        let exchange = records.iter().find(|r| r.remote.port == 53).unwrap();
+        assert_eq!(exchange.public, None, "the exchange never left the gateway");
+        assert!(!exchange.incomplete, "no NAT mapping is missing from a local exchange");
+        assert_eq!((exchange.packets_up, exchange.packets_down), (1, 1));
+        assert_eq!(exchange.dns.as_ref().map(|d| d.answers.clone()), Some(vec!["198.51.100.10".to_string()]));
+        let connection = records.iter().find(|r| r.remote.port == 8080).unwrap();
+        let service = connection.service.as_ref().expect("named from the gateway resolver's answer");
+        assert_eq!((service.name.as_str(), service.source), ("www.example.test", ServiceSource::Dns));
+        assert_eq!(connection.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }));
+    }
+
+    #[test]
+    fn a_gateway_answer_names_the_device_without_a_conntrack_entry() {
+        use crate::capture::hints::dns::tests::{a_record, response};
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let device = ipv4(192, 168, 1, 23);
+        let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+        let answer = response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC, &answer), &NatTable::default());
+        assert_eq!(assembler.dns_cache.lookup(device, ipv4(198, 51, 100, 10), 2 * SEC).as_deref(), Some("www.example.test"));
+        assert!(assembler.pending_dns.is_empty(), "the gateway sent it to the device: no NAT mapping to wait for");
+    }
+
+    #[test]
+    fn the_gateways_own_upstream_connections_are_no_devices_and_leave_the_table() {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        // The gateway's resolver asks upstream from its WAN address: XDP sees the answer arrive.
+        let query = Tuple { src: ipv4(203, 0, 113, 1), src_port: 33000, dst: ipv4(9, 9, 9, 9), dst_port: 53, proto: Proto::Udp };
+        nat.apply(NatEvent::New(Mapping { original: query, reply: query.reversed() }), SEC);
+        let key = table.packet(query.reversed(), 90, 0, role::WAN, SEC);
+        assembler.on_event(start_event(key, SEC), &nat);
+        assembler.tick(2 * SEC, &mut table, &nat).unwrap();
+        assert_eq!(assembler.open_flows(), 1, "open until idle");
+        assembler.tick(120 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty(), "no device made it");
+        assert_eq!(assembler.gateway_flows, 1);
+        assert!(table.0.is_empty(), "closed: its kernel entry is removed");
+        assert_eq!(assembler.open_flows(), 0);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use super::Parse;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
+    /// The transaction id: pairs a response with its query.
+    pub id: u16,
     pub response: bool,
     /// The first question's name (lower-case, no trailing dot) and type.
     pub qname: String,
@@ -82,7 +84,7 @@ pub fn message(bytes: &[u8]) -> Option<Message> {
             _ => {}
         }
     }
-    Some(Message { response: packet.has_flags(simple_dns::PacketFlag::RESPONSE), qname, qtype, answers })
+    Some(Message { id: packet.id(), response: packet.has_flags(simple_dns::PacketFlag::RESPONSE), qname, qtype, answers })
 }
 
 /// The header and first question of a message the full parser refused.
@@ -111,7 +113,13 @@ fn question_only(bytes: &[u8]) -> Option<Message> {
     }
     let qtype = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?);
     let qname = super::normalise_name(&labels.join(&b'.'))?;
-    Some(Message { response: header[2] & 0x80 != 0, qname, qtype: type_name(qtype), answers: Vec::new() })
+    Some(Message {
+        id: u16::from_be_bytes([header[0], header[1]]),
+        response: header[2] & 0x80 != 0,
+        qname,
+        qtype: type_name(qtype),
+        answers: Vec::new(),
+    })
 }
 
 /// DNS over TCP: the messages of a stream, each after its 2-byte length.

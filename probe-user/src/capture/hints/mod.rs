@@ -61,8 +61,36 @@ pub struct FlowHints {
     client_decided: bool,
     quic: quic::InitialCrypto,
     pub service: Option<Service>,
-    pub dns: Option<Dns>,
+    /// The flow's DNS exchanges, in the order their first message came.
+    exchanges: Vec<Exchange>,
 }
+
+/// One DNS question of a flow and what was answered to it. A stub
+/// resolver may ask many from one socket (A and AAAA, search domains, the
+/// names of a page): each is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Exchange {
+    id: u16,
+    dns: Dns,
+}
+
+impl Exchange {
+    fn is(&self, id: u16, qname: &str, qtype: &str) -> bool {
+        self.id == id && self.dns.qname == qname && self.dns.qtype == qtype
+    }
+
+    fn add_answers<'a>(&mut self, answers: impl IntoIterator<Item = &'a String>) {
+        for data in answers {
+            if !self.dns.answers.contains(data) {
+                self.dns.answers.push(data.clone());
+            }
+        }
+    }
+}
+
+/// Exchanges kept per flow: the hint budget bounds them already (a question
+/// takes some 30 bytes of it); this bounds a flow's memory whatever comes.
+const MAX_EXCHANGES: usize = 256;
 
 impl FlowHints {
     /// The client's SYN was seen: its data starts at `isn + 1`, so segments
@@ -145,39 +173,42 @@ impl FlowHints {
         self.streams = Default::default();
     }
 
-    /// Folds a DNS message into the flow's `dns`; returns it if it is a response.
+    /// Folds a DNS message into the flow's exchanges (a response joins its
+    /// query's); returns it if it is a response.
     fn note_dns(&mut self, message: dns::Message) -> Option<dns::Message> {
-        let dns = self.dns.get_or_insert_with(|| Dns {
-            qname: message.qname.clone(),
-            qtype: message.qtype.clone(),
-            answers: Vec::new(),
-        });
-        if dns.qname == message.qname {
-            for answer in &message.answers {
-                if !dns.answers.contains(&answer.data) {
-                    dns.answers.push(answer.data.clone());
-                }
+        let answers = message.answers.iter().map(|answer| &answer.data);
+        let known = self.exchanges.iter().position(|e| e.is(message.id, &message.qname, &message.qtype));
+        match known {
+            Some(index) => self.exchanges[index].add_answers(answers),
+            None if self.exchanges.len() < MAX_EXCHANGES => {
+                let mut exchange = Exchange {
+                    id: message.id,
+                    dns: Dns { qname: message.qname.clone(), qtype: message.qtype.clone(), answers: Vec::new() },
+                };
+                exchange.add_answers(answers);
+                self.exchanges.push(exchange);
             }
+            None => {}
         }
         message.response.then_some(message)
     }
 
-    /// Combines what the two kernel flows of one NATed connection learnt.
-    pub fn merged(lan: Option<&FlowHints>, wan: Option<&FlowHints>) -> (Option<Service>, Option<Dns>) {
+    /// Combines what the two kernel flows of one NATed connection learnt:
+    /// the service name, and every DNS exchange (questions seen on the LAN
+    /// side joined by the answers seen on the WAN side), first one first.
+    pub fn merged(lan: Option<&FlowHints>, wan: Option<&FlowHints>) -> (Option<Service>, Vec<Dns>) {
         let service = lan.and_then(|h| h.service.clone()).or_else(|| wan.and_then(|h| h.service.clone()));
-        let dns = match (lan.and_then(|h| h.dns.clone()), wan.and_then(|h| h.dns.clone())) {
-            (Some(mut question), Some(answer)) if question.qname == answer.qname => {
-                for data in answer.answers {
-                    if !question.answers.contains(&data) {
-                        question.answers.push(data);
-                    }
-                }
-                Some(question)
+        let mut exchanges = lan.map(|h| h.exchanges.clone()).unwrap_or_default();
+        for answered in wan.map(|h| h.exchanges.as_slice()).unwrap_or_default() {
+            let dns = &answered.dns;
+            let known = exchanges.iter().position(|e| e.is(answered.id, &dns.qname, &dns.qtype));
+            match known {
+                Some(index) => exchanges[index].add_answers(&dns.answers),
+                None if exchanges.len() < MAX_EXCHANGES => exchanges.push(answered.clone()),
+                None => {}
             }
-            (Some(question), _) => Some(question),
-            (None, answer) => answer,
-        };
-        (service, dns)
+        }
+        (service, exchanges.into_iter().map(|e| e.dns).collect())
     }
 }
 
@@ -359,9 +390,10 @@ mod tests {
         let mut wan = FlowHints::default();
         let responses = wan.add(&udp(1, &answer));
         assert_eq!(responses.len(), 1);
-        let (service, dns) = FlowHints::merged(Some(&lan), Some(&wan));
+        let (service, exchanges) = FlowHints::merged(Some(&lan), Some(&wan));
         assert!(service.is_none());
-        let dns = dns.unwrap();
+        assert_eq!(exchanges.len(), 1, "the answer joins its question");
+        let dns = &exchanges[0];
         assert_eq!((dns.qname.as_str(), dns.qtype.as_str()), ("www.example.test", "A"));
         assert_eq!(dns.answers, ["198.51.100.10"]);
 
@@ -375,6 +407,40 @@ mod tests {
         assert_eq!(cache.lookup(device, web, 400 * 1_000_000_000), None, "not after it expired");
         cache.expire(1_000 * 1_000_000_000);
         assert!(cache.by_device.is_empty());
+    }
+
+    #[test]
+    fn every_question_of_one_socket_is_kept_with_its_answers() {
+        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
+        let exchange = |id: u16, qname: &str, qtype, ip| {
+            let mut query = dns::tests::response(qname, qtype, vec![]);
+            query[..2].copy_from_slice(&id.to_be_bytes());
+            query[2] &= 0x7f;
+            let mut answer = dns::tests::response(qname, qtype, vec![dns::tests::a_record(qname, ip)]);
+            answer[..2].copy_from_slice(&id.to_be_bytes());
+            (query, answer)
+        };
+        let asked = [
+            exchange(1, "one.example.test", TYPE::A, [192, 0, 2, 1]),
+            exchange(2, "two.example.test", TYPE::A, [192, 0, 2, 2]),
+            // The same name again, a new transaction: a new exchange.
+            exchange(3, "one.example.test", TYPE::A, [192, 0, 2, 3]),
+        ];
+        let mut hints = FlowHints::default();
+        // Questions first, then the answers in another order.
+        for (query, _) in &asked {
+            hints.add(&udp(0, query));
+        }
+        for index in [1, 0, 2] {
+            assert_eq!(hints.add(&udp(1, &asked[index].1)).len(), 1);
+        }
+        let (_, exchanges) = FlowHints::merged(Some(&hints), None);
+        let seen: Vec<(&str, Vec<&str>)> =
+            exchanges.iter().map(|d| (d.qname.as_str(), d.answers.iter().map(String::as_str).collect())).collect();
+        assert_eq!(
+            seen,
+            [("one.example.test", vec!["192.0.2.1"]), ("two.example.test", vec!["192.0.2.2"]), ("one.example.test", vec!["192.0.2.3"])]
+        );
     }
 
     /// Found by fuzzing (fuzz/artifacts/flow_hints/regression-*).
