@@ -21,6 +21,10 @@
 //!      call on distinct flows, beside the bare program and a mid-flow packet
 //!      measured the same way; `*_est_ns` is the large-repeat mid-flow cost
 //!      plus the path's extra cost over mid-flow in that one-call setting.
+//!    - the LAN egress program (TC), beside a bare TC classifier on the same
+//!      frame: a forwarded packet (it returns at once), the gateway's own
+//!      mid-flow packet, and the gateway resolver's answer to a query XDP
+//!      saw (counted and sent as a hint; one run per call).
 //! 2. Live: packets per second through a veth pair between two namespaces
 //!    made for the run, from an AF_PACKET `sendmmsg` sender (a mix of TCP,
 //!    DNS and QUIC connections, 4,096 at a time, no 5-tuple reused) into the
@@ -128,6 +132,21 @@ fn udp(client_port: u16, server: [u8; 4], server_port: u16, payload: &[u8]) -> V
     frame
 }
 
+/// A UDP frame from SERVER-side `server`:`server_port` back to CLIENT, as
+/// the gateway's resolver sends its answer.
+fn udp_back(client_port: u16, server: [u8; 4], server_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0x17])
+        .ipv4(server, CLIENT, 64)
+        .udp(server_port, client_port)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// The gateway's LAN address, where its own resolver listens.
+const GATEWAY: [u8; 4] = [192, 168, 1, 1];
+
 fn quic_initial() -> Vec<u8> {
     let mut payload = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0xd0];
     payload.resize(1200, 0);
@@ -137,6 +156,12 @@ fn quic_initial() -> Vec<u8> {
 const DNS_QUERY: [u8; 33] = [
     0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c',
     b'o', b'm', 0, 0, 1, 0, 1,
+];
+
+/// Its answer: one A record.
+const DNS_ANSWER: [u8; 49] = [
+    0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c',
+    b'o', b'm', 0, 0, 1, 0, 1, 0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4, 198, 51, 100, 10,
 ];
 
 fn clear_flows(probe: &mut Probe) -> Result<()> {
@@ -199,11 +224,18 @@ fn test_runs() -> Result<TestRuns> {
     let floors: Vec<Floor> = Floor::ALL.into_iter().filter(|floor| baseline.has(*floor)).collect();
     let mut floor_reps = vec![Vec::new(); floors.len()];
     let mut mid_rep = Vec::new();
+    // The LAN egress program (TC), on the same frame: its bare floor, a
+    // forwarded packet (what nearly every packet leaving a LAN port is),
+    // and the gateway's own packet counted against its flow.
+    let (mut tc_bare_rep, mut egress_forwarded_rep, mut egress_gateway_rep) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..REPEAT_ROUNDS {
         for (floor, reps) in floors.iter().zip(&mut floor_reps) {
             reps.push(baseline.floor_test_run_repeat(*floor, &data, repeat)? as f64);
         }
         mid_rep.push(probe.test_run_repeat(role::LAN, &data, repeat)?.duration_ns as f64);
+        tc_bare_rep.push(baseline.tc_pass_test_run_repeat(&data, repeat)? as f64);
+        egress_forwarded_rep.push(probe.egress_test_run_repeat(&data, false, repeat)?.duration_ns as f64);
+        egress_gateway_rep.push(probe.egress_test_run_repeat(&data, true, repeat)?.duration_ns as f64);
         let mut sink = Vec::new();
         events::drain(&mut buffers, &mut sink);
     }
@@ -233,6 +265,29 @@ fn test_runs() -> Result<TestRuns> {
             row.2.push(probe_ns);
             row.3.push(bare_ns);
         }
+    }
+    // The gateway resolver's answer on egress: one run per call, each on a
+    // flow whose query XDP saw (untimed): counted, and sent as a hint.
+    let mut answer_rows: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let port = move |i: u16| 1024 + ((u32::from(i) + round as u32 * 11_000) % 64_000) as u16;
+        clear_flows(&mut probe)?;
+        let (mut total, mut bare) = (0u64, 0u64);
+        let mut sink = Vec::new();
+        for i in 0..flows {
+            probe.test_run(role::LAN, &udp(port(i), GATEWAY, 53, &DNS_QUERY))?;
+            let answer = udp_back(port(i), GATEWAY, 53, &DNS_ANSWER);
+            bare += baseline.tc_pass_test_run_repeat(&answer, 1)?;
+            total += probe.egress_test_run(&answer, true)?.duration_ns;
+            if i % 50 == 49 {
+                sink.clear();
+                events::drain(&mut buffers, &mut sink);
+            }
+        }
+        sink.clear();
+        events::drain(&mut buffers, &mut sink);
+        answer_rows.0.push(total as f64 / f64::from(flows));
+        answer_rows.1.push(bare as f64 / f64::from(flows));
     }
     let counters = probe.counters()?;
     let floor_ns: Vec<(Floor, f64)> = floors.iter().copied().zip(floor_reps.into_iter().map(median)).collect();
@@ -298,6 +353,33 @@ fn test_runs() -> Result<TestRuns> {
     println!(
         "  (est. ns = large-repeat mid-flow + (path - mid-flow, one run per call); ratio to the large-repeat bare: est/{bare:.1})"
     );
+    let (tc_bare, forwarded, gateway) = (median(tc_bare_rep), median(egress_forwarded_rep), median(egress_gateway_rep));
+    let (answer, answer_bare) = (median(answer_rows.0), median(answer_rows.1));
+    println!("  the LAN egress program (TC) beside XDP, same frame, same run:");
+    println!("    bare TC classifier                              {tc_bare:8.1}   (bare XDP_PASS {bare:.1})");
+    println!(
+        "    forwarded packet (returns at once)              {forwarded:8.1}   {:6.2}x bare TC, {:+.1} ns",
+        forwarded / tc_bare,
+        forwarded - tc_bare
+    );
+    println!(
+        "    the gateway's own mid-flow packet               {gateway:8.1}   {:6.2}x bare TC, {:+.1} ns (XDP mid-flow: {:+.1} ns over bare XDP)",
+        gateway / tc_bare,
+        gateway - tc_bare,
+        mid - bare
+    );
+    println!(
+        "    the gateway resolver's answer: counted + hint   {answer:8.1}   {:6.2}x bare TC (one run per call; bare {answer_bare:.1})",
+        answer / answer_bare
+    );
+    json.insert("tc_pass_ns".into(), json!(tc_bare));
+    json.insert("egress_forwarded_ns".into(), json!(forwarded));
+    json.insert("egress_forwarded_over_tc_pass".into(), json!(forwarded / tc_bare));
+    json.insert("egress_gateway_midflow_ns".into(), json!(gateway));
+    json.insert("egress_gateway_midflow_over_tc_pass".into(), json!(gateway / tc_bare));
+    json.insert("egress_gateway_midflow_over_xdp_midflow".into(), json!(gateway / mid));
+    json.insert("egress_dns_answer_ns".into(), json!(answer));
+    json.insert("egress_dns_answer_tc_pass_ns".into(), json!(answer_bare));
     println!(
         "  events sent {}, lost {}, flow table full {}",
         counters.get(counter::EVENTS_SENT),

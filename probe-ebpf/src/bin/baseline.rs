@@ -11,10 +11,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, xdp_action},
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC, xdp_action},
     helpers,
-    macros::{btf_map, map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, map, xdp},
+    programs::{TcContext, XdpContext},
 };
 use probe_common::{FlowEvent, FlowValue, counter, event_kind};
 use probe_ebpf::{
@@ -28,6 +28,13 @@ use probe_ebpf::{
 #[xdp]
 pub fn baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// A bare TC classifier that lets every packet go on: the floor of the
+/// probe's LAN egress program.
+#[classifier]
+pub fn baseline_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
 }
 
 /// Parsing and building the flow key, without the lookup.

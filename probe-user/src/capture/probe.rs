@@ -337,25 +337,7 @@ impl Probe {
             .program(names::PROG_LAN_EGRESS)
             .ok_or_else(|| anyhow!("no program {}", names::PROG_LAN_EGRESS))?
             .try_into()?;
-        // The kernel builds the socket buffer from `struct __sk_buff`:
-        // a forwarded packet has the interface it arrived on (loopback's
-        // index will do), one the gateway made has none.
-        let mut context = [0u8; SK_BUFF_CONTEXT_BYTES];
-        if !from_gateway {
-            context[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4].copy_from_slice(&1u32.to_ne_bytes());
-        }
-        let mut data_out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut data_out),
-                ctx_in: Some(&context),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN of the egress program")?;
-        data_out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput { action: result.return_value, data_out, duration_ns: result.duration.as_nanos() as u64 })
+        tc_test_run(program, frame, from_gateway, repeat)
     }
 
     fn attach_new(&mut self, interface: &str, role: u8) -> Result<(AttachMode, XdpLinkId)> {
@@ -556,7 +538,16 @@ impl RingLayout {
     }
 }
 
+/// The bare TC classifier: the egress program's floor.
+const TC_PASS: &str = "baseline_tc_pass";
+
 impl Baseline {
+    /// ns per run of the bare TC classifier on `frame`, `repeat` times.
+    pub fn tc_pass_test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
+        let program: &SchedClassifier = self.ebpf.program(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
+        Ok(tc_test_run(program, frame, true, repeat)?.duration_ns)
+    }
+
     /// Loads the baselines; their flow table has `flow_table_size` entries,
     /// like the probe they are compared with. A program the kernel refuses
     /// (the coarse clock before 5.11) is left out: [`Baseline::has`].
@@ -585,6 +576,9 @@ impl Baseline {
                 loaded.with_context(|| format!("loading {name}"))?;
             }
         }
+        let tc_pass: &mut SchedClassifier =
+            ebpf.program_mut(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
+        tc_pass.load().with_context(|| format!("loading {TC_PASS}"))?;
         let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes)?;
         Ok(Self { ebpf, cpu_rings })
     }
@@ -917,6 +911,30 @@ fn link_pin_path(dir: &Path, interface: &str) -> PathBuf {
 
 fn egress_link_pin_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link-{interface}-egress"))
+}
+
+/// Runs a TC program `repeat` times on `frame`, as a packet the gateway sent
+/// (`from_gateway`) or one it forwards.
+fn tc_test_run(program: &SchedClassifier, frame: &[u8], from_gateway: bool, repeat: u32) -> Result<TestRunOutput> {
+    // The kernel builds the socket buffer from `struct __sk_buff`: a
+    // forwarded packet has the interface it arrived on (loopback's index
+    // will do), one the gateway made has none.
+    let mut context = [0u8; SK_BUFF_CONTEXT_BYTES];
+    if !from_gateway {
+        context[SK_BUFF_INGRESS_IFINDEX..].copy_from_slice(&1u32.to_ne_bytes());
+    }
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut data_out),
+            ctx_in: Some(&context),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN of a TC program")?;
+    data_out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput { action: result.return_value, data_out, duration_ns: result.duration.as_nanos() as u64 })
 }
 
 /// `struct __sk_buff` (uapi/linux/bpf.h) up to and including `ingress_ifindex`
