@@ -549,6 +549,7 @@ impl Assembler {
             public,
             remote: Endpoint { ip: device.dst, port: device.dst_port },
             service,
+            dns_all: dns.iter().cloned().collect(),
             dns,
             packets_up,
             packets_down,
@@ -558,6 +559,7 @@ impl Assembler {
                 || known.adopted
                 || wan_known.is_some_and(|w| w.incomplete || w.adopted)
                 || missing_nat,
+            local: false,
         }
     }
 }

@@ -247,11 +247,13 @@ mod tests {
             remote: Endpoint { ip: "2001:db8::1".parse().unwrap(), port: 53 },
             service: None,
             dns: None,
+            dns_all: vec![],
             packets_up: 1,
             packets_down: 2,
             bytes_up: 3,
             bytes_down: 4,
             incomplete: true,
+            local: false,
         }
     }
 

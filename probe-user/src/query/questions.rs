@@ -328,11 +328,13 @@ mod tests {
             remote: Endpoint { ip: remote.parse().unwrap(), port },
             service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni, ech: false }),
             dns: None,
+            dns_all: vec![],
             packets_up: 1,
             packets_down: 1,
             bytes_up: 100,
             bytes_down: 1000,
             incomplete: false,
+            local: false,
         }
     }
 
