@@ -148,7 +148,7 @@ fn record_prints(record: &Icr, buffer: &mut Vec<u8>, prints: &mut Vec<u32>) {
         if name.is_empty() || earlier.clone().any(|e| same_name(e, name)) {
             continue;
         }
-        let name = lowercase(name);
+        let name = normal_name(name);
         add(buffer, NAME, &|b| b.extend_from_slice(name.as_bytes()));
         for domain in parent_domains(&name) {
             add(buffer, DOMAIN, &|b| b.extend_from_slice(domain.as_bytes()));
@@ -172,7 +172,7 @@ fn parent_domains(name: &str) -> impl Iterator<Item = &str> {
 
 /// A name as it is indexed and compared: lowercase, without the root's
 /// trailing dot (a DNS question may carry it; service names never do).
-fn lowercase(name: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn normal_name(name: &str) -> std::borrow::Cow<'_, str> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(name.to_ascii_lowercase())
@@ -252,7 +252,7 @@ impl KeyFilter {
         if self.name.is_empty() && self.domain.is_empty() {
             return false;
         }
-        let name = lowercase(name);
+        let name = normal_name(name);
         self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
     }
 
