@@ -20,7 +20,7 @@ use icr::{
     config::ClickHouseSection,
     export::clickhouse::{ClickHouse, rows::RecordRow},
     icr::Icr,
-    query::{Backend, DeviceSelector, ServiceSelector, cluster::Cluster, questions},
+    query::{Backend, DeviceSelector, LocalFilter, ServiceSelector, cluster::Cluster, questions},
     store::Store,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
@@ -318,7 +318,7 @@ fn measure(args: &Args, target: &mut dyn Target, disk_mb_per_s: f64) -> Result<F
             .map(|_| ServiceSelector::Name(Generator::name(rng.random_range(1..=options.names))))
             .collect();
         let started = Instant::now();
-        let found = questions::accessed(backend.by_services(from, to, &selectors)?, &selectors);
+        let found = questions::accessed(backend.by_services(from, to, &selectors, LocalFilter::Include)?, &selectors, LocalFilter::Include);
         names_ms.push(started.elapsed().as_secs_f64() * 1e3);
         hits += found.len();
     }

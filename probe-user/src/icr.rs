@@ -23,12 +23,22 @@ pub struct Icr {
     pub public: Option<Endpoint>,
     pub remote: Endpoint,
     pub service: Option<Service>,
+    /// Only on records of DNS traffic: the flow's first exchange, which is
+    /// also `dns_all`'s first.
     pub dns: Option<Dns>,
+    /// Every DNS exchange of the flow, in order; `null` in JSON when there
+    /// is none, and read as none from NDJSON written before the field.
+    #[serde(default, with = "null_when_empty")]
+    pub dns_all: Vec<Dns>,
     pub packets_up: u64,
     pub packets_down: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub incomplete: bool,
+    /// The exchange never left the gateway (a device and the gateway's own
+    /// resolver, say): such records have no `public` end.
+    #[serde(default)]
+    pub local: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +173,21 @@ pub fn format_time(time: &DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// A list that the contract writes as `null` when it is empty (as every
+/// other field that does not apply), and that reads `null` or an absent
+/// field as empty.
+mod null_when_empty {
+    use super::*;
+
+    pub fn serialize<S: Serializer, T: Serialize>(items: &[T], s: S) -> Result<S::Ok, S::Error> {
+        if items.is_empty() { s.serialize_none() } else { s.collect_seq(items) }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+    }
+}
+
 pub(crate) mod micros {
     use super::*;
 
@@ -200,11 +225,13 @@ mod tests {
             remote: Endpoint { ip: "216.239.32.10".parse().unwrap(), port: 443 },
             service: None,
             dns: None,
+            dns_all: vec![],
             packets_up: 12,
             packets_down: 15,
             bytes_up: 1840,
             bytes_down: 9120,
             incomplete: false,
+            local: false,
         }
     }
 
@@ -222,6 +249,30 @@ mod tests {
         assert_eq!(json["service"], serde_json::Value::Null);
         assert_eq!(json["bytes_down"], 9120);
         assert_eq!(json["incomplete"], false);
+        assert_eq!(json["dns_all"], serde_json::Value::Null);
+        assert_eq!(json["local"], false);
+    }
+
+    #[test]
+    fn dns_all_is_null_when_empty_and_absent_in_older_ndjson() {
+        let mut record = sample();
+        let exchange = |qname: &str| Dns { qname: qname.into(), qtype: "A".into(), answers: vec!["192.0.2.1".into()] };
+        record.dns = Some(exchange("a.example"));
+        record.dns_all = vec![exchange("a.example"), exchange("b.example")];
+        record.local = true;
+        record.public = None;
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["dns_all"][1]["qname"], "b.example");
+        assert_eq!(json["dns_all"][0]["answers"], serde_json::json!(["192.0.2.1"]));
+        assert_eq!(json["local"], true);
+        assert_eq!(json["public"], serde_json::Value::Null);
+        assert_eq!(serde_json::from_value::<Icr>(json).unwrap(), record);
+        // Written before the fields existed: no exchanges listed, not local.
+        let mut old = serde_json::to_value(sample()).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("dns_all");
+        fields.remove("local");
+        assert_eq!(serde_json::from_value::<Icr>(old).unwrap(), sample());
     }
 
     #[test]

@@ -71,6 +71,45 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
             assert!(tables.lines().any(|t| t == table), "shard {shard} has {table}: {tables}");
         }
     }
+    // Tables an older icr made lack dns_all and local (18.16 has no ADD
+    // COLUMN IF NOT EXISTS): init adds them on every shard, and rows stored
+    // before read as no exchange, not local. (The rows are 40 days old: the
+    // sweep below drops them with its own.)
+    const NEWER: [&str; 4] = ["dns_all_qname", "dns_all_qtype", "dns_all_answers", "local"];
+    let tables = ["records", "records_by_device", "records_by_service", "records_local", "records_by_device_local", "records_by_service_local"];
+    for shard in 0..2 {
+        for table in tables {
+            for column in NEWER {
+                cluster.query_at(&cluster.url(shard), &format!("ALTER TABLE icr.{table} DROP COLUMN {column}")).unwrap();
+            }
+        }
+    }
+    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
+    cluster
+        .query_at(&sync, "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
+             VALUES (today() - 40, 'older-record', 0, 0, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
+             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')")
+        .unwrap();
+    init(&cluster);
+    for shard in 0..2 {
+        for table in tables {
+            let columns = cluster
+                .query_at(&cluster.url(shard), &format!("SELECT name FROM system.columns WHERE database = 'icr' AND table = '{table}'"))
+                .unwrap();
+            let last: Vec<&str> = columns.lines().rev().take(4).collect();
+            assert_eq!(last, NEWER.iter().rev().copied().collect::<Vec<_>>(), "shard {shard} {table} has them, last: {columns}");
+        }
+    }
+    let older = cluster.query_at(&cluster.url(0), "SELECT dns_all_qname, local FROM icr.records_by_service WHERE id = 'older-record'").unwrap();
+    assert_eq!(older.trim(), "[]\t0", "through the materialized view too");
+    cluster
+        .query_at(&sync, "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto, dns_all_qname, dns_all_qtype, dns_all_answers, local) \
+             VALUES (today() - 40, 'newer-record', 0, 0, toFixedString('', 16), toFixedString(unhex('00000000000000000000ffffc0a80101'), 16), 'udp', \
+             ['a.example', 'cdn.b.example'], ['A', 'AAAA'], [['192.0.2.1'], []], 1)")
+        .unwrap();
+    let newer = cluster.query_at(&cluster.url(0), "SELECT dns_all_qname, dns_all_answers, local FROM icr.records_by_service WHERE id = 'newer-record'").unwrap();
+    assert_eq!(newer.trim(), "['a.example','cdn.b.example']\t[['192.0.2.1'],[]]\t1", "the views carry the new columns");
+
     let central = central_dir(&cluster);
     let db = central.to_str().unwrap();
     let resolve = ["query", "resolve", "--ip", "203.0.113.1", "--port", "40000", "--at", "2026-11-22T15:00:00Z", "--clickhouse"];
@@ -79,7 +118,6 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
 
     // Retention: a record 40 days old (retention_days = 30) goes with its
     // day partition, on every shard and in every ordering; today's stays.
-    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
     for (id, age) in [("old-record", 40), ("new-record", 0)] {
         let insert = format!(
             "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
@@ -291,13 +329,26 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     let expected: std::collections::BTreeSet<String> = gateway
         .iter()
         .flatten()
-        .filter(|(_, r)| r["service"]["name"] == WEB_NAME)
+        .filter(|(_, r)| {
+            r["service"]["name"] == WEB_NAME || r["dns_all"].as_array().is_some_and(|all| all.iter().any(|d| d["qname"] == WEB_NAME))
+        })
         .map(|(id, _)| id.clone())
         .collect();
     assert_eq!(across, expected, "question 3 over the cluster is the union of the gateways'");
     let probes: std::collections::BTreeSet<String> =
         ndjson(&stdout).iter().map(|r| r["probe"].as_str().unwrap_or_default().to_string()).collect();
     assert_eq!(probes, ["gw-a", "gw-b"].map(String::from).into(), "both gateways named");
+    // The local filter, in the cluster's SQL: these connections all left
+    // their gateway.
+    for (local, expected) in [("exclude", expected.clone()), ("only", Default::default())] {
+        let (code, stdout, stderr) = icr(&cluster, &[
+            &["query", "accessed", "--service", WEB_NAME, "--service", "*.example.invalid", "--local", local, "--from", &from, "--to", &to][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
+        ].concat());
+        assert_eq!(code, 0, "{stderr}");
+        let ids: std::collections::BTreeSet<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(ids, expected, "--local {local}");
+    }
     let device = &labs[1].clients[1];
     let (code, stdout, stderr) = icr(&cluster, &[
         &["query", "services", "--device", &device.mac, "--from", &from, "--to", &to][..],

@@ -177,7 +177,18 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed);
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("id,start,end"), "CSV: {body}");
-    assert_eq!(body.lines().count(), 3, "a header and the two connections: {body}");
+    // Question 3 finds a device's DNS lookups of the name too (dns_all).
+    assert_eq!(body.lines().count(), 5, "a header, the two lookups of the name and the two connections: {body}");
+    assert_eq!(body.lines().filter(|l| l.ends_with(&format!(",{WEB_NAME}/A"))).count(), 2, "{body}");
+    assert!(body.lines().next().unwrap().ends_with(",probe,local,dns_all"), "local and dns_all appended: {body}");
+    // The local filter: these connections left the gateway.
+    for (local, lines) in [("include", 5), ("exclude", 5), ("only", 1)] {
+        let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed.replace(r#""format""#, &format!(r#""local": "{local}", "format""#)));
+        assert_eq!((status, body.lines().count()), (200, lines), "local {local}: {body}");
+    }
+    let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed.replace(r#""format""#, r#""local": "sometimes", "format""#));
+    assert_eq!(status, 400, "an unknown local filter is refused: {body}");
+    assert!(body.contains("sometimes"), "{body}");
 
     // Refusals, each audited.
     let cases = [
@@ -238,14 +249,16 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let log = agent.stop().expect("the agent stops cleanly");
     let verify = Command::new(icr_binary()).args(["audit", "verify", "--db"]).arg(&db).output().unwrap();
     assert!(verify.status.success());
-    // 2 answers + wrong token + no token + no authority named + another's
-    // token + local + wrong purpose + no reference + window = 10, and the
-    // bad time, audited as failed = 11; then the two --server answers and
-    // its refusal = 14; the agent's retention sweep when it started = 15;
-    // and the answer after the abuse = 16. (Requests that never became a
-    // query — not JSON, unknown parameters, the oversized body — are not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("16 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // 2 answers + 3 with a local filter + wrong token + no token + no
+    // authority named + another's token + local + wrong purpose + no
+    // reference + window = 13, and the bad time, audited as failed = 14;
+    // then the two --server answers and its refusal = 17; the agent's
+    // retention sweep when it started = 18; and the answer after the abuse
+    // = 19. (Requests that never became a query — not JSON, unknown
+    // parameters or local filter, the oversized body — are not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("19 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
+    assert_eq!(audit.matches(r#""local":"only""#).count(), 1, "the local filter is audited: {audit}");
     assert_eq!(audit.matches("\"officer\":\"agent (hourly retention)\"").count(), 1, "the agent's sweep is audited: {audit}");
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 

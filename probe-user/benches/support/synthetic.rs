@@ -133,12 +133,14 @@ impl Generator {
             public: Some(public),
             remote,
             service,
+            dns_all: dns.iter().cloned().collect(),
             dns,
             packets_up: up,
             packets_down: up + self.rng.random_range(0..400),
             bytes_up: up * self.rng.random_range(60..900),
             bytes_down: up * self.rng.random_range(60..1400),
             incomplete: false,
+            local: false,
         }
     }
 }

@@ -570,6 +570,7 @@ impl Assembler {
             public,
             remote: Endpoint { ip: device.dst, port: device.dst_port },
             service,
+            dns_all: dns.iter().cloned().collect(),
             dns,
             packets_up,
             packets_down,
@@ -579,6 +580,7 @@ impl Assembler {
                 || known.adopted
                 || wan_known.is_some_and(|w| w.incomplete || w.adopted)
                 || missing_nat,
+            local: false,
         }
     }
 }

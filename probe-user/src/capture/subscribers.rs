@@ -254,11 +254,13 @@ mod tests {
             remote: Endpoint { ip: "192.0.2.1".parse().unwrap(), port: 443 },
             service: None,
             dns: None,
+            dns_all: vec![],
             packets_up: 1,
             packets_down: 1,
             bytes_up: 1,
             bytes_down: 1,
             incomplete: false,
+            local: false,
         }
     }
 

@@ -41,11 +41,12 @@ pub fn ndjson<T: Serialize>(items: &[T]) -> Result<Vec<u8>> {
 }
 
 // New columns go last: spreadsheets and scripts read the others by place.
-const RECORD_COLUMNS: [&str; 26] = [
+const RECORD_COLUMNS: [&str; 28] = [
     "id", "start", "end", "end_reason", "proto", "device_mac", "device_ip", "device_port",
     "device_vlan", "device_pppoe_session", "device_subscriber", "public_ip", "public_port",
     "remote_ip", "remote_port", "service_name", "service_source", "dns_qname", "dns_qtype",
     "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete", "probe",
+    "local", "dns_all",
 ];
 
 pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
@@ -73,9 +74,11 @@ pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: F
                 .iter()
                 .map(|r| {
                     let f = record_fields(r);
+                    // A local exchange has no public end: the column says why.
+                    let public = if r.local { "local".to_string() } else { endpoint(&f[11], &f[12]) };
                     vec![
                         f[1].clone(), f[4].clone(), f[5].clone(), endpoint(&f[6], &f[7]),
-                        endpoint(&f[11], &f[12]), endpoint(&f[13], &f[14]), f[15].clone(),
+                        public, endpoint(&f[13], &f[14]), f[15].clone(),
                         format!("{}/{}", r.bytes_up, r.bytes_down), f[3].clone(),
                     ]
                 })
@@ -103,6 +106,9 @@ pub fn ecs(r: &Icr) -> serde_json::Value {
         },
         "network": {
             "transport": r.proto, "packets": r.packets_up + r.packets_down, "bytes": r.bytes_up + r.bytes_down,
+            // ECS's word for a connection that stays inside the monitored
+            // network; other records' direction is left unsaid, as before.
+            "direction": r.local.then_some("internal"),
             "vlan": r.device.vlan.first().map(|id| json!({ "id": id.to_string() })),
             "inner": r.device.vlan.get(1).map(|id| json!({ "vlan": { "id": id.to_string() } })),
         },
@@ -122,10 +128,15 @@ pub fn ecs(r: &Icr) -> serde_json::Value {
             "question": { "name": d.qname, "type": d.qtype },
             "answers": d.answers.iter().map(|a| json!({ "data": a })).collect::<Vec<_>>(),
         })),
+        // ECS's `dns` holds one question; a flow's every exchange has no ECS
+        // field, so it goes under our own name, as ECS asks of custom fields.
+        "icr": (!r.dns_all.is_empty()).then(|| json!({ "dns_all": r.dns_all })),
         "labels": {
             "end_reason": serde_json::to_value(r.end_reason).ok(),
             "service_source": service.and_then(|s| serde_json::to_value(s.source).ok()),
             "incomplete": r.incomplete.to_string(),
+            // Beside `incomplete`: a flag of ours, always said.
+            "local": r.local.to_string(),
             "pppoe_session": r.device.pppoe_session.map(|s| s.to_string()),
         },
     });
@@ -201,6 +212,11 @@ fn record_fields(r: &Icr) -> Vec<String> {
         r.bytes_down.to_string(),
         r.incomplete.to_string(),
         opt(r.probe.clone()),
+        r.local.to_string(),
+        // Each exchange as qname/qtype; its answers are left out (the
+        // first's are in dns_answers; NDJSON has them all): a cell stays
+        // readable.
+        r.dns_all.iter().map(|d| format!("{}/{}", d.qname, d.qtype)).collect::<Vec<_>>().join(";"),
     ]
 }
 
@@ -232,7 +248,7 @@ fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::icr::{Device, EndReason, Endpoint};
+    use crate::icr::{Device, Dns, EndReason, Endpoint};
 
     fn record() -> Icr {
         Icr {
@@ -247,11 +263,13 @@ mod tests {
             remote: Endpoint { ip: "2001:db8::1".parse().unwrap(), port: 53 },
             service: None,
             dns: None,
+            dns_all: vec![],
             packets_up: 1,
             packets_down: 2,
             bytes_up: 3,
             bytes_down: 4,
             incomplete: true,
+            local: false,
         }
     }
 
@@ -264,7 +282,26 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("id,start,end,end_reason,proto,device_mac"));
         assert!(lines[1].contains(",idle,udp,,10.0.0.2,5353,100;20,"), "{}", lines[1]);
-        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07"), "the probe is the last column: {}", lines[1]);
+        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07,false,"), "probe, then local and dns_all: {}", lines[1]);
+    }
+
+    #[test]
+    fn csv_appends_local_and_every_exchange_after_the_probe() {
+        let mut r = record();
+        let exchange = |qname: &str, qtype: &str| Dns { qname: qname.into(), qtype: qtype.into(), answers: vec!["192.0.2.1".into()] };
+        r.dns_all = vec![exchange("a.example", "A"), exchange("a.example", "AAAA"), exchange("b.example", "HTTPS")];
+        r.dns = r.dns_all.first().cloned();
+        r.local = true;
+        let mut out = Vec::new();
+        write_records(&mut out, &[r], Format::Csv).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split(',').collect();
+        assert_eq!(header.len(), 28);
+        assert_eq!(header[..26], RECORD_COLUMNS[..26], "the columns before stay where they were");
+        assert_eq!((header[25], header[26], header[27]), ("probe", "local", "dns_all"));
+        assert!(lines[1].ends_with(",gw-07,true,a.example/A;a.example/AAAA;b.example/HTTPS"), "{}", lines[1]);
+        assert!(lines[1].contains(",a.example,A,192.0.2.1,"), "dns_* is the first exchange, as before: {}", lines[1]);
     }
 
     #[test]
@@ -302,6 +339,35 @@ mod tests {
         assert_eq!(doc["tls"]["client"]["server_name"], "mail.example.com");
         assert_eq!(doc["labels"]["incomplete"], "true");
         assert!(doc.get("dns").is_none() && doc.get("url").is_none(), "absent, not null");
+        assert!(doc.get("icr").is_none() && doc["network"].get("direction").is_none());
+        assert_eq!(doc["labels"]["local"], "false");
+    }
+
+    #[test]
+    fn ecs_names_local_exchanges_internal_and_keeps_every_exchange() {
+        let mut r = record();
+        r.dns_all = vec![
+            Dns { qname: "a.example".into(), qtype: "A".into(), answers: vec!["192.0.2.1".into()] },
+            Dns { qname: "b.example".into(), qtype: "AAAA".into(), answers: vec![] },
+        ];
+        r.dns = r.dns_all.first().cloned();
+        r.local = true;
+        let doc = ecs(&r);
+        assert_eq!(doc["network"]["direction"], "internal");
+        assert_eq!(doc["labels"]["local"], "true");
+        assert_eq!(doc["dns"]["question"]["name"], "a.example");
+        assert_eq!(doc["icr"]["dns_all"][1]["qname"], "b.example");
+        assert_eq!(doc["icr"]["dns_all"][1]["answers"], serde_json::json!([]), "an empty list is kept: it is not null");
+    }
+
+    #[test]
+    fn table_says_local_where_the_public_end_would_be() {
+        let mut r = record();
+        r.local = true;
+        let mut out = Vec::new();
+        write_records(&mut out, &[r], Format::Table).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().nth(1).unwrap().contains("  local  "), "{text}");
     }
 
     #[test]

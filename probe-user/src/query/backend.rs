@@ -6,7 +6,10 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     icr::Icr,
-    query::questions::{DeviceSelector, ServiceSelector},
+    query::{
+        questions::{DeviceSelector, ServiceSelector},
+        request::LocalFilter,
+    },
     store::{Lookup, Store, gaps::Gap, index::IndexKey, rollup::Services},
 };
 
@@ -20,9 +23,9 @@ pub trait Backend: Send + Sync {
     fn by_public(&self, from: DateTime<Utc>, to: DateTime<Utc>, ip: std::net::IpAddr, port: Option<u16>) -> Result<Vec<Icr>>;
     /// What `device` used in `from..to`, per service.
     fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &DeviceSelector) -> Result<Services>;
-    /// Records in `from..to` that may match any of `services` (a superset:
-    /// the desk keeps those that do).
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector]) -> Result<Vec<Icr>>;
+    /// Records in `from..to` that may match any of `services`, and `local`
+    /// (a superset: the desk keeps those that do).
+    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector], local: LocalFilter) -> Result<Vec<Icr>>;
     /// Every record that started in `from..to`.
     fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>>;
     /// The capture gaps that touch `from..to`.
@@ -46,7 +49,9 @@ impl Backend for Store {
         Store::services(self, from, to, &device.index_key())
     }
 
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector]) -> Result<Vec<Icr>> {
+    /// `local` is left to the desk: the index has no key for it, and local
+    /// records are few.
+    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector], _local: LocalFilter) -> Result<Vec<Icr>> {
         // Networks too wide to enumerate in the index scan the window.
         let keys: Option<Vec<IndexKey>> = services.iter().map(ServiceSelector::index_keys).collect::<Option<Vec<_>>>().map(|k| k.concat());
         self.find(from, to, keys.as_deref().map_or(Lookup::All, Lookup::Any))

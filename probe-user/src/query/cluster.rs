@@ -13,6 +13,7 @@ use crate::{
     query::{
         backend::Backend,
         questions::{DeviceSelector, ServiceSelector},
+        request::LocalFilter,
     },
     store::{LOOKBACK_DAYS, gaps::Gap, rollup::Services},
 };
@@ -101,19 +102,27 @@ impl Backend for Cluster {
         Ok(services)
     }
 
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, selectors: &[ServiceSelector]) -> Result<Vec<Icr>> {
+    /// A name or suffix matches the service name or any DNS exchange's name
+    /// (`dns_all_qname`, which holds the first exchange too).
+    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, selectors: &[ServiceSelector], local: LocalFilter) -> Result<Vec<Icr>> {
         let (mut conditions, mut binds) = (Vec::new(), Vec::new());
         let names: Vec<&String> = selectors.iter().filter_map(|s| if let ServiceSelector::Name(name) = s { Some(name) } else { None }).collect();
         if !names.is_empty() {
-            conditions.push(format!("service_name IN ({})", vec!["?"; names.len()].join(", ")));
-            binds.extend(names.into_iter().map(|name| Bind::Text(name.clone())));
+            let list = vec!["?"; names.len()].join(", ");
+            conditions.push(format!("service_name IN ({list}) OR hasAny(dns_all_qname, [{list}])"));
+            for _ in 0..2 {
+                binds.extend(names.iter().map(|name| Bind::Text((*name).clone())));
+            }
         }
         for selector in selectors {
             match selector {
                 ServiceSelector::Name(_) => {}
                 ServiceSelector::Suffix(suffix) => {
-                    conditions.push("(service_name = ? OR endsWith(service_name, ?))".into());
-                    binds.extend([Bind::Text(suffix.clone()), Bind::Text(format!(".{suffix}"))]);
+                    conditions.push(
+                        "(service_name = ? OR endsWith(service_name, ?) OR arrayExists(q -> q = ? OR endsWith(q, ?), dns_all_qname))".into(),
+                    );
+                    let (exact, under) = (Bind::Text(suffix.clone()), Bind::Text(format!(".{suffix}")));
+                    binds.extend([exact.clone(), under.clone(), exact, under]);
                 }
                 ServiceSelector::Net(net) => {
                     conditions.push(format!("(remote_ip >= {ADDRESS} AND remote_ip <= {ADDRESS})"));
@@ -124,7 +133,13 @@ impl Backend for Cluster {
         if conditions.is_empty() {
             return Ok(Vec::new());
         }
-        self.overlapping(Table::ByService, from, to, &conditions.join(" OR "), binds)
+        let mut condition = format!("({})", conditions.join(" OR "));
+        match local {
+            LocalFilter::Include => {}
+            LocalFilter::Exclude => condition.push_str(" AND local = 0"),
+            LocalFilter::Only => condition.push_str(" AND local = 1"),
+        }
+        self.overlapping(Table::ByService, from, to, &condition, binds)
     }
 
     fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>> {

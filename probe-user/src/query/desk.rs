@@ -190,8 +190,8 @@ impl<'a> Desk<'a> {
                 export::write_services(&mut body, &rows, format)?;
                 (rows.len() as u64, export::ndjson(&rows)?, body)
             }
-            Question::Accessed { services, from, to } => {
-                let mut records = questions::accessed(self.backend.by_services(from, to, &services)?, &services);
+            Question::Accessed { services, from, to, local } => {
+                let mut records = questions::accessed(self.backend.by_services(from, to, &services, local)?, &services, local);
                 records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
                 render_records(&records, format)?
             }

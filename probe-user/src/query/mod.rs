@@ -21,4 +21,4 @@ pub use authorise::Refusal;
 pub use backend::Backend;
 pub use desk::{Answer, Desk, Failure};
 pub use questions::{DeviceSelector, Question, ServiceSelector};
-pub use request::{Ask, Request, Who};
+pub use request::{Ask, LocalFilter, Request, Who};

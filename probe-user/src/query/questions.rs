@@ -12,9 +12,9 @@ use probe_common::Mac;
 
 use crate::{
     icr::Icr,
-    query::request::Ask,
+    query::request::{Ask, LocalFilter},
     store::{
-        index::IndexKey,
+        index::{IndexKey, normal_name},
         rollup::{ServiceRow, Services},
     },
 };
@@ -35,8 +35,9 @@ pub enum Question {
     },
     /// 2: the services `device` used in `from..to`.
     Services { device: DeviceSelector, from: DateTime<Utc>, to: DateTime<Utc> },
-    /// 3: the devices that used any of `services` in `from..to`.
-    Accessed { services: Vec<ServiceSelector>, from: DateTime<Utc>, to: DateTime<Utc> },
+    /// 3: the devices that used any of `services` in `from..to`, records
+    /// that never left the gateway kept or not as `local` says.
+    Accessed { services: Vec<ServiceSelector>, from: DateTime<Utc>, to: DateTime<Utc>, local: LocalFilter },
     /// Every record in `from..to` (maintenance).
     List { from: DateTime<Utc>, to: DateTime<Utc> },
 }
@@ -49,7 +50,7 @@ impl Question {
                 Self::resolve(*ip, *port, at, tolerance, remote.as_deref(), service.as_deref())
             }
             Ask::Services { device, from, to } => Self::services(device, from, to),
-            Ask::Accessed { services, from, to } => Self::accessed(services, from, to),
+            Ask::Accessed { services, from, to, local } => Self::accessed(services, from, to, *local),
             Ask::List { from, to } => Ok(Self::List { from: parse_time(from, "--from")?, to: parse_time(to, "--to")? }),
         }
     }
@@ -77,12 +78,12 @@ impl Question {
     }
 
     /// `services`: at least one.
-    pub fn accessed(services: &[String], from: &str, to: &str) -> Result<Self> {
+    pub fn accessed(services: &[String], from: &str, to: &str, local: LocalFilter) -> Result<Self> {
         if services.is_empty() {
             bail!("name at least one --service (or a --services-file)");
         }
         let services = services.iter().map(|text| ServiceSelector::parse(text)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::Accessed { services, from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
+        Ok(Self::Accessed { services, from: parse_time(from, "--from")?, to: parse_time(to, "--to")?, local })
     }
 
     /// The window the question reads.
@@ -210,16 +211,24 @@ impl ServiceSelector {
         }
     }
 
+    /// A name or suffix matches the service name or any DNS exchange's name.
     pub fn matches(&self, record: &Icr) -> bool {
-        let name = record.service.as_ref().map(|s| s.name.as_str());
+        let mut names = names_of(record);
         match self {
-            Self::Name(wanted) => name == Some(wanted.as_str()),
-            Self::Suffix(suffix) => name.is_some_and(|name| {
-                name == suffix || name.strip_suffix(suffix.as_str()).is_some_and(|rest| rest.ends_with('.'))
+            Self::Name(wanted) => names.any(|name| name == wanted.as_str()),
+            Self::Suffix(suffix) => names.any(|name| {
+                name == suffix.as_str() || name.strip_suffix(suffix.as_str()).is_some_and(|rest| rest.ends_with('.'))
             }),
             Self::Net(net) => net.contains(&record.remote.ip),
         }
     }
+}
+
+/// The names question 3 knows a record by: its service's, and each of its
+/// DNS exchanges' (lowercase, without a trailing dot).
+fn names_of(record: &Icr) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    let service = record.service.iter().map(|s| s.name.as_str());
+    service.chain(record.dns_all.iter().map(|d| d.qname.as_str())).map(normal_name)
 }
 
 /// Question 2 over records: one row per service (by name when known, else
@@ -279,10 +288,12 @@ pub fn resolve(
     hits
 }
 
-/// Question 3: the records of any device that used any of `services`.
-/// Names and suffixes are looked up in sets: with 1,000 selectors and
-/// 400,000 candidate records, testing each against each took seconds.
-pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
+/// Question 3: the records of any device that used any of `services` (by
+/// service name, any DNS exchange's name, or remote address), as `local`
+/// keeps them. Names and suffixes are looked up in sets: with 1,000
+/// selectors and 400,000 candidate records, testing each against each took
+/// seconds.
+pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector], local: LocalFilter) -> Vec<Icr> {
     let mut names = std::collections::HashSet::new();
     let mut suffixes = std::collections::HashSet::new();
     let mut nets = Vec::new();
@@ -303,7 +314,8 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
     };
     records
         .into_iter()
-        .filter(|r| r.service.as_ref().is_some_and(|s| named(&s.name)) || nets.iter().any(|net| net.contains(&r.remote.ip)))
+        .filter(|r| local.keeps(r))
+        .filter(|r| names_of(r).any(|name| named(&name)) || nets.iter().any(|net| net.contains(&r.remote.ip)))
         .collect()
 }
 
@@ -311,7 +323,7 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector]) -> Vec<Icr> {
 mod tests {
     use super::*;
     use crate::{
-        icr::{Device, EndReason, Endpoint, Service, ServiceSource},
+        icr::{Device, Dns, EndReason, Endpoint, Service, ServiceSource},
     };
 
     fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {
@@ -328,11 +340,13 @@ mod tests {
             remote: Endpoint { ip: remote.parse().unwrap(), port },
             service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni, ech: false }),
             dns: None,
+            dns_all: vec![],
             packets_up: 1,
             packets_down: 1,
             bytes_up: 100,
             bytes_down: 1000,
             incomplete: false,
+            local: false,
         }
     }
 
@@ -402,7 +416,7 @@ mod tests {
         assert_eq!(rows[0].last, "1970-01-01T00:00:15.000000Z");
         assert_eq!(rows[1].remote, "192.0.2.20:853");
         assert_eq!(rows[1].connections, 1);
-        let hits = accessed(records.clone(), &[ServiceSelector::parse("192.0.2.20").unwrap()]);
+        let hits = accessed(records.clone(), &[ServiceSelector::parse("192.0.2.20").unwrap()], LocalFilter::Include);
         assert_eq!(hits.len(), 2);
         // The sets answer as each selector's own match does.
         let selectors: Vec<ServiceSelector> =
@@ -414,9 +428,42 @@ mod tests {
             for pair in [vec![chosen], vec![chosen, (chosen + 3) % selectors.len()]] {
                 let wanted: Vec<ServiceSelector> = pair.iter().map(|i| selectors[*i].clone()).collect();
                 let expected: Vec<Icr> = records.iter().filter(|r| wanted.iter().any(|s| s.matches(r))).cloned().collect();
-                assert_eq!(accessed(records.clone(), &wanted), expected, "{wanted:?}");
+                assert_eq!(accessed(records.clone(), &wanted, LocalFilter::Include), expected, "{wanted:?}");
             }
         }
+    }
+
+    /// A DNS record from device .2 to the gateway's own resolver, asking
+    /// `first` and then `second`.
+    fn lookup(device: &str, first: &str, second: &str, local: bool) -> Icr {
+        let mut r = record(device, "192.168.1.1", 53, None, 40);
+        let exchange = |qname: &str| Dns { qname: qname.into(), qtype: "A".into(), answers: vec![] };
+        r.dns_all = vec![exchange(first), exchange(second)];
+        r.dns = r.dns_all.first().cloned();
+        r.local = local;
+        r
+    }
+
+    #[test]
+    fn accessed_finds_any_dns_exchange_and_keeps_local_records_as_asked() {
+        let records = vec![
+            record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0),
+            lookup("10.0.0.3", "other.example", "Mail.Example.com.", true),
+            lookup("10.0.0.4", "other.example", "www.example.com", false),
+        ];
+        let device = |hits: &[Icr]| hits.iter().map(|r| r.device.ip.unwrap().to_string()).collect::<Vec<_>>();
+        let mail = [ServiceSelector::parse("mail.example.com").unwrap()];
+        assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Include)), ["10.0.0.2", "10.0.0.3"], "by the second exchange");
+        assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Exclude)), ["10.0.0.2"]);
+        assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Only)), ["10.0.0.3"]);
+        let suffix = [ServiceSelector::parse("*.example.com").unwrap()];
+        assert_eq!(device(&accessed(records.clone(), &suffix, LocalFilter::Include)), ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        assert_eq!(device(&accessed(records.clone(), &suffix, LocalFilter::Exclude)), ["10.0.0.2", "10.0.0.4"]);
+        for selector in suffix.iter().chain(&mail) {
+            assert!(selector.matches(&records[1]), "{selector:?} matches as accessed does");
+        }
+        let resolver = [ServiceSelector::parse("192.168.1.1").unwrap()];
+        assert_eq!(device(&accessed(records, &resolver, LocalFilter::Only)), ["10.0.0.3"], "addresses as before");
     }
 
     #[test]

@@ -42,10 +42,38 @@ pub enum Ask {
     },
     /// Question 2: the services `device` used in the window.
     Services { device: String, from: String, to: String },
-    /// Question 3: the devices that used any of `services` in the window.
-    Accessed { services: Vec<String>, from: String, to: String },
+    /// Question 3: the devices that used any of `services` in the window,
+    /// with or without the exchanges that never left the gateway.
+    Accessed {
+        services: Vec<String>,
+        from: String,
+        to: String,
+        #[serde(default)]
+        local: LocalFilter,
+    },
     /// Every record in the window, for maintenance (an operator's request).
     List { from: String, to: String },
+}
+
+/// Question 3's records that never left the gateway (`local`: a device and
+/// the gateway's own resolver): kept with the others, left out, or alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalFilter {
+    #[default]
+    Include,
+    Exclude,
+    Only,
+}
+
+impl LocalFilter {
+    pub fn keeps(self, record: &crate::icr::Icr) -> bool {
+        match self {
+            Self::Include => true,
+            Self::Exclude => !record.local,
+            Self::Only => record.local,
+        }
+    }
 }
 
 /// How far from `at` a flow may lie when none is given.
@@ -111,7 +139,12 @@ mod tests {
     #[test]
     fn requests_travel_as_json_and_refuse_unknown_fields() {
         let request = Request {
-            ask: Ask::Accessed { services: vec!["a.example".into(), "*.b.example".into()], from: "x".into(), to: "y".into() },
+            ask: Ask::Accessed {
+                services: vec!["a.example".into(), "*.b.example".into()],
+                from: "x".into(),
+                to: "y".into(),
+                local: LocalFilter::Exclude,
+            },
             who: Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) },
             format: Format::Csv,
             bundle: None,
@@ -121,7 +154,15 @@ mod tests {
         assert!(line.contains(r#""question":"accessed""#), "{line}");
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
         assert!(serde_json::from_str::<Request>(&line.replace(r#""from""#, r#""db":"/tmp","from""#)).is_err());
-        assert_eq!(request.ask.parameters(), serde_json::json!({"services": ["a.example", "*.b.example"], "from": "x", "to": "y"}));
+        assert_eq!(
+            request.ask.parameters(),
+            serde_json::json!({"services": ["a.example", "*.b.example"], "from": "x", "to": "y", "local": "exclude"}),
+            "the local filter is audited with the services"
+        );
+        // Asked by an older client, without the field: today's answer.
+        let older = line.replace(r#","local":"exclude""#, "");
+        assert!(matches!(serde_json::from_str::<Request>(&older).unwrap().ask, Ask::Accessed { local: LocalFilter::Include, .. }));
+        assert!(serde_json::from_str::<Request>(&line.replace(r#""exclude""#, r#""sometimes""#)).is_err());
         let resolve: Ask = serde_json::from_str(r#"{"question":"resolve","ip":"192.0.2.1","at":"t"}"#).unwrap();
         assert!(matches!(resolve, Ask::Resolve { tolerance, port: None, .. } if tolerance == DEFAULT_TOLERANCE));
     }

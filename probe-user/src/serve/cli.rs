@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::export::Format;
+use crate::{export::Format, query::request::LocalFilter};
 
 #[derive(Parser, Debug)]
 #[command(name = "icr", version, about = "Internet Connection Records: the XDP probe's agent and its queries")]
@@ -184,6 +184,10 @@ pub enum QueryCommand {
         from: String,
         #[arg(long)]
         to: String,
+        /// Records of exchanges that never left the gateway (a device and
+        /// the gateway's own resolver): with the others, left out, or alone.
+        #[arg(long, value_enum, default_value_t = LocalFilter::Include)]
+        local: LocalFilter,
         #[command(flatten)]
         store: QueryTarget,
         #[command(flatten)]

@@ -35,7 +35,9 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
             ("resolve", json!({ "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service }))
         }
         Ask::Services { device, from, to } => ("services", json!({ "device": device, "from": from, "to": to })),
-        Ask::Accessed { services, from, to } => ("accessed", json!({ "service": services, "from": from, "to": to })),
+        Ask::Accessed { services, from, to, local } => {
+            ("accessed", json!({ "service": services, "from": from, "to": to, "local": local }))
+        }
         Ask::List { .. } => return Err(Failure::invalid("the HTTP API answers the three questions; list records with --db")),
     };
     let fields = body.as_object_mut().expect("an object");

@@ -52,9 +52,9 @@ pub fn query_request(command: &QueryCommand) -> Result<Request> {
         QueryCommand::Services { device, from, to, who, .. } => {
             (Ask::Services { device: device.clone(), from: from.clone(), to: to.clone() }, who)
         }
-        QueryCommand::Accessed { services, services_file, from, to, who, .. } => {
+        QueryCommand::Accessed { services, services_file, from, to, local, who, .. } => {
             let services = service_list(services.clone(), services_file.as_deref())?;
-            (Ask::Accessed { services, from: from.clone(), to: to.clone() }, who)
+            (Ask::Accessed { services, from: from.clone(), to: to.clone(), local: *local }, who)
         }
     };
     Ok(request(ask, who, command.target().config.clone()))
@@ -241,5 +241,34 @@ fn operator() -> String {
     match std::env::var("SUDO_USER") {
         Ok(user) => format!("uid {uid} (sudo by {user})"),
         Err(_) => format!("uid {uid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::{query::LocalFilter, serve::cli::Cli};
+
+    fn accessed(extra: &[&str]) -> Result<Request> {
+        let base = ["icr", "query", "accessed", "--service", "a.example", "--from", "f", "--to", "t", "--db", "/nonexistent", "--format", "csv"];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        let Command::Query(query) = cli.command else { bail!("not a query") };
+        query_request(&query)
+    }
+
+    #[test]
+    fn accessed_takes_a_local_filter_that_defaults_to_include() {
+        let local = |extra: &[&str]| match accessed(extra).unwrap().ask {
+            Ask::Accessed { local, .. } => local,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(local(&[]), LocalFilter::Include);
+        assert_eq!(local(&["--local", "include"]), LocalFilter::Include);
+        assert_eq!(local(&["--local", "exclude"]), LocalFilter::Exclude);
+        assert_eq!(local(&["--local", "only"]), LocalFilter::Only);
+        let refused = format!("{:#}", accessed(&["--local", "sometimes"]).unwrap_err());
+        assert!(refused.contains("include") && refused.contains("exclude") && refused.contains("only"), "names the values: {refused}");
     }
 }

@@ -37,7 +37,7 @@ use serde::Deserialize;
 use crate::{
     config::{Config, HttpSection, StoreConfig},
     export::Format,
-    query::{Ask, Backend, Desk, Failure, Refusal, Request, Who},
+    query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, request::LocalFilter},
     store::gaps::Gap,
 };
 
@@ -434,6 +434,8 @@ struct AccessedBody {
     service: OneOrMany,
     from: String,
     to: String,
+    /// `include` (when absent), `exclude` or `only`.
+    local: Option<LocalFilter>,
 }
 
 /// A port as a number or as its digits.
@@ -474,7 +476,8 @@ pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
                 OneOrMany::One(service) => vec![service],
                 OneOrMany::Many(services) => services,
             };
-            (Ask::Accessed { services, from: b.from, to: b.to }, (b.officer, b.reference, b.format))
+            let local = b.local.unwrap_or_default();
+            (Ask::Accessed { services, from: b.from, to: b.to, local }, (b.officer, b.reference, b.format))
         }
         other => bail!("no such question {other:?}"),
     };
@@ -575,7 +578,20 @@ mod tests {
         assert!(matches!(&request.ask, Ask::Accessed { services, .. } if services.len() == 2));
         assert_eq!((request.format, request.bundle, request.config), (Format::Ndjson, None, None));
         let one = request_of("accessed", "met", br#"{"service": "a.example", "from": "f", "to": "t"}"#).unwrap();
-        assert!(matches!(&one.ask, Ask::Accessed { services, .. } if services == &["a.example"]));
+        assert!(matches!(&one.ask, Ask::Accessed { services, local: LocalFilter::Include, .. } if services == &["a.example"]));
+        for (text, local) in [("include", LocalFilter::Include), ("exclude", LocalFilter::Exclude), ("only", LocalFilter::Only)] {
+            let body = format!(r#"{{"service": "a.example", "from": "f", "to": "t", "local": "{text}"}}"#);
+            let request = request_of("accessed", "met", body.as_bytes()).unwrap();
+            assert!(matches!(request.ask, Ask::Accessed { local: l, .. } if l == local), "{text}");
+            assert_eq!(request.ask.parameters()["local"], text, "audited as asked");
+        }
+        for bad in [r#""sometimes""#, r#""Only""#, "true", "1", "null"] {
+            let body = format!(r#"{{"service": "a.example", "from": "f", "to": "t", "local": {bad}}}"#);
+            let refused = request_of("accessed", "met", body.as_bytes());
+            // `null` is the field left out; anything else not named is refused.
+            assert_eq!(refused.is_ok(), bad == "null", "{bad}");
+        }
+        assert!(request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "local": "only"}"#).is_err(), "question 3's alone");
         let port = |body: &[u8]| request_of("resolve", "met", body).map(|r| match r.ask {
             Ask::Resolve { port, .. } => port,
             _ => unreachable!(),

@@ -9,13 +9,15 @@
 //!
 //! A block starts with a version byte; a reader refuses versions it does not
 //! know rather than guessing (version 1 compressed the columns together;
-//! version 3 added the gateway's name, `probe`, which older blocks lack).
+//! version 3 added the gateway's name, `probe`, which older blocks lack;
+//! version 4 added every DNS exchange, `dns_all`, and `local`: older blocks
+//! read as the first exchange alone and not local).
 use std::{
     borrow::Cow,
     net::IpAddr,
 };
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
 
 use super::wire::{Reader, push_ip, push_signed, push_varint};
@@ -23,9 +25,11 @@ use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
 use probe_common::{Mac, Proto};
 
 /// The encoding version written now.
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 /// Columns of blocks before version 3 (no `probe`).
 const COLUMNS_V2: usize = 22;
+/// Columns of version 3 blocks (no `dns_all` past the first, no `local`).
+const COLUMNS_V3: usize = 23;
 /// zstd level: 1 was as small as 3 on synthetic ICRs and twice as fast.
 const ZSTD_LEVEL: i32 = 1;
 /// A decoded block may not claim more than this (a corrupt header must not
@@ -56,12 +60,24 @@ const PACKETS: usize = 19;
 const BYTES: usize = 20;
 const INCOMPLETE: usize = 21;
 const PROBE: usize = 22;
-const COLUMNS: usize = 23;
+/// Per record: how many exchanges follow the first (the first is `DNS`),
+/// then each as `DNS` writes one. A block without the column reads as
+/// zeros: no exchange past the first.
+const DNS_ALL: usize = 23;
+/// One byte a record: 1 if it never left the gateway.
+const LOCAL: usize = 24;
+const COLUMNS: usize = 25;
 
 /// Encodes records into one block (`compress` false for the append log,
 /// where every write is small and latency matters more than size).
 pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
     encode_as(VERSION, &encode_columns(records)?, records.len(), compress)
+}
+
+/// A version 3 block, as icr wrote them before `dns_all` and `local`.
+#[cfg(test)]
+pub fn encode_v3(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
+    encode_as(3, &encode_columns(records)?[..COLUMNS_V3], records.len(), compress)
 }
 
 /// A version 2 block, as icr wrote them before records named their probe.
@@ -148,7 +164,8 @@ impl KeyFields {
         add(self.device_ip, &[DEVICE_IP]);
         add(self.subscriber, &[SUBSCRIBER]);
         add(self.remote, &[REMOTE_IP, REMOTE_PORT]);
-        add(self.service_name, &[SERVICE_NAME]);
+        // Question 3 finds a DNS record by any name it asked for.
+        add(self.service_name, &[SERVICE_NAME, DNS, DNS_ALL]);
         columns
     }
 }
@@ -170,13 +187,14 @@ impl<'a> Columns<'a> {
         if version == 1 {
             return Self::parse_v1(header);
         }
-        ensure!(
-            version == 2 || version == VERSION,
-            "block encoding version {version} is not known to this icr (it knows 1 to {VERSION})"
-        );
+        let written = match version {
+            2 => COLUMNS_V2,
+            3 => COLUMNS_V3,
+            VERSION => COLUMNS,
+            _ => bail!("block encoding version {version} is not known to this icr (it knows 1 to {VERSION})"),
+        };
         let compressed = header.u8()? != 0;
         let count = usize::try_from(header.varint()?)?;
-        let written = if version == 2 { COLUMNS_V2 } else { COLUMNS };
         let mut lengths = Vec::with_capacity(COLUMNS);
         for _ in 0..written {
             lengths.push((usize::try_from(header.varint()?)?, usize::try_from(header.varint()?)?));
@@ -227,8 +245,9 @@ impl<'a> Columns<'a> {
         Ok(columns)
     }
 
-    /// Columns an older block does not have read as absent values (a
-    /// `probe` of `None` for each record), stored plain.
+    /// Columns an older block does not have read as absent values, a zero
+    /// byte for each record, stored plain: a `probe` of `None`, no DNS
+    /// exchange past the first, not local.
     fn add_missing(&mut self) {
         self.written = self.stored.len();
         while self.stored.len() < COLUMNS {
@@ -309,6 +328,18 @@ pub struct Keys<'a> {
     pub public: Option<(IpAddr, u16)>,
     pub remote: Option<(IpAddr, u16)>,
     pub service_name: Option<&'a str>,
+    /// The first DNS exchange's name (with `service_name`).
+    pub dns_first: Option<&'a str>,
+    /// The names of the exchanges after the first: empty, and so not
+    /// allocated, but for flows of several exchanges.
+    pub dns_more: Vec<&'a str>,
+}
+
+impl<'a> Keys<'a> {
+    /// The name of every DNS exchange, in order (names may repeat).
+    pub fn dns_names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.dns_first.into_iter().chain(self.dns_more.iter().copied())
+    }
 }
 
 /// Reads the next record's [`Keys`] from their columns only (each column
@@ -316,7 +347,18 @@ pub struct Keys<'a> {
 fn decode_keys<'a>(c: &mut [Reader<'a>], fields: KeyFields, start_us: &mut i64) -> Result<Keys<'a>> {
     *start_us = start_us.wrapping_add(c[START].signed()?);
     let end_us = start_us.wrapping_add(c[DURATION].signed()?);
-    let mut keys = Keys { start_us: *start_us, end_us, mac: None, device_ip: None, subscriber: None, public: None, remote: None, service_name: None };
+    let mut keys = Keys {
+        start_us: *start_us,
+        end_us,
+        mac: None,
+        device_ip: None,
+        subscriber: None,
+        public: None,
+        remote: None,
+        service_name: None,
+        dns_first: None,
+        dns_more: Vec::new(),
+    };
     if fields.mac && c[MAC].u8()? != 0 {
         keys.mac = Some(<[u8; 6]>::try_from(c[MAC].bytes(6)?)?);
     }
@@ -336,6 +378,15 @@ fn decode_keys<'a>(c: &mut [Reader<'a>], fields: KeyFields, start_us: &mut i64) 
     }
     if fields.service_name {
         keys.service_name = c[SERVICE_NAME].text_ref()?;
+        keys.dns_first = c[DNS].text_ref()?;
+        if keys.dns_first.is_some() {
+            skip_exchange_rest(&mut c[DNS])?;
+        }
+        for _ in 0..c[DNS_ALL].varint()? {
+            let qname = c[DNS_ALL].text_ref()?.unwrap_or_default();
+            skip_exchange_rest(&mut c[DNS_ALL])?;
+            keys.dns_more.push(qname);
+        }
     }
     Ok(keys)
 }
@@ -347,7 +398,20 @@ struct Previous {
     id_low: u64,
 }
 
+/// A record whose `dns` is not the first of its `dns_all`: the store keeps
+/// the first exchange once, so it could not give both back.
+#[derive(Debug, thiserror::Error)]
+#[error("its dns ({dns}) is not the first of its {count} dns_all exchanges")]
+pub struct InconsistentDns {
+    dns: String,
+    count: usize,
+}
+
 fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -> Result<()> {
+    if r.dns_all.first() != r.dns.as_ref() {
+        let dns = r.dns.as_ref().map_or_else(|| "none".to_string(), |d| format!("{} {}", d.qname, d.qtype));
+        return Err(InconsistentDns { dns, count: r.dns_all.len() }.into());
+    }
     let start_us = r.start.timestamp_micros();
     // A UUIDv7 carries its millisecond time in its top 48 bits; ours is the
     // record's start, so only the version and counter bits remain.
@@ -389,16 +453,15 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
         c[SERVICE_META].push(service.source as u8 | (u8::from(service.ech) << 7));
     }
     match &r.dns {
-        Some(dns) => {
-            push_text(&mut c[DNS], Some(&dns.qname));
-            push_text(&mut c[DNS], Some(&dns.qtype));
-            push_varint(&mut c[DNS], dns.answers.len() as u64);
-            for answer in &dns.answers {
-                push_text(&mut c[DNS], Some(answer));
-            }
-        }
+        Some(dns) => push_exchange(&mut c[DNS], dns),
         None => push_text(&mut c[DNS], None),
     }
+    let more = r.dns_all.get(1..).unwrap_or_default();
+    push_varint(&mut c[DNS_ALL], more.len() as u64);
+    for dns in more {
+        push_exchange(&mut c[DNS_ALL], dns);
+    }
+    c[LOCAL].push(u8::from(r.local));
     push_varint(&mut c[PACKETS], r.packets_up);
     push_varint(&mut c[PACKETS], r.packets_down);
     push_varint(&mut c[BYTES], r.bytes_up);
@@ -426,7 +489,9 @@ struct View<'a> {
     remote: (IpAddr, u16),
     service_name: Option<&'a str>,
     service_meta: u8,
-    dns: Option<(&'a str, &'a str, Vec<&'a str>)>,
+    dns: Option<Exchange<'a>>,
+    dns_more: Vec<Exchange<'a>>,
+    local: bool,
     packets: (u64, u64),
     bytes: (u64, u64),
     incomplete: bool,
@@ -463,14 +528,19 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
     let service_name = c[SERVICE_NAME].text_ref()?;
     let service_meta = if service_name.is_some() { c[SERVICE_META].u8()? } else { 0 };
     let dns = match c[DNS].text_ref()? {
-        Some(qname) => {
-            let qtype = c[DNS].text_ref()?.unwrap_or_default();
-            let count = c[DNS].varint()?;
-            let answers = (0..count).map(|_| Ok(c[DNS].text_ref()?.unwrap_or_default())).collect::<Result<Vec<_>>>()?;
-            Some((qname, qtype, answers))
-        }
+        Some(qname) => Some(read_exchange_rest(&mut c[DNS], qname)?),
         None => None,
     };
+    let more = c[DNS_ALL].varint()?;
+    let dns_more = (0..more)
+        .map(|_| {
+            let qname = c[DNS_ALL].text_ref()?.unwrap_or_default();
+            read_exchange_rest(&mut c[DNS_ALL], qname)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if dns.is_none() && !dns_more.is_empty() {
+        bail!("a record with {more} DNS exchanges after a first it does not have");
+    }
     Ok(View {
         id: (u128::from(high) << 64) | u128::from(low),
         start_us,
@@ -489,10 +559,41 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
         service_name,
         service_meta,
         dns,
+        dns_more,
+        local: c[LOCAL].u8()? != 0,
         packets: (c[PACKETS].varint()?, c[PACKETS].varint()?),
         bytes: (c[BYTES].varint()?, c[BYTES].varint()?),
         incomplete: c[INCOMPLETE].u8()? != 0,
     })
+}
+
+/// A DNS exchange as a block holds it: qname, qtype, answers.
+type Exchange<'a> = (&'a str, &'a str, Vec<&'a str>);
+
+fn push_exchange(out: &mut Vec<u8>, dns: &Dns) {
+    push_text(out, Some(&dns.qname));
+    push_text(out, Some(&dns.qtype));
+    push_varint(out, dns.answers.len() as u64);
+    for answer in &dns.answers {
+        push_text(out, Some(answer));
+    }
+}
+
+/// The rest of an exchange whose qname was read.
+fn read_exchange_rest<'a>(column: &mut Reader<'a>, qname: &'a str) -> Result<Exchange<'a>> {
+    let qtype = column.text_ref()?.unwrap_or_default();
+    let count = column.varint()?;
+    let answers = (0..count).map(|_| Ok(column.text_ref()?.unwrap_or_default())).collect::<Result<Vec<_>>>()?;
+    Ok((qname, qtype, answers))
+}
+
+/// Moves past the rest of an exchange whose qname was read.
+fn skip_exchange_rest(column: &mut Reader) -> Result<()> {
+    column.skip_text()?;
+    for _ in 0..column.varint()? {
+        column.skip_text()?;
+    }
+    Ok(())
 }
 
 /// Moves past a record as [`decode_view`] reads it, building nothing: the
@@ -524,11 +625,13 @@ fn skip_record(c: &mut [Reader], previous: &mut Previous) -> Result<()> {
         c[SERVICE_META].u8()?;
     }
     if c[DNS].skip_text()? {
-        c[DNS].skip_text()?;
-        for _ in 0..c[DNS].varint()? {
-            c[DNS].skip_text()?;
-        }
+        skip_exchange_rest(&mut c[DNS])?;
     }
+    for _ in 0..c[DNS_ALL].varint()? {
+        c[DNS_ALL].skip_text()?;
+        skip_exchange_rest(&mut c[DNS_ALL])?;
+    }
+    c[LOCAL].u8()?;
     for column in [PACKETS, PACKETS, BYTES, BYTES] {
         c[column].varint()?;
     }
@@ -564,18 +667,20 @@ impl View<'_> {
             public: self.public.map(|(ip, port)| Endpoint { ip, port }),
             remote: Endpoint { ip: self.remote.0, port: self.remote.1 },
             service,
-            dns: self.dns.as_ref().map(|(qname, qtype, answers)| Dns {
-                qname: (*qname).to_owned(),
-                qtype: (*qtype).to_owned(),
-                answers: answers.iter().map(|a| (*a).to_owned()).collect(),
-            }),
+            dns: self.dns.as_ref().map(exchange),
+            dns_all: self.dns.iter().chain(&self.dns_more).map(exchange).collect(),
             packets_up: self.packets.0,
             packets_down: self.packets.1,
             bytes_up: self.bytes.0,
             bytes_down: self.bytes.1,
             incomplete: self.incomplete,
+            local: self.local,
         })
     }
+}
+
+fn exchange((qname, qtype, answers): &Exchange) -> Dns {
+    Dns { qname: (*qname).to_owned(), qtype: (*qtype).to_owned(), answers: answers.iter().map(|a| (*a).to_owned()).collect() }
 }
 
 fn time(micros: i64) -> Result<DateTime<Utc>> {
@@ -624,6 +729,12 @@ mod tests {
     use super::*;
     use crate::store::test_records::{sample, samples};
 
+    /// Records as a block older than version 4 gives them back: the first
+    /// DNS exchange alone, and not local.
+    fn before_v4(records: &[Icr]) -> Vec<Icr> {
+        records.iter().cloned().map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r }).collect()
+    }
+
     #[test]
     fn blocks_round_trip_every_field() {
         let records = samples(500);
@@ -636,7 +747,7 @@ mod tests {
 
     #[test]
     fn version_1_blocks_are_still_read_and_filtered() {
-        let records = samples(500);
+        let records = before_v4(&samples(500));
         for compress in [false, true] {
             let block = encode_v1(&records, compress).unwrap();
             assert_eq!(decode(&block).unwrap(), records);
@@ -656,7 +767,7 @@ mod tests {
 
     #[test]
     fn blocks_written_before_records_named_their_probe_read_as_no_probe() {
-        let named: Vec<Icr> = samples(300).into_iter().map(|r| Icr { probe: Some("gw-07".into()), ..r }).collect();
+        let named: Vec<Icr> = before_v4(&samples(300)).into_iter().map(|r| Icr { probe: Some("gw-07".into()), ..r }).collect();
         let unnamed: Vec<Icr> = named.iter().cloned().map(|r| Icr { probe: None, ..r }).collect();
         for compress in [false, true] {
             assert_eq!(decode(&encode(&named, compress).unwrap()).unwrap(), named);
@@ -665,6 +776,66 @@ mod tests {
             assert_eq!(decode(&old).unwrap(), unnamed, "compressed: {compress}");
             let fields = KeyFields { public: true, ..KeyFields::default() };
             assert_eq!(decode_filtered(&old, fields, |keys| keys.public.is_some()).unwrap().len(), unnamed.iter().filter(|r| r.public.is_some()).count());
+        }
+    }
+
+    #[test]
+    fn every_dns_exchange_and_local_round_trip() {
+        let records = samples(400);
+        assert!(records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local), "the samples have both");
+        for compress in [false, true] {
+            let decoded = decode(&encode(&records, compress).unwrap()).unwrap();
+            assert_eq!(decoded, records);
+            for record in &decoded {
+                assert_eq!(record.dns.as_ref(), record.dns_all.first(), "dns is the first exchange");
+            }
+        }
+        // Skipped records leave DNS_ALL and LOCAL in step with the others.
+        let fields = KeyFields { service_name: true, ..KeyFields::default() };
+        let mut seen = 0;
+        let kept = decode_filtered(&encode(&records, true).unwrap(), fields, |keys| {
+            seen += 1;
+            keys.dns_more.len() > 1 || seen % 11 == 0
+        })
+        .unwrap();
+        let expected: Vec<Icr> =
+            records.iter().enumerate().filter(|(i, r)| r.dns_all.len() > 2 || (i + 1) % 11 == 0).map(|(_, r)| r.clone()).collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn version_3_blocks_read_as_their_first_exchange_and_not_local() {
+        let records = samples(300);
+        let as_v3 = before_v4(&records);
+        for compress in [false, true] {
+            let old = encode_v3(&records, compress).unwrap();
+            assert_eq!(old[0], 3);
+            assert_eq!(decode(&old).unwrap(), as_v3, "compressed: {compress}");
+            let fields = KeyFields { service_name: true, ..KeyFields::default() };
+            let kept = decode_filtered(&old, fields, |keys| keys.dns_first == Some("a.example") && keys.dns_more.is_empty()).unwrap();
+            assert_eq!(kept, as_v3.iter().filter(|r| r.dns.is_some()).cloned().collect::<Vec<_>>());
+            // Older still: no probe either, and the same defaults.
+            let unnamed: Vec<Icr> = as_v3.iter().cloned().map(|r| Icr { probe: None, ..r }).collect();
+            assert_eq!(decode(&encode_v2(&records, compress).unwrap()).unwrap(), unnamed);
+            assert_eq!(decode(&encode_v1(&records, compress).unwrap()).unwrap(), unnamed);
+        }
+    }
+
+    #[test]
+    fn a_record_whose_dns_is_not_its_first_exchange_is_refused() {
+        let mut records = samples(20);
+        let dns = records[9].dns.clone().expect("sample 9 is a DNS record");
+        let cases = [
+            (None, vec![dns.clone()]),
+            (Some(dns.clone()), vec![]),
+            (Some(dns.clone()), vec![Dns { qname: "other.example".into(), ..dns.clone() }, dns.clone()]),
+        ];
+        for (first, all) in cases {
+            records[9].dns = first;
+            records[9].dns_all = all;
+            let error = encode(&records, true).unwrap_err();
+            assert!(error.downcast_ref::<InconsistentDns>().is_some(), "{error:#}");
+            assert!(format!("{error:#}").contains(&format!("encoding record {}", records[9].id)), "{error:#}");
         }
     }
 
@@ -695,6 +866,8 @@ mod tests {
         record.public = None;
         record.service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
         record.dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec![] });
+        record.dns_all = vec![record.dns.clone().unwrap(), Dns { qname: String::new(), qtype: String::new(), answers: vec![String::new()] }];
+        record.local = true;
         record.packets_up = u64::MAX;
         record.probe = Some("gw-07".into());
         let block = encode(std::slice::from_ref(&record), true).unwrap();

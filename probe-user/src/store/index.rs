@@ -1,7 +1,8 @@
 //! The indexes for the three questions. Every record yields index keys (its
 //! public ip and ip:port for question 1; its MAC, device IP and subscriber
-//! for question 2; its service name, every parent domain of it, its remote
-//! IP and remote network for question 3), and each key a 32-bit fingerprint.
+//! for question 2; its service name and the name of each of its DNS
+//! exchanges, every parent domain of them, its remote IP and remote network
+//! for question 3), and each key a 32-bit fingerprint.
 //!
 //! A sealed block stores the sorted fingerprints of its records' keys. Every
 //! [`RUN_BLOCKS`] blocks these are merged into a *run*: fingerprint → the
@@ -36,9 +37,9 @@ pub enum IndexKey {
     Mac([u8; 6]),
     DeviceIp(IpAddr),
     Subscriber(String),
-    /// A service name exactly.
+    /// A service name, or a DNS exchange's name, exactly.
     Name(String),
-    /// A domain the service name is in (`example.com` for `mail.example.com`).
+    /// A domain such a name is in (`example.com` for `mail.example.com`).
     Domain(String),
     RemoteIp(IpAddr),
     /// The remote address's /24 (IPv4) or /48 (IPv6).
@@ -114,9 +115,10 @@ fn put_net(buffer: &mut Vec<u8>, net: &IpNet) {
 }
 
 /// The fingerprints of every index key of a record (its public ip and
-/// ip:port, MAC, device IP, subscriber, service name and each parent domain
-/// of it, remote IP and remote network), into `prints`. Built without
-/// allocating: this runs for every record written.
+/// ip:port, MAC, device IP, subscriber, service name and each distinct DNS
+/// exchange's name and each parent domain of them, remote IP and remote
+/// network), into `prints`. Built without allocating (but for names that
+/// are not lowercase): this runs for every record written.
 fn record_prints(record: &Icr, buffer: &mut Vec<u8>, prints: &mut Vec<u32>) {
     let mut add = |buffer: &mut Vec<u8>, kind: u8, fill: &dyn Fn(&mut Vec<u8>)| {
         key_bytes(buffer, kind, fill);
@@ -138,8 +140,15 @@ fn record_prints(record: &Icr, buffer: &mut Vec<u8>, prints: &mut Vec<u32>) {
     if let Some(subscriber) = &record.device.subscriber {
         add(buffer, SUBSCRIBER, &|b| b.extend_from_slice(subscriber.as_bytes()));
     }
-    if let Some(service) = &record.service {
-        let name = lowercase(&service.name);
+    let service = record.service.as_ref().map(|s| s.name.as_str());
+    let qnames = || record.dns_all.iter().map(|d| d.qname.as_str());
+    for (index, name) in service.into_iter().chain(qnames()).enumerate() {
+        // A name is indexed once per record, however many exchanges ask it.
+        let earlier = service.into_iter().chain(qnames()).take(index);
+        if name.is_empty() || earlier.clone().any(|e| same_name(e, name)) {
+            continue;
+        }
+        let name = normal_name(name);
         add(buffer, NAME, &|b| b.extend_from_slice(name.as_bytes()));
         for domain in parent_domains(&name) {
             add(buffer, DOMAIN, &|b| b.extend_from_slice(domain.as_bytes()));
@@ -161,12 +170,19 @@ fn parent_domains(name: &str) -> impl Iterator<Item = &str> {
     name.match_indices('.').map(|(dot, _)| &name[dot + 1..]).filter(|d| !d.is_empty())
 }
 
-fn lowercase(name: &str) -> std::borrow::Cow<'_, str> {
+/// A name as it is indexed and compared: lowercase, without the root's
+/// trailing dot (a DNS question may carry it; service names never do).
+pub(crate) fn normal_name(name: &str) -> std::borrow::Cow<'_, str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(name.to_ascii_lowercase())
     } else {
         std::borrow::Cow::Borrowed(name)
     }
+}
+
+fn same_name(a: &str, b: &str) -> bool {
+    a.strip_suffix('.').unwrap_or(a).eq_ignore_ascii_case(b.strip_suffix('.').unwrap_or(b))
 }
 
 /// The keys a query asks for, as sets: testing a record against a thousand
@@ -203,10 +219,10 @@ impl KeyFilter {
         filter
     }
 
-    /// Whether a stored record (not yet built into an [`Icr`]) has a key asked for.
     /// Whether a stored record's keys (read for [`KeyFilter::fields`]) include one asked for.
     pub fn matches_view(&self, view: &Keys) -> bool {
-        self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.service_name, view.remote.map(|r| r.0))
+        self.matches(view.public, view.mac, view.device_ip, view.subscriber, view.remote.map(|r| r.0))
+            || view.service_name.into_iter().chain(view.dns_names()).any(|name| self.matches_name(name))
     }
 
     /// The keys this filter tests: a block decodes only their columns.
@@ -227,9 +243,17 @@ impl KeyFilter {
             record.device.mac.as_deref().and_then(|mac| mac.parse::<Mac>().ok()).map(|mac| mac.0),
             record.device.ip,
             record.device.subscriber.as_deref(),
-            record.service.as_ref().map(|s| s.name.as_str()),
             Some(record.remote.ip),
-        )
+        ) || record.service.iter().map(|s| s.name.as_str()).chain(record.dns_all.iter().map(|d| d.qname.as_str())).any(|name| self.matches_name(name))
+    }
+
+    /// Whether a service or DNS name is one asked for, or in a domain asked for.
+    fn matches_name(&self, name: &str) -> bool {
+        if self.name.is_empty() && self.domain.is_empty() {
+            return false;
+        }
+        let name = normal_name(name);
+        self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
     }
 
     fn matches(
@@ -238,17 +262,12 @@ impl KeyFilter {
         mac: Option<[u8; 6]>,
         device_ip: Option<IpAddr>,
         subscriber: Option<&str>,
-        service_name: Option<&str>,
         remote_ip: Option<IpAddr>,
     ) -> bool {
         public.is_some_and(|(ip, port)| self.public_addr.contains(&ip) || self.public_port.contains(&(ip, port)))
             || mac.is_some_and(|mac| self.mac.contains(&mac))
             || device_ip.is_some_and(|ip| self.device_ip.contains(&ip))
             || subscriber.is_some_and(|name| self.subscriber.contains(name))
-            || service_name.is_some_and(|name| {
-                let name = lowercase(name);
-                self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
-            })
             || remote_ip.is_some_and(|ip| {
                 self.remote_ip.contains(&ip) || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(ip)))
             })
@@ -400,6 +419,36 @@ mod tests {
         upper.service.as_mut().unwrap().name = "S3.Example.COM".into();
         assert_eq!(fingerprints_of(&upper), prints, "names are indexed lowercase");
         assert!(KeyFilter::new(&[IndexKey::Domain("example.com".into())]).matches_record(&upper));
+    }
+
+    #[test]
+    fn a_dns_record_is_found_by_the_name_of_any_of_its_exchanges() {
+        let record = sample(18);
+        assert_eq!(record.dns_all.len(), 3, "a.example, then cdn3.b.example twice");
+        let prints = fingerprints_of(&record);
+        let second = IndexKey::Name("cdn3.b.example".into());
+        for key in [second.clone(), IndexKey::Domain("b.example".into()), IndexKey::Name("a.example".into()), IndexKey::Domain("example".into())] {
+            assert!(prints.contains(&key.fingerprint()), "{key:?}");
+            let filter = KeyFilter::new(std::slice::from_ref(&key));
+            assert!(filter.matches_record(&record), "{key:?}");
+            assert!(filter.fields().service_name, "{key:?} reads the name columns");
+        }
+        assert_eq!(prints.iter().filter(|p| **p == second.fingerprint()).count(), 1, "a name asked twice is indexed once");
+        // Not by its first exchange alone: a record of one exchange is not found.
+        let first_only = Icr { dns_all: record.dns_all[..1].to_vec(), ..record.clone() };
+        assert!(!KeyFilter::new(std::slice::from_ref(&second)).matches_record(&first_only));
+        assert!(!fingerprints_of(&first_only).contains(&second.fingerprint()));
+        // As the store reads it: the keys of a block's records, not the records.
+        let records = crate::store::test_records::samples(40);
+        let block = crate::store::codec::encode(&records, true).unwrap();
+        let filter = KeyFilter::new(&[IndexKey::Domain("b.example".into())]);
+        let found = crate::store::codec::decode_filtered(&block, filter.fields(), |keys| filter.matches_view(keys)).unwrap();
+        let expected: Vec<Icr> = records.iter().filter(|r| r.dns_all.len() > 1).cloned().collect();
+        assert_eq!(found.len(), 3);
+        assert_eq!(found, expected);
+        let mut trailing = record;
+        trailing.dns_all[1].qname = "CDN3.B.Example.".into();
+        assert!(KeyFilter::new(std::slice::from_ref(&second)).matches_record(&trailing), "case and the root's dot aside");
     }
 
     #[test]

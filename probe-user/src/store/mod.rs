@@ -1093,7 +1093,20 @@ pub(crate) mod test_records {
         }
     }
 
+    /// Some samples are DNS records (one or several exchanges), and some
+    /// never left the gateway (`local`, no public end).
     pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
+        let local = i % 23 == 7;
+        let exchange = |qname: String, qtype: &str, answers: Vec<String>| crate::icr::Dns { qname, qtype: qtype.into(), answers };
+        let dns_all = match i % 18 {
+            0 => vec![
+                exchange("a.example".into(), "A", vec!["192.0.2.1".into()]),
+                exchange(format!("cdn{}.b.example", i % 5), "AAAA", vec![]),
+                exchange(format!("cdn{}.b.example", i % 5), "A", vec!["192.0.2.7".into(), "192.0.2.8".into()]),
+            ],
+            9 => vec![exchange("a.example".into(), "A", vec!["192.0.2.1".into()])],
+            _ => vec![],
+        };
         Icr {
             id: ids.next(&start),
             probe: None,
@@ -1109,23 +1122,21 @@ pub(crate) mod test_records {
                 pppoe_session: i.is_multiple_of(13).then_some(7),
                 subscriber: Some(format!("line-{}", i % 250)),
             },
-            public: Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
+            public: (!local).then(|| Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
             remote: Endpoint { ip: format!("192.0.2.{}", i % 200 + 1).parse().unwrap(), port: 443 },
             service: (i % 4 != 1).then(|| Service {
                 name: format!("s{}.example.com", i % 40),
                 source: ServiceSource::TlsSni,
                 ech: false,
             }),
-            dns: i.is_multiple_of(9).then(|| crate::icr::Dns {
-                qname: "a.example".into(),
-                qtype: "A".into(),
-                answers: vec!["192.0.2.1".into()],
-            }),
+            dns: dns_all.first().cloned(),
+            dns_all,
             packets_up: 10 + i % 50,
             packets_down: 12 + i % 70,
             bytes_up: 1000 + i * 3 % 5000,
             bytes_down: 9000 + i * 7 % 90000,
             incomplete: i.is_multiple_of(17),
+            local,
         }
     }
 
@@ -1331,7 +1342,11 @@ mod tests {
 
     #[test]
     fn a_layout_1_store_is_moved_to_layout_2_when_opened_and_answers_the_same() {
-        let records = samples(TEST_BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30);
+        // What layout 1's blocks can hold: one DNS exchange, never local.
+        let records: Vec<Icr> = samples(TEST_BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30)
+            .into_iter()
+            .map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r })
+            .collect();
         let window = (records[0].start, records.last().unwrap().end);
         let devices = [IndexKey::Mac([2, 0, 0, 0, 9, 0x17]), IndexKey::Subscriber("line-200".into())];
         let answers = |store: &Store| {

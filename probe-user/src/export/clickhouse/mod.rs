@@ -144,7 +144,8 @@ impl ClickHouse {
             .collect())
     }
 
-    /// Creates the database and tables on every node (again: nothing changes).
+    /// Creates the database and tables on every node (again: nothing changes),
+    /// and adds the record columns that tables made by an older icr lack.
     /// Returns the nodes.
     pub async fn init(&self) -> Result<Vec<String>> {
         let nodes = self.nodes().await?;
@@ -153,8 +154,31 @@ impl ClickHouse {
             for statement in self.schema() {
                 client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
             }
+            for statement in self.missing_columns(&client).await.with_context(|| format!("reading the columns on {node}"))? {
+                client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
+            }
         }
         Ok(nodes)
+    }
+
+    /// `ALTER TABLE .. ADD COLUMN` for each record column a table lacks, in
+    /// the order of [`RECORD_COLUMNS`] (an added column goes last, so the
+    /// tables keep one column order, which `SELECT *` copies rely on).
+    /// 18.16 has no `ADD COLUMN IF NOT EXISTS`: `system.columns` says what
+    /// is there. The tables the materialized views fill come before
+    /// `records_local`, so a row inserted meanwhile finds its columns there;
+    /// the Distributed tables last.
+    async fn missing_columns(&self, client: &Client) -> Result<Vec<String>> {
+        let mut tables: Vec<String> = ["records_by_device_local", "records_by_service_local", "records_local"].map(String::from).into();
+        if self.cluster.is_some() {
+            tables.extend(["records", "records_by_device", "records_by_service"].map(String::from));
+        }
+        let present: Vec<(String, String)> = client
+            .query("SELECT table, name FROM system.columns WHERE database = ?")
+            .bind(DATABASE)
+            .fetch_all()
+            .await?;
+        Ok(alter_statements(&tables, &present))
     }
 
     /// The DDL of one node.
@@ -277,6 +301,20 @@ impl ClickHouse {
     }
 }
 
+/// The statements that add to each of `tables` the record columns that
+/// `present` (table, column) does not list for it.
+fn alter_statements(tables: &[String], present: &[(String, String)]) -> Vec<String> {
+    let mut statements = Vec::new();
+    for table in tables {
+        for (name, kind) in RECORD_COLUMNS {
+            if !present.iter().any(|(t, n)| t == table && n == name) {
+                statements.push(format!("ALTER TABLE {DATABASE}.{table} ADD COLUMN {name} {kind}"));
+            }
+        }
+    }
+    statements
+}
+
 /// A value bound to a `?` of a condition.
 #[derive(Clone, Debug)]
 pub enum Bind {
@@ -288,4 +326,30 @@ pub enum Bind {
 /// blocking answers): each call runs on its own small runtime.
 pub fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime for ClickHouse")?.block_on(work)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_of_an_older_icr_get_the_columns_they_lack_in_order() {
+        let tables: Vec<String> = ["records_by_service_local", "records_local"].map(String::from).into();
+        let older = RECORD_COLUMNS.len() - 4;
+        let mut present: Vec<(String, String)> =
+            RECORD_COLUMNS[..older].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())).collect();
+        present.extend(RECORD_COLUMNS.iter().map(|(name, _)| ("records_by_service_local".to_string(), name.to_string())));
+        present.push(("elsewhere".into(), "local".into()));
+        assert_eq!(
+            alter_statements(&tables, &present),
+            [
+                "ALTER TABLE icr.records_local ADD COLUMN dns_all_qname Array(String)",
+                "ALTER TABLE icr.records_local ADD COLUMN dns_all_qtype Array(String)",
+                "ALTER TABLE icr.records_local ADD COLUMN dns_all_answers Array(Array(String))",
+                "ALTER TABLE icr.records_local ADD COLUMN local UInt8",
+            ]
+        );
+        present.extend(RECORD_COLUMNS[older..].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())));
+        assert!(alter_statements(&tables, &present).is_empty(), "again: nothing to add");
+    }
 }

@@ -4,7 +4,7 @@
 //! A row reads back as the record it was made from.
 use std::net::{IpAddr, Ipv6Addr};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,15 @@ pub struct RecordRow {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub incomplete: u8,
+    // Added after the first release: last, as `ALTER TABLE .. ADD COLUMN`
+    // puts them on tables made before (`ClickHouse::init`).
+    /// Every DNS exchange, one array element each (the first is `dns_*`
+    /// again): parallel arrays, so question 3 tests the names alone with
+    /// `has`/`arrayExists`, which 18.16 has.
+    pub dns_all_qname: Vec<String>,
+    pub dns_all_qtype: Vec<String>,
+    pub dns_all_answers: Vec<Vec<String>>,
+    pub local: u8,
 }
 
 /// The column list of [`RecordRow`], for `CREATE TABLE` and `SELECT`.
@@ -81,6 +90,10 @@ pub const RECORD_COLUMNS: &[(&str, &str)] = &[
     ("bytes_up", "UInt64"),
     ("bytes_down", "UInt64"),
     ("incomplete", "UInt8"),
+    ("dns_all_qname", "Array(String)"),
+    ("dns_all_qtype", "Array(String)"),
+    ("dns_all_answers", "Array(Array(String))"),
+    ("local", "UInt8"),
 ];
 
 /// An address as ClickHouse keeps it.
@@ -143,6 +156,10 @@ impl RecordRow {
             bytes_up: record.bytes_up,
             bytes_down: record.bytes_down,
             incomplete: u8::from(record.incomplete),
+            dns_all_qname: record.dns_all.iter().map(|d| d.qname.clone()).collect(),
+            dns_all_qtype: record.dns_all.iter().map(|d| d.qtype.clone()).collect(),
+            dns_all_answers: record.dns_all.iter().map(|d| d.answers.clone()).collect(),
+            local: u8::from(record.local),
         })
     }
 
@@ -158,6 +175,20 @@ impl RecordRow {
             _ => None,
         };
         let dns = optional(self.dns_qname).map(|qname| Dns { qname, qtype: self.dns_qtype, answers: self.dns_answers });
+        let count = self.dns_all_qname.len();
+        if self.dns_all_qtype.len() != count || self.dns_all_answers.len() != count {
+            bail!("record {}: its dns_all arrays differ in length", self.id);
+        }
+        let dns_all: Vec<Dns> = self
+            .dns_all_qname
+            .into_iter()
+            .zip(self.dns_all_qtype)
+            .zip(self.dns_all_answers)
+            .map(|((qname, qtype), answers)| Dns { qname, qtype, answers })
+            .collect();
+        // Rows shipped before the columns existed read as empty arrays: the
+        // first exchange alone, as the store reads its older blocks.
+        let dns_all = if dns_all.is_empty() { dns.iter().cloned().collect() } else { dns_all };
         Ok(Icr {
             start: time(self.start_us).with_context(|| format!("record {}", self.id))?,
             end: time(self.end_us).with_context(|| format!("record {}", self.id))?,
@@ -177,11 +208,13 @@ impl RecordRow {
             remote: Endpoint { ip: ip_of(self.remote_ip), port: self.remote_port },
             service,
             dns,
+            dns_all,
             packets_up: self.packets_up,
             packets_down: self.packets_down,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             incomplete: self.incomplete != 0,
+            local: self.local != 0,
         })
     }
 }
@@ -245,10 +278,19 @@ mod tests {
         records[4].public = None;
         records[5].dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec!["2001:db8::1".into()] });
         records[6].service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
+        records[5].dns_all = vec![records[5].dns.clone().unwrap()];
         records[7].device = Device { vlan: vec![100, 20], pppoe_session: Some(7), ..Device::default() };
-        for record in records {
-            assert_eq!(RecordRow::of(&record).unwrap().into_icr().unwrap(), record);
+        assert!(records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local), "the samples have both");
+        for record in &records {
+            assert_eq!(&RecordRow::of(record).unwrap().into_icr().unwrap(), record);
         }
+        // A row shipped before dns_all and local: its first exchange, not local.
+        let dns = records.iter().find(|r| r.dns_all.len() > 1).unwrap();
+        let old = RecordRow { dns_all_qname: vec![], dns_all_qtype: vec![], dns_all_answers: vec![], local: 0, ..RecordRow::of(dns).unwrap() };
+        assert_eq!(old.into_icr().unwrap().dns_all, vec![dns.dns.clone().unwrap()]);
+        let mut bad = RecordRow::of(dns).unwrap();
+        bad.dns_all_qtype.pop();
+        assert!(bad.into_icr().is_err(), "arrays of different lengths are an error, not a panic");
         assert!(day_number(DateTime::from_timestamp(-1, 0).unwrap()).is_err(), "before 1970");
     }
 }
