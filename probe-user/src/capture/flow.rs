@@ -570,7 +570,7 @@ impl Assembler {
             public,
             remote: Endpoint { ip: device.dst, port: device.dst_port },
             service,
-            dns_all: dns.iter().cloned().collect(),
+            dns_all,
             dns,
             packets_up,
             packets_down,
@@ -580,7 +580,7 @@ impl Assembler {
                 || known.adopted
                 || wan_known.is_some_and(|w| w.incomplete || w.adopted)
                 || missing_nat,
-            local: false,
+            local,
         }
     }
 }
@@ -818,6 +818,7 @@ mod tests {
         assert_eq!(records.len(), 2, "{records:#?}");
         let exchange = records.iter().find(|r| r.remote.port == 53).unwrap();
         assert_eq!(exchange.public, None, "the exchange never left the gateway");
+        assert!(exchange.local);
         assert!(!exchange.incomplete, "no NAT mapping is missing from a local exchange");
         assert_eq!((exchange.packets_up, exchange.packets_down), (1, 1));
         assert_eq!(exchange.dns.as_ref().map(|d| d.answers.clone()), Some(vec!["198.51.100.10".to_string()]));
@@ -825,6 +826,7 @@ mod tests {
         let service = connection.service.as_ref().expect("named from the gateway resolver's answer");
         assert_eq!((service.name.as_str(), service.source), ("www.example.test", ServiceSource::Dns));
         assert_eq!(connection.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }));
+        assert!(!connection.local);
     }
 
     #[test]

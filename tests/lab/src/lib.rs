@@ -43,6 +43,16 @@ pub const MAIL_NAME: &str = "mail.example.test";
 pub const EXCHANGE_NAME: &str = "exchange.example.test";
 /// A CNAME pointing at the web server.
 pub const ALIAS_NAME: &str = "alias.example.test";
+/// The exchange server's IPv6 address (AAAA of [`EXCHANGE_NAME`]); it listens
+/// there once [`Lab::enable_ipv6`] has routed IPv6.
+pub const EXCHANGE_IP6: &str = "2001:db8:100::20";
+
+/// IPv6, once enabled: global addresses on both sides and no NAT, as on a
+/// dual-stack line. The LAN is `LAN_NET6::/64`, clients at `::11`, `::12`, ..
+pub const LAN_NET6: &str = "2001:db8:50:";
+pub const GATEWAY_LAN_IP6: &str = "2001:db8:50::1";
+pub const GATEWAY_WAN_IP6: &str = "2001:db8:113::1";
+pub const INTERNET_ROUTER_IP6: &str = "2001:db8:113::fe";
 
 /// The gateway's interfaces, as `icr run` is given them.
 pub const GATEWAY_WAN_IF: &str = "wan0";
@@ -243,6 +253,7 @@ http {{
                 &format!("--address=/{MAIL_NAME}/{MAIL_IP}"),
                 &format!("--address=/{EXCHANGE_NAME}/{EXCHANGE_IP}"),
                 &format!("--host-record={WEB_NAME},{WEB_IP},{WEB_IP6}"),
+                &format!("--host-record={EXCHANGE_NAME},{EXCHANGE_IP},{EXCHANGE_IP6}"),
                 // An HTTPS record (type 65): priority 1, target ".", ipv4hint = the web server.
                 &format!("--dns-rr={WEB_NAME},65,000100000400{}", "04c633640a"),
                 &format!("--cname={ALIAS_NAME},{WEB_NAME}"),
@@ -308,15 +319,93 @@ http {{
         Ok(out)
     }
 
+    /// Routes IPv6 through the gateway, without NAT: global addresses for
+    /// the gateway's two sides, the clients and the internet's servers
+    /// ([`WEB_IP6`], and [`EXCHANGE_IP6`], where an exchange server starts).
+    pub fn enable_ipv6(&mut self) -> Result<()> {
+        let (gw, inet) = (self.gateway.clone(), self.internet.clone());
+        // `nodad`: addresses usable at once, not after duplicate detection.
+        let add = |ns: &str, address: &str, dev: &str| ip(&["-n", ns, "addr", "add", address, "dev", dev, "nodad"]);
+        run(Command::new("ip").args(["netns", "exec", &gw, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]))?;
+        add(&gw, &format!("{GATEWAY_LAN_IP6}/64"), "brlan")?;
+        add(&gw, &format!("{GATEWAY_WAN_IP6}/64"), GATEWAY_WAN_IF)?;
+        add(&inet, &format!("{INTERNET_ROUTER_IP6}/64"), "eth0")?;
+        for server in [WEB_IP6, EXCHANGE_IP6] {
+            add(&inet, &format!("{server}/128"), "lo")?;
+        }
+        ip(&["-n", &gw, "-6", "route", "add", "default", "via", INTERNET_ROUTER_IP6])?;
+        ip(&["-n", &inet, "-6", "route", "add", &format!("{LAN_NET6}:/64"), "via", GATEWAY_WAN_IP6])?;
+        for (index, client) in self.clients.iter().enumerate() {
+            add(&client.ns, &format!("{}/64", client_ip6(index)), "eth0")?;
+            ip(&["-n", &client.ns, "-6", "route", "add", "default", "via", GATEWAY_LAN_IP6])?;
+        }
+        let exchange = self.spawn_in(
+            &inet,
+            Command::new("python3").arg(exchange_script()).args(["serve", EXCHANGE_IP6, &EXCHANGE_PORT.to_string()]),
+            "exchange6",
+        )?;
+        self.servers.push(exchange);
+        wait_for(patience(Duration::from_secs(20)), "the IPv6 exchange server to listen", || {
+            Ok(output(Command::new("ip").args(["netns", "exec", &inet, "ss", "-Hltn"]))?.contains(&format!("[{EXCHANGE_IP6}]:{EXCHANGE_PORT}")))
+        })
+    }
+
+    /// Runs a resolver on the gateway, as home routers do: dnsmasq on the
+    /// gateway's LAN addresses (IPv6 too, if enabled), forwarding to the
+    /// internet's DNS server; it answers `router.lan` itself.
+    pub fn start_gateway_resolver(&mut self) -> Result<()> {
+        let gw = self.gateway.clone();
+        let mut args = vec![
+            "--keep-in-foreground".to_string(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={GATEWAY_LAN_IP}"),
+            format!("--server={DNS_IP}"),
+            "--user=root".into(),
+            format!("--pid-file={}", self.dir.join("gateway-dnsmasq.pid").display()),
+            format!("--host-record=router.lan,{GATEWAY_LAN_IP}"),
+        ];
+        let ipv6 = output(Command::new("ip").args(["-n", &gw, "-6", "addr", "show", "dev", "brlan"]))?.contains(GATEWAY_LAN_IP6);
+        if ipv6 {
+            args.push(format!("--listen-address={GATEWAY_LAN_IP6}"));
+        }
+        let dnsmasq = self.spawn_in(&gw, Command::new("dnsmasq").args(&args), "gateway-dnsmasq")?;
+        self.servers.push(dnsmasq);
+        wait_for(patience(Duration::from_secs(20)), "the gateway's resolver to listen", || {
+            let listening = output(Command::new("ip").args(["netns", "exec", &gw, "ss", "-Hlun"]))?;
+            Ok(listening.contains(&format!("{GATEWAY_LAN_IP}:53")) && (!ipv6 || listening.contains(&format!("[{GATEWAY_LAN_IP6}]:53"))))
+        })
+    }
+
     /// A TCP exchange from `client`: sends `up` bytes, reads `down` bytes back.
     /// Returns the client's source port.
     pub fn exchange(&self, client: &Client, up: usize, down: usize) -> Result<u16> {
+        self.exchange_with(client, EXCHANGE_IP, up, down)
+    }
+
+    /// As [`Lab::exchange`], with the exchange server at `server` ([`EXCHANGE_IP`] or [`EXCHANGE_IP6`]).
+    pub fn exchange_with(&self, client: &Client, server: &str, up: usize, down: usize) -> Result<u16> {
         let out = self.exec(
             &client.ns,
-            Command::new("python3").arg(exchange_script()).args(["connect", EXCHANGE_IP, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string()]),
+            Command::new("python3").arg(exchange_script()).args(["connect", server, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string()]),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
         text.trim().parse().with_context(|| format!("the exchange client printed {text:?}"))
+    }
+
+    /// DNS questions (`name:A`, `name:AAAA`) from `client` to `server`, all
+    /// from one UDP socket; returns each name with the addresses answered.
+    pub fn ask(&self, client: &Client, server: &str, questions: &[&str]) -> Result<Vec<(String, Vec<String>)>> {
+        let out = self.exec(&client.ns, Command::new("python3").arg(ask_script()).arg(server).args(questions))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let mut words = line.split_whitespace().map(str::to_string);
+                (words.next().unwrap_or_default(), words.collect())
+            })
+            .collect())
     }
 
     /// A QUIC handshake from `client` to the lab's QUIC server with `sni`.
@@ -436,6 +525,11 @@ impl Drop for Capture {
             let _ = child.wait();
         }
     }
+}
+
+/// The IPv6 address of the client at `index` (0-based), once IPv6 is enabled.
+pub fn client_ip6(index: usize) -> String {
+    format!("{LAN_NET6}:{}", 11 + index)
 }
 
 /// A running `icr run` on the gateway.
@@ -637,6 +731,10 @@ pub fn quic_script() -> PathBuf {
 
 pub fn exchange_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("exchange.py")
+}
+
+pub fn ask_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ask.py")
 }
 
 fn ip(args: &[&str]) -> Result<()> {
