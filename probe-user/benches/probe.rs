@@ -123,24 +123,24 @@ fn tcp(client_port: u16, from_client: bool, syn: bool, payload: usize) -> Vec<u8
 }
 
 fn udp(client_port: u16, server: [u8; 4], server_port: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x17], [2, 0, 0, 0, 0, 1])
-        .ipv4(CLIENT, server, 64)
-        .udp(client_port, server_port)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
+    udp_between(true, client_port, server, server_port, payload)
 }
 
-/// A UDP frame from SERVER-side `server`:`server_port` back to CLIENT, as
-/// the gateway's resolver sends its answer.
+/// As [`udp`], from the server back to CLIENT, as the gateway's resolver
+/// sends its answer.
 fn udp_back(client_port: u16, server: [u8; 4], server_port: u16, payload: &[u8]) -> Vec<u8> {
+    udp_between(false, client_port, server, server_port, payload)
+}
+
+fn udp_between(from_client: bool, client_port: u16, server: [u8; 4], server_port: u16, payload: &[u8]) -> Vec<u8> {
+    let (client_mac, gateway_mac) = ([2, 0, 0, 0, 0, 0x17], [2, 0, 0, 0, 0, 1]);
+    let builder = if from_client {
+        PacketBuilder::ethernet2(client_mac, gateway_mac).ipv4(CLIENT, server, 64).udp(client_port, server_port)
+    } else {
+        PacketBuilder::ethernet2(gateway_mac, client_mac).ipv4(server, CLIENT, 64).udp(server_port, client_port)
+    };
     let mut frame = Vec::new();
-    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0x17])
-        .ipv4(server, CLIENT, 64)
-        .udp(server_port, client_port)
-        .write(&mut frame, payload)
-        .unwrap();
+    builder.write(&mut frame, payload).unwrap();
     frame
 }
 

@@ -65,13 +65,8 @@ fn names_come_from_sni_host_and_dns() {
     agent.stop().expect("the agent stops cleanly");
     let pcaps: Vec<_> = captures.into_iter().map(|c| c.stop().expect("stopping tcpdump")).collect();
     let records = records(&db);
-    let find = |device: &str, remote: &str, port: u64, proto: &str| -> Vec<&Value> {
-        records
-            .iter()
-            .filter(|r| r["device"]["ip"] == device && r["remote"]["ip"] == remote && r["remote"]["port"] == port && r["proto"] == proto)
-            .collect()
-    };
-    let service = |r: &Value| (r["service"]["name"].as_str().unwrap_or("-").to_string(), r["service"]["source"].as_str().unwrap_or("-").to_string());
+    let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
+    let service = icr_lab::service_of;
 
     let tls13 = find(&c1.ip, WEB_IP, 443, "tcp");
     assert_eq!(tls13.len(), 1, "{records:#?}");

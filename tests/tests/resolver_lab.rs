@@ -94,13 +94,8 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     assert!(log.contains("icr_lan_egress"), "the agent attached the egress program:\n{log}");
     let pcap = capture.stop().expect("stopping tcpdump");
     let records = records(&db);
-    let find = |device: &str, remote: &str, port: u64, proto: &str| -> Vec<&Value> {
-        records
-            .iter()
-            .filter(|r| r["device"]["ip"] == device && r["remote"]["ip"] == remote && r["remote"]["port"] == port && r["proto"] == proto)
-            .collect()
-    };
-    let service = |r: &Value| (r["service"]["name"].as_str().unwrap_or("-").to_string(), r["service"]["source"].as_str().unwrap_or("-").to_string());
+    let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
+    let service = icr_lab::service_of;
 
     // Connections named from the gateway resolver's answers, per device.
     let v4 = find(&c1.ip, EXCHANGE_IP, 9000, "tcp");

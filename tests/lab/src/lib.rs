@@ -527,6 +527,20 @@ impl Drop for Capture {
     }
 }
 
+/// The records (NDJSON, parsed) of `device`'s flows to `remote`:`port` over `proto`.
+pub fn records_between<'a>(records: &'a [serde_json::Value], device: &str, remote: &str, port: u64, proto: &str) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|r| r["device"]["ip"] == device && r["remote"]["ip"] == remote && r["remote"]["port"] == port && r["proto"] == proto)
+        .collect()
+}
+
+/// A record's service name and its source, `-` for none.
+pub fn service_of(record: &serde_json::Value) -> (String, String) {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_string();
+    (text(&record["service"]["name"]), text(&record["service"]["source"]))
+}
+
 /// The IPv6 address of the client at `index` (0-based), once IPv6 is enabled.
 pub fn client_ip6(index: usize) -> String {
     format!("{LAN_NET6}:{}", 11 + index)
