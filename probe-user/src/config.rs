@@ -466,18 +466,33 @@ pub struct HttpSection {
     /// How long a client may take to send its TLS handshake, its headers, and
     /// then its body, each (default 10s).
     pub request_timeout: Option<String>,
+    /// A web console session ends after this long without a request
+    /// (default 15m).
+    pub console_idle: Option<String>,
 }
 
 /// Default of `[http] max_connections`.
 const MAX_CONNECTIONS: usize = 64;
 /// Default of `[http] request_timeout`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `[http] console_idle`.
+const CONSOLE_IDLE: Duration = Duration::from_secs(15 * 60);
 impl HttpSection {
     pub fn max_connections(&self) -> Result<usize> {
         match self.max_connections {
             None => Ok(MAX_CONNECTIONS),
             Some(0) => bail!("[http] max_connections must be at least 1"),
             Some(n) => Ok(n),
+        }
+    }
+
+    pub fn console_idle(&self) -> Result<Duration> {
+        match &self.console_idle {
+            None => Ok(CONSOLE_IDLE),
+            Some(text) => match crate::config::parse_duration(text).context("[http] console_idle")? {
+                zero if zero.is_zero() => bail!("[http] console_idle = {text:?} must be longer than zero"),
+                idle => Ok(idle),
+            },
         }
     }
 

@@ -74,7 +74,7 @@ fn main() {
 fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
     let mut token = String::new();
     std::io::stdin().read_line(&mut token)?;
-    writeln!(out, "{}", icr::serve::http::hash_token(token.trim())?)?;
+    writeln!(out, "{}", icr::serve::tokens::hash_token(token.trim())?)?;
     Ok(())
 }
 

@@ -6,18 +6,17 @@
 //! through the same code as on the command line: authorised, purpose-bound,
 //! audited. A request without a valid token is refused and audited too.
 use std::{
-    collections::HashMap as StdHashMap,
     future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use argon2::{Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, password_hash::SaltString};
+use argon2::{Argon2, PasswordHash, PasswordVerifier as _};
 use axum::{
     Router,
     body::Body,
@@ -38,6 +37,10 @@ use crate::{
     config::{Config, HttpSection, StoreConfig},
     export::Format,
     query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, request::LocalFilter},
+    serve::{
+        console::{self, ConsoleState},
+        tokens::{self, Failures},
+    },
     store::gaps::Gap,
 };
 
@@ -45,17 +48,6 @@ use crate::{
 /// The largest request body: a query's parameters (1 MiB), with room for
 /// JSON's quoting.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
-
-/// The salted argon2 hash of a token, for an authority's `token_hash`.
-pub fn hash_token(token: &str) -> Result<String> {
-    if token.is_empty() {
-        anyhow::bail!("the token is empty: give the token on standard input");
-    }
-    let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
-    let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Argon2::default().hash_password(token.as_bytes(), &salt).map_err(|e| anyhow::anyhow!("{e}"))?.to_string())
-}
 
 #[derive(Clone)]
 struct AppState {
@@ -81,10 +73,13 @@ pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathB
     let Some(listen) = section.listen else { return Ok(()) };
     let request_timeout = section.request_timeout()?;
     let permits = Arc::new(Semaphore::new(section.max_connections()?));
-    let state = AppState { db, config_file, backend, request_timeout, failures: Arc::default() };
+    let failures: Arc<Failures> = Arc::default();
+    let console = ConsoleState::new(db.clone(), config_file.clone(), backend.clone(), failures.clone(), section.console_idle()?)?;
+    let state = AppState { db, config_file, backend, request_timeout, failures };
     let app = Router::new()
         .route("/v1/query/{kind}", post(query))
         .with_state(state)
+        .merge(console::routes(console))
         .into_make_service_with_connect_info::<SocketAddr>();
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     listener.set_nonblocking(true)?;
@@ -184,56 +179,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
-    }
-}
-
-/// Failed authentications per client address: after a few, each answer to
-/// that address waits, longer each time, so that tokens cannot be guessed at
-/// speed. Forgotten after a quiet spell, and on success.
-#[derive(Default)]
-struct Failures(Mutex<StdHashMap<IpAddr, (u32, Instant)>>);
-
-/// Failures allowed before answers slow down.
-const FREE_FAILURES: u32 = 3;
-/// The first wait, doubled at each further failure, up to `MAX_FAILURE_DELAY`.
-const FIRST_FAILURE_DELAY: Duration = Duration::from_millis(250);
-const MAX_FAILURE_DELAY: Duration = Duration::from_secs(8);
-/// A client quiet this long starts afresh.
-const FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
-/// Addresses remembered at most (the oldest are forgotten first).
-const MAX_FAILING_CLIENTS: usize = 10_000;
-
-impl Failures {
-    fn delay(&self, client: IpAddr) -> Duration {
-        let map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match map.get(&client) {
-            Some(&(count, last)) if count >= FREE_FAILURES && last.elapsed() < FAILURE_MEMORY => {
-                let doublings = (count - FREE_FAILURES).min(16);
-                (FIRST_FAILURE_DELAY * 2u32.pow(doublings)).min(MAX_FAILURE_DELAY)
-            }
-            _ => Duration::ZERO,
-        }
-    }
-
-    fn failed(&self, client: IpAddr) {
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if map.len() >= MAX_FAILING_CLIENTS && !map.contains_key(&client) {
-            map.retain(|_, (_, last)| last.elapsed() < FAILURE_MEMORY);
-            if map.len() >= MAX_FAILING_CLIENTS
-                && let Some(oldest) = map.iter().min_by_key(|(_, (_, last))| *last).map(|(ip, _)| *ip)
-            {
-                map.remove(&oldest);
-            }
-        }
-        let entry = map.entry(client).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_MEMORY {
-            entry.0 = 0;
-        }
-        *entry = (entry.0.saturating_add(1), Instant::now());
-    }
-
-    fn succeeded(&self, client: IpAddr) {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&client);
     }
 }
 
@@ -357,7 +302,7 @@ fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> 
 fn authenticate_with(
     config: &Config,
     headers: &HeaderMap,
-    mut verify: impl FnMut(&str, &PasswordHash) -> bool,
+    verify: impl FnMut(&str, &PasswordHash) -> bool,
 ) -> Result<String, String> {
     let name = headers
         .get(AUTHORITY_HEADER)
@@ -372,24 +317,7 @@ fn authenticate_with(
         .map(str::trim)
         .filter(|token| !token.is_empty())
         .ok_or_else(|| "no bearer token".to_string())?;
-    let configured = config.authority(name).and_then(|authority| authority.token_hash.as_deref());
-    let hash = configured.and_then(|hash| PasswordHash::new(hash).ok());
-    let verified = match &hash {
-        Some(hash) => verify(token, hash),
-        None => {
-            if let Ok(stand_in) = PasswordHash::new(stand_in_hash()) {
-                verify(token, &stand_in);
-            }
-            false
-        }
-    };
-    if verified { Ok(name.to_string()) } else { Err(format!("no valid token for authority {name:?}")) }
-}
-
-/// A hash no token matches, for names without one.
-fn stand_in_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| hash_token("no authority has this token").unwrap_or_default())
+    tokens::check(config, name, token, verify)
 }
 
 /// The questions served: `POST /v1/query/{kind}`.
@@ -497,6 +425,7 @@ pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::tokens::hash_token;
 
     #[test]
     fn tokens_verify_against_their_hash_only() {
@@ -548,26 +477,6 @@ mod tests {
             assert_eq!(result.is_ok(), accepted, "{name} {token}");
             assert_eq!(checks, 1, "{name} {token}: one argon2 check, not one per authority");
         }
-    }
-
-    #[test]
-    fn repeated_failures_from_one_address_are_slowed_and_forgotten_on_success() {
-        let failures = Failures::default();
-        let (client, other): (IpAddr, IpAddr) = ("192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap());
-        for _ in 0..FREE_FAILURES {
-            assert_eq!(failures.delay(client), Duration::ZERO);
-            failures.failed(client);
-        }
-        assert_eq!(failures.delay(client), FIRST_FAILURE_DELAY);
-        failures.failed(client);
-        assert_eq!(failures.delay(client), FIRST_FAILURE_DELAY * 2);
-        for _ in 0..40 {
-            failures.failed(client);
-        }
-        assert_eq!(failures.delay(client), MAX_FAILURE_DELAY);
-        assert_eq!(failures.delay(other), Duration::ZERO, "per address");
-        failures.succeeded(client);
-        assert_eq!(failures.delay(client), Duration::ZERO);
     }
 
     #[test]

@@ -1,0 +1,270 @@
+//! The console's pages, as HTML written with maud: every value is escaped
+//! by its type, and no page has inline script or style (the
+//! Content-Security-Policy forbids both).
+use maud::{DOCTYPE, Markup, html};
+use serde_json::Value;
+
+use super::{Answered, Kind, Rows};
+use crate::{icr::Icr, store::rollup::ServiceRow};
+
+/// Who is signed in, as a page shows it.
+pub struct Signed<'a> {
+    pub authority: &'a str,
+    pub csrf: &'a str,
+    pub auditor: bool,
+}
+
+fn page(title: &str, signed: Option<&Signed>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) " - icr console" }
+                link rel="stylesheet" href="/console/assets/console.css";
+                script src="/console/assets/console.js" defer {}
+            }
+            body {
+                header {
+                    a href="/console" { "icr console" }
+                    @if let Some(signed) = signed {
+                        span #who { "Signed in as " strong { (signed.authority) } }
+                        form method="post" action="/console/sign-out" {
+                            input type="hidden" name="csrf" value=(signed.csrf);
+                            button #sign-out type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+pub fn sign_in(error: Option<&str>) -> Markup {
+    page("Sign in", None, html! {
+        h1 { "Sign in" }
+        p { "With the name of your authority and its API token." }
+        @if let Some(error) = error {
+            p.refusal #refusal { (error) }
+        }
+        form.ask #sign-in method="post" action="/console/sign-in" {
+            label for="authority" { "Authority" }
+            input #authority name="authority" required autocomplete="username";
+            label for="token" { "Token" }
+            input #token type="password" name="token" required autocomplete="current-password";
+            button type="submit" { "Sign in" }
+        }
+    })
+}
+
+pub fn home(signed: &Signed) -> Markup {
+    page("Home", Some(signed), html! {
+        h1 { "Questions" }
+        nav.questions {
+            @for kind in Kind::ALL {
+                a href={"/console/ask/" (kind.path())} { (kind.title()) }
+            }
+            @if signed.auditor {
+                a #audit-link href="/console/audit" { "The audit log" }
+            }
+        }
+        p { "Every question is authorised against this gateway's configuration and written to the audit log before it is answered." }
+    })
+}
+
+/// A question's form, with what was given before and the refusal, if any.
+pub fn ask(signed: &Signed, kind: Kind, given: &std::collections::HashMap<String, String>, refusal: Option<&str>) -> Markup {
+    let value = |name: &str| given.get(name).cloned().unwrap_or_default();
+    let field = |name: &str, label: &str, hint: &str| html! {
+        label for=(name) { (label) }
+        input id=(name) name=(name) value=(value(name)) placeholder=(hint);
+    };
+    page(kind.title(), Some(signed), html! {
+        h1 { (kind.title()) }
+        @if let Some(refusal) = refusal {
+            p.refusal #refusal { (refusal) }
+        }
+        form.ask #ask method="post" action={"/console/ask/" (kind.path())} {
+            input type="hidden" name="csrf" value=(signed.csrf);
+            fieldset {
+                legend { "Who asks, and why" }
+                (field("officer", "Officer", "PC 1234"))
+                (field("reference", "Authorisation reference", "OP-1"))
+            }
+            fieldset {
+                legend { "The question" }
+                @match kind {
+                    Kind::Resolve => {
+                        (field("ip", "Public address", "203.0.113.1"))
+                        (field("port", "Public port (optional)", "10007"))
+                        (field("at", "At (RFC 3339)", "2026-11-22T15:02:00Z"))
+                        (field("tolerance", "Tolerance (optional)", "1s"))
+                        (field("remote", "Remote IP[:PORT] (optional)", ""))
+                        (field("service", "Service name (optional)", ""))
+                    }
+                    Kind::Services => {
+                        (field("device", "Device: MAC, IP or subscriber", "02:00:00:00:00:17"))
+                        (field("from", "From (RFC 3339)", "2026-11-22T00:00:00Z"))
+                        (field("to", "To (RFC 3339)", "2026-11-23T00:00:00Z"))
+                    }
+                    Kind::Accessed => {
+                        label for="services" { "Services: names, *.suffixes, IPs or CIDRs, one a line" }
+                        textarea #services name="services" rows="4" { (value("services")) }
+                        (field("from", "From (RFC 3339)", "2026-11-22T00:00:00Z"))
+                        (field("to", "To (RFC 3339)", "2026-11-23T00:00:00Z"))
+                        label for="local" { "Exchanges that never left the gateway" }
+                        select #local name="local" {
+                            @for (option, text) in [("include", "include"), ("exclude", "leave out"), ("only", "only these")] {
+                                option value=(option) selected[value("local") == option] { (text) }
+                            }
+                        }
+                    }
+                }
+            }
+            button #ask-button type="submit" { "Ask" }
+        }
+    })
+}
+
+/// An answer: its gaps first, the timeline, the table, the downloads.
+pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup {
+    let base = format!("/console/answers/{}", answered.id);
+    page("Answer", Some(signed), html! {
+        h1 { (answered.kind.title()) }
+        p #summary { (answered.summary) }
+        p { "Audit entry " strong #audit-seq { (answered.audit_seq) } ". " span #count { (answered.rows.len()) } " rows." }
+        @if answered.gaps.is_empty() {
+            p.nogaps #gaps { "No capture gaps in this window." }
+        } @else {
+            div.gaps #gaps {
+                p { strong { (answered.gaps.len()) " capture gap(s) in this window." } " No record inside a gap is not no connection." }
+                ul {
+                    @for gap in &answered.gaps {
+                        li { (gap.from.to_rfc3339()) " to " (gap.to.to_rfc3339()) ": " (kind_of(gap)) " (" (gap.count) ") at " (gap.place) }
+                    }
+                }
+            }
+        }
+        h2 { "Timeline" }
+        div #timeline { (timeline) }
+        h2 { "Rows" }
+        p.downloads #downloads {
+            a #download-csv href={(base) "/results.csv"} { "CSV" }
+            a #download-ndjson href={(base) "/results.ndjson"} { "NDJSON" }
+            @if let Rows::Records(_) = answered.rows {
+                a #download-ecs href={(base) "/results.ecs.ndjson"} { "ECS (Kibana)" }
+            }
+            a #download-bundle href={(base) "/bundle.zip"} { "Disclosure bundle (zip)" }
+        }
+        label for="filter" { "Filter: " }
+        input #filter type="search" placeholder="any text in a row";
+        " " span #shown { (answered.rows.len()) } " shown"
+        @match &answered.rows {
+            Rows::Records(records) => (records_table(records)),
+            Rows::Services(services) => (services_table(services)),
+        }
+    })
+}
+
+fn kind_of(gap: &crate::store::gaps::Gap) -> String {
+    match serde_json::to_value(gap.kind) {
+        Ok(Value::String(text)) => text,
+        _ => String::new(),
+    }
+}
+
+fn records_table(records: &[Icr]) -> Markup {
+    html! {
+        table.answer #rows {
+            thead { tr {
+                th { "start" } th { "end" } th { "device MAC" } th { "device IP" } th.num { "port" } th { "subscriber" }
+                th { "public" } th { "remote" } th { "proto" } th { "service" } th { "source" } th.num { "bytes up" } th.num { "bytes down" } th { "note" }
+            } }
+            tbody {
+                @for r in records {
+                    tr {
+                        td { (r.start.to_rfc3339()) } td { (r.end.to_rfc3339()) }
+                        td { (r.device.mac.as_deref().unwrap_or("")) }
+                        td { (r.device.ip.map(|ip| ip.to_string()).unwrap_or_default()) }
+                        td { (r.device.port.map(|p| p.to_string()).unwrap_or_default()) }
+                        td { (r.device.subscriber.as_deref().unwrap_or("")) }
+                        @if r.local {
+                            td.local { "local" }
+                        } @else {
+                            td { (r.public.map(|p| format!("{}:{}", p.ip, p.port)).unwrap_or_default()) }
+                        }
+                        td { (format!("{}:{}", r.remote.ip, r.remote.port)) }
+                        td { (r.proto) }
+                        td.service { (r.service.as_ref().map(|s| s.name.as_str()).or(r.dns.as_ref().map(|d| d.qname.as_str())).unwrap_or("")) }
+                        td { (source_of(r)) }
+                        td { (r.bytes_up) } td { (r.bytes_down) }
+                        td { @if r.incomplete { "incomplete" } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn source_of(record: &Icr) -> String {
+    match (&record.service, record.dns_all.len()) {
+        (Some(service), _) => serde_json::to_value(service.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+        (None, 0) => String::new(),
+        (None, 1) => "dns lookup".into(),
+        (None, n) => format!("dns lookups ({n})"),
+    }
+}
+
+fn services_table(services: &[ServiceRow]) -> Markup {
+    html! {
+        table.answer #rows {
+            thead { tr {
+                th { "service" } th { "remote" } th { "proto" } th { "first" } th { "last" } th.num { "connections" } th.num { "bytes" }
+            } }
+            tbody {
+                @for s in services {
+                    tr {
+                        td.service { (s.name.as_deref().unwrap_or("")) } td { (s.remote) } td { (s.proto) }
+                        td { (s.first) } td { (s.last) } td { (s.connections) } td { (s.bytes) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The audit log, newest first, and whether its chain verifies.
+pub fn audit(signed: &Signed, verified: Result<u64, String>, entries: &[Value]) -> Markup {
+    page("Audit log", Some(signed), html! {
+        h1 { "The audit log" }
+        @match &verified {
+            Ok(count) => p.verified #verification { "The chain verifies: " (count) " entries." },
+            Err(error) => p.broken #verification { "The chain does not verify: " (error) },
+        }
+        table.answer #audit {
+            thead { tr { th.num { "seq" } th { "time" } th { "command" } th { "authority" } th { "officer" } th { "reference" } th { "outcome" } th.num { "results" } } }
+            tbody {
+                @for entry in entries {
+                    @let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() });
+                    tr {
+                        td { (text(&entry["seq"])) } td { (text(&entry["record"]["time"])) } td { (text(&entry["record"]["command"])) }
+                        td { (text(&entry["record"]["authority"])) } td { (text(&entry["record"]["officer"])) }
+                        td { (text(&entry["record"]["reference"])) } td { (text(&entry["record"]["outcome"])) }
+                        td { (text(&entry["record"]["result_count"])) }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// A page for a request the console refuses outright (no session, a
+/// forged form).
+pub fn refused(reason: &str) -> Markup {
+    page("Refused", None, html! {
+        h1 { "Refused" }
+        p.refusal #refusal { (reason) }
+        p { a href="/console" { "Sign in" } }
+    })
+}

@@ -1,0 +1,96 @@
+//! The answer's timeline, drawn by the server as SVG (no script, nothing
+//! fetched): one row per device (questions 1 and 3) or per service
+//! (question 2) across the window, the capture gaps shaded across all rows.
+use chrono::{DateTime, Utc};
+use maud::{Markup, html};
+
+use crate::{icr::Icr, store::{gaps::Gap, rollup::ServiceRow}};
+
+const WIDTH: f64 = 1100.0;
+const LABEL: f64 = 260.0;
+const ROW: f64 = 22.0;
+const AXIS: f64 = 24.0;
+/// Rows drawn at most; the table has them all.
+const MAX_ROWS: usize = 60;
+
+/// One row: a label and its marks (start, end, bytes).
+struct Row {
+    label: String,
+    marks: Vec<(DateTime<Utc>, DateTime<Utc>, u64, String)>,
+}
+
+/// Questions 1 and 3: a row per device, a mark per connection (its span,
+/// and a dot at its start sized by its bytes).
+pub fn of_records(records: &[Icr], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> Markup {
+    let mut rows: Vec<Row> = Vec::new();
+    for record in records {
+        let device = record.device.mac.clone().or_else(|| record.device.ip.map(|ip| ip.to_string())).unwrap_or_else(|| "-".into());
+        let label = match &record.device.subscriber {
+            Some(subscriber) => format!("{device} ({subscriber})"),
+            None => device,
+        };
+        let what = record.service.as_ref().map_or_else(|| format!("{}:{}", record.remote.ip, record.remote.port), |s| s.name.clone());
+        let mark = (record.start, record.end, record.bytes_up + record.bytes_down, what);
+        match rows.iter_mut().find(|row| row.label == label) {
+            Some(row) => row.marks.push(mark),
+            None => rows.push(Row { label, marks: vec![mark] }),
+        }
+    }
+    draw(&rows, from, to, gaps)
+}
+
+/// Question 2: a row per service, from its first use to its last; its
+/// connections and bytes are the dots' title and size (the answer counts
+/// them per service, it does not list them).
+pub fn of_services(services: &[ServiceRow], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> Markup {
+    let rows: Vec<Row> = services
+        .iter()
+        .filter_map(|service| {
+            let time = |text: &str| DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc));
+            let (first, last) = (time(&service.first)?, time(&service.last)?);
+            let name = service.name.clone().unwrap_or_else(|| service.remote.clone());
+            let what = format!("{} connections, {} bytes", service.connections, service.bytes);
+            Some(Row { label: name, marks: vec![(first, last, service.bytes, what)] })
+        })
+        .collect();
+    draw(&rows, from, to, gaps)
+}
+
+fn draw(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> Markup {
+    let shown = &rows[..rows.len().min(MAX_ROWS)];
+    let height = AXIS + ROW * shown.len().max(1) as f64 + 4.0;
+    let span = (to - from).num_milliseconds().max(1) as f64;
+    let x = |t: DateTime<Utc>| LABEL + ((t - from).num_milliseconds() as f64 / span).clamp(0.0, 1.0) * (WIDTH - LABEL - 10.0);
+    let biggest = rows.iter().flat_map(|r| r.marks.iter().map(|m| m.2)).max().unwrap_or(1).max(1) as f64;
+    // Area, not radius, follows the bytes.
+    let radius = |bytes: u64| 2.5 + 6.0 * (bytes as f64 / biggest).sqrt();
+    let ticks = 6;
+    html! {
+        svg.timeline xmlns="http://www.w3.org/2000/svg" width=(WIDTH) height=(height) viewBox={"0 0 " (WIDTH) " " (height)} role="img" aria-label="timeline" {
+            @for gap in gaps {
+                @let (left, right) = (x(gap.from), x(gap.to));
+                rect.gap x=(left) y="0" width=((right - left).max(2.0)) height=(height) fill="#f4c27a" fill-opacity="0.45" {
+                    title { "capture gap: " (gap.from.to_rfc3339()) " to " (gap.to.to_rfc3339()) }
+                }
+            }
+            @for tick in 0..=ticks {
+                @let at = from + chrono::Duration::milliseconds((span * f64::from(tick) / f64::from(ticks)) as i64);
+                line x1=(x(at)) x2=(x(at)) y1=(AXIS - 4.0) y2=(height) stroke="#e0e3e8" {}
+                text x=(x(at)) y="12" text-anchor="middle" { (at.format("%m-%d %H:%M:%S")) }
+            }
+            @for (index, row) in shown.iter().enumerate() {
+                @let y = AXIS + ROW * index as f64 + ROW / 2.0;
+                text.label x="4" y=(y + 4.0) { (row.label.chars().take(40).collect::<String>()) }
+                @for (start, end, bytes, what) in &row.marks {
+                    line x1=(x(*start)) x2=(x(*end).max(x(*start) + 1.0)) y1=(y) y2=(y) stroke="#457b9d" stroke-width="3" {}
+                    circle.mark cx=(x(*start)) cy=(y) r=(radius(*bytes)) fill="#1d3557" fill-opacity="0.7" {
+                        title { (what) ", " (start.to_rfc3339()) }
+                    }
+                }
+            }
+        }
+        @if rows.len() > MAX_ROWS {
+            p { "The timeline shows the first " (MAX_ROWS) " of " (rows.len()) " rows; the table has them all." }
+        }
+    }
+}
