@@ -42,10 +42,22 @@ impl Harness {
 
     /// Runs the TC egress program on `frame`, sent by the gateway itself or
     /// forwarded, and checks the same contract.
-    fn egress(&mut self, frame: &[u8], from_gateway: bool) {
-        let out = self.probe.egress_test_run(frame, from_gateway).unwrap();
+    ///
+    /// Returns false, having run nothing, for a forwarded packet on a kernel
+    /// whose `BPF_PROG_TEST_RUN` cannot set `ingress_ifindex` (5.10's
+    /// refuses the context): there only the lab tests show it.
+    fn egress(&mut self, frame: &[u8], from_gateway: bool) -> bool {
+        let out = match self.probe.egress_test_run(frame, from_gateway) {
+            Ok(out) => out,
+            Err(error) if !from_gateway && refused_by_kernel(&error) => {
+                eprintln!("this kernel's BPF_PROG_TEST_RUN cannot mark a packet forwarded: not run");
+                return false;
+            }
+            Err(error) => panic!("the egress program on {frame:02x?}: {error:#}"),
+        };
         assert_eq!(out.action, TC_ACT_UNSPEC, "every packet must go on");
         assert_eq!(out.data_out, frame, "the packet must leave unmodified");
+        true
     }
 
     /// Flow start/end events (hints are checked apart, with `hints`).
@@ -470,10 +482,11 @@ fn forwarded_and_untracked_packets_are_left_alone_on_egress() {
     h.run(role::LAN, &question);
     h.hints();
     // Forwarded: XDP counted it where it arrived.
-    h.egress(&answer, false);
-    let (value, up) = h.flow(&query).unwrap();
-    assert_eq!(value.packets[1 - up], 0, "a forwarded packet is not counted again");
-    assert!(h.all_events().is_empty());
+    if h.egress(&answer, false) {
+        let (value, up) = h.flow(&query).unwrap();
+        assert_eq!(value.packets[1 - up], 0, "a forwarded packet is not counted again");
+        assert!(h.all_events().is_empty());
+    }
     // The gateway's own packet to a device, of no flow a device opened.
     let unsolicited = Tuple { src: ipv4(192, 168, 1, 1), src_port: 5353, dst: ipv4(192, 168, 1, 23), dst_port: 5353, proto: Proto::Udp };
     h.egress(&udp_frame(&unsolicited, b"hello"), true);
