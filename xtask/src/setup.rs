@@ -29,6 +29,10 @@ const LAB_PACKAGES: &[&str] = &[
     "tshark",
     // The provider-wide store's tests: two servers as two shards.
     "clickhouse-server",
+    // The console's browser tests (icr_lab::browser): a headless Chromium
+    // driven over WebDriver.
+    "chromium",
+    "chromium-driver",
 ];
 /// `cargo xtask bench`: namespaces and veth, and softflowd to compare
 /// against,

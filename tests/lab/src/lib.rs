@@ -6,6 +6,7 @@
 //! `Lab` is dropped, also when a test fails; labs left by killed runs are
 //! removed by the next one.
 
+pub mod browser;
 pub mod clickhouse;
 
 use std::{
