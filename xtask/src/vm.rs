@@ -201,10 +201,11 @@ fn remove_stale_images(cache: &Path, kernel: &str, current: &Path) {
     }
 }
 
-/// Tests of what no kernel changes (the provider's ClickHouse store): they
-/// need `clickhouse-server`, which the test images do not carry, and run in
-/// the VM only when named with `--only`.
-const HOST_ONLY: &[&str] = &["clickhouse_lab"];
+/// Tests of what no kernel changes (the provider's ClickHouse store, the web
+/// console in a browser): they need `clickhouse-server` or Chromium, which
+/// the test images do not carry, and run in the VM only when named with
+/// `--only`.
+const HOST_ONLY: &[&str] = &["clickhouse_lab", "console_lab", "browser_harness"];
 
 /// Builds the test binaries and picks those the VM runs, from cargo's JSON
 /// messages (`compiler-artifact` lines with an `executable`).

@@ -138,6 +138,58 @@ impl Session {
     fn signed(&self) -> Signed<'_> {
         Signed { authority: &self.authority, csrf: &self.csrf, auditor: self.kind == AuthorityKind::Auditor }
     }
+
+    /// Removes the bundles of its answers, as it ends.
+    fn end(self) {
+        for answer in &self.answers {
+            let _ = std::fs::remove_dir_all(&answer.bundle);
+        }
+    }
+}
+
+/// The signed-in sessions, by id; one idle for `idle` is over.
+struct Sessions {
+    idle: Duration,
+    map: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether session `id` is alive; marks it seen. One idle too long ends.
+    fn alive(&self, id: &str) -> bool {
+        let mut sessions = self.lock();
+        match sessions.get_mut(id) {
+            Some(session) if session.last_seen.elapsed() < self.idle => {
+                session.last_seen = Instant::now();
+                true
+            }
+            Some(_) => {
+                if let Some(ended) = sessions.remove(id) {
+                    ended.end();
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a session, ending the idle ones and, past [`MAX_SESSIONS`], the idlest.
+    fn start(&self, id: String, session: Session) {
+        let mut sessions = self.lock();
+        let over: Vec<String> = sessions.iter().filter(|(_, s)| s.last_seen.elapsed() >= self.idle).map(|(id, _)| id.clone()).collect();
+        let idlest = (sessions.len() - over.len() >= MAX_SESSIONS)
+            .then(|| sessions.iter().min_by_key(|(_, s)| s.last_seen).map(|(id, _)| id.clone()))
+            .flatten();
+        for id in over.into_iter().chain(idlest) {
+            if let Some(ended) = sessions.remove(&id) {
+                ended.end();
+            }
+        }
+        sessions.insert(id, session);
+    }
 }
 
 /// What the console's handlers share.
@@ -147,8 +199,7 @@ pub struct ConsoleState {
     config_file: Option<PathBuf>,
     backend: Arc<dyn Backend>,
     failures: Arc<Failures>,
-    sessions: Arc<Mutex<HashMap<String, Session>>>,
-    idle: Duration,
+    sessions: Arc<Sessions>,
     /// Where answers' bundles are written: `DIR/console`, root's only.
     bundles: PathBuf,
 }
@@ -160,7 +211,7 @@ impl ConsoleState {
         if bundles.exists() {
             std::fs::remove_dir_all(&bundles).with_context(|| format!("clearing {}", bundles.display()))?;
         }
-        Ok(Self { db, config_file, backend, failures, sessions: Arc::default(), idle, bundles })
+        Ok(Self { db, config_file, backend, failures, sessions: Arc::new(Sessions { idle, map: Mutex::default() }), bundles })
     }
 
     fn governing(&self) -> StoreConfig {
@@ -168,28 +219,12 @@ impl ConsoleState {
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions.lock()
     }
 
     /// The session the request's cookie names, if it is alive: marks it seen.
     fn session_id(&self, headers: &HeaderMap) -> Option<String> {
-        let id = cookie(headers)?;
-        let mut sessions = self.sessions();
-        let alive = sessions.get(&id).is_some_and(|s| s.last_seen.elapsed() < self.idle);
-        if !alive {
-            if let Some(ended) = sessions.remove(&id) {
-                self.forget_answers(&ended);
-            }
-            return None;
-        }
-        sessions.get_mut(&id)?.last_seen = Instant::now();
-        Some(id)
-    }
-
-    fn forget_answers(&self, session: &Session) {
-        for answer in &session.answers {
-            let _ = std::fs::remove_dir_all(&answer.bundle);
-        }
+        cookie(headers).filter(|id| self.sessions.alive(id))
     }
 }
 
@@ -212,7 +247,9 @@ async fn secure_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer`: under it a browser sends `Origin: null` with the
+    // console's own forms, and the origin check would refuse them.
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
@@ -329,19 +366,7 @@ async fn sign_in(
     };
     state.failures.succeeded(client.ip());
     let (Ok(id), Ok(csrf)) = (random_hex(), random_hex()) else { return server_error("no randomness for a session") };
-    {
-        let mut sessions = state.sessions();
-        let ended: Vec<String> = sessions.iter().filter(|(_, s)| s.last_seen.elapsed() >= state.idle).map(|(id, _)| id.clone()).collect();
-        let idlest = (sessions.len() - ended.len() >= MAX_SESSIONS)
-            .then(|| sessions.iter().min_by_key(|(_, s)| s.last_seen).map(|(id, _)| id.clone()))
-            .flatten();
-        for id in ended.into_iter().chain(idlest) {
-            if let Some(session) = sessions.remove(&id) {
-                state.forget_answers(&session);
-            }
-        }
-        sessions.insert(id.clone(), Session { authority: name, kind, csrf, last_seen: Instant::now(), answers: Vec::new(), next_answer: 1 });
-    }
+    state.sessions.start(id.clone(), Session { authority: name, kind, csrf, last_seen: Instant::now(), answers: Vec::new(), next_answer: 1 });
     // Secure: browsers keep it from plain HTTP except on loopback, where
     // the API allows plain HTTP at all.
     let cookie = format!("{COOKIE}={id}; Path=/console; HttpOnly; Secure; SameSite=Strict");
@@ -382,8 +407,10 @@ async fn sign_out(State(state): State<ConsoleState>, headers: HeaderMap, Form(fo
         Ok(id) => id,
         Err(response) => return *response,
     };
-    if let Some(session) = state.sessions().remove(&id) {
-        state.forget_answers(&session);
+    // Bind first: the lock is released before the bundles are removed.
+    let ended = state.sessions().remove(&id);
+    if let Some(session) = ended {
+        session.end();
     }
     let mut response = Redirect::to("/console").into_response();
     response
@@ -704,6 +731,59 @@ mod tests {
         let mut bad_ip = resolve.clone();
         bad_ip.insert("ip".into(), "not-an-ip".into());
         assert!(request_of(Kind::Resolve, "a", &bad_ip, Path::new("/tmp/b")).is_err());
+    }
+
+    fn session(bundle: &Path) -> Session {
+        let answer = Answered {
+            id: 1,
+            kind: Kind::Services,
+            summary: String::new(),
+            from: Utc::now(),
+            to: Utc::now(),
+            rows: Rows::Services(Vec::new()),
+            gaps: Vec::new(),
+            audit_seq: 1,
+            bundle: bundle.to_path_buf(),
+        };
+        Session {
+            authority: "met-police".into(),
+            kind: AuthorityKind::Police,
+            csrf: "c".into(),
+            last_seen: Instant::now(),
+            answers: vec![Arc::new(answer)],
+            next_answer: 2,
+        }
+    }
+
+    #[test]
+    fn an_idle_session_ends_with_its_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("b1");
+        std::fs::create_dir(&bundle).unwrap();
+        let sessions = Sessions { idle: Duration::from_secs(600), map: Mutex::default() };
+        sessions.start("s1".into(), session(&bundle));
+        assert!(sessions.alive("s1"));
+        assert!(!sessions.alive("s2"), "an unknown session");
+        // Seen last longer ago than the idle time allows.
+        sessions.lock().get_mut("s1").unwrap().last_seen = Instant::now() - Duration::from_secs(601);
+        assert!(!sessions.alive("s1"), "over");
+        assert!(sessions.lock().is_empty(), "and forgotten");
+        assert!(!bundle.exists(), "its bundles removed");
+    }
+
+    #[test]
+    fn past_the_limit_the_idlest_session_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions { idle: Duration::from_secs(600), map: Mutex::default() };
+        for index in 0..MAX_SESSIONS {
+            let mut session = session(&dir.path().join(format!("b{index}")));
+            session.last_seen = Instant::now() - Duration::from_secs(if index == 7 { 500 } else { 10 });
+            sessions.start(format!("s{index}"), session);
+        }
+        sessions.start("new".into(), session(&dir.path().join("new")));
+        let sessions = sessions.lock();
+        assert_eq!(sessions.len(), MAX_SESSIONS);
+        assert!(!sessions.contains_key("s7") && sessions.contains_key("new"));
     }
 
     #[test]

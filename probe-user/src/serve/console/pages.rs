@@ -5,7 +5,10 @@ use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
 use super::{Answered, Kind, Rows};
-use crate::{icr::Icr, store::rollup::ServiceRow};
+use crate::{
+    icr::{Icr, format_time},
+    store::rollup::ServiceRow,
+};
 
 /// Who is signed in, as a page shows it.
 pub struct Signed<'a> {
@@ -141,7 +144,7 @@ pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup 
                 p { strong { (answered.gaps.len()) " capture gap(s) in this window." } " No record inside a gap is not no connection." }
                 ul {
                     @for gap in &answered.gaps {
-                        li { (gap.from.to_rfc3339()) " to " (gap.to.to_rfc3339()) ": " (kind_of(gap)) " (" (gap.count) ") at " (gap.place) }
+                        li { (format_time(&gap.from)) " to " (format_time(&gap.to)) ": " (kind_of(gap)) " (" (gap.count) ") at " (gap.place) }
                     }
                 }
             }
@@ -184,7 +187,7 @@ fn records_table(records: &[Icr]) -> Markup {
             tbody {
                 @for r in records {
                     tr {
-                        td { (r.start.to_rfc3339()) } td { (r.end.to_rfc3339()) }
+                        td { (format_time(&r.start)) } td { (format_time(&r.end)) }
                         td { (r.device.mac.as_deref().unwrap_or("")) }
                         td { (r.device.ip.map(|ip| ip.to_string()).unwrap_or_default()) }
                         td { (r.device.port.map(|p| p.to_string()).unwrap_or_default()) }
@@ -248,10 +251,10 @@ pub fn audit(signed: &Signed, verified: Result<u64, String>, entries: &[Value]) 
                 @for entry in entries {
                     @let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() });
                     tr {
-                        td { (text(&entry["seq"])) } td { (text(&entry["record"]["time"])) } td { (text(&entry["record"]["command"])) }
-                        td { (text(&entry["record"]["authority"])) } td { (text(&entry["record"]["officer"])) }
-                        td { (text(&entry["record"]["reference"])) } td { (text(&entry["record"]["outcome"])) }
-                        td { (text(&entry["record"]["result_count"])) }
+                        td { (text(&entry["seq"])) } td { (text(&entry["time"])) } td { (text(&entry["command"])) }
+                        td { (text(&entry["authority"])) } td { (text(&entry["officer"])) }
+                        td { (text(&entry["reference"])) } td { (text(&entry["outcome"])) }
+                        td { (text(&entry["result_count"])) }
                     }
                 }
             }
