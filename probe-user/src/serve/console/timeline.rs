@@ -94,3 +94,35 @@ fn draw(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> M
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::gaps::LossKind;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    #[test]
+    fn rows_per_device_marks_per_connection_and_gaps_shaded() {
+        let record = |mac: &str, start: i64, bytes: u64| {
+            let mut record = crate::store::test_records::sample(1);
+            record.device.mac = Some(mac.into());
+            record.start = at(start);
+            record.end = at(start + 5);
+            (record.bytes_up, record.bytes_down) = (bytes, 0);
+            record
+        };
+        let records = [record("02:00:00:00:00:01", 10, 100), record("02:00:00:00:00:02", 20, 10_000), record("02:00:00:00:00:01", 30, 1)];
+        let gap = Gap { from: at(40), to: at(50), kind: LossKind::EventBufferFull, count: 3, place: "cpu 0".into() };
+        let svg = of_records(&records, at(0), at(100), std::slice::from_ref(&gap)).into_string();
+        assert_eq!(svg.matches("class=\"label\"").count(), 2, "a row per device: {svg}");
+        assert_eq!(svg.matches("class=\"mark\"").count(), 3, "a mark per connection");
+        assert_eq!(svg.matches("class=\"gap\"").count(), 1, "the gap shaded");
+        // Drawn row by row: device 1's two, then device 2's, the biggest.
+        let radii: Vec<f64> = svg.match_indices(" r=\"").map(|(i, _)| svg[i + 4..].split('"').next().unwrap().parse().unwrap()).collect();
+        assert!(radii[2] > radii[0] && radii[0] > radii[1], "area follows bytes: {radii:?}");
+        assert!(!svg.contains("style="), "no inline style: the CSP forbids it");
+    }
+}
