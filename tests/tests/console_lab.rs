@@ -168,6 +168,15 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     assert!(services.iter().any(|s| s == WEB_NAME), "{services:?}");
     assert!(browser.exists("#timeline svg circle.mark").unwrap(), "a timeline with marks");
     assert!(browser.text("#gaps").unwrap().contains("gap"), "the window's gaps are stated");
+    // Sorting by bytes, one way then the other (the console's script).
+    let bytes = |browser: &Browser| -> Vec<u64> {
+        browser.texts("#rows tbody tr td:nth-child(7)").unwrap().iter().map(|b| b.parse().unwrap()).collect()
+    };
+    browser.click("#rows thead th:nth-child(7)").unwrap();
+    let ascending = bytes(&browser);
+    assert!(ascending.len() >= 2 && ascending.is_sorted(), "{ascending:?}");
+    browser.click("#rows thead th:nth-child(7)").unwrap();
+    assert_eq!(bytes(&browser), ascending.iter().rev().copied().collect::<Vec<_>>());
     shoot(&browser, "03-services.png");
 
     // Question 3: who reached the web server's name; filter the table.
@@ -189,6 +198,14 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     assert!(lines.next().unwrap().starts_with("id,start,end,"), "{csv}");
     assert_eq!(lines.count(), total, "{csv}");
     assert!(csv.contains(WEB_NAME) && csv.contains(&c1.mac));
+    browser.click("#download-ndjson").unwrap();
+    let ndjson = std::fs::read_to_string(browser.wait_for_download(".ndjson").unwrap()).unwrap();
+    let parsed: Vec<Value> = ndjson.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(parsed.len(), total);
+    assert!(parsed.iter().all(|r| r["device"]["mac"] == c1.mac.as_str()), "{ndjson}");
+    browser.click("#download-ecs").unwrap();
+    let ecs = std::fs::read_to_string(browser.wait_for_download(".ecs.ndjson").unwrap()).unwrap();
+    assert!(ecs.lines().any(|l| l.contains("\"@timestamp\"")) && ecs.contains(WEB_NAME), "Elasticsearch bulk lines: {ecs}");
     browser.click("#download-bundle").unwrap();
     let zip = browser.wait_for_download(".zip").unwrap();
     let mut archive = zip::ZipArchive::new(std::fs::File::open(&zip).unwrap()).unwrap();
