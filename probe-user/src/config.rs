@@ -487,23 +487,20 @@ impl HttpSection {
     }
 
     pub fn console_idle(&self) -> Result<Duration> {
-        match &self.console_idle {
-            None => Ok(CONSOLE_IDLE),
-            Some(text) => match crate::config::parse_duration(text).context("[http] console_idle")? {
-                zero if zero.is_zero() => bail!("[http] console_idle = {text:?} must be longer than zero"),
-                idle => Ok(idle),
-            },
-        }
+        positive_duration("console_idle", self.console_idle.as_deref(), CONSOLE_IDLE)
     }
 
     pub fn request_timeout(&self) -> Result<Duration> {
-        match &self.request_timeout {
-            None => Ok(REQUEST_TIMEOUT),
-            Some(text) => match crate::config::parse_duration(text).context("[http] request_timeout")? {
-                zero if zero.is_zero() => bail!("[http] request_timeout = {text:?} must be longer than zero"),
-                timeout => Ok(timeout),
-            },
-        }
+        positive_duration("request_timeout", self.request_timeout.as_deref(), REQUEST_TIMEOUT)
+    }
+}
+
+/// `[http] key`'s duration, `default` when not given; zero is refused.
+fn positive_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration> {
+    let Some(text) = text else { return Ok(default) };
+    match parse_duration(text).with_context(|| format!("[http] {key}"))? {
+        zero if zero.is_zero() => bail!("[http] {key} = {text:?} must be longer than zero"),
+        duration => Ok(duration),
     }
 }
 

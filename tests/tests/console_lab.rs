@@ -118,12 +118,6 @@ fn curl(lab: &Lab, args: &[&str]) -> (u16, String) {
     (status, text)
 }
 
-fn records(db: &Path) -> Vec<Value> {
-    let out = icr_lab::icr_list(db, "ndjson", None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[test]
 fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     let lab = Lab::start(2).expect("building the lab");
@@ -136,7 +130,7 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     std::thread::sleep(Duration::from_secs(4));
     let now = chrono::Utc::now().timestamp();
     let (from, to) = (rfc3339(now - 3600), rfc3339(now + 600));
-    let stored = records(&db);
+    let stored = icr_lab::stored_records(&db);
     let tls = stored.iter().find(|r| r["device"]["ip"] == c1.ip.as_str() && r["remote"]["port"] == 443).expect("c1's HTTPS record").clone();
 
     // Without a session: a page asks to sign in, a POST is refused.

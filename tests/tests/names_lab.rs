@@ -24,12 +24,6 @@ fn write_config(db: &Path) {
     .unwrap();
 }
 
-fn records(db: &Path) -> Vec<Value> {
-    let out = icr_lab::icr_list(db, "ndjson", None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[test]
 fn names_come_from_sni_host_and_dns() {
     let lab = Lab::start(2).expect("building the lab");
@@ -64,7 +58,7 @@ fn names_come_from_sni_host_and_dns() {
     std::thread::sleep(Duration::from_secs(3));
     agent.stop().expect("the agent stops cleanly");
     let pcaps: Vec<_> = captures.into_iter().map(|c| c.stop().expect("stopping tcpdump")).collect();
-    let records = records(&db);
+    let records = icr_lab::stored_records(&db);
     let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
     let service = icr_lab::service_of;
 

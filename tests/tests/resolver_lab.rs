@@ -30,12 +30,6 @@ fn write_config(db: &Path) {
     .unwrap();
 }
 
-fn records(db: &Path) -> Vec<Value> {
-    let out = icr_lab::icr_list(db, "ndjson", None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 /// Unix seconds now.
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
@@ -93,7 +87,7 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     let log = agent.stop().expect("the agent stops cleanly");
     assert!(log.contains("icr_lan_egress"), "the agent attached the egress program:\n{log}");
     let pcap = capture.stop().expect("stopping tcpdump");
-    let records = records(&db);
+    let records = icr_lab::stored_records(&db);
     let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
     let service = icr_lab::service_of;
 

@@ -528,6 +528,14 @@ impl Drop for Capture {
     }
 }
 
+/// Every record of the store in `db` (over the default window of
+/// [`icr_list`]), parsed.
+pub fn stored_records(db: &Path) -> Vec<serde_json::Value> {
+    let out = icr_list(db, "ndjson", None);
+    assert!(out.status.success(), "icr list: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("NDJSON")).collect()
+}
+
 /// The records (NDJSON, parsed) of `device`'s flows to `remote`:`port` over `proto`.
 pub fn records_between<'a>(records: &'a [serde_json::Value], device: &str, remote: &str, port: u64, proto: &str) -> Vec<&'a serde_json::Value> {
     records
