@@ -13,12 +13,6 @@ use std::{path::Path, process::Command};
 use icr_lab::{Agent, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
 
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut numbers = release.trim().split(['.', '-']).map(|part| part.parse::<u32>().unwrap_or(0));
-    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
-}
-
 /// A pin directory under /sys/fs/bpf, which the agent (in the gateway's
 /// namespace, under `ip netns exec`) sees on a fresh sysfs, not on bpffs.
 fn pin_dir(lab: &Lab) -> String {
@@ -51,7 +45,7 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
         "the agent says what it probed in the kernel:\n{started}"
     );
     // Ring buffers with bpf_xdp_load_bytes from 5.18, else perf buffers.
-    let path = if kernel_at_least(5, 18) { "events through the per-CPU ring buffers" } else { "events through the per-CPU perf buffers" };
+    let path = if icr_lab::kernel_at_least(5, 18) { "events through the per-CPU ring buffers" } else { "events through the per-CPU perf buffers" };
     assert!(started.contains(path), "the agent says which event path this kernel gets ({path}):\n{started}");
     assert!(
         started.contains(&format!("pin_dir {pins} is not on a BPF file system")) && started.contains("mount -t bpf bpf /sys/fs/bpf"),

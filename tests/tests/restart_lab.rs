@@ -35,6 +35,10 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
 
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     assert!(pins.join("FLOWS").exists() && pins.join("link-lan1").exists(), "maps and links pinned");
+    // The LAN egress program's link too, where the kernel attaches it by a
+    // tcx link (6.6); a netlink filter cannot be pinned.
+    let tcx = icr_lab::kernel_at_least(6, 6);
+    assert_eq!(pins.join("link-lan1-egress").exists(), tcx, "the egress link pinned on tcx kernels");
     let before = lab.exchange(c1, 2_000, 30_000).expect("exchange before the crash");
     std::thread::sleep(Duration::from_millis(2500)); // closed and stored
     let (mut spanning, spanning_port) = lab.slow_exchange(c1, 3_000, 40_000, 4.0).expect("a slow exchange");
@@ -47,6 +51,9 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
 
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("restarting the agent");
     assert!(agent.log_text().contains("took over the pinned XDP link"), "{}", agent.log_text());
+    if tcx {
+        assert!(agent.log_text().contains("took over the pinned egress link of lan1"), "{}", agent.log_text());
+    }
     assert!(spanning.wait().unwrap().success(), "the slow exchange completed across the restart");
     let after = lab.exchange(c1, 5_000, 60_000).expect("exchange after the restart");
     std::thread::sleep(Duration::from_millis(2500));

@@ -528,6 +528,13 @@ impl Drop for Capture {
     }
 }
 
+/// Whether the running kernel is `major.minor` or later.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.trim().split(['.', '-']).map(|part| part.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// Every record of the store in `db` (over the default window of
 /// [`icr_list`]), parsed.
 pub fn stored_records(db: &Path) -> Vec<serde_json::Value> {
