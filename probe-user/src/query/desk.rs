@@ -67,6 +67,8 @@ pub struct Answer {
     /// The capture gaps in the window: no record inside a gap is not no
     /// connection. The door shows them beside the answer.
     pub gaps: Vec<Gap>,
+    /// The window the question read, as the desk parsed it.
+    pub window: (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
 }
 
 pub struct Desk<'a> {
@@ -207,7 +209,7 @@ impl<'a> Desk<'a> {
         if let Some(dir) = &request.bundle {
             write_bundle(dir, &ndjson, &body, format, &line, &gaps)?;
         }
-        Ok(Answer { body, format, gaps })
+        Ok(Answer { body, format, gaps, window: (from, to) })
     }
 }
 

@@ -85,6 +85,8 @@ pub struct Lab {
     /// Configs, logs, the store: removed with the lab.
     pub dir: PathBuf,
     servers: Vec<Child>,
+    /// [`Lab::enable_ipv6`] has routed IPv6.
+    ipv6: bool,
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -124,6 +126,7 @@ impl Lab {
             prefix,
             dir,
             servers: Vec::new(),
+            ipv6: false,
         };
         // From here on, a failure drops `lab`, which removes what was made.
         lab.build_network(clients, nat).context("building the lab network")?;
@@ -346,6 +349,7 @@ http {{
             "exchange6",
         )?;
         self.servers.push(exchange);
+        self.ipv6 = true;
         wait_for(patience(Duration::from_secs(20)), "the IPv6 exchange server to listen", || {
             Ok(output(Command::new("ip").args(["netns", "exec", &inet, "ss", "-Hltn"]))?.contains(&format!("[{EXCHANGE_IP6}]:{EXCHANGE_PORT}")))
         })
@@ -368,7 +372,7 @@ http {{
             format!("--pid-file={}", self.dir.join("gateway-dnsmasq.pid").display()),
             format!("--host-record=router.lan,{GATEWAY_LAN_IP}"),
         ];
-        let ipv6 = output(Command::new("ip").args(["-n", &gw, "-6", "addr", "show", "dev", "brlan"]))?.contains(GATEWAY_LAN_IP6);
+        let ipv6 = self.ipv6;
         if ipv6 {
             args.push(format!("--listen-address={GATEWAY_LAN_IP6}"));
         }

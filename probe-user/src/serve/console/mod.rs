@@ -491,16 +491,15 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
         Err(reason) => return form_page(StatusCode::BAD_REQUEST, &reason),
     };
     let asking = state.clone();
-    let window = crate::query::questions::Question::of(&request.ask).map(|q| q.window()).ok();
     let summary = summary_of(&request.ask);
     let answered = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&asking.bundles).map_err(|e| Failure::Failed(anyhow::Error::from(e).context("creating the console's bundle directory")))?;
         let governing = asking.governing();
-        Desk::new(&asking.db, &governing, asking.backend.as_ref()).answer(&request).map(|answer| answer.gaps)
+        Desk::new(&asking.db, &governing, asking.backend.as_ref()).answer(&request).map(|answer| (answer.gaps, answer.window))
     })
     .await;
-    let gaps = match answered {
-        Ok(Ok(gaps)) => gaps,
+    let (gaps, (from, to)) = match answered {
+        Ok(Ok(answered)) => answered,
         Ok(Err(failure)) => {
             let status = match failure {
                 Failure::Refused(_) => StatusCode::FORBIDDEN,
@@ -511,8 +510,9 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
         }
         Err(error) => return server_error(error),
     };
-    let (Some((from, to)), Ok((rows, audit_seq))) = (window, read_bundle(kind, &bundle)) else {
-        return server_error("the answer's bundle could not be read back");
+    let (rows, audit_seq) = match read_bundle(kind, &bundle) {
+        Ok(read) => read,
+        Err(error) => return server_error(error.context("reading the answer's bundle back")),
     };
     let answered = Arc::new(Answered { id: answer_id, kind, summary, from, to, rows, gaps, audit_seq, bundle });
     {
