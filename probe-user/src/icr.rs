@@ -1,7 +1,7 @@
 //! The Internet Connection Record: the one thing the probe keeps. Its JSON
 //! form is a contract (`shared/ICR-FORMAT.md`): fields may be added, none
 //! renamed. No payload, URL, path or query string ever has a field here.
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -114,6 +114,26 @@ pub struct Service {
     /// public name, not the service the user reached.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ech: bool,
+    /// With `source: dns`, the exchange that named it.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<DnsOrigin>,
+}
+
+impl Service {
+    /// A name the connection carried itself (SNI, Host).
+    pub fn carried(name: String, source: ServiceSource, ech: bool) -> Self {
+        Self { name, source, ech, origin: None }
+    }
+}
+
+/// The DNS exchange a `source: dns` name came from: when the answer was
+/// seen and which resolver sent it, so an analyst can find and check it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsOrigin {
+    #[serde(with = "micros")]
+    pub dns_at: DateTime<Utc>,
+    /// `ip:port` (`[v6]:port`).
+    pub resolver: SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,7 +321,7 @@ mod tests {
 
     #[test]
     fn service_sources_are_snake_case() {
-        let service = Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni, ech: false };
+        let service = Service::carried("mail.example.com".into(), ServiceSource::TlsSni, false);
         assert_eq!(serde_json::to_value(service).unwrap()["source"], "tls_sni");
     }
 }

@@ -106,18 +106,18 @@ impl Generator {
                 (
                     "udp",
                     Endpoint { ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 53)), port: 53 },
-                    Some(Service { name: qname.clone(), source: ServiceSource::Dns, ech: false }),
+                    Some(Service::carried(qname.clone(), ServiceSource::Dns, false)),
                     Some(Dns { qname, qtype: "A".into(), answers: vec![answer] }),
                 )
             }
             10..=19 => ("tcp", Endpoint { ip: remote_ip, port: 443 }, None, None),
             20..=34 => {
                 let name = Self::name(rank);
-                ("udp", Endpoint { ip: remote_ip, port: 443 }, Some(Service { name, source: ServiceSource::QuicSni, ech: false }), None)
+                ("udp", Endpoint { ip: remote_ip, port: 443 }, Some(Service::carried(name, ServiceSource::QuicSni, false)), None)
             }
             _ => {
                 let name = Self::name(rank);
-                ("tcp", Endpoint { ip: remote_ip, port: 443 }, Some(Service { name, source: ServiceSource::TlsSni, ech: false }), None)
+                ("tcp", Endpoint { ip: remote_ip, port: 443 }, Some(Service::carried(name, ServiceSource::TlsSni, false)), None)
             }
         };
         let start = DateTime::from_timestamp_micros(start_us).expect("in range");

@@ -14,7 +14,7 @@
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -24,8 +24,8 @@ use probe_common::{FlowEvent, FlowKey, FlowValue, Mac, Proto, Role, Roles, SYN_R
 use crate::{
     capture::clock::Clock,
     capture::events::ProbeEvent,
-    capture::hints::{DnsCache, FlowHints, HintPacket, dns},
-    icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
+    capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen, answers::NamedBy, dns},
+    icr::{Device, DnsOrigin, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
     capture::nat::{Mapping, NatTable},
     capture::tuple::Tuple,
 };
@@ -155,8 +155,13 @@ pub struct Assembler {
     /// What each kernel flow's hints have told (service names, DNS).
     hints: HashMap<FlowKey, FlowHints>,
     dns_cache: DnsCache,
-    /// DNS responses whose device is not known yet (the NAT mapping is late).
-    pending_dns: Vec<(Tuple, dns::Message, u64)>,
+    /// What the device had looked up for the remote address when its flow
+    /// started: a long connection keeps the name after the answer's TTL.
+    named_at_start: HashMap<FlowKey, NamedBy>,
+    /// DNS responses whose question is not known yet (its NAT mapping or
+    /// its event from another CPU is late).
+    pending_dns: Vec<DnsAnswer>,
+    pub dns_answers: DnsAnswerCounts,
     /// Flows adopted by a full sweep: their start event never arrived.
     pub adopted: u64,
     pub events_lost: u64,
@@ -182,7 +187,9 @@ impl Assembler {
             records: Vec::new(),
             hints: HashMap::new(),
             dns_cache: DnsCache::default(),
+            named_at_start: HashMap::new(),
             pending_dns: Vec::new(),
+            dns_answers: DnsAnswerCounts::default(),
             adopted: 0,
             events_lost: 0,
             local_flows: 0,
@@ -236,6 +243,13 @@ impl Assembler {
         if event.kind == event_kind::FLOW_START {
             // Late, not lost (the agent was behind when the sweep ran).
             known.adopted = false;
+            if Roles::from_bits(event.role).has(Role::Lan) {
+                let opened = Tuple::from_key(&event.key, event.dir);
+                let device = DeviceId { mac: Mac(event.mac_src), ip: opened.src };
+                if let Some(named) = self.dns_cache.lookup(device, opened.dst, event.ts_ns) {
+                    self.named_at_start.insert(event.key, named.clone());
+                }
+            }
         }
         let wait = match event.kind {
             event_kind::FLOW_END => self.timeouts.tcp_closed,
@@ -247,6 +261,8 @@ impl Assembler {
     fn on_hint(&mut self, event: &FlowEvent, frame: &[u8], nat: &NatTable) {
         let Some(payload) = frame.get(usize::from(event.payload_offset)..) else { return };
         let packet = Tuple::from_key(&event.key, event.dir);
+        let (src_mac, dst_mac) = Seen::macs(frame);
+        let seen = Seen { ts_ns: event.ts_ns, roles: Roles::from_bits(event.role), src_mac, dst_mac };
         let hint = HintPacket {
             dir: event.dir,
             proto: Proto::from(event.key.proto),
@@ -254,35 +270,73 @@ impl Assembler {
             dst_port: packet.dst_port,
             tcp_seq: event.tcp_seq,
             payload,
+            seen,
         };
         let responses = self.hints.entry(event.key).or_default().add(&hint);
-        for response in responses {
-            match self.dns_device(&packet, Roles::from_bits(event.role), nat) {
-                Some(device) => self.dns_cache.insert(device, &response, event.ts_ns),
-                None => self.pending_dns.push((packet, response, event.ts_ns)),
+        for message in responses {
+            let answer = DnsAnswer { packet, seen, message };
+            match self.asker(&answer, nat) {
+                Ok(device) => self.trust(device, &answer),
+                Err(Untrusted::NotYet) => self.pending_dns.push(answer),
+                Err(Untrusted::FromLan) => self.dns_answers.from_lan += 1,
+                Err(Untrusted::Unasked) => self.dns_answers.unasked += 1,
             }
         }
     }
 
-    /// The device a DNS response travels to: behind NAT, the original
-    /// source of its connection; otherwise its destination.
-    fn dns_device(&self, response: &Tuple, roles: Roles, nat: &NatTable) -> Option<IpAddr> {
-        if let Some(mapping) = nat.by_reply(response) {
-            return Some(mapping.original.src);
+    /// The device whose question a DNS answer answers. A name is evidence
+    /// only if the device asked for it: the answer must match a question
+    /// (id, name, type, ports) the device sent before it, and come from the
+    /// resolver's side: from the WAN through the device's own NAT mapping
+    /// (or routed to its address), or from the gateway's own resolver. Any
+    /// device on the LAN can send any frame, so an answer arriving on a LAN
+    /// port names nothing where the probe sees both sides.
+    fn asker(&self, answer: &DnsAnswer, nat: &NatTable) -> Result<DeviceId, Untrusted> {
+        let roles = answer.seen.roles;
+        let from_gateway = roles.has(Role::Gateway);
+        let from_wan = roles.has(Role::Wan) && !from_gateway;
+        if !from_gateway && !from_wan && self.nat_expected {
+            return Err(Untrusted::FromLan);
         }
-        // Seen arriving on a LAN port, or sent by the gateway itself to the device.
-        (roles.has(Role::Lan) || roles.has(Role::Gateway) || !self.nat_expected).then_some(response.dst)
+        // The question: device → resolver, on the flow it was sent in.
+        let question = match nat.by_reply(&answer.packet) {
+            Some(mapping) if from_wan => mapping.original,
+            // Routed, the gateway's own answer, or one capture point: the same flow.
+            _ => answer.packet.reversed(),
+        };
+        let (key, dir) = question.key();
+        let Some(asked) = self.hints.get(&key).and_then(|hints| hints.question(&answer.message, dir)) else {
+            return Err(Untrusted::NotYet);
+        };
+        if asked.seen.ts_ns > answer.seen.ts_ns {
+            return Err(Untrusted::Unasked);
+        }
+        // One capture point on the LAN (a replayed capture, or no WAN port
+        // watched): the answer must at least come from the hop the device
+        // sent its question to.
+        if !from_gateway && !from_wan && answer.seen.src_mac != asked.seen.dst_mac {
+            return Err(Untrusted::FromLan);
+        }
+        Ok(DeviceId { mac: asked.seen.src_mac, ip: question.src })
     }
 
-    /// Places DNS answers whose NAT mapping has arrived since; forgets old ones.
+    fn trust(&mut self, device: DeviceId, answer: &DnsAnswer) {
+        let resolver = SocketAddr::new(answer.packet.src, answer.packet.src_port);
+        self.dns_cache.insert(device, &answer.message, answer.seen.ts_ns, resolver);
+        self.dns_answers.trusted += 1;
+    }
+
+    /// Places DNS answers whose question has come since (a late NAT
+    /// mapping, an event from another CPU); answers still unplaced after a
+    /// while were asked by nobody. Forgets expired answers.
     fn retry_pending_dns(&mut self, now_ns: u64, nat: &NatTable) {
         const GIVE_UP_NS: u64 = 10_000_000_000;
-        let pending = std::mem::take(&mut self.pending_dns);
-        for (packet, response, seen_ns) in pending {
-            match nat.by_reply(&packet) {
-                Some(mapping) => self.dns_cache.insert(mapping.original.src, &response, seen_ns),
-                None if now_ns.saturating_sub(seen_ns) < GIVE_UP_NS => self.pending_dns.push((packet, response, seen_ns)),
-                None => {}
+        for answer in std::mem::take(&mut self.pending_dns) {
+            match self.asker(&answer, nat) {
+                Ok(device) => self.trust(device, &answer),
+                Err(Untrusted::NotYet) if now_ns.saturating_sub(answer.seen.ts_ns) < GIVE_UP_NS => self.pending_dns.push(answer),
+                Err(Untrusted::FromLan) => self.dns_answers.from_lan += 1,
+                Err(Untrusted::NotYet | Untrusted::Unasked) => self.dns_answers.unasked += 1,
             }
         }
         self.dns_cache.expire(now_ns);
@@ -377,8 +431,7 @@ impl Assembler {
         let Some(known) = self.known.get(&key).copied() else { return Ok(()) };
         let Some(value) = table.get(&key)? else {
             // Removed with the LAN flow it was joined to.
-            self.known.remove(&key);
-            self.hints.remove(&key);
+            self.forget(&key);
             return Ok(());
         };
 
@@ -446,12 +499,10 @@ impl Assembler {
                     self.keep(record);
                 }
                 table.remove(&key)?;
-                self.known.remove(&key);
-                self.hints.remove(&key);
+                self.forget(&key);
                 if let Some((wan_key, _)) = wan {
                     table.remove(&wan_key)?;
-                    self.known.remove(&wan_key);
-                    self.hints.remove(&wan_key);
+                    self.forget(&wan_key);
                 }
             }
             None if now_ns >= active_due => {
@@ -482,6 +533,13 @@ impl Assembler {
             }
         }
         Ok(())
+    }
+
+    /// Drops what the assembler holds of a kernel flow that is gone.
+    fn forget(&mut self, key: &FlowKey) {
+        self.known.remove(key);
+        self.hints.remove(key);
+        self.named_at_start.remove(key);
     }
 
     fn keep(&mut self, mut record: Icr) {
@@ -546,10 +604,16 @@ impl Assembler {
         let dns = dns_all.first().cloned();
         if service.is_none() && dns_all.is_empty() {
             // No name of its own: what this device looked up for this address.
-            service = self.dns_cache.lookup(device.src, device.dst, value.first_ns).map(|name| Service {
-                name,
+            let asker = DeviceId { mac, ip: device.src };
+            let named = self.named_at_start.get(view.key).or_else(|| self.dns_cache.lookup(asker, device.dst, value.first_ns));
+            service = named.map(|named| Service {
+                name: named.name.clone(),
                 source: ServiceSource::Dns,
                 ech: false,
+                origin: Some(DnsOrigin {
+                    dns_at: self.clock.to_utc(named.answered_ns),
+                    resolver: named.resolver,
+                }),
             });
         }
         Icr {
@@ -583,6 +647,35 @@ impl Assembler {
             local,
         }
     }
+}
+
+/// A DNS response, and where it was seen.
+struct DnsAnswer {
+    /// As it travelled: resolver → device (or → the device's public address).
+    packet: Tuple,
+    seen: Seen,
+    message: dns::Message,
+}
+
+/// Why an answer names nothing (yet).
+enum Untrusted {
+    /// Its question has not been seen: wait a little (a late NAT mapping).
+    NotYet,
+    /// No device asked it: unsolicited, or an answer to a spoofed question.
+    Unasked,
+    /// It arrived on a LAN port, from another device.
+    FromLan,
+}
+
+/// DNS answers, by what became of them (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsAnswerCounts {
+    /// Answers to a device's own question: they may name its connections.
+    pub trusted: u64,
+    /// Answers no device asked for (unsolicited, or to a spoofed question).
+    pub unasked: u64,
+    /// Answers that arrived on a LAN port from another device.
+    pub from_lan: u64,
 }
 
 /// A kernel flow seen from the device: which direction is upstream, and the
@@ -713,6 +806,11 @@ mod tests {
     impl FakeTable {
         /// Counts a packet the way the XDP program does.
         fn packet(&mut self, tuple: Tuple, bytes: u64, flags: u8, role: u8, at: u64) -> FlowKey {
+            self.packet_from(role_mac(role), tuple, bytes, flags, role, at)
+        }
+
+        /// A packet from the device with that MAC.
+        fn packet_from(&mut self, mac: [u8; 6], tuple: Tuple, bytes: u64, flags: u8, role: u8, at: u64) -> FlowKey {
             let (key, dir) = tuple.key();
             let d = dir as usize;
             let value = self.0.entry(key).or_insert_with(|| FlowValue {
@@ -729,7 +827,9 @@ mod tests {
             value.bytes[d] += bytes;
             value.tcp_flags[d] |= flags;
             value.roles[d] |= role;
-            value.mac[d] = [2, 0, 0, 0, 0, role];
+            if value.mac[d] == [0; 6] {
+                value.mac[d] = mac;
+            }
             key
         }
     }
@@ -779,10 +879,28 @@ mod tests {
         assert!(table.0.is_empty(), "closed flows leave the kernel table");
     }
 
-    /// A hint event of `tuple`'s packet, its payload the whole frame.
+    /// The MAC the fake table gives packets arriving with `role`.
+    fn role_mac(role: u8) -> [u8; 6] {
+        [2, 0, 0, 0, 0, role]
+    }
+
+    /// The gateway's own MAC: where devices send, what its answers come from.
+    const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+
+    /// A hint event of `tuple`'s packet arriving with `role`, from
+    /// `role_mac(role)` to the gateway.
     fn hint_event(tuple: Tuple, role: u8, at: u64, payload: &[u8]) -> ProbeEvent {
+        hint_frame(tuple, role, at, (role_mac(role), GATEWAY_MAC), payload)
+    }
+
+    /// A hint event of an Ethernet frame from `macs.0` to `macs.1`.
+    fn hint_frame(tuple: Tuple, role: u8, at: u64, macs: ([u8; 6], [u8; 6]), payload: &[u8]) -> ProbeEvent {
         let (key, dir) = tuple.key();
-        ProbeEvent::Hint(FlowEvent { kind: event_kind::HINT, key, dir, role, ts_ns: at, ..FlowEvent::default() }, payload.to_vec())
+        let mut frame = macs.1.to_vec();
+        frame.extend_from_slice(&macs.0);
+        frame.extend_from_slice(payload);
+        let event = FlowEvent { kind: event_kind::HINT, key, dir, role, ts_ns: at, mac_src: macs.0, payload_offset: 12, ..FlowEvent::default() };
+        ProbeEvent::Hint(event, frame)
     }
 
     #[test]
@@ -836,9 +954,167 @@ mod tests {
         let device = ipv4(192, 168, 1, 23);
         let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
         let answer = response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
-        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC, &answer), &NatTable::default());
-        assert_eq!(assembler.dns_cache.lookup(device, ipv4(198, 51, 100, 10), 2 * SEC).as_deref(), Some("www.example.test"));
+        let mut question = answer.clone();
+        question[2] &= 0x7f;
+        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &NatTable::default());
+        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), &NatTable::default());
+        let asker = DeviceId { mac: Mac(role_mac(role::LAN)), ip: device };
+        let named = assembler.dns_cache.lookup(asker, ipv4(198, 51, 100, 10), 2 * SEC).expect("the device asked");
+        assert_eq!((named.name.as_str(), named.resolver), ("www.example.test", "192.168.1.1:53".parse().unwrap()));
         assert!(assembler.pending_dns.is_empty(), "the gateway sent it to the device: no NAT mapping to wait for");
+        assert_eq!(assembler.dns_answers, DnsAnswerCounts { trusted: 1, ..DnsAnswerCounts::default() });
+    }
+
+    /// Device A (one MAC) and device B (another) behind a NAT gateway, and
+    /// the records of B's connections to an address A tries to name.
+    struct Neighbours {
+        table: FakeTable,
+        nat: NatTable,
+        assembler: Assembler,
+    }
+
+    const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const HOUR: u64 = 3_600 * SEC;
+
+    impl Neighbours {
+        fn new(nat_expected: bool) -> Self {
+            Self { table: FakeTable::default(), nat: NatTable::default(), assembler: Assembler::new(Timeouts::default(), Clock::capture(), nat_expected) }
+        }
+
+        fn b() -> IpAddr {
+            ipv4(192, 168, 1, 12)
+        }
+
+        /// A DNS message naming `illegal-content.example` 198.51.100.77 for a day.
+        fn dns(id: u16, response: bool) -> Vec<u8> {
+            use crate::capture::hints::dns::tests::{a_record, response as answer};
+            let mut record = a_record("illegal-content.example", [198, 51, 100, 77]);
+            record.ttl = 86_400;
+            let mut bytes = answer("illegal-content.example", simple_dns::TYPE::A, vec![record]);
+            bytes[..2].copy_from_slice(&id.to_be_bytes());
+            if !response {
+                bytes[2] &= 0x7f;
+            }
+            bytes
+        }
+
+        /// A question through NAT to an upstream resolver, from `mac` with
+        /// `src` as its address, and the resolver's answer arriving on the WAN.
+        fn ask_upstream(&mut self, mac: [u8; 6], src: IpAddr, port: u16, public_port: u16, at: u64) {
+            let question = Tuple { src, src_port: port, dst: ipv4(9, 9, 9, 9), dst_port: 53, proto: Proto::Udp };
+            let reply = Tuple { src: ipv4(9, 9, 9, 9), src_port: 53, dst: ipv4(203, 0, 113, 1), dst_port: public_port, proto: Proto::Udp };
+            self.nat.apply(NatEvent::New(Mapping { original: question, reply }), at);
+            let key = self.table.packet_from(mac, question, 70, 0, role::LAN, at);
+            self.assembler.on_event(start_event(key, at), &self.nat);
+            self.assembler.on_event(hint_frame(question, role::LAN, at, (mac, GATEWAY_MAC), &Self::dns(7, false)), &self.nat);
+            self.table.packet_from([2, 0, 0, 0, 0, 0xee], reply, 120, 0, role::WAN, at + 20_000_000);
+            let answer = hint_frame(reply, role::WAN, at + 20_000_000, ([2, 0, 0, 0, 0, 0xee], [2, 0, 0, 0, 0, 0xf0]), &Self::dns(7, true));
+            self.assembler.on_event(answer, &self.nat);
+        }
+
+        /// B connects to the named address without SNI, at `at`.
+        fn b_connects(&mut self, port: u16, at: u64) {
+            let up = Tuple { src: Self::b(), src_port: port, dst: ipv4(198, 51, 100, 77), dst_port: 443, proto: Proto::Tcp };
+            let reply = Tuple { src: up.dst, src_port: 443, dst: ipv4(203, 0, 113, 1), dst_port: port, proto: Proto::Tcp };
+            self.nat.apply(NatEvent::New(Mapping { original: up, reply }), at);
+            let lan = self.table.packet_from(MAC_B, up, 60, tcp_flags::SYN, role::LAN, at);
+            self.table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, at + 1000);
+            let (_, dir) = up.key();
+            let start = FlowEvent { kind: event_kind::FLOW_START, key: lan, dir, role: role::LAN, mac_src: MAC_B, ts_ns: at, ..FlowEvent::default() };
+            self.assembler.on_event(ProbeEvent::Flow(start), &self.nat);
+            self.assembler.tick(at + 1, &mut self.table, &self.nat).unwrap();
+        }
+
+        /// The names on B's connections to 198.51.100.77, by start.
+        fn b_names(mut self, at: u64) -> (Vec<Option<Service>>, DnsAnswerCounts) {
+            self.assembler.close_all(at, EndReason::Shutdown, &mut self.table, &self.nat).unwrap();
+            let mut records = self.assembler.take_records();
+            records.sort_by_key(|r| r.start);
+            let names = records.into_iter().filter(|r| r.remote.port == 443 && r.device.ip == Some(Self::b())).map(|r| r.service).collect();
+            (names, self.assembler.dns_answers)
+        }
+    }
+
+    #[test]
+    fn an_answer_nobody_asked_for_names_nothing() {
+        for nat_expected in [true, false] {
+            let mut lab = Neighbours::new(nat_expected);
+            // A sends B, from its own port 53, an answer B never asked for.
+            let planted = Tuple { src: ipv4(192, 168, 1, 10), src_port: 53, dst: Neighbours::b(), dst_port: 40000, proto: Proto::Udp };
+            lab.table.packet_from(MAC_A, planted, 120, 0, role::LAN, SEC);
+            lab.assembler.on_event(hint_frame(planted, role::LAN, SEC, (MAC_A, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+            lab.b_connects(50001, 2 * SEC);
+            lab.b_connects(50002, 3 * HOUR);
+            let (names, answers) = lab.b_names(3 * HOUR + SEC);
+            assert_eq!(names, [None, None], "nat_expected {nat_expected}: B's connections are not named by A's answer");
+            assert_eq!(answers.trusted, 0);
+            assert_eq!(answers.unasked + answers.from_lan, 1, "nat_expected {nat_expected}: counted");
+        }
+    }
+
+    #[test]
+    fn an_answer_to_a_question_spoofed_with_another_devices_address_names_nothing_of_it() {
+        // Through NAT to an upstream resolver.
+        let mut lab = Neighbours::new(true);
+        lab.ask_upstream(MAC_A, Neighbours::b(), 40000, 20000, SEC);
+        lab.b_connects(50001, 2 * SEC);
+        let (names, answers) = lab.b_names(3 * SEC);
+        assert_eq!(names, [None]);
+        assert_eq!(answers.trusted, 1, "the answer went to the (MAC, address) that asked: A's MAC, B's address");
+
+        // To the gateway's own resolver, which answers B's address.
+        let mut lab = Neighbours::new(true);
+        let question = Tuple { src: Neighbours::b(), src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+        lab.table.packet_from(MAC_A, question, 70, 0, role::LAN, SEC);
+        lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_A, GATEWAY_MAC), &Neighbours::dns(7, false)), &lab.nat);
+        lab.table.packet_from(GATEWAY_MAC, question.reversed(), 120, 0, role::GATEWAY, SEC + 1000);
+        let answer = hint_frame(question.reversed(), role::GATEWAY, SEC + 1000, (GATEWAY_MAC, MAC_B), &Neighbours::dns(7, true));
+        lab.assembler.on_event(answer, &lab.nat);
+        lab.b_connects(50001, 2 * SEC);
+        let (names, _) = lab.b_names(3 * SEC);
+        assert_eq!(names, [None]);
+    }
+
+    #[test]
+    fn a_devices_own_answer_names_its_connections_for_the_ttl_and_an_hour_at_most() {
+        let mut lab = Neighbours::new(true);
+        lab.ask_upstream(MAC_B, Neighbours::b(), 40000, 20000, SEC);
+        lab.b_connects(50001, 2 * SEC);
+        lab.b_connects(50002, 3 * HOUR);
+        let (names, answers) = lab.b_names(3 * HOUR + SEC);
+        let first = names[0].as_ref().expect("B asked: its connection is named");
+        assert_eq!((first.name.as_str(), first.source), ("illegal-content.example", ServiceSource::Dns));
+        let origin = first.origin.expect("the exchange that named it");
+        assert_eq!(origin.resolver, "9.9.9.9:53".parse().unwrap());
+        assert_eq!(origin.dns_at, Clock::capture().to_utc(SEC + 20_000_000));
+        assert_eq!(names[1], None, "a day's TTL names for an hour at most");
+        assert_eq!(answers, DnsAnswerCounts { trusted: 1, ..DnsAnswerCounts::default() });
+    }
+
+    #[test]
+    fn an_answer_from_the_lan_names_nothing_where_both_sides_are_watched() {
+        let mut lab = Neighbours::new(true);
+        // B asks a resolver on the LAN side (or A races the real answer).
+        let question = Tuple { src: Neighbours::b(), src_port: 40000, dst: ipv4(192, 168, 1, 10), dst_port: 53, proto: Proto::Udp };
+        lab.table.packet_from(MAC_B, question, 70, 0, role::LAN, SEC);
+        lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
+        lab.assembler.on_event(hint_frame(question.reversed(), role::LAN, SEC + 1000, (MAC_A, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+        lab.b_connects(50001, 2 * SEC);
+        let (names, answers) = lab.b_names(3 * SEC);
+        assert_eq!(names, [None]);
+        assert_eq!(answers, DnsAnswerCounts { from_lan: 1, ..DnsAnswerCounts::default() });
+
+        // One capture point (a replayed LAN capture): the hop B asked may answer, no other.
+        for (answerer, named) in [(MAC_A, true), (GATEWAY_MAC, false)] {
+            let mut lab = Neighbours::new(false);
+            lab.table.packet_from(MAC_B, question, 70, 0, role::LAN, SEC);
+            lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
+            lab.assembler.on_event(hint_frame(question.reversed(), role::LAN, SEC + 1000, (answerer, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+            lab.b_connects(50001, 2 * SEC);
+            let (names, _) = lab.b_names(3 * SEC);
+            assert_eq!(names[0].is_some(), named, "answered from {answerer:?}");
+        }
     }
 
     #[test]

@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn ecs_round_trips_into_the_record_fields() {
         let mut r = record();
-        r.service = Some(crate::icr::Service { name: "mail.example.com".into(), source: ServiceSource::TlsSni, ech: false });
+        r.service = Some(crate::icr::Service::carried("mail.example.com".into(), ServiceSource::TlsSni, false));
         r.public = Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 20001 });
         r.device.mac = Some("02:00:00:00:00:17".into());
         r.device.subscriber = Some("line-0042".into());

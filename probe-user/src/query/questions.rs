@@ -338,7 +338,7 @@ mod tests {
             device: Device { ip: Some(device.parse().unwrap()), mac: Some("02:00:00:00:00:17".into()), ..Device::default() },
             public: None,
             remote: Endpoint { ip: remote.parse().unwrap(), port },
-            service: name.map(|n| Service { name: n.into(), source: ServiceSource::TlsSni, ech: false }),
+            service: name.map(|n| Service::carried(n.into(), ServiceSource::TlsSni, false)),
             dns: None,
             dns_all: vec![],
             packets_up: 1,

@@ -24,6 +24,7 @@ pub struct Snapshot {
     pub flows_adopted: u64,
     pub local_flows: u64,
     pub gateway_flows: u64,
+    pub dns_answers: crate::capture::flow::DnsAnswerCounts,
     pub events_lost_userspace: u64,
     pub nat_mappings: u64,
     pub nat_overruns: u64,
@@ -74,6 +75,9 @@ pub fn render(s: &Snapshot) -> String {
     metric("flows_adopted_total", "counter", "Flows found by a table sweep whose start event was lost", s.flows_adopted.to_string());
     metric("flows_local_total", "counter", "Link-local, multicast and broadcast flows closed without a record", s.local_flows.to_string());
     metric("flows_gateway_total", "counter", "The gateway's own connections (its resolver upstream, NTP) closed without a record", s.gateway_flows.to_string());
+    metric("dns_answers_trusted_total", "counter", "DNS answers to a device's own question: they may name its later connections", s.dns_answers.trusted.to_string());
+    metric("dns_answers_unasked_total", "counter", "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)", s.dns_answers.unasked.to_string());
+    metric("dns_answers_from_lan_total", "counter", "DNS answers that name nothing: they arrived on a LAN port, from another device", s.dns_answers.from_lan.to_string());
     metric("records_stored_total", "counter", "ICRs written to the store", s.records_stored.to_string());
     metric("nat_mappings", "gauge", "Conntrack mappings held", s.nat_mappings.to_string());
     metric("nat_overruns_total", "counter", "Conntrack event overruns (ENOBUFS), each followed by a resync", s.nat_overruns.to_string());

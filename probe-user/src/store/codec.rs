@@ -11,25 +11,28 @@
 //! know rather than guessing (version 1 compressed the columns together;
 //! version 3 added the gateway's name, `probe`, which older blocks lack;
 //! version 4 added every DNS exchange, `dns_all`, and `local`: older blocks
-//! read as the first exchange alone and not local).
+//! read as the first exchange alone and not local; version 5 added the
+//! exchange a `source: dns` name came from, which older blocks lack).
 use std::{
     borrow::Cow,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
 
 use super::wire::{Reader, push_ip, push_signed, push_varint};
-use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
+use crate::icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource};
 use probe_common::{Mac, Proto};
 
 /// The encoding version written now.
-const VERSION: u8 = 4;
+const VERSION: u8 = 5;
 /// Columns of blocks before version 3 (no `probe`).
 const COLUMNS_V2: usize = 22;
 /// Columns of version 3 blocks (no `dns_all` past the first, no `local`).
 const COLUMNS_V3: usize = 23;
+/// Columns of version 4 blocks (no DNS origin of a name).
+const COLUMNS_V4: usize = 25;
 /// zstd level: 1 was as small as 3 on synthetic ICRs and twice as fast.
 const ZSTD_LEVEL: i32 = 1;
 /// A decoded block may not claim more than this (a corrupt header must not
@@ -66,12 +69,22 @@ const PROBE: usize = 22;
 const DNS_ALL: usize = 23;
 /// One byte a record: 1 if it never left the gateway.
 const LOCAL: usize = 24;
-const COLUMNS: usize = 25;
+/// Per record: the resolver's address (none: the name came from no DNS
+/// answer), then the answer's time before the record's start (µs) and the
+/// resolver's port.
+const DNS_ORIGIN: usize = 25;
+const COLUMNS: usize = 26;
 
 /// Encodes records into one block (`compress` false for the append log,
 /// where every write is small and latency matters more than size).
 pub fn encode(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
     encode_as(VERSION, &encode_columns(records)?, records.len(), compress)
+}
+
+/// A version 4 block, as icr wrote them before a name's DNS origin.
+#[cfg(test)]
+pub fn encode_v4(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
+    encode_as(4, &encode_columns(records)?[..COLUMNS_V4], records.len(), compress)
 }
 
 /// A version 3 block, as icr wrote them before `dns_all` and `local`.
@@ -190,6 +203,7 @@ impl<'a> Columns<'a> {
         let written = match version {
             2 => COLUMNS_V2,
             3 => COLUMNS_V3,
+            4 => COLUMNS_V4,
             VERSION => COLUMNS,
             _ => bail!("block encoding version {version} is not known to this icr (it knows 1 to {VERSION})"),
         };
@@ -462,6 +476,12 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
         push_exchange(&mut c[DNS_ALL], dns);
     }
     c[LOCAL].push(u8::from(r.local));
+    let origin = r.service.as_ref().and_then(|s| s.origin);
+    push_ip(&mut c[DNS_ORIGIN], origin.map(|o| o.resolver.ip()));
+    if let Some(origin) = origin {
+        push_signed(&mut c[DNS_ORIGIN], start_us.wrapping_sub(origin.dns_at.timestamp_micros()));
+        push_varint(&mut c[DNS_ORIGIN], u64::from(origin.resolver.port()));
+    }
     push_varint(&mut c[PACKETS], r.packets_up);
     push_varint(&mut c[PACKETS], r.packets_down);
     push_varint(&mut c[BYTES], r.bytes_up);
@@ -492,6 +512,8 @@ struct View<'a> {
     dns: Option<Exchange<'a>>,
     dns_more: Vec<Exchange<'a>>,
     local: bool,
+    /// The resolver and the answer's time (µs), for a name from DNS.
+    dns_origin: Option<(SocketAddr, i64)>,
     packets: (u64, u64),
     bytes: (u64, u64),
     incomplete: bool,
@@ -561,6 +583,13 @@ fn decode_view<'a>(c: &mut [Reader<'a>], previous: &mut Previous) -> Result<View
         dns,
         dns_more,
         local: c[LOCAL].u8()? != 0,
+        dns_origin: match c[DNS_ORIGIN].ip()? {
+            Some(ip) => {
+                let answered_us = start_us.wrapping_sub(c[DNS_ORIGIN].signed()?);
+                Some((SocketAddr::new(ip, u16::try_from(c[DNS_ORIGIN].varint()?)?), answered_us))
+            }
+            None => None,
+        },
         packets: (c[PACKETS].varint()?, c[PACKETS].varint()?),
         bytes: (c[BYTES].varint()?, c[BYTES].varint()?),
         incomplete: c[INCOMPLETE].u8()? != 0,
@@ -632,6 +661,10 @@ fn skip_record(c: &mut [Reader], previous: &mut Previous) -> Result<()> {
         skip_exchange_rest(&mut c[DNS_ALL])?;
     }
     c[LOCAL].u8()?;
+    if c[DNS_ORIGIN].ip()?.is_some() {
+        c[DNS_ORIGIN].signed()?;
+        c[DNS_ORIGIN].varint()?;
+    }
     for column in [PACKETS, PACKETS, BYTES, BYTES] {
         c[column].varint()?;
     }
@@ -645,7 +678,11 @@ impl View<'_> {
         let service = match self.service_name {
             Some(name) => {
                 let source = ServiceSource::try_from(self.service_meta & 0x7f)?;
-                Some(Service { name: name.to_owned(), source, ech: self.service_meta & 0x80 != 0 })
+                let origin = match self.dns_origin {
+                    Some((resolver, answered_us)) => Some(DnsOrigin { dns_at: time(answered_us)?, resolver }),
+                    None => None,
+                };
+                Some(Service { origin, ..Service::carried(name.to_owned(), source, self.service_meta & 0x80 != 0) })
             }
             None => None,
         };
@@ -864,7 +901,7 @@ mod tests {
         record.end = DateTime::from_timestamp_micros(1).unwrap();
         record.device = Device::default();
         record.public = None;
-        record.service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
+        record.service = Some(Service::carried("ech.example".into(), ServiceSource::QuicSni, true));
         record.dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec![] });
         record.dns_all = vec![record.dns.clone().unwrap(), Dns { qname: String::new(), qtype: String::new(), answers: vec![String::new()] }];
         record.local = true;

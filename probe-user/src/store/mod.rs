@@ -1124,11 +1124,7 @@ pub(crate) mod test_records {
             },
             public: (!local).then(|| Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
             remote: Endpoint { ip: format!("192.0.2.{}", i % 200 + 1).parse().unwrap(), port: 443 },
-            service: (i % 4 != 1).then(|| Service {
-                name: format!("s{}.example.com", i % 40),
-                source: ServiceSource::TlsSni,
-                ech: false,
-            }),
+            service: (i % 4 != 1).then(|| Service::carried(format!("s{}.example.com", i % 40), ServiceSource::TlsSni, false)),
             dns: dns_all.first().cloned(),
             dns_all,
             packets_up: 10 + i % 50,

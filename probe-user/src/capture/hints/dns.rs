@@ -32,16 +32,48 @@ pub struct Answer {
     pub ttl: u32,
 }
 
+/// A DNS name in RFC 1035 presentation form, from its labels' octets:
+/// printable ASCII as is (letters lower-cased), `.` and `\` inside a label
+/// escaped with a backslash, every other octet as `\DDD`. Nothing is
+/// dropped and nothing raw comes out, so a tunnel's or a typo's names are
+/// evidence like any other. `None` for the root (no label).
+pub fn presentation<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (index, label) in labels.into_iter().enumerate() {
+        if index > 0 {
+            out.push('.');
+        }
+        for &octet in label {
+            match octet {
+                b'.' | b'\\' => {
+                    out.push('\\');
+                    out.push(char::from(octet));
+                }
+                0x21..=0x7e => out.push(char::from(octet.to_ascii_lowercase())),
+                _ => {
+                    let _ = write!(out, "\\{octet:03}");
+                }
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn name_of(name: &simple_dns::Name) -> Option<String> {
+    presentation(name.as_bytes())
+}
+
 /// Parses one DNS message (UDP payload). A message whose answers are
 /// damaged or cut still gives its question.
 pub fn message(bytes: &[u8]) -> Option<Message> {
     let Ok(packet) = Packet::parse(bytes) else { return question_only(bytes) };
     let question = packet.questions.first()?;
-    let qname = super::normalise_name(question.qname.to_string().as_bytes())?;
+    let qname = name_of(&question.qname)?;
     let qtype = type_name(u16::from(question.qtype));
     let mut answers = Vec::new();
     for record in &packet.answers {
-        let Some(name) = super::normalise_name(record.name.to_string().as_bytes()) else { continue };
+        let Some(name) = name_of(&record.name) else { continue };
         let ttl = record.ttl;
         let mut push = |data: String, ip: Option<IpAddr>| answers.push(Answer { name: name.clone(), data, ip, ttl });
         match &record.rdata {
@@ -54,13 +86,12 @@ pub fn message(bytes: &[u8]) -> Option<Message> {
                 push(ip.to_string(), Some(ip));
             }
             RData::CNAME(cname) => {
-                if let Some(target) = super::normalise_name(cname.0.to_string().as_bytes()) {
+                if let Some(target) = name_of(&cname.0) {
                     push(target, None);
                 }
             }
             RData::HTTPS(simple_dns::rdata::HTTPS(svcb)) | RData::SVCB(svcb) => {
-                let target = svcb.target.to_string();
-                if let Some(target) = super::normalise_name(target.as_bytes()) {
+                if let Some(target) = name_of(&svcb.target) {
                     push(target, None);
                 }
                 for param in svcb.iter_params() {
@@ -112,7 +143,7 @@ fn question_only(bytes: &[u8]) -> Option<Message> {
         }
     }
     let qtype = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?);
-    let qname = super::normalise_name(&labels.join(&b'.'))?;
+    let qname = presentation(labels)?;
     Some(Message {
         id: u16::from_be_bytes([header[0], header[1]]),
         response: header[2] & 0x80 != 0,

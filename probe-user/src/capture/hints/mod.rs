@@ -2,19 +2,19 @@
 //! QUIC), the HTTP Host header, DNS questions and answers. Payload is looked
 //! at here and nowhere else, and nothing but names leaves this module: no
 //! path, query string or content is ever kept.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::collections::BTreeMap;
 
-use probe_common::Proto;
+use probe_common::{Mac, Proto, Role, Roles};
 
 use crate::icr::{Dns, Service, ServiceSource};
 
+pub mod answers;
 pub mod dns;
 pub mod http;
 pub mod quic;
 pub mod tls;
+
+pub use answers::{DeviceId, DnsCache};
 
 /// What a parser makes of the bytes it has so far.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +44,35 @@ pub struct HintPacket<'a> {
     pub dst_port: u16,
     pub tcp_seq: u32,
     pub payload: &'a [u8],
+    pub seen: Seen,
+}
+
+/// Where and when a hint packet was seen: what decides whose question a
+/// DNS message is, and whose answer may name later connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub ts_ns: u64,
+    /// Where it arrived (XDP: a LAN or WAN port), or that the gateway sent it (TC egress).
+    pub roles: Roles,
+    /// The frame's Ethernet source and destination.
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+}
+
+impl Seen {
+    /// The Ethernet addresses of a frame (unset when it is too short for them).
+    pub fn macs(frame: &[u8]) -> (Mac, Mac) {
+        let mac = |range: std::ops::Range<usize>| frame.get(range).and_then(|b| b.try_into().ok()).map(Mac).unwrap_or_default();
+        (mac(6..12), mac(0..6))
+    }
+}
+
+/// A DNS question as a device sent it: the direction it travelled in its
+/// kernel flow (device → resolver), and how it was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Asked {
+    pub dir: u8,
+    pub seen: Seen,
 }
 
 const DNS_PORT: u16 = 53;
@@ -72,6 +101,9 @@ pub struct FlowHints {
 struct Exchange {
     id: u16,
     dns: Dns,
+    /// The query, if one was seen arriving from a device (the first, when
+    /// it was retransmitted).
+    asked: Option<Asked>,
 }
 
 impl Exchange {
@@ -107,7 +139,9 @@ impl FlowHints {
     pub fn add(&mut self, packet: &HintPacket) -> Vec<dns::Message> {
         let is_dns = packet.src_port == DNS_PORT || packet.dst_port == DNS_PORT;
         match (packet.proto, is_dns) {
-            (Proto::Udp, true) => dns::message(packet.payload).map(|m| self.note_dns(m)).into_iter().flatten().collect(),
+            (Proto::Udp, true) => {
+                dns::message(packet.payload).and_then(|m| self.note_dns(m, packet)).into_iter().collect()
+            }
             (Proto::Tcp, true) => {
                 let stream = &mut self.streams[usize::from(packet.dir & 1)];
                 stream.insert(packet.tcp_seq, packet.payload);
@@ -117,7 +151,7 @@ impl FlowHints {
                 match dns::tcp_messages(&bytes[before..]) {
                     Parse::Done(messages) => {
                         stream.consumed = before + dns_tcp_len(&bytes[before..], messages.len());
-                        messages.into_iter().filter_map(|m| self.note_dns(m)).collect()
+                        messages.into_iter().filter_map(|m| self.note_dns(m, packet)).collect()
                     }
                     _ => Vec::new(),
                 }
@@ -134,7 +168,7 @@ impl FlowHints {
             (Proto::Udp, false) => {
                 if self.service.is_none()
                     && let Some(hello) = self.quic.add_packet(packet.payload) {
-                        self.service = hello.sni.map(|name| Service { name, source: ServiceSource::QuicSni, ech: hello.ech });
+                        self.service = hello.sni.map(|name| Service::carried(name, ServiceSource::QuicSni, hello.ech));
                     }
                 Vec::new()
             }
@@ -144,7 +178,7 @@ impl FlowHints {
 
     fn client_stream(&mut self, bytes: &[u8]) {
         let named = |hello: tls::ClientHello| {
-            hello.sni.map(|name| Service { name, source: ServiceSource::TlsSni, ech: hello.ech })
+            hello.sni.map(|name| Service::carried(name, ServiceSource::TlsSni, hello.ech))
         };
         match tls::client_hello(bytes) {
             Parse::Done(hello) => return self.decide(named(hello)),
@@ -153,7 +187,7 @@ impl FlowHints {
         }
         match http::host(bytes) {
             Parse::Done(host) => {
-                return self.decide(host.map(|name| Service { name, source: ServiceSource::HttpHost, ech: false }));
+                return self.decide(host.map(|name| Service::carried(name, ServiceSource::HttpHost, false)));
             }
             Parse::NeedMore if bytes.len() < STREAM_CAP => return,
             _ => {}
@@ -175,15 +209,22 @@ impl FlowHints {
 
     /// Folds a DNS message into the flow's exchanges (a response joins its
     /// query's); returns it if it is a response.
-    fn note_dns(&mut self, message: dns::Message) -> Option<dns::Message> {
+    fn note_dns(&mut self, message: dns::Message, packet: &HintPacket) -> Option<dns::Message> {
         let answers = message.answers.iter().map(|answer| &answer.data);
+        // Only a query that arrived from a device is a device's question.
+        let asked = (!message.response && packet.seen.roles.has(Role::Lan)).then_some(Asked { dir: packet.dir, seen: packet.seen });
         let known = self.exchanges.iter().position(|e| e.is(message.id, &message.qname, &message.qtype));
         match known {
-            Some(index) => self.exchanges[index].add_answers(answers),
+            Some(index) => {
+                let exchange = &mut self.exchanges[index];
+                exchange.add_answers(answers);
+                exchange.asked = exchange.asked.or(asked);
+            }
             None if self.exchanges.len() < MAX_EXCHANGES => {
                 let mut exchange = Exchange {
                     id: message.id,
                     dns: Dns { qname: message.qname.clone(), qtype: message.qtype.clone(), answers: Vec::new() },
+                    asked,
                 };
                 exchange.add_answers(answers);
                 self.exchanges.push(exchange);
@@ -191,6 +232,16 @@ impl FlowHints {
             None => {}
         }
         message.response.then_some(message)
+    }
+
+    /// The question a response answers, if a device asked it on this flow:
+    /// same transaction id, name and type, sent in direction `dir` (device
+    /// to resolver, so the ports match too).
+    pub fn question(&self, response: &dns::Message, dir: u8) -> Option<Asked> {
+        self.exchanges
+            .iter()
+            .filter(|e| e.is(response.id, &response.qname, &response.qtype))
+            .find_map(|e| e.asked.filter(|asked| asked.dir == dir))
     }
 
     /// Combines what the two kernel flows of one NATed connection learnt:
@@ -287,66 +338,18 @@ pub(crate) fn contiguous<'a>(chunks: impl Iterator<Item = (u64, &'a [u8])>) -> V
     out
 }
 
-/// Per-device DNS answers, so that a connection without a name of its own
-/// is named by what the device looked up for that address shortly before.
-#[derive(Default)]
-pub struct DnsCache {
-    by_device: HashMap<IpAddr, HashMap<IpAddr, CachedName>>,
-}
-
-#[derive(Clone, Debug)]
-struct CachedName {
-    name: String,
-    seen_ns: u64,
-    until_ns: u64,
-}
-
-/// Answers are trusted at least this long, whatever their TTL...
-const MIN_HOLD_NS: u64 = 300 * 1_000_000_000;
-/// ...and at most this long.
-const MAX_HOLD_NS: u64 = 86_400 * 1_000_000_000;
-/// Clocks of answer and connection may differ by this much.
-const SKEW_NS: u64 = 1_000_000_000;
-/// Addresses remembered per device.
-const MAX_PER_DEVICE: usize = 4096;
-
-impl DnsCache {
-    /// Remembers a response's addresses under the name the device asked for.
-    pub fn insert(&mut self, device: IpAddr, message: &dns::Message, seen_ns: u64) {
-        let entries = self.by_device.entry(device).or_default();
-        for answer in &message.answers {
-            let Some(ip) = answer.ip else { continue };
-            let hold = (u64::from(answer.ttl) * 1_000_000_000).clamp(MIN_HOLD_NS, MAX_HOLD_NS);
-            if entries.len() >= MAX_PER_DEVICE && !entries.contains_key(&ip) {
-                continue;
-            }
-            entries.insert(ip, CachedName { name: message.qname.clone(), seen_ns, until_ns: seen_ns + hold });
-        }
-    }
-
-    /// The name `device` resolved to `remote` before `at_ns`, if still valid.
-    pub fn lookup(&self, device: IpAddr, remote: IpAddr, at_ns: u64) -> Option<String> {
-        let entry = self.by_device.get(&device)?.get(&remote)?;
-        (entry.seen_ns <= at_ns + SKEW_NS && at_ns <= entry.until_ns).then(|| entry.name.clone())
-    }
-
-    /// Forgets answers that expired before `before_ns`.
-    pub fn expire(&mut self, before_ns: u64) {
-        self.by_device.retain(|_, entries| {
-            entries.retain(|_, entry| entry.until_ns >= before_ns);
-            !entries.is_empty()
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use simple_dns::TYPE;
 
     use super::*;
 
+    pub(crate) fn from_lan() -> Seen {
+        Seen { roles: Roles::of(Role::Lan), ..Seen::default() }
+    }
+
     fn tcp(dir: u8, seq: u32, payload: &[u8]) -> HintPacket<'_> {
-        HintPacket { dir, proto: Proto::Tcp, src_port: 50000, dst_port: 443, tcp_seq: seq, payload }
+        HintPacket { dir, proto: Proto::Tcp, src_port: 50000, dst_port: 443, tcp_seq: seq, payload, seen: from_lan() }
     }
 
     #[test]
@@ -384,7 +387,7 @@ mod tests {
         let mut query_only = query.clone();
         query_only[2] &= 0x7f; // clear QR: a query
         let answer = dns::tests::response("www.example.test", TYPE::A, vec![dns::tests::a_record("www.example.test", [198, 51, 100, 10])]);
-        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
+        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload, seen: from_lan() };
         let mut lan = FlowHints::default();
         assert!(lan.add(&udp(0, &query_only)).is_empty(), "a query is no response");
         let mut wan = FlowHints::default();
@@ -397,21 +400,13 @@ mod tests {
         assert_eq!((dns.qname.as_str(), dns.qtype.as_str()), ("www.example.test", "A"));
         assert_eq!(dns.answers, ["198.51.100.10"]);
 
-        let mut cache = DnsCache::default();
-        let device: IpAddr = "192.168.50.12".parse().unwrap();
-        let web: IpAddr = "198.51.100.10".parse().unwrap();
-        cache.insert(device, &responses[0], 10 * 1_000_000_000);
-        assert_eq!(cache.lookup(device, web, 12 * 1_000_000_000).as_deref(), Some("www.example.test"));
-        assert_eq!(cache.lookup("192.168.50.13".parse().unwrap(), web, 12 * 1_000_000_000), None, "per device");
-        assert_eq!(cache.lookup(device, web, 5 * 1_000_000_000), None, "not before the answer");
-        assert_eq!(cache.lookup(device, web, 400 * 1_000_000_000), None, "not after it expired");
-        cache.expire(1_000 * 1_000_000_000);
-        assert!(cache.by_device.is_empty());
+        assert_eq!(lan.question(&responses[0], 0).map(|asked| asked.dir), Some(0), "the LAN side holds the question");
+        assert_eq!(wan.question(&responses[0], 0), None, "an answer is no question");
     }
 
     #[test]
     fn every_question_of_one_socket_is_kept_with_its_answers() {
-        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload };
+        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload, seen: from_lan() };
         let exchange = |id: u16, qname: &str, qtype, ip| {
             let mut query = dns::tests::response(qname, qtype, vec![]);
             query[..2].copy_from_slice(&id.to_be_bytes());
@@ -449,7 +444,7 @@ mod tests {
         let one = dns::tests::response("tcp.example.test", TYPE::A, vec![]);
         let mut framed = (one.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&one);
-        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: Proto::Tcp, src_port: 53, dst_port: 40000, tcp_seq: seq, payload };
+        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: Proto::Tcp, src_port: 53, dst_port: 40000, tcp_seq: seq, payload, seen: from_lan() };
         let mut hints = FlowHints::default();
         assert_eq!(hints.add(&dns_tcp(5000, &framed)).len(), 1);
         // Before the base, with a gap: fewer contiguous bytes than were parsed.

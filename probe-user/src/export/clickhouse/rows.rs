@@ -171,7 +171,7 @@ impl RecordRow {
             stored => Some(ServiceSource::try_from(stored - 1).with_context(|| format!("record {}", self.id))?),
         };
         let service = match (optional(self.service_name), source) {
-            (Some(name), Some(source)) => Some(Service { name, source, ech: self.service_ech != 0 }),
+            (Some(name), Some(source)) => Some(Service::carried(name, source, self.service_ech != 0)),
             _ => None,
         };
         let dns = optional(self.dns_qname).map(|qname| Dns { qname, qtype: self.dns_qtype, answers: self.dns_answers });
@@ -277,7 +277,7 @@ mod tests {
         records[3].probe = Some("gw-07".into());
         records[4].public = None;
         records[5].dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec!["2001:db8::1".into()] });
-        records[6].service = Some(Service { name: "ech.example".into(), source: ServiceSource::QuicSni, ech: true });
+        records[6].service = Some(Service::carried("ech.example".into(), ServiceSource::QuicSni, true));
         records[5].dns_all = vec![records[5].dns.clone().unwrap()];
         records[7].device = Device { vlan: vec![100, 20], pppoe_session: Some(7), ..Device::default() };
         assert!(records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local), "the samples have both");
