@@ -769,7 +769,25 @@ mod tests {
     /// Records as a block older than version 4 gives them back: the first
     /// DNS exchange alone, and not local.
     fn before_v4(records: &[Icr]) -> Vec<Icr> {
-        records.iter().cloned().map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r }).collect()
+        before_v5(records).into_iter().map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r }).collect()
+    }
+
+    /// Records as a block older than version 5 gives them back: a name from
+    /// DNS without the exchange that named it.
+    fn before_v5(records: &[Icr]) -> Vec<Icr> {
+        let without = |s: Service| Service { origin: None, ..s };
+        records.iter().cloned().map(|r| Icr { service: r.service.map(without), ..r }).collect()
+    }
+
+    #[test]
+    fn version_4_blocks_read_without_the_dns_origin_of_names() {
+        let records = samples(300);
+        assert!(records.iter().any(|r| r.service.as_ref().is_some_and(|s| s.origin.is_some())), "the samples have some");
+        for compress in [false, true] {
+            let old = encode_v4(&records, compress).unwrap();
+            assert_eq!(old[0], 4);
+            assert_eq!(decode(&old).unwrap(), before_v5(&records), "compressed: {compress}");
+        }
     }
 
     #[test]

@@ -1124,7 +1124,18 @@ pub(crate) mod test_records {
             },
             public: (!local).then(|| Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
             remote: Endpoint { ip: format!("192.0.2.{}", i % 200 + 1).parse().unwrap(), port: 443 },
-            service: (i % 4 != 1).then(|| Service::carried(format!("s{}.example.com", i % 40), ServiceSource::TlsSni, false)),
+            service: match i % 8 {
+                1 | 5 => None,
+                // Named from a DNS answer the device had, shortly before.
+                3 => Some(Service {
+                    origin: Some(crate::icr::DnsOrigin {
+                        dns_at: start - chrono::Duration::milliseconds((i % 900) as i64),
+                        resolver: if i.is_multiple_of(3) { "[2001:db8::53]:53".parse().unwrap() } else { "192.0.2.53:53".parse().unwrap() },
+                    }),
+                    ..Service::carried(format!("s{}.example.com", i % 40), ServiceSource::Dns, false)
+                }),
+                _ => Some(Service::carried(format!("s{}.example.com", i % 40), ServiceSource::TlsSni, false)),
+            },
             dns: dns_all.first().cloned(),
             dns_all,
             packets_up: 10 + i % 50,
@@ -1338,10 +1349,15 @@ mod tests {
 
     #[test]
     fn a_layout_1_store_is_moved_to_layout_2_when_opened_and_answers_the_same() {
-        // What layout 1's blocks can hold: one DNS exchange, never local.
+        // What layout 1's blocks can hold: one DNS exchange, never local, no DNS origin of a name.
         let records: Vec<Icr> = samples(TEST_BLOCK_RECORDS as u64 * (2 * RUN_BLOCKS as u64 + 3) + 30)
             .into_iter()
-            .map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r })
+            .map(|r| Icr {
+                dns_all: r.dns.iter().cloned().collect(),
+                local: false,
+                service: r.service.map(|s| crate::icr::Service { origin: None, ..s }),
+                ..r
+            })
             .collect();
         let window = (records[0].start, records.last().unwrap().end);
         let devices = [IndexKey::Mac([2, 0, 0, 0, 9, 0x17]), IndexKey::Subscriber("line-200".into())];

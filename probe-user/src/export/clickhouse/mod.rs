@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn tables_of_an_older_icr_get_the_columns_they_lack_in_order() {
         let tables: Vec<String> = ["records_by_service_local", "records_local"].map(String::from).into();
-        let older = RECORD_COLUMNS.len() - 4;
+        let older = RECORD_COLUMNS.len() - 6;
         let mut present: Vec<(String, String)> =
             RECORD_COLUMNS[..older].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())).collect();
         present.extend(RECORD_COLUMNS.iter().map(|(name, _)| ("records_by_service_local".to_string(), name.to_string())));
@@ -347,6 +347,8 @@ mod tests {
                 "ALTER TABLE icr.records_local ADD COLUMN dns_all_qtype Array(String)",
                 "ALTER TABLE icr.records_local ADD COLUMN dns_all_answers Array(Array(String))",
                 "ALTER TABLE icr.records_local ADD COLUMN local UInt8",
+                "ALTER TABLE icr.records_local ADD COLUMN service_dns_at_us Int64",
+                "ALTER TABLE icr.records_local ADD COLUMN service_resolver String",
             ]
         );
         present.extend(RECORD_COLUMNS[older..].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())));

@@ -10,7 +10,7 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource},
+    icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource},
     store::gaps::{Gap, LossKind},
 };
 
@@ -58,6 +58,10 @@ pub struct RecordRow {
     pub dns_all_qtype: Vec<String>,
     pub dns_all_answers: Vec<Vec<String>>,
     pub local: u8,
+    /// With `service_source` dns: the answer's time (0: none) and the
+    /// resolver (`ip:port`, '' none) of the exchange that named it.
+    pub service_dns_at_us: i64,
+    pub service_resolver: String,
 }
 
 /// The column list of [`RecordRow`], for `CREATE TABLE` and `SELECT`.
@@ -94,6 +98,8 @@ pub const RECORD_COLUMNS: &[(&str, &str)] = &[
     ("dns_all_qtype", "Array(String)"),
     ("dns_all_answers", "Array(Array(String))"),
     ("local", "UInt8"),
+    ("service_dns_at_us", "Int64"),
+    ("service_resolver", "String"),
 ];
 
 /// An address as ClickHouse keeps it.
@@ -160,6 +166,8 @@ impl RecordRow {
             dns_all_qtype: record.dns_all.iter().map(|d| d.qtype.clone()).collect(),
             dns_all_answers: record.dns_all.iter().map(|d| d.answers.clone()).collect(),
             local: u8::from(record.local),
+            service_dns_at_us: service.and_then(|s| s.origin).map_or(0, |o| o.dns_at.timestamp_micros()),
+            service_resolver: service.and_then(|s| s.origin).map(|o| o.resolver.to_string()).unwrap_or_default(),
         })
     }
 
@@ -170,8 +178,16 @@ impl RecordRow {
             0 => None,
             stored => Some(ServiceSource::try_from(stored - 1).with_context(|| format!("record {}", self.id))?),
         };
+        let origin = match (self.service_dns_at_us, optional(self.service_resolver)) {
+            (0, None) => None,
+            (at, Some(resolver)) => Some(DnsOrigin {
+                dns_at: time(at).with_context(|| format!("record {}", self.id))?,
+                resolver: resolver.parse().with_context(|| format!("record {}: resolver {resolver:?}", self.id))?,
+            }),
+            (_, None) => bail!("record {}: a DNS answer's time without its resolver", self.id),
+        };
         let service = match (optional(self.service_name), source) {
-            (Some(name), Some(source)) => Some(Service::carried(name, source, self.service_ech != 0)),
+            (Some(name), Some(source)) => Some(Service { origin, ..Service::carried(name, source, self.service_ech != 0) }),
             _ => None,
         };
         let dns = optional(self.dns_qname).map(|qname| Dns { qname, qtype: self.dns_qtype, answers: self.dns_answers });
@@ -286,7 +302,15 @@ mod tests {
         }
         // A row shipped before dns_all and local: its first exchange, not local.
         let dns = records.iter().find(|r| r.dns_all.len() > 1).unwrap();
-        let old = RecordRow { dns_all_qname: vec![], dns_all_qtype: vec![], dns_all_answers: vec![], local: 0, ..RecordRow::of(dns).unwrap() };
+        let old = RecordRow {
+            dns_all_qname: vec![],
+            dns_all_qtype: vec![],
+            dns_all_answers: vec![],
+            local: 0,
+            service_dns_at_us: 0,
+            service_resolver: String::new(),
+            ..RecordRow::of(dns).unwrap()
+        };
         assert_eq!(old.into_icr().unwrap().dns_all, vec![dns.dns.clone().unwrap()]);
         let mut bad = RecordRow::of(dns).unwrap();
         bad.dns_all_qtype.pop();
