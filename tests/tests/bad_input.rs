@@ -239,6 +239,26 @@ fn a_log_stripped_of_its_macs_fails_against_the_key_named_from_outside() {
     assert!(stderr(&output).contains("entry 1 (line 1) carries no MAC"), "{}", stderr(&output));
 }
 
+#[test]
+fn question_3_over_a_wide_network_is_a_bulk_read_and_refused() {
+    let store = StoreDir::with_config(POLICE);
+    for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "2001:db8::/31"] {
+        let output = query_accessed(&store, wide);
+        assert_eq!(output.status.code(), Some(3), "{wide}: a refusal: {}", stderr(&output));
+        assert!(stderr(&output).contains("is wider than the /"), "{wide}: {}", stderr(&output));
+        let last = audit_entries(&store).pop().unwrap();
+        assert!(last["outcome"].as_str().unwrap().starts_with("refused: "), "audited: {last}");
+        assert_eq!(last["parameters"]["services"][0], wide, "{last}");
+    }
+    assert!(query_accessed(&store, "10.1.0.0/16").status.success(), "a /16 is a question");
+    // A wider limit lets a /8 through, never the whole space.
+    let wider = StoreDir::with_config(&format!("max_selector_v4 = 8\nmax_selector_v6 = 0\n{POLICE}"));
+    assert!(query_accessed(&wider, "10.0.0.0/8").status.success());
+    for everything in ["0.0.0.0/0", "::/0"] {
+        assert_eq!(query_accessed(&wider, everything).status.code(), Some(3), "{everything}");
+    }
+}
+
 /// The audit log's entries, parsed.
 fn audit_entries(store: &StoreDir) -> Vec<serde_json::Value> {
     let log = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
