@@ -115,8 +115,8 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     })?;
     out.flush()?;
     log::info!(
-        "replayed {} packets ({} of unsupported link types skipped): {} records",
-        stats.packets, stats.unsupported_link, stats.records
+        "replayed {} packets ({} of unsupported link types skipped, {} damaged packet records skipped): {} records",
+        stats.packets, stats.unsupported_link, stats.damaged, stats.records
     );
     Ok(())
 }
