@@ -25,6 +25,13 @@ pub struct Config {
     /// The longest window a query may cover.
     #[serde(default = "default_max_window_days")]
     pub max_window_days: u32,
+    /// The widest IPv4 network question 3 may name (a prefix length): a
+    /// wider one is a bulk read, which is the operator's `list`.
+    #[serde(default = "default_max_selector_v4")]
+    pub max_selector_v4: u8,
+    /// The same for IPv6.
+    #[serde(default = "default_max_selector_v6")]
+    pub max_selector_v6: u8,
     #[serde(default)]
     pub probe: ProbeSection,
     #[serde(default)]
@@ -195,6 +202,8 @@ impl Default for Config {
             retention_days: default_retention(),
             authorities: Vec::new(),
             max_window_days: default_max_window_days(),
+            max_selector_v4: default_max_selector_v4(),
+            max_selector_v6: default_max_selector_v6(),
             probe: ProbeSection::default(),
             timeouts: TimeoutsSection::default(),
             subscribers: Default::default(),
@@ -214,6 +223,14 @@ fn default_retention() -> u32 {
 
 fn default_max_window_days() -> u32 {
     31
+}
+
+fn default_max_selector_v4() -> u8 {
+    16
+}
+
+fn default_max_selector_v6() -> u8 {
+    32
 }
 
 fn default_flow_table_size() -> u32 {
@@ -310,6 +327,9 @@ impl Config {
         }
         if self.max_window_days == 0 || self.max_window_days > MAX_RETENTION_DAYS {
             bail!("max_window_days must be between 1 and {MAX_RETENTION_DAYS}");
+        }
+        if self.max_selector_v4 > 32 || self.max_selector_v6 > 128 {
+            bail!("max_selector_v4 is a prefix length of 0 to 32, max_selector_v6 one of 0 to 128");
         }
         let mut names = std::collections::BTreeSet::new();
         for authority in &self.authorities {

@@ -210,6 +210,55 @@ fn with_an_audit_key_a_rechained_log_fails_verification() {
     assert!(output.stdout.is_empty());
 }
 
+#[test]
+fn a_log_stripped_of_its_macs_fails_against_the_key_named_from_outside() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let keys = TempDir::new("icr-audit-key");
+    let key = keys.path().join("audit.key");
+    std::fs::write(&key, [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let store = StoreDir::with_config(&format!("{POLICE}\n[audit]\nkey = \"{}\"\n", key.display()));
+    for _ in 0..3 {
+        assert!(query_accessed(&store, "www.example.test").status.success());
+    }
+    let db = store.path().to_str().unwrap();
+    let key_arg = key.to_str().unwrap();
+    let output = icr(&["audit", "verify", "--db", db, "--key", key_arg], b"");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("3 entries, each authenticated by the key"));
+    // Whoever can write the store: entry 2 deleted, the rest re-chained
+    // without MACs, and the store's [audit] key deleted.
+    let path = store.path().join("audit.log");
+    std::fs::write(&path, rechain_without(&std::fs::read_to_string(&path).unwrap(), 2)).unwrap();
+    std::fs::write(store.path().join("icr.toml"), POLICE).unwrap();
+    let output = icr(&["audit", "verify", "--db", db], b"");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("not authenticated"), "says so");
+    let output = icr(&["audit", "verify", "--db", db, "--key", key_arg], b"");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("entry 1 (line 1) carries no MAC"), "{}", stderr(&output));
+}
+
+#[test]
+fn question_3_over_a_wide_network_is_a_bulk_read_and_refused() {
+    let store = StoreDir::with_config(POLICE);
+    for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "2001:db8::/31"] {
+        let output = query_accessed(&store, wide);
+        assert_eq!(output.status.code(), Some(3), "{wide}: a refusal: {}", stderr(&output));
+        assert!(stderr(&output).contains("is wider than the /"), "{wide}: {}", stderr(&output));
+        let last = audit_entries(&store).pop().unwrap();
+        assert!(last["outcome"].as_str().unwrap().starts_with("refused: "), "audited: {last}");
+        assert_eq!(last["parameters"]["services"][0], wide, "{last}");
+    }
+    assert!(query_accessed(&store, "10.1.0.0/16").status.success(), "a /16 is a question");
+    // A wider limit lets a /8 through, never the whole space.
+    let wider = StoreDir::with_config(&format!("max_selector_v4 = 8\nmax_selector_v6 = 0\n{POLICE}"));
+    assert!(query_accessed(&wider, "10.0.0.0/8").status.success());
+    for everything in ["0.0.0.0/0", "::/0"] {
+        assert_eq!(query_accessed(&wider, everything).status.code(), Some(3), "{everything}");
+    }
+}
+
 /// The audit log's entries, parsed.
 fn audit_entries(store: &StoreDir) -> Vec<serde_json::Value> {
     let log = std::fs::read_to_string(store.path().join("audit.log")).unwrap();

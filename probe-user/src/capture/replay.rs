@@ -6,7 +6,7 @@ use std::{borrow::Cow, fs::File, io::BufReader, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use pcap_file::{
-    DataLink,
+    DataLink, Endianness, TsResolution,
     pcap::PcapReader,
     pcapng::{Block, PcapNgReader, blocks::interface_description::InterfaceDescriptionOption},
 };
@@ -33,6 +33,8 @@ pub struct ReplayStats {
     pub packets: u64,
     /// Packets of link types the probe cannot take (counted, skipped).
     pub unsupported_link: u64,
+    /// Damaged packet records (counted, skipped).
+    pub damaged: u64,
     pub records: u64,
 }
 
@@ -131,7 +133,7 @@ fn replay_loaded(
         Ok(())
     };
     let mut unsupported_link = 0;
-    read_capture(path, |ts_ns, link, data| match to_ethernet(link, data) {
+    let damaged = read_capture(path, |ts_ns, link, data| match to_ethernet(link, data) {
         Some(frame) => on_packet(ts_ns, &frame, probe),
         None => {
             unsupported_link += 1;
@@ -139,6 +141,7 @@ fn replay_loaded(
         }
     })?;
     stats.unsupported_link = unsupported_link;
+    stats.damaged = damaged;
 
     let mut rest = Vec::new();
     events::drain(buffers, &mut rest);
@@ -157,20 +160,54 @@ fn replay_loaded(
 }
 
 /// Calls `each(timestamp_ns, link_type, bytes)` for every packet of a pcap or
-/// pcapng file.
-pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> Result<()>) -> Result<()> {
+/// pcapng file; returns how many damaged packet records were skipped.
+///
+/// Files are read as capture tools write them, not as a validator would
+/// like: a packet longer than the file's snap length (`tcpdump -s`) is
+/// handed over as far as it was captured; a record that contradicts itself
+/// (a fraction of a second of a second or more, more bytes captured than
+/// sent, a packet of an undeclared interface) is skipped and counted; a
+/// record whose length runs past the end of the file (a capture cut short)
+/// ends the file there, counted. Only a file that is no capture at all is
+/// refused.
+pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> Result<()>) -> Result<u64> {
     let open = || -> Result<BufReader<File>> {
         Ok(BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?))
     };
     let mut magic = [0u8; 4];
     std::io::Read::read_exact(&mut open()?, &mut magic)
         .with_context(|| format!("{} is too short to be a capture", path.display()))?;
+    let mut damaged = 0u64;
+    let cut_short = |error: pcap_file::PcapError, damaged: &mut u64| {
+        *damaged += 1;
+        log::warn!("{}: a record runs past the end of the file or cannot be framed ({error}): the file ends there", path.display());
+    };
     if magic == [0x0a, 0x0d, 0x0d, 0x0a] {
         let mut reader = PcapNgReader::new(open()?).with_context(|| format!("{} is not a readable pcapng file", path.display()))?;
         // Per interface: link type and timestamp units (ns per unit).
         let mut interfaces: Vec<(DataLink, u128, u128)> = Vec::new();
-        while let Some(block) = reader.next_block() {
-            let block = block.with_context(|| format!("a damaged block in {}", path.display()))?;
+        loop {
+            // The section's byte order, for the block that follows (only a
+            // section header, which carries its own, changes it).
+            let endianness = reader.section().endianness;
+            // Raw blocks, decoded here: the crate's reader stops for good at
+            // a block it cannot decode, even one whose framing is whole.
+            let raw = match reader.next_raw_block() {
+                None => break,
+                Some(Ok(raw)) => raw,
+                Some(Err(error)) => {
+                    cut_short(error, &mut damaged);
+                    break;
+                }
+            };
+            let block = match endianness {
+                Endianness::Big => raw.try_into_block::<byteorder::BigEndian>(),
+                Endianness::Little => raw.try_into_block::<byteorder::LittleEndian>(),
+            };
+            let Ok(block) = block else {
+                damaged += 1;
+                continue;
+            };
             match block {
                 Block::SectionHeader(_) => interfaces.clear(),
                 Block::InterfaceDescription(interface) => {
@@ -183,7 +220,8 @@ pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> R
                 }
                 Block::EnhancedPacket(packet) => {
                     let Some(&(link, num, den)) = interfaces.get(packet.interface_id as usize) else {
-                        bail!("a packet of undeclared interface {} in {}", packet.interface_id, path.display());
+                        damaged += 1;
+                        continue;
                     };
                     // pcap-file reports the raw timestamp units as if they were ns.
                     let units = packet.timestamp.as_nanos();
@@ -199,13 +237,34 @@ pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> R
         }
     } else {
         let mut reader = PcapReader::new(open()?).with_context(|| format!("{} is neither a pcap nor a pcapng file", path.display()))?;
-        let link = reader.header().datalink;
-        while let Some(packet) = reader.next_packet() {
-            let packet = packet.with_context(|| format!("a damaged packet record in {}", path.display()))?;
-            each(u64::try_from(packet.timestamp.as_nanos()).unwrap_or(u64::MAX), link, &packet.data)?;
+        let header = reader.header();
+        let ns_per_unit = match header.ts_resolution {
+            TsResolution::MicroSecond => 1_000,
+            TsResolution::NanoSecond => 1,
+        };
+        // Raw records, checked here: the crate's own check refuses every
+        // packet longer than the snap length, i.e. every file taken with one.
+        loop {
+            let packet = match reader.next_raw_packet() {
+                None => break,
+                Some(Ok(packet)) => packet,
+                Some(Err(error)) => {
+                    cut_short(error, &mut damaged);
+                    break;
+                }
+            };
+            let fraction_ns = u64::from(packet.ts_frac) * ns_per_unit;
+            if fraction_ns >= 1_000_000_000 || packet.incl_len > packet.orig_len {
+                damaged += 1;
+                continue;
+            }
+            each(u64::from(packet.ts_sec) * 1_000_000_000 + fraction_ns, header.datalink, &packet.data)?;
         }
     }
-    Ok(())
+    if damaged > 0 {
+        log::warn!("{}: {damaged} damaged packet record(s) skipped", path.display());
+    }
+    Ok(damaged)
 }
 
 /// ns per timestamp unit as a fraction, from pcapng's `if_tsresol`.

@@ -113,6 +113,10 @@ pub struct AuditLog {
     path: PathBuf,
     key: Option<hmac::Key>,
     journal: Option<PathBuf>,
+    /// Every entry must carry a MAC, not only those after the first that
+    /// does: the key was named from outside the store (`verify --key`), so
+    /// nothing in the store says which entries predate it.
+    every_entry_keyed: bool,
 }
 
 /// What `verify` found.
@@ -127,7 +131,7 @@ impl AuditLog {
     /// The log of the store in `dir`, without a key: entries are chained but
     /// not authenticated (tests, and stores without `[audit] key`).
     pub fn in_dir(dir: &Path) -> Self {
-        Self { path: dir.join("audit.log"), key: None, journal: None }
+        Self { path: dir.join("audit.log"), key: None, journal: None, every_entry_keyed: false }
     }
 
     /// The log of the store in `dir`, as `section` configures it; refuses a
@@ -136,7 +140,15 @@ impl AuditLog {
     pub fn open(dir: &Path, section: &AuditSection) -> Result<Self> {
         let key = section.key.as_deref().map(|path| load_key(path, dir)).transpose()?;
         let journal = section.journal.clone().or_else(|| Some(PathBuf::from(JOURNAL_SOCKET)).filter(|path| path.exists()));
-        Ok(Self { path: dir.join("audit.log"), key, journal })
+        Ok(Self { path: dir.join("audit.log"), key, journal, every_entry_keyed: false })
+    }
+
+    /// The log of the store in `dir`, to be verified against the key at
+    /// `key`, named by whoever verifies rather than by the store's own
+    /// configuration (which whoever rewrites the store can edit): every
+    /// entry must carry a valid MAC.
+    pub fn verifying_with(dir: &Path, key: &Path) -> Result<Self> {
+        Ok(Self { path: dir.join("audit.log"), key: Some(load_key(key, dir)?), journal: None, every_entry_keyed: true })
     }
 
     pub fn path(&self) -> &Path {
@@ -206,8 +218,11 @@ impl AuditLog {
     }
 
     /// Walks the chain; returns what it found and the hash of entry `seq`,
-    /// if asked for and present. With a key, every entry from the first
-    /// authenticated one on, and the last, must carry a valid MAC.
+    /// if asked for and present. Every entry from the first that carries a
+    /// MAC on must carry one, key or no key; with a key each MAC must be
+    /// valid and the last entry must carry one (and, with a key named from
+    /// outside, every entry); without one a log with MACs is not taken as
+    /// verified.
     fn walk(&self, seq: Option<u64>) -> Result<(Verified, Option<String>)> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
@@ -222,7 +237,9 @@ impl AuditLog {
         let mut expected_seq = 1;
         let mut found = None;
         let mut unauthenticated = 0;
-        let mut last_authenticated = true;
+        // Whether an entry so far carried a MAC: from then on every one must,
+        // with a key or without (no setting can lower that bar).
+        let mut keyed = false;
         for (index, line) in BufReader::new(file).lines().enumerate() {
             let line_no = index + 1;
             let line = line.with_context(|| format!("reading line {line_no}"))?;
@@ -238,28 +255,29 @@ impl AuditLog {
             if hex::encode(Sha256::digest(&body)) != entry.hash {
                 bail!("entry {} (line {line_no}) was altered: its hash does not match its content", entry.seq);
             }
-            match (&entry.mac, &self.key) {
-                (Some(mac), Some(key)) => {
-                    let mac = hex::decode(mac).unwrap_or_default();
-                    if hmac::verify(key, &body, &mac).is_err() {
+            match &entry.mac {
+                Some(mac) => {
+                    if let Some(key) = &self.key
+                        && hmac::verify(key, &body, &hex::decode(mac).unwrap_or_default()).is_err()
+                    {
                         bail!(
                             "entry {} (line {line_no}) is not authenticated by the audit key: the log was rewritten (or the key \
                              is not the one it was written with)",
                             entry.seq
                         );
                     }
-                    last_authenticated = true;
+                    keyed = true;
                 }
-                (Some(_), None) => bail!("the log's entries are authenticated: verify it with its [audit] key configured"),
-                (None, Some(_)) if unauthenticated + 1 != entry.seq => bail!(
+                None if keyed => bail!(
                     "entry {} (line {line_no}) carries no MAC after entries that did: the log was rewritten without the key",
                     entry.seq
                 ),
-                (None, Some(_)) => {
-                    unauthenticated += 1;
-                    last_authenticated = false;
-                }
-                (None, None) => {}
+                None if self.every_entry_keyed => bail!(
+                    "entry {} (line {line_no}) carries no MAC, and the key given must authenticate every entry: the log was \
+                     rewritten without it, or written without a key",
+                    entry.seq
+                ),
+                None => unauthenticated += 1,
             }
             if Some(entry.seq) == seq {
                 found = Some(entry.hash.clone());
@@ -268,7 +286,10 @@ impl AuditLog {
             expected_seq += 1;
         }
         let entries = expected_seq - 1;
-        if self.key.is_some() && entries > 0 && !last_authenticated {
+        if keyed && self.key.is_none() {
+            bail!("the log's entries are authenticated: verify it with its key (--key FILE, or the store's [audit] key)");
+        }
+        if self.key.is_some() && entries > 0 && !keyed {
             bail!(
                 "no entry of the {entries} is authenticated by the audit key: the log was rewritten without it, or nothing was \
                  audited since the key was configured"
@@ -478,12 +499,7 @@ mod tests {
         let error = format!("{:#}", log.verify_to(None).unwrap_err());
         assert!(error.contains("entry 2 (line 2) is not authenticated by the audit key"), "{error}");
         // Stripping every MAC does not help either.
-        let stripped: Vec<String> = lines(&log).into_iter().map(|line| {
-            let mut entry: Entry = serde_json::from_str(&line).unwrap();
-            entry.mac = None;
-            serde_json::to_string(&entry).unwrap()
-        }).collect();
-        write(&log, &stripped);
+        strip_macs(&log);
         // The chain alone is whole again (what `icr audit verify` said
         // before there was a key): only the key tells.
         assert_eq!(AuditLog::in_dir(store.path()).verify().unwrap(), 3);
@@ -504,8 +520,62 @@ mod tests {
         unkeyed.append(record(4)).unwrap();
         let error = format!("{:#}", keyed.verify_to(None).unwrap_err());
         assert!(error.contains("entry 4 (line 4) carries no MAC after entries that did"), "{error}");
+        // Without a key the MACs cannot be checked, but a MAC-less entry
+        // after a keyed one is still a rewrite.
         let error = format!("{:#}", unkeyed.verify_to(None).unwrap_err());
-        assert!(error.contains("verify it with its [audit] key configured"), "{error}");
+        assert!(error.contains("entry 4 (line 4) carries no MAC after entries that did"), "{error}");
+    }
+
+    /// Drops every entry's MAC, as whoever lacks the key would to hide a
+    /// rewrite (the chain is untouched: the MAC is not part of the hash).
+    fn strip_macs(log: &AuditLog) {
+        let stripped: Vec<String> = lines(log).into_iter().map(|line| {
+            let mut entry: Entry = serde_json::from_str(&line).unwrap();
+            entry.mac = None;
+            serde_json::to_string(&entry).unwrap()
+        }).collect();
+        write(log, &stripped);
+    }
+
+    #[test]
+    fn a_key_named_from_outside_wants_every_entry_authenticated() {
+        let store = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let key = key_file(keys.path());
+        let keyed = AuditLog::open(store.path(), &AuditSection { key: Some(key.clone()), journal: None }).unwrap();
+        for i in 1..=3 {
+            keyed.append(record(i)).unwrap();
+        }
+        let outside = AuditLog::verifying_with(store.path(), &key).unwrap();
+        assert_eq!(outside.verify_to(None).unwrap(), Verified { entries: 3, unauthenticated: 0 });
+        rechain_without(&keyed, 2);
+        strip_macs(&keyed);
+        // With no key in hand the rewrite is a whole chain; the key named
+        // from outside finds it, whatever the store's configuration says.
+        assert_eq!(AuditLog::in_dir(store.path()).verify().unwrap(), 2);
+        let error = format!("{:#}", outside.verify_to(None).unwrap_err());
+        assert!(error.contains("entry 1 (line 1) carries no MAC, and the key given must authenticate every entry"), "{error}");
+        // A log written before any key is not taken for authenticated either.
+        let plain = tempfile::tempdir().unwrap();
+        AuditLog::in_dir(plain.path()).append(record(1)).unwrap();
+        assert!(AuditLog::verifying_with(plain.path(), &key).unwrap().verify().is_err());
+    }
+
+    #[test]
+    fn a_mac_less_entry_after_a_keyed_one_fails_with_no_key_at_all() {
+        let store = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let keyed = AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        keyed.append(record(1)).unwrap();
+        AuditLog::in_dir(store.path()).append(record(2)).unwrap();
+        let error = format!("{:#}", AuditLog::in_dir(store.path()).verify().unwrap_err());
+        assert!(error.contains("entry 2 (line 2) carries no MAC after entries that did: the log was rewritten"), "{error}");
+        // Whole and keyed, but no key to check it with: not verified.
+        let whole = tempfile::tempdir().unwrap();
+        let keyed = AuditLog::open(whole.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        keyed.append(record(1)).unwrap();
+        let error = format!("{:#}", AuditLog::in_dir(whole.path()).verify().unwrap_err());
+        assert!(error.contains("verify it with its key (--key FILE"), "{error}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
         audit::{AuditLog, AuditRecord},
         authorise::{Refusal, authorise},
         backend::Backend,
-        questions::{self, Question},
+        questions::{self, Question, SelectorLimits},
         request::{Act, Request},
     },
     store::gaps::Gap,
@@ -171,6 +171,11 @@ impl<'a> Desk<'a> {
         let max_window = chrono::Duration::days(i64::from(config.max_window_days));
         if to - from > max_window {
             return Err(open.refuse(Refusal(format!("the window is longer than the {} days allowed", config.max_window_days))));
+        }
+        if let Question::Accessed { services, .. } = &question
+            && let Some(reason) = SelectorLimits::of(config).refuses(services)
+        {
+            return Err(open.refuse(Refusal(reason)));
         }
         if let Some(dir) = &request.bundle {
             // Checked before the answer is audited: a request that cannot be

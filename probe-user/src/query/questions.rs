@@ -224,6 +224,49 @@ impl ServiceSelector {
     }
 }
 
+/// The widest address networks question 3 may name, as prefix lengths
+/// (`max_selector_v4`, `max_selector_v6`): a wider question is a bulk read,
+/// which only an operator's audited `list` may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectorLimits {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl SelectorLimits {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self { v4: config.max_selector_v4, v6: config.max_selector_v6 }
+    }
+
+    /// Why question 3 may not name `services`, if it may not: a network
+    /// wider than the limit, the whole address space whatever the limit,
+    /// or networks that together hold more addresses than the widest one
+    /// allowed (many narrow networks are as much a bulk read as one wide one).
+    pub fn refuses(&self, services: &[ServiceSelector]) -> Option<String> {
+        let mut named = [0u128; 2];
+        for service in services {
+            let ServiceSelector::Net(net) = service else { continue };
+            let (family, widest, bits) = match net {
+                IpNet::V4(_) => (0, self.v4.max(1), 32),
+                IpNet::V6(_) => (1, self.v6.max(1), 128),
+            };
+            if net.prefix_len() < widest {
+                return Some(format!(
+                    "{net} is wider than the /{widest} question 3 may name: a bulk read is an operator's list"
+                ));
+            }
+            named[family] = named[family].saturating_add(1u128 << (bits - net.prefix_len()).min(127));
+            if named[family] > 1u128 << (bits - widest).min(127) {
+                return Some(format!(
+                    "the networks named hold more addresses than one /{widest}, the most question 3 may name: a bulk read \
+                     is an operator's list"
+                ));
+            }
+        }
+        None
+    }
+}
+
 /// The names question 3 knows a record by: its service's, and each of its
 /// DNS exchanges' (lowercase, without a trailing dot).
 fn names_of(record: &Icr) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
@@ -348,6 +391,28 @@ mod tests {
             incomplete: false,
             local: false,
         }
+    }
+
+    #[test]
+    fn question_3_names_no_network_wider_than_the_limit_and_never_everything() {
+        let nets = |texts: &[&str]| texts.iter().map(|t| ServiceSelector::parse(t).unwrap()).collect::<Vec<_>>();
+        let default = SelectorLimits::of(&crate::config::Config::default());
+        assert_eq!(default, SelectorLimits { v4: 16, v6: 32 });
+        for allowed in [&["10.1.0.0/16"][..], &["2001:db8::/32"], &["a.example", "*.example", "192.0.2.7", "2001:db8::1"]] {
+            assert_eq!(default.refuses(&nets(allowed)), None, "{allowed:?}");
+        }
+        for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "10.0.0.0/15", "2001::/16"] {
+            let reason = default.refuses(&nets(&["a.example", wide])).unwrap_or_else(|| panic!("{wide} is refused"));
+            assert!(reason.contains("is wider than the /") && reason.contains("operator's list"), "{reason}");
+        }
+        // The whole address space stays refused however wide the limit.
+        let widest = SelectorLimits { v4: 0, v6: 0 };
+        assert_eq!(widest.refuses(&nets(&["128.0.0.0/1", "::/1"])), None);
+        assert!(widest.refuses(&nets(&["0.0.0.0/0"])).is_some() && widest.refuses(&nets(&["::/0"])).is_some());
+        // Two /16s hold more than one /16: the everything-in-pieces request.
+        let pieces = nets(&["10.1.0.0/16", "10.2.0.0/16"]);
+        assert!(default.refuses(&pieces).unwrap().contains("more addresses than one /16"));
+        assert_eq!(SelectorLimits { v4: 15, v6: 32 }.refuses(&pieces), None);
     }
 
     #[test]

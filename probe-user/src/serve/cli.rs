@@ -278,5 +278,10 @@ pub enum AuditCommand {
         /// reach it, so a cut tail is found.
         #[arg(long)]
         head: Option<crate::query::audit::Head>,
+        /// The audit key (root's, outside the store), named by whoever
+        /// verifies rather than read from the store's configuration: every
+        /// entry must carry a valid MAC under it.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }

@@ -115,21 +115,28 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     })?;
     out.flush()?;
     log::info!(
-        "replayed {} packets ({} of unsupported link types skipped): {} records",
-        stats.packets, stats.unsupported_link, stats.records
+        "replayed {} packets ({} of unsupported link types skipped, {} damaged packet records skipped): {} records",
+        stats.packets, stats.unsupported_link, stats.damaged, stats.records
     );
     Ok(())
 }
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
-        AuditCommand::Verify { db, head } => {
-            // The store's own configuration names the key.
+        AuditCommand::Verify { db, head, key: Some(key) } => {
+            // The key named here, not the store's configuration, decides:
+            // whoever rewrites the store can edit that.
+            let log = AuditLog::verifying_with(&db, &key)?;
+            let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
+            writeln!(out, "audit log intact: {} entries, each authenticated by the key {}", verified.entries, key.display())?;
+            Ok(())
+        }
+        AuditCommand::Verify { db, head, key: None } => {
             let config = StoreConfig::of_store(&db).load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
             let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
             let authenticated = match (&config.audit.key, verified.unauthenticated) {
-                (None, _) => "chained, not authenticated: no [audit] key is configured".to_string(),
+                (None, _) => "chained, not authenticated: no key was given (--key FILE) or configured".to_string(),
                 (Some(_), 0) => "each authenticated by the audit key".to_string(),
                 (Some(_), n) => format!("authenticated by the audit key but for the first {n}, written before it was configured"),
             };

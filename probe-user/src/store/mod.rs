@@ -1078,7 +1078,7 @@ pub(crate) mod test_records {
         super::Store::open_with(dir, true, TEST_BLOCK_RECORDS)
     }
 
-    fn reopen_with(
+    pub fn reopen_with(
         dir: &std::path::Path,
         open: fn(&std::path::Path) -> Result<super::Store, super::OpenError>,
     ) -> anyhow::Result<super::Store> {
@@ -1459,6 +1459,35 @@ mod tests {
         drop(reopen(dir.path()).unwrap());
         assert_eq!(std::fs::read_dir(&quarantine).unwrap().count(), 2, "the first file is not overwritten");
         assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[starts[0]..starts[1]]);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_large_batch_costs_at_most_a_thousand_records() {
+        // One append of 5,000 records, fewer than a block holds: all of
+        // them in the day's log, as `icr replay` leaves a day.
+        fn open_large(dir: &Path) -> Result<Store, OpenError> {
+            Store::open_with(dir, false, 2 * BLOCK_RECORDS)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let records = samples(5000);
+        let log = {
+            let store = test_records::reopen_with(dir.path(), open_large).unwrap();
+            store.append(&records).unwrap();
+            store.wal_path(records[0].start.date_naive())
+        };
+        let mut bytes = std::fs::read(&log).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&log, &bytes).unwrap();
+        let (from, to) = day_window(&records);
+        let store = test_records::reopen_with(dir.path(), open_large).unwrap();
+        let read = store.scan(from, to).unwrap();
+        assert!(read.len() >= 4000, "{} of 5000 records readable", read.len());
+        assert!(read.iter().all(|record| records.contains(record)), "none altered");
+        let gaps = store.gaps(from, to).unwrap();
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert_eq!(gaps[0].kind, LossKind::StoreCorruption);
+        assert!(gaps[0].count <= 8 + (64 << 10), "at most one bounded frame's bytes: {}", gaps[0].count);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The append log of a day's open block: the records acknowledged but not
-//! yet sealed into a compressed block. Each append is one checksummed frame,
-//! synced before the store says the records are stored.
+//! yet sealed into a compressed block. Each append is written as checksummed
+//! frames of bounded size (however large the batch, one damaged frame costs
+//! at most a thousand records), synced before the store says the records
+//! are stored.
 //!
 //! Reading never changes the file. It reads every whole, checked frame; past
 //! a damaged one it looks for the next frame that checks, so one bad frame
@@ -26,7 +28,13 @@ use crate::{icr::Icr, store::codec};
 const MAGIC: &[u8; 8] = b"ICRWAL1\n";
 const HEADER: usize = MAGIC.len() + 4;
 /// A frame may not claim more than this: a damaged length is a torn tail.
+/// (What older versions wrote, one frame per append, must stay readable.)
 const MAX_FRAME: usize = 256 << 20;
+/// The most records one written frame holds, and the most payload bytes (a
+/// single larger record excepted): a flipped byte makes one frame
+/// unreadable, so it costs at most this much, whatever the batch.
+const FRAME_RECORDS: usize = 1000;
+const FRAME_BYTES: usize = 64 << 10;
 
 pub struct Wal {
     file: File,
@@ -159,8 +167,25 @@ fn runs_past_the_end(bytes: &[u8], offset: usize) -> bool {
     }
 }
 
+/// Writes `records` as frames of at most [`FRAME_RECORDS`] records and
+/// [`FRAME_BYTES`] bytes each.
 fn frame(out: &mut Vec<u8>, records: &[Icr]) -> Result<()> {
+    for chunk in records.chunks(FRAME_RECORDS) {
+        bounded_frames(out, chunk)?;
+    }
+    Ok(())
+}
+
+/// One frame of `records`, or, if that would be larger than
+/// [`FRAME_BYTES`], the frames of each half (records are encoded by
+/// column, so a frame's size is known once it is encoded).
+fn bounded_frames(out: &mut Vec<u8>, records: &[Icr]) -> Result<()> {
     let payload = codec::encode(records, false)?;
+    if payload.len() > FRAME_BYTES && records.len() > 1 {
+        let (first, second) = records.split_at(records.len() / 2);
+        bounded_frames(out, first)?;
+        return bounded_frames(out, second);
+    }
     out.extend_from_slice(&u32::try_from(payload.len())?.to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -215,6 +240,36 @@ mod tests {
         assert_eq!(back.damage[0].kind, DamageKind::TornTail);
         assert!(!back.lost_records());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole.len() as u64 - 5, "reading changes nothing");
+    }
+
+    #[test]
+    fn a_large_append_is_bounded_frames_and_a_one_frame_log_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("day.log");
+        let records = samples(2500);
+        Wal::create(&path, 0, &records[..1]).unwrap().append(&records[1..]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut frames = Vec::new();
+        let mut offset = HEADER;
+        while let Some((frame, next)) = checked_frame(&bytes, offset) {
+            frames.push((frame.len(), next - offset));
+            offset = next;
+        }
+        assert_eq!(offset, bytes.len(), "whole frames only");
+        assert!(frames.len() >= 4, "{frames:?}");
+        assert!(frames.iter().all(|&(count, size)| count <= FRAME_RECORDS && size <= 8 + FRAME_BYTES), "{frames:?}");
+        assert_eq!(parse(bytes).records, records);
+
+        // A log written before frames were bounded: the batch in one frame.
+        let mut old = MAGIC.to_vec();
+        old.extend_from_slice(&0u32.to_le_bytes());
+        let payload = codec::encode(&records, false).unwrap();
+        old.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        old.extend_from_slice(&payload);
+        let back = parse(old);
+        assert!(back.damage.is_empty());
+        assert_eq!(back.records, records);
     }
 
     /// Offsets of the frames in a log of three frames of 10 records.
