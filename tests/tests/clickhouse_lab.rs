@@ -546,6 +546,7 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     // A row forged into the cluster (by whoever holds a writer's password)
     // is reported, never answered as it is.
     let now_us = chrono_now() * 1_000_000;
+    let forged_at = icr_lab::rfc3339(now_us / 1_000_000);
     let forged = format!(
         "INSERT INTO icr_ingest.records (day, id, start_us, end_us, public_ip, public_port, remote_ip, remote_port, proto, service_name, service_source) \
          VALUES (today(), '0192f1c4-0000-7000-8000-0000000000ff', {now_us}, {now_us}, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
@@ -553,11 +554,27 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     );
     cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &forged).unwrap();
     let (code, stdout, stderr) = icr(&cluster, &[
-        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40999", "--at", &icr_lab::rfc3339(chrono_now())][..],
+        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40999", "--at", &forged_at][..],
         &["--clickhouse", url.as_str(), "--db", db, "--format", "csv"], &WHO,
     ].concat());
     assert_ne!(code, 0, "{stdout}");
     assert!(!stdout.contains("HYPERLINK") && stderr.contains("no valid record") && stderr.contains("service_name"), "{stdout}{stderr}");
+    // A name capture could have made, which a spreadsheet would take for a
+    // formula: answered, and neutralised in the CSV and the bundle's copy.
+    let plausible = forged.replace("8000-0000000000ff", "8000-0000000000fe").replace("40999", "40998").replace(
+        "'=HYPERLINK(\\'http://x.example/\\',\\'open\\')'",
+        "'-2.example.test'",
+    );
+    assert!(plausible.contains("'-2.example.test'"), "{plausible}");
+    cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &plausible).unwrap();
+    let bundle = cluster.dir.join("bundle-csv");
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40998", "--at", &forged_at, "--tolerance", "5s"][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "csv", "--bundle", bundle.to_str().unwrap()], &WHO,
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.lines().nth(1).is_some_and(|row| row.contains(",'-2.example.test,")), "{stdout}");
+    assert_eq!(std::fs::read_to_string(bundle.join("results.csv")).unwrap(), stdout, "the bundle's CSV is the one disclosed");
 
     // What each user may do, as ClickHouse 18.16 enforces it.
     let refused = |user: User, url: &str, sql: &str| cluster.query_as(user, url, sql).expect_err(sql).to_string();
@@ -574,7 +591,7 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     assert!(refused(QUERY, &url, "DROP TABLE icr.records").contains("readonly mode"));
     assert!(refused(QUERY, &format!("{url}/?readonly=0"), "SELECT 1").contains("readonly"));
     let kept = cluster.query_at(&url, "SELECT count() FROM icr.records").unwrap();
-    assert_eq!(kept.trim().parse::<usize>().unwrap(), records.len() + 1, "nothing dropped; the forged row is there, and refused");
+    assert_eq!(kept.trim().parse::<usize>().unwrap(), records.len() + 2, "nothing dropped; the forged rows are there");
 
     agent.stop().expect("the agent stops");
     let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(store.path()).output().unwrap();
