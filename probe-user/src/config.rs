@@ -509,6 +509,22 @@ mod tests {
     }
 
     #[test]
+    fn a_clickhouse_url_with_credentials_is_refused_without_showing_them() {
+        for url in ["https://icr:s3cret@10.0.0.5:8443", "http://10.0.0.5:8123/?password=s3cret", "http://10.0.0.5:8123/?user=icr"] {
+            let refused = refusal(&format!("[clickhouse]\nurl = \"{url}\"\n"));
+            assert!(refused.contains("carries credentials") && !refused.contains("s3cret"), "{refused}");
+        }
+        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\nuser = \"a b\"\n").contains("is not a ClickHouse user name"));
+        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\npassword = \"s3cret\"\n").contains("unknown field"));
+        let config = Config::parse(
+            "[clickhouse]\nurl = \"https://10.0.0.5:8443\"\ncluster = \"icr\"\nuser = \"icr_gw07\"\n\
+             password_file = \"/etc/icr/clickhouse.password\"\nca = \"/etc/icr/clickhouse-ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.clickhouse.unwrap().user.as_deref(), Some("icr_gw07"));
+    }
+
+    #[test]
     fn plain_http_is_refused_off_loopback() {
         assert!(refusal("[http]\nlisten = \"0.0.0.0:8080\"").contains("plain HTTP is allowed on loopback only"));
         assert!(refusal("[http]\nlisten = \"[2001:db8::1]:8080\"").contains("plain HTTP is allowed on loopback only"));
