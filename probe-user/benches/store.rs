@@ -151,7 +151,7 @@ fn main() -> Result<()> {
     let clickhouse_figures = if args.clickhouse {
         println!("== clickhouse (one clickhouse-server, the cluster's tables)");
         let server = clickhouse_server::Server::start(&args.dir.join("clickhouse"))?;
-        let clickhouse = ClickHouse::new(&ClickHouseSection { url: server.url(), cluster: None })?;
+        let clickhouse = ClickHouse::new(&ClickHouseSection::at(server.url()), None)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(clickhouse.init())?;
         let cluster = Cluster::new(clickhouse.clone())?;

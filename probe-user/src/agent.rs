@@ -130,7 +130,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let probe_id = config.probe_id();
     if let Some(section) = &config.clickhouse {
-        let cluster = ClickHouse::new(section)?;
+        let cluster = ClickHouse::new(section, Some(&db))?;
         // Before the first append: everything from now on is spooled.
         store.enable_outbox().context("opening the outbox")?;
         info!("shipping records and gap entries to {} ({} records waiting)", cluster.url(), store.outbox_backlog());

@@ -59,10 +59,73 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseSection {
-    /// The HTTP interface of any node, e.g. `http://10.0.0.5:8123`.
+    /// The HTTP interface of any node, e.g. `https://10.0.0.5:8443`; never
+    /// with credentials in it.
     pub url: String,
     /// The `remote_servers` cluster; omitted for one server.
     pub cluster: Option<String>,
+    /// The ClickHouse user (ClickHouse's `default` when not given).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A file holding the user's password alone: root's, 0600 or 0400,
+    /// outside the store.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates an `https://` server is verified against (default:
+    /// the system's roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+impl ClickHouseSection {
+    /// The section with `url` alone, as `icr clickhouse init --url` gives it.
+    pub fn at(url: impl Into<String>) -> Self {
+        Self { url: url.into(), cluster: None, user: None, password_file: None, ca: None }
+    }
+
+    /// What can be checked without reading a file: the URL carries no
+    /// credentials and is http(s); the names are names.
+    pub fn validate(&self) -> Result<()> {
+        crate::export::clickhouse::access::checked_url(&self.url)?;
+        if let Some(cluster) = &self.cluster
+            && (cluster.is_empty() || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            bail!("[clickhouse] cluster {cluster:?} is not a cluster name");
+        }
+        // It travels in an HTTP header: printable ASCII, as ClickHouse's names are.
+        if let Some(user) = &self.user
+            && (user.is_empty() || user.len() > 255 || !user.chars().all(|c| c.is_ascii_graphic()))
+        {
+            bail!("[clickhouse] user {user:?} is not a ClickHouse user name (1 to 255 printable ASCII characters)");
+        }
+        Ok(())
+    }
+}
+
+/// Reads a secret file (`what` names it in errors): root's and readable by
+/// root only, and outside the store in `store_dir` when there is one
+/// (whoever can rewrite the store must not hold it).
+pub fn read_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    if !metadata.is_file() {
+        bail!("{what} {} is not a file", path.display());
+    }
+    if metadata.uid() != 0 || metadata.mode() & 0o077 != 0 {
+        bail!(
+            "{what} {} must be owned by root and readable by root only (chmod 0400 or 0600); it is uid {} mode {:o}",
+            path.display(),
+            metadata.uid(),
+            metadata.mode() & 0o7777
+        );
+    }
+    if let Some(store_dir) = store_dir {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if canonical(path).starts_with(canonical(store_dir)) {
+            bail!("{what} {} is inside the store {}: keep it where the store's writers cannot read it", path.display(), store_dir.display());
+        }
+    }
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -362,6 +425,9 @@ impl Config {
             bail!("[store] write_queue = {} must be between 1 and 86400 (ticks of records)", self.store.write_queue);
         }
         self.flow_timeouts()?;
+        if let Some(clickhouse) = &self.clickhouse {
+            clickhouse.validate()?;
+        }
         Ok(())
     }
 
@@ -460,6 +526,22 @@ mod tests {
         assert!(refusal("[timeouts]\ntcp_idle = \"0s\"").contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero"));
         assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
         assert!(Config::parse(police).is_ok());
+    }
+
+    #[test]
+    fn a_clickhouse_url_with_credentials_is_refused_without_showing_them() {
+        for url in ["https://icr:s3cret@10.0.0.5:8443", "http://10.0.0.5:8123/?password=s3cret", "http://10.0.0.5:8123/?user=icr"] {
+            let refused = refusal(&format!("[clickhouse]\nurl = \"{url}\"\n"));
+            assert!(refused.contains("carries credentials") && !refused.contains("s3cret"), "{refused}");
+        }
+        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\nuser = \"a b\"\n").contains("is not a ClickHouse user name"));
+        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\npassword = \"s3cret\"\n").contains("unknown field"));
+        let config = Config::parse(
+            "[clickhouse]\nurl = \"https://10.0.0.5:8443\"\ncluster = \"icr\"\nuser = \"icr_gw07\"\n\
+             password_file = \"/etc/icr/clickhouse.password\"\nca = \"/etc/icr/clickhouse-ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.clickhouse.unwrap().user.as_deref(), Some("icr_gw07"));
     }
 
     #[test]

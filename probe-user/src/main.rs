@@ -61,8 +61,9 @@ fn main() {
             None => sweep(&args.target.dir(), args.target.config.as_deref(), &mut stdout),
         },
         Command::Serve(args) => commands::serve_cluster(args).map_err(Failure::from),
-        Command::ClickHouse(ClickHouseCommand::Init { url, cluster }) => {
-            commands::clickhouse_init(url, cluster, &mut stdout).map_err(Failure::from)
+        Command::ClickHouse(ClickHouseCommand::Init { url, cluster, user, password_file, ca }) => {
+            let section = icr::config::ClickHouseSection { url, cluster, user, password_file, ca };
+            commands::clickhouse_init(section, &mut stdout).map_err(Failure::from)
         }
     };
     if let Err(failure) = result {

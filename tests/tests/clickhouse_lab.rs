@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use icr_lab::{
     Agent, Bpffs, Lab, Nat, TempDir, WEB_IP, WEB_NAME,
-    clickhouse::{CLUSTER, ClickHouseCluster},
+    clickhouse::{ADMIN, CLUSTER, ClickHouseCluster, GATEWAY, QUERY, User},
     icr_binary, patience, wait_for,
 };
 use serde_json::Value;
@@ -30,18 +30,41 @@ const CENTRAL_HTTP: &str = "127.0.0.1:8480";
 /// The central query service's directory: its configuration names the
 /// cluster and the authorities; its audit log records every question.
 fn central_dir(cluster: &ClickHouseCluster) -> std::path::PathBuf {
-    let dir = cluster.dir.join("central");
+    central_dir_with(cluster, "central", &plain_section(cluster))
+}
+
+/// A central directory `name` whose `[clickhouse]` is `section`.
+fn central_dir_with(cluster: &ClickHouseCluster, name: &str, section: &str) -> std::path::PathBuf {
+    let dir = cluster.dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let authorities = AUTHORITIES.replacen("purposes = [1, 2, 3]\n", &format!("purposes = [1, 2, 3]\ntoken_hash = \"{}\"\n", icr_lab::hash_token(TOKEN)), 1);
-    std::fs::write(
-        dir.join("icr.toml"),
-        format!(
-            "retention_days = 30\n[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n[http]\nlisten = \"{CENTRAL_HTTP}\"\n{authorities}",
-            cluster.url(0)
-        ),
-    )
-    .unwrap();
+    std::fs::write(dir.join("icr.toml"), format!("retention_days = 30\n{section}[http]\nlisten = \"{CENTRAL_HTTP}\"\n{authorities}")).unwrap();
     dir
+}
+
+/// `[clickhouse]` for the cluster over plain HTTP as ClickHouse's `default` user.
+fn plain_section(cluster: &ClickHouseCluster) -> String {
+    format!("[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n", cluster.url(0))
+}
+
+/// `[clickhouse]` for a secured cluster over HTTPS as `user`, whose
+/// password is in `password_file`.
+fn secured_section(cluster: &ClickHouseCluster, user: User, password_file: &Path) -> String {
+    format!(
+        "[clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\nuser = \"{}\"\npassword_file = \"{}\"\nca = \"{}\"\n",
+        cluster.https_url(0),
+        user.name,
+        password_file.display(),
+        cluster.ca.as_ref().expect("a secured cluster").display()
+    )
+}
+
+/// A password file as icr wants one: root's, 0600.
+fn password_file(path: &Path, password: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_path_buf()
 }
 
 /// `icr ARGS` in the provider's namespace: (exit code, stdout, stderr).
@@ -149,6 +172,10 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
 /// Pinned, so that an agent killed outright loses no flow (its successor
 /// adopts them), and with short timeouts, so that flows close soon.
 fn gateway_config(db: &Path, probe: &str, cluster: &ClickHouseCluster, metrics_port: u16, pins: &Path) {
+    gateway_config_with(db, probe, &plain_section(cluster), metrics_port, pins);
+}
+
+fn gateway_config_with(db: &Path, probe: &str, section: &str, metrics_port: u16, pins: &Path) {
     std::fs::create_dir_all(db).unwrap();
     std::fs::write(
         db.join("icr.toml"),
@@ -156,9 +183,8 @@ fn gateway_config(db: &Path, probe: &str, cluster: &ClickHouseCluster, metrics_p
             "retention_days = 30\nprobe_id = \"{probe}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
              [probe]\nflow_table_size = 65536\npin_dir = \"{}\"\n\
              [timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n\
-             [clickhouse]\nurl = \"{}\"\ncluster = \"{CLUSTER}\"\n{AUTHORITIES}",
+             {section}{AUTHORITIES}",
             pins.display(),
-            cluster.url(0)
         ),
     )
     .unwrap();
@@ -410,4 +436,164 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     assert!(stdout.contains("dropped 0 day(s)"), "{stdout}");
     let verify = icr(&cluster, &["audit", "verify", "--db", db]);
     assert_eq!(verify.0, 0, "{}", verify.2);
+}
+
+#[test]
+fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
+    let mut cluster = ClickHouseCluster::start_secured(2).expect("two ClickHouse shards with password users and HTTPS");
+    let ca = cluster.ca.clone().unwrap();
+    let secrets = cluster.dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let url = cluster.https_url(0);
+    let init = |url: &str, password_file: &Path, ca: Option<&Path>| {
+        let mut args = vec!["clickhouse", "init", "--url", url, "--cluster", CLUSTER, "--user", ADMIN.name, "--password-file", password_file.to_str().unwrap()];
+        if let Some(ca) = ca {
+            args.extend(["--ca", ca.to_str().unwrap()]);
+        }
+        icr(&cluster, &args)
+    };
+
+    // The cluster has no password-less user at all.
+    let anonymous = cluster.exec(Command::new("curl").args(["-sS", "--cacert", ca.to_str().unwrap(), "--data-binary", "SELECT 1", &url])).unwrap();
+    assert!(String::from_utf8_lossy(&anonymous.stdout).contains("Unknown user default"), "{anonymous:?}");
+
+    // A wrong password fails, clearly, and is not shown.
+    let wrong = password_file(&secrets.join("wrong.password"), "not-the-Password");
+    let (code, _, stderr) = init(&url, &wrong, Some(&ca));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("Wrong password for user icr_admin") && !stderr.contains("not-the-Password"), "{stderr}");
+    // Credentials in the URL: refused (not dropped), and never shown.
+    let admin_password = password_file(&secrets.join("admin.password"), ADMIN.password);
+    for bad in [
+        format!("https://{}:{}@10.99.0.1:18443", ADMIN.name, ADMIN.password),
+        format!("{url}/?password={}", ADMIN.password),
+        format!("{url}/?user={}&password={}", ADMIN.name, ADMIN.password),
+    ] {
+        let (code, _, stderr) = init(&bad, &admin_password, Some(&ca));
+        assert_ne!(code, 0);
+        assert!(stderr.contains("carries credentials") && !stderr.contains(ADMIN.password), "{stderr}");
+    }
+    // A password file others may read is refused.
+    let loose = secrets.join("loose.password");
+    std::fs::write(&loose, ADMIN.password).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (code, _, stderr) = init(&url, &loose, Some(&ca));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("readable by root only"), "{stderr}");
+    // HTTPS is verified: the system's roots do not know the lab's CA.
+    let (code, _, stderr) = init(&url, &admin_password, None);
+    assert_ne!(code, 0);
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let (code, stdout, stderr) = init(&url, &admin_password, Some(&ca));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("on 2 node(s)") && stdout.contains("https://10.99.0.2:18443"), "{stdout}");
+
+    // A gateway ships over HTTPS as its own user.
+    let lab = Lab::start_with_public(2, Nat::Masquerade, "203.0.113.1").expect("a gateway");
+    let store = TempDir::new("ch-gw-secured");
+    let bpffs = Bpffs::mount(lab.dir.join("bpffs"));
+    cluster.link(&lab).unwrap();
+    let gateway_password = password_file(&secrets.join("gw07.password"), GATEWAY.password);
+    let port = 9473;
+    gateway_config_with(store.path(), "gw-07", &secured_section(&cluster, GATEWAY, &gateway_password), port, &bpffs.0.join("icr"));
+    let agent = Agent::start(&lab, &icr_binary(), store.path()).expect("the agent starts");
+    fetch(&lab, 0, 3);
+    fetch(&lab, 1, 2);
+    std::thread::sleep(Duration::from_secs(3));
+    let shipped = wait_for(patience(Duration::from_secs(60)), "the gateway to ship", || Ok(backlog(&lab, port) == Some(0) && stored(&cluster).1 > 0));
+    if let Err(error) = shipped {
+        panic!("{error:#}: backlog {:?}\n{}", backlog(&lab, port), agent.log_text());
+    }
+    let records = gateway_records(&lab, store.path());
+    assert_eq!(stored(&cluster).1 as usize, records.len(), "every record arrived");
+
+    // Questions over HTTPS as the read-only query user.
+    let query_password = password_file(&secrets.join("query.password"), QUERY.password);
+    let central = central_dir_with(&cluster, "central-secured", &secured_section(&cluster, QUERY, &query_password));
+    let db = central.to_str().unwrap();
+    let lines = lab.web_access_log().unwrap();
+    assert!(lines.len() >= 5, "{} requests", lines.len());
+    for line in &lines {
+        let at = icr_lab::rfc3339(line.time as i64);
+        let (code, stdout, stderr) = icr(&cluster, &[
+            &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
+        ].concat());
+        assert_eq!(code, 0, "{stderr}");
+        let answer = ndjson(&stdout);
+        assert_eq!(answer[0], records[answer[0]["id"].as_str().unwrap()], "the cluster's record is the gateway's own");
+    }
+    // A password file inside the directory it serves is refused.
+    let inside = password_file(&central.join("query.password"), QUERY.password);
+    let careless = central_dir_with(&cluster, "central-careless", &secured_section(&cluster, QUERY, &inside));
+    std::fs::rename(&inside, careless.join("query.password")).unwrap();
+    let careless_config = std::fs::read_to_string(careless.join("icr.toml")).unwrap().replace(inside.to_str().unwrap(), careless.join("query.password").to_str().unwrap());
+    std::fs::write(careless.join("icr.toml"), careless_config).unwrap();
+    let line = &lines[0];
+    let at = icr_lab::rfc3339(line.time as i64);
+    let resolve = ["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"];
+    let (code, _, stderr) = icr(&cluster, &[&resolve[..], &["--clickhouse", url.as_str(), "--db", careless.to_str().unwrap()], &WHO].concat());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("inside the store"), "{stderr}");
+    // A URL with credentials is refused for questions too, and audited nowhere.
+    let with_password = format!("https://{}:{}@10.99.0.1:18443", QUERY.name, QUERY.password);
+    let (code, _, stderr) = icr(&cluster, &[&resolve[..], &["--clickhouse", with_password.as_str(), "--db", db], &WHO].concat());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("carries credentials") && !stderr.contains(QUERY.password), "{stderr}");
+    let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
+    assert!(!audit.contains(QUERY.password) && !audit.contains(GATEWAY.password), "{audit}");
+
+    // A row forged into the cluster (by whoever holds a writer's password)
+    // is reported, never answered as it is.
+    let now_us = chrono_now() * 1_000_000;
+    let forged_at = icr_lab::rfc3339(now_us / 1_000_000);
+    let forged = format!(
+        "INSERT INTO icr_ingest.records (day, id, start_us, end_us, public_ip, public_port, remote_ip, remote_port, proto, service_name, service_source) \
+         VALUES (today(), '0192f1c4-0000-7000-8000-0000000000ff', {now_us}, {now_us}, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
+         40999, toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 443, 'tcp', '=HYPERLINK(\\'http://x.example/\\',\\'open\\')', 1)"
+    );
+    cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &forged).unwrap();
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40999", "--at", &forged_at][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "csv"], &WHO,
+    ].concat());
+    assert_ne!(code, 0, "{stdout}");
+    assert!(!stdout.contains("HYPERLINK") && stderr.contains("no valid record") && stderr.contains("service_name"), "{stdout}{stderr}");
+    // A name capture could have made, which a spreadsheet would take for a
+    // formula: answered, and neutralised in the CSV and the bundle's copy.
+    let plausible = forged.replace("8000-0000000000ff", "8000-0000000000fe").replace("40999", "40998").replace(
+        "'=HYPERLINK(\\'http://x.example/\\',\\'open\\')'",
+        "'-2.example.test'",
+    );
+    assert!(plausible.contains("'-2.example.test'"), "{plausible}");
+    cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &plausible).unwrap();
+    let bundle = cluster.dir.join("bundle-csv");
+    let (code, stdout, stderr) = icr(&cluster, &[
+        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40998", "--at", &forged_at, "--tolerance", "5s"][..],
+        &["--clickhouse", url.as_str(), "--db", db, "--format", "csv", "--bundle", bundle.to_str().unwrap()], &WHO,
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.lines().nth(1).is_some_and(|row| row.contains(",'-2.example.test,")), "{stdout}");
+    assert_eq!(std::fs::read_to_string(bundle.join("results.csv")).unwrap(), stdout, "the bundle's CSV is the one disclosed");
+
+    // What each user may do, as ClickHouse 18.16 enforces it.
+    let refused = |user: User, url: &str, sql: &str| cluster.query_as(user, url, sql).expect_err(sql).to_string();
+    let ddl_forced = format!("{url}/?allow_ddl=1");
+    assert!(refused(GATEWAY, &url, "SELECT count() FROM icr.records").contains("Access denied to database icr for user icr_gw07"));
+    assert_eq!(cluster.query_as(GATEWAY, &url, "SELECT count() FROM icr_ingest.records").unwrap().trim(), "0", "what it wrote is not kept where it may read");
+    for sql in ["DROP TABLE icr.records_local", "ALTER TABLE icr.records_local DROP PARTITION today()", "TRUNCATE TABLE icr.records"] {
+        // allow_ddl=0 alone would not hold: 18.16 takes allow_ddl=1 from the URL.
+        assert!(refused(GATEWAY, &ddl_forced, sql).contains("Access denied to database icr for user icr_gw07"), "{sql}");
+    }
+    assert!(refused(GATEWAY, &url, "DROP TABLE icr_ingest.records").contains("DDL queries are prohibited"));
+    assert!(refused(QUERY, &url, "INSERT INTO icr.records_local (id) VALUES ('forged')").contains("readonly mode"));
+    assert!(refused(QUERY, &url, "INSERT INTO icr_ingest.records_local (id) VALUES ('forged')").contains("readonly mode"));
+    assert!(refused(QUERY, &url, "DROP TABLE icr.records").contains("readonly mode"));
+    assert!(refused(QUERY, &format!("{url}/?readonly=0"), "SELECT 1").contains("readonly"));
+    let kept = cluster.query_at(&url, "SELECT count() FROM icr.records").unwrap();
+    assert_eq!(kept.trim().parse::<usize>().unwrap(), records.len() + 2, "nothing dropped; the forged rows are there");
+
+    agent.stop().expect("the agent stops");
+    let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(store.path()).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
 }

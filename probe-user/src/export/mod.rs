@@ -61,14 +61,7 @@ pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: F
                 out.write_all(b"\n")?;
             }
         }
-        Format::Csv => {
-            let mut csv = csv::Writer::from_writer(out);
-            csv.write_record(RECORD_COLUMNS)?;
-            for r in records {
-                csv.write_record(record_fields(r))?;
-            }
-            csv.flush()?;
-        }
+        Format::Csv => write_csv(out, &RECORD_COLUMNS, records.iter().map(record_fields))?,
         Format::Table => {
             let rows: Vec<Vec<String>> = records
                 .iter()
@@ -170,14 +163,7 @@ pub fn write_services(out: &mut (impl Write + ?Sized), rows: &[ServiceRow], form
     match format {
         // Service rows are no connection records: ECS gets them as NDJSON.
         Format::Ndjson | Format::Ecs => out.write_all(&ndjson(rows)?)?,
-        Format::Csv => {
-            let mut csv = csv::Writer::from_writer(out);
-            csv.write_record(HEADER)?;
-            for row in rows {
-                csv.write_record(fields(row))?;
-            }
-            csv.flush()?;
-        }
+        Format::Csv => write_csv(out, &HEADER, rows.iter().map(fields))?,
         Format::Table => table(out, &HEADER, &rows.iter().map(fields).collect::<Vec<_>>())?,
     }
     Ok(())
@@ -228,9 +214,50 @@ fn endpoint(ip: &str, port: &str) -> String {
     }
 }
 
-fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+/// The one CSV writer (the command line's answers, a bundle's
+/// `results.csv`, the console's download): every cell passes
+/// [`spreadsheet_cell`].
+fn write_csv(out: &mut (impl Write + ?Sized), header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> Result<()> {
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record(header.iter().map(|cell| spreadsheet_cell(cell).into_owned()))?;
     for row in rows {
+        csv.write_record(row.iter().map(|cell| spreadsheet_cell(cell).into_owned()))?;
+    }
+    csv.flush()?;
+    Ok(())
+}
+
+/// A cell as a spreadsheet may open it: one that begins with `=`, `+`, `-`,
+/// `@`, tab or CR would be taken for a formula (names such as `-2.example`
+/// are captured, and a forged central row can hold anything), so it gets a
+/// leading `'`, which makes it text (OWASP's advice on CSV injection).
+pub fn spreadsheet_cell(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{cell}").into() } else { cell.into() }
+}
+
+/// A cell as a terminal may print it: control characters (C0, DEL, C1,
+/// and so the ESC that starts every escape sequence) and the bidirectional
+/// overrides that reorder what is shown are written as visible escapes.
+pub fn terminal_cell(cell: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !cell.chars().any(unsafe_char) {
+        return cell.into();
+    }
+    let mut shown = String::with_capacity(cell.len() + 8);
+    for c in cell.chars() {
+        match c {
+            c if !unsafe_char(c) => shown.push(c),
+            c if c.is_ascii() => shown.push_str(&format!("\\x{:02x}", c as u32)),
+            c => shown.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    shown.into()
+}
+
+fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let rows: Vec<Vec<std::borrow::Cow<str>>> = rows.iter().map(|row| row.iter().map(|cell| terminal_cell(cell)).collect()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -239,8 +266,8 @@ fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>])
         cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
     };
     writeln!(out, "{}", line(header.to_vec()))?;
-    for row in rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    for row in &rows {
+        writeln!(out, "{}", line(row.iter().map(|cell| cell.as_ref()).collect()))?;
     }
     Ok(())
 }
@@ -382,6 +409,65 @@ mod tests {
         assert_eq!(field("remote_ip"), "2001:db8::1");
         assert_eq!(field("bytes_down"), "4");
         assert_eq!(field("start"), format_time(&record().start));
+    }
+
+    /// A record whose names a spreadsheet would take for formulas, and a
+    /// terminal for escape sequences (a forged central row can hold any).
+    fn hostile() -> Icr {
+        let mut r = record();
+        r.service = Some(crate::icr::Service::carried("=HYPERLINK(\"http://x.example/\",\"open\")".into(), ServiceSource::TlsSni, false));
+        r.dns = Some(Dns { qname: "-2.example.test".into(), qtype: "A".into(), answers: vec!["+1".into()] });
+        r.dns_all = vec![r.dns.clone().unwrap()];
+        r.device.subscriber = Some("@SUM(1+1)".into());
+        r.probe = Some("\tgw".into());
+        r.proto = "\r=1".into();
+        r.device.mac = Some("\u{1b}[2J\u{1b}]0;owned\u{7}\u{9b}31m\u{7f}".into());
+        r
+    }
+
+    fn service_row(name: &str, remote: &str) -> ServiceRow {
+        let (first, last) = (format_time(&record().start), format_time(&record().end));
+        ServiceRow { name: Some(name.into()), remote: remote.into(), proto: "tcp".into(), first, last, connections: 1, bytes: 2 }
+    }
+
+    #[test]
+    fn csv_cells_a_spreadsheet_would_evaluate_are_neutralised() {
+        let mut out = Vec::new();
+        write_records(&mut out, &[hostile()], Format::Csv).unwrap();
+        let mut reader = csv::Reader::from_reader(out.as_slice());
+        let headers = reader.headers().unwrap().clone();
+        let row = reader.records().next().unwrap().unwrap();
+        let field = |name: &str| row.get(headers.iter().position(|h| h == name).unwrap()).unwrap().to_string();
+        assert_eq!(field("service_name"), "'=HYPERLINK(\"http://x.example/\",\"open\")");
+        assert_eq!(field("dns_qname"), "'-2.example.test");
+        assert_eq!(field("dns_answers"), "'+1");
+        assert_eq!(field("device_subscriber"), "'@SUM(1+1)");
+        assert_eq!(field("probe"), "'\tgw");
+        assert_eq!(field("proto"), "'\r=1");
+        assert_eq!(field("dns_all"), "'-2.example.test/A");
+        assert_eq!(field("remote_ip"), "2001:db8::1", "a harmless cell is as it was");
+        for cell in row.iter().chain(&headers) {
+            assert!(!cell.starts_with(['=', '+', '-', '@', '\t', '\r']), "{cell:?}");
+        }
+
+        let rows = [service_row("-1.5-0.5", "+x")];
+        let mut out = Vec::new();
+        write_services(&mut out, &rows, Format::Csv).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().nth(1).unwrap().starts_with("'-1.5-0.5,'+x,"), "{text}");
+    }
+
+    #[test]
+    fn table_prints_no_control_character() {
+        let mut out = Vec::new();
+        write_records(&mut out, &[hostile()], Format::Table).unwrap();
+        let rows = [service_row("a\u{1b}[31mred\u{0}\u{85}", "192.0.2.1")];
+        write_services(&mut out, &rows, Format::Table).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let controls: Vec<char> = text.chars().filter(|c| c.is_control() && *c != '\n').collect();
+        assert!(controls.is_empty(), "{controls:?} in {text}");
+        assert!(text.contains("\\x1b[2J\\x1b]0;owned\\x07\\u{9b}31m\\x7f"), "escaped, visibly: {text}");
+        assert!(text.contains("a\\x1b[31mred\\x00\\u{85}"), "{text}");
     }
 
     #[test]

@@ -302,24 +302,7 @@ impl AuditLog {
 /// Reads the audit key at `path`, which must be root's alone and outside the
 /// store in `store_dir` (whoever can rewrite the store must not hold it).
 fn load_key(path: &Path, store_dir: &Path) -> Result<hmac::Key> {
-    use std::os::unix::fs::MetadataExt as _;
-    let metadata = std::fs::metadata(path).with_context(|| format!("reading the audit key {}", path.display()))?;
-    if !metadata.is_file() {
-        bail!("the audit key {} is not a file", path.display());
-    }
-    if metadata.uid() != 0 || metadata.mode() & 0o077 != 0 {
-        bail!(
-            "the audit key {} must be owned by root and readable by root only (chmod 0400 or 0600); it is uid {} mode {:o}",
-            path.display(),
-            metadata.uid(),
-            metadata.mode() & 0o7777
-        );
-    }
-    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    if canonical(path).starts_with(canonical(store_dir)) {
-        bail!("the audit key {} is inside the store {}: keep it where the store's writers cannot read it", path.display(), store_dir.display());
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading the audit key {}", path.display()))?;
+    let bytes = crate::config::read_secret(path, "the audit key", Some(store_dir))?;
     if bytes.len() < MIN_KEY_BYTES {
         bail!("the audit key {} holds {} bytes; it needs at least {MIN_KEY_BYTES} random bytes (head -c 32 /dev/urandom)", path.display(), bytes.len());
     }

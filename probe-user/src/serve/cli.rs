@@ -264,6 +264,15 @@ pub enum ClickHouseCommand {
         /// The `remote_servers` cluster (omit for one server).
         #[arg(long)]
         cluster: Option<String>,
+        /// The ClickHouse user that may create tables (default: ClickHouse's `default`).
+        #[arg(long)]
+        user: Option<String>,
+        /// A file holding its password alone (root's, 0600 or 0400).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PEM certificates an https:// URL is verified against (default: the system's roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 

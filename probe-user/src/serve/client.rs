@@ -128,6 +128,11 @@ fn token(target: &QueryTarget) -> Result<String> {
 fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
     let builder = ureq::AgentBuilder::new();
     let Some(ca) = &target.ca else { return Ok(builder.build()) };
+    Ok(builder.tls_config(Arc::new(tls_trusting(ca)?)).build())
+}
+
+/// TLS (ring) that trusts the PEM certificates in `ca` alone.
+pub fn tls_trusting(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading the CA file {}", ca.display()))? {
         let certificate = certificate.with_context(|| format!("a malformed certificate in {}", ca.display()))?;
@@ -141,7 +146,7 @@ fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
         .context("configuring TLS")?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(builder.tls_config(Arc::new(tls)).build())
+    Ok(tls)
 }
 
 #[cfg(test)]

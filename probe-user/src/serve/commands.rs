@@ -166,11 +166,11 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
     let section = config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
     let Some(listen) = config.http.listen else { bail!("icr serve is the HTTP API: the configuration has no [http] listen") };
-    let cluster = Cluster::new(ClickHouse::new(&section)?)?;
+    let cluster = Cluster::new(ClickHouse::new(&section, Some(&args.db))?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster)).await?;
-        log::info!("icr serving questions on {listen} from the cluster at {}", section.url);
+        log::info!("icr serving questions on {listen} from the cluster at {}", crate::export::clickhouse::access::shown(&section.url));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -181,19 +181,28 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
 }
 
 /// `icr clickhouse init`: the tables on every node; says which.
-pub fn clickhouse_init(url: String, cluster: Option<String>, out: &mut dyn Write) -> Result<()> {
-    let clickhouse = ClickHouse::new(&ClickHouseSection { url, cluster })?;
+pub fn clickhouse_init(section: ClickHouseSection, out: &mut dyn Write) -> Result<()> {
+    let clickhouse = ClickHouse::new(&section, None)?;
     let nodes = block_on(clickhouse.init())?;
     writeln!(out, "the ICR tables are on {} node(s): {}", nodes.len(), nodes.join(" "))?;
     Ok(())
 }
 
 /// The cluster at `url`, as the governing configuration's `[clickhouse]`
-/// names it (its cluster name; one server when it names none).
+/// names it (its cluster name, user, password and CA; one server and
+/// ClickHouse's `default` user when it names none).
 pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
-    let config = governing.load()?.config;
-    let section = ClickHouseSection { url: url.to_string(), cluster: config.clickhouse.and_then(|c| c.cluster) };
-    Cluster::new(ClickHouse::new(&section)?)
+    Cluster::new(clickhouse_at(url, &governing.load()?.config, governing)?)
+}
+
+/// `url` with the rest of the governing configuration's `[clickhouse]`; its
+/// password file must be outside the directory of that configuration.
+fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<ClickHouse> {
+    let section = match config.clickhouse.clone() {
+        Some(section) => ClickHouseSection { url: url.to_string(), ..section },
+        None => ClickHouseSection::at(url),
+    };
+    ClickHouse::new(&section, governing.path().parent())
 }
 
 /// Applies retention to the cluster now: drops the expired day partitions
@@ -201,10 +210,11 @@ pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
 pub fn sweep_cluster(named: Option<&std::path::Path>, url: &str, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
-    let section = ClickHouseSection { url: url.to_string(), cluster: config.clickhouse.clone().and_then(|c| c.cluster) };
-    let clickhouse = ClickHouse::new(&section)?;
+    let clickhouse = clickhouse_at(url, &config, governing)?;
     let oldest_kept = Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
     let dropped = block_on(clickhouse.drop_days_before(oldest_kept))?;
+    // The URL as checked (credentials are refused; none can be audited).
+    let url = clickhouse.url();
     let summary = format!("retention {} days on {url}: dropped {} day(s)", config.retention_days, dropped.len());
     AuditLog::open(db, &config.audit)?.append(AuditRecord {
         time: format_time(&Utc::now()),

@@ -60,6 +60,37 @@ pub fn presentation<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Option<St
     (!out.is_empty()).then_some(out)
 }
 
+/// Whether `text` is a name exactly as [`presentation`] writes one (for
+/// names read back from elsewhere, which must be what capture made).
+pub fn is_presentation(text: &str) -> bool {
+    let mut labels: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut bytes = text.bytes();
+    while let Some(byte) = bytes.next() {
+        let label = labels.last_mut().expect("one label at least");
+        match byte {
+            b'.' => labels.push(Vec::new()),
+            b'\\' => match bytes.next() {
+                Some(escaped @ (b'.' | b'\\')) => label.push(escaped),
+                Some(first) => {
+                    let digits = [Some(first), bytes.next(), bytes.next()];
+                    let value = digits.iter().try_fold(0u16, |sum, digit| match digit {
+                        Some(d @ b'0'..=b'9') => Some(sum * 10 + u16::from(d - b'0')),
+                        _ => None,
+                    });
+                    match value.and_then(|v| u8::try_from(v).ok()) {
+                        Some(octet) => label.push(octet),
+                        None => return false,
+                    }
+                }
+                None => return false,
+            },
+            other => label.push(other),
+        }
+    }
+    let fits = labels.iter().all(|l| (1..=63).contains(&l.len())) && labels.iter().map(|l| l.len() + 1).sum::<usize>() <= 255;
+    fits && presentation(labels.iter().map(Vec::as_slice)).as_deref() == Some(text)
+}
+
 fn name_of(name: &simple_dns::Name) -> Option<String> {
     presentation(name.as_bytes())
 }
@@ -195,7 +226,7 @@ fn type_name(code: u16) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use simple_dns::{CLASS, Name, QCLASS, QTYPE, Question, ResourceRecord, TYPE, rdata};
+    use simple_dns::{CLASS, Label, Name, QCLASS, QTYPE, Question, ResourceRecord, TYPE, rdata};
 
     use super::*;
 
@@ -237,6 +268,24 @@ pub(crate) mod tests {
         assert_eq!(m.qtype, "HTTPS");
         let data: Vec<&str> = m.answers.iter().map(|a| a.data.as_str()).collect();
         assert_eq!(data, ["svc.example.com", "192.0.2.1"]);
+    }
+
+    #[test]
+    fn names_keep_every_octet_in_presentation_form() {
+        let labels: [&[u8]; 3] = [b"ab=cd+ef/GH", b"odd label\xff.x\\", b"example"];
+        let name = presentation(labels).unwrap();
+        assert_eq!(name, "ab=cd+ef/gh.odd\\032label\\255\\.x\\\\.example");
+        assert!(is_presentation(&name));
+        for made_elsewhere in ["UPPER.example", "a..b", "raw space.example", "bad\\99x.example", "\\256.example", "a\\061b.example", ""] {
+            assert!(!is_presentation(made_elsewhere), "{made_elsewhere:?} is not as capture writes it");
+        }
+        assert!(is_presentation("www.example.com") && is_presentation("_dmarc.example.com"));
+        // Through the parser: a question with such labels keeps them.
+        let mut packet = Packet::new_query(9);
+        let qname = Name::new_with_labels(&[Label::new_unchecked(&b"a=b+c/d"[..]), Label::new_unchecked(&b"T"[..])]);
+        packet.questions.push(Question::new(qname, QTYPE::TYPE(TYPE::TXT), QCLASS::CLASS(CLASS::IN), false));
+        let m = message(&packet.build_bytes_vec().unwrap()).unwrap();
+        assert_eq!((m.qname.as_str(), m.qtype.as_str()), ("a=b+c/d.t", "TXT"));
     }
 
     #[test]

@@ -20,19 +20,36 @@
 //! - `public_holders`: which gateway held which public address on which day.
 //! - `gaps`: every gateway's gap entries.
 //!
+//! Gateways write into database `icr_ingest` alone: `Null` tables whose
+//! materialized views put each row into every `icr` table. So a gateway's
+//! ClickHouse user needs no right on `icr`: 18.16 has no GRANT, and a user
+//! that may write a database may read it too, and drop its tables (18.16
+//! takes `allow_ddl=1` from any HTTP request); one that may write only
+//! `icr_ingest` reads nothing there (a `Null` table holds nothing), and
+//! cannot reach `icr` (README: "A ClickHouse user for each gateway").
+//! 18.16 fires no view of a view's target table, so each `icr` table has a
+//! view of its own from `icr_ingest` (the views on `records_local` stay for
+//! rows inserted there directly).
+//!
 //! A record shipped twice (an agent killed between an insert and noting it)
 //! is stored twice until a merge; readers keep one row per record id.
+pub mod access;
 pub mod rows;
 pub mod ship;
+
+use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use chrono::NaiveDate;
 use clickhouse::Client;
 
 use crate::config::ClickHouseSection;
+use access::Access;
 use rows::{GAP_COLUMNS, GapRow, RECORD_COLUMNS, RecordRow};
 
 pub const DATABASE: &str = "icr";
+/// Where gateways insert: `Null` tables that feed every `icr` table.
+pub const INGEST: &str = "icr_ingest";
 
 /// The tables a query reads (Distributed ones on a cluster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,44 +81,34 @@ const LOCAL_TABLES: &[(&str, &str)] = &[
 /// A cluster (or one server), as the configuration names it.
 #[derive(Clone)]
 pub struct ClickHouse {
+    /// `scheme://host:port`: never credentials (refused), so it may be
+    /// logged and audited.
     url: String,
     cluster: Option<String>,
+    access: Access,
     /// The node at `url`; clones share its connections.
     client: Client,
 }
 
 impl ClickHouse {
-    pub fn new(section: &ClickHouseSection) -> Result<Self> {
-        let url = section.url.trim_end_matches('/').to_string();
-        let parsed = url.split_once("://").map(|(scheme, _)| scheme);
-        if parsed != Some("http") {
-            bail!("[clickhouse] url {url:?} is not http://HOST:PORT (the HTTP interface of any node)");
-        }
-        if let Some(cluster) = &section.cluster
-            && (cluster.is_empty() || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-        {
-            bail!("[clickhouse] cluster {cluster:?} is not a cluster name");
-        }
-        Ok(Self { client: Self::client(&url), url, cluster: section.cluster.clone() })
+    /// The cluster of `section`; its password file must be outside
+    /// `store_dir` (the store, or the central directory, it serves).
+    pub fn new(section: &ClickHouseSection, store_dir: Option<&Path>) -> Result<Self> {
+        section.validate()?;
+        let url = access::shown(&section.url);
+        let access = Access::of(section, store_dir)?;
+        Ok(Self { client: access.client(&url), url, cluster: section.cluster.clone(), access })
     }
 
     /// The same cluster with connections of its own: a connection serves
     /// only the runtime that opened it, and stalls on another.
     pub fn with_own_connections(&self) -> Self {
-        Self { client: Self::client(&self.url), ..self.clone() }
+        Self { client: self.access.client(&self.url), ..self.clone() }
     }
 
+    /// Its URL, as it may be logged and audited.
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    fn client(url: &str) -> Client {
-        Client::default()
-            .with_url(url)
-            .with_validation(false)
-            // An insert returns once every shard has its rows: the gateway
-            // forgets a batch only when the cluster holds it.
-            .with_setting("insert_distributed_sync", "1")
     }
 
     /// The table a query reads, in database `icr`.
@@ -109,7 +116,8 @@ impl ClickHouse {
         format!("{DATABASE}.{}", self.table_name(table))
     }
 
-    /// Its name alone (an insert names its database apart).
+    /// Its name alone (an insert names its database apart): in `icr`, or
+    /// in `icr_ingest` for an insert.
     fn table_name(&self, table: Table) -> String {
         match self.cluster {
             Some(_) => table.base().to_string(),
@@ -121,7 +129,8 @@ impl ClickHouse {
     /// URL given; without a cluster, that URL alone.
     pub async fn nodes(&self) -> Result<Vec<String>> {
         let Some(cluster) = &self.cluster else { return Ok(vec![self.url.clone()]) };
-        let hosts: Vec<String> = Self::client(&self.url)
+        let hosts: Vec<String> = self
+            .client
             .query("SELECT DISTINCT host_address FROM system.clusters WHERE cluster = ? ORDER BY host_address")
             .bind(cluster.as_str())
             .fetch_all()
@@ -130,16 +139,13 @@ impl ClickHouse {
         if hosts.is_empty() {
             bail!("{} has no cluster {cluster:?} in its remote_servers", self.url);
         }
-        let (scheme, rest) = self.url.split_once("://").context("a URL")?;
-        let port = rest.rsplit_once(':').map(|(_, port)| port).filter(|p| p.chars().all(|c| c.is_ascii_digit()));
+        let url = access::checked_url(&self.url)?;
+        let port = url.port_or_known_default().context("a URL with a port")?;
         Ok(hosts
             .into_iter()
             .map(|host| {
                 let host = if host.contains(':') { format!("[{host}]") } else { host };
-                match port {
-                    Some(port) => format!("{scheme}://{host}:{port}"),
-                    None => format!("{scheme}://{host}"),
-                }
+                format!("{}://{host}:{port}", url.scheme())
             })
             .collect())
     }
@@ -150,7 +156,7 @@ impl ClickHouse {
     pub async fn init(&self) -> Result<Vec<String>> {
         let nodes = self.nodes().await?;
         for node in &nodes {
-            let client = Self::client(node);
+            let client = self.access.client(node);
             for statement in self.schema() {
                 client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
             }
@@ -169,13 +175,21 @@ impl ClickHouse {
     /// `records_local`, so a row inserted meanwhile finds its columns there;
     /// the Distributed tables last.
     async fn missing_columns(&self, client: &Client) -> Result<Vec<String>> {
-        let mut tables: Vec<String> = ["records_by_device_local", "records_by_service_local", "records_local"].map(String::from).into();
+        let mut tables: Vec<String> = ["records_by_device_local", "records_by_service_local", "records_local"]
+            .map(|table| format!("{DATABASE}.{table}"))
+            .into();
         if self.cluster.is_some() {
-            tables.extend(["records", "records_by_device", "records_by_service"].map(String::from));
+            tables.extend(["records", "records_by_device", "records_by_service"].map(|table| format!("{DATABASE}.{table}")));
+        }
+        // The ingest table last: its views find every column in their targets.
+        tables.push(format!("{INGEST}.records_local"));
+        if self.cluster.is_some() {
+            tables.push(format!("{INGEST}.records"));
         }
         let present: Vec<(String, String)> = client
-            .query("SELECT table, name FROM system.columns WHERE database = ?")
+            .query("SELECT concat(database, '.', table), name FROM system.columns WHERE database IN (?, ?)")
             .bind(DATABASE)
+            .bind(INGEST)
             .fetch_all()
             .await?;
         Ok(alter_statements(&tables, &present))
@@ -223,6 +237,36 @@ impl ClickHouse {
                 ));
             }
         }
+        ddl.extend(self.ingest_schema(&records, &columns(GAP_COLUMNS)));
+        ddl
+    }
+
+    /// `icr_ingest`: what gateways write. Each row goes through a view to
+    /// every `icr` table on its shard; the `Null` tables keep nothing.
+    fn ingest_schema(&self, records: &str, gaps: &str) -> Vec<String> {
+        let mut ddl = vec![
+            format!("CREATE DATABASE IF NOT EXISTS {INGEST}"),
+            format!("CREATE TABLE IF NOT EXISTS {INGEST}.records_local ({records}) ENGINE = Null"),
+            format!("CREATE TABLE IF NOT EXISTS {INGEST}.gaps_local ({gaps}) ENGINE = Null"),
+        ];
+        for (table, _) in LOCAL_TABLES {
+            ddl.push(format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {INGEST}.{table}_mv TO {DATABASE}.{table}_local AS SELECT * FROM {INGEST}.records_local"
+            ));
+        }
+        ddl.push(format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {INGEST}.public_holders_mv TO {DATABASE}.public_holders_local AS \
+             SELECT day, public_ip, probe, min(start_us) AS first_us, max(end_us) AS last_us, count() AS records \
+             FROM {INGEST}.records_local WHERE public_ip != toFixedString('', 16) GROUP BY day, public_ip, probe"
+        ));
+        ddl.push(format!("CREATE MATERIALIZED VIEW IF NOT EXISTS {INGEST}.gaps_mv TO {DATABASE}.gaps_local AS SELECT * FROM {INGEST}.gaps_local"));
+        if let Some(cluster) = &self.cluster {
+            for (table, sharding) in [("records", "cityHash64(public_ip)"), ("gaps", "rand()")] {
+                ddl.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {INGEST}.{table} AS {INGEST}.{table}_local ENGINE = Distributed({cluster}, {INGEST}, {table}_local, {sharding})"
+                ));
+            }
+        }
         ddl
     }
 
@@ -238,7 +282,10 @@ impl ClickHouse {
     where
         T: for<'a> clickhouse::Row<Value<'a> = T> + serde::Serialize,
     {
-        let client = self.client.clone().with_database(DATABASE);
+        // An insert returns once every shard has its rows: the gateway
+        // forgets a batch only when the cluster holds it. (On inserts
+        // alone: a read-only user may not change settings.)
+        let client = self.client.clone().with_database(INGEST).with_setting("insert_distributed_sync", "1");
         let mut insert = client.insert::<T>(&self.table_name(table)).await?;
         for row in rows {
             insert.write(row).await?;
@@ -277,7 +324,7 @@ impl ClickHouse {
     pub async fn drop_days_before(&self, oldest_kept: NaiveDate) -> Result<Vec<NaiveDate>> {
         let mut dropped = std::collections::BTreeSet::new();
         for node in self.nodes().await? {
-            let client = Self::client(&node);
+            let client = self.access.client(&node);
             let parts: Vec<(String, String)> = client
                 .query("SELECT DISTINCT table, partition FROM system.parts WHERE database = ? AND active AND table LIKE '%\\_local'")
                 .bind(DATABASE)
@@ -301,14 +348,14 @@ impl ClickHouse {
     }
 }
 
-/// The statements that add to each of `tables` the record columns that
-/// `present` (table, column) does not list for it.
+/// The statements that add to each of `tables` (`database.table`) the
+/// record columns that `present` (table, column) does not list for it.
 fn alter_statements(tables: &[String], present: &[(String, String)]) -> Vec<String> {
     let mut statements = Vec::new();
     for table in tables {
         for (name, kind) in RECORD_COLUMNS {
             if !present.iter().any(|(t, n)| t == table && n == name) {
-                statements.push(format!("ALTER TABLE {DATABASE}.{table} ADD COLUMN {name} {kind}"));
+                statements.push(format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"));
             }
         }
     }
@@ -334,11 +381,11 @@ mod tests {
 
     #[test]
     fn tables_of_an_older_icr_get_the_columns_they_lack_in_order() {
-        let tables: Vec<String> = ["records_by_service_local", "records_local"].map(String::from).into();
+        let tables: Vec<String> = ["icr.records_by_service_local", "icr.records_local"].map(String::from).into();
         let older = RECORD_COLUMNS.len() - 6;
         let mut present: Vec<(String, String)> =
-            RECORD_COLUMNS[..older].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())).collect();
-        present.extend(RECORD_COLUMNS.iter().map(|(name, _)| ("records_by_service_local".to_string(), name.to_string())));
+            RECORD_COLUMNS[..older].iter().map(|(name, _)| ("icr.records_local".to_string(), name.to_string())).collect();
+        present.extend(RECORD_COLUMNS.iter().map(|(name, _)| ("icr.records_by_service_local".to_string(), name.to_string())));
         present.push(("elsewhere".into(), "local".into()));
         assert_eq!(
             alter_statements(&tables, &present),
@@ -351,7 +398,7 @@ mod tests {
                 "ALTER TABLE icr.records_local ADD COLUMN service_resolver String",
             ]
         );
-        present.extend(RECORD_COLUMNS[older..].iter().map(|(name, _)| ("records_local".to_string(), name.to_string())));
+        present.extend(RECORD_COLUMNS[older..].iter().map(|(name, _)| ("icr.records_local".to_string(), name.to_string())));
         assert!(alter_statements(&tables, &present).is_empty(), "again: nothing to add");
     }
 }

@@ -10,6 +10,7 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    capture::hints::{dns, normalise_name},
     icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource},
     store::gaps::{Gap, LossKind},
 };
@@ -171,7 +172,10 @@ impl RecordRow {
         })
     }
 
+    /// The record this row holds, once it is checked as a captured one is
+    /// made: anyone who could write the cluster could have written it.
     pub fn into_icr(self) -> Result<Icr> {
+        self.check()?;
         let time = |us: i64| DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("time {us} µs is out of range"));
         let end_reason = EndReason::try_from(self.end_reason).with_context(|| format!("record {}", self.id))?;
         let source = match self.service_source {
@@ -232,6 +236,79 @@ impl RecordRow {
             incomplete: self.incomplete != 0,
             local: self.local != 0,
         })
+    }
+}
+
+/// A row read back that no gateway could have written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the cluster holds a row that is no valid record (id {id:?}): its {field} {value:?} is {why}; it is not answered")]
+pub struct InvalidRow {
+    pub id: String,
+    pub field: &'static str,
+    /// The value, cut short (it is shown escaped).
+    pub value: String,
+    pub why: &'static str,
+}
+
+/// The longest free text (probe, subscriber) a row may hold.
+const MAX_TEXT: usize = 255;
+
+impl RecordRow {
+    /// Checks each text column as capture makes it: names through the same
+    /// normaliser, addresses and MACs as typed values written back in their
+    /// one spelling, free texts without control characters.
+    fn check(&self) -> Result<(), InvalidRow> {
+        let refuse = |field: &'static str, value: &str, why: &'static str| InvalidRow {
+            id: self.id.chars().take(64).collect(),
+            field,
+            value: value.chars().take(80).collect(),
+            why,
+        };
+        let canonical = |field, value: &str, made: Option<String>, why| match made {
+            Some(made) if made == value => Ok(()),
+            _ => Err(refuse(field, value, why)),
+        };
+        canonical("id", &self.id, uuid::Uuid::parse_str(&self.id).ok().map(|id| id.to_string()), "not a record id")?;
+        canonical("proto", &self.proto, self.proto.parse::<probe_common::Proto>().ok().map(|p| p.to_string()), "not a protocol")?;
+        if !self.device_mac.is_empty() {
+            let mac = self.device_mac.parse::<probe_common::Mac>().ok().map(|m| m.to_string());
+            canonical("device_mac", &self.device_mac, mac, "not a MAC address")?;
+        }
+        for (field, text) in [("probe", &self.probe), ("subscriber", &self.subscriber)] {
+            if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
+                return Err(refuse(field, text, "too long or holds control characters"));
+            }
+        }
+        let name = |field, value: &str| canonical(field, value, normalise_name(value.as_bytes()), "not a name as capture writes one");
+        // Names from DNS keep every octet, escaped (RFC 1035 presentation form).
+        let dns_name = |field, value: &str| match dns::is_presentation(value) {
+            true => Ok(()),
+            false => Err(refuse(field, value, "not a DNS name as capture writes one")),
+        };
+        if !self.service_name.is_empty() {
+            match self.service_source.checked_sub(1).map(ServiceSource::try_from) {
+                Some(Ok(ServiceSource::Dns)) => dns_name("service_name", &self.service_name)?,
+                _ => name("service_name", &self.service_name)?,
+            }
+        }
+        for qname in std::iter::once(&self.dns_qname).filter(|q| !q.is_empty()).chain(&self.dns_all_qname) {
+            dns_name("dns qname", qname)?;
+        }
+        for qtype in std::iter::once(&self.dns_qtype).filter(|q| !q.is_empty()).chain(&self.dns_all_qtype) {
+            if qtype.is_empty() || qtype.len() > 10 || !qtype.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+                return Err(refuse("dns qtype", qtype, "not a DNS type"));
+            }
+        }
+        for answer in self.dns_answers.iter().chain(self.dns_all_answers.iter().flatten()) {
+            let address = answer.parse::<IpAddr>().ok().map(|ip| ip.to_string());
+            if address.as_deref() != Some(answer.as_str()) {
+                dns_name("dns answer", answer)?;
+            }
+        }
+        if self.end_us < self.start_us {
+            return Err(refuse("end_us", &self.end_us.to_string(), "before its start"));
+        }
+        Ok(())
     }
 }
 
@@ -316,5 +393,39 @@ mod tests {
         bad.dns_all_qtype.pop();
         assert!(bad.into_icr().is_err(), "arrays of different lengths are an error, not a panic");
         assert!(day_number(DateTime::from_timestamp(-1, 0).unwrap()).is_err(), "before 1970");
+    }
+
+    #[test]
+    fn a_row_no_gateway_could_write_is_reported_not_returned() {
+        let mut record = samples(1).remove(0);
+        record.service = Some(Service::carried("-2.example.test".into(), ServiceSource::TlsSni, false));
+        record.dns = Some(Dns { qname: "a.example".into(), qtype: "A".into(), answers: vec!["192.0.2.1".into(), "cdn.example".into()] });
+        record.dns_all = vec![record.dns.clone().unwrap()];
+        record.device.mac = Some("02:00:00:00:00:17".into());
+        let good = RecordRow::of(&record).unwrap();
+        assert_eq!(good.clone().into_icr().unwrap(), record, "a captured name such as -2.example.test is a name");
+        type Forgery = (&'static str, fn(&mut RecordRow));
+        let forged: [Forgery; 12] = [
+            ("service_name", |r| r.service_name = "=HYPERLINK(\"http://x/\",\"a\")".into()),
+            ("service_name", |r| r.service_name = "A.Example".into()),
+            ("dns qname", |r| r.dns_qname = "a.example\u{1b}[2J".into()),
+            ("dns qname", |r| r.dns_all_qname[0] = "@X y".into()),
+            ("dns qtype", |r| r.dns_all_qtype[0] = "a\n".into()),
+            ("dns answer", |r| r.dns_answers[1] = "+cmd|' /C calc'!A0".into()),
+            ("dns answer", |r| r.dns_all_answers[0][0] = "::FFFF:192.0.2.1".into()),
+            ("device_mac", |r| r.device_mac = "02-00-00-00-00-17".into()),
+            ("device_mac", |r| r.device_mac = "=1+1".into()),
+            ("proto", |r| r.proto = "tcp\u{7}".into()),
+            ("subscriber", |r| r.subscriber = "line\r\n7".into()),
+            ("id", |r| r.id = "=cmd".into()),
+        ];
+        for (field, forge) in forged {
+            let mut row = good.clone();
+            forge(&mut row);
+            let refused = row.check().expect_err(field);
+            assert_eq!(refused.field, field, "{refused}");
+            let message = format!("{:#}", row.into_icr().unwrap_err());
+            assert!(!message.chars().any(char::is_control), "the report escapes what it shows: {message}");
+        }
     }
 }
