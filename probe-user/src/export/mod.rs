@@ -41,12 +41,12 @@ pub fn ndjson<T: Serialize>(items: &[T]) -> Result<Vec<u8>> {
 }
 
 // New columns go last: spreadsheets and scripts read the others by place.
-const RECORD_COLUMNS: [&str; 28] = [
+const RECORD_COLUMNS: [&str; 30] = [
     "id", "start", "end", "end_reason", "proto", "device_mac", "device_ip", "device_port",
     "device_vlan", "device_pppoe_session", "device_subscriber", "public_ip", "public_port",
     "remote_ip", "remote_port", "service_name", "service_source", "dns_qname", "dns_qtype",
     "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete", "probe",
-    "local", "dns_all",
+    "local", "dns_all", "service_dns_at", "service_resolver",
 ];
 
 pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
@@ -86,6 +86,7 @@ pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: F
 pub fn ecs(r: &Icr) -> serde_json::Value {
     use serde_json::json;
     let service = r.service.as_ref();
+    let origin = service.and_then(|s| s.origin);
     let sni = service.filter(|s| matches!(s.source, ServiceSource::TlsSni | ServiceSource::QuicSni)).map(|s| &s.name);
     let host = service.filter(|s| s.source == ServiceSource::HttpHost).map(|s| &s.name);
     let duration_ns = (r.end - r.start).num_nanoseconds().unwrap_or(0);
@@ -123,7 +124,11 @@ pub fn ecs(r: &Icr) -> serde_json::Value {
         })),
         // ECS's `dns` holds one question; a flow's every exchange has no ECS
         // field, so it goes under our own name, as ECS asks of custom fields.
-        "icr": (!r.dns_all.is_empty()).then(|| json!({ "dns_all": r.dns_all })),
+        // So is the exchange that named a connection from DNS.
+        "icr": (!r.dns_all.is_empty() || origin.is_some()).then(|| json!({
+            "dns_all": (!r.dns_all.is_empty()).then_some(&r.dns_all),
+            "service_origin": origin,
+        })),
         "labels": {
             "end_reason": serde_json::to_value(r.end_reason).ok(),
             "service_source": service.and_then(|s| serde_json::to_value(s.source).ok()),
@@ -171,6 +176,7 @@ pub fn write_services(out: &mut (impl Write + ?Sized), rows: &[ServiceRow], form
 
 fn record_fields(r: &Icr) -> Vec<String> {
     let opt = |v: Option<String>| v.unwrap_or_default();
+    let origin = r.service.as_ref().and_then(|s| s.origin);
     vec![
         r.id.clone(),
         format_time(&r.start),
@@ -203,6 +209,8 @@ fn record_fields(r: &Icr) -> Vec<String> {
         // first's are in dns_answers; NDJSON has them all): a cell stays
         // readable.
         r.dns_all.iter().map(|d| format!("{}/{}", d.qname, d.qtype)).collect::<Vec<_>>().join(";"),
+        opt(origin.map(|o| format_time(&o.dns_at))),
+        opt(origin.map(|o| o.resolver.to_string())),
     ]
 }
 
@@ -309,7 +317,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("id,start,end,end_reason,proto,device_mac"));
         assert!(lines[1].contains(",idle,udp,,10.0.0.2,5353,100;20,"), "{}", lines[1]);
-        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07,false,"), "probe, then local and dns_all: {}", lines[1]);
+        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07,false,,,"), "probe, then local, dns_all and a name's DNS origin: {}", lines[1]);
     }
 
     #[test]
@@ -324,10 +332,24 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         let header: Vec<&str> = lines[0].split(',').collect();
-        assert_eq!(header.len(), 28);
+        assert_eq!(header.len(), 30);
         assert_eq!(header[..26], RECORD_COLUMNS[..26], "the columns before stay where they were");
         assert_eq!((header[25], header[26], header[27]), ("probe", "local", "dns_all"));
-        assert!(lines[1].ends_with(",gw-07,true,a.example/A;a.example/AAAA;b.example/HTTPS"), "{}", lines[1]);
+        assert_eq!((header[28], header[29]), ("service_dns_at", "service_resolver"));
+        assert!(lines[1].ends_with(",gw-07,true,a.example/A;a.example/AAAA;b.example/HTTPS,,"), "{}", lines[1]);
+        // A connection named from DNS says by which exchange, in the last two columns.
+        let mut named = record();
+        named.service = Some(crate::icr::Service {
+            origin: Some(crate::icr::DnsOrigin {
+                dns_at: chrono::DateTime::from_timestamp(1_700_000_000, 210_000_000).unwrap(),
+                resolver: "[2001:db8::53]:53".parse().unwrap(),
+            }),
+            ..crate::icr::Service::carried("www.example.test".into(), ServiceSource::Dns, false)
+        });
+        let mut out = Vec::new();
+        write_records(&mut out, &[named], Format::Csv).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.trim_end().ends_with(",2023-11-14T22:13:20.210000Z,[2001:db8::53]:53"), "{text}");
         assert!(lines[1].contains(",a.example,A,192.0.2.1,"), "dns_* is the first exchange, as before: {}", lines[1]);
     }
 
