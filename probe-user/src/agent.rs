@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use log::{error, info, warn};
-use probe_common::{counter, role};
+use probe_common::{FlowKey, counter, role};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -53,17 +53,22 @@ const WATERMARK_TICKS: u64 = 10;
 #[derive(Default)]
 struct Batch {
     records: Vec<Icr>,
+    /// The kernel flows the records were made of: deleted from the kernel
+    /// only once the records are durable, so a kill between the two loses
+    /// nothing (the next agent finds the flows and records them).
+    flows: Vec<FlowKey>,
     gaps: Vec<Gap>,
     watermark: Option<Watermark>,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.gaps.is_empty() && self.watermark.is_none()
+        self.records.is_empty() && self.flows.is_empty() && self.gaps.is_empty() && self.watermark.is_none()
     }
 
     fn absorb(&mut self, other: Batch) {
         self.records.extend(other.records);
+        self.flows.extend(other.flows);
         // Written in order: a later entry of an episode replaces the earlier.
         self.gaps.extend(other.gaps);
         self.watermark = other.watermark.or(self.watermark.take());
@@ -168,7 +173,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // and every loss is counted where it happens.
     let write_queue = config.store.write_queue;
     let (write_tx, write_rx) = mpsc::channel(write_queue);
-    let writer = spawn_writer(store.clone(), write_rx, snapshot.clone());
+    // Flows whose records are stored come back to have their kernel entries deleted.
+    let (stored_tx, mut stored_rx) = mpsc::unbounded_channel();
+    let writer = spawn_writer(store.clone(), write_rx, stored_tx, snapshot.clone());
 
     let mut losses = loss_tracker(&store, &probe, loaded_at)?;
     let mut ticks = 0u64;
@@ -197,6 +204,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tokio::select! {
             Some(event) = event_rx.recv() => assembler.on_event(event, &nat),
             Some(event) = nat_rx.recv() => apply_nat(&mut nat, event),
+            Some(flows) = stored_rx.recv() => assembler.release(&flows, &mut probe)?,
             _ = tick.tick() => {
                 if let Some(step) = assembler.resync_clock() {
                     let (way, by) = if step < chrono::TimeDelta::zero() { ("back", -step) } else { ("forward", step) };
@@ -222,7 +230,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 if let Err(error) = directory.refresh(Utc::now()) {
                     warn!("refreshing the subscriber directory: {error:#}");
                 }
-                let mut batch = Batch { records: named_records(&mut assembler, &directory, &probe_id), ..Batch::default() };
+                let mut batch = Batch {
+                    records: named_records(&mut assembler, &directory, &probe_id),
+                    flows: assembler.take_closed_flows(),
+                    ..Batch::default()
+                };
                 ticks += 1;
                 if let Ok(counters) = &counters {
                     let totals = Totals {
@@ -284,9 +296,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
     let records = named_records(&mut assembler, &directory, &probe_id);
-    queue_batch(&write_tx, Batch { records, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) }).await?;
+    let flows = assembler.take_closed_flows();
+    queue_batch(&write_tx, Batch { records, flows, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) }).await?;
     drop(write_tx);
     writer.await.context("the writer task failed")?;
+    while let Ok(flows) = stored_rx.try_recv() {
+        assembler.release(&flows, &mut probe)?;
+    }
     let stored = stored(&snapshot);
     log_stats(&probe, &assembler, &nat, stored, backpressure);
     let _ = std::fs::remove_file(crate::serve::control::socket_path(&db));
@@ -377,7 +393,12 @@ fn watermark(probe: &Probe, losses: &LossTracker) -> Watermark {
 /// (a full disk) is retried until it succeeds: records are never dropped;
 /// meanwhile the queue fills and back-pressure reaches the kernel, which
 /// keeps forwarding and counting.
-fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate::serve::metrics::Shared) -> tokio::task::JoinHandle<()> {
+fn spawn_writer(
+    store: Store,
+    mut queue: mpsc::Receiver<Batch>,
+    stored: mpsc::UnboundedSender<Vec<FlowKey>>,
+    snapshot: crate::serve::metrics::Shared,
+) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         while let Some(mut batch) = queue.blocking_recv() {
             while let Ok(more) = queue.try_recv() {
@@ -386,6 +407,10 @@ fn spawn_writer(store: Store, mut queue: mpsc::Receiver<Batch>, snapshot: crate:
             let started = std::time::Instant::now();
             let what = format!("storing {} records", batch.records.len());
             until_written(&what, &snapshot, || store.append(&batch.records));
+            if !batch.flows.is_empty() {
+                // The loop stopping first only leaves the flows to the next agent.
+                let _ = stored.send(std::mem::take(&mut batch.flows));
+            }
             if !batch.gaps.is_empty() || batch.watermark.is_some() {
                 until_written("recording capture gaps", &snapshot, || store.record_gaps(&batch.gaps, batch.watermark.as_ref()));
             }

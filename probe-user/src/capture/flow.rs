@@ -13,7 +13,7 @@
 //! downstream packets). Conntrack mappings join them into one record.
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -149,6 +149,12 @@ pub struct Assembler {
     /// watched and conntrack followed). Without, `public` is the device's own.
     nat_expected: bool,
     known: HashMap<FlowKey, Known>,
+    /// Closed flows whose records are not durable yet: their kernel entries
+    /// stay until [`Assembler::release`], so an agent killed meanwhile
+    /// leaves them for its successor to record, instead of losing them.
+    held: HashSet<FlowKey>,
+    /// Those of them closed since the last [`Assembler::take_closed_flows`].
+    closed: Vec<FlowKey>,
     due: BinaryHeap<Reverse<(u64, FlowKey)>>,
     next_full_sweep_ns: u64,
     records: Vec<Icr>,
@@ -182,6 +188,8 @@ impl Assembler {
             nat_expected,
             ids: RecordIds::default(),
             known: HashMap::new(),
+            held: HashSet::new(),
+            closed: Vec::new(),
             due: BinaryHeap::new(),
             next_full_sweep_ns: 0,
             records: Vec::new(),
@@ -207,6 +215,26 @@ impl Assembler {
         std::mem::take(&mut self.records)
     }
 
+    /// The kernel flows closed since the last call: hand them back to
+    /// [`Assembler::release`] once the records taken with them are durable.
+    pub fn take_closed_flows(&mut self) -> Vec<FlowKey> {
+        std::mem::take(&mut self.closed)
+    }
+
+    /// Deletes the kernel entries of closed flows whose records are stored.
+    pub fn release(&mut self, flows: &[FlowKey], table: &mut impl FlowTable) -> Result<()> {
+        for key in flows {
+            table.remove(key)?;
+            self.held.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Closed flows whose kernel entries wait for their records to be stored.
+    pub fn held_flows(&self) -> usize {
+        self.held.len()
+    }
+
     /// Events were lost (a perf buffer's lost record, or the kernel's
     /// counter grew): any open flow may have lost its end event, so say so
     /// on its record.
@@ -215,6 +243,13 @@ impl Assembler {
     }
 
     pub fn on_event(&mut self, event: ProbeEvent, nat: &NatTable) {
+        // A late packet of a flow already closed (its record on its way to
+        // the store) opens nothing again.
+        if let ProbeEvent::Flow(FlowEvent { key, .. }) | ProbeEvent::Hint(FlowEvent { key, .. }, _) = &event
+            && self.held.contains(key)
+        {
+            return;
+        }
         match event {
             ProbeEvent::Flow(event) => {
                 let syn_only = event.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
@@ -405,7 +440,7 @@ impl Assembler {
     /// their first packet is `grace_ns` old (their start event may be on its way).
     fn full_sweep(&mut self, table: &mut impl FlowTable, now_ns: u64, grace_ns: u64) -> Result<()> {
         for key in table.keys()? {
-            if self.known.contains_key(&key) {
+            if self.known.contains_key(&key) || self.held.contains(&key) {
                 continue;
             }
             if grace_ns > 0 && table.get(&key)?.is_some_and(|value| now_ns.saturating_sub(value.first_ns) < grace_ns) {
@@ -498,11 +533,9 @@ impl Assembler {
                     let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
                     self.keep(record);
                 }
-                table.remove(&key)?;
-                self.forget(&key);
+                self.hold(key);
                 if let Some((wan_key, _)) = wan {
-                    table.remove(&wan_key)?;
-                    self.forget(&wan_key);
+                    self.hold(wan_key);
                 }
             }
             None if now_ns >= active_due => {
@@ -533,6 +566,14 @@ impl Assembler {
             }
         }
         Ok(())
+    }
+
+    /// A flow is closed: its kernel entry waits for its record to be stored.
+    fn hold(&mut self, key: FlowKey) {
+        self.forget(&key);
+        if self.held.insert(key) {
+            self.closed.push(key);
+        }
     }
 
     /// Drops what the assembler holds of a kernel flow that is gone.
@@ -876,7 +917,16 @@ mod tests {
         assert_eq!(r.start.timestamp(), 1);
         assert_eq!(r.end.timestamp(), 4);
         assert!(!r.incomplete);
-        assert!(table.0.is_empty(), "closed flows leave the kernel table");
+        assert_eq!(table.0.len(), 1, "a closed flow's kernel entry waits for its record to be stored");
+        // A late packet of it (a retransmitted FIN) opens nothing again.
+        table.packet(up, 40, tcp_flags::FIN | tcp_flags::ACK, role::LAN, 5 * SEC);
+        assembler.on_event(end_event(key, 5 * SEC), &NatTable::default());
+        assembler.tick(20 * SEC, &mut table, &NatTable::default()).unwrap();
+        assert!(assembler.take_records().is_empty(), "no second record of it");
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, &mut table).unwrap();
+        assert!(table.0.is_empty(), "stored: the kernel entry goes");
+        assert_eq!(assembler.held_flows(), 0);
     }
 
     /// The MAC the fake table gives packets arriving with `role`.
@@ -1132,6 +1182,8 @@ mod tests {
         assembler.tick(120 * SEC, &mut table, &nat).unwrap();
         assert!(assembler.take_records().is_empty(), "no device made it");
         assert_eq!(assembler.gateway_flows, 1);
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, &mut table).unwrap();
         assert!(table.0.is_empty(), "closed: its kernel entry is removed");
         assert_eq!(assembler.open_flows(), 0);
     }
@@ -1164,6 +1216,8 @@ mod tests {
         assert_eq!((r.packets_up, r.packets_down, r.bytes_up, r.bytes_down), (2, 2, 160, 960));
         assert_eq!(r.end.timestamp(), 4, "the WAN side's last packet counts");
         assert!(!r.incomplete);
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, &mut table).unwrap();
         assert!(table.0.is_empty());
         assert_eq!(assembler.open_flows(), 0);
     }
@@ -1262,6 +1316,8 @@ mod tests {
         assembler.close_all(2 * SEC, EndReason::Shutdown, &mut table, &NatTable::default()).unwrap();
         assert_eq!(assembler.take_records().len(), 1);
         assert_eq!(assembler.local_flows, 3);
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, &mut table).unwrap();
         assert!(table.0.is_empty(), "their kernel entries are removed too");
     }
 

@@ -129,6 +129,8 @@ fn replay_loaded(
             let records = assembler.take_records();
             stats.records += records.len() as u64;
             sink(records)?;
+            let closed = assembler.take_closed_flows();
+            assembler.release(&closed, probe)?;
         }
         Ok(())
     };
@@ -155,6 +157,8 @@ fn replay_loaded(
     let records = assembler.take_records();
     stats.records += records.len() as u64;
     sink(records)?;
+    let closed = assembler.take_closed_flows();
+    assembler.release(&closed, probe)?;
     probe.set_clock_override(0)?;
     Ok(stats)
 }
