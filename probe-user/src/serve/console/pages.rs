@@ -131,12 +131,23 @@ pub fn ask(signed: &Signed, kind: Kind, given: &std::collections::HashMap<String
 }
 
 /// An answer: its gaps first, the timeline, the table, the downloads.
-pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup {
+/// Rows a page of an answer's table shows.
+pub const PAGE_ROWS: usize = 250;
+
+/// Page `page` (from 1) of an answer: its table shows [`PAGE_ROWS`] rows.
+pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup, page_number: usize) -> Markup {
     let base = format!("/console/answers/{}", answered.id);
+    let total = answered.rows.len();
+    let pages = total.div_ceil(PAGE_ROWS).max(1);
+    let page_number = page_number.clamp(1, pages);
+    let shown = (page_number - 1) * PAGE_ROWS..(page_number * PAGE_ROWS).min(total);
     page("Answer", Some(signed), html! {
         h1 { (answered.kind.title()) }
         p #summary { (answered.summary) }
-        p { "Audit entry " strong #audit-seq { (answered.audit_seq) } ". " span #count { (answered.rows.len()) } " rows." }
+        p {
+            "Audit entry " strong #audit-seq { (answered.audit_seq) } ". "
+            @if answered.shown { span #count { (answered.rows.len()) } " rows." } @else { "Too many rows to show here." }
+        }
         @if answered.gaps.is_empty() {
             p.nogaps #gaps { "No capture gaps in this window." }
         } @else {
@@ -160,12 +171,26 @@ pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup 
             }
             a #download-bundle href={(base) "/bundle.zip"} { "Disclosure bundle (zip)" }
         }
+        @if !answered.shown {
+            p.refusal #too-large { "This answer is larger than the console keeps for a session: download it." }
+        }
         label for="filter" { "Filter: " }
         input #filter type="search" placeholder="any text in a row";
-        " " span #shown { (answered.rows.len()) } " shown"
+        " " span #shown { (shown.len()) } " shown"
+        @if pages > 1 {
+            nav.pages #pages {
+                "Rows " (shown.start + 1) " to " (shown.end) " of " (total) ", page " span #page { (page_number) } " of " (pages) ". "
+                @if page_number > 1 {
+                    a #page-previous href={(base) "?page=" (page_number - 1)} { "Previous" } " "
+                }
+                @if page_number < pages {
+                    a #page-next href={(base) "?page=" (page_number + 1)} { "Next" }
+                }
+            }
+        }
         @match &answered.rows {
-            Rows::Records(records) => (records_table(records)),
-            Rows::Services(services) => (services_table(services)),
+            Rows::Records(records) => (records_table(&records[shown.clone()])),
+            Rows::Services(services) => (services_table(&services[shown.clone()])),
         }
     })
 }
