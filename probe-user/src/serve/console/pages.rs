@@ -296,3 +296,40 @@ pub fn refused(reason: &str) -> Markup {
         p { a href="/console" { "Sign in" } }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    #[test]
+    fn an_answers_table_pages() {
+        let answered = Answered {
+            id: 7,
+            kind: super::super::Kind::Accessed,
+            summary: String::new(),
+            from: Utc::now(),
+            to: Utc::now(),
+            rows: Rows::Records(crate::store::test_records::samples(600)),
+            shown: true,
+            gaps: Vec::new(),
+            audit_seq: 1,
+            bundle: "/nonexistent".into(),
+            bytes: 0,
+        };
+        let signed = Signed { authority: "met", csrf: "c", auditor: false };
+        let rows_on = |page_number| {
+            let page = answer(&signed, &answered, html! {}, page_number).into_string();
+            let body = page.split("<tbody>").nth(1).unwrap().split("</tbody>").next().unwrap().to_string();
+            (body.matches("<tr>").count(), page)
+        };
+        let (rows, page) = rows_on(1);
+        assert_eq!(rows, PAGE_ROWS);
+        assert!(page.contains(r#"href="/console/answers/7?page=2""#) && !page.contains("page=0"), "a next link only");
+        let (rows, page) = rows_on(3);
+        assert_eq!(rows, 600 - 2 * PAGE_ROWS, "the rest");
+        assert!(page.contains("Rows 501 to 600 of 600") && page.contains("?page=2") && !page.contains("?page=4"));
+        assert_eq!(rows_on(99).0, 100, "past the last page: the last");
+        assert_eq!(rows_on(0).0, PAGE_ROWS, "before the first: the first");
+    }
+}
