@@ -206,6 +206,24 @@ async fn idle_and_slow_connections_cannot_hold_the_service() {
     assert!(closed_within(&mut stream, Duration::from_secs(8)).await, "an idle kept-alive connection is closed");
     assert!(start.elapsed() < Duration::from_secs(6), "after the request timeout: {:?}", start.elapsed());
 
+    // A client that pipelines requests and reads none of the answers is cut
+    // off once the server cannot write for the request timeout.
+    let mut stream = connect_from("127.0.0.1", api.addr()).await.unwrap();
+    let asset = b"GET /console/assets/console.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(100);
+    let start = Instant::now();
+    let mut cut = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        match timeout(Duration::from_millis(500), stream.write_all(&asset)).await {
+            Ok(Err(_)) => {
+                cut = Some(start.elapsed());
+                break;
+            }
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
+    // Before: held for as long as the client likes.
+    assert!(cut.is_some_and(|after| after < Duration::from_secs(12)), "a client that reads nothing is cut off: {cut:?}");
+
     // A console form sent a byte at a time is cut off, as the API's bodies are.
     let mut stream = connect_from("127.0.0.1", api.addr()).await.unwrap();
     stream

@@ -10,7 +10,8 @@
 //! first request's body together. Later requests on a kept-alive connection
 //! each get `request_timeout` from the moment the previous one was answered
 //! to send their headers (so an idle connection is closed), and again for
-//! their body. Bodies being read are counted in bytes against one budget
+//! their body; an answer the client does not read for as long is given up
+//! with its connection. Bodies being read are counted in bytes against one budget
 //! for all connections: past it, a body is refused (503) instead of
 //! buffered.
 use std::{
@@ -85,6 +86,7 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router,
 
 async fn connection(tcp: TcpStream, client: SocketAddr, tls: Option<TlsAcceptor>, app: Router, budget: Arc<Semaphore>, limits: Limits) {
     let deadline = Instant::now() + limits.request_timeout;
+    let tcp = Unread { stream: tcp, limit: limits.request_timeout, stalled: None };
     match tls {
         Some(tls) => {
             if let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
@@ -139,6 +141,64 @@ where
         () = tokio::time::sleep_until(deadline) => return,
     }
     let _ = connection.await;
+}
+
+/// A connection whose answers must be read: a write that cannot go on for
+/// the request timeout (a client that pipelines requests and reads none of
+/// the answers) fails, and the connection closes.
+struct Unread<S> {
+    stream: S,
+    limit: Duration,
+    /// Since when writes have been waiting.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> Unread<S> {
+    /// `attempt`'s outcome, or an error once writes have waited `limit`.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, attempt: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if attempt.is_ready() {
+            self.stalled = None;
+            return attempt;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client reads no answers"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Unread<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Unread<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let attempt = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch(cx, attempt)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let attempt = Pin::new(&mut self.stream).poll_flush(cx);
+        self.watch(cx, attempt)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let attempt = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.watch(cx, attempt)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let attempt = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.watch(cx, attempt)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// A request body read within its deadline and the shared byte budget.
