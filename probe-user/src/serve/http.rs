@@ -70,10 +70,9 @@ impl Doorkeeper {
         }
         let loaded = desk.configuration()?;
         for summary in due {
-            let outcome = format!(
-                "refused: {} more requests from {} without a valid token, counted rather than written one by one",
-                summary.refused, summary.client
-            );
+            // `::` stands for the addresses past those followed one by one.
+            let from = if summary.client.is_unspecified() { "many addresses".to_string() } else { summary.client.to_string() };
+            let outcome = format!("refused: {} more requests from {from} without a valid token, counted rather than written one by one", summary.refused);
             let parameters = serde_json::json!({
                 "client": summary.client.to_string(),
                 "refused": summary.refused,

@@ -18,6 +18,9 @@ const CLAIMED_CHARS: usize = 64;
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// Refusals from one address written one by one in a window.
 const WRITTEN_PER_WINDOW: u32 = 5;
+/// Refusals written one by one in a window, from all addresses together
+/// (many addresses, e.g. an IPv6 network's, are one flood too).
+const WRITTEN_IN_ALL: u32 = 50;
 /// Addresses followed at most; past it, new addresses share one count.
 const MAX_ADDRESSES: usize = 10_000;
 /// Where refusals from addresses past [`MAX_ADDRESSES`] are counted.
@@ -50,20 +53,34 @@ struct Window {
     last_unwritten: DateTime<Utc>,
 }
 
+/// Refusals per address in the current window, and how many were written
+/// in all since `all_since`.
+#[derive(Default)]
+struct State {
+    windows: HashMap<IpAddr, Window>,
+    all_since: Option<Instant>,
+    written_in_all: u32,
+}
+
 /// Refusals per address in the current window.
 #[derive(Default)]
-pub struct Refusals(Mutex<HashMap<IpAddr, Window>>);
+pub struct Refusals(Mutex<State>);
 
 impl Refusals {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Whether a refusal from `client` is audited on its own; if not, it is
     /// counted for its window's summary.
     pub fn admit(&self, client: IpAddr) -> bool {
-        let mut windows = self.lock();
-        let key = if windows.len() >= MAX_ADDRESSES && !windows.contains_key(&client) { OVERFLOW } else { client };
+        let mut state = self.lock();
+        if state.all_since.is_none_or(|since| since.elapsed() >= WINDOW) {
+            (state.all_since, state.written_in_all) = (Some(Instant::now()), 0);
+        }
+        let crowded = state.written_in_all >= WRITTEN_IN_ALL;
+        let windows = &mut state.windows;
+        let key = if crowded || (windows.len() >= MAX_ADDRESSES && !windows.contains_key(&client)) { OVERFLOW } else { client };
         let now = Utc::now();
         let window = windows.entry(key).or_insert_with(|| Window {
             started: Instant::now(),
@@ -74,6 +91,7 @@ impl Refusals {
         });
         if key != OVERFLOW && window.written < WRITTEN_PER_WINDOW {
             window.written += 1;
+            state.written_in_all += 1;
             return true;
         }
         if window.unwritten == 0 {
@@ -87,9 +105,9 @@ impl Refusals {
     /// The summaries of windows that are over (all of them when `all`),
     /// taken out; windows over with nothing unwritten are forgotten.
     pub fn due(&self, all: bool) -> Vec<Summary> {
-        let mut windows = self.lock();
+        let mut state = self.lock();
         let mut due = Vec::new();
-        windows.retain(|client, window| {
+        state.windows.retain(|client, window| {
             if !all && window.started.elapsed() < WINDOW {
                 return true;
             }
@@ -118,6 +136,16 @@ mod tests {
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!((due[0].client, due[0].refused), (flood, 100 - u64::from(WRITTEN_PER_WINDOW)));
         assert!(refusals.admit(flood), "a new window");
+    }
+
+    #[test]
+    fn a_flood_from_many_addresses_is_counted_too() {
+        let refusals = Refusals::default();
+        let admitted = (0..1000u32).filter(|i| refusals.admit(IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(*i))))).count();
+        assert_eq!(admitted, WRITTEN_IN_ALL as usize);
+        let due = refusals.due(true);
+        assert_eq!(due.iter().map(|s| s.refused).sum::<u64>(), 1000 - u64::from(WRITTEN_IN_ALL), "{due:?}");
+        assert!(due.iter().any(|s| s.client == OVERFLOW));
     }
 
     #[test]
