@@ -69,18 +69,25 @@ impl Gate {
     }
 
     /// Takes a place to check a token, and waits out the slowdown earned by
-    /// `client` and by the authority `name` (after taking the place, so
-    /// that parallel guesses queue behind it instead of sharing one wait).
-    /// `None` when every place is taken: the caller answers 503 at once.
-    /// The attempt counts as a failure until [`Attempt::succeeded`].
+    /// `client` and by the authority `name`. `None` when every place is
+    /// taken as the request arrives: the caller answers 503 at once. The
+    /// attempt counts as a failure from now (so parallel guesses see each
+    /// other's) until [`Attempt::succeeded`]. The wait is decided once the
+    /// place is taken, but waited without it, so that a guesser being
+    /// slowed down never keeps others from signing in.
     pub async fn enter(&self, client: IpAddr, name: &str) -> Option<Attempt<'_>> {
-        let place = self.checks.clone().try_acquire_owned().ok()?;
-        let attempt = Attempt { failures: &self.failures, keys: Key::both(client, name), _place: place, passed: false };
-        let delay = self.failures.begin(&attempt.keys);
+        let mut place = self.checks.clone().try_acquire_owned().ok()?;
+        let keys = Key::both(client, name);
+        // Counted from here: a guess given up during its wait stays counted.
+        let delay = self.failures.begin(&keys);
         if !delay.is_zero() {
+            drop(place);
             tokio::time::sleep(delay).await;
+            // The semaphore is never closed; the wait here is for the few
+            // checks ahead, each well under a second.
+            place = self.checks.clone().acquire_owned().await.ok()?;
         }
-        Some(attempt)
+        Some(Attempt { failures: &self.failures, keys, _place: place, passed: false })
     }
 }
 
@@ -88,6 +95,7 @@ impl Gate {
 pub struct Attempt<'a> {
     failures: &'a Failures,
     keys: [Key; 2],
+    /// The place to check in, held until the attempt ends.
     _place: OwnedSemaphorePermit,
     passed: bool,
 }
