@@ -417,6 +417,11 @@ impl Config {
         }
         self.http.max_connections()?;
         self.http.request_timeout()?;
+        self.http.console_idle()?;
+        self.http.max_token_checks()?;
+        self.http.max_body_bytes_in_flight()?;
+        self.http.console_sessions()?;
+        self.http.console_answer_bytes()?;
         let ring = self.probe.event_ring_bytes;
         if !ring.is_power_of_two() || !(64 << 10..=1 << 30).contains(&ring) {
             bail!("[probe] event_ring_bytes = {ring} must be a power of two from 65536 (64 KiB) to 1073741824 (1 GiB)");
@@ -571,6 +576,18 @@ pub struct HttpSection {
     /// A web console session ends after this long without a request
     /// (default 15m).
     pub console_idle: Option<String>,
+    /// Token checks (argon2, 19 MiB each) run at once at most; a request
+    /// past them is answered 503 (default 2).
+    pub max_token_checks: Option<usize>,
+    /// Bytes of request bodies held at once over all connections; a body
+    /// past it is answered 503 (default 8 MiB).
+    pub max_body_bytes_in_flight: Option<usize>,
+    /// Console sessions one authority may have at once; signing in past it
+    /// ends that authority's idlest session, never another's (default 8).
+    pub console_sessions: Option<usize>,
+    /// Bytes of answers a console session keeps for its pages and
+    /// downloads; past it the oldest answers are dropped (default 64 MiB).
+    pub console_answer_bytes: Option<usize>,
 }
 
 /// Default of `[http] max_connections`.
@@ -579,13 +596,41 @@ const MAX_CONNECTIONS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `[http] console_idle`.
 const CONSOLE_IDLE: Duration = Duration::from_secs(15 * 60);
+/// Default of `[http] max_token_checks`.
+const MAX_TOKEN_CHECKS: usize = 2;
+/// Default of `[http] max_body_bytes_in_flight`.
+const MAX_BODY_BYTES_IN_FLIGHT: usize = 8 << 20;
+/// Default of `[http] console_sessions`.
+const CONSOLE_SESSIONS: usize = 8;
+/// Default of `[http] console_answer_bytes`.
+const CONSOLE_ANSWER_BYTES: usize = 64 << 20;
 impl HttpSection {
     pub fn max_connections(&self) -> Result<usize> {
-        match self.max_connections {
-            None => Ok(MAX_CONNECTIONS),
-            Some(0) => bail!("[http] max_connections must be at least 1"),
-            Some(n) => Ok(n),
+        at_least_one("max_connections", self.max_connections, MAX_CONNECTIONS)
+    }
+
+    pub fn max_token_checks(&self) -> Result<usize> {
+        at_least_one("max_token_checks", self.max_token_checks, MAX_TOKEN_CHECKS)
+    }
+
+    pub fn max_body_bytes_in_flight(&self) -> Result<usize> {
+        // One request's body must fit: a smaller budget would refuse it always.
+        match at_least_one("max_body_bytes_in_flight", self.max_body_bytes_in_flight, MAX_BODY_BYTES_IN_FLIGHT)? {
+            small if small < crate::serve::http::MAX_BODY_BYTES => {
+                bail!("[http] max_body_bytes_in_flight = {small} must be at least {} (one request's body)", crate::serve::http::MAX_BODY_BYTES)
+            }
+            // The semaphore that counts them holds at most this many.
+            big if big > u32::MAX as usize => bail!("[http] max_body_bytes_in_flight = {big} must be at most {}", u32::MAX),
+            bytes => Ok(bytes),
         }
+    }
+
+    pub fn console_sessions(&self) -> Result<usize> {
+        at_least_one("console_sessions", self.console_sessions, CONSOLE_SESSIONS)
+    }
+
+    pub fn console_answer_bytes(&self) -> Result<usize> {
+        at_least_one("console_answer_bytes", self.console_answer_bytes, CONSOLE_ANSWER_BYTES)
     }
 
     pub fn console_idle(&self) -> Result<Duration> {
@@ -594,6 +639,15 @@ impl HttpSection {
 
     pub fn request_timeout(&self) -> Result<Duration> {
         positive_duration("request_timeout", self.request_timeout.as_deref(), REQUEST_TIMEOUT)
+    }
+}
+
+/// `[http] key`'s count, `default` when not given; zero is refused.
+fn at_least_one(key: &str, value: Option<usize>, default: usize) -> Result<usize> {
+    match value {
+        None => Ok(default),
+        Some(0) => bail!("[http] {key} must be at least 1"),
+        Some(n) => Ok(n),
     }
 }
 

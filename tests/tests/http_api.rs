@@ -257,9 +257,11 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     // reference + window = 13, and the bad time, audited as failed = 14;
     // then the two --server answers and its refusal = 17; the agent's
     // retention sweep when it started = 18; and the answer after the abuse
-    // = 19. (Requests that never became a query — not JSON, unknown
-    // parameters or local filter, the oversized body — are not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("19 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    // = 19; and the authenticated requests the API could not read — the
+    // unknown local filter, not JSON, the unknown parameter, the authority
+    // in the body — audited as failed = 23. (The oversized body, refused
+    // before its token was checked, is not.)
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("23 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
     assert_eq!(audit.matches(r#""local":"only""#).count(), 1, "the local filter is audited: {audit}");
     assert_eq!(audit.matches("\"officer\":\"agent (hourly retention)\"").count(), 1, "the agent's sweep is audited: {audit}");

@@ -91,18 +91,43 @@ impl<'a> Desk<'a> {
     /// Audits a request refused before it could be read (a door's own
     /// refusal, e.g. an API token that does not match), and returns it.
     pub fn refuse_unread(&self, loaded: &LoadedConfig, command: &str, authority: Option<String>, refusal: Refusal) -> Failure {
+        match self.note_unread(loaded, command, authority, refusal.to_string(), serde_json::Value::Null) {
+            Ok(()) => Failure::Refused(refusal),
+            Err(error) => Failure::Failed(error.context("auditing a refused request")),
+        }
+    }
+
+    /// Audits a request an authenticated authority sent that the door could
+    /// not read (a malformed body), as the desk audits a malformed question,
+    /// and returns it.
+    pub fn invalid_unread(&self, loaded: &LoadedConfig, command: &str, authority: &str, reason: String) -> Failure {
+        let invalid = Failure::Invalid(reason);
+        match self.note_unread(loaded, command, Some(authority.to_string()), format!("failed: {invalid}"), serde_json::Value::Null) {
+            Ok(()) => invalid,
+            Err(error) => Failure::Failed(error.context("auditing a malformed request")),
+        }
+    }
+
+    /// Appends an entry for something a door decided before a request
+    /// could be read.
+    pub fn note_unread(
+        &self,
+        loaded: &LoadedConfig,
+        command: &str,
+        authority: Option<String>,
+        outcome: String,
+        parameters: serde_json::Value,
+    ) -> anyhow::Result<()> {
         let record = AuditRecord {
             time: format_time(&Utc::now()),
             command: command.to_string(),
             authority,
-            outcome: refusal.to_string(),
+            outcome,
+            parameters,
             config_sha256: loaded.sha256.clone(),
             ..AuditRecord::default()
         };
-        match AuditLog::open(self.audit_dir, &loaded.config.audit).and_then(|log| log.append(record)) {
-            Ok(_) => Failure::Refused(refusal),
-            Err(error) => Failure::Failed(error.context("auditing a refused request")),
-        }
+        AuditLog::open(self.audit_dir, &loaded.config.audit).and_then(|log| log.append(record)).map(|_| ())
     }
 
     /// Answers `request`, or says why not; either way it is audited first.

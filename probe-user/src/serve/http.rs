@@ -6,40 +6,34 @@
 //! through the same code as on the command line: authorised, purpose-bound,
 //! audited. A request without a valid token is refused and audited too.
 use std::{
-    future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use argon2::{Argon2, PasswordHash, PasswordVerifier as _};
+use argon2::{Argon2, PasswordVerifier as _};
 use axum::{
     Router,
-    body::Body,
+    body::{Body, Bytes},
     extract::{ConnectInfo, Path as UrlPath, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
-use axum_server::accept::{Accept, DefaultAcceptor};
 use log::{info, warn};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::Deserialize;
 
 use crate::{
-    config::{Config, HttpSection, StoreConfig},
+    config::{HttpSection, StoreConfig},
     export::Format,
     query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, request::LocalFilter},
     serve::{
         console::{self, ConsoleState},
-        tokens::{self, Failures},
+        listener::{self, BodyRefused, Limits},
+        refusals::{self, Refusals},
+        tokens::{self, Gate},
     },
     store::gaps::Gap,
 };
@@ -49,13 +43,54 @@ use crate::{
 /// JSON's quoting.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
 
+/// What the API's and the console's handlers share about who may ask.
+pub struct Doorkeeper {
+    /// Token checks at once, and the slowdown of failing guessers.
+    pub gate: Gate,
+    /// Refusals of unauthenticated requests, by address.
+    pub refusals: Refusals,
+}
+
+impl Doorkeeper {
+    /// Audits the refusal of a request that did not authenticate, unless a
+    /// flood from `client` is being summarised instead; the refusal either way.
+    pub fn refuse_unauthenticated(&self, desk: &Desk, loaded: &crate::config::LoadedConfig, client: IpAddr, command: &str, claimed: Option<&str>, reason: String) -> Failure {
+        let refusal = Refusal(reason);
+        if !self.refusals.admit(client) {
+            return Failure::Refused(refusal);
+        }
+        desk.refuse_unread(loaded, command, claimed.map(refusals::claimed), refusal)
+    }
+
+    /// Audits the summaries of floods whose window is over (all, when `all`).
+    pub fn write_summaries(&self, desk: &Desk, all: bool) -> Result<()> {
+        let due = self.refusals.due(all);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let loaded = desk.configuration()?;
+        for summary in due {
+            // `::` stands for the addresses past those followed one by one.
+            let from = if summary.client.is_unspecified() { "many addresses".to_string() } else { summary.client.to_string() };
+            let outcome = format!("refused: {} more requests from {from} without a valid token, counted rather than written one by one", summary.refused);
+            let parameters = serde_json::json!({
+                "client": summary.client.to_string(),
+                "refused": summary.refused,
+                "from": crate::icr::format_time(&summary.from),
+                "to": crate::icr::format_time(&summary.to),
+            });
+            desk.note_unread(&loaded, "http refusals", None, outcome, parameters)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     db: PathBuf,
     config_file: Option<PathBuf>,
     backend: Arc<dyn Backend>,
-    request_timeout: Duration,
-    failures: Arc<Failures>,
+    doorkeeper: Arc<Doorkeeper>,
 }
 
 impl AppState {
@@ -65,148 +100,162 @@ impl AppState {
     }
 }
 
+/// The API, serving.
+pub struct Served {
+    /// Where it listens (the port chosen, for `listen = "...:0"`).
+    pub addr: SocketAddr,
+    /// Its task: aborting it stops the API.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
 /// Serves the API on its own task; a listener that cannot bind, or a
-/// certificate that does not load, is an error here.
+/// certificate that does not load, is an error here. `None` when no
+/// `listen` is configured.
 /// `backend` answers: the agent's store, or the provider's cluster (`icr
 /// serve`).
-pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, backend: Arc<dyn Backend>) -> Result<()> {
-    let Some(listen) = section.listen else { return Ok(()) };
-    let request_timeout = section.request_timeout()?;
-    let permits = Arc::new(Semaphore::new(section.max_connections()?));
-    let failures: Arc<Failures> = Arc::default();
-    let console = ConsoleState::new(db.clone(), config_file.clone(), backend.clone(), failures.clone(), section.console_idle()?)?;
-    let state = AppState { db, config_file, backend, request_timeout, failures };
-    let app = Router::new()
-        .route("/v1/query/{kind}", post(query))
-        .with_state(state)
-        .merge(console::routes(console))
-        .into_make_service_with_connect_info::<SocketAddr>();
+pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, backend: Arc<dyn Backend>) -> Result<Option<Served>> {
+    let Some(listen) = section.listen else { return Ok(None) };
+    let limits = Limits {
+        max_connections: section.max_connections()?,
+        request_timeout: section.request_timeout()?,
+        body_bytes_in_flight: section.max_body_bytes_in_flight()?,
+    };
+    let doorkeeper = Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks()?), refusals: Refusals::default() });
+    let console = ConsoleState::new(
+        console::Settings {
+            db: db.clone(),
+            config_file: config_file.clone(),
+            backend: backend.clone(),
+            doorkeeper: doorkeeper.clone(),
+            idle: section.console_idle()?,
+            sessions_per_authority: section.console_sessions()?,
+            answer_bytes: section.console_answer_bytes()?,
+        },
+    )?;
+    let state = AppState { db, config_file, backend, doorkeeper: doorkeeper.clone() };
+    let summaries = state.clone();
+    let app = Router::new().route("/v1/query/{kind}", post(query)).with_state(state).merge(console::routes(console));
+    let tls = match (&section.cert, &section.key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).with_context(|| format!("loading the certificate {} and key {}", cert.display(), key.display()))?),
+        (None, None) => None,
+        _ => bail!("[http] needs both cert and key for HTTPS, or neither"),
+    };
     let listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     listener.set_nonblocking(true)?;
-    let server = axum_server::from_tcp(listener)?;
-    match (&section.cert, &section.key) {
-        (Some(cert), Some(key)) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .with_context(|| format!("loading the certificate {} and key {}", cert.display(), key.display()))?;
-            let tls = axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(request_timeout);
-            let mut server = server.acceptor(LimitAcceptor { inner: tls, permits });
-            limit_headers(server.http_builder(), request_timeout);
-            info!("HTTPS API on {listen}");
-            tokio::spawn(async move {
-                if let Err(error) = server.serve(app).await {
-                    warn!("the HTTPS API stopped: {error}");
-                }
-            });
-        }
-        (None, None) => {
-            let mut server = server.acceptor(LimitAcceptor { inner: DefaultAcceptor, permits });
-            limit_headers(server.http_builder(), request_timeout);
-            info!("HTTP API on {listen} (no certificate configured: plain HTTP)");
-            tokio::spawn(async move {
-                if let Err(error) = server.serve(app).await {
-                    warn!("the HTTP API stopped: {error}");
-                }
-            });
-        }
-        _ => bail!("[http] needs both cert and key for HTTPS, or neither"),
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    match tls {
+        Some(_) => info!("HTTPS API on {addr}"),
+        None => info!("HTTP API on {addr} (no certificate configured: plain HTTP)"),
     }
-    Ok(())
-}
-
-/// A client that dribbles its headers is cut off after `timeout`.
-fn limit_headers(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, timeout: Duration) {
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
-}
-
-/// Closes a connection at once when `permits` are all taken; each open
-/// connection holds one until it closes.
-#[derive(Clone)]
-struct LimitAcceptor<A> {
-    inner: A,
-    permits: Arc<Semaphore>,
-}
-
-impl<I, S, A> Accept<I, S> for LimitAcceptor<A>
-where
-    A: Accept<I, S>,
-    A::Future: Send + 'static,
-    A::Stream: Send + 'static,
-    A::Service: Send + 'static,
-{
-    type Stream = Limited<A::Stream>;
-    type Service = A::Service;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<(Self::Stream, Self::Service)>> + Send>>;
-
-    fn accept(&self, stream: I, service: S) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            // Dropping `stream` closes it: no handshake, no task kept.
-            return Box::pin(std::future::ready(Err(std::io::Error::other("the connection limit is reached"))));
+    // One task for both: aborting it stops the listener and the summaries.
+    let task = tokio::spawn(async move {
+        let summarising = async move {
+            let mut tick = tokio::time::interval(refusals::WINDOW / 4);
+            loop {
+                tick.tick().await;
+                let state = summaries.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    let governing = state.authorising();
+                    state.doorkeeper.write_summaries(&Desk::new(&state.db, &governing, state.backend.as_ref()), false)
+                })
+                .await;
+                if let Ok(Err(error)) = written {
+                    warn!("auditing refused requests: {error:#}");
+                }
+            }
         };
-        let accepted = self.inner.accept(stream, service);
-        Box::pin(async move {
-            let (stream, service) = accepted.await?;
-            Ok((Limited { stream, _permit: permit }, service))
-        })
-    }
+        tokio::select! {
+            () = listener::serve(listener, tls, app, limits) => {}
+            () = summarising => {}
+        }
+    });
+    Ok(Some(Served { addr, task }))
 }
 
-/// A connection with its permit, given back when it closes.
-struct Limited<S> {
-    stream: S,
-    _permit: OwnedSemaphorePermit,
+/// The TLS side of the listener: the certificate and key, HTTP/1.1 only.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    // No h2: a client that offers only HTTP/2 fails the handshake.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
+/// A request body read whole within the listener's limits and `limit`, or
+/// the answer that says why not.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| match listener::body_refusal(&e) {
+        Some(BodyRefused::TooSlow) => error(StatusCode::REQUEST_TIMEOUT, BodyRefused::TooSlow.to_string()),
+        Some(BodyRefused::Busy) => error(StatusCode::SERVICE_UNAVAILABLE, BodyRefused::Busy.to_string()),
+        None => error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {limit} bytes, or broken")),
+    })
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
+/// Whether a request's body is declared JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn query(
-    State(state): State<AppState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    UrlPath(kind): UrlPath<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    // The body within the time and size limits, before any work.
-    let body = match tokio::time::timeout(state.request_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than {MAX_BODY_BYTES} bytes, or broken")),
-        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the body took too long"),
+/// The answer when every token check is taken.
+pub const BUSY: &str = "too many tokens are being checked at once: try again shortly";
+
+async fn query(State(state): State<AppState>, ConnectInfo(client): ConnectInfo<SocketAddr>, UrlPath(kind): UrlPath<String>, headers: HeaderMap, body: Body) -> Response {
+    // Before anything is read, checked or audited: a page on another site
+    // can send a `text/plain` form here, never `application/json`, and a
+    // browser says where a request comes from.
+    if !is_json(&headers) {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be JSON (Content-Type: application/json)");
+    }
+    if !console::same_origin(&headers) {
+        return error(StatusCode::FORBIDDEN, "a request from another site is refused");
+    }
+    if !QUESTIONS.contains(&kind.as_str()) {
+        return error(StatusCode::NOT_FOUND, "no such question");
+    }
+    let body = match read_body(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(response) => return response,
     };
-    let delay = state.failures.delay(client.ip());
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    let state2 = state.clone();
-    let answered = tokio::task::spawn_blocking(move || answer(&state2, &kind, &headers, &body)).await;
-    match answered {
-        Ok((response, auth)) => {
-            match auth {
-                Auth::Passed => state.failures.succeeded(client.ip()),
-                Auth::Failed => state.failures.failed(client.ip()),
-                Auth::NotChecked => {}
+    let credentials = match credentials(&headers) {
+        Ok(credentials) => credentials,
+        Err((claimed, reason)) => {
+            // Nothing to check: refused without a token check or a slowdown.
+            let state = state.clone();
+            let refused = tokio::task::spawn_blocking(move || {
+                let governing = state.authorising();
+                let desk = Desk::new(&state.db, &governing, state.backend.as_ref());
+                match desk.configuration() {
+                    Ok(loaded) => state.doorkeeper.refuse_unauthenticated(&desk, &loaded, client.ip(), &format!("http query {kind}"), claimed.as_deref(), reason),
+                    Err(e) => Failure::Failed(e),
+                }
+            })
+            .await;
+            return match refused {
+                Ok(refused @ Failure::Refused(_)) => error(StatusCode::UNAUTHORIZED, refused.to_string()),
+                Ok(other) => failure(&other),
+                Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}")).into_response(),
+            };
+        }
+    };
+    let doorkeeper = state.doorkeeper.clone();
+    let Some(attempt) = doorkeeper.gate.enter(client.ip(), &credentials.0).await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, BUSY);
+    };
+    let answering = state.clone();
+    match tokio::task::spawn_blocking(move || answer(&answering, client.ip(), &kind, &credentials, &body)).await {
+        Ok((response, passed)) => {
+            if passed {
+                attempt.succeeded();
             }
             response
         }
@@ -218,37 +267,30 @@ fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, axum::Json(serde_json::json!({ "error": reason.into() }))).into_response()
 }
 
-/// Whether a request's token was checked, and how it went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Auth {
-    NotChecked,
-    Passed,
-    Failed,
-}
-
-fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Response, Auth) {
-    if !QUESTIONS.contains(&kind) {
-        return (error(StatusCode::NOT_FOUND, "no such question"), Auth::NotChecked);
-    }
+/// The answer to an authenticated-or-not request, and whether its token
+/// was the authority's.
+fn answer(state: &AppState, client: IpAddr, kind: &str, (name, token): &(String, String), body: &[u8]) -> (Response, bool) {
     let governing = state.authorising();
     let desk = Desk::new(&state.db, &governing, state.backend.as_ref());
     let loaded = match desk.configuration() {
         Ok(loaded) => loaded,
-        Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), Auth::NotChecked),
+        Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), false),
     };
-    let authority = match authenticate(&loaded.config, headers) {
+    let command = format!("http query {kind}");
+    let authority = match tokens::check(&loaded.config, name, token, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok()) {
         Ok(authority) => authority,
         Err(reason) => {
-            let response = match desk.refuse_unread(&loaded, &format!("http query {kind}"), None, Refusal(reason)) {
+            let response = match state.doorkeeper.refuse_unauthenticated(&desk, &loaded, client, &command, Some(name), reason) {
                 refused @ Failure::Refused(_) => error(StatusCode::UNAUTHORIZED, refused.to_string()),
                 other => failure(&other),
             };
-            return (response, Auth::Failed);
+            return (response, false);
         }
     };
     let request = match request_of(kind, &authority, body) {
         Ok(request) => request,
-        Err(e) => return (error(StatusCode::BAD_REQUEST, format!("{e:#}")), Auth::Passed),
+        // The authority is known: its malformed request is audited.
+        Err(e) => return (failure(&desk.invalid_unread(&loaded, &command, &authority, format!("{e:#}"))), true),
     };
     let response = match desk.answer(&request) {
         Ok(answer) => {
@@ -259,7 +301,7 @@ fn answer(state: &AppState, kind: &str, headers: &HeaderMap, body: &[u8]) -> (Re
         }
         Err(refused) => failure(&refused),
     };
-    (response, Auth::Passed)
+    (response, true)
 }
 
 fn failure(failure: &Failure) -> Response {
@@ -290,34 +332,25 @@ fn gap_headers(headers: &mut HeaderMap, gaps: &[Gap]) {
 /// --server --authority NAME` sends it).
 pub const AUTHORITY_HEADER: &str = "icr-authority";
 
-/// The authority the request names, if its token is that authority's. One
-/// argon2 check per request, whatever the number of authorities: the
-/// request names whose token it carries, and an unknown name is checked
-/// against a stand-in hash so that it takes as long as a wrong token.
-fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> {
-    authenticate_with(config, headers, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok())
-}
-
-/// [`authenticate`], with the argon2 check given (tests count its calls).
-fn authenticate_with(
-    config: &Config,
-    headers: &HeaderMap,
-    verify: impl FnMut(&str, &PasswordHash) -> bool,
-) -> Result<String, String> {
+/// The authority a request names and the token it carries; or what it
+/// claimed (its authority, if any) and why it cannot be checked. One argon2
+/// check per request follows, whatever the number of authorities: the
+/// request names whose token it carries (see [`tokens::check`]).
+fn credentials(headers: &HeaderMap) -> Result<(String, String), (Option<String>, String)> {
     let name = headers
         .get(AUTHORITY_HEADER)
         .and_then(|name| name.to_str().ok())
         .map(str::trim)
         .filter(|name| !name.is_empty())
-        .ok_or_else(|| "the request names no authority (the ICR-Authority header)".to_string())?;
+        .ok_or_else(|| (None, "the request names no authority (the ICR-Authority header)".to_string()))?;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|token| !token.is_empty())
-        .ok_or_else(|| "no bearer token".to_string())?;
-    tokens::check(config, name, token, verify)
+        .ok_or_else(|| (Some(name.to_string()), "no bearer token".to_string()))?;
+    Ok((name.to_string(), token.to_string()))
 }
 
 /// The questions served: `POST /v1/query/{kind}`.
@@ -425,7 +458,18 @@ pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::tokens::hash_token;
+    use crate::{config::Config, serve::tokens::hash_token};
+    use argon2::PasswordHash;
+
+    /// [`credentials`], then the token checked by `verify`.
+    fn authenticate_with(config: &Config, headers: &HeaderMap, verify: impl FnMut(&str, &PasswordHash) -> bool) -> Result<String, String> {
+        let (name, token) = credentials(headers).map_err(|(_, reason)| reason)?;
+        tokens::check(config, &name, &token, verify)
+    }
+
+    fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> {
+        authenticate_with(config, headers, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok())
+    }
 
     #[test]
     fn tokens_verify_against_their_hash_only() {

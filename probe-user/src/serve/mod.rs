@@ -7,5 +7,7 @@ pub mod commands;
 pub mod console;
 pub mod control;
 pub mod http;
+pub mod listener;
 pub mod metrics;
+pub mod refusals;
 pub mod tokens;

@@ -27,7 +27,7 @@ use std::{
 use anyhow::Context as _;
 use axum::{
     Form, Router,
-    extract::{ConnectInfo, Path as UrlPath, State},
+    extract::{ConnectInfo, Path as UrlPath, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware,
     response::{IntoResponse, Redirect, Response},
@@ -41,16 +41,14 @@ use crate::{
     config::{AuthorityKind, StoreConfig},
     export::{self, Format},
     icr::{Icr, format_time},
-    query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, audit::{AuditLog, AuditRecord}, request::LocalFilter},
-    serve::tokens::{self, Failures},
+    query::{Ask, Backend, Desk, Failure, Request, Who, audit::{AuditLog, AuditRecord}, request::LocalFilter},
+    serve::{http::{BUSY, Doorkeeper}, tokens},
     store::{gaps::Gap, rollup::ServiceRow},
 };
 use pages::Signed;
 
 /// The session cookie's name.
 const COOKIE: &str = "icr_console";
-/// Sessions kept at most; signing in past it ends the idlest.
-const MAX_SESSIONS: usize = 64;
 /// Answers a session keeps for its downloads; older ones are dropped.
 const MAX_ANSWERS: usize = 16;
 /// Audit entries the auditor's page lists (the newest).
@@ -119,10 +117,15 @@ pub struct Answered {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub rows: Rows,
+    /// False when the answer was too large to keep in the console: `rows`
+    /// is then empty and the downloads have it.
+    pub shown: bool,
     pub gaps: Vec<Gap>,
     pub audit_seq: u64,
     /// The disclosure bundle the desk wrote.
     pub bundle: PathBuf,
+    /// What it costs its session: the bytes of its rows as read.
+    pub bytes: usize,
 }
 
 struct Session {
@@ -147,9 +150,13 @@ impl Session {
     }
 }
 
-/// The signed-in sessions, by id; one idle for `idle` is over.
+/// The signed-in sessions, by id; one idle for `idle` is over. Each
+/// authority has at most `per_authority`; each session keeps at most
+/// `answer_bytes` of answers.
 struct Sessions {
     idle: Duration,
+    per_authority: usize,
+    answer_bytes: usize,
     map: Mutex<HashMap<String, Session>>,
 }
 
@@ -176,20 +183,60 @@ impl Sessions {
         }
     }
 
-    /// Adds a session, ending the idle ones and, past [`MAX_SESSIONS`], the idlest.
+    /// Adds a session, ending the idle ones and, past `per_authority`
+    /// sessions of its own authority, that authority's idlest: one
+    /// authority signing in again and again never ends another's. (The
+    /// total is bounded by the configured authorities.)
     fn start(&self, id: String, session: Session) {
         let mut sessions = self.lock();
         let over: Vec<String> = sessions.iter().filter(|(_, s)| s.last_seen.elapsed() >= self.idle).map(|(id, _)| id.clone()).collect();
-        let idlest = (sessions.len() - over.len() >= MAX_SESSIONS)
-            .then(|| sessions.iter().min_by_key(|(_, s)| s.last_seen).map(|(id, _)| id.clone()))
-            .flatten();
-        for id in over.into_iter().chain(idlest) {
-            if let Some(ended) = sessions.remove(&id) {
+        for id in &over {
+            if let Some(ended) = sessions.remove(id) {
+                ended.end();
+            }
+        }
+        loop {
+            let own = sessions.iter().filter(|(_, s)| s.authority == session.authority);
+            if own.clone().count() < self.per_authority {
+                break;
+            }
+            let Some(idlest) = own.min_by_key(|(_, s)| s.last_seen).map(|(id, _)| id.clone()) else { break };
+            if let Some(ended) = sessions.remove(&idlest) {
                 ended.end();
             }
         }
         sessions.insert(id, session);
     }
+
+    /// Keeps `answer` in session `id`, dropping its oldest answers past
+    /// [`MAX_ANSWERS`] or `answer_bytes` (never the new one). False if the
+    /// session ended.
+    fn keep(&self, id: &str, answer: Arc<Answered>) -> bool {
+        let mut sessions = self.lock();
+        let Some(session) = sessions.get_mut(id) else { return false };
+        session.answers.push(answer);
+        while session.answers.len() > 1
+            && (session.answers.len() > MAX_ANSWERS || session.answers.iter().map(|a| a.bytes).sum::<usize>() > self.answer_bytes)
+        {
+            let oldest = session.answers.remove(0);
+            let _ = std::fs::remove_dir_all(&oldest.bundle);
+        }
+        true
+    }
+}
+
+/// How the console is set up.
+pub struct Settings {
+    pub db: PathBuf,
+    pub config_file: Option<PathBuf>,
+    pub backend: Arc<dyn Backend>,
+    pub doorkeeper: Arc<Doorkeeper>,
+    /// A session ends after this long without a request.
+    pub idle: Duration,
+    /// Sessions one authority may have at once.
+    pub sessions_per_authority: usize,
+    /// Bytes of answers one session keeps.
+    pub answer_bytes: usize,
 }
 
 /// What the console's handlers share.
@@ -198,20 +245,22 @@ pub struct ConsoleState {
     db: PathBuf,
     config_file: Option<PathBuf>,
     backend: Arc<dyn Backend>,
-    failures: Arc<Failures>,
+    doorkeeper: Arc<Doorkeeper>,
     sessions: Arc<Sessions>,
     /// Where answers' bundles are written: `DIR/console`, root's only.
     bundles: PathBuf,
 }
 
 impl ConsoleState {
-    pub fn new(db: PathBuf, config_file: Option<PathBuf>, backend: Arc<dyn Backend>, failures: Arc<Failures>, idle: Duration) -> anyhow::Result<Self> {
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let Settings { db, config_file, backend, doorkeeper, idle, sessions_per_authority, answer_bytes } = settings;
         let bundles = db.join("console");
         // Bundles of sessions that ended with an earlier agent.
         if bundles.exists() {
             std::fs::remove_dir_all(&bundles).with_context(|| format!("clearing {}", bundles.display()))?;
         }
-        Ok(Self { db, config_file, backend, failures, sessions: Arc::new(Sessions { idle, map: Mutex::default() }), bundles })
+        let sessions = Sessions { idle, per_authority: sessions_per_authority, answer_bytes, map: Mutex::default() };
+        Ok(Self { db, config_file, backend, doorkeeper, sessions: Arc::new(sessions), bundles })
     }
 
     fn governing(&self) -> StoreConfig {
@@ -274,7 +323,7 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
 
 /// Whether a state-changing request comes from the console's own pages: a
 /// browser says where a request comes from (`Origin`, `Sec-Fetch-Site`).
-fn same_origin(headers: &HeaderMap) -> bool {
+pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
         && !matches!(site, "same-origin" | "none")
@@ -334,11 +383,10 @@ async fn sign_in(
     if !same_origin(&headers) {
         return refused(StatusCode::FORBIDDEN, "a sign-in from another site is refused");
     }
-    let delay = state.failures.delay(client.ip());
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
     let name = form.authority.trim().to_string();
+    let Some(attempt) = state.doorkeeper.gate.enter(client.ip(), &name).await else {
+        return html(StatusCode::SERVICE_UNAVAILABLE, pages::sign_in(Some(BUSY)));
+    };
     let checking = state.clone();
     let asked = name.clone();
     let checked = tokio::task::spawn_blocking(move || -> anyhow::Result<Result<AuthorityKind, String>> {
@@ -349,7 +397,7 @@ async fn sign_in(
             Ok(_) => Ok(Ok(loaded.config.authority(&asked).map_or(AuthorityKind::Local, |a| a.kind))),
             Err(reason) => {
                 // Audited like the API's refusals (never the token).
-                let refusal = desk.refuse_unread(&loaded, "console sign-in", Some(asked.clone()), Refusal(reason));
+                let refusal = checking.doorkeeper.refuse_unauthenticated(&desk, &loaded, client.ip(), "console sign-in", Some(&asked), reason);
                 Ok(Err(refusal.to_string()))
             }
         }
@@ -357,14 +405,11 @@ async fn sign_in(
     .await;
     let kind = match checked {
         Ok(Ok(Ok(kind))) => kind,
-        Ok(Ok(Err(reason))) => {
-            state.failures.failed(client.ip());
-            return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some(&reason)));
-        }
+        Ok(Ok(Err(reason))) => return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some(&reason))),
         Ok(Err(error)) => return server_error(error),
         Err(error) => return server_error(error),
     };
-    state.failures.succeeded(client.ip());
+    attempt.succeeded();
     let (Ok(id), Ok(csrf)) = (random_hex(), random_hex()) else { return server_error("no randomness for a session") };
     state.sessions.start(id.clone(), Session { authority: name, kind, csrf, last_seen: Instant::now(), answers: Vec::new(), next_answer: 1 });
     // Secure: browsers keep it from plain HTTP except on loopback, where
@@ -510,19 +555,18 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
         }
         Err(error) => return server_error(error),
     };
-    let (rows, audit_seq) = match read_bundle(kind, &bundle) {
+    let (rows, audit_seq, bytes) = match read_bundle(kind, &bundle, state.sessions.answer_bytes) {
         Ok(read) => read,
         Err(error) => return server_error(error.context("reading the answer's bundle back")),
     };
-    let answered = Arc::new(Answered { id: answer_id, kind, summary, from, to, rows, gaps, audit_seq, bundle });
-    {
-        let mut sessions = state.sessions();
-        let Some(session) = sessions.get_mut(&id) else { return refused(StatusCode::FORBIDDEN, "the session ended") };
-        session.answers.push(answered);
-        if session.answers.len() > MAX_ANSWERS {
-            let oldest = session.answers.remove(0);
-            let _ = std::fs::remove_dir_all(&oldest.bundle);
-        }
+    let (rows, shown) = match rows {
+        Some(rows) => (rows, true),
+        None => (if kind == Kind::Services { Rows::Services(Vec::new()) } else { Rows::Records(Vec::new()) }, false),
+    };
+    let bytes = if shown { bytes } else { 0 };
+    let answered = Arc::new(Answered { id: answer_id, kind, summary, from, to, rows, shown, gaps, audit_seq, bundle, bytes });
+    if !state.sessions.keep(&id, answered) {
+        return refused(StatusCode::FORBIDDEN, "the session ended");
     }
     Redirect::to(&format!("/console/answers/{answer_id}")).into_response()
 }
@@ -536,16 +580,24 @@ fn summary_of(ask: &Ask) -> String {
     }
 }
 
-/// The rows and the audit entry's number, from the bundle the desk wrote.
-fn read_bundle(kind: Kind, dir: &Path) -> anyhow::Result<(Rows, u64)> {
-    let ndjson = std::fs::read_to_string(dir.join("results.ndjson"))?;
-    let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
-    let rows = match kind {
-        Kind::Services => Rows::Services(lines.map(serde_json::from_str).collect::<Result<_, _>>()?),
-        Kind::Resolve | Kind::Accessed => Rows::Records(lines.map(serde_json::from_str).collect::<Result<_, _>>()?),
+/// The rows (none when they are larger than `max_bytes`: the page then
+/// offers the downloads only), the audit entry's number and the rows' size,
+/// from the bundle the desk wrote.
+fn read_bundle(kind: Kind, dir: &Path, max_bytes: usize) -> anyhow::Result<(Option<Rows>, u64, usize)> {
+    let results = dir.join("results.ndjson");
+    let size = usize::try_from(std::fs::metadata(&results)?.len()).unwrap_or(usize::MAX);
+    let rows = if size > max_bytes {
+        None
+    } else {
+        let ndjson = std::fs::read_to_string(&results)?;
+        let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
+        Some(match kind {
+            Kind::Services => Rows::Services(lines.map(serde_json::from_str).collect::<Result<_, _>>()?),
+            Kind::Resolve | Kind::Accessed => Rows::Records(lines.map(serde_json::from_str).collect::<Result<_, _>>()?),
+        })
     };
     let entry: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("audit-entry.json"))?)?;
-    Ok((rows, entry["seq"].as_u64().unwrap_or_default()))
+    Ok((rows, entry["seq"].as_u64().unwrap_or_default(), size))
 }
 
 /// A session's answer by its number.
@@ -559,7 +611,13 @@ fn answer_of(state: &ConsoleState, headers: &HeaderMap, id: u64) -> Result<(Arc<
     Ok((answer, session.authority.clone(), session.csrf.clone(), session.kind == AuthorityKind::Auditor))
 }
 
-async fn answer_page(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(id): UrlPath<u64>) -> Response {
+/// `?page=N` of an answer.
+#[derive(Deserialize)]
+struct Page {
+    page: Option<usize>,
+}
+
+async fn answer_page(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(id): UrlPath<u64>, Query(page): Query<Page>) -> Response {
     let (answered, authority, csrf, auditor) = match answer_of(&state, &headers, id) {
         Ok(found) => found,
         Err(response) => return *response,
@@ -569,7 +627,7 @@ async fn answer_page(State(state): State<ConsoleState>, headers: HeaderMap, UrlP
         Rows::Services(rows) => timeline::of_services(rows, answered.from, answered.to, &answered.gaps),
     };
     let signed = Signed { authority: &authority, csrf: &csrf, auditor };
-    html(StatusCode::OK, pages::answer(&signed, &answered, timeline))
+    html(StatusCode::OK, pages::answer(&signed, &answered, timeline, page.page.unwrap_or(1)))
 }
 
 async fn download(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath((id, file)): UrlPath<(u64, String)>) -> Response {
@@ -741,9 +799,11 @@ mod tests {
             from: Utc::now(),
             to: Utc::now(),
             rows: Rows::Services(Vec::new()),
+            shown: true,
             gaps: Vec::new(),
             audit_seq: 1,
             bundle: bundle.to_path_buf(),
+            bytes: 1000,
         };
         Session {
             authority: "met-police".into(),
@@ -760,7 +820,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bundle = dir.path().join("b1");
         std::fs::create_dir(&bundle).unwrap();
-        let sessions = Sessions { idle: Duration::from_secs(600), map: Mutex::default() };
+        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 8, answer_bytes: 1 << 20, map: Mutex::default() };
         sessions.start("s1".into(), session(&bundle));
         assert!(sessions.alive("s1"));
         assert!(!sessions.alive("s2"), "an unknown session");
@@ -772,18 +832,46 @@ mod tests {
     }
 
     #[test]
-    fn past_the_limit_the_idlest_session_ends() {
+    fn past_its_limit_an_authority_ends_its_own_idlest_session_never_anothers() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = Sessions { idle: Duration::from_secs(600), map: Mutex::default() };
-        for index in 0..MAX_SESSIONS {
+        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 1 << 20, map: Mutex::default() };
+        let mut other = session(&dir.path().join("other"));
+        other.authority = "nca".into();
+        other.last_seen = Instant::now() - Duration::from_secs(590);
+        sessions.start("other".into(), other);
+        for index in 0..64 {
             let mut session = session(&dir.path().join(format!("b{index}")));
-            session.last_seen = Instant::now() - Duration::from_secs(if index == 7 { 500 } else { 10 });
+            session.last_seen = Instant::now() - Duration::from_secs(if index == 2 { 500 } else { 10 });
             sessions.start(format!("s{index}"), session);
         }
-        sessions.start("new".into(), session(&dir.path().join("new")));
         let sessions = sessions.lock();
-        assert_eq!(sessions.len(), MAX_SESSIONS);
-        assert!(!sessions.contains_key("s7") && sessions.contains_key("new"));
+        assert_eq!(sessions.len(), 5, "four of met-police's, and nca's");
+        assert!(sessions.contains_key("other"), "the idlest session of all is another authority's: kept");
+        assert!(sessions.contains_key("s63") && !sessions.contains_key("s2"));
+    }
+
+    #[test]
+    fn a_session_keeps_answers_up_to_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 2500, map: Mutex::default() };
+        let first = dir.path().join("first");
+        std::fs::create_dir(&first).unwrap();
+        sessions.start("s".into(), session(&first));
+        let answer = |id, bytes| {
+            let mut answered = Arc::into_inner(session(&dir.path().join(format!("a{id}"))).answers.remove(0)).unwrap();
+            (answered.id, answered.bytes) = (id, bytes);
+            Arc::new(answered)
+        };
+        assert!(sessions.keep("s", answer(2, 1000)));
+        assert_eq!(sessions.lock()["s"].answers.len(), 2);
+        assert!(sessions.keep("s", answer(3, 1000)));
+        let ids: Vec<u64> = sessions.lock()["s"].answers.iter().map(|a| a.id).collect();
+        assert_eq!(ids, [2, 3], "the oldest dropped past 2500 bytes");
+        assert!(!first.exists(), "with its bundle");
+        assert!(sessions.keep("s", answer(4, 10_000)));
+        let ids: Vec<u64> = sessions.lock()["s"].answers.iter().map(|a| a.id).collect();
+        assert_eq!(ids, [4], "the newest is kept, whatever its size");
+        assert!(!sessions.keep("gone", answer(5, 1)));
     }
 
     #[test]

@@ -131,12 +131,23 @@ pub fn ask(signed: &Signed, kind: Kind, given: &std::collections::HashMap<String
 }
 
 /// An answer: its gaps first, the timeline, the table, the downloads.
-pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup {
+/// Rows a page of an answer's table shows.
+pub const PAGE_ROWS: usize = 250;
+
+/// Page `page` (from 1) of an answer: its table shows [`PAGE_ROWS`] rows.
+pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup, page_number: usize) -> Markup {
     let base = format!("/console/answers/{}", answered.id);
+    let total = answered.rows.len();
+    let pages = total.div_ceil(PAGE_ROWS).max(1);
+    let page_number = page_number.clamp(1, pages);
+    let shown = (page_number - 1) * PAGE_ROWS..(page_number * PAGE_ROWS).min(total);
     page("Answer", Some(signed), html! {
         h1 { (answered.kind.title()) }
         p #summary { (answered.summary) }
-        p { "Audit entry " strong #audit-seq { (answered.audit_seq) } ". " span #count { (answered.rows.len()) } " rows." }
+        p {
+            "Audit entry " strong #audit-seq { (answered.audit_seq) } ". "
+            @if answered.shown { span #count { (answered.rows.len()) } " rows." } @else { "Too many rows to show here." }
+        }
         @if answered.gaps.is_empty() {
             p.nogaps #gaps { "No capture gaps in this window." }
         } @else {
@@ -160,12 +171,26 @@ pub fn answer(signed: &Signed, answered: &Answered, timeline: Markup) -> Markup 
             }
             a #download-bundle href={(base) "/bundle.zip"} { "Disclosure bundle (zip)" }
         }
+        @if !answered.shown {
+            p.refusal #too-large { "This answer is larger than the console keeps for a session: download it." }
+        }
         label for="filter" { "Filter: " }
         input #filter type="search" placeholder="any text in a row";
-        " " span #shown { (answered.rows.len()) } " shown"
+        " " span #shown { (shown.len()) } " shown"
+        @if pages > 1 {
+            nav.pages #pages {
+                "Rows " (shown.start + 1) " to " (shown.end) " of " (total) ", page " span #page { (page_number) } " of " (pages) ". "
+                @if page_number > 1 {
+                    a #page-previous href={(base) "?page=" (page_number - 1)} { "Previous" } " "
+                }
+                @if page_number < pages {
+                    a #page-next href={(base) "?page=" (page_number + 1)} { "Next" }
+                }
+            }
+        }
         @match &answered.rows {
-            Rows::Records(records) => (records_table(records)),
-            Rows::Services(services) => (services_table(services)),
+            Rows::Records(records) => (records_table(&records[shown.clone()])),
+            Rows::Services(services) => (services_table(&services[shown.clone()])),
         }
     })
 }
@@ -270,4 +295,41 @@ pub fn refused(reason: &str) -> Markup {
         p.refusal #refusal { (reason) }
         p { a href="/console" { "Sign in" } }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    #[test]
+    fn an_answers_table_pages() {
+        let answered = Answered {
+            id: 7,
+            kind: super::super::Kind::Accessed,
+            summary: String::new(),
+            from: Utc::now(),
+            to: Utc::now(),
+            rows: Rows::Records(crate::store::test_records::samples(600)),
+            shown: true,
+            gaps: Vec::new(),
+            audit_seq: 1,
+            bundle: "/nonexistent".into(),
+            bytes: 0,
+        };
+        let signed = Signed { authority: "met", csrf: "c", auditor: false };
+        let rows_on = |page_number| {
+            let page = answer(&signed, &answered, html! {}, page_number).into_string();
+            let body = page.split("<tbody>").nth(1).unwrap().split("</tbody>").next().unwrap().to_string();
+            (body.matches("<tr>").count(), page)
+        };
+        let (rows, page) = rows_on(1);
+        assert_eq!(rows, PAGE_ROWS);
+        assert!(page.contains(r#"href="/console/answers/7?page=2""#) && !page.contains("page=0"), "a next link only");
+        let (rows, page) = rows_on(3);
+        assert_eq!(rows, 600 - 2 * PAGE_ROWS, "the rest");
+        assert!(page.contains("Rows 501 to 600 of 600") && page.contains("?page=2") && !page.contains("?page=4"));
+        assert_eq!(rows_on(99).0, 100, "past the last page: the last");
+        assert_eq!(rows_on(0).0, PAGE_ROWS, "before the first: the first");
+    }
 }

@@ -56,7 +56,19 @@ pub fn of_services(services: &[ServiceRow], from: DateTime<Utc>, to: DateTime<Ut
     draw(&rows, from, to, gaps)
 }
 
+/// The span the timeline draws: the answer's own, from its first mark to
+/// its last with a margin, within the window asked (a day's window with a
+/// minute of connections would draw them as one dot).
+fn zoom(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let marks = || rows.iter().flat_map(|row| row.marks.iter());
+    let (Some(first), Some(last)) = (marks().map(|m| m.0).min(), marks().map(|m| m.1.max(m.0)).max()) else { return (from, to) };
+    let margin = ((last - first) / 20).max(chrono::Duration::seconds(1));
+    let (start, end) = ((first - margin).max(from), (last + margin).min(to));
+    if start < end { (start, end) } else { (from, to) }
+}
+
 fn draw(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> Markup {
+    let (from, to) = zoom(rows, from, to);
     let shown = &rows[..rows.len().min(MAX_ROWS)];
     let height = AXIS + ROW * shown.len().max(1) as f64 + 4.0;
     let span = (to - from).num_milliseconds().max(1) as f64;
@@ -124,5 +136,22 @@ mod tests {
         let radii: Vec<f64> = svg.match_indices(" r=\"").map(|(i, _)| svg[i + 4..].split('"').next().unwrap().parse().unwrap()).collect();
         assert!(radii[2] > radii[0] && radii[0] > radii[1], "area follows bytes: {radii:?}");
         assert!(!svg.contains("style="), "no inline style: the CSP forbids it");
+    }
+
+    #[test]
+    fn the_timeline_zooms_to_the_answers_own_span() {
+        let mut record = crate::store::test_records::sample(1);
+        (record.start, record.end) = (at(3_600), at(3_605));
+        let mut later = record.clone();
+        (later.start, later.end) = (at(3_700), at(3_710));
+        // Asked over a day; the connections are within two minutes of it.
+        let svg = of_records(&[record, later], at(0), at(86_400), &[]).into_string();
+        let xs: Vec<f64> = svg.match_indices(" cx=\"").map(|(i, _)| svg[i + 5..].split('"').next().unwrap().parse().unwrap()).collect();
+        assert_eq!(xs.len(), 2);
+        assert!(xs[1] - xs[0] > (WIDTH - LABEL) / 2.0, "the two connections drawn apart: {xs:?}");
+        // Gaps outside the span are drawn at its edges, not past them.
+        let gap = Gap { from: at(0), to: at(10), kind: LossKind::EventBufferFull, count: 1, place: "cpu 0".into() };
+        let svg = of_records(&[], at(0), at(86_400), std::slice::from_ref(&gap)).into_string();
+        assert!(svg.contains("class=\"gap\""), "no rows: the whole window, its gaps shown");
     }
 }
