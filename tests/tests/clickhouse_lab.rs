@@ -411,7 +411,8 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     let post = || {
         cluster.exec(Command::new("curl").args([
             "-s", "--max-time", "20", "-w", "\n%{http_code}", "-H", "ICR-Authority: lab-police", "-H",
-            &format!("Authorization: Bearer {TOKEN}"), "--data-binary", &body, &format!("http://{CENTRAL_HTTP}/v1/query/resolve"),
+            &format!("Authorization: Bearer {TOKEN}"), "-H", "Content-Type: application/json", "--data-binary", &body,
+            &format!("http://{CENTRAL_HTTP}/v1/query/resolve"),
         ]))
         .unwrap()
     };
