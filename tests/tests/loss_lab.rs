@@ -392,3 +392,58 @@ fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_
     assert!(waits > 0, "the agent waited for the writer, and says so: {gaps:#?}\n{context}");
     assert!(lines.iter().any(|l| l.contains("store writer queue")), "{lines:?}");
 }
+
+/// The agent is killed while closed flows' records wait for a full disk:
+/// their kernel entries were never deleted, so the next agent finds them in
+/// the pinned table and records them. Before, the closed flows left the
+/// kernel as they closed, and a kill lost their records.
+#[test]
+fn a_kill_while_records_wait_for_the_disk_loses_no_closed_flow() {
+    let lab = Lab::start(1).expect("building the lab");
+    let bpffs = icr_lab::Bpffs::mount(lab.dir.join("bpffs"));
+    let disk = SmallDisk::mount(lab.dir.join("disk"), "64m");
+    let db = disk.0.join("db");
+    write_config_with(&db, 65536, "");
+    let config = std::fs::read_to_string(db.join("icr.toml")).unwrap();
+    let pinned = config.replacen("[probe]\n", &format!("[probe]\npin_dir = \"{}\"\n", bpffs.0.join("icr").display()), 1);
+    std::fs::write(db.join("icr.toml"), pinned).unwrap();
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let client = &lab.clients[0];
+    let first = lab.exchange(client, 1_000, 1_000).expect("an exchange before");
+    wait_for(patience(Duration::from_secs(15)), "the first record stored", || Ok(metric(&lab, "records_stored_total") >= 1))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+
+    disk.fill();
+    let full_since = Utc::now();
+    let mut ports = vec![first];
+    for round in 0..3u16 {
+        ports.push(lab.exchange(client, 2_000, 2_000).expect("an exchange while the disk is full"));
+        burst(&lab, 40_000 + round * 200, 200);
+    }
+    // Closed (tcp_closed 1 s, udp_idle 2 s) and waiting for the disk.
+    wait_for(patience(Duration::from_secs(20)), "failed writes", || Ok(metric(&lab, "store_write_errors_total") > 0))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.log_text(), df(&disk)));
+    std::thread::sleep(Duration::from_secs(4));
+    let held = metric(&lab, "records_stored_total");
+    agent.kill().expect("kill -9");
+
+    disk.free();
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("restarting the agent");
+    std::thread::sleep(Duration::from_secs(4));
+    let log = agent.stop().expect("the agent stops cleanly");
+    let context = format!("{held} records were stored before the kill\n{log}\n{}", df(&disk));
+
+    let (records, _) = list(&db, full_since - chrono::Duration::seconds(60), Utc::now());
+    for port in &ports {
+        let n = records.iter().filter(|r| is_exchange(r, *port)).count();
+        assert_eq!(n, 1, "exchange from port {port}: one record (none lost to the kill, none doubled)\n{context}");
+    }
+    let mut burst_ports: Vec<u64> =
+        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    let burst_records = burst_ports.len();
+    burst_ports.sort_unstable();
+    burst_ports.dedup();
+    assert_eq!((burst_records, burst_ports.len()), (600, 600), "every burst flow stored once\n{context}");
+    let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(&db).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+}

@@ -49,6 +49,10 @@ struct Cached {
 const SECOND_NS: u64 = 1_000_000_000;
 /// An answer names connections for its TTL, and never longer than this.
 pub const MAX_HOLD_NS: u64 = 3_600 * SECOND_NS;
+/// ...but at least this long: an application connects right after its
+/// answer, and a TTL of 0 (dnsmasq's local names, some load balancers)
+/// only means "do not cache", not "do not use".
+pub const MIN_HOLD_NS: u64 = 10 * SECOND_NS;
 /// Clocks of answer and connection may differ by this much (events of
 /// different CPUs).
 const SKEW_NS: u64 = SECOND_NS;
@@ -63,7 +67,7 @@ impl DnsCache {
         let entries = self.by_device.entry(device).or_default();
         for answer in &message.answers {
             let Some(ip) = answer.ip else { continue };
-            let hold = (u64::from(answer.ttl) * SECOND_NS).min(MAX_HOLD_NS);
+            let hold = (u64::from(answer.ttl) * SECOND_NS).clamp(MIN_HOLD_NS, MAX_HOLD_NS);
             let known = entries.contains_key(&ip);
             if !known && (entries.len() >= MAX_PER_DEVICE || self.entries >= MAX_ENTRIES) {
                 continue;
@@ -135,6 +139,10 @@ mod tests {
         assert!(cache.lookup(device(0xa, "192.168.50.12"), web, 12 * SEC).is_none(), "same address, another MAC");
         assert!(cache.lookup(device(0xb, "192.168.50.13"), web, 12 * SEC).is_none(), "same MAC, another address");
 
+        // A TTL of 0 is used at once, not later.
+        cache.insert(b, &answer(0), 500 * SEC, resolver);
+        assert!(cache.lookup(b, web, 500 * SEC + 1).is_some(), "connected right after its answer");
+        assert!(cache.lookup(b, web, 511 * SEC).is_none());
         // A day's TTL is held for an hour.
         cache.insert(b, &answer(86_400), 1_000 * SEC, resolver);
         assert!(cache.lookup(b, web, (1_000 + 3_599) * SEC).is_some());
