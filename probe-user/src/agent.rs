@@ -251,6 +251,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     s.flows_adopted = assembler.adopted;
                     s.local_flows = assembler.local_flows;
                     s.gateway_flows = assembler.gateway_flows;
+                    s.orphans = assembler.orphans;
                     s.dns_answers = assembler.dns_answers;
                     s.events_lost_userspace = assembler.events_lost;
                     s.nat_mappings = nat.len() as u64;
