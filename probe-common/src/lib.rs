@@ -233,7 +233,13 @@ pub mod counter {
     pub const FRAGMENTS: u32 = 7;
     /// Hint events sent (payload for service names).
     pub const HINTS_SENT: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// TCP packets without SYN that arrived on the WAN side for no flow the
+    /// table holds: a late packet of a connection already closed (a
+    /// retransmitted FIN or RST, a stray ACK), or one begun before the probe
+    /// was loaded. They create no flow: every connection of a device opens
+    /// with a SYN from the LAN, an inbound one with a SYN from the WAN.
+    pub const WAN_STRAYS: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Names for logs and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -246,6 +252,7 @@ pub mod counter {
         "events_sent",
         "fragments",
         "hints_sent",
+        "wan_strays",
     ];
 }
 

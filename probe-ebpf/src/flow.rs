@@ -32,6 +32,10 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
         update(ctx, &key, value, packet, dir, role, events, mid_flow_clock);
         return;
     }
+    if is_wan_stray(packet, role) {
+        maps::count(counter::WAN_STRAYS);
+        return;
+    }
     // A flow's start is always precise: question 1 matches on it.
     let now = maps::now_ns(MidFlowClock::Precise);
 
@@ -185,6 +189,19 @@ fn first_side<const SIDE: usize>(value: &mut FlowValue, packet: &Packet, role: u
     if hint {
         value.hint_bytes[SIDE] = packet.payload_len;
     }
+}
+
+/// A TCP packet on the WAN side that opens nothing: without SYN, it belongs
+/// to a connection the table no longer (or never) held. Made a flow, a late
+/// FIN or ACK of a connection already written became a second record with
+/// the remote end as its "device". A device's connection opens from the LAN
+/// (where a packet without SYN still makes a flow: a connection the probe
+/// joined mid-way, at its first load), an inbound one with a SYN from the WAN.
+/// (A non-first fragment, without ports or flags, keeps its 3-tuple flow.)
+#[inline(always)]
+fn is_wan_stray(packet: &Packet, role: u8) -> bool {
+    let fragment = packet.src_port == 0 && packet.dst_port == 0;
+    role == roles::WAN && packet.proto == ip_proto::TCP && packet.tcp_flags & tcp_flags::SYN == 0 && !fragment
 }
 
 #[inline(always)]

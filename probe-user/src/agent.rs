@@ -21,7 +21,7 @@ use crate::{
     capture::clock::{Clock, monotonic_ns},
     config::Config,
     capture::events,
-    capture::flow::Assembler,
+    capture::flow::{Assembler, nanos},
     icr::{EndReason, Icr},
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
@@ -39,8 +39,6 @@ const TICK: Duration = Duration::from_secs(1);
 const STATS_EVERY: Duration = Duration::from_secs(60);
 /// How often retention is applied while running.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
-/// How long destroyed NAT mappings are kept for flows still closing.
-const NAT_GRACE: Duration = Duration::from_secs(600);
 /// Events waiting between the event readers and the assembler.
 const EVENT_QUEUE: usize = 1 << 16;
 /// How long the writer waits before retrying a failed write (a full disk).
@@ -128,7 +126,7 @@ impl Drop for ServiceRuntime {
 pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts()?;
-    let store = Store::open(&db)?;
+    let store = Store::open_with_cache(&db, config.store.cache_mb << 20)?;
     store.set_retention_days(config.retention_days);
     let snapshot = crate::serve::metrics::Shared::default();
     let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
@@ -183,7 +181,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // earlier losses are not this agent's open flows').
     let mut kernel_events_lost = probe.counters().map(|c| c.get(counter::EVENTS_LOST)).unwrap_or(0);
 
-    let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected);
+    let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
+    let nat_grace = nanos(timeouts.nat_grace());
     let mut nat = NatTable::default();
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -224,7 +223,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     kernel_events_lost = lost;
                 }
                 assembler.tick(now, &mut probe, &nat)?;
-                nat.forget(now.saturating_sub(NAT_GRACE.as_nanos() as u64));
+                nat.forget(now.saturating_sub(nat_grace));
                 // Leases change at any time: the directory re-reads what
                 // changed (a stat per source) before records are named.
                 if let Err(error) = directory.refresh(Utc::now()) {
@@ -263,6 +262,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     s.flows_adopted = assembler.adopted;
                     s.local_flows = assembler.local_flows;
                     s.gateway_flows = assembler.gateway_flows;
+                    s.orphans = assembler.orphans;
                     s.dns_answers = assembler.dns_answers;
                     s.events_lost_userspace = assembler.events_lost;
                     s.nat_mappings = nat.len() as u64;

@@ -136,12 +136,20 @@ pub struct StoreSection {
     /// gap). More tolerates longer stalls at the cost of memory.
     #[serde(default = "default_write_queue")]
     pub write_queue: usize,
+    /// MiB of the store's index and blocks the agent keeps in memory (sled's
+    /// page cache): its resident memory grows to about this much, then stays.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
-        Self { write_queue: default_write_queue() }
+        Self { write_queue: default_write_queue(), cache_mb: default_cache_mb() }
     }
+}
+
+fn default_cache_mb() -> u64 {
+    crate::store::DEFAULT_CACHE_MB
 }
 
 fn default_write_queue() -> usize {
@@ -231,6 +239,10 @@ pub struct ProbeSection {
     /// to 1 GiB): how long a burst it absorbs while the agent is busy.
     #[serde(default = "default_event_ring_bytes")]
     pub event_ring_bytes: u32,
+    /// DNS answers held to name the connections that follow them, all
+    /// devices together (about 150 bytes each).
+    #[serde(default = "default_dns_cache_entries")]
+    pub dns_cache_entries: usize,
 }
 
 impl Default for ProbeSection {
@@ -240,8 +252,13 @@ impl Default for ProbeSection {
             pin_dir: None,
             events: None,
             event_ring_bytes: default_event_ring_bytes(),
+            dns_cache_entries: default_dns_cache_entries(),
         }
     }
+}
+
+fn default_dns_cache_entries() -> usize {
+    crate::capture::hints::answers::DEFAULT_MAX_ENTRIES
 }
 
 fn default_event_ring_bytes() -> u32 {
@@ -429,6 +446,9 @@ impl Config {
         if !(1..=86_400).contains(&self.store.write_queue) {
             bail!("[store] write_queue = {} must be between 1 and 86400 (ticks of records)", self.store.write_queue);
         }
+        if !(1..=1 << 20).contains(&self.store.cache_mb) {
+            bail!("[store] cache_mb = {} must be between 1 and 1048576 (MiB)", self.store.cache_mb);
+        }
         self.flow_timeouts()?;
         if let Some(clickhouse) = &self.clickhouse {
             clickhouse.validate()?;
@@ -516,6 +536,15 @@ mod tests {
         let timeouts = config.flow_timeouts().unwrap();
         assert_eq!(timeouts.tcp_idle, Duration::from_secs(120));
         assert_eq!(timeouts.active, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn memory_bounds_are_configurable_for_a_small_gateway() {
+        let config = Config::default();
+        assert_eq!((config.store.cache_mb, config.probe.dns_cache_entries), (64, 1 << 16));
+        let config = Config::parse("[store]\ncache_mb = 8\n[probe]\ndns_cache_entries = 4096").unwrap();
+        assert_eq!((config.store.cache_mb, config.probe.dns_cache_entries), (8, 4096));
+        assert!(refusal("[store]\ncache_mb = 0").contains("cache_mb"));
     }
 
     fn refusal(text: &str) -> String {

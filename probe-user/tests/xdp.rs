@@ -307,6 +307,37 @@ fn a_full_flow_table_is_counted_not_evicted() {
     assert_eq!(h.events().len(), 2);
 }
 
+#[test]
+fn a_late_wan_packet_of_no_known_flow_makes_no_flow_and_is_counted() {
+    let mut h = Harness::new();
+    // The server's retransmitted FIN, a stray ACK and a RST, to the public
+    // address, after the connection was written and its entries removed.
+    let from_server = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
+    for flags in [tcp_flags::FIN | tcp_flags::ACK, tcp_flags::ACK, tcp_flags::RST] {
+        h.run(role::WAN, &tcp_frame(&from_server, flags, &[], GATEWAY_MAC));
+    }
+    assert!(h.flow(&from_server).is_none(), "a late packet opens nothing");
+    assert!(h.events().is_empty());
+    assert_eq!(h.counter(counter::WAN_STRAYS), 3);
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 0);
+
+    // A SYN from the WAN (an inbound connection) and its SYN-ACK to a
+    // device's SYN still open flows.
+    let inbound = Tuple { src_port: 40000, dst_port: 22, ..from_server };
+    h.run(role::WAN, &tcp_frame(&inbound, tcp_flags::SYN, &[], GATEWAY_MAC));
+    h.run(role::WAN, &tcp_frame(&from_server, tcp_flags::SYN | tcp_flags::ACK, &[], GATEWAY_MAC));
+    assert!(h.flow(&inbound).is_some() && h.flow(&from_server).is_some());
+    // And the packets after them are counted in those flows, not as strays.
+    h.run(role::WAN, &tcp_frame(&from_server, tcp_flags::FIN | tcp_flags::ACK, &[], GATEWAY_MAC));
+    assert_eq!(h.flow(&from_server).unwrap().0.packets.iter().sum::<u64>(), 2);
+    // On the LAN a packet without SYN still opens a flow: a connection the
+    // probe joins mid-way, at its first load.
+    h.run(role::LAN, &tcp_frame(&client(), tcp_flags::ACK, &[], DEVICE_MAC));
+    assert!(h.flow(&client()).is_some());
+    assert_eq!(h.counter(counter::WAN_STRAYS), 3);
+    assert_eq!(h.counter(counter::FLOWS_CREATED), 3);
+}
+
 /// The kernel's CLOCK_MONOTONIC, which the probe's clocks read.
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -48,6 +48,17 @@ pub struct Timeouts {
     pub full_sweep: Duration,
 }
 
+impl Timeouts {
+    /// How long a destroyed NAT mapping is kept: conntrack destroys a
+    /// mapping no earlier than its connection's last packet, and a flow
+    /// closes within its idle timeout of that packet (a minute's margin for
+    /// a busy agent). Held longer, mappings are only memory: at 130
+    /// connections a second, some 150 bytes each per second held.
+    pub fn nat_grace(&self) -> Duration {
+        self.tcp_idle.max(self.udp_idle).max(self.tcp_closed) + Duration::from_secs(60)
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
@@ -177,6 +188,8 @@ pub struct Assembler {
     /// The gateway's own connections (its resolver's queries upstream,
     /// NTP): no device's, closed without a record.
     pub gateway_flows: u64,
+    /// WAN halves no device's connection could take: closed without a record.
+    pub orphans: OrphanCounts,
     ids: RecordIds,
 }
 
@@ -202,7 +215,15 @@ impl Assembler {
             events_lost: 0,
             local_flows: 0,
             gateway_flows: 0,
+            orphans: OrphanCounts::default(),
         }
+    }
+
+    /// Bounds the DNS answers held to name later connections (see
+    /// [`DnsCache::with_max_entries`]).
+    pub fn with_dns_cache_entries(mut self, max_entries: usize) -> Self {
+        self.dns_cache = DnsCache::with_max_entries(max_entries);
+        self
     }
 
     /// Flows the assembler is following.
@@ -446,11 +467,16 @@ impl Assembler {
             if grace_ns > 0 && table.get(&key)?.is_some_and(|value| now_ns.saturating_sub(value.first_ns) < grace_ns) {
                 continue;
             }
-            self.adopted += 1;
-            self.known.insert(key, Known { adopted: true, ..Known::default() });
-            self.schedule(key, now_ns);
+            self.adopt(key, now_ns);
         }
         Ok(())
+    }
+
+    /// Follows a kernel flow the agent has no start event of.
+    fn adopt(&mut self, key: FlowKey, now_ns: u64) {
+        self.adopted += 1;
+        self.known.insert(key, Known { adopted: true, ..Known::default() });
+        self.schedule(key, now_ns);
     }
 
     /// Looks at one flow: closes it, slices it, or schedules its next check.
@@ -473,10 +499,18 @@ impl Assembler {
         // Seen on the WAN side only, and conntrack has it untranslated: a
         // connection of the gateway's own, which no device made.
         let mut gateways_own = false;
+        // Seen on the WAN side only, and no device's connection it can join:
+        // closed without a record (see `Orphan`).
+        let mut orphan = None;
         if is_wan_only(&value) {
-            match self.join_wan(&key, &value, nat) {
+            match wan_mapping(&key, nat).map(|mapping| mapping.original.key().0) {
                 Some(lan_key) if lan_key == key => gateways_own = true,
                 Some(lan_key) => {
+                    // A LAN half the agent was not told of (its start event
+                    // lost, no sweep since): follow it now, so it reports this one.
+                    if !self.known.contains_key(&lan_key) && table.get(&lan_key)?.is_some() {
+                        self.adopt(lan_key, now_ns);
+                    }
                     // Its LAN flow reports it; only a forced close without one reaches below.
                     self.known.entry(key).or_default().joined_to = Some(lan_key);
                     if self.known.contains_key(&lan_key) {
@@ -486,7 +520,19 @@ impl Assembler {
                         }
                         return Ok(());
                     }
+                    // Its LAN half was written and removed. A TCP half
+                    // that did not open with the connection holds only what
+                    // came after it (a late FIN, RST or ACK); a datagram
+                    // after the LAN half idled out is the mapping's own
+                    // traffic, recorded as a slice of its device's.
+                    if Proto::from(key.proto) == Proto::Tcp && value.first_tcp_flags & tcp_flags::SYN == 0 {
+                        orphan = Some(Orphan::LateHalf);
+                    }
                 }
+                // No mapping names a device behind the NAT: an inbound
+                // packet conntrack never confirmed (a scan of the public
+                // address), or a half whose mapping is long gone.
+                None if self.nat_expected => orphan = Some(Orphan::Unmapped),
                 None => {}
             }
         }
@@ -515,6 +561,10 @@ impl Assembler {
         let ended = (Proto::from(key.proto) == Proto::Tcp).then(|| ended_by(flags)).flatten();
         let reason = match force {
             Some(forced) => Some(ended.unwrap_or(forced)),
+            // What came after its connection was written: nothing to wait for.
+            None if orphan == Some(Orphan::LateHalf) => {
+                close_reason(&self.timeouts, Proto::from(key.proto), tcp_flags::RST, last_ns, now_ns)
+            }
             None => close_reason(&self.timeouts, Proto::from(key.proto), flags, last_ns, now_ns),
         };
         let slice_start = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
@@ -529,6 +579,11 @@ impl Assembler {
                 );
                 if gateways_own {
                     self.gateway_flows += 1;
+                } else if let Some(orphan) = orphan {
+                    match orphan {
+                        Orphan::LateHalf => self.orphans.late_halves += 1,
+                        Orphan::Unmapped => self.orphans.unmapped += 1,
+                    }
                 } else {
                     let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
                     self.keep(record);
@@ -539,7 +594,7 @@ impl Assembler {
                 }
             }
             None if now_ns >= active_due => {
-                if !gateways_own {
+                if !gateways_own && orphan.is_none() {
                     let record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
                     self.keep(record);
                 }
@@ -593,15 +648,6 @@ impl Assembler {
         }
     }
 
-    /// The LAN flow a WAN-only flow belongs to, through its NAT mapping.
-    fn join_wan(&self, key: &FlowKey, value: &FlowValue, nat: &NatTable) -> Option<FlowKey> {
-        // On the WAN side the first packet usually comes from the remote end.
-        let inbound = Tuple::from_key(key, value.first_dir);
-        [inbound, inbound.reversed()]
-            .iter()
-            .find_map(|reply| nat.by_reply(reply))
-            .map(|mapping| mapping.original.key().0)
-    }
 
     fn record(
         &self,
@@ -690,6 +736,25 @@ impl Assembler {
     }
 }
 
+/// A half of a connection seen on the WAN side only that no device's
+/// connection can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Orphan {
+    /// A TCP half re-opened by a packet after its connection was written.
+    LateHalf,
+    /// No NAT mapping names a device for it.
+    Unmapped,
+}
+
+/// WAN halves closed without a record, by why (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrphanCounts {
+    /// Late packets of a TCP connection already written.
+    pub late_halves: u64,
+    /// Flows no NAT mapping joins to a device (unconfirmed inbound packets).
+    pub unmapped: u64,
+}
+
 /// A DNS response, and where it was seen.
 struct DnsAnswer {
     /// As it travelled: resolver → device (or → the device's public address).
@@ -734,6 +799,15 @@ struct FlowView<'a> {
 
 impl<'a> FlowView<'a> {
     fn new(key: &'a FlowKey, value: &'a FlowValue, nat: &'a NatTable, nat_expected: bool) -> Self {
+        // A WAN flow reported on its own: the device is behind the NAT and
+        // sends against the mapping's reply, whichever end sent the first
+        // packet the probe saw (a late FIN from the server is no device's).
+        if is_wan_only(value)
+            && let Some(mapping) = wan_mapping(key, nat)
+        {
+            let (_, reply_dir) = mapping.reply.key();
+            return Self { key, value, device_dir: 1 - reply_dir, device: mapping.original, mapping: Some(mapping), nat_expected };
+        }
         let device_dir = device_direction(value);
         let mut device = Tuple::from_key(key, device_dir);
         let mapping = nat.by_original(&device).or_else(|| nat.by_reply(&device.reversed()));
@@ -806,6 +880,12 @@ fn is_local_only(ip: IpAddr) -> bool {
     }
 }
 
+/// The NAT mapping whose reply direction (remote → public address) a WAN
+/// flow carries, whichever way its first packet went.
+fn wan_mapping<'a>(key: &FlowKey, nat: &'a NatTable) -> Option<&'a Mapping> {
+    [0, 1].into_iter().find_map(|dir| nat.by_reply(&Tuple::from_key(key, dir)))
+}
+
 fn is_wan_only(value: &FlowValue) -> bool {
     let roles = roles_of(value);
     roles.has(Role::Wan) && !roles.has(Role::Lan)
@@ -816,7 +896,7 @@ fn roles_of(value: &FlowValue) -> Roles {
     Roles::from_bits(value.roles[0]).union(Roles::from_bits(value.roles[1]))
 }
 
-fn nanos(duration: Duration) -> u64 {
+pub fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -1220,6 +1300,110 @@ mod tests {
         assembler.release(&closed, &mut table).unwrap();
         assert!(table.0.is_empty());
         assert_eq!(assembler.open_flows(), 0);
+    }
+
+    /// A NATed connection to 203.0.113.10:443 through 198.51.100.1:10007,
+    /// opened, exchanged and closed on both sides by 3 s; its mapping known.
+    fn nat_connection(table: &mut FakeTable, nat: &mut NatTable) -> (Tuple, Tuple) {
+        let up = device_tuple();
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
+        table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, SEC + 1000);
+        table.packet(up, 400, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 2 * SEC);
+        table.packet(reply, 900, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 3 * SEC);
+        table.packet(up, 52, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 3 * SEC);
+        (up, reply)
+    }
+
+    #[test]
+    fn a_late_wan_packet_after_the_connection_was_written_is_no_record() {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let (up, reply) = nat_connection(&mut table, &mut nat);
+        assembler.on_event(start_event(up.key().0, SEC), &nat);
+        assembler.on_event(start_event(reply.key().0, SEC + 1000), &nat);
+        assembler.on_event(end_event(up.key().0, 3 * SEC), &nat);
+        assembler.tick(10 * SEC, &mut table, &nat).unwrap();
+        assert_eq!(assembler.take_records().len(), 1, "the connection, written once");
+        assert!(table.0.is_empty());
+
+        // The server retransmits its FIN after both halves left the table
+        // (a probe older than this agent's let it make a flow).
+        let late = table.packet(reply, 52, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 11 * SEC);
+        assembler.on_event(start_event(late, 11 * SEC), &nat);
+        assembler.on_event(end_event(late, 11 * SEC), &nat);
+        // Past every timeout: whatever the assembler waits for has come.
+        assembler.tick(400 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert!(records.is_empty(), "a late packet is no second record: {records:#?}");
+        assert_eq!(assembler.orphans, OrphanCounts { late_halves: 1, unmapped: 0 });
+        assert!(table.0.is_empty(), "its entry leaves the table");
+        assert_eq!(assembler.open_flows(), 0);
+    }
+
+    #[test]
+    fn a_wan_half_on_its_own_never_names_the_remote_end_as_device() {
+        // A datagram from the server after the device's UDP flow idled out:
+        // the mapping's own traffic, recorded with the device behind the NAT.
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let up = Tuple { proto: Proto::Udp, ..device_tuple() };
+        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Udp };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
+        let key = table.packet(reply, 300, 0, role::WAN, SEC);
+        assembler.on_event(start_event(key, SEC), &nat);
+        assembler.tick(70 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!((r.device.ip, r.device.port), (Some(up.src), Some(up.src_port)), "the device behind the NAT");
+        assert_eq!(r.remote, Endpoint { ip: up.dst, port: up.dst_port });
+        assert_eq!(r.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }));
+        assert_eq!((r.packets_up, r.packets_down), (0, 1));
+        assert_eq!(r.device.mac, None, "no MAC but the device's own");
+
+        // An inbound SYN no mapping names (a scan of the public address,
+        // which conntrack never confirmed): no device, no record.
+        let scan = Tuple { src: ipv4(203, 0, 113, 66), src_port: 40000, dst: ipv4(198, 51, 100, 1), dst_port: 22, proto: Proto::Tcp };
+        let key = table.packet(scan, 60, tcp_flags::SYN, role::WAN, 100 * SEC);
+        assembler.on_event(start_event(key, 100 * SEC), &nat);
+        assembler.tick(500 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty());
+        assert_eq!(assembler.orphans, OrphanCounts { late_halves: 0, unmapped: 1 });
+        assert!(table.0.is_empty());
+    }
+
+    #[test]
+    fn a_wan_half_whose_lan_half_the_agent_missed_joins_it() {
+        // The LAN half's start event was lost and no sweep has run since:
+        // the WAN half's close finds it in the table and waits for it.
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let timeouts = Timeouts { full_sweep: Duration::from_secs(3600), ..Timeouts::default() };
+        let mut assembler = Assembler::new(timeouts, Clock::capture(), true);
+        assembler.tick(0, &mut table, &nat).unwrap();
+        let (up, reply) = nat_connection(&mut table, &mut nat);
+        assembler.on_event(start_event(reply.key().0, SEC + 1000), &nat);
+        assembler.on_event(end_event(reply.key().0, 3 * SEC), &nat);
+        assembler.tick(10 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1, "{records:#?}");
+        let r = &records[0];
+        assert_eq!(r.device.ip, Some(up.src));
+        assert_eq!(r.device.mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!((r.packets_up, r.packets_down), (3, 2), "both halves");
+        assert!(r.incomplete, "its start event was lost");
+        assert!(table.0.is_empty());
+    }
+
+    #[test]
+    fn destroyed_nat_mappings_are_kept_as_long_as_a_flow_may_still_close() {
+        assert_eq!(Timeouts::default().nat_grace(), Duration::from_secs(360));
+        let small = Timeouts { tcp_idle: Duration::from_secs(120), udp_idle: Duration::from_secs(30), ..Timeouts::default() };
+        assert_eq!(small.nat_grace(), Duration::from_secs(180));
     }
 
     #[test]

@@ -404,7 +404,12 @@ impl Probe {
     pub fn counters(&self) -> Result<Counters> {
         let mut totals = [0u64; counter::COUNT as usize];
         for (index, total) in totals.iter_mut().enumerate() {
-            let per_cpu = self.counters.get(&(index as u32), 0).context("reading COUNTERS")?;
+            let per_cpu = match self.counters.get(&(index as u32), 0) {
+                Ok(per_cpu) => per_cpu,
+                // A counter newer than the pinned map of the probe adopted: 0.
+                Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
+                Err(error) => return Err(error).context("reading COUNTERS"),
+            };
             *total = per_cpu.iter().sum();
         }
         Ok(Counters(totals))

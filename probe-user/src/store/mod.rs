@@ -50,6 +50,8 @@ use wal::{Damage, DamageKind, Wal};
 /// point where compression stops improving). The unit tests use small blocks
 /// to reach sealed blocks and built runs with a few thousand records.
 pub const BLOCK_RECORDS: usize = 4096;
+/// sled's page cache, in MiB, unless `[store] cache_mb` says otherwise.
+pub const DEFAULT_CACHE_MB: u64 = 64;
 const DAY_PREFIX: &str = "day/";
 /// Gap entries ([`gaps`]), beside the days: a gap may span midnight.
 const GAPS_TREE: &str = "gaps";
@@ -299,6 +301,16 @@ impl Store {
     /// As [`Store::open`] (or read-only), sealing blocks of `block_records`
     /// (tests: many blocks from few records).
     pub fn open_with(dir: &Path, read_only: bool, block_records: usize) -> Result<Self, OpenError> {
+        Self::open_inner(dir, read_only, block_records, DEFAULT_CACHE_MB << 20)
+    }
+
+    /// As [`Store::open`], keeping at most `cache_bytes` of the store in
+    /// memory (the agent's `[store] cache_mb`).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, OpenError> {
+        Self::open_inner(dir, false, BLOCK_RECORDS, cache_bytes)
+    }
+
+    fn open_inner(dir: &Path, read_only: bool, block_records: usize, cache_bytes: u64) -> Result<Self, OpenError> {
         if block_records == 0 {
             return Err(anyhow::anyhow!("a block holds at least one record").into());
         }
@@ -309,7 +321,7 @@ impl Store {
         let path = dir.join("records");
         // sled locks its files too, but says so only in an error's text.
         let lock = lock_store(dir)?;
-        let db = open_sled(&path)?;
+        let db = open_sled(&path, cache_bytes)?;
         migrate::to_current_layout(&db, &path)?;
         let wal_dir = dir.join("open-blocks");
         std::fs::create_dir_all(&wal_dir).with_context(|| format!("creating {}", wal_dir.display()))?;
@@ -983,10 +995,10 @@ fn day_name(date: NaiveDate) -> String {
 /// Opens sled's database under the store's lock. sled's own file lock
 /// outlives a close in this process by a moment (its flusher thread), so an
 /// I/O error is tried again briefly: no other process can hold the store.
-fn open_sled(path: &Path) -> Result<sled::Db> {
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match sled::Config::new().path(path).cache_capacity(64 << 20).open() {
+        match sled::Config::new().path(path).cache_capacity(cache_bytes).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(_)) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));

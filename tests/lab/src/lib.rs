@@ -636,6 +636,20 @@ impl Agent {
 
     /// SIGSTOP: the agent stops reading while the kernel side goes on (a
     /// descheduled or stuck agent); [`Agent::resume`] continues it.
+    /// The agent's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let status = fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("no VmRSS in the agent's status")?
+            .parse()
+            .context("VmRSS")
+    }
+
     pub fn pause(&self) -> Result<()> {
         self.signal(libc::SIGSTOP)
     }

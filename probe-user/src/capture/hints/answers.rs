@@ -34,10 +34,18 @@ pub struct NamedBy {
 
 /// Per-device answers, so that a connection without a name of its own is
 /// named by what the device looked up for that address shortly before.
-#[derive(Default)]
 pub struct DnsCache {
     by_device: HashMap<DeviceId, HashMap<IpAddr, Cached>>,
     entries: usize,
+    /// Answers held at most, all devices together (answers beyond are not
+    /// kept, so their connections go unnamed by DNS).
+    max_entries: usize,
+}
+
+impl Default for DnsCache {
+    fn default() -> Self {
+        Self::with_max_entries(DEFAULT_MAX_ENTRIES)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -59,17 +67,24 @@ const SKEW_NS: u64 = SECOND_NS;
 /// Addresses remembered per device, and in all: the cache's memory is
 /// bounded whatever the LAN sends.
 const MAX_PER_DEVICE: usize = 4096;
-const MAX_ENTRIES: usize = 1 << 20;
+/// About 150 bytes each: some 10 MB at most, for a few hundred devices each
+/// holding an hour of lookups.
+pub const DEFAULT_MAX_ENTRIES: usize = 1 << 16;
 
 impl DnsCache {
+    pub fn with_max_entries(max_entries: usize) -> Self {
+        Self { by_device: HashMap::new(), entries: 0, max_entries }
+    }
+
     /// Remembers a response's addresses under the name `device` asked for.
     pub fn insert(&mut self, device: DeviceId, message: &dns::Message, answered_ns: u64, resolver: SocketAddr) {
+        let max_entries = self.max_entries;
         let entries = self.by_device.entry(device).or_default();
         for answer in &message.answers {
             let Some(ip) = answer.ip else { continue };
             let hold = (u64::from(answer.ttl) * SECOND_NS).clamp(MIN_HOLD_NS, MAX_HOLD_NS);
             let known = entries.contains_key(&ip);
-            if !known && (entries.len() >= MAX_PER_DEVICE || self.entries >= MAX_ENTRIES) {
+            if !known && (entries.len() >= MAX_PER_DEVICE || self.entries >= max_entries) {
                 continue;
             }
             let named_by = NamedBy { name: message.qname.clone(), answered_ns, resolver };
@@ -150,5 +165,18 @@ mod tests {
         assert_eq!(cache.len(), 1);
         cache.expire(10_000 * SEC);
         assert!(cache.is_empty() && cache.by_device.is_empty());
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_answers_than_configured() {
+        let resolver: SocketAddr = "192.0.2.53:53".parse().unwrap();
+        let mut cache = DnsCache::with_max_entries(2);
+        for host in 1..=5u8 {
+            cache.insert(device(host, &format!("192.168.50.{host}")), &answer(600), SEC, resolver);
+        }
+        assert_eq!(cache.len(), 2);
+        let web: IpAddr = "198.51.100.10".parse().unwrap();
+        assert!(cache.lookup(device(1, "192.168.50.1"), web, 2 * SEC).is_some(), "the first answers are kept");
+        assert!(cache.lookup(device(3, "192.168.50.3"), web, 2 * SEC).is_none());
     }
 }

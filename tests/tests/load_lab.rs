@@ -1,0 +1,82 @@
+//! Steady load through the NAT lab: every HTTPS request nginx logged is one
+//! record naming its device, public address and service, and no record
+//! names a device on the WAN side (a late packet of a connection already
+//! written is no new flow). The agent's memory is printed at start and end.
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use icr_lab::{Agent, LAN_NET, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, icr_binary};
+use serde_json::Value;
+
+const CLIENTS: usize = 3;
+/// Each client's requests, one connection each, back to back.
+const REQUESTS: usize = 250;
+/// The most the load may take (a slow machine stops early, and says so).
+const LOAD_LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+#[ignore = "root and the lab's tools; ~10 s. Failed once in 8 runs (a request of 750 without a record): see the wave-load report"]
+fn every_connection_under_steady_load_is_one_whole_record() {
+    let lab = Lab::start(CLIENTS).expect("building the lab");
+    let db = lab.dir.join("db");
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::write(
+        db.join("icr.toml"),
+        "retention_days = 30\n[probe]\nflow_table_size = 65536\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let rss_start = agent.rss_kib().expect("the agent's memory");
+
+    // Each client: a bounded shell loop of curl, one TLS connection (and one
+    // lookup) a request; a deadline stops it whatever the machine's speed.
+    let script = format!(
+        "end=$(( $(date +%s) + {} )); i=0; while [ $i -lt {REQUESTS} ] && [ $(date +%s) -lt $end ]; do \
+         curl -sk -o /dev/null --max-time 5 https://{WEB_NAME}/; i=$((i+1)); done",
+        LOAD_LIMIT.as_secs()
+    );
+    let load: Vec<_> = lab
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(n, client)| lab.spawn_in(&client.ns, Command::new("sh").args(["-c", &script]), &format!("load-{n}")).expect("a client's load"))
+        .collect();
+    for mut child in load {
+        child.wait().expect("a client's load ends");
+    }
+    let rss_end = agent.rss_kib().expect("the agent's memory");
+    // Past tcp_closed and a sweep: every connection closed by the agent itself.
+    std::thread::sleep(Duration::from_secs(4));
+    agent.stop().expect("the agent stops cleanly");
+    eprintln!("agent RSS: {rss_start} KiB at start, {rss_end} KiB after the load");
+
+    let access = lab.web_access_log().unwrap();
+    assert!(access.len() >= CLIENTS * 20, "the load ran: {} requests", access.len());
+    eprintln!("{} requests in nginx's log", access.len());
+    let records = icr_lab::stored_records(&db);
+    let wan_devices: Vec<&Value> =
+        records.iter().filter(|r| !r["device"]["ip"].as_str().is_some_and(|ip| ip.starts_with(LAN_NET))).collect();
+    assert!(wan_devices.is_empty(), "records whose device is not on the LAN: {wan_devices:#?}");
+
+    // nginx's log is the ground truth: each request's public port has one record.
+    let mut by_public: HashMap<u64, Vec<&Value>> = HashMap::new();
+    for r in records.iter().filter(|r| r["remote"]["ip"] == WEB_IP && r["remote"]["port"] == 443) {
+        by_public.entry(r["public"]["port"].as_u64().unwrap_or(0)).or_default().push(r);
+    }
+    let mut broken = Vec::new();
+    for line in &access {
+        assert_eq!(line.address, PUBLIC_IP);
+        let found = by_public.get(&u64::from(line.port)).map(Vec::as_slice).unwrap_or_default();
+        // A public port may serve several connections over the run: the one
+        // open at the request's time.
+        let at = |r: &Value, field: &str| chrono::DateTime::parse_from_rfc3339(r[field].as_str().unwrap()).unwrap().timestamp_micros() as f64 / 1e6;
+        let matching: Vec<&&Value> = found.iter().filter(|r| at(r, "start") - 1.0 <= line.time && line.time <= at(r, "end") + 1.0).collect();
+        let whole = matching.len() == 1
+            && matching[0]["device"]["mac"].is_string()
+            && matching[0]["service"]["name"] == WEB_NAME
+            && matching[0]["packets_up"].as_u64().unwrap_or(0) > 0;
+        if !whole {
+            broken.push((line.port, line.time, matching));
+        }
+    }
+    assert!(broken.is_empty(), "{} of {} requests without exactly one whole record: {broken:#?}", broken.len(), access.len());
+}
