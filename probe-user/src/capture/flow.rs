@@ -1302,6 +1302,12 @@ mod tests {
         assert_eq!(assembler.open_flows(), 0);
     }
 
+    /// The store took the closed flows' records: their kernel entries go.
+    fn stored(assembler: &mut Assembler, table: &mut FakeTable) {
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, table).unwrap();
+    }
+
     /// A NATed connection to 203.0.113.10:443 through 198.51.100.1:10007,
     /// opened, exchanged and closed on both sides by 3 s; its mapping known.
     fn nat_connection(table: &mut FakeTable, nat: &mut NatTable) -> (Tuple, Tuple) {
@@ -1327,6 +1333,7 @@ mod tests {
         assembler.on_event(end_event(up.key().0, 3 * SEC), &nat);
         assembler.tick(10 * SEC, &mut table, &nat).unwrap();
         assert_eq!(assembler.take_records().len(), 1, "the connection, written once");
+        stored(&mut assembler, &mut table);
         assert!(table.0.is_empty());
 
         // The server retransmits its FIN after both halves left the table
@@ -1339,6 +1346,7 @@ mod tests {
         let records = assembler.take_records();
         assert!(records.is_empty(), "a late packet is no second record: {records:#?}");
         assert_eq!(assembler.orphans, OrphanCounts { late_halves: 1, unmapped: 0 });
+        stored(&mut assembler, &mut table);
         assert!(table.0.is_empty(), "its entry leaves the table");
         assert_eq!(assembler.open_flows(), 0);
     }
@@ -1373,6 +1381,7 @@ mod tests {
         assembler.tick(500 * SEC, &mut table, &nat).unwrap();
         assert!(assembler.take_records().is_empty());
         assert_eq!(assembler.orphans, OrphanCounts { late_halves: 0, unmapped: 1 });
+        stored(&mut assembler, &mut table);
         assert!(table.0.is_empty());
     }
 
@@ -1396,6 +1405,7 @@ mod tests {
         assert_eq!(r.device.mac.as_deref(), Some("02:00:00:00:00:01"));
         assert_eq!((r.packets_up, r.packets_down), (3, 2), "both halves");
         assert!(r.incomplete, "its start event was lost");
+        stored(&mut assembler, &mut table);
         assert!(table.0.is_empty());
     }
 
