@@ -505,6 +505,13 @@ impl Assembler {
         if is_wan_only(&value) {
             match wan_mapping(&key, nat).map(|mapping| mapping.original.key().0) {
                 Some(lan_key) if lan_key == key => gateways_own = true,
+                // The mapping is a later connection's that was given the
+                // same public port for the same remote end (CGNAT reuses
+                // ports within seconds): this half predates its LAN half, so
+                // it is not that device's, and its own mapping is gone.
+                Some(lan_key) if !table.get(&lan_key)?.is_none_or(|lan| is_own_half(&lan, &value)) => {
+                    orphan = Some(Orphan::Superseded);
+                }
                 Some(lan_key) => {
                     // A LAN half the agent was not told of (its start event
                     // lost, no sweep since): follow it now, so it reports this one.
@@ -538,10 +545,20 @@ impl Assembler {
         }
 
         let view = FlowView::new(&key, &value, nat, self.nat_expected);
+        // The WAN half of this connection, unless the entry under its key
+        // began before it did: an older connection's, whose public port and
+        // remote end this one was given again. Its counts are not this
+        // connection's, and this record lacks its own downstream packets.
+        let mut wan_not_own = false;
         let wan = match view.wan_key() {
-            Some(wan_key) if wan_key != key => {
-                table.get(&wan_key)?.map(|wan_value| (wan_key, wan_value))
-            }
+            Some(wan_key) if wan_key != key => match table.get(&wan_key)? {
+                Some(wan_value) if is_own_half(&value, &wan_value) => Some((wan_key, wan_value)),
+                Some(_) => {
+                    wan_not_own = true;
+                    None
+                }
+                None => None,
+            },
             _ => None,
         };
         // TCP flags per side of the connection, the WAN flow's included.
@@ -583,9 +600,11 @@ impl Assembler {
                     match orphan {
                         Orphan::LateHalf => self.orphans.late_halves += 1,
                         Orphan::Unmapped => self.orphans.unmapped += 1,
+                        Orphan::Superseded => self.orphans.superseded += 1,
                     }
                 } else {
-                    let record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
+                    let mut record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
+                    record.incomplete |= wan_not_own;
                     self.keep(record);
                 }
                 self.hold(key);
@@ -595,7 +614,8 @@ impl Assembler {
             }
             None if now_ns >= active_due => {
                 if !gateways_own && orphan.is_none() {
-                    let record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
+                    let mut record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
+                    record.incomplete |= wan_not_own;
                     self.keep(record);
                 }
                 let entry = self.known.entry(key).or_default();
@@ -744,6 +764,8 @@ enum Orphan {
     LateHalf,
     /// No NAT mapping names a device for it.
     Unmapped,
+    /// The only mapping naming a device for it is a later connection's.
+    Superseded,
 }
 
 /// WAN halves closed without a record, by why (`/metrics`).
@@ -753,6 +775,9 @@ pub struct OrphanCounts {
     pub late_halves: u64,
     /// Flows no NAT mapping joins to a device (unconfirmed inbound packets).
     pub unmapped: u64,
+    /// Halves older than the connection whose mapping now holds their
+    /// public port: their own mapping is gone (an agent died meanwhile).
+    pub superseded: u64,
 }
 
 /// A DNS response, and where it was seen.
@@ -884,6 +909,14 @@ fn is_local_only(ip: IpAddr) -> bool {
 /// flow carries, whichever way its first packet went.
 fn wan_mapping<'a>(key: &FlowKey, nat: &'a NatTable) -> Option<&'a Mapping> {
     [0, 1].into_iter().find_map(|dir| nat.by_reply(&Tuple::from_key(key, dir)))
+}
+
+/// Whether `wan` can be the WAN half of the connection whose LAN half is
+/// `lan`: a connection's WAN half begins after its LAN half (the device's
+/// packet is translated before any answer comes back). Both times are the
+/// kernel's one monotonic clock.
+fn is_own_half(lan: &FlowValue, wan: &FlowValue) -> bool {
+    wan.first_ns >= lan.first_ns
 }
 
 fn is_wan_only(value: &FlowValue) -> bool {
@@ -1345,7 +1378,7 @@ mod tests {
         assembler.tick(400 * SEC, &mut table, &nat).unwrap();
         let records = assembler.take_records();
         assert!(records.is_empty(), "a late packet is no second record: {records:#?}");
-        assert_eq!(assembler.orphans, OrphanCounts { late_halves: 1, unmapped: 0 });
+        assert_eq!(assembler.orphans, OrphanCounts { late_halves: 1, ..OrphanCounts::default() });
         stored(&mut assembler, &mut table);
         assert!(table.0.is_empty(), "its entry leaves the table");
         assert_eq!(assembler.open_flows(), 0);
@@ -1380,7 +1413,7 @@ mod tests {
         assembler.on_event(start_event(key, 100 * SEC), &nat);
         assembler.tick(500 * SEC, &mut table, &nat).unwrap();
         assert!(assembler.take_records().is_empty());
-        assert_eq!(assembler.orphans, OrphanCounts { late_halves: 0, unmapped: 1 });
+        assert_eq!(assembler.orphans, OrphanCounts { unmapped: 1, ..OrphanCounts::default() });
         stored(&mut assembler, &mut table);
         assert!(table.0.is_empty());
     }
@@ -1407,6 +1440,38 @@ mod tests {
         assert!(r.incomplete, "its start event was lost");
         stored(&mut assembler, &mut table);
         assert!(table.0.is_empty());
+    }
+
+    #[test]
+    fn a_successor_never_joins_a_half_to_a_later_connections_mapping_of_its_public_port() {
+        // X (device 1) ran while no agent did: its conntrack mapping is gone,
+        // its kernel entries are still there (a killed agent, a pinned probe).
+        let mut table = FakeTable::default();
+        let (x, reply) = nat_connection(&mut table, &mut NatTable::default());
+        // Y (device 2) is given the same public port to the same server
+        // 2 s later (CGNAT): its answers land in X's WAN entry.
+        let y = Tuple { src: ipv4(192, 168, 1, 40), src_port: 40000, ..x };
+        let mut nat = NatTable::default();
+        nat.apply(NatEvent::New(Mapping { original: y, reply }), 5 * SEC);
+        table.packet_from(MAC_B, y, 60, tcp_flags::SYN, role::LAN, 5 * SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 5 * SEC + 1000);
+        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 6 * SEC);
+
+        // A new agent adopts all three entries.
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        assembler.close_all(10 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 2, "{records:#?}");
+        let of = |device: &Tuple| records.iter().find(|r| r.device.ip == Some(device.src)).unwrap();
+        let (rx, ry) = (of(&x), of(&y));
+        assert_eq!(rx.public, None, "X's own mapping cannot be known any more");
+        assert!(rx.incomplete);
+        assert_eq!(ry.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }), "Y's own mapping");
+        assert_eq!(ry.start.timestamp(), 5, "Y's record begins with Y");
+        assert_eq!((ry.packets_up, ry.packets_down), (2, 0), "none of X's packets down are Y's");
+        assert!(ry.incomplete, "Y's own packets down went into X's entry");
+        assert!(!records.iter().any(|r| r.device.mac.as_deref() == Some("02:00:00:00:00:0b") && r.start.timestamp() < 5), "Y's device is named for no earlier time");
+        assert_eq!(assembler.orphans, OrphanCounts { superseded: 1, ..OrphanCounts::default() });
     }
 
     #[test]

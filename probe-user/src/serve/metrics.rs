@@ -77,6 +77,7 @@ pub fn render(s: &Snapshot) -> String {
     metric("flows_local_total", "counter", "Link-local, multicast and broadcast flows closed without a record", s.local_flows.to_string());
     metric("flows_gateway_total", "counter", "The gateway's own connections (its resolver upstream, NTP) closed without a record", s.gateway_flows.to_string());
     metric("flows_orphan_late_total", "counter", "WAN halves re-opened by a late packet of a TCP connection already written, closed without a record", s.orphans.late_halves.to_string());
+    metric("flows_orphan_superseded_total", "counter", "WAN halves older than the connection whose NAT mapping now holds their public port (their own mapping is gone), closed without a record", s.orphans.superseded.to_string());
     metric("flows_orphan_unmapped_total", "counter", "WAN-only flows no NAT mapping joins to a device (unconfirmed inbound packets), closed without a record", s.orphans.unmapped.to_string());
     metric("dns_answers_trusted_total", "counter", "DNS answers to a device's own question: they may name its later connections", s.dns_answers.trusted.to_string());
     metric("dns_answers_unasked_total", "counter", "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)", s.dns_answers.unasked.to_string());
