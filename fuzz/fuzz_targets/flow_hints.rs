@@ -11,10 +11,10 @@
 //!   len:   u16  big-endian payload length (the last payload may be cut)
 //!   payload
 #![no_main]
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use icr::capture::hints::{DnsCache, FlowHints, HintPacket};
-use probe_common::Proto;
+use icr::capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen};
+use probe_common::{Mac, Proto, Role, Roles};
 use libfuzzer_sys::fuzz_target;
 
 const PORTS: [u16; 4] = [53, 443, 80, 8080];
@@ -25,8 +25,9 @@ fuzz_target!(|data: &[u8]| {
     let proto = if flow & 1 != 0 { Proto::Udp } else { Proto::Tcp };
     let port = PORTS[usize::from(flow >> 1 & 3)];
     let mut sides = [FlowHints::default(), FlowHints::default()];
-    let mut cache = DnsCache::default();
-    let device = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2));
+    let mut cache = DnsCache::with_max_entries(1 << 12);
+    let device = DeviceId { mac: Mac([2, 0, 0, 0, 0, 2]), ip: IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2)) };
+    let resolver = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)), 53);
     let mut now_ns = 1_000_000_000u64;
     while let [flags, s0, s1, s2, s3, l0, l1, tail @ ..] = rest {
         let length = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
@@ -40,9 +41,12 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         let (src_port, dst_port) = if dir == 0 { (CLIENT_PORT, port) } else { (port, CLIENT_PORT) };
-        let packet = HintPacket { dir, proto, src_port, dst_port, tcp_seq: seq, payload };
+        let roles = Roles::of(if dir == 0 { Role::Lan } else { Role::Wan });
+        let seen = Seen { ts_ns: now_ns, roles, ..Seen::default() };
+        let packet = HintPacket { dir, proto, src_port, dst_port, tcp_seq: seq, payload, seen };
         for response in hints.add(&packet) {
-            cache.insert(device, &response, now_ns);
+            let _ = hints.question(&response, 0);
+            cache.insert(device, &response, now_ns, resolver);
             for answer in &response.answers {
                 if let Some(ip) = answer.ip {
                     let _ = cache.lookup(device, ip, now_ns);

@@ -331,6 +331,21 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Each exchange from `ports`, and each of `bursts` burst flows, has one
+/// record: none lost, none doubled.
+fn each_stored_once(records: &[Value], ports: &[u16], bursts: usize, context: &str) {
+    for port in ports {
+        let n = records.iter().filter(|r| is_exchange(r, *port)).count();
+        assert_eq!(n, 1, "exchange from port {port}: one record (none lost, none doubled)\n{context}");
+    }
+    let mut burst_ports: Vec<u64> =
+        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    let burst_records = burst_ports.len();
+    burst_ports.sort_unstable();
+    burst_ports.dedup();
+    assert_eq!((burst_records, burst_ports.len()), (bursts, bursts), "every burst flow stored once\n{context}");
+}
+
 fn df(disk: &SmallDisk) -> String {
     let out = Command::new("sh").arg("-c").arg(format!("df -h {0}; ls -laR {0}", disk.0.display())).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -376,16 +391,7 @@ fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_
     let context = format!("{log}\n{}", df(&disk));
 
     let (records, lines) = list(&db, full_since - chrono::Duration::seconds(60), Utc::now());
-    for port in &ports {
-        let n = records.iter().filter(|r| is_exchange(r, *port)).count();
-        assert_eq!(n, 1, "exchange from port {port}: one record (none lost, none doubled)\n{context}");
-    }
-    let mut burst_ports: Vec<u64> =
-        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
-    let burst_records = burst_ports.len();
-    burst_ports.sort_unstable();
-    burst_ports.dedup();
-    assert_eq!((burst_records, burst_ports.len()), (1_200, 1_200), "every burst flow stored once");
+    each_stored_once(&records, &ports, 1_200, &context);
     let (gaps, _) = bundled_gaps(&db, &lab.dir, full_since - chrono::Duration::seconds(60), Utc::now());
     let waits = total(&gaps, "writer_backpressure");
     eprintln!("full disk: {held} of {expected} records reported stored while full, then all; {waits} writer waits");
@@ -434,16 +440,7 @@ fn a_kill_while_records_wait_for_the_disk_loses_no_closed_flow() {
     let context = format!("{held} records were stored before the kill\n{log}\n{}", df(&disk));
 
     let (records, _) = list(&db, full_since - chrono::Duration::seconds(60), Utc::now());
-    for port in &ports {
-        let n = records.iter().filter(|r| is_exchange(r, *port)).count();
-        assert_eq!(n, 1, "exchange from port {port}: one record (none lost to the kill, none doubled)\n{context}");
-    }
-    let mut burst_ports: Vec<u64> =
-        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
-    let burst_records = burst_ports.len();
-    burst_ports.sort_unstable();
-    burst_ports.dedup();
-    assert_eq!((burst_records, burst_ports.len()), (600, 600), "every burst flow stored once\n{context}");
+    each_stored_once(&records, &ports, 600, &context);
     let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(&db).output().unwrap();
     assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
 }
