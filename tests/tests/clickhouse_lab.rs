@@ -77,6 +77,18 @@ fn ndjson(text: &str) -> Vec<Value> {
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// Question 1 over the cluster for a request of nginx's log, as the query
+/// service in `db` asks it.
+fn resolve_on_cluster(cluster: &ClickHouseCluster, url: &str, db: &str, line: &icr_lab::AccessLine) -> Vec<Value> {
+    let at = icr_lab::rfc3339(line.time as i64);
+    let (code, stdout, stderr) = icr(cluster, &[
+        &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
+        &["--clickhouse", url, "--db", db, "--format", "ndjson"], &WHO,
+    ].concat());
+    assert_eq!(code, 0, "{stderr}");
+    ndjson(&stdout)
+}
+
 fn init(cluster: &ClickHouseCluster) {
     let (code, stdout, stderr) = icr(cluster, &["clickhouse", "init", "--url", &cluster.url(0), "--cluster", CLUSTER]);
     assert_eq!(code, 0, "{stderr}");
@@ -324,14 +336,8 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     let mut resolved = 0;
     for (lab, records) in labs.iter().zip(&gateway) {
         for line in lab.web_access_log().unwrap() {
-            let at = icr_lab::rfc3339(line.time as i64);
-            let (code, stdout, stderr) = icr(&cluster, &[
-                &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
-                &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
-            ].concat());
-            assert_eq!(code, 0, "{stderr}");
-            let answer = ndjson(&stdout);
-            assert!(!answer.is_empty(), "{}:{} at {at} resolves", line.address, line.port);
+            let answer = resolve_on_cluster(&cluster, &url, db, &line);
+            assert!(!answer.is_empty(), "{}:{} at {} resolves", line.address, line.port, line.time);
             let ids: Vec<&str> = answer.iter().map(|r| r["id"].as_str().unwrap()).collect();
             let unique: std::collections::BTreeSet<&str> = ids.iter().copied().collect();
             assert_eq!(unique.len(), ids.len(), "no record twice in an answer: {ids:?}");
@@ -515,13 +521,7 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     let lines = lab.web_access_log().unwrap();
     assert!(lines.len() >= 5, "{} requests", lines.len());
     for line in &lines {
-        let at = icr_lab::rfc3339(line.time as i64);
-        let (code, stdout, stderr) = icr(&cluster, &[
-            &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
-            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
-        ].concat());
-        assert_eq!(code, 0, "{stderr}");
-        let answer = ndjson(&stdout);
+        let answer = resolve_on_cluster(&cluster, &url, db, line);
         assert_eq!(answer[0], records[answer[0]["id"].as_str().unwrap()], "the cluster's record is the gateway's own");
     }
     // A password file inside the directory it serves is refused.
