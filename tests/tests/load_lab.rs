@@ -13,6 +13,15 @@ const REQUESTS: usize = 250;
 /// The most the load may take (a slow machine stops early, and says so).
 const LOAD_LIMIT: Duration = Duration::from_secs(60);
 
+/// `ICR_SOAK_SECONDS=N` makes the run a soak: each client keeps up about
+/// `ICR_SOAK_RATE` requests a second (default 20) for N seconds, and the
+/// agent's memory is printed every minute.
+fn soak() -> Option<(u64, u64)> {
+    let seconds = std::env::var("ICR_SOAK_SECONDS").ok()?.parse().ok()?;
+    let rate = std::env::var("ICR_SOAK_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
+    Some((seconds, rate))
+}
+
 #[test]
 #[ignore = "root and the lab's tools; ~10 s. Failed once in 8 runs (a request of 750 without a record): see the wave-load report"]
 fn every_connection_under_steady_load_is_one_whole_record() {
@@ -29,19 +38,35 @@ fn every_connection_under_steady_load_is_one_whole_record() {
 
     // Each client: a bounded shell loop of curl, one TLS connection (and one
     // lookup) a request; a deadline stops it whatever the machine's speed.
-    let script = format!(
-        "end=$(( $(date +%s) + {} )); i=0; while [ $i -lt {REQUESTS} ] && [ $(date +%s) -lt $end ]; do \
-         curl -sk -o /dev/null --max-time 5 https://{WEB_NAME}/; i=$((i+1)); done",
-        LOAD_LIMIT.as_secs()
-    );
+    let script = match soak() {
+        // A second's requests, then the rest of the second asleep.
+        Some((seconds, rate)) => format!(
+            "end=$(( $(date +%s) + {seconds} )); while [ $(date +%s) -lt $end ]; do s=$(date +%s); i=0; \
+             while [ $i -lt {rate} ]; do curl -sk -o /dev/null --max-time 5 https://{WEB_NAME}/; i=$((i+1)); done; \
+             while [ $(date +%s) -eq $s ]; do sleep 0.05; done; done"
+        ),
+        None => format!(
+            "end=$(( $(date +%s) + {} )); i=0; while [ $i -lt {REQUESTS} ] && [ $(date +%s) -lt $end ]; do \
+             curl -sk -o /dev/null --max-time 5 https://{WEB_NAME}/; i=$((i+1)); done",
+            LOAD_LIMIT.as_secs()
+        ),
+    };
     let load: Vec<_> = lab
         .clients
         .iter()
         .enumerate()
         .map(|(n, client)| lab.spawn_in(&client.ns, Command::new("sh").args(["-c", &script]), &format!("load-{n}")).expect("a client's load"))
         .collect();
+    let started = std::time::Instant::now();
+    let mut next_sample = Duration::from_secs(60);
     for mut child in load {
-        child.wait().expect("a client's load ends");
+        while child.try_wait().expect("a client's load").is_none() {
+            std::thread::sleep(Duration::from_secs(1));
+            if soak().is_some() && started.elapsed() >= next_sample {
+                eprintln!("agent RSS after {} s: {} KiB", started.elapsed().as_secs(), agent.rss_kib().expect("the agent's memory"));
+                next_sample += Duration::from_secs(60);
+            }
+        }
     }
     let rss_end = agent.rss_kib().expect("the agent's memory");
     // Past tcp_closed and a sweep: every connection closed by the agent itself.
