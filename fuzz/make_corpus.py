@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Builds the seed corpora (corpus/<target>/seed-*) from the real captures in
-/work/shared/captures (or the directory given), with tshark 4.x.
+tests/captures of this repository (or the directory given), with tshark 4.x.
 
 Each seed is named seed-<sha1 prefix>; libFuzzer's own finds (named by their
 full sha1) stay out of git through .gitignore.
 """
 import collections, hashlib, os, shutil, struct, subprocess, sys
 
-CAPTURES = sys.argv[1] if len(sys.argv) > 1 else "/work/shared/captures"
 HERE = os.path.dirname(os.path.abspath(__file__))
+CAPTURES = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "tests", "captures")
 CORPUS = os.path.join(HERE, "corpus")
 MAX_CAPTURE = 40_000          # bytes: captures larger than this are skipped
 PER_TARGET = {"quic_frames": 20, "tls_client_hello": 40, "http_host": 25, "dns_message": 80, "quic_initial": 25,

@@ -1,13 +1,13 @@
 #!/bin/bash
 # Runs inside the test VM (started by /sbin/icr-vm-init from the host's run
-# directory, mounted at /run/icr-vm): mounts the host's workspace and shared/
-# at the same paths as on the host (the test binaries have those paths built
+# directory, mounted at /run/icr-vm): mounts the host's workspace (the test
+# captures are in it) at the same path as on the host (the test binaries have those paths built
 # in), then runs each test binary of tests.list and prints a summary.
 # Exit status: 0 when every test binary passed.
 #
 # run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_TARGET (cargo's
 # target directory; ICR_VM_TARGET_SHARED=1 when it is outside ICR_VM_ROOT and
-# shared on its own), ICR_VM_SHARED,
+# shared on its own),
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
 # tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
 # ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG).
@@ -23,9 +23,6 @@ share() { # TAG PATH
 share icrroot "$ICR_VM_ROOT" || { echo "guest-run: cannot mount the workspace at $ICR_VM_ROOT"; exit 120; }
 if [ "${ICR_VM_TARGET_SHARED:-0}" = 1 ]; then
     share icrtarget "$ICR_VM_TARGET" || { echo "guest-run: cannot mount the target directory at $ICR_VM_TARGET"; exit 120; }
-fi
-if [ -n "${ICR_VM_SHARED:-}" ]; then
-    share icrshared "$ICR_VM_SHARED" || { echo "guest-run: cannot mount shared/ at $ICR_VM_SHARED"; exit 120; }
 fi
 
 echo "guest-run: kernel $(uname -r) ($(uname -v))"

@@ -1,4 +1,4 @@
-//! The configuration file (TOML, `shared/CLI.md`): retention, authorities,
+//! The configuration file (TOML, `docs/cli.md`): retention, authorities,
 //! and the probe's tunables. Unknown keys are refused so a typo cannot
 //! silently weaken a safeguard.
 use std::{

@@ -1,5 +1,5 @@
 //! The Internet Connection Record: the one thing the probe keeps. Its JSON
-//! form is a contract (`shared/ICR-FORMAT.md`): fields may be added, none
+//! form is a contract (`docs/record-format.md`): fields may be added, none
 //! renamed. No payload, URL, path or query string ever has a field here.
 use std::net::{IpAddr, SocketAddr};
 
@@ -253,6 +253,64 @@ mod tests {
             incomplete: false,
             local: false,
         }
+    }
+
+    /// The field paths of a JSON value (`device.mac`, `dns_all.qname`).
+    fn field_paths(value: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, inner) in map {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    field_paths(inner, &path, out);
+                    out.insert(path);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|item| field_paths(item, prefix, out)),
+            _ => {}
+        }
+    }
+
+    /// docs/record-format.md and the record agree: every field the contract
+    /// shows is one the record has, and every field the record writes is
+    /// shown there (or, for fields written only sometimes, named in its
+    /// comments).
+    #[test]
+    fn the_record_format_document_and_the_record_agree() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/record-format.md")).unwrap();
+        let block = doc.split("```json\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a json block");
+        let (mut code, mut comments) = (String::new(), String::new());
+        for line in block.lines() {
+            let (before, comment) = line.split_once("//").unwrap_or((line, ""));
+            code.push_str(before);
+            code.push('\n');
+            comments.push_str(comment);
+        }
+        let shown: serde_json::Value = serde_json::from_str(&code).expect("the contract's example is JSON once its comments go");
+        let mut documented = std::collections::BTreeSet::new();
+        field_paths(&shown, "", &mut documented);
+
+        let mut full = sample();
+        full.probe = Some("gw-07".into());
+        full.device.vlan = vec![100, 20];
+        full.device.pppoe_session = Some(7);
+        full.device.subscriber = Some("line-0042".into());
+        full.service = Some(Service {
+            origin: Some(DnsOrigin { dns_at: full.start, resolver: "192.0.2.53:53".parse().unwrap() }),
+            ..Service::carried("mail.example.com".into(), ServiceSource::Dns, true)
+        });
+        let exchange = Dns { qname: "mail.example.com".into(), qtype: "A".into(), answers: vec!["216.239.32.10".into()] };
+        full.dns = Some(exchange.clone());
+        full.dns_all = vec![exchange];
+        let mut written = std::collections::BTreeSet::new();
+        field_paths(&serde_json::to_value(&full).unwrap(), "", &mut written);
+
+        let missing: Vec<&String> = documented.difference(&written).collect();
+        assert!(missing.is_empty(), "the contract shows fields the record does not have: {missing:?}");
+        let unshown: Vec<&String> = written
+            .difference(&documented)
+            .filter(|path| !comments.contains(&format!("\"{}\"", path.rsplit('.').next().unwrap())))
+            .collect();
+        assert!(unshown.is_empty(), "the record writes fields docs/record-format.md does not name: {unshown:?}");
     }
 
     #[test]

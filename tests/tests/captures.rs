@@ -1,5 +1,5 @@
 //! `icr replay` on third-party captures (Zeek's and Suricata's test traces,
-//! in `shared/captures`): the service names it recovers, per protocol,
+//! in `tests/captures`): the service names it recovers, per protocol,
 //! against what tshark dissects from the same files. A name tshark does not
 //! see is a false name and fails the test; recall must not fall below what
 //! the probe achieved when this test was written (the misses are listed in
@@ -23,8 +23,8 @@ use icr_lab::icr_binary;
 use serde_json::Value;
 
 fn captures_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/captures");
-    assert!(dir.join("MANIFEST.tsv").exists(), "the shared captures are missing at {}", dir.display());
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures");
+    assert!(dir.join("MANIFEST.tsv").exists(), "the test captures are missing at {}", dir.display());
     dir
 }
 

@@ -1,5 +1,5 @@
 //! Installs what the build and the tests need, only when it is missing.
-//! Recipe (shared/DESIGN.md): bpf-linker is built against Debian's LLVM 22,
+//! Recipe (docs/design.md): bpf-linker is built against Debian's LLVM 22,
 //! the LLVM of the nightly that builds the eBPF crate.
 use std::process::Command;
 

@@ -4,8 +4,8 @@
 //! The image (vm-images/: debootstrap, Debian's kernel, the lab's packages)
 //! is cached as `<cache>/<kernel>-<hash of its recipe>/` and rebuilt only when
 //! the recipe changes. The guest boots its own kernel (`-kernel`, `-initrd`
-//! from the image), mounts this workspace and `shared/` read-only over 9p at
-//! the same paths as here (the test binaries have those paths built in), runs
+//! from the image), mounts this workspace read-only over 9p at
+//! the same path as here (the test binaries have those paths built in), runs
 //! the test binaries built here, prints `ICR-VM-RESULT: <code>` and powers
 //! off. A watchdog kills qemu past the deadline.
 use std::{
@@ -437,7 +437,6 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
     let root = cmd::workspace_root();
     // A target directory outside the workspace is shared on its own.
     let target_share = (!target.starts_with(&root)).then_some(target);
-    let shared = root.parent().map(|p| p.join("shared")).filter(|p| p.is_dir());
 
     let run_dir = RunDir(args.cache.join("runs").join(format!("{}-{}", args.kernel, std::process::id())));
     let _ = fs::remove_dir_all(&run_dir.0);
@@ -445,11 +444,10 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
     fs::copy(recipes.join("guest-run.sh"), run_dir.0.join("guest-run.sh"))?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut env = format!(
-        "ICR_VM_ROOT={}\nICR_VM_TARGET={}\nICR_VM_TARGET_SHARED={}\nICR_VM_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
+        "ICR_VM_ROOT={}\nICR_VM_TARGET={}\nICR_VM_TARGET_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
         quote(&root.to_string_lossy()),
         quote(&target.to_string_lossy()),
         u8::from(target_share.is_some()),
-        quote(&shared.as_deref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()),
         args.test_timeout,
         quote(&args.args.join(" ")),
     );
@@ -492,9 +490,6 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         .arg(format!("local,path={},mount_tag=icrroot,security_model=none,readonly=on", root.display()));
     if let Some(target) = target_share {
         qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrtarget,security_model=none,readonly=on", target.display()));
-    }
-    if let Some(shared) = &shared {
-        qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrshared,security_model=none,readonly=on", shared.display()));
     }
     qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     // SAFETY: prctl is async-signal-safe. qemu dies with this process, even
