@@ -164,6 +164,9 @@ pub struct Assembler {
     /// stay until [`Assembler::release`], so an agent killed meanwhile
     /// leaves them for its successor to record, instead of losing them.
     held: HashSet<FlowKey>,
+    /// WAN halves found older than the connection whose mapping names
+    /// them: they stay no one's after that connection's LAN half is gone.
+    superseded: HashSet<FlowKey>,
     /// Those of them closed since the last [`Assembler::take_closed_flows`].
     closed: Vec<FlowKey>,
     due: BinaryHeap<Reverse<(u64, FlowKey)>>,
@@ -202,6 +205,7 @@ impl Assembler {
             ids: RecordIds::default(),
             known: HashMap::new(),
             held: HashSet::new(),
+            superseded: HashSet::new(),
             closed: Vec::new(),
             due: BinaryHeap::new(),
             next_full_sweep_ns: 0,
@@ -509,7 +513,11 @@ impl Assembler {
                 // same public port for the same remote end (CGNAT reuses
                 // ports within seconds): this half predates its LAN half, so
                 // it is not that device's, and its own mapping is gone.
-                Some(lan_key) if !table.get(&lan_key)?.is_none_or(|lan| is_own_half(&lan, &value)) => {
+                Some(lan_key)
+                    if self.superseded.contains(&key)
+                        || !table.get(&lan_key)?.is_none_or(|lan| is_own_half(&lan, &value)) =>
+                {
+                    self.superseded.insert(key);
                     orphan = Some(Orphan::Superseded);
                 }
                 Some(lan_key) => {
@@ -555,12 +563,19 @@ impl Assembler {
                 Some(wan_value) if is_own_half(&value, &wan_value) => Some((wan_key, wan_value)),
                 Some(_) => {
                     wan_not_own = true;
+                    self.superseded.insert(wan_key);
                     None
                 }
                 None => None,
             },
             _ => None,
         };
+        // The public port has been given to a later connection to the same
+        // remote end while this one's WAN entry was still kept (CGNAT reuses
+        // ports within seconds of a close): that connection's packets count
+        // in the same entry, so its last packet need not be this one's.
+        let handed_over = wan.is_some()
+            && view.mapping.is_some_and(|own| nat.by_reply(&own.reply).is_some_and(|holder| holder.original != own.original));
         // TCP flags per side of the connection, the WAN flow's included.
         let device_side = usize::from(view.device_dir);
         let (mut sent, mut received) = (value.tcp_flags[device_side], value.tcp_flags[1 - device_side]);
@@ -569,7 +584,9 @@ impl Assembler {
             let (_, reply_dir) = mapping.reply.key();
             received |= wan_value.tcp_flags[usize::from(reply_dir)];
             sent |= wan_value.tcp_flags[1 - usize::from(reply_dir)];
-            last_ns = last_ns.max(wan_value.last_ns);
+            if !handed_over {
+                last_ns = last_ns.max(wan_value.last_ns);
+            }
         }
         let flags = closing_flags(sent, received);
 
@@ -604,7 +621,7 @@ impl Assembler {
                     }
                 } else {
                     let mut record = self.record(&view, &known, wan.as_ref(), last_ns, reason);
-                    record.incomplete |= wan_not_own;
+                    record.incomplete |= wan_not_own || handed_over;
                     self.keep(record);
                 }
                 self.hold(key);
@@ -615,7 +632,7 @@ impl Assembler {
             None if now_ns >= active_due => {
                 if !gateways_own && orphan.is_none() {
                     let mut record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
-                    record.incomplete |= wan_not_own;
+                    record.incomplete |= wan_not_own || handed_over;
                     self.keep(record);
                 }
                 let entry = self.known.entry(key).or_default();
@@ -654,6 +671,7 @@ impl Assembler {
     /// Drops what the assembler holds of a kernel flow that is gone.
     fn forget(&mut self, key: &FlowKey) {
         self.known.remove(key);
+        self.superseded.remove(key);
         self.hints.remove(key);
         self.named_at_start.remove(key);
     }
@@ -1472,6 +1490,63 @@ mod tests {
         assert!(ry.incomplete, "Y's own packets down went into X's entry");
         assert!(!records.iter().any(|r| r.device.mac.as_deref() == Some("02:00:00:00:00:0b") && r.start.timestamp() < 5), "Y's device is named for no earlier time");
         assert_eq!(assembler.orphans, OrphanCounts { superseded: 1, ..OrphanCounts::default() });
+    }
+
+    #[test]
+    fn a_superseded_half_stays_no_ones_after_the_later_connection_is_written() {
+        // As above: X's WAN entry outlived X's mapping, and Y was given the
+        // same public port; a new agent adopts all three entries.
+        let mut table = FakeTable::default();
+        let (x, reply) = nat_connection(&mut table, &mut NatTable::default());
+        let y = Tuple { src: ipv4(192, 168, 1, 40), src_port: 40000, ..x };
+        let mut nat = NatTable::default();
+        nat.apply(NatEvent::New(Mapping { original: y, reply }), 5 * SEC);
+        table.packet_from(MAC_B, y, 60, tcp_flags::SYN, role::LAN, 5 * SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 5 * SEC + 1000);
+        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH | tcp_flags::FIN, role::LAN, 6 * SEC);
+        table.packet(reply, 100, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 6 * SEC + 1000);
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        // The first tick finds the WAN half older than Y; Y's and X's LAN
+        // halves are written (X idles out) and Y's entry is released before
+        // the WAN half is looked at again.
+        assembler.tick(20 * SEC, &mut table, &nat).unwrap();
+        let idle = 20 * SEC + nanos(Timeouts::default().tcp_idle);
+        table.0.retain(|key, _| *key != y.key().0);
+        assembler.tick(idle + 10 * SEC, &mut table, &nat).unwrap();
+        assembler.close_all(idle + 20 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert!(
+            !records.iter().any(|r| r.device.ip == Some(y.src) && r.start.timestamp() < 5),
+            "Y's device is named for no earlier time: {records:#?}"
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_does_not_last_into_the_next_holder_of_its_public_port() {
+        // X closed at 3 s; its WAN entry is still kept when the NAT gives its
+        // public port to Y, another device, for the same server at 5 s, and
+        // Y's answers count in X's WAN entry until X is written at 7 s.
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let (x, reply) = nat_connection(&mut table, &mut nat);
+        assembler.on_event(start_event(x.key().0, SEC), &nat);
+        assembler.on_event(start_event(reply.key().0, SEC + 1000), &nat);
+        nat.apply(NatEvent::Destroy(Mapping { original: x, reply }), 4 * SEC);
+        let y = Tuple { src: ipv4(192, 168, 1, 40), src_port: 40000, ..x };
+        nat.apply(NatEvent::New(Mapping { original: y, reply }), 5 * SEC);
+        table.packet_from(MAC_B, y, 60, tcp_flags::SYN, role::LAN, 5 * SEC);
+        assembler.on_event(start_event(y.key().0, 5 * SEC), &nat);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 5 * SEC + 1000);
+        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 6 * SEC);
+        table.packet(reply, 900, tcp_flags::ACK | tcp_flags::PSH, role::WAN, 6 * SEC + 1000);
+
+        assembler.close_all(7 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        let rx = records.iter().find(|r| r.device.ip == Some(x.src)).unwrap();
+        assert_eq!(rx.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }), "X's own mapping");
+        assert_eq!(rx.end.timestamp(), 3, "X's record ends with X, not with Y's packets: {rx:#?}");
+        assert!(rx.incomplete, "Y's packets down are counted in X's WAN entry");
     }
 
     #[test]
