@@ -1460,20 +1460,27 @@ mod tests {
         assert!(table.0.is_empty());
     }
 
-    #[test]
-    fn a_successor_never_joins_a_half_to_a_later_connections_mapping_of_its_public_port() {
-        // X (device 1) ran while no agent did: its conntrack mapping is gone,
-        // its kernel entries are still there (a killed agent, a pinned probe).
+    /// X (device 1) ran while no agent did: its conntrack mapping is gone,
+    /// its kernel entries are still there (a killed agent, a pinned probe).
+    /// Y (device 2) is given the same public port to the same server 2 s
+    /// later (CGNAT): its answers land in X's WAN entry; its data at 6 s
+    /// carries `y_flags` too. Returns the table, Y's mapping, X, Y and the
+    /// reply tuple they share.
+    fn port_given_again(y_flags: u8) -> (FakeTable, NatTable, Tuple, Tuple, Tuple) {
         let mut table = FakeTable::default();
         let (x, reply) = nat_connection(&mut table, &mut NatTable::default());
-        // Y (device 2) is given the same public port to the same server
-        // 2 s later (CGNAT): its answers land in X's WAN entry.
         let y = Tuple { src: ipv4(192, 168, 1, 40), src_port: 40000, ..x };
         let mut nat = NatTable::default();
         nat.apply(NatEvent::New(Mapping { original: y, reply }), 5 * SEC);
         table.packet_from(MAC_B, y, 60, tcp_flags::SYN, role::LAN, 5 * SEC);
         table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 5 * SEC + 1000);
-        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH, role::LAN, 6 * SEC);
+        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH | y_flags, role::LAN, 6 * SEC);
+        (table, nat, x, y, reply)
+    }
+
+    #[test]
+    fn a_successor_never_joins_a_half_to_a_later_connections_mapping_of_its_public_port() {
+        let (mut table, nat, x, y, reply) = port_given_again(0);
 
         // A new agent adopts all three entries.
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
@@ -1494,16 +1501,8 @@ mod tests {
 
     #[test]
     fn a_superseded_half_stays_no_ones_after_the_later_connection_is_written() {
-        // As above: X's WAN entry outlived X's mapping, and Y was given the
-        // same public port; a new agent adopts all three entries.
-        let mut table = FakeTable::default();
-        let (x, reply) = nat_connection(&mut table, &mut NatTable::default());
-        let y = Tuple { src: ipv4(192, 168, 1, 40), src_port: 40000, ..x };
-        let mut nat = NatTable::default();
-        nat.apply(NatEvent::New(Mapping { original: y, reply }), 5 * SEC);
-        table.packet_from(MAC_B, y, 60, tcp_flags::SYN, role::LAN, 5 * SEC);
-        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 5 * SEC + 1000);
-        table.packet_from(MAC_B, y, 300, tcp_flags::ACK | tcp_flags::PSH | tcp_flags::FIN, role::LAN, 6 * SEC);
+        // As above, and Y closes at 6 s.
+        let (mut table, nat, _, y, reply) = port_given_again(tcp_flags::FIN);
         table.packet(reply, 100, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 6 * SEC + 1000);
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         // The first tick finds the WAN half older than Y; Y's and X's LAN
