@@ -22,19 +22,14 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(out_dir.join(object), []).with_context(|| format!("writing the empty {object} object"))?;
         }
     }
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("reading the workspace metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("reading the workspace metadata")?;
     let ebpf = metadata
         .packages
         .iter()
         .find(|package| package.name.as_str() == "probe-ebpf")
         .ok_or_else(|| anyhow!("the probe-ebpf package is missing from the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
+    let root_dir =
+        ebpf.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
     aya_build::build_ebpf(
         [Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::Nightly,

@@ -14,8 +14,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use icr::capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen};
-use probe_common::{Mac, Proto, Role, Roles};
 use libfuzzer_sys::fuzz_target;
+use probe_common::{Mac, Proto, Role, Roles};
 
 const PORTS: [u16; 4] = [53, 443, 80, 8080];
 const CLIENT_PORT: u16 = 50000;

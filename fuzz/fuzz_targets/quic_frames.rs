@@ -39,7 +39,8 @@ fn expand_label<const N: usize>(prk: &hkdf::Prk, label: &str) -> [u8; N] {
 
 /// A client Initial to `dcid` carrying `frames`, protected with the keys of `key_dcid`.
 fn seal(version: u32, key_dcid: &[u8], dcid: &[u8], packet_number: u32, frames: &[u8]) -> Vec<u8> {
-    let (salt, prefix, type_bits) = if version == VERSION_1 { (&SALT_V1, "quic", 0x00) } else { (&SALT_V2, "quicv2", 0x10) };
+    let (salt, prefix, type_bits) =
+        if version == VERSION_1 { (&SALT_V1, "quic", 0x00) } else { (&SALT_V2, "quicv2", 0x10) };
     let initial = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key_dcid);
     let client = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &expand_label::<32>(&initial, "client in"));
     let key: [u8; 16] = expand_label(&client, &format!("{prefix} key"));

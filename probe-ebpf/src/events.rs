@@ -16,7 +16,8 @@ use aya_ebpf::{
     maps::RingBuf,
 };
 use probe_common::{
-    EVENT_RING_BYTES, EVENT_RING_TEMPLATE_BYTES, EVENT_RING_WAKEUP_DIVISOR, EVENT_RINGS_MAX_CPUS, FlowEvent, HINT_MAX_FRAME,
+    EVENT_RING_BYTES, EVENT_RING_TEMPLATE_BYTES, EVENT_RING_WAKEUP_DIVISOR, EVENT_RINGS_MAX_CPUS, FlowEvent,
+    HINT_MAX_FRAME,
 };
 
 use crate::frame::Frame;
@@ -93,7 +94,8 @@ static ICR_RING_WAKEUP_BYTES: u64 = (EVENT_RING_BYTES / EVENT_RING_WAKEUP_DIVISO
 /// to reserve (`cargo xtask bench probe` measured one shared ring at 7.5x
 /// the cost per event with two CPUs sending). The inner map here is only
 /// the template the kernel checks the agent's rings against.
-pub type PerCpuRings = ArrayOfMaps<BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>, { EVENT_RINGS_MAX_CPUS as usize }>;
+pub type PerCpuRings =
+    ArrayOfMaps<BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>, { EVENT_RINGS_MAX_CPUS as usize }>;
 
 impl EventSink for PerCpuRings {
     #[inline(always)]
@@ -103,7 +105,8 @@ impl EventSink for PerCpuRings {
         // A CPU without a ring (the agent sized the array from the
         // possible CPUs, so none) loses the event, counted by the caller.
         let ring = self.get(cpu).ok_or(Full)?;
-        Ring((ring as *const BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>).cast_mut().cast()).send(ctx, event, frame_len)
+        Ring((ring as *const BtfRingBuf<u8, { EVENT_RING_TEMPLATE_BYTES as usize }>).cast_mut().cast())
+            .send(ctx, event, frame_len)
     }
 }
 
@@ -154,7 +157,12 @@ impl Ring {
         if frame_len == 0 {
             // SAFETY: `event` is a live `FlowEvent`, copied by the helper.
             let ret = unsafe {
-                bpf_ringbuf_output(self.0, (event as *const FlowEvent).cast_mut().cast(), size_of::<FlowEvent>() as u64, self.wakeup())
+                bpf_ringbuf_output(
+                    self.0,
+                    (event as *const FlowEvent).cast_mut().cast(),
+                    size_of::<FlowEvent>() as u64,
+                    self.wakeup(),
+                )
             };
             return if ret == 0 { Ok(()) } else { Err(Full) };
         }
@@ -194,7 +202,8 @@ impl Ring {
         // arithmetic alone; for the lengths that get here it is `len` itself.
         let len = (core::hint::black_box(frame_len).wrapping_sub(1) & (SLOT as u32 - 1)) + 1;
         // SAFETY: `self.0` is a ring buffer map; a constant size.
-        let record = unsafe { bpf_ringbuf_reserve(self.0, size_of::<HintRecord<SLOT>>() as u64, 0) }.cast::<HintRecord<SLOT>>();
+        let record =
+            unsafe { bpf_ringbuf_reserve(self.0, size_of::<HintRecord<SLOT>>() as u64, 0) }.cast::<HintRecord<SLOT>>();
         if record.is_null() {
             return Err(Full);
         }

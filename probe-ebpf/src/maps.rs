@@ -5,17 +5,14 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use probe_common::{
-    DEFAULT_FLOW_TABLE_SIZE, FlowKey, FlowValue, ProbeConfig, counter,
-};
+use probe_common::{DEFAULT_FLOW_TABLE_SIZE, FlowKey, FlowValue, ProbeConfig, counter};
 
 /// The kernel flow table. A plain (not LRU) hash, so that no flow is ever
 /// evicted behind the agent's back: the agent removes flows it has closed,
 /// and a full table is counted (`counter::FLOW_TABLE_FULL`). The agent may
 /// resize it at load time.
 #[map(name = "FLOWS")]
-pub static FLOWS: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Per-CPU counters, indexed by `probe_common::counter`.
 #[map(name = "COUNTERS")]

@@ -13,8 +13,8 @@ use network_types::{
 use probe_common::{
     counter,
     ip_proto::{
-        DSTOPTS as IPPROTO_DSTOPTS, FRAGMENT as IPPROTO_FRAGMENT, HOPOPTS as IPPROTO_HOPOPTS, ROUTING as IPPROTO_ROUTING,
-        TCP as IPPROTO_TCP, UDP as IPPROTO_UDP,
+        DSTOPTS as IPPROTO_DSTOPTS, FRAGMENT as IPPROTO_FRAGMENT, HOPOPTS as IPPROTO_HOPOPTS,
+        ROUTING as IPPROTO_ROUTING, TCP as IPPROTO_TCP, UDP as IPPROTO_UDP,
     },
 };
 
@@ -27,7 +27,6 @@ const ETH_P_8021AD: u16 = 0x88A8;
 const ETH_P_PPPOE_SESSION: u16 = 0x8864;
 const PPP_IPV4: u16 = 0x0021;
 const PPP_IPV6: u16 = 0x0057;
-
 
 /// VLAN tags we look through (802.1Q, QinQ).
 const MAX_VLAN_TAGS: usize = 2;

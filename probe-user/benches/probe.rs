@@ -154,14 +154,14 @@ fn quic_initial() -> Vec<u8> {
 }
 
 const DNS_QUERY: [u8; 33] = [
-    0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c',
-    b'o', b'm', 0, 0, 1, 0, 1,
+    0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3,
+    b'c', b'o', b'm', 0, 0, 1, 0, 1,
 ];
 
 /// Its answer: one A record.
 const DNS_ANSWER: [u8; 49] = [
-    0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e', 3, b'c',
-    b'o', b'm', 0, 0, 1, 0, 1, 0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4, 198, 51, 100, 10,
+    0x12, 0x34, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0, 3, b'w', b'w', b'w', 7, b'e', b'x', b'a', b'm', b'p', b'l', b'e',
+    3, b'c', b'o', b'm', 0, 0, 1, 0, 1, 0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4, 198, 51, 100, 10,
 ];
 
 fn clear_flows(probe: &mut Probe) -> Result<()> {
@@ -219,7 +219,13 @@ fn test_runs() -> Result<TestRuns> {
     // flow: data from the server (never a hint).
     let data = tcp(40000, false, false, 100);
     probe.test_run(role::LAN, &tcp(40000, true, true, 0))?;
-    let server_to_client = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(192, 168, 1, 23), dst_port: 40000, proto: Proto::Tcp };
+    let server_to_client = Tuple {
+        src: ipv4(203, 0, 113, 10),
+        src_port: 443,
+        dst: ipv4(192, 168, 1, 23),
+        dst_port: 40000,
+        proto: Proto::Tcp,
+    };
     baseline.insert_flow(server_to_client.key().0)?;
     let floors: Vec<Floor> = Floor::ALL.into_iter().filter(|floor| baseline.has(*floor)).collect();
     let mut floor_reps = vec![Vec::new(); floors.len()];
@@ -255,10 +261,31 @@ fn test_runs() -> Result<TestRuns> {
         let port = move |i: u16| 1024 + ((u32::from(i) + round as u32 * 11_000) % 64_000) as u16;
         let b = &mut buffers;
         let results = [
-            per_call(&mut probe, &baseline, b, flows, |i| vec![tcp(port(i), true, true, 0), tcp(port(i), false, true, 0)], |i| tcp(port(i), false, false, 100))?,
+            per_call(
+                &mut probe,
+                &baseline,
+                b,
+                flows,
+                |i| vec![tcp(port(i), true, true, 0), tcp(port(i), false, true, 0)],
+                |i| tcp(port(i), false, false, 100),
+            )?,
             per_call(&mut probe, &baseline, b, flows, |_| vec![], |i| tcp(port(i), true, true, 0))?,
-            per_call(&mut probe, &baseline, b, flows, |i| vec![tcp(port(i), true, true, 0), tcp(port(i), false, true, 0)], |i| tcp(port(i), true, false, 1400))?,
-            per_call(&mut probe, &baseline, b, flows, |_| vec![], |i| udp(port(i), [198, 51, 100, 53], 53, &DNS_QUERY))?,
+            per_call(
+                &mut probe,
+                &baseline,
+                b,
+                flows,
+                |i| vec![tcp(port(i), true, true, 0), tcp(port(i), false, true, 0)],
+                |i| tcp(port(i), true, false, 1400),
+            )?,
+            per_call(
+                &mut probe,
+                &baseline,
+                b,
+                flows,
+                |_| vec![],
+                |i| udp(port(i), [198, 51, 100, 53], 53, &DNS_QUERY),
+            )?,
             per_call(&mut probe, &baseline, b, flows, |_| vec![], |i| udp(port(i), SERVER, 443, &quic))?,
         ];
         for (row, (probe_ns, bare_ns)) in rows.iter_mut().zip(results) {
@@ -292,11 +319,15 @@ fn test_runs() -> Result<TestRuns> {
     let counters = probe.counters()?;
     let floor_ns: Vec<(Floor, f64)> = floors.iter().copied().zip(floor_reps.into_iter().map(median)).collect();
     let floor = |wanted: Floor| floor_ns.iter().find(|(f, _)| *f == wanted).map(|(_, ns)| *ns);
-    let (bare, lookup, mid) = (floor(Floor::Pass).unwrap_or(f64::NAN), floor(Floor::Lookup).unwrap_or(f64::NAN), median(mid_rep));
+    let (bare, lookup, mid) =
+        (floor(Floor::Pass).unwrap_or(f64::NAN), floor(Floor::Lookup).unwrap_or(f64::NAN), median(mid_rep));
     let mid_one = median(rows[0].2.clone());
 
     let mut json = Map::new();
-    println!("== BPF_PROG_TEST_RUN (median of {ROUNDS} rounds; ns per packet; events through the {}) ==", probe.event_path().name());
+    println!(
+        "== BPF_PROG_TEST_RUN (median of {ROUNDS} rounds; ns per packet; events through the {}) ==",
+        probe.event_path().name()
+    );
     println!("  large repeat (median of {REPEAT_ROUNDS} rounds of {repeat} runs of one frame):");
     println!("    bare XDP_PASS                                   {bare:8.1}");
     println!("    parse + one flow table lookup (the floor)       {lookup:8.1}   {:6.2}x bare", lookup / bare);
@@ -422,7 +453,9 @@ fn ring_contention(baseline: &mut Baseline, frame: &[u8]) -> Result<Map<String, 
         bail!("reserve contention: {records} records and {lost} without room, {expected} sent");
     }
     let (alone, shared, per_cpu) = (median(alone), median(shared), median(per_cpu));
-    println!("  reserve contention (ns per flow event sent, median of {REPEAT_ROUNDS} rounds of {CONTENTION_REPEAT} per CPU):");
+    println!(
+        "  reserve contention (ns per flow event sent, median of {REPEAT_ROUNDS} rounds of {CONTENTION_REPEAT} per CPU):"
+    );
     println!("    one ring, one CPU sending                       {alone:8.1}");
     println!("    one ring, both CPUs sending at once             {shared:8.1}   {:6.2}x one CPU", shared / alone);
     println!("    a ring per CPU, both CPUs sending at once       {per_cpu:8.1}   {:6.2}x one CPU", per_cpu / alone);
@@ -450,7 +483,10 @@ fn run_on_cpus(baseline: &Baseline, layout: RingLayout, frame: &[u8], cpus: usiz
                 })
             })
             .collect();
-        threads.into_iter().map(|thread| thread.join().map_err(|_| anyhow::anyhow!("a sending thread panicked"))?).collect::<Result<Vec<u64>>>()
+        threads
+            .into_iter()
+            .map(|thread| thread.join().map_err(|_| anyhow::anyhow!("a sending thread panicked"))?)
+            .collect::<Result<Vec<u64>>>()
     })?;
     Ok(per_run.iter().sum::<u64>() as f64 / cpus as f64)
 }
@@ -473,9 +509,15 @@ fn prog_stats(pair: &NetnsPair) -> Result<(u64, u64, u32)> {
 /// Load average and CPU pressure (the share of time some task waited for a
 /// CPU, last 10 s): how busy the machine was around the figures.
 fn loadavg() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ");
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let pressure = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
-    let some = pressure.lines().find(|l| l.starts_with("some")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("avg10=?");
+    let some =
+        pressure.lines().find(|l| l.starts_with("some")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("avg10=?");
     format!("{load}, CPU pressure {some}%")
 }
 
@@ -494,7 +536,15 @@ impl Phase {
 
 /// Sends traffic from the sender's namespace (a thread made for it) at `rate`
 /// (None: flat out) and counts what the receiving interface received.
-fn send_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64) -> Result<Phase> {
+fn send_phase(
+    pair: &NetnsPair,
+    macs: ([u8; 6], [u8; 6]),
+    segments: u32,
+    first_conn: u64,
+    rate: Option<f64>,
+    seconds: f64,
+    max_packets: u64,
+) -> Result<Phase> {
     let (rx0, drop0) = pair.rx_stats()?;
     let (ns, interface) = (pair.tx_ns.clone(), pair.tx_if.clone());
     let stop = Arc::new(AtomicBool::new(false));
@@ -546,7 +596,11 @@ fn thread_cpu() -> Duration {
 /// The agent's event path: a current-thread tokio runtime on its own thread
 /// running `events::spawn_readers` into a channel of the agent's size, and a
 /// consumer counting what arrives, until `stop`.
-fn spawn_reader(reader: Option<EventReader>, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::thread::JoinHandle<Result<ReaderResult>> {
+fn spawn_reader(
+    reader: Option<EventReader>,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Result<ReaderResult>> {
     std::thread::spawn(move || {
         if let Some(cpu) = std::env::var("ICR_BENCH_READER_CPU").ok().and_then(|n| n.parse::<usize>().ok()) {
             pin(cpu);
@@ -633,8 +687,19 @@ fn irq_work_interrupts() -> u64 {
 /// opened (each event fails at once), a ring fills and then fails each
 /// event; counted lost, which shows what the probe costs without delivery.
 #[allow(clippy::too_many_arguments)]
-fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_conn: u64, rate: Option<f64>, seconds: f64, max_packets: u64, deliver: bool, events: Option<EventPath>) -> Result<ProbePhase> {
-    let mut probe = Probe::load(ProbeOptions { events, flow_table_size: flow_table_size(), ..ProbeOptions::default() })?;
+fn probe_phase(
+    pair: &NetnsPair,
+    macs: ([u8; 6], [u8; 6]),
+    segments: u32,
+    first_conn: u64,
+    rate: Option<f64>,
+    seconds: f64,
+    max_packets: u64,
+    deliver: bool,
+    events: Option<EventPath>,
+) -> Result<ProbePhase> {
+    let mut probe =
+        Probe::load(ProbeOptions { events, flow_table_size: flow_table_size(), ..ProbeOptions::default() })?;
     netns::in_netns(&pair.rx_ns, || probe.attach(&pair.rx_if, role::LAN))??;
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let reader = if deliver { Some(probe.open_events()?) } else { None };
@@ -647,7 +712,10 @@ fn probe_phase(pair: &NetnsPair, macs: ([u8; 6], [u8; 6]), segments: u32, first_
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let counters = probe.counters()?;
-        if !deliver || received.load(Ordering::Relaxed) >= counters.get(counter::EVENTS_SENT) || Instant::now() > deadline {
+        if !deliver
+            || received.load(Ordering::Relaxed) >= counters.get(counter::EVENTS_SENT)
+            || Instant::now() > deadline
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -727,7 +795,8 @@ fn live() -> Result<Map<String, Value>> {
     if max.lost() > 0 {
         let mut rate = max.phase.pps() / 2.0;
         for _ in 0..5 {
-            let run = probe_phase(&pair, macs, segments, next_base(), Some(rate), seconds.min(3.0), max_packets, true, path)?;
+            let run =
+                probe_phase(&pair, macs, segments, next_base(), Some(rate), seconds.min(3.0), max_packets, true, path)?;
             println!("  rate {rate:.0} pps: {} events lost", run.lost());
             if run.lost() == 0 {
                 lossless = Some((rate, run));
@@ -740,7 +809,9 @@ fn live() -> Result<Map<String, Value>> {
     let silent = probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, false, path)?;
     // The perf buffer fallback at its highest rate, for comparison.
     let perf = (max.path != EventPath::Perf)
-        .then(|| probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true, Some(EventPath::Perf)))
+        .then(|| {
+            probe_phase(&pair, macs, segments, next_base(), None, seconds, max_packets, true, Some(EventPath::Perf))
+        })
         .transpose()?;
     drop(stats_fd);
 
@@ -871,7 +942,8 @@ fn live() -> Result<Map<String, Value>> {
     }
 
     // CPU per million packets.
-    let cpu_per_mpkt = |run: &ProbePhase| (run.run_ns as f64 / 1e9 + run.reader.cpu.as_secs_f64()) / (run.run_cnt.max(1) as f64 / 1e6);
+    let cpu_per_mpkt =
+        |run: &ProbePhase| (run.run_ns as f64 / 1e9 + run.reader.cpu.as_secs_f64()) / (run.run_cnt.max(1) as f64 / 1e6);
     let icr_cpu_s = cpu_per_mpkt(&max);
     let icr_kernel_s = (max.run_ns as f64 / 1e9) / (max.run_cnt.max(1) as f64 / 1e6);
     let sf_per = processed.max(1);

@@ -46,7 +46,13 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { records: 10_000_000, dir: PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-store")), per_second: 1_157.0, keep: false, clickhouse: false };
+    let mut args = Args {
+        records: 10_000_000,
+        dir: PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-store")),
+        per_second: 1_157.0,
+        keep: false,
+        clickhouse: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
@@ -61,7 +67,9 @@ fn parse_args() -> Result<Args> {
                 other => bail!("--backend {other}: sled or clickhouse"),
             },
             "--bench" => {}
-            other => bail!("unknown argument {other} (there is --records N, --dir DIR, --per-second R, --keep, --backend sled|clickhouse)"),
+            other => bail!(
+                "unknown argument {other} (there is --records N, --dir DIR, --per-second R, --keep, --backend sled|clickhouse)"
+            ),
         }
     }
     Ok(args)
@@ -102,7 +110,8 @@ impl Target for ClickHouseTarget {
     }
     fn bytes(&self) -> Result<u64> {
         // Every table: the three orderings and the holders, compressed.
-        let text = self.server.query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = 'icr' AND active")?;
+        let text =
+            self.server.query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = 'icr' AND active")?;
         text.trim().parse().with_context(|| format!("bytes on disk: {text:?}"))
     }
     fn backend(&self) -> &dyn Backend {
@@ -138,7 +147,11 @@ fn main() -> Result<()> {
     let by_kind = sled.0.bytes_by_kind()?;
     println!(
         "stored values by kind (bytes/ICR): {}",
-        by_kind.iter().map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / sled_figures.written as f64)).collect::<Vec<_>>().join(", ")
+        by_kind
+            .iter()
+            .map(|(kind, bytes)| format!("{kind} {:.1}", *bytes as f64 / sled_figures.written as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     drop(sled);
     let mut sled_json = json(&sled_figures, "sled", disk_mb_per_s);
@@ -168,13 +181,33 @@ fn main() -> Result<()> {
     if let Some(clickhouse) = &clickhouse_figures {
         let rows: [(&str, String, String); 8] = [
             ("ingest (ICRs/s)", format!("{:.0}", sled_figures.ingest_per_s), format!("{:.0}", clickhouse.ingest_per_s)),
-            ("bytes per ICR on disk", format!("{:.1}", sled_figures.bytes_per_icr), format!("{:.1}", clickhouse.bytes_per_icr)),
+            (
+                "bytes per ICR on disk",
+                format!("{:.1}", sled_figures.bytes_per_icr),
+                format!("{:.1}", clickhouse.bytes_per_icr),
+            ),
             ("resolve p50 (ms)", format!("{:.2}", sled_figures.resolve.0), format!("{:.2}", clickhouse.resolve.0)),
             ("resolve p99 (ms)", format!("{:.2}", sled_figures.resolve.1), format!("{:.2}", clickhouse.resolve.1)),
-            ("services, one device, one day p50 (ms)", format!("{:.1}", sled_figures.device.0), format!("{:.1}", clickhouse.device.0)),
-            ("services, one device, one day p99 (ms)", format!("{:.1}", sled_figures.device.1), format!("{:.1}", clickhouse.device.1)),
-            ("1,000 names over 30 days, median (ms)", format!("{:.0}", sled_figures.names.0), format!("{:.0}", clickhouse.names.0)),
-            ("1,000 names over 30 days, max (ms)", format!("{:.0}", sled_figures.names.1), format!("{:.0}", clickhouse.names.1)),
+            (
+                "services, one device, one day p50 (ms)",
+                format!("{:.1}", sled_figures.device.0),
+                format!("{:.1}", clickhouse.device.0),
+            ),
+            (
+                "services, one device, one day p99 (ms)",
+                format!("{:.1}", sled_figures.device.1),
+                format!("{:.1}", clickhouse.device.1),
+            ),
+            (
+                "1,000 names over 30 days, median (ms)",
+                format!("{:.0}", sled_figures.names.0),
+                format!("{:.0}", clickhouse.names.0),
+            ),
+            (
+                "1,000 names over 30 days, max (ms)",
+                format!("{:.0}", sled_figures.names.1),
+                format!("{:.0}", clickhouse.names.1),
+            ),
         ];
         println!("\n{:<42} {:>12} {:>12}", "", "sled", "clickhouse");
         for (what, sled, clickhouse) in rows {
@@ -314,16 +347,24 @@ fn measure(args: &Args, target: &mut dyn Target, disk_mb_per_s: f64) -> Result<F
     let mut names_ms = Vec::new();
     let mut hits = 0;
     for _ in 0..NAME_QUERIES {
-        let selectors: Vec<ServiceSelector> = (0..1_000)
-            .map(|_| ServiceSelector::Name(Generator::name(rng.random_range(1..=options.names))))
-            .collect();
+        let selectors: Vec<ServiceSelector> =
+            (0..1_000).map(|_| ServiceSelector::Name(Generator::name(rng.random_range(1..=options.names)))).collect();
         let started = Instant::now();
-        let found = questions::accessed(backend.by_services(from, to, &selectors, LocalFilter::Include)?, &selectors, LocalFilter::Include);
+        let found = questions::accessed(
+            backend.by_services(from, to, &selectors, LocalFilter::Include)?,
+            &selectors,
+            LocalFilter::Include,
+        );
         names_ms.push(started.elapsed().as_secs_f64() * 1e3);
         hits += found.len();
     }
     let names = (percentile(&mut names_ms, 0.5), names_ms.iter().cloned().fold(0.0, f64::max));
-    println!("devices using any of 1,000 names over 30 days: median {:.0} ms, max {:.0} ms ({} records a query)", names.0, names.1, hits / NAME_QUERIES);
+    println!(
+        "devices using any of 1,000 names over 30 days: median {:.0} ms, max {:.0} ms ({} records a query)",
+        names.0,
+        names.1,
+        hits / NAME_QUERIES
+    );
     let _ = disk_mb_per_s;
     Ok(Figures { written, ingest_per_s, ingest_mb_per_s, bytes_per_icr, resolve, resolved, device, names, peak_rss_mb })
 }

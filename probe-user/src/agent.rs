@@ -17,20 +17,20 @@ use tokio::{
 };
 
 use crate::{
-    export::clickhouse::ClickHouse,
     capture::clock::{Clock, monotonic_ns},
-    config::Config,
     capture::events,
     capture::flow::{Assembler, nanos},
-    icr::{EndReason, Icr},
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
     capture::probe::{Probe, ProbeOptions},
+    capture::subscribers::Directory,
+    config::Config,
+    export::clickhouse::ClickHouse,
+    icr::{EndReason, Icr},
     store::{
         Store,
         gaps::{Gap, LossKind, Watermark},
     },
-    capture::subscribers::Directory,
 };
 
 /// How often due flows are closed and records written.
@@ -91,7 +91,13 @@ struct ServiceRuntime(Option<tokio::runtime::Runtime>);
 const SERVICE_THREADS: usize = 2;
 
 impl ServiceRuntime {
-    async fn start(db: &Path, config: &Config, config_file: Option<PathBuf>, store: &Store, snapshot: &crate::serve::metrics::Shared) -> Result<Self> {
+    async fn start(
+        db: &Path,
+        config: &Config,
+        config_file: Option<PathBuf>,
+        store: &Store,
+        snapshot: &crate::serve::metrics::Shared,
+    ) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(SERVICE_THREADS)
             .thread_name("icr-doors")
@@ -159,9 +165,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let (nat_tx, mut nat_rx) = mpsc::channel(EVENT_QUEUE);
     let nat_expected = !wan.is_empty();
-    if nat_expected
-        && let Err(error) = conntrack::spawn(nat_tx)
-    {
+    if nat_expected && let Err(error) = conntrack::spawn(nat_tx) {
         warn!("{error:#}; records will have no public address");
     }
 
@@ -181,7 +185,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // earlier losses are not this agent's open flows').
     let mut kernel_events_lost = probe.counters().map(|c| c.get(counter::EVENTS_LOST)).unwrap_or(0);
 
-    let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
+    let mut assembler =
+        Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
     let nat_grace = nanos(timeouts.nat_grace());
     let mut nat = NatTable::default();
     let mut tick = interval(TICK);
@@ -297,7 +302,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
     let records = named_records(&mut assembler, &directory, &probe_id);
     let flows = assembler.take_closed_flows();
-    queue_batch(&write_tx, Batch { records, flows, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) }).await?;
+    queue_batch(&write_tx, Batch { records, flows, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) })
+        .await?;
     drop(write_tx);
     writer.await.context("the writer task failed")?;
     while let Ok(flows) = stored_rx.try_recv() {
@@ -359,8 +365,12 @@ fn loss_tracker(store: &Store, probe: &Probe, loaded_at: DateTime<Utc>) -> Resul
     let last = store.watermark()?;
     match last {
         Some(last) if probe.adopted() && last.probe == probe.instance() => {
-            let baseline = Totals { events_lost: last.events_lost, flow_table_full: last.flow_table_full, ..Totals::default() };
-            info!("adopted the pinned probe: counting losses since the last agent's watermark at {}", crate::icr::format_time(&last.at));
+            let baseline =
+                Totals { events_lost: last.events_lost, flow_table_full: last.flow_table_full, ..Totals::default() };
+            info!(
+                "adopted the pinned probe: counting losses since the last agent's watermark at {}",
+                crate::icr::format_time(&last.at)
+            );
             Ok(LossTracker::new(baseline, last.at))
         }
         last => {
@@ -385,7 +395,12 @@ fn loss_tracker(store: &Store, probe: &Probe, loaded_at: DateTime<Utc>) -> Resul
 
 fn watermark(probe: &Probe, losses: &LossTracker) -> Watermark {
     let totals = losses.totals();
-    Watermark { probe: probe.instance(), at: Utc::now(), events_lost: totals.events_lost, flow_table_full: totals.flow_table_full }
+    Watermark {
+        probe: probe.instance(),
+        at: Utc::now(),
+        events_lost: totals.events_lost,
+        flow_table_full: totals.flow_table_full,
+    }
 }
 
 /// The writer: takes queued batches (several at once when it is behind),
@@ -412,7 +427,9 @@ fn spawn_writer(
                 let _ = stored.send(std::mem::take(&mut batch.flows));
             }
             if !batch.gaps.is_empty() || batch.watermark.is_some() {
-                until_written("recording capture gaps", &snapshot, || store.record_gaps(&batch.gaps, batch.watermark.as_ref()));
+                until_written("recording capture gaps", &snapshot, || {
+                    store.record_gaps(&batch.gaps, batch.watermark.as_ref())
+                });
             }
             if let Ok(mut s) = snapshot.lock() {
                 s.records_stored += batch.records.len() as u64;

@@ -122,7 +122,11 @@ pub fn read_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<
     if let Some(store_dir) = store_dir {
         let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         if canonical(path).starts_with(canonical(store_dir)) {
-            bail!("{what} {} is inside the store {}: keep it where the store's writers cannot read it", path.display(), store_dir.display());
+            bail!(
+                "{what} {} is inside the store {}: keep it where the store's writers cannot read it",
+                path.display(),
+                store_dir.display()
+            );
         }
     }
     std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
@@ -363,9 +367,12 @@ impl StoreConfig {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(LoadedConfig { config: Config::default(), sha256: None });
             }
-            Err(error) => return Err(error).with_context(|| format!("reading the configuration {}", self.path.display())),
+            Err(error) => {
+                return Err(error).with_context(|| format!("reading the configuration {}", self.path.display()));
+            }
         };
-        let text = String::from_utf8(bytes).with_context(|| format!("the configuration {} is not UTF-8", self.path.display()))?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("the configuration {} is not UTF-8", self.path.display()))?;
         let config = Config::parse(&text).with_context(|| format!("in the configuration {}", self.path.display()))?;
         let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
         Ok(LoadedConfig { config, sha256: Some(sha256) })
@@ -381,8 +388,8 @@ impl Config {
             (None, None) => None,
         };
         let Some(path) = path else { return Ok(Self::default()) };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("reading the configuration {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
     }
 
@@ -394,10 +401,7 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         if self.retention_days > MAX_RETENTION_DAYS {
-            bail!(
-                "retention_days = {} exceeds the maximum of {MAX_RETENTION_DAYS} (12 months)",
-                self.retention_days
-            );
+            bail!("retention_days = {} exceeds the maximum of {MAX_RETENTION_DAYS} (12 months)", self.retention_days);
         }
         if self.retention_days == 0 {
             bail!("retention_days must be at least 1");
@@ -461,7 +465,9 @@ impl Config {
     pub fn probe_id(&self) -> String {
         match &self.probe_id {
             Some(id) => id.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|name| name.trim().to_string()).unwrap_or_default(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -496,8 +502,7 @@ fn duration(text: &Option<String>, default: Duration, name: &str) -> Result<Dura
 
 /// `90s`, `5m`, `2h`, `1h30m`, `250ms`.
 pub fn parse_duration(text: &str) -> Result<Duration> {
-    humantime::parse_duration(text.trim())
-        .with_context(|| format!("{text:?} is not a duration like 90s, 5m or 2h"))
+    humantime::parse_duration(text.trim()).with_context(|| format!("{text:?} is not a duration like 90s, 5m or 2h"))
 }
 
 #[cfg(test)]
@@ -557,19 +562,31 @@ mod tests {
         let local = "[[authority]]\nname = \"force\"\nkind = \"local\"\npurposes = [1, 2, 3]\n";
         assert!(refusal(&format!("{police}{local}")).contains("authority \"force\" is configured twice"));
         assert!(refusal("[[authority]]\nname = \" \"\nkind = \"police\"").contains("empty name"));
-        assert!(refusal("[timeouts]\ntcp_idle = \"0s\"").contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero"));
+        assert!(
+            refusal("[timeouts]\ntcp_idle = \"0s\"")
+                .contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero")
+        );
         assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
         assert!(Config::parse(police).is_ok());
     }
 
     #[test]
     fn a_clickhouse_url_with_credentials_is_refused_without_showing_them() {
-        for url in ["https://icr:s3cret@10.0.0.5:8443", "http://10.0.0.5:8123/?password=s3cret", "http://10.0.0.5:8123/?user=icr"] {
+        for url in [
+            "https://icr:s3cret@10.0.0.5:8443",
+            "http://10.0.0.5:8123/?password=s3cret",
+            "http://10.0.0.5:8123/?user=icr",
+        ] {
             let refused = refusal(&format!("[clickhouse]\nurl = \"{url}\"\n"));
             assert!(refused.contains("carries credentials") && !refused.contains("s3cret"), "{refused}");
         }
-        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\nuser = \"a b\"\n").contains("is not a ClickHouse user name"));
-        assert!(refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\npassword = \"s3cret\"\n").contains("unknown field"));
+        assert!(
+            refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\nuser = \"a b\"\n")
+                .contains("is not a ClickHouse user name")
+        );
+        assert!(
+            refusal("[clickhouse]\nurl = \"https://10.0.0.5:8443\"\npassword = \"s3cret\"\n").contains("unknown field")
+        );
         let config = Config::parse(
             "[clickhouse]\nurl = \"https://10.0.0.5:8443\"\ncluster = \"icr\"\nuser = \"icr_gw07\"\n\
              password_file = \"/etc/icr/clickhouse.password\"\nca = \"/etc/icr/clickhouse-ca.pem\"\n",
@@ -584,7 +601,10 @@ mod tests {
         assert!(refusal("[http]\nlisten = \"[2001:db8::1]:8080\"").contains("plain HTTP is allowed on loopback only"));
         assert!(Config::parse("[http]\nlisten = \"127.0.0.1:8080\"").is_ok());
         assert!(Config::parse("[http]\nlisten = \"[::1]:8080\"").is_ok());
-        assert!(Config::parse("[http]\nlisten = \"0.0.0.0:8443\"\ncert = \"/etc/icr/c.pem\"\nkey = \"/etc/icr/k.pem\"").is_ok());
+        assert!(
+            Config::parse("[http]\nlisten = \"0.0.0.0:8443\"\ncert = \"/etc/icr/c.pem\"\nkey = \"/etc/icr/k.pem\"")
+                .is_ok()
+        );
     }
 }
 
@@ -646,10 +666,15 @@ impl HttpSection {
         // One request's body must fit: a smaller budget would refuse it always.
         match at_least_one("max_body_bytes_in_flight", self.max_body_bytes_in_flight, MAX_BODY_BYTES_IN_FLIGHT)? {
             small if small < crate::serve::http::MAX_BODY_BYTES => {
-                bail!("[http] max_body_bytes_in_flight = {small} must be at least {} (one request's body)", crate::serve::http::MAX_BODY_BYTES)
+                bail!(
+                    "[http] max_body_bytes_in_flight = {small} must be at least {} (one request's body)",
+                    crate::serve::http::MAX_BODY_BYTES
+                )
             }
             // The semaphore that counts them holds at most this many.
-            big if big > u32::MAX as usize => bail!("[http] max_body_bytes_in_flight = {big} must be at most {}", u32::MAX),
+            big if big > u32::MAX as usize => {
+                bail!("[http] max_body_bytes_in_flight = {big} must be at most {}", u32::MAX)
+            }
             bytes => Ok(bytes),
         }
     }

@@ -217,9 +217,7 @@ pub(crate) mod micros {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(serde::de::Error::custom)
+        DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&Utc)).map_err(serde::de::Error::custom)
     }
 }
 
@@ -285,7 +283,8 @@ mod tests {
             code.push('\n');
             comments.push_str(comment);
         }
-        let shown: serde_json::Value = serde_json::from_str(&code).expect("the contract's example is JSON once its comments go");
+        let shown: serde_json::Value =
+            serde_json::from_str(&code).expect("the contract's example is JSON once its comments go");
         let mut documented = std::collections::BTreeSet::new();
         field_paths(&shown, "", &mut documented);
 
@@ -298,7 +297,8 @@ mod tests {
             origin: Some(DnsOrigin { dns_at: full.start, resolver: "192.0.2.53:53".parse().unwrap() }),
             ..Service::carried("mail.example.com".into(), ServiceSource::Dns, true)
         });
-        let exchange = Dns { qname: "mail.example.com".into(), qtype: "A".into(), answers: vec!["216.239.32.10".into()] };
+        let exchange =
+            Dns { qname: "mail.example.com".into(), qtype: "A".into(), answers: vec!["216.239.32.10".into()] };
         full.dns = Some(exchange.clone());
         full.dns_all = vec![exchange];
         let mut written = std::collections::BTreeSet::new();

@@ -28,7 +28,13 @@ fn main() {
     let result: Result<(), Failure> = match cli.command {
         Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db))
             .and_then(|config| {
-                let options = RunOptions { lan: args.lan, wan: args.wan, db: args.store.db, config, config_file: args.store.config };
+                let options = RunOptions {
+                    lan: args.lan,
+                    wan: args.wan,
+                    db: args.store.db,
+                    config,
+                    config_file: args.store.config,
+                };
                 tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
             })
             .map_err(Failure::from),
@@ -41,7 +47,12 @@ fn main() {
             Ok(request) => {
                 let target = query.target();
                 match (&target.clickhouse, &target.db) {
-                    (Some(url), db) => ask_cluster(url, db.as_deref().unwrap_or(Path::new(icr::serve::cli::CENTRAL_DIR)), request, &mut stdout),
+                    (Some(url), db) => ask_cluster(
+                        url,
+                        db.as_deref().unwrap_or(Path::new(icr::serve::cli::CENTRAL_DIR)),
+                        request,
+                        &mut stdout,
+                    ),
                     (None, Some(db)) => ask_store(db, request, &mut stdout),
                     (None, None) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
                 }
@@ -55,8 +66,9 @@ fn main() {
             Some(url) => {
                 let dir = args.target.dir();
                 let governing = StoreConfig::of_store(&dir);
-                commands::sweep_cluster(args.target.config.as_deref(), url, &dir, &governing)
-                    .and_then(|summary| writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e))))
+                commands::sweep_cluster(args.target.config.as_deref(), url, &dir, &governing).and_then(|summary| {
+                    writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e)))
+                })
             }
             None => sweep(&args.target.dir(), args.target.config.as_deref(), &mut stdout),
         },

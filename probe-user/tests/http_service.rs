@@ -33,7 +33,11 @@ impl Api {
         std::fs::create_dir(&db).unwrap();
         let certificate = if tls {
             make_certificate(dir.path());
-            format!("cert = \"{}\"\nkey = \"{}\"\n", dir.path().join("api.pem").display(), dir.path().join("api.key").display())
+            format!(
+                "cert = \"{}\"\nkey = \"{}\"\n",
+                dir.path().join("api.pem").display(),
+                dir.path().join("api.key").display()
+            )
         } else {
             String::new()
         };
@@ -81,10 +85,29 @@ fn make_certificate(dir: &Path) {
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"]].concat());
+    openssl(
+        &[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"]]
+            .concat(),
+    );
     openssl(&[&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "api.key", "-out", "api.csr"]].concat());
     std::fs::write(dir.join("api.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
-    openssl(&["x509", "-req", "-in", "api.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "api.ext", "-out", "api.pem"]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "api.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "api.ext",
+        "-out",
+        "api.pem",
+    ]);
 }
 
 /// A TLS client trusting the test CA, offering `alpn`.
@@ -191,7 +214,10 @@ async fn idle_and_slow_connections_cannot_hold_the_service() {
     }
     let served = served_within(api.addr(), Duration::from_secs(12)).await;
     // Before: each held 60 s and more, so no new client for the whole wait.
-    assert!(served.is_some_and(|after| after < Duration::from_secs(8)), "a new client is served while the idle sockets are open: {served:?}");
+    assert!(
+        served.is_some_and(|after| after < Duration::from_secs(8)),
+        "a new client is served while the idle sockets are open: {served:?}"
+    );
     for stream in &mut held {
         assert!(closed_within(stream, Duration::from_secs(2)).await, "an idle socket is closed by the server");
     }
@@ -219,7 +245,10 @@ async fn idle_and_slow_connections_cannot_hold_the_service() {
         }
     }
     // Before: held for as long as the client likes.
-    assert!(cut.is_some_and(|after| after < Duration::from_secs(12)), "a client that reads nothing is cut off: {cut:?}");
+    assert!(
+        cut.is_some_and(|after| after < Duration::from_secs(12)),
+        "a client that reads nothing is cut off: {cut:?}"
+    );
 
     // A console form sent a byte at a time is cut off, as the API's bodies are.
     let mut stream = connect_from("127.0.0.1", api.addr()).await.unwrap();
@@ -276,7 +305,9 @@ async fn idle_tls_connections_cannot_hold_the_service_and_http2_is_not_offered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_checks_and_unread_bodies_are_bounded() {
-    let api = Api::start("max_token_checks = 2\nmax_body_bytes_in_flight = 4194304\nrequest_timeout = \"10s\"\n", false).await;
+    let api =
+        Api::start("max_token_checks = 2\nmax_body_bytes_in_flight = 4194304\nrequest_timeout = \"10s\"\n", false)
+            .await;
     // 40 wrong sign-ins at once, from 40 addresses (no slowdown shared).
     let guesses: Vec<_> = (0..40)
         .map(|index| {
@@ -348,7 +379,10 @@ async fn unauthenticated_refusals_cannot_fill_the_audit_log() {
     let name = "b".repeat(40_000);
     let requests: Vec<_> = (0..30)
         .map(|_| {
-            let (addr, request) = (api.addr(), api_request(&format!("Content-Type: application/json\r\nICR-Authority: {name}\r\n"), SERVICES));
+            let (addr, request) = (
+                api.addr(),
+                api_request(&format!("Content-Type: application/json\r\nICR-Authority: {name}\r\n"), SERVICES),
+            );
             tokio::spawn(async move { ask(addr, &request).await.0 })
         })
         .collect();
@@ -364,7 +398,10 @@ async fn unauthenticated_refusals_cannot_fill_the_audit_log() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let text = api.audit_text();
-    let summary = text.lines().find(|line| line.contains("\"http refusals\"")).unwrap_or_else(|| panic!("a summary entry: {text}"));
+    let summary = text
+        .lines()
+        .find(|line| line.contains("\"http refusals\""))
+        .unwrap_or_else(|| panic!("a summary entry: {text}"));
     let summary: serde_json::Value = serde_json::from_str(summary).unwrap();
     assert_eq!(summary["parameters"]["client"], "127.0.0.1");
     let written = text.lines().filter(|line| line.contains("\"http query services\"")).count() as u64;
@@ -376,7 +413,10 @@ async fn unauthenticated_refusals_cannot_fill_the_audit_log() {
 /// How long a wrong API guess from `from` for `authority` takes to answer (401).
 async fn guess(addr: SocketAddr, from: &str, authority: &str, token: &str) -> (u16, Duration) {
     let start = Instant::now();
-    let request = api_request(&format!("Content-Type: application/json\r\nICR-Authority: {authority}\r\nAuthorization: Bearer {token}\r\n"), SERVICES);
+    let request = api_request(
+        &format!("Content-Type: application/json\r\nICR-Authority: {authority}\r\nAuthorization: Bearer {token}\r\n"),
+        SERVICES,
+    );
     // A busy answer (503) is not a guess: tried again.
     for _ in 0..400 {
         let stream = connect_from(from, addr).await.unwrap();
@@ -393,7 +433,8 @@ async fn guess(addr: SocketAddr, from: &str, authority: &str, token: &str) -> (u
 async fn guesses_slow_down_per_address_and_per_name_even_in_parallel() {
     let api = Api::start("max_token_checks = 2\nrequest_timeout = \"30s\"\n", false).await;
     let addr = api.addr();
-    let parallel: Vec<_> = (0..8).map(|_| tokio::spawn(async move { guess(addr, "127.0.0.1", "met", "wrong").await })).collect();
+    let parallel: Vec<_> =
+        (0..8).map(|_| tokio::spawn(async move { guess(addr, "127.0.0.1", "met", "wrong").await })).collect();
     let mut took = Vec::new();
     for guess in parallel {
         let (status, after) = guess.await.unwrap();
@@ -412,7 +453,10 @@ async fn guesses_slow_down_per_address_and_per_name_even_in_parallel() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = Instant::now();
     let stream = connect_from("127.0.0.3", addr).await.unwrap();
-    let request = api_request(&format!("Content-Type: application/json\r\nICR-Authority: nca\r\nAuthorization: Bearer {OTHER_TOKEN}\r\n"), SERVICES);
+    let request = api_request(
+        &format!("Content-Type: application/json\r\nICR-Authority: nca\r\nAuthorization: Bearer {OTHER_TOKEN}\r\n"),
+        SERVICES,
+    );
     let (status, answer) = exchange(stream, &request, Duration::from_secs(30)).await;
     assert_eq!(status, 200, "{answer}");
     assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
@@ -427,7 +471,10 @@ async fn guesses_slow_down_per_address_and_per_name_even_in_parallel() {
 
 /// The session cookie a sign-in answer sets.
 fn cookie_of(answer: &str) -> String {
-    let line = answer.lines().find(|line| line.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or_else(|| panic!("a cookie: {answer}"));
+    let line = answer
+        .lines()
+        .find(|line| line.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("a cookie: {answer}"));
     line.split_once(':').unwrap().1.split(';').next().unwrap().trim().to_string()
 }
 
@@ -443,7 +490,10 @@ async fn one_authority_signing_in_again_and_again_ends_only_its_own_sessions() {
         assert_eq!(status, 303, "{answer}");
         met.push(cookie_of(&answer));
     }
-    let home = |cookie: &str| format!("GET /console HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n").into_bytes();
+    let home = |cookie: &str| {
+        format!("GET /console HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n")
+            .into_bytes()
+    };
     let (_, page) = ask(api.addr(), &home(&nca)).await;
     // Before: evicted by met's 64 sign-ins.
     assert!(page.contains("Signed in as"), "nca's session is alive");
@@ -459,23 +509,51 @@ async fn cross_site_requests_are_refused_unread_and_malformed_ones_audited() {
     let authorised = format!("ICR-Authority: met\r\nAuthorization: Bearer {TOKEN}\r\n");
     let before = api.audit_bytes();
     // What a page on another site can send: a text/plain form, or JSON with its Origin.
-    let (status, answer) = ask(api.addr(), &api_request("Content-Type: text/plain\r\nICR-Authority: met\r\n", SERVICES)).await;
+    let (status, answer) =
+        ask(api.addr(), &api_request("Content-Type: text/plain\r\nICR-Authority: met\r\n", SERVICES)).await;
     assert_eq!(status, 415, "{answer}");
-    let (status, _) = ask(api.addr(), &api_request("Content-Type: application/json\r\nOrigin: https://evil.example\r\nICR-Authority: met\r\n", SERVICES)).await;
+    let (status, _) = ask(
+        api.addr(),
+        &api_request(
+            "Content-Type: application/json\r\nOrigin: https://evil.example\r\nICR-Authority: met\r\n",
+            SERVICES,
+        ),
+    )
+    .await;
     assert_eq!(status, 403);
-    let (status, _) = ask(api.addr(), &api_request(&format!("Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n{authorised}"), SERVICES)).await;
+    let (status, _) = ask(
+        api.addr(),
+        &api_request(
+            &format!("Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n{authorised}"),
+            SERVICES,
+        ),
+    )
+    .await;
     assert_eq!(status, 403);
     // Before: 401 and an audit entry each.
     assert_eq!(api.audit_bytes(), before, "nothing audited");
 
     // An authenticated request with a field the API does not take: 400, audited.
-    let (status, answer) = ask(api.addr(), &api_request(&format!("Content-Type: application/json\r\n{authorised}"), r#"{"db": "/tmp/elsewhere"}"#)).await;
+    let (status, answer) = ask(
+        api.addr(),
+        &api_request(&format!("Content-Type: application/json\r\n{authorised}"), r#"{"db": "/tmp/elsewhere"}"#),
+    )
+    .await;
     assert_eq!(status, 400, "{answer}");
     let text = api.audit_text();
-    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_else(|| panic!("audited: {text}"))).unwrap();
-    assert_eq!((last["command"].as_str(), last["authority"].as_str()), (Some("http query services"), Some("met")), "{last}");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or_else(|| panic!("audited: {text}"))).unwrap();
+    assert_eq!(
+        (last["command"].as_str(), last["authority"].as_str()),
+        (Some("http query services"), Some("met")),
+        "{last}"
+    );
     assert!(last["outcome"].as_str().unwrap().starts_with("failed: "), "{last}");
     // And a good one still answers.
-    let (status, answer) = ask(api.addr(), &api_request(&format!("Content-Type: application/json; charset=utf-8\r\n{authorised}"), SERVICES)).await;
+    let (status, answer) = ask(
+        api.addr(),
+        &api_request(&format!("Content-Type: application/json; charset=utf-8\r\n{authorised}"), SERVICES),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
 }

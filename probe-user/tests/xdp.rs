@@ -209,7 +209,8 @@ fn ipv6_udp_and_vlan_tagged_ipv4_are_tracked() {
     assert_eq!(value.packets[dir], 1);
     assert_eq!(value.bytes[dir], 40 + 8 + 30);
 
-    let v4 = Tuple { src: ipv4(10, 1, 0, 5), src_port: 5000, dst: ipv4(10, 2, 0, 9), dst_port: 6000, proto: Proto::Udp };
+    let v4 =
+        Tuple { src: ipv4(10, 1, 0, 5), src_port: 5000, dst: ipv4(10, 2, 0, 9), dst_port: 6000, proto: Proto::Udp };
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(DEVICE_MAC, GATEWAY_MAC)
         .single_vlan(VlanId::try_new(100).unwrap())
@@ -223,7 +224,13 @@ fn ipv6_udp_and_vlan_tagged_ipv4_are_tracked() {
     assert_eq!(value.vlan, [100, 0]);
     let events = h.all_events();
     let starts = events.iter().filter(|e| matches!(e, ProbeEvent::Flow(f) if f.kind == event_kind::FLOW_START)).count();
-    let hints: Vec<_> = events.iter().filter_map(|e| match e { ProbeEvent::Hint(f, _) => Some(f), _ => None }).collect();
+    let hints: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProbeEvent::Hint(f, _) => Some(f),
+            _ => None,
+        })
+        .collect();
     assert_eq!(starts, 2);
     assert_eq!(hints.len(), 1, "DNS is a hint, other UDP is not");
     assert_eq!(hints[0].key, dns6.key().0);
@@ -312,7 +319,13 @@ fn a_late_wan_packet_of_no_known_flow_makes_no_flow_and_is_counted() {
     let mut h = Harness::new();
     // The server's retransmitted FIN, a stray ACK and a RST, to the public
     // address, after the connection was written and its entries removed.
-    let from_server = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
+    let from_server = Tuple {
+        src: ipv4(203, 0, 113, 10),
+        src_port: 443,
+        dst: ipv4(198, 51, 100, 1),
+        dst_port: 10007,
+        proto: Proto::Tcp,
+    };
     for flags in [tcp_flags::FIN | tcp_flags::ACK, tcp_flags::ACK, tcp_flags::RST] {
         h.run(role::WAN, &tcp_frame(&from_server, flags, &[], GATEWAY_MAC));
     }
@@ -361,8 +374,17 @@ fn mid_flow_packets_never_date_a_flow_before_its_start() {
     }
     let after = monotonic_ns();
     let (value, _) = h.flow(&up).unwrap();
-    assert!(before <= value.first_ns && value.first_ns <= after, "the start is precise: {before} <= {} <= {after}", value.first_ns);
-    assert!(value.first_ns <= value.last_ns && value.last_ns <= after, "first {} last {} after {after}", value.first_ns, value.last_ns);
+    assert!(
+        before <= value.first_ns && value.first_ns <= after,
+        "the start is precise: {before} <= {} <= {after}",
+        value.first_ns
+    );
+    assert!(
+        value.first_ns <= value.last_ns && value.last_ns <= after,
+        "first {} last {} after {after}",
+        value.first_ns,
+        value.last_ns
+    );
     assert_eq!(value.packets.iter().sum::<u64>(), 102);
     let start = h.events();
     assert_eq!(start.len(), 1);
@@ -462,7 +484,13 @@ fn hints_stop_at_the_budget() {
 /// A device's DNS exchange with the gateway's own resolver: XDP sees the
 /// query arrive, only the egress program sees the answer leave.
 fn resolver_exchange() -> (Tuple, Vec<u8>, Vec<u8>) {
-    let query = Tuple { src: ipv4(192, 168, 1, 23), src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+    let query = Tuple {
+        src: ipv4(192, 168, 1, 23),
+        src_port: 40000,
+        dst: ipv4(192, 168, 1, 1),
+        dst_port: 53,
+        proto: Proto::Udp,
+    };
     let question = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x07example\x04test\x00\x00\x01\x00\x01";
     let mut answer = question.to_vec();
     answer[2] = 0x81;
@@ -485,7 +513,16 @@ fn the_gateways_own_dns_answer_is_counted_and_handed_over_on_egress() {
     h.egress(&answer, true);
     let (value, up) = h.flow(&query).expect("the query made a flow");
     let down = 1 - up;
-    assert_eq!(value.packets, { let mut p = [0; 2]; p[up] = 1; p[down] = 1; p }, "both directions counted, once each");
+    assert_eq!(
+        value.packets,
+        {
+            let mut p = [0; 2];
+            p[up] = 1;
+            p[down] = 1;
+            p
+        },
+        "both directions counted, once each"
+    );
     assert_eq!(value.roles[up], role::LAN);
     assert_eq!(value.roles[down], role::GATEWAY, "the answer is the gateway's own");
     assert_eq!(value.mac[down], GATEWAY_MAC);
@@ -499,7 +536,8 @@ fn the_gateways_own_dns_answer_is_counted_and_handed_over_on_egress() {
     // Over TCP: the answer segment from port 53 is a hint too.
     let tcp_query = Tuple { src_port: 40001, proto: Proto::Tcp, ..query };
     h.run(role::LAN, &tcp_frame(&tcp_query, tcp_flags::SYN, &[], DEVICE_MAC));
-    let tcp_answer = tcp_frame(&tcp_query.reversed(), tcp_flags::ACK, b"\x00\x20rest-of-a-dns-answer-over-tcp...", GATEWAY_MAC);
+    let tcp_answer =
+        tcp_frame(&tcp_query.reversed(), tcp_flags::ACK, b"\x00\x20rest-of-a-dns-answer-over-tcp...", GATEWAY_MAC);
     h.egress(&tcp_answer, true);
     let hints = h.hints();
     assert_eq!(hints.len(), 1);
@@ -519,7 +557,13 @@ fn forwarded_and_untracked_packets_are_left_alone_on_egress() {
         assert!(h.all_events().is_empty());
     }
     // The gateway's own packet to a device, of no flow a device opened.
-    let unsolicited = Tuple { src: ipv4(192, 168, 1, 1), src_port: 5353, dst: ipv4(192, 168, 1, 23), dst_port: 5353, proto: Proto::Udp };
+    let unsolicited = Tuple {
+        src: ipv4(192, 168, 1, 1),
+        src_port: 5353,
+        dst: ipv4(192, 168, 1, 23),
+        dst_port: 5353,
+        proto: Proto::Udp,
+    };
     h.egress(&udp_frame(&unsolicited, b"hello"), true);
     assert!(h.flow(&unsolicited).is_none(), "egress never creates a flow");
     assert!(h.all_events().is_empty());
@@ -579,10 +623,13 @@ fn kernel_has_ring_path() -> bool {
 #[test]
 fn the_ring_buffer_and_the_perf_fallback_deliver_the_same_events() {
     if !kernel_has_ring_path() {
-        let error = Probe::load(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() }).err().expect("no ring path here");
+        let error = Probe::load(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() })
+            .err()
+            .expect("no ring path here");
         assert!(format!("{error:#}").contains("bpf_xdp_load_bytes"), "{error:#}");
     }
-    let paths: &[EventPath] = if kernel_has_ring_path() { &[EventPath::Ring, EventPath::Perf] } else { &[EventPath::Perf] };
+    let paths: &[EventPath] =
+        if kernel_has_ring_path() { &[EventPath::Ring, EventPath::Perf] } else { &[EventPath::Perf] };
     let mut delivered = Vec::new();
     for &path in paths {
         let mut h = Harness::with_table(ProbeOptions { events: Some(path), ..ProbeOptions::default() });
@@ -605,7 +652,10 @@ fn the_ring_buffer_and_the_perf_fallback_deliver_the_same_events() {
         assert_eq!(h.counter(counter::EVENTS_LOST), 0, "{path:?}");
         delivered.push(events);
     }
-    assert!(delivered.windows(2).all(|pair| pair[0] == pair[1]), "ring and perf buffers carry the same events and frames");
+    assert!(
+        delivered.windows(2).all(|pair| pair[0] == pair[1]),
+        "ring and perf buffers carry the same events and frames"
+    );
 }
 
 #[test]
@@ -639,7 +689,8 @@ fn the_ring_buffer_wakes_the_reader_only_for_a_batch() {
 
 fn wakes_for_a_batch_only(ring_bytes: u32) {
     use std::os::fd::AsRawFd as _;
-    let options = ProbeOptions { events: Some(EventPath::Ring), event_ring_bytes: ring_bytes, ..ProbeOptions::default() };
+    let options =
+        ProbeOptions { events: Some(EventPath::Ring), event_ring_bytes: ring_bytes, ..ProbeOptions::default() };
     // The probe sends through the ring of the CPU it runs on: stay on one.
     pin_to_cpu(0);
     let mut h = Harness::with_table(options);
@@ -693,7 +744,10 @@ fn each_cpu_sends_through_its_own_ring() {
     let mut h = Harness::with_table(ProbeOptions { events: Some(EventPath::Ring), ..ProbeOptions::default() });
     for cpu in 0..2 {
         pin_to_cpu(cpu);
-        h.run(role::LAN, &tcp_frame(&Tuple { src_port: 2000 + cpu as u16, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC));
+        h.run(
+            role::LAN,
+            &tcp_frame(&Tuple { src_port: 2000 + cpu as u16, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC),
+        );
     }
     let EventReader::Ring(rings) = &mut h.buffers else { panic!("the ring path was asked for") };
     assert!(rings.len() >= 2, "a ring per CPU: {}", rings.len());
@@ -786,7 +840,8 @@ fn mutate(rng: &mut XorShift, seed: &[u8]) -> Vec<u8> {
             }
             // Ethertype to one of the tags the parser follows.
             _ => {
-                let kind: [u8; 2] = [[0x81, 0x00], [0x88, 0xa8], [0x88, 0x64], [0x86, 0xdd], [0x08, 0x00]][rng.below(5)];
+                let kind: [u8; 2] =
+                    [[0x81, 0x00], [0x88, 0xa8], [0x88, 0x64], [0x86, 0xdd], [0x08, 0x00]][rng.below(5)];
                 frame[12..14].copy_from_slice(&kind);
             }
         }
@@ -845,7 +900,8 @@ fn a_million_mutated_frames_all_pass_unmodified() {
     let counters = h.probe.counters().unwrap();
     assert_eq!(counters.get(counter::PACKETS), count);
     // Every kind of outcome was reached.
-    for index in [counter::MALFORMED, counter::NOT_IP, counter::FLOWS_CREATED, counter::HINTS_SENT, counter::FRAGMENTS] {
+    for index in [counter::MALFORMED, counter::NOT_IP, counter::FLOWS_CREATED, counter::HINTS_SENT, counter::FRAGMENTS]
+    {
         assert!(counters.get(index) > 0, "{} never counted", counter::NAMES[index as usize]);
     }
     assert!(egress_runs > count / 8, "only {egress_runs} of {} frames ran on egress", count / 4);
@@ -869,7 +925,9 @@ struct Netns(String);
 impl Netns {
     fn with_veth(name: &str) -> Self {
         let ns = Self(format!("{name}-{}", std::process::id()));
-        let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        let ip = |args: &[&str]| {
+            assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}")
+        };
         ip(&["netns", "add", &ns.0]);
         ip(&["-n", &ns.0, "link", "add", "busy0", "type", "veth", "peer", "name", "busy1"]);
         ip(&["-n", &ns.0, "link", "set", "busy0", "up"]);
@@ -934,6 +992,9 @@ fn without_bpf_permission_the_error_says_what_is_needed() {
         .expect("running setpriv (util-linux)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let message = stdout.lines().find_map(|line| line.split_once("ERROR: ").map(|(_, message)| message)).unwrap_or_else(|| panic!("no error printed: {stdout}"));
+    let message = stdout
+        .lines()
+        .find_map(|line| line.split_once("ERROR: ").map(|(_, message)| message))
+        .unwrap_or_else(|| panic!("no error printed: {stdout}"));
     assert!(message.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"), "{message}");
 }

@@ -42,8 +42,24 @@ fn resolve(store: &StoreDir, tolerance: &str) -> Output {
     let db = store.path().to_str().unwrap();
     icr(
         &[
-            "query", "resolve", "--ip", "203.0.113.1", "--at", "2026-11-22T15:00:00Z", "--tolerance", tolerance, "--db", db,
-            "--authority", "met", "--officer", "PC 1", "--reference", "OP-1", "--format", "ndjson",
+            "query",
+            "resolve",
+            "--ip",
+            "203.0.113.1",
+            "--at",
+            "2026-11-22T15:00:00Z",
+            "--tolerance",
+            tolerance,
+            "--db",
+            db,
+            "--authority",
+            "met",
+            "--officer",
+            "PC 1",
+            "--reference",
+            "OP-1",
+            "--format",
+            "ndjson",
         ],
         b"",
     )
@@ -58,7 +74,11 @@ fn an_overflowing_tolerance_is_a_clear_audited_error_not_a_panic() {
     let store = StoreDir::with_config(POLICE);
     let output = resolve(&store, "300000years");
     assert_eq!(output.status.code(), Some(1), "exit 1, not a panic: {}", stderr(&output));
-    assert!(stderr(&output).contains("--tolerance \"300000years\" reaches past the times this can represent"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--tolerance \"300000years\" reaches past the times this can represent"),
+        "{}",
+        stderr(&output)
+    );
     let audit = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
     assert_eq!(audit.lines().count(), 1, "the failed query is audited: {audit}");
     assert!(audit.contains("\"outcome\":\"failed: --tolerance"), "{audit}");
@@ -76,7 +96,10 @@ fn an_authority_configured_twice_is_refused_before_anything_is_answered() {
     let output = resolve(&store, "5m");
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("authority \"met\" is configured twice"), "{}", stderr(&output));
-    assert!(!store.path().join("audit.log").exists() || std::fs::read_to_string(store.path().join("audit.log")).unwrap().is_empty());
+    assert!(
+        !store.path().join("audit.log").exists()
+            || std::fs::read_to_string(store.path().join("audit.log")).unwrap().is_empty()
+    );
 }
 
 #[test]
@@ -105,8 +128,24 @@ fn query_accessed(store: &StoreDir, service: &str) -> Output {
     let db = store.path().to_str().unwrap();
     icr(
         &[
-            "query", "accessed", "--service", service, "--from", "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z", "--db", db,
-            "--authority", "met", "--officer", "PC 1", "--reference", "OP-1", "--format", "ndjson",
+            "query",
+            "accessed",
+            "--service",
+            service,
+            "--from",
+            "2026-11-22T00:00:00Z",
+            "--to",
+            "2026-11-22T12:00:00Z",
+            "--db",
+            db,
+            "--authority",
+            "met",
+            "--officer",
+            "PC 1",
+            "--reference",
+            "OP-1",
+            "--format",
+            "ndjson",
         ],
         b"",
     )
@@ -164,7 +203,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 fn rechain_without(log: &str, gone: usize) -> String {
     let mut prev = "0".repeat(64);
     let mut out = String::new();
-    for (seq, line) in log.lines().enumerate().filter(|(index, _)| index + 1 != gone).map(|(_, line)| line).enumerate() {
+    for (seq, line) in log.lines().enumerate().filter(|(index, _)| index + 1 != gone).map(|(_, line)| line).enumerate()
+    {
         let after_prev = line.find(",\"prev\":\"").unwrap() + ",\"prev\":\"".len() + 64 + 1;
         let record = &line[after_prev..line.find(",\"hash\":\"").unwrap()];
         let body = format!("{{\"seq\":{},\"prev\":\"{prev}\"{record}}}", seq + 1);
@@ -272,13 +312,34 @@ fn a_query_is_authorised_by_the_stores_configuration_never_the_callers() {
     // The caller's own file: an authority of their making, a long window.
     let elsewhere = TempDir::new("icr-caller-config");
     let forged = elsewhere.path().join("mine.toml");
-    std::fs::write(&forged, "max_window_days = 365\n[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n").unwrap();
+    std::fs::write(
+        &forged,
+        "max_window_days = 365\n[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n",
+    )
+    .unwrap();
     let ask = |config: &Path, authority: &str| {
         icr(
             &[
-                "query", "accessed", "--service", "www.example.test", "--from", "2026-01-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z",
-                "--db", db, "--config", config.to_str().unwrap(), "--authority", authority, "--officer", "PC 1", "--reference", "OP-1",
-                "--format", "ndjson",
+                "query",
+                "accessed",
+                "--service",
+                "www.example.test",
+                "--from",
+                "2026-01-01T00:00:00Z",
+                "--to",
+                "2026-11-22T00:00:00Z",
+                "--db",
+                db,
+                "--config",
+                config.to_str().unwrap(),
+                "--authority",
+                authority,
+                "--officer",
+                "PC 1",
+                "--reference",
+                "OP-1",
+                "--format",
+                "ndjson",
             ],
             b"",
         )
@@ -315,9 +376,26 @@ fn the_services_of_a_services_file_are_audited_themselves() {
     std::fs::write(&list, "# wanted\nfirst.example.test\n\n*.second.example.test\n").unwrap();
     let output = icr(
         &[
-            "query", "accessed", "--services-file", list.to_str().unwrap(), "--service", "third.example.test", "--from",
-            "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z", "--db", db, "--authority", "met", "--officer", "PC 1",
-            "--reference", "OP-1", "--format", "ndjson",
+            "query",
+            "accessed",
+            "--services-file",
+            list.to_str().unwrap(),
+            "--service",
+            "third.example.test",
+            "--from",
+            "2026-11-22T00:00:00Z",
+            "--to",
+            "2026-11-22T12:00:00Z",
+            "--db",
+            db,
+            "--authority",
+            "met",
+            "--officer",
+            "PC 1",
+            "--reference",
+            "OP-1",
+            "--format",
+            "ndjson",
         ],
         b"",
     );
@@ -348,7 +426,18 @@ fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited
     let output = list(&[&window[..], &who("met")].concat());
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("only an operator may list"), "{}", stderr(&output));
-    let output = list(&["--from", "2025-01-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z", "--authority", "noc", "--officer", "NOC 7", "--reference", "MAINT-12"]);
+    let output = list(&[
+        "--from",
+        "2025-01-01T00:00:00Z",
+        "--to",
+        "2026-11-22T00:00:00Z",
+        "--authority",
+        "noc",
+        "--officer",
+        "NOC 7",
+        "--reference",
+        "MAINT-12",
+    ]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("longer than the 31 days"), "{}", stderr(&output));
 
@@ -356,18 +445,38 @@ fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited
     assert!(output.status.success(), "{}", stderr(&output));
     let entry = audit_entries(&store).pop().unwrap();
     assert_eq!(entry["command"], "list");
-    assert_eq!((entry["authority"].as_str(), entry["officer"].as_str(), entry["reference"].as_str()), (Some("noc"), Some("NOC 7"), Some("MAINT-12")));
+    assert_eq!(
+        (entry["authority"].as_str(), entry["officer"].as_str(), entry["reference"].as_str()),
+        (Some("noc"), Some("NOC 7"), Some("MAINT-12"))
+    );
     assert_eq!(entry["parameters"]["from"], "2026-11-01T00:00:00Z");
     assert_eq!(entry["outcome"], "answered");
     // An operator asks none of the three questions.
     let output = icr(
         &[
-            "query", "accessed", "--service", "www.example.test", "--from", "2026-11-22T00:00:00Z", "--to", "2026-11-22T12:00:00Z",
-            "--db", db, "--authority", "noc", "--officer", "NOC 7", "--reference", "MAINT-12",
+            "query",
+            "accessed",
+            "--service",
+            "www.example.test",
+            "--from",
+            "2026-11-22T00:00:00Z",
+            "--to",
+            "2026-11-22T12:00:00Z",
+            "--db",
+            db,
+            "--authority",
+            "noc",
+            "--officer",
+            "NOC 7",
+            "--reference",
+            "MAINT-12",
         ],
         b"",
     );
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("operator authority"), "{}", stderr(&output));
-    assert_eq!(audit_entries(&store).iter().filter(|e| e["outcome"].as_str().unwrap().starts_with("refused")).count(), 4);
+    assert_eq!(
+        audit_entries(&store).iter().filter(|e| e["outcome"].as_str().unwrap().starts_with("refused")).count(),
+        4
+    );
 }

@@ -20,7 +20,9 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Self {
-        for line in String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).lines() {
+        for line in
+            String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).lines()
+        {
             let Some(name) = line.split_whitespace().next() else { continue };
             let Some(pid) = name.strip_prefix(NS_PREFIX) else { continue };
             if !Path::new("/proc").join(pid).exists() {
@@ -163,7 +165,8 @@ fn chromium_drives_a_site_inside_a_network_namespace() {
     assert_eq!(browser.execute("return document.title").unwrap(), "Harness");
     assert_eq!(browser.execute("return document.cookie").unwrap(), "");
     let cookies = browser.cookies().unwrap();
-    let session = cookies.iter().find(|c| c.name == "session").unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
+    let session =
+        cookies.iter().find(|c| c.name == "session").unwrap_or_else(|| panic!("no session cookie in {cookies:?}"));
     assert_eq!(session.value, "s3cret");
     assert!(session.http_only, "{session:?}");
     assert!(!session.secure, "{session:?}");

@@ -26,7 +26,8 @@ struct Packet {
 /// is cut to it, its record keeping the original length.
 fn pcap(snaplen: u32, packets: &[Packet]) -> Vec<u8> {
     let mut file = Vec::new();
-    for field in [0xa1b2_c3d4u32.to_le_bytes(), [2, 0, 4, 0], [0; 4], [0; 4], snaplen.to_le_bytes(), 1u32.to_le_bytes()] {
+    for field in [0xa1b2_c3d4u32.to_le_bytes(), [2, 0, 4, 0], [0; 4], [0; 4], snaplen.to_le_bytes(), 1u32.to_le_bytes()]
+    {
         file.extend_from_slice(&field);
     }
     for packet in packets {
@@ -120,12 +121,16 @@ fn replay(file: &Path) -> (Vec<Value>, String) {
     let out = Command::new(icr_binary()).arg("replay").arg(file).output().expect("running icr replay");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "icr replay refused {}: {stderr}", file.display());
-    let records = String::from_utf8_lossy(&out.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let records =
+        String::from_utf8_lossy(&out.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     (records, stderr)
 }
 
 fn by_port(records: &[Value], port: u16) -> &Value {
-    records.iter().find(|r| r["device"]["port"] == port).unwrap_or_else(|| panic!("no record from port {port}: {records:#?}"))
+    records
+        .iter()
+        .find(|r| r["device"]["port"] == port)
+        .unwrap_or_else(|| panic!("no record from port {port}: {records:#?}"))
 }
 
 #[test]
@@ -148,7 +153,11 @@ fn a_capture_with_a_snap_length_replays_without_inventing_cut_names() {
     assert_eq!(cut_record["remote"]["ip"], "192.0.2.10");
     // Every packet of it counted, the cut one too (its bytes as far as
     // they were captured: the probe bounds an IP length by the frame).
-    assert_eq!((&cut_record["packets_up"], &cut_record["packets_down"]), (&Value::from(5), &Value::from(2)), "{cut_record}");
+    assert_eq!(
+        (&cut_record["packets_up"], &cut_record["packets_down"]),
+        (&Value::from(5), &Value::from(2)),
+        "{cut_record}"
+    );
     let named = by_port(&records, 40002);
     assert_eq!(named["service"]["name"], "whole.example.test", "{named}");
     assert_eq!(named["service"]["source"], "tls_sni");

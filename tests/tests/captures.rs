@@ -18,7 +18,7 @@ use std::{
     process::Command,
 };
 
-use icr::{config::Config, export, capture::probe::ProbeOptions, capture::replay::Replayer};
+use icr::{capture::probe::ProbeOptions, capture::replay::Replayer, config::Config, export};
 use icr_lab::icr_binary;
 use serde_json::Value;
 
@@ -60,7 +60,8 @@ fn replayed_names_agree_with_tshark() {
                 let column = &column;
                 scope.spawn(move || {
                     let config = Config::default();
-                    let options = ProbeOptions { flow_table_size: config.probe.flow_table_size, ..ProbeOptions::default() };
+                    let options =
+                        ProbeOptions { flow_table_size: config.probe.flow_table_size, ..ProbeOptions::default() };
                     let mut replayer = Replayer::load(options).expect("loading the probe");
                     let outputs: Vec<_> = half
                         .iter()
@@ -95,7 +96,9 @@ fn replayed_names_agree_with_tshark() {
         let mut names: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for record in stdout.lines() {
             let record: Value = serde_json::from_str(record).expect("NDJSON");
-            if let (Some(source), Some(name)) = (record["service"]["source"].as_str(), record["service"]["name"].as_str()) {
+            if let (Some(source), Some(name)) =
+                (record["service"]["source"].as_str(), record["service"]["name"].as_str())
+            {
                 let kind = KINDS.iter().find(|(k, _)| *k == source).map(|(k, _)| *k);
                 if let Some(kind) = kind {
                     names.entry(kind).or_default().insert(name.to_string());

@@ -70,10 +70,20 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
         .enumerate()
         .map(|(i, client)| {
             let mut args = vec![
-                "netns".to_string(), "exec".into(), client.ns.clone(), "curl".into(), "-sSk".into(), "-o".into(), "/dev/null".into(),
-                "--max-time".into(), client_timeout(WAVE_LIMIT), "--resolve".into(), format!("{name}:443:{WEB_IP}"),
+                "netns".to_string(),
+                "exec".into(),
+                client.ns.clone(),
+                "curl".into(),
+                "-sSk".into(),
+                "-o".into(),
+                "/dev/null".into(),
+                "--max-time".into(),
+                client_timeout(WAVE_LIMIT),
+                "--resolve".into(),
+                format!("{name}:443:{WEB_IP}"),
                 // Where the time went, for the failure message.
-                "-w".into(), "connected after %{time_connect} s, TLS after %{time_appconnect} s".into(),
+                "-w".into(),
+                "connected after %{time_connect} s, TLS after %{time_appconnect} s".into(),
                 format!("https://{name}/c/{}/w{wave}", client.ip),
             ];
             // Every fifth device uses the same source port as the others of its group.
@@ -103,7 +113,12 @@ fn wave(lab: &Lab, wave: usize, name: &str) {
             .exec(&lab.gateway, Command::new("conntrack").arg("-S"))
             .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
             .unwrap_or_else(|error| format!("{error:#}"));
-        panic!("{} of {} curls failed in wave {wave}:\n{}\nthe gateway's conntrack -S:\n{stats}", failed.len(), lab.clients.len(), failed.join("\n"));
+        panic!(
+            "{} of {} curls failed in wave {wave}:\n{}\nthe gateway's conntrack -S:\n{stats}",
+            failed.len(),
+            lab.clients.len(),
+            failed.join("\n")
+        );
     }
 }
 
@@ -123,8 +138,20 @@ fn every_logged_request_resolves_to_the_device_that_made_it() {
     let (heavy, light) = (&lab.clients[6], &lab.clients[7]);
     for (client, times) in [(heavy, 3), (light, 1)] {
         for _ in 0..times {
-            lab.exec(&client.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{MAIL_NAME}:443:{WEB_IP}"), &format!("https://{MAIL_NAME}/c/{}/mail", client.ip)]))
-                .expect("curl to mail");
+            lab.exec(
+                &client.ns,
+                Command::new("curl").args([
+                    "-sk",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    &client_timeout(10),
+                    "--resolve",
+                    &format!("{MAIL_NAME}:443:{WEB_IP}"),
+                    &format!("https://{MAIL_NAME}/c/{}/mail", client.ip),
+                ]),
+            )
+            .expect("curl to mail");
         }
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -207,7 +234,9 @@ fn a_successor_of_a_killed_agent_names_no_device_that_did_not_make_the_request()
     let log = lab.web_access_log().unwrap();
     assert_eq!(log.len(), CRASH_CLIENTS * CRASH_ROUNDS, "every request was logged");
     let records = icr_lab::stored_records(&db);
-    let unix = |v: &Value| v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6);
+    let unix = |v: &Value| {
+        v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6)
+    };
     let mut by_port: HashMap<u16, HashSet<String>> = HashMap::new();
     let (mut correct, mut unanswered) = (0, Vec::new());
     let mut wrong = Vec::new();
@@ -248,27 +277,42 @@ fn a_successor_of_a_killed_agent_names_no_device_that_did_not_make_the_request()
         })
     };
     let unexplained: Vec<_> = unanswered.iter().filter(|request| !said_so(request)).cloned().collect();
-    assert!(unexplained.is_empty(), "unanswered without an incomplete record lacking its public address:\n{}", records_behind(&db, &unexplained));
+    assert!(
+        unexplained.is_empty(),
+        "unanswered without an incomplete record lacking its public address:\n{}",
+        records_behind(&db, &unexplained)
+    );
 }
 
 /// The stored records near each wrong answer: those of its public port and
 /// those of the device that made the request, within 10 s of the logged time.
 fn records_behind(db: &Path, wrong: &[(u16, f64, String)]) -> String {
     let out = icr_lab::icr_list(db, "ndjson", None);
-    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let unix = |v: &Value| v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6);
-    let mut text = String::from("records near the wrong answers (device, public port, start, end, end reason, packets up/down):");
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let unix = |v: &Value| {
+        v.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map_or(0.0, |t| t.timestamp_micros() as f64 / 1e6)
+    };
+    let mut text =
+        String::from("records near the wrong answers (device, public port, start, end, end reason, packets up/down):");
     for (port, time, client) in wrong {
         text.push_str(&format!("\n{client} port {port} at {time:.3}:"));
         for r in &records {
             let (start, end) = (unix(&r["start"]), unix(&r["end"]));
             let near = start <= time + 10.0 && end >= time - 10.0;
-            let ours = r["public"]["port"].as_u64() == Some(u64::from(*port)) || r["device"]["ip"].as_str() == Some(client);
+            let ours =
+                r["public"]["port"].as_u64() == Some(u64::from(*port)) || r["device"]["ip"].as_str() == Some(client);
             if near && ours {
                 text.push_str(&format!(
                     "\n  {}:{} -> {} {:.3}..{:.3} {} {}/{}",
-                    r["device"]["ip"].as_str().unwrap_or("?"), r["device"]["port"], r["public"]["port"], start, end,
-                    r["end_reason"].as_str().unwrap_or("?"), r["packets_up"], r["packets_down"]
+                    r["device"]["ip"].as_str().unwrap_or("?"),
+                    r["device"]["port"],
+                    r["public"]["port"],
+                    start,
+                    end,
+                    r["end_reason"].as_str().unwrap_or("?"),
+                    r["packets_up"],
+                    r["packets_down"]
                 ));
             }
         }

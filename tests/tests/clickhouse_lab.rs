@@ -37,8 +37,16 @@ fn central_dir(cluster: &ClickHouseCluster) -> std::path::PathBuf {
 fn central_dir_with(cluster: &ClickHouseCluster, name: &str, section: &str) -> std::path::PathBuf {
     let dir = cluster.dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let authorities = AUTHORITIES.replacen("purposes = [1, 2, 3]\n", &format!("purposes = [1, 2, 3]\ntoken_hash = \"{}\"\n", icr_lab::hash_token(TOKEN)), 1);
-    std::fs::write(dir.join("icr.toml"), format!("retention_days = 30\n{section}[http]\nlisten = \"{CENTRAL_HTTP}\"\n{authorities}")).unwrap();
+    let authorities = AUTHORITIES.replacen(
+        "purposes = [1, 2, 3]\n",
+        &format!("purposes = [1, 2, 3]\ntoken_hash = \"{}\"\n", icr_lab::hash_token(TOKEN)),
+        1,
+    );
+    std::fs::write(
+        dir.join("icr.toml"),
+        format!("retention_days = 30\n{section}[http]\nlisten = \"{CENTRAL_HTTP}\"\n{authorities}"),
+    )
+    .unwrap();
     dir
 }
 
@@ -70,7 +78,11 @@ fn password_file(path: &Path, password: &str) -> std::path::PathBuf {
 /// `icr ARGS` in the provider's namespace: (exit code, stdout, stderr).
 fn icr(cluster: &ClickHouseCluster, args: &[&str]) -> (i32, String, String) {
     let out = cluster.exec(Command::new(icr_binary()).args(args)).unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn ndjson(text: &str) -> Vec<Value> {
@@ -81,10 +93,26 @@ fn ndjson(text: &str) -> Vec<Value> {
 /// service in `db` asks it.
 fn resolve_on_cluster(cluster: &ClickHouseCluster, url: &str, db: &str, line: &icr_lab::AccessLine) -> Vec<Value> {
     let at = icr_lab::rfc3339(line.time as i64);
-    let (code, stdout, stderr) = icr(cluster, &[
-        &["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"][..],
-        &["--clickhouse", url, "--db", db, "--format", "ndjson"], &WHO,
-    ].concat());
+    let (code, stdout, stderr) = icr(
+        cluster,
+        &[
+            &[
+                "query",
+                "resolve",
+                "--ip",
+                &line.address,
+                "--port",
+                &line.port.to_string(),
+                "--at",
+                &at,
+                "--tolerance",
+                "2s",
+            ][..],
+            &["--clickhouse", url, "--db", db, "--format", "ndjson"],
+            &WHO,
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{stderr}");
     ndjson(&stdout)
 }
@@ -102,7 +130,14 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
     init(&cluster); // again: nothing changes, nothing fails
     for shard in 0..2 {
         let tables = cluster.query_at(&cluster.url(shard), "SHOW TABLES FROM icr").unwrap();
-        for table in ["records", "records_local", "records_by_device_local", "records_by_service_local", "gaps", "public_holders_local"] {
+        for table in [
+            "records",
+            "records_local",
+            "records_by_device_local",
+            "records_by_service_local",
+            "gaps",
+            "public_holders_local",
+        ] {
             assert!(tables.lines().any(|t| t == table), "shard {shard} has {table}: {tables}");
         }
     }
@@ -111,44 +146,72 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
     // before read as no exchange, not local. (The rows are 40 days old: the
     // sweep below drops them with its own.)
     const NEWER: [&str; 4] = ["dns_all_qname", "dns_all_qtype", "dns_all_answers", "local"];
-    let tables = ["records", "records_by_device", "records_by_service", "records_local", "records_by_device_local", "records_by_service_local"];
+    let tables = [
+        "records",
+        "records_by_device",
+        "records_by_service",
+        "records_local",
+        "records_by_device_local",
+        "records_by_service_local",
+    ];
     for shard in 0..2 {
         for table in tables {
             for column in NEWER {
-                cluster.query_at(&cluster.url(shard), &format!("ALTER TABLE icr.{table} DROP COLUMN {column}")).unwrap();
+                cluster
+                    .query_at(&cluster.url(shard), &format!("ALTER TABLE icr.{table} DROP COLUMN {column}"))
+                    .unwrap();
             }
         }
     }
     let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
     cluster
-        .query_at(&sync, "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
+        .query_at(
+            &sync,
+            "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
              VALUES (today() - 40, 'older-record', 0, 0, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
-             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')")
+             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')",
+        )
         .unwrap();
     init(&cluster);
     for shard in 0..2 {
         for table in tables {
             let columns = cluster
-                .query_at(&cluster.url(shard), &format!("SELECT name FROM system.columns WHERE database = 'icr' AND table = '{table}'"))
+                .query_at(
+                    &cluster.url(shard),
+                    &format!("SELECT name FROM system.columns WHERE database = 'icr' AND table = '{table}'"),
+                )
                 .unwrap();
             let last: Vec<&str> = columns.lines().rev().take(4).collect();
-            assert_eq!(last, NEWER.iter().rev().copied().collect::<Vec<_>>(), "shard {shard} {table} has them, last: {columns}");
+            assert_eq!(
+                last,
+                NEWER.iter().rev().copied().collect::<Vec<_>>(),
+                "shard {shard} {table} has them, last: {columns}"
+            );
         }
     }
-    let older = cluster.query_at(&cluster.url(0), "SELECT dns_all_qname, local FROM icr.records_by_service WHERE id = 'older-record'").unwrap();
+    let older = cluster
+        .query_at(&cluster.url(0), "SELECT dns_all_qname, local FROM icr.records_by_service WHERE id = 'older-record'")
+        .unwrap();
     assert_eq!(older.trim(), "[]\t0", "through the materialized view too");
     cluster
         .query_at(&sync, "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto, dns_all_qname, dns_all_qtype, dns_all_answers, local) \
              VALUES (today() - 40, 'newer-record', 0, 0, toFixedString('', 16), toFixedString(unhex('00000000000000000000ffffc0a80101'), 16), 'udp', \
              ['a.example', 'cdn.b.example'], ['A', 'AAAA'], [['192.0.2.1'], []], 1)")
         .unwrap();
-    let newer = cluster.query_at(&cluster.url(0), "SELECT dns_all_qname, dns_all_answers, local FROM icr.records_by_service WHERE id = 'newer-record'").unwrap();
+    let newer = cluster
+        .query_at(
+            &cluster.url(0),
+            "SELECT dns_all_qname, dns_all_answers, local FROM icr.records_by_service WHERE id = 'newer-record'",
+        )
+        .unwrap();
     assert_eq!(newer.trim(), "['a.example','cdn.b.example']\t[['192.0.2.1'],[]]\t1", "the views carry the new columns");
 
     let central = central_dir(&cluster);
     let db = central.to_str().unwrap();
-    let resolve = ["query", "resolve", "--ip", "203.0.113.1", "--port", "40000", "--at", "2026-11-22T15:00:00Z", "--clickhouse"];
-    let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    let resolve =
+        ["query", "resolve", "--ip", "203.0.113.1", "--port", "40000", "--at", "2026-11-22T15:00:00Z", "--clickhouse"];
+    let (code, stdout, stderr) =
+        icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
     assert_eq!((code, stdout.as_str()), (0, ""), "an empty cluster answers nothing: {stderr}");
 
     // Retention: a record 40 days old (retention_days = 30) goes with its
@@ -165,14 +228,17 @@ fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearl
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("dropped 1 day(s)"), "{stdout}");
     for table in ["records", "records_by_device", "records_by_service", "public_holders"] {
-        let left = cluster.query_at(&cluster.url(0), &format!("SELECT count() FROM icr.{table} WHERE day < today() - 30")).unwrap();
+        let left = cluster
+            .query_at(&cluster.url(0), &format!("SELECT count() FROM icr.{table} WHERE day < today() - 30"))
+            .unwrap();
         assert_eq!(left.trim(), "0", "{table} keeps nothing past retention");
     }
     let kept = cluster.query_at(&cluster.url(0), "SELECT id FROM icr.records").unwrap();
     assert_eq!(kept.trim(), "new-record");
 
     cluster.stop_shard(1).unwrap();
-    let (code, stdout, stderr) = icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    let (code, stdout, stderr) =
+        icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
     assert_eq!((code, stdout.as_str()), (1, ""), "a shard down fails the answer, never a partial one: {stderr}");
     assert!(stderr.contains("10.99.0.2"), "the error names the shard that did not answer: {stderr}");
     let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
@@ -206,7 +272,9 @@ fn fetch(lab: &Lab, client: usize, times: usize) {
     for _ in 0..times {
         lab.exec(
             &lab.clients[client].ns,
-            Command::new("curl").args(["-sk", "--max-time", "10", "-o", "/dev/null", &format!("https://{WEB_NAME}/")]).args(["--resolve", &format!("{WEB_NAME}:443:{WEB_IP}")]),
+            Command::new("curl")
+                .args(["-sk", "--max-time", "10", "-o", "/dev/null", &format!("https://{WEB_NAME}/")])
+                .args(["--resolve", &format!("{WEB_NAME}:443:{WEB_IP}")]),
         )
         .expect("curl through the gateway");
     }
@@ -214,7 +282,8 @@ fn fetch(lab: &Lab, client: usize, times: usize) {
 
 /// The backlog a gateway's agent reports.
 fn backlog(lab: &Lab, port: u16) -> Option<u64> {
-    let out = lab.exec(&lab.gateway, Command::new("curl").args(["-s", &format!("http://127.0.0.1:{port}/metrics")])).ok()?;
+    let out =
+        lab.exec(&lab.gateway, Command::new("curl").args(["-s", &format!("http://127.0.0.1:{port}/metrics")])).ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("icr_export_backlog_records ").and_then(|v| v.trim().parse().ok()))
@@ -228,12 +297,25 @@ fn gateway_records(lab: &Lab, db: &Path) -> BTreeMap<String, Value> {
         .exec(
             &lab.gateway,
             Command::new(icr_binary()).args(["list", "--db"]).arg(db).args([
-                "--from", &icr_lab::rfc3339(now - 86_400), "--to", &icr_lab::rfc3339(now + 3_600),
-                "--authority", "lab-noc", "--officer", "NOC 1", "--reference", "MAINT-1", "--format", "ndjson",
+                "--from",
+                &icr_lab::rfc3339(now - 86_400),
+                "--to",
+                &icr_lab::rfc3339(now + 3_600),
+                "--authority",
+                "lab-noc",
+                "--officer",
+                "NOC 1",
+                "--reference",
+                "MAINT-1",
+                "--format",
+                "ndjson",
             ]),
         )
         .expect("listing the gateway's store");
-    ndjson(&String::from_utf8_lossy(&out.stdout)).into_iter().map(|r| (r["id"].as_str().unwrap().to_string(), r)).collect()
+    ndjson(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+        .collect()
 }
 
 fn chrono_now() -> i64 {
@@ -274,7 +356,13 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     let mut agents = Vec::new();
     for (index, lab) in labs.iter().enumerate() {
         cluster.link(lab).unwrap();
-        gateway_config(dirs[index].path(), ["gw-a", "gw-b"][index], &cluster, ports[index], &bpffs[index].0.join("icr"));
+        gateway_config(
+            dirs[index].path(),
+            ["gw-a", "gw-b"][index],
+            &cluster,
+            ports[index],
+            &bpffs[index].0.join("icr"),
+        );
         agents.push(Some(Agent::start(lab, &icr_binary(), dirs[index].path()).expect("the agent starts")));
     }
 
@@ -314,7 +402,8 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     // Every flow closed (1 s after its FIN) and shipped.
     std::thread::sleep(Duration::from_secs(4));
     drain(&labs, ports, &agents);
-    let gateway: Vec<BTreeMap<String, Value>> = labs.iter().zip(&dirs).map(|(lab, dir)| gateway_records(lab, dir.path())).collect();
+    let gateway: Vec<BTreeMap<String, Value>> =
+        labs.iter().zip(&dirs).map(|(lab, dir)| gateway_records(lab, dir.path())).collect();
     let (rows, ids) = stored(&cluster);
     let all: BTreeMap<&String, &Value> = gateway.iter().flatten().collect();
     eprintln!("cluster: {rows} rows, {ids} distinct records; gateways: {} records", all.len());
@@ -352,17 +441,24 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
 
     // Questions 2 and 3 across the cluster: the union of both gateways' answers.
     let (from, to) = (icr_lab::rfc3339(chrono_now() - 3_600), icr_lab::rfc3339(chrono_now() + 60));
-    let (code, stdout, stderr) = icr(&cluster, &[
-        &["query", "accessed", "--service", WEB_NAME, "--from", &from, "--to", &to][..],
-        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
-    ].concat());
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &["query", "accessed", "--service", WEB_NAME, "--from", &from, "--to", &to][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
+            &WHO,
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{stderr}");
-    let across: std::collections::BTreeSet<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let across: std::collections::BTreeSet<String> =
+        ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     let expected: std::collections::BTreeSet<String> = gateway
         .iter()
         .flatten()
         .filter(|(_, r)| {
-            r["service"]["name"] == WEB_NAME || r["dns_all"].as_array().is_some_and(|all| all.iter().any(|d| d["qname"] == WEB_NAME))
+            r["service"]["name"] == WEB_NAME
+                || r["dns_all"].as_array().is_some_and(|all| all.iter().any(|d| d["qname"] == WEB_NAME))
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -373,32 +469,79 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
     // The local filter, in the cluster's SQL: these connections all left
     // their gateway.
     for (local, expected) in [("exclude", expected.clone()), ("only", Default::default())] {
-        let (code, stdout, stderr) = icr(&cluster, &[
-            &["query", "accessed", "--service", WEB_NAME, "--service", "*.example.invalid", "--local", local, "--from", &from, "--to", &to][..],
-            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
-        ].concat());
+        let (code, stdout, stderr) = icr(
+            &cluster,
+            &[
+                &[
+                    "query",
+                    "accessed",
+                    "--service",
+                    WEB_NAME,
+                    "--service",
+                    "*.example.invalid",
+                    "--local",
+                    local,
+                    "--from",
+                    &from,
+                    "--to",
+                    &to,
+                ][..],
+                &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
+                &WHO,
+            ]
+            .concat(),
+        );
         assert_eq!(code, 0, "{stderr}");
-        let ids: std::collections::BTreeSet<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        let ids: std::collections::BTreeSet<String> =
+            ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
         assert_eq!(ids, expected, "--local {local}");
     }
     let device = &labs[1].clients[1];
-    let (code, stdout, stderr) = icr(&cluster, &[
-        &["query", "services", "--device", &device.mac, "--from", &from, "--to", &to][..],
-        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"], &WHO,
-    ].concat());
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &["query", "services", "--device", &device.mac, "--from", &from, "--to", &to][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
+            &WHO,
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{stderr}");
     let rows = ndjson(&stdout);
     let web = rows.iter().find(|r| r["name"] == WEB_NAME).unwrap_or_else(|| panic!("{rows:?}"));
     // The labs give their clients the same MACs: the device is on both
     // gateways, and the cluster's answer is the union of theirs.
-    let connections = gateway.iter().flat_map(|g| g.values()).filter(|r| r["device"]["mac"] == device.mac.as_str() && r["service"]["name"] == WEB_NAME).count();
-    assert_eq!(web["connections"], connections as u64, "question 2 over the cluster: both gateways' connections, each once");
+    let connections = gateway
+        .iter()
+        .flat_map(|g| g.values())
+        .filter(|r| r["device"]["mac"] == device.mac.as_str() && r["service"]["name"] == WEB_NAME)
+        .count();
+    assert_eq!(
+        web["connections"], connections as u64,
+        "question 2 over the cluster: both gateways' connections, each once"
+    );
 
     // An operator's listing over the cluster: every record once.
-    let (code, stdout, stderr) = icr(&cluster, &[
-        &["list", "--from", &from, "--to", &to, "--authority", "lab-noc", "--officer", "NOC 1", "--reference", "MAINT-CH"][..],
-        &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
-    ].concat());
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &[
+                "list",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--authority",
+                "lab-noc",
+                "--officer",
+                "NOC 1",
+                "--reference",
+                "MAINT-CH",
+            ][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "ndjson"],
+        ]
+        .concat(),
+    );
     assert_eq!(code, 0, "{stderr}");
     let listed: Vec<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(listed.len(), all.len(), "listed once each, though gateway A's are stored twice");
@@ -415,19 +558,38 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
         icr_lab::rfc3339(line.time as i64)
     );
     let post = || {
-        cluster.exec(Command::new("curl").args([
-            "-s", "--max-time", "20", "-w", "\n%{http_code}", "-H", "ICR-Authority: lab-police", "-H",
-            &format!("Authorization: Bearer {TOKEN}"), "-H", "Content-Type: application/json", "--data-binary", &body,
-            &format!("http://{CENTRAL_HTTP}/v1/query/resolve"),
-        ]))
-        .unwrap()
+        cluster
+            .exec(Command::new("curl").args([
+                "-s",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "ICR-Authority: lab-police",
+                "-H",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+                &format!("http://{CENTRAL_HTTP}/v1/query/resolve"),
+            ]))
+            .unwrap()
     };
-    wait_for(patience(Duration::from_secs(20)), "icr serve to answer", || Ok(String::from_utf8_lossy(&post().stdout).ends_with("200"))).unwrap();
+    wait_for(patience(Duration::from_secs(20)), "icr serve to answer", || {
+        Ok(String::from_utf8_lossy(&post().stdout).ends_with("200"))
+    })
+    .unwrap();
     let answer = String::from_utf8_lossy(&post().stdout).into_owned();
     let (records, _) = answer.rsplit_once('\n').unwrap();
     let over_http = ndjson(records);
     assert_eq!(over_http[0]["public"]["ip"], "203.0.113.2");
-    assert_eq!(over_http[0], gateway[1][over_http[0]["id"].as_str().unwrap()], "the central API answers with gateway B's own record");
+    assert_eq!(
+        over_http[0],
+        gateway[1][over_http[0]["id"].as_str().unwrap()],
+        "the central API answers with gateway B's own record"
+    );
     // SAFETY: our own child.
     unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
     serve.wait().unwrap();
@@ -453,7 +615,18 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     std::fs::create_dir_all(&secrets).unwrap();
     let url = cluster.https_url(0);
     let init = |url: &str, password_file: &Path, ca: Option<&Path>| {
-        let mut args = vec!["clickhouse", "init", "--url", url, "--cluster", CLUSTER, "--user", ADMIN.name, "--password-file", password_file.to_str().unwrap()];
+        let mut args = vec![
+            "clickhouse",
+            "init",
+            "--url",
+            url,
+            "--cluster",
+            CLUSTER,
+            "--user",
+            ADMIN.name,
+            "--password-file",
+            password_file.to_str().unwrap(),
+        ];
         if let Some(ca) = ca {
             args.extend(["--ca", ca.to_str().unwrap()]);
         }
@@ -461,7 +634,9 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     };
 
     // The cluster has no password-less user at all.
-    let anonymous = cluster.exec(Command::new("curl").args(["-sS", "--cacert", ca.to_str().unwrap(), "--data-binary", "SELECT 1", &url])).unwrap();
+    let anonymous = cluster
+        .exec(Command::new("curl").args(["-sS", "--cacert", ca.to_str().unwrap(), "--data-binary", "SELECT 1", &url]))
+        .unwrap();
     assert!(String::from_utf8_lossy(&anonymous.stdout).contains("Unknown user default"), "{anonymous:?}");
 
     // A wrong password fails, clearly, and is not shown.
@@ -502,12 +677,20 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     cluster.link(&lab).unwrap();
     let gateway_password = password_file(&secrets.join("gw07.password"), GATEWAY.password);
     let port = 9473;
-    gateway_config_with(store.path(), "gw-07", &secured_section(&cluster, GATEWAY, &gateway_password), port, &bpffs.0.join("icr"));
+    gateway_config_with(
+        store.path(),
+        "gw-07",
+        &secured_section(&cluster, GATEWAY, &gateway_password),
+        port,
+        &bpffs.0.join("icr"),
+    );
     let agent = Agent::start(&lab, &icr_binary(), store.path()).expect("the agent starts");
     fetch(&lab, 0, 3);
     fetch(&lab, 1, 2);
     std::thread::sleep(Duration::from_secs(3));
-    let shipped = wait_for(patience(Duration::from_secs(60)), "the gateway to ship", || Ok(backlog(&lab, port) == Some(0) && stored(&cluster).1 > 0));
+    let shipped = wait_for(patience(Duration::from_secs(60)), "the gateway to ship", || {
+        Ok(backlog(&lab, port) == Some(0) && stored(&cluster).1 > 0)
+    });
     if let Err(error) = shipped {
         panic!("{error:#}: backlog {:?}\n{}", backlog(&lab, port), agent.log_text());
     }
@@ -528,17 +711,24 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     let inside = password_file(&central.join("query.password"), QUERY.password);
     let careless = central_dir_with(&cluster, "central-careless", &secured_section(&cluster, QUERY, &inside));
     std::fs::rename(&inside, careless.join("query.password")).unwrap();
-    let careless_config = std::fs::read_to_string(careless.join("icr.toml")).unwrap().replace(inside.to_str().unwrap(), careless.join("query.password").to_str().unwrap());
+    let careless_config = std::fs::read_to_string(careless.join("icr.toml"))
+        .unwrap()
+        .replace(inside.to_str().unwrap(), careless.join("query.password").to_str().unwrap());
     std::fs::write(careless.join("icr.toml"), careless_config).unwrap();
     let line = &lines[0];
     let at = icr_lab::rfc3339(line.time as i64);
-    let resolve = ["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"];
-    let (code, _, stderr) = icr(&cluster, &[&resolve[..], &["--clickhouse", url.as_str(), "--db", careless.to_str().unwrap()], &WHO].concat());
+    let resolve =
+        ["query", "resolve", "--ip", &line.address, "--port", &line.port.to_string(), "--at", &at, "--tolerance", "2s"];
+    let (code, _, stderr) = icr(
+        &cluster,
+        &[&resolve[..], &["--clickhouse", url.as_str(), "--db", careless.to_str().unwrap()], &WHO].concat(),
+    );
     assert_ne!(code, 0);
     assert!(stderr.contains("inside the store"), "{stderr}");
     // A URL with credentials is refused for questions too, and audited nowhere.
     let with_password = format!("https://{}:{}@10.99.0.1:18443", QUERY.name, QUERY.password);
-    let (code, _, stderr) = icr(&cluster, &[&resolve[..], &["--clickhouse", with_password.as_str(), "--db", db], &WHO].concat());
+    let (code, _, stderr) =
+        icr(&cluster, &[&resolve[..], &["--clickhouse", with_password.as_str(), "--db", db], &WHO].concat());
     assert_ne!(code, 0);
     assert!(stderr.contains("carries credentials") && !stderr.contains(QUERY.password), "{stderr}");
     let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
@@ -554,41 +744,86 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
          40999, toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 443, 'tcp', '=HYPERLINK(\\'http://x.example/\\',\\'open\\')', 1)"
     );
     cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &forged).unwrap();
-    let (code, stdout, stderr) = icr(&cluster, &[
-        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40999", "--at", &forged_at][..],
-        &["--clickhouse", url.as_str(), "--db", db, "--format", "csv"], &WHO,
-    ].concat());
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &["query", "resolve", "--ip", "203.0.113.1", "--port", "40999", "--at", &forged_at][..],
+            &["--clickhouse", url.as_str(), "--db", db, "--format", "csv"],
+            &WHO,
+        ]
+        .concat(),
+    );
     assert_ne!(code, 0, "{stdout}");
-    assert!(!stdout.contains("HYPERLINK") && stderr.contains("no valid record") && stderr.contains("service_name"), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("HYPERLINK") && stderr.contains("no valid record") && stderr.contains("service_name"),
+        "{stdout}{stderr}"
+    );
     // A name capture could have made, which a spreadsheet would take for a
     // formula: answered, and neutralised in the CSV and the bundle's copy.
-    let plausible = forged.replace("8000-0000000000ff", "8000-0000000000fe").replace("40999", "40998").replace(
-        "'=HYPERLINK(\\'http://x.example/\\',\\'open\\')'",
-        "'-2.example.test'",
-    );
+    let plausible = forged
+        .replace("8000-0000000000ff", "8000-0000000000fe")
+        .replace("40999", "40998")
+        .replace("'=HYPERLINK(\\'http://x.example/\\',\\'open\\')'", "'-2.example.test'");
     assert!(plausible.contains("'-2.example.test'"), "{plausible}");
     cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &plausible).unwrap();
     let bundle = cluster.dir.join("bundle-csv");
-    let (code, stdout, stderr) = icr(&cluster, &[
-        &["query", "resolve", "--ip", "203.0.113.1", "--port", "40998", "--at", &forged_at, "--tolerance", "5s"][..],
-        &["--clickhouse", url.as_str(), "--db", db, "--format", "csv", "--bundle", bundle.to_str().unwrap()], &WHO,
-    ].concat());
+    let (code, stdout, stderr) =
+        icr(
+            &cluster,
+            &[
+                &[
+                    "query",
+                    "resolve",
+                    "--ip",
+                    "203.0.113.1",
+                    "--port",
+                    "40998",
+                    "--at",
+                    &forged_at,
+                    "--tolerance",
+                    "5s",
+                ][..],
+                &["--clickhouse", url.as_str(), "--db", db, "--format", "csv", "--bundle", bundle.to_str().unwrap()],
+                &WHO,
+            ]
+            .concat(),
+        );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.lines().nth(1).is_some_and(|row| row.contains(",'-2.example.test,")), "{stdout}");
-    assert_eq!(std::fs::read_to_string(bundle.join("results.csv")).unwrap(), stdout, "the bundle's CSV is the one disclosed");
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("results.csv")).unwrap(),
+        stdout,
+        "the bundle's CSV is the one disclosed"
+    );
 
     // What each user may do, as ClickHouse 18.16 enforces it.
     let refused = |user: User, url: &str, sql: &str| cluster.query_as(user, url, sql).expect_err(sql).to_string();
     let ddl_forced = format!("{url}/?allow_ddl=1");
-    assert!(refused(GATEWAY, &url, "SELECT count() FROM icr.records").contains("Access denied to database icr for user icr_gw07"));
-    assert_eq!(cluster.query_as(GATEWAY, &url, "SELECT count() FROM icr_ingest.records").unwrap().trim(), "0", "what it wrote is not kept where it may read");
-    for sql in ["DROP TABLE icr.records_local", "ALTER TABLE icr.records_local DROP PARTITION today()", "TRUNCATE TABLE icr.records"] {
+    assert!(
+        refused(GATEWAY, &url, "SELECT count() FROM icr.records")
+            .contains("Access denied to database icr for user icr_gw07")
+    );
+    assert_eq!(
+        cluster.query_as(GATEWAY, &url, "SELECT count() FROM icr_ingest.records").unwrap().trim(),
+        "0",
+        "what it wrote is not kept where it may read"
+    );
+    for sql in [
+        "DROP TABLE icr.records_local",
+        "ALTER TABLE icr.records_local DROP PARTITION today()",
+        "TRUNCATE TABLE icr.records",
+    ] {
         // allow_ddl=0 alone would not hold: 18.16 takes allow_ddl=1 from the URL.
-        assert!(refused(GATEWAY, &ddl_forced, sql).contains("Access denied to database icr for user icr_gw07"), "{sql}");
+        assert!(
+            refused(GATEWAY, &ddl_forced, sql).contains("Access denied to database icr for user icr_gw07"),
+            "{sql}"
+        );
     }
     assert!(refused(GATEWAY, &url, "DROP TABLE icr_ingest.records").contains("DDL queries are prohibited"));
     assert!(refused(QUERY, &url, "INSERT INTO icr.records_local (id) VALUES ('forged')").contains("readonly mode"));
-    assert!(refused(QUERY, &url, "INSERT INTO icr_ingest.records_local (id) VALUES ('forged')").contains("readonly mode"));
+    assert!(
+        refused(QUERY, &url, "INSERT INTO icr_ingest.records_local (id) VALUES ('forged')").contains("readonly mode")
+    );
     assert!(refused(QUERY, &url, "DROP TABLE icr.records").contains("readonly mode"));
     assert!(refused(QUERY, &format!("{url}/?readonly=0"), "SELECT 1").contains("readonly"));
     let kept = cluster.query_at(&url, "SELECT count() FROM icr.records").unwrap();

@@ -125,22 +125,31 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     write_config(&db);
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
-    lab.exec(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")])).expect("c1's HTTPS");
+    lab.exec(&c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]))
+        .expect("c1's HTTPS");
     lab.exchange(c2, 200, 300).expect("c2's exchange");
     std::thread::sleep(Duration::from_secs(4));
     let now = chrono::Utc::now().timestamp();
     let (from, to) = (rfc3339(now - 3600), rfc3339(now + 600));
     let stored = icr_lab::stored_records(&db);
-    let tls = stored.iter().find(|r| r["device"]["ip"] == c1.ip.as_str() && r["remote"]["port"] == 443).expect("c1's HTTPS record").clone();
+    let tls = stored
+        .iter()
+        .find(|r| r["device"]["ip"] == c1.ip.as_str() && r["remote"]["port"] == 443)
+        .expect("c1's HTTPS record")
+        .clone();
 
     // Without a session: a page asks to sign in, a POST is refused.
     let (status, text) = curl(&lab, &[&url("/console/answers/1")]);
     assert_eq!(status, 401, "{text}");
-    let (status, text) = curl(&lab, &["-X", "POST", "--data", "device=x&from=a&to=b&csrf=0", &url("/console/ask/services")]);
+    let (status, text) =
+        curl(&lab, &["-X", "POST", "--data", "device=x&from=a&to=b&csrf=0", &url("/console/ask/services")]);
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("no session"), "{text}");
     let (_, headers) = curl(&lab, &["-I", &url("/console")]);
-    let csp = headers.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:")).unwrap_or_else(|| panic!("{headers}"));
+    let csp = headers
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:"))
+        .unwrap_or_else(|| panic!("{headers}"));
     assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
 
     let downloads = TempDir::new("console-downloads");
@@ -153,7 +162,10 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     let session = cookies.iter().find(|c| c.name == "icr_console").expect("the session cookie");
     assert!(session.http_only && session.secure, "{:?}", (session.http_only, session.secure));
     assert_eq!(session.same_site.as_deref(), Some("Strict"));
-    assert!(browser.execute("return document.cookie").unwrap().as_str().is_some_and(|c| !c.contains("icr_console")), "HttpOnly");
+    assert!(
+        browser.execute("return document.cookie").unwrap().as_str().is_some_and(|c| !c.contains("icr_console")),
+        "HttpOnly"
+    );
 
     // Question 2: client 1's services, and its timeline.
     ask(&browser, "services", &[("device", &c1.mac), ("from", &from), ("to", &to)]);
@@ -199,7 +211,10 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     assert!(parsed.iter().all(|r| r["device"]["mac"] == c1.mac.as_str()), "{ndjson}");
     browser.click("#download-ecs").unwrap();
     let ecs = std::fs::read_to_string(browser.wait_for_download(".ecs.ndjson").unwrap()).unwrap();
-    assert!(ecs.lines().any(|l| l.contains("\"@timestamp\"")) && ecs.contains(WEB_NAME), "Elasticsearch bulk lines: {ecs}");
+    assert!(
+        ecs.lines().any(|l| l.contains("\"@timestamp\"")) && ecs.contains(WEB_NAME),
+        "Elasticsearch bulk lines: {ecs}"
+    );
     browser.click("#download-bundle").unwrap();
     let zip = browser.wait_for_download(".zip").unwrap();
     let mut archive = zip::ZipArchive::new(std::fs::File::open(&zip).unwrap()).unwrap();
@@ -245,9 +260,18 @@ fn the_console_answers_in_a_real_browser_and_refuses_what_the_desk_refuses() {
     )
     .unwrap();
     let mut evil = lab
-        .spawn_in(&lab.gateway, Command::new("python3").args(["-m", "http.server", "18491", "--bind", "127.0.0.1", "--directory"]).arg(evil_dir.path()), "evil")
+        .spawn_in(
+            &lab.gateway,
+            Command::new("python3")
+                .args(["-m", "http.server", "18491", "--bind", "127.0.0.1", "--directory"])
+                .arg(evil_dir.path()),
+            "evil",
+        )
         .unwrap();
-    icr_lab::wait_for(Duration::from_secs(10), "the other site", || Ok(curl(&lab, &["http://127.0.0.1:18491/evil.html"]).0 == 200)).unwrap();
+    icr_lab::wait_for(Duration::from_secs(10), "the other site", || {
+        Ok(curl(&lab, &["http://127.0.0.1:18491/evil.html"]).0 == 200)
+    })
+    .unwrap();
     browser.goto("http://127.0.0.1:18491/evil.html").unwrap();
     browser.click("#go").unwrap();
     browser.wait_for("#refusal").unwrap();

@@ -28,7 +28,9 @@ fn replay_crafted(script: &str) -> Vec<Value> {
 fn crafted_encapsulations_replay_to_named_records() {
     let records = replay_crafted("crafted.py");
     assert_eq!(records.len(), 5, "{records:#?}");
-    let by_port = |port: u64| records.iter().find(|r| r["device"]["port"] == port).unwrap_or_else(|| panic!("no record from port {port}"));
+    let by_port = |port: u64| {
+        records.iter().find(|r| r["device"]["port"] == port).unwrap_or_else(|| panic!("no record from port {port}"))
+    };
 
     for (port, name, vlan, pppoe) in [
         (40001, "vlan.example.test", json!([100]), Value::Null),
@@ -52,7 +54,10 @@ fn crafted_encapsulations_replay_to_named_records() {
 fn a_neighbour_cannot_plant_dns_names_on_another_devices_records() {
     let records = replay_crafted("dns_planted.py");
     let to = |port: u64| {
-        records.iter().find(|r| r["device"]["port"] == port).unwrap_or_else(|| panic!("no record from port {port}: {records:#?}"))
+        records
+            .iter()
+            .find(|r| r["device"]["port"] == port)
+            .unwrap_or_else(|| panic!("no record from port {port}: {records:#?}"))
     };
     // A's unsolicited answer, and the gateway's answer to A's question sent
     // with B's address, name none of B's connections, at once or later.
@@ -69,6 +74,7 @@ fn a_neighbour_cannot_plant_dns_names_on_another_devices_records() {
     assert_eq!(named["dns_at"], "2023-11-14T22:13:20.210000Z");
 
     // Names the protocol allows are kept, escaped, not dropped.
-    let asked: Vec<&str> = to(40003)["dns_all"].as_array().unwrap().iter().map(|d| d["qname"].as_str().unwrap()).collect();
+    let asked: Vec<&str> =
+        to(40003)["dns_all"].as_array().unwrap().iter().map(|d| d["qname"].as_str().unwrap()).collect();
     assert_eq!(asked, ["ab=cd+ef/gh.t.example", "odd\\032label\\255.t.example"]);
 }

@@ -7,7 +7,10 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use icr_lab::{Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary, patience, wait_for};
+use icr_lab::{
+    Agent, GATEWAY_LAN_IP, LAN_NET, Lab, MAIL_NAME, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary, patience,
+    wait_for,
+};
 use serde_json::Value;
 
 const WHO: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-DHCP"];
@@ -30,7 +33,8 @@ fn rfc3339(unix: f64) -> String {
 }
 
 fn icr(db: &Path, args: &[&str]) -> Vec<Value> {
-    let out = Command::new(icr_binary()).args(args).args(["--format", "ndjson", "--db"]).arg(db).args(WHO).output().unwrap();
+    let out =
+        Command::new(icr_binary()).args(args).args(["--format", "ndjson", "--db"]).arg(db).args(WHO).output().unwrap();
     assert!(out.status.success(), "icr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
@@ -90,17 +94,30 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
         let child = lab
             .spawn_in(
                 &client.ns,
-                Command::new("busybox").args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", &client_timeout(1), "-s"]).arg(&script),
+                Command::new("busybox")
+                    .args(["udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", &client_timeout(1), "-s"])
+                    .arg(&script),
                 &format!("udhcpc-{}", client.ns),
             )
             .expect("udhcpc");
         KillOnDrop(child)
     };
-    let leased_to = |mac: &str| std::fs::read_to_string(&leases).unwrap_or_default().lines().any(|l| l.contains(mac) && l.contains(&shared_ip));
+    let leased_to = |mac: &str| {
+        std::fs::read_to_string(&leases).unwrap_or_default().lines().any(|l| l.contains(mac) && l.contains(&shared_ip))
+    };
     let curl = |client: &icr_lab::Client, name: &str| {
         lab.exec(
             &client.ns,
-            Command::new("curl").args(["-sk", "-o", "/dev/null", "--max-time", &client_timeout(10), "--resolve", &format!("{name}:443:{WEB_IP}"), &format!("https://{name}/dhcp")]),
+            Command::new("curl").args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                &client_timeout(10),
+                "--resolve",
+                &format!("{name}:443:{WEB_IP}"),
+                &format!("https://{name}/dhcp"),
+            ]),
         )
         .expect("curl");
     };
@@ -125,7 +142,19 @@ fn an_address_moving_between_devices_resolves_to_each_holder_in_turn() {
     assert_eq!(requests.len(), 2, "both requests reached nginx: {requests:?}");
     for (request, (client, subscriber)) in requests.iter().zip([(a, "alice"), (b, "bob")]) {
         assert_eq!(request.address, PUBLIC_IP);
-        let hits = icr(&db, &["query", "resolve", "--ip", PUBLIC_IP, "--port", &request.port.to_string(), "--at", &rfc3339(request.time)]);
+        let hits = icr(
+            &db,
+            &[
+                "query",
+                "resolve",
+                "--ip",
+                PUBLIC_IP,
+                "--port",
+                &request.port.to_string(),
+                "--at",
+                &rfc3339(request.time),
+            ],
+        );
         assert_eq!(hits.len(), 1, "one connection used {}:{} then: {hits:#?}\n{log}", PUBLIC_IP, request.port);
         assert_eq!(hits[0]["device"]["ip"], shared_ip.as_str(), "{hits:#?}");
         assert_eq!(hits[0]["device"]["mac"], client.mac.as_str(), "{hits:#?}");

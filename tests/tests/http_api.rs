@@ -66,10 +66,33 @@ fn make_api_certificate(dir: &Path) {
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=icr lab CA", "-keyout", "ca.key", "-out", "ca.pem"]].concat());
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=icr lab CA", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
     openssl(&[&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "api.key", "-out", "api.csr"]].concat());
     std::fs::write(dir.join("api.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
-    openssl(&["x509", "-req", "-in", "api.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "api.ext", "-out", "api.pem"]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "api.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "api.ext",
+        "-out",
+        "api.pem",
+    ]);
 }
 
 /// `icr query ... --server` from inside the gateway: (exit code, stdout, stderr).
@@ -78,9 +101,17 @@ fn icr_remote(lab: &Lab, args: &[&str]) -> (i32, String, String) {
     std::fs::write(&token_file, format!("{POLICE_TOKEN}\n")).unwrap();
     let mut command = Command::new("ip");
     command.args(["netns", "exec", &lab.gateway]).arg(icr_binary()).args(["query"]).args(args);
-    command.args(["--server", &format!("https://127.0.0.1:{PORT}"), "--ca"]).arg(lab.dir.join("ca.pem")).arg("--token-file").arg(&token_file);
+    command
+        .args(["--server", &format!("https://127.0.0.1:{PORT}"), "--ca"])
+        .arg(lab.dir.join("ca.pem"))
+        .arg("--token-file")
+        .arg(&token_file);
     let out = command.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Holds `max` TLS connections open without a request, tries one more, then
@@ -132,9 +163,24 @@ fn post(lab: &Lab, kind: &str, authority: Option<&str>, token: Option<&str>, bod
 }
 
 /// As `post`, with more curl arguments.
-fn post_with(lab: &Lab, curl: &[&str], kind: &str, authority: Option<&str>, token: Option<&str>, body: &str) -> (u16, String) {
+fn post_with(
+    lab: &Lab,
+    curl: &[&str],
+    kind: &str,
+    authority: Option<&str>,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut args: Vec<String> = curl.iter().map(|arg| arg.to_string()).collect();
-    args.extend(["-sk".to_string(), "-o".into(), "-".into(), "-w".into(), "\n%{http_code}".into(), "-X".into(), "POST".into()]);
+    args.extend([
+        "-sk".to_string(),
+        "-o".into(),
+        "-".into(),
+        "-w".into(),
+        "\n%{http_code}".into(),
+        "-X".into(),
+        "POST".into(),
+    ]);
     if let Some(authority) = authority {
         args.extend(["-H".into(), format!("ICR-Authority: {authority}")]);
     }
@@ -158,16 +204,37 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let c1 = &lab.clients[0];
     // A request whose URL carries a path and a query string: neither may be kept.
-    lab.exec(&c1.ns, Command::new("curl").args(["-sk", "-o", "/dev/null", &format!("https://{WEB_NAME}/private/report.pdf?session=hunter2secret")]))
-        .unwrap();
-    lab.exec(&c1.ns, Command::new("curl").args(["-s", "-o", "/dev/null", &format!("http://{WEB_NAME}/plain/secretpath?token=plaintextsecret")]))
-        .unwrap();
+    lab.exec(
+        &c1.ns,
+        Command::new("curl").args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            &format!("https://{WEB_NAME}/private/report.pdf?session=hunter2secret"),
+        ]),
+    )
+    .unwrap();
+    lab.exec(
+        &c1.ns,
+        Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://{WEB_NAME}/plain/secretpath?token=plaintextsecret"),
+        ]),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(3));
 
     let now = chrono::Utc::now();
     let (from, to) = ((now - chrono::Duration::hours(1)).to_rfc3339(), (now + chrono::Duration::hours(1)).to_rfc3339());
-    let services = format!(r#"{{"officer": "PC 1", "reference": "OP-HTTP-1", "device": "{}", "from": "{from}", "to": "{to}"}}"#, c1.ip);
-    let accessed = format!(r#"{{"officer": "PC 1", "reference": "OP-HTTP-2", "service": ["{WEB_NAME}"], "from": "{from}", "to": "{to}", "format": "csv"}}"#);
+    let services = format!(
+        r#"{{"officer": "PC 1", "reference": "OP-HTTP-1", "device": "{}", "from": "{from}", "to": "{to}"}}"#,
+        c1.ip
+    );
+    let accessed = format!(
+        r#"{{"officer": "PC 1", "reference": "OP-HTTP-2", "service": ["{WEB_NAME}"], "from": "{from}", "to": "{to}", "format": "csv"}}"#
+    );
 
     // Authorised: question 2 (NDJSON) and question 3 (CSV).
     let (status, body) = post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services);
@@ -182,7 +249,9 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     // The last column lists every question of the flow: the resolver asks
     // A and AAAA from one socket, and both are kept.
     let dns_all = body.lines().next().unwrap().split(',').position(|c| c == "dns_all").expect("a dns_all column");
-    let lookups = body.lines().filter(|l| l.split(',').nth(dns_all).is_some_and(|all| all.split(';').any(|q| q == format!("{WEB_NAME}/A"))));
+    let lookups = body
+        .lines()
+        .filter(|l| l.split(',').nth(dns_all).is_some_and(|all| all.split(';').any(|q| q == format!("{WEB_NAME}/A"))));
     assert_eq!(lookups.count(), 2, "{body}");
     assert!(
         body.lines().next().unwrap().ends_with(",probe,local,dns_all,service_dns_at,service_resolver"),
@@ -190,10 +259,22 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     );
     // The local filter: these connections left the gateway.
     for (local, lines) in [("include", 5), ("exclude", 5), ("only", 1)] {
-        let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed.replace(r#""format""#, &format!(r#""local": "{local}", "format""#)));
+        let (status, body) = post(
+            &lab,
+            "accessed",
+            Some("lab-police"),
+            Some(POLICE_TOKEN),
+            &accessed.replace(r#""format""#, &format!(r#""local": "{local}", "format""#)),
+        );
         assert_eq!((status, body.lines().count()), (200, lines), "local {local}: {body}");
     }
-    let (status, body) = post(&lab, "accessed", Some("lab-police"), Some(POLICE_TOKEN), &accessed.replace(r#""format""#, r#""local": "sometimes", "format""#));
+    let (status, body) = post(
+        &lab,
+        "accessed",
+        Some("lab-police"),
+        Some(POLICE_TOKEN),
+        &accessed.replace(r#""format""#, r#""local": "sometimes", "format""#),
+    );
     assert_eq!(status, 400, "an unknown local filter is refused: {body}");
     assert!(body.contains("sometimes"), "{body}");
 
@@ -205,30 +286,78 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
         ("another authority's token", post(&lab, "services", Some("lab-police"), Some(NARROW_TOKEN), &services), 401),
         ("local authority", post(&lab, "services", Some("lab-council"), Some(COUNCIL_TOKEN), &services), 403),
         ("wrong purpose", post(&lab, "accessed", Some("lab-narrow"), Some(NARROW_TOKEN), &accessed), 403),
-        ("no reference", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(r#""reference": "OP-HTTP-1", "#, "")), 403),
-        ("window too long", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(&from, "2020-01-01T00:00:00Z")), 403),
+        (
+            "no reference",
+            post(
+                &lab,
+                "services",
+                Some("lab-police"),
+                Some(POLICE_TOKEN),
+                &services.replace(r#""reference": "OP-HTTP-1", "#, ""),
+            ),
+            403,
+        ),
+        (
+            "window too long",
+            post(
+                &lab,
+                "services",
+                Some("lab-police"),
+                Some(POLICE_TOKEN),
+                &services.replace(&from, "2020-01-01T00:00:00Z"),
+            ),
+            403,
+        ),
         ("not JSON", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), "device=1"), 400),
-        ("unknown parameter", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), r#"{"db": "/tmp/elsewhere"}"#), 400),
-        ("bad time", post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(&to, "tomorrow")), 400),
+        (
+            "unknown parameter",
+            post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), r#"{"db": "/tmp/elsewhere"}"#),
+            400,
+        ),
+        (
+            "bad time",
+            post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services.replace(&to, "tomorrow")),
+            400,
+        ),
         ("no such question", post(&lab, "everything", Some("lab-police"), Some(POLICE_TOKEN), &services), 404),
     ];
     for (name, (status, body), expected) in &cases {
         assert_eq!(status, expected, "{name}: {body}");
     }
     // The authority comes from the token, never from the body.
-    let (status, _) = post(&lab, "services", Some("lab-narrow"), Some(NARROW_TOKEN), &services.replace(r#""officer""#, r#""authority": "lab-police", "officer""#));
+    let (status, _) = post(
+        &lab,
+        "services",
+        Some("lab-narrow"),
+        Some(NARROW_TOKEN),
+        &services.replace(r#""officer""#, r#""authority": "lab-police", "officer""#),
+    );
     assert_eq!(status, 400);
 
     // The command line asks the same API with --server (verifying the
     // server's certificate): the same rows, a table drawn locally, and a
     // refusal when the token is not the authority the officer names.
-    let services_args = ["services", "--device", c1.ip.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--officer", "PC 1", "--reference", "OP-HTTP-3"];
-    let (code, stdout, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "ndjson"]].concat());
+    let services_args = [
+        "services",
+        "--device",
+        c1.ip.as_str(),
+        "--from",
+        from.as_str(),
+        "--to",
+        to.as_str(),
+        "--officer",
+        "PC 1",
+        "--reference",
+        "OP-HTTP-3",
+    ];
+    let (code, stdout, stderr) =
+        icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "ndjson"]].concat());
     assert_eq!(code, 0, "{stderr}");
     let remote_rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(remote_rows, rows, "--server answers as the API does");
     assert!(!stderr.contains("capture gap"), "no loss, no warning: {stderr}");
-    let (code, table, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "table"]].concat());
+    let (code, table, stderr) =
+        icr_remote(&lab, &[&services_args[..], &["--authority", "lab-police", "--format", "table"]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(table.lines().next().unwrap().contains("connections") && table.contains(WEB_NAME), "a table: {table}");
     let (code, stdout, stderr) = icr_remote(&lab, &[&services_args[..], &["--authority", "lab-council"]].concat());
@@ -241,14 +370,30 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     std::fs::write(&huge, format!(r#"{{"officer": "{}"}}"#, "x".repeat(3 << 20))).unwrap();
     // (HTTP/1.1: over HTTP/2 the server's early answer resets the stream,
     // which curl reports as its own failure.)
-    let (status, body) = post_with(&lab, &["--http1.1"], "services", Some("lab-police"), Some(POLICE_TOKEN), &format!("@{}", huge.display()));
+    let (status, body) = post_with(
+        &lab,
+        &["--http1.1"],
+        "services",
+        Some("lab-police"),
+        Some(POLICE_TOKEN),
+        &format!("@{}", huge.display()),
+    );
     assert_eq!(status, 413, "a 3 MiB body: {body}");
-    let abuse = lab.exec(&lab.gateway, Command::new(icr_lab::lab_python()).arg("-c").arg(ABUSE_SCRIPT).arg(PORT.to_string()).arg(MAX_CONNECTIONS.to_string()));
+    let abuse = lab.exec(
+        &lab.gateway,
+        Command::new(icr_lab::lab_python())
+            .arg("-c")
+            .arg(ABUSE_SCRIPT)
+            .arg(PORT.to_string())
+            .arg(MAX_CONNECTIONS.to_string()),
+    );
     let abuse = String::from_utf8_lossy(&abuse.expect("the abuse script runs").stdout).into_owned();
     let seen: Value = serde_json::from_str(abuse.trim()).unwrap_or_else(|e| panic!("{e}: {abuse}"));
     assert_eq!(seen["over_limit_closed"], true, "a connection over the limit is closed at once: {seen}");
     assert_eq!(seen["within_limit_open"], MAX_CONNECTIONS, "connections within the limit are served: {seen}");
-    let cut_after = seen["slow_headers_cut_after_s"].as_f64().unwrap_or_else(|| panic!("headers that never end are cut off: {seen}"));
+    let cut_after = seen["slow_headers_cut_after_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("headers that never end are cut off: {seen}"));
     assert!((1.5..6.0).contains(&cut_after), "cut off after the 2 s request timeout: {seen}");
     let (status, body) = post(&lab, "services", Some("lab-police"), Some(POLICE_TOKEN), &services);
     assert_eq!(status, 200, "answered after the abuse: {body}");
@@ -265,10 +410,18 @@ fn the_api_answers_authorised_queries_and_refuses_the_rest() {
     // unknown local filter, not JSON, the unknown parameter, the authority
     // in the body — audited as failed = 23. (The oversized body, refused
     // before its token was checked, is not.)
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("23 entries"), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("23 entries"),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
     assert_eq!(audit.matches(r#""local":"only""#).count(), 1, "the local filter is audited: {audit}");
-    assert_eq!(audit.matches("\"officer\":\"agent (hourly retention)\"").count(), 1, "the agent's sweep is audited: {audit}");
+    assert_eq!(
+        audit.matches("\"officer\":\"agent (hourly retention)\"").count(),
+        1,
+        "the agent's sweep is audited: {audit}"
+    );
     assert!(!audit.contains(POLICE_TOKEN), "tokens are never logged");
 
     // Data minimisation: nothing of the URLs anywhere we write.

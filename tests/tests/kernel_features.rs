@@ -45,10 +45,15 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
         "the agent says what it probed in the kernel:\n{started}"
     );
     // Ring buffers with bpf_xdp_load_bytes from 5.18, else perf buffers.
-    let path = if icr_lab::kernel_at_least(5, 18) { "events through the per-CPU ring buffers" } else { "events through the per-CPU perf buffers" };
+    let path = if icr_lab::kernel_at_least(5, 18) {
+        "events through the per-CPU ring buffers"
+    } else {
+        "events through the per-CPU perf buffers"
+    };
     assert!(started.contains(path), "the agent says which event path this kernel gets ({path}):\n{started}");
     assert!(
-        started.contains(&format!("pin_dir {pins} is not on a BPF file system")) && started.contains("mount -t bpf bpf /sys/fs/bpf"),
+        started.contains(&format!("pin_dir {pins} is not on a BPF file system"))
+            && started.contains("mount -t bpf bpf /sys/fs/bpf"),
         "the agent names bpffs as what is missing:\n{started}"
     );
     assert!(!started.contains("pinning the XDP link"), "{started}");
@@ -67,7 +72,8 @@ fn without_bpffs_the_agent_records_unpinned_and_says_why() {
 
     let out = icr_lab::icr_list(&db, "ndjson", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let matching: Vec<&Value> =
         records.iter().filter(|r| r["device"]["port"] == u64::from(port) && r["remote"]["ip"] == EXCHANGE_IP).collect();
     assert_eq!(matching.len(), 1, "the exchange was recorded: {records:#?}");

@@ -55,7 +55,10 @@ fn every_connection_under_steady_load_is_one_whole_record() {
         .clients
         .iter()
         .enumerate()
-        .map(|(n, client)| lab.spawn_in(&client.ns, Command::new("sh").args(["-c", &script]), &format!("load-{n}")).expect("a client's load"))
+        .map(|(n, client)| {
+            lab.spawn_in(&client.ns, Command::new("sh").args(["-c", &script]), &format!("load-{n}"))
+                .expect("a client's load")
+        })
         .collect();
     let started = std::time::Instant::now();
     let mut next_sample = Duration::from_secs(60);
@@ -63,7 +66,11 @@ fn every_connection_under_steady_load_is_one_whole_record() {
         while child.try_wait().expect("a client's load").is_none() {
             std::thread::sleep(Duration::from_secs(1));
             if soak().is_some() && started.elapsed() >= next_sample {
-                eprintln!("agent RSS after {} s: {} KiB", started.elapsed().as_secs(), agent.rss_kib().expect("the agent's memory"));
+                eprintln!(
+                    "agent RSS after {} s: {} KiB",
+                    started.elapsed().as_secs(),
+                    agent.rss_kib().expect("the agent's memory")
+                );
                 next_sample += Duration::from_secs(60);
             }
         }
@@ -93,8 +100,11 @@ fn every_connection_under_steady_load_is_one_whole_record() {
         let found = by_public.get(&u64::from(line.port)).map(Vec::as_slice).unwrap_or_default();
         // A public port may serve several connections over the run: the one
         // open at the request's time.
-        let at = |r: &Value, field: &str| chrono::DateTime::parse_from_rfc3339(r[field].as_str().unwrap()).unwrap().timestamp_micros() as f64 / 1e6;
-        let matching: Vec<&&Value> = found.iter().filter(|r| at(r, "start") - 1.0 <= line.time && line.time <= at(r, "end") + 1.0).collect();
+        let at = |r: &Value, field: &str| {
+            chrono::DateTime::parse_from_rfc3339(r[field].as_str().unwrap()).unwrap().timestamp_micros() as f64 / 1e6
+        };
+        let matching: Vec<&&Value> =
+            found.iter().filter(|r| at(r, "start") - 1.0 <= line.time && line.time <= at(r, "end") + 1.0).collect();
         let whole = matching.len() == 1
             && matching[0]["device"]["mac"].is_string()
             && matching[0]["service"]["name"] == WEB_NAME
@@ -103,5 +113,10 @@ fn every_connection_under_steady_load_is_one_whole_record() {
             broken.push((line.port, line.time, matching));
         }
     }
-    assert!(broken.is_empty(), "{} of {} requests without exactly one whole record: {broken:#?}", broken.len(), access.len());
+    assert!(
+        broken.is_empty(),
+        "{} of {} requests without exactly one whole record: {broken:#?}",
+        broken.len(),
+        access.len()
+    );
 }

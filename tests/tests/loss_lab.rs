@@ -82,18 +82,37 @@ fn http_gaps(lab: &Lab, from: DateTime<Utc>, to: DateTime<Utc>) -> (u64, Vec<Val
     let out = lab
         .exec(
             &lab.gateway,
-            Command::new("curl").args(["-sf", "-D", "-", "-o", "/dev/null", "-X", "POST", "-H", "ICR-Authority: lab-police", "-H", &format!("Authorization: Bearer {TOKEN}")]).args([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                &body,
-                &format!("http://{API}/v1/query/accessed"),
-            ]),
+            Command::new("curl")
+                .args([
+                    "-sf",
+                    "-D",
+                    "-",
+                    "-o",
+                    "/dev/null",
+                    "-X",
+                    "POST",
+                    "-H",
+                    "ICR-Authority: lab-police",
+                    "-H",
+                    &format!("Authorization: Bearer {TOKEN}"),
+                ])
+                .args([
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    &body,
+                    &format!("http://{API}/v1/query/accessed"),
+                ]),
         )
         .expect("asking over HTTP");
     let headers = String::from_utf8_lossy(&out.stdout).into_owned();
-    let value = |line: &str, name: &str| line.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned());
-    let count = headers.lines().find_map(|l| value(l, "icr-gaps")).unwrap_or_else(|| panic!("no ICR-Gaps header in\n{headers}"));
+    let value = |line: &str, name: &str| {
+        line.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned())
+    };
+    let count = headers
+        .lines()
+        .find_map(|l| value(l, "icr-gaps"))
+        .unwrap_or_else(|| panic!("no ICR-Gaps header in\n{headers}"));
     let gaps = headers.lines().filter_map(|l| value(l, "icr-gap")).map(|v| serde_json::from_str(&v).unwrap()).collect();
     (count.parse().unwrap(), gaps)
 }
@@ -102,13 +121,22 @@ fn http_gaps(lab: &Lab, from: DateTime<Utc>, to: DateTime<Utc>) -> (u64, Vec<Val
 fn burst(lab: &Lab, first: u16, count: u16) {
     lab.exec(
         &lab.clients[0].ns,
-        Command::new("python3").args(["-c", BURST_SCRIPT, EXCHANGE_IP, &BURST_PORT.to_string(), &first.to_string(), &count.to_string()]),
+        Command::new("python3").args([
+            "-c",
+            BURST_SCRIPT,
+            EXCHANGE_IP,
+            &BURST_PORT.to_string(),
+            &first.to_string(),
+            &count.to_string(),
+        ]),
     )
     .expect("the burst of datagrams");
 }
 
 fn metric(lab: &Lab, name: &str) -> u64 {
-    let out = lab.exec(&lab.gateway, Command::new("curl").args(["-sf", &format!("http://{METRICS}/metrics")])).expect("reading /metrics");
+    let out = lab
+        .exec(&lab.gateway, Command::new("curl").args(["-sf", &format!("http://{METRICS}/metrics")]))
+        .expect("reading /metrics");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .find_map(|line| line.strip_prefix(&format!("icr_{name} "))?.trim().parse().ok())
@@ -132,7 +160,17 @@ fn bundled_gaps(db: &Path, lab_dir: &Path, from: DateTime<Utc>, to: DateTime<Utc
     let bundle = lab_dir.join(format!("bundle-{}", from.timestamp_micros()));
     let out = Command::new(icr_binary())
         .args(["query", "accessed", "--service", EXCHANGE_IP, "--from", &from.to_rfc3339(), "--to", &to.to_rfc3339()])
-        .args(["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-LOSS", "--format", "ndjson", "--bundle"])
+        .args([
+            "--authority",
+            "lab-police",
+            "--officer",
+            "PC 1",
+            "--reference",
+            "OP-LOSS",
+            "--format",
+            "ndjson",
+            "--bundle",
+        ])
         .arg(&bundle)
         .arg("--db")
         .arg(db)
@@ -140,7 +178,8 @@ fn bundled_gaps(db: &Path, lab_dir: &Path, from: DateTime<Utc>, to: DateTime<Utc
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(bundle.join("gaps.ndjson")).unwrap();
-    let audit: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
+    let audit: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
     let gaps: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(audit["gaps"].as_u64().unwrap_or(0), gaps.len() as u64, "the audit entry counts the gaps: {audit}");
     (gaps, gap_lines(&out.stderr))
@@ -150,7 +189,9 @@ fn bundled_gaps(db: &Path, lab_dir: &Path, from: DateTime<Utc>, to: DateTime<Utc
 /// the bursts' UDP source ports lie in the kernel's ephemeral range (under
 /// TCG one burst flow shared a port with an exchange and was counted as it).
 fn is_exchange(record: &Value, port: u16) -> bool {
-    record["device"]["port"] == u64::from(port) && record["remote"]["ip"] == EXCHANGE_IP && record["remote"]["port"] == EXCHANGE_PORT
+    record["device"]["port"] == u64::from(port)
+        && record["remote"]["ip"] == EXCHANGE_IP
+        && record["remote"]["port"] == EXCHANGE_PORT
 }
 
 fn time_of(gap: &Value, field: &str) -> DateTime<Utc> {
@@ -197,7 +238,10 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     let overruns = metric(&lab, "nat_overruns_total");
     assert!(events_lost > 0, "the kernel counted lost events");
     // Every burst flow is still in the kernel table: the sweep adopts them.
-    wait_for(patience(Duration::from_secs(60)), "the burst's flows stored", || Ok(metric(&lab, "records_stored_total") > 20_000)).unwrap();
+    wait_for(patience(Duration::from_secs(60)), "the burst's flows stored", || {
+        Ok(metric(&lab, "records_stored_total") > 20_000)
+    })
+    .unwrap();
     // While the agent runs, answers come through its socket and its HTTP API:
     // both carry the gaps.
     let window = (stopped - chrono::Duration::seconds(60), Utc::now());
@@ -227,10 +271,14 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     for kind in ["event_buffer_full", "conntrack_overrun"] {
         assert!(gaps.iter().any(|g| g["kind"] == kind && spans_stop(g)), "a {kind} gap spans the stop: {gaps:#?}");
     }
-    assert!(lines.iter().any(|l| l.contains("kernel event buffers") && l.contains(&format!("{events_lost} events lost"))), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("kernel event buffers") && l.contains(&format!("{events_lost} events lost"))),
+        "{lines:?}"
+    );
 
     // No flow is missing, though its events were: one record per source port.
-    let burst_records: Vec<&Value> = records.iter().filter(|r| r["remote"]["port"] == BURST_PORT && r["proto"] == "udp").collect();
+    let burst_records: Vec<&Value> =
+        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT && r["proto"] == "udp").collect();
     let mut ports: Vec<u64> = burst_records.iter().map(|r| r["device"]["port"].as_u64().unwrap()).collect();
     ports.sort_unstable();
     ports.dedup();
@@ -241,7 +289,8 @@ fn a_stopped_agent_loses_events_and_nat_mappings_and_every_answer_says_when() {
     assert_eq!(early["incomplete"], false, "a flow stored before the loss is complete: {early}");
 
     // A window that ends before the loss has no gap and no warning.
-    let (quiet_gaps, quiet_lines) = bundled_gaps(&db, &lab.dir, stopped - chrono::Duration::seconds(600), stopped - chrono::Duration::seconds(5));
+    let (quiet_gaps, quiet_lines) =
+        bundled_gaps(&db, &lab.dir, stopped - chrono::Duration::seconds(600), stopped - chrono::Duration::seconds(5));
     assert!(quiet_gaps.is_empty() && quiet_lines.is_empty(), "{quiet_gaps:?} {quiet_lines:?}");
 }
 
@@ -253,7 +302,10 @@ fn a_full_flow_table_is_a_gap_counted_flow_by_flow() {
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let started = Utc::now();
     burst(&lab, 30_000, 300);
-    wait_for(patience(Duration::from_secs(20)), "a flow-table gap entry", || Ok(metric(&lab, "gap_entries_written_total") >= 1)).unwrap();
+    wait_for(patience(Duration::from_secs(20)), "a flow-table gap entry", || {
+        Ok(metric(&lab, "gap_entries_written_total") >= 1)
+    })
+    .unwrap();
     let full = metric(&lab, "probe_flow_table_full_total");
     assert!(full > 0, "the kernel counted flows it could not track");
     agent.stop().expect("the agent stops cleanly");
@@ -291,8 +343,16 @@ fn time_without_an_agent_is_a_gap() {
     let down: Vec<&Value> = gaps.iter().filter(|g| g["kind"] == "not_capturing").collect();
     assert_eq!(down.len(), 1, "{gaps:#?}");
     let (from, to) = (time_of(down[0], "from"), time_of(down[0], "to"));
-    assert!(from <= killed && from >= killed - chrono::Duration::seconds(11), "it starts at the last watermark: {}", down[0]);
-    assert!(to >= killed + chrono::Duration::seconds(2) && to <= restarted, "it ends when capture resumed: {}", down[0]);
+    assert!(
+        from <= killed && from >= killed - chrono::Duration::seconds(11),
+        "it starts at the last watermark: {}",
+        down[0]
+    );
+    assert!(
+        to >= killed + chrono::Duration::seconds(2) && to <= restarted,
+        "it ends when capture resumed: {}",
+        down[0]
+    );
     assert!(lines.iter().any(|l| l.contains("in the agent")), "{lines:?}");
 }
 
@@ -302,7 +362,11 @@ struct SmallDisk(std::path::PathBuf);
 impl SmallDisk {
     fn mount(at: std::path::PathBuf, size: &str) -> Self {
         std::fs::create_dir_all(&at).unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&at).output().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
         Self(at)
     }
@@ -338,8 +402,11 @@ fn each_stored_once(records: &[Value], ports: &[u16], bursts: usize, context: &s
         let n = records.iter().filter(|r| is_exchange(r, *port)).count();
         assert_eq!(n, 1, "exchange from port {port}: one record (none lost, none doubled)\n{context}");
     }
-    let mut burst_ports: Vec<u64> =
-        records.iter().filter(|r| r["remote"]["port"] == BURST_PORT).map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    let mut burst_ports: Vec<u64> = records
+        .iter()
+        .filter(|r| r["remote"]["port"] == BURST_PORT)
+        .map(|r| r["device"]["port"].as_u64().unwrap())
+        .collect();
     let burst_records = burst_ports.len();
     burst_ports.sort_unstable();
     burst_ports.dedup();
@@ -361,8 +428,10 @@ fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let client = &lab.clients[0];
     let mut ports = vec![lab.exchange(client, 1_000, 1_000).expect("an exchange before")];
-    wait_for(patience(Duration::from_secs(15)), "the first record stored", || Ok(metric(&lab, "records_stored_total") >= 1))
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    wait_for(patience(Duration::from_secs(15)), "the first record stored", || {
+        Ok(metric(&lab, "records_stored_total") >= 1)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
 
     disk.fill();
     let full_since = Utc::now();
@@ -384,8 +453,10 @@ fn a_full_disk_holds_records_back_without_touching_traffic_and_they_are_written_
     assert!(agent.log_text().contains("No space left on device"), "the operator is told why:\n{}", agent.log_text());
 
     disk.free();
-    wait_for(patience(Duration::from_secs(30)), "the held records written", || Ok(metric(&lab, "records_stored_total") >= expected))
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.log_text(), df(&disk)));
+    wait_for(patience(Duration::from_secs(30)), "the held records written", || {
+        Ok(metric(&lab, "records_stored_total") >= expected)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.log_text(), df(&disk)));
     let log = agent.stop().expect("the agent stops cleanly");
     assert!(log.contains("works again"), "the operator is told it recovered:\n{log}");
     let context = format!("{log}\n{}", df(&disk));
@@ -411,13 +482,16 @@ fn a_kill_while_records_wait_for_the_disk_loses_no_closed_flow() {
     let db = disk.0.join("db");
     write_config_with(&db, 65536, "");
     let config = std::fs::read_to_string(db.join("icr.toml")).unwrap();
-    let pinned = config.replacen("[probe]\n", &format!("[probe]\npin_dir = \"{}\"\n", bpffs.0.join("icr").display()), 1);
+    let pinned =
+        config.replacen("[probe]\n", &format!("[probe]\npin_dir = \"{}\"\n", bpffs.0.join("icr").display()), 1);
     std::fs::write(db.join("icr.toml"), pinned).unwrap();
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let client = &lab.clients[0];
     let first = lab.exchange(client, 1_000, 1_000).expect("an exchange before");
-    wait_for(patience(Duration::from_secs(15)), "the first record stored", || Ok(metric(&lab, "records_stored_total") >= 1))
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    wait_for(patience(Duration::from_secs(15)), "the first record stored", || {
+        Ok(metric(&lab, "records_stored_total") >= 1)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
 
     disk.fill();
     let full_since = Utc::now();

@@ -37,7 +37,18 @@ fn names_come_from_sni_host_and_dns() {
 
     // Client 1: TLS 1.3 and TLS 1.2 by name (each after a DNS lookup).
     run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", &timeout, &format!("https://{WEB_NAME}/")]));
-    run(&c1.ns, Command::new("curl").args(["-sk", "--max-time", &timeout, "--tlsv1.2", "--tls-max", "1.2", &format!("https://{MAIL_NAME}/")]));
+    run(
+        &c1.ns,
+        Command::new("curl").args([
+            "-sk",
+            "--max-time",
+            &timeout,
+            "--tlsv1.2",
+            "--tls-max",
+            "1.2",
+            &format!("https://{MAIL_NAME}/"),
+        ]),
+    );
     // Client 2: openssl with a ClientHello over 2 KB (a long ALPN list), by address.
     let alpn: Vec<String> = (0..120).map(|i| format!("proto-{i:04}-padding")).collect();
     run(&c2.ns, Command::new("sh").args(["-c", &format!(
@@ -48,7 +59,10 @@ fn names_come_from_sni_host_and_dns() {
     run(&c2.ns, Command::new("curl").args(["-s", "--max-time", &timeout, &format!("http://{WEB_NAME}/")]));
     run(&c2.ns, Command::new("dig").args(["+tcp", &dig_time, "+tries=1", &format!("@{DNS_IP}"), ALIAS_NAME, "A"]));
     run(&c2.ns, Command::new("dig").args(["+short", &dig_time, "+tries=1", &format!("@{DNS_IP}"), EXCHANGE_NAME, "A"]));
-    let aaaa = run(&c2.ns, Command::new("dig").args(["+short", &dig_time, "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "AAAA"]));
+    let aaaa = run(
+        &c2.ns,
+        Command::new("dig").args(["+short", &dig_time, "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "AAAA"]),
+    );
     assert_eq!(String::from_utf8_lossy(&aaaa.stdout).trim(), WEB_IP6);
     run(&c2.ns, Command::new("dig").args([&dig_time, "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "HTTPS"]));
     lab.exchange(c2, 100, 100).expect("the exchange");
@@ -59,7 +73,9 @@ fn names_come_from_sni_host_and_dns() {
     agent.stop().expect("the agent stops cleanly");
     let pcaps: Vec<_> = captures.into_iter().map(|c| c.stop().expect("stopping tcpdump")).collect();
     let records = icr_lab::stored_records(&db);
-    let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
+    let find = |device: &str, remote: &str, port: u64, proto: &str| {
+        icr_lab::records_between(&records, device, remote, port, proto)
+    };
     let service = icr_lab::service_of;
 
     let tls13 = find(&c1.ip, WEB_IP, 443, "tcp");
@@ -87,12 +103,16 @@ fn names_come_from_sni_host_and_dns() {
     let dns_tcp = find(&c2.ip, DNS_IP, 53, "tcp");
     assert_eq!(dns_tcp.len(), 1, "{records:#?}");
     assert_eq!(dns_tcp[0]["dns"]["qname"], ALIAS_NAME);
-    let answers: Vec<&str> = dns_tcp[0]["dns"]["answers"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let answers: Vec<&str> =
+        dns_tcp[0]["dns"]["answers"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(answers.contains(&WEB_NAME) && answers.contains(&WEB_IP), "the CNAME chain: {answers:?}");
 
     // AAAA and HTTPS lookups from client 2 (each on its own source port).
-    let c2_dns: Vec<&Value> = find(&c2.ip, DNS_IP, 53, "udp").into_iter().filter(|r| r["dns"]["qname"] == WEB_NAME).collect();
-    let by_type = |qtype: &str| c2_dns.iter().find(|r| r["dns"]["qtype"] == qtype).unwrap_or_else(|| panic!("no {qtype} lookup in {c2_dns:#?}"));
+    let c2_dns: Vec<&Value> =
+        find(&c2.ip, DNS_IP, 53, "udp").into_iter().filter(|r| r["dns"]["qname"] == WEB_NAME).collect();
+    let by_type = |qtype: &str| {
+        c2_dns.iter().find(|r| r["dns"]["qtype"] == qtype).unwrap_or_else(|| panic!("no {qtype} lookup in {c2_dns:#?}"))
+    };
     assert_eq!(by_type("AAAA")["dns"]["answers"], serde_json::json!([WEB_IP6]));
     assert_eq!(by_type("HTTPS")["dns"]["answers"], serde_json::json!([WEB_IP]), "the HTTPS record's ipv4hint");
 
@@ -155,7 +175,20 @@ fn tshark_names(pcap: &Path) -> FlowNames {
         .arg(pcap)
         .args(["-Y", "tls.handshake.type == 1 || (dns && dns.flags.response == 0) || http.request"])
         .args(["-T", "fields", "-E", "separator=|"])
-        .args(["-e", "ip.src", "-e", "tcp.srcport", "-e", "udp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e", "udp.dstport"])
+        .args([
+            "-e",
+            "ip.src",
+            "-e",
+            "tcp.srcport",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "ip.dst",
+            "-e",
+            "tcp.dstport",
+            "-e",
+            "udp.dstport",
+        ])
         .args(["-e", "tls.handshake.extensions_server_name", "-e", "dns.qry.name", "-e", "http.host"])
         .output()
         .expect("running tshark");

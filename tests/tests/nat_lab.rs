@@ -25,10 +25,12 @@ const AUTHORITY_FLAGS: [&str; 6] = ["--authority", "lab-police", "--officer", "P
 fn write_config(db: &Path, c1_mac: &str) {
     std::fs::create_dir_all(db).unwrap();
     let subscribers = db.join("subscribers.csv");
-    std::fs::write(&subscribers, format!("mac_or_ip,subscriber\n{c1_mac},line-0001\n192.168.50.0/24,lab-lan\n")).unwrap();
+    std::fs::write(&subscribers, format!("mac_or_ip,subscriber\n{c1_mac},line-0001\n192.168.50.0/24,lab-lan\n"))
+        .unwrap();
     std::fs::write(
         db.join("icr.toml"),
-        format!(r#"
+        format!(
+            r#"
 retention_days = 30
 probe_id = "gw-lab-1"
 
@@ -60,7 +62,9 @@ flow_table_size = 65536
 tcp_closed = "1s"
 udp_idle = "2s"
 full_sweep = "1s"
-"#, subscribers.display()),
+"#,
+            subscribers.display()
+        ),
     )
     .unwrap();
 }
@@ -71,10 +75,7 @@ fn icr(args: &[&str]) -> Output {
 
 fn ndjson(out: &Output) -> Vec<Value> {
     assert!(out.status.success(), "icr failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("NDJSON"))
-        .collect()
+    String::from_utf8_lossy(&out.stdout).lines().map(|line| serde_json::from_str(line).expect("NDJSON")).collect()
 }
 
 /// IP bytes of `app` bytes of TCP payload in `packets` packets: each packet
@@ -96,32 +97,94 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     let c1_port = lab.exchange(c1, up as usize, down as usize).expect("the exchange");
     // HTTPS by name (DNS through dnsmasq, then TLS to nginx), and a dig, from client 2.
     let curl = lab
-        .exec(&c2.ns, Command::new("curl").args(["-sk", "--max-time", &client_timeout(10), &format!("https://{WEB_NAME}/")]))
+        .exec(
+            &c2.ns,
+            Command::new("curl").args(["-sk", "--max-time", &client_timeout(10), &format!("https://{WEB_NAME}/")]),
+        )
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&curl.stdout), format!("hello from {WEB_NAME}\n"));
-    lab.exec(&c2.ns, Command::new("dig").args(["+short", &format!("+time={}", client_timeout(2)), "+tries=1", &format!("@{DNS_IP}"), "mail.example.test", "A"]))
-        .expect("dig");
+    lab.exec(
+        &c2.ns,
+        Command::new("dig").args([
+            "+short",
+            &format!("+time={}", client_timeout(2)),
+            "+tries=1",
+            &format!("@{DNS_IP}"),
+            "mail.example.test",
+            "A",
+        ]),
+    )
+    .expect("dig");
 
     // Let the closed flows pass tcp_closed, then stop: the rest closes as "shutdown".
     std::thread::sleep(Duration::from_secs(3));
 
     // While the agent runs it holds the store: queries go through its socket.
     let db_arg = db.to_str().unwrap();
-    let mut args = vec!["query", "services", "--device", c1.mac.as_str(), "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec![
+        "query",
+        "services",
+        "--device",
+        c1.mac.as_str(),
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--format",
+        "ndjson",
+    ];
     args.extend(AUTHORITY_FLAGS);
     let live = ndjson(&icr(&args));
     assert_eq!(live.len(), 1, "answered by the running agent: {live:?}");
     assert_eq!(live[0]["remote"], format!("{EXCHANGE_IP}:{EXCHANGE_PORT}"));
-    let refused = icr(&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg]);
-    assert_eq!(refused.status.code(), Some(3), "refused through the socket too: {}", String::from_utf8_lossy(&refused.stderr));
-    let too_long = icr(&[&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg][..], &AUTHORITY_FLAGS].concat());
+    let refused = icr(&[
+        "query",
+        "services",
+        "--device",
+        &c1.ip,
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--db",
+        db_arg,
+    ]);
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "refused through the socket too: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let too_long = icr(&[
+        &[
+            "query",
+            "services",
+            "--device",
+            &c1.ip,
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+            "--db",
+            db_arg,
+        ][..],
+        &AUTHORITY_FLAGS,
+    ]
+    .concat());
     assert_eq!(too_long.status.code(), Some(3), "a century is longer than the 31 days allowed");
 
     // Prometheus metrics, from inside the gateway.
-    let metrics = lab.exec(&lab.gateway, Command::new("curl").args(["-sf", "http://127.0.0.1:9464/metrics"])).expect("GET /metrics");
+    let metrics = lab
+        .exec(&lab.gateway, Command::new("curl").args(["-sf", "http://127.0.0.1:9464/metrics"]))
+        .expect("GET /metrics");
     let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
     let sample = |name: &str| -> f64 {
-        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
         line.split(' ').nth(1).unwrap().parse().unwrap()
     };
     assert!(sample("icr_probe_packets_total") > 20.0);
@@ -137,7 +200,9 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     let find = |device_ip: &str, remote_ip: &str, remote_port: u64| -> Vec<&Value> {
         records
             .iter()
-            .filter(|r| r["device"]["ip"] == device_ip && r["remote"]["ip"] == remote_ip && r["remote"]["port"] == remote_port)
+            .filter(|r| {
+                r["device"]["ip"] == device_ip && r["remote"]["ip"] == remote_ip && r["remote"]["port"] == remote_port
+            })
             .collect()
     };
 
@@ -184,7 +249,20 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert!(devices.iter().all(|d| d.starts_with("192.168.50.")), "{devices:?}");
 
     // Question 2: the services client 1 used.
-    let mut args = vec!["query", "services", "--device", "line-0001", "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec![
+        "query",
+        "services",
+        "--device",
+        "line-0001",
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--format",
+        "ndjson",
+    ];
     args.extend(AUTHORITY_FLAGS);
     let rows = ndjson(&icr(&args));
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -192,7 +270,20 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(rows[0]["connections"], 1);
 
     // Question 3: who used the web server.
-    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ndjson"];
+    let mut args = vec![
+        "query",
+        "accessed",
+        "--service",
+        WEB_IP,
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--format",
+        "ndjson",
+    ];
     args.extend(AUTHORITY_FLAGS);
     let hits = ndjson(&icr(&args));
     assert_eq!(hits.len(), 1);
@@ -201,7 +292,22 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     // The same question as a disclosure bundle (CSV), checkable by the receiver.
     let bundle = lab.dir.join("bundle");
     let bundle_arg = bundle.to_str().unwrap();
-    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "csv", "--bundle", bundle_arg];
+    let mut args = vec![
+        "query",
+        "accessed",
+        "--service",
+        WEB_IP,
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--format",
+        "csv",
+        "--bundle",
+        bundle_arg,
+    ];
     args.extend(AUTHORITY_FLAGS);
     let csv_out = icr(&args);
     assert!(csv_out.status.success(), "{}", String::from_utf8_lossy(&csv_out.stderr));
@@ -209,8 +315,13 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert!(check.status.success(), "the manifest checks: {}", String::from_utf8_lossy(&check.stdout));
     let manifest = std::fs::read_to_string(bundle.join("MANIFEST.sha256")).unwrap();
     assert!(["results.ndjson", "results.csv", "audit-entry.json"].iter().all(|f| manifest.contains(f)), "{manifest}");
-    assert_eq!(std::fs::read(bundle.join("results.csv")).unwrap(), csv_out.stdout, "the bundle holds what was disclosed");
-    let entry: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
+    assert_eq!(
+        std::fs::read(bundle.join("results.csv")).unwrap(),
+        csv_out.stdout,
+        "the bundle holds what was disclosed"
+    );
+    let entry: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("audit-entry.json")).unwrap()).unwrap();
     assert_eq!(entry["reference"], "OP-LAB-1");
     assert_eq!(entry["result_count"], 1);
     let audit_log = std::fs::read_to_string(db.join("audit.log")).unwrap();
@@ -219,7 +330,20 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert!(!again.status.success(), "a bundle is never overwritten");
 
     // ECS for Elasticsearch: action and document lines.
-    let mut args = vec!["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--format", "ecs"];
+    let mut args = vec![
+        "query",
+        "accessed",
+        "--service",
+        WEB_IP,
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--format",
+        "ecs",
+    ];
     args.extend(AUTHORITY_FLAGS);
     let ecs = ndjson(&icr(&args));
     assert_eq!(ecs.len(), 2);
@@ -229,17 +353,69 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
     assert_eq!(ecs[1]["destination"]["ip"], WEB_IP);
 
     // Refusals: no reference; a local authority. Exit 3, and audited.
-    let refused = icr(&["query", "accessed", "--service", WEB_IP, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-police", "--officer", "PC 1"]);
+    let refused = icr(&[
+        "query",
+        "accessed",
+        "--service",
+        WEB_IP,
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--db",
+        db_arg,
+        "--authority",
+        "lab-police",
+        "--officer",
+        "PC 1",
+    ]);
     assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stderr));
-    let local = icr(&["query", "services", "--device", &c1.ip, "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z", "--db", db_arg, "--authority", "lab-council", "--officer", "X", "--reference", "R"]);
+    let local = icr(&[
+        "query",
+        "services",
+        "--device",
+        &c1.ip,
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--db",
+        db_arg,
+        "--authority",
+        "lab-council",
+        "--officer",
+        "X",
+        "--reference",
+        "R",
+    ]);
     assert_eq!(local.status.code(), Some(3));
-    let narrow = icr(&["query", "accessed", "--service", WEB_IP, "--from", &WINDOW.0, "--to", &WINDOW.1, "--db", db_arg, "--authority", "lab-narrow", "--officer", "X", "--reference", "R"]);
+    let narrow = icr(&[
+        "query",
+        "accessed",
+        "--service",
+        WEB_IP,
+        "--from",
+        &WINDOW.0,
+        "--to",
+        &WINDOW.1,
+        "--db",
+        db_arg,
+        "--authority",
+        "lab-narrow",
+        "--officer",
+        "X",
+        "--reference",
+        "R",
+    ]);
     assert_eq!(narrow.status.code(), Some(3), "purpose 3 is not among lab-narrow's");
     assert!(String::from_utf8_lossy(&narrow.stderr).contains("purpose 3"));
     // Malformed parameters: a clear error (exit 1), no panic, nothing answered.
     for (bad, says) in [
         (vec!["query", "resolve", "--ip", PUBLIC_IP, "--at", "yesterday-ish"], "RFC 3339"),
-        (vec!["query", "accessed", "--service", "example.com/path?q=1", "--from", &WINDOW.0, "--to", &WINDOW.1], "no URLs"),
+        (
+            vec!["query", "accessed", "--service", "example.com/path?q=1", "--from", &WINDOW.0, "--to", &WINDOW.1],
+            "no URLs",
+        ),
         (vec!["query", "services", "--device", "x", "--from", &WINDOW.1, "--to", &WINDOW.0], "ends before it starts"),
     ] {
         let out = icr(&[&bad[..], &["--db", db_arg], &AUTHORITY_FLAGS].concat());
@@ -256,5 +432,9 @@ fn nat_gateway_records_real_traffic_and_answers_questions() {
         String::from_utf8_lossy(&verify.stdout)
     );
     let audit_log = std::fs::read_to_string(db.join("audit.log")).unwrap();
-    assert_eq!(audit_log.matches("\"outcome\":\"failed: ").count(), 4, "the second bundle and the malformed queries are audited as failed");
+    assert_eq!(
+        audit_log.matches("\"outcome\":\"failed: ").count(),
+        4,
+        "the second bundle and the malformed queries are audited as failed"
+    );
 }

@@ -7,16 +7,11 @@
 //! are all kept, exchanges with the gateway are local, the gateway's own
 //! queries upstream are no device's, and `icr replay` of a capture taken on
 //! a LAN port gives the same names as the live agent.
-use std::{
-    collections::BTreeSet,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use icr_lab::{
-    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_IP6, EXCHANGE_NAME, GATEWAY_LAN_IP, GATEWAY_LAN_IP6, GATEWAY_WAN_IP6,
-    Lab, MAIL_IP, MAIL_NAME, WEB_IP, WEB_NAME, client_ip6, icr_binary, rfc3339,
+    ALIAS_NAME, Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_IP6, EXCHANGE_NAME, GATEWAY_LAN_IP, GATEWAY_LAN_IP6,
+    GATEWAY_WAN_IP6, Lab, MAIL_IP, MAIL_NAME, WEB_IP, WEB_NAME, client_ip6, icr_binary, rfc3339,
 };
 use serde_json::Value;
 
@@ -73,7 +68,8 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     assert_eq!(answered.len(), 3, "{answered:?}");
 
     // Client 2, IPv6 and no NAT: the same through the gateway's IPv6 address.
-    let looked_up = lab.ask(c2, GATEWAY_LAN_IP6, &[&format!("{EXCHANGE_NAME}:AAAA")]).expect("asking the gateway over IPv6");
+    let looked_up =
+        lab.ask(c2, GATEWAY_LAN_IP6, &[&format!("{EXCHANGE_NAME}:AAAA")]).expect("asking the gateway over IPv6");
     assert_eq!(looked_up, [(EXCHANGE_NAME.to_string(), vec![EXCHANGE_IP6.to_string()])]);
     lab.exchange_with(c2, EXCHANGE_IP6, 200, 300).expect("the IPv6 exchange");
 
@@ -88,7 +84,9 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     assert!(log.contains("icr_lan_egress"), "the agent attached the egress program:\n{log}");
     let pcap = capture.stop().expect("stopping tcpdump");
     let records = icr_lab::stored_records(&db);
-    let find = |device: &str, remote: &str, port: u64, proto: &str| icr_lab::records_between(&records, device, remote, port, proto);
+    let find = |device: &str, remote: &str, port: u64, proto: &str| {
+        icr_lab::records_between(&records, device, remote, port, proto)
+    };
     let service = icr_lab::service_of;
 
     // Connections named from the gateway resolver's answers, per device.
@@ -106,8 +104,10 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     assert_eq!(unnamed[0]["service"], Value::Null, "client 3 looked nothing up for it");
 
     // Every exchange with the gateway's resolver is local, and complete.
-    let with_gateway: Vec<&Value> =
-        records.iter().filter(|r| r["remote"]["ip"] == GATEWAY_LAN_IP || r["remote"]["ip"] == GATEWAY_LAN_IP6).collect();
+    let with_gateway: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["remote"]["ip"] == GATEWAY_LAN_IP || r["remote"]["ip"] == GATEWAY_LAN_IP6)
+        .collect();
     assert_eq!(with_gateway.len(), 4, "four sockets asked the gateway: {with_gateway:#?}");
     for record in &with_gateway {
         assert_eq!(record["local"], true, "{record:#}");
@@ -119,7 +119,8 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
         .into_iter()
         .find(|r| r["dns_all"].as_array().is_some_and(|all| all.len() > 1))
         .unwrap_or_else(|| panic!("no flow with several questions: {with_gateway:#?}"));
-    let asked: Vec<&str> = socket_of_three["dns_all"].as_array().unwrap().iter().map(|e| e["qname"].as_str().unwrap()).collect();
+    let asked: Vec<&str> =
+        socket_of_three["dns_all"].as_array().unwrap().iter().map(|e| e["qname"].as_str().unwrap()).collect();
     assert_eq!(asked, [WEB_NAME, MAIL_NAME, ALIAS_NAME], "every question, in order");
     assert_eq!(socket_of_three["dns"], socket_of_three["dns_all"][0], "dns is the first exchange");
     let answers = |i: usize| socket_of_three["dns_all"][i]["answers"].clone();
@@ -131,7 +132,10 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     // The gateway's own queries upstream are no device's.
     for record in &records {
         assert_ne!(record["remote"]["ip"], DNS_IP, "only the gateway asked the upstream server: {record:#}");
-        assert!(record["device"]["ip"] != lab.public_ip.as_str() && record["device"]["ip"] != GATEWAY_WAN_IP6, "{record:#}");
+        assert!(
+            record["device"]["ip"] != lab.public_ip.as_str() && record["device"]["ip"] != GATEWAY_WAN_IP6,
+            "{record:#}"
+        );
     }
 
     // Question 3 finds the devices that asked for a name, and tells local
@@ -149,7 +153,9 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
-    let devices = |records: &[Value]| -> BTreeSet<String> { records.iter().map(|r| r["device"]["ip"].as_str().unwrap().to_string()).collect() };
+    let devices = |records: &[Value]| -> BTreeSet<String> {
+        records.iter().map(|r| r["device"]["ip"].as_str().unwrap().to_string()).collect()
+    };
     // Only client 1 asked for the mail server's name, as the second question of its socket.
     let mail = accessed(MAIL_NAME, "include");
     assert_eq!(devices(&mail), BTreeSet::from([c1.ip.clone()]), "{mail:#?}");
@@ -158,7 +164,11 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     // The exchange server: looked up by clients 1 and 2, reached by all three
     // (client 3's connection has no name, so it is not found by name).
     let exchange_only_local = accessed(EXCHANGE_NAME, "only");
-    assert_eq!(devices(&exchange_only_local), BTreeSet::from([c1.ip.clone(), c2_ip6.clone()]), "{exchange_only_local:#?}");
+    assert_eq!(
+        devices(&exchange_only_local),
+        BTreeSet::from([c1.ip.clone(), c2_ip6.clone()]),
+        "{exchange_only_local:#?}"
+    );
     let exchange_connections = accessed(EXCHANGE_NAME, "exclude");
     assert_eq!(exchange_connections.len(), 2, "{exchange_connections:#?}");
     assert!(exchange_connections.iter().all(|r| r["local"] == false && r["remote"]["port"] == 9000));
@@ -167,8 +177,16 @@ fn the_gateways_resolver_names_connections_and_its_exchanges_are_local() {
     // The capture of client 1's LAN port, replayed: the same names.
     let out = Command::new(icr_binary()).arg("replay").arg(&pcap).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let replayed: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let replayed: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let live = names_of(records.iter().filter(|r| r["device"]["ip"] == c1.ip.as_str()));
-    assert!(live.contains(&format!("dns {EXCHANGE_NAME}")) && live.contains(&format!("dns-question {MAIL_NAME}")), "{live:?}");
-    assert_eq!(names_of(replayed.iter().filter(|r| r["device"]["ip"] == c1.ip.as_str())), live, "icr replay and the live agent");
+    assert!(
+        live.contains(&format!("dns {EXCHANGE_NAME}")) && live.contains(&format!("dns-question {MAIL_NAME}")),
+        "{live:?}"
+    );
+    assert_eq!(
+        names_of(replayed.iter().filter(|r| r["device"]["ip"] == c1.ip.as_str())),
+        live,
+        "icr replay and the live agent"
+    );
 }

@@ -3,11 +3,7 @@
 //! over the links and adopts what accumulated. Every flow of the test
 //! traffic — finished before the crash, spanning it, made while no agent
 //! ran, and after — is in the store, with every byte counted.
-use std::{
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use icr_lab::{Agent, Bpffs, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
@@ -66,8 +62,14 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let warnings = String::from_utf8_lossy(&out.stderr);
     assert!(!warnings.contains("in the agent"), "the pinned probe counted on: no time without capture:\n{warnings}");
-    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for (name, port, up, down) in [("before", before, 2_000, 30_000), ("spanning", spanning_port, 3_000, 40_000), ("during", during, 4_000, 50_000), ("after", after, 5_000, 60_000)] {
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (name, port, up, down) in [
+        ("before", before, 2_000, 30_000),
+        ("spanning", spanning_port, 3_000, 40_000),
+        ("during", during, 4_000, 50_000),
+        ("after", after, 5_000, 60_000),
+    ] {
         let matching: Vec<&Value> = records
             .iter()
             .filter(|r| r["device"]["port"] == u64::from(port) && r["remote"]["ip"] == EXCHANGE_IP)

@@ -87,7 +87,12 @@ fn no_acknowledged_record_is_lost_or_doubled_by_kill_9() {
         records.len() - acknowledged.len().min(records.len())
     );
     assert_eq!(doubled, 0, "records stored twice");
-    assert!(missing.is_empty(), "{} acknowledged records missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
 }
 
 /// `icr list --format ndjson` on `db`: the records' ids, and stderr.
@@ -133,7 +138,8 @@ fn a_damaged_log_frame_costs_its_own_records_and_is_reported() {
     // The agent's open (here: a sweep's) keeps the damage aside.
     let sweep = Command::new(icr_lab::icr_binary()).args(["sweep", "--db"]).arg(&db).output().unwrap();
     assert!(sweep.status.success(), "{}", String::from_utf8_lossy(&sweep.stderr));
-    let kept: Vec<_> = std::fs::read_dir(db.join("open-blocks/quarantine")).unwrap().map(|e| e.unwrap().path()).collect();
+    let kept: Vec<_> =
+        std::fs::read_dir(db.join("open-blocks/quarantine")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
     let frame_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     assert_eq!(std::fs::read(&kept[0]).unwrap(), bytes[12..12 + 8 + frame_len], "the damaged frame, byte for byte");

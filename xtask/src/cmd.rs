@@ -1,9 +1,5 @@
 //! Running commands, loudly: every command is printed before it runs.
-use std::{
-    ffi::OsStr,
-    path::PathBuf,
-    process::Command,
-};
+use std::{ffi::OsStr, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 

@@ -1,10 +1,6 @@
 //! `cargo xtask demo`: the lab, the probe on its gateway, real traffic, and
 //! what an investigator would then ask.
-use std::{
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use icr_lab::{self as lab, Agent, DNS_IP, EXCHANGE_IP, Lab, MAIL_NAME, WEB_IP, WEB_NAME};
@@ -41,7 +37,11 @@ pub fn run() -> Result<()> {
     let [c1, c2, c3] = [&lab.clients[0], &lab.clients[1], &lab.clients[2]];
     show(&lab, &c1.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{WEB_NAME}/")]))?;
     show(&lab, &c2.ns, Command::new("curl").args(["-sk", "--max-time", "10", &format!("https://{MAIL_NAME}/")]))?;
-    show(&lab, &c2.ns, Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "A"]))?;
+    show(
+        &lab,
+        &c2.ns,
+        Command::new("dig").args(["+short", "+time=2", "+tries=1", &format!("@{DNS_IP}"), WEB_NAME, "A"]),
+    )?;
     show(&lab, &c3.ns, Command::new("curl").args(["-s", "--max-time", "10", &format!("http://{WEB_NAME}/")]))?;
     let port = lab.exchange(c3, 5_000, 50_000)?;
     println!("   [{}] TCP exchange to {EXCHANGE_IP}: 5000 bytes up, 50000 down, from port {port}", c3.ip);
@@ -68,12 +68,42 @@ pub fn run() -> Result<()> {
     }
     let who = ["--authority", "demo-police", "--officer", "PC 4242", "--reference", "OP-DEMO-1"];
     println!("\n== Question 2: which services did client 2 ({}) use?", c2.mac);
-    icr_print(&icr, &[&["query", "services", "--device", &c2.mac, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
+    icr_print(
+        &icr,
+        &[&["query", "services", "--device", &c2.mac, "--db", db_arg, "--format", "table"][..], &window, &who].concat(),
+    )?;
     println!("\n== Question 3: which devices used {WEB_NAME} (by name) or the web server {WEB_IP}?");
-    icr_print(&icr, &[&["query", "accessed", "--service", WEB_NAME, "--service", WEB_IP, "--db", db_arg, "--format", "table"][..], &window, &who].concat())?;
+    icr_print(
+        &icr,
+        &[
+            &["query", "accessed", "--service", WEB_NAME, "--service", WEB_IP, "--db", db_arg, "--format", "table"][..],
+            &window,
+            &who,
+        ]
+        .concat(),
+    )?;
     println!("\n== A local authority asks: refused (exit 3), and audited");
     let refused = Command::new(&icr)
-        .args([&["query", "accessed", "--service", WEB_IP, "--db", db_arg, "--authority", "demo-council", "--officer", "X", "--reference", "Y"][..], &window].concat())
+        .args(
+            [
+                &[
+                    "query",
+                    "accessed",
+                    "--service",
+                    WEB_IP,
+                    "--db",
+                    db_arg,
+                    "--authority",
+                    "demo-council",
+                    "--officer",
+                    "X",
+                    "--reference",
+                    "Y",
+                ][..],
+                &window,
+            ]
+            .concat(),
+        )
         .output()?;
     println!("   exit {:?}: {}", refused.status.code(), String::from_utf8_lossy(&refused.stderr).trim());
     println!("\n== The audit log (icr audit verify)");
@@ -123,7 +153,11 @@ udp_idle = "2s"
 }
 
 fn show(lab: &Lab, ns: &str, command: &mut Command) -> Result<()> {
-    let describe = format!("{} {}", command.get_program().to_string_lossy(), command.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    let describe = format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        command.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    );
     let out = lab.exec(ns, command)?;
     let client = lab.clients.iter().find(|c| c.ns == ns).map_or(ns, |c| c.ip.as_str());
     println!("   [{client}] {describe} -> {}", String::from_utf8_lossy(&out.stdout).trim());

@@ -99,12 +99,27 @@ fn fuzz(seconds: u64, frames: u64) -> Result<()> {
     setup::ensure(setup::Needs::Build)?;
     let frames = frames.to_string();
     cmd::cargo_with_env(
-        &["test", "--release", "--package", "probe-user", "--test", "xdp", "a_million_mutated_frames", "--", "--nocapture"],
+        &[
+            "test",
+            "--release",
+            "--package",
+            "probe-user",
+            "--test",
+            "xdp",
+            "a_million_mutated_frames",
+            "--",
+            "--nocapture",
+        ],
         &[("ICR_FAILOPEN_FRAMES", std::ffi::OsStr::new(&frames))],
     )?;
     setup::ensure_cargo_fuzz()?;
     let dir = cmd::workspace_root().join("fuzz");
-    let list = cmd::output(std::process::Command::new("cargo").args(["+nightly", "fuzz", "list"]).current_dir(&dir).env("PATH", cmd::path_with_cargo_bin()))?;
+    let list = cmd::output(
+        std::process::Command::new("cargo")
+            .args(["+nightly", "fuzz", "list"])
+            .current_dir(&dir)
+            .env("PATH", cmd::path_with_cargo_bin()),
+    )?;
     for target in list.lines().map(str::trim).filter(|t| !t.is_empty()) {
         cmd::run(
             std::process::Command::new("cargo")

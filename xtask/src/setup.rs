@@ -117,7 +117,10 @@ pub fn ensure_vm() -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing prerequisites ({}) and not root: run as root so that they can be installed", describe_missing(&packages, false, false, false));
+        bail!(
+            "missing prerequisites ({}) and not root: run as root so that they can be installed",
+            describe_missing(&packages, false, false, false)
+        );
     }
     apt_install(&packages)
 }

@@ -10,8 +10,8 @@
 //! off. A watchdog kills qemu past the deadline.
 use std::{
     fs,
-    os::unix::process::CommandExt as _,
     io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -133,15 +133,15 @@ fn target_dir() -> Result<PathBuf> {
     if !out.status.success() {
         bail!("cargo metadata failed ({})", out.status);
     }
-    let dir = json_string(&String::from_utf8_lossy(&out.stdout), "target_directory").context("cargo metadata named no target_directory")?;
+    let dir = json_string(&String::from_utf8_lossy(&out.stdout), "target_directory")
+        .context("cargo metadata named no target_directory")?;
     Ok(PathBuf::from(dir))
 }
 
 fn available_kernels(recipes: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(recipes)
         .map(|dir| {
-            dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string))
-                .collect()
+            dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string)).collect()
         })
         .unwrap_or_default();
     names.sort();
@@ -241,7 +241,10 @@ fn test_binaries(only: &[String], target: &Path) -> Result<Vec<TestBinary>> {
         }
         let executable = PathBuf::from(executable);
         if !executable.starts_with(&root) && !executable.starts_with(target) {
-            bail!("{} is outside the workspace and the target directory, which is all the VM sees", executable.display());
+            bail!(
+                "{} is outside the workspace and the target directory, which is all the VM sees",
+                executable.display()
+            );
         }
         tests.push(TestBinary { name, dir, executable });
     }
@@ -323,7 +326,8 @@ impl Console {
             // NAME exit=N seconds=S
             let mut fields = rest.split_whitespace();
             let name = fields.next().unwrap_or("?").to_string();
-            let value = |field: Option<&str>, key: &str| field.and_then(|f| f.strip_prefix(key)).and_then(|v| v.parse().ok());
+            let value =
+                |field: Option<&str>, key: &str| field.and_then(|f| f.strip_prefix(key)).and_then(|v| v.parse().ok());
             let code = value(fields.next(), "exit=").unwrap_or(-1);
             let seconds = value(fields.next(), "seconds=").unwrap_or(0);
             self.binaries.push((name, code, seconds as u64));
@@ -398,14 +402,24 @@ fn choose_accel(image: &Image, tcg_threads: TcgThreads) -> Result<Accel> {
 /// for the kernel's first line; qemu is killed either way.
 fn kernel_prints_under_kvm(image: &Image) -> Result<bool> {
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
-        .args(["-m", "512M", "-smp", "1", "-accel", "kvm", "-cpu", "host"])
-        .arg("-kernel")
-        .arg(image.dir.join("vmlinuz"))
-        .args(["-append", "console=ttyS0 loglevel=7 panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    qemu.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-m", "512M", "-smp", "1", "-accel", "kvm", "-cpu", "host"])
+    .arg("-kernel")
+    .arg(image.dir.join("vmlinuz"))
+    .args(["-append", "console=ttyS0 loglevel=7 panic=-1"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     // SAFETY: prctl is async-signal-safe; the probe dies with this process.
     unsafe {
         qemu.pre_exec(|| {
@@ -461,16 +475,24 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
     fs::write(run_dir.0.join("run.env"), env)?;
-    let list: String = tests
-        .iter()
-        .map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display()))
-        .collect();
+    let list: String =
+        tests.iter().map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display())).collect();
     fs::write(run_dir.0.join("tests.list"), list)?;
 
     eprintln!("xtask: booting {} (kernel {}) under {}", args.kernel, image.release, accel.name());
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
-        .args(["-m", "2G", "-smp", "2"]);
+    qemu.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-m", "2G", "-smp", "2"]);
     match accel {
         Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg(TcgThreads::Single) => qemu.args(["-accel", "tcg,thread=single", "-cpu", "max"]),
@@ -489,7 +511,8 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         .arg("-virtfs")
         .arg(format!("local,path={},mount_tag=icrroot,security_model=none,readonly=on", root.display()));
     if let Some(target) = target_share {
-        qemu.arg("-virtfs").arg(format!("local,path={},mount_tag=icrtarget,security_model=none,readonly=on", target.display()));
+        qemu.arg("-virtfs")
+            .arg(format!("local,path={},mount_tag=icrtarget,security_model=none,readonly=on", target.display()));
     }
     qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     // SAFETY: prctl is async-signal-safe. qemu dies with this process, even
@@ -593,7 +616,10 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         eprintln!("xtask:   {:<14} did not finish", test.name);
     }
     // The plain closing line: the individual tests of every binary.
-    println!("vm-test {}: {} passed, {} failed, {} ignored", args.kernel, console.passed, console.failed, console.ignored);
+    println!(
+        "vm-test {}: {} passed, {} failed, {} ignored",
+        args.kernel, console.passed, console.failed, console.ignored
+    );
     if console.stray_int3 && accel == Accel::Tcg(TcgThreads::Multi) {
         eprintln!(
             "xtask: the guest kernel trapped on a stray int3 (an Oops above): multi-threaded TCG's race with \

@@ -4,7 +4,10 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::{classifier, map, xdp}, programs::{TcContext, XdpContext}};
+use aya_ebpf::{
+    macros::{classifier, map, xdp},
+    programs::{TcContext, XdpContext},
+};
 use probe_common::role;
 use probe_ebpf::{events::PerCpuEvents, gateway_egress, maps::MidFlowClock, probe};
 

@@ -5,7 +5,10 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::{btf_map, classifier, xdp}, programs::{TcContext, XdpContext}};
+use aya_ebpf::{
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use probe_common::role;
 use probe_ebpf::{events::PerCpuRings, gateway_egress, maps::MidFlowClock, probe};
 

@@ -44,7 +44,10 @@ impl Server {
         let started = Instant::now();
         while server.query("SELECT 1").map(|answer| answer.trim() != "1").unwrap_or(true) {
             if let Some(status) = server.child.try_wait()? {
-                bail!("clickhouse-server exited ({status}): {}", std::fs::read_to_string(server.dir.join("error.log")).unwrap_or_default());
+                bail!(
+                    "clickhouse-server exited ({status}): {}",
+                    std::fs::read_to_string(server.dir.join("error.log")).unwrap_or_default()
+                );
             }
             if started.elapsed() > Duration::from_secs(60) {
                 bail!("clickhouse-server did not answer within 60 s");

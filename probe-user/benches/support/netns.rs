@@ -31,7 +31,18 @@ impl NetnsPair {
         ip(&["netns", "add", &pair.tx_ns])?;
         ip(&["netns", "add", &pair.rx_ns])?;
         ip(&[
-            "-n", &pair.tx_ns, "link", "add", &pair.tx_if, "type", "veth", "peer", "name", &pair.rx_if, "netns", &pair.rx_ns,
+            "-n",
+            &pair.tx_ns,
+            "link",
+            "add",
+            &pair.tx_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.rx_if,
+            "netns",
+            &pair.rx_ns,
         ])?;
         for (ns, interface) in [(&pair.tx_ns, &pair.tx_if), (&pair.rx_ns, &pair.rx_if)] {
             ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
@@ -122,7 +133,9 @@ fn remove_stale() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(&format!("{PREFIX}-tx-")).or_else(|| name.strip_prefix(&format!("{PREFIX}-rx-"))) else {
+        let Some(pid) =
+            name.strip_prefix(&format!("{PREFIX}-tx-")).or_else(|| name.strip_prefix(&format!("{PREFIX}-rx-")))
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {

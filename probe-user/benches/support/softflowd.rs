@@ -39,7 +39,8 @@ impl Softflowd {
         // The collector: a UDP socket in the receiver's namespace, so the
         // export is real (and counted) rather than refused.
         let (stop, exported) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let socket = netns::in_netns(ns, || UdpSocket::bind(("127.0.0.1", EXPORT_PORT)))?.context("binding the NetFlow sink")?;
+        let socket =
+            netns::in_netns(ns, || UdpSocket::bind(("127.0.0.1", EXPORT_PORT)))?.context("binding the NetFlow sink")?;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let sink = {
             let (stop, exported) = (stop.clone(), exported.clone());
@@ -55,7 +56,16 @@ impl Softflowd {
         // -d: stay in the foreground; -m: track as many flows as the probe's
         // default table holds, so neither side evicts flows early.
         let args = [
-            "-d", "-i", interface, "-m", "1048576", "-n", &format!("127.0.0.1:{EXPORT_PORT}"), "-c", &ctl.to_string_lossy(), "-p",
+            "-d",
+            "-i",
+            interface,
+            "-m",
+            "1048576",
+            "-n",
+            &format!("127.0.0.1:{EXPORT_PORT}"),
+            "-c",
+            &ctl.to_string_lossy(),
+            "-p",
             &pid_file.to_string_lossy(),
         ]
         .map(String::from);

@@ -94,7 +94,9 @@ impl Generator {
         let device_number = self.devices.sample(&mut self.rng) as u32 - 1;
         let mut device = Self::device(device_number);
         device.port = Some(self.rng.random_range(32768..61000));
-        let public_ip = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + device_number % self.options.public_ips));
+        let public_ip = IpAddr::V4(Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(198, 18, 0, 0)) + device_number % self.options.public_ips,
+        ));
         let public = Endpoint { ip: public_ip, port: self.rng.random_range(1024..=65535) };
         let kind = self.rng.random_range(0..100);
         let rank = self.names.sample(&mut self.rng) as u32;
@@ -113,11 +115,21 @@ impl Generator {
             10..=19 => ("tcp", Endpoint { ip: remote_ip, port: 443 }, None, None),
             20..=34 => {
                 let name = Self::name(rank);
-                ("udp", Endpoint { ip: remote_ip, port: 443 }, Some(Service::carried(name, ServiceSource::QuicSni, false)), None)
+                (
+                    "udp",
+                    Endpoint { ip: remote_ip, port: 443 },
+                    Some(Service::carried(name, ServiceSource::QuicSni, false)),
+                    None,
+                )
             }
             _ => {
                 let name = Self::name(rank);
-                ("tcp", Endpoint { ip: remote_ip, port: 443 }, Some(Service::carried(name, ServiceSource::TlsSni, false)), None)
+                (
+                    "tcp",
+                    Endpoint { ip: remote_ip, port: 443 },
+                    Some(Service::carried(name, ServiceSource::TlsSni, false)),
+                    None,
+                )
             }
         };
         let start = DateTime::from_timestamp_micros(start_us).expect("in range");
@@ -127,7 +139,13 @@ impl Generator {
             probe: None,
             start,
             end: DateTime::from_timestamp_micros(end_us).expect("in range"),
-            end_reason: if proto == "udp" { EndReason::Idle } else if kind % 7 == 0 { EndReason::Rst } else { EndReason::Fin },
+            end_reason: if proto == "udp" {
+                EndReason::Idle
+            } else if kind % 7 == 0 {
+                EndReason::Rst
+            } else {
+                EndReason::Fin
+            },
             proto: proto.into(),
             device,
             public: Some(public),

@@ -102,7 +102,15 @@ impl Traffic {
                 (conn, (i as usize * 7919) % len)
             })
             .collect();
-        Self { tcp, dns, quic, slots, next_conn: first_conn + SLOTS as u64, cursor: 0, mix: Mix { connections: SLOTS as u64, ..Mix::default() } }
+        Self {
+            tcp,
+            dns,
+            quic,
+            slots,
+            next_conn: first_conn + SLOTS as u64,
+            cursor: 0,
+            mix: Mix { connections: SLOTS as u64, ..Mix::default() },
+        }
     }
 
     /// Writes the next frame into `buf`; returns its length.
@@ -123,7 +131,8 @@ impl Traffic {
             Kind::Dns => [192, 0, 2, 53],
             _ => [198, 51, 100, 1 + (conn % 200) as u8],
         };
-        let (src, dst, port_at) = if template.from_client { (client_ip, server_ip, 34) } else { (server_ip, client_ip, 36) };
+        let (src, dst, port_at) =
+            if template.from_client { (client_ip, server_ip, 34) } else { (server_ip, client_ip, 36) };
         buf[26..30].copy_from_slice(&src);
         buf[30..34].copy_from_slice(&dst);
         buf[port_at..port_at + 2].copy_from_slice(&client_port.to_be_bytes());
@@ -181,7 +190,11 @@ type Macs = ([u8; 6], [u8; 6]);
 
 /// A template from the frame `l4` builds (returning it and whether it is UDP)
 /// with zero addresses; the client's port must be 0 in it too.
-fn template(macs: Macs, from_client: bool, l4: impl FnOnce(etherparse::PacketBuilderStep<etherparse::IpHeaders>) -> (Vec<u8>, bool)) -> Template {
+fn template(
+    macs: Macs,
+    from_client: bool,
+    l4: impl FnOnce(etherparse::PacketBuilderStep<etherparse::IpHeaders>) -> (Vec<u8>, bool),
+) -> Template {
     let builder = PacketBuilder::ethernet2(macs.0, macs.1).ipv4([0; 4], [0; 4], 64);
     let (mut frame, udp) = l4(builder);
     let l4_csum = if udp { 40 } else { 50 };
@@ -298,7 +311,14 @@ pub struct Sent {
 /// an AF_PACKET socket that bypasses the qdisc, in `sendmmsg` batches of 64,
 /// at `rate` packets per second (`None`: as fast as it goes), until
 /// `max_packets` are sent, `max_time` has passed or `stop` is set.
-pub fn send(interface: &str, traffic: &mut Traffic, rate: Option<f64>, max_packets: u64, max_time: Duration, stop: &Arc<AtomicBool>) -> Result<Sent> {
+pub fn send(
+    interface: &str,
+    traffic: &mut Traffic,
+    rate: Option<f64>,
+    max_packets: u64,
+    max_time: Duration,
+    stop: &Arc<AtomicBool>,
+) -> Result<Sent> {
     // SAFETY: plain syscalls on values we own; the socket is closed below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if fd < 0 {
@@ -328,11 +348,24 @@ pub fn send(interface: &str, traffic: &mut Traffic, rate: Option<f64>, max_packe
             bail!("binding the AF_PACKET socket: {}", std::io::Error::last_os_error());
         }
         let one: libc::c_int = 1;
-        if libc::setsockopt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, (&raw const one).cast(), size_of::<libc::c_int>() as u32) != 0 {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        ) != 0
+        {
             bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
         }
         let sndbuf: libc::c_int = 4 << 20;
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, (&raw const sndbuf).cast(), size_of::<libc::c_int>() as u32);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const sndbuf).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
     }
 
     let mut frames = vec![[0u8; FRAME_MAX]; BATCH];

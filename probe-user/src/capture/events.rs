@@ -18,17 +18,25 @@ pub enum ProbeEvent {
     /// A packet whose payload may name the service: the event and the frame.
     Hint(FlowEvent, Vec<u8>),
     /// The kernel dropped `count` events of this CPU's perf buffer.
-    Lost { cpu: u32, count: u64 },
+    Lost {
+        cpu: u32,
+        count: u64,
+    },
     /// A record too short to be a `FlowEvent` (a version mismatch); `cpu`
     /// is `None` for a ring buffer record.
-    Malformed { cpu: Option<u32>, len: usize },
+    Malformed {
+        cpu: Option<u32>,
+        len: usize,
+    },
 }
 
 /// Decodes one perf sample, which may wrap around the ring (`head` + `tail`).
 pub fn decode(cpu: u32, event: PerfEvent<'_>) -> ProbeEvent {
     match event {
         PerfEvent::Lost { count } => ProbeEvent::Lost { cpu, count },
-        PerfEvent::Sample { head, tail } => decode_record(head, tail).unwrap_or(ProbeEvent::Malformed { cpu: Some(cpu), len: head.len() + tail.len() }),
+        PerfEvent::Sample { head, tail } => {
+            decode_record(head, tail).unwrap_or(ProbeEvent::Malformed { cpu: Some(cpu), len: head.len() + tail.len() })
+        }
     }
 }
 
@@ -199,7 +207,11 @@ mod tests {
         let bytes = sample(&event, &frame);
         for split in [0, 10, 80, 81, 150, bytes.len()] {
             let (head, tail) = bytes.split_at(split);
-            assert_eq!(decode(0, PerfEvent::Sample { head, tail }), ProbeEvent::Hint(event, frame.clone()), "split at {split}");
+            assert_eq!(
+                decode(0, PerfEvent::Sample { head, tail }),
+                ProbeEvent::Hint(event, frame.clone()),
+                "split at {split}"
+            );
         }
     }
 

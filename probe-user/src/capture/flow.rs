@@ -25,9 +25,9 @@ use crate::{
     capture::clock::Clock,
     capture::events::ProbeEvent,
     capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen, answers::NamedBy, dns},
-    icr::{Device, DnsOrigin, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
     capture::nat::{Mapping, NatTable},
     capture::tuple::Tuple,
+    icr::{Device, DnsOrigin, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
 };
 
 /// A sweep adopts a flow it has no event of once its first packet is this
@@ -109,19 +109,14 @@ struct Known {
 }
 
 /// Why a check closes a flow, if it does.
-fn close_reason(
-    timeouts: &Timeouts,
-    proto: Proto,
-    flags: u8,
-    last_ns: u64,
-    now_ns: u64,
-) -> Option<EndReason> {
+fn close_reason(timeouts: &Timeouts, proto: Proto, flags: u8, last_ns: u64, now_ns: u64) -> Option<EndReason> {
     let quiet = Duration::from_nanos(now_ns.saturating_sub(last_ns));
     if proto == Proto::Tcp {
         if let Some(ended) = ended_by(flags)
-            && quiet >= timeouts.tcp_closed {
-                return Some(ended);
-            }
+            && quiet >= timeouts.tcp_closed
+        {
+            return Some(ended);
+        }
         (quiet >= timeouts.tcp_idle).then_some(EndReason::Idle)
     } else {
         (quiet >= timeouts.udp_idle).then_some(EndReason::Idle)
@@ -394,7 +389,9 @@ impl Assembler {
         for answer in std::mem::take(&mut self.pending_dns) {
             match self.asker(&answer, nat) {
                 Ok(device) => self.trust(device, &answer),
-                Err(Untrusted::NotYet) if now_ns.saturating_sub(answer.seen.ts_ns) < GIVE_UP_NS => self.pending_dns.push(answer),
+                Err(Untrusted::NotYet) if now_ns.saturating_sub(answer.seen.ts_ns) < GIVE_UP_NS => {
+                    self.pending_dns.push(answer)
+                }
                 Err(Untrusted::FromLan) => self.dns_answers.from_lan += 1,
                 Err(Untrusted::NotYet | Untrusted::Unasked) => self.dns_answers.unasked += 1,
             }
@@ -448,9 +445,10 @@ impl Assembler {
         for key in keys {
             // WAN flows first join their LAN flow, so close LAN flows first.
             if let Some(value) = table.get(&key)?
-                && is_wan_only(&value) {
-                    continue;
-                }
+                && is_wan_only(&value)
+            {
+                continue;
+            }
             self.check(key, now_ns, table, nat, Some(reason))?;
         }
         let rest: Vec<FlowKey> = self.known.keys().copied().collect();
@@ -575,7 +573,9 @@ impl Assembler {
         // ports within seconds of a close): that connection's packets count
         // in the same entry, so its last packet need not be this one's.
         let handed_over = wan.is_some()
-            && view.mapping.is_some_and(|own| nat.by_reply(&own.reply).is_some_and(|holder| holder.original != own.original));
+            && view
+                .mapping
+                .is_some_and(|own| nat.by_reply(&own.reply).is_some_and(|holder| holder.original != own.original));
         // TCP flags per side of the connection, the WAN flow's included.
         let device_side = usize::from(view.device_dir);
         let (mut sent, mut received) = (value.tcp_flags[device_side], value.tcp_flags[1 - device_side]);
@@ -649,7 +649,8 @@ impl Assembler {
                 self.schedule(key, now_ns.saturating_add(nanos(self.timeouts.active)));
             }
             None => {
-                let idle_due = if Proto::from(key.proto) == Proto::Tcp && flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                let idle_due = if Proto::from(key.proto) == Proto::Tcp && flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+                {
                     last_ns.saturating_add(nanos(self.timeouts.tcp_closed))
                 } else {
                     last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))))
@@ -686,7 +687,6 @@ impl Assembler {
         }
     }
 
-
     fn record(
         &self,
         view: &FlowView,
@@ -722,23 +722,19 @@ impl Assembler {
         let local = view.is_local();
         let public = if local { None } else { view.public() };
         let missing_nat = public.is_none() && !local;
-        let (mut service, dns_all) = FlowHints::merged(
-            self.hints.get(view.key),
-            wan_flow.and_then(|(key, _)| self.hints.get(key)),
-        );
+        let (mut service, dns_all) =
+            FlowHints::merged(self.hints.get(view.key), wan_flow.and_then(|(key, _)| self.hints.get(key)));
         let dns = dns_all.first().cloned();
         if service.is_none() && dns_all.is_empty() {
             // No name of its own: what this device looked up for this address.
             let asker = DeviceId { mac, ip: device.src };
-            let named = self.named_at_start.get(view.key).or_else(|| self.dns_cache.lookup(asker, device.dst, value.first_ns));
+            let named =
+                self.named_at_start.get(view.key).or_else(|| self.dns_cache.lookup(asker, device.dst, value.first_ns));
             service = named.map(|named| Service {
                 name: named.name.clone(),
                 source: ServiceSource::Dns,
                 ech: false,
-                origin: Some(DnsOrigin {
-                    dns_at: self.clock.to_utc(named.answered_ns),
-                    resolver: named.resolver,
-                }),
+                origin: Some(DnsOrigin { dns_at: self.clock.to_utc(named.answered_ns), resolver: named.resolver }),
             });
         }
         Icr {
@@ -849,7 +845,14 @@ impl<'a> FlowView<'a> {
             && let Some(mapping) = wan_mapping(key, nat)
         {
             let (_, reply_dir) = mapping.reply.key();
-            return Self { key, value, device_dir: 1 - reply_dir, device: mapping.original, mapping: Some(mapping), nat_expected };
+            return Self {
+                key,
+                value,
+                device_dir: 1 - reply_dir,
+                device: mapping.original,
+                mapping: Some(mapping),
+                nat_expected,
+            };
         }
         let device_dir = device_direction(value);
         let mut device = Tuple::from_key(key, device_dir);
@@ -872,7 +875,9 @@ impl<'a> FlowView<'a> {
     /// was translated.
     fn is_local(&self) -> bool {
         let roles = roles_of(self.value);
-        roles.has(Role::Gateway) && !roles.has(Role::Wan) && self.mapping.is_none_or(|m| m.reply == m.original.reversed())
+        roles.has(Role::Gateway)
+            && !roles.has(Role::Wan)
+            && self.mapping.is_none_or(|m| m.reply == m.original.reversed())
     }
 
     fn public(&self) -> Option<Endpoint> {
@@ -881,8 +886,7 @@ impl<'a> FlowView<'a> {
             return Some(Endpoint { ip, port });
         }
         let routed = roles_of(self.value).has(Role::Wan);
-        (routed || !self.nat_expected)
-            .then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
+        (routed || !self.nat_expected).then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
     }
 }
 
@@ -905,11 +909,7 @@ fn device_direction(value: &FlowValue) -> u8 {
         [false, true] => 1,
         _ => {
             let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
-            if value.first_tcp_flags & syn_ack == syn_ack {
-                1 - value.first_dir
-            } else {
-                value.first_dir
-            }
+            if value.first_tcp_flags & syn_ack == syn_ack { 1 - value.first_dir } else { value.first_dir }
         }
     }
 }
@@ -954,8 +954,8 @@ pub fn nanos(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use probe_common::role;
     use crate::{capture::nat::NatEvent, capture::tuple::ipv4};
+    use probe_common::role;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -992,7 +992,10 @@ mod tests {
                 ..FlowValue::default()
             });
             value.last_ns = at;
-            if value.packets[d] > 0 && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN && dir == value.first_dir {
+            if value.packets[d] > 0
+                && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+                && dir == value.first_dir
+            {
                 value.syn_retry = ((at - value.first_ns) >> SYN_RETRY_SHIFT) as u32;
             }
             value.packets[d] += 1;
@@ -1015,7 +1018,13 @@ mod tests {
     }
 
     fn device_tuple() -> Tuple {
-        Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: Proto::Tcp }
+        Tuple {
+            src: ipv4(192, 168, 1, 23),
+            src_port: 51544,
+            dst: ipv4(203, 0, 113, 10),
+            dst_port: 443,
+            proto: Proto::Tcp,
+        }
     }
 
     #[test]
@@ -1080,7 +1089,16 @@ mod tests {
         let mut frame = macs.1.to_vec();
         frame.extend_from_slice(&macs.0);
         frame.extend_from_slice(payload);
-        let event = FlowEvent { kind: event_kind::HINT, key, dir, role, ts_ns: at, mac_src: macs.0, payload_offset: 12, ..FlowEvent::default() };
+        let event = FlowEvent {
+            kind: event_kind::HINT,
+            key,
+            dir,
+            role,
+            ts_ns: at,
+            mac_src: macs.0,
+            payload_offset: 12,
+            ..FlowEvent::default()
+        };
         ProbeEvent::Hint(event, frame)
     }
 
@@ -1095,7 +1113,8 @@ mod tests {
         let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
         // Conntrack follows the exchange with the gateway too, untranslated.
         nat.apply(NatEvent::New(Mapping { original: lookup, reply: lookup.reversed() }), SEC);
-        let answer = response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        let answer =
+            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
         let mut question = answer.clone();
         question[2] &= 0x7f;
         let key = table.packet(lookup, 60, 0, role::LAN, SEC);
@@ -1134,7 +1153,8 @@ mod tests {
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let device = ipv4(192, 168, 1, 23);
         let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
-        let answer = response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        let answer =
+            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
         let mut question = answer.clone();
         question[2] &= 0x7f;
         assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &NatTable::default());
@@ -1160,7 +1180,11 @@ mod tests {
 
     impl Neighbours {
         fn new(nat_expected: bool) -> Self {
-            Self { table: FakeTable::default(), nat: NatTable::default(), assembler: Assembler::new(Timeouts::default(), Clock::capture(), nat_expected) }
+            Self {
+                table: FakeTable::default(),
+                nat: NatTable::default(),
+                assembler: Assembler::new(Timeouts::default(), Clock::capture(), nat_expected),
+            }
         }
 
         fn b() -> IpAddr {
@@ -1184,25 +1208,48 @@ mod tests {
         /// `src` as its address, and the resolver's answer arriving on the WAN.
         fn ask_upstream(&mut self, mac: [u8; 6], src: IpAddr, port: u16, public_port: u16, at: u64) {
             let question = Tuple { src, src_port: port, dst: ipv4(9, 9, 9, 9), dst_port: 53, proto: Proto::Udp };
-            let reply = Tuple { src: ipv4(9, 9, 9, 9), src_port: 53, dst: ipv4(203, 0, 113, 1), dst_port: public_port, proto: Proto::Udp };
+            let reply = Tuple {
+                src: ipv4(9, 9, 9, 9),
+                src_port: 53,
+                dst: ipv4(203, 0, 113, 1),
+                dst_port: public_port,
+                proto: Proto::Udp,
+            };
             self.nat.apply(NatEvent::New(Mapping { original: question, reply }), at);
             let key = self.table.packet_from(mac, question, 70, 0, role::LAN, at);
             self.assembler.on_event(start_event(key, at), &self.nat);
-            self.assembler.on_event(hint_frame(question, role::LAN, at, (mac, GATEWAY_MAC), &Self::dns(7, false)), &self.nat);
+            self.assembler
+                .on_event(hint_frame(question, role::LAN, at, (mac, GATEWAY_MAC), &Self::dns(7, false)), &self.nat);
             self.table.packet_from([2, 0, 0, 0, 0, 0xee], reply, 120, 0, role::WAN, at + 20_000_000);
-            let answer = hint_frame(reply, role::WAN, at + 20_000_000, ([2, 0, 0, 0, 0, 0xee], [2, 0, 0, 0, 0, 0xf0]), &Self::dns(7, true));
+            let answer = hint_frame(
+                reply,
+                role::WAN,
+                at + 20_000_000,
+                ([2, 0, 0, 0, 0, 0xee], [2, 0, 0, 0, 0, 0xf0]),
+                &Self::dns(7, true),
+            );
             self.assembler.on_event(answer, &self.nat);
         }
 
         /// B connects to the named address without SNI, at `at`.
         fn b_connects(&mut self, port: u16, at: u64) {
-            let up = Tuple { src: Self::b(), src_port: port, dst: ipv4(198, 51, 100, 77), dst_port: 443, proto: Proto::Tcp };
-            let reply = Tuple { src: up.dst, src_port: 443, dst: ipv4(203, 0, 113, 1), dst_port: port, proto: Proto::Tcp };
+            let up =
+                Tuple { src: Self::b(), src_port: port, dst: ipv4(198, 51, 100, 77), dst_port: 443, proto: Proto::Tcp };
+            let reply =
+                Tuple { src: up.dst, src_port: 443, dst: ipv4(203, 0, 113, 1), dst_port: port, proto: Proto::Tcp };
             self.nat.apply(NatEvent::New(Mapping { original: up, reply }), at);
             let lan = self.table.packet_from(MAC_B, up, 60, tcp_flags::SYN, role::LAN, at);
             self.table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, at + 1000);
             let (_, dir) = up.key();
-            let start = FlowEvent { kind: event_kind::FLOW_START, key: lan, dir, role: role::LAN, mac_src: MAC_B, ts_ns: at, ..FlowEvent::default() };
+            let start = FlowEvent {
+                kind: event_kind::FLOW_START,
+                key: lan,
+                dir,
+                role: role::LAN,
+                mac_src: MAC_B,
+                ts_ns: at,
+                ..FlowEvent::default()
+            };
             self.assembler.on_event(ProbeEvent::Flow(start), &self.nat);
             self.assembler.tick(at + 1, &mut self.table, &self.nat).unwrap();
         }
@@ -1212,7 +1259,11 @@ mod tests {
             self.assembler.close_all(at, EndReason::Shutdown, &mut self.table, &self.nat).unwrap();
             let mut records = self.assembler.take_records();
             records.sort_by_key(|r| r.start);
-            let names = records.into_iter().filter(|r| r.remote.port == 443 && r.device.ip == Some(Self::b())).map(|r| r.service).collect();
+            let names = records
+                .into_iter()
+                .filter(|r| r.remote.port == 443 && r.device.ip == Some(Self::b()))
+                .map(|r| r.service)
+                .collect();
             (names, self.assembler.dns_answers)
         }
     }
@@ -1222,9 +1273,16 @@ mod tests {
         for nat_expected in [true, false] {
             let mut lab = Neighbours::new(nat_expected);
             // A sends B, from its own port 53, an answer B never asked for.
-            let planted = Tuple { src: ipv4(192, 168, 1, 10), src_port: 53, dst: Neighbours::b(), dst_port: 40000, proto: Proto::Udp };
+            let planted = Tuple {
+                src: ipv4(192, 168, 1, 10),
+                src_port: 53,
+                dst: Neighbours::b(),
+                dst_port: 40000,
+                proto: Proto::Udp,
+            };
             lab.table.packet_from(MAC_A, planted, 120, 0, role::LAN, SEC);
-            lab.assembler.on_event(hint_frame(planted, role::LAN, SEC, (MAC_A, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+            lab.assembler
+                .on_event(hint_frame(planted, role::LAN, SEC, (MAC_A, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
             lab.b_connects(50001, 2 * SEC);
             lab.b_connects(50002, 3 * HOUR);
             let (names, answers) = lab.b_names(3 * HOUR + SEC);
@@ -1246,11 +1304,14 @@ mod tests {
 
         // To the gateway's own resolver, which answers B's address.
         let mut lab = Neighbours::new(true);
-        let question = Tuple { src: Neighbours::b(), src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+        let question =
+            Tuple { src: Neighbours::b(), src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
         lab.table.packet_from(MAC_A, question, 70, 0, role::LAN, SEC);
-        lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_A, GATEWAY_MAC), &Neighbours::dns(7, false)), &lab.nat);
+        lab.assembler
+            .on_event(hint_frame(question, role::LAN, SEC, (MAC_A, GATEWAY_MAC), &Neighbours::dns(7, false)), &lab.nat);
         lab.table.packet_from(GATEWAY_MAC, question.reversed(), 120, 0, role::GATEWAY, SEC + 1000);
-        let answer = hint_frame(question.reversed(), role::GATEWAY, SEC + 1000, (GATEWAY_MAC, MAC_B), &Neighbours::dns(7, true));
+        let answer =
+            hint_frame(question.reversed(), role::GATEWAY, SEC + 1000, (GATEWAY_MAC, MAC_B), &Neighbours::dns(7, true));
         lab.assembler.on_event(answer, &lab.nat);
         lab.b_connects(50001, 2 * SEC);
         let (names, _) = lab.b_names(3 * SEC);
@@ -1277,10 +1338,20 @@ mod tests {
     fn an_answer_from_the_lan_names_nothing_where_both_sides_are_watched() {
         let mut lab = Neighbours::new(true);
         // B asks a resolver on the LAN side (or A races the real answer).
-        let question = Tuple { src: Neighbours::b(), src_port: 40000, dst: ipv4(192, 168, 1, 10), dst_port: 53, proto: Proto::Udp };
+        let question = Tuple {
+            src: Neighbours::b(),
+            src_port: 40000,
+            dst: ipv4(192, 168, 1, 10),
+            dst_port: 53,
+            proto: Proto::Udp,
+        };
         lab.table.packet_from(MAC_B, question, 70, 0, role::LAN, SEC);
-        lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
-        lab.assembler.on_event(hint_frame(question.reversed(), role::LAN, SEC + 1000, (MAC_A, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+        lab.assembler
+            .on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
+        lab.assembler.on_event(
+            hint_frame(question.reversed(), role::LAN, SEC + 1000, (MAC_A, MAC_B), &Neighbours::dns(7, true)),
+            &lab.nat,
+        );
         lab.b_connects(50001, 2 * SEC);
         let (names, answers) = lab.b_names(3 * SEC);
         assert_eq!(names, [None]);
@@ -1290,8 +1361,12 @@ mod tests {
         for (answerer, named) in [(MAC_A, true), (GATEWAY_MAC, false)] {
             let mut lab = Neighbours::new(false);
             lab.table.packet_from(MAC_B, question, 70, 0, role::LAN, SEC);
-            lab.assembler.on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
-            lab.assembler.on_event(hint_frame(question.reversed(), role::LAN, SEC + 1000, (answerer, MAC_B), &Neighbours::dns(7, true)), &lab.nat);
+            lab.assembler
+                .on_event(hint_frame(question, role::LAN, SEC, (MAC_B, MAC_A), &Neighbours::dns(7, false)), &lab.nat);
+            lab.assembler.on_event(
+                hint_frame(question.reversed(), role::LAN, SEC + 1000, (answerer, MAC_B), &Neighbours::dns(7, true)),
+                &lab.nat,
+            );
             lab.b_connects(50001, 2 * SEC);
             let (names, _) = lab.b_names(3 * SEC);
             assert_eq!(names[0].is_some(), named, "answered from {answerer:?}");
@@ -1304,7 +1379,13 @@ mod tests {
         let mut nat = NatTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         // The gateway's resolver asks upstream from its WAN address: XDP sees the answer arrive.
-        let query = Tuple { src: ipv4(203, 0, 113, 1), src_port: 33000, dst: ipv4(9, 9, 9, 9), dst_port: 53, proto: Proto::Udp };
+        let query = Tuple {
+            src: ipv4(203, 0, 113, 1),
+            src_port: 33000,
+            dst: ipv4(9, 9, 9, 9),
+            dst_port: 53,
+            proto: Proto::Udp,
+        };
         nat.apply(NatEvent::New(Mapping { original: query, reply: query.reversed() }), SEC);
         let key = table.packet(query.reversed(), 90, 0, role::WAN, SEC);
         assembler.on_event(start_event(key, SEC), &nat);
@@ -1363,7 +1444,13 @@ mod tests {
     /// opened, exchanged and closed on both sides by 3 s; its mapping known.
     fn nat_connection(table: &mut FakeTable, nat: &mut NatTable) -> (Tuple, Tuple) {
         let up = device_tuple();
-        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
+        let reply = Tuple {
+            src: up.dst,
+            src_port: up.dst_port,
+            dst: ipv4(198, 51, 100, 1),
+            dst_port: 10007,
+            proto: Proto::Tcp,
+        };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
         table.packet(up, 60, tcp_flags::SYN, role::LAN, SEC);
         table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, SEC + 1000);
@@ -1410,7 +1497,13 @@ mod tests {
         let mut nat = NatTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let up = Tuple { proto: Proto::Udp, ..device_tuple() };
-        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Udp };
+        let reply = Tuple {
+            src: up.dst,
+            src_port: up.dst_port,
+            dst: ipv4(198, 51, 100, 1),
+            dst_port: 10007,
+            proto: Proto::Udp,
+        };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), SEC);
         let key = table.packet(reply, 300, 0, role::WAN, SEC);
         assembler.on_event(start_event(key, SEC), &nat);
@@ -1426,7 +1519,13 @@ mod tests {
 
         // An inbound SYN no mapping names (a scan of the public address,
         // which conntrack never confirmed): no device, no record.
-        let scan = Tuple { src: ipv4(203, 0, 113, 66), src_port: 40000, dst: ipv4(198, 51, 100, 1), dst_port: 22, proto: Proto::Tcp };
+        let scan = Tuple {
+            src: ipv4(203, 0, 113, 66),
+            src_port: 40000,
+            dst: ipv4(198, 51, 100, 1),
+            dst_port: 22,
+            proto: Proto::Tcp,
+        };
         let key = table.packet(scan, 60, tcp_flags::SYN, role::WAN, 100 * SEC);
         assembler.on_event(start_event(key, 100 * SEC), &nat);
         assembler.tick(500 * SEC, &mut table, &nat).unwrap();
@@ -1495,7 +1594,10 @@ mod tests {
         assert_eq!(ry.start.timestamp(), 5, "Y's record begins with Y");
         assert_eq!((ry.packets_up, ry.packets_down), (2, 0), "none of X's packets down are Y's");
         assert!(ry.incomplete, "Y's own packets down went into X's entry");
-        assert!(!records.iter().any(|r| r.device.mac.as_deref() == Some("02:00:00:00:00:0b") && r.start.timestamp() < 5), "Y's device is named for no earlier time");
+        assert!(
+            !records.iter().any(|r| r.device.mac.as_deref() == Some("02:00:00:00:00:0b") && r.start.timestamp() < 5),
+            "Y's device is named for no earlier time"
+        );
         assert_eq!(assembler.orphans, OrphanCounts { superseded: 1, ..OrphanCounts::default() });
     }
 
@@ -1551,7 +1653,8 @@ mod tests {
     #[test]
     fn destroyed_nat_mappings_are_kept_as_long_as_a_flow_may_still_close() {
         assert_eq!(Timeouts::default().nat_grace(), Duration::from_secs(360));
-        let small = Timeouts { tcp_idle: Duration::from_secs(120), udp_idle: Duration::from_secs(30), ..Timeouts::default() };
+        let small =
+            Timeouts { tcp_idle: Duration::from_secs(120), udp_idle: Duration::from_secs(30), ..Timeouts::default() };
         assert_eq!(small.nat_grace(), Duration::from_secs(180));
     }
 
@@ -1566,7 +1669,13 @@ mod tests {
         for at in [SEC, 2 * SEC, 4 * SEC] {
             table.packet(up, 60, tcp_flags::SYN, role::LAN, at);
         }
-        let reply = Tuple { src: up.dst, src_port: up.dst_port, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: Proto::Tcp };
+        let reply = Tuple {
+            src: up.dst,
+            src_port: up.dst_port,
+            dst: ipv4(198, 51, 100, 1),
+            dst_port: 10007,
+            proto: Proto::Tcp,
+        };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), 4 * SEC);
         table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 4 * SEC + 10_000_000);
         table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 5 * SEC);
@@ -1574,7 +1683,11 @@ mod tests {
         assembler.close_all(6 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
         let r = &assembler.take_records()[0];
         let start_ns = r.start.timestamp_nanos_opt().unwrap() as u64;
-        assert!(start_ns <= 4 * SEC && 4 * SEC - start_ns < 1 << SYN_RETRY_SHIFT, "opened with the SYN at 4 s: {}", r.start);
+        assert!(
+            start_ns <= 4 * SEC && 4 * SEC - start_ns < 1 << SYN_RETRY_SHIFT,
+            "opened with the SYN at 4 s: {}",
+            r.start
+        );
         assert_eq!(r.packets_up, 4, "the dropped SYNs were still sent");
         assert_eq!(r.end_reason, EndReason::Fin);
     }
@@ -1597,7 +1710,8 @@ mod tests {
         let mut table = FakeTable::default();
         let nat = NatTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
-        let dns = Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: Proto::Udp };
+        let dns =
+            Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: Proto::Udp };
         table.packet(dns, 70, 0, role::LAN, SEC);
         table.packet(dns.reversed(), 120, 0, role::LAN, SEC + 1000);
         // No start event: the full sweep finds it.
@@ -1639,9 +1753,27 @@ mod tests {
     fn link_local_and_multicast_flows_are_counted_not_recorded() {
         let mut table = FakeTable::default();
         let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
-        let mld = Tuple { src: "fe80::1".parse().unwrap(), src_port: 0, dst: "ff02::16".parse().unwrap(), dst_port: 0, proto: Proto::Icmpv6 };
-        let dad = Tuple { src: "::".parse().unwrap(), src_port: 0, dst: "ff02::1:ff00:1".parse().unwrap(), dst_port: 0, proto: Proto::Icmpv6 };
-        let dhcp = Tuple { src: ipv4(0, 0, 0, 0), src_port: 68, dst: ipv4(255, 255, 255, 255), dst_port: 67, proto: Proto::Udp };
+        let mld = Tuple {
+            src: "fe80::1".parse().unwrap(),
+            src_port: 0,
+            dst: "ff02::16".parse().unwrap(),
+            dst_port: 0,
+            proto: Proto::Icmpv6,
+        };
+        let dad = Tuple {
+            src: "::".parse().unwrap(),
+            src_port: 0,
+            dst: "ff02::1:ff00:1".parse().unwrap(),
+            dst_port: 0,
+            proto: Proto::Icmpv6,
+        };
+        let dhcp = Tuple {
+            src: ipv4(0, 0, 0, 0),
+            src_port: 68,
+            dst: ipv4(255, 255, 255, 255),
+            dst_port: 67,
+            proto: Proto::Udp,
+        };
         for t in [mld, dad, dhcp] {
             table.packet(t, 90, 0, role::LAN, SEC);
         }

@@ -109,13 +109,22 @@ mod tests {
         let first = tracker.observe(Totals { events_lost: 9, writer_waits: 1, ..Totals::default() }, at(2));
         assert_eq!(
             first,
-            vec![Gap::new(LossKind::EventBufferFull, at(1), at(2), 4), Gap::new(LossKind::WriterBackpressure, at(1), at(2), 1)]
+            vec![
+                Gap::new(LossKind::EventBufferFull, at(1), at(2), 4),
+                Gap::new(LossKind::WriterBackpressure, at(1), at(2), 1)
+            ]
         );
         let grown = tracker.observe(Totals { events_lost: 20, writer_waits: 1, ..Totals::default() }, at(3));
         assert_eq!(grown, vec![Gap::new(LossKind::EventBufferFull, at(1), at(3), 15)], "the same episode, longer");
         assert!(tracker.observe(Totals { events_lost: 20, writer_waits: 1, ..Totals::default() }, at(4)).is_empty());
         let later = tracker.observe(
-            Totals { events_lost: 21, writer_waits: 1, flow_table_full: 3, conntrack_overruns: 1, conntrack_overrun_since: None },
+            Totals {
+                events_lost: 21,
+                writer_waits: 1,
+                flow_table_full: 3,
+                conntrack_overruns: 1,
+                conntrack_overrun_since: None,
+            },
             at(5),
         );
         assert_eq!(
@@ -133,13 +142,19 @@ mod tests {
     fn an_overrun_noticed_late_is_dated_from_when_the_socket_was_last_drained() {
         let mut tracker = LossTracker::new(Totals::default(), at(0));
         assert!(tracker.observe(Totals::default(), at(5)).is_empty());
-        let late = tracker.observe(Totals { conntrack_overruns: 1, conntrack_overrun_since: Some(at(2)), ..Totals::default() }, at(6));
+        let late = tracker.observe(
+            Totals { conntrack_overruns: 1, conntrack_overrun_since: Some(at(2)), ..Totals::default() },
+            at(6),
+        );
         assert_eq!(late, vec![Gap::new(LossKind::ConntrackOverrun, at(2), at(6), 1)]);
     }
 
     #[test]
     fn a_restarted_counter_counts_from_zero() {
         let mut tracker = LossTracker::new(Totals { flow_table_full: 100, ..Totals::default() }, at(0));
-        assert_eq!(tracker.observe(Totals { flow_table_full: 3, ..Totals::default() }, at(1)), vec![Gap::new(LossKind::FlowTableFull, at(0), at(1), 3)]);
+        assert_eq!(
+            tracker.observe(Totals { flow_table_full: 3, ..Totals::default() }, at(1)),
+            vec![Gap::new(LossKind::FlowTableFull, at(0), at(1), 3)]
+        );
     }
 }

@@ -31,8 +31,7 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 static PROBE_PERF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-perf"));
 
 /// The benchmarks' floors: a bare `XDP_PASS`, and parsing plus one lookup.
-static BASELINE_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+static BASELINE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
 
 /// Why a probe cannot be loaded, where the caller may want to tell.
 #[derive(Debug, thiserror::Error)]
@@ -148,15 +147,22 @@ impl Probe {
         let wakeup_bytes = u64::from(options.event_ring_bytes / probe_common::EVENT_RING_WAKEUP_DIVISOR);
         if event_path == EventPath::Ring {
             if !options.event_ring_bytes.is_power_of_two() || options.event_ring_bytes < 4096 {
-                bail!("the event ring size must be a power of two of at least 4096 bytes, not {}", options.event_ring_bytes);
+                bail!(
+                    "the event ring size must be a power of two of at least 4096 bytes, not {}",
+                    options.event_ring_bytes
+                );
             }
             loader.map_max_entries(names::EVENT_RINGS, possible_cpus()?);
             loader.override_global(probe_common::EVENT_RING_WAKEUP_GLOBAL, &wakeup_bytes, true);
         }
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;
-                [names::FLOWS, names::COUNTERS, names::CONFIG, event_map].into_iter().map(|name| (name, dir.join(name))).collect()
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the pin directory {} (is bpffs mounted?)", dir.display()))?;
+                [names::FLOWS, names::COUNTERS, names::CONFIG, event_map]
+                    .into_iter()
+                    .map(|name| (name, dir.join(name)))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -166,9 +172,7 @@ impl Probe {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(|error| {
-            explain_permission(anyhow::Error::from(error).context(
-                "loading the XDP object into the kernel",
-            ))
+            explain_permission(anyhow::Error::from(error).context("loading the XDP object into the kernel"))
         })?;
         for name in [names::PROG_LAN, names::PROG_WAN] {
             let program: &mut Xdp = ebpf
@@ -185,9 +189,9 @@ impl Probe {
             .ok_or_else(|| anyhow!("the XDP object has no program {}", names::PROG_LAN_EGRESS))?
             .try_into()
             .with_context(|| format!("{} is not a TC classifier", names::PROG_LAN_EGRESS))?;
-        egress
-            .load()
-            .map_err(|error| explain_permission(anyhow::Error::from(error).context(format!("loading {}", names::PROG_LAN_EGRESS))))?;
+        egress.load().map_err(|error| {
+            explain_permission(anyhow::Error::from(error).context(format!("loading {}", names::PROG_LAN_EGRESS)))
+        })?;
         let flows = HashMap::try_from(take_map(&mut ebpf, names::FLOWS)?)?;
         let counters = take_map(&mut ebpf, names::COUNTERS)?;
         let instance = match &counters {
@@ -197,7 +201,9 @@ impl Probe {
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = match event_path {
-            EventPath::Ring => EventMap::Ring(per_cpu_rings(take_map(&mut ebpf, event_map)?, options.event_ring_bytes)?),
+            EventPath::Ring => {
+                EventMap::Ring(per_cpu_rings(take_map(&mut ebpf, event_map)?, options.event_ring_bytes)?)
+            }
             EventPath::Perf => EventMap::Perf(PerfEventArray::try_from(take_map(&mut ebpf, event_map)?)?),
         };
         Ok(Self { ebpf, flows, counters, config, events: Some(events), event_path, pin_dir, adopted, instance })
@@ -257,10 +263,12 @@ impl Probe {
         let Some(dir) = self.pin_dir.clone() else { return Ok(self.attach_new(interface, role)?.0) };
         let pin = link_pin_path(&dir, interface);
         if pin.exists() {
-            let pinned = PinnedLink::from_pin(&pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
+            let pinned =
+                PinnedLink::from_pin(&pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
             let program = self.program_mut(role)?;
-            let id = program.attach_to_link(link).with_context(|| format!("taking over the XDP link of {interface}"))?;
+            let id =
+                program.attach_to_link(link).with_context(|| format!("taking over the XDP link of {interface}"))?;
             // Ours now, but left attached when we exit.
             drop(program.take_link(id)?);
             info!("took over the pinned XDP link of {interface}: counting went on without a gap");
@@ -271,9 +279,13 @@ impl Probe {
         let link = program.take_link(id)?;
         match FdLink::try_from(link) {
             Ok(fd_link) => {
-                fd_link.pin(&pin).with_context(|| format!("pinning the XDP link of {interface} at {}", pin.display()))?;
+                fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pinning the XDP link of {interface} at {}", pin.display()))?;
             }
-            Err(_) => warn!("{interface}: this kernel attaches XDP by netlink, which cannot be pinned; a restart will leave a gap"),
+            Err(_) => warn!(
+                "{interface}: this kernel attaches XDP by netlink, which cannot be pinned; a restart will leave a gap"
+            ),
         }
         Ok(mode)
     }
@@ -291,9 +303,12 @@ impl Probe {
         if let Some(pin) = &pin
             && pin.exists()
         {
-            let pinned = PinnedLink::from_pin(pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).context("the pinned egress link is not a tcx link")?;
-            let id = program.attach_to_link(link).with_context(|| format!("taking over the egress link of {interface}"))?;
+            let pinned =
+                PinnedLink::from_pin(pin).with_context(|| format!("opening the pinned link {}", pin.display()))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .context("the pinned egress link is not a tcx link")?;
+            let id =
+                program.attach_to_link(link).with_context(|| format!("taking over the egress link of {interface}"))?;
             // Ours now, but left attached when we exit.
             drop(program.take_link(id)?);
             info!("took over the pinned egress link of {interface}");
@@ -313,14 +328,19 @@ impl Probe {
             let link = FdLink::try_from(program.take_link(id)?).context("a tcx link is an fd link")?;
             link.pin(&pin).with_context(|| format!("pinning the egress link of {interface} at {}", pin.display()))?;
         } else if self.pin_dir.is_some() {
-            warn!("{interface}: this kernel attaches TC programs by netlink, which cannot be pinned; the egress program detaches when the agent exits");
+            warn!(
+                "{interface}: this kernel attaches TC programs by netlink, which cannot be pinned; the egress program detaches when the agent exits"
+            );
         }
         info!("attached {} to the egress of {interface}", names::PROG_LAN_EGRESS);
         Ok(())
     }
 
     fn egress_program_mut(&mut self) -> Result<&mut SchedClassifier> {
-        let program = self.ebpf.program_mut(names::PROG_LAN_EGRESS).ok_or_else(|| anyhow!("no program {}", names::PROG_LAN_EGRESS))?;
+        let program = self
+            .ebpf
+            .program_mut(names::PROG_LAN_EGRESS)
+            .ok_or_else(|| anyhow!("no program {}", names::PROG_LAN_EGRESS))?;
         Ok(program.try_into()?)
     }
 
@@ -386,18 +406,12 @@ impl Probe {
             })
             .context("BPF_PROG_TEST_RUN")?;
         data_out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            action: result.return_value,
-            data_out,
-            duration_ns: result.duration.as_nanos() as u64,
-        })
+        Ok(TestRunOutput { action: result.return_value, data_out, duration_ns: result.duration.as_nanos() as u64 })
     }
 
     /// Makes the program use `ns` as "now" (0: the kernel clock again).
     pub fn set_clock_override(&mut self, ns: u64) -> Result<()> {
-        self.config
-            .set(0, ProbeConfig { clock_override_ns: ns }, 0)
-            .context("writing the probe's CONFIG map")
+        self.config.set(0, ProbeConfig { clock_override_ns: ns }, 0).context("writing the probe's CONFIG map")
     }
 
     /// Every counter of `probe_common::counter`, summed over CPUs.
@@ -432,10 +446,7 @@ impl Probe {
 
     /// Every key currently in the kernel flow table.
     pub fn flow_keys(&self) -> Result<Vec<FlowKey>> {
-        self.flows
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .context("listing the kernel flow table")
+        self.flows.keys().collect::<Result<Vec<_>, _>>().context("listing the kernel flow table")
     }
 
     /// Opens the event buffers for reading: a ring, or a perf buffer, per
@@ -549,7 +560,8 @@ const TC_PASS: &str = "baseline_tc_pass";
 impl Baseline {
     /// ns per run of the bare TC classifier on `frame`, `repeat` times.
     pub fn tc_pass_test_run_repeat(&self, frame: &[u8], repeat: u32) -> Result<u64> {
-        let program: &SchedClassifier = self.ebpf.program(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
+        let program: &SchedClassifier =
+            self.ebpf.program(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
         Ok(tc_test_run(program, frame, true, repeat)?.duration_ns)
     }
 
@@ -574,8 +586,7 @@ impl Baseline {
         let programs = Floor::ALL.map(|floor| (floor.program(), floor != Floor::CoarseClock));
         let rings = [RingLayout::Shared, RingLayout::PerCpu].map(|layout| (layout.program(), true));
         for (name, required) in programs.into_iter().chain(rings) {
-            let program: &mut Xdp =
-                ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
+            let program: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
             let loaded = program.load();
             if required {
                 loaded.with_context(|| format!("loading {name}"))?;
@@ -599,7 +610,8 @@ impl Baseline {
     pub fn drain_rings(&mut self) -> Result<(u64, u64)> {
         let mut records = 0;
         let name = RingLayout::SHARED_RING;
-        let mut shared = RingBuf::try_from(self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the baseline has no map {name}"))?)?;
+        let mut shared =
+            RingBuf::try_from(self.ebpf.map_mut(name).ok_or_else(|| anyhow!("the baseline has no map {name}"))?)?;
         while shared.next().is_some() {
             records += 1;
         }
@@ -608,8 +620,9 @@ impl Baseline {
                 records += 1;
             }
         }
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(names::COUNTERS).ok_or_else(|| anyhow!("the baseline has no counters"))?)?;
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf.map(names::COUNTERS).ok_or_else(|| anyhow!("the baseline has no counters"))?,
+        )?;
         let lost = counters.get(&counter::EVENTS_LOST, 0)?.iter().sum();
         Ok((records, lost))
     }
@@ -622,8 +635,9 @@ impl Baseline {
     /// Puts `key` in the baselines' flow table, so that their lookup finds
     /// the flow as the probe's does mid-flow.
     pub fn insert_flow(&mut self, key: FlowKey) -> Result<()> {
-        let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.ebpf.map_mut(names::FLOWS).ok_or_else(|| anyhow!("the baseline has no flow table"))?)?;
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(
+            self.ebpf.map_mut(names::FLOWS).ok_or_else(|| anyhow!("the baseline has no flow table"))?,
+        )?;
         flows.insert(key, FlowValue::default(), 0).context("inserting into the baseline's flow table")
     }
 
@@ -632,7 +646,9 @@ impl Baseline {
     pub fn attach(&mut self, floor: Floor, interface: &str) -> Result<()> {
         let name = floor.program();
         let program: &mut Xdp = self.ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name} program"))?.try_into()?;
-        program.attach(interface, XdpMode::Driver).with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
+        program
+            .attach(interface, XdpMode::Driver)
+            .with_context(|| format!("attaching the baseline XDP program to {interface}"))?;
         Ok(())
     }
 
@@ -972,15 +988,17 @@ pub struct CpuRing {
 /// The number of CPUs the kernel may ever run (`bpf_get_smp_processor_id`
 /// is below it).
 fn possible_cpus() -> Result<u32> {
-    aya::util::nr_cpus().map(|n| n as u32).map_err(|(what, error)| anyhow!("reading the possible CPUs from {what}: {error}"))
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(what, error)| anyhow!("reading the possible CPUs from {what}: {error}"))
 }
 
 /// Fills the probe's array of rings with one ring of `bytes` per possible
 /// CPU, or, where an agent before us pinned the array, takes the rings it
 /// holds (with what they still hold) and adds any that is missing.
 fn per_cpu_rings(map: aya::maps::Map, bytes: u32) -> Result<Vec<CpuRing>> {
-    let mut array: ArrayOfMaps<MapData, RingBuf<MapData>> =
-        ArrayOfMaps::try_from(map).with_context(|| format!("the map {} is not an array of maps", names::EVENT_RINGS))?;
+    let mut array: ArrayOfMaps<MapData, RingBuf<MapData>> = ArrayOfMaps::try_from(map)
+        .with_context(|| format!("the map {} is not an array of maps", names::EVENT_RINGS))?;
     (0..possible_cpus()?)
         .map(|cpu| {
             let ring = match array.get(&cpu, 0) {
@@ -990,10 +1008,14 @@ fn per_cpu_rings(map: aya::maps::Map, bytes: u32) -> Result<Vec<CpuRing>> {
                     let data = MapData::create(definition, &format!("icr_ring_{cpu}"), None)
                         .with_context(|| format!("creating the event ring of CPU {cpu} ({bytes} bytes)"))?;
                     let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data))?;
-                    array.set(cpu, &ring, 0).with_context(|| format!("putting CPU {cpu}'s event ring in {}", names::EVENT_RINGS))?;
+                    array
+                        .set(cpu, &ring, 0)
+                        .with_context(|| format!("putting CPU {cpu}'s event ring in {}", names::EVENT_RINGS))?;
                     ring
                 }
-                Err(error) => return Err(anyhow::Error::from(error).context(format!("reading CPU {cpu}'s pinned event ring"))),
+                Err(error) => {
+                    return Err(anyhow::Error::from(error).context(format!("reading CPU {cpu}'s pinned event ring")));
+                }
             };
             Ok(CpuRing { cpu, ring })
         })

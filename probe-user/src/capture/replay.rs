@@ -16,9 +16,9 @@ use crate::{
     capture::clock::Clock,
     capture::events::{self, ProbeEvent},
     capture::flow::{Assembler, Timeouts},
-    icr::{EndReason, Icr},
     capture::nat::NatTable,
     capture::probe::{EventReader, Probe, ProbeOptions},
+    icr::{EndReason, Icr},
 };
 
 const ETH_HEADER: usize = 14;
@@ -184,10 +184,14 @@ pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> R
     let mut damaged = 0u64;
     let cut_short = |error: pcap_file::PcapError, damaged: &mut u64| {
         *damaged += 1;
-        log::warn!("{}: a record runs past the end of the file or cannot be framed ({error}): the file ends there", path.display());
+        log::warn!(
+            "{}: a record runs past the end of the file or cannot be framed ({error}): the file ends there",
+            path.display()
+        );
     };
     if magic == [0x0a, 0x0d, 0x0d, 0x0a] {
-        let mut reader = PcapNgReader::new(open()?).with_context(|| format!("{} is not a readable pcapng file", path.display()))?;
+        let mut reader =
+            PcapNgReader::new(open()?).with_context(|| format!("{} is not a readable pcapng file", path.display()))?;
         // Per interface: link type and timestamp units (ns per unit).
         let mut interfaces: Vec<(DataLink, u128, u128)> = Vec::new();
         loop {
@@ -240,7 +244,8 @@ pub fn read_capture(path: &Path, mut each: impl FnMut(u64, DataLink, &[u8]) -> R
             }
         }
     } else {
-        let mut reader = PcapReader::new(open()?).with_context(|| format!("{} is neither a pcap nor a pcapng file", path.display()))?;
+        let mut reader = PcapReader::new(open()?)
+            .with_context(|| format!("{} is neither a pcap nor a pcapng file", path.display()))?;
         let header = reader.header();
         let ns_per_unit = match header.ts_resolution {
             TsResolution::MicroSecond => 1_000,

@@ -69,21 +69,24 @@ impl Directory {
     /// Re-reads the sources that changed since the last read.
     pub fn refresh(&mut self, now: DateTime<Utc>) -> Result<()> {
         if let Some(path) = self.config.static_csv.clone()
-            && let Some(text) = self.changed(&path)? {
-                let (by_mac, by_net) = parse_static(&text).with_context(|| format!("in {}", path.display()))?;
-                self.by_mac = by_mac;
-                self.by_net = by_net;
-            }
+            && let Some(text) = self.changed(&path)?
+        {
+            let (by_mac, by_net) = parse_static(&text).with_context(|| format!("in {}", path.display()))?;
+            self.by_mac = by_mac;
+            self.by_net = by_net;
+        }
         if let Some(path) = self.config.dnsmasq_leases.clone()
-            && let Some(text) = self.changed(&path)? {
-                let leases = parse_dnsmasq(&text, now).with_context(|| format!("in {}", path.display()))?;
-                self.merge(leases);
-            }
+            && let Some(text) = self.changed(&path)?
+        {
+            let leases = parse_dnsmasq(&text, now).with_context(|| format!("in {}", path.display()))?;
+            self.merge(leases);
+        }
         if let Some(path) = self.config.kea_leases.clone()
-            && let Some(text) = self.changed(&path)? {
-                let leases = parse_kea(&text).with_context(|| format!("in {}", path.display()))?;
-                self.merge(leases);
-            }
+            && let Some(text) = self.changed(&path)?
+        {
+            let leases = parse_kea(&text).with_context(|| format!("in {}", path.display()))?;
+            self.merge(leases);
+        }
         Ok(())
     }
 
@@ -131,10 +134,13 @@ impl Directory {
         }
         if let Some(ip) = device.ip {
             if let Some(lease) = self.lease_at(ip, record.start)
-                && let Some(name) = self.by_mac.get(&lease.mac) {
-                    return Some(name.clone());
-                }
-            if let Some((_, name)) = self.by_net.iter().filter(|(net, _)| net.contains(&ip)).max_by_key(|(net, _)| net.prefix_len()) {
+                && let Some(name) = self.by_mac.get(&lease.mac)
+            {
+                return Some(name.clone());
+            }
+            if let Some((_, name)) =
+                self.by_net.iter().filter(|(net, _)| net.contains(&ip)).max_by_key(|(net, _)| net.prefix_len())
+            {
                 return Some(name.clone());
             }
         }
@@ -198,7 +204,11 @@ fn parse_dnsmasq(text: &str, now: DateTime<Utc>) -> Result<Vec<Lease>> {
         }
         let [expiry, mac, ip, ..] = fields[..] else { bail!("line {}: too few fields", index + 1) };
         let expiry: i64 = expiry.parse().with_context(|| format!("line {}: bad expiry", index + 1))?;
-        let until = if expiry == 0 { DateTime::<Utc>::MAX_UTC } else { DateTime::from_timestamp(expiry, 0).context("expiry out of range")? };
+        let until = if expiry == 0 {
+            DateTime::<Utc>::MAX_UTC
+        } else {
+            DateTime::from_timestamp(expiry, 0).context("expiry out of range")?
+        };
         let Some(mac) = normalise_mac(mac) else { continue }; // IPv6 leases carry an IAID here
         let ip = ip.parse().with_context(|| format!("line {}: bad address", index + 1))?;
         leases.push(Lease { ip, mac, from: now.min(until), until });
@@ -212,7 +222,8 @@ fn parse_kea(text: &str) -> Result<Vec<Lease>> {
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
     let headers = reader.headers()?.clone();
     let column = |name: &str| headers.iter().position(|h| h == name).with_context(|| format!("no {name} column"));
-    let (address, hwaddr, lifetime, expire) = (column("address")?, column("hwaddr")?, column("valid_lifetime")?, column("expire")?);
+    let (address, hwaddr, lifetime, expire) =
+        (column("address")?, column("hwaddr")?, column("valid_lifetime")?, column("expire")?);
     let state = headers.iter().position(|h| h == "state");
     let mut leases = Vec::new();
     for row in reader.records() {
@@ -266,9 +277,15 @@ mod tests {
 
     #[test]
     fn static_rows_by_mac_then_the_narrowest_network() {
-        let (by_mac, by_net) = parse_static("key,subscriber\n02-00-00-00-00-17, line-0042\n10.0.0.0/8,isp-pool\n10.1.0.0/16,line-7\n# comment\n").unwrap();
+        let (by_mac, by_net) = parse_static(
+            "key,subscriber\n02-00-00-00-00-17, line-0042\n10.0.0.0/8,isp-pool\n10.1.0.0/16,line-7\n# comment\n",
+        )
+        .unwrap();
         let directory = Directory { by_mac, by_net, ..Directory::default() };
-        assert_eq!(directory.subscriber(&record(Some("02:00:00:00:00:17"), "10.1.2.3", 0)).as_deref(), Some("line-0042"));
+        assert_eq!(
+            directory.subscriber(&record(Some("02:00:00:00:00:17"), "10.1.2.3", 0)).as_deref(),
+            Some("line-0042")
+        );
         assert_eq!(directory.subscriber(&record(None, "10.1.2.3", 0)).as_deref(), Some("line-7"));
         assert_eq!(directory.subscriber(&record(None, "10.2.0.1", 0)).as_deref(), Some("isp-pool"));
         assert_eq!(directory.subscriber(&record(None, "192.168.0.1", 0)), None);
@@ -307,9 +324,15 @@ mod tests {
         let mut r = record(None, "10.9.9.9", 0);
         r.device.vlan = vec![100, 20];
         r.device.pppoe_session = Some(0x1234);
-        let vlan = Directory { config: SubscribersSection { line_id: Some(LineId::Vlan), ..Default::default() }, ..Directory::default() };
+        let vlan = Directory {
+            config: SubscribersSection { line_id: Some(LineId::Vlan), ..Default::default() },
+            ..Directory::default()
+        };
         assert_eq!(vlan.subscriber(&r).as_deref(), Some("vlan:100.20"));
-        let pppoe = Directory { config: SubscribersSection { line_id: Some(LineId::Pppoe), ..Default::default() }, ..Directory::default() };
+        let pppoe = Directory {
+            config: SubscribersSection { line_id: Some(LineId::Pppoe), ..Default::default() },
+            ..Directory::default()
+        };
         assert_eq!(pppoe.subscriber(&r).as_deref(), Some("pppoe:4660"));
     }
 }

@@ -27,13 +27,7 @@ impl Tuple {
     }
 
     pub fn reversed(&self) -> Self {
-        Tuple {
-            src: self.dst,
-            src_port: self.dst_port,
-            dst: self.src,
-            dst_port: self.src_port,
-            proto: self.proto,
-        }
+        Tuple { src: self.dst, src_port: self.dst_port, dst: self.src, dst_port: self.src_port, proto: self.proto }
     }
 
     /// The kernel's key for this tuple's flow, and this tuple's direction in
@@ -69,7 +63,8 @@ mod tests {
 
     #[test]
     fn key_is_shared_by_both_directions() {
-        let up = Tuple { src: ipv4(10, 0, 0, 2), src_port: 40000, dst: ipv4(1, 1, 1, 1), dst_port: 443, proto: Proto::Tcp };
+        let up =
+            Tuple { src: ipv4(10, 0, 0, 2), src_port: 40000, dst: ipv4(1, 1, 1, 1), dst_port: 443, proto: Proto::Tcp };
         let (key_up, dir_up) = up.key();
         let (key_down, dir_down) = up.reversed().key();
         assert_eq!(key_up, key_down);

@@ -42,11 +42,36 @@ pub fn ndjson<T: Serialize>(items: &[T]) -> Result<Vec<u8>> {
 
 // New columns go last: spreadsheets and scripts read the others by place.
 const RECORD_COLUMNS: [&str; 30] = [
-    "id", "start", "end", "end_reason", "proto", "device_mac", "device_ip", "device_port",
-    "device_vlan", "device_pppoe_session", "device_subscriber", "public_ip", "public_port",
-    "remote_ip", "remote_port", "service_name", "service_source", "dns_qname", "dns_qtype",
-    "dns_answers", "packets_up", "packets_down", "bytes_up", "bytes_down", "incomplete", "probe",
-    "local", "dns_all", "service_dns_at", "service_resolver",
+    "id",
+    "start",
+    "end",
+    "end_reason",
+    "proto",
+    "device_mac",
+    "device_ip",
+    "device_port",
+    "device_vlan",
+    "device_pppoe_session",
+    "device_subscriber",
+    "public_ip",
+    "public_port",
+    "remote_ip",
+    "remote_port",
+    "service_name",
+    "service_source",
+    "dns_qname",
+    "dns_qtype",
+    "dns_answers",
+    "packets_up",
+    "packets_down",
+    "bytes_up",
+    "bytes_down",
+    "incomplete",
+    "probe",
+    "local",
+    "dns_all",
+    "service_dns_at",
+    "service_resolver",
 ];
 
 pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: Format) -> Result<()> {
@@ -70,13 +95,23 @@ pub fn write_records(out: &mut (impl Write + ?Sized), records: &[Icr], format: F
                     // A local exchange has no public end: the column says why.
                     let public = if r.local { "local".to_string() } else { endpoint(&f[11], &f[12]) };
                     vec![
-                        f[1].clone(), f[4].clone(), f[5].clone(), endpoint(&f[6], &f[7]),
-                        public, endpoint(&f[13], &f[14]), f[15].clone(),
-                        format!("{}/{}", r.bytes_up, r.bytes_down), f[3].clone(),
+                        f[1].clone(),
+                        f[4].clone(),
+                        f[5].clone(),
+                        endpoint(&f[6], &f[7]),
+                        public,
+                        endpoint(&f[13], &f[14]),
+                        f[15].clone(),
+                        format!("{}/{}", r.bytes_up, r.bytes_down),
+                        f[3].clone(),
                     ]
                 })
                 .collect();
-            table(out, &["start", "proto", "mac", "device", "public", "remote", "service", "bytes up/down", "end"], &rows)?;
+            table(
+                out,
+                &["start", "proto", "mac", "device", "public", "remote", "service", "bytes up/down", "end"],
+                &rows,
+            )?;
         }
     }
     Ok(())
@@ -263,7 +298,8 @@ pub fn terminal_cell(cell: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let rows: Vec<Vec<std::borrow::Cow<str>>> = rows.iter().map(|row| row.iter().map(|cell| terminal_cell(cell)).collect()).collect();
+    let rows: Vec<Vec<std::borrow::Cow<str>>> =
+        rows.iter().map(|row| row.iter().map(|cell| terminal_cell(cell)).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -293,7 +329,12 @@ mod tests {
             end: chrono::DateTime::from_timestamp(1, 0).unwrap(),
             end_reason: EndReason::Idle,
             proto: "udp".into(),
-            device: Device { ip: Some("10.0.0.2".parse().unwrap()), port: Some(5353), vlan: vec![100, 20], ..Device::default() },
+            device: Device {
+                ip: Some("10.0.0.2".parse().unwrap()),
+                port: Some(5353),
+                vlan: vec![100, 20],
+                ..Device::default()
+            },
             public: None,
             remote: Endpoint { ip: "2001:db8::1".parse().unwrap(), port: 53 },
             service: None,
@@ -317,13 +358,21 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("id,start,end,end_reason,proto,device_mac"));
         assert!(lines[1].contains(",idle,udp,,10.0.0.2,5353,100;20,"), "{}", lines[1]);
-        assert!(lines[1].ends_with(",1,2,3,4,true,gw-07,false,,,"), "probe, then local, dns_all and a name's DNS origin: {}", lines[1]);
+        assert!(
+            lines[1].ends_with(",1,2,3,4,true,gw-07,false,,,"),
+            "probe, then local, dns_all and a name's DNS origin: {}",
+            lines[1]
+        );
     }
 
     #[test]
     fn csv_appends_local_and_every_exchange_after_the_probe() {
         let mut r = record();
-        let exchange = |qname: &str, qtype: &str| Dns { qname: qname.into(), qtype: qtype.into(), answers: vec!["192.0.2.1".into()] };
+        let exchange = |qname: &str, qtype: &str| Dns {
+            qname: qname.into(),
+            qtype: qtype.into(),
+            answers: vec!["192.0.2.1".into()],
+        };
         r.dns_all = vec![exchange("a.example", "A"), exchange("a.example", "AAAA"), exchange("b.example", "HTTPS")];
         r.dns = r.dns_all.first().cloned();
         r.local = true;
@@ -370,7 +419,8 @@ mod tests {
         r.device.subscriber = Some("line-0042".into());
         let mut out = Vec::new();
         write_records(&mut out, &[r.clone()], Format::Ecs).unwrap();
-        let lines: Vec<serde_json::Value> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2, "an action line, then the document");
         assert_eq!(lines[0]["create"]["_id"], r.id.as_str());
         let doc = &lines[1];
@@ -437,7 +487,11 @@ mod tests {
     /// terminal for escape sequences (a forged central row can hold any).
     fn hostile() -> Icr {
         let mut r = record();
-        r.service = Some(crate::icr::Service::carried("=HYPERLINK(\"http://x.example/\",\"open\")".into(), ServiceSource::TlsSni, false));
+        r.service = Some(crate::icr::Service::carried(
+            "=HYPERLINK(\"http://x.example/\",\"open\")".into(),
+            ServiceSource::TlsSni,
+            false,
+        ));
         r.dns = Some(Dns { qname: "-2.example.test".into(), qtype: "A".into(), answers: vec!["+1".into()] });
         r.dns_all = vec![r.dns.clone().unwrap()];
         r.device.subscriber = Some("@SUM(1+1)".into());
@@ -449,7 +503,15 @@ mod tests {
 
     fn service_row(name: &str, remote: &str) -> ServiceRow {
         let (first, last) = (format_time(&record().start), format_time(&record().end));
-        ServiceRow { name: Some(name.into()), remote: remote.into(), proto: "tcp".into(), first, last, connections: 1, bytes: 2 }
+        ServiceRow {
+            name: Some(name.into()),
+            remote: remote.into(),
+            proto: "tcp".into(),
+            first,
+            last,
+            connections: 1,
+            bytes: 2,
+        }
     }
 
     #[test]

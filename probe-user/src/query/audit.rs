@@ -16,12 +16,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::config::AuditSection;
 use anyhow::{Context as _, Result, bail};
 use ring::hmac;
-use crate::config::AuditSection;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-
 
 /// systemd-journald's native socket.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
@@ -86,7 +85,6 @@ impl Entry {
         }
         Ok(serde_json::to_vec(&Body { seq, prev, record })?)
     }
-
 }
 
 /// The chain's head as the operator keeps it elsewhere: `SEQ:HASH`.
@@ -139,7 +137,8 @@ impl AuditLog {
     /// but root.
     pub fn open(dir: &Path, section: &AuditSection) -> Result<Self> {
         let key = section.key.as_deref().map(|path| load_key(path, dir)).transpose()?;
-        let journal = section.journal.clone().or_else(|| Some(PathBuf::from(JOURNAL_SOCKET)).filter(|path| path.exists()));
+        let journal =
+            section.journal.clone().or_else(|| Some(PathBuf::from(JOURNAL_SOCKET)).filter(|path| path.exists()));
         Ok(Self { path: dir.join("audit.log"), key, journal, every_entry_keyed: false })
     }
 
@@ -204,8 +203,14 @@ impl AuditLog {
         if let Some(head) = head {
             match hashes {
                 Some(hash) if hash == head.hash => {}
-                Some(hash) => bail!("entry {} has the hash {hash}, not the head's {}: the log was rewritten", head.seq, head.hash),
-                None => bail!("the log has {} entries but the head names entry {}: its tail was cut", verified.entries, head.seq),
+                Some(hash) => {
+                    bail!("entry {} has the hash {hash}, not the head's {}: the log was rewritten", head.seq, head.hash)
+                }
+                None => bail!(
+                    "the log has {} entries but the head names entry {}: its tail was cut",
+                    verified.entries,
+                    head.seq
+                ),
             }
         }
         Ok(verified)
@@ -246,7 +251,10 @@ impl AuditLog {
             let entry: Entry = serde_json::from_str(&line)
                 .with_context(|| format!("entry at line {line_no} is not a valid audit entry"))?;
             if entry.seq != expected_seq {
-                bail!("entry at line {line_no}: sequence {} where {expected_seq} was expected (an entry was removed or moved)", entry.seq);
+                bail!(
+                    "entry at line {line_no}: sequence {} where {expected_seq} was expected (an entry was removed or moved)",
+                    entry.seq
+                );
             }
             if entry.prev != prev {
                 bail!("entry {} (line {line_no}) does not follow the entry before it", entry.seq);
@@ -287,7 +295,9 @@ impl AuditLog {
         }
         let entries = expected_seq - 1;
         if keyed && self.key.is_none() {
-            bail!("the log's entries are authenticated: verify it with its key (--key FILE, or the store's [audit] key)");
+            bail!(
+                "the log's entries are authenticated: verify it with its key (--key FILE, or the store's [audit] key)"
+            );
         }
         if self.key.is_some() && entries > 0 && !keyed {
             bail!(
@@ -304,7 +314,11 @@ impl AuditLog {
 fn load_key(path: &Path, store_dir: &Path) -> Result<hmac::Key> {
     let bytes = crate::config::read_secret(path, "the audit key", Some(store_dir))?;
     if bytes.len() < MIN_KEY_BYTES {
-        bail!("the audit key {} holds {} bytes; it needs at least {MIN_KEY_BYTES} random bytes (head -c 32 /dev/urandom)", path.display(), bytes.len());
+        bail!(
+            "the audit key {} holds {} bytes; it needs at least {MIN_KEY_BYTES} random bytes (head -c 32 /dev/urandom)",
+            path.display(),
+            bytes.len()
+        );
     }
     Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
 }
@@ -328,7 +342,8 @@ fn last_entry(file: &mut File) -> Result<Option<Entry>> {
     let mut tail: Vec<u8> = Vec::new();
     let mut start = len;
     let (complete, line_start) = loop {
-        let newlines: Vec<usize> = tail.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).rev().take(2).collect();
+        let newlines: Vec<usize> =
+            tail.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).rev().take(2).collect();
         match newlines.as_slice() {
             [last, before, ..] => break (Some(*last), *before + 1),
             [last] if start == 0 => break (Some(*last), 0),
@@ -354,7 +369,8 @@ fn last_entry(file: &mut File) -> Result<Option<Entry>> {
         log::warn!("the audit log ended in a torn entry (a crash while writing); cutting it off");
         file.set_len(start + complete as u64 + 1)?;
     }
-    let entry = serde_json::from_slice(&tail[line_start..complete]).context("the audit log's last entry is unreadable")?;
+    let entry =
+        serde_json::from_slice(&tail[line_start..complete]).context("the audit log's last entry is unreadable")?;
     Ok(Some(entry))
 }
 
@@ -381,7 +397,13 @@ impl Drop for FileLock {
 
 /// Applies retention now and audits it: what was dropped, by whom (the
 /// agent's hourly sweep, or an operator's `icr sweep`).
-pub fn sweep(store: &crate::store::Store, db: &std::path::Path, audit: &AuditSection, retention_days: u32, by: &str) -> Result<String> {
+pub fn sweep(
+    store: &crate::store::Store,
+    db: &std::path::Path,
+    audit: &AuditSection,
+    retention_days: u32,
+    by: &str,
+) -> Result<String> {
     let log = AuditLog::open(db, audit)?;
     let dropped = store.sweep(retention_days, chrono::Utc::now())?;
     let span = match (dropped.first(), dropped.last()) {
@@ -497,7 +519,8 @@ mod tests {
         let unkeyed = AuditLog::in_dir(store.path());
         unkeyed.append(record(1)).unwrap();
         unkeyed.append(record(2)).unwrap();
-        let keyed = AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        let keyed =
+            AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
         keyed.append(record(3)).unwrap();
         assert_eq!(keyed.verify_to(None).unwrap(), Verified { entries: 3, unauthenticated: 2 });
         unkeyed.append(record(4)).unwrap();
@@ -512,11 +535,14 @@ mod tests {
     /// Drops every entry's MAC, as whoever lacks the key would to hide a
     /// rewrite (the chain is untouched: the MAC is not part of the hash).
     fn strip_macs(log: &AuditLog) {
-        let stripped: Vec<String> = lines(log).into_iter().map(|line| {
-            let mut entry: Entry = serde_json::from_str(&line).unwrap();
-            entry.mac = None;
-            serde_json::to_string(&entry).unwrap()
-        }).collect();
+        let stripped: Vec<String> = lines(log)
+            .into_iter()
+            .map(|line| {
+                let mut entry: Entry = serde_json::from_str(&line).unwrap();
+                entry.mac = None;
+                serde_json::to_string(&entry).unwrap()
+            })
+            .collect();
         write(log, &stripped);
     }
 
@@ -537,7 +563,10 @@ mod tests {
         // from outside finds it, whatever the store's configuration says.
         assert_eq!(AuditLog::in_dir(store.path()).verify().unwrap(), 2);
         let error = format!("{:#}", outside.verify_to(None).unwrap_err());
-        assert!(error.contains("entry 1 (line 1) carries no MAC, and the key given must authenticate every entry"), "{error}");
+        assert!(
+            error.contains("entry 1 (line 1) carries no MAC, and the key given must authenticate every entry"),
+            "{error}"
+        );
         // A log written before any key is not taken for authenticated either.
         let plain = tempfile::tempdir().unwrap();
         AuditLog::in_dir(plain.path()).append(record(1)).unwrap();
@@ -548,14 +577,19 @@ mod tests {
     fn a_mac_less_entry_after_a_keyed_one_fails_with_no_key_at_all() {
         let store = tempfile::tempdir().unwrap();
         let keys = tempfile::tempdir().unwrap();
-        let keyed = AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        let keyed =
+            AuditLog::open(store.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
         keyed.append(record(1)).unwrap();
         AuditLog::in_dir(store.path()).append(record(2)).unwrap();
         let error = format!("{:#}", AuditLog::in_dir(store.path()).verify().unwrap_err());
-        assert!(error.contains("entry 2 (line 2) carries no MAC after entries that did: the log was rewritten"), "{error}");
+        assert!(
+            error.contains("entry 2 (line 2) carries no MAC after entries that did: the log was rewritten"),
+            "{error}"
+        );
         // Whole and keyed, but no key to check it with: not verified.
         let whole = tempfile::tempdir().unwrap();
-        let keyed = AuditLog::open(whole.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
+        let keyed =
+            AuditLog::open(whole.path(), &AuditSection { key: Some(key_file(keys.path())), journal: None }).unwrap();
         keyed.append(record(1)).unwrap();
         let error = format!("{:#}", AuditLog::in_dir(whole.path()).verify().unwrap_err());
         assert!(error.contains("verify it with its key (--key FILE"), "{error}");
@@ -566,7 +600,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let store = tempfile::tempdir().unwrap();
         let keys = tempfile::tempdir().unwrap();
-        let open = |path: &Path| AuditLog::open(store.path(), &AuditSection { key: Some(path.to_path_buf()), journal: None });
+        let open =
+            |path: &Path| AuditLog::open(store.path(), &AuditSection { key: Some(path.to_path_buf()), journal: None });
         let key = key_file(keys.path());
         assert!(open(&key).is_ok());
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();

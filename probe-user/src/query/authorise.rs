@@ -29,12 +29,16 @@ pub fn authorise(config: &Config, who: &Who, act: Act) -> Result<(), Refusal> {
         (_, AuthorityKind::Local) => {
             Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")))
         }
-        (_, AuthorityKind::Auditor) => Err(Refusal(format!("{name} is an auditor authority: it reads the audit log, not records"))),
-        (Act::List, AuthorityKind::Operator) => Ok(()),
-        (Act::List, _) => Err(Refusal(format!("{name} is not an operator authority: only an operator may list records"))),
-        (Act::Ask(_), AuthorityKind::Operator) => {
-            Err(Refusal(format!("{name} is an operator authority: it may list records for maintenance, not ask the questions")))
+        (_, AuthorityKind::Auditor) => {
+            Err(Refusal(format!("{name} is an auditor authority: it reads the audit log, not records")))
         }
+        (Act::List, AuthorityKind::Operator) => Ok(()),
+        (Act::List, _) => {
+            Err(Refusal(format!("{name} is not an operator authority: only an operator may list records")))
+        }
+        (Act::Ask(_), AuthorityKind::Operator) => Err(Refusal(format!(
+            "{name} is an operator authority: it may list records for maintenance, not ask the questions"
+        ))),
         (Act::Ask(purpose), _) if !authority.purposes.contains(&purpose) => {
             Err(Refusal(format!("{name} is not authorised for purpose {purpose}")))
         }
@@ -80,7 +84,9 @@ mod tests {
         assert!(refused(&who("borough"), Purpose::Resolve).contains("local authorit"));
         assert!(refused(&who("nca"), Purpose::Resolve).contains("not configured"));
         assert!(refused(&Who { reference: None, ..who("met-police") }, Purpose::Resolve).contains("reference"));
-        assert!(refused(&Who { officer: Some("  ".into()), ..who("met-police") }, Purpose::Resolve).contains("officer"));
+        assert!(
+            refused(&Who { officer: Some("  ".into()), ..who("met-police") }, Purpose::Resolve).contains("officer")
+        );
         // An operator lists, whatever its purposes say, and asks nothing.
         assert!(authorise(&c, &who("noc"), Act::List).is_ok());
         assert!(refused(&who("noc"), Purpose::Resolve).contains("operator authority"));

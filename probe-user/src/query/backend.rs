@@ -20,12 +20,24 @@ pub trait Backend: Send + Sync {
     /// before a sweep removes it.
     fn keep_days(&self, days: u32);
     /// Records overlapping `from..=to` whose public end is `ip` (and `port`).
-    fn by_public(&self, from: DateTime<Utc>, to: DateTime<Utc>, ip: std::net::IpAddr, port: Option<u16>) -> Result<Vec<Icr>>;
+    fn by_public(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ip: std::net::IpAddr,
+        port: Option<u16>,
+    ) -> Result<Vec<Icr>>;
     /// What `device` used in `from..to`, per service.
     fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &DeviceSelector) -> Result<Services>;
     /// Records in `from..to` that may match any of `services`, and `local`
     /// (a superset: the desk keeps those that do).
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector], local: LocalFilter) -> Result<Vec<Icr>>;
+    fn by_services(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        services: &[ServiceSelector],
+        local: LocalFilter,
+    ) -> Result<Vec<Icr>>;
     /// Every record that started in `from..to`.
     fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>>;
     /// The capture gaps that touch `from..to`.
@@ -37,7 +49,13 @@ impl Backend for Store {
         self.set_retention_days(days);
     }
 
-    fn by_public(&self, from: DateTime<Utc>, to: DateTime<Utc>, ip: std::net::IpAddr, port: Option<u16>) -> Result<Vec<Icr>> {
+    fn by_public(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ip: std::net::IpAddr,
+        port: Option<u16>,
+    ) -> Result<Vec<Icr>> {
         let key = match port {
             Some(port) => IndexKey::PublicPort(ip, port),
             None => IndexKey::PublicAddr(ip),
@@ -51,9 +69,16 @@ impl Backend for Store {
 
     /// `local` is left to the desk: the index has no key for it, and local
     /// records are few.
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, services: &[ServiceSelector], _local: LocalFilter) -> Result<Vec<Icr>> {
+    fn by_services(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        services: &[ServiceSelector],
+        _local: LocalFilter,
+    ) -> Result<Vec<Icr>> {
         // Networks too wide to enumerate in the index scan the window.
-        let keys: Option<Vec<IndexKey>> = services.iter().map(ServiceSelector::index_keys).collect::<Option<Vec<_>>>().map(|k| k.concat());
+        let keys: Option<Vec<IndexKey>> =
+            services.iter().map(ServiceSelector::index_keys).collect::<Option<Vec<_>>>().map(|k| k.concat());
         self.find(from, to, keys.as_deref().map_or(Lookup::All, Lookup::Any))
     }
 

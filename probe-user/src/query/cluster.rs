@@ -46,12 +46,20 @@ impl Cluster {
         let lookback = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
         match self.retention_days.load(Ordering::Relaxed) {
             0 => lookback,
-            days => lookback.max(Utc::now().date_naive().checked_sub_days(Days::new(u64::from(days))).unwrap_or(NaiveDate::MIN)),
+            days => lookback
+                .max(Utc::now().date_naive().checked_sub_days(Days::new(u64::from(days))).unwrap_or(NaiveDate::MIN)),
         }
     }
 
     /// Records of `table` alive in `from..=to` that satisfy `condition`.
-    fn overlapping(&self, table: Table, from: DateTime<Utc>, to: DateTime<Utc>, condition: &str, binds: Vec<Bind>) -> Result<Vec<Icr>> {
+    fn overlapping(
+        &self,
+        table: Table,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        condition: &str,
+        binds: Vec<Bind>,
+    ) -> Result<Vec<Icr>> {
         let mut all = binds;
         all.extend([
             Bind::Text(self.first_day(from).to_string()),
@@ -76,7 +84,13 @@ impl Backend for Cluster {
         self.retention_days.store(days, Ordering::Relaxed);
     }
 
-    fn by_public(&self, from: DateTime<Utc>, to: DateTime<Utc>, ip: std::net::IpAddr, port: Option<u16>) -> Result<Vec<Icr>> {
+    fn by_public(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        ip: std::net::IpAddr,
+        port: Option<u16>,
+    ) -> Result<Vec<Icr>> {
         match port {
             Some(port) => self.overlapping(
                 Table::Records,
@@ -104,9 +118,18 @@ impl Backend for Cluster {
 
     /// A name or suffix matches the service name or any DNS exchange's name
     /// (`dns_all_qname`, which holds the first exchange too).
-    fn by_services(&self, from: DateTime<Utc>, to: DateTime<Utc>, selectors: &[ServiceSelector], local: LocalFilter) -> Result<Vec<Icr>> {
+    fn by_services(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        selectors: &[ServiceSelector],
+        local: LocalFilter,
+    ) -> Result<Vec<Icr>> {
         let (mut conditions, mut binds) = (Vec::new(), Vec::new());
-        let names: Vec<&String> = selectors.iter().filter_map(|s| if let ServiceSelector::Name(name) = s { Some(name) } else { None }).collect();
+        let names: Vec<&String> = selectors
+            .iter()
+            .filter_map(|s| if let ServiceSelector::Name(name) = s { Some(name) } else { None })
+            .collect();
         if !names.is_empty() {
             let list = vec!["?"; names.len()].join(", ");
             conditions.push(format!("service_name IN ({list}) OR hasAny(dns_all_qname, [{list}])"));

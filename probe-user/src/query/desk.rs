@@ -90,7 +90,13 @@ impl<'a> Desk<'a> {
 
     /// Audits a request refused before it could be read (a door's own
     /// refusal, e.g. an API token that does not match), and returns it.
-    pub fn refuse_unread(&self, loaded: &LoadedConfig, command: &str, authority: Option<String>, refusal: Refusal) -> Failure {
+    pub fn refuse_unread(
+        &self,
+        loaded: &LoadedConfig,
+        command: &str,
+        authority: Option<String>,
+        refusal: Refusal,
+    ) -> Failure {
         match self.note_unread(loaded, command, authority, refusal.to_string(), serde_json::Value::Null) {
             Ok(()) => Failure::Refused(refusal),
             Err(error) => Failure::Failed(error.context("auditing a refused request")),
@@ -102,7 +108,13 @@ impl<'a> Desk<'a> {
     /// and returns it.
     pub fn invalid_unread(&self, loaded: &LoadedConfig, command: &str, authority: &str, reason: String) -> Failure {
         let invalid = Failure::Invalid(reason);
-        match self.note_unread(loaded, command, Some(authority.to_string()), format!("failed: {invalid}"), serde_json::Value::Null) {
+        match self.note_unread(
+            loaded,
+            command,
+            Some(authority.to_string()),
+            format!("failed: {invalid}"),
+            serde_json::Value::Null,
+        ) {
             Ok(()) => invalid,
             Err(error) => Failure::Failed(error.context("auditing a malformed request")),
         }
@@ -195,7 +207,9 @@ impl<'a> Desk<'a> {
         }
         let max_window = chrono::Duration::days(i64::from(config.max_window_days));
         if to - from > max_window {
-            return Err(open.refuse(Refusal(format!("the window is longer than the {} days allowed", config.max_window_days))));
+            return Err(
+                open.refuse(Refusal(format!("the window is longer than the {} days allowed", config.max_window_days)))
+            );
         }
         if let Question::Accessed { services, .. } = &question
             && let Some(reason) = SelectorLimits::of(config).refuses(services)
@@ -205,7 +219,9 @@ impl<'a> Desk<'a> {
         if let Some(dir) = &request.bundle {
             // Checked before the answer is audited: a request that cannot be
             // delivered is not recorded as answered.
-            if dir.exists() && std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some() {
+            if dir.exists()
+                && std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some()
+            {
                 return Err(Failure::invalid(format!("the bundle directory {} is not empty", dir.display())));
             }
         }
@@ -223,7 +239,8 @@ impl<'a> Desk<'a> {
                 (rows.len() as u64, export::ndjson(&rows)?, body)
             }
             Question::Accessed { services, from, to, local } => {
-                let mut records = questions::accessed(self.backend.by_services(from, to, &services, local)?, &services, local);
+                let mut records =
+                    questions::accessed(self.backend.by_services(from, to, &services, local)?, &services, local);
                 records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
                 render_records(&records, format)?
             }
@@ -274,7 +291,14 @@ fn render_records(records: &[Icr], format: Format) -> anyhow::Result<(u64, Vec<u
 /// another), the audit entry of the request, the capture gaps in its window
 /// (`gaps.ndjson`, empty when none), and a manifest of their SHA-256 sums in
 /// `sha256sum` form. An existing bundle is never overwritten.
-fn write_bundle(dir: &Path, ndjson: &[u8], rendered: &[u8], format: Format, entry: &str, gaps: &[Gap]) -> anyhow::Result<()> {
+fn write_bundle(
+    dir: &Path,
+    ndjson: &[u8],
+    rendered: &[u8],
+    format: Format,
+    entry: &str,
+    gaps: &[Gap],
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("results.ndjson", ndjson.to_vec()),
@@ -310,11 +334,17 @@ fn oversized(record: &AuditRecord) -> Option<String> {
         }
     }
     let fields = [&record.officer, &record.reference, &record.authority];
-    let field = fields.iter().filter_map(|f| f.as_ref()).map(String::len).chain([longest(&record.parameters)]).max().unwrap_or(0);
+    let field = fields
+        .iter()
+        .filter_map(|f| f.as_ref())
+        .map(String::len)
+        .chain([longest(&record.parameters)])
+        .max()
+        .unwrap_or(0);
     if field > MAX_FIELD_BYTES {
         return Some(format!("a value of {field} bytes is longer than the {MAX_FIELD_BYTES} a request may carry"));
     }
     let total = serde_json::to_vec(&record.parameters).map_or(usize::MAX, |bytes| bytes.len());
-    (total > MAX_PARAMETERS_BYTES).then(|| format!("the parameters weigh {total} bytes, more than the {MAX_PARAMETERS_BYTES} allowed"))
+    (total > MAX_PARAMETERS_BYTES)
+        .then(|| format!("the parameters weigh {total} bytes, more than the {MAX_PARAMETERS_BYTES} allowed"))
 }
-

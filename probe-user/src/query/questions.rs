@@ -74,7 +74,11 @@ impl Question {
     }
 
     pub fn services(device: &str, from: &str, to: &str) -> Result<Self> {
-        Ok(Self::Services { device: DeviceSelector::parse(device), from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
+        Ok(Self::Services {
+            device: DeviceSelector::parse(device),
+            from: parse_time(from, "--from")?,
+            to: parse_time(to, "--to")?,
+        })
     }
 
     /// `services`: at least one.
@@ -109,7 +113,8 @@ fn parse_remote(text: &str) -> Result<(IpAddr, Option<u16>)> {
     if let Ok(ip) = text.parse() {
         return Ok((ip, None));
     }
-    let address: std::net::SocketAddr = text.parse().with_context(|| format!("--remote {text:?} is not IP or IP:PORT"))?;
+    let address: std::net::SocketAddr =
+        text.parse().with_context(|| format!("--remote {text:?} is not IP or IP:PORT"))?;
     Ok((address.ip(), Some(address.port())))
 }
 
@@ -325,7 +330,13 @@ pub fn resolve(
         *counts.entry(device(r)).or_insert(0usize) += 1;
     }
     let distance = |r: &Icr| {
-        if r.start > at { r.start - at } else if r.end < at { at - r.end } else { chrono::Duration::zero() }
+        if r.start > at {
+            r.start - at
+        } else if r.end < at {
+            at - r.end
+        } else {
+            chrono::Duration::zero()
+        }
     };
     hits.sort_by_key(|r| (std::cmp::Reverse(counts[&device(r)]), distance(r), r.start));
     hits
@@ -353,7 +364,8 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector], local: LocalFil
     let named = |name: &str| {
         names.contains(name)
             || (!suffixes.is_empty()
-                && (suffixes.contains(name) || name.match_indices('.').any(|(dot, _)| suffixes.contains(&name[dot + 1..]))))
+                && (suffixes.contains(name)
+                    || name.match_indices('.').any(|(dot, _)| suffixes.contains(&name[dot + 1..]))))
     };
     records
         .into_iter()
@@ -365,9 +377,7 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector], local: LocalFil
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        icr::{Device, Dns, EndReason, Endpoint, Service, ServiceSource},
-    };
+    use crate::icr::{Device, Dns, EndReason, Endpoint, Service, ServiceSource};
 
     fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {
         let start = DateTime::from_timestamp(start, 0).unwrap();
@@ -378,7 +388,11 @@ mod tests {
             end: start + chrono::Duration::seconds(5),
             end_reason: EndReason::Fin,
             proto: "tcp".into(),
-            device: Device { ip: Some(device.parse().unwrap()), mac: Some("02:00:00:00:00:17".into()), ..Device::default() },
+            device: Device {
+                ip: Some(device.parse().unwrap()),
+                mac: Some("02:00:00:00:00:17".into()),
+                ..Device::default()
+            },
             public: None,
             remote: Endpoint { ip: remote.parse().unwrap(), port },
             service: name.map(|n| Service::carried(n.into(), ServiceSource::TlsSni, false)),
@@ -398,7 +412,9 @@ mod tests {
         let nets = |texts: &[&str]| texts.iter().map(|t| ServiceSelector::parse(t).unwrap()).collect::<Vec<_>>();
         let default = SelectorLimits::of(&crate::config::Config::default());
         assert_eq!(default, SelectorLimits { v4: 16, v6: 32 });
-        for allowed in [&["10.1.0.0/16"][..], &["2001:db8::/32"], &["a.example", "*.example", "192.0.2.7", "2001:db8::1"]] {
+        for allowed in
+            [&["10.1.0.0/16"][..], &["2001:db8::/32"], &["a.example", "*.example", "192.0.2.7", "2001:db8::1"]]
+        {
             assert_eq!(default.refuses(&nets(allowed)), None, "{allowed:?}");
         }
         for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "10.0.0.0/15", "2001::/16"] {
@@ -484,15 +500,23 @@ mod tests {
         let hits = accessed(records.clone(), &[ServiceSelector::parse("192.0.2.20").unwrap()], LocalFilter::Include);
         assert_eq!(hits.len(), 2);
         // The sets answer as each selector's own match does.
-        let selectors: Vec<ServiceSelector> =
-            ["mail.example.com", "*.example.com", "*.com", "*.ample.com", "192.0.2.11", "192.0.2.0/30", "other.example"]
-                .iter()
-                .map(|t| ServiceSelector::parse(t).unwrap())
-                .collect();
+        let selectors: Vec<ServiceSelector> = [
+            "mail.example.com",
+            "*.example.com",
+            "*.com",
+            "*.ample.com",
+            "192.0.2.11",
+            "192.0.2.0/30",
+            "other.example",
+        ]
+        .iter()
+        .map(|t| ServiceSelector::parse(t).unwrap())
+        .collect();
         for chosen in 0..selectors.len() {
             for pair in [vec![chosen], vec![chosen, (chosen + 3) % selectors.len()]] {
                 let wanted: Vec<ServiceSelector> = pair.iter().map(|i| selectors[*i].clone()).collect();
-                let expected: Vec<Icr> = records.iter().filter(|r| wanted.iter().any(|s| s.matches(r))).cloned().collect();
+                let expected: Vec<Icr> =
+                    records.iter().filter(|r| wanted.iter().any(|s| s.matches(r))).cloned().collect();
                 assert_eq!(accessed(records.clone(), &wanted, LocalFilter::Include), expected, "{wanted:?}");
             }
         }
@@ -518,11 +542,18 @@ mod tests {
         ];
         let device = |hits: &[Icr]| hits.iter().map(|r| r.device.ip.unwrap().to_string()).collect::<Vec<_>>();
         let mail = [ServiceSelector::parse("mail.example.com").unwrap()];
-        assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Include)), ["10.0.0.2", "10.0.0.3"], "by the second exchange");
+        assert_eq!(
+            device(&accessed(records.clone(), &mail, LocalFilter::Include)),
+            ["10.0.0.2", "10.0.0.3"],
+            "by the second exchange"
+        );
         assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Exclude)), ["10.0.0.2"]);
         assert_eq!(device(&accessed(records.clone(), &mail, LocalFilter::Only)), ["10.0.0.3"]);
         let suffix = [ServiceSelector::parse("*.example.com").unwrap()];
-        assert_eq!(device(&accessed(records.clone(), &suffix, LocalFilter::Include)), ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        assert_eq!(
+            device(&accessed(records.clone(), &suffix, LocalFilter::Include)),
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4"]
+        );
         assert_eq!(device(&accessed(records.clone(), &suffix, LocalFilter::Exclude)), ["10.0.0.2", "10.0.0.4"]);
         for selector in suffix.iter().chain(&mail) {
             assert!(selector.matches(&records[1]), "{selector:?} matches as accessed does");
@@ -535,7 +566,9 @@ mod tests {
     fn selectors_name_the_index_keys_that_find_them() {
         let r = record("10.0.0.2", "192.0.2.10", 443, Some("mail.example.com"), 0);
         let prints = crate::store::index::fingerprints_of(&r);
-        for text in ["mail.example.com", "*.example.com", "*.com", "192.0.2.10", "192.0.2.0/24", "192.0.2.8/29", "192.0.0.0/16"] {
+        for text in
+            ["mail.example.com", "*.example.com", "*.com", "192.0.2.10", "192.0.2.0/24", "192.0.2.8/29", "192.0.0.0/16"]
+        {
             let wanted = ServiceSelector::parse(text).unwrap().index_keys().unwrap();
             assert!(wanted.iter().any(|k| prints.contains(&k.fingerprint())), "{text}");
         }

@@ -161,7 +161,10 @@ mod tests {
         );
         // Asked by an older client, without the field: today's answer.
         let older = line.replace(r#","local":"exclude""#, "");
-        assert!(matches!(serde_json::from_str::<Request>(&older).unwrap().ask, Ask::Accessed { local: LocalFilter::Include, .. }));
+        assert!(matches!(
+            serde_json::from_str::<Request>(&older).unwrap().ask,
+            Ask::Accessed { local: LocalFilter::Include, .. }
+        ));
         assert!(serde_json::from_str::<Request>(&line.replace(r#""exclude""#, r#""sometimes""#)).is_err());
         let resolve: Ask = serde_json::from_str(r#"{"question":"resolve","ip":"192.0.2.1","at":"t"}"#).unwrap();
         assert!(matches!(resolve, Ask::Resolve { tolerance, port: None, .. } if tolerance == DEFAULT_TOLERANCE));

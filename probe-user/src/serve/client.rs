@@ -31,14 +31,17 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
     // The API answers in machine formats; a table is drawn here from NDJSON.
     let asked = if request.format == Format::Table { Format::Ndjson } else { request.format };
     let (kind, mut body) = match &request.ask {
-        Ask::Resolve { ip, port, at, tolerance, remote, service } => {
-            ("resolve", json!({ "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service }))
-        }
+        Ask::Resolve { ip, port, at, tolerance, remote, service } => (
+            "resolve",
+            json!({ "ip": ip, "port": port, "at": at, "tolerance": tolerance, "remote": remote, "service": service }),
+        ),
         Ask::Services { device, from, to } => ("services", json!({ "device": device, "from": from, "to": to })),
         Ask::Accessed { services, from, to, local } => {
             ("accessed", json!({ "service": services, "from": from, "to": to, "local": local }))
         }
-        Ask::List { .. } => return Err(Failure::invalid("the HTTP API answers the three questions; list records with --db")),
+        Ask::List { .. } => {
+            return Err(Failure::invalid("the HTTP API answers the three questions; list records with --db"));
+        }
     };
     let fields = body.as_object_mut().expect("an object");
     fields.retain(|_, value| !value.is_null());
@@ -53,12 +56,23 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
     let call = agent(target)?.post(&url);
     check_transport(&call.request_url().with_context(|| format!("--server {server:?} is not a URL"))?)?;
     // The server checks the token against the authority named, and only it.
-    let authority = request.who.authority.as_deref().context("--server needs --authority NAME: the server checks the token against it")?;
-    let call = call.set("Authorization", &format!("Bearer {}", token(target)?)).set("ICR-Authority", authority).timeout(TIMEOUT);
+    let authority = request
+        .who
+        .authority
+        .as_deref()
+        .context("--server needs --authority NAME: the server checks the token against it")?;
+    let call = call
+        .set("Authorization", &format!("Bearer {}", token(target)?))
+        .set("ICR-Authority", authority)
+        .timeout(TIMEOUT);
     let response = match call.send_json(body) {
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {
-            let reason = response.into_json::<Value>().ok().and_then(|v| v["error"].as_str().map(str::to_owned)).unwrap_or_default();
+            let reason = response
+                .into_json::<Value>()
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_default();
             return Err(match status {
                 401 | 403 => Failure::Refused(Refusal(format!("{server} refused the query: {reason}"))),
                 400 => Failure::Invalid(format!("{server}: {reason}")),
@@ -70,7 +84,9 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
     let gaps = response
         .all("ICR-Gap")
         .into_iter()
-        .map(|value| serde_json::from_str(value).with_context(|| format!("{server} sent a malformed ICR-Gap header: {value}")))
+        .map(|value| {
+            serde_json::from_str(value).with_context(|| format!("{server} sent a malformed ICR-Gap header: {value}"))
+        })
         .collect::<Result<Vec<Gap>>>()?;
     let listed: usize = response.header("ICR-Gaps").and_then(|n| n.parse().ok()).unwrap_or(gaps.len());
     if listed > gaps.len() {
@@ -88,10 +104,13 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
 fn draw_table(kind: &str, ndjson: &str, out: &mut dyn Write) -> Result<()> {
     let lines = ndjson.lines().filter(|l| !l.trim().is_empty());
     if kind == "services" {
-        let rows = lines.map(|l| serde_json::from_str(l).context("a malformed service row")).collect::<Result<Vec<ServiceRow>>>()?;
+        let rows = lines
+            .map(|l| serde_json::from_str(l).context("a malformed service row"))
+            .collect::<Result<Vec<ServiceRow>>>()?;
         export::write_services(out, &rows, Format::Table)
     } else {
-        let records = lines.map(|l| serde_json::from_str(l).context("a malformed record")).collect::<Result<Vec<Icr>>>()?;
+        let records =
+            lines.map(|l| serde_json::from_str(l).context("a malformed record")).collect::<Result<Vec<Icr>>>()?;
         export::write_records(out, &records, Format::Table)
     }
 }
@@ -100,7 +119,8 @@ fn draw_table(kind: &str, ndjson: &str, out: &mut dyn Write) -> Result<()> {
 /// anywhere else it would cross the network in clear.
 fn check_transport(url: &ureq::RequestUrl) -> Result<()> {
     let host = url.host().trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     match url.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),
@@ -114,7 +134,9 @@ fn check_transport(url: &ureq::RequestUrl) -> Result<()> {
 
 fn token(target: &QueryTarget) -> Result<String> {
     let token = match &target.token_file {
-        Some(file) => std::fs::read_to_string(file).with_context(|| format!("reading the token file {}", file.display()))?,
+        Some(file) => {
+            std::fs::read_to_string(file).with_context(|| format!("reading the token file {}", file.display()))?
+        }
         None => std::env::var(TOKEN_VARIABLE)
             .map_err(|_| anyhow!("--server needs the API token: --token-file FILE or ${TOKEN_VARIABLE}"))?,
     };
@@ -134,7 +156,9 @@ fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
 /// TLS (ring) that trusts the PEM certificates in `ca` alone.
 pub fn tls_trusting(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading the CA file {}", ca.display()))? {
+    for certificate in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading the CA file {}", ca.display()))?
+    {
         let certificate = certificate.with_context(|| format!("a malformed certificate in {}", ca.display()))?;
         roots.add(certificate).with_context(|| format!("an unusable CA certificate in {}", ca.display()))?;
     }
@@ -159,7 +183,12 @@ mod tests {
 
     #[test]
     fn tokens_go_in_clear_to_loopback_only() {
-        for url in ["https://icr.example:8443/v1/query/resolve", "http://127.0.0.1:8481/v1", "http://localhost:1/v1", "http://[::1]:1/v1"] {
+        for url in [
+            "https://icr.example:8443/v1/query/resolve",
+            "http://127.0.0.1:8481/v1",
+            "http://localhost:1/v1",
+            "http://[::1]:1/v1",
+        ] {
             assert!(transport(url).is_ok(), "{url}");
         }
         for url in ["http://192.0.2.10:8080/v1", "http://icr.example/v1", "http://[2001:db8::1]/v1"] {

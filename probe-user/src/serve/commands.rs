@@ -81,7 +81,8 @@ fn request(ask: Ask, who: &Requester, config: Option<std::path::PathBuf>) -> Req
 pub fn service_list(mut services: Vec<String>, file: Option<&std::path::Path>) -> Result<Vec<String>> {
     if let Some(file) = file {
         let list = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        services.extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+        services
+            .extend(list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
     }
     if services.is_empty() {
         bail!("name at least one --service (or a --services-file)");
@@ -116,7 +117,10 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     out.flush()?;
     log::info!(
         "replayed {} packets ({} of unsupported link types skipped, {} damaged packet records skipped): {} records",
-        stats.packets, stats.unsupported_link, stats.damaged, stats.records
+        stats.packets,
+        stats.unsupported_link,
+        stats.damaged,
+        stats.records
     );
     Ok(())
 }
@@ -127,18 +131,27 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
             // The key named here, not the store's configuration, decides:
             // whoever rewrites the store can edit that.
             let log = AuditLog::verifying_with(&db, &key)?;
-            let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
-            writeln!(out, "audit log intact: {} entries, each authenticated by the key {}", verified.entries, key.display())?;
+            let verified =
+                log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
+            writeln!(
+                out,
+                "audit log intact: {} entries, each authenticated by the key {}",
+                verified.entries,
+                key.display()
+            )?;
             Ok(())
         }
         AuditCommand::Verify { db, head, key: None } => {
             let config = StoreConfig::of_store(&db).load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
-            let verified = log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
+            let verified =
+                log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
             let authenticated = match (&config.audit.key, verified.unauthenticated) {
                 (None, _) => "chained, not authenticated: no key was given (--key FILE) or configured".to_string(),
                 (Some(_), 0) => "each authenticated by the audit key".to_string(),
-                (Some(_), n) => format!("authenticated by the audit key but for the first {n}, written before it was configured"),
+                (Some(_), n) => {
+                    format!("authenticated by the audit key but for the first {n}, written before it was configured")
+                }
             };
             writeln!(out, "audit log intact: {} entries, {authenticated}", verified.entries)?;
             Ok(())
@@ -164,13 +177,20 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
 /// `icr serve`: the HTTP API over the cluster until SIGINT or SIGTERM.
 pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
-    let section = config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
-    let Some(listen) = config.http.listen else { bail!("icr serve is the HTTP API: the configuration has no [http] listen") };
+    let section =
+        config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
+    let Some(listen) = config.http.listen else {
+        bail!("icr serve is the HTTP API: the configuration has no [http] listen")
+    };
     let cluster = Cluster::new(ClickHouse::new(&section, Some(&args.db))?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster)).await?;
-        log::info!("icr serving questions on {listen} from the cluster at {}", crate::export::clickhouse::access::shown(&section.url));
+        crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster))
+            .await?;
+        log::info!(
+            "icr serving questions on {listen} from the cluster at {}",
+            crate::export::clickhouse::access::shown(&section.url)
+        );
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -207,11 +227,17 @@ fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<
 
 /// Applies retention to the cluster now: drops the expired day partitions
 /// on every node, audited in `db`.
-pub fn sweep_cluster(named: Option<&std::path::Path>, url: &str, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
+pub fn sweep_cluster(
+    named: Option<&std::path::Path>,
+    url: &str,
+    db: &std::path::Path,
+    governing: &StoreConfig,
+) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
     let clickhouse = clickhouse_at(url, &config, governing)?;
-    let oldest_kept = Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
+    let oldest_kept =
+        Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
     let dropped = block_on(clickhouse.drop_days_before(oldest_kept))?;
     // The URL as checked (credentials are refused; none can be audited).
     let url = clickhouse.url();
@@ -245,7 +271,12 @@ fn refuse_another(named: Option<&std::path::Path>, governing: &StoreConfig) -> R
 
 /// Applies retention now, audited. A sweep that names a configuration other
 /// than the store's is refused: its retention would be the caller's.
-pub fn sweep(named: Option<&std::path::Path>, store: &Store, db: &std::path::Path, governing: &StoreConfig) -> Result<String, Failure> {
+pub fn sweep(
+    named: Option<&std::path::Path>,
+    store: &Store,
+    db: &std::path::Path,
+    governing: &StoreConfig,
+) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
     Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &operator())?)
@@ -269,7 +300,21 @@ mod tests {
     use crate::{query::LocalFilter, serve::cli::Cli};
 
     fn accessed(extra: &[&str]) -> Result<Request> {
-        let base = ["icr", "query", "accessed", "--service", "a.example", "--from", "f", "--to", "t", "--db", "/nonexistent", "--format", "csv"];
+        let base = [
+            "icr",
+            "query",
+            "accessed",
+            "--service",
+            "a.example",
+            "--from",
+            "f",
+            "--to",
+            "t",
+            "--db",
+            "/nonexistent",
+            "--format",
+            "csv",
+        ];
         let cli = Cli::try_parse_from(base.iter().chain(extra))?;
         let Command::Query(query) = cli.command else { bail!("not a query") };
         query_request(&query)
@@ -286,6 +331,9 @@ mod tests {
         assert_eq!(local(&["--local", "exclude"]), LocalFilter::Exclude);
         assert_eq!(local(&["--local", "only"]), LocalFilter::Only);
         let refused = format!("{:#}", accessed(&["--local", "sometimes"]).unwrap_err());
-        assert!(refused.contains("include") && refused.contains("exclude") && refused.contains("only"), "names the values: {refused}");
+        assert!(
+            refused.contains("include") && refused.contains("exclude") && refused.contains("only"),
+            "names the values: {refused}"
+        );
     }
 }

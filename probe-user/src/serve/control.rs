@@ -100,7 +100,8 @@ async fn answer(stream: UnixStream, db: PathBuf, store: Store, authorising: Stor
     let peer = stream.peer_cred()?;
     let (reader, mut writer) = stream.into_split();
     if peer.uid() != 0 {
-        let reply = Reply { status: 3, error: Some("refused: the local socket is for root only".into()), gaps: Vec::new() };
+        let reply =
+            Reply { status: 3, error: Some("refused: the local socket is for root only".into()), gaps: Vec::new() };
         writer.write_all(&reply_line(&reply)?).await?;
         return Ok(());
     }
@@ -111,7 +112,9 @@ async fn answer(stream: UnixStream, db: PathBuf, store: Store, authorising: Stor
             let db = db.clone();
             tokio::task::spawn_blocking(move || run(order, &db, &store, &authorising)).await?
         }
-        Err(error) => (Reply { status: 1, error: Some(format!("a malformed order: {error}")), gaps: Vec::new() }, Vec::new()),
+        Err(error) => {
+            (Reply { status: 1, error: Some(format!("a malformed order: {error}")), gaps: Vec::new() }, Vec::new())
+        }
     };
     writer.write_all(&reply_line(&reply)?).await?;
     writer.write_all(&output).await?;
@@ -122,14 +125,17 @@ async fn answer(stream: UnixStream, db: PathBuf, store: Store, authorising: Stor
 /// Carries out an order with the agent's store.
 fn run(order: Order, db: &Path, store: &Store, governing: &StoreConfig) -> (Reply, Vec<u8>) {
     let result = match order {
-        Order::Query(request) => Desk::new(db, governing, store).answer(&request).map(|answer| (answer.body, answer.gaps)),
-        Order::Sweep { config } => {
-            commands::sweep(config.as_deref(), store, db, governing).map(|summary| (format!("{summary}\n").into_bytes(), Vec::new()))
+        Order::Query(request) => {
+            Desk::new(db, governing, store).answer(&request).map(|answer| (answer.body, answer.gaps))
         }
+        Order::Sweep { config } => commands::sweep(config.as_deref(), store, db, governing)
+            .map(|summary| (format!("{summary}\n").into_bytes(), Vec::new())),
     };
     match result {
         Ok((output, gaps)) => (Reply { status: 0, error: None, gaps }, output),
-        Err(failure) => (Reply { status: failure.exit_status(), error: Some(failure.to_string()), gaps: Vec::new() }, Vec::new()),
+        Err(failure) => {
+            (Reply { status: failure.exit_status(), error: Some(failure.to_string()), gaps: Vec::new() }, Vec::new())
+        }
     }
 }
 
@@ -174,8 +180,16 @@ mod tests {
 
     fn services(config: Option<PathBuf>, authority: &str) -> Order {
         Order::Query(Box::new(Request {
-            ask: Ask::Services { device: "10.0.0.2".into(), from: "2026-11-22T00:00:00Z".into(), to: "2026-11-23T00:00:00Z".into() },
-            who: Who { authority: Some(authority.into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) },
+            ask: Ask::Services {
+                device: "10.0.0.2".into(),
+                from: "2026-11-22T00:00:00Z".into(),
+                to: "2026-11-23T00:00:00Z".into(),
+            },
+            who: Who {
+                authority: Some(authority.into()),
+                officer: Some("PC 1".into()),
+                reference: Some("OP-1".into()),
+            },
             format: Format::Ndjson,
             bundle: None,
             config,
@@ -216,7 +230,8 @@ mod tests {
                 // A caller's own configuration, with authorities of its own: refused.
                 let elsewhere = tempfile::tempdir().unwrap();
                 let forged = elsewhere.path().join("mine.toml");
-                std::fs::write(&forged, "[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n").unwrap();
+                std::fs::write(&forged, "[[authority]]\nname = \"fake\"\nkind = \"police\"\npurposes = [1, 2, 3]\n")
+                    .unwrap();
                 let (reply, body) = order(&services(Some(forged.clone()), "fake"));
                 assert_eq!(reply.status, 3, "{:?}", reply.error);
                 assert!(reply.error.unwrap().contains("authorised by the store's configuration"));
@@ -245,7 +260,10 @@ mod tests {
         let outcomes: Vec<&str> = entries.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
         assert_eq!(outcomes.len(), 3, "the answer, the refusal, the sweep: {outcomes:?}");
         assert_eq!(outcomes[0], "answered");
-        assert!(outcomes[1].starts_with("refused: queries are authorised by the store's configuration"), "{outcomes:?}");
+        assert!(
+            outcomes[1].starts_with("refused: queries are authorised by the store's configuration"),
+            "{outcomes:?}"
+        );
         assert_eq!(entries[1]["authority"], "fake");
         assert_eq!(entries[0]["config_sha256"], entries[1]["config_sha256"], "both name the agent's configuration");
         assert!(entries[0]["config_sha256"].is_string());

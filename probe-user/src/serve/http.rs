@@ -38,7 +38,6 @@ use crate::{
     store::gaps::Gap,
 };
 
-
 /// The largest request body: a query's parameters (1 MiB), with room for
 /// JSON's quoting.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -54,7 +53,15 @@ pub struct Doorkeeper {
 impl Doorkeeper {
     /// Audits the refusal of a request that did not authenticate, unless a
     /// flood from `client` is being summarised instead; the refusal either way.
-    pub fn refuse_unauthenticated(&self, desk: &Desk, loaded: &crate::config::LoadedConfig, client: IpAddr, command: &str, claimed: Option<&str>, reason: String) -> Failure {
+    pub fn refuse_unauthenticated(
+        &self,
+        desk: &Desk,
+        loaded: &crate::config::LoadedConfig,
+        client: IpAddr,
+        command: &str,
+        claimed: Option<&str>,
+        reason: String,
+    ) -> Failure {
         let refusal = Refusal(reason);
         if !self.refusals.admit(client) {
             return Failure::Refused(refusal);
@@ -71,8 +78,12 @@ impl Doorkeeper {
         let loaded = desk.configuration()?;
         for summary in due {
             // `::` stands for the addresses past those followed one by one.
-            let from = if summary.client.is_unspecified() { "many addresses".to_string() } else { summary.client.to_string() };
-            let outcome = format!("refused: {} more requests from {from} without a valid token, counted rather than written one by one", summary.refused);
+            let from =
+                if summary.client.is_unspecified() { "many addresses".to_string() } else { summary.client.to_string() };
+            let outcome = format!(
+                "refused: {} more requests from {from} without a valid token, counted rather than written one by one",
+                summary.refused
+            );
             let parameters = serde_json::json!({
                 "client": summary.client.to_string(),
                 "refused": summary.refused,
@@ -113,30 +124,37 @@ pub struct Served {
 /// `listen` is configured.
 /// `backend` answers: the agent's store, or the provider's cluster (`icr
 /// serve`).
-pub async fn serve(section: &HttpSection, db: PathBuf, config_file: Option<PathBuf>, backend: Arc<dyn Backend>) -> Result<Option<Served>> {
+pub async fn serve(
+    section: &HttpSection,
+    db: PathBuf,
+    config_file: Option<PathBuf>,
+    backend: Arc<dyn Backend>,
+) -> Result<Option<Served>> {
     let Some(listen) = section.listen else { return Ok(None) };
     let limits = Limits {
         max_connections: section.max_connections()?,
         request_timeout: section.request_timeout()?,
         body_bytes_in_flight: section.max_body_bytes_in_flight()?,
     };
-    let doorkeeper = Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks()?), refusals: Refusals::default() });
-    let console = ConsoleState::new(
-        console::Settings {
-            db: db.clone(),
-            config_file: config_file.clone(),
-            backend: backend.clone(),
-            doorkeeper: doorkeeper.clone(),
-            idle: section.console_idle()?,
-            sessions_per_authority: section.console_sessions()?,
-            answer_bytes: section.console_answer_bytes()?,
-        },
-    )?;
+    let doorkeeper =
+        Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks()?), refusals: Refusals::default() });
+    let console = ConsoleState::new(console::Settings {
+        db: db.clone(),
+        config_file: config_file.clone(),
+        backend: backend.clone(),
+        doorkeeper: doorkeeper.clone(),
+        idle: section.console_idle()?,
+        sessions_per_authority: section.console_sessions()?,
+        answer_bytes: section.console_answer_bytes()?,
+    })?;
     let state = AppState { db, config_file, backend, doorkeeper: doorkeeper.clone() };
     let summaries = state.clone();
     let app = Router::new().route("/v1/query/{kind}", post(query)).with_state(state).merge(console::routes(console));
     let tls = match (&section.cert, &section.key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).with_context(|| format!("loading the certificate {} and key {}", cert.display(), key.display()))?),
+        (Some(cert), Some(key)) => Some(
+            tls_acceptor(cert, key)
+                .with_context(|| format!("loading the certificate {} and key {}", cert.display(), key.display()))?,
+        ),
         (None, None) => None,
         _ => bail!("[http] needs both cert and key for HTTPS, or neither"),
     };
@@ -209,7 +227,13 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// The answer when every token check is taken.
 pub const BUSY: &str = "too many tokens are being checked at once: try again shortly";
 
-async fn query(State(state): State<AppState>, ConnectInfo(client): ConnectInfo<SocketAddr>, UrlPath(kind): UrlPath<String>, headers: HeaderMap, body: Body) -> Response {
+async fn query(
+    State(state): State<AppState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    UrlPath(kind): UrlPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     // Before anything is read, checked or audited: a page on another site
     // can send a `text/plain` form here, never `application/json`, and a
     // browser says where a request comes from.
@@ -235,7 +259,14 @@ async fn query(State(state): State<AppState>, ConnectInfo(client): ConnectInfo<S
                 let governing = state.authorising();
                 let desk = Desk::new(&state.db, &governing, state.backend.as_ref());
                 match desk.configuration() {
-                    Ok(loaded) => state.doorkeeper.refuse_unauthenticated(&desk, &loaded, client.ip(), &format!("http query {kind}"), claimed.as_deref(), reason),
+                    Ok(loaded) => state.doorkeeper.refuse_unauthenticated(
+                        &desk,
+                        &loaded,
+                        client.ip(),
+                        &format!("http query {kind}"),
+                        claimed.as_deref(),
+                        reason,
+                    ),
                     Err(e) => Failure::Failed(e),
                 }
             })
@@ -269,7 +300,13 @@ fn error(status: StatusCode, reason: impl Into<String>) -> Response {
 
 /// The answer to an authenticated-or-not request, and whether its token
 /// was the authority's.
-fn answer(state: &AppState, client: IpAddr, kind: &str, (name, token): &(String, String), body: &[u8]) -> (Response, bool) {
+fn answer(
+    state: &AppState,
+    client: IpAddr,
+    kind: &str,
+    (name, token): &(String, String),
+    body: &[u8],
+) -> (Response, bool) {
     let governing = state.authorising();
     let desk = Desk::new(&state.db, &governing, state.backend.as_ref());
     let loaded = match desk.configuration() {
@@ -277,13 +314,16 @@ fn answer(state: &AppState, client: IpAddr, kind: &str, (name, token): &(String,
         Err(e) => return (error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")), false),
     };
     let command = format!("http query {kind}");
-    let authority = match tokens::check(&loaded.config, name, token, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok()) {
+    let authority = match tokens::check(&loaded.config, name, token, |token, hash| {
+        Argon2::default().verify_password(token.as_bytes(), hash).is_ok()
+    }) {
         Ok(authority) => authority,
         Err(reason) => {
-            let response = match state.doorkeeper.refuse_unauthenticated(&desk, &loaded, client, &command, Some(name), reason) {
-                refused @ Failure::Refused(_) => error(StatusCode::UNAUTHORIZED, refused.to_string()),
-                other => failure(&other),
-            };
+            let response =
+                match state.doorkeeper.refuse_unauthenticated(&desk, &loaded, client, &command, Some(name), reason) {
+                    refused @ Failure::Refused(_) => error(StatusCode::UNAUTHORIZED, refused.to_string()),
+                    other => failure(&other),
+                };
             return (response, false);
         }
     };
@@ -422,10 +462,15 @@ pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
             let port = match b.port {
                 None => None,
                 Some(Port::Number(port)) => Some(port),
-                Some(Port::Text(text)) => Some(text.trim().parse().with_context(|| format!("port {text:?} is not a port number"))?),
+                Some(Port::Text(text)) => {
+                    Some(text.trim().parse().with_context(|| format!("port {text:?} is not a port number"))?)
+                }
             };
             let tolerance = b.tolerance.unwrap_or_else(|| crate::query::request::DEFAULT_TOLERANCE.to_string());
-            (Ask::Resolve { ip: b.ip, port, at: b.at, tolerance, remote: b.remote, service: b.service }, (b.officer, b.reference, b.format))
+            (
+                Ask::Resolve { ip: b.ip, port, at: b.at, tolerance, remote: b.remote, service: b.service },
+                (b.officer, b.reference, b.format),
+            )
         }
         "services" => {
             let b: ServicesBody = serde_json::from_slice(body).context("the body")?;
@@ -462,13 +507,19 @@ mod tests {
     use argon2::PasswordHash;
 
     /// [`credentials`], then the token checked by `verify`.
-    fn authenticate_with(config: &Config, headers: &HeaderMap, verify: impl FnMut(&str, &PasswordHash) -> bool) -> Result<String, String> {
+    fn authenticate_with(
+        config: &Config,
+        headers: &HeaderMap,
+        verify: impl FnMut(&str, &PasswordHash) -> bool,
+    ) -> Result<String, String> {
         let (name, token) = credentials(headers).map_err(|(_, reason)| reason)?;
         tokens::check(config, &name, &token, verify)
     }
 
     fn authenticate(config: &Config, headers: &HeaderMap) -> Result<String, String> {
-        authenticate_with(config, headers, |token, hash| Argon2::default().verify_password(token.as_bytes(), hash).is_ok())
+        authenticate_with(config, headers, |token, hash| {
+            Argon2::default().verify_password(token.as_bytes(), hash).is_ok()
+        })
     }
 
     #[test]
@@ -506,10 +557,14 @@ mod tests {
         let config: String = hashes
             .iter()
             .enumerate()
-            .map(|(i, hash)| format!("[[authority]]\nname = \"a{i}\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{hash}\"\n"))
+            .map(|(i, hash)| {
+                format!("[[authority]]\nname = \"a{i}\"\nkind = \"police\"\npurposes = [1]\ntoken_hash = \"{hash}\"\n")
+            })
             .collect();
         let config = Config::parse(&config).unwrap();
-        for (name, token, accepted) in [("a4", "token-4", true), ("a4", "token-0", false), ("a2", "wrong", false), ("nobody", "token-1", false)] {
+        for (name, token, accepted) in
+            [("a4", "token-4", true), ("a4", "token-0", false), ("a2", "wrong", false), ("nobody", "token-1", false)]
+        {
             let mut headers = HeaderMap::new();
             headers.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
             headers.insert(AUTHORITY_HEADER, name.parse().unwrap());
@@ -527,12 +582,19 @@ mod tests {
     fn bodies_become_requests_for_the_desk() {
         let body = br#"{"officer": "PC 1", "reference": "OP-1", "service": ["a.example", "*.b.example"], "from": "2026-11-22T00:00:00Z", "to": "2026-11-23T00:00:00Z"}"#;
         let request = request_of("accessed", "met", body).unwrap();
-        assert_eq!(request.who, Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) });
+        assert_eq!(
+            request.who,
+            Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) }
+        );
         assert!(matches!(&request.ask, Ask::Accessed { services, .. } if services.len() == 2));
         assert_eq!((request.format, request.bundle, request.config), (Format::Ndjson, None, None));
         let one = request_of("accessed", "met", br#"{"service": "a.example", "from": "f", "to": "t"}"#).unwrap();
-        assert!(matches!(&one.ask, Ask::Accessed { services, local: LocalFilter::Include, .. } if services == &["a.example"]));
-        for (text, local) in [("include", LocalFilter::Include), ("exclude", LocalFilter::Exclude), ("only", LocalFilter::Only)] {
+        assert!(
+            matches!(&one.ask, Ask::Accessed { services, local: LocalFilter::Include, .. } if services == &["a.example"])
+        );
+        for (text, local) in
+            [("include", LocalFilter::Include), ("exclude", LocalFilter::Exclude), ("only", LocalFilter::Only)]
+        {
             let body = format!(r#"{{"service": "a.example", "from": "f", "to": "t", "local": "{text}"}}"#);
             let request = request_of("accessed", "met", body.as_bytes()).unwrap();
             assert!(matches!(request.ask, Ask::Accessed { local: l, .. } if l == local), "{text}");
@@ -544,21 +606,34 @@ mod tests {
             // `null` is the field left out; anything else not named is refused.
             assert_eq!(refused.is_ok(), bad == "null", "{bad}");
         }
-        assert!(request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "local": "only"}"#).is_err(), "question 3's alone");
-        let port = |body: &[u8]| request_of("resolve", "met", body).map(|r| match r.ask {
-            Ask::Resolve { port, .. } => port,
-            _ => unreachable!(),
-        });
+        assert!(
+            request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "local": "only"}"#).is_err(),
+            "question 3's alone"
+        );
+        let port = |body: &[u8]| {
+            request_of("resolve", "met", body).map(|r| match r.ask {
+                Ask::Resolve { port, .. } => port,
+                _ => unreachable!(),
+            })
+        };
         assert_eq!(port(br#"{"ip": "192.0.2.1", "port": 10007, "at": "t"}"#).unwrap(), Some(10007));
         assert_eq!(port(br#"{"ip": "192.0.2.1", "port": "10007", "at": "t"}"#).unwrap(), Some(10007));
         assert!(port(br#"{"ip": "192.0.2.1", "port": "many", "at": "t"}"#).is_err());
         // Nothing that names a path on the server, and no authority but the token's.
-        for field in [r#""db": "/tmp/x""#, r#""bundle": "/tmp/x""#, r#""config": "/tmp/x""#, r#""authority": "nca""#, r#""services_file": "/x""#] {
+        for field in [
+            r#""db": "/tmp/x""#,
+            r#""bundle": "/tmp/x""#,
+            r#""config": "/tmp/x""#,
+            r#""authority": "nca""#,
+            r#""services_file": "/x""#,
+        ] {
             let body = format!(r#"{{{field}, "service": "a.example", "from": "f", "to": "t"}}"#);
             assert!(request_of("accessed", "met", body.as_bytes()).is_err(), "{field}");
         }
         assert!(request_of("resolve", "met", b"[1, 2]").is_err());
-        assert!(request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "format": "table"}"#).is_err());
+        assert!(
+            request_of("services", "met", br#"{"device": "d", "from": "f", "to": "t", "format": "table"}"#).is_err()
+        );
         assert!(request_of("list", "met", br#"{"from": "f", "to": "t"}"#).is_err());
     }
 }

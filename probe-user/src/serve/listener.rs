@@ -84,7 +84,14 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Router,
     }
 }
 
-async fn connection(tcp: TcpStream, client: SocketAddr, tls: Option<TlsAcceptor>, app: Router, budget: Arc<Semaphore>, limits: Limits) {
+async fn connection(
+    tcp: TcpStream,
+    client: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+    budget: Arc<Semaphore>,
+    limits: Limits,
+) {
     let deadline = Instant::now() + limits.request_timeout;
     let tcp = Unread { stream: tcp, limit: limits.request_timeout, stalled: None };
     match tls {
@@ -163,14 +170,20 @@ impl<S> Unread<S> {
         let limit = self.limit;
         let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client reads no answers"))),
+            Poll::Ready(()) => {
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client reads no answers")))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Unread<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -191,7 +204,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Unread<S> {
         self.watch(cx, attempt)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let attempt = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.watch(cx, attempt)
     }
@@ -219,7 +236,9 @@ impl HttpBody for Bounded {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    let taken = u32::try_from(data.len()).ok().and_then(|bytes| this.budget.clone().try_acquire_many_owned(bytes).ok());
+                    let taken = u32::try_from(data.len())
+                        .ok()
+                        .and_then(|bytes| this.budget.clone().try_acquire_many_owned(bytes).ok());
                     let Some(taken) = taken else { return Poll::Ready(Some(Err(BodyRefused::Busy.into()))) };
                     let mut held = this.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     match held.as_mut() {

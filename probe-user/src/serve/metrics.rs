@@ -14,7 +14,6 @@ use probe_common::counter;
 
 use crate::{capture::probe::Counters, config::MetricsSection};
 
-
 /// What the agent knows of itself at its last tick.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -69,33 +68,123 @@ pub fn render(s: &Snapshot) -> String {
         let _ = writeln!(out, "# HELP icr_{name} {help}\n# TYPE icr_{name} {kind}\nicr_{name} {value}");
     };
     for (index, name) in counter::NAMES.iter().enumerate() {
-        metric(&format!("probe_{name}_total"), "counter", &format!("XDP probe counter {name}, all CPUs"), s.probe.0[index].to_string());
+        metric(
+            &format!("probe_{name}_total"),
+            "counter",
+            &format!("XDP probe counter {name}, all CPUs"),
+            s.probe.0[index].to_string(),
+        );
     }
-    metric("events_lost_userspace_total", "counter", "Samples the kernel reported lost in the perf buffers", s.events_lost_userspace.to_string());
+    metric(
+        "events_lost_userspace_total",
+        "counter",
+        "Samples the kernel reported lost in the perf buffers",
+        s.events_lost_userspace.to_string(),
+    );
     metric("flows_open", "gauge", "Flows the assembler follows", s.open_flows.to_string());
-    metric("flows_adopted_total", "counter", "Flows found by a table sweep whose start event was lost", s.flows_adopted.to_string());
-    metric("flows_local_total", "counter", "Link-local, multicast and broadcast flows closed without a record", s.local_flows.to_string());
-    metric("flows_gateway_total", "counter", "The gateway's own connections (its resolver upstream, NTP) closed without a record", s.gateway_flows.to_string());
-    metric("flows_orphan_late_total", "counter", "WAN halves re-opened by a late packet of a TCP connection already written, closed without a record", s.orphans.late_halves.to_string());
-    metric("flows_orphan_superseded_total", "counter", "WAN halves older than the connection whose NAT mapping now holds their public port (their own mapping is gone), closed without a record", s.orphans.superseded.to_string());
-    metric("flows_orphan_unmapped_total", "counter", "WAN-only flows no NAT mapping joins to a device (unconfirmed inbound packets), closed without a record", s.orphans.unmapped.to_string());
-    metric("dns_answers_trusted_total", "counter", "DNS answers to a device's own question: they may name its later connections", s.dns_answers.trusted.to_string());
-    metric("dns_answers_unasked_total", "counter", "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)", s.dns_answers.unasked.to_string());
-    metric("dns_answers_from_lan_total", "counter", "DNS answers that name nothing: they arrived on a LAN port, from another device", s.dns_answers.from_lan.to_string());
+    metric(
+        "flows_adopted_total",
+        "counter",
+        "Flows found by a table sweep whose start event was lost",
+        s.flows_adopted.to_string(),
+    );
+    metric(
+        "flows_local_total",
+        "counter",
+        "Link-local, multicast and broadcast flows closed without a record",
+        s.local_flows.to_string(),
+    );
+    metric(
+        "flows_gateway_total",
+        "counter",
+        "The gateway's own connections (its resolver upstream, NTP) closed without a record",
+        s.gateway_flows.to_string(),
+    );
+    metric(
+        "flows_orphan_late_total",
+        "counter",
+        "WAN halves re-opened by a late packet of a TCP connection already written, closed without a record",
+        s.orphans.late_halves.to_string(),
+    );
+    metric(
+        "flows_orphan_superseded_total",
+        "counter",
+        "WAN halves older than the connection whose NAT mapping now holds their public port (their own mapping is gone), closed without a record",
+        s.orphans.superseded.to_string(),
+    );
+    metric(
+        "flows_orphan_unmapped_total",
+        "counter",
+        "WAN-only flows no NAT mapping joins to a device (unconfirmed inbound packets), closed without a record",
+        s.orphans.unmapped.to_string(),
+    );
+    metric(
+        "dns_answers_trusted_total",
+        "counter",
+        "DNS answers to a device's own question: they may name its later connections",
+        s.dns_answers.trusted.to_string(),
+    );
+    metric(
+        "dns_answers_unasked_total",
+        "counter",
+        "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)",
+        s.dns_answers.unasked.to_string(),
+    );
+    metric(
+        "dns_answers_from_lan_total",
+        "counter",
+        "DNS answers that name nothing: they arrived on a LAN port, from another device",
+        s.dns_answers.from_lan.to_string(),
+    );
     metric("records_stored_total", "counter", "ICRs written to the store", s.records_stored.to_string());
     metric("nat_mappings", "gauge", "Conntrack mappings held", s.nat_mappings.to_string());
-    metric("nat_overruns_total", "counter", "Conntrack event overruns (ENOBUFS), each followed by a resync", s.nat_overruns.to_string());
-    metric("event_queue", "gauge", "Events waiting between the perf readers and the assembler", s.event_queue.to_string());
+    metric(
+        "nat_overruns_total",
+        "counter",
+        "Conntrack event overruns (ENOBUFS), each followed by a resync",
+        s.nat_overruns.to_string(),
+    );
+    metric(
+        "event_queue",
+        "gauge",
+        "Events waiting between the perf readers and the assembler",
+        s.event_queue.to_string(),
+    );
     metric("event_queue_capacity", "gauge", "Capacity of that queue", s.event_queue_capacity.to_string());
     metric("store_bytes", "gauge", "Size of the store on disk", s.store_bytes.to_string());
-    metric("store_write_seconds", "gauge", "Time the last batch took to write and flush", format!("{:.6}", s.write_seconds));
+    metric(
+        "store_write_seconds",
+        "gauge",
+        "Time the last batch took to write and flush",
+        format!("{:.6}", s.write_seconds),
+    );
     metric("write_queue", "gauge", "Record batches waiting for the store writer", s.write_queue.to_string());
     metric("write_queue_capacity", "gauge", "Capacity of that queue", s.write_queue_capacity.to_string());
-    metric("writer_backpressure_total", "counter", "Times the agent waited for the store writer", s.writer_backpressure.to_string());
-    metric("store_write_errors_total", "counter", "Failed store writes, each retried until it succeeded", s.write_errors.to_string());
-    metric("gap_entries_written_total", "counter", "Gap entries written to the store (loss episodes, rewritten as they grow)", s.gaps_recorded.to_string());
+    metric(
+        "writer_backpressure_total",
+        "counter",
+        "Times the agent waited for the store writer",
+        s.writer_backpressure.to_string(),
+    );
+    metric(
+        "store_write_errors_total",
+        "counter",
+        "Failed store writes, each retried until it succeeded",
+        s.write_errors.to_string(),
+    );
+    metric(
+        "gap_entries_written_total",
+        "counter",
+        "Gap entries written to the store (loss episodes, rewritten as they grow)",
+        s.gaps_recorded.to_string(),
+    );
     if let Some(backlog) = s.export_backlog {
-        metric("export_backlog_records", "gauge", "Records stored but not yet shipped to the ClickHouse cluster", backlog.to_string());
+        metric(
+            "export_backlog_records",
+            "gauge",
+            "Records stored but not yet shipped to the ClickHouse cluster",
+            backlog.to_string(),
+        );
     }
     out
 }

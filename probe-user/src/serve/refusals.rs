@@ -80,7 +80,11 @@ impl Refusals {
         }
         let crowded = state.written_in_all >= WRITTEN_IN_ALL;
         let windows = &mut state.windows;
-        let key = if crowded || (windows.len() >= MAX_ADDRESSES && !windows.contains_key(&client)) { OVERFLOW } else { client };
+        let key = if crowded || (windows.len() >= MAX_ADDRESSES && !windows.contains_key(&client)) {
+            OVERFLOW
+        } else {
+            client
+        };
         let now = Utc::now();
         let window = windows.entry(key).or_insert_with(|| Window {
             started: Instant::now(),
@@ -112,7 +116,12 @@ impl Refusals {
                 return true;
             }
             if window.unwritten > 0 {
-                due.push(Summary { client: *client, refused: window.unwritten, from: window.first_unwritten, to: window.last_unwritten });
+                due.push(Summary {
+                    client: *client,
+                    refused: window.unwritten,
+                    from: window.first_unwritten,
+                    to: window.last_unwritten,
+                });
             }
             false
         });
@@ -141,7 +150,9 @@ mod tests {
     #[test]
     fn a_flood_from_many_addresses_is_counted_too() {
         let refusals = Refusals::default();
-        let admitted = (0..1000u32).filter(|i| refusals.admit(IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(*i))))).count();
+        let admitted = (0..1000u32)
+            .filter(|i| refusals.admit(IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(*i)))))
+            .count();
         assert_eq!(admitted, WRITTEN_IN_ALL as usize);
         let due = refusals.due(true);
         assert_eq!(due.iter().map(|s| s.refused).sum::<u64>(), 1000 - u64::from(WRITTEN_IN_ALL), "{due:?}");

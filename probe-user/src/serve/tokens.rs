@@ -22,7 +22,8 @@ pub fn hash_token(token: &str) -> Result<String> {
         anyhow::bail!("the token is empty: give the token on standard input");
     }
     let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness for a salt"))?;
     let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Argon2::default().hash_password(token.as_bytes(), &salt).map_err(|e| anyhow::anyhow!("{e}"))?.to_string())
 }
@@ -30,7 +31,12 @@ pub fn hash_token(token: &str) -> Result<String> {
 /// Whether `token` is authority `name`'s: `Ok(name)`, or why not. One argon2
 /// check whatever the number of authorities; an unknown name is checked
 /// against a stand-in hash, so that it takes as long as a wrong token.
-pub fn check(config: &Config, name: &str, token: &str, mut verify: impl FnMut(&str, &PasswordHash) -> bool) -> Result<String, String> {
+pub fn check(
+    config: &Config,
+    name: &str,
+    token: &str,
+    mut verify: impl FnMut(&str, &PasswordHash) -> bool,
+) -> Result<String, String> {
     let configured = config.authority(name).and_then(|authority| authority.token_hash.as_deref());
     let hash = configured.and_then(|hash| PasswordHash::new(hash).ok());
     let verified = match &hash {
@@ -222,6 +228,9 @@ mod tests {
         }
         assert_eq!(failures.begin(&keys), MAX_FAILURE_DELAY);
         let long = "x".repeat(1 << 20);
-        assert!(matches!(&Key::both(client, &long)[1], Key::Authority(name) if name.len() == MAX_NAME_KEY), "a bounded key");
+        assert!(
+            matches!(&Key::both(client, &long)[1], Key::Authority(name) if name.len() == MAX_NAME_KEY),
+            "a bounded key"
+        );
     }
 }

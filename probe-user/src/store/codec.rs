@@ -126,8 +126,7 @@ fn encode_columns(records: &[Icr]) -> Result<[Vec<u8>; COLUMNS]> {
     let mut columns: [Vec<u8>; COLUMNS] = Default::default();
     let mut previous = Previous::default();
     for record in records {
-        encode_record(record, &mut columns, &mut previous)
-            .with_context(|| format!("encoding record {}", record.id))?;
+        encode_record(record, &mut columns, &mut previous).with_context(|| format!("encoding record {}", record.id))?;
     }
     Ok(columns)
 }
@@ -213,13 +212,19 @@ impl<'a> Columns<'a> {
         for _ in 0..written {
             lengths.push((usize::try_from(header.varint()?)?, usize::try_from(header.varint()?)?));
         }
-        let total: usize = lengths.iter().try_fold(0usize, |sum, l| sum.checked_add(l.0)).ok_or_else(|| anyhow!("column lengths overflow"))?;
+        let total: usize = lengths
+            .iter()
+            .try_fold(0usize, |sum, l| sum.checked_add(l.0))
+            .ok_or_else(|| anyhow!("column lengths overflow"))?;
         ensure!(total <= MAX_DECODED_BYTES, "a block claims {total} bytes of columns");
         let mut body = header.rest();
         let mut stored = Vec::with_capacity(COLUMNS);
         for (length, stored_length) in lengths {
             ensure!(body.len() >= stored_length, "a block ends early");
-            ensure!(compressed || length == stored_length, "an uncompressed column of {stored_length} bytes claims {length}");
+            ensure!(
+                compressed || length == stored_length,
+                "an uncompressed column of {stored_length} bytes claims {length}"
+            );
             let (column, rest) = body.split_at(stored_length);
             stored.push((length, Cow::Borrowed(column)));
             body = rest;
@@ -240,10 +245,17 @@ impl<'a> Columns<'a> {
         for length in &mut lengths {
             *length = usize::try_from(header.varint()?)?;
         }
-        let total: usize = lengths.iter().try_fold(0usize, |sum, l| sum.checked_add(*l)).ok_or_else(|| anyhow!("column lengths overflow"))?;
+        let total: usize = lengths
+            .iter()
+            .try_fold(0usize, |sum, l| sum.checked_add(*l))
+            .ok_or_else(|| anyhow!("column lengths overflow"))?;
         ensure!(total <= MAX_DECODED_BYTES, "a block claims {total} bytes of columns");
         let rest = header.rest();
-        let body = if compressed { zstd::bulk::decompress(rest, total).context("decompressing a block")? } else { rest.to_vec() };
+        let body = if compressed {
+            zstd::bulk::decompress(rest, total).context("decompressing a block")?
+        } else {
+            rest.to_vec()
+        };
         ensure!(body.len() == total, "block body is {} bytes, its header says {total}", body.len());
         let mut offset = 0;
         let stored = lengths
@@ -276,7 +288,8 @@ impl<'a> Columns<'a> {
             ensure!(stored.len() == length, "column {c} is {} bytes, its header says {length}", stored.len());
             return Ok(Cow::Borrowed(stored));
         }
-        let body = zstd::bulk::decompress(stored, length).with_context(|| format!("decompressing column {c} of a block"))?;
+        let body =
+            zstd::bulk::decompress(stored, length).with_context(|| format!("decompressing column {c} of a block"))?;
         ensure!(body.len() == length, "column {c} is {} bytes, its header says {length}", body.len());
         Ok(Cow::Owned(body))
     }
@@ -295,11 +308,12 @@ pub fn decode_filtered(block: &[u8], fields: KeyFields, mut keep: impl FnMut(&Ke
     }
     let mut kept = Vec::new();
     {
-        let mut key_columns: Vec<Reader> = bodies.iter().map(|b| Reader::new(b.as_deref().unwrap_or_default())).collect();
+        let mut key_columns: Vec<Reader> =
+            bodies.iter().map(|b| Reader::new(b.as_deref().unwrap_or_default())).collect();
         let mut start_us = 0i64;
         for index in 0..block.count {
-            let keys =
-                decode_keys(&mut key_columns, fields, &mut start_us).with_context(|| format!("decoding record {index} of a block"))?;
+            let keys = decode_keys(&mut key_columns, fields, &mut start_us)
+                .with_context(|| format!("decoding record {index} of a block"))?;
             if keep(&keys) {
                 kept.push(index);
             }
@@ -322,7 +336,8 @@ pub fn decode_filtered(block: &[u8], fields: KeyFields, mut keep: impl FnMut(&Ke
             break;
         }
         if wanted.next_if(|k| **k == index).is_some() {
-            let view = decode_view(&mut columns, &mut previous).with_context(|| format!("decoding record {index} of a block"))?;
+            let view = decode_view(&mut columns, &mut previous)
+                .with_context(|| format!("decoding record {index} of a block"))?;
             records.push(view.to_icr().with_context(|| format!("decoding record {index} of a block"))?);
         } else {
             skip_record(&mut columns, &mut previous).with_context(|| format!("decoding record {index} of a block"))?;
@@ -383,9 +398,10 @@ fn decode_keys<'a>(c: &mut [Reader<'a>], fields: KeyFields, start_us: &mut i64) 
         keys.subscriber = c[SUBSCRIBER].text_ref()?;
     }
     if fields.public
-        && let Some(ip) = c[PUBLIC_IP].ip()? {
-            keys.public = Some((ip, u16::try_from(c[PUBLIC_PORT].varint()?)?));
-        }
+        && let Some(ip) = c[PUBLIC_IP].ip()?
+    {
+        keys.public = Some((ip, u16::try_from(c[PUBLIC_PORT].varint()?)?));
+    }
     if fields.remote {
         let ip = c[REMOTE_IP].ip()?.ok_or_else(|| anyhow!("a record without a remote address"))?;
         keys.remote = Some((ip, u16::try_from(c[REMOTE_PORT].varint()?)?));
@@ -439,11 +455,20 @@ fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -
     previous.start_us = start_us;
     push_signed(&mut c[DURATION], r.end.timestamp_micros().wrapping_sub(start_us));
     c[END_REASON].push(r.end_reason as u8);
-    c[PROTO].push(r.proto.parse::<Proto>().map(u8::from).map_err(|_| ()).ok().ok_or_else(|| anyhow!("unknown proto {:?}", r.proto))?);
+    c[PROTO].push(
+        r.proto
+            .parse::<Proto>()
+            .map(u8::from)
+            .map_err(|_| ())
+            .ok()
+            .ok_or_else(|| anyhow!("unknown proto {:?}", r.proto))?,
+    );
     match &r.device.mac {
         Some(mac) => {
             c[MAC].push(1);
-            c[MAC].extend_from_slice(&mac.parse::<Mac>().map(|mac| mac.0).ok().ok_or_else(|| anyhow!("bad MAC {mac:?}"))?);
+            c[MAC].extend_from_slice(
+                &mac.parse::<Mac>().map(|mac| mac.0).ok().ok_or_else(|| anyhow!("bad MAC {mac:?}"))?,
+            );
         }
         None => c[MAC].push(0),
     }
@@ -717,7 +742,11 @@ impl View<'_> {
 }
 
 fn exchange((qname, qtype, answers): &Exchange) -> Dns {
-    Dns { qname: (*qname).to_owned(), qtype: (*qtype).to_owned(), answers: answers.iter().map(|a| (*a).to_owned()).collect() }
+    Dns {
+        qname: (*qname).to_owned(),
+        qtype: (*qtype).to_owned(),
+        answers: answers.iter().map(|a| (*a).to_owned()).collect(),
+    }
 }
 
 fn time(micros: i64) -> Result<DateTime<Utc>> {
@@ -769,7 +798,10 @@ mod tests {
     /// Records as a block older than version 4 gives them back: the first
     /// DNS exchange alone, and not local.
     fn before_v4(records: &[Icr]) -> Vec<Icr> {
-        before_v5(records).into_iter().map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r }).collect()
+        before_v5(records)
+            .into_iter()
+            .map(|r| Icr { dns_all: r.dns.iter().cloned().collect(), local: false, ..r })
+            .collect()
     }
 
     /// Records as a block older than version 5 gives them back: a name from
@@ -782,7 +814,10 @@ mod tests {
     #[test]
     fn version_4_blocks_read_without_the_dns_origin_of_names() {
         let records = samples(300);
-        assert!(records.iter().any(|r| r.service.as_ref().is_some_and(|s| s.origin.is_some())), "the samples have some");
+        assert!(
+            records.iter().any(|r| r.service.as_ref().is_some_and(|s| s.origin.is_some())),
+            "the samples have some"
+        );
         for compress in [false, true] {
             let old = encode_v4(&records, compress).unwrap();
             assert_eq!(old[0], 4);
@@ -822,7 +857,8 @@ mod tests {
 
     #[test]
     fn blocks_written_before_records_named_their_probe_read_as_no_probe() {
-        let named: Vec<Icr> = before_v4(&samples(300)).into_iter().map(|r| Icr { probe: Some("gw-07".into()), ..r }).collect();
+        let named: Vec<Icr> =
+            before_v4(&samples(300)).into_iter().map(|r| Icr { probe: Some("gw-07".into()), ..r }).collect();
         let unnamed: Vec<Icr> = named.iter().cloned().map(|r| Icr { probe: None, ..r }).collect();
         for compress in [false, true] {
             assert_eq!(decode(&encode(&named, compress).unwrap()).unwrap(), named);
@@ -830,14 +866,20 @@ mod tests {
             assert_eq!(old[0], 2);
             assert_eq!(decode(&old).unwrap(), unnamed, "compressed: {compress}");
             let fields = KeyFields { public: true, ..KeyFields::default() };
-            assert_eq!(decode_filtered(&old, fields, |keys| keys.public.is_some()).unwrap().len(), unnamed.iter().filter(|r| r.public.is_some()).count());
+            assert_eq!(
+                decode_filtered(&old, fields, |keys| keys.public.is_some()).unwrap().len(),
+                unnamed.iter().filter(|r| r.public.is_some()).count()
+            );
         }
     }
 
     #[test]
     fn every_dns_exchange_and_local_round_trip() {
         let records = samples(400);
-        assert!(records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local), "the samples have both");
+        assert!(
+            records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local),
+            "the samples have both"
+        );
         for compress in [false, true] {
             let decoded = decode(&encode(&records, compress).unwrap()).unwrap();
             assert_eq!(decoded, records);
@@ -853,8 +895,12 @@ mod tests {
             keys.dns_more.len() > 1 || seen % 11 == 0
         })
         .unwrap();
-        let expected: Vec<Icr> =
-            records.iter().enumerate().filter(|(i, r)| r.dns_all.len() > 2 || (i + 1) % 11 == 0).map(|(_, r)| r.clone()).collect();
+        let expected: Vec<Icr> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| r.dns_all.len() > 2 || (i + 1) % 11 == 0)
+            .map(|(_, r)| r.clone())
+            .collect();
         assert_eq!(kept, expected);
     }
 
@@ -867,7 +913,9 @@ mod tests {
             assert_eq!(old[0], 3);
             assert_eq!(decode(&old).unwrap(), as_v3, "compressed: {compress}");
             let fields = KeyFields { service_name: true, ..KeyFields::default() };
-            let kept = decode_filtered(&old, fields, |keys| keys.dns_first == Some("a.example") && keys.dns_more.is_empty()).unwrap();
+            let kept =
+                decode_filtered(&old, fields, |keys| keys.dns_first == Some("a.example") && keys.dns_more.is_empty())
+                    .unwrap();
             assert_eq!(kept, as_v3.iter().filter(|r| r.dns.is_some()).cloned().collect::<Vec<_>>());
             // Older still: no probe either, and the same defaults.
             let unnamed: Vec<Icr> = as_v3.iter().cloned().map(|r| Icr { probe: None, ..r }).collect();
@@ -921,7 +969,10 @@ mod tests {
         record.public = None;
         record.service = Some(Service::carried("ech.example".into(), ServiceSource::QuicSni, true));
         record.dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec![] });
-        record.dns_all = vec![record.dns.clone().unwrap(), Dns { qname: String::new(), qtype: String::new(), answers: vec![String::new()] }];
+        record.dns_all = vec![
+            record.dns.clone().unwrap(),
+            Dns { qname: String::new(), qtype: String::new(), answers: vec![String::new()] },
+        ];
         record.local = true;
         record.packets_up = u64::MAX;
         record.probe = Some("gw-07".into());

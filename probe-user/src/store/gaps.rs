@@ -104,7 +104,11 @@ impl Gap {
 
     /// One line for an operator or an investigator.
     pub fn describe(&self) -> String {
-        let count = if self.kind == LossKind::NotCapturing { String::new() } else { format!(": {} {}", self.count, self.kind.unit()) };
+        let count = if self.kind == LossKind::NotCapturing {
+            String::new()
+        } else {
+            format!(": {} {}", self.count, self.kind.unit())
+        };
         format!(
             "capture gap from {} to {} in the {}{count}; a missing record in this interval is not proof of no connection",
             crate::icr::format_time(&self.from),
@@ -139,7 +143,8 @@ mod tests {
     fn gaps_are_found_by_overlap_grow_in_place_survive_reopening_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let old = Gap::new(LossKind::NotCapturing, at("2025-10-01T23:00:00Z"), at("2025-10-02T01:00:00Z"), 0);
-        let mut episode = Gap::new(LossKind::EventBufferFull, at("2026-11-22T10:00:00Z"), at("2026-11-22T10:00:01Z"), 40);
+        let mut episode =
+            Gap::new(LossKind::EventBufferFull, at("2026-11-22T10:00:00Z"), at("2026-11-22T10:00:01Z"), 40);
         let table = Gap::new(LossKind::FlowTableFull, at("2026-11-22T10:00:00Z"), at("2026-11-22T10:00:01Z"), 7);
         let watermark = Watermark { probe: 9, at: at("2026-11-22T10:00:01Z"), events_lost: 40, flow_table_full: 7 };
         {
@@ -158,7 +163,11 @@ mod tests {
         assert_eq!(window("2026-11-22T09:00:00Z", "2026-11-22T10:00:00Z"), vec![episode.clone(), table.clone()]);
         assert!(window("2026-11-22T10:00:03Z", "2026-11-23T00:00:00Z").is_empty());
         assert!(window("2026-11-22T09:00:00Z", "2026-11-22T09:59:59Z").is_empty());
-        assert_eq!(window("2025-10-02T00:30:00Z", "2025-10-02T00:31:00Z"), vec![old.clone()], "a gap spanning midnight");
+        assert_eq!(
+            window("2025-10-02T00:30:00Z", "2025-10-02T00:31:00Z"),
+            vec![old.clone()],
+            "a gap spanning midnight"
+        );
         // A year later, the old gap goes with its days; the recent ones stay.
         store.sweep(365, at("2026-11-22T12:00:00Z")).unwrap();
         assert_eq!(window("2025-01-01T00:00:00Z", "2026-12-31T00:00:00Z"), vec![episode, table]);

@@ -244,7 +244,12 @@ impl KeyFilter {
             record.device.ip,
             record.device.subscriber.as_deref(),
             Some(record.remote.ip),
-        ) || record.service.iter().map(|s| s.name.as_str()).chain(record.dns_all.iter().map(|d| d.qname.as_str())).any(|name| self.matches_name(name))
+        ) || record
+            .service
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(record.dns_all.iter().map(|d| d.qname.as_str()))
+            .any(|name| self.matches_name(name))
     }
 
     /// Whether a service or DNS name is one asked for, or in a domain asked for.
@@ -253,7 +258,8 @@ impl KeyFilter {
             return false;
         }
         let name = normal_name(name);
-        self.name.contains(name.as_ref()) || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
+        self.name.contains(name.as_ref())
+            || (!self.domain.is_empty() && parent_domains(&name).any(|d| self.domain.contains(d)))
     }
 
     fn matches(
@@ -269,7 +275,8 @@ impl KeyFilter {
             || device_ip.is_some_and(|ip| self.device_ip.contains(&ip))
             || subscriber.is_some_and(|name| self.subscriber.contains(name))
             || remote_ip.is_some_and(|ip| {
-                self.remote_ip.contains(&ip) || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(ip)))
+                self.remote_ip.contains(&ip)
+                    || (!self.remote_net.is_empty() && self.remote_net.contains(&IndexKey::remote_net(ip)))
             })
     }
 }
@@ -427,13 +434,22 @@ mod tests {
         assert_eq!(record.dns_all.len(), 3, "a.example, then cdn3.b.example twice");
         let prints = fingerprints_of(&record);
         let second = IndexKey::Name("cdn3.b.example".into());
-        for key in [second.clone(), IndexKey::Domain("b.example".into()), IndexKey::Name("a.example".into()), IndexKey::Domain("example".into())] {
+        for key in [
+            second.clone(),
+            IndexKey::Domain("b.example".into()),
+            IndexKey::Name("a.example".into()),
+            IndexKey::Domain("example".into()),
+        ] {
             assert!(prints.contains(&key.fingerprint()), "{key:?}");
             let filter = KeyFilter::new(std::slice::from_ref(&key));
             assert!(filter.matches_record(&record), "{key:?}");
             assert!(filter.fields().service_name, "{key:?} reads the name columns");
         }
-        assert_eq!(prints.iter().filter(|p| **p == second.fingerprint()).count(), 1, "a name asked twice is indexed once");
+        assert_eq!(
+            prints.iter().filter(|p| **p == second.fingerprint()).count(),
+            1,
+            "a name asked twice is indexed once"
+        );
         // Not by its first exchange alone: a record of one exchange is not found.
         let first_only = Icr { dns_all: record.dns_all[..1].to_vec(), ..record.clone() };
         assert!(!KeyFilter::new(std::slice::from_ref(&second)).matches_record(&first_only));
@@ -442,20 +458,25 @@ mod tests {
         let records = crate::store::test_records::samples(40);
         let block = crate::store::codec::encode(&records, true).unwrap();
         let filter = KeyFilter::new(&[IndexKey::Domain("b.example".into())]);
-        let found = crate::store::codec::decode_filtered(&block, filter.fields(), |keys| filter.matches_view(keys)).unwrap();
+        let found =
+            crate::store::codec::decode_filtered(&block, filter.fields(), |keys| filter.matches_view(keys)).unwrap();
         let expected: Vec<Icr> = records.iter().filter(|r| r.dns_all.len() > 1).cloned().collect();
         assert_eq!(found.len(), 3);
         assert_eq!(found, expected);
         let mut trailing = record;
         trailing.dns_all[1].qname = "CDN3.B.Example.".into();
-        assert!(KeyFilter::new(std::slice::from_ref(&second)).matches_record(&trailing), "case and the root's dot aside");
+        assert!(
+            KeyFilter::new(std::slice::from_ref(&second)).matches_record(&trailing),
+            "case and the root's dot aside"
+        );
     }
 
     #[test]
     fn runs_map_each_fingerprint_to_its_blocks() {
         let blocks: Vec<Vec<u32>> = (0..RUN_BLOCKS)
             .map(|b| {
-                let mut prints: Vec<u32> = (0..3000u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(b * 7)).collect();
+                let mut prints: Vec<u32> =
+                    (0..3000u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(b * 7)).collect();
                 prints.push(42); // in every block
                 prints.sort_unstable();
                 prints.dedup();

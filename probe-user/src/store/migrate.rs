@@ -26,7 +26,9 @@ pub(super) const V1_META_LEN: usize = 20 + MINUTE_WORDS * 8;
 /// by a newer icr); marks a new store.
 pub(super) fn to_current_layout(db: &sled::Db, path: &Path) -> Result<()> {
     let found = match db.get(LAYOUT_KEY).context("reading the store's layout")? {
-        Some(value) => u32::from_be_bytes(value.as_ref().try_into().map_err(|_| anyhow!("the store's layout marker is damaged"))?),
+        Some(value) => {
+            u32::from_be_bytes(value.as_ref().try_into().map_err(|_| anyhow!("the store's layout marker is damaged"))?)
+        }
         // Day partitions without a marker: layout 1 predates the marker.
         None if day_trees(db).next().is_some() => 1,
         None => LAYOUT,
@@ -36,7 +38,8 @@ pub(super) fn to_current_layout(db: &sled::Db, path: &Path) -> Result<()> {
         1 => {
             info!("the store {} has layout 1: moving it to layout {LAYOUT} (rollups for question 2)", path.display());
             for name in day_trees(db) {
-                from_layout_1(db, &name).with_context(|| format!("moving {} to layout {LAYOUT}", String::from_utf8_lossy(&name)))?;
+                from_layout_1(db, &name)
+                    .with_context(|| format!("moving {} to layout {LAYOUT}", String::from_utf8_lossy(&name)))?;
             }
         }
         other => bail!(
@@ -67,7 +70,10 @@ fn from_layout_1(db: &sled::Db, name: &[u8]) -> Result<()> {
     let mut moved = 0u32;
     for first in (0..blocks).step_by(RUN_BLOCKS as usize) {
         let numbers = first..(first + RUN_BLOCKS).min(blocks);
-        let meta = tree.get(key(b'M', first)).context("reading a block meta")?.ok_or_else(|| anyhow!("block {first}'s meta is missing"))?;
+        let meta = tree
+            .get(key(b'M', first))
+            .context("reading a block meta")?
+            .ok_or_else(|| anyhow!("block {first}'s meta is missing"))?;
         match meta.len() {
             BlockMeta::LEN => continue, // moved before an earlier migration stopped
             V1_META_LEN => {}
@@ -78,7 +84,10 @@ fn from_layout_1(db: &sled::Db, name: &[u8]) -> Result<()> {
         let mut rollup = Rollup::default();
         let mut batch = sled::Batch::default();
         for number in numbers.clone() {
-            let block = tree.get(key(b'B', number)).context("reading a block")?.ok_or_else(|| anyhow!("block {number} is missing"))?;
+            let block = tree
+                .get(key(b'B', number))
+                .context("reading a block")?
+                .ok_or_else(|| anyhow!("block {number} is missing"))?;
             let records = codec::decode(&block).with_context(|| format!("decoding block {number}"))?;
             batch.insert(&key(b'B', number), codec::encode(&records, true)?);
             batch.insert(&key(b'M', number), BlockMeta::of(&records, day_start_us).encode());

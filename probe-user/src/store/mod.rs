@@ -383,8 +383,12 @@ impl Store {
                 // No log yet, or the last write to it failed (a full disk):
                 // write it anew with every open record, so a torn frame is
                 // never followed by good ones.
-                None => Wal::create(&self.wal_path(*date), day.blocks.len() as u32, &[day.open.as_slice(), records].concat())
-                    .map(|wal| day.wal = Some(wal)),
+                None => Wal::create(
+                    &self.wal_path(*date),
+                    day.blocks.len() as u32,
+                    &[day.open.as_slice(), records].concat(),
+                )
+                .map(|wal| day.wal = Some(wal)),
             };
             if let Err(error) = written {
                 day.wal = None;
@@ -401,7 +405,9 @@ impl Store {
             days.get_mut(&date).expect("present").open.extend(records);
         }
         if let Err(error) = self.seal_filled(&mut days, &logged, newest) {
-            warn!("sealing blocks failed; their records are safe in the open-block logs and sealing is retried: {error:#}");
+            warn!(
+                "sealing blocks failed; their records are safe in the open-block logs and sealing is retried: {error:#}"
+            );
         }
         Ok(())
     }
@@ -424,7 +430,9 @@ impl Store {
         // it has, so open blocks (memory, logs) stay few.
         let stale: Vec<NaiveDate> = days
             .iter()
-            .filter(|(date, day)| !day.open.is_empty() && **date < newest.checked_sub_days(Days::new(1)).unwrap_or(NaiveDate::MIN))
+            .filter(|(date, day)| {
+                !day.open.is_empty() && **date < newest.checked_sub_days(Days::new(1)).unwrap_or(NaiveDate::MIN)
+            })
             .map(|(date, _)| *date)
             .collect();
         for date in stale {
@@ -505,7 +513,10 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                found.extend(codec::decode_filtered(&bytes, fields, wanted_view).with_context(|| format!("block {block} of {date}"))?);
+                found.extend(
+                    codec::decode_filtered(&bytes, fields, wanted_view)
+                        .with_context(|| format!("block {block} of {date}"))?,
+                );
             }
         }
         Ok(found)
@@ -525,7 +536,8 @@ impl Store {
         let (from_us, to_us) = (from.timestamp_micros(), to.timestamp_micros());
         let first_day = from.date_naive().checked_sub_days(Days::new(LOOKBACK_DAYS)).unwrap_or(NaiveDate::MIN);
         let filter = index::KeyFilter::new(std::slice::from_ref(device));
-        let wanted_view = |view: &codec::Keys| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
+        let wanted_view =
+            |view: &codec::Keys| view.end_us >= from_us && view.start_us <= to_us && filter.matches_view(view);
         let mut services = Services::default();
         let oldest = self.oldest_readable();
         for date in self.days()? {
@@ -555,7 +567,8 @@ impl Store {
                 }
                 for alias in aliases {
                     if let Some(page) = rollup_page(&tree, run, alias).with_context(context)? {
-                        rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new()).with_context(context)?;
+                        rollup::lookup_print(&page, alias, device, false, &mut services, &mut Vec::new())
+                            .with_context(context)?;
                     }
                 }
             }
@@ -564,7 +577,9 @@ impl Store {
                     .get(key(b'B', block))
                     .context("reading a block")?
                     .ok_or_else(|| anyhow!("block {block} of {date} is missing"))?;
-                for record in codec::decode_filtered(&bytes, filter.fields(), wanted_view).with_context(|| format!("block {block} of {date}"))? {
+                for record in codec::decode_filtered(&bytes, filter.fields(), wanted_view)
+                    .with_context(|| format!("block {block} of {date}"))?
+                {
                     services.add_record(&record);
                 }
             }
@@ -617,7 +632,9 @@ impl Store {
             tree.insert(gap.key(), serde_json::to_vec(gap)?).context("writing a gap entry")?;
         }
         if let Some(watermark) = watermark {
-            self.agent_tree()?.insert(WATERMARK_KEY, serde_json::to_vec(watermark)?).context("writing the loss watermark")?;
+            self.agent_tree()?
+                .insert(WATERMARK_KEY, serde_json::to_vec(watermark)?)
+                .context("writing the loss watermark")?;
         }
         self.inner.db.flush().context("flushing gap entries")?;
         Ok(())
@@ -628,11 +645,16 @@ impl Store {
         let end = (to.timestamp_micros().max(0) as u64).to_be_bytes();
         // Gaps expire with the days they are about.
         let oldest = self.oldest_readable();
-        let from = if oldest == NaiveDate::MIN { from } else { from.max(oldest.and_hms_opt(0, 0, 0).expect("midnight").and_utc()) };
+        let from = if oldest == NaiveDate::MIN {
+            from
+        } else {
+            from.max(oldest.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+        };
         if to < from {
             return Ok(Vec::new());
         }
-        let mut found: Vec<Gap> = self.inner.unrecorded_gaps.iter().filter(|gap| gap.overlaps(from, to)).cloned().collect();
+        let mut found: Vec<Gap> =
+            self.inner.unrecorded_gaps.iter().filter(|gap| gap.overlaps(from, to)).cloned().collect();
         // Keys sort by start: every gap starting after `to` is past the range.
         for entry in self.gaps_tree()?.range(..=[end.as_slice(), &[u8::MAX]].concat()) {
             let (_, value) = entry.context("reading gap entries")?;
@@ -727,7 +749,8 @@ impl Store {
     /// Reads back every open block's log after a stop or a crash; returns a
     /// gap for each day whose log lost acknowledged records.
     fn recover_logs(&self) -> Result<Vec<Gap>> {
-        let entries = std::fs::read_dir(&self.inner.wal_dir).with_context(|| format!("listing {}", self.inner.wal_dir.display()))?;
+        let entries = std::fs::read_dir(&self.inner.wal_dir)
+            .with_context(|| format!("listing {}", self.inner.wal_dir.display()))?;
         let mut days = self.lock()?;
         let mut gaps = Vec::new();
         for entry in entries {
@@ -744,7 +767,12 @@ impl Store {
             let recovered = Wal::read(&path)?;
             if recovered.lost_records() {
                 let (from, to) = day_bounds(date);
-                let damaged = recovered.damage.iter().filter(|d| d.kind != DamageKind::TornTail).map(|d| d.bytes.len() as u64).sum();
+                let damaged = recovered
+                    .damage
+                    .iter()
+                    .filter(|d| d.kind != DamageKind::TornTail)
+                    .map(|d| d.bytes.len() as u64)
+                    .sum();
                 let gap = Gap::new(LossKind::StoreCorruption, from, to, damaged);
                 warn!("{}: {}", path.display(), gap.describe());
                 gaps.push(gap);
@@ -785,14 +813,28 @@ impl Store {
             // Never over an earlier file: the same day's log may be damaged
             // again, at the same offset, after a repair.
             let (path, mut file) = (0..)
-                .map(|n| dir.join(format!("{date}-{}-{kind}{}.bad", damaged.offset, if n == 0 { String::new() } else { format!(".{n}") })))
+                .map(|n| {
+                    dir.join(format!(
+                        "{date}-{}-{kind}{}.bad",
+                        damaged.offset,
+                        if n == 0 { String::new() } else { format!(".{n}") }
+                    ))
+                })
                 .find_map(|path| match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                     Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => None,
-                    opened => Some(opened.map(|file| (path.clone(), file)).with_context(|| format!("creating {}", path.display()))),
+                    opened => Some(
+                        opened.map(|file| (path.clone(), file)).with_context(|| format!("creating {}", path.display())),
+                    ),
                 })
                 .expect("an unused name")?;
-            file.write_all(&damaged.bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", path.display()))?;
-            warn!("kept {} damaged bytes of the {date} open-block log aside in {}", damaged.bytes.len(), path.display());
+            file.write_all(&damaged.bytes)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            warn!(
+                "kept {} damaged bytes of the {date} open-block log aside in {}",
+                damaged.bytes.len(),
+                path.display()
+            );
         }
         std::fs::File::open(&dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
     }
@@ -836,7 +878,10 @@ impl Day {
         }
         let mut pending = BTreeMap::<u32, Rollup>::new();
         for &number in unrun.keys() {
-            let block = tree.get(key(b'B', number)).context("reading a block")?.ok_or_else(|| anyhow!("block {number} is missing"))?;
+            let block = tree
+                .get(key(b'B', number))
+                .context("reading a block")?
+                .ok_or_else(|| anyhow!("block {number} is missing"))?;
             let records = codec::decode(&block).with_context(|| format!("block {number}"))?;
             pending.entry(number / RUN_BLOCKS).or_default().add_records(&records);
         }
@@ -875,7 +920,8 @@ impl Day {
             for (first, page) in index::build_run(&lists) {
                 batch.insert(&page_key(run, first), page);
             }
-            let rollup = self.pending.get(&run).map(|r| r.pages(rollup::RUN_PAGE_BYTES)).transpose()?.unwrap_or_default();
+            let rollup =
+                self.pending.get(&run).map(|r| r.pages(rollup::RUN_PAGE_BYTES)).transpose()?.unwrap_or_default();
             for (first, page) in rollup {
                 batch.insert(&run_key(b'U', run, first), page);
             }
@@ -924,8 +970,9 @@ impl Day {
 
     /// The sealed blocks that may hold records of the window with the keys.
     fn candidates(&self, from_us: i64, to_us: i64, lookup: Lookup) -> Result<Vec<u32>> {
-        let in_window: BTreeSet<u32> =
-            (0..self.blocks.len() as u32).filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us)).collect();
+        let in_window: BTreeSet<u32> = (0..self.blocks.len() as u32)
+            .filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us))
+            .collect();
         self.candidates_among(in_window, lookup)
     }
 
@@ -972,7 +1019,8 @@ impl Day {
             let mut wanted = group.iter().peekable();
             for entry in self.tree.range(start..=sled::IVec::from(&page_key(run, last))) {
                 let (page_key, page) = entry.context("reading an index page")?;
-                let page_first = u32::from_be_bytes(page_key.get(5..9).ok_or_else(|| anyhow!("a short page key"))?.try_into()?);
+                let page_first =
+                    u32::from_be_bytes(page_key.get(5..9).ok_or_else(|| anyhow!("a short page key"))?.try_into()?);
                 for (print, blocks) in index::decode_page(page_first, &page)? {
                     while wanted.next_if(|w| **w < print).is_some() {}
                     if wanted.next_if(|w| **w == print).is_some() {
@@ -1109,7 +1157,8 @@ pub(crate) mod test_records {
     /// never left the gateway (`local`, no public end).
     pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
         let local = i % 23 == 7;
-        let exchange = |qname: String, qtype: &str, answers: Vec<String>| crate::icr::Dns { qname, qtype: qtype.into(), answers };
+        let exchange =
+            |qname: String, qtype: &str, answers: Vec<String>| crate::icr::Dns { qname, qtype: qtype.into(), answers };
         let dns_all = match i % 18 {
             0 => vec![
                 exchange("a.example".into(), "A", vec!["192.0.2.1".into()]),
@@ -1142,7 +1191,11 @@ pub(crate) mod test_records {
                 3 => Some(Service {
                     origin: Some(crate::icr::DnsOrigin {
                         dns_at: start - chrono::Duration::milliseconds((i % 900) as i64),
-                        resolver: if i.is_multiple_of(3) { "[2001:db8::53]:53".parse().unwrap() } else { "192.0.2.53:53".parse().unwrap() },
+                        resolver: if i.is_multiple_of(3) {
+                            "[2001:db8::53]:53".parse().unwrap()
+                        } else {
+                            "192.0.2.53:53".parse().unwrap()
+                        },
                     }),
                     ..Service::carried(format!("s{}.example.com", i % 40), ServiceSource::Dns, false)
                 }),
@@ -1247,7 +1300,9 @@ mod tests {
                 let window = (records[80].start, records[records.len() - 90].start);
                 let expected: Vec<Icr> = all
                     .iter()
-                    .filter(|r| index::KeyFilter::new(&keys).matches_record(r) && r.end >= window.0 && r.start <= window.1)
+                    .filter(|r| {
+                        index::KeyFilter::new(&keys).matches_record(r) && r.end >= window.0 && r.start <= window.1
+                    })
                     .cloned()
                     .collect();
                 let got = store.find(window.0, window.1, Lookup::Any(&keys)).unwrap();
@@ -1284,8 +1339,18 @@ mod tests {
                 let days = store.lock().unwrap();
                 let day = &days[&records[0].start.date_naive()];
                 assert_eq!((day.runs, day.blocks.len(), day.open.len()), (2, 2 * RUN_BLOCKS as usize + 3, 30));
-                let plan = day.services_plan(at("2026-11-22T00:00:00Z").timestamp_micros(), at("2026-11-23T00:00:00Z").timestamp_micros(), &IndexKey::Mac([2, 0, 0, 0, 9, 0x17])).unwrap();
-                assert_eq!((plan.runs.len(), plan.pending, plan.decode.len()), (2, true, 0), "a whole day reads rollups only");
+                let plan = day
+                    .services_plan(
+                        at("2026-11-22T00:00:00Z").timestamp_micros(),
+                        at("2026-11-23T00:00:00Z").timestamp_micros(),
+                        &IndexKey::Mac([2, 0, 0, 0, 9, 0x17]),
+                    )
+                    .unwrap();
+                assert_eq!(
+                    (plan.runs.len(), plan.pending, plan.decode.len()),
+                    (2, true, 0),
+                    "a whole day reads rollups only"
+                );
             }
             let all = store.scan(records[0].start, records.last().unwrap().end).unwrap();
             let keys = [
@@ -1374,7 +1439,8 @@ mod tests {
         let window = (records[0].start, records.last().unwrap().end);
         let devices = [IndexKey::Mac([2, 0, 0, 0, 9, 0x17]), IndexKey::Subscriber("line-200".into())];
         let answers = |store: &Store| {
-            let services: Vec<_> = devices.iter().map(|d| store.services(window.0, window.1, d).unwrap().into_sorted()).collect();
+            let services: Vec<_> =
+                devices.iter().map(|d| store.services(window.0, window.1, d).unwrap().into_sorted()).collect();
             (sorted(store.scan(window.0, window.1).unwrap()), services)
         };
         // Stopped after no run, and after the first run's batch.
@@ -1395,13 +1461,20 @@ mod tests {
             let db = &store.inner.db;
             assert_eq!(db.get(LAYOUT_KEY).unwrap().unwrap().as_ref(), LAYOUT.to_be_bytes());
             let tree = db.open_tree(day_name(records[0].start.date_naive())).unwrap();
-            assert!(tree.scan_prefix([b'B']).all(|entry| entry.unwrap().1[0] != 1), "every block is rewritten in the current version");
+            assert!(
+                tree.scan_prefix([b'B']).all(|entry| entry.unwrap().1[0] != 1),
+                "every block is rewritten in the current version"
+            );
             for run in 0..2u32 {
-                assert!(tree.scan_prefix(&run_key(b'U', run, 0)[..5]).next().is_some(), "run {run} has its rollup pages");
+                assert!(
+                    tree.scan_prefix(&run_key(b'U', run, 0)[..5]).next().is_some(),
+                    "run {run} has its rollup pages"
+                );
             }
             let days = store.lock().unwrap();
             let day = &days[&records[0].start.date_naive()];
-            let plan = day.services_plan(window.0.timestamp_micros(), window.1.timestamp_micros(), &devices[0]).unwrap();
+            let plan =
+                day.services_plan(window.0.timestamp_micros(), window.1.timestamp_micros(), &devices[0]).unwrap();
             assert_eq!((plan.runs.len(), plan.pending), (2, true), "question 2 reads the new rollups");
         }
     }
@@ -1595,7 +1668,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ids = RecordIds::default();
         let earlier = sample_at(0, at("2026-11-21T23:59:00Z"), &mut ids);
-        let batch = vec![sample_at(1, at("2026-11-21T23:59:30Z"), &mut ids), sample_at(2, at("2026-11-22T00:00:10Z"), &mut ids)];
+        let batch = vec![
+            sample_at(1, at("2026-11-21T23:59:30Z"), &mut ids),
+            sample_at(2, at("2026-11-22T00:00:10Z"), &mut ids),
+        ];
         let store = reopen(dir.path()).unwrap();
         store.append(std::slice::from_ref(&earlier)).unwrap();
         // The second day's log cannot be created (as on a full disk) after
@@ -1609,14 +1685,19 @@ mod tests {
         let expected = sorted(vec![earlier, batch[0].clone(), batch[1].clone()]);
         assert_eq!(store.scan(everything.0, everything.1).unwrap(), expected);
         drop(store);
-        assert_eq!(reopen(dir.path()).unwrap().scan(everything.0, everything.1).unwrap(), expected, "and after reopening");
+        assert_eq!(
+            reopen(dir.path()).unwrap().scan(everything.0, everything.1).unwrap(),
+            expected,
+            "and after reopening"
+        );
     }
 
     #[test]
     fn sweep_drops_expired_days_with_their_indexes_and_open_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let mut ids = RecordIds::default();
-        let old: Vec<Icr> = (0..TEST_BLOCK_RECORDS as u64 + 1).map(|i| sample_at(i, at("2025-11-01T10:00:00Z"), &mut ids)).collect();
+        let old: Vec<Icr> =
+            (0..TEST_BLOCK_RECORDS as u64 + 1).map(|i| sample_at(i, at("2025-11-01T10:00:00Z"), &mut ids)).collect();
         let recent = sample_at(1, at("2026-11-20T10:00:00Z"), &mut ids);
         {
             let store = reopen(dir.path()).unwrap();

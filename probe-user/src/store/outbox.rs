@@ -108,7 +108,10 @@ impl Store {
             tree.remove(key).context("removing a shipped outbox entry")?;
         }
         self.inner.db.flush().context("flushing the outbox")?;
-        let _ = self.inner.outbox_records.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(removed)));
+        let _ = self
+            .inner
+            .outbox_records
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(removed)));
         Ok(())
     }
 
@@ -143,7 +146,14 @@ mod tests {
             assert_eq!(store.outbox_backlog(), 90);
             let entries = store.outbox_peek(10).unwrap();
             let kinds: Vec<Spooled> = entries.into_iter().map(|(_, e)| e.unwrap()).collect();
-            assert_eq!(kinds, vec![Spooled::Records(records[10..60].to_vec()), Spooled::Gaps(vec![gap]), Spooled::Records(records[60..].to_vec())]);
+            assert_eq!(
+                kinds,
+                vec![
+                    Spooled::Records(records[10..60].to_vec()),
+                    Spooled::Gaps(vec![gap]),
+                    Spooled::Records(records[60..].to_vec())
+                ]
+            );
         }
         let store = test_records::reopen(dir.path()).unwrap();
         store.enable_outbox().unwrap();

@@ -11,10 +11,7 @@
 //! the page of the key's fingerprint, follows its aliases once, and keeps
 //! only identities whose key equals the one asked for: a fingerprint
 //! collision never lends another device's services.
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
@@ -144,7 +141,9 @@ impl Services {
             .names
             .into_iter()
             .map(|(name, used)| (ServiceKey::Name(name), used))
-            .chain(self.remotes.into_iter().map(|((ip, port, proto), used)| (ServiceKey::Remote(ip, port, proto), used)))
+            .chain(
+                self.remotes.into_iter().map(|((ip, port, proto), used)| (ServiceKey::Remote(ip, port, proto), used)),
+            )
             .collect();
         all.sort_by(|a, b| (a.1.first_us, &a.0).cmp(&(b.1.first_us, &b.0)));
         all
@@ -254,7 +253,13 @@ impl Rollup {
     /// The rollup as pages of about `page_bytes` (before compression):
     /// `(first fingerprint, compressed page)`, sorted.
     pub fn pages(&self, page_bytes: usize) -> Result<Vec<(u32, Vec<u8>)>> {
-        let base_us = self.services.iter().flat_map(|s| s.names.values().chain(s.remotes.values())).map(|u| u.first_us).min().unwrap_or(0);
+        let base_us = self
+            .services
+            .iter()
+            .flat_map(|s| s.names.values().chain(s.remotes.values()))
+            .map(|u| u.first_us)
+            .min()
+            .unwrap_or(0);
         let mut ordered: Vec<(&Identity, usize)> = self.identities.iter().map(|(i, n)| (i, *n)).collect();
         ordered.sort();
         // (fingerprint, kind, the identity's place in `ordered`)
@@ -311,12 +316,25 @@ const ALIAS: u8 = 1;
 /// Adds to `out` the services of the identities on a page that `key`
 /// names, and pushes to `aliases` the fingerprints where other identities
 /// it names are kept (when `follow` is set).
-pub fn lookup(compressed: &[u8], key: &IndexKey, follow: bool, out: &mut Services, aliases: &mut Vec<u32>) -> Result<()> {
+pub fn lookup(
+    compressed: &[u8],
+    key: &IndexKey,
+    follow: bool,
+    out: &mut Services,
+    aliases: &mut Vec<u32>,
+) -> Result<()> {
     lookup_print(compressed, key.fingerprint(), key, follow, out, aliases)
 }
 
 /// [`lookup`] of the identities kept under `print`.
-pub fn lookup_print(compressed: &[u8], print: u32, key: &IndexKey, follow: bool, out: &mut Services, aliases: &mut Vec<u32>) -> Result<()> {
+pub fn lookup_print(
+    compressed: &[u8],
+    print: u32,
+    key: &IndexKey,
+    follow: bool,
+    out: &mut Services,
+    aliases: &mut Vec<u32>,
+) -> Result<()> {
     if compressed.is_empty() {
         return Ok(()); // a block without devices
     }
@@ -488,8 +506,7 @@ impl Services {
     /// The rows of question 2's answer, first used first.
     pub fn into_rows(self) -> Vec<ServiceRow> {
         let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).map(|t| format_time(&t)).unwrap_or_default();
-        self
-            .into_sorted()
+        self.into_sorted()
             .into_iter()
             .map(|(key, used)| ServiceRow {
                 name: match key {
@@ -528,7 +545,8 @@ mod tests {
     }
 
     fn looked_up(pages: &[(u32, Vec<u8>)], key: &IndexKey) -> Vec<(ServiceKey, ServiceUse)> {
-        let page_of = |print: u32| pages.iter().rev().find(|(first, _)| *first <= print).map(|(_, page)| page.as_slice());
+        let page_of =
+            |print: u32| pages.iter().rev().find(|(first, _)| *first <= print).map(|(_, page)| page.as_slice());
         let mut services = Services::default();
         let mut aliases = Vec::new();
         if let Some(page) = page_of(key.fingerprint()) {
@@ -558,7 +576,8 @@ mod tests {
         }
         let pages = merged.pages(RUN_PAGE_BYTES).unwrap();
         assert!(pages.len() > 3, "{} pages", pages.len());
-        let mut keys: Vec<IndexKey> = records.iter().take(300).flat_map(|r| Identity::of(r).keys().collect::<Vec<_>>()).collect();
+        let mut keys: Vec<IndexKey> =
+            records.iter().take(300).flat_map(|r| Identity::of(r).keys().collect::<Vec<_>>()).collect();
         keys.push(IndexKey::Subscriber("nobody".into()));
         for key in keys {
             assert_eq!(looked_up(&pages, &key), expected(&records, &key), "{key:?}");

@@ -90,7 +90,9 @@ impl Wal {
         if !records.is_empty() {
             frame(&mut bytes, records)?;
         }
-        file.write_all(&bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", temporary.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", temporary.display()))?;
         std::fs::rename(&temporary, path).with_context(|| format!("renaming {} into place", temporary.display()))?;
         sync_dir(path)?;
         let file = OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -126,7 +128,11 @@ impl Wal {
 /// The frames of a log's bytes, and the ranges between them that are not.
 fn parse(bytes: Vec<u8>) -> Recovered {
     if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
-        return Recovered { base_block: 0, records: Vec::new(), damage: vec![Damage { offset: 0, bytes, kind: DamageKind::NotALog }] };
+        return Recovered {
+            base_block: 0,
+            records: Vec::new(),
+            damage: vec![Damage { offset: 0, bytes, kind: DamageKind::NotALog }],
+        };
     }
     let base_block = u32::from_le_bytes(bytes[MAGIC.len()..HEADER].try_into().expect("four bytes"));
     let mut records = Vec::new();
@@ -141,7 +147,11 @@ fn parse(bytes: Vec<u8>) -> Recovered {
         // The next frame that checks, if any: one bad frame costs only itself.
         let resync = (offset + 1..bytes.len()).find(|&at| checked_frame(&bytes, at).is_some());
         let end = resync.unwrap_or(bytes.len());
-        let kind = if resync.is_none() && runs_past_the_end(&bytes, offset) { DamageKind::TornTail } else { DamageKind::Corrupt };
+        let kind = if resync.is_none() && runs_past_the_end(&bytes, offset) {
+            DamageKind::TornTail
+        } else {
+            DamageKind::Corrupt
+        };
         damage.push(Damage { offset: offset as u64, bytes: bytes[offset..end].to_vec(), kind });
         offset = end;
     }
@@ -294,7 +304,10 @@ mod tests {
         flipped[first + 20] ^= 0x01;
         let back = parse(flipped.clone());
         assert_eq!(back.records, records[10..], "the frames after the damage are read");
-        assert_eq!(back.damage, vec![Damage { offset: first as u64, bytes: flipped[first..second].to_vec(), kind: DamageKind::Corrupt }]);
+        assert_eq!(
+            back.damage,
+            vec![Damage { offset: first as u64, bytes: flipped[first..second].to_vec(), kind: DamageKind::Corrupt }]
+        );
         assert!(back.lost_records());
 
         // The second frame's length field claims 2 GiB.

@@ -131,7 +131,10 @@ impl Browser {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let port = line.split("started successfully on port ").nth(1).and_then(|p| p.trim_end_matches('.').trim().parse::<u16>().ok());
+                let port = line
+                    .split("started successfully on port ")
+                    .nth(1)
+                    .and_then(|p| p.trim_end_matches('.').trim().parse::<u16>().ok());
                 if let Some(port) = port
                     && let Some(tx) = tx.take()
                 {
@@ -168,7 +171,9 @@ impl Browser {
                 builder.capabilities(capabilities);
                 let limit = patience(LIMIT) * 2;
                 let client = runtime
-                    .block_on(async { tokio::time::timeout(limit, builder.connect(&format!("http://127.0.0.1:{port}"))).await })
+                    .block_on(async {
+                        tokio::time::timeout(limit, builder.connect(&format!("http://127.0.0.1:{port}"))).await
+                    })
                     .map_err(|_| anyhow!("timed out after {limit:?}"))?
                     .context("starting a WebDriver session")?;
                 Ok((runtime, client))
@@ -193,9 +198,15 @@ impl Browser {
             Ok(Ok(())) => {}
             Ok(Err(error)) => return Err(error.context(format!("chromedriver's log: {}", tail(&self.log())))),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                bail!("no WebDriver session within {:?}; chromedriver's log: {}", patience(LIMIT) * 2, tail(&self.log()))
+                bail!(
+                    "no WebDriver session within {:?}; chromedriver's log: {}",
+                    patience(LIMIT) * 2,
+                    tail(&self.log())
+                )
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the browser's thread failed; chromedriver's log: {}", tail(&self.log())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("the browser's thread failed; chromedriver's log: {}", tail(&self.log()))
+            }
         }
         self.jobs = Some(jobs);
         Ok(())
@@ -327,7 +338,9 @@ impl Browser {
     /// The visible text of the element `css` (waiting for it to appear).
     pub fn text(&self, css: &str) -> Result<String> {
         let css = css.to_string();
-        self.call(&format!("reading the text of {css}"), move |client| async move { Ok(find(&client, &css).await?.text().await?) })
+        self.call(&format!("reading the text of {css}"), move |client| async move {
+            Ok(find(&client, &css).await?.text().await?)
+        })
     }
 
     /// The visible texts of every element `css`, in document order (none: empty).
@@ -439,9 +452,14 @@ impl Browser {
                 last = None;
             }
             if started.elapsed() > limit {
-                let present: Vec<String> =
-                    fs::read_dir(&self.downloads)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-                bail!("no complete download *{name_suffix} in {} after {limit:?} (present: {present:?})", self.downloads.display());
+                let present: Vec<String> = fs::read_dir(&self.downloads)?
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                bail!(
+                    "no complete download *{name_suffix} in {} after {limit:?} (present: {present:?})",
+                    self.downloads.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -492,7 +510,8 @@ async fn wait_until_loaded(client: &Client) -> Result<()> {
         if Instant::now() > limit {
             bail!("the page did not finish loading within {:?}", patience(LIMIT));
         }
-        if let Ok(state) = client.execute("return [document.readyState, document.URL, document.title]", Vec::new()).await
+        if let Ok(state) =
+            client.execute("return [document.readyState, document.URL, document.title]", Vec::new()).await
             && state[0] == "complete"
         {
             return error_page(&state[1], &state[2]);
@@ -514,7 +533,10 @@ async fn wait_after_click(client: &Client) -> Result<()> {
             bail!("no page loaded within {:?} of the click", patience(LIMIT));
         }
         let state = client
-            .execute("return [window.__icrBrowserOld === true, document.readyState, document.URL, document.title]", Vec::new())
+            .execute(
+                "return [window.__icrBrowserOld === true, document.readyState, document.URL, document.title]",
+                Vec::new(),
+            )
             .await
             .unwrap_or_default(); // a script failing while documents swap: look again
         let (old, complete) = (state[0] == true, state[1] == "complete");

@@ -78,9 +78,19 @@ impl ClickHouseCluster {
             ip(&["-n", &ns, "addr", "add", &format!("{}/32", Self::address(shard)), "dev", "lo"])?;
         }
         // Shards ask each other as the admin user when there is no default one.
-        let between = if secured { format!("<user>{}</user><password>{}</password>", ADMIN.name, ADMIN.password) } else { String::new() };
+        let between = if secured {
+            format!("<user>{}</user><password>{}</password>", ADMIN.name, ADMIN.password)
+        } else {
+            String::new()
+        };
         let replicas: String = (0..shards)
-            .map(|s| format!("<shard><replica><host>{}</host><port>{}</port>{between}</replica></shard>", Self::address(s), TCP_PORT + s as u16))
+            .map(|s| {
+                format!(
+                    "<shard><replica><host>{}</host><port>{}</port>{between}</replica></shard>",
+                    Self::address(s),
+                    TCP_PORT + s as u16
+                )
+            })
             .collect();
         let users = if secured {
             cluster.ca = Some(cluster.make_certificates(shards)?);
@@ -128,20 +138,55 @@ impl ClickHouseCluster {
     /// A CA, and a certificate of it for each shard's address; the CA's path.
     fn make_certificates(&self, shards: usize) -> Result<PathBuf> {
         let openssl = |args: &[&str]| -> Result<()> {
-            let out = Command::new("openssl").args(args).current_dir(&self.dir).stdin(Stdio::null()).output().context("running openssl")?;
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .output()
+                .context("running openssl")?;
             if !out.status.success() {
                 bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
             }
             Ok(())
         };
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        openssl(&[&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=icr lab ClickHouse CA", "-keyout", "ca.key", "-out", "ca.pem"]].concat())?;
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "2", "-subj", "/CN=icr lab ClickHouse CA", "-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        )?;
         for shard in 0..shards {
-            let (key, csr, pem, ext) = (format!("shard{shard}.key"), format!("shard{shard}.csr"), format!("shard{shard}.pem"), format!("shard{shard}.ext"));
+            let (key, csr, pem, ext) = (
+                format!("shard{shard}.key"),
+                format!("shard{shard}.csr"),
+                format!("shard{shard}.pem"),
+                format!("shard{shard}.ext"),
+            );
             let address = Self::address(shard);
-            openssl(&[&["req"][..], &ec, &["-subj", &format!("/CN={address}"), "-keyout", &key, "-out", &csr]].concat())?;
+            openssl(
+                &[&["req"][..], &ec, &["-subj", &format!("/CN={address}"), "-keyout", &key, "-out", &csr]].concat(),
+            )?;
             fs::write(self.dir.join(&ext), format!("subjectAltName=IP:{address}\n"))?;
-            openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", &ext, "-out", &pem])?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ])?;
         }
         Ok(self.dir.join("ca.pem"))
     }
@@ -178,7 +223,10 @@ impl ClickHouseCluster {
             if let Some(Some(child)) = self.shards.get_mut(shard)
                 && let Some(status) = child.try_wait()?
             {
-                bail!("clickhouse-server of shard {shard} exited ({status}): {}", fs::read_to_string(data.join("error.log")).unwrap_or_default());
+                bail!(
+                    "clickhouse-server of shard {shard} exited ({status}): {}",
+                    fs::read_to_string(data.join("error.log")).unwrap_or_default()
+                );
             }
             Ok(self.query_at(&url, "SELECT 1").is_ok_and(|answer| answer.trim() == "1"))
         })
@@ -216,7 +264,12 @@ impl ClickHouseCluster {
     }
 
     fn curl(&self, extra: &[String], url: &str, sql: &str) -> Result<String> {
-        let out = self.exec(Command::new("curl").args(["-sS", "--fail-with-body", "--max-time", "60"]).args(extra).args(["--data-binary", sql, url]))?;
+        let out =
+            self.exec(Command::new("curl").args(["-sS", "--fail-with-body", "--max-time", "60"]).args(extra).args([
+                "--data-binary",
+                sql,
+                url,
+            ]))?;
         if !out.status.success() {
             bail!("{sql}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }
@@ -232,7 +285,10 @@ impl ClickHouseCluster {
                 wrapped.env(key, value);
             }
         }
-        wrapped.stdin(Stdio::null()).output().with_context(|| format!("running {:?} in {}", command.get_program(), self.ns))
+        wrapped
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {:?} in {}", command.get_program(), self.ns))
     }
 
     /// Starts `command` in the provider's namespace, its output in `log_name`.log.
@@ -264,16 +320,27 @@ impl ClickHouseCluster {
 /// "A ClickHouse user for each gateway"): no `default` user at all.
 fn users_xml() -> Result<String> {
     let sha256 = |text: &str| -> Result<String> {
-        let out = Command::new("openssl").args(["dgst", "-sha256", "-r"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut child| {
-            use std::io::Write as _;
-            child.stdin.take().expect("piped").write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })?;
-        Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().context("openssl dgst says nothing")?.to_string())
+        let out = Command::new("openssl")
+            .args(["dgst", "-sha256", "-r"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child.stdin.take().expect("piped").write_all(text.as_bytes())?;
+                child.wait_with_output()
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .context("openssl dgst says nothing")?
+            .to_string())
     };
     let user = |user: User, profile: &str, database: Option<&str>| -> Result<String> {
         let hash = sha256(user.password)?;
-        let databases = database.map(|d| format!("<allow_databases><database>{d}</database></allow_databases>")).unwrap_or_default();
+        let databases = database
+            .map(|d| format!("<allow_databases><database>{d}</database></allow_databases>"))
+            .unwrap_or_default();
         Ok(format!(
             "<{0}><password_sha256_hex>{hash}</password_sha256_hex><networks><ip>::/0</ip></networks>\
              <profile>{profile}</profile><quota>default</quota>{databases}</{0}>",

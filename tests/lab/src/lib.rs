@@ -161,7 +161,12 @@ impl Lab {
             let mac = format!("02:00:00:00:{:02x}:{:02x}", index / 256, index % 256);
             let port = format!("lan{index}");
             ip(&["netns", "add", &ns])?;
-            self.clients.push(Client { ns: ns.clone(), ip: ip_address.clone(), mac: mac.clone(), gateway_if: port.clone() });
+            self.clients.push(Client {
+                ns: ns.clone(),
+                ip: ip_address.clone(),
+                mac: mac.clone(),
+                gateway_if: port.clone(),
+            });
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &gw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             ip(&["-n", &gw, "link", "set", &port, "master", "brlan"])?;
@@ -196,7 +201,14 @@ impl Lab {
         )?;
         run(Command::new("ip").args(["netns", "exec", &gw, "nft", "-f"]).arg(&rules))?;
         if let Nat::SnatPorts(..) = nat {
-            run(Command::new("ip").args(["netns", "exec", &gw, "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"]))?;
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &gw,
+                "sysctl",
+                "-qw",
+                "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+            ]))?;
         }
         Ok(())
     }
@@ -204,8 +216,26 @@ impl Lab {
     fn start_servers(&mut self) -> Result<()> {
         let dir = self.dir.clone();
         // HTTPS for two names, with a self-signed certificate.
-        run(Command::new("openssl").args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", &format!("/CN={WEB_NAME}"), "-addext", &format!("subjectAltName=DNS:{WEB_NAME},DNS:{MAIL_NAME}")])
-            .arg("-keyout").arg(dir.join("key.pem")).arg("-out").arg(dir.join("cert.pem")))?;
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={WEB_NAME}"),
+                "-addext",
+                &format!("subjectAltName=DNS:{WEB_NAME},DNS:{MAIL_NAME}"),
+            ])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem")))?;
         fs::create_dir_all(dir.join("nginx-tmp"))?;
         let d = dir.display();
         let nginx_conf = format!(
@@ -238,7 +268,11 @@ http {{
 "#
         );
         fs::write(dir.join("nginx.conf"), nginx_conf)?;
-        let nginx = self.spawn_in(&self.internet.clone(), Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")), "nginx")?;
+        let nginx = self.spawn_in(
+            &self.internet.clone(),
+            Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")),
+            "nginx",
+        )?;
         self.servers.push(nginx);
 
         let dnsmasq = self.spawn_in(
@@ -275,7 +309,11 @@ http {{
 
         let quic = self.spawn_in(
             &self.internet.clone(),
-            Command::new(lab_python()).arg(quic_script()).args(["serve", WEB_IP, "443"]).arg(dir.join("cert.pem")).arg(dir.join("key.pem")),
+            Command::new(lab_python())
+                .arg(quic_script())
+                .args(["serve", WEB_IP, "443"])
+                .arg(dir.join("cert.pem"))
+                .arg(dir.join("key.pem")),
             "quic",
         )?;
         self.servers.push(quic);
@@ -351,7 +389,8 @@ http {{
         self.servers.push(exchange);
         self.ipv6 = true;
         wait_for(patience(Duration::from_secs(20)), "the IPv6 exchange server to listen", || {
-            Ok(output(Command::new("ip").args(["netns", "exec", &inet, "ss", "-Hltn"]))?.contains(&format!("[{EXCHANGE_IP6}]:{EXCHANGE_PORT}")))
+            Ok(output(Command::new("ip").args(["netns", "exec", &inet, "ss", "-Hltn"]))?
+                .contains(&format!("[{EXCHANGE_IP6}]:{EXCHANGE_PORT}")))
         })
     }
 
@@ -380,7 +419,8 @@ http {{
         self.servers.push(dnsmasq);
         wait_for(patience(Duration::from_secs(20)), "the gateway's resolver to listen", || {
             let listening = output(Command::new("ip").args(["netns", "exec", &gw, "ss", "-Hlun"]))?;
-            Ok(listening.contains(&format!("{GATEWAY_LAN_IP}:53")) && (!ipv6 || listening.contains(&format!("[{GATEWAY_LAN_IP6}]:53"))))
+            Ok(listening.contains(&format!("{GATEWAY_LAN_IP}:53"))
+                && (!ipv6 || listening.contains(&format!("[{GATEWAY_LAN_IP6}]:53"))))
         })
     }
 
@@ -394,7 +434,13 @@ http {{
     pub fn exchange_with(&self, client: &Client, server: &str, up: usize, down: usize) -> Result<u16> {
         let out = self.exec(
             &client.ns,
-            Command::new("python3").arg(exchange_script()).args(["connect", server, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string()]),
+            Command::new("python3").arg(exchange_script()).args([
+                "connect",
+                server,
+                &EXCHANGE_PORT.to_string(),
+                &up.to_string(),
+                &down.to_string(),
+            ]),
         )?;
         let text = String::from_utf8_lossy(&out.stdout);
         text.trim().parse().with_context(|| format!("the exchange client printed {text:?}"))
@@ -415,7 +461,10 @@ http {{
 
     /// A QUIC handshake from `client` to the lab's QUIC server with `sni`.
     pub fn quic_connect(&self, client: &Client, sni: &str) -> Result<()> {
-        let out = self.exec(&client.ns, Command::new(lab_python()).arg(quic_script()).args(["connect", WEB_IP, "443", sni, &client_timeout(15)]))?;
+        let out = self.exec(
+            &client.ns,
+            Command::new(lab_python()).arg(quic_script()).args(["connect", WEB_IP, "443", sni, &client_timeout(15)]),
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         if text.trim() != "ok" {
             bail!("the QUIC client said {text:?}");
@@ -448,7 +497,14 @@ http {{
         let mut child = Command::new("ip")
             .args(["netns", "exec", &client.ns, "python3"])
             .arg(exchange_script())
-            .args(["connect", EXCHANGE_IP, &EXCHANGE_PORT.to_string(), &up.to_string(), &down.to_string(), &pause.to_string()])
+            .args([
+                "connect",
+                EXCHANGE_IP,
+                &EXCHANGE_PORT.to_string(),
+                &up.to_string(),
+                &down.to_string(),
+                &pause.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()?;
         let mut line = String::new();
@@ -548,10 +604,21 @@ pub fn stored_records(db: &Path) -> Vec<serde_json::Value> {
 }
 
 /// The records (NDJSON, parsed) of `device`'s flows to `remote`:`port` over `proto`.
-pub fn records_between<'a>(records: &'a [serde_json::Value], device: &str, remote: &str, port: u64, proto: &str) -> Vec<&'a serde_json::Value> {
+pub fn records_between<'a>(
+    records: &'a [serde_json::Value],
+    device: &str,
+    remote: &str,
+    port: u64,
+    proto: &str,
+) -> Vec<&'a serde_json::Value> {
     records
         .iter()
-        .filter(|r| r["device"]["ip"] == device && r["remote"]["ip"] == remote && r["remote"]["port"] == port && r["proto"] == proto)
+        .filter(|r| {
+            r["device"]["ip"] == device
+                && r["remote"]["ip"] == remote
+                && r["remote"]["port"] == port
+                && r["proto"] == proto
+        })
         .collect()
 }
 
@@ -696,7 +763,8 @@ pub fn hash_token(token: &str) -> String {
 /// `ICR_LAB_SLOWDOWN` when set (`cargo xtask vm-test` sets 4 under software
 /// emulation, where everything runs several times slower).
 pub fn patience(base: Duration) -> Duration {
-    let factor = std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
+    let factor =
+        std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
     base.mul_f64(factor)
 }
 
@@ -710,9 +778,9 @@ pub fn client_timeout(base_seconds: u64) -> String {
 /// The `icr` binary under test: `ICR_BIN` (set by `cargo xtask test`), else
 /// the workspace's debug build.
 pub fn icr_binary() -> PathBuf {
-    std::env::var_os("ICR_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/icr")
-    })
+    std::env::var_os("ICR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/icr"))
 }
 
 /// The operator authority `icr list` runs as in the lab's stores.
@@ -768,9 +836,9 @@ pub fn rfc3339(unix: i64) -> String {
 /// The lab's Python with aioquic: `ICR_LAB_PYTHON` (set by `cargo xtask
 /// test`), else the venv `cargo xtask setup` makes in target/.
 pub fn lab_python() -> PathBuf {
-    std::env::var_os("ICR_LAB_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/lab-python/bin/python3")
-    })
+    std::env::var_os("ICR_LAB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/lab-python/bin/python3"))
 }
 
 pub fn quic_script() -> PathBuf {

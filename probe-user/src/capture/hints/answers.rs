@@ -97,7 +97,8 @@ impl DnsCache {
     /// answer's TTL still covers it.
     pub fn lookup(&self, device: DeviceId, remote: IpAddr, at_ns: u64) -> Option<&NamedBy> {
         let entry = self.by_device.get(&device)?.get(&remote)?;
-        (entry.named_by.answered_ns <= at_ns.saturating_add(SKEW_NS) && at_ns <= entry.until_ns).then_some(&entry.named_by)
+        (entry.named_by.answered_ns <= at_ns.saturating_add(SKEW_NS) && at_ns <= entry.until_ns)
+            .then_some(&entry.named_by)
     }
 
     /// Forgets answers that expired before `before_ns`.

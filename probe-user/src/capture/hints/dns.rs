@@ -87,7 +87,8 @@ pub fn is_presentation(text: &str) -> bool {
             other => label.push(other),
         }
     }
-    let fits = labels.iter().all(|l| (1..=63).contains(&l.len())) && labels.iter().map(|l| l.len() + 1).sum::<usize>() <= 255;
+    let fits =
+        labels.iter().all(|l| (1..=63).contains(&l.len())) && labels.iter().map(|l| l.len() + 1).sum::<usize>() <= 255;
     fits && presentation(labels.iter().map(Vec::as_slice)).as_deref() == Some(text)
 }
 
@@ -146,7 +147,13 @@ pub fn message(bytes: &[u8]) -> Option<Message> {
             _ => {}
         }
     }
-    Some(Message { id: packet.id(), response: packet.has_flags(simple_dns::PacketFlag::RESPONSE), qname, qtype, answers })
+    Some(Message {
+        id: packet.id(),
+        response: packet.has_flags(simple_dns::PacketFlag::RESPONSE),
+        qname,
+        qtype,
+        answers,
+    })
 }
 
 /// The header and first question of a message the full parser refused.
@@ -232,13 +239,23 @@ pub(crate) mod tests {
 
     pub fn response(qname: &str, qtype: TYPE, answers: Vec<ResourceRecord<'static>>) -> Vec<u8> {
         let mut packet = Packet::new_reply(7);
-        packet.questions.push(Question::new(Name::new_unchecked(qname).into_owned(), QTYPE::TYPE(qtype), QCLASS::CLASS(CLASS::IN), false));
+        packet.questions.push(Question::new(
+            Name::new_unchecked(qname).into_owned(),
+            QTYPE::TYPE(qtype),
+            QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
         packet.answers = answers;
         packet.build_bytes_vec().unwrap()
     }
 
     pub fn a_record(name: &str, ip: [u8; 4]) -> ResourceRecord<'static> {
-        ResourceRecord::new(Name::new_unchecked(name).into_owned(), CLASS::IN, 300, RData::A(rdata::A { address: u32::from_be_bytes(ip) }))
+        ResourceRecord::new(
+            Name::new_unchecked(name).into_owned(),
+            CLASS::IN,
+            300,
+            RData::A(rdata::A { address: u32::from_be_bytes(ip) }),
+        )
     }
 
     #[test]
@@ -263,7 +280,12 @@ pub(crate) mod tests {
     fn https_records_give_their_target_and_hints() {
         let mut svcb = rdata::SVCB::new(1, Name::new_unchecked("svc.example.com").into_owned());
         svcb.set_ipv4hint(&[0xc000_0201]);
-        let https = ResourceRecord::new(Name::new_unchecked("example.com").into_owned(), CLASS::IN, 120, RData::HTTPS(rdata::HTTPS(svcb)));
+        let https = ResourceRecord::new(
+            Name::new_unchecked("example.com").into_owned(),
+            CLASS::IN,
+            120,
+            RData::HTTPS(rdata::HTTPS(svcb)),
+        );
         let m = message(&response("example.com", TYPE::HTTPS, vec![https])).unwrap();
         assert_eq!(m.qtype, "HTTPS");
         let data: Vec<&str> = m.answers.iter().map(|a| a.data.as_str()).collect();
@@ -276,7 +298,9 @@ pub(crate) mod tests {
         let name = presentation(labels).unwrap();
         assert_eq!(name, "ab=cd+ef/gh.odd\\032label\\255\\.x\\\\.example");
         assert!(is_presentation(&name));
-        for made_elsewhere in ["UPPER.example", "a..b", "raw space.example", "bad\\99x.example", "\\256.example", "a\\061b.example", ""] {
+        for made_elsewhere in
+            ["UPPER.example", "a..b", "raw space.example", "bad\\99x.example", "\\256.example", "a\\061b.example", ""]
+        {
             assert!(!is_presentation(made_elsewhere), "{made_elsewhere:?} is not as capture writes it");
         }
         assert!(is_presentation("www.example.com") && is_presentation("_dmarc.example.com"));

@@ -62,7 +62,9 @@ pub struct Seen {
 impl Seen {
     /// The Ethernet addresses of a frame (unset when it is too short for them).
     pub fn macs(frame: &[u8]) -> (Mac, Mac) {
-        let mac = |range: std::ops::Range<usize>| frame.get(range).and_then(|b| b.try_into().ok()).map(Mac).unwrap_or_default();
+        let mac = |range: std::ops::Range<usize>| {
+            frame.get(range).and_then(|b| b.try_into().ok()).map(Mac).unwrap_or_default()
+        };
         (mac(6..12), mac(0..6))
     }
 }
@@ -167,9 +169,10 @@ impl FlowHints {
             }
             (Proto::Udp, false) => {
                 if self.service.is_none()
-                    && let Some(hello) = self.quic.add_packet(packet.payload) {
-                        self.service = hello.sni.map(|name| Service::carried(name, ServiceSource::QuicSni, hello.ech));
-                    }
+                    && let Some(hello) = self.quic.add_packet(packet.payload)
+                {
+                    self.service = hello.sni.map(|name| Service::carried(name, ServiceSource::QuicSni, hello.ech));
+                }
                 Vec::new()
             }
             _ => Vec::new(),
@@ -177,9 +180,8 @@ impl FlowHints {
     }
 
     fn client_stream(&mut self, bytes: &[u8]) {
-        let named = |hello: tls::ClientHello| {
-            hello.sni.map(|name| Service::carried(name, ServiceSource::TlsSni, hello.ech))
-        };
+        let named =
+            |hello: tls::ClientHello| hello.sni.map(|name| Service::carried(name, ServiceSource::TlsSni, hello.ech));
         match tls::client_hello(bytes) {
             Parse::Done(hello) => return self.decide(named(hello)),
             Parse::NeedMore if bytes.len() < STREAM_CAP => return,
@@ -212,7 +214,8 @@ impl FlowHints {
     fn note_dns(&mut self, message: dns::Message, packet: &HintPacket) -> Option<dns::Message> {
         let answers = message.answers.iter().map(|answer| &answer.data);
         // Only a query that arrived from a device is a device's question.
-        let asked = (!message.response && packet.seen.roles.has(Role::Lan)).then_some(Asked { dir: packet.dir, seen: packet.seen });
+        let asked = (!message.response && packet.seen.roles.has(Role::Lan))
+            .then_some(Asked { dir: packet.dir, seen: packet.seen });
         let known = self.exchanges.iter().position(|e| e.is(message.id, &message.qname, &message.qtype));
         match known {
             Some(index) => {
@@ -354,7 +357,10 @@ mod tests {
 
     #[test]
     fn a_client_hello_over_segments_in_any_order() {
-        let stream = tls::tests::in_records(&tls::tests::client_hello_bytes(Some("seg.example.com"), &[(21, vec![0; 3000])]), 16384);
+        let stream = tls::tests::in_records(
+            &tls::tests::client_hello_bytes(Some("seg.example.com"), &[(21, vec![0; 3000])]),
+            16384,
+        );
         let chunks: Vec<&[u8]> = stream.chunks(1400).collect();
         let mut hints = FlowHints::default();
         hints.client_syn(0, 1000);
@@ -386,8 +392,20 @@ mod tests {
         let query = dns::tests::response("www.example.test", TYPE::A, vec![]);
         let mut query_only = query.clone();
         query_only[2] &= 0x7f; // clear QR: a query
-        let answer = dns::tests::response("www.example.test", TYPE::A, vec![dns::tests::a_record("www.example.test", [198, 51, 100, 10])]);
-        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload, seen: from_lan() };
+        let answer = dns::tests::response(
+            "www.example.test",
+            TYPE::A,
+            vec![dns::tests::a_record("www.example.test", [198, 51, 100, 10])],
+        );
+        let udp = |dir, payload| HintPacket {
+            dir,
+            proto: Proto::Udp,
+            src_port: 40000,
+            dst_port: 53,
+            tcp_seq: 0,
+            payload,
+            seen: from_lan(),
+        };
         let mut lan = FlowHints::default();
         assert!(lan.add(&udp(0, &query_only)).is_empty(), "a query is no response");
         let mut wan = FlowHints::default();
@@ -406,7 +424,15 @@ mod tests {
 
     #[test]
     fn every_question_of_one_socket_is_kept_with_its_answers() {
-        let udp = |dir, payload| HintPacket { dir, proto: Proto::Udp, src_port: 40000, dst_port: 53, tcp_seq: 0, payload, seen: from_lan() };
+        let udp = |dir, payload| HintPacket {
+            dir,
+            proto: Proto::Udp,
+            src_port: 40000,
+            dst_port: 53,
+            tcp_seq: 0,
+            payload,
+            seen: from_lan(),
+        };
         let exchange = |id: u16, qname: &str, qtype, ip| {
             let mut query = dns::tests::response(qname, qtype, vec![]);
             query[..2].copy_from_slice(&id.to_be_bytes());
@@ -434,7 +460,11 @@ mod tests {
             exchanges.iter().map(|d| (d.qname.as_str(), d.answers.iter().map(String::as_str).collect())).collect();
         assert_eq!(
             seen,
-            [("one.example.test", vec!["192.0.2.1"]), ("two.example.test", vec!["192.0.2.2"]), ("one.example.test", vec!["192.0.2.3"])]
+            [
+                ("one.example.test", vec!["192.0.2.1"]),
+                ("two.example.test", vec!["192.0.2.2"]),
+                ("one.example.test", vec!["192.0.2.3"])
+            ]
         );
     }
 
@@ -444,7 +474,15 @@ mod tests {
         let one = dns::tests::response("tcp.example.test", TYPE::A, vec![]);
         let mut framed = (one.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&one);
-        let dns_tcp = |seq, payload| HintPacket { dir: 1, proto: Proto::Tcp, src_port: 53, dst_port: 40000, tcp_seq: seq, payload, seen: from_lan() };
+        let dns_tcp = |seq, payload| HintPacket {
+            dir: 1,
+            proto: Proto::Tcp,
+            src_port: 53,
+            dst_port: 40000,
+            tcp_seq: seq,
+            payload,
+            seen: from_lan(),
+        };
         let mut hints = FlowHints::default();
         assert_eq!(hints.add(&dns_tcp(5000, &framed)).len(), 1);
         // Before the base, with a gap: fewer contiguous bytes than were parsed.

@@ -18,12 +18,12 @@ use super::{Parse, tls};
 pub const VERSION_1: u32 = 0x0000_0001;
 pub const VERSION_2: u32 = 0x6b33_43cf;
 pub const SALT_V1: [u8; 20] = [
-    0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad, 0xcc, 0xbb,
-    0x7f, 0x0a,
+    0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad, 0xcc, 0xbb, 0x7f,
+    0x0a,
 ];
 pub const SALT_V2: [u8; 20] = [
-    0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26, 0x9d, 0xcb, 0xf9, 0xbd,
-    0x2e, 0xd9,
+    0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26, 0x9d, 0xcb, 0xf9, 0xbd, 0x2e,
+    0xd9,
 ];
 /// CRYPTO bytes buffered per flow before giving up.
 const MAX_CRYPTO: usize = 16 * 1024;
@@ -292,8 +292,18 @@ pub(crate) mod tests {
     #[test]
     fn key_derivation_matches_the_rfc_vectors() {
         for (version, key, iv, hp) in [
-            (VERSION_1, "1f369613dd76d5467730efcbe3b1a22d", "fa044b2f42a3fd3b46fb255c", "9f50449e04a0e810283a1e9933adedd2"),
-            (VERSION_2, "8b1a0bc121284290a29e0971b5cd045d", "91f73e2351d8fa91660e909f", "45b95e15235d6f45a6b19cbcb0294ba9"),
+            (
+                VERSION_1,
+                "1f369613dd76d5467730efcbe3b1a22d",
+                "fa044b2f42a3fd3b46fb255c",
+                "9f50449e04a0e810283a1e9933adedd2",
+            ),
+            (
+                VERSION_2,
+                "8b1a0bc121284290a29e0971b5cd045d",
+                "91f73e2351d8fa91660e909f",
+                "45b95e15235d6f45a6b19cbcb0294ba9",
+            ),
         ] {
             let prefix = if version == VERSION_1 { "quic" } else { "quicv2" };
             let salt = if version == VERSION_1 { &SALT_V1 } else { &SALT_V2 };
@@ -338,10 +348,14 @@ pub(crate) mod tests {
             nonce[4 + i] ^= byte;
         }
         let key = aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_128_GCM, &key).unwrap());
-        key.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(&header), &mut payload).unwrap();
+        key.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(&header), &mut payload)
+            .unwrap();
         let mut packet = header;
         packet.extend_from_slice(&payload);
-        let mask = HeaderProtectionKey::new(&aead::quic::AES_128, &hp).unwrap().new_mask(&packet[pn_offset + 4..pn_offset + 20]).unwrap();
+        let mask = HeaderProtectionKey::new(&aead::quic::AES_128, &hp)
+            .unwrap()
+            .new_mask(&packet[pn_offset + 4..pn_offset + 20])
+            .unwrap();
         packet[0] ^= mask[0] & 0x0f;
         for i in 0..4 {
             packet[pn_offset + i] ^= mask[1 + i];
@@ -350,7 +364,8 @@ pub(crate) mod tests {
     }
 
     pub fn crypto_frame(offset: u64, data: &[u8]) -> Vec<u8> {
-        let mut frame = vec![0x06, 0x80 | (offset >> 24) as u8, (offset >> 16) as u8, (offset >> 8) as u8, offset as u8];
+        let mut frame =
+            vec![0x06, 0x80 | (offset >> 24) as u8, (offset >> 16) as u8, (offset >> 8) as u8, offset as u8];
         frame.extend_from_slice(&(0x4000 | data.len() as u16).to_be_bytes());
         frame.extend_from_slice(data);
         frame

@@ -56,9 +56,10 @@ pub fn client_hello(stream: &[u8]) -> Parse<ClientHello> {
 /// A ClientHello after a cleartext prelude (STARTTLS in SMTP/IMAP/XMPP/LDAP,
 /// a SOCKS handshake): the first handshake record that starts one.
 pub fn client_hello_after_prelude(stream: &[u8]) -> Parse<ClientHello> {
-    let starts = stream.windows(6).enumerate().filter(|(_, w)| {
-        w[0] == CONTENT_HANDSHAKE && w[1] == 3 && w[2] <= 4 && w[5] == HANDSHAKE_CLIENT_HELLO
-    });
+    let starts = stream
+        .windows(6)
+        .enumerate()
+        .filter(|(_, w)| w[0] == CONTENT_HANDSHAKE && w[1] == 3 && w[2] <= 4 && w[5] == HANDSHAKE_CLIENT_HELLO);
     for (at, _) in starts {
         match client_hello(&stream[at..]) {
             Parse::NotThis => continue,
@@ -175,7 +176,10 @@ pub(crate) mod tests {
     #[test]
     fn sni_from_one_record_and_lower_cased() {
         let stream = in_records(&client_hello_bytes(Some("Mail.Example.COM"), &[]), 16384);
-        assert_eq!(client_hello(&stream), Parse::Done(ClientHello { sni: Some("mail.example.com".into()), ech: false }));
+        assert_eq!(
+            client_hello(&stream),
+            Parse::Done(ClientHello { sni: Some("mail.example.com".into()), ech: false })
+        );
     }
 
     #[test]
@@ -185,19 +189,27 @@ pub(crate) mod tests {
         for cut in [1, 5, 100, 1448, 2896, stream.len() - 1] {
             assert_eq!(client_hello(&stream[..cut]), Parse::NeedMore, "cut at {cut}");
         }
-        assert!(matches!(client_hello(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "big.example.net"));
+        assert!(
+            matches!(client_hello(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "big.example.net")
+        );
     }
 
     #[test]
     fn a_handshake_split_over_several_records() {
         let stream = in_records(&client_hello_bytes(Some("split.example.org"), &[]), 30);
-        assert!(matches!(client_hello(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "split.example.org"));
+        assert!(
+            matches!(client_hello(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "split.example.org")
+        );
     }
 
     #[test]
     fn ech_and_no_sni() {
-        let stream = in_records(&client_hello_bytes(Some("public.example.com"), &[(EXTENSION_ECH, vec![0; 40])]), 16384);
-        assert_eq!(client_hello(&stream), Parse::Done(ClientHello { sni: Some("public.example.com".into()), ech: true }));
+        let stream =
+            in_records(&client_hello_bytes(Some("public.example.com"), &[(EXTENSION_ECH, vec![0; 40])]), 16384);
+        assert_eq!(
+            client_hello(&stream),
+            Parse::Done(ClientHello { sni: Some("public.example.com".into()), ech: true })
+        );
         let stream = in_records(&client_hello_bytes(None, &[]), 16384);
         assert_eq!(client_hello(&stream), Parse::Done(ClientHello { sni: None, ech: false }));
     }
@@ -207,7 +219,9 @@ pub(crate) mod tests {
         let mut stream = b"EHLO client.example\r\nSTARTTLS\r\n".to_vec();
         assert_eq!(client_hello_after_prelude(&stream), Parse::NeedMore);
         stream.extend(in_records(&client_hello_bytes(Some("smtp.example.net"), &[]), 16384));
-        assert!(matches!(client_hello_after_prelude(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "smtp.example.net"));
+        assert!(
+            matches!(client_hello_after_prelude(&stream), Parse::Done(ClientHello { sni: Some(ref n), .. }) if n == "smtp.example.net")
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub enum NatEvent {
     Destroy(Mapping),
     /// Events were lost (netlink buffer overrun) at some time after `since`,
     /// when the follower last found its socket drained.
-    Overrun { since: DateTime<Utc> },
+    Overrun {
+        since: DateTime<Utc>,
+    },
 }
 
 /// Mappings by original and by reply direction. Destroyed mappings are kept
@@ -113,8 +115,20 @@ mod tests {
     use crate::capture::tuple::ipv4;
 
     fn mapping() -> Mapping {
-        let original = Tuple { src: ipv4(192, 168, 1, 23), src_port: 51544, dst: ipv4(203, 0, 113, 10), dst_port: 443, proto: probe_common::Proto::Tcp };
-        let reply = Tuple { src: ipv4(203, 0, 113, 10), src_port: 443, dst: ipv4(198, 51, 100, 1), dst_port: 10007, proto: probe_common::Proto::Tcp };
+        let original = Tuple {
+            src: ipv4(192, 168, 1, 23),
+            src_port: 51544,
+            dst: ipv4(203, 0, 113, 10),
+            dst_port: 443,
+            proto: probe_common::Proto::Tcp,
+        };
+        let reply = Tuple {
+            src: ipv4(203, 0, 113, 10),
+            src_port: 443,
+            dst: ipv4(198, 51, 100, 1),
+            dst_port: 10007,
+            proto: probe_common::Proto::Tcp,
+        };
         Mapping { original, reply }
     }
 

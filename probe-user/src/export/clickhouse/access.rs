@@ -77,7 +77,10 @@ pub struct Access {
 
 impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Access").field("user", &self.user).field("password", &self.password.as_ref().map(|_| "(set)")).finish()
+        f.debug_struct("Access")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "(set)"))
+            .finish()
     }
 }
 
@@ -137,7 +140,9 @@ impl Access {
 /// The password in `path`, its last line end dropped.
 fn password(path: &Path, store_dir: Option<&Path>) -> Result<String> {
     let bytes = crate::config::read_secret(path, "the ClickHouse password file", store_dir)?;
-    let text = String::from_utf8(bytes).ok().context(format!("the ClickHouse password file {} is not UTF-8", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .ok()
+        .context(format!("the ClickHouse password file {} is not UTF-8", path.display()))?;
     let password = text.strip_suffix('\n').map(|p| p.strip_suffix('\r').unwrap_or(p)).unwrap_or(&text);
     // It travels in an HTTP header.
     if password.is_empty() || !password.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
@@ -165,7 +170,13 @@ mod tests {
             let message = refused.to_string();
             assert!(!message.contains("s3cret") && message.contains("password_file"), "{message}");
         }
-        for url in ["ftp://10.0.0.5", "http://10.0.0.5:8123/?database=x", "http://10.0.0.5:8123/db", "10.0.0.5:8123", "http://#s3cret"] {
+        for url in [
+            "ftp://10.0.0.5",
+            "http://10.0.0.5:8123/?database=x",
+            "http://10.0.0.5:8123/db",
+            "10.0.0.5:8123",
+            "http://#s3cret",
+        ] {
             let refused = checked_url(url).expect_err(url);
             assert!(!refused.to_string().contains("s3cret"), "{refused}");
         }

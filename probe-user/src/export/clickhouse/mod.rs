@@ -160,7 +160,9 @@ impl ClickHouse {
             for statement in self.schema() {
                 client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
             }
-            for statement in self.missing_columns(&client).await.with_context(|| format!("reading the columns on {node}"))? {
+            for statement in
+                self.missing_columns(&client).await.with_context(|| format!("reading the columns on {node}"))?
+            {
                 client.query(&statement).execute().await.with_context(|| format!("on {node}: {statement}"))?;
             }
         }
@@ -179,7 +181,9 @@ impl ClickHouse {
             .map(|table| format!("{DATABASE}.{table}"))
             .into();
         if self.cluster.is_some() {
-            tables.extend(["records", "records_by_device", "records_by_service"].map(|table| format!("{DATABASE}.{table}")));
+            tables.extend(
+                ["records", "records_by_device", "records_by_service"].map(|table| format!("{DATABASE}.{table}")),
+            );
         }
         // The ingest table last: its views find every column in their targets.
         tables.push(format!("{INGEST}.records_local"));
@@ -197,7 +201,9 @@ impl ClickHouse {
 
     /// The DDL of one node.
     fn schema(&self) -> Vec<String> {
-        let columns = |list: &[(&str, &str)]| list.iter().map(|(name, kind)| format!("{name} {kind}")).collect::<Vec<_>>().join(", ");
+        let columns = |list: &[(&str, &str)]| {
+            list.iter().map(|(name, kind)| format!("{name} {kind}")).collect::<Vec<_>>().join(", ")
+        };
         let records = columns(RECORD_COLUMNS);
         let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {DATABASE}")];
         for (table, order) in LOCAL_TABLES {
@@ -271,11 +277,15 @@ impl ClickHouse {
     }
 
     pub async fn insert_records(&self, rows: &[RecordRow]) -> Result<()> {
-        self.insert(Table::Records, rows).await.with_context(|| format!("inserting {} records into {}", rows.len(), self.url))
+        self.insert(Table::Records, rows)
+            .await
+            .with_context(|| format!("inserting {} records into {}", rows.len(), self.url))
     }
 
     pub async fn insert_gaps(&self, rows: &[GapRow]) -> Result<()> {
-        self.insert(Table::Gaps, rows).await.with_context(|| format!("inserting {} gap entries into {}", rows.len(), self.url))
+        self.insert(Table::Gaps, rows)
+            .await
+            .with_context(|| format!("inserting {} gap entries into {}", rows.len(), self.url))
     }
 
     async fn insert<T>(&self, table: Table, rows: &[T]) -> Result<()>
@@ -316,7 +326,13 @@ impl ClickHouse {
              WHERE from_us <= ? GROUP BY probe, from_us, kind HAVING to_us >= ? ORDER BY from_us, probe, kind",
             self.table(Table::Gaps)
         );
-        self.client.query(&sql).bind(to_us).bind(from_us).fetch_all().await.with_context(|| format!("asking {}", self.url))
+        self.client
+            .query(&sql)
+            .bind(to_us)
+            .bind(from_us)
+            .fetch_all()
+            .await
+            .with_context(|| format!("asking {}", self.url))
     }
 
     /// Drops every day partition before `oldest_kept` on every node; returns
@@ -372,7 +388,11 @@ pub enum Bind {
 /// A ClickHouse for callers without a runtime (the command line, the desk's
 /// blocking answers): each call runs on its own small runtime.
 pub fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime for ClickHouse")?.block_on(work)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a runtime for ClickHouse")?
+        .block_on(work)
 }
 
 #[cfg(test)]
@@ -383,9 +403,13 @@ mod tests {
     fn tables_of_an_older_icr_get_the_columns_they_lack_in_order() {
         let tables: Vec<String> = ["icr.records_by_service_local", "icr.records_local"].map(String::from).into();
         let older = RECORD_COLUMNS.len() - 6;
-        let mut present: Vec<(String, String)> =
-            RECORD_COLUMNS[..older].iter().map(|(name, _)| ("icr.records_local".to_string(), name.to_string())).collect();
-        present.extend(RECORD_COLUMNS.iter().map(|(name, _)| ("icr.records_by_service_local".to_string(), name.to_string())));
+        let mut present: Vec<(String, String)> = RECORD_COLUMNS[..older]
+            .iter()
+            .map(|(name, _)| ("icr.records_local".to_string(), name.to_string()))
+            .collect();
+        present.extend(
+            RECORD_COLUMNS.iter().map(|(name, _)| ("icr.records_by_service_local".to_string(), name.to_string())),
+        );
         present.push(("elsewhere".into(), "local".into()));
         assert_eq!(
             alter_statements(&tables, &present),
@@ -398,7 +422,9 @@ mod tests {
                 "ALTER TABLE icr.records_local ADD COLUMN service_resolver String",
             ]
         );
-        present.extend(RECORD_COLUMNS[older..].iter().map(|(name, _)| ("icr.records_local".to_string(), name.to_string())));
+        present.extend(
+            RECORD_COLUMNS[older..].iter().map(|(name, _)| ("icr.records_local".to_string(), name.to_string())),
+        );
         assert!(alter_statements(&tables, &present).is_empty(), "again: nothing to add");
     }
 }

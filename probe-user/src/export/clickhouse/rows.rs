@@ -191,7 +191,9 @@ impl RecordRow {
             (_, None) => bail!("record {}: a DNS answer's time without its resolver", self.id),
         };
         let service = match (optional(self.service_name), source) {
-            (Some(name), Some(source)) => Some(Service { origin, ..Service::carried(name, source, self.service_ech != 0) }),
+            (Some(name), Some(source)) => {
+                Some(Service { origin, ..Service::carried(name, source, self.service_ech != 0) })
+            }
             _ => None,
         };
         let dns = optional(self.dns_qname).map(|qname| Dns { qname, qtype: self.dns_qtype, answers: self.dns_answers });
@@ -241,7 +243,9 @@ impl RecordRow {
 
 /// A row read back that no gateway could have written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the cluster holds a row that is no valid record (id {id:?}): its {field} {value:?} is {why}; it is not answered")]
+#[error(
+    "the cluster holds a row that is no valid record (id {id:?}): its {field} {value:?} is {why}; it is not answered"
+)]
 pub struct InvalidRow {
     pub id: String,
     pub field: &'static str,
@@ -269,7 +273,12 @@ impl RecordRow {
             _ => Err(refuse(field, value, why)),
         };
         canonical("id", &self.id, uuid::Uuid::parse_str(&self.id).ok().map(|id| id.to_string()), "not a record id")?;
-        canonical("proto", &self.proto, self.proto.parse::<probe_common::Proto>().ok().map(|p| p.to_string()), "not a protocol")?;
+        canonical(
+            "proto",
+            &self.proto,
+            self.proto.parse::<probe_common::Proto>().ok().map(|p| p.to_string()),
+            "not a protocol",
+        )?;
         if !self.device_mac.is_empty() {
             let mac = self.device_mac.parse::<probe_common::Mac>().ok().map(|m| m.to_string());
             canonical("device_mac", &self.device_mac, mac, "not a MAC address")?;
@@ -279,7 +288,9 @@ impl RecordRow {
                 return Err(refuse(field, text, "too long or holds control characters"));
             }
         }
-        let name = |field, value: &str| canonical(field, value, normalise_name(value.as_bytes()), "not a name as capture writes one");
+        let name = |field, value: &str| {
+            canonical(field, value, normalise_name(value.as_bytes()), "not a name as capture writes one")
+        };
         // Names from DNS keep every octet, escaped (RFC 1035 presentation form).
         let dns_name = |field, value: &str| match dns::is_presentation(value) {
             true => Ok(()),
@@ -295,7 +306,10 @@ impl RecordRow {
             dns_name("dns qname", qname)?;
         }
         for qtype in std::iter::once(&self.dns_qtype).filter(|q| !q.is_empty()).chain(&self.dns_all_qtype) {
-            if qtype.is_empty() || qtype.len() > 10 || !qtype.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+            if qtype.is_empty()
+                || qtype.len() > 10
+                || !qtype.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+            {
                 return Err(refuse("dns qtype", qtype, "not a DNS type"));
             }
         }
@@ -369,11 +383,15 @@ mod tests {
         let mut records = samples(200);
         records[3].probe = Some("gw-07".into());
         records[4].public = None;
-        records[5].dns = Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec!["2001:db8::1".into()] });
+        records[5].dns =
+            Some(Dns { qname: "a.example".into(), qtype: "AAAA".into(), answers: vec!["2001:db8::1".into()] });
         records[6].service = Some(Service::carried("ech.example".into(), ServiceSource::QuicSni, true));
         records[5].dns_all = vec![records[5].dns.clone().unwrap()];
         records[7].device = Device { vlan: vec![100, 20], pppoe_session: Some(7), ..Device::default() };
-        assert!(records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local), "the samples have both");
+        assert!(
+            records.iter().any(|r| r.dns_all.len() > 1) && records.iter().any(|r| r.local),
+            "the samples have both"
+        );
         for record in &records {
             assert_eq!(&RecordRow::of(record).unwrap().into_icr().unwrap(), record);
         }
@@ -399,7 +417,11 @@ mod tests {
     fn a_row_no_gateway_could_write_is_reported_not_returned() {
         let mut record = samples(1).remove(0);
         record.service = Some(Service::carried("-2.example.test".into(), ServiceSource::TlsSni, false));
-        record.dns = Some(Dns { qname: "a.example".into(), qtype: "A".into(), answers: vec!["192.0.2.1".into(), "cdn.example".into()] });
+        record.dns = Some(Dns {
+            qname: "a.example".into(),
+            qtype: "A".into(),
+            answers: vec!["192.0.2.1".into(), "cdn.example".into()],
+        });
         record.dns_all = vec![record.dns.clone().unwrap()];
         record.device.mac = Some("02:00:00:00:00:17".into());
         let good = RecordRow::of(&record).unwrap();

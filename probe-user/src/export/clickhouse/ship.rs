@@ -70,7 +70,9 @@ pub async fn ship_batch(store: &Store, cluster: &ClickHouse, probe: &str) -> Res
             }
             // Damage in the outbox cannot be shipped, and must not stop what
             // follows: the records are still in the store.
-            Err(error) => warn!("outbox entry {key} is damaged and is skipped (its records stay in the store): {error:#}"),
+            Err(error) => {
+                warn!("outbox entry {key} is damaged and is skipped (its records stay in the store): {error:#}")
+            }
         }
     }
     if !records.is_empty() {

@@ -41,8 +41,15 @@ use crate::{
     config::{AuthorityKind, StoreConfig},
     export::{self, Format},
     icr::{Icr, format_time},
-    query::{Ask, Backend, Desk, Failure, Request, Who, audit::{AuditLog, AuditRecord}, request::LocalFilter},
-    serve::{http::{BUSY, Doorkeeper}, tokens},
+    query::{
+        Ask, Backend, Desk, Failure, Request, Who,
+        audit::{AuditLog, AuditRecord},
+        request::LocalFilter,
+    },
+    serve::{
+        http::{BUSY, Doorkeeper},
+        tokens,
+    },
     store::{gaps::Gap, rollup::ServiceRow},
 };
 use pages::Signed;
@@ -189,7 +196,8 @@ impl Sessions {
     /// total is bounded by the configured authorities.)
     fn start(&self, id: String, session: Session) {
         let mut sessions = self.lock();
-        let over: Vec<String> = sessions.iter().filter(|(_, s)| s.last_seen.elapsed() >= self.idle).map(|(id, _)| id.clone()).collect();
+        let over: Vec<String> =
+            sessions.iter().filter(|(_, s)| s.last_seen.elapsed() >= self.idle).map(|(id, _)| id.clone()).collect();
         for id in &over {
             if let Some(ended) = sessions.remove(id) {
                 ended.end();
@@ -216,7 +224,8 @@ impl Sessions {
         let Some(session) = sessions.get_mut(id) else { return false };
         session.answers.push(answer);
         while session.answers.len() > 1
-            && (session.answers.len() > MAX_ANSWERS || session.answers.iter().map(|a| a.bytes).sum::<usize>() > self.answer_bytes)
+            && (session.answers.len() > MAX_ANSWERS
+                || session.answers.iter().map(|a| a.bytes).sum::<usize>() > self.answer_bytes)
         {
             let oldest = session.answers.remove(0);
             let _ = std::fs::remove_dir_all(&oldest.bundle);
@@ -315,10 +324,16 @@ async fn asset(UrlPath(name): UrlPath<String>) -> Response {
 
 /// The session cookie's value.
 fn cookie(headers: &HeaderMap) -> Option<String> {
-    headers.get_all(header::COOKIE).iter().filter_map(|value| value.to_str().ok()).flat_map(|value| value.split(';')).find_map(|pair| {
-        let (name, value) = pair.trim().split_once('=')?;
-        (name == COOKIE && value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())).then(|| value.to_string())
-    })
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == COOKIE && value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| value.to_string())
+        })
 }
 
 /// Whether a state-changing request comes from the console's own pages: a
@@ -339,7 +354,8 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
 
 fn random_hex() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness"))?;
     Ok(hex::encode(bytes))
 }
 
@@ -397,7 +413,14 @@ async fn sign_in(
             Ok(_) => Ok(Ok(loaded.config.authority(&asked).map_or(AuthorityKind::Local, |a| a.kind))),
             Err(reason) => {
                 // Audited like the API's refusals (never the token).
-                let refusal = checking.doorkeeper.refuse_unauthenticated(&desk, &loaded, client.ip(), "console sign-in", Some(&asked), reason);
+                let refusal = checking.doorkeeper.refuse_unauthenticated(
+                    &desk,
+                    &loaded,
+                    client.ip(),
+                    "console sign-in",
+                    Some(&asked),
+                    reason,
+                );
                 Ok(Err(refusal.to_string()))
             }
         }
@@ -411,7 +434,10 @@ async fn sign_in(
     };
     attempt.succeeded();
     let (Ok(id), Ok(csrf)) = (random_hex(), random_hex()) else { return server_error("no randomness for a session") };
-    state.sessions.start(id.clone(), Session { authority: name, kind, csrf, last_seen: Instant::now(), answers: Vec::new(), next_answer: 1 });
+    state.sessions.start(
+        id.clone(),
+        Session { authority: name, kind, csrf, last_seen: Instant::now(), answers: Vec::new(), next_answer: 1 },
+    );
     // Secure: browsers keep it from plain HTTP except on loopback, where
     // the API allows plain HTTP at all.
     let cookie = format!("{COOKIE}={id}; Path=/console; HttpOnly; Secure; SameSite=Strict");
@@ -458,24 +484,33 @@ async fn sign_out(State(state): State<ConsoleState>, headers: HeaderMap, Form(fo
         session.end();
     }
     let mut response = Redirect::to("/console").into_response();
-    response
-        .headers_mut()
-        .insert(header::SET_COOKIE, HeaderValue::from_static("icr_console=; Path=/console; HttpOnly; Secure; SameSite=Strict; Max-Age=0"));
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("icr_console=; Path=/console; HttpOnly; Secure; SameSite=Strict; Max-Age=0"),
+    );
     response
 }
 
 /// The signed-in page for `id`, or the sign-in page.
 fn with_session(state: &ConsoleState, headers: &HeaderMap, page: impl FnOnce(&Session) -> Response) -> Response {
-    let Some(id) = state.session_id(headers) else { return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some("Sign in first (or again: the session ended)."))) };
+    let Some(id) = state.session_id(headers) else {
+        return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some("Sign in first (or again: the session ended).")));
+    };
     match state.sessions().get(&id) {
         Some(session) => page(session),
         None => html(StatusCode::UNAUTHORIZED, pages::sign_in(None)),
     }
 }
 
-async fn ask_form(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(question): UrlPath<String>) -> Response {
+async fn ask_form(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    UrlPath(question): UrlPath<String>,
+) -> Response {
     let Some(kind) = Kind::from_path(&question) else { return StatusCode::NOT_FOUND.into_response() };
-    with_session(&state, &headers, |session| html(StatusCode::OK, pages::ask(&session.signed(), kind, &HashMap::new(), None)))
+    with_session(&state, &headers, |session| {
+        html(StatusCode::OK, pages::ask(&session.signed(), kind, &HashMap::new(), None))
+    })
 }
 
 /// The desk's request for a form: the form's values as given, the
@@ -507,14 +542,23 @@ fn request_of(kind: Kind, authority: &str, form: &HashMap<String, String>, bundl
     };
     Ok(Request {
         ask,
-        who: Who { authority: Some(authority.to_string()), officer: optional("officer"), reference: optional("reference") },
+        who: Who {
+            authority: Some(authority.to_string()),
+            officer: optional("officer"),
+            reference: optional("reference"),
+        },
         format: Format::Csv,
         bundle: Some(bundle.to_path_buf()),
         config: None,
     })
 }
 
-async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(question): UrlPath<String>, Form(form): Form<HashMap<String, String>>) -> Response {
+async fn ask(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    UrlPath(question): UrlPath<String>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
     let Some(kind) = Kind::from_path(&question) else { return StatusCode::NOT_FOUND.into_response() };
     let id = match genuine(&state, &headers, form.get("csrf").map(String::as_str).unwrap_or_default()) {
         Ok(id) => id,
@@ -522,14 +566,18 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
     };
     let (authority, answer_id) = {
         let mut sessions = state.sessions();
-        let Some(session) = sessions.get_mut(&id) else { return refused(StatusCode::FORBIDDEN, "no session: sign in first") };
+        let Some(session) = sessions.get_mut(&id) else {
+            return refused(StatusCode::FORBIDDEN, "no session: sign in first");
+        };
         session.next_answer += 1;
         (session.authority.clone(), session.next_answer - 1)
     };
     let Ok(bundle_name) = random_hex() else { return server_error("no randomness") };
     let bundle = state.bundles.join(&bundle_name[..32]);
     let form_page = |status: StatusCode, message: &str| {
-        with_session(&state, &headers, |session| html(status, pages::ask(&session.signed(), kind, &form, Some(message))))
+        with_session(&state, &headers, |session| {
+            html(status, pages::ask(&session.signed(), kind, &form, Some(message)))
+        })
     };
     let request = match request_of(kind, &authority, &form, &bundle) {
         Ok(request) => request,
@@ -538,9 +586,12 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
     let asking = state.clone();
     let summary = summary_of(&request.ask);
     let answered = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&asking.bundles).map_err(|e| Failure::Failed(anyhow::Error::from(e).context("creating the console's bundle directory")))?;
+        std::fs::create_dir_all(&asking.bundles)
+            .map_err(|e| Failure::Failed(anyhow::Error::from(e).context("creating the console's bundle directory")))?;
         let governing = asking.governing();
-        Desk::new(&asking.db, &governing, asking.backend.as_ref()).answer(&request).map(|answer| (answer.gaps, answer.window))
+        Desk::new(&asking.db, &governing, asking.backend.as_ref())
+            .answer(&request)
+            .map(|answer| (answer.gaps, answer.window))
     })
     .await;
     let (gaps, (from, to)) = match answered {
@@ -564,7 +615,8 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
         None => (if kind == Kind::Services { Rows::Services(Vec::new()) } else { Rows::Records(Vec::new()) }, false),
     };
     let bytes = if shown { bytes } else { 0 };
-    let answered = Arc::new(Answered { id: answer_id, kind, summary, from, to, rows, shown, gaps, audit_seq, bundle, bytes });
+    let answered =
+        Arc::new(Answered { id: answer_id, kind, summary, from, to, rows, shown, gaps, audit_seq, bundle, bytes });
     if !state.sessions.keep(&id, answered) {
         return refused(StatusCode::FORBIDDEN, "the session ended");
     }
@@ -573,9 +625,13 @@ async fn ask(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(ques
 
 fn summary_of(ask: &Ask) -> String {
     match ask {
-        Ask::Resolve { ip, port, at, .. } => format!("Who had {ip}{} at {at}", port.map(|p| format!(":{p}")).unwrap_or_default()),
+        Ask::Resolve { ip, port, at, .. } => {
+            format!("Who had {ip}{} at {at}", port.map(|p| format!(":{p}")).unwrap_or_default())
+        }
         Ask::Services { device, from, to } => format!("Services of {device} from {from} to {to}"),
-        Ask::Accessed { services, from, to, local } => format!("Devices that used {} from {from} to {to} (local exchanges: {local:?})", services.join(", ")),
+        Ask::Accessed { services, from, to, local } => {
+            format!("Devices that used {} from {from} to {to} (local exchanges: {local:?})", services.join(", "))
+        }
         Ask::List { from, to } => format!("Every record from {from} to {to}"),
     }
 }
@@ -601,13 +657,26 @@ fn read_bundle(kind: Kind, dir: &Path, max_bytes: usize) -> anyhow::Result<(Opti
 }
 
 /// A session's answer by its number.
-fn answer_of(state: &ConsoleState, headers: &HeaderMap, id: u64) -> Result<(Arc<Answered>, String, String, bool), Box<Response>> {
+fn answer_of(
+    state: &ConsoleState,
+    headers: &HeaderMap,
+    id: u64,
+) -> Result<(Arc<Answered>, String, String, bool), Box<Response>> {
     let Some(session_id) = state.session_id(headers) else {
-        return Err(Box::new(html(StatusCode::UNAUTHORIZED, pages::sign_in(Some("Sign in first (or again: the session ended).")))));
+        return Err(Box::new(html(
+            StatusCode::UNAUTHORIZED,
+            pages::sign_in(Some("Sign in first (or again: the session ended).")),
+        )));
     };
     let sessions = state.sessions();
-    let session = sessions.get(&session_id).ok_or_else(|| Box::new(refused(StatusCode::FORBIDDEN, "the session ended")))?;
-    let answer = session.answers.iter().find(|a| a.id == id).cloned().ok_or_else(|| Box::new(StatusCode::NOT_FOUND.into_response()))?;
+    let session =
+        sessions.get(&session_id).ok_or_else(|| Box::new(refused(StatusCode::FORBIDDEN, "the session ended")))?;
+    let answer = session
+        .answers
+        .iter()
+        .find(|a| a.id == id)
+        .cloned()
+        .ok_or_else(|| Box::new(StatusCode::NOT_FOUND.into_response()))?;
     Ok((answer, session.authority.clone(), session.csrf.clone(), session.kind == AuthorityKind::Auditor))
 }
 
@@ -617,7 +686,12 @@ struct Page {
     page: Option<usize>,
 }
 
-async fn answer_page(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath(id): UrlPath<u64>, Query(page): Query<Page>) -> Response {
+async fn answer_page(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<u64>,
+    Query(page): Query<Page>,
+) -> Response {
     let (answered, authority, csrf, auditor) = match answer_of(&state, &headers, id) {
         Ok(found) => found,
         Err(response) => return *response,
@@ -630,19 +704,28 @@ async fn answer_page(State(state): State<ConsoleState>, headers: HeaderMap, UrlP
     html(StatusCode::OK, pages::answer(&signed, &answered, timeline, page.page.unwrap_or(1)))
 }
 
-async fn download(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath((id, file)): UrlPath<(u64, String)>) -> Response {
+async fn download(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    UrlPath((id, file)): UrlPath<(u64, String)>,
+) -> Response {
     let (answered, ..) = match answer_of(&state, &headers, id) {
         Ok(found) => found,
         Err(response) => return *response,
     };
     let stem = format!("icr-{}-{}", answered.kind.path(), answered.audit_seq);
     let made = match file.as_str() {
-        "results.csv" => std::fs::read(answered.bundle.join("results.csv")).map(|b| (b, "text/csv; charset=utf-8", format!("{stem}.csv"))).map_err(anyhow::Error::from),
-        "results.ndjson" => std::fs::read(answered.bundle.join("results.ndjson")).map(|b| (b, "application/x-ndjson", format!("{stem}.ndjson"))).map_err(anyhow::Error::from),
+        "results.csv" => std::fs::read(answered.bundle.join("results.csv"))
+            .map(|b| (b, "text/csv; charset=utf-8", format!("{stem}.csv")))
+            .map_err(anyhow::Error::from),
+        "results.ndjson" => std::fs::read(answered.bundle.join("results.ndjson"))
+            .map(|b| (b, "application/x-ndjson", format!("{stem}.ndjson")))
+            .map_err(anyhow::Error::from),
         "results.ecs.ndjson" => match &answered.rows {
             Rows::Records(records) => {
                 let mut body = Vec::new();
-                export::write_records(&mut body, records, Format::Ecs).map(|()| (body, "application/x-ndjson", format!("{stem}.ecs.ndjson")))
+                export::write_records(&mut body, records, Format::Ecs)
+                    .map(|()| (body, "application/x-ndjson", format!("{stem}.ecs.ndjson")))
             }
             Rows::Services(_) => return StatusCode::NOT_FOUND.into_response(),
         },
@@ -652,7 +735,8 @@ async fn download(State(state): State<ConsoleState>, headers: HeaderMap, UrlPath
     match made {
         Ok((body, content_type, name)) => {
             let disposition = format!("attachment; filename=\"{name}\"");
-            ([(header::CONTENT_TYPE, content_type.to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response()
+            ([(header::CONTENT_TYPE, content_type.to_string()), (header::CONTENT_DISPOSITION, disposition)], body)
+                .into_response()
         }
         Err(error) => server_error(error),
     }
@@ -678,7 +762,9 @@ fn zip_bundle(dir: &Path) -> anyhow::Result<Vec<u8>> {
 type AuditView = (Result<u64, String>, Vec<serde_json::Value>);
 
 async fn audit_page(State(state): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let Some(id) = state.session_id(&headers) else { return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some("Sign in first."))) };
+    let Some(id) = state.session_id(&headers) else {
+        return html(StatusCode::UNAUTHORIZED, pages::sign_in(Some("Sign in first.")));
+    };
     let (authority, csrf, kind) = match state.sessions().get(&id) {
         Some(s) => (s.authority.clone(), s.csrf.clone(), s.kind),
         None => return html(StatusCode::UNAUTHORIZED, pages::sign_in(None)),
@@ -705,7 +791,8 @@ async fn audit_page(State(state): State<ConsoleState>, headers: HeaderMap) -> Re
         log.append(entry)?;
         let verified = log.verify().map_err(|e| format!("{e:#}"));
         let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-        let mut entries: Vec<serde_json::Value> = text.lines().rev().take(AUDIT_ROWS).filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let mut entries: Vec<serde_json::Value> =
+            text.lines().rev().take(AUDIT_ROWS).filter_map(|l| serde_json::from_str(l).ok()).collect();
         entries.shrink_to_fit();
         Ok(Ok((verified, entries)))
     })
@@ -726,15 +813,25 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
-            headers.append(header::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            headers.append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         headers
     }
 
     #[test]
     fn only_the_consoles_own_origin_may_post() {
-        assert!(same_origin(&headers(&[("host", "127.0.0.1:8443"), ("origin", "https://127.0.0.1:8443"), ("sec-fetch-site", "same-origin")])));
-        assert!(same_origin(&headers(&[("host", "127.0.0.1:8443")])), "no browser headers: a plain client, which still needs the session and token");
+        assert!(same_origin(&headers(&[
+            ("host", "127.0.0.1:8443"),
+            ("origin", "https://127.0.0.1:8443"),
+            ("sec-fetch-site", "same-origin")
+        ])));
+        assert!(
+            same_origin(&headers(&[("host", "127.0.0.1:8443")])),
+            "no browser headers: a plain client, which still needs the session and token"
+        );
         assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("origin", "https://evil.example")])));
         assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("origin", "http://127.0.0.1:9999")])));
         assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("sec-fetch-site", "cross-site")])));
@@ -775,8 +872,14 @@ mod tests {
                 local: LocalFilter::Exclude,
             }
         );
-        assert_eq!(request.who, Who { authority: Some("met-police".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) });
-        assert_eq!((request.format, request.bundle.as_deref(), request.config.as_deref()), (Format::Csv, Some(Path::new("/tmp/b")), None));
+        assert_eq!(
+            request.who,
+            Who { authority: Some("met-police".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) }
+        );
+        assert_eq!(
+            (request.format, request.bundle.as_deref(), request.config.as_deref()),
+            (Format::Csv, Some(Path::new("/tmp/b")), None)
+        );
         let mut bad = form.clone();
         bad.insert("local".into(), "sometimes".into());
         assert!(request_of(Kind::Accessed, "met-police", &bad, Path::new("/tmp/b")).is_err());
@@ -784,7 +887,11 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let Ask::Resolve { ip, port, tolerance, .. } = request_of(Kind::Resolve, "a", &resolve, Path::new("/tmp/b")).unwrap().ask else { panic!() };
+        let Ask::Resolve { ip, port, tolerance, .. } =
+            request_of(Kind::Resolve, "a", &resolve, Path::new("/tmp/b")).unwrap().ask
+        else {
+            panic!()
+        };
         assert_eq!((ip.to_string(), port, tolerance.as_str()), ("203.0.113.1".into(), None, "1s"));
         let mut bad_ip = resolve.clone();
         bad_ip.insert("ip".into(), "not-an-ip".into());
@@ -820,7 +927,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bundle = dir.path().join("b1");
         std::fs::create_dir(&bundle).unwrap();
-        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 8, answer_bytes: 1 << 20, map: Mutex::default() };
+        let sessions =
+            Sessions { idle: Duration::from_secs(600), per_authority: 8, answer_bytes: 1 << 20, map: Mutex::default() };
         sessions.start("s1".into(), session(&bundle));
         assert!(sessions.alive("s1"));
         assert!(!sessions.alive("s2"), "an unknown session");
@@ -834,7 +942,8 @@ mod tests {
     #[test]
     fn past_its_limit_an_authority_ends_its_own_idlest_session_never_anothers() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 1 << 20, map: Mutex::default() };
+        let sessions =
+            Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 1 << 20, map: Mutex::default() };
         let mut other = session(&dir.path().join("other"));
         other.authority = "nca".into();
         other.last_seen = Instant::now() - Duration::from_secs(590);
@@ -853,7 +962,8 @@ mod tests {
     #[test]
     fn a_session_keeps_answers_up_to_its_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 2500, map: Mutex::default() };
+        let sessions =
+            Sessions { idle: Duration::from_secs(600), per_authority: 4, answer_bytes: 2500, map: Mutex::default() };
         let first = dir.path().join("first");
         std::fs::create_dir(&first).unwrap();
         sessions.start("s".into(), session(&first));

@@ -4,7 +4,10 @@
 use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 
-use crate::{icr::Icr, store::{gaps::Gap, rollup::ServiceRow}};
+use crate::{
+    icr::Icr,
+    store::{gaps::Gap, rollup::ServiceRow},
+};
 
 const WIDTH: f64 = 1100.0;
 const LABEL: f64 = 260.0;
@@ -24,12 +27,20 @@ struct Row {
 pub fn of_records(records: &[Icr], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> Markup {
     let mut rows: Vec<Row> = Vec::new();
     for record in records {
-        let device = record.device.mac.clone().or_else(|| record.device.ip.map(|ip| ip.to_string())).unwrap_or_else(|| "-".into());
+        let device = record
+            .device
+            .mac
+            .clone()
+            .or_else(|| record.device.ip.map(|ip| ip.to_string()))
+            .unwrap_or_else(|| "-".into());
         let label = match &record.device.subscriber {
             Some(subscriber) => format!("{device} ({subscriber})"),
             None => device,
         };
-        let what = record.service.as_ref().map_or_else(|| format!("{}:{}", record.remote.ip, record.remote.port), |s| s.name.clone());
+        let what = record
+            .service
+            .as_ref()
+            .map_or_else(|| format!("{}:{}", record.remote.ip, record.remote.port), |s| s.name.clone());
         let mark = (record.start, record.end, record.bytes_up + record.bytes_down, what);
         match rows.iter_mut().find(|row| row.label == label) {
             Some(row) => row.marks.push(mark),
@@ -61,7 +72,9 @@ pub fn of_services(services: &[ServiceRow], from: DateTime<Utc>, to: DateTime<Ut
 /// minute of connections would draw them as one dot).
 fn zoom(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
     let marks = || rows.iter().flat_map(|row| row.marks.iter());
-    let (Some(first), Some(last)) = (marks().map(|m| m.0).min(), marks().map(|m| m.1.max(m.0)).max()) else { return (from, to) };
+    let (Some(first), Some(last)) = (marks().map(|m| m.0).min(), marks().map(|m| m.1.max(m.0)).max()) else {
+        return (from, to);
+    };
     let margin = ((last - first) / 20).max(chrono::Duration::seconds(1));
     let (start, end) = ((first - margin).max(from), (last + margin).min(to));
     if start < end { (start, end) } else { (from, to) }
@@ -72,7 +85,9 @@ fn draw(rows: &[Row], from: DateTime<Utc>, to: DateTime<Utc>, gaps: &[Gap]) -> M
     let shown = &rows[..rows.len().min(MAX_ROWS)];
     let height = AXIS + ROW * shown.len().max(1) as f64 + 4.0;
     let span = (to - from).num_milliseconds().max(1) as f64;
-    let x = |t: DateTime<Utc>| LABEL + ((t - from).num_milliseconds() as f64 / span).clamp(0.0, 1.0) * (WIDTH - LABEL - 10.0);
+    let x = |t: DateTime<Utc>| {
+        LABEL + ((t - from).num_milliseconds() as f64 / span).clamp(0.0, 1.0) * (WIDTH - LABEL - 10.0)
+    };
     let biggest = rows.iter().flat_map(|r| r.marks.iter().map(|m| m.2)).max().unwrap_or(1).max(1) as f64;
     // Area, not radius, follows the bytes.
     let radius = |bytes: u64| 2.5 + 6.0 * (bytes as f64 / biggest).sqrt();
@@ -126,14 +141,19 @@ mod tests {
             (record.bytes_up, record.bytes_down) = (bytes, 0);
             record
         };
-        let records = [record("02:00:00:00:00:01", 10, 100), record("02:00:00:00:00:02", 20, 10_000), record("02:00:00:00:00:01", 30, 1)];
+        let records = [
+            record("02:00:00:00:00:01", 10, 100),
+            record("02:00:00:00:00:02", 20, 10_000),
+            record("02:00:00:00:00:01", 30, 1),
+        ];
         let gap = Gap { from: at(40), to: at(50), kind: LossKind::EventBufferFull, count: 3, place: "cpu 0".into() };
         let svg = of_records(&records, at(0), at(100), std::slice::from_ref(&gap)).into_string();
         assert_eq!(svg.matches("class=\"label\"").count(), 2, "a row per device: {svg}");
         assert_eq!(svg.matches("class=\"mark\"").count(), 3, "a mark per connection");
         assert_eq!(svg.matches("class=\"gap\"").count(), 1, "the gap shaded");
         // Drawn row by row: device 1's two, then device 2's, the biggest.
-        let radii: Vec<f64> = svg.match_indices(" r=\"").map(|(i, _)| svg[i + 4..].split('"').next().unwrap().parse().unwrap()).collect();
+        let radii: Vec<f64> =
+            svg.match_indices(" r=\"").map(|(i, _)| svg[i + 4..].split('"').next().unwrap().parse().unwrap()).collect();
         assert!(radii[2] > radii[0] && radii[0] > radii[1], "area follows bytes: {radii:?}");
         assert!(!svg.contains("style="), "no inline style: the CSP forbids it");
     }
@@ -146,7 +166,10 @@ mod tests {
         (later.start, later.end) = (at(3_700), at(3_710));
         // Asked over a day; the connections are within two minutes of it.
         let svg = of_records(&[record, later], at(0), at(86_400), &[]).into_string();
-        let xs: Vec<f64> = svg.match_indices(" cx=\"").map(|(i, _)| svg[i + 5..].split('"').next().unwrap().parse().unwrap()).collect();
+        let xs: Vec<f64> = svg
+            .match_indices(" cx=\"")
+            .map(|(i, _)| svg[i + 5..].split('"').next().unwrap().parse().unwrap())
+            .collect();
         assert_eq!(xs.len(), 2);
         assert!(xs[1] - xs[0] > (WIDTH - LABEL) / 2.0, "the two connections drawn apart: {xs:?}");
         // Gaps outside the span are drawn at its edges, not past them.
