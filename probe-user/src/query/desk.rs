@@ -18,7 +18,7 @@ use crate::{
         authorise::{Refusal, authorise},
         backend::Backend,
         questions::{self, Question, SelectorLimits},
-        request::{Act, Request},
+        request::{Act, LocalFilter, Request},
     },
     store::gaps::Gap,
 };
@@ -230,7 +230,13 @@ impl<'a> Desk<'a> {
         let (count, ndjson, body) = match question {
             Question::Resolve { ip, port, at, from, to, remote, service } => {
                 let records = self.backend.by_public(from, to, ip, port)?;
-                render_records(&questions::resolve(records, at, ip, port, remote, service.as_ref()), format)?
+                let resolved = questions::resolve(records, at, ip, port, remote, service.as_ref());
+                let unmapped = if resolved.nearest && !resolved.records.is_empty() {
+                    self.backend.by_services(from, to, &resolved.remote_ends(), LocalFilter::Exclude)?
+                } else {
+                    Vec::new()
+                };
+                render_records(&resolved.without_unknown_holders(at, &unmapped), format)?
             }
             Question::Services { device, from, to } => {
                 let rows = self.backend.services(from, to, &device)?.into_rows();
@@ -347,4 +353,75 @@ fn oversized(record: &AuditRecord) -> Option<String> {
     let total = serde_json::to_vec(&record.parameters).map_or(usize::MAX, |bytes| bytes.len());
     (total > MAX_PARAMETERS_BYTES)
         .then(|| format!("the parameters weigh {total} bytes, more than the {MAX_PARAMETERS_BYTES} allowed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Duration};
+
+    use super::*;
+    use crate::{
+        icr::Endpoint,
+        query::request::{Ask, Who},
+        store::test_records,
+    };
+
+    const POLICE: &str = "retention_days = 365\n[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1]\n";
+
+    fn resolve(desk: &Desk, at: DateTime<Utc>) -> Vec<Icr> {
+        let request = Request {
+            ask: Ask::Resolve {
+                ip: "203.0.113.1".parse().unwrap(),
+                port: Some(20000),
+                at: format_time(&at),
+                tolerance: "1s".into(),
+                remote: None,
+                service: None,
+            },
+            who: Who { authority: Some("met".into()), officer: Some("PC 1".into()), reference: Some("OP-1".into()) },
+            format: Format::Ndjson,
+            bundle: None,
+            config: None,
+        };
+        let answer = desk.answer(&request).unwrap();
+        String::from_utf8(answer.body).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// The CGNAT lab's case after a killed agent: X's connection lost its
+    /// mapping (no public end); port 20000 went to Y 84 ms after the time
+    /// a server logged X's request. The nearest record is Y's, and it is no
+    /// answer.
+    #[test]
+    fn question_1_names_nobody_rather_than_a_neighbour_when_the_holder_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path();
+        std::fs::write(db.join("icr.toml"), POLICE).unwrap();
+        let store = test_records::open(db).unwrap();
+        let logged = test_records::sample(1).start + Duration::milliseconds(900);
+        let toward = |i: u64, start: DateTime<Utc>, public: Option<u16>| {
+            let mut record = test_records::sample(i);
+            record.remote = Endpoint { ip: "192.0.2.10".parse().unwrap(), port: 443 };
+            record.public = public.map(|port| Endpoint { ip: "203.0.113.1".parse().unwrap(), port });
+            record.local = false;
+            record.end = start + Duration::milliseconds(400);
+            record.start = start;
+            record
+        };
+        let x = toward(1, logged - Duration::milliseconds(300), None);
+        let y = toward(2, logged + Duration::milliseconds(84), Some(20000));
+        let governing = StoreConfig::of_store(db);
+
+        // Without X's record, Y's is the nearest within the tolerance: a
+        // server's clock a little off the gateway's.
+        store.append(std::slice::from_ref(&y)).unwrap();
+        let desk = Desk::new(db, &governing, &store);
+        let hits = resolve(&desk, logged);
+        assert_eq!(hits.iter().map(|r| r.device.ip).collect::<Vec<_>>(), vec![y.device.ip]);
+
+        // With it, the port may have been X's at that time: nobody is named.
+        store.append(std::slice::from_ref(&x)).unwrap();
+        assert!(resolve(&desk, logged).is_empty(), "Y did not make the connection");
+        // At a time Y's record covers, Y is the answer whatever X's record says.
+        assert_eq!(resolve(&desk, y.start + Duration::milliseconds(10)).len(), 1);
+    }
 }

@@ -290,6 +290,53 @@ pub fn services_of(records: &[Icr], device: &DeviceSelector) -> Vec<ServiceRow> 
     services.into_rows()
 }
 
+/// Question 1's answer, before the desk's last check ([`Resolved::nearest`]).
+#[derive(Debug)]
+pub struct Resolved {
+    /// The devices with the most matching connections first.
+    pub records: Vec<Icr>,
+    /// No record was alive at the time asked: these are the nearest within
+    /// the tolerance (a server's clock a little off the gateway's).
+    pub nearest: bool,
+}
+
+impl Resolved {
+    /// The remote ends of a nearest answer: where a connection whose public
+    /// end is unknown may have held the port instead ([`Self::without_unknown_holders`]).
+    pub fn remote_ends(&self) -> Vec<ServiceSelector> {
+        let mut ips: Vec<IpAddr> = self.records.iter().map(|r| r.remote.ip).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips.into_iter().map(|ip| ServiceSelector::Net(IpNet::from(ip))).collect()
+    }
+
+    /// A nearest record is no answer when a connection of another device to
+    /// the same remote end, whose public end the probe could not learn (its
+    /// NAT mapping was lost, as when an agent dies), was alive between the
+    /// time asked and that record: the port may have been that connection's,
+    /// and question 1 names nobody rather than a device that did not make
+    /// the connection. `unmapped` may hold any records; only those without
+    /// a public end count.
+    pub fn without_unknown_holders(self, at: DateTime<Utc>, unmapped: &[Icr]) -> Vec<Icr> {
+        if !self.nearest {
+            return self.records;
+        }
+        let unknown: Vec<&Icr> = unmapped.iter().filter(|u| u.public.is_none() && !u.local).collect();
+        self.records
+            .into_iter()
+            .filter(|hit| {
+                let (from, to) = if hit.end < at { (hit.end, at) } else { (at, hit.start) };
+                !unknown.iter().any(|u| {
+                    u.remote == hit.remote
+                        && (&u.device.mac, u.device.ip) != (&hit.device.mac, hit.device.ip)
+                        && u.start <= to
+                        && u.end >= from
+                })
+            })
+            .collect()
+    }
+}
+
 /// Question 1: which device used public `ip` (and `port`) at `at`. Records
 /// in `records` lie within the tolerance of `at`; those whose lifetime
 /// contains `at` are the answer when there are any (a public port reused by
@@ -303,14 +350,15 @@ pub fn resolve(
     port: Option<u16>,
     remote: Option<(IpAddr, Option<u16>)>,
     service: Option<&ServiceSelector>,
-) -> Vec<Icr> {
+) -> Resolved {
     let mut hits: Vec<Icr> = records
         .into_iter()
         .filter(|r| r.public.is_some_and(|p| p.ip == ip && port.is_none_or(|port| p.port == port)))
         .filter(|r| remote.is_none_or(|(rip, rport)| r.remote.ip == rip && rport.is_none_or(|p| r.remote.port == p)))
         .filter(|r| service.is_none_or(|s| s.matches(r)))
         .collect();
-    if hits.iter().any(|r| r.start <= at && at <= r.end) {
+    let nearest = !hits.iter().any(|r| r.start <= at && at <= r.end);
+    if !nearest {
         hits.retain(|r| r.start <= at && at <= r.end);
         if port.is_some() {
             // A public ip:port toward one remote end has one user at a time;
@@ -339,7 +387,7 @@ pub fn resolve(
         }
     };
     hits.sort_by_key(|r| (std::cmp::Reverse(counts[&device(r)]), distance(r), r.start));
-    hits
+    Resolved { records: hits, nearest }
 }
 
 /// Question 3: the records of any device that used any of `services` (by
@@ -463,21 +511,26 @@ mod tests {
         ];
         let ip: IpAddr = "203.0.113.1".parse().unwrap();
         let first = |hits: Vec<Icr>| hits.first().and_then(|r| r.device.ip).map(|ip| ip.to_string());
-        assert_eq!(first(resolve(records.clone(), at(104), ip, Some(20000), None, None)).as_deref(), Some("10.0.0.2"));
-        let hits = resolve(records.clone(), at(108), ip, Some(20000), None, None);
+        assert_eq!(
+            first(resolve(records.clone(), at(104), ip, Some(20000), None, None).records).as_deref(),
+            Some("10.0.0.2")
+        );
+        let hits = resolve(records.clone(), at(108), ip, Some(20000), None, None).records;
         assert_eq!(hits.len(), 1, "only the flow alive at the time");
         assert_eq!(first(hits).as_deref(), Some("10.0.0.3"));
         // A hand-over: .2 is still closing (until 105) when .3 starts at 104.5.
         let mut overlap = records.clone();
         overlap[1].start = DateTime::from_timestamp_millis(104_500).unwrap();
-        let hits = resolve(overlap, DateTime::from_timestamp_millis(104_800).unwrap(), ip, Some(20000), None, None);
+        let hits =
+            resolve(overlap, DateTime::from_timestamp_millis(104_800).unwrap(), ip, Some(20000), None, None).records;
         assert_eq!(hits.len(), 1);
         assert_eq!(first(hits).as_deref(), Some("10.0.0.3"), "the latest to start holds the port");
         // Without a port: ranked by matching connections to the service.
         let mail = ServiceSelector::parse("mail.example.com").unwrap();
-        let hits = resolve(records.clone(), at(108), ip, None, None, Some(&mail));
+        let hits = resolve(records.clone(), at(108), ip, None, None, Some(&mail)).records;
         assert_eq!(first(hits).as_deref(), Some("10.0.0.3"));
-        let elsewhere = resolve(records, at(108), ip, None, Some(("192.0.2.99".parse().unwrap(), Some(443))), None);
+        let elsewhere =
+            resolve(records, at(108), ip, None, Some(("192.0.2.99".parse().unwrap(), Some(443))), None).records;
         assert_eq!(first(elsewhere).as_deref(), Some("10.0.0.4"));
     }
 
