@@ -310,7 +310,7 @@ fn measure(args: &Args, target: &mut dyn Target, disk_mb_per_s: f64) -> Result<F
         let found = backend.by_public(at - tolerance, at + tolerance, public.ip, Some(public.port))?;
         let answer = questions::resolve(found, at, public.ip, Some(public.port), None, None);
         resolve_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        resolved += usize::from(answer.iter().any(|r| r.id == sample.id));
+        resolved += usize::from(answer.records.iter().any(|r| r.id == sample.id));
     }
     let resolve = (percentile(&mut resolve_ms, 0.50), percentile(&mut resolve_ms, 0.99));
     println!(
