@@ -269,9 +269,12 @@ const _: () = assert!(size_of::<ProbeConfig>() == 8);
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain integers and arrays, `repr(C)`, no implicit padding
-    // (sizes asserted above).
+    // (sizes asserted above); so are the three below.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ProbeConfig {}
 }

@@ -28,7 +28,7 @@ pub fn key_of(packet: &Packet) -> (FlowKey, u8) {
 #[inline(always)]
 pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events: &S, mid_flow_clock: MidFlowClock) {
     let (key, dir) = key_of(packet);
-    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
         update(ctx, &key, value, packet, dir, role, events, mid_flow_clock);
         return;
     }
@@ -62,7 +62,7 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
         first_side::<1>(&mut value, packet, role, hint);
     }
 
-    match FLOWS.insert(&key, &value, BPF_NOEXIST as u64) {
+    match FLOWS.insert(key, value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::count(counter::FLOWS_CREATED);
             emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now, events);
@@ -75,7 +75,7 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
         }
         // Another CPU created it between our lookup and insert.
         Err(e) if -e == EEXIST => {
-            if let Some(value) = FLOWS.get_ptr_mut(&key) {
+            if let Some(value) = FLOWS.get_ptr_mut(key) {
                 update(ctx, &key, value, packet, dir, role, events, MidFlowClock::Precise);
             }
         }
@@ -91,7 +91,7 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
 #[inline(always)]
 pub fn from_gateway<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, events: &S, mid_flow_clock: MidFlowClock) {
     let (key, dir) = key_of(packet);
-    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
         update(ctx, &key, value, packet, dir, roles::GATEWAY, events, mid_flow_clock);
     }
 }

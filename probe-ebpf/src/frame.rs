@@ -9,6 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
+#[expect(clippy::len_without_is_empty, reason = "a frame the kernel hands over is never empty")]
 pub trait Frame: EbpfContext {
     /// Start and end of the bytes the program may read directly (for TC,
     /// the linear part of the socket buffer, which holds the headers).

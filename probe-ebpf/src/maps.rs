@@ -49,10 +49,10 @@ pub enum MidFlowClock {
 /// of the last tick), or the clock the agent set while replaying a capture.
 #[inline(always)]
 pub fn now_ns(clock: MidFlowClock) -> u64 {
-    if let Some(config) = CONFIG.get(0) {
-        if config.clock_override_ns != 0 {
-            return config.clock_override_ns;
-        }
+    if let Some(config) = CONFIG.get(0)
+        && config.clock_override_ns != 0
+    {
+        return config.clock_override_ns;
     }
     // SAFETY: helpers without arguments.
     unsafe {

@@ -234,7 +234,7 @@ pub struct ProbeSection {
     /// the probe then keeps counting while the agent restarts or upgrades.
     /// `icr detach --config FILE` removes them.
     #[serde(default)]
-    pub pin_dir: Option<std::path::PathBuf>,
+    pub pin_dir: Option<PathBuf>,
     /// How events reach the agent: `"ring"` or `"perf"`. Unset: the ring
     /// buffer where the kernel can (5.18 and later), else perf buffers.
     #[serde(default)]

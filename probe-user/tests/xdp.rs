@@ -702,11 +702,12 @@ fn wakes_for_a_batch_only(ring_bytes: u32) {
     let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(epoll >= 0);
     let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 1 };
+    // SAFETY: as above.
     assert_eq!(unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut interest) }, 0);
     assert!(!woken_within(epoll, 0), "an empty ring is not readable");
 
     // One flow start each: 80 bytes and the ring's 8-byte record header.
-    let record = (std::mem::size_of::<FlowEvent>() + 8) as u64;
+    let record = (size_of::<FlowEvent>() + 8) as u64;
     let threshold = u64::from(ring_bytes / probe_common::EVENT_RING_WAKEUP_DIVISOR);
     let below = threshold / record - 2;
     let syn = |port: u16| tcp_frame(&Tuple { src_port: port, ..client() }, tcp_flags::SYN, &[], DEVICE_MAC);
@@ -731,7 +732,7 @@ fn pin_to_cpu(cpu: usize) {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU {cpu}");
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "pinning to CPU {cpu}");
     }
 }
 
@@ -943,6 +944,7 @@ impl Netns {
         // SAFETY: setns on namespace fds we hold open.
         assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let result = f();
+        // SAFETY: as above.
         assert_eq!(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         result
     }

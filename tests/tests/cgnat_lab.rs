@@ -198,9 +198,6 @@ const CRASH_CLIENTS: usize = 24;
 const CRASH_ROUNDS: usize = 4;
 
 #[test]
-#[ignore = "root and the lab; ~20 s. Still names a wrong device in about 1 run of 6: a later holder of a \
-            public port whose answers went into an older connection's WAN entry stays open past the kill, \
-            loses its mapping, and resolve's tolerance then falls back to the neighbouring record (see README)"]
 fn a_successor_of_a_killed_agent_names_no_device_that_did_not_make_the_request() {
     let lab = Lab::start_with(CRASH_CLIENTS, Nat::SnatPorts(PORTS.0, PORTS.1)).expect("building the CGNAT lab");
     let bpffs = Bpffs::mount(lab.dir.join("bpffs"));

@@ -63,8 +63,8 @@ pub fn baseline_lookup(ctx: XdpContext) -> u32 {
 pub fn baseline_upsert(ctx: XdpContext) -> u32 {
     if let Ok(packet) = parse::packet(&ctx) {
         let (key, _) = flow::key_of(&packet);
-        if FLOWS.get_ptr_mut(&key).is_none() {
-            let _ = FLOWS.insert(&key, &FlowValue::default(), BPF_NOEXIST as u64);
+        if FLOWS.get_ptr_mut(key).is_none() {
+            let _ = FLOWS.insert(key, FlowValue::default(), BPF_NOEXIST as u64);
         }
     }
     xdp_action::XDP_PASS
@@ -116,7 +116,7 @@ pub fn baseline_atomics(ctx: XdpContext) -> u32 {
 fn lookup(ctx: &XdpContext) -> Option<*mut FlowValue> {
     let packet = parse::packet(ctx).ok()?;
     let (key, _) = flow::key_of(&packet);
-    FLOWS.get_ptr_mut(&key)
+    FLOWS.get_ptr_mut(key)
 }
 
 #[unsafe(link_section = "license")]

@@ -371,6 +371,7 @@ pub fn send(
     let mut frames = vec![[0u8; FRAME_MAX]; BATCH];
     // SAFETY: iovec and mmsghdr are plain data, filled in below.
     let mut iovecs: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
+    // SAFETY: as above.
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
     let start = Instant::now();
     let mut sent = Sent::default();

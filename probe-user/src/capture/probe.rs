@@ -421,7 +421,7 @@ impl Probe {
             let per_cpu = match self.counters.get(&(index as u32), 0) {
                 Ok(per_cpu) => per_cpu,
                 // A counter newer than the pinned map of the probe adopted: 0.
-                Err(aya::maps::MapError::OutOfBounds { .. }) => continue,
+                Err(MapError::OutOfBounds { .. }) => continue,
                 Err(error) => return Err(error).context("reading COUNTERS"),
             };
             *total = per_cpu.iter().sum();
@@ -432,14 +432,14 @@ impl Probe {
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         match self.flows.get(key, 0) {
             Ok(value) => Ok(Some(value)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(MapError::KeyNotFound) => Ok(None),
             Err(error) => Err(error).context("reading the kernel flow table"),
         }
     }
 
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         match self.flows.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(error) => Err(error).context("removing a flow from the kernel flow table"),
         }
     }

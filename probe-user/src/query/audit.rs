@@ -399,7 +399,7 @@ impl Drop for FileLock {
 /// agent's hourly sweep, or an operator's `icr sweep`).
 pub fn sweep(
     store: &crate::store::Store,
-    db: &std::path::Path,
+    db: &Path,
     audit: &AuditSection,
     retention_days: u32,
     by: &str,

@@ -189,7 +189,7 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
             .await?;
         log::info!(
             "icr serving questions on {listen} from the cluster at {}",
-            crate::export::clickhouse::access::shown(&section.url)
+            export::clickhouse::access::shown(&section.url)
         );
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -790,15 +790,15 @@ pub const LAB_OPERATOR: &str = "lab-operator";
 /// missing), so that the store may be listed.
 pub fn allow_listing(db: &Path) -> Result<()> {
     let path = db.join("icr.toml");
-    let config = match std::fs::read_to_string(&path) {
+    let config = match fs::read_to_string(&path) {
         Ok(config) => config,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
     if !config.contains(&format!("name = \"{LAB_OPERATOR}\"")) {
         let operator = format!("\n[[authority]]\nname = \"{LAB_OPERATOR}\"\nkind = \"operator\"\npurposes = []\n");
-        std::fs::create_dir_all(db)?;
-        std::fs::write(&path, config + &operator).with_context(|| format!("writing {}", path.display()))?;
+        fs::create_dir_all(db)?;
+        fs::write(&path, config + &operator).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -957,8 +957,8 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     /// `<tmp>/<name>-<pid>-<n>`: unique within this process and across runs.
     pub fn new(name: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir); // left by a killed run with the same pid
         fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("creating {}: {error}", dir.display()));

@@ -387,7 +387,7 @@ pub enum Bind {
 
 /// A ClickHouse for callers without a runtime (the command line, the desk's
 /// blocking answers): each call runs on its own small runtime.
-pub fn block_on<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+pub fn block_on<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -339,7 +339,7 @@ mod tests {
     fn an_answers_table_pages() {
         let answered = Answered {
             id: 7,
-            kind: super::super::Kind::Accessed,
+            kind: Kind::Accessed,
             summary: String::new(),
             from: Utc::now(),
             to: Utc::now(),
