@@ -203,7 +203,7 @@ fn is_installed(package: &str) -> bool {
 /// with "No space left on device" many minutes in (CI did).
 fn warn_if_disk_short(needs: Needs) {
     // A clean build of what each needs under target/, with room to spare
-    // for the tests' stores (measured: see the README).
+    // for the tests' stores (measured: see docs/develop.md, Tests).
     let need_gib = if needs == Needs::Test { 4 } else { 2 };
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| cmd::workspace_root().join("target"), Into::into);
     let on = target.ancestors().find(|dir| dir.exists()).unwrap_or(&target);

@@ -824,7 +824,7 @@ fn check_features<'a>(release: &str, probed: impl Iterator<Item = (&'a str, Resu
     if !missing.is_empty() {
         bail!(
             "this kernel ({release}) lacks what the XDP probe needs: {}. The probe is proven on Linux 5.10 and later \
-             (see README, Kernel support)",
+             (see docs/install.md, Kernels)",
             missing.join("; ")
         );
     }

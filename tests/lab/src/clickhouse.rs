@@ -37,8 +37,8 @@ pub struct ClickHouseCluster {
     pub ca: Option<PathBuf>,
 }
 
-/// A ClickHouse user of a secured cluster, as README's "A ClickHouse user
-/// for each gateway" sets them up.
+/// A ClickHouse user of a secured cluster, as docs/cluster.md's "ClickHouse
+/// users" sets them up.
 #[derive(Clone, Copy, Debug)]
 pub struct User {
     pub name: &'static str,
@@ -316,8 +316,8 @@ impl ClickHouseCluster {
     }
 }
 
-/// The users of a secured cluster (ClickHouse 18.16's users.xml; README,
-/// "A ClickHouse user for each gateway"): no `default` user at all.
+/// The users of a secured cluster (ClickHouse 18.16's users.xml;
+/// docs/cluster.md, "ClickHouse users"): no `default` user at all.
 fn users_xml() -> Result<String> {
     let sha256 = |text: &str| -> Result<String> {
         let out = Command::new("openssl")

@@ -26,7 +26,7 @@
 //! that may write a database may read it too, and drop its tables (18.16
 //! takes `allow_ddl=1` from any HTTP request); one that may write only
 //! `icr_ingest` reads nothing there (a `Null` table holds nothing), and
-//! cannot reach `icr` (README: "A ClickHouse user for each gateway").
+//! cannot reach `icr` (docs/cluster.md, "ClickHouse users").
 //! 18.16 fires no view of a view's target table, so each `icr` table has a
 //! view of its own from `icr_ingest` (the views on `records_local` stay for
 //! rows inserted there directly).
