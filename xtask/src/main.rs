@@ -3,6 +3,7 @@
 //! saying what it does.
 mod cmd;
 mod demo;
+mod imports;
 mod setup;
 mod vm;
 
@@ -46,6 +47,13 @@ enum Command {
     /// `bullseye`) under qemu (KVM when it really boots a guest here, else
     /// TCG) and run the kernel (xdp) and namespace lab tests in it.
     VmTest(vm::Args),
+    /// Which file of probe-user/src imports which; fails on an import circle
+    /// between files or between the top-level folders (run by CI).
+    Imports {
+        /// Print every file's imports.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
     /// kernel cost per packet; `store`: ingest, size and query latency,
     /// `--records N` sets the store size).
@@ -68,6 +76,7 @@ fn main() {
         Command::Bench { which, args } => bench(&which, &args),
         Command::Fuzz { seconds, frames } => fuzz(seconds, frames),
         Command::VmTest(args) => vm::run(&args),
+        Command::Imports { verbose } => imports::run(verbose),
     };
     if let Err(error) = result {
         eprintln!("xtask: {error:#}");
