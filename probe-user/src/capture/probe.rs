@@ -1,16 +1,21 @@
 //! The XDP probe as the agent sees it: loading the embedded object, attaching
 //! it, running it on frames (`BPF_PROG_TEST_RUN`), and reading its maps.
-//! What the kernel must offer is in `features`, pinning in `pins`, the
-//! event readers in `readers`, the benchmarks' floors in `baseline`.
+//! What the kernel must offer is in `features`, the embedded objects in
+//! `objects`, pinning in `pins`, the event readers in `readers`, the
+//! benchmarks' floors in `baseline`.
 #[cfg(feature = "bench")]
 mod baseline;
 mod features;
+mod objects;
 mod pins;
 mod readers;
 
 #[cfg(feature = "bench")]
 pub use baseline::{Baseline, Floor, RingLayout};
-pub use features::check_kernel_features;
+use features::explain_permission;
+pub use features::{EventPath, check_kernel_features};
+use objects::{PROBE_OBJECT, PROBE_PERF_OBJECT, embedded, take_map, tc_test_run};
+pub use objects::{ProbeError, TestRunOutput};
 pub use pins::unpin;
 use pins::{egress_link_pin_path, link_pin_path, pinning_possible};
 pub use readers::{CpuRing, EventBuffer, EventReader};
@@ -35,48 +40,8 @@ use aya::{
 use log::{info, warn};
 use probe_common::{FlowKey, FlowValue, ProbeConfig, counter, names, role};
 
-/// The XDP objects built from `probe-ebpf`, embedded at build time: events
-/// through per-CPU ring buffers, and through per-CPU perf buffers (the fallback).
-static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
-static PROBE_PERF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-perf"));
-
-/// Why a probe cannot be loaded, where the caller may want to tell.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error(
-        "this icr carries no XDP program: it was built with AYA_BUILD_SKIP=1 (for checks only); \
-         build it with `cargo xtask build`, which installs the eBPF toolchain when it is missing"
-    )]
-    NotBuilt,
-}
-
-/// The embedded object, or why there is none.
-fn embedded(object: &'static [u8]) -> Result<&'static [u8], ProbeError> {
-    if object.is_empty() { Err(ProbeError::NotBuilt) } else { Ok(object) }
-}
-
 /// Pages per CPU for the event perf buffers (must be a power of two).
 const EVENT_BUFFER_PAGES: usize = 64;
-
-/// How the probe's events reach the agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventPath {
-    /// A BPF ring buffer per CPU, wakeups batched (Linux 5.18 and later:
-    /// ring buffers, arrays of maps and `bpf_xdp_load_bytes` in XDP).
-    Ring,
-    /// Per-CPU perf event arrays, a wakeup per event: the fallback.
-    Perf,
-}
-
-impl EventPath {
-    pub fn name(self) -> &'static str {
-        match self {
-            EventPath::Ring => "per-CPU ring buffers",
-            EventPath::Perf => "per-CPU perf buffers",
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
@@ -110,14 +75,6 @@ impl Default for ProbeOptions {
 pub enum AttachMode {
     Driver,
     Generic,
-}
-
-/// What one `BPF_PROG_TEST_RUN` returned.
-#[derive(Debug)]
-pub struct TestRunOutput {
-    pub action: u32,
-    pub data_out: Vec<u8>,
-    pub duration_ns: u64,
 }
 
 pub struct Probe {
@@ -479,20 +436,6 @@ impl Probe {
     }
 }
 
-/// With an EPERM anywhere in `error`, says first what the agent needs.
-fn explain_permission(error: anyhow::Error) -> anyhow::Error {
-    let eperm = error
-        .chain()
-        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EPERM)));
-    if !eperm {
-        return error;
-    }
-    error.context(
-        "no permission to use BPF: the agent needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
-         (deploy/icr.service grants them; on kernels before 5.11 a low RLIMIT_MEMLOCK also gives this error)",
-    )
-}
-
 /// Whether attaching failed because the interface already has an XDP
 /// program: EBUSY (a program or link is there), or EEXIST (one in the other
 /// mode: native and generic cannot be active at once).
@@ -513,37 +456,6 @@ fn busy_message(interface: &str) -> String {
     )
 }
 
-/// Runs a TC program `repeat` times on `frame`, as a packet the gateway sent
-/// (`from_gateway`) or one it forwards.
-fn tc_test_run(program: &SchedClassifier, frame: &[u8], from_gateway: bool, repeat: u32) -> Result<TestRunOutput> {
-    // The kernel builds the socket buffer from `struct __sk_buff`: a
-    // forwarded packet has the interface it arrived on (loopback's index
-    // will do), one the gateway made has none.
-    let mut context = [0u8; SK_BUFF_CONTEXT_BYTES];
-    if !from_gateway {
-        context[SK_BUFF_INGRESS_IFINDEX..].copy_from_slice(&1u32.to_ne_bytes());
-    }
-    let mut data_out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut data_out),
-            ctx_in: Some(&context),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_TEST_RUN of a TC program")?;
-    data_out.truncate(result.data_size_out as usize);
-    Ok(TestRunOutput { action: result.return_value, data_out, duration_ns: result.duration.as_nanos() as u64 })
-}
-
-/// `struct __sk_buff` (uapi/linux/bpf.h) up to and including `ingress_ifindex`
-/// at byte 36 (after len, pkt_type, mark, queue_mapping, protocol,
-/// vlan_present, vlan_tci, vlan_proto, priority): what `BPF_PROG_TEST_RUN`
-/// takes as a TC program's context.
-const SK_BUFF_INGRESS_IFINDEX: usize = 36;
-const SK_BUFF_CONTEXT_BYTES: usize = SK_BUFF_INGRESS_IFINDEX + 4;
-
 /// Snapshot of the probe's counters, indexed by `probe_common::counter`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub [u64; counter::COUNT as usize]);
@@ -561,10 +473,6 @@ impl Counters {
 
 fn program_name(role: u8) -> &'static str {
     if role == role::WAN { names::PROG_WAN } else { names::PROG_LAN }
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("the XDP object has no map {name}"))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so a large

@@ -10,9 +10,8 @@ use aya::{
 use probe_common::{FlowKey, FlowValue, counter, names};
 
 use super::{
-    embedded,
+    objects::{embedded, take_map, tc_test_run},
     readers::{CpuRing, per_cpu_rings, possible_cpus},
-    take_map, tc_test_run,
 };
 
 /// The benchmarks' floors: a bare `XDP_PASS`, and parsing plus one lookup.

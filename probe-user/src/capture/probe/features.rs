@@ -12,8 +12,6 @@ use aya::{
 };
 use log::info;
 
-use super::{EventPath, explain_permission};
-
 /// What either XDP object needs from the kernel. Probed (aya's feature
 /// probes: a minimal program or map is created) before an object is loaded,
 /// so that a kernel without one is refused with the feature's name rather
@@ -175,6 +173,40 @@ fn check_features<'a>(release: &str, probed: impl Iterator<Item = (&'a str, Resu
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|r| r.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// How the probe's events reach the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventPath {
+    /// A BPF ring buffer per CPU, wakeups batched (Linux 5.18 and later:
+    /// ring buffers, arrays of maps and `bpf_xdp_load_bytes` in XDP).
+    Ring,
+    /// Per-CPU perf event arrays, a wakeup per event: the fallback.
+    Perf,
+}
+
+impl EventPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventPath::Ring => "per-CPU ring buffers",
+            EventPath::Perf => "per-CPU perf buffers",
+        }
+    }
+}
+
+/// With an EPERM anywhere in `error`, says first what the agent needs.
+pub(super) fn explain_permission(error: anyhow::Error) -> anyhow::Error {
+    let eperm = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EPERM)));
+    if !eperm {
+        return error;
+    }
+    error.context(
+        "no permission to use BPF: the agent needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+         (deploy/icr.service grants them; on kernels before 5.11 a low RLIMIT_MEMLOCK also gives this error)",
+    )
 }
 
 #[cfg(test)]
