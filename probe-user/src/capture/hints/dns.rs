@@ -8,7 +8,7 @@ use simple_dns::{
     rdata::{RData, SVCParam},
 };
 
-use super::Parse;
+use super::parse::Parse;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {

@@ -1,6 +1,6 @@
 //! HTTP/1.x: the Host header of the first request, host only (lower-cased,
 //! no port). The request line — and so the path and query — is never kept.
-use super::Parse;
+use super::parse::{Parse, normalise_name};
 
 const MAX_HEADERS: usize = 64;
 
@@ -16,7 +16,7 @@ pub fn host(stream: &[u8]) -> Parse<Option<String>> {
                 .headers
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| super::normalise_name(strip_port(h.value)));
+                .and_then(|h| normalise_name(strip_port(h.value)));
             Parse::Done(host)
         }
         Ok(httparse::Status::Partial) => Parse::NeedMore,

@@ -10,7 +10,10 @@ use ring::{
     hkdf,
 };
 
-use super::{Parse, tls};
+use super::{
+    parse::{Parse, contiguous},
+    tls,
+};
 
 /// QUIC versions 1 (RFC 9000) and 2 (RFC 9369), and their Initial salts
 /// (RFC 9001 §5.2, RFC 9369 §3.3.1); public for the fuzz target that seals
@@ -158,7 +161,7 @@ impl InitialCrypto {
     }
 
     fn contiguous(&self) -> Vec<u8> {
-        super::contiguous(self.chunks.iter().map(|(&offset, data)| (offset, data.as_slice())))
+        contiguous(self.chunks.iter().map(|(&offset, data)| (offset, data.as_slice())))
     }
 }
 

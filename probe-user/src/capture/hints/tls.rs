@@ -3,7 +3,7 @@
 //! the SNI seen is the outer, public name; `ech` says so.
 use tls_parser::{TlsMessage, TlsMessageHandshake, parse_tls_message_handshake};
 
-use super::Parse;
+use super::parse::{Parse, normalise_name};
 
 const CONTENT_HANDSHAKE: u8 = 22;
 const EXTENSION_SERVER_NAME: u16 = 0;
@@ -104,7 +104,7 @@ fn host_name(data: &[u8]) -> Option<String> {
         let length = usize::from(u16::from_be_bytes([*n0, *n1]));
         let name = tail.get(..length)?;
         if *kind == 0 {
-            return super::normalise_name(name);
+            return normalise_name(name);
         }
         list = &tail[length..];
     }
