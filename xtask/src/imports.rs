@@ -44,9 +44,6 @@ pub fn run(verbose: bool) -> Result<()> {
     for (module, paths) in &read {
         let targets = graph.entry(module.clone()).or_default();
         for path in &paths.found {
-            if std::env::var("ICR_IMPORTS_DEBUG").is_ok_and(|m| m == name(module)) {
-                eprintln!("{} -> {:?}", path.join("::"), resolve(module, path, &known));
-            }
             if let Some(target) = resolve(module, path, &known).map(|found| through_exports(found, &exports))
                 && &target != module
                 && !target.is_empty()

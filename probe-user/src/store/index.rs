@@ -385,6 +385,14 @@ fn take(bytes: &mut &[u8]) -> Result<u64> {
     Ok(value)
 }
 
+/// What a query asks the store for: every record in the window, or those
+/// with any of these index keys.
+#[derive(Clone, Copy, Debug)]
+pub enum Lookup<'a> {
+    All,
+    Any(&'a [IndexKey]),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

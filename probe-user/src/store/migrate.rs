@@ -16,7 +16,11 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::NaiveDate;
 use log::info;
 
-use super::{BlockMeta, DAY_PREFIX, LAYOUT, LAYOUT_KEY, MINUTE_WORDS, codec, key, rollup, run_key};
+use super::{
+    codec,
+    layout::{BlockMeta, DAY_PREFIX, LAYOUT, LAYOUT_KEY, MINUTE_WORDS, key, run_key},
+    rollup,
+};
 use crate::store::{index::RUN_BLOCKS, rollup::Rollup};
 
 /// A layout 1 block meta: start and end bounds, record count, minutes alive.

@@ -14,23 +14,24 @@
 //! - each block's devices and the services they used are rolled up
 //!   ([`rollup`]), and merged per run, so question 2 reads one page per run.
 //!
-//! Keys in a day's tree, block and run numbers big-endian:
-//! `B`+block → block, `M`+block → meta, `L`+block → the block's fingerprints
-//! (until its run is built; their rollup is kept in memory), `I`+run+first
-//! fingerprint → run index page, `U`+run+first fingerprint → run rollup
-//! page, `R`+run → the run is complete. The default tree's `layout` says
-//! which layout the store has.
+//! The keys in a day's tree are in [`layout`]; a day's blocks and runs in
+//! [`day`]; the store's files (its lock, sled, private modes) in [`files`].
 pub mod codec;
+mod day;
+mod files;
 pub mod gaps;
 pub mod index;
+mod layout;
 mod migrate;
 pub mod outbox;
 pub mod rollup;
+#[cfg(test)]
+pub(crate) mod test_records;
 mod wal;
 mod wire;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -41,9 +42,14 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use log::{info, warn};
 
 use crate::icr::Icr;
+use day::Day;
+pub use files::{OpenError, StoreInUse};
+use files::{lock_store, make_private, open_sled, remove_if_present};
 use gaps::{Gap, LossKind, Watermark};
-use index::{IndexKey, RUN_BLOCKS};
-use rollup::{Rollup, Services};
+use index::IndexKey;
+pub use index::Lookup;
+use layout::{DAY_PREFIX, day_bounds, day_name, key, rollup_page};
+use rollup::Services;
 use wal::{Damage, DamageKind, Wal};
 
 /// Records a sealed block holds (the design brief measured 4,096 as the
@@ -52,7 +58,6 @@ use wal::{Damage, DamageKind, Wal};
 pub const BLOCK_RECORDS: usize = 4096;
 /// sled's page cache, in MiB, unless `[store] cache_mb` says otherwise.
 pub const DEFAULT_CACHE_MB: u64 = 64;
-const DAY_PREFIX: &str = "day/";
 /// Gap entries ([`gaps`]), beside the days: a gap may span midnight.
 const GAPS_TREE: &str = "gaps";
 /// The agent's loss watermark ([`Watermark`]), one key.
@@ -63,10 +68,6 @@ const JSON_DAY_PREFIX: &str = "icr/";
 /// Records start at most this long before a window and still overlap it
 /// (the active timeout slices longer flows).
 pub const LOOKBACK_DAYS: u64 = 1;
-/// The layout written and read: 2 added rollups and longer block metas.
-/// An older store is migrated when opened ([`migrate`]); a newer one refused.
-const LAYOUT: u32 = 2;
-const LAYOUT_KEY: &[u8] = b"layout";
 /// The longest retention the law allows (12 months), and the store's until
 /// its configuration says less.
 pub const MAX_RETENTION_DAYS: u32 = 365;
@@ -103,181 +104,6 @@ struct Inner {
     outbox: std::sync::atomic::AtomicBool,
     /// Records the outbox holds.
     outbox_records: std::sync::atomic::AtomicU64,
-}
-
-/// The store is held by another process: the running agent, whose socket
-/// answers instead.
-#[derive(Debug, thiserror::Error)]
-#[error("the store {} is in use by another process (a running agent?)", .0.display())]
-pub struct StoreInUse(pub PathBuf);
-
-/// Why a store did not open.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error(transparent)]
-    InUse(#[from] StoreInUse),
-    #[error("{0:#}")]
-    Failed(#[from] anyhow::Error),
-}
-
-/// What a query asks the store for: every record in the window, or those
-/// with any of these index keys.
-#[derive(Clone, Copy, Debug)]
-pub enum Lookup<'a> {
-    All,
-    Any(&'a [IndexKey]),
-}
-
-/// Where question 2's answer for one day comes from.
-#[derive(Default)]
-struct Plan {
-    /// Runs answered by their rollup.
-    runs: Vec<u32>,
-    /// Whether the unrun blocks are answered by their rollup.
-    pending: bool,
-    /// Blocks whose records are read.
-    decode: Vec<u32>,
-}
-
-/// One day partition, as far as it is loaded.
-struct Day {
-    tree: sled::Tree,
-    /// Midnight UTC starting the day, µs.
-    start_us: i64,
-    blocks: Vec<BlockMeta>,
-    /// Runs built: run `r` covers blocks `r*64 .. r*64+64`.
-    runs: u32,
-    /// Fingerprints of the sealed blocks not yet in a run, by block number.
-    unrun: BTreeMap<u32, Vec<u32>>,
-    /// The rollup of the same blocks, by run: kept in memory, not in sled,
-    /// until the run is built (then written once, as its pages), and rebuilt
-    /// from the blocks when the day is loaded.
-    pending: BTreeMap<u32, Rollup>,
-    /// The open block: acknowledged records, also in `wal`.
-    open: Vec<Icr>,
-    wal: Option<Wal>,
-}
-
-/// Minutes in a day: a block's meta says in which of them any of its
-/// records was alive, so a query for one moment skips the blocks that only
-/// a few long flows stretch over it.
-const MINUTES: usize = 1440;
-const MINUTE_US: i64 = 60_000_000;
-const MINUTE_WORDS: usize = MINUTES.div_ceil(64);
-
-#[derive(Clone, Debug)]
-struct BlockMeta {
-    min_start_us: i64,
-    max_end_us: i64,
-    /// With the two above: whether every record of the block overlaps a
-    /// window, so that its rollup stands for it (question 2).
-    max_start_us: i64,
-    min_end_us: i64,
-    records: u32,
-    /// Bit m: a record was alive in minute m of the partition's day (or
-    /// after the day, for the last bit).
-    alive: [u64; MINUTE_WORDS],
-}
-
-impl BlockMeta {
-    const LEN: usize = 36 + MINUTE_WORDS * 8;
-
-    fn of(records: &[Icr], day_start_us: i64) -> Self {
-        let mut alive = [0u64; MINUTE_WORDS];
-        for record in records {
-            let minute = |us: i64| ((us - day_start_us).div_euclid(MINUTE_US)).clamp(0, MINUTES as i64 - 1) as usize;
-            for m in minute(record.start.timestamp_micros())..=minute(record.end.timestamp_micros()) {
-                alive[m / 64] |= 1 << (m % 64);
-            }
-        }
-        Self {
-            min_start_us: records.iter().map(|r| r.start.timestamp_micros()).min().unwrap_or(0),
-            max_end_us: records.iter().map(|r| r.end.timestamp_micros()).max().unwrap_or(0),
-            max_start_us: records.iter().map(|r| r.start.timestamp_micros()).max().unwrap_or(0),
-            min_end_us: records.iter().map(|r| r.end.timestamp_micros()).min().unwrap_or(0),
-            records: records.len() as u32,
-            alive,
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.extend_from_slice(&self.min_start_us.to_be_bytes());
-        out.extend_from_slice(&self.max_end_us.to_be_bytes());
-        out.extend_from_slice(&self.max_start_us.to_be_bytes());
-        out.extend_from_slice(&self.min_end_us.to_be_bytes());
-        out.extend_from_slice(&self.records.to_be_bytes());
-        for word in &self.alive {
-            out.extend_from_slice(&word.to_be_bytes());
-        }
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() != Self::LEN {
-            bail!("a block meta of {} bytes", bytes.len());
-        }
-        let mut alive = [0u64; MINUTE_WORDS];
-        for (word, chunk) in alive.iter_mut().zip(bytes[36..].chunks_exact(8)) {
-            *word = u64::from_be_bytes(chunk.try_into()?);
-        }
-        Ok(Self {
-            min_start_us: i64::from_be_bytes(bytes[..8].try_into()?),
-            max_end_us: i64::from_be_bytes(bytes[8..16].try_into()?),
-            max_start_us: i64::from_be_bytes(bytes[16..24].try_into()?),
-            min_end_us: i64::from_be_bytes(bytes[24..32].try_into()?),
-            records: u32::from_be_bytes(bytes[32..36].try_into()?),
-            alive,
-        })
-    }
-
-    /// Every record of the block overlaps `[from, to]`.
-    fn within(&self, from_us: i64, to_us: i64) -> bool {
-        self.records > 0 && self.min_end_us >= from_us && self.max_start_us <= to_us
-    }
-
-    fn overlaps(&self, from_us: i64, to_us: i64, day_start_us: i64) -> bool {
-        if self.min_start_us > to_us || self.max_end_us < from_us {
-            return false;
-        }
-        let minute = |us: i64| ((us - day_start_us).div_euclid(MINUTE_US)).clamp(0, MINUTES as i64 - 1) as usize;
-        (minute(from_us)..=minute(to_us)).any(|m| self.alive[m / 64] & (1 << (m % 64)) != 0)
-    }
-}
-
-fn key(tag: u8, number: u32) -> [u8; 5] {
-    let mut key = [tag; 5];
-    key[1..].copy_from_slice(&number.to_be_bytes());
-    key
-}
-
-fn page_key(run: u32, first: u32) -> [u8; 9] {
-    run_key(b'I', run, first)
-}
-
-fn run_key(tag: u8, run: u32, first: u32) -> [u8; 9] {
-    let mut key = [tag; 9];
-    key[1..5].copy_from_slice(&run.to_be_bytes());
-    key[5..].copy_from_slice(&first.to_be_bytes());
-    key
-}
-
-/// The rollup page of `run` that would hold `print`.
-fn rollup_page(tree: &sled::Tree, run: u32, print: u32) -> Result<Option<sled::IVec>> {
-    match tree.range(run_key(b'U', run, 0)..=run_key(b'U', run, print)).next_back() {
-        Some(entry) => Ok(Some(entry.context("reading a rollup page")?.1)),
-        None => Ok(None),
-    }
-}
-
-/// A UTC day as a window: its first and its last microsecond.
-fn day_bounds(date: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
-    let from = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
-    (from, from + chrono::Duration::days(1) - chrono::Duration::microseconds(1))
-}
-
-fn number_of(key: &[u8]) -> Result<u32> {
-    Ok(u32::from_be_bytes(key.get(1..5).ok_or_else(|| anyhow!("a short key in the store"))?.try_into()?))
 }
 
 impl Store {
@@ -859,375 +685,12 @@ impl Store {
     }
 }
 
-impl Day {
-    fn load(tree: sled::Tree, date: NaiveDate) -> Result<Self> {
-        let mut blocks = Vec::new();
-        for entry in tree.scan_prefix([b'M']) {
-            let (key, value) = entry.context("reading block metas")?;
-            let number = number_of(&key)?;
-            if number as usize != blocks.len() {
-                bail!("block {number} follows {} blocks: the store is damaged", blocks.len());
-            }
-            blocks.push(BlockMeta::decode(&value)?);
-        }
-        let runs = tree.scan_prefix([b'R']).count() as u32;
-        let mut unrun = BTreeMap::new();
-        for entry in tree.scan_prefix([b'L']) {
-            let (key, value) = entry.context("reading block fingerprints")?;
-            unrun.insert(number_of(&key)?, index::decode_fingerprints(&value)?);
-        }
-        let mut pending = BTreeMap::<u32, Rollup>::new();
-        for &number in unrun.keys() {
-            let block = tree
-                .get(key(b'B', number))
-                .context("reading a block")?
-                .ok_or_else(|| anyhow!("block {number} is missing"))?;
-            let records = codec::decode(&block).with_context(|| format!("block {number}"))?;
-            pending.entry(number / RUN_BLOCKS).or_default().add_records(&records);
-        }
-        let start_us = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_micros();
-        Ok(Self { tree, start_us, blocks, runs, unrun, pending, open: Vec::new(), wal: None })
-    }
-
-    /// Writes the first `count` open records as the next block, with its
-    /// meta and fingerprints, in one atomic batch (made durable by the
-    /// caller's flush); they leave the open block only once it is written.
-    fn seal_front(&mut self, count: usize) -> Result<()> {
-        let records = &self.open[..count];
-        let number = self.blocks.len() as u32;
-        let meta = BlockMeta::of(records, self.start_us);
-        let prints = index::block_fingerprints(records);
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(b'B', number), codec::encode(records, true)?);
-        batch.insert(&key(b'M', number), meta.encode());
-        batch.insert(&key(b'L', number), index::encode_fingerprints(&prints));
-        self.tree.apply_batch(batch).context("writing a block")?;
-        self.blocks.push(meta);
-        self.pending.entry(number / RUN_BLOCKS).or_default().add_records(records);
-        self.unrun.insert(number, prints);
-        self.open.drain(..count);
-        Ok(())
-    }
-
-    /// Merges the fingerprints of every full set of 64 sealed blocks into a
-    /// run, dropping the per-block lists in the same batch.
-    fn build_runs(&mut self) -> Result<()> {
-        while self.blocks.len() as u32 >= (self.runs + 1) * RUN_BLOCKS {
-            let run = self.runs;
-            let numbers: Vec<u32> = (run * RUN_BLOCKS..(run + 1) * RUN_BLOCKS).collect();
-            let lists: Vec<Vec<u32>> = numbers.iter().map(|n| self.unrun.get(n).cloned().unwrap_or_default()).collect();
-            let mut batch = sled::Batch::default();
-            for (first, page) in index::build_run(&lists) {
-                batch.insert(&page_key(run, first), page);
-            }
-            let rollup =
-                self.pending.get(&run).map(|r| r.pages(rollup::RUN_PAGE_BYTES)).transpose()?.unwrap_or_default();
-            for (first, page) in rollup {
-                batch.insert(&run_key(b'U', run, first), page);
-            }
-            for n in &numbers {
-                batch.remove(&key(b'L', *n));
-            }
-            batch.insert(&key(b'R', run), &[]);
-            self.tree.apply_batch(batch).context("writing an index run")?;
-            for n in &numbers {
-                self.unrun.remove(n);
-            }
-            self.pending.remove(&run);
-            self.runs += 1;
-        }
-        Ok(())
-    }
-
-    /// How question 2 reads the window: the runs and unrun blocks whose
-    /// every record is inside it answer from their rollups; the blocks at
-    /// its edges that the index names for the device, from their records.
-    fn services_plan(&self, from_us: i64, to_us: i64, device: &IndexKey) -> Result<Plan> {
-        let mut plan = Plan::default();
-        let mut edges = BTreeSet::new();
-        let overlapping = |n: u32| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us);
-        let within = |n: u32| self.blocks[n as usize].within(from_us, to_us);
-        for run in 0..self.runs {
-            let numbers = run * RUN_BLOCKS..(run + 1) * RUN_BLOCKS;
-            if numbers.clone().all(within) {
-                plan.runs.push(run);
-            } else {
-                edges.extend(numbers.filter(|&n| overlapping(n)));
-            }
-        }
-        // The unrun blocks have one rollup between them.
-        let unrun = self.runs * RUN_BLOCKS..self.blocks.len() as u32;
-        if !unrun.is_empty() && unrun.clone().all(within) {
-            plan.pending = true;
-        } else {
-            edges.extend(unrun.filter(|&n| overlapping(n)));
-        }
-        if !edges.is_empty() {
-            plan.decode = self.candidates_among(edges, Lookup::Any(std::slice::from_ref(device)))?;
-        }
-        Ok(plan)
-    }
-
-    /// The sealed blocks that may hold records of the window with the keys.
-    fn candidates(&self, from_us: i64, to_us: i64, lookup: Lookup) -> Result<Vec<u32>> {
-        let in_window: BTreeSet<u32> = (0..self.blocks.len() as u32)
-            .filter(|&n| self.blocks[n as usize].overlaps(from_us, to_us, self.start_us))
-            .collect();
-        self.candidates_among(in_window, lookup)
-    }
-
-    /// Those of `in_window` that may hold records with the keys.
-    fn candidates_among(&self, in_window: BTreeSet<u32>, lookup: Lookup) -> Result<Vec<u32>> {
-        let keys = match lookup {
-            Lookup::All => return Ok(in_window.into_iter().collect()),
-            Lookup::Any(keys) => keys,
-        };
-        let mut prints: Vec<u32> = keys.iter().map(IndexKey::fingerprint).collect();
-        prints.sort_unstable();
-        prints.dedup();
-        let mut found = BTreeSet::new();
-        let runs: BTreeSet<u32> = in_window.iter().map(|n| n / RUN_BLOCKS).filter(|r| *r < self.runs).collect();
-        for run in runs {
-            let mask = self.run_lookup(run, &prints)?;
-            found.extend((0..RUN_BLOCKS).filter(|b| mask & (1 << b) != 0).map(|b| run * RUN_BLOCKS + b));
-        }
-        for (number, list) in self.unrun.range(self.runs * RUN_BLOCKS..) {
-            if prints.iter().any(|p| list.binary_search(p).is_ok()) {
-                found.insert(*number);
-            }
-        }
-        Ok(found.intersection(&in_window).copied().collect())
-    }
-
-    /// The blocks of `run` (as a mask) holding any of the sorted `prints`:
-    /// for each kind of key, the run's pages from the one holding the
-    /// smallest fingerprint to the one holding the largest.
-    fn run_lookup(&self, run: u32, prints: &[u32]) -> Result<u64> {
-        let mut mask = 0u64;
-        let mut rest = prints;
-        while let Some(&first) = rest.first() {
-            let kind = IndexKey::kind_range(first);
-            let count = rest.iter().take_while(|p| kind.contains(p)).count();
-            let (group, tail) = rest.split_at(count);
-            rest = tail;
-            let last = *group.last().expect("not empty");
-            // The page holding `first` starts at or before it.
-            let start = match self.tree.range(page_key(run, 0)..=page_key(run, first)).next_back() {
-                Some(entry) => entry.context("reading an index page")?.0,
-                None => sled::IVec::from(&page_key(run, 0)),
-            };
-            let mut wanted = group.iter().peekable();
-            for entry in self.tree.range(start..=sled::IVec::from(&page_key(run, last))) {
-                let (page_key, page) = entry.context("reading an index page")?;
-                let page_first =
-                    u32::from_be_bytes(page_key.get(5..9).ok_or_else(|| anyhow!("a short page key"))?.try_into()?);
-                for (print, blocks) in index::decode_page(page_first, &page)? {
-                    while wanted.next_if(|w| **w < print).is_some() {}
-                    if wanted.next_if(|w| **w == print).is_some() {
-                        mask |= blocks;
-                    }
-                }
-            }
-        }
-        Ok(mask)
-    }
-}
-
-fn day_name(date: NaiveDate) -> String {
-    format!("{DAY_PREFIX}{date}")
-}
-
-/// Makes `dir` and everything under it readable by its owner (root) only:
-/// directories 0700, files 0600. Stores made before this, or by a process
-/// with a looser umask, are fixed when the agent opens them.
-/// Opens sled's database under the store's lock. sled's own file lock
-/// outlives a close in this process by a moment (its flusher thread), so an
-/// I/O error is tried again briefly: no other process can hold the store.
-fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        match sled::Config::new().path(path).cache_capacity(cache_bytes).open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(_)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(error) => return Err(error).with_context(|| format!("opening the store {}", path.display())),
-        }
-    }
-}
-
-/// Takes the store's lock, or says it is in use (by the errno of a
-/// non-blocking exclusive `flock`).
-fn lock_store(dir: &Path) -> Result<std::fs::File, OpenError> {
-    use std::os::fd::AsRawFd as _;
-    let path = dir.join("icr.lock");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening the store's lock {}", path.display()))?;
-    // SAFETY: a valid fd, which the returned file owns (the lock goes with it).
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.kind() == std::io::ErrorKind::WouldBlock {
-            return Err(StoreInUse(dir.to_path_buf()).into());
-        }
-        return Err(anyhow::Error::new(error).context(format!("locking {}", path.display())).into());
-    }
-    Ok(file)
-}
-
-fn make_private(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let metadata = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let mode = if metadata.is_dir() { 0o700 } else { 0o600 };
-    if metadata.file_type().is_symlink() {
-        return Ok(()); // not followed: what it points to is not the store's
-    }
-    if metadata.permissions().mode() & 0o777 != mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("making {} private", dir.display()))?;
-    }
-    if metadata.is_dir() {
-        for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-            make_private(&entry?.path())?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            Err(error).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Realistic records for the store's tests.
-#[cfg(test)]
-pub(crate) mod test_records {
-    use crate::icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
-    use chrono::{DateTime, Utc};
-
-    /// Opens the store in `dir`, waiting (at most 5 s) for a handle this
-    /// process just dropped: sled releases its file lock from a background
-    /// thread after the drop returns (spacejam/sled#1289).
-    pub fn reopen(dir: &std::path::Path) -> anyhow::Result<super::Store> {
-        reopen_with(dir, open)
-    }
-
-    /// As [`reopen`], read-only.
-    pub fn reopen_read_only(dir: &std::path::Path) -> anyhow::Result<super::Store> {
-        reopen_with(dir, open_read_only)
-    }
-
-    /// Records per block in the tests: many blocks from few records.
-    pub const TEST_BLOCK_RECORDS: usize = 64;
-
-    /// [`super::Store::open`] with [`TEST_BLOCK_RECORDS`].
-    pub fn open(dir: &std::path::Path) -> Result<super::Store, super::OpenError> {
-        super::Store::open_with(dir, false, TEST_BLOCK_RECORDS)
-    }
-
-    /// [`super::Store::open_read_only`] with [`TEST_BLOCK_RECORDS`].
-    pub fn open_read_only(dir: &std::path::Path) -> Result<super::Store, super::OpenError> {
-        super::Store::open_with(dir, true, TEST_BLOCK_RECORDS)
-    }
-
-    pub fn reopen_with(
-        dir: &std::path::Path,
-        open: fn(&std::path::Path) -> Result<super::Store, super::OpenError>,
-    ) -> anyhow::Result<super::Store> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match open(dir) {
-                Err(super::OpenError::InUse(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                result => return Ok(result?),
-            }
-        }
-    }
-
-    /// Some samples are DNS records (one or several exchanges), and some
-    /// never left the gateway (`local`, no public end).
-    pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
-        let local = i % 23 == 7;
-        let exchange =
-            |qname: String, qtype: &str, answers: Vec<String>| crate::icr::Dns { qname, qtype: qtype.into(), answers };
-        let dns_all = match i % 18 {
-            0 => vec![
-                exchange("a.example".into(), "A", vec!["192.0.2.1".into()]),
-                exchange(format!("cdn{}.b.example", i % 5), "AAAA", vec![]),
-                exchange(format!("cdn{}.b.example", i % 5), "A", vec!["192.0.2.7".into(), "192.0.2.8".into()]),
-            ],
-            9 => vec![exchange("a.example".into(), "A", vec!["192.0.2.1".into()])],
-            _ => vec![],
-        };
-        Icr {
-            id: ids.next(&start),
-            probe: None,
-            start,
-            end: start + chrono::Duration::milliseconds(1500 + (i % 7) as i64 * 100),
-            end_reason: if i.is_multiple_of(5) { EndReason::Rst } else { EndReason::Fin },
-            proto: if i.is_multiple_of(3) { "udp".into() } else { "tcp".into() },
-            device: Device {
-                mac: Some(probe_common::Mac([2, 0, 0, 0, (i % 250) as u8, 0x17]).to_string()),
-                ip: Some(format!("10.0.{}.{}", i % 3, i % 250 + 2).parse().unwrap()),
-                port: Some(40000 + (i % 20000) as u16),
-                vlan: if i.is_multiple_of(11) { vec![100, 20] } else { vec![] },
-                pppoe_session: i.is_multiple_of(13).then_some(7),
-                subscriber: Some(format!("line-{}", i % 250)),
-            },
-            public: (!local).then(|| Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 1024 + (i % 60000) as u16 }),
-            remote: Endpoint { ip: format!("192.0.2.{}", i % 200 + 1).parse().unwrap(), port: 443 },
-            service: match i % 8 {
-                1 | 5 => None,
-                // Named from a DNS answer the device had, shortly before.
-                3 => Some(Service {
-                    origin: Some(crate::icr::DnsOrigin {
-                        dns_at: start - chrono::Duration::milliseconds((i % 900) as i64),
-                        resolver: if i.is_multiple_of(3) {
-                            "[2001:db8::53]:53".parse().unwrap()
-                        } else {
-                            "192.0.2.53:53".parse().unwrap()
-                        },
-                    }),
-                    ..Service::carried(format!("s{}.example.com", i % 40), ServiceSource::Dns, false)
-                }),
-                _ => Some(Service::carried(format!("s{}.example.com", i % 40), ServiceSource::TlsSni, false)),
-            },
-            dns: dns_all.first().cloned(),
-            dns_all,
-            packets_up: 10 + i % 50,
-            packets_down: 12 + i % 70,
-            bytes_up: 1000 + i * 3 % 5000,
-            bytes_down: 9000 + i * 7 % 90000,
-            incomplete: i.is_multiple_of(17),
-            local,
-        }
-    }
-
-    pub fn sample(i: u64) -> Icr {
-        let start: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z").unwrap().into();
-        sample_at(i, start + chrono::Duration::milliseconds(i as i64 * 37), &mut RecordIds::default())
-    }
-
-    pub fn samples(n: u64) -> Vec<Icr> {
-        let start: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-11-22T10:00:00Z").unwrap().into();
-        let mut ids = RecordIds::default();
-        (0..n).map(|i| sample_at(i, start + chrono::Duration::milliseconds(i as i64 * 37), &mut ids)).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::icr::RecordIds;
+    use index::RUN_BLOCKS;
+    use layout::{BlockMeta, LAYOUT, LAYOUT_KEY, number_of, run_key};
     use test_records::{TEST_BLOCK_RECORDS, reopen, reopen_read_only, sample_at, samples};
 
     fn at(text: &str) -> DateTime<Utc> {
