@@ -52,7 +52,7 @@ fn embedded(object: &'static [u8]) -> Result<&'static [u8], ProbeError> {
 const EVENT_BUFFER_PAGES: usize = 64;
 
 /// How the probe's events reach the agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventPath {
     /// A BPF ring buffer per CPU, wakeups batched (Linux 5.18 and later:
