@@ -78,7 +78,9 @@ pub struct RunOptions {
     pub wan: Vec<String>,
     pub db: PathBuf,
     pub config: Config,
-    /// The configuration file given, which queries re-read (authorities change).
+    /// The configuration file given (`--config`, or /etc/icr/icr.toml), which
+    /// the store records and queries re-read (authorities change); `None`:
+    /// the store's own.
     pub config_file: Option<PathBuf>,
 }
 
@@ -94,7 +96,7 @@ impl ServiceRuntime {
     async fn start(
         db: &Path,
         config: &Config,
-        config_file: Option<PathBuf>,
+        governing: crate::config::StoreConfig,
         store: &Store,
         snapshot: &crate::serve::metrics::Shared,
     ) -> Result<Self> {
@@ -106,11 +108,11 @@ impl ServiceRuntime {
             .context("starting the query service's runtime")?;
         let (db, http, metrics, store, snapshot) =
             (db.to_path_buf(), config.http.clone(), config.metrics.clone(), store.clone(), snapshot.clone());
+        let config_file = governing.agent_file().map(Path::to_path_buf);
         // Started there, so that their tasks run there; a listener that
         // cannot start is reported here.
         let started = runtime.spawn(async move {
-            let authorising = crate::config::StoreConfig::of_agent(&db, config_file.as_deref());
-            crate::serve::control::serve(&db, authorising, store.clone())?;
+            crate::serve::control::serve(&db, governing, store.clone())?;
             crate::serve::http::serve(&http, db.clone(), config_file, std::sync::Arc::new(store)).await?;
             crate::serve::metrics::serve(&metrics, snapshot).await
         });
@@ -131,11 +133,12 @@ impl Drop for ServiceRuntime {
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
-    let timeouts = config.flow_timeouts()?;
+    let timeouts = config.flow_timeouts();
     let store = Store::open_with_cache(&db, config.store.cache_mb << 20)?;
     store.set_retention_days(config.retention_days);
+    let governing = crate::config::StoreConfig::record(&store, &db, config_file.as_deref())?;
     let snapshot = crate::serve::metrics::Shared::default();
-    let _doors = ServiceRuntime::start(&db, &config, config_file, &store, &snapshot).await?;
+    let _doors = ServiceRuntime::start(&db, &config, governing, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let probe_id = config.probe_id();
     if let Some(section) = &config.clickhouse {

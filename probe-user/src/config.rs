@@ -8,19 +8,25 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::capture::flow::Timeouts;
 
 /// Twelve months: the legal maximum; a longer retention is refused.
 pub use crate::store::MAX_RETENTION_DAYS;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The store: the commands' `--db DIR` when they name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<PathBuf>,
     #[serde(default = "default_retention")]
     pub retention_days: u32,
-    #[serde(default, rename = "authority")]
+    /// The interfaces the agent captures on (`--lan`/`--wan` override).
+    #[serde(default)]
+    pub capture: CaptureSection,
+    #[serde(default, rename = "authority", skip_serializing_if = "Vec::is_empty")]
     pub authorities: Vec<Authority>,
     /// The longest window a query may cover.
     #[serde(default = "default_max_window_days")]
@@ -47,33 +53,46 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditSection,
     /// Names this gateway on every record (default: the host name).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_id: Option<String>,
     /// Where records and gaps are shipped for provider-wide questions.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<ClickHouseSection>,
+}
+
+/// `[capture]`: the interfaces `icr run` attaches to.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSection {
+    /// Subscriber-facing interfaces.
+    #[serde(default)]
+    pub lan: Vec<String>,
+    /// Internet-facing interfaces; with NAT, conntrack is followed.
+    #[serde(default)]
+    pub wan: Vec<String>,
 }
 
 /// `[clickhouse]`: a cluster (or one server) that every record and gap is
 /// shipped to.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseSection {
     /// The HTTP interface of any node, e.g. `https://10.0.0.5:8443`; never
     /// with credentials in it.
     pub url: String,
     /// The `remote_servers` cluster; omitted for one server.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// The ClickHouse user (ClickHouse's `default` when not given).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// A file holding the user's password alone: root's, 0600 or 0400,
     /// outside the store.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
     /// PEM certificates an `https://` server is verified against (default:
     /// the system's roots).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
 }
 
@@ -106,6 +125,13 @@ impl ClickHouseSection {
 /// root only, and outside the store in `store_dir` when there is one
 /// (whoever can rewrite the store must not hold it).
 pub fn read_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<Vec<u8>> {
+    check_secret(path, what, store_dir)?;
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+/// What [`read_secret`] checks before it reads: a file, root's alone,
+/// outside the store.
+fn check_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let metadata = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
     if !metadata.is_file() {
@@ -129,10 +155,10 @@ pub fn read_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<
             );
         }
     }
-    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+    Ok(())
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// Ticks (seconds) of records that may wait for a slow or failing disk
@@ -160,7 +186,7 @@ fn default_write_queue() -> usize {
     64
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Authority {
     pub name: String,
@@ -168,7 +194,7 @@ pub struct Authority {
     #[serde(default)]
     pub purposes: Vec<Purpose>,
     /// For HTTP access; never the token itself.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hash: Option<String>,
 }
 
@@ -211,7 +237,7 @@ impl std::fmt::Display for Purpose {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthorityKind {
     Police,
@@ -224,7 +250,7 @@ pub enum AuthorityKind {
     Auditor,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeSection {
     /// Capacity of the kernel flow table.
@@ -233,11 +259,11 @@ pub struct ProbeSection {
     /// Pin maps and XDP links here (a bpffs directory, e.g. /sys/fs/bpf/icr):
     /// the probe then keeps counting while the agent restarts or upgrades.
     /// `icr detach --config FILE` removes them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_dir: Option<PathBuf>,
     /// How events reach the agent: `"ring"` or `"perf"`. Unset: the ring
     /// buffer where the kernel can (5.18 and later), else perf buffers.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<crate::capture::probe::EventPath>,
     /// Size of each CPU's event ring buffer in bytes (a power of two, 64 KiB
     /// to 1 GiB): how long a burst it absorbs while the agent is busy.
@@ -269,15 +295,53 @@ fn default_event_ring_bytes() -> u32 {
     probe_common::EVENT_RING_BYTES
 }
 
-/// Durations as `90s`, `5m`, `2h`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[timeouts]`: when flows close ([`Timeouts`] says what each is).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TimeoutsSection {
-    pub tcp_closed: Option<String>,
-    pub tcp_idle: Option<String>,
-    pub udp_idle: Option<String>,
-    pub active: Option<String>,
-    pub full_sweep: Option<String>,
+    pub tcp_closed: Span,
+    pub tcp_idle: Span,
+    pub udp_idle: Span,
+    pub active: Span,
+    pub full_sweep: Span,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        let Timeouts { tcp_closed, tcp_idle, udp_idle, active, full_sweep } = Timeouts::default();
+        Self {
+            tcp_closed: Span(tcp_closed),
+            tcp_idle: Span(tcp_idle),
+            udp_idle: Span(udp_idle),
+            active: Span(active),
+            full_sweep: Span(full_sweep),
+        }
+    }
+}
+
+/// A duration longer than zero, written like `90s`, `5m`, `2h`, `1h30m` or
+/// `250ms`: parsed, and zero refused, when the configuration is read, so no
+/// use of it can forget to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let text = String::deserialize(deserializer)?;
+        match parse_duration(&text).map_err(|error| D::Error::custom(format!("{error:#}")))? {
+            // A zero timeout would close every flow at its first packet, a
+            // zero idle time end every session at once.
+            zero if zero.is_zero() => Err(D::Error::custom(format!("{text:?}: a duration must be longer than zero"))),
+            duration => Ok(Self(duration)),
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(self.0))
+    }
 }
 
 impl Default for Config {
@@ -297,6 +361,8 @@ impl Default for Config {
             store: StoreSection::default(),
             probe_id: None,
             clickhouse: None,
+            db: None,
+            capture: CaptureSection::default(),
         }
     }
 }
@@ -321,13 +387,17 @@ fn default_flow_table_size() -> u32 {
     probe_common::DEFAULT_FLOW_TABLE_SIZE
 }
 
-/// The configuration that authorises the queries of a store: the store's
-/// own (`DIR/icr.toml`), or the file its agent was started with (`icr run
-/// --config FILE`). The door that takes a query chooses it, never the
-/// request: a query naming another configuration is refused.
+/// The configuration that authorises the questions of a store: the file its
+/// agent was started with, which the store remembers ([`StoreConfig::record`]),
+/// else the store's own `DIR/icr.toml`. The door that takes a question
+/// chooses it, never the request: a question naming another configuration
+/// is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     path: PathBuf,
+    /// The store's own `DIR/icr.toml`, which may be absent (the defaults,
+    /// and no authority). Any other file must be there, and root's alone.
+    own: bool,
 }
 
 /// What a [`StoreConfig`] holds now: the configuration, and the SHA-256 of
@@ -339,18 +409,63 @@ pub struct LoadedConfig {
 }
 
 impl StoreConfig {
-    /// `DIR/icr.toml`.
-    pub fn of_store(db: &Path) -> Self {
-        Self { path: db.join("icr.toml") }
+    /// The configuration that governs the store in `db` now: the file its
+    /// agent recorded, else the store's own `DIR/icr.toml`.
+    pub fn of_store(db: &Path) -> Result<Self> {
+        Ok(match crate::store::governing::remembered(db)? {
+            Some(path) => Self { path, own: false },
+            None => Self::own(db),
+        })
     }
 
-    /// The agent's: its `--config FILE`, else the store's own.
+    /// `DIR/icr.toml`.
+    fn own(db: &Path) -> Self {
+        Self { path: db.join("icr.toml"), own: true }
+    }
+
+    /// The agent's: its configuration file, else the store's own.
     pub fn of_agent(db: &Path, config_file: Option<&Path>) -> Self {
-        config_file.map_or_else(|| Self::of_store(db), |path| Self { path: path.to_path_buf() })
+        config_file.map_or_else(|| Self::own(db), |path| Self { path: path.to_path_buf(), own: false })
+    }
+
+    /// Makes the agent's configuration (`config_file`; `None`: the store's
+    /// own) govern `store`, in `db`, from now on: recorded in the store, so
+    /// that questions asked after the agent stops are authorised by the same
+    /// file. This is how a store moves to another configuration: its agent
+    /// is started with the new one.
+    pub fn record(store: &crate::store::Store, db: &Path, config_file: Option<&Path>) -> Result<Self> {
+        let governing = match config_file {
+            None => Self::own(db),
+            Some(file) => {
+                let path = std::fs::canonicalize(file)
+                    .with_context(|| format!("finding the configuration {}", file.display()))?;
+                only_root_may_write(&path)?;
+                Self { path, own: false }
+            }
+        };
+        let recorded = (!governing.own).then_some(governing.path.as_path());
+        let before = store.govern(recorded).context("recording the store's configuration")?;
+        if before.as_deref() != recorded {
+            let shown = |path: Option<&Path>| {
+                path.map_or_else(|| format!("its own {}", db.join("icr.toml").display()), |p| p.display().to_string())
+            };
+            log::info!(
+                "the store {} is governed by {} from now on (it was by {})",
+                db.display(),
+                shown(recorded),
+                shown(before.as_deref())
+            );
+        }
+        Ok(governing)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file an agent names to its doors: `None` for the store's own.
+    pub fn agent_file(&self) -> Option<&Path> {
+        (!self.own).then_some(self.path.as_path())
     }
 
     /// Whether `named` (a request's `--config`) is this configuration.
@@ -360,17 +475,20 @@ impl StoreConfig {
     }
 
     /// Reads it now (authorities change without a restart); a store without
-    /// a configuration file has the defaults, and no authority.
+    /// a configuration file of its own has the defaults, and no authority.
     pub fn load(&self) -> Result<LoadedConfig> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && self.own => {
                 return Ok(LoadedConfig { config: Config::default(), sha256: None });
             }
             Err(error) => {
                 return Err(error).with_context(|| format!("reading the configuration {}", self.path.display()));
             }
         };
+        if !self.own {
+            only_root_may_write(&self.path)?;
+        }
         let text = String::from_utf8(bytes)
             .with_context(|| format!("the configuration {} is not UTF-8", self.path.display()))?;
         let config = Config::parse(&text).with_context(|| format!("in the configuration {}", self.path.display()))?;
@@ -379,22 +497,116 @@ impl StoreConfig {
     }
 }
 
+/// A configuration that authorises questions must be root's, and writable
+/// by root alone: whoever could write it could grant themselves an
+/// authority.
+pub fn only_root_may_write(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if metadata.uid() != 0 || metadata.mode() & 0o022 != 0 {
+        bail!(
+            "the configuration {} authorises questions: it must be owned by root and writable by root alone \
+             (chown root; chmod go-w); it is uid {} mode {:o}",
+            path.display(),
+            metadata.uid(),
+            metadata.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// The configuration every command reads unless `--config FILE` names
+/// another.
+pub const DEFAULT_PATH: &str = "/etc/icr/icr.toml";
+
+/// Where a command's configuration came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `--config FILE`, or [`DEFAULT_PATH`] when no file is named.
+    File(PathBuf),
+    /// The store's own `DIR/icr.toml`: no file named and none at the
+    /// default path.
+    Store(PathBuf),
+    /// No file at all: the defaults.
+    Defaults,
+}
+
+impl Source {
+    /// The file read, if any.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) | Self::Store(path) => Some(path),
+            Self::Defaults => None,
+        }
+    }
+
+    /// The file an agent names to its doors (which re-read it for every
+    /// request): `None` for the store's own, which is found again from the
+    /// store, and for none.
+    pub fn agent_file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) => Some(path),
+            Self::Store(_) | Self::Defaults => None,
+        }
+    }
+}
+
+/// A command's configuration, and where it came from.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    pub config: Config,
+    pub source: Source,
+}
+
+impl Chosen {
+    /// The store a command works on: its `--db`, else the configuration's
+    /// `db`.
+    pub fn db(&self, flag: Option<&Path>) -> Result<PathBuf> {
+        match (flag, self.config.db.as_deref()) {
+            (Some(dir), _) | (None, Some(dir)) => Ok(dir.to_path_buf()),
+            (None, None) => match self.source.file() {
+                Some(file) => {
+                    bail!("name the store: --db DIR, or db = \"DIR\" in the configuration {}", file.display())
+                }
+                None => bail!("name the store: --db DIR, or db = \"DIR\" in the configuration {DEFAULT_PATH} (absent)"),
+            },
+        }
+    }
+}
+
 impl Config {
-    /// `--config FILE` if given, else `DIR/icr.toml` if present, else defaults.
-    pub fn load(explicit: Option<&Path>, db: Option<&Path>) -> Result<Self> {
-        let path = match (explicit, db) {
-            (Some(path), _) => Some(path.to_path_buf()),
-            (None, Some(db)) => Some(db.join("icr.toml")).filter(|p| p.exists()),
-            (None, None) => None,
+    /// The configuration a command reads: `named` (`--config FILE`), else
+    /// [`DEFAULT_PATH`] if it exists; else, for the store in `db` (the
+    /// command's `--db`), the configuration it remembers (its agent's), else
+    /// its own `DIR/icr.toml` if present; else the defaults.
+    pub fn choose(named: Option<&Path>, db: Option<&Path>) -> Result<Chosen> {
+        let default = Path::new(DEFAULT_PATH);
+        let source = match (named, db) {
+            (Some(path), _) => Source::File(path.to_path_buf()),
+            (None, _) if exists(default)? => Source::File(default.to_path_buf()),
+            (None, Some(db)) => match crate::store::governing::remembered(db)? {
+                Some(remembered) => Source::File(remembered),
+                None if exists(&db.join("icr.toml"))? => Source::Store(db.join("icr.toml")),
+                None => Source::Defaults,
+            },
+            (None, None) => Source::Defaults,
         };
-        let Some(path) = path else { return Ok(Self::default()) };
+        let config = match source.file() {
+            Some(path) => Self::read(path)?,
+            None => Self::default(),
+        };
+        Ok(Chosen { config, source })
+    }
+
+    /// The configuration in the file at `path`, checked.
+    pub fn read(path: &Path) -> Result<Self> {
         let text =
-            std::fs::read_to_string(&path).with_context(|| format!("reading the configuration {}", path.display()))?;
+            std::fs::read_to_string(path).with_context(|| format!("reading the configuration {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in the configuration {}", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let config: Config = toml::from_str(text)?;
+        let config: Config = toml::from_str(text).map_err(|error| anyhow::anyhow!(one_line(&error, text)))?;
         config.validate()?;
         Ok(config)
     }
@@ -436,13 +648,7 @@ impl Config {
                  plain HTTP is allowed on loopback only (127.0.0.0/8, ::1); set cert and key for HTTPS"
             );
         }
-        self.http.max_connections()?;
-        self.http.request_timeout()?;
-        self.http.console_idle()?;
-        self.http.max_token_checks()?;
-        self.http.max_body_bytes_in_flight()?;
-        self.http.console_sessions()?;
-        self.http.console_answer_bytes()?;
+        self.http.validate()?;
         let ring = self.probe.event_ring_bytes;
         if !ring.is_power_of_two() || !(64 << 10..=1 << 30).contains(&ring) {
             bail!("[probe] event_ring_bytes = {ring} must be a power of two from 65536 (64 KiB) to 1073741824 (1 GiB)");
@@ -453,9 +659,37 @@ impl Config {
         if !(1..=1 << 20).contains(&self.store.cache_mb) {
             bail!("[store] cache_mb = {} must be between 1 and 1048576 (MiB)", self.store.cache_mb);
         }
-        self.flow_timeouts()?;
         if let Some(clickhouse) = &self.clickhouse {
             clickhouse.validate()?;
+        }
+        Ok(())
+    }
+
+    /// What `icr config check` adds to parsing: every file the
+    /// configuration names is there (secrets root's alone and outside the
+    /// store), so that a restart does not find one missing. The store and
+    /// the pin directory are made by the agent.
+    pub fn check_files(&self) -> Result<()> {
+        let store = self.db.as_deref();
+        if let Some(key) = &self.audit.key {
+            check_secret(key, "[audit] key", store)?;
+        }
+        let clickhouse = self.clickhouse.as_ref();
+        if let Some(password) = clickhouse.and_then(|section| section.password_file.as_ref()) {
+            check_secret(password, "[clickhouse] password_file", store)?;
+        }
+        for (what, path) in [
+            ("[clickhouse] ca", clickhouse.and_then(|section| section.ca.as_ref())),
+            ("[http] cert", self.http.cert.as_ref()),
+            ("[http] key", self.http.key.as_ref()),
+            ("[audit] journal", self.audit.journal.as_ref()),
+            ("[subscribers] static", self.subscribers.static_csv.as_ref()),
+            ("[subscribers] dnsmasq_leases", self.subscribers.dnsmasq_leases.as_ref()),
+            ("[subscribers] kea_leases", self.subscribers.kea_leases.as_ref()),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path).with_context(|| format!("{what} names {}", path.display()))?;
+            }
         }
         Ok(())
     }
@@ -475,29 +709,49 @@ impl Config {
         self.authorities.iter().find(|a| a.name == name)
     }
 
-    pub fn flow_timeouts(&self) -> Result<Timeouts> {
-        let defaults = Timeouts::default();
-        let t = &self.timeouts;
-        Ok(Timeouts {
-            tcp_closed: duration(&t.tcp_closed, defaults.tcp_closed, "tcp_closed")?,
-            tcp_idle: duration(&t.tcp_idle, defaults.tcp_idle, "tcp_idle")?,
-            udp_idle: duration(&t.udp_idle, defaults.udp_idle, "udp_idle")?,
-            active: duration(&t.active, defaults.active, "active")?,
-            full_sweep: duration(&t.full_sweep, defaults.full_sweep, "full_sweep")?,
-        })
+    pub fn flow_timeouts(&self) -> Timeouts {
+        let TimeoutsSection { tcp_closed, tcp_idle, udp_idle, active, full_sweep } = &self.timeouts;
+        Timeouts {
+            tcp_closed: tcp_closed.0,
+            tcp_idle: tcp_idle.0,
+            udp_idle: udp_idle.0,
+            active: active.0,
+            full_sweep: full_sweep.0,
+        }
+    }
+
+    /// The configuration as it takes effect, every default written out
+    /// (TOML): what `icr config check` prints. Keys without a default that
+    /// are not set are left out.
+    pub fn effective(&self) -> Result<String> {
+        let mut effective = self.clone();
+        effective.probe_id = Some(self.probe_id());
+        toml::to_string_pretty(&effective).context("writing the configuration as TOML")
     }
 }
 
-fn duration(text: &Option<String>, default: Duration, name: &str) -> Result<Duration> {
-    match text {
-        None => Ok(default),
-        Some(text) => match parse_duration(text).with_context(|| format!("timeouts.{name}"))? {
-            // A zero timeout would close every flow at its first packet, or
-            // sweep without pause.
-            zero if zero.is_zero() => bail!("timeouts.{name} = {text:?}: a timeout must be longer than zero"),
-            duration => Ok(duration),
-        },
+/// A TOML error on one line, as the command line's reasons are: where,
+/// the key (never the value: a misplaced secret is not echoed), and what.
+fn one_line(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let Some(before) = error.span().and_then(|span| text.get(..span.start)) else { return message };
+    let line = before.matches('\n').count() + 1;
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|line| line.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    match key {
+        Some(key) => format!("line {line} ({key}): {message}"),
+        None => format!("line {line}: {message}"),
     }
+}
+
+/// Whether `path` exists; an error (not "no") when that cannot be found
+/// out, so that an unreadable /etc/icr is not taken for an absent one.
+fn exists(path: &Path) -> Result<bool> {
+    path.try_exists().with_context(|| format!("looking for {}", path.display()))
 }
 
 /// `90s`, `5m`, `2h`, `1h30m`, `250ms`.
@@ -522,7 +776,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.authority("met-police").unwrap().kind, AuthorityKind::Police);
-        assert_eq!(config.flow_timeouts().unwrap(), Timeouts::default());
+        assert_eq!(config.flow_timeouts(), Timeouts::default());
     }
 
     #[test]
@@ -538,7 +792,7 @@ mod tests {
         assert!(Config::parse("[[authority]]\nname = \"x\"\nkind = \"sheriff\"").is_err());
         assert!(Config::parse("[timeouts]\ntcp_idle = \"soon\"").is_err());
         let config = Config::parse("[timeouts]\ntcp_idle = \"2m\"\nactive = \"1h\"").unwrap();
-        let timeouts = config.flow_timeouts().unwrap();
+        let timeouts = config.flow_timeouts();
         assert_eq!(timeouts.tcp_idle, Duration::from_secs(120));
         assert_eq!(timeouts.active, Duration::from_secs(3600));
     }
@@ -562,9 +816,9 @@ mod tests {
         let local = "[[authority]]\nname = \"force\"\nkind = \"local\"\npurposes = [1, 2, 3]\n";
         assert!(refusal(&format!("{police}{local}")).contains("authority \"force\" is configured twice"));
         assert!(refusal("[[authority]]\nname = \" \"\nkind = \"police\"").contains("empty name"));
-        assert!(
-            refusal("[timeouts]\ntcp_idle = \"0s\"")
-                .contains("timeouts.tcp_idle = \"0s\": a timeout must be longer than zero")
+        assert_eq!(
+            refusal("[timeouts]\ntcp_idle = \"0s\""),
+            "line 2 (tcp_idle): \"0s\": a duration must be longer than zero"
         );
         assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
         assert!(Config::parse(police).is_ok());
@@ -596,6 +850,42 @@ mod tests {
     }
 
     #[test]
+    fn the_effective_configuration_writes_every_default_and_loads_again_as_itself() {
+        let config =
+            Config::parse("probe_id = \"gw\"\n[timeouts]\nactive = \"90m\"\n[http]\nconsole_idle = \"2m\"").unwrap();
+        assert_eq!(config.flow_timeouts().active, Duration::from_secs(90 * 60));
+        assert_eq!(config.http.console_idle, Span(Duration::from_secs(120)));
+        let effective = config.effective().unwrap();
+        for line in [
+            "retention_days = 365",
+            "tcp_idle = \"5m\"",
+            "active = \"1h 30m\"",
+            "max_connections = 64",
+            "cache_mb = 64",
+        ] {
+            assert!(effective.lines().any(|l| l == line), "{line} in {effective}");
+        }
+        assert_eq!(Config::parse(&effective).unwrap().effective().unwrap(), effective);
+        assert!(refusal("[http]\nrequest_timeout = \"0s\"").contains("must be longer than zero"));
+        assert!(refusal("[http]\nmax_connections = 0").contains("[http] max_connections must be at least 1"));
+    }
+
+    #[test]
+    fn a_flag_names_the_store_before_the_configuration() {
+        let chosen = |db: Option<&str>| Chosen {
+            config: Config { db: db.map(PathBuf::from), ..Config::default() },
+            source: Source::File(PathBuf::from("/etc/x.toml")),
+        };
+        assert_eq!(chosen(Some("/a")).db(None).unwrap(), PathBuf::from("/a"));
+        assert_eq!(chosen(Some("/a")).db(Some(Path::new("/b"))).unwrap(), PathBuf::from("/b"));
+        let refused = format!("{:#}", chosen(None).db(None).unwrap_err());
+        assert!(
+            refused.contains("name the store: --db DIR, or db = \"DIR\" in the configuration /etc/x.toml"),
+            "{refused}"
+        );
+    }
+
+    #[test]
     fn plain_http_is_refused_off_loopback() {
         assert!(refusal("[http]\nlisten = \"0.0.0.0:8080\"").contains("plain HTTP is allowed on loopback only"));
         assert!(refusal("[http]\nlisten = \"[2001:db8::1]:8080\"").contains("plain HTTP is allowed on loopback only"));
@@ -609,127 +899,103 @@ mod tests {
 }
 
 /// `[http]`: the HTTP API.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
     /// Address to serve on, e.g. "127.0.0.1:8443".
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// PEM certificate chain and key: HTTPS when both are set.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
-    /// Open connections at most; one more is closed at once (default 64).
-    pub max_connections: Option<usize>,
+    /// Open connections at most; one more is closed at once.
+    pub max_connections: usize,
     /// How long a client may take to send its TLS handshake, its headers, and
-    /// then its body, each (default 10s).
-    pub request_timeout: Option<String>,
-    /// A web console session ends after this long without a request
-    /// (default 15m).
-    pub console_idle: Option<String>,
+    /// then its body, each.
+    pub request_timeout: Span,
+    /// A web console session ends after this long without a request.
+    pub console_idle: Span,
     /// Token checks (argon2, 19 MiB each) run at once at most; a request
-    /// past them is answered 503 (default 2).
-    pub max_token_checks: Option<usize>,
+    /// past them is answered 503.
+    pub max_token_checks: usize,
     /// Bytes of request bodies held at once over all connections; a body
-    /// past it is answered 503 (default 8 MiB).
-    pub max_body_bytes_in_flight: Option<usize>,
+    /// past it is answered 503.
+    pub max_body_bytes_in_flight: usize,
     /// Console sessions one authority may have at once; signing in past it
-    /// ends that authority's idlest session, never another's (default 8).
-    pub console_sessions: Option<usize>,
+    /// ends that authority's idlest session, never another's.
+    pub console_sessions: usize,
     /// Bytes of answers a console session keeps for its pages and
-    /// downloads; past it the oldest answers are dropped (default 64 MiB).
-    pub console_answer_bytes: Option<usize>,
+    /// downloads; past it the oldest answers are dropped.
+    pub console_answer_bytes: usize,
 }
 
-/// Default of `[http] max_connections`.
-const MAX_CONNECTIONS: usize = 64;
-/// Default of `[http] request_timeout`.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default of `[http] console_idle`.
-const CONSOLE_IDLE: Duration = Duration::from_secs(15 * 60);
-/// Default of `[http] max_token_checks`.
-const MAX_TOKEN_CHECKS: usize = 2;
-/// Default of `[http] max_body_bytes_in_flight`.
-const MAX_BODY_BYTES_IN_FLIGHT: usize = 8 << 20;
-/// Default of `[http] console_sessions`.
-const CONSOLE_SESSIONS: usize = 8;
-/// Default of `[http] console_answer_bytes`.
-const CONSOLE_ANSWER_BYTES: usize = 64 << 20;
-impl HttpSection {
-    pub fn max_connections(&self) -> Result<usize> {
-        at_least_one("max_connections", self.max_connections, MAX_CONNECTIONS)
-    }
-
-    pub fn max_token_checks(&self) -> Result<usize> {
-        at_least_one("max_token_checks", self.max_token_checks, MAX_TOKEN_CHECKS)
-    }
-
-    pub fn max_body_bytes_in_flight(&self) -> Result<usize> {
-        // One request's body must fit: a smaller budget would refuse it always.
-        match at_least_one("max_body_bytes_in_flight", self.max_body_bytes_in_flight, MAX_BODY_BYTES_IN_FLIGHT)? {
-            small if small < crate::serve::http::MAX_BODY_BYTES => {
-                bail!(
-                    "[http] max_body_bytes_in_flight = {small} must be at least {} (one request's body)",
-                    crate::serve::http::MAX_BODY_BYTES
-                )
-            }
-            // The semaphore that counts them holds at most this many.
-            big if big > u32::MAX as usize => {
-                bail!("[http] max_body_bytes_in_flight = {big} must be at most {}", u32::MAX)
-            }
-            bytes => Ok(bytes),
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            cert: None,
+            key: None,
+            max_connections: 64,
+            request_timeout: Span(Duration::from_secs(10)),
+            console_idle: Span(Duration::from_secs(15 * 60)),
+            max_token_checks: 2,
+            max_body_bytes_in_flight: 8 << 20,
+            console_sessions: 8,
+            console_answer_bytes: 64 << 20,
         }
     }
-
-    pub fn console_sessions(&self) -> Result<usize> {
-        at_least_one("console_sessions", self.console_sessions, CONSOLE_SESSIONS)
-    }
-
-    pub fn console_answer_bytes(&self) -> Result<usize> {
-        at_least_one("console_answer_bytes", self.console_answer_bytes, CONSOLE_ANSWER_BYTES)
-    }
-
-    pub fn console_idle(&self) -> Result<Duration> {
-        positive_duration("console_idle", self.console_idle.as_deref(), CONSOLE_IDLE)
-    }
-
-    pub fn request_timeout(&self) -> Result<Duration> {
-        positive_duration("request_timeout", self.request_timeout.as_deref(), REQUEST_TIMEOUT)
-    }
 }
 
-/// `[http] key`'s count, `default` when not given; zero is refused.
-fn at_least_one(key: &str, value: Option<usize>, default: usize) -> Result<usize> {
-    match value {
-        None => Ok(default),
-        Some(0) => bail!("[http] {key} must be at least 1"),
-        Some(n) => Ok(n),
-    }
-}
-
-/// `[http] key`'s duration, `default` when not given; zero is refused.
-fn positive_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration> {
-    let Some(text) = text else { return Ok(default) };
-    match parse_duration(text).with_context(|| format!("[http] {key}"))? {
-        zero if zero.is_zero() => bail!("[http] {key} = {text:?} must be longer than zero"),
-        duration => Ok(duration),
+impl HttpSection {
+    fn validate(&self) -> Result<()> {
+        for (key, count) in [
+            ("max_connections", self.max_connections),
+            ("max_token_checks", self.max_token_checks),
+            ("max_body_bytes_in_flight", self.max_body_bytes_in_flight),
+            ("console_sessions", self.console_sessions),
+            ("console_answer_bytes", self.console_answer_bytes),
+        ] {
+            if count == 0 {
+                bail!("[http] {key} must be at least 1");
+            }
+        }
+        // One request's body must fit: a smaller budget would refuse it always.
+        let bytes = self.max_body_bytes_in_flight;
+        if bytes < crate::serve::http::MAX_BODY_BYTES {
+            bail!(
+                "[http] max_body_bytes_in_flight = {bytes} must be at least {} (one request's body)",
+                crate::serve::http::MAX_BODY_BYTES
+            );
+        }
+        // The semaphore that counts them holds at most this many.
+        if bytes > u32::MAX as usize {
+            bail!("[http] max_body_bytes_in_flight = {bytes} must be at most {}", u32::MAX);
+        }
+        Ok(())
     }
 }
 
 /// `[audit]` in the configuration.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
     /// A file of at least 32 random bytes, outside the store, owned by root
     /// and readable by root only: each entry is authenticated with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
     /// The system journal's socket, where each entry's head is sent (default
     /// `/run/systemd/journal/socket`, when it exists).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<PathBuf>,
 }
 
 /// `[metrics]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
     /// Address to serve `/metrics` on, e.g. "127.0.0.1:9464".
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
 }

@@ -7,7 +7,7 @@ use icr::{
     config::{Config, StoreConfig},
     query::{Desk, Failure, Request},
     serve::{
-        cli::{Cli, ClickHouseCommand, Command},
+        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, RunArgs},
         commands,
         control::{self, Order},
     },
@@ -26,18 +26,7 @@ fn main() {
         .init();
     let mut stdout = std::io::stdout().lock();
     let result: Result<(), Failure> = match cli.command {
-        Command::Run(args) => Config::load(args.store.config.as_deref(), Some(&args.store.db))
-            .and_then(|config| {
-                let options = RunOptions {
-                    lan: args.lan,
-                    wan: args.wan,
-                    db: args.store.db,
-                    config,
-                    config_file: args.store.config,
-                };
-                tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
-            })
-            .map_err(Failure::from),
+        Command::Run(args) => run(args).map_err(Failure::from),
         Command::Replay(args) => commands::replay(args).map_err(Failure::from),
         Command::Detach(args) => commands::detach(args, &mut stdout).map_err(Failure::from),
         Command::HashToken => hash_token(&mut stdout).map_err(Failure::from),
@@ -46,32 +35,45 @@ fn main() {
             Err(error) => Err(Failure::Invalid(format!("{error:#}"))),
             Ok(request) => {
                 let target = query.target();
-                match (&target.clickhouse, &target.db) {
-                    (Some(url), db) => ask_cluster(
-                        url,
-                        db.as_deref().unwrap_or(Path::new(icr::serve::cli::CENTRAL_DIR)),
-                        request,
-                        &mut stdout,
-                    ),
-                    (None, Some(db)) => ask_store(db, request, &mut stdout),
-                    (None, None) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
+                let (named, db) = (target.config.as_deref(), target.db.as_deref());
+                match (&target.server, &target.clickhouse) {
+                    (Some(_), _) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
+                    (None, Some(url)) => commands::cluster_dir(named, db)
+                        .map_err(Failure::from)
+                        .and_then(|dir| ask_cluster(url, &dir, request, &mut stdout)),
+                    (None, None) => commands::store_dir(named, db)
+                        .map_err(Failure::from)
+                        .and_then(|dir| ask_store(&dir, request, &mut stdout)),
                 }
             }
         },
-        Command::List(args) => match &args.target.clickhouse {
-            Some(url) => ask_cluster(url, &args.target.dir(), commands::list_request(&args), &mut stdout),
-            None => ask_store(&args.target.dir(), commands::list_request(&args), &mut stdout),
-        },
-        Command::Sweep(args) => match &args.target.clickhouse {
-            Some(url) => {
-                let dir = args.target.dir();
-                let governing = StoreConfig::of_store(&dir);
-                commands::sweep_cluster(args.target.config.as_deref(), url, &dir, &governing).and_then(|summary| {
-                    writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e)))
-                })
+        Command::List(args) => {
+            let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());
+            match &args.target.clickhouse {
+                Some(url) => commands::cluster_dir(named, db)
+                    .map_err(Failure::from)
+                    .and_then(|dir| ask_cluster(url, &dir, commands::list_request(&args), &mut stdout)),
+                None => commands::store_dir(named, db)
+                    .map_err(Failure::from)
+                    .and_then(|dir| ask_store(&dir, commands::list_request(&args), &mut stdout)),
             }
-            None => sweep(&args.target.dir(), args.target.config.as_deref(), &mut stdout),
-        },
+        }
+        Command::Sweep(args) => {
+            let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());
+            match &args.target.clickhouse {
+                Some(url) => commands::cluster_dir(named, db).map_err(Failure::from).and_then(|dir| {
+                    let governing = StoreConfig::of_store(&dir)?;
+                    let summary = commands::sweep_cluster(named, url, &dir, &governing)?;
+                    writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e)))
+                }),
+                None => commands::store_dir(named, db)
+                    .map_err(Failure::from)
+                    .and_then(|dir| sweep(&dir, named, &mut stdout)),
+            }
+        }
+        Command::Config(ConfigCommand::Check { config }) => {
+            commands::config_check(config.as_deref(), &mut stdout).map_err(Failure::from)
+        }
         Command::Serve(args) => commands::serve_cluster(args).map_err(Failure::from),
         Command::ClickHouse(ClickHouseCommand::Init { url, cluster, user, password_file, ca }) => {
             let section = icr::config::ClickHouseSection { url, cluster, user, password_file, ca };
@@ -82,6 +84,25 @@ fn main() {
         eprintln!("icr: {failure}");
         std::process::exit(failure.exit_status());
     }
+}
+
+/// `icr run`: the configuration's store and interfaces, unless flags name
+/// others.
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let chosen = Config::choose(args.store.config.as_deref(), args.store.db.as_deref())?;
+    let db = chosen.db(args.store.db.as_deref())?;
+    let or_configured =
+        |flag: Vec<String>, configured: &Vec<String>| if flag.is_empty() { configured.clone() } else { flag };
+    let lan = or_configured(args.lan, &chosen.config.capture.lan);
+    let wan = or_configured(args.wan, &chosen.config.capture.wan);
+    if lan.is_empty() {
+        anyhow::bail!(
+            "name the subscriber-side interfaces: --lan IF[,IF..], or [capture] lan = [...] in the configuration"
+        );
+    }
+    let config_file = chosen.source.agent_file().map(Path::to_path_buf);
+    let options = RunOptions { lan, wan, db, config: chosen.config, config_file };
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agent::run(options))
 }
 
 fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
@@ -97,7 +118,7 @@ fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
 fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
     match Store::open_read_only(db) {
         Ok(store) => {
-            let governing = StoreConfig::of_store(db);
+            let governing = StoreConfig::of_store(db)?;
             let answer = Desk::new(db, &governing, &store).answer(&request)?;
             out.write_all(&answer.body).map_err(anyhow::Error::from)?;
             warn_of(&answer.gaps);
@@ -111,7 +132,7 @@ fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Fai
 /// Answers a request from the provider's cluster: the configuration in `dir`
 /// governs it, and its audit log there records it.
 fn ask_cluster(url: &str, dir: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
-    let governing = StoreConfig::of_store(dir);
+    let governing = StoreConfig::of_store(dir)?;
     let cluster = commands::cluster_of(url, &governing)?;
     let answer = Desk::new(dir, &governing, &cluster).answer(&request)?;
     out.write_all(&answer.body).map_err(anyhow::Error::from)?;
@@ -123,7 +144,7 @@ fn ask_cluster(url: &str, dir: &Path, request: Request, out: &mut dyn Write) -> 
 fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Failure> {
     match Store::open(db) {
         Ok(store) => {
-            let summary = commands::sweep(named, &store, db, &StoreConfig::of_store(db))?;
+            let summary = commands::sweep(named, &store, db, &StoreConfig::of_store(db)?)?;
             writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
             Ok(())
         }

@@ -106,7 +106,10 @@ fn an_authority_configured_twice_is_refused_before_anything_is_answered() {
 fn empty_authority_names_and_zero_timeouts_are_refused() {
     for (config, says) in [
         ("[[authority]]\nname = \"\"\nkind = \"police\"\npurposes = [1]\n", "empty name"),
-        (&format!("{POLICE}[timeouts]\ntcp_idle = \"0s\"\n"), "a timeout must be longer than zero"),
+        (
+            &format!("{POLICE}[timeouts]\ntcp_idle = \"0s\"\n"),
+            "(tcp_idle): \"0s\": a duration must be longer than zero",
+        ),
     ] {
         let store = StoreDir::with_config(config);
         let output = resolve(&store, "5m");

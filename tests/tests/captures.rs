@@ -70,7 +70,7 @@ fn replayed_names_agree_with_tshark() {
                             let file = fields[column("file")];
                             let mut out = Vec::new();
                             replayer
-                                .replay(&dir.join(file), config.flow_timeouts().unwrap(), |records| {
+                                .replay(&dir.join(file), config.flow_timeouts(), |records| {
                                     out.extend(export::ndjson(&records)?);
                                     Ok(())
                                 })

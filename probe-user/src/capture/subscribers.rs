@@ -13,27 +13,29 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::icr::Icr;
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribersSection {
     /// CSV of `mac,subscriber` and `ip-or-cidr,subscriber` rows.
-    #[serde(rename = "static")]
+    #[serde(rename = "static", skip_serializing_if = "Option::is_none")]
     pub static_csv: Option<PathBuf>,
     /// dnsmasq's leases file (`expiry mac ip hostname client-id` lines).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dnsmasq_leases: Option<PathBuf>,
     /// ISC Kea's memfile lease CSV (`address,hwaddr,...,valid_lifetime,expire,...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kea_leases: Option<PathBuf>,
     /// Where nothing else names the subscriber, name the line: `vlan`
     /// (`vlan:<outer>.<inner>`) or `pppoe` (`pppoe:<session>`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line_id: Option<LineId>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LineId {
     Vlan,

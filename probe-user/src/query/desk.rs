@@ -409,7 +409,7 @@ mod tests {
         };
         let x = toward(1, logged - Duration::milliseconds(300), None);
         let y = toward(2, logged + Duration::milliseconds(84), Some(20000));
-        let governing = StoreConfig::of_store(db);
+        let governing = StoreConfig::of_store(db).unwrap();
 
         // Without X's record, Y's is the nearest within the tolerance: a
         // server's clock a little off the gateway's.

@@ -39,6 +39,9 @@ pub enum Command {
     /// Remove the probe a stopped agent left attached (the maps and XDP links
     /// pinned in the configuration's `[probe] pin_dir`).
     Detach(StoreArgs),
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Read an HTTP API token on stdin; print its salted hash for an
     /// authority's `token_hash` (the token itself is never stored).
     HashToken,
@@ -46,10 +49,11 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Subscriber-side interfaces (comma-separated).
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Subscriber-side interfaces (comma-separated; default: `[capture] lan`).
+    #[arg(long, value_delimiter = ',')]
     pub lan: Vec<String>,
-    /// Internet-side interfaces (comma-separated); with NAT, conntrack is followed.
+    /// Internet-side interfaces (comma-separated; default: `[capture] wan`);
+    /// with NAT, conntrack is followed.
     #[arg(long, value_delimiter = ',')]
     pub wan: Vec<String>,
     #[command(flatten)]
@@ -60,22 +64,23 @@ pub struct RunArgs {
 pub struct ReplayArgs {
     /// The capture file (pcap or pcapng; Ethernet, Linux cooked, raw IP, BSD null, PPP).
     pub file: PathBuf,
-    /// Also store the records here.
+    /// Also store the records here (never the configuration's `db`: a
+    /// replay goes to a store only when told).
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// Configuration file (timeouts, flow table size).
+    /// Configuration file (timeouts, flow table size; default
+    /// /etc/icr/icr.toml, else DIR/icr.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The store directory.
+    /// The store directory (default: the configuration's `db`).
     #[arg(long)]
-    pub db: PathBuf,
-    /// Configuration file (default: DIR/icr.toml if present). `icr run` may
-    /// name one elsewhere; list and sweep are governed by the store's own
-    /// (DIR/icr.toml, or its running agent's) and refuse another.
+    pub db: Option<PathBuf>,
+    /// Configuration file (default: /etc/icr/icr.toml, else DIR/icr.toml if
+    /// present).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -84,10 +89,11 @@ pub struct StoreArgs {
 /// running agent's socket), or a remote agent's HTTP API.
 #[derive(Args, Debug, Clone)]
 pub struct QueryTarget {
-    /// The store directory. With --clickhouse: the directory of the
-    /// configuration that governs the cluster's questions and of their audit
-    /// log (default /var/lib/icr).
-    #[arg(long, required_unless_present_any = ["server", "clickhouse"], conflicts_with = "server")]
+    /// The store directory (default: the configuration's `db`). With
+    /// --clickhouse: the directory of the configuration that governs the
+    /// cluster's questions and of their audit log (default: the
+    /// configuration's `db`, else /var/lib/icr).
+    #[arg(long, conflicts_with = "server")]
     pub db: Option<PathBuf>,
     /// Ask the provider's ClickHouse cluster (any node's HTTP interface)
     /// across every gateway, instead of one gateway's store.
@@ -98,8 +104,9 @@ pub struct QueryTarget {
     /// authority.
     #[arg(long)]
     pub server: Option<String>,
-    /// The store's configuration, if named: queries are authorised by
-    /// DIR/icr.toml (or its running agent's file) and refuse another.
+    /// Configuration file (default: /etc/icr/icr.toml), for its `db`.
+    /// Queries are authorised by the configuration the store remembers (its
+    /// agent's), else DIR/icr.toml: naming another is refused.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// With --server: a file holding the API token (else $ICR_TOKEN).
@@ -227,26 +234,21 @@ pub struct SweepArgs {
 /// A store, or the provider's cluster (`--clickhouse URL` in place of `--db`).
 #[derive(Args, Debug)]
 pub struct StoreOrCluster {
-    /// The store directory. With --clickhouse: the directory of the
-    /// configuration that governs the cluster and of the audit log (default
+    /// The store directory (default: the configuration's `db`). With
+    /// --clickhouse: the directory of the configuration that governs the
+    /// cluster and of the audit log (default: the configuration's `db`, else
     /// /var/lib/icr).
-    #[arg(long, required_unless_present = "clickhouse")]
+    #[arg(long)]
     pub db: Option<PathBuf>,
-    /// The store's configuration, if named: list and sweep are governed by
-    /// DIR/icr.toml (or its running agent's file) and refuse another.
+    /// Configuration file (default: /etc/icr/icr.toml), for its `db`. List
+    /// and sweep are governed by the configuration the store remembers (its
+    /// agent's), else DIR/icr.toml: naming another is refused.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The provider's ClickHouse cluster (any node's HTTP interface) instead
     /// of one gateway's store.
     #[arg(long)]
     pub clickhouse: Option<String>,
-}
-
-impl StoreOrCluster {
-    /// The store directory, or the central directory of a cluster's questions.
-    pub fn dir(&self) -> PathBuf {
-        self.db.clone().unwrap_or_else(|| PathBuf::from(CENTRAL_DIR))
-    }
 }
 
 /// Where the configuration that governs questions to a cluster, and their
@@ -280,8 +282,12 @@ pub enum ClickHouseCommand {
 pub enum AuditCommand {
     /// Check the hash chain; exit 0 if intact, else name the first broken entry.
     Verify {
+        /// The store directory (default: the configuration's `db`).
         #[arg(long)]
-        db: PathBuf,
+        db: Option<PathBuf>,
+        /// Configuration file (default: /etc/icr/icr.toml), for its `db`.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The chain's head as kept elsewhere (SEQ:HASH, e.g. from a
         /// disclosure bundle or the system journal): the log must still
         /// reach it, so a cut tail is found.
@@ -292,5 +298,16 @@ pub enum AuditCommand {
         /// entry must carry a valid MAC under it.
         #[arg(long)]
         key: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Parse and validate the configuration; print the effective values,
+    /// defaults included (TOML); exit 0 if it would load.
+    Check {
+        /// The file (default: /etc/icr/icr.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }

@@ -1,7 +1,10 @@
 //! The command line's side of the doors: its flags become a request for the
 //! desk (`crate::query`), and the operator's commands that are not
 //! questions (replay, sweep, detach, audit verify) run here.
-use std::io::Write;
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 use chrono::{Days, NaiveDate, Utc};
@@ -19,18 +22,40 @@ use crate::{
         audit::{AuditLog, AuditRecord},
         cluster::Cluster,
     },
-    serve::cli::{AuditCommand, Command, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
+    serve::cli::{AuditCommand, CENTRAL_DIR, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
     store::Store,
 };
 
-/// The store directory a store-reading command names.
-pub fn store_dir(command: &Command) -> Option<&std::path::Path> {
-    match command {
-        Command::Query(query) => query.target().db.as_deref(),
-        Command::Sweep(args) => args.target.db.as_deref(),
-        Command::List(args) => args.target.db.as_deref(),
-        _ => None,
+/// The store a command works on: its `--db`, else the `db` of its
+/// configuration (`named`, else /etc/icr/icr.toml), which is read only then.
+pub fn store_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
+    match flag {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => Config::choose(named, None)?.db(None),
     }
+}
+
+/// The directory of the configuration and audit log of a cluster's
+/// questions: `--db`, else the configuration's `db`, else [`CENTRAL_DIR`].
+pub fn cluster_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
+    match flag {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => Ok(Config::choose(named, None)?.config.db.unwrap_or_else(|| PathBuf::from(CENTRAL_DIR))),
+    }
+}
+
+/// `icr config check`: the configuration `named` (else
+/// /etc/icr/icr.toml) loads; its effective values are printed.
+pub fn config_check(named: Option<&Path>, out: &mut dyn Write) -> Result<()> {
+    let path = named.unwrap_or(Path::new(crate::config::DEFAULT_PATH));
+    let config = Config::read(path)?;
+    config.check_files()?;
+    // It loads; the agent would still refuse to let it authorise questions.
+    if let Err(error) = crate::config::only_root_may_write(path) {
+        eprintln!("icr: warning: {error:#}");
+    }
+    out.write_all(config.effective()?.as_bytes())?;
+    Ok(())
 }
 
 /// The request a query's flags make. The services of a `--services-file`
@@ -66,7 +91,7 @@ pub fn list_request(args: &ListArgs) -> Request {
     request(ask, &args.who, args.target.config.clone())
 }
 
-fn request(ask: Ask, who: &Requester, config: Option<std::path::PathBuf>) -> Request {
+fn request(ask: Ask, who: &Requester, config: Option<PathBuf>) -> Request {
     Request {
         ask,
         who: Who { authority: who.authority.clone(), officer: who.officer.clone(), reference: who.reference.clone() },
@@ -78,7 +103,7 @@ fn request(ask: Ask, who: &Requester, config: Option<std::path::PathBuf>) -> Req
 
 /// The services a question 3 names: each --service, then each line of the
 /// --services-file (blank lines and `#` comments skipped).
-pub fn service_list(mut services: Vec<String>, file: Option<&std::path::Path>) -> Result<Vec<String>> {
+pub fn service_list(mut services: Vec<String>, file: Option<&Path>) -> Result<Vec<String>> {
     if let Some(file) = file {
         let list = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         services
@@ -91,8 +116,14 @@ pub fn service_list(mut services: Vec<String>, file: Option<&std::path::Path>) -
 }
 
 pub fn replay(args: ReplayArgs) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), args.db.as_deref())?;
+    let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
+    let config = chosen.config;
     let store = args.db.as_deref().map(Store::open).transpose()?;
+    // A replay that stores is the store's writer, as an agent is: its
+    // configuration governs the store's questions from now on.
+    if let (Some(store), Some(db)) = (&store, &args.db) {
+        StoreConfig::record(store, db, chosen.source.agent_file())?;
+    }
     // A replay never pins: it must not touch a running agent's maps.
     let options = ProbeOptions {
         flow_table_size: config.probe.flow_table_size,
@@ -103,7 +134,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     let directory = crate::capture::subscribers::Directory::load(&config.subscribers)?;
     let probe_id = config.probe_id();
     let mut out = std::io::stdout().lock();
-    let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts()?, |mut records| {
+    let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts(), |mut records| {
         for record in &mut records {
             record.probe = Some(probe_id.clone());
             record.device.subscriber = directory.subscriber(record);
@@ -127,7 +158,8 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
-        AuditCommand::Verify { db, head, key: Some(key) } => {
+        AuditCommand::Verify { db, config, head, key: Some(key) } => {
+            let db = store_dir(config.as_deref(), db.as_deref())?;
             // The key named here, not the store's configuration, decides:
             // whoever rewrites the store can edit that.
             let log = AuditLog::verifying_with(&db, &key)?;
@@ -141,8 +173,9 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
             )?;
             Ok(())
         }
-        AuditCommand::Verify { db, head, key: None } => {
-            let config = StoreConfig::of_store(&db).load()?.config;
+        AuditCommand::Verify { db, config, head, key: None } => {
+            let db = store_dir(config.as_deref(), db.as_deref())?;
+            let config = StoreConfig::of_store(&db)?.load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
             let verified =
                 log.verify_to(head.as_ref()).with_context(|| format!("{} is not intact", log.path().display()))?;
@@ -160,14 +193,14 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
 }
 
 pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), Some(&args.db))?;
-    let Some(dir) = config.probe.pin_dir else {
+    let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
+    let db = chosen.db(args.db.as_deref())?;
+    let Some(dir) = chosen.config.probe.pin_dir else {
         bail!("the configuration has no [probe] pin_dir: nothing is pinned");
     };
-    if crate::serve::control::socket_path(&args.db).exists()
-        && std::os::unix::net::UnixStream::connect(crate::serve::control::socket_path(&args.db)).is_ok()
-    {
-        bail!("the agent of {} is running; stop it first", args.db.display());
+    let socket = crate::serve::control::socket_path(&db);
+    if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!("the agent of {} is running; stop it first", db.display());
     }
     let removed = crate::capture::probe::unpin(&dir)?;
     writeln!(out, "removed {} pinned object(s) from {}: {}", removed.len(), dir.display(), removed.join(" "))?;
@@ -176,17 +209,19 @@ pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
 
 /// `icr serve`: the HTTP API over the cluster until SIGINT or SIGTERM.
 pub fn serve_cluster(args: StoreArgs) -> Result<()> {
-    let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+    let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
+    let db = chosen.db(args.db.as_deref())?;
+    let config_file = chosen.source.agent_file().map(Path::to_path_buf);
+    let config = chosen.config;
     let section =
         config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
     let Some(listen) = config.http.listen else {
         bail!("icr serve is the HTTP API: the configuration has no [http] listen")
     };
-    let cluster = Cluster::new(ClickHouse::new(&section, Some(&args.db))?)?;
+    let cluster = Cluster::new(ClickHouse::new(&section, Some(&db))?)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        crate::serve::http::serve(&config.http, args.db.clone(), args.config.clone(), std::sync::Arc::new(cluster))
-            .await?;
+        crate::serve::http::serve(&config.http, db.clone(), config_file, std::sync::Arc::new(cluster)).await?;
         log::info!(
             "icr serving questions on {listen} from the cluster at {}",
             export::clickhouse::access::shown(&section.url)
@@ -227,12 +262,7 @@ fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<
 
 /// Applies retention to the cluster now: drops the expired day partitions
 /// on every node, audited in `db`.
-pub fn sweep_cluster(
-    named: Option<&std::path::Path>,
-    url: &str,
-    db: &std::path::Path,
-    governing: &StoreConfig,
-) -> Result<String, Failure> {
+pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
     let clickhouse = clickhouse_at(url, &config, governing)?;
@@ -258,7 +288,7 @@ pub fn sweep_cluster(
     Ok(summary)
 }
 
-fn refuse_another(named: Option<&std::path::Path>, governing: &StoreConfig) -> Result<(), Failure> {
+fn refuse_another(named: Option<&Path>, governing: &StoreConfig) -> Result<(), Failure> {
     match named.filter(|named| !governing.is(named)) {
         Some(named) => Err(Failure::Refused(Refusal(format!(
             "the store is governed by its configuration {}, not by {}",
@@ -271,12 +301,7 @@ fn refuse_another(named: Option<&std::path::Path>, governing: &StoreConfig) -> R
 
 /// Applies retention now, audited. A sweep that names a configuration other
 /// than the store's is refused: its retention would be the caller's.
-pub fn sweep(
-    named: Option<&std::path::Path>,
-    store: &Store,
-    db: &std::path::Path,
-    governing: &StoreConfig,
-) -> Result<String, Failure> {
+pub fn sweep(named: Option<&Path>, store: &Store, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
     Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &operator())?)
@@ -297,7 +322,10 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::{query::LocalFilter, serve::cli::Cli};
+    use crate::{
+        query::LocalFilter,
+        serve::cli::{Cli, Command},
+    };
 
     fn accessed(extra: &[&str]) -> Result<Request> {
         let base = [

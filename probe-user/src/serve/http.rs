@@ -132,20 +132,19 @@ pub async fn serve(
 ) -> Result<Option<Served>> {
     let Some(listen) = section.listen else { return Ok(None) };
     let limits = Limits {
-        max_connections: section.max_connections()?,
-        request_timeout: section.request_timeout()?,
-        body_bytes_in_flight: section.max_body_bytes_in_flight()?,
+        max_connections: section.max_connections,
+        request_timeout: section.request_timeout.0,
+        body_bytes_in_flight: section.max_body_bytes_in_flight,
     };
-    let doorkeeper =
-        Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks()?), refusals: Refusals::default() });
+    let doorkeeper = Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks), refusals: Refusals::default() });
     let console = ConsoleState::new(console::Settings {
         db: db.clone(),
         config_file: config_file.clone(),
         backend: backend.clone(),
         doorkeeper: doorkeeper.clone(),
-        idle: section.console_idle()?,
-        sessions_per_authority: section.console_sessions()?,
-        answer_bytes: section.console_answer_bytes()?,
+        idle: section.console_idle.0,
+        sessions_per_authority: section.console_sessions,
+        answer_bytes: section.console_answer_bytes,
     })?;
     let state = AppState { db, config_file, backend, doorkeeper: doorkeeper.clone() };
     let summaries = state.clone();

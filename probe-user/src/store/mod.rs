@@ -20,6 +20,7 @@ pub mod codec;
 mod day;
 mod files;
 pub mod gaps;
+pub mod governing;
 pub mod index;
 mod layout;
 mod migrate;
@@ -85,6 +86,8 @@ struct Inner {
     /// `DIR/icr.lock`, flocked while the store is open: one process at a
     /// time, and "in use" known from the lock's errno.
     _lock: std::fs::File,
+    /// The store's directory.
+    dir: PathBuf,
     path: PathBuf,
     wal_dir: PathBuf,
     days: Mutex<BTreeMap<NaiveDate, Day>>,
@@ -155,6 +158,7 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 _lock: lock,
+                dir: dir.to_path_buf(),
                 path,
                 wal_dir,
                 days: Mutex::new(BTreeMap::new()),
@@ -553,6 +557,25 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Records that the configuration file `config` (absolute; `None`: the
+    /// store's own `DIR/icr.toml`) governs this store from now on, and
+    /// returns what governed it before. A writer's act: refused on a store
+    /// opened for questions, so that no one who merely asks can choose the
+    /// file that authorises them.
+    pub fn govern(&self, config: Option<&Path>) -> Result<Option<PathBuf>> {
+        if self.inner.read_only {
+            bail!(
+                "the store {} is open for questions only: it cannot record a configuration",
+                self.inner.dir.display()
+            );
+        }
+        let before = governing::remembered(&self.inner.dir)?;
+        if before.as_deref() != config {
+            governing::remember(&self.inner.dir, config)?;
+        }
+        Ok(before)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<NaiveDate, Day>>> {

@@ -176,7 +176,7 @@ fn kernel_release() -> String {
 }
 
 /// How the probe's events reach the agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventPath {
     /// A BPF ring buffer per CPU, wakeups batched (Linux 5.18 and later:

@@ -1,0 +1,64 @@
+//! Which configuration governs a store: the file its agent ran with,
+//! recorded when the agent opens the store for writing, so that questions
+//! asked after the agent stops are authorised by that same file. Only a
+//! writer records it ([`super::Store::govern`]); whoever merely asks never
+//! does. No record: the store's own `DIR/icr.toml` governs.
+use std::{
+    ffi::OsStr,
+    fs::{self, File},
+    io::Write as _,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// `DIR/governing-config`: the absolute path of the configuration, on one
+/// line.
+const FILE: &str = "governing-config";
+
+/// The configuration the store in `dir` remembers, if any. Read without
+/// opening the store, so that it can be found while an agent holds it.
+pub fn remembered(dir: &Path) -> Result<Option<PathBuf>> {
+    let path = dir.join(FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let config = PathBuf::from(OsStr::from_bytes(line));
+    if !config.is_absolute() || line.contains(&b'\n') || line.contains(&0) {
+        bail!("{} is damaged: it must hold the absolute path of a configuration file", path.display());
+    }
+    Ok(Some(config))
+}
+
+/// Records that `config` (an absolute path; `None`: the store's own
+/// `DIR/icr.toml`) governs the store in `dir`, atomically and durably.
+pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
+    let path = dir.join(FILE);
+    let Some(config) = config else {
+        return match fs::remove_file(&path) {
+            Ok(()) => sync_dir(dir),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error).with_context(|| format!("removing {}", path.display())),
+        };
+    };
+    let bytes = config.as_os_str().as_bytes();
+    if !config.is_absolute() || bytes.contains(&b'\n') {
+        bail!("{} cannot be recorded as the store's configuration: not an absolute path on one line", config.display());
+    }
+    let temporary = dir.join(format!("{FILE}.tmp"));
+    let mut file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    fs::rename(&temporary, &path).with_context(|| format!("renaming {} into place", temporary.display()))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
