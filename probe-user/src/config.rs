@@ -105,7 +105,7 @@ impl ClickHouseSection {
     /// What can be checked without reading a file: the URL carries no
     /// credentials and is http(s); the names are names.
     pub fn validate(&self) -> Result<()> {
-        crate::export::clickhouse::access::checked_url(&self.url)?;
+        crate::remote::checked_url(&self.url)?;
         if let Some(cluster) = &self.cluster
             && (cluster.is_empty() || !cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
         {
@@ -898,6 +898,10 @@ mod tests {
     }
 }
 
+/// The largest request body: a query's parameters (1 MiB), with room for
+/// JSON's quoting.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
 /// `[http]`: the HTTP API.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -963,11 +967,8 @@ impl HttpSection {
         }
         // One request's body must fit: a smaller budget would refuse it always.
         let bytes = self.max_body_bytes_in_flight;
-        if bytes < crate::serve::http::MAX_BODY_BYTES {
-            bail!(
-                "[http] max_body_bytes_in_flight = {bytes} must be at least {} (one request's body)",
-                crate::serve::http::MAX_BODY_BYTES
-            );
+        if bytes < MAX_BODY_BYTES {
+            bail!("[http] max_body_bytes_in_flight = {bytes} must be at least {} (one request's body)", MAX_BODY_BYTES);
         }
         // The semaphore that counts them holds at most this many.
         if bytes > u32::MAX as usize {

@@ -4,7 +4,8 @@
 //!
 //! One folder per concern; imports run one way:
 //! `serve` → `query` → `store`, `capture` → `store`, `query` → `export` →
-//! `store`. `icr` (the record) and `config` are read by all. `agent` wires
+//! `store`. `icr` (the record), `config` and `remote` (URLs and TLS of
+//! the servers icr reaches) are read by all. `agent` wires
 //! capture, store and the doors together.
 pub mod agent;
 pub mod capture;
@@ -12,5 +13,6 @@ pub mod config;
 pub mod export;
 pub mod icr;
 pub mod query;
+pub mod remote;
 pub mod serve;
 pub mod store;

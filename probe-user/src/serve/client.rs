@@ -6,7 +6,6 @@
 use std::{io::Write, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::{Value, json};
 
 use crate::{
@@ -150,27 +149,7 @@ fn token(target: &QueryTarget) -> Result<String> {
 fn agent(target: &QueryTarget) -> Result<ureq::Agent> {
     let builder = ureq::AgentBuilder::new();
     let Some(ca) = &target.ca else { return Ok(builder.build()) };
-    Ok(builder.tls_config(Arc::new(tls_trusting(ca)?)).build())
-}
-
-/// TLS (ring) that trusts the PEM certificates in `ca` alone.
-pub fn tls_trusting(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in
-        CertificateDer::pem_file_iter(ca).with_context(|| format!("reading the CA file {}", ca.display()))?
-    {
-        let certificate = certificate.with_context(|| format!("a malformed certificate in {}", ca.display()))?;
-        roots.add(certificate).with_context(|| format!("an unusable CA certificate in {}", ca.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no certificate", ca.display());
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("configuring TLS")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tls)
+    Ok(builder.tls_config(Arc::new(crate::remote::tls_trusting(ca)?)).build())
 }
 
 #[cfg(test)]

@@ -222,10 +222,7 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         crate::serve::http::serve(&config.http, db.clone(), config_file, std::sync::Arc::new(cluster)).await?;
-        log::info!(
-            "icr serving questions on {listen} from the cluster at {}",
-            export::clickhouse::access::shown(&section.url)
-        );
+        log::info!("icr serving questions on {listen} from the cluster at {}", crate::remote::shown(&section.url));
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

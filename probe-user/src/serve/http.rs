@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::Deserialize;
 
 use crate::{
+    config::MAX_BODY_BYTES,
     config::{HttpSection, StoreConfig},
     export::Format,
     query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, request::LocalFilter},
@@ -37,10 +38,6 @@ use crate::{
     },
     store::gaps::Gap,
 };
-
-/// The largest request body: a query's parameters (1 MiB), with room for
-/// JSON's quoting.
-pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// What the API's and the console's handlers share about who may ask.
 pub struct Doorkeeper {

@@ -95,7 +95,7 @@ impl ClickHouse {
     /// `store_dir` (the store, or the central directory, it serves).
     pub fn new(section: &ClickHouseSection, store_dir: Option<&Path>) -> Result<Self> {
         section.validate()?;
-        let url = access::shown(&section.url);
+        let url = crate::remote::shown(&section.url);
         let access = Access::of(section, store_dir)?;
         Ok(Self { client: access.client(&url), url, cluster: section.cluster.clone(), access })
     }
@@ -139,7 +139,7 @@ impl ClickHouse {
         if hosts.is_empty() {
             bail!("{} has no cluster {cluster:?} in its remote_servers", self.url);
         }
-        let url = access::checked_url(&self.url)?;
+        let url = crate::remote::checked_url(&self.url)?;
         let port = url.port_or_known_default().context("a URL with a port")?;
         Ok(hosts
             .into_iter()
