@@ -7,7 +7,7 @@ use std::{
     ffi::OsStr,
     fs::{self, File},
     io::Write as _,
-    os::unix::ffi::OsStrExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -50,7 +50,15 @@ pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
         bail!("{} cannot be recorded as the store's configuration: not an absolute path on one line", config.display());
     }
     let temporary = dir.join(format!("{FILE}.tmp"));
-    let mut file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+    // Never through a link left in its place: root writes only the store's file.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(bytes)
         .and_then(|()| file.write_all(b"\n"))
         .and_then(|()| file.sync_all())
