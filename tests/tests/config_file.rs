@@ -414,3 +414,34 @@ fn the_agent_runs_from_its_configuration_alone_and_its_store_stays_governed_by_i
     assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("authorised by the store's configuration"), "{}", stderr(&refused));
 }
+
+#[test]
+fn the_query_service_will_not_start_on_a_configuration_others_may_write() {
+    let dir = TempDir::new("icr-config-serve");
+    let careless = dir.path().join("central.toml");
+    write_config(
+        &careless,
+        &format!(
+            "db = \"{}\"\n[clickhouse]\nurl = \"http://127.0.0.1:9\"\n[http]\nlisten = \"127.0.0.1:0\"\n{POLICE}",
+            dir.path().join("central").display()
+        ),
+    );
+    std::fs::set_permissions(&careless, std::fs::Permissions::from_mode(0o664)).unwrap();
+    // Were it to start, it would serve until stopped: waited for 20 s at most.
+    let mut child = icr_command(&["serve", "--config", path(&careless)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("must be owned by root and writable by root alone"), "{}", stderr(&output));
+}

@@ -215,6 +215,8 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
     let db = chosen.db(args.db.as_deref())?;
     let config_file = chosen.source.agent_file().map(Path::to_path_buf);
+    // Every request re-reads it: one that would refuse them all stops the start.
+    StoreConfig::of_agent(&db, config_file.as_deref()).load()?;
     let config = chosen.config;
     let section =
         config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
