@@ -439,22 +439,18 @@ impl StoreConfig {
             Some(file) => {
                 let path = std::fs::canonicalize(file)
                     .with_context(|| format!("finding the configuration {}", file.display()))?;
-                only_root_may_write(&path)?;
                 Self { path, own: false }
             }
         };
+        // Loaded first: a file that would not load is not recorded.
+        let loaded = governing.load()?;
         let recorded = (!governing.own).then_some(governing.path.as_path());
         let before = store.govern(recorded).context("recording the store's configuration")?;
         if before.as_deref() != recorded {
-            let shown = |path: Option<&Path>| {
-                path.map_or_else(|| format!("its own {}", db.join("icr.toml").display()), |p| p.display().to_string())
-            };
-            log::info!(
-                "the store {} is governed by {} from now on (it was by {})",
-                db.display(),
-                shown(recorded),
-                shown(before.as_deref())
-            );
+            let shown = |path: Option<&Path>| path.unwrap_or(&db.join("icr.toml")).display().to_string();
+            let (from, to) = (shown(before.as_deref()), shown(recorded));
+            log::info!("the store {} is governed by {to} from now on (it was by {from})", db.display());
+            crate::query::audit::governed(db, &loaded, &from, &to)?;
         }
         Ok(governing)
     }
@@ -477,18 +473,21 @@ impl StoreConfig {
     /// Reads it now (authorities change without a restart); a store without
     /// a configuration file of its own has the defaults, and no authority.
     pub fn load(&self) -> Result<LoadedConfig> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
+        let reading = || format!("reading the configuration {}", self.path.display());
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound && self.own => {
                 return Ok(LoadedConfig { config: Config::default(), sha256: None });
             }
-            Err(error) => {
-                return Err(error).with_context(|| format!("reading the configuration {}", self.path.display()));
-            }
+            Err(error) => return Err(error).with_context(reading),
         };
+        // The file read is the file checked: its handle, not its name,
+        // which another file could take in between.
         if !self.own {
-            only_root_may_write(&self.path)?;
+            only_root_may_write(&self.path, &file.metadata().with_context(reading)?)?;
         }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).with_context(reading)?;
         let text = String::from_utf8(bytes)
             .with_context(|| format!("the configuration {} is not UTF-8", self.path.display()))?;
         let config = Config::parse(&text).with_context(|| format!("in the configuration {}", self.path.display()))?;
@@ -500,9 +499,8 @@ impl StoreConfig {
 /// A configuration that authorises questions must be root's, and writable
 /// by root alone: whoever could write it could grant themselves an
 /// authority.
-pub fn only_root_may_write(path: &Path) -> Result<()> {
+pub fn only_root_may_write(path: &Path, metadata: &std::fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let metadata = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if metadata.uid() != 0 || metadata.mode() & 0o022 != 0 {
         bail!(
             "the configuration {} authorises questions: it must be owned by root and writable by root alone \

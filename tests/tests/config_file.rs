@@ -4,18 +4,21 @@
 //! configuration of its writer, so that questions asked after it stopped
 //! are authorised by that file and by no other.
 //!
-//! The writer here is `icr replay FILE --db DIR`, which opens the store for
-//! writing as the agent does and records its configuration the same way
-//! (`StoreConfig::record`). Runs the real binary; as root, for the probe's
-//! BPF_PROG_TEST_RUN and the root-owned configurations.
+//! The writer is `icr replay FILE --db DIR` where a store's governance is
+//! the point (it opens the store for writing as the agent does and records
+//! its configuration the same way, `StoreConfig::record`), and a real
+//! `icr run` in a lab of network namespaces, started with `--config` alone,
+//! as the package's unit starts it. Runs the real binary; as root, for the
+//! probe's BPF, the namespaces and the root-owned configurations.
 use std::{
     collections::BTreeSet,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::Duration,
 };
 
-use icr_lab::{TempDir, icr_binary};
+use icr_lab::{Agent, EXCHANGE_IP, GATEWAY_WAN_IF, Lab, TempDir, icr_binary};
 
 const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
 
@@ -115,6 +118,11 @@ fn audit_entries(db: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+/// The entries of the questions asked of the store in `db`.
+fn questions(db: &Path) -> usize {
+    audit_entries(db).iter().filter(|entry| entry["command"] == "query resolve").count()
 }
 
 fn sha256(file: &Path) -> String {
@@ -243,11 +251,11 @@ fn the_configuration_names_the_store_and_a_flag_overrides_it() {
     // No --db: the configuration's store answers, and audits.
     let output = resolve(&["--config", path(&config)]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert_eq!((audit_entries(&named_store).len(), audit_entries(&other_store).len()), (1, 0));
+    assert_eq!((questions(&named_store), questions(&other_store)), (1, 0));
     // --db overrides it.
     let output = resolve(&["--config", path(&config), "--db", path(&other_store)]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    assert_eq!((audit_entries(&named_store).len(), audit_entries(&other_store).len()), (1, 1));
+    assert_eq!((questions(&named_store), questions(&other_store)), (1, 1));
     // Neither: no store is named.
     let nameless = dir.path().join("nameless.toml");
     write_config(&nameless, POLICE);
@@ -326,6 +334,14 @@ fn a_store_is_governed_by_its_writers_configuration_after_it_stopped() {
     assert!(replay(dir.path(), &db, Some(&next)).status.success());
     assert_eq!(resolve(&["--db", db_flag, "--config", path(&next)]).status.code(), Some(0));
     assert_eq!(resolve(&["--db", db_flag, "--config", path(&agents)]).status.code(), Some(3));
+    // Audited, as who did it and from which file to which.
+    let moved = audit_entries(&db).into_iter().rfind(|entry| entry["command"] == "govern").unwrap();
+    let next_canonical = std::fs::canonicalize(&next).unwrap();
+    assert_eq!(moved["parameters"]["from"], canonical.to_str().unwrap(), "{moved}");
+    assert_eq!(moved["parameters"]["to"], next_canonical.to_str().unwrap(), "{moved}");
+    assert_eq!(moved["config_sha256"], sha256(&next).as_str(), "{moved}");
+    let verify = icr(&["audit", "verify", "--db", db_flag]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
     // A writer that names none keeps what the store remembers.
     assert!(replay(dir.path(), &db, None).status.success());
     assert_eq!(resolve(&["--db", db_flag, "--config", path(&next)]).status.code(), Some(0));
@@ -343,4 +359,89 @@ fn without_etc_icr_a_store_keeps_its_own_configuration() {
     let output = resolve(&["--db", path(&db)]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(audit_entries(&db).last().unwrap()["config_sha256"], sha256(&db.join("icr.toml")).as_str());
+}
+
+/// `icr list` as the operator `ops` over the last hour, with `extra`.
+fn list(extra: &[&str]) -> Output {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let (from, to) = (icr_lab::rfc3339(now - 3600), icr_lab::rfc3339(now + 3600));
+    let mut args = vec!["list", "--from", &from, "--to", &to, "--authority", "ops", "--officer", "lab"];
+    args.extend(["--reference", "LAB-CONFIG", "--format", "ndjson"]);
+    args.extend(extra);
+    icr(&args)
+}
+
+#[test]
+fn the_agent_runs_from_its_configuration_alone_and_its_store_stays_governed_by_it() {
+    let lab = Lab::start(1).expect("building the lab");
+    let db = lab.dir.join("db");
+    let config = lab.dir.join("icr.toml");
+    let lan: Vec<String> = lab.lan_interfaces().split(',').map(|name| format!("\"{name}\"")).collect();
+    write_config(
+        &config,
+        &format!(
+            "db = \"{}\"\n[capture]\nlan = [{}]\nwan = [\"{GATEWAY_WAN_IF}\"]\n[timeouts]\ntcp_closed = \"1s\"\n\
+             [[authority]]\nname = \"ops\"\nkind = \"operator\"\n",
+            db.display(),
+            lan.join(", ")
+        ),
+    );
+    // As the package's unit runs it: no flags but the file.
+    let agent = Agent::start_with(&lab, &icr_binary(), &["run".as_ref(), "--config".as_ref(), config.as_os_str()])
+        .expect("starting the agent");
+    let port = lab.exchange(&lab.clients[0], 2_000, 30_000).expect("an exchange");
+    std::thread::sleep(Duration::from_millis(2500)); // closed and stored
+    let has_the_exchange = |output: &Output| {
+        stdout(output).lines().any(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["device"]["port"] == u64::from(port) && record["remote"]["ip"] == EXCHANGE_IP
+        })
+    };
+    // Through the running agent: its file, and no other.
+    let running = list(&["--config", path(&config)]);
+    assert!(running.status.success() && has_the_exchange(&running), "{}", stderr(&running));
+    let forged = lab.dir.join("mine.toml");
+    write_config(&forged, &format!("db = \"{}\"\n[[authority]]\nname = \"ops\"\nkind = \"operator\"\n", db.display()));
+    assert_eq!(list(&["--config", path(&forged)]).status.code(), Some(3));
+    agent.stop().expect("the agent stops cleanly");
+
+    // Stopped: the same file authorises, named or not; another is refused.
+    let stopped = list(&["--config", path(&config)]);
+    assert!(stopped.status.success() && has_the_exchange(&stopped), "{}", stderr(&stopped));
+    let unnamed = list(&["--db", path(&db)]);
+    assert!(unnamed.status.success() && has_the_exchange(&unnamed), "{}", stderr(&unnamed));
+    let refused = list(&["--config", path(&forged)]);
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("authorised by the store's configuration"), "{}", stderr(&refused));
+}
+
+#[test]
+fn the_query_service_will_not_start_on_a_configuration_others_may_write() {
+    let dir = TempDir::new("icr-config-serve");
+    let careless = dir.path().join("central.toml");
+    write_config(
+        &careless,
+        &format!(
+            "db = \"{}\"\n[clickhouse]\nurl = \"http://127.0.0.1:9\"\n[http]\nlisten = \"127.0.0.1:0\"\n{POLICE}",
+            dir.path().join("central").display()
+        ),
+    );
+    std::fs::set_permissions(&careless, std::fs::Permissions::from_mode(0o664)).unwrap();
+    // Were it to start, it would serve until stopped: waited for 20 s at most.
+    let mut child = icr_command(&["serve", "--config", path(&careless)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("must be owned by root and writable by root alone"), "{}", stderr(&output));
 }

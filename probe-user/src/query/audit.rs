@@ -395,6 +395,32 @@ impl Drop for FileLock {
     }
 }
 
+/// Who runs an operator command, for the audit log.
+pub fn operator() -> String {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    match std::env::var("SUDO_USER") {
+        Ok(user) => format!("uid {uid} (sudo by {user})"),
+        Err(_) => format!("uid {uid}"),
+    }
+}
+
+/// Audits that the configuration `to` governs the store in `db` from now
+/// on, in place of `from` (both as shown to people): which file authorises
+/// its questions is as much the auditor's business as the questions.
+pub fn governed(db: &std::path::Path, loaded: &crate::config::LoadedConfig, from: &str, to: &str) -> Result<()> {
+    AuditLog::open(db, &loaded.config.audit)?.append(AuditRecord {
+        time: crate::icr::format_time(&chrono::Utc::now()),
+        command: "govern".into(),
+        officer: Some(operator()),
+        parameters: serde_json::json!({ "from": from, "to": to }),
+        outcome: format!("the store's questions are authorised by {to} from now on"),
+        config_sha256: loaded.sha256.clone(),
+        ..AuditRecord::default()
+    })?;
+    Ok(())
+}
+
 /// Applies retention now and audits it: what was dropped, by whom (the
 /// agent's hourly sweep, or an operator's `icr sweep`).
 pub fn sweep(

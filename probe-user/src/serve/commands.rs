@@ -51,7 +51,10 @@ pub fn config_check(named: Option<&Path>, out: &mut dyn Write) -> Result<()> {
     let config = Config::read(path)?;
     config.check_files()?;
     // It loads; the agent would still refuse to let it authorise questions.
-    if let Err(error) = crate::config::only_root_may_write(path) {
+    if let Err(error) = std::fs::metadata(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|metadata| crate::config::only_root_may_write(path, &metadata))
+    {
         eprintln!("icr: warning: {error:#}");
     }
     out.write_all(config.effective()?.as_bytes())?;
@@ -212,6 +215,8 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
     let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
     let db = chosen.db(args.db.as_deref())?;
     let config_file = chosen.source.agent_file().map(Path::to_path_buf);
+    // Every request re-reads it: one that would refuse them all stops the start.
+    StoreConfig::of_agent(&db, config_file.as_deref()).load()?;
     let config = chosen.config;
     let section =
         config.clickhouse.clone().context("icr serve answers from a cluster: the configuration has no [clickhouse]")?;
@@ -272,7 +277,7 @@ pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &Sto
     AuditLog::open(db, &config.audit)?.append(AuditRecord {
         time: format_time(&Utc::now()),
         command: "sweep".into(),
-        officer: Some(operator()),
+        officer: Some(crate::query::audit::operator()),
         parameters: serde_json::json!({
             "retention_days": config.retention_days,
             "clickhouse": url,
@@ -301,17 +306,7 @@ fn refuse_another(named: Option<&Path>, governing: &StoreConfig) -> Result<(), F
 pub fn sweep(named: Option<&Path>, store: &Store, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
     refuse_another(named, governing)?;
     let config = governing.load()?.config;
-    Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &operator())?)
-}
-
-/// Who runs an operator command, for the audit log.
-fn operator() -> String {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    match std::env::var("SUDO_USER") {
-        Ok(user) => format!("uid {uid} (sudo by {user})"),
-        Err(_) => format!("uid {uid}"),
-    }
+    Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &crate::query::audit::operator())?)
 }
 
 #[cfg(test)]

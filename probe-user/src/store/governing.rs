@@ -7,7 +7,7 @@ use std::{
     ffi::OsStr,
     fs::{self, File},
     io::Write as _,
-    os::unix::ffi::OsStrExt as _,
+    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -50,7 +50,15 @@ pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
         bail!("{} cannot be recorded as the store's configuration: not an absolute path on one line", config.display());
     }
     let temporary = dir.join(format!("{FILE}.tmp"));
-    let mut file = File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?;
+    // Never through a link left in its place: root writes only the store's file.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
     file.write_all(bytes)
         .and_then(|()| file.write_all(b"\n"))
         .and_then(|()| file.sync_all())
@@ -61,4 +69,36 @@ pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::store::Store;
+
+    #[test]
+    fn only_a_writer_records_the_configuration_and_a_reader_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (Path::new("/etc/icr/icr.toml"), Path::new("/etc/icr/next.toml"));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.govern(Some(first)).unwrap(), None);
+            assert_eq!(store.govern(Some(second)).unwrap().as_deref(), Some(first));
+        }
+        assert_eq!(super::remembered(dir.path()).unwrap().as_deref(), Some(second));
+        {
+            let reader = Store::open_read_only(dir.path()).unwrap();
+            let refused = format!("{:#}", reader.govern(Some(first)).unwrap_err());
+            assert!(refused.contains("open for questions only"), "{refused}");
+        }
+        assert_eq!(super::remembered(dir.path()).unwrap().as_deref(), Some(second));
+        // Back to the store's own file: nothing recorded.
+        Store::open(dir.path()).unwrap().govern(None).unwrap();
+        assert_eq!(super::remembered(dir.path()).unwrap(), None);
+        // A relative path is never recorded, nor read back.
+        assert!(Store::open(dir.path()).unwrap().govern(Some(Path::new("icr.toml"))).is_err());
+        std::fs::write(dir.path().join(super::FILE), "icr.toml\n").unwrap();
+        assert!(format!("{:#}", super::remembered(dir.path()).unwrap_err()).contains("is damaged"));
+    }
 }

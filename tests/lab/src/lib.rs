@@ -642,12 +642,27 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in the gateway and waits until it says it runs.
     pub fn start(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        let lan = lab.lan_interfaces();
+        Self::start_with(
+            lab,
+            icr,
+            &[
+                "run".as_ref(),
+                "--lan".as_ref(),
+                lan.as_ref(),
+                "--wan".as_ref(),
+                GATEWAY_WAN_IF.as_ref(),
+                "--db".as_ref(),
+                db.as_os_str(),
+            ],
+        )
+    }
+
+    /// As [`Agent::start`], `icr` given `args` (`run` and its flags).
+    pub fn start_with(lab: &Lab, icr: &Path, args: &[&std::ffi::OsStr]) -> Result<Self> {
         let log = lab.dir.join("agent.log");
         let mut command = Command::new(icr);
-        command
-            .args(["run", "--lan", &lab.lan_interfaces(), "--wan", GATEWAY_WAN_IF, "--db"])
-            .arg(db)
-            .env("RUST_LOG", std::env::var("ICR_LAB_LOG").unwrap_or_else(|_| "info".into()));
+        command.args(args).env("RUST_LOG", std::env::var("ICR_LAB_LOG").unwrap_or_else(|_| "info".into()));
         let child = lab.spawn_in(&lab.gateway, &mut command, "agent")?;
         let mut agent = Agent { child: Some(child), log };
         let started = Instant::now();
