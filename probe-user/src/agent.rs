@@ -136,7 +136,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let timeouts = config.flow_timeouts();
     let store = Store::open_with_cache(&db, config.store.cache_mb << 20)?;
     store.set_retention_days(config.retention_days);
-    let governing = crate::config::StoreConfig::record(&store, &db, config_file.as_deref())?;
+    let governing = crate::query::audit::govern(&store, &db, config_file.as_deref())?;
     let snapshot = crate::serve::metrics::Shared::default();
     let _doors = ServiceRuntime::start(&db, &config, governing, &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;

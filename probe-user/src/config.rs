@@ -388,7 +388,7 @@ fn default_flow_table_size() -> u32 {
 }
 
 /// The configuration that authorises the questions of a store: the file its
-/// agent was started with, which the store remembers ([`StoreConfig::record`]),
+/// agent was started with, which the store remembers ([`crate::query::audit::govern`]),
 /// else the store's own `DIR/icr.toml`. The door that takes a question
 /// chooses it, never the request: a question naming another configuration
 /// is refused.
@@ -428,31 +428,18 @@ impl StoreConfig {
         config_file.map_or_else(|| Self::own(db), |path| Self { path: path.to_path_buf(), own: false })
     }
 
-    /// Makes the agent's configuration (`config_file`; `None`: the store's
-    /// own) govern `store`, in `db`, from now on: recorded in the store, so
-    /// that questions asked after the agent stops are authorised by the same
-    /// file. This is how a store moves to another configuration: its agent
-    /// is started with the new one.
-    pub fn record(store: &crate::store::Store, db: &Path, config_file: Option<&Path>) -> Result<Self> {
-        let governing = match config_file {
+    /// The configuration an agent (or a storing replay) names: `config_file`
+    /// as a canonical path, or the store's own `DIR/icr.toml`. Recording it
+    /// in the store is [`crate::query::audit::govern`].
+    pub fn named(db: &Path, config_file: Option<&Path>) -> Result<Self> {
+        Ok(match config_file {
             None => Self::own(db),
             Some(file) => {
                 let path = std::fs::canonicalize(file)
                     .with_context(|| format!("finding the configuration {}", file.display()))?;
                 Self { path, own: false }
             }
-        };
-        // Loaded first: a file that would not load is not recorded.
-        let loaded = governing.load()?;
-        let recorded = (!governing.own).then_some(governing.path.as_path());
-        let before = store.govern(recorded).context("recording the store's configuration")?;
-        if before.as_deref() != recorded {
-            let shown = |path: Option<&Path>| path.unwrap_or(&db.join("icr.toml")).display().to_string();
-            let (from, to) = (shown(before.as_deref()), shown(recorded));
-            log::info!("the store {} is governed by {to} from now on (it was by {from})", db.display());
-            crate::query::audit::governed(db, &loaded, &from, &to)?;
-        }
-        Ok(governing)
+        })
     }
 
     pub fn path(&self) -> &Path {

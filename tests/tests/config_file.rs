@@ -6,7 +6,7 @@
 //!
 //! The writer is `icr replay FILE --db DIR` where a store's governance is
 //! the point (it opens the store for writing as the agent does and records
-//! its configuration the same way, `StoreConfig::record`), and a real
+//! its configuration the same way, `query::audit::govern`), and a real
 //! `icr run` in a lab of network namespaces, started with `--config` alone,
 //! as the package's unit starts it. Runs the real binary; as root, for the
 //! probe's BPF, the namespaces and the root-owned configurations.

@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::config::AuditSection;
+use crate::config::{AuditSection, StoreConfig};
 use anyhow::{Context as _, Result, bail};
 use ring::hmac;
 use serde::{Deserialize, Serialize};
@@ -405,20 +405,33 @@ pub fn operator() -> String {
     }
 }
 
-/// Audits that the configuration `to` governs the store in `db` from now
-/// on, in place of `from` (both as shown to people): which file authorises
-/// its questions is as much the auditor's business as the questions.
-pub fn governed(db: &std::path::Path, loaded: &crate::config::LoadedConfig, from: &str, to: &str) -> Result<()> {
-    AuditLog::open(db, &loaded.config.audit)?.append(AuditRecord {
-        time: crate::icr::format_time(&chrono::Utc::now()),
-        command: "govern".into(),
-        officer: Some(operator()),
-        parameters: serde_json::json!({ "from": from, "to": to }),
-        outcome: format!("the store's questions are authorised by {to} from now on"),
-        config_sha256: loaded.sha256.clone(),
-        ..AuditRecord::default()
-    })?;
-    Ok(())
+/// Makes the agent's configuration (`config_file`; `None`: the store's own)
+/// govern `store`, in `db`, from now on: recorded in the store, so that
+/// questions asked after the agent stops are authorised by the same file,
+/// and audited when it changes (which file authorises the questions is as
+/// much the auditor's business as the questions). This is how a store moves
+/// to another configuration: its agent is started with the new one.
+pub fn govern(store: &crate::store::Store, db: &Path, config_file: Option<&Path>) -> Result<StoreConfig> {
+    let governing = StoreConfig::named(db, config_file)?;
+    // Loaded first: a file that would not load is not recorded.
+    let loaded = governing.load()?;
+    let recorded = governing.agent_file();
+    let before = store.govern(recorded).context("recording the store's configuration")?;
+    if before.as_deref() != recorded {
+        let shown = |path: Option<&Path>| path.unwrap_or(&db.join("icr.toml")).display().to_string();
+        let (from, to) = (shown(before.as_deref()), shown(recorded));
+        log::info!("the store {} is governed by {to} from now on (it was by {from})", db.display());
+        AuditLog::open(db, &loaded.config.audit)?.append(AuditRecord {
+            time: crate::icr::format_time(&chrono::Utc::now()),
+            command: "govern".into(),
+            officer: Some(operator()),
+            parameters: serde_json::json!({ "from": from, "to": to }),
+            outcome: format!("the store's questions are authorised by {to} from now on"),
+            config_sha256: loaded.sha256.clone(),
+            ..AuditRecord::default()
+        })?;
+    }
+    Ok(governing)
 }
 
 /// Applies retention now and audits it: what was dropped, by whom (the

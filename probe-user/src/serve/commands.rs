@@ -125,7 +125,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
     // A replay that stores is the store's writer, as an agent is: its
     // configuration governs the store's questions from now on.
     if let (Some(store), Some(db)) = (&store, &args.db) {
-        StoreConfig::record(store, db, chosen.source.agent_file())?;
+        crate::query::audit::govern(store, db, chosen.source.agent_file())?;
     }
     // A replay never pins: it must not touch a running agent's maps.
     let options = ProbeOptions {

@@ -29,69 +29,16 @@ use crate::{
     config::MAX_BODY_BYTES,
     config::{HttpSection, StoreConfig},
     export::Format,
-    query::{Ask, Backend, Desk, Failure, Refusal, Request, Who, request::LocalFilter},
+    query::{Ask, Backend, Desk, Failure, Request, Who, request::LocalFilter},
     serve::{
         console::{self, ConsoleState},
+        doorkeeper::{BUSY, Doorkeeper, same_origin},
         listener::{self, BodyRefused, Limits},
         refusals::{self, Refusals},
         tokens::{self, Gate},
     },
     store::gaps::Gap,
 };
-
-/// What the API's and the console's handlers share about who may ask.
-pub struct Doorkeeper {
-    /// Token checks at once, and the slowdown of failing guessers.
-    pub gate: Gate,
-    /// Refusals of unauthenticated requests, by address.
-    pub refusals: Refusals,
-}
-
-impl Doorkeeper {
-    /// Audits the refusal of a request that did not authenticate, unless a
-    /// flood from `client` is being summarised instead; the refusal either way.
-    pub fn refuse_unauthenticated(
-        &self,
-        desk: &Desk,
-        loaded: &crate::config::LoadedConfig,
-        client: IpAddr,
-        command: &str,
-        claimed: Option<&str>,
-        reason: String,
-    ) -> Failure {
-        let refusal = Refusal(reason);
-        if !self.refusals.admit(client) {
-            return Failure::Refused(refusal);
-        }
-        desk.refuse_unread(loaded, command, claimed.map(refusals::claimed), refusal)
-    }
-
-    /// Audits the summaries of floods whose window is over (all, when `all`).
-    pub fn write_summaries(&self, desk: &Desk, all: bool) -> Result<()> {
-        let due = self.refusals.due(all);
-        if due.is_empty() {
-            return Ok(());
-        }
-        let loaded = desk.configuration()?;
-        for summary in due {
-            // `::` stands for the addresses past those followed one by one.
-            let from =
-                if summary.client.is_unspecified() { "many addresses".to_string() } else { summary.client.to_string() };
-            let outcome = format!(
-                "refused: {} more requests from {from} without a valid token, counted rather than written one by one",
-                summary.refused
-            );
-            let parameters = serde_json::json!({
-                "client": summary.client.to_string(),
-                "refused": summary.refused,
-                "from": crate::icr::format_time(&summary.from),
-                "to": crate::icr::format_time(&summary.to),
-            });
-            desk.note_unread(&loaded, "http refusals", None, outcome, parameters)?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Clone)]
 struct AppState {
@@ -116,11 +63,55 @@ pub struct Served {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// The API's and the console's routes over one backend, with the state
+/// they share: what the listener serves, and what tests drive in-process.
+#[derive(Clone)]
+pub struct App {
+    pub router: Router,
+    state: AppState,
+}
+
+impl App {
+    /// The routes for `section`'s limits. `backend` answers: the agent's
+    /// store, or the provider's cluster (`icr serve`); `config_file` is the
+    /// agent's configuration (`None`: the store's own in `db`).
+    pub fn new(
+        section: &HttpSection,
+        db: PathBuf,
+        config_file: Option<PathBuf>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
+        let doorkeeper =
+            Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks), refusals: Refusals::default() });
+        let console = ConsoleState::new(console::Settings {
+            db: db.clone(),
+            config_file: config_file.clone(),
+            backend: backend.clone(),
+            doorkeeper: doorkeeper.clone(),
+            idle: section.console_idle.0,
+            sessions_per_authority: section.console_sessions,
+            answer_bytes: section.console_answer_bytes,
+        })?;
+        let state = AppState { db, config_file, backend, doorkeeper };
+        let router = Router::new()
+            .route("/v1/query/{kind}", post(query))
+            .with_state(state.clone())
+            .merge(console::routes(console));
+        Ok(Self { router, state })
+    }
+
+    /// Audits the summaries of refusal floods whose window is over (all,
+    /// when `all`); the listener does it every few seconds.
+    pub fn write_summaries(&self, all: bool) -> Result<()> {
+        let state = &self.state;
+        let governing = state.authorising();
+        state.doorkeeper.write_summaries(&Desk::new(&state.db, &governing, state.backend.as_ref()), all)
+    }
+}
+
 /// Serves the API on its own task; a listener that cannot bind, or a
 /// certificate that does not load, is an error here. `None` when no
 /// `listen` is configured.
-/// `backend` answers: the agent's store, or the provider's cluster (`icr
-/// serve`).
 pub async fn serve(
     section: &HttpSection,
     db: PathBuf,
@@ -133,19 +124,8 @@ pub async fn serve(
         request_timeout: section.request_timeout.0,
         body_bytes_in_flight: section.max_body_bytes_in_flight,
     };
-    let doorkeeper = Arc::new(Doorkeeper { gate: Gate::new(section.max_token_checks), refusals: Refusals::default() });
-    let console = ConsoleState::new(console::Settings {
-        db: db.clone(),
-        config_file: config_file.clone(),
-        backend: backend.clone(),
-        doorkeeper: doorkeeper.clone(),
-        idle: section.console_idle.0,
-        sessions_per_authority: section.console_sessions,
-        answer_bytes: section.console_answer_bytes,
-    })?;
-    let state = AppState { db, config_file, backend, doorkeeper: doorkeeper.clone() };
-    let summaries = state.clone();
-    let app = Router::new().route("/v1/query/{kind}", post(query)).with_state(state).merge(console::routes(console));
+    let app = App::new(section, db, config_file, backend)?;
+    let (router, summaries) = (app.router.clone(), app);
     let tls = match (&section.cert, &section.key) {
         (Some(cert), Some(key)) => Some(
             tls_acceptor(cert, key)
@@ -168,19 +148,15 @@ pub async fn serve(
             let mut tick = tokio::time::interval(refusals::WINDOW / 4);
             loop {
                 tick.tick().await;
-                let state = summaries.clone();
-                let written = tokio::task::spawn_blocking(move || {
-                    let governing = state.authorising();
-                    state.doorkeeper.write_summaries(&Desk::new(&state.db, &governing, state.backend.as_ref()), false)
-                })
-                .await;
+                let summaries = summaries.clone();
+                let written = tokio::task::spawn_blocking(move || summaries.write_summaries(false)).await;
                 if let Ok(Err(error)) = written {
                     warn!("auditing refused requests: {error:#}");
                 }
             }
         };
         tokio::select! {
-            () = listener::serve(listener, tls, app, limits) => {}
+            () = listener::serve(listener, tls, router, limits) => {}
             () = summarising => {}
         }
     });
@@ -220,9 +196,6 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// The answer when every token check is taken.
-pub const BUSY: &str = "too many tokens are being checked at once: try again shortly";
-
 async fn query(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -236,7 +209,7 @@ async fn query(
     if !is_json(&headers) {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be JSON (Content-Type: application/json)");
     }
-    if !console::same_origin(&headers) {
+    if !same_origin(&headers) {
         return error(StatusCode::FORBIDDEN, "a request from another site is refused");
     }
     if !QUESTIONS.contains(&kind.as_str()) {

@@ -6,6 +6,7 @@ pub mod client;
 pub mod commands;
 pub mod console;
 pub mod control;
+pub mod doorkeeper;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -48,13 +48,12 @@ use crate::{
         request::LocalFilter,
     },
     serve::{
-        http::{BUSY, Doorkeeper},
+        doorkeeper::{BUSY, Doorkeeper, same_origin},
         tokens,
     },
 };
-use pages::Signed;
 pub use sessions::{Answered, Kind, Rows};
-use sessions::{COOKIE, Session, Sessions, cookie, random_hex};
+use sessions::{COOKIE, Session, Sessions, Signed, cookie, random_hex};
 
 /// Audit entries the auditor's page lists (the newest).
 const AUDIT_ROWS: usize = 500;
@@ -149,22 +148,6 @@ async fn asset(UrlPath(name): UrlPath<String>) -> Response {
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-/// Whether a state-changing request comes from the console's own pages: a
-/// browser says where a request comes from (`Origin`, `Sec-Fetch-Site`).
-pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
-    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
-        && !matches!(site, "same-origin" | "none")
-    {
-        return false;
-    }
-    match (text(header::ORIGIN), text(header::HOST)) {
-        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, rest)| rest == host),
-        (Some(_), None) => false,
-        (None, _) => true,
-    }
 }
 
 fn html(status: StatusCode, markup: Markup) -> Response {
@@ -627,24 +610,6 @@ mod tests {
             );
         }
         headers
-    }
-
-    #[test]
-    fn only_the_consoles_own_origin_may_post() {
-        assert!(same_origin(&headers(&[
-            ("host", "127.0.0.1:8443"),
-            ("origin", "https://127.0.0.1:8443"),
-            ("sec-fetch-site", "same-origin")
-        ])));
-        assert!(
-            same_origin(&headers(&[("host", "127.0.0.1:8443")])),
-            "no browser headers: a plain client, which still needs the session and token"
-        );
-        assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("origin", "https://evil.example")])));
-        assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("origin", "http://127.0.0.1:9999")])));
-        assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("sec-fetch-site", "cross-site")])));
-        assert!(!same_origin(&headers(&[("host", "127.0.0.1:8443"), ("sec-fetch-site", "same-site")])));
-        assert!(!same_origin(&headers(&[("origin", "https://127.0.0.1:8443")])), "an origin without a host to match");
     }
 
     #[test]

@@ -4,18 +4,11 @@
 use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
-use super::{Answered, Kind, Rows};
+use super::sessions::{Answered, Kind, Rows, Signed};
 use crate::{
     icr::{Icr, format_time},
     store::rollup::ServiceRow,
 };
-
-/// Who is signed in, as a page shows it.
-pub struct Signed<'a> {
-    pub authority: &'a str,
-    pub csrf: &'a str,
-    pub auditor: bool,
-}
 
 fn page(title: &str, signed: Option<&Signed>, body: Markup) -> Markup {
     html! {

@@ -11,7 +11,6 @@ use std::{
 use axum::http::{HeaderMap, header};
 use chrono::{DateTime, Utc};
 
-use super::pages::Signed;
 use crate::{
     config::AuthorityKind,
     icr::Icr,
@@ -91,6 +90,13 @@ pub struct Answered {
     pub bundle: PathBuf,
     /// What it costs its session: the bytes of its rows as read.
     pub bytes: usize,
+}
+
+/// Who is signed in, as a page shows it.
+pub struct Signed<'a> {
+    pub authority: &'a str,
+    pub csrf: &'a str,
+    pub auditor: bool,
 }
 
 pub(super) struct Session {
