@@ -255,6 +255,19 @@ impl Assembler {
         self.held.len()
     }
 
+    /// How much each of the assembler's maps holds (`/metrics`): what its
+    /// memory is made of.
+    pub fn sizes(&self) -> AssemblerSizes {
+        AssemblerSizes {
+            held_flows: self.held.len(),
+            hinted_flows: self.hints.len(),
+            named_flows: self.named_at_start.len(),
+            scheduled_checks: self.due.len(),
+            pending_dns: self.pending_dns.len(),
+            dns_cache_entries: self.dns_cache.len(),
+        }
+    }
+
     /// Events were lost (a perf buffer's lost record, or the kernel's
     /// counter grew): any open flow may have lost its end event, so say so
     /// on its record.
@@ -792,6 +805,23 @@ pub struct OrphanCounts {
     /// Halves older than the connection whose mapping now holds their
     /// public port: their own mapping is gone (an agent died meanwhile).
     pub superseded: u64,
+}
+
+/// The sizes of the assembler's maps (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AssemblerSizes {
+    /// Closed flows whose records are on their way to the store.
+    pub held_flows: usize,
+    /// Flows with hint state (service names, DNS questions).
+    pub hinted_flows: usize,
+    /// Flows named by a DNS answer when they started.
+    pub named_flows: usize,
+    /// Flow checks scheduled, those of flows closed since included.
+    pub scheduled_checks: usize,
+    /// DNS answers waiting for their question (at most 10 s).
+    pub pending_dns: usize,
+    /// DNS answers held to name later connections.
+    pub dns_cache_entries: usize,
 }
 
 /// A DNS response, and where it was seen.
