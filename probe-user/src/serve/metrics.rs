@@ -250,11 +250,7 @@ pub fn render(s: &Snapshot) -> String {
         ("flows_held", "Closed flows whose records are on their way to the store", sizes.held_flows),
         ("flows_hinted", "Flows with hint state (service names, DNS questions)", sizes.hinted_flows),
         ("flows_named_by_dns", "Open flows named by a DNS answer when they started", sizes.named_flows),
-        (
-            "flow_checks_scheduled",
-            "Flow checks scheduled, those of flows closed since included",
-            sizes.scheduled_checks,
-        ),
+        ("flow_checks_scheduled", "Flow checks scheduled (at most one a followed flow)", sizes.scheduled_checks),
         ("dns_answers_pending", "DNS answers waiting for their question (at most 10 s)", sizes.pending_dns),
         ("dns_cache_entries", "DNS answers held to name later connections", sizes.dns_cache_entries),
     ] {
