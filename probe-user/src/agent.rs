@@ -191,7 +191,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut assembler =
         Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
     let nat_grace = nanos(timeouts.nat_grace());
-    let mut nat = NatTable::default();
+    let mut nat = NatTable::with_max_destroyed(config.probe.nat_destroyed_kept);
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stats = interval(STATS_EVERY);
@@ -274,6 +274,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     s.dns_answers = assembler.dns_answers;
                     s.events_lost_userspace = assembler.events_lost;
                     s.nat_mappings = nat.len() as u64;
+                    s.nat_destroyed = nat.destroyed() as u64;
+                    s.nat_dropped_early = nat.dropped_early();
+                    s.assembler = assembler.sizes();
+                    s.dns_cache_capacity = config.probe.dns_cache_entries as u64;
                     s.nat_overruns = nat.overruns();
                     s.event_queue = event_rx.len() as u64;
                     s.event_queue_capacity = EVENT_QUEUE as u64;
@@ -439,6 +443,7 @@ fn spawn_writer(
                 s.gaps_recorded += batch.gaps.len() as u64;
                 s.write_seconds = started.elapsed().as_secs_f64();
                 s.store_bytes = store.size_on_disk();
+                s.store_open_records = store.open_records() as u64;
                 if store.is_spooling() {
                     s.export_backlog = Some(store.outbox_backlog());
                 }

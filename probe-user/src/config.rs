@@ -273,6 +273,10 @@ pub struct ProbeSection {
     /// devices together (about 150 bytes each).
     #[serde(default = "default_dns_cache_entries")]
     pub dns_cache_entries: usize,
+    /// NAT mappings kept after conntrack destroyed them (for flows that
+    /// close after their mapping), at most; about 300 bytes each.
+    #[serde(default = "default_nat_destroyed_kept")]
+    pub nat_destroyed_kept: usize,
 }
 
 impl Default for ProbeSection {
@@ -283,8 +287,13 @@ impl Default for ProbeSection {
             events: None,
             event_ring_bytes: default_event_ring_bytes(),
             dns_cache_entries: default_dns_cache_entries(),
+            nat_destroyed_kept: default_nat_destroyed_kept(),
         }
     }
+}
+
+fn default_nat_destroyed_kept() -> usize {
+    crate::capture::nat::DEFAULT_MAX_DESTROYED
 }
 
 fn default_dns_cache_entries() -> usize {
@@ -641,6 +650,9 @@ impl Config {
         if !(1..=86_400).contains(&self.store.write_queue) {
             bail!("[store] write_queue = {} must be between 1 and 86400 (ticks of records)", self.store.write_queue);
         }
+        if self.probe.nat_destroyed_kept == 0 {
+            bail!("[probe] nat_destroyed_kept = 0: at least one mapping must be kept for flows that close after it");
+        }
         if !(1..=1 << 20).contains(&self.store.cache_mb) {
             bail!("[store] cache_mb = {} must be between 1 and 1048576 (MiB)", self.store.cache_mb);
         }
@@ -789,6 +801,10 @@ mod tests {
         let config = Config::parse("[store]\ncache_mb = 8\n[probe]\ndns_cache_entries = 4096").unwrap();
         assert_eq!((config.store.cache_mb, config.probe.dns_cache_entries), (8, 4096));
         assert!(refusal("[store]\ncache_mb = 0").contains("cache_mb"));
+        assert_eq!(config.probe.nat_destroyed_kept, 1 << 16);
+        let config = Config::parse("[probe]\nnat_destroyed_kept = 8192").unwrap();
+        assert_eq!(config.probe.nat_destroyed_kept, 8192);
+        assert!(refusal("[probe]\nnat_destroyed_kept = 0").contains("nat_destroyed_kept"));
     }
 
     fn refusal(text: &str) -> String {

@@ -22,6 +22,54 @@ fn soak() -> Option<(u64, u64)> {
     Some((seconds, rate))
 }
 
+/// Where a soaking agent serves its metrics, inside the gateway.
+const SOAK_METRICS: &str = "127.0.0.1:9464";
+
+/// A soak's additions to the agent's configuration: its metrics, and
+/// `[store] cache_mb` from `ICR_SOAK_CACHE_MB` when set.
+fn soak_config() -> String {
+    let mut config = format!("[metrics]\nlisten = \"{SOAK_METRICS}\"\n");
+    if let Ok(cache_mb) = std::env::var("ICR_SOAK_CACHE_MB") {
+        config += &format!("[store]\ncache_mb = {cache_mb}\n");
+    }
+    config
+}
+
+/// The agent's memory and the sizes of its maps, from its metrics, on one line.
+fn soak_sample(lab: &Lab) -> String {
+    const SHOWN: [&str; 13] = [
+        "memory_resident_bytes",
+        "memory_anonymous_bytes",
+        "memory_file_bytes",
+        "malloc_in_use_bytes",
+        "malloc_free_bytes",
+        "flows_open",
+        "flows_held",
+        "flows_hinted",
+        "flow_checks_scheduled",
+        "dns_cache_entries",
+        "nat_mappings",
+        "store_open_records",
+        "records_stored_total",
+    ];
+    let url = format!("http://{SOAK_METRICS}/metrics");
+    let Ok(out) = lab.exec(&lab.gateway, Command::new("curl").args(["-s", "--max-time", "5", &url])) else {
+        return "metrics unavailable".into();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| {
+        text.lines().find_map(|line| line.strip_prefix(&format!("icr_{name} "))).unwrap_or("-").to_string()
+    };
+    SHOWN
+        .iter()
+        .map(|name| match (name.strip_suffix("_bytes"), value(name).parse::<f64>()) {
+            (Some(short), Ok(bytes)) => format!("{short}={:.1}MiB", bytes / f64::from(1 << 20)),
+            _ => format!("{name}={}", value(name)),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[test]
 #[ignore = "root and the lab's tools; ~10 s. Failed once in 8 runs (a request of 750 without a record): see the wave-load report"]
 fn every_connection_under_steady_load_is_one_whole_record() {
@@ -33,6 +81,10 @@ fn every_connection_under_steady_load_is_one_whole_record() {
         "retention_days = 30\n[probe]\nflow_table_size = 65536\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
     )
     .unwrap();
+    if soak().is_some() {
+        let mut config = std::fs::OpenOptions::new().append(true).open(db.join("icr.toml")).unwrap();
+        std::io::Write::write_all(&mut config, soak_config().as_bytes()).unwrap();
+    }
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
     let rss_start = agent.rss_kib().expect("the agent's memory");
 
@@ -67,9 +119,10 @@ fn every_connection_under_steady_load_is_one_whole_record() {
             std::thread::sleep(Duration::from_secs(1));
             if soak().is_some() && started.elapsed() >= next_sample {
                 eprintln!(
-                    "agent RSS after {} s: {} KiB",
+                    "agent RSS after {} s: {} KiB | {}",
                     started.elapsed().as_secs(),
-                    agent.rss_kib().expect("the agent's memory")
+                    agent.rss_kib().expect("the agent's memory"),
+                    soak_sample(&lab)
                 );
                 next_sample += Duration::from_secs(60);
             }

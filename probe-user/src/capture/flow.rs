@@ -12,8 +12,7 @@
 //! remote, upstream packets) and the WAN one (remote ↔ public address,
 //! downstream packets). Conntrack mappings join them into one record.
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -106,6 +105,9 @@ struct Known {
     adopted: bool,
     /// The LAN flow this WAN flow belongs to, once joined.
     joined_to: Option<FlowKey>,
+    /// When its next check is scheduled: one check a flow, so the schedule
+    /// never holds more entries than the table holds flows.
+    due_ns: Option<u64>,
 }
 
 /// Why a check closes a flow, if it does.
@@ -164,7 +166,8 @@ pub struct Assembler {
     superseded: HashSet<FlowKey>,
     /// Those of them closed since the last [`Assembler::take_closed_flows`].
     closed: Vec<FlowKey>,
-    due: BinaryHeap<Reverse<(u64, FlowKey)>>,
+    /// Each known flow's next check, earliest first.
+    due: BTreeSet<(u64, FlowKey)>,
     next_full_sweep_ns: u64,
     records: Vec<Icr>,
     /// What each kernel flow's hints have told (service names, DNS).
@@ -202,7 +205,7 @@ impl Assembler {
             held: HashSet::new(),
             superseded: HashSet::new(),
             closed: Vec::new(),
-            due: BinaryHeap::new(),
+            due: BTreeSet::new(),
             next_full_sweep_ns: 0,
             records: Vec::new(),
             hints: HashMap::new(),
@@ -253,6 +256,19 @@ impl Assembler {
     /// Closed flows whose kernel entries wait for their records to be stored.
     pub fn held_flows(&self) -> usize {
         self.held.len()
+    }
+
+    /// How much each of the assembler's maps holds (`/metrics`): what its
+    /// memory is made of.
+    pub fn sizes(&self) -> AssemblerSizes {
+        AssemblerSizes {
+            held_flows: self.held.len(),
+            hinted_flows: self.hints.len(),
+            named_flows: self.named_at_start.len(),
+            scheduled_checks: self.due.len(),
+            pending_dns: self.pending_dns.len(),
+            dns_cache_entries: self.dns_cache.len(),
+        }
     }
 
     /// Events were lost (a perf buffer's lost record, or the kernel's
@@ -403,8 +419,19 @@ impl Assembler {
         if proto == Proto::Tcp { self.timeouts.tcp_idle } else { self.timeouts.udp_idle }
     }
 
+    /// Checks `key` at `at_ns`, unless a check comes earlier (which
+    /// schedules the next one). An unknown flow has nothing to check.
     fn schedule(&mut self, key: FlowKey, at_ns: u64) {
-        self.due.push(Reverse((at_ns, key)));
+        let Some(known) = self.known.get_mut(&key) else { return };
+        match known.due_ns {
+            Some(due_ns) if due_ns <= at_ns => return,
+            Some(due_ns) => {
+                self.due.remove(&(due_ns, key));
+            }
+            None => {}
+        }
+        known.due_ns = Some(at_ns);
+        self.due.insert((at_ns, key));
     }
 
     /// Closes what is due at `now_ns` (kernel time).
@@ -414,11 +441,14 @@ impl Assembler {
             self.full_sweep(table, now_ns, ADOPT_AFTER_NS)?;
             self.next_full_sweep_ns = now_ns.saturating_add(nanos(self.timeouts.full_sweep));
         }
-        while let Some(Reverse((at_ns, key))) = self.due.peek().copied() {
+        while let Some(&(at_ns, key)) = self.due.first() {
             if at_ns > now_ns {
                 break;
             }
-            self.due.pop();
+            self.due.pop_first();
+            if let Some(known) = self.known.get_mut(&key) {
+                known.due_ns = None;
+            }
             self.check(key, now_ns, table, nat, None)?;
         }
         Ok(())
@@ -456,6 +486,7 @@ impl Assembler {
             self.check(key, now_ns, table, nat, Some(reason))?;
         }
         self.due.clear();
+        self.known.values_mut().for_each(|known| known.due_ns = None);
         Ok(())
     }
 
@@ -671,7 +702,9 @@ impl Assembler {
 
     /// Drops what the assembler holds of a kernel flow that is gone.
     fn forget(&mut self, key: &FlowKey) {
-        self.known.remove(key);
+        if let Some(Known { due_ns: Some(due_ns), .. }) = self.known.remove(key) {
+            self.due.remove(&(due_ns, *key));
+        }
         self.superseded.remove(key);
         self.hints.remove(key);
         self.named_at_start.remove(key);
@@ -792,6 +825,23 @@ pub struct OrphanCounts {
     /// Halves older than the connection whose mapping now holds their
     /// public port: their own mapping is gone (an agent died meanwhile).
     pub superseded: u64,
+}
+
+/// The sizes of the assembler's maps (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AssemblerSizes {
+    /// Closed flows whose records are on their way to the store.
+    pub held_flows: usize,
+    /// Flows with hint state (service names, DNS questions).
+    pub hinted_flows: usize,
+    /// Flows named by a DNS answer when they started.
+    pub named_flows: usize,
+    /// Flow checks scheduled (at most one a known flow).
+    pub scheduled_checks: usize,
+    /// DNS answers waiting for their question (at most 10 s).
+    pub pending_dns: usize,
+    /// DNS answers held to name later connections.
+    pub dns_cache_entries: usize,
 }
 
 /// A DNS response, and where it was seen.
@@ -1067,6 +1117,39 @@ mod tests {
         assembler.release(&closed, &mut table).unwrap();
         assert!(table.0.is_empty(), "stored: the kernel entry goes");
         assert_eq!(assembler.held_flows(), 0);
+    }
+
+    #[test]
+    fn the_schedule_holds_one_check_per_followed_flow() {
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        // Steady load: short connections, one after the other, each closed
+        // by FIN well inside tcp_idle (300 s).
+        for n in 0..500u16 {
+            let at = SEC + u64::from(n) * SEC / 10;
+            let up = Tuple { src_port: 40000 + n, ..device_tuple() };
+            let key = table.packet(up, 60, tcp_flags::SYN, role::LAN, at);
+            assembler.on_event(start_event(key, at), &nat);
+            table.packet(up.reversed(), 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, at);
+            table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, at);
+            table.packet(up.reversed(), 40, tcp_flags::ACK | tcp_flags::FIN, role::WAN, at);
+            assembler.on_event(end_event(key, at), &nat);
+            assembler.tick(at, &mut table, &nat).unwrap();
+            let closed = assembler.take_closed_flows();
+            assembler.release(&closed, &mut table).unwrap();
+        }
+        let sizes = assembler.sizes();
+        let open = assembler.open_flows();
+        assert!(sizes.scheduled_checks <= open, "{sizes:?}, {open} open");
+        assert!(open <= 60, "flows close tcp_closed after their FIN: {open} open");
+        let mut recorded = assembler.take_records().len();
+        assert_eq!(recorded + open, 500);
+        // The rest close on time: the check kept for each was its earliest.
+        assembler.tick(60 * SEC, &mut table, &nat).unwrap();
+        recorded += assembler.take_records().len();
+        assert_eq!(recorded, 500);
+        assert_eq!((assembler.open_flows(), assembler.sizes().scheduled_checks), (0, 0));
     }
 
     /// The MAC the fake table gives packets arriving with `role`.

@@ -43,6 +43,72 @@ pub struct Snapshot {
     pub gaps_recorded: u64,
     /// Records waiting in the outbox for the cluster (when shipping).
     pub export_backlog: Option<u64>,
+    /// The sizes of the assembler's maps and caches.
+    pub assembler: crate::capture::flow::AssemblerSizes,
+    /// The most DNS answers the cache holds (`[probe] dns_cache_entries`).
+    pub dns_cache_capacity: u64,
+    /// NAT mappings kept after conntrack destroyed them (for late flows).
+    pub nat_destroyed: u64,
+    /// Of those, dropped before their grace ended (the most were kept).
+    pub nat_dropped_early: u64,
+    /// Records in the store's open blocks, held in memory until sealed.
+    pub store_open_records: u64,
+    /// The process's memory, read when scraped.
+    pub memory: Option<Memory>,
+}
+
+/// The process's memory as the kernel and the allocator see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set (VmRSS), bytes.
+    pub resident: u64,
+    /// Of which anonymous (heap, stacks): what the agent's data holds.
+    pub anonymous: u64,
+    /// Of which file-backed: the binary's pages and mapped files.
+    pub file: u64,
+    /// What glibc's allocator holds, where it is the allocator.
+    pub malloc: Option<Malloc>,
+}
+
+/// glibc's allocator, all arenas together (`mallinfo2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Malloc {
+    /// Bytes allocated and not freed (small chunks and mmapped ones).
+    pub in_use: u64,
+    /// Bytes freed but kept by the allocator in its arenas.
+    pub free: u64,
+}
+
+impl Memory {
+    /// This process's memory (`/proc/self/status`, and `mallinfo2`).
+    pub fn of_self() -> Option<Self> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        Some(Self { malloc: Malloc::of_self(), ..Self::of_status(&status)? })
+    }
+
+    /// The figures of a `/proc/PID/status` text.
+    pub fn of_status(status: &str) -> Option<Self> {
+        let kib = |field: &str| -> Option<u64> {
+            let line = status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?;
+            Some(line.split_whitespace().next()?.parse::<u64>().ok()? * 1024)
+        };
+        Some(Self { resident: kib("VmRSS")?, anonymous: kib("RssAnon")?, file: kib("RssFile")?, malloc: None })
+    }
+}
+
+impl Malloc {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn of_self() -> Option<Self> {
+        // SAFETY: mallinfo2 takes no argument and only reads the allocator's
+        // own statistics (under its arenas' locks).
+        let info = unsafe { libc::mallinfo2() };
+        Some(Self { in_use: (info.uordblks + info.hblkhd) as u64, free: info.fordblks as u64 })
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    fn of_self() -> Option<Self> {
+        None
+    }
 }
 
 pub type Shared = Arc<Mutex<Snapshot>>;
@@ -57,7 +123,8 @@ pub async fn serve(section: &MetricsSection, snapshot: Shared) -> Result<()> {
 }
 
 async fn metrics(State(snapshot): State<Shared>) -> impl IntoResponse {
-    let snapshot = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut snapshot = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+    snapshot.memory = Memory::of_self();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&snapshot))
 }
 
@@ -178,6 +245,65 @@ pub fn render(s: &Snapshot) -> String {
         "Gap entries written to the store (loss episodes, rewritten as they grow)",
         s.gaps_recorded.to_string(),
     );
+    let sizes = &s.assembler;
+    for (name, help, value) in [
+        ("flows_held", "Closed flows whose records are on their way to the store", sizes.held_flows),
+        ("flows_hinted", "Flows with hint state (service names, DNS questions)", sizes.hinted_flows),
+        ("flows_named_by_dns", "Open flows named by a DNS answer when they started", sizes.named_flows),
+        ("flow_checks_scheduled", "Flow checks scheduled (at most one a followed flow)", sizes.scheduled_checks),
+        ("dns_answers_pending", "DNS answers waiting for their question (at most 10 s)", sizes.pending_dns),
+        ("dns_cache_entries", "DNS answers held to name later connections", sizes.dns_cache_entries),
+    ] {
+        metric(name, "gauge", help, value.to_string());
+    }
+    metric(
+        "dns_cache_capacity",
+        "gauge",
+        "The most DNS answers held ([probe] dns_cache_entries)",
+        s.dns_cache_capacity.to_string(),
+    );
+    metric(
+        "nat_mappings_destroyed",
+        "gauge",
+        "Of the conntrack mappings held, those conntrack destroyed (kept for late flows)",
+        s.nat_destroyed.to_string(),
+    );
+    metric(
+        "nat_mappings_dropped_early_total",
+        "counter",
+        "Destroyed conntrack mappings dropped before their grace ended ([probe] nat_destroyed_kept reached): a flow closing later has no public address",
+        s.nat_dropped_early.to_string(),
+    );
+    metric(
+        "store_open_records",
+        "gauge",
+        "Records in the store's open blocks, held in memory until their block is sealed",
+        s.store_open_records.to_string(),
+    );
+    if let Some(memory) = &s.memory {
+        metric("memory_resident_bytes", "gauge", "Resident memory (VmRSS)", memory.resident.to_string());
+        metric(
+            "memory_anonymous_bytes",
+            "gauge",
+            "Resident anonymous memory (heap, stacks)",
+            memory.anonymous.to_string(),
+        );
+        metric(
+            "memory_file_bytes",
+            "gauge",
+            "Resident file-backed memory (the binary's pages)",
+            memory.file.to_string(),
+        );
+        if let Some(malloc) = &memory.malloc {
+            metric("malloc_in_use_bytes", "gauge", "Bytes allocated and not freed", malloc.in_use.to_string());
+            metric(
+                "malloc_free_bytes",
+                "gauge",
+                "Bytes freed but kept by the allocator in its arenas",
+                malloc.free.to_string(),
+            );
+        }
+    }
     if let Some(backlog) = s.export_backlog {
         metric(
             "export_backlog_records",
@@ -205,5 +331,28 @@ mod tests {
             assert!(text.contains(&format!("icr_probe_{name}_total ")), "{name}");
         }
         assert!(text.lines().all(|l| l.starts_with('#') || l.split(' ').count() == 2), "one sample per line");
+    }
+
+    #[test]
+    fn memory_is_read_from_the_process_and_shown_with_the_maps_sizes() {
+        let status = "Name:\ticr\nVmRSS:\t   87220 kB\nRssAnon:\t   46096 kB\nRssFile:\t   41124 kB\n";
+        let memory = Memory::of_status(status).unwrap();
+        assert_eq!((memory.resident, memory.anonymous, memory.file), (87_220 << 10, 46_096 << 10, 41_124 << 10));
+        assert_eq!(Memory::of_status("Name:\ticr\n"), None, "a kernel without the fields: no figures");
+
+        let own = Memory::of_self().expect("this process's memory");
+        assert!(own.resident > 0 && own.resident >= own.anonymous, "{own:?}");
+        let snapshot = Snapshot {
+            memory: Some(own),
+            assembler: crate::capture::flow::AssemblerSizes { scheduled_checks: 12, ..Default::default() },
+            nat_destroyed: 5,
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot);
+        assert!(text.contains(&format!("icr_memory_resident_bytes {}\n", own.resident)));
+        assert!(text.contains("icr_flow_checks_scheduled 12\n"));
+        assert!(text.contains("icr_nat_mappings_destroyed 5\n"));
+        #[cfg(target_env = "gnu")]
+        assert!(text.contains("icr_malloc_in_use_bytes "), "glibc's figures");
     }
 }

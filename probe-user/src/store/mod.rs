@@ -284,6 +284,12 @@ impl Store {
         Ok(())
     }
 
+    /// Records in open blocks (held in memory, and in their logs, until
+    /// their block is sealed), all days together.
+    pub fn open_records(&self) -> usize {
+        self.lock().map(|days| days.values().map(|day| day.open.len()).sum()).unwrap_or(0)
+    }
+
     /// How many days the store keeps (the configuration's `retention_days`,
     /// at most [`MAX_RETENTION_DAYS`]): from now on, reads return nothing a
     /// sweep would drop now. Every reader that answers a request sets it

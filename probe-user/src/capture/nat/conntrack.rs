@@ -93,6 +93,11 @@ async fn follow(socket: AsyncFd<Socket>, tx: mpsc::Sender<NatEvent>) {
                                 return;
                             }
                         }
+                        // The mappings the dump did not name ended during the
+                        // overrun: released, not held for ever.
+                        if tx.send(NatEvent::Resynced).await.is_err() {
+                            return;
+                        }
                     }
                     Ok(Err(error)) => warn!("resynchronising conntrack: {error:#}"),
                     Err(error) => warn!("resynchronising conntrack: {error}"),

@@ -33,61 +33,135 @@ pub enum NatEvent {
     Overrun {
         since: DateTime<Utc>,
     },
+    /// The table dumped after an overrun has been sent in full, as `New`s
+    /// since the `Overrun`: a mapping it did not confirm was destroyed
+    /// meanwhile, its destroy event lost with the overrun.
+    Resynced,
 }
 
+/// A mapping as the table holds it.
+struct Held {
+    mapping: Mapping,
+    /// When an event last told of it.
+    confirmed_ns: u64,
+    /// When conntrack destroyed it (then it is kept for a grace period).
+    destroyed_ns: Option<u64>,
+}
+
+/// Destroyed mappings kept for late flows, at most, unless configured
+/// (`[probe] nat_destroyed_kept`): about 300 bytes each, and as many as 130
+/// connections a second make in a grace period of 6 minutes.
+pub const DEFAULT_MAX_DESTROYED: usize = 1 << 16;
+
 /// Mappings by original and by reply direction. Destroyed mappings are kept
-/// until `forget` so that flows closing after conntrack forgot them still join.
-#[derive(Default)]
+/// until `forget` so that flows closing after conntrack forgot them still
+/// join. Live mappings are at most the kernel's conntrack table; destroyed
+/// ones, those of the grace period and at most `max_destroyed` (a flood of
+/// short connections makes many). A destroy event lost in an overrun is
+/// made good by the resync, so no mapping is held for ever.
 pub struct NatTable {
-    by_original: HashMap<Tuple, Mapping>,
+    by_original: HashMap<Tuple, Held>,
     by_reply: HashMap<Tuple, Tuple>,
     destroyed: Vec<(u64, Tuple)>,
     overruns: u64,
     /// The earliest an overrun not yet reported may have begun.
     overrun_since: Option<DateTime<Utc>>,
+    /// When the last overrun was applied: mappings not confirmed since are
+    /// gone once its resync is complete.
+    resync_from_ns: Option<u64>,
+    max_destroyed: usize,
+    /// Destroyed mappings dropped before their grace ended, to stay within
+    /// `max_destroyed`.
+    dropped_early: u64,
+}
+
+impl Default for NatTable {
+    fn default() -> Self {
+        Self::with_max_destroyed(DEFAULT_MAX_DESTROYED)
+    }
 }
 
 impl NatTable {
+    /// A table that keeps at most `max_destroyed` destroyed mappings (the
+    /// oldest go first, before their grace ends).
+    pub fn with_max_destroyed(max_destroyed: usize) -> Self {
+        Self {
+            by_original: HashMap::new(),
+            by_reply: HashMap::new(),
+            destroyed: Vec::new(),
+            overruns: 0,
+            overrun_since: None,
+            resync_from_ns: None,
+            max_destroyed,
+            dropped_early: 0,
+        }
+    }
+
     pub fn apply(&mut self, event: NatEvent, now_ns: u64) {
         match event {
             NatEvent::New(mapping) => {
                 self.by_reply.insert(mapping.reply, mapping.original);
-                self.by_original.insert(mapping.original, mapping);
+                let held = Held { mapping, confirmed_ns: now_ns, destroyed_ns: None };
+                self.by_original.insert(mapping.original, held);
             }
             NatEvent::Destroy(mapping) => {
                 // Make sure it is known (a NEW may have been missed), but the
                 // public port may already have a new holder: keep it.
                 self.by_reply.entry(mapping.reply).or_insert(mapping.original);
-                self.by_original.insert(mapping.original, mapping);
+                let held = Held { mapping, confirmed_ns: now_ns, destroyed_ns: Some(now_ns) };
+                self.by_original.insert(mapping.original, held);
                 self.destroyed.push((now_ns, mapping.original));
             }
             NatEvent::Overrun { since } => {
                 self.overruns += 1;
                 self.overrun_since = Some(self.overrun_since.map_or(since, |earlier| earlier.min(since)));
+                self.resync_from_ns = Some(now_ns);
             }
+            NatEvent::Resynced => {
+                let Some(from_ns) = self.resync_from_ns.take() else { return };
+                for (original, held) in &mut self.by_original {
+                    if held.destroyed_ns.is_none() && held.confirmed_ns < from_ns {
+                        held.destroyed_ns = Some(now_ns);
+                        self.destroyed.push((now_ns, *original));
+                    }
+                }
+            }
+        }
+        if self.destroyed.len() > self.max_destroyed {
+            let over = self.destroyed.len() - self.max_destroyed;
+            self.dropped_early += over as u64;
+            self.drop_destroyed(over);
         }
     }
 
     /// Drops mappings destroyed before `before_ns`.
     pub fn forget(&mut self, before_ns: u64) {
-        let keep_from = self.destroyed.partition_point(|(at, _)| *at < before_ns);
-        for (_, original) in self.destroyed.drain(..keep_from) {
-            if let Some(mapping) = self.by_original.remove(&original)
-                && self.by_reply.get(&mapping.reply) == Some(&original)
+        let until = self.destroyed.partition_point(|(at, _)| *at < before_ns);
+        self.drop_destroyed(until);
+    }
+
+    /// Drops the `count` oldest destroyed mappings.
+    fn drop_destroyed(&mut self, count: usize) {
+        for (at, original) in self.destroyed.drain(..count) {
+            // The same tuple made anew (or destroyed again) since is not this
+            // entry's to drop.
+            if self.by_original.get(&original).is_some_and(|held| held.destroyed_ns == Some(at))
+                && let Some(held) = self.by_original.remove(&original)
+                && self.by_reply.get(&held.mapping.reply) == Some(&original)
             {
-                self.by_reply.remove(&mapping.reply);
+                self.by_reply.remove(&held.mapping.reply);
             }
         }
     }
 
     /// The mapping of a connection by its original (device-side) direction.
     pub fn by_original(&self, original: &Tuple) -> Option<&Mapping> {
-        self.by_original.get(original)
+        self.by_original.get(original).map(|held| &held.mapping)
     }
 
     /// The mapping whose reply direction (remote → public) is `reply`.
     pub fn by_reply(&self, reply: &Tuple) -> Option<&Mapping> {
-        self.by_reply.get(reply).and_then(|original| self.by_original.get(original))
+        self.by_reply.get(reply).and_then(|original| self.by_original(original))
     }
 
     /// Conntrack event overruns seen (each followed by a resync).
@@ -102,6 +176,17 @@ impl NatTable {
 
     pub fn len(&self) -> usize {
         self.by_original.len()
+    }
+
+    /// Mappings conntrack destroyed that are kept for late flows.
+    pub fn destroyed(&self) -> usize {
+        self.destroyed.len()
+    }
+
+    /// Destroyed mappings dropped before their grace ended (the table held
+    /// its most).
+    pub fn dropped_early(&self) -> u64 {
+        self.dropped_early
     }
 
     pub fn is_empty(&self) -> bool {
@@ -163,5 +248,66 @@ mod tests {
         assert_eq!(table.by_reply(&new.reply), Some(&new));
         assert_eq!(table.by_original(&old.original), None);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_destroy_lost_in_an_overrun_is_made_good_by_the_resync() {
+        let mut table = NatTable::default();
+        let lost = mapping();
+        let live = Mapping {
+            original: Tuple { src_port: 51545, ..lost.original },
+            reply: Tuple { dst_port: 10008, ..lost.reply },
+        };
+        table.apply(NatEvent::New(lost), 1);
+        table.apply(NatEvent::New(live), 2);
+        // `lost` ends, its destroy event lost in an overrun; the dump that
+        // follows finds `live` only.
+        table.apply(NatEvent::Overrun { since: Utc::now() }, 10);
+        table.apply(NatEvent::New(live), 11);
+        table.apply(NatEvent::Resynced, 12);
+        table.forget(12);
+        assert_eq!(table.by_reply(&lost.reply), Some(&lost), "kept for its grace, like any destroyed mapping");
+        table.forget(13);
+        assert_eq!(table.by_original(&lost.original), None, "not held for ever");
+        assert_eq!(table.by_reply(&lost.reply), None);
+        assert_eq!(table.by_reply(&live.reply), Some(&live));
+        assert_eq!((table.len(), table.destroyed()), (1, 0));
+    }
+
+    #[test]
+    fn destroyed_mappings_beyond_the_most_kept_go_oldest_first() {
+        let mut table = NatTable::with_max_destroyed(2);
+        let port = |n: u16| {
+            let m = mapping();
+            Mapping {
+                original: Tuple { src_port: 40000 + n, ..m.original },
+                reply: Tuple { dst_port: 20000 + n, ..m.reply },
+            }
+        };
+        let live = port(5000);
+        table.apply(NatEvent::New(live), 1);
+        // A flood of short connections: each made and destroyed at once.
+        for n in 0..1000 {
+            table.apply(NatEvent::New(port(n)), 10 + u64::from(n));
+            table.apply(NatEvent::Destroy(port(n)), 10 + u64::from(n));
+        }
+        assert_eq!((table.len(), table.destroyed()), (3, 2), "the live one and the two newest destroyed");
+        assert_eq!(table.by_reply(&port(999).reply), Some(&port(999)));
+        assert_eq!(table.by_reply(&port(998).reply), Some(&port(998)));
+        assert_eq!(table.by_reply(&port(997).reply), None);
+        assert_eq!(table.by_reply(&live.reply), Some(&live), "live mappings are never dropped");
+        assert_eq!(table.dropped_early(), 998);
+    }
+
+    #[test]
+    fn a_tuple_made_anew_outlives_its_predecessors_grace() {
+        let mut table = NatTable::default();
+        let m = mapping();
+        table.apply(NatEvent::New(m), 1);
+        table.apply(NatEvent::Destroy(m), 2);
+        // The same ports again, soon after (a client reusing its port).
+        table.apply(NatEvent::New(m), 3);
+        table.forget(10);
+        assert_eq!(table.by_reply(&m.reply), Some(&m), "the live connection keeps its mapping");
     }
 }
