@@ -41,6 +41,10 @@ pub enum NatEvent {
 pub struct NatTable {
     by_original: HashMap<Tuple, Mapping>,
     by_reply: HashMap<Tuple, Tuple>,
+    /// The mapping an original tuple had before its current one, where the
+    /// two differ: a device reused a port within seconds, and the NAT gave
+    /// the new connection another public port than the ended one's.
+    preceding: HashMap<Tuple, Mapping>,
     destroyed: Vec<(u64, Tuple)>,
     overruns: u64,
     /// The earliest an overrun not yet reported may have begun.
@@ -52,7 +56,14 @@ impl NatTable {
         match event {
             NatEvent::New(mapping) => {
                 self.by_reply.insert(mapping.reply, mapping.original);
-                self.by_original.insert(mapping.original, mapping);
+                match self.by_original.insert(mapping.original, mapping) {
+                    Some(before) if before.reply != mapping.reply => {
+                        self.preceding.insert(mapping.original, before);
+                    }
+                    _ => {
+                        self.preceding.remove(&mapping.original);
+                    }
+                }
             }
             NatEvent::Destroy(mapping) => {
                 // Make sure it is known (a NEW may have been missed), but the
@@ -77,12 +88,19 @@ impl NatTable {
             {
                 self.by_reply.remove(&mapping.reply);
             }
+            self.preceding.remove(&original);
         }
     }
 
     /// The mapping of a connection by its original (device-side) direction.
     pub fn by_original(&self, original: &Tuple) -> Option<&Mapping> {
         self.by_original.get(original)
+    }
+
+    /// The mapping of the connection that used `original` before the
+    /// current one, if the NAT gave it another public address or port.
+    pub fn preceding(&self, original: &Tuple) -> Option<&Mapping> {
+        self.preceding.get(original)
     }
 
     /// The mapping whose reply direction (remote → public) is `reply`.
@@ -146,6 +164,22 @@ mod tests {
         table.forget(11);
         assert!(table.is_empty());
         assert_eq!(table.by_reply(&m.reply), None);
+    }
+
+    #[test]
+    fn a_device_port_reused_with_another_public_port_keeps_the_one_before() {
+        let mut table = NatTable::default();
+        let first = mapping();
+        let again = Mapping { reply: Tuple { dst_port: 10099, ..first.reply }, ..first };
+        table.apply(NatEvent::New(first), 1);
+        assert_eq!(table.preceding(&first.original), None);
+        table.apply(NatEvent::Destroy(first), 2);
+        table.apply(NatEvent::New(again), 3);
+        assert_eq!(table.by_original(&first.original), Some(&again));
+        assert_eq!(table.preceding(&first.original), Some(&first));
+        // The same public port again: the one before is the current one.
+        table.apply(NatEvent::New(again), 4);
+        assert_eq!(table.preceding(&first.original), None);
     }
 
     #[test]
