@@ -65,7 +65,12 @@ pub struct FlowKey {
     pub port_hi: u16,
     /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// 0 for the 5-tuple's current connection. [`FlowKey::RETIRED`]: an
+    /// ended TCP connection the XDP program moved aside when a new one
+    /// opened on the same 5-tuple (a port reused within seconds), so that
+    /// the two are counted and recorded apart.
+    pub generation: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
@@ -79,7 +84,26 @@ impl FlowKey {
         let src_is_lo = (u128::from_be_bytes(src), src_port) <= (u128::from_be_bytes(dst), dst_port);
         let (addr_lo, port_lo, addr_hi, port_hi, dir) =
             if src_is_lo { (src, src_port, dst, dst_port, 0) } else { (dst, dst_port, src, src_port, 1) };
-        (FlowKey { addr_lo, addr_hi, port_lo, port_hi, proto, _pad: [0; 3] }, dir)
+        (FlowKey { addr_lo, addr_hi, port_lo, port_hi, proto, generation: 0, _pad: [0; 2] }, dir)
+    }
+
+    /// [`FlowKey::generation`] of a connection moved aside for a newer one.
+    pub const RETIRED: u8 = 1;
+
+    /// Where the XDP program moves this 5-tuple's ended connection when a
+    /// new one opens on it.
+    #[inline(always)]
+    pub fn retired(&self) -> FlowKey {
+        FlowKey { generation: Self::RETIRED, ..*self }
+    }
+
+    /// The 5-tuple's current connection's key.
+    pub fn current(&self) -> FlowKey {
+        FlowKey { generation: 0, ..*self }
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.generation != 0
     }
 }
 
@@ -183,6 +207,11 @@ pub mod event_kind {
     /// A packet whose payload may name the service (TLS ClientHello, QUIC
     /// Initial, DNS, HTTP request): the frame follows the event.
     pub const HINT: u8 = 3;
+    /// A new TCP connection opened on the 5-tuple of an ended one (a SYN
+    /// from a side that had sent FIN or RST): the ended one was moved to
+    /// [`FlowKey::retired`](crate::FlowKey::retired), and the entry now
+    /// counts the new one, as from a [`FLOW_START`].
+    pub const FLOW_REOPEN: u8 = 4;
 }
 
 /// What the XDP program sends to the agent through its event buffer:
@@ -239,7 +268,14 @@ pub mod counter {
     /// was loaded. They create no flow: every connection of a device opens
     /// with a SYN from the LAN, an inbound one with a SYN from the WAN.
     pub const WAN_STRAYS: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// New TCP connections on the 5-tuple of an ended one still in the
+    /// table, which was moved aside (see `event_kind::FLOW_REOPEN`).
+    pub const REOPENED: u32 = 10;
+    /// Such new connections counted into the ended one instead, because an
+    /// earlier one moved aside was not recorded yet (three connections on
+    /// one 5-tuple within a few seconds): their record covers both.
+    pub const REOPEN_MERGED: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names for logs and metrics, in index order.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -253,6 +289,8 @@ pub mod counter {
         "fragments",
         "hints_sent",
         "wan_strays",
+        "reopened",
+        "reopen_merged",
     ];
 }
 

@@ -38,40 +38,12 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
     }
     // A flow's start is always precise: question 1 matches on it.
     let now = maps::now_ns(MidFlowClock::Precise);
-
-    let index = dir as usize & 1;
-    let ends = ends_flow(packet.tcp_flags);
-    let mut value = FlowValue {
-        first_ns: now,
-        last_ns: now,
-        first_dir: dir,
-        first_tcp_flags: packet.tcp_flags,
-        first_ifindex: ctx.ifindex(),
-        vlan: packet.vlan,
-        pppoe_session: packet.pppoe_session,
-        l2_from_lan: (role == roles::LAN) as u8,
-        end_sent: (ends as u8) << index,
-        ..FlowValue::default()
-    };
-    let hint = wants_hint(packet, dir, &value);
-    // Constant indices: a variable index into a value on the stack can
-    // compile to a pointer OR, which the verifier refuses.
-    if index == 0 {
-        first_side::<0>(&mut value, packet, role, hint);
-    } else {
-        first_side::<1>(&mut value, packet, role, hint);
-    }
-
+    let mut value = FlowValue::default();
+    first_packet(&mut value, ctx, packet, dir, role, now);
     match FLOWS.insert(key, value, BPF_NOEXIST as u64) {
         Ok(()) => {
             maps::count(counter::FLOWS_CREATED);
-            emit(ctx, event_kind::FLOW_START, &key, packet, dir, role, now, events);
-            if hint {
-                emit(ctx, event_kind::HINT, &key, packet, dir, role, now, events);
-            }
-            if ends {
-                emit(ctx, event_kind::FLOW_END, &key, packet, dir, role, now, events);
-            }
+            announce(ctx, event_kind::FLOW_START, &key, &value, packet, dir, role, events);
         }
         // Another CPU created it between our lookup and insert.
         Err(e) if -e == EEXIST => {
@@ -81,6 +53,96 @@ pub fn track<F: Frame, S: EventSink>(ctx: &F, packet: &Packet, role: u8, events:
         }
         Err(_) => maps::count(counter::FLOW_TABLE_FULL),
     }
+}
+
+/// Makes `value` the entry of a flow whose first packet is `packet`.
+#[inline(always)]
+fn first_packet<F: Frame>(value: &mut FlowValue, ctx: &F, packet: &Packet, dir: u8, role: u8, now: u64) {
+    let index = dir as usize & 1;
+    *value = FlowValue::default();
+    value.first_ns = now;
+    value.last_ns = now;
+    value.first_dir = dir;
+    value.first_tcp_flags = packet.tcp_flags;
+    value.first_ifindex = ctx.ifindex();
+    value.vlan = packet.vlan;
+    value.pppoe_session = packet.pppoe_session;
+    value.l2_from_lan = (role == roles::LAN) as u8;
+    value.end_sent = (ends_flow(packet.tcp_flags) as u8) << index;
+    let hint = wants_hint(packet, dir, value);
+    // Constant indices: a variable index into a value on the stack can
+    // compile to a pointer OR, which the verifier refuses.
+    if index == 0 {
+        first_side::<0>(value, packet, role, hint);
+    } else {
+        first_side::<1>(value, packet, role, hint);
+    }
+}
+
+/// The events of a flow's first packet: `kind` (its start), and its hint
+/// and end if it carries them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn announce<F: Frame, S: EventSink>(
+    ctx: &F,
+    kind: u8,
+    key: &FlowKey,
+    value: &FlowValue,
+    packet: &Packet,
+    dir: u8,
+    role: u8,
+    events: &S,
+) {
+    let now = value.first_ns;
+    emit(ctx, kind, key, packet, dir, role, now, events);
+    if value.hint_bytes[dir as usize & 1] != 0 {
+        emit(ctx, event_kind::HINT, key, packet, dir, role, now, events);
+    }
+    if value.end_sent != 0 {
+        emit(ctx, event_kind::FLOW_END, key, packet, dir, role, now, events);
+    }
+}
+
+/// Whether `packet` opens a new TCP connection on the 5-tuple of an ended
+/// one: a SYN from a side that already sent FIN or RST (no connection sends
+/// SYN after its end; a device or a NAT reusing a port within seconds does).
+#[inline(always)]
+fn reopens(packet: &Packet, value: &FlowValue, index: usize) -> bool {
+    packet.proto == ip_proto::TCP
+        && packet.tcp_flags & tcp_flags::SYN != 0
+        && value.tcp_flags[index & 1] & (tcp_flags::FIN | tcp_flags::RST) != 0
+}
+
+/// Moves the ended connection in `value` aside (to its key's retired
+/// generation, where the agent records it) and starts the new one in its
+/// place. False when an earlier connection moved aside is still there (not
+/// recorded yet): the new one is then counted into the ended one.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn reopen<F: Frame, S: EventSink>(
+    ctx: &F,
+    key: &FlowKey,
+    value: *mut FlowValue,
+    packet: &Packet,
+    dir: u8,
+    role: u8,
+    events: &S,
+) -> bool {
+    // SAFETY: `value` points into a live hash map entry; the helper copies
+    // it from there (no room on the stack for a copy, so the borrow stays).
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let moved_aside = FLOWS.insert(key.retired(), unsafe { &*value }, BPF_NOEXIST as u64);
+    if moved_aside.is_err() {
+        maps::count(counter::REOPEN_MERGED);
+        return false;
+    }
+    maps::count(counter::REOPENED);
+    // SAFETY: as above. Other CPUs may count into it meanwhile: the new
+    // connection's first packets, at worst a count lost to the race.
+    let value = unsafe { &mut *value };
+    first_packet(value, ctx, packet, dir, role, maps::now_ns(MidFlowClock::Precise));
+    announce(ctx, event_kind::FLOW_REOPEN, key, value, packet, dir, role, events);
+    true
 }
 
 /// A packet the gateway itself sent to a device (TC egress on a LAN port):
@@ -110,6 +172,10 @@ fn update<F: Frame, S: EventSink>(
 ) {
     let index = dir as usize & 1;
     let side = 1u8 << index;
+    // SAFETY: `value` points into a live hash map entry.
+    if reopens(packet, unsafe { &*value }, index) && reopen(ctx, key, value, packet, dir, role, events) {
+        return;
+    }
     // SAFETY: `value` points into a live hash map entry. Both directions of a
     // flow may be counted on different CPUs at once, so the counters are
     // atomic; the other fields tolerate a lost race (a flag bit, a MAC).

@@ -481,7 +481,8 @@ fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64, 
             let lost = counters.get(counter::EVENTS_LOST) + assembler.events_lost;
             let full = counters.get(counter::FLOW_TABLE_FULL);
             let line = format!(
-                "packets {} flows {} open {} stored {} local {} nat {} | lost events {} table full {} adopted {} malformed {} writer waits {}",
+                "packets {} flows {} open {} stored {} local {} nat {} | lost events {} table full {} adopted {} malformed {} writer waits {} | \
+                 orphans: late {} unmapped {} superseded {}, wan strays {}, reopened {} (merged {})",
                 counters.get(counter::PACKETS),
                 counters.get(counter::FLOWS_CREATED),
                 assembler.open_flows(),
@@ -493,6 +494,12 @@ fn log_stats(probe: &Probe, assembler: &Assembler, nat: &NatTable, stored: u64, 
                 assembler.adopted,
                 counters.get(counter::MALFORMED),
                 backpressure,
+                assembler.orphans.late_halves,
+                assembler.orphans.unmapped,
+                assembler.orphans.superseded,
+                counters.get(counter::WAN_STRAYS),
+                counters.get(counter::REOPENED),
+                counters.get(counter::REOPEN_MERGED),
             );
             if lost + full > 0 { warn!("{line}") } else { info!("{line}") }
         }

@@ -160,7 +160,9 @@ pub struct Assembler {
     /// Closed flows whose records are not durable yet: their kernel entries
     /// stay until [`Assembler::release`], so an agent killed meanwhile
     /// leaves them for its successor to record, instead of losing them.
-    held: HashSet<FlowKey>,
+    /// With each, its first packet's time: the kernel may move it aside for
+    /// a new connection on its 5-tuple (see `FlowKey::retired`).
+    held: HashMap<FlowKey, u64>,
     /// WAN halves found older than the connection whose mapping names
     /// them: they stay no one's after that connection's LAN half is gone.
     superseded: HashSet<FlowKey>,
@@ -202,7 +204,7 @@ impl Assembler {
             nat_expected,
             ids: RecordIds::default(),
             known: HashMap::new(),
-            held: HashSet::new(),
+            held: HashMap::new(),
             superseded: HashSet::new(),
             closed: Vec::new(),
             due: BTreeSet::new(),
@@ -247,8 +249,13 @@ impl Assembler {
     /// Deletes the kernel entries of closed flows whose records are stored.
     pub fn release(&mut self, flows: &[FlowKey], table: &mut impl FlowTable) -> Result<()> {
         for key in flows {
-            table.remove(key)?;
-            self.held.remove(key);
+            // Moved aside since it was taken (a new connection on its 5-tuple).
+            let key = if self.held.contains_key(key) { *key } else { key.retired() };
+            let Some(first_ns) = self.held.remove(&key) else { continue };
+            // Moved aside by the kernel, the agent not told yet: the entry
+            // under its key is the new connection's.
+            let moved = !key.is_retired() && table.get(&key)?.is_some_and(|value| value.first_ns != first_ns);
+            table.remove(&if moved { key.retired() } else { key })?;
         }
         Ok(())
     }
@@ -281,15 +288,20 @@ impl Assembler {
     pub fn on_event(&mut self, event: ProbeEvent, nat: &NatTable) {
         // A late packet of a flow already closed (its record on its way to
         // the store) opens nothing again.
-        if let ProbeEvent::Flow(FlowEvent { key, .. }) | ProbeEvent::Hint(FlowEvent { key, .. }, _) = &event
-            && self.held.contains(key)
+        // (A new connection on its 5-tuple does: see `retire`.)
+        if let ProbeEvent::Flow(FlowEvent { key, kind, .. }) | ProbeEvent::Hint(FlowEvent { key, kind, .. }, _) = &event
+            && *kind != event_kind::FLOW_REOPEN
+            && self.held.contains_key(key)
         {
             return;
         }
         match event {
             ProbeEvent::Flow(event) => {
+                if event.kind == event_kind::FLOW_REOPEN {
+                    self.retire(event.key, event.ts_ns);
+                }
                 let syn_only = event.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-                if event.kind == event_kind::FLOW_START && Proto::from(event.key.proto) == Proto::Tcp && syn_only {
+                if is_start(event.kind) && Proto::from(event.key.proto) == Proto::Tcp && syn_only {
                     self.hints.entry(event.key).or_default().client_syn(event.dir, event.tcp_seq);
                 }
                 self.on_flow_event(&event);
@@ -309,9 +321,37 @@ impl Assembler {
         }
     }
 
+    /// The kernel moved `key`'s ended connection aside (to its retired
+    /// generation) for a new one on the same 5-tuple: what the agent knows
+    /// of the ended one goes with it, and it is due once quiet for `tcp_closed`.
+    fn retire(&mut self, key: FlowKey, now_ns: u64) {
+        let retired = key.retired();
+        if let Some(first_ns) = self.held.remove(&key) {
+            self.held.insert(retired, first_ns);
+            self.closed.iter_mut().filter(|closed| **closed == key).for_each(|closed| *closed = retired);
+        }
+        if let Some(mut known) = self.known.remove(&key) {
+            // Its check moves with it: the 5-tuple's is the new connection's.
+            if let Some(due_ns) = known.due_ns.take() {
+                self.due.remove(&(due_ns, key));
+            }
+            self.known.insert(retired, known);
+            self.schedule(retired, now_ns.saturating_add(nanos(self.timeouts.tcp_closed)));
+        }
+        if let Some(hints) = self.hints.remove(&key) {
+            self.hints.insert(retired, hints);
+        }
+        if let Some(named) = self.named_at_start.remove(&key) {
+            self.named_at_start.insert(retired, named);
+        }
+        if self.superseded.remove(&key) {
+            self.superseded.insert(retired);
+        }
+    }
+
     fn on_flow_event(&mut self, event: &FlowEvent) {
         let known = self.known.entry(event.key).or_default();
-        if event.kind == event_kind::FLOW_START {
+        if is_start(event.kind) {
             // Late, not lost (the agent was behind when the sweep ran).
             known.adopted = false;
             if Roles::from_bits(event.role).has(Role::Lan) {
@@ -494,10 +534,16 @@ impl Assembler {
     /// their first packet is `grace_ns` old (their start event may be on its way).
     fn full_sweep(&mut self, table: &mut impl FlowTable, now_ns: u64, grace_ns: u64) -> Result<()> {
         for key in table.keys()? {
-            if self.known.contains_key(&key) || self.held.contains(&key) {
+            if self.known.contains_key(&key) || self.held.contains_key(&key) {
                 continue;
             }
-            if grace_ns > 0 && table.get(&key)?.is_some_and(|value| now_ns.saturating_sub(value.first_ns) < grace_ns) {
+            let Some(value) = table.get(&key)? else { continue };
+            // Moved aside after it was closed, the agent not told yet: its
+            // record is made.
+            if key.is_retired() && self.held.get(&key.current()) == Some(&value.first_ns) {
+                continue;
+            }
+            if grace_ns > 0 && now_ns.saturating_sub(value.first_ns) < grace_ns {
                 continue;
             }
             self.adopt(key, now_ns);
@@ -536,7 +582,16 @@ impl Assembler {
         // closed without a record (see `Orphan`).
         let mut orphan = None;
         if is_wan_only(&value) {
-            match wan_mapping(&key, nat).map(|mapping| mapping.original.key().0) {
+            let lan_half = |mapping: &Mapping| -> Result<FlowKey> {
+                let lan_key = mapping.original.key().0;
+                // A half moved aside goes with the LAN half moved aside with it.
+                Ok(if key.is_retired() && table.get(&lan_key.retired())?.is_some() {
+                    lan_key.retired()
+                } else {
+                    lan_key
+                })
+            };
+            match wan_mapping(&key, nat).map(lan_half).transpose()? {
                 Some(lan_key) if lan_key == key => gateways_own = true,
                 // The mapping is a later connection's that was given the
                 // same public port for the same remote end (CGNAT reuses
@@ -587,7 +642,11 @@ impl Assembler {
         // remote end this one was given again. Its counts are not this
         // connection's, and this record lacks its own downstream packets.
         let mut wan_not_own = false;
-        let wan = match view.wan_key() {
+        let wan_key = match view.wan_key() {
+            Some(wan_key) if key.is_retired() => self.retired_wan_half(&key, wan_key, table)?,
+            wan_key => wan_key,
+        };
+        let wan = match wan_key {
             Some(wan_key) if wan_key != key => match table.get(&wan_key)? {
                 Some(wan_value) if is_own_half(&value, &wan_value) => Some((wan_key, wan_value)),
                 Some(_) => {
@@ -655,9 +714,9 @@ impl Assembler {
                     record.incomplete |= wan_not_own || handed_over;
                     self.keep(record);
                 }
-                self.hold(key);
-                if let Some((wan_key, _)) = wan {
-                    self.hold(wan_key);
+                self.hold(key, value.first_ns);
+                if let Some((wan_key, wan_value)) = wan {
+                    self.hold(wan_key, wan_value.first_ns);
                 }
             }
             None if now_ns >= active_due => {
@@ -693,11 +752,27 @@ impl Assembler {
     }
 
     /// A flow is closed: its kernel entry waits for its record to be stored.
-    fn hold(&mut self, key: FlowKey) {
+    fn hold(&mut self, key: FlowKey, first_ns: u64) {
         self.forget(&key);
-        if self.held.insert(key) {
+        if self.held.insert(key, first_ns).is_none() {
             self.closed.push(key);
         }
+    }
+
+    /// The WAN half of the LAN half moved aside under `key`: the one moved
+    /// aside with it, or the current one if it has not been (yet, or ever:
+    /// the new connection was given another public port), unless that
+    /// began with the LAN half's successor.
+    fn retired_wan_half(&self, key: &FlowKey, wan_key: FlowKey, table: &impl FlowTable) -> Result<Option<FlowKey>> {
+        if table.get(&wan_key.retired())?.is_some() {
+            return Ok(Some(wan_key.retired()));
+        }
+        let successor = table.get(&key.current())?;
+        let current = table.get(&wan_key.current())?;
+        Ok(match (successor, current) {
+            (Some(successor), Some(wan)) if wan.first_ns >= successor.first_ns => None,
+            _ => Some(wan_key.current()),
+        })
     }
 
     /// Drops what the assembler holds of a kernel flow that is gone.
@@ -733,21 +808,23 @@ impl Assembler {
         let value = view.value;
         let up = view.device_dir as usize;
         let down = 1 - up;
-        let mut packets_up = value.packets[up] - known.reported_packets[up];
-        let mut packets_down = value.packets[down] - known.reported_packets[down];
-        let mut bytes_up = value.bytes[up] - known.reported_bytes[up];
-        let mut bytes_down = value.bytes[down] - known.reported_bytes[down];
+        // (Saturating: a connection's entry begun again for a new one, the
+        // agent not told, holds less than the slices reported.)
+        let mut packets_up = value.packets[up].saturating_sub(known.reported_packets[up]);
+        let mut packets_down = value.packets[down].saturating_sub(known.reported_packets[down]);
+        let mut bytes_up = value.bytes[up].saturating_sub(known.reported_bytes[up]);
+        let mut bytes_down = value.bytes[down].saturating_sub(known.reported_bytes[down]);
         if let (Some(wan), Some(mapping)) = (wan, view.mapping) {
             let (_, reply_dir) = mapping.reply.key();
             let (_, sent_dir) = mapping.reply.reversed().key();
             let base = wan_known.copied().unwrap_or_default();
             let (r, s) = (reply_dir as usize, sent_dir as usize);
-            packets_down += wan.packets[r] - base.reported_packets[r];
-            bytes_down += wan.bytes[r] - base.reported_bytes[r];
+            packets_down += wan.packets[r].saturating_sub(base.reported_packets[r]);
+            bytes_down += wan.bytes[r].saturating_sub(base.reported_bytes[r]);
             // Upstream packets are counted on the LAN side; the WAN side sees
             // them only where the probe also watches WAN egress (never in XDP).
-            packets_up += wan.packets[s] - base.reported_packets[s];
-            bytes_up += wan.bytes[s] - base.reported_bytes[s];
+            packets_up += wan.packets[s].saturating_sub(base.reported_packets[s]);
+            bytes_up += wan.bytes[s].saturating_sub(base.reported_bytes[s]);
         }
         let start_ns = if known.slice_start_ns == 0 { opened_ns(value) } else { known.slice_start_ns };
         let device = view.device;
@@ -906,7 +983,10 @@ impl<'a> FlowView<'a> {
         }
         let device_dir = device_direction(value);
         let mut device = Tuple::from_key(key, device_dir);
-        let mapping = nat.by_original(&device).or_else(|| nat.by_reply(&device.reversed()));
+        // A connection moved aside for a newer one on its 5-tuple had the
+        // mapping before the newer one's, if the NAT changed it.
+        let preceding = if key.is_retired() { nat.preceding(&device) } else { None };
+        let mapping = preceding.or_else(|| nat.by_original(&device)).or_else(|| nat.by_reply(&device.reversed()));
         if let Some(mapping) = mapping {
             // A WAN flow reported on its own: the device is behind the NAT.
             device = mapping.original;
@@ -938,6 +1018,11 @@ impl<'a> FlowView<'a> {
         let routed = roles_of(self.value).has(Role::Wan);
         (routed || !self.nat_expected).then_some(Endpoint { ip: self.device.src, port: self.device.src_port })
     }
+}
+
+/// Whether a flow event says its entry counts a new connection.
+fn is_start(kind: u8) -> bool {
+    kind == event_kind::FLOW_START || kind == event_kind::FLOW_REOPEN
 }
 
 /// When the connection opened: its first packet, or for TCP the last SYN
@@ -1035,6 +1120,17 @@ mod tests {
         fn packet_from(&mut self, mac: [u8; 6], tuple: Tuple, bytes: u64, flags: u8, role: u8, at: u64) -> FlowKey {
             let (key, dir) = tuple.key();
             let d = dir as usize;
+            // A SYN from a side that ended: the ended connection moves aside
+            // (unless one moved aside before is still there).
+            let ended = |value: &FlowValue| value.tcp_flags[d] & (tcp_flags::FIN | tcp_flags::RST) != 0;
+            if tuple.proto == Proto::Tcp
+                && flags & tcp_flags::SYN != 0
+                && self.0.get(&key).is_some_and(ended)
+                && !self.0.contains_key(&key.retired())
+            {
+                let value = self.0.remove(&key).expect("there");
+                self.0.insert(key.retired(), value);
+            }
             let value = self.0.entry(key).or_insert_with(|| FlowValue {
                 first_ns: at,
                 first_dir: dir,
@@ -1061,6 +1157,10 @@ mod tests {
 
     fn start_event(key: FlowKey, at: u64) -> ProbeEvent {
         ProbeEvent::Flow(FlowEvent { kind: event_kind::FLOW_START, key, ts_ns: at, ..FlowEvent::default() })
+    }
+
+    fn reopen_event(key: FlowKey, at: u64) -> ProbeEvent {
+        ProbeEvent::Flow(FlowEvent { kind: event_kind::FLOW_REOPEN, key, ts_ns: at, ..FlowEvent::default() })
     }
 
     fn end_event(key: FlowKey, at: u64) -> ProbeEvent {
@@ -1543,6 +1643,101 @@ mod tests {
         (up, reply)
     }
 
+    /// The device opens a second connection from the same port to the same
+    /// server at `again` (its first ended at 3 s, not written yet), and the
+    /// NAT gives it `public_port`; it is answered and closed within 100 ms.
+    /// Returns the second connection's reply tuple.
+    fn port_reused(
+        table: &mut FakeTable,
+        nat: &mut NatTable,
+        assembler: &mut Assembler,
+        (up, reply): (Tuple, Tuple),
+        again: u64,
+        public_port: u16,
+    ) -> Tuple {
+        let reply_again = Tuple { dst_port: public_port, ..reply };
+        nat.apply(NatEvent::Destroy(Mapping { original: up, reply }), again);
+        nat.apply(NatEvent::New(Mapping { original: up, reply: reply_again }), again);
+        table.packet(up, 60, tcp_flags::SYN, role::LAN, again);
+        assembler.on_event(reopen_event(up.key().0, again), nat);
+        let wan_event =
+            |at| if public_port == reply.dst_port { reopen_event } else { start_event }(reply_again.key().0, at);
+        table.packet(reply_again, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, again + 1000);
+        assembler.on_event(wan_event(again + 1000), nat);
+        table.packet(up, 300, tcp_flags::ACK | tcp_flags::PSH, role::LAN, again + 50_000_000);
+        table.packet(reply_again, 700, tcp_flags::ACK | tcp_flags::FIN, role::WAN, again + 90_000_000);
+        table.packet(up, 52, tcp_flags::ACK | tcp_flags::FIN, role::LAN, again + 100_000_000);
+        assembler.on_event(end_event(up.key().0, again + 100_000_000), nat);
+        reply_again
+    }
+
+    /// Both connections of [`port_reused`]: one record each, with its own
+    /// times, counts and public port; every kernel entry gone once stored.
+    fn two_connections_on_one_port(public_port: u16) {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let (up, reply) = nat_connection(&mut table, &mut nat);
+        assembler.on_event(start_event(up.key().0, SEC), &nat);
+        assembler.on_event(start_event(reply.key().0, SEC + 1000), &nat);
+        assembler.on_event(end_event(up.key().0, 3 * SEC), &nat);
+        let again = 3 * SEC + SEC / 2;
+        port_reused(&mut table, &mut nat, &mut assembler, (up, reply), again, public_port);
+        assembler.tick(20 * SEC, &mut table, &nat).unwrap();
+        let mut records = assembler.take_records();
+        records.sort_by_key(|r| r.start);
+        assert_eq!(records.len(), 2, "{records:#?}");
+        let at = |time: &chrono::DateTime<chrono::Utc>| time.timestamp_nanos_opt().unwrap() as u64;
+        let (first, second) = (&records[0], &records[1]);
+        assert_eq!((at(&first.start), at(&first.end)), (SEC, 3 * SEC), "the first: {first:#?}");
+        assert_eq!((at(&second.start), at(&second.end)), (again, again + 100_000_000), "the second: {second:#?}");
+        assert_eq!((first.packets_up, first.packets_down), (3, 2));
+        assert_eq!((second.packets_up, second.packets_down), (3, 2));
+        assert_eq!(first.public.map(|p| p.port), Some(reply.dst_port));
+        assert_eq!(second.public.map(|p| p.port), Some(public_port));
+        assert!(records.iter().all(|r| !r.incomplete && r.end_reason == EndReason::Fin), "{records:#?}");
+        stored(&mut assembler, &mut table);
+        assert!(table.0.is_empty(), "{:#?}", table.0);
+        assert_eq!(assembler.held_flows(), 0);
+    }
+
+    #[test]
+    fn a_port_reused_within_a_second_is_two_records_each_with_its_own_times() {
+        two_connections_on_one_port(10007);
+    }
+
+    #[test]
+    fn a_port_reused_with_another_public_port_keeps_each_connections_own() {
+        two_connections_on_one_port(10099);
+    }
+
+    #[test]
+    fn a_port_reused_after_its_connection_was_written_leaves_no_copy_of_it() {
+        // The first connection is written at 4.2 s and its entries held;
+        // the second opens at 4.5 s, before the record is stored.
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let timeouts = Timeouts { tcp_closed: Duration::from_secs(1), ..Timeouts::default() };
+        let mut assembler = Assembler::new(timeouts, Clock::capture(), true);
+        let (up, reply) = nat_connection(&mut table, &mut nat);
+        assembler.on_event(start_event(up.key().0, SEC), &nat);
+        assembler.on_event(start_event(reply.key().0, SEC + 1000), &nat);
+        assembler.on_event(end_event(up.key().0, 3 * SEC), &nat);
+        assembler.tick(4 * SEC + SEC / 5, &mut table, &nat).unwrap();
+        assert_eq!(assembler.take_records().len(), 1);
+        let closed = assembler.take_closed_flows();
+        let again = 4 * SEC + SEC / 2;
+        port_reused(&mut table, &mut nat, &mut assembler, (up, reply), again, reply.dst_port);
+        assembler.release(&closed, &mut table).unwrap();
+        assert_eq!(table.0.len(), 2, "the second connection's entries stay: {:#?}", table.0);
+        assembler.tick(20 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1, "the second, and no copy of the first: {records:#?}");
+        assert_eq!(records[0].start.timestamp_nanos_opt(), Some(again as i64));
+        stored(&mut assembler, &mut table);
+        assert!(table.0.is_empty(), "{:#?}", table.0);
+    }
+
     #[test]
     fn a_late_wan_packet_after_the_connection_was_written_is_no_record() {
         let mut table = FakeTable::default();
@@ -1675,8 +1870,10 @@ mod tests {
         assert!(rx.incomplete);
         assert_eq!(ry.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }), "Y's own mapping");
         assert_eq!(ry.start.timestamp(), 5, "Y's record begins with Y");
-        assert_eq!((ry.packets_up, ry.packets_down), (2, 0), "none of X's packets down are Y's");
-        assert!(ry.incomplete, "Y's own packets down went into X's entry");
+        // X's WAN half had ended (the server's FIN): Y's answer moved it
+        // aside, and began an entry of Y's own.
+        assert_eq!((ry.packets_up, ry.packets_down), (2, 1), "none of X's packets down are Y's");
+        assert!(ry.incomplete, "adopted");
         assert!(
             !records.iter().any(|r| r.device.mac.as_deref() == Some("02:00:00:00:00:0b") && r.start.timestamp() < 5),
             "Y's device is named for no earlier time"

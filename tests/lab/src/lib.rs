@@ -474,11 +474,17 @@ http {{
 
     /// Starts tcpdump on `client`'s interface, writing a pcap in the lab dir.
     pub fn capture(&self, client: &Client, name: &str) -> Result<Capture> {
+        self.capture_in(&client.ns, "eth0", name)
+    }
+
+    /// Starts tcpdump on `interface` of the namespace `ns` (a client's, or
+    /// the gateway's), writing `name.pcap` in the lab dir.
+    pub fn capture_in(&self, ns: &str, interface: &str, name: &str) -> Result<Capture> {
         let path = self.dir.join(format!("{name}.pcap"));
         let log = self.dir.join(format!("{name}-tcpdump.log"));
         let child = self.spawn_in(
-            &client.ns,
-            Command::new("tcpdump").args(["-i", "eth0", "-n", "-U", "-s", "0", "-w"]).arg(&path),
+            ns,
+            Command::new("tcpdump").args(["-i", interface, "-n", "-U", "-s", "0", "-w"]).arg(&path),
             &format!("{name}-tcpdump"),
         )?;
         let mut capture = Capture { child: Some(child), path };
@@ -531,6 +537,18 @@ http {{
                 })
             })
             .collect()
+    }
+
+    /// Copies the lab's directory (configs, the servers' and the agent's
+    /// logs, the store, captures) to where it outlives the lab:
+    /// `$ICR_LAB_KEEP/<lab>`, by default under `/var/tmp`. For a failed
+    /// test, whose lab is removed when it unwinds.
+    pub fn keep(&self) -> Result<PathBuf> {
+        let base = std::env::var_os("ICR_LAB_KEEP").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+        let kept = base.join(&self.prefix);
+        run(Command::new("cp").arg("-a").arg(&self.dir).arg(&kept))?;
+        Ok(kept)
     }
 
     /// The client-facing interfaces of the gateway, as `icr run --lan` takes them.

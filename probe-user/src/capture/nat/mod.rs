@@ -62,6 +62,10 @@ pub const DEFAULT_MAX_DESTROYED: usize = 1 << 16;
 pub struct NatTable {
     by_original: HashMap<Tuple, Held>,
     by_reply: HashMap<Tuple, Tuple>,
+    /// The mapping an original tuple had before its current one, where the
+    /// two differ: a device reused a port within seconds, and the NAT gave
+    /// the new connection another public port than the ended one's.
+    preceding: HashMap<Tuple, Mapping>,
     destroyed: Vec<(u64, Tuple)>,
     overruns: u64,
     /// The earliest an overrun not yet reported may have begun.
@@ -88,6 +92,7 @@ impl NatTable {
         Self {
             by_original: HashMap::new(),
             by_reply: HashMap::new(),
+            preceding: HashMap::new(),
             destroyed: Vec::new(),
             overruns: 0,
             overrun_since: None,
@@ -102,7 +107,14 @@ impl NatTable {
             NatEvent::New(mapping) => {
                 self.by_reply.insert(mapping.reply, mapping.original);
                 let held = Held { mapping, confirmed_ns: now_ns, destroyed_ns: None };
-                self.by_original.insert(mapping.original, held);
+                match self.by_original.insert(mapping.original, held) {
+                    Some(before) if before.mapping.reply != mapping.reply => {
+                        self.preceding.insert(mapping.original, before.mapping);
+                    }
+                    _ => {
+                        self.preceding.remove(&mapping.original);
+                    }
+                }
             }
             NatEvent::Destroy(mapping) => {
                 // Make sure it is known (a NEW may have been missed), but the
@@ -151,12 +163,19 @@ impl NatTable {
             {
                 self.by_reply.remove(&held.mapping.reply);
             }
+            self.preceding.remove(&original);
         }
     }
 
     /// The mapping of a connection by its original (device-side) direction.
     pub fn by_original(&self, original: &Tuple) -> Option<&Mapping> {
         self.by_original.get(original).map(|held| &held.mapping)
+    }
+
+    /// The mapping of the connection that used `original` before the
+    /// current one, if the NAT gave it another public address or port.
+    pub fn preceding(&self, original: &Tuple) -> Option<&Mapping> {
+        self.preceding.get(original)
     }
 
     /// The mapping whose reply direction (remote → public) is `reply`.
@@ -231,6 +250,22 @@ mod tests {
         table.forget(11);
         assert!(table.is_empty());
         assert_eq!(table.by_reply(&m.reply), None);
+    }
+
+    #[test]
+    fn a_device_port_reused_with_another_public_port_keeps_the_one_before() {
+        let mut table = NatTable::default();
+        let first = mapping();
+        let again = Mapping { reply: Tuple { dst_port: 10099, ..first.reply }, ..first };
+        table.apply(NatEvent::New(first), 1);
+        assert_eq!(table.preceding(&first.original), None);
+        table.apply(NatEvent::Destroy(first), 2);
+        table.apply(NatEvent::New(again), 3);
+        assert_eq!(table.by_original(&first.original), Some(&again));
+        assert_eq!(table.preceding(&first.original), Some(&first));
+        // The same public port again: the one before is the current one.
+        table.apply(NatEvent::New(again), 4);
+        assert_eq!(table.preceding(&first.original), None);
     }
 
     #[test]
