@@ -144,7 +144,8 @@ fn ask_cluster(url: &str, dir: &Path, request: Request, out: &mut dyn Write) -> 
 fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Failure> {
     match Store::open(db) {
         Ok(store) => {
-            let summary = commands::sweep(named, &store, db, &StoreConfig::of_store(db)?)?;
+            let governing = StoreConfig::of_store(db)?;
+            let summary = Desk::new(db, &governing, &store).sweep_store(&store, named)?;
             writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
             Ok(())
         }

@@ -20,7 +20,7 @@ use crate::{
         questions::{self, Question, SelectorLimits},
         request::{Act, LocalFilter, Request},
     },
-    store::gaps::Gap,
+    store::{Store, gaps::Gap},
 };
 
 /// The longest value a request may carry in one field (a name, an officer,
@@ -58,6 +58,19 @@ impl Failure {
     }
 }
 
+/// A sweep naming a configuration other than the one that governs the
+/// store is refused: its retention would be the caller's.
+pub fn refuse_another(named: Option<&Path>, governing: &StoreConfig) -> Result<(), Failure> {
+    match named.filter(|named| !governing.is(named)) {
+        Some(named) => Err(Failure::Refused(Refusal(format!(
+            "the store is governed by its configuration {}, not by {}",
+            governing.path().display(),
+            named.display()
+        )))),
+        None => Ok(()),
+    }
+}
+
 /// An answered request.
 #[derive(Debug)]
 pub struct Answer {
@@ -86,6 +99,16 @@ impl<'a> Desk<'a> {
     /// The configuration that governs this desk, as it is now.
     pub fn configuration(&self) -> anyhow::Result<LoadedConfig> {
         self.governing.load()
+    }
+
+    /// Applies the governing configuration's retention to `store` now, and
+    /// audits it: an operator's `icr sweep`, at the store or through the
+    /// agent's socket. One naming another configuration is refused.
+    pub fn sweep_store(&self, store: &Store, named: Option<&Path>) -> Result<String, Failure> {
+        refuse_another(named, self.governing)?;
+        let config = self.governing.load()?.config;
+        let by = crate::query::audit::operator();
+        Ok(crate::query::audit::sweep(store, self.audit_dir, &config.audit, config.retention_days, &by)?)
     }
 
     /// Audits a request refused before it could be read (a door's own

@@ -18,7 +18,7 @@ use crate::{
     },
     icr::format_time,
     query::{
-        Ask, Failure, Refusal, Request, Who,
+        Ask, Failure, Request, Who,
         audit::{AuditLog, AuditRecord},
         cluster::Cluster,
     },
@@ -265,7 +265,7 @@ fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<
 /// Applies retention to the cluster now: drops the expired day partitions
 /// on every node, audited in `db`.
 pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
-    refuse_another(named, governing)?;
+    crate::query::desk::refuse_another(named, governing)?;
     let config = governing.load()?.config;
     let clickhouse = clickhouse_at(url, &config, governing)?;
     let oldest_kept =
@@ -288,25 +288,6 @@ pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &Sto
         ..AuditRecord::default()
     })?;
     Ok(summary)
-}
-
-fn refuse_another(named: Option<&Path>, governing: &StoreConfig) -> Result<(), Failure> {
-    match named.filter(|named| !governing.is(named)) {
-        Some(named) => Err(Failure::Refused(Refusal(format!(
-            "the store is governed by its configuration {}, not by {}",
-            governing.path().display(),
-            named.display()
-        )))),
-        None => Ok(()),
-    }
-}
-
-/// Applies retention now, audited. A sweep that names a configuration other
-/// than the store's is refused: its retention would be the caller's.
-pub fn sweep(named: Option<&Path>, store: &Store, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
-    refuse_another(named, governing)?;
-    let config = governing.load()?.config;
-    Ok(crate::query::audit::sweep(store, db, &config.audit, config.retention_days, &crate::query::audit::operator())?)
 }
 
 #[cfg(test)]

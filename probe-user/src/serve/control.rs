@@ -22,7 +22,6 @@ use tokio::{
 use crate::{
     config::StoreConfig,
     query::{Desk, Request},
-    serve::commands,
     store::{Store, gaps::Gap},
 };
 
@@ -128,7 +127,8 @@ fn run(order: Order, db: &Path, store: &Store, governing: &StoreConfig) -> (Repl
         Order::Query(request) => {
             Desk::new(db, governing, store).answer(&request).map(|answer| (answer.body, answer.gaps))
         }
-        Order::Sweep { config } => commands::sweep(config.as_deref(), store, db, governing)
+        Order::Sweep { config } => Desk::new(db, governing, store)
+            .sweep_store(store, config.as_deref())
             .map(|summary| (format!("{summary}\n").into_bytes(), Vec::new())),
     };
     match result {
