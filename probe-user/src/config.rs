@@ -52,6 +52,11 @@ pub struct Config {
     /// Where records and gaps are shipped for provider-wide questions.
     #[serde(default)]
     pub clickhouse: Option<ClickHouseSection>,
+    /// The running agent's local query socket (default `DIR/icr.sock`).
+    /// Root, the agent's user and the members of the socket's group may
+    /// connect (the package's `/run/icr/icr.sock` is the group icr-query's).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 /// `[clickhouse]`: a cluster (or one server) that every record and gap is
@@ -297,6 +302,7 @@ impl Default for Config {
             store: StoreSection::default(),
             probe_id: None,
             clickhouse: None,
+            socket: None,
         }
     }
 }

@@ -161,12 +161,11 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
 
 pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     let config = Config::load(args.config.as_deref(), Some(&args.db))?;
+    let socket = crate::serve::control::socket_path(&args.db, &config);
     let Some(dir) = config.probe.pin_dir else {
         bail!("the configuration has no [probe] pin_dir: nothing is pinned");
     };
-    if crate::serve::control::socket_path(&args.db).exists()
-        && std::os::unix::net::UnixStream::connect(crate::serve::control::socket_path(&args.db)).is_ok()
-    {
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!("the agent of {} is running; stop it first", args.db.display());
     }
     let removed = crate::capture::probe::unpin(&dir)?;
