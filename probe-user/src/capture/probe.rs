@@ -201,9 +201,11 @@ impl Probe {
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = match event_path {
-            EventPath::Ring => {
-                EventMap::Ring(per_cpu_rings(take_map(&mut ebpf, event_map)?, options.event_ring_bytes)?)
-            }
+            EventPath::Ring => EventMap::Ring(per_cpu_rings(
+                take_map(&mut ebpf, event_map)?,
+                options.event_ring_bytes,
+                pin_dir.as_deref(),
+            )?),
             EventPath::Perf => EventMap::Perf(PerfEventArray::try_from(take_map(&mut ebpf, event_map)?)?),
         };
         Ok(Self { ebpf, flows, counters, config, events: Some(events), event_path, pin_dir, adopted, instance })
@@ -595,7 +597,7 @@ impl Baseline {
         let tc_pass: &mut SchedClassifier =
             ebpf.program_mut(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
         tc_pass.load().with_context(|| format!("loading {TC_PASS}"))?;
-        let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes)?;
+        let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes, None)?;
         Ok(Self { ebpf, cpu_rings })
     }
 
@@ -996,18 +998,34 @@ fn possible_cpus() -> Result<u32> {
 /// Fills the probe's array of rings with one ring of `bytes` per possible
 /// CPU, or, where an agent before us pinned the array, takes the rings it
 /// holds (with what they still hold) and adds any that is missing.
-fn per_cpu_rings(map: aya::maps::Map, bytes: u32) -> Result<Vec<CpuRing>> {
+/// Each CPU's event ring, held in the array of maps the programs write
+/// through. With a pin directory each ring is pinned on its own too
+/// (`EVENT_RINGS-<cpu>`): the next agent opens it by that path, which takes
+/// no more than the pin's file mode, where taking it from the array by id
+/// (`bpf_map_get_fd_by_id`) takes CAP_SYS_ADMIN.
+fn per_cpu_rings(map: aya::maps::Map, bytes: u32, pin_dir: Option<&Path>) -> Result<Vec<CpuRing>> {
     let mut array: ArrayOfMaps<MapData, RingBuf<MapData>> = ArrayOfMaps::try_from(map)
         .with_context(|| format!("the map {} is not an array of maps", names::EVENT_RINGS))?;
     (0..possible_cpus()?)
         .map(|cpu| {
+            let pin = pin_dir.map(|dir| dir.join(format!("{}-{cpu}", names::EVENT_RINGS)));
+            if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+                let data = MapData::from_pin(pin)
+                    .with_context(|| format!("opening CPU {cpu}'s pinned event ring {}", pin.display()))?;
+                return Ok(CpuRing { cpu, ring: RingBuf::try_from(aya::maps::Map::RingBuf(data))? });
+            }
             let ring = match array.get(&cpu, 0) {
+                // Pinned by an agent that did not pin the rings on their own.
                 Ok(ring) => ring,
                 Err(MapError::KeyNotFound) => {
                     let definition = aya_obj::Map::new_from_params(BPF_MAP_TYPE_RINGBUF as u32, 0, 0, bytes, 0);
                     let data = MapData::create(definition, &format!("icr_ring_{cpu}"), None)
                         .with_context(|| format!("creating the event ring of CPU {cpu} ({bytes} bytes)"))?;
-                    let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data))?;
+                    let map = aya::maps::Map::RingBuf(data);
+                    if let Some(pin) = &pin {
+                        map.pin(pin).with_context(|| format!("pinning CPU {cpu}'s event ring at {}", pin.display()))?;
+                    }
+                    let ring = RingBuf::try_from(map)?;
                     array
                         .set(cpu, &ring, 0)
                         .with_context(|| format!("putting CPU {cpu}'s event ring in {}", names::EVENT_RINGS))?;

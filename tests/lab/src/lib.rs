@@ -642,8 +642,26 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in the gateway and waits until it says it runs.
     pub fn start(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        Self::start_as(lab, Command::new(icr), db)
+    }
+
+    /// As [`Agent::start`], with only the capabilities the Debian package's
+    /// unit gives it (deploy/icr.service), through setpriv: every other one
+    /// dropped, CAP_SYS_ADMIN first.
+    pub fn start_confined(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        let caps = "-all,+bpf,+net_admin,+perfmon";
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg("--")
+            .arg(icr);
+        Self::start_as(lab, command, db)
+    }
+
+    fn start_as(lab: &Lab, mut command: Command, db: &Path) -> Result<Self> {
         let log = lab.dir.join("agent.log");
-        let mut command = Command::new(icr);
         command
             .args(["run", "--lan", &lab.lan_interfaces(), "--wan", GATEWAY_WAN_IF, "--db"])
             .arg(db)
