@@ -2,6 +2,7 @@
 //! needs and is missing (Debian packages, the nightly's rust-src, bpf-linker),
 //! saying what it does.
 mod cmd;
+mod deb;
 mod demo;
 mod setup;
 mod vm;
@@ -22,6 +23,9 @@ enum Command {
     Setup,
     /// Build the XDP object and the `icr` binary (release).
     Build,
+    /// The Debian package (`target/debian/icr_VERSION_ARCH.deb`): the agent
+    /// as a systemd unit under its own user, its configuration, the pins.
+    Deb(deb::Args),
     /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace lab tests.
     Test {
         /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
@@ -44,7 +48,8 @@ enum Command {
     },
     /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`,
     /// `bullseye`) under qemu (KVM when it really boots a guest here, else
-    /// TCG) and run the kernel (xdp) and namespace lab tests in it.
+    /// TCG) and run the kernel (xdp) and namespace lab tests in it; with
+    /// `--only package`, boot it with systemd and test the Debian package.
     VmTest(vm::Args),
     /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
     /// kernel cost per packet; `store`: ingest, size and query latency,
@@ -63,6 +68,7 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::ensure(setup::Needs::Test),
         Command::Build => build(),
+        Command::Deb(args) => deb::run(&args),
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
         Command::Bench { which, args } => bench(&which, &args),
