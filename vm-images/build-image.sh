@@ -9,7 +9,9 @@
 #   vmlinuz, initrd.img, kernel-release   the image's own kernel, for qemu -kernel
 #   apt-policy.txt   where the kernel came from (apt-cache policy)
 # qemu boots it with -kernel vmlinuz -initrd initrd.img
-# -append "root=/dev/vda rw init=/sbin/icr-vm-init ..." (see xtask/src/vm.rs).
+# -append "root=/dev/vda rw init=/sbin/icr-vm-init ..." (see xtask/src/vm.rs),
+# or with init=/lib/systemd/systemd icr-vm.systemd, where icr-vm-run.service
+# runs the same init once the system is up.
 #
 # Runs as root. Everything it mounts lives in a private mount namespace, so
 # the mounts go away with it, also when it fails or is killed; its scratch
@@ -96,6 +98,11 @@ rm -f "$root/tmp/build-ca.crt"
 in_root /opt/icr-lab-python/bin/python3 -c 'import aioquic; print("aioquic", aioquic.__version__)' >&2
 
 install -m 755 "$here/init" "$root/sbin/icr-vm-init"
+# The same init as a service, for the boot with systemd (kernel command line
+# icr-vm.systemd): it runs once systemd has brought the system up.
+install -m 644 "$here/icr-vm-run.service" "$root/etc/systemd/system/icr-vm-run.service"
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+ln -sf /etc/systemd/system/icr-vm-run.service "$root/etc/systemd/system/multi-user.target.wants/icr-vm-run.service"
 echo icr-vm > "$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 icr-vm\n::1 localhost\n' > "$root/etc/hosts"
 printf '/dev/vda / ext4 rw 0 1\n' > "$root/etc/fstab"

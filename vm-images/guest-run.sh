@@ -10,7 +10,8 @@
 # shared on its own),
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
 # tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
-# ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG).
+# ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG), and ICR_VM_PACKAGE_TEST=1
+# for `--only package` (package-test.sh in the run directory, not tests.list).
 # tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE.
 set -u
 ctl=/run/icr-vm
@@ -33,6 +34,16 @@ features() {
     echo "guest-run: features: ${have[*]}; unprivileged_bpf_disabled=$(cat /proc/sys/kernel/unprivileged_bpf_disabled 2>/dev/null)"
 }
 features
+
+# `vm-test --only package`: the Debian package under systemd, not the test binaries.
+if [ -n "${ICR_VM_PACKAGE_TEST:-}" ]; then
+    start=$(date +%s)
+    echo "ICR-VM-TEST-START: package"
+    timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" bash "$ctl/package-test.sh"
+    code=$?
+    echo "ICR-VM-TEST-END: package exit=$code seconds=$(( $(date +%s) - start ))"
+    exit "$code"
+fi
 
 export ICR_BIN="${ICR_VM_TARGET:-$ICR_VM_ROOT/target}/debug/icr"
 export ICR_LAB_PYTHON=/opt/icr-lab-python/bin/python3

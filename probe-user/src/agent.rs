@@ -106,13 +106,14 @@ impl ServiceRuntime {
             .enable_all()
             .build()
             .context("starting the query service's runtime")?;
+        let socket = crate::serve::control::socket_path(db, config);
         let (db, http, metrics, store, snapshot) =
             (db.to_path_buf(), config.http.clone(), config.metrics.clone(), store.clone(), snapshot.clone());
         let config_file = governing.agent_file().map(Path::to_path_buf);
         // Started there, so that their tasks run there; a listener that
         // cannot start is reported here.
         let started = runtime.spawn(async move {
-            crate::serve::control::serve(&db, governing, store.clone())?;
+            crate::serve::control::serve(&socket, &db, governing, store.clone())?;
             crate::serve::http::serve(&http, db.clone(), config_file, std::sync::Arc::new(store)).await?;
             crate::serve::metrics::serve(&metrics, snapshot).await
         });
@@ -318,7 +319,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let stored = stored(&snapshot);
     log_stats(&probe, &assembler, &nat, stored, backpressure);
-    let _ = std::fs::remove_file(crate::serve::control::socket_path(&db));
+    let _ = std::fs::remove_file(crate::serve::control::socket_path(&db, &config));
     if let Some(dir) = probe.pin_dir() {
         info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
     }

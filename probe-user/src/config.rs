@@ -58,6 +58,11 @@ pub struct Config {
     /// Where records and gaps are shipped for provider-wide questions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<ClickHouseSection>,
+    /// The running agent's local query socket (default `DIR/icr.sock`).
+    /// Root, the agent's user and the members of the socket's group may
+    /// connect (the package's `/run/icr/icr.sock` is the group icr-query's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 /// `[capture]`: the interfaces `icr run` attaches to.
@@ -372,6 +377,7 @@ impl Default for Config {
             clickhouse: None,
             db: None,
             capture: CaptureSection::default(),
+            socket: None,
         }
     }
 }

@@ -1,5 +1,8 @@
 //! `icr`: argument parsing and wiring; the work is in the library's modules.
-use std::{io::Write, path::Path};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 use clap::Parser as _;
 use icr::{
@@ -43,7 +46,7 @@ fn main() {
                         .and_then(|dir| ask_cluster(url, &dir, request, &mut stdout)),
                     (None, None) => commands::store_dir(named, db)
                         .map_err(Failure::from)
-                        .and_then(|dir| ask_store(&dir, request, &mut stdout)),
+                        .and_then(|dir| ask_store(&dir, named, request, &mut stdout)),
                 }
             }
         },
@@ -55,7 +58,7 @@ fn main() {
                     .and_then(|dir| ask_cluster(url, &dir, commands::list_request(&args), &mut stdout)),
                 None => commands::store_dir(named, db)
                     .map_err(Failure::from)
-                    .and_then(|dir| ask_store(&dir, commands::list_request(&args), &mut stdout)),
+                    .and_then(|dir| ask_store(&dir, named, commands::list_request(&args), &mut stdout)),
             }
         }
         Command::Sweep(args) => {
@@ -114,8 +117,10 @@ fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// Answers a request from the store in `db`: here, with the store's own
 /// configuration, or through its running agent's socket when the agent
-/// holds the store.
-fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
+/// holds the store, or when the store is not the caller's to read (a member
+/// of the socket's group).
+fn ask_store(db: &Path, named: Option<&Path>, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
+    let socket = agent_socket(db, named);
     match Store::open_read_only(db) {
         Ok(store) => {
             let governing = StoreConfig::of_store(db)?;
@@ -124,9 +129,19 @@ fn ask_store(db: &Path, request: Request, out: &mut dyn Write) -> Result<(), Fai
             warn_of(&answer.gaps);
             Ok(())
         }
-        Err(OpenError::InUse(_)) => from_agent(db, &Order::Query(Box::new(request))),
-        Err(OpenError::Failed(error)) => Err(error.into()),
+        Err(OpenError::InUse(_)) => from_agent(&socket, &Order::Query(Box::new(request))),
+        Err(OpenError::Failed(error)) => match control::connect(&socket) {
+            Ok(stream) => answered_by_agent(stream, &Order::Query(Box::new(request))),
+            Err(_) => Err(error.into()),
+        },
     }
+}
+
+/// The socket of the agent that holds the store in `db`, as the
+/// configuration named (else the store's own) says; the default one when
+/// that cannot be read here.
+fn agent_socket(db: &Path, named: Option<&Path>) -> PathBuf {
+    control::socket_path(db, &Config::choose(named, Some(db)).map(|chosen| chosen.config).unwrap_or_default())
 }
 
 /// Answers a request from the provider's cluster: the configuration in `dir`
@@ -149,15 +164,25 @@ fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Fai
             writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
             Ok(())
         }
-        Err(OpenError::InUse(_)) => from_agent(db, &Order::Sweep { config: named.map(Path::to_path_buf) }),
+        Err(OpenError::InUse(_)) => {
+            from_agent(&agent_socket(db, named), &Order::Sweep { config: named.map(Path::to_path_buf) })
+        }
         Err(OpenError::Failed(error)) => Err(error.into()),
     }
 }
 
 /// Sends `order` to the agent that holds the store; its answer goes to
 /// stdout, and the process exits as the agent says.
-fn from_agent(db: &Path, order: &Order) -> Result<(), Failure> {
-    let answer = control::ask(db, order)?;
+fn from_agent(socket: &Path, order: &Order) -> Result<(), Failure> {
+    let stream = control::connect(socket).map_err(|error| {
+        anyhow::Error::from(error)
+            .context(format!("the store is in use, and its agent's socket {} does not answer", socket.display()))
+    })?;
+    answered_by_agent(stream, order)
+}
+
+fn answered_by_agent(stream: std::os::unix::net::UnixStream, order: &Order) -> Result<(), Failure> {
+    let answer = control::ask(stream, order)?;
     warn_of(&answer.gaps);
     if let Some(reason) = answer.error {
         eprintln!("icr: {reason}");

@@ -2,7 +2,8 @@
 //! keeps counting while the agent is dead (kill -9) and the next agent takes
 //! over the links and adopts what accumulated. Every flow of the test
 //! traffic — finished before the crash, spanning it, made while no agent
-//! ran, and after — is in the store, with every byte counted.
+//! ran, and after — is in the store, with every byte counted. Both agents
+//! run with the Debian package's capabilities only (no CAP_SYS_ADMIN).
 use std::{path::Path, process::Command, time::Duration};
 
 use icr_lab::{Agent, Bpffs, EXCHANGE_IP, Lab, icr_binary};
@@ -29,7 +30,7 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
     write_config(&db, &pins);
     let c1 = &lab.clients[0];
 
-    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let agent = Agent::start_confined(&lab, &icr_binary(), &db).expect("starting the agent");
     assert!(pins.join("FLOWS").exists() && pins.join("link-lan1").exists(), "maps and links pinned");
     // The LAN egress program's link too, where the kernel attaches it by a
     // tcx link (6.6); a netlink filter cannot be pinned.
@@ -45,7 +46,7 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
     let during = lab.exchange(c1, 4_000, 50_000).expect("exchange while no agent runs");
     std::thread::sleep(Duration::from_millis(500));
 
-    let agent = Agent::start(&lab, &icr_binary(), &db).expect("restarting the agent");
+    let agent = Agent::start_confined(&lab, &icr_binary(), &db).expect("restarting the agent");
     assert!(agent.log_text().contains("took over the pinned XDP link"), "{}", agent.log_text());
     if tcx {
         assert!(agent.log_text().contains("took over the pinned egress link of lan1"), "{}", agent.log_text());

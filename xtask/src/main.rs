@@ -2,6 +2,7 @@
 //! needs and is missing (Debian packages, the nightly's rust-src, bpf-linker),
 //! saying what it does.
 mod cmd;
+mod deb;
 mod demo;
 mod imports;
 mod setup;
@@ -23,6 +24,9 @@ enum Command {
     Setup,
     /// Build the XDP object and the `icr` binary (release).
     Build,
+    /// The Debian package (`target/debian/icr_VERSION_ARCH.deb`): the agent
+    /// as a systemd unit under its own user, its configuration, the pins.
+    Deb(deb::Args),
     /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace lab tests.
     Test {
         /// Passed to `cargo test` after `--` (a test name filter, `--nocapture`, ...).
@@ -45,7 +49,8 @@ enum Command {
     },
     /// Boot a VM with a distribution kernel (vm-images/: `debian12`, `backports`,
     /// `bullseye`) under qemu (KVM when it really boots a guest here, else
-    /// TCG) and run the kernel (xdp) and namespace lab tests in it.
+    /// TCG) and run the kernel (xdp) and namespace lab tests in it; with
+    /// `--only package`, boot it with systemd and test the Debian package.
     VmTest(vm::Args),
     /// Which file of probe-user/src imports which; fails on an import circle
     /// between files or between the top-level folders (run by CI).
@@ -71,6 +76,7 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::ensure(setup::Needs::Test),
         Command::Build => build(),
+        Command::Deb(args) => deb::run(&args),
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
         Command::Bench { which, args } => bench(&which, &args),

@@ -8,6 +8,8 @@ use anyhow::{Result, bail};
 use crate::cmd;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask deb`'s packager (its systemd, sysusers.d and tmpfiles.d support).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Needed only to build bpf-linker.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
@@ -143,6 +145,21 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     }
     eprintln!("xtask: installing cargo-fuzz");
     cmd::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]).env("PATH", cmd::path_with_cargo_bin()))
+}
+
+/// cargo-deb, for `cargo xtask deb`, at the version the package is made with.
+pub fn ensure_cargo_deb() -> Result<()> {
+    let version = Command::new("cargo").args(["deb", "--version"]).env("PATH", cmd::path_with_cargo_bin()).output();
+    if version.is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).contains(CARGO_DEB_VERSION))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (a few minutes)");
+    cmd::run(
+        Command::new("cargo")
+            .args(["install", "cargo-deb", "--version", CARGO_DEB_VERSION, "--locked"])
+            .env("PATH", cmd::path_with_cargo_bin()),
+    )
 }
 
 /// The lab's Python: a venv of Debian's python3 with aioquic from PyPI.

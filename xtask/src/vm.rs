@@ -8,6 +8,11 @@
 //! the same path as here (the test binaries have those paths built in), runs
 //! the test binaries built here, prints `ICR-VM-RESULT: <code>` and powers
 //! off. A watchdog kills qemu past the deadline.
+//!
+//! `--only package` boots the same image with systemd instead and runs
+//! vm-images/package-test.sh: the Debian package (`cargo xtask deb`)
+//! installed, its unit started, a question answered by a member of its
+//! group, an upgrade to a newer build without a gap, removal and purge.
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
@@ -28,7 +33,10 @@ use crate::{cmd, setup};
 /// The files an image is made from: a change to any of them (or to the
 /// kernel's `<name>.env`) makes a new image. `guest-run.sh` is not among
 /// them: it is handed to the guest at each run.
-const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "packages", "python-packages"];
+const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "icr-vm-run.service", "packages", "python-packages"];
+
+/// `--only package`: the Debian package's test, under systemd.
+const PACKAGE_TEST: &str = "package";
 
 /// The tests' own settings, handed to the guest when they are set here
 /// (e.g. `ICR_FAILOPEN_FRAMES=100000` shortens the fail-open test under TCG).
@@ -48,7 +56,8 @@ pub struct Args {
     kernel: String,
     /// Test binaries to run in the VM, by target name (default: probe-user's
     /// `xdp` and every test of the `icr-tests` crate but `clickhouse_lab`),
-    /// e.g. `--only xdp,nat_lab`.
+    /// e.g. `--only xdp,nat_lab`. `--only package` instead boots the guest
+    /// with systemd and tests the Debian package (vm-images/package-test.sh).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Kill the VM this many seconds after starting it (boot included).
@@ -90,6 +99,23 @@ struct Image {
     release: String,
 }
 
+/// What the guest runs.
+enum Guest {
+    /// Test binaries built here, under the image's own init.
+    Tests(Vec<TestBinary>),
+    /// The Debian package and a newer build of it, under systemd.
+    Package { installed: PathBuf, upgrade: PathBuf },
+}
+
+impl Guest {
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Guest::Tests(tests) => tests.iter().map(|t| t.name.as_str()).collect(),
+            Guest::Package { .. } => vec![PACKAGE_TEST],
+        }
+    }
+}
+
 /// A test binary, as the guest runs it.
 struct TestBinary {
     name: String,
@@ -112,11 +138,37 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{} (kernel {})", image.dir.display(), image.release);
         return Ok(());
     }
-    setup::ensure(setup::Needs::Build)?;
-    cmd::cargo(&["build", "--package", "probe-user"])?;
     let target = target_dir()?;
-    let tests = test_binaries(&args.only, &target)?;
-    boot_and_test(args, &recipes, &image, &target, &tests)
+    let guest = if args.only.iter().any(|name| name == PACKAGE_TEST) {
+        if args.only.len() > 1 {
+            bail!("--only {PACKAGE_TEST} boots the guest with systemd and runs alone");
+        }
+        package_builds(&target)?
+    } else {
+        setup::ensure(setup::Needs::Build)?;
+        cmd::cargo(&["build", "--package", "probe-user"])?;
+        Guest::Tests(test_binaries(&args.only, &target)?)
+    };
+    boot_and_test(args, &recipes, &image, &target, &guest)
+}
+
+/// The package as `cargo xtask deb` builds it, and a newer build of the same
+/// code (its version with `+upgrade1`, which dpkg orders after it), each in a
+/// directory of its own (cargo-deb replaces the earlier builds in its own).
+fn package_builds(target: &Path) -> Result<Guest> {
+    let dir = target.join("debian/vm-test");
+    let _ = fs::remove_dir_all(&dir);
+    let build = |name: &str, deb_version: Option<String>| {
+        let output = dir.join(name);
+        fs::create_dir_all(&output)?;
+        crate::deb::build(&crate::deb::Args { target: None, deb_version, output: Some(output) })
+    };
+    let installed = build("installed", None)?;
+    let name = installed.file_name().and_then(|n| n.to_str()).context("the package's file name")?;
+    // icr_VERSION_ARCH.deb
+    let version = name.split('_').nth(1).context("no version in the package's file name")?;
+    let upgrade = build("upgrade", Some(format!("{version}+upgrade1")))?;
+    Ok(Guest::Package { installed, upgrade })
 }
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or the workspace's
@@ -447,7 +499,7 @@ fn kernel_prints_under_kvm(image: &Image) -> Result<bool> {
     Ok(seen)
 }
 
-fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, tests: &[TestBinary]) -> Result<()> {
+fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, guest: &Guest) -> Result<()> {
     let root = cmd::workspace_root();
     // A target directory outside the workspace is shared on its own.
     let target_share = (!target.starts_with(&root)).then_some(target);
@@ -474,10 +526,28 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
     if std::env::var_os("ICR_LAB_SLOWDOWN").is_none() && accel != Accel::Kvm {
         env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
+    let mut append = "root=/dev/vda rw rootfstype=ext4 console=ttyS0 panic=1 loglevel=4".to_string();
+    match guest {
+        Guest::Tests(tests) => {
+            let list: String = tests
+                .iter()
+                .map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display()))
+                .collect();
+            fs::write(run_dir.0.join("tests.list"), list)?;
+            append.push_str(" init=/sbin/icr-vm-init");
+        }
+        Guest::Package { installed, upgrade } => {
+            fs::copy(recipes.join("package-test.sh"), run_dir.0.join("package-test.sh"))?;
+            fs::copy(installed, run_dir.0.join("icr-installed.deb"))
+                .with_context(|| format!("copying {}", installed.display()))?;
+            fs::copy(upgrade, run_dir.0.join("icr-upgrade.deb"))
+                .with_context(|| format!("copying {}", upgrade.display()))?;
+            env.push_str("export ICR_VM_PACKAGE_TEST=1\n");
+            // systemd's own status lines only when something fails.
+            append.push_str(" init=/lib/systemd/systemd icr-vm.systemd systemd.show_status=error");
+        }
+    }
     fs::write(run_dir.0.join("run.env"), env)?;
-    let list: String =
-        tests.iter().map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display())).collect();
-    fs::write(run_dir.0.join("tests.list"), list)?;
 
     eprintln!("xtask: booting {} (kernel {}) under {}", args.kernel, image.release, accel.name());
     let mut qemu = Command::new("qemu-system-x86_64");
@@ -502,7 +572,8 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         .arg(image.dir.join("vmlinuz"))
         .arg("-initrd")
         .arg(image.dir.join("initrd.img"))
-        .args(["-append", "root=/dev/vda rw rootfstype=ext4 console=ttyS0 init=/sbin/icr-vm-init panic=1 loglevel=4"])
+        .arg("-append")
+        .arg(&append)
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio,snapshot=on", image.dir.join("rootfs.ext4").display()))
         .args(["-device", "virtio-rng-pci"])
@@ -612,8 +683,8 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, test
         eprintln!("xtask:   {name:<14} {verdict:<20} {secs} s");
     }
     let ran: Vec<&str> = console.binaries.iter().map(|(name, ..)| name.as_str()).collect();
-    for test in tests.iter().filter(|t| !ran.contains(&t.name.as_str())) {
-        eprintln!("xtask:   {:<14} did not finish", test.name);
+    for name in guest.names().into_iter().filter(|name| !ran.contains(name)) {
+        eprintln!("xtask:   {name:<14} did not finish");
     }
     // The plain closing line: the individual tests of every binary.
     println!(

@@ -165,9 +165,11 @@ impl Probe {
         let counters = PerCpuArray::try_from(counters)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let events = match event_path {
-            EventPath::Ring => {
-                EventMap::Ring(per_cpu_rings(take_map(&mut ebpf, event_map)?, options.event_ring_bytes)?)
-            }
+            EventPath::Ring => EventMap::Ring(per_cpu_rings(
+                take_map(&mut ebpf, event_map)?,
+                options.event_ring_bytes,
+                pin_dir.as_deref(),
+            )?),
             EventPath::Perf => EventMap::Perf(PerfEventArray::try_from(take_map(&mut ebpf, event_map)?)?),
         };
         Ok(Self { ebpf, flows, counters, config, events: Some(events), event_path, pin_dir, adopted, instance })

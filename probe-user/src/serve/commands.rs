@@ -198,11 +198,11 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
 pub fn detach(args: StoreArgs, out: &mut dyn Write) -> Result<()> {
     let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
     let db = chosen.db(args.db.as_deref())?;
+    let socket = crate::serve::control::socket_path(&db, &chosen.config);
     let Some(dir) = chosen.config.probe.pin_dir else {
         bail!("the configuration has no [probe] pin_dir: nothing is pinned");
     };
-    let socket = crate::serve::control::socket_path(&db);
-    if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!("the agent of {} is running; stop it first", db.display());
     }
     let removed = crate::capture::probe::unpin(&dir)?;

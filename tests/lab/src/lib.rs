@@ -660,26 +660,38 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent in the gateway and waits until it says it runs.
     pub fn start(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        Self::start_as(lab, Command::new(icr), &Self::run_args(lab, db))
+    }
+
+    /// `run` on the lab's interfaces with the store `db`.
+    fn run_args(lab: &Lab, db: &Path) -> Vec<std::ffi::OsString> {
         let lan = lab.lan_interfaces();
-        Self::start_with(
-            lab,
-            icr,
-            &[
-                "run".as_ref(),
-                "--lan".as_ref(),
-                lan.as_ref(),
-                "--wan".as_ref(),
-                GATEWAY_WAN_IF.as_ref(),
-                "--db".as_ref(),
-                db.as_os_str(),
-            ],
-        )
+        let flags = ["run", "--lan", lan.as_str(), "--wan", GATEWAY_WAN_IF, "--db"];
+        flags.iter().map(Into::into).chain([db.as_os_str().to_owned()]).collect()
     }
 
     /// As [`Agent::start`], `icr` given `args` (`run` and its flags).
     pub fn start_with(lab: &Lab, icr: &Path, args: &[&std::ffi::OsStr]) -> Result<Self> {
+        Self::start_as(lab, Command::new(icr), args)
+    }
+
+    /// As [`Agent::start`], with only the capabilities the Debian package's
+    /// unit gives it (deploy/icr.service), through setpriv: every other one
+    /// dropped, CAP_SYS_ADMIN first.
+    pub fn start_confined(lab: &Lab, icr: &Path, db: &Path) -> Result<Self> {
+        let caps = "-all,+bpf,+net_admin,+perfmon";
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg("--")
+            .arg(icr);
+        Self::start_as(lab, command, &Self::run_args(lab, db))
+    }
+
+    fn start_as(lab: &Lab, mut command: Command, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<Self> {
         let log = lab.dir.join("agent.log");
-        let mut command = Command::new(icr);
         command.args(args).env("RUST_LOG", std::env::var("ICR_LAB_LOG").unwrap_or_else(|_| "info".into()));
         let child = lab.spawn_in(&lab.gateway, &mut command, "agent")?;
         let mut agent = Agent { child: Some(child), log };

@@ -140,7 +140,7 @@ impl Baseline {
         let tc_pass: &mut SchedClassifier =
             ebpf.program_mut(TC_PASS).ok_or_else(|| anyhow!("no {TC_PASS} program"))?.try_into()?;
         tc_pass.load().with_context(|| format!("loading {TC_PASS}"))?;
-        let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes)?;
+        let cpu_rings = per_cpu_rings(take_map(&mut ebpf, RingLayout::CPU_RINGS)?, ring_bytes, None)?;
         Ok(Self { ebpf, cpu_rings })
     }
 
