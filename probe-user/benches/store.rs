@@ -131,7 +131,9 @@ impl ClickHouseTarget {
             .query("SELECT DISTINCT table, partition FROM system.parts WHERE database = 'icr' AND active FORMAT TSV")?;
         for line in parts.lines() {
             let (table, partition) = line.split_once('\t').context("table and partition")?;
-            self.server.query(&format!("OPTIMIZE TABLE icr.{table} PARTITION {partition} FINAL"))?;
+            // A day partition, shown as YYYY-MM-DD (quoted by some releases).
+            let day = partition.trim_matches('\'');
+            self.server.query(&format!("OPTIMIZE TABLE icr.{table} PARTITION '{day}' FINAL"))?;
         }
         Ok(())
     }

@@ -88,8 +88,8 @@ impl Index {
     }
 }
 
-/// The level of an insert body's zstd: the fastest, which already takes a
-/// batch to about a third.
+/// The level of an insert body's zstd: the fastest (the body is sent once;
+/// the server stores it under its own compression).
 const INSERT_ZSTD_LEVEL: i32 = 1;
 
 /// A cluster (or one server), as the configuration names it.
