@@ -78,6 +78,10 @@ fn parse_args() -> Result<Args> {
 /// Where the records go, and how its size on disk is read.
 trait Target {
     fn append(&mut self, batch: &[Icr]) -> Result<()>;
+    /// Writes what `append` may still hold.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn bytes(&self) -> Result<u64>;
     fn backend(&self) -> &dyn Backend;
 }
@@ -101,15 +105,77 @@ struct ClickHouseTarget {
     clickhouse: ClickHouse,
     cluster: Cluster,
     runtime: tokio::runtime::Runtime,
+    /// Records waiting for the next insert.
+    pending: Vec<Icr>,
+}
+
+/// Records in one insert: what the shipper sends when it is behind (64
+/// one-second ticks of a gateway closing ~1,000 connections a second).
+const CLICKHOUSE_BATCH: usize = 65_536;
+
+impl ClickHouseTarget {
+    fn flush(&mut self) -> Result<()> {
+        let rows = self
+            .pending
+            .drain(..)
+            .map(|r| RecordRow::of(&r).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        self.runtime.block_on(self.clickhouse.insert_records(&rows))
+    }
+
+    /// Every table merged to one part a day, as the background merges leave
+    /// them in time.
+    fn merge_all(&self) -> Result<()> {
+        let parts = self
+            .server
+            .query("SELECT DISTINCT table, partition FROM system.parts WHERE database = 'icr' AND active FORMAT TSV")?;
+        for line in parts.lines() {
+            let (table, partition) = line.split_once('\t').context("table and partition")?;
+            // A day partition, shown as YYYY-MM-DD (quoted by some releases).
+            let day = partition.trim_matches('\'');
+            self.server.query(&format!("OPTIMIZE TABLE icr.{table} PARTITION '{day}' FINAL"))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes on disk per ICR of each table, and of each column of it.
+    fn breakdown(&self, records: u64) -> Result<()> {
+        let per =
+            |bytes: &str| -> Result<f64> { Ok(bytes.trim().parse::<f64>().context("a byte count")? / records as f64) };
+        let tables = self.server.query(
+            "SELECT table, sum(bytes_on_disk) AS b FROM system.parts WHERE database = 'icr' AND active \
+             GROUP BY table ORDER BY b DESC FORMAT TSV",
+        )?;
+        let columns = self.server.query(
+            "SELECT table, column, sum(column_data_compressed_bytes) AS b FROM system.parts_columns \
+             WHERE database = 'icr' AND active GROUP BY table, column ORDER BY table, b DESC FORMAT TSV",
+        )?;
+        for line in tables.lines() {
+            let (table, bytes) = line.split_once('\t').context("table and bytes")?;
+            let listed: Vec<String> = columns
+                .lines()
+                .filter_map(|l| l.split('\t').collect::<Vec<_>>().try_into().ok())
+                .filter(|[t, _, _]: &[&str; 3]| *t == table)
+                .map(|[_, column, bytes]| Ok(format!("{column} {:.2}", per(bytes)?)))
+                .collect::<Result<_>>()?;
+            println!("  {table}: {:.2} bytes/ICR; by column: {}", per(bytes)?, listed.join(", "));
+        }
+        Ok(())
+    }
 }
 
 impl Target for ClickHouseTarget {
     fn append(&mut self, batch: &[Icr]) -> Result<()> {
-        let rows = batch.iter().map(RecordRow::of).collect::<Result<Vec<_>>>()?;
-        self.runtime.block_on(self.clickhouse.insert_records(&rows))
+        self.pending.extend_from_slice(batch);
+        if self.pending.len() >= CLICKHOUSE_BATCH { self.flush() } else { Ok(()) }
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.flush()
     }
     fn bytes(&self) -> Result<u64> {
-        // Every table: the three orderings and the holders, compressed.
+        // Every table: the records, the narrow tables of questions 2 and 3
+        // and the holders, compressed, once merged.
+        self.merge_all()?;
         let text =
             self.server.query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = 'icr' AND active")?;
         text.trim().parse().with_context(|| format!("bytes on disk: {text:?}"))
@@ -166,10 +232,12 @@ fn main() -> Result<()> {
         let server = clickhouse_server::Server::start(&args.dir.join("clickhouse"))?;
         let clickhouse = ClickHouse::new(&ClickHouseSection::at(server.url()), None)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        runtime.block_on(clickhouse.init())?;
+        runtime.block_on(clickhouse.init(&mut |line| println!("{line}")))?;
         let cluster = Cluster::new(clickhouse.clone())?;
-        let mut target = ClickHouseTarget { server, clickhouse, cluster, runtime };
+        let mut target = ClickHouseTarget { server, clickhouse, cluster, runtime, pending: Vec::new() };
         let figures = measure(&args, &mut target, disk_mb_per_s)?;
+        println!("bytes on disk by table and column (after OPTIMIZE FINAL; {}):", clickhouse_server::compression());
+        target.breakdown(figures.written)?;
         Some(figures)
     } else {
         None
@@ -179,39 +247,21 @@ fn main() -> Result<()> {
         std::fs::remove_dir_all(&args.dir).ok();
     }
     if let Some(clickhouse) = &clickhouse_figures {
-        let rows: [(&str, String, String); 8] = [
-            ("ingest (ICRs/s)", format!("{:.0}", sled_figures.ingest_per_s), format!("{:.0}", clickhouse.ingest_per_s)),
-            (
-                "bytes per ICR on disk",
-                format!("{:.1}", sled_figures.bytes_per_icr),
-                format!("{:.1}", clickhouse.bytes_per_icr),
-            ),
-            ("resolve p50 (ms)", format!("{:.2}", sled_figures.resolve.0), format!("{:.2}", clickhouse.resolve.0)),
-            ("resolve p99 (ms)", format!("{:.2}", sled_figures.resolve.1), format!("{:.2}", clickhouse.resolve.1)),
-            (
-                "services, one device, one day p50 (ms)",
-                format!("{:.1}", sled_figures.device.0),
-                format!("{:.1}", clickhouse.device.0),
-            ),
-            (
-                "services, one device, one day p99 (ms)",
-                format!("{:.1}", sled_figures.device.1),
-                format!("{:.1}", clickhouse.device.1),
-            ),
-            (
-                "1,000 names over 30 days, median (ms)",
-                format!("{:.0}", sled_figures.names.0),
-                format!("{:.0}", clickhouse.names.0),
-            ),
-            (
-                "1,000 names over 30 days, max (ms)",
-                format!("{:.0}", sled_figures.names.1),
-                format!("{:.0}", clickhouse.names.1),
-            ),
+        // (what, sled, clickhouse, decimals)
+        let (s, c) = (&sled_figures, clickhouse);
+        let rows: [(&str, f64, f64, usize); 8] = [
+            ("ingest (ICRs/s)", s.ingest_per_s, c.ingest_per_s, 0),
+            ("bytes per ICR on disk", s.bytes_per_icr, c.bytes_per_icr, 1),
+            ("resolve p50 (ms)", s.resolve.0, c.resolve.0, 2),
+            ("resolve p99 (ms)", s.resolve.1, c.resolve.1, 2),
+            ("services, one device, one day p50 (ms)", s.device.0, c.device.0, 1),
+            ("services, one device, one day p99 (ms)", s.device.1, c.device.1, 1),
+            ("1,000 names over 30 days, median (ms)", s.names.0, c.names.0, 0),
+            ("1,000 names over 30 days, max (ms)", s.names.1, c.names.1, 0),
         ];
-        println!("\n{:<42} {:>12} {:>12}", "", "sled", "clickhouse");
-        for (what, sled, clickhouse) in rows {
-            println!("{what:<42} {sled:>12} {clickhouse:>12}");
+        println!("\n{:<42} {:>12} {:>12} {:>16}", "", "sled", "clickhouse", "clickhouse/sled");
+        for (what, sled, clickhouse, decimals) in rows {
+            println!("{what:<42} {sled:>12.decimals$} {clickhouse:>12.decimals$} {:>16.2}", clickhouse / sled);
         }
         println!("{sled_json}");
         println!("{}", json(clickhouse, "clickhouse", disk_mb_per_s));
@@ -271,6 +321,9 @@ fn measure(args: &Args, target: &mut dyn Target, disk_mb_per_s: f64) -> Result<F
         last_end = batch.last().map_or(last_end, |r| r.end);
         let started = Instant::now();
         target.append(&batch)?;
+        if written + batch.len() as u64 >= args.records {
+            target.finish()?;
+        }
         appending += started.elapsed();
         written += batch.len() as u64;
         if written % 1_000_000 < BATCH as u64 {

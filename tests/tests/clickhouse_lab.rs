@@ -117,133 +117,267 @@ fn resolve_on_cluster(cluster: &ClickHouseCluster, url: &str, db: &str, line: &i
     ndjson(&stdout)
 }
 
-fn init(cluster: &ClickHouseCluster) {
+fn init(cluster: &ClickHouseCluster) -> String {
     let (code, stdout, stderr) = icr(cluster, &["clickhouse", "init", "--url", &cluster.url(0), "--cluster", CLUSTER]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("on 2 node(s)"), "{stdout}");
+    stdout
+}
+
+/// `sql` on every shard.
+fn on_every_shard(cluster: &ClickHouseCluster, sql: &str) {
+    for shard in 0..2 {
+        cluster.query_at(&cluster.url(shard), sql).unwrap();
+    }
+}
+
+/// A record as a gateway ships it (through `icr_ingest`): it started
+/// `age_days` before `now` (Unix seconds) and lasted 10 s.
+fn insert_record(cluster: &ClickHouseCluster, id: &str, now: i64, age_days: u32, public: &str, port: u16) {
+    let now_us = now * 1_000_000 - i64::from(age_days) * 86_400_000_000;
+    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
+    cluster
+        .query_at(
+            &sync,
+            &format!(
+                "INSERT INTO icr_ingest.records (day, id, start_us, end_us, device_mac, public_ip, public_port, remote_ip, proto) \
+                 VALUES (toDate(toDateTime({})), UUIDStringToNum('{id}'), {now_us}, {}, toFixedString(unhex('021c00000001'), 6), \
+                 toFixedString(unhex('00000000000000000000ffff{}'), 16), {port}, toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')",
+                now_us / 1_000_000,
+                now_us + 10_000_000,
+                hex_v4(public),
+            ),
+        )
+        .unwrap();
+}
+
+fn hex_v4(ip: &str) -> String {
+    ip.split('.').map(|octet| format!("{:02x}", octet.parse::<u8>().unwrap())).collect()
+}
+
+/// The shard (0 or 1) the records of `public` go to: `cityHash64(public_ip)`
+/// over two shards of weight 1, as ClickHouse computes it.
+fn shard_of(cluster: &ClickHouseCluster, public: &str) -> usize {
+    let sql = format!("SELECT cityHash64(toFixedString(unhex('00000000000000000000ffff{}'), 16)) % 2", hex_v4(public));
+    cluster.query_at(&cluster.url(0), &sql).unwrap().trim().parse().unwrap()
 }
 
 #[test]
 fn init_makes_the_tables_on_every_shard_and_a_shard_down_fails_the_answer_clearly() {
     let mut cluster = ClickHouseCluster::start(2).expect("two ClickHouse shards");
-    init(&cluster);
-    init(&cluster); // again: nothing changes, nothing fails
+    let made = init(&cluster);
+    assert!(made.contains("10.99.0.2:18123: made ") && made.contains("icr.by_name_local"), "{made}");
+    let again = init(&cluster);
+    assert!(!again.contains("made") && !again.contains("noted"), "again: nothing changes, nothing fails: {again}");
     for shard in 0..2 {
         let tables = cluster.query_at(&cluster.url(shard), "SHOW TABLES FROM icr").unwrap();
-        for table in [
-            "records",
-            "records_local",
-            "records_by_device_local",
-            "records_by_service_local",
-            "gaps",
-            "public_holders_local",
-        ] {
+        for table in ["records", "records_local", "by_device_local", "by_name_local", "gaps", "public_holders_local"] {
             assert!(tables.lines().any(|t| t == table), "shard {shard} has {table}: {tables}");
         }
     }
-    // Tables an older icr made lack dns_all and local (18.16 has no ADD
-    // COLUMN IF NOT EXISTS): init adds them on every shard, and rows stored
-    // before read as no exchange, not local. (The rows are 40 days old: the
-    // sweep below drops them with its own.)
-    const NEWER: [&str; 4] = ["dns_all_qname", "dns_all_qtype", "dns_all_answers", "local"];
-    let tables = [
-        "records",
-        "records_by_device",
-        "records_by_service",
-        "records_local",
-        "records_by_device_local",
-        "records_by_service_local",
-    ];
-    for shard in 0..2 {
-        for table in tables {
-            for column in NEWER {
-                cluster
-                    .query_at(&cluster.url(shard), &format!("ALTER TABLE icr.{table} DROP COLUMN {column}"))
-                    .unwrap();
-            }
-        }
-    }
-    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
-    cluster
-        .query_at(
-            &sync,
-            "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
-             VALUES (today() - 40, 'older-record', 0, 0, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
-             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')",
-        )
-        .unwrap();
-    init(&cluster);
-    for shard in 0..2 {
-        for table in tables {
-            let columns = cluster
-                .query_at(
-                    &cluster.url(shard),
-                    &format!("SELECT name FROM system.columns WHERE database = 'icr' AND table = '{table}'"),
-                )
-                .unwrap();
-            let last: Vec<&str> = columns.lines().rev().take(4).collect();
-            assert_eq!(
-                last,
-                NEWER.iter().rev().copied().collect::<Vec<_>>(),
-                "shard {shard} {table} has them, last: {columns}"
-            );
-        }
-    }
-    let older = cluster
-        .query_at(&cluster.url(0), "SELECT dns_all_qname, local FROM icr.records_by_service WHERE id = 'older-record'")
-        .unwrap();
-    assert_eq!(older.trim(), "[]\t0", "through the materialized view too");
-    cluster
-        .query_at(&sync, "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto, dns_all_qname, dns_all_qtype, dns_all_answers, local) \
-             VALUES (today() - 40, 'newer-record', 0, 0, toFixedString('', 16), toFixedString(unhex('00000000000000000000ffffc0a80101'), 16), 'udp', \
-             ['a.example', 'cdn.b.example'], ['A', 'AAAA'], [['192.0.2.1'], []], 1)")
-        .unwrap();
-    let newer = cluster
-        .query_at(
-            &cluster.url(0),
-            "SELECT dns_all_qname, dns_all_answers, local FROM icr.records_by_service WHERE id = 'newer-record'",
-        )
-        .unwrap();
-    assert_eq!(newer.trim(), "['a.example','cdn.b.example']\t[['192.0.2.1'],[]]\t1", "the views carry the new columns");
 
     let central = central_dir(&cluster);
     let db = central.to_str().unwrap();
-    let resolve =
-        ["query", "resolve", "--ip", "203.0.113.1", "--port", "40000", "--at", "2026-11-22T15:00:00Z", "--clickhouse"];
-    let (code, stdout, stderr) =
-        icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    let (code, stdout, stderr) = resolve_at(&cluster, db, "203.0.113.1", 40000, "2026-11-22T15:00:00Z");
     assert_eq!((code, stdout.as_str()), (0, ""), "an empty cluster answers nothing: {stderr}");
 
     // Retention: a record 40 days old (retention_days = 30) goes with its
-    // day partition, on every shard and in every ordering; today's stays.
-    for (id, age) in [("old-record", 40), ("new-record", 0)] {
-        let insert = format!(
-            "INSERT INTO icr.records (day, id, start_us, end_us, public_ip, remote_ip, proto) \
-             VALUES (today() - {age}, '{id}', 0, 0, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
-             toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 'tcp')"
-        );
-        cluster.query_at(&sync, &insert).unwrap();
-    }
+    // day partition, on every shard and in every table; today's stays.
+    let started = chrono_now();
+    insert_record(&cluster, "0192f1c4-0000-7000-8000-000000000040", started, 40, "203.0.113.1", 40000);
+    insert_record(&cluster, "0192f1c4-0000-7000-8000-000000000001", started, 0, "203.0.113.1", 40000);
     let (code, stdout, stderr) = icr(&cluster, &["sweep", "--db", db, "--clickhouse", &cluster.url(0)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("dropped 1 day(s)"), "{stdout}");
-    for table in ["records", "records_by_device", "records_by_service", "public_holders"] {
-        let left = cluster
-            .query_at(&cluster.url(0), &format!("SELECT count() FROM icr.{table} WHERE day < today() - 30"))
-            .unwrap();
-        assert_eq!(left.trim(), "0", "{table} keeps nothing past retention");
+    for shard in 0..2 {
+        for table in ["records_local", "by_device_local", "by_name_local", "public_holders_local"] {
+            let left = cluster
+                .query_at(&cluster.url(shard), &format!("SELECT count() FROM icr.{table} WHERE day < today() - 30"))
+                .unwrap();
+            assert_eq!(left.trim(), "0", "{table} keeps nothing past retention");
+        }
     }
-    let kept = cluster.query_at(&cluster.url(0), "SELECT id FROM icr.records").unwrap();
-    assert_eq!(kept.trim(), "new-record");
+    let kept = cluster.query_at(&cluster.url(0), "SELECT UUIDNumToString(id) FROM icr.records").unwrap();
+    assert_eq!(kept.trim(), "0192f1c4-0000-7000-8000-000000000001");
 
+    // A record on each shard, now.
+    let address_on: Vec<String> = (0..2)
+        .map(|shard| {
+            (2..40).map(|n| format!("203.0.113.{n}")).find(|ip| shard_of(&cluster, ip) == shard).expect("an address")
+        })
+        .collect();
+    for (shard, ip) in address_on.iter().enumerate() {
+        insert_record(&cluster, &format!("0192f1c4-0000-7000-8000-00000000010{shard}"), started, 0, ip, 41000);
+    }
+    // A moment each record was alive (a resolve that finds none alive also
+    // asks every shard who else held the remote end).
+    let now = icr_lab::rfc3339(started + 1);
     cluster.stop_shard(1).unwrap();
-    let (code, stdout, stderr) =
-        icr(&cluster, &[&resolve[..], &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat());
+    let (code, stdout, stderr) = resolve_at(&cluster, db, &address_on[0], 41000, &now);
     assert_eq!((code, stdout.as_str()), (1, ""), "a shard down fails the answer, never a partial one: {stderr}");
     assert!(stderr.contains("10.99.0.2"), "the error names the shard that did not answer: {stderr}");
+    cluster.start_shard(1).unwrap();
+
+    // Shard 1 cannot read its records now: a question that asks it fails.
+    on_shard(&cluster, 1, "RENAME TABLE icr.records_local TO icr.records_hidden");
+    // The layout init noted is today's: records of earlier days may lie
+    // where another layout put them, so a resolve asks every shard.
+    let (code, _, stderr) = resolve_at(&cluster, db, &address_on[0], 41000, &now);
+    assert_eq!(code, 1, "every shard asked: {stderr}");
+    // Noted three days ago, the layout holds for every day a resolve of
+    // now reads: it asks the one shard that holds the address.
+    on_shard(&cluster, 0, "DROP TABLE icr.shard_layout_local");
+    on_shard(
+        &cluster,
+        0,
+        "CREATE TABLE icr.shard_layout_local (since DateTime, layout String) ENGINE = MergeTree ORDER BY since",
+    );
+    on_shard(&cluster, 0, "INSERT INTO icr.shard_layout_local VALUES (now() - 3 * 86400, '1*1 2*1')");
+    let (code, stdout, stderr) = resolve_at(&cluster, db, &address_on[0], 41000, &now);
+    assert_eq!(code, 0, "shard 0 alone answers for its own address: {stderr}");
+    let answer = ndjson(&stdout);
+    assert_eq!(answer.len(), 1, "{stdout}");
+    assert_eq!(answer[0]["id"], "0192f1c4-0000-7000-8000-000000000100");
+    let (code, stdout, stderr) = resolve_at(&cluster, db, &address_on[1], 41000, &now);
+    assert_eq!((code, stdout.as_str()), (1, ""), "shard 1's address: shard 1 asked, and its failure is the answer's");
+    assert!(stderr.contains("10.99.0.2") && stderr.contains("records_local"), "{stderr}");
     let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
-    assert_eq!(audit.lines().count(), 3, "both questions and the sweep audited: {audit}");
+    assert_eq!(audit.lines().count(), 6, "every question and the sweep audited: {audit}");
     assert!(audit.lines().last().unwrap().contains("\"outcome\":\"failed: "), "{audit}");
+}
+
+/// Question 1 for `ip:port` at `at` (±5 s) over the cluster, asked by the
+/// query service in `db`: (exit code, stdout, stderr).
+fn resolve_at(cluster: &ClickHouseCluster, db: &str, ip: &str, port: u16, at: &str) -> (i32, String, String) {
+    let port = port.to_string();
+    icr(
+        cluster,
+        &[
+            &["query", "resolve", "--ip", ip, "--port", &port, "--at", at, "--tolerance", "5s", "--clickhouse"][..],
+            &[cluster.url(0).as_str(), "--db", db, "--format", "ndjson"],
+            &WHO,
+        ]
+        .concat(),
+    )
+}
+
+/// `sql` on `shard` alone (the other may be down).
+fn on_shard(cluster: &ClickHouseCluster, shard: usize, sql: &str) {
+    cluster.query_at(&cluster.url(shard), sql).unwrap();
+}
+
+/// The tables of the first layout, as icr made them before the compact
+/// one (each record three times; ids and MACs as text), and before
+/// `dns_all` and `local` existed.
+fn first_layout(cluster: &ClickHouseCluster) {
+    let columns = "day Date, id String, probe String, start_us Int64, end_us Int64, end_reason UInt8, proto String, \
+        device_mac String, device_ip Nullable(FixedString(16)), device_port Nullable(UInt16), vlan Array(UInt16), \
+        pppoe_session Nullable(UInt16), subscriber String, public_ip FixedString(16), public_port UInt16, \
+        remote_ip FixedString(16), remote_port UInt16, service_name String, service_source UInt8, service_ech UInt8, \
+        dns_qname String, dns_qtype String, dns_answers Array(String), packets_up UInt64, packets_down UInt64, \
+        bytes_up UInt64, bytes_down UInt64, incomplete UInt8";
+    for sql in [
+        "CREATE DATABASE icr".to_string(),
+        "CREATE DATABASE icr_ingest".to_string(),
+        format!("CREATE TABLE icr.records_local ({columns}) ENGINE = MergeTree PARTITION BY day ORDER BY (public_ip, public_port, start_us)"),
+        format!("CREATE TABLE icr.records_by_device_local ({columns}) ENGINE = MergeTree PARTITION BY day ORDER BY (device_mac, start_us)"),
+        format!("CREATE TABLE icr.records_by_service_local ({columns}) ENGINE = MergeTree PARTITION BY day ORDER BY (service_name, remote_ip, start_us)"),
+        "CREATE MATERIALIZED VIEW icr.records_by_device_mv TO icr.records_by_device_local AS SELECT * FROM icr.records_local".to_string(),
+        "CREATE MATERIALIZED VIEW icr.records_by_service_mv TO icr.records_by_service_local AS SELECT * FROM icr.records_local".to_string(),
+        format!("CREATE TABLE icr.records AS icr.records_local ENGINE = Distributed({CLUSTER}, icr, records_local, cityHash64(public_ip))"),
+        format!("CREATE TABLE icr.records_by_device AS icr.records_by_device_local ENGINE = Distributed({CLUSTER}, icr, records_by_device_local, rand())"),
+        format!("CREATE TABLE icr_ingest.records_local ({columns}) ENGINE = Null"),
+        "CREATE MATERIALIZED VIEW icr_ingest.records_mv TO icr.records_local AS SELECT * FROM icr_ingest.records_local".to_string(),
+        format!("CREATE TABLE icr_ingest.records AS icr_ingest.records_local ENGINE = Distributed({CLUSTER}, icr_ingest, records_local, cityHash64(public_ip))"),
+    ] {
+        on_every_shard(cluster, &sql);
+    }
+}
+
+#[test]
+fn init_copies_an_older_layout_into_the_compact_one_and_its_records_stay_answerable() {
+    let cluster = ClickHouseCluster::start(2).expect("two ClickHouse shards");
+    first_layout(&cluster);
+    // Records of two days on both shards, as gateways shipped them then:
+    // a DNS exchange in dns_* alone; and a row no gateway could write.
+    let sync = format!("{}/?insert_distributed_sync=1", cluster.url(0));
+    let now = chrono_now();
+    let mut rows = Vec::new();
+    for (n, age) in [(1u32, 1i64), (2, 1), (3, 2), (4, 2), (5, 2), (6, 1)] {
+        let start_us = (now - age * 86_400) * 1_000_000;
+        rows.push(format!(
+            "(toDate(toDateTime({})), '0192f1c4-0000-7000-8000-00000000000{n}', 'gw-old', {start_us}, {}, 1, 'udp', \
+             '02:1c:00:00:00:0{n}', toFixedString(unhex('00000000000000000000ffff6440000{n}'), 16), 5353, [], NULL, 'line-{n}', \
+             toFixedString(unhex('00000000000000000000ffffcb00710{n}'), 16), 4000{n}, toFixedString(unhex('00000000000000000000ffffc6336435'), 16), 53, \
+             'old{n}.example', 1, 0, 'old{n}.example', 'A', ['198.51.100.{n}'], 1, 1, 60, 90, 0)",
+            start_us / 1_000_000,
+            start_us + 2_000_000,
+        ));
+    }
+    rows.push(
+        "(today() - 1, 'forged', 'gw-old', 0, 0, 1, 'tcp', '', NULL, NULL, [], NULL, '', toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
+         1, toFixedString(unhex('00000000000000000000ffffc6336435'), 16), 443, '', 0, 0, '', '', [], 0, 0, 0, 0, 0)"
+            .to_string(),
+    );
+    cluster.query_at(&sync, &format!("INSERT INTO icr.records VALUES {}", rows.join(", "))).unwrap();
+    let three_times = cluster.query_at(&cluster.url(0), "SELECT count() FROM icr.records_by_device").unwrap();
+    assert_eq!(three_times.trim(), "7", "the first layout keeps each record again per question");
+
+    let said = init(&cluster);
+    for node in ["10.99.0.1", "10.99.0.2"] {
+        assert!(said.contains(&format!("{node}:18123: the records of the older layout")), "{said}");
+        assert!(
+            said.contains(&format!("{node}:18123: every record of the older layout is in the new tables")),
+            "{said}"
+        );
+    }
+    let copied: u64 = said
+        .lines()
+        .filter(|l| l.contains(": copied day "))
+        .map(|l| l.split(": ").nth(2).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(copied, 6, "a progress line a day and node, every valid record: {said}");
+    assert!(said.contains("1 row(s) no gateway could have written"), "{said}");
+    for shard in 0..2 {
+        let tables = cluster.query_at(&cluster.url(shard), "SHOW TABLES FROM icr").unwrap();
+        for gone in ["records_by_device_local", "records_by_service_local", "records_v1_local"] {
+            assert!(!tables.lines().any(|t| t == gone), "shard {shard} keeps no {gone}: {tables}");
+        }
+    }
+    let again = init(&cluster);
+    assert!(!again.contains("copied") && !again.contains("older layout"), "{again}");
+
+    // Each older record answers the three questions through the new tables.
+    let central = central_dir(&cluster);
+    let db = central.to_str().unwrap();
+    let ask = |args: &[&str]| {
+        let (code, stdout, stderr) = icr(
+            &cluster,
+            &[args, &["--clickhouse", cluster.url(0).as_str(), "--db", db, "--format", "ndjson"], &WHO].concat(),
+        );
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        ndjson(&stdout)
+    };
+    let (from, to) = (icr_lab::rfc3339(now - 3 * 86_400), icr_lab::rfc3339(now));
+    for (n, age) in [(1, 1i64), (4, 2)] {
+        let at = icr_lab::rfc3339(now - age * 86_400 + 1);
+        let answer =
+            ask(&["query", "resolve", "--ip", &format!("203.0.113.{n}"), "--port", &format!("4000{n}"), "--at", &at]);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        let record = &answer[0];
+        assert_eq!(record["id"], format!("0192f1c4-0000-7000-8000-00000000000{n}"));
+        assert_eq!(record["device"]["mac"], format!("02:1c:00:00:00:0{n}"));
+        assert_eq!(record["dns"]["qname"], format!("old{n}.example"), "the exchange of dns_*: {record}");
+        assert_eq!(record["dns_all"][0], record["dns"], "and as dns_all's first");
+        let services =
+            ask(&["query", "services", "--device", &format!("02:1c:00:00:00:0{n}"), "--from", &from, "--to", &to]);
+        assert_eq!(services.len(), 1, "{services:?}");
+        assert_eq!(services[0]["name"], format!("old{n}.example"));
+        let accessed =
+            ask(&["query", "accessed", "--service", &format!("old{n}.example"), "--from", &from, "--to", &to]);
+        let ids: Vec<&str> = accessed.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [format!("0192f1c4-0000-7000-8000-00000000000{n}")]);
+    }
 }
 
 /// The config of a gateway that ships to the cluster.
@@ -740,7 +874,7 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     let forged_at = icr_lab::rfc3339(now_us / 1_000_000);
     let forged = format!(
         "INSERT INTO icr_ingest.records (day, id, start_us, end_us, public_ip, public_port, remote_ip, remote_port, proto, service_name, service_source) \
-         VALUES (today(), '0192f1c4-0000-7000-8000-0000000000ff', {now_us}, {now_us}, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
+         VALUES (today(), UUIDStringToNum('0192f1c4-0000-7000-8000-0000000000ff'), {now_us}, {now_us}, toFixedString(unhex('00000000000000000000ffffcb007101'), 16), \
          40999, toFixedString(unhex('00000000000000000000ffffc6336410'), 16), 443, 'tcp', '=HYPERLINK(\\'http://x.example/\\',\\'open\\')', 1)"
     );
     cluster.query_as(GATEWAY, &format!("{url}/?insert_distributed_sync=1"), &forged).unwrap();

@@ -8,6 +8,18 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// The lab's server-wide compression (tests/lab/src/clickhouse.rs).
+const COMPRESSION_XML: &str = include_str!("../../../tests/lab/src/clickhouse-compression.xml");
+
+/// What it is, for the bench's output: the method and level it names.
+pub fn compression() -> String {
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        COMPRESSION_XML.split_once(&open).and_then(|(_, rest)| rest.split_once('<')).map_or("?", |(value, _)| value)
+    };
+    format!("server-wide {} level {}", tag("method"), tag("level"))
+}
+
 pub struct Server {
     child: Child,
     dir: PathBuf,
@@ -27,7 +39,7 @@ impl Server {
                  <http_port>{port}</http_port><tcp_port>{}</tcp_port><listen_host>127.0.0.1</listen_host>\
                  <path>{d}/data/</path><tmp_path>{d}/tmp/</tmp_path><user_files_path>{d}/user_files/</user_files_path>\
                  <users_config>/etc/clickhouse-server/users.xml</users_config><default_profile>default</default_profile>\
-                 <default_database>default</default_database><mark_cache_size>1073741824</mark_cache_size></yandex>",
+                 <default_database>default</default_database><mark_cache_size>1073741824</mark_cache_size>{COMPRESSION_XML}</yandex>",
                 port + 1
             ),
         )?;

@@ -1,14 +1,17 @@
 //! The provider's cluster as a backend: the same questions as the gateway's
 //! store answers, asked of every gateway's records in ClickHouse. Each
-//! selector becomes a condition on the table ordered for its question; a
-//! record shipped twice is read once (one row per record id).
+//! selector becomes a condition on the records; questions 2 and 3 first
+//! narrow them to the `(public_ip, public_port)` keys their narrow table
+//! lists (the records table's primary index then reads those alone), and
+//! test the condition on the records themselves. A record shipped twice is
+//! read once (one row per record id).
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Days, NaiveDate, Utc};
 
 use crate::{
-    export::clickhouse::{Bind, ClickHouse, Table, rows::ip_bytes},
+    export::clickhouse::{Bind, ClickHouse, Index, rows::ip_bytes},
     icr::Icr,
     query::{
         backend::Backend,
@@ -51,24 +54,49 @@ impl Cluster {
         }
     }
 
-    /// Records of `table` alive in `from..=to` that satisfy `condition`.
+    /// Records alive in `from..=to` that satisfy `condition`; with `index`,
+    /// only those at the keys the index lists for its own condition.
     fn overlapping(
         &self,
-        table: Table,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
+        index: Option<(Index, &str, Vec<Bind>)>,
         condition: &str,
         binds: Vec<Bind>,
     ) -> Result<Vec<Icr>> {
-        let mut all = binds;
-        all.extend([
-            Bind::Text(self.first_day(from).to_string()),
-            Bind::Int(to.timestamp_micros()),
-            Bind::Int(from.timestamp_micros()),
-        ]);
-        let condition = format!("({condition}) AND day >= toDate(?) AND start_us <= ? AND end_us >= ?");
-        let rows = self.runtime.block_on(self.clickhouse.records(table, &condition, &all))?;
+        let (sql, binds) = self.window(from, to, index, condition, binds);
+        let rows = self.runtime.block_on(self.clickhouse.records(&sql, &binds))?;
         rows.into_iter().map(|row| row.into_icr()).collect()
+    }
+
+    /// The condition of [`Self::overlapping`], its binds in order.
+    fn window(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        index: Option<(Index, &str, Vec<Bind>)>,
+        condition: &str,
+        binds: Vec<Bind>,
+    ) -> (String, Vec<Bind>) {
+        // A record's day is its start's: none after `to`'s day can be alive.
+        let days = [Bind::Text(self.first_day(from).to_string()), Bind::Text(to.date_naive().to_string())];
+        let (mut sql, mut all) = (String::new(), Vec::new());
+        if let Some((index, keys, index_binds)) = index {
+            sql = format!(
+                "(public_ip, public_port) IN (SELECT public_ip, public_port FROM {} WHERE ({keys}) \
+                 AND day >= toDate(?) AND day <= toDate(?)) AND ",
+                index.local()
+            );
+            all.extend(index_binds);
+            all.extend(days.clone());
+        }
+        sql.push_str(&format!(
+            "({condition}) AND day >= toDate(?) AND day <= toDate(?) AND start_us <= ? AND end_us >= ?"
+        ));
+        all.extend(binds);
+        all.extend(days);
+        all.extend([Bind::Int(to.timestamp_micros()), Bind::Int(from.timestamp_micros())]);
+        (sql, all)
     }
 }
 
@@ -78,12 +106,16 @@ fn address(ip: std::net::IpAddr) -> Bind {
 
 /// A 16-byte address column compared with a bound address.
 const ADDRESS: &str = "toFixedString(unhex(?), 16)";
+/// A MAC column compared with a bound MAC (its 12 hex digits).
+const MAC: &str = "toFixedString(unhex(?), 6)";
 
 impl Backend for Cluster {
     fn keep_days(&self, days: u32) {
         self.retention_days.store(days, Ordering::Relaxed);
     }
 
+    /// Reads the one shard that holds the address, when the cluster's
+    /// layout says which (`ClickHouse::records_at`).
     fn by_public(
         &self,
         from: DateTime<Utc>,
@@ -91,33 +123,50 @@ impl Backend for Cluster {
         ip: std::net::IpAddr,
         port: Option<u16>,
     ) -> Result<Vec<Icr>> {
-        match port {
-            Some(port) => self.overlapping(
-                Table::Records,
-                from,
-                to,
-                &format!("public_ip = {ADDRESS} AND public_port = ?"),
-                vec![address(ip), Bind::Int(i64::from(port))],
-            ),
-            None => self.overlapping(Table::Records, from, to, &format!("public_ip = {ADDRESS}"), vec![address(ip)]),
-        }
+        let (condition, binds) = match port {
+            Some(port) => {
+                (format!("public_ip = {ADDRESS} AND public_port = ?"), vec![address(ip), Bind::Int(i64::from(port))])
+            }
+            None => (format!("public_ip = {ADDRESS}"), vec![address(ip)]),
+        };
+        let (sql, binds) = self.window(from, to, None, &condition, binds);
+        let rows =
+            self.runtime.block_on(self.clickhouse.records_at(ip_bytes(ip), self.first_day(from), &sql, &binds))?;
+        rows.into_iter().map(|row| row.into_icr()).collect()
     }
 
+    /// By MAC through the device table; by address or subscriber over the
+    /// records themselves.
     fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &DeviceSelector) -> Result<Services> {
-        let (condition, bind) = match device {
-            DeviceSelector::Mac(mac) => ("device_mac = ?".to_string(), Bind::Text(mac.to_string())),
-            DeviceSelector::Ip(ip) => (format!("device_ip = {ADDRESS}"), address(*ip)),
-            DeviceSelector::Subscriber(name) => ("subscriber = ?".to_string(), Bind::Text(name.clone())),
+        let records = match device {
+            DeviceSelector::Mac(mac) => {
+                let mac = Bind::Text(hex::encode(mac.0));
+                self.overlapping(
+                    from,
+                    to,
+                    Some((Index::ByDevice, &format!("device_mac = {MAC}"), vec![mac.clone()])),
+                    &format!("device_mac = {MAC}"),
+                    vec![mac],
+                )?
+            }
+            DeviceSelector::Ip(ip) => {
+                self.overlapping(from, to, None, &format!("device_ip = {ADDRESS}"), vec![address(*ip)])?
+            }
+            DeviceSelector::Subscriber(name) => {
+                self.overlapping(from, to, None, "subscriber = ?", vec![Bind::Text(name.clone())])?
+            }
         };
         let mut services = Services::default();
-        for record in self.overlapping(Table::ByDevice, from, to, &condition, vec![bind])? {
-            services.add_record(&record);
+        for record in &records {
+            services.add_record(record);
         }
         Ok(services)
     }
 
     /// A name or suffix matches the service name or any DNS exchange's name
-    /// (`dns_all_qname`, which holds the first exchange too).
+    /// (`dns_all_qname`, which holds the first exchange too); names and
+    /// suffixes alone go through the name table, a network reads every
+    /// record's remote address.
     fn by_services(
         &self,
         from: DateTime<Utc>,
@@ -126,6 +175,8 @@ impl Backend for Cluster {
         local: LocalFilter,
     ) -> Result<Vec<Icr>> {
         let (mut conditions, mut binds) = (Vec::new(), Vec::new());
+        let (mut keys, mut key_binds) = (Vec::new(), Vec::new());
+        let mut every_key = true;
         let names: Vec<&String> = selectors
             .iter()
             .filter_map(|s| if let ServiceSelector::Name(name) = s { Some(name) } else { None })
@@ -136,6 +187,8 @@ impl Backend for Cluster {
             for _ in 0..2 {
                 binds.extend(names.iter().map(|name| Bind::Text((*name).clone())));
             }
+            keys.push(format!("name IN ({list})"));
+            key_binds.extend(names.iter().map(|name| Bind::Text((*name).clone())));
         }
         for selector in selectors {
             match selector {
@@ -145,11 +198,14 @@ impl Backend for Cluster {
                         "(service_name = ? OR endsWith(service_name, ?) OR arrayExists(q -> q = ? OR endsWith(q, ?), dns_all_qname))".into(),
                     );
                     let (exact, under) = (Bind::Text(suffix.clone()), Bind::Text(format!(".{suffix}")));
-                    binds.extend([exact.clone(), under.clone(), exact, under]);
+                    binds.extend([exact.clone(), under.clone(), exact.clone(), under.clone()]);
+                    keys.push("(name = ? OR endsWith(name, ?))".into());
+                    key_binds.extend([exact, under]);
                 }
                 ServiceSelector::Net(net) => {
                     conditions.push(format!("(remote_ip >= {ADDRESS} AND remote_ip <= {ADDRESS})"));
                     binds.extend([address(net.network()), address(net.broadcast())]);
+                    every_key = false;
                 }
             }
         }
@@ -162,11 +218,13 @@ impl Backend for Cluster {
             LocalFilter::Exclude => condition.push_str(" AND local = 0"),
             LocalFilter::Only => condition.push_str(" AND local = 1"),
         }
-        self.overlapping(Table::ByService, from, to, &condition, binds)
+        let keys = keys.join(" OR ");
+        let index = every_key.then_some((Index::ByName, keys.as_str(), key_binds));
+        self.overlapping(from, to, index, &condition, binds)
     }
 
     fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>> {
-        let mut records = self.overlapping(Table::Records, from, to, "1", Vec::new())?;
+        let mut records = self.overlapping(from, to, None, "1", Vec::new())?;
         // As the store lists: records that started in the window.
         records.retain(|r| r.start >= from && r.start <= to);
         records.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));

@@ -240,7 +240,18 @@ pub fn serve_cluster(args: StoreArgs) -> Result<()> {
 /// `icr clickhouse init`: the tables on every node; says which.
 pub fn clickhouse_init(section: ClickHouseSection, out: &mut dyn Write) -> Result<()> {
     let clickhouse = ClickHouse::new(&section, None)?;
-    let nodes = block_on(clickhouse.init())?;
+    // Each change and each day copied is said as it happens: a copy of an
+    // older layout's year takes a while.
+    let mut unsaid = None;
+    let mut say = |line: String| {
+        if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            unsaid.get_or_insert(error);
+        }
+    };
+    let nodes = block_on(clickhouse.init(&mut say))?;
+    if let Some(error) = unsaid {
+        return Err(error).context("writing what init changed");
+    }
     writeln!(out, "the ICR tables are on {} node(s): {}", nodes.len(), nodes.join(" "))?;
     Ok(())
 }

@@ -437,11 +437,18 @@ pub struct InconsistentDns {
     count: usize,
 }
 
-fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -> Result<()> {
+/// Refuses a record whose `dns` is not the first of its `dns_all` (every
+/// store that keeps the first exchange once: this one, the cluster's).
+pub(crate) fn consistent_dns(r: &Icr) -> Result<(), InconsistentDns> {
     if r.dns_all.first() != r.dns.as_ref() {
         let dns = r.dns.as_ref().map_or_else(|| "none".to_string(), |d| format!("{} {}", d.qname, d.qtype));
-        return Err(InconsistentDns { dns, count: r.dns_all.len() }.into());
+        return Err(InconsistentDns { dns, count: r.dns_all.len() });
     }
+    Ok(())
+}
+
+fn encode_record(r: &Icr, c: &mut [Vec<u8>; COLUMNS], previous: &mut Previous) -> Result<()> {
+    consistent_dns(r)?;
     let start_us = r.start.timestamp_micros();
     // A UUIDv7 carries its millisecond time in its top 48 bits; ours is the
     // record's start, so only the version and counter bits remain.

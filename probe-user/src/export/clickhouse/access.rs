@@ -74,7 +74,12 @@ impl Access {
             .enable_http1()
             .wrap_connector(http);
         let pool = HyperClient::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).build(connector);
-        let mut client = clickhouse::Client::with_http_client(pool).with_url(url).with_validation(false);
+        // Answers come plain (18.16 compresses none unless asked by a
+        // setting a read-only user may not set); inserts are compressed.
+        let mut client = clickhouse::Client::with_http_client(pool)
+            .with_url(url)
+            .with_validation(false)
+            .with_compression(clickhouse::Compression::None);
         if let Some(user) = &self.user {
             client = client.with_user(user);
         }
