@@ -135,18 +135,25 @@ pub fn read_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<
 }
 
 /// What [`read_secret`] checks before it reads: a file, root's alone,
-/// outside the store.
+/// outside the store. Its group may read it only when that group is this
+/// process's own: the package's agent runs as user `icr`, whose group no
+/// person belongs to (`chown root:icr`, mode 0440).
 fn check_secret(path: &Path, what: &str, store_dir: Option<&Path>) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let metadata = std::fs::metadata(path).with_context(|| format!("reading {what} {}", path.display()))?;
     if !metadata.is_file() {
         bail!("{what} {} is not a file", path.display());
     }
-    if metadata.uid() != 0 || metadata.mode() & 0o077 != 0 {
+    // SAFETY: getegid has no arguments and cannot fail.
+    let own_group = metadata.gid() == unsafe { libc::getegid() };
+    let loose = if own_group { 0o037 } else { 0o077 };
+    if metadata.uid() != 0 || metadata.mode() & loose != 0 {
         bail!(
-            "{what} {} must be owned by root and readable by root only (chmod 0400 or 0600); it is uid {} mode {:o}",
+            "{what} {} must be owned by root and readable by root only (chmod 0400 or 0600), or also by the \
+             agent's own group (chown root:icr, chmod 0440); it is uid {} gid {} mode {:o}",
             path.display(),
             metadata.uid(),
+            metadata.gid(),
             metadata.mode() & 0o7777
         );
     }
@@ -765,6 +772,31 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_may_be_read_by_the_agents_own_group_and_no_other() {
+        use std::os::unix::fs::{PermissionsExt as _, chown};
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("audit.key");
+        std::fs::write(&secret, [7u8; 32]).unwrap();
+        // SAFETY: no arguments.
+        let (uid, own) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if uid != 0 {
+            return; // only root can make root's files: the labs run as root
+        }
+        let check = |gid: u32, mode: u32| {
+            chown(&secret, Some(0), Some(gid)).unwrap();
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+            check_secret(&secret, "the key", None).map_err(|e| e.to_string())
+        };
+        let other = if own == 0 { 1 } else { 0 };
+        assert!(check(own, 0o400).is_ok());
+        assert!(check(own, 0o440).is_ok(), "the agent's own group");
+        let refused = check(other, 0o440).unwrap_err();
+        assert!(refused.contains("readable by root only") && refused.contains("chown root:icr"), "{refused}");
+        assert!(check(own, 0o444).is_err(), "others may not read it");
+        assert!(check(own, 0o460).is_err(), "nor the group write it");
+    }
 
     #[test]
     fn the_documented_example_parses() {

@@ -141,6 +141,12 @@ async fn answer(
             gaps: Vec::new(),
         };
         writer.write_all(&reply_line(&reply)?).await?;
+        writer.shutdown().await?;
+        // Its order is read and dropped, briefly: closing with it unread would
+        // reset the connection before the refusal is read.
+        let mut order = String::new();
+        let mut reader = AsyncBufReader::new(tokio::io::AsyncReadExt::take(reader, MAX_REQUEST as u64));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), reader.read_line(&mut order)).await;
         return Ok(());
     }
     let mut line = String::new();
