@@ -597,8 +597,12 @@ impl Assembler {
                 // same public port for the same remote end (CGNAT reuses
                 // ports within seconds): this half predates its LAN half, so
                 // it is not that device's, and its own mapping is gone.
+                // So is a half moved aside (its connection ended and another
+                // took its ports) whose LAN half was not moved aside with it:
+                // the mapping is the newer connection's, never this one's.
                 Some(lan_key)
                     if self.superseded.contains(&key)
+                        || (key.is_retired() && !lan_key.is_retired())
                         || !table.get(&lan_key)?.is_none_or(|lan| is_own_half(&lan, &value)) =>
                 {
                     self.superseded.insert(key);
