@@ -1907,6 +1907,24 @@ mod tests {
     }
 
     #[test]
+    fn a_half_moved_aside_whose_lan_half_is_gone_is_no_later_holders() {
+        // An agent killed after writing X, before deleting X's WAN entry;
+        // Y's answer moved that entry aside; Y is written and its LAN entry
+        // gone too. The successor finds the entry X left: Y's mapping names
+        // its public port now, and it is not Y's.
+        let (mut table, nat, x, y, _) = port_given_again(tcp_flags::FIN);
+        table.0.retain(|key, _| *key != x.key().0 && *key != y.key().0);
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        assembler.close_all(10 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert!(
+            !records.iter().any(|r| r.device.ip == Some(y.src) && r.start.timestamp() < 5),
+            "Y's device is named for no earlier time: {records:#?}"
+        );
+        assert!(assembler.orphans.superseded >= 1, "{:?}", assembler.orphans);
+    }
+
+    #[test]
     fn a_closed_connection_does_not_last_into_the_next_holder_of_its_public_port() {
         // X closed at 3 s; its WAN entry is still kept when the NAT gives its
         // public port to Y, another device, for the same server at 5 s, and
