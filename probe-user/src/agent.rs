@@ -1,6 +1,7 @@
 //! `icr run`: the agent. Attaches the probe, reads its events, follows
 //! conntrack, closes flows into ICRs and writes them, until SIGINT/SIGTERM,
-//! when it closes every open flow (`shutdown`), flushes and returns.
+//! when it records every open flow so far (`shutdown`), flushes and returns
+//! (handing its open flows to the next agent when the probe stays pinned).
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -20,6 +21,7 @@ use crate::{
     capture::clock::{Clock, monotonic_ns},
     capture::events,
     capture::flow::{Assembler, nanos},
+    capture::handover::Handover,
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
     capture::probe::{Probe, ProbeOptions},
@@ -193,6 +195,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
     let nat_grace = nanos(timeouts.nat_grace());
     let mut nat = NatTable::with_max_destroyed(config.probe.nat_destroyed_kept);
+    take_handover(&store, &mut assembler, &probe)?;
     let mut tick = interval(TICK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stats = interval(STATS_EVERY);
@@ -299,7 +302,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
 
-    info!("stopping: closing open flows");
     // Take what is already queued so that flows and mappings are complete.
     while let Ok(event) = nat_rx.try_recv() {
         apply_nat(&mut nat, event);
@@ -307,7 +309,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     while let Ok(event) = event_rx.try_recv() {
         assembler.on_event(event, &nat);
     }
-    assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
+    // A pinned probe goes on counting: the next agent records the rest of
+    // each open connection from where this one's records end.
+    let handover = if probe.pin_dir().is_some() {
+        info!("stopping: recording open flows so far, for the next agent to go on");
+        Some(assembler.hand_over(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?)
+    } else {
+        info!("stopping: closing open flows");
+        assembler.close_all(monotonic_ns(), EndReason::Shutdown, &mut probe, &nat)?;
+        None
+    };
     let records = named_records(&mut assembler, &directory, &probe_id);
     let flows = assembler.take_closed_flows();
     queue_batch(&write_tx, Batch { records, flows, gaps: Vec::new(), watermark: Some(watermark(&probe, &losses)) })
@@ -317,6 +328,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     while let Ok(flows) = stored_rx.try_recv() {
         assembler.release(&flows, &mut probe)?;
     }
+    // Only once the records so far are durable: a handover without them
+    // would have the next agent leave their part out.
+    if let Some((flows, answers)) = handover {
+        let handed = flows.len();
+        store.leave_handover(&Handover::new(probe.instance(), flows, answers).encode()?)?;
+        info!("handed {handed} open flows over to the next agent");
+    }
     let stored = stored(&snapshot);
     log_stats(&probe, &assembler, &nat, stored, backpressure);
     let _ = std::fs::remove_file(crate::serve::control::socket_path(&db, &config));
@@ -324,6 +342,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
         info!("the probe stays attached and counting (pinned in {}); `icr detach` removes it", dir.display());
     }
     info!("stopped; {stored} records stored");
+    Ok(())
+}
+
+/// Goes on from where the last agent stopped, if it handed its open flows
+/// over to this probe. Taken in any case: a handover is read once.
+fn take_handover(store: &Store, assembler: &mut Assembler, probe: &Probe) -> Result<()> {
+    let Some(bytes) = store.take_handover()? else { return Ok(()) };
+    if !probe.adopted() {
+        info!("the last agent's open flows ended with its probe: nothing to go on from");
+        return Ok(());
+    }
+    match Handover::decode(&bytes, probe.instance()) {
+        Ok(handover) => {
+            let handed = handover.flows.len();
+            let resumed = assembler.take_over(handover, probe, monotonic_ns())?;
+            info!("went on with {resumed} of the {handed} open flows the last agent handed over");
+        }
+        Err(refused) => {
+            warn!("not going on from the last agent's handover: {refused}; its open flows are adopted as incomplete")
+        }
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use probe_common::{FlowEvent, FlowKey, FlowValue, Mac, Proto, Role, Roles, SYN_R
 use crate::{
     capture::clock::Clock,
     capture::events::ProbeEvent,
+    capture::handover::{HandedAnswer, HandedFlow, Handover},
     capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen, answers::NamedBy, dns},
     capture::nat::{Mapping, NatTable},
     capture::tuple::Tuple,
@@ -108,6 +109,19 @@ struct Known {
     /// When its next check is scheduled: one check a flow, so the schedule
     /// never holds more entries than the table holds flows.
     due_ns: Option<u64>,
+}
+
+/// What a check of one flow may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Close it if it ended or idled out, slice it if its slice is due.
+    Due,
+    /// Close it whatever its state (the end of a capture, an agent stopping
+    /// with its probe).
+    Close(EndReason),
+    /// Close it if it ended; else report it so far and keep following it
+    /// (an agent handing its pinned probe over).
+    Slice(EndReason),
 }
 
 /// Why a check closes a flow, if it does.
@@ -489,7 +503,7 @@ impl Assembler {
             if let Some(known) = self.known.get_mut(&key) {
                 known.due_ns = None;
             }
-            self.check(key, now_ns, table, nat, None)?;
+            self.check(key, now_ns, table, nat, Check::Due)?;
         }
         Ok(())
     }
@@ -519,15 +533,111 @@ impl Assembler {
             {
                 continue;
             }
-            self.check(key, now_ns, table, nat, Some(reason))?;
+            self.check(key, now_ns, table, nat, Check::Close(reason))?;
         }
         let rest: Vec<FlowKey> = self.known.keys().copied().collect();
         for key in rest {
-            self.check(key, now_ns, table, nat, Some(reason))?;
+            self.check(key, now_ns, table, nat, Check::Close(reason))?;
         }
         self.due.clear();
         self.known.values_mut().for_each(|known| known.due_ns = None);
         Ok(())
+    }
+
+    /// Hands the open flows over to the next agent, the probe staying
+    /// pinned and counting: each one that ended is closed, each other one is
+    /// recorded so far (`reason`) and stays in the kernel table. Returns
+    /// what the next agent needs to go on from there ([`Assembler::take_over`]).
+    pub fn hand_over(
+        &mut self,
+        now_ns: u64,
+        reason: EndReason,
+        table: &mut impl FlowTable,
+        nat: &NatTable,
+    ) -> Result<(Vec<HandedFlow>, Vec<HandedAnswer>)> {
+        let mut keys: Vec<FlowKey> = self.known.keys().copied().collect();
+        keys.sort_unstable();
+        // WAN flows are reported with their LAN flow: LAN flows first, then
+        // the WAN flows no LAN flow took. Each is looked at once: a slice
+        // does not end a flow.
+        let mut wan_halves = Vec::new();
+        for key in keys {
+            if table.get(&key)?.is_some_and(|value| is_wan_only(&value)) {
+                wan_halves.push(key);
+            } else {
+                self.check(key, now_ns, table, nat, Check::Slice(reason))?;
+            }
+        }
+        for key in wan_halves {
+            self.check(key, now_ns, table, nat, Check::Slice(reason))?;
+        }
+        self.due.clear();
+        let mut flows = Vec::with_capacity(self.known.len());
+        for (key, known) in &mut self.known {
+            known.due_ns = None;
+            let Some(value) = table.get(key)? else { continue };
+            flows.push(HandedFlow {
+                key: (*key).into(),
+                first_ns: value.first_ns,
+                reported_packets: known.reported_packets,
+                reported_bytes: known.reported_bytes,
+                slice_start_ns: known.slice_start_ns,
+                incomplete: known.incomplete || known.adopted,
+                joined_to: known.joined_to.map(Into::into),
+                service: self.hints.get(key).and_then(|hints| hints.service.clone()),
+                named_at_start: self.named_at_start.get(key).cloned(),
+            });
+        }
+        let answers = self
+            .dns_cache
+            .entries()
+            .map(|(device, remote, named_by, until_ns)| HandedAnswer {
+                mac: device.mac.0,
+                device: device.ip,
+                remote,
+                named_by: named_by.clone(),
+                until_ns,
+            })
+            .collect();
+        Ok((flows, answers))
+    }
+
+    /// Goes on from where the last agent stopped ([`Assembler::hand_over`]):
+    /// each flow it handed over whose kernel entry is still that flow's is
+    /// followed as if this agent had seen it all. Before the first sweep,
+    /// which would adopt them as unknown. Returns how many were resumed.
+    pub fn take_over(&mut self, handover: Handover, table: &impl FlowTable, now_ns: u64) -> Result<usize> {
+        for answer in handover.answers {
+            let device = DeviceId { mac: Mac(answer.mac), ip: answer.device };
+            self.dns_cache.restore(device, answer.remote, answer.named_by, answer.until_ns);
+        }
+        let mut resumed = 0;
+        for flow in handover.flows {
+            let key = FlowKey::from(flow.key);
+            // Its entry may have ended and another connection taken its key.
+            if table.get(&key)?.is_none_or(|value| value.first_ns != flow.first_ns) {
+                continue;
+            }
+            let known = Known {
+                reported_packets: flow.reported_packets,
+                reported_bytes: flow.reported_bytes,
+                slice_start_ns: flow.slice_start_ns,
+                incomplete: flow.incomplete,
+                adopted: false,
+                joined_to: flow.joined_to.map(Into::into),
+                due_ns: None,
+            };
+            self.known.insert(key, known);
+            if flow.service.is_some() {
+                self.hints.insert(key, FlowHints::resumed(flow.service));
+            }
+            if let Some(named) = flow.named_at_start {
+                self.named_at_start.insert(key, named);
+            }
+            self.schedule(key, now_ns);
+            resumed += 1;
+        }
+        Ok(resumed)
     }
 
     /// Adopts the flows of the kernel table the agent has no event of, once
@@ -558,15 +668,15 @@ impl Assembler {
         self.schedule(key, now_ns);
     }
 
-    /// Looks at one flow: closes it, slices it, or schedules its next check.
-    /// `force` closes it whatever its state.
+    /// Looks at one flow: closes it, slices it, or schedules its next check,
+    /// as `mode` asks.
     fn check(
         &mut self,
         key: FlowKey,
         now_ns: u64,
         table: &mut impl FlowTable,
         nat: &NatTable,
-        force: Option<EndReason>,
+        mode: Check,
     ) -> Result<()> {
         let Some(known) = self.known.get(&key).copied() else { return Ok(()) };
         let Some(value) = table.get(&key)? else {
@@ -617,7 +727,7 @@ impl Assembler {
                     // Its LAN flow reports it; only a forced close without one reaches below.
                     self.known.entry(key).or_default().joined_to = Some(lan_key);
                     if self.known.contains_key(&lan_key) {
-                        if force.is_none() {
+                        if mode == Check::Due {
                             let next = value.last_ns.saturating_add(nanos(self.idle_timeout(Proto::from(key.proto))));
                             self.schedule(key, next.max(now_ns + 1));
                         }
@@ -687,19 +797,28 @@ impl Assembler {
         // A forced close (shutdown, end of capture) of a flow that already
         // saw FIN or RST still says how it ended.
         let ended = (Proto::from(key.proto) == Proto::Tcp).then(|| ended_by(flags)).flatten();
-        let reason = match force {
-            Some(forced) => Some(ended.unwrap_or(forced)),
+        let reason = match mode {
+            Check::Close(forced) => Some(ended.unwrap_or(forced)),
             // What came after its connection was written: nothing to wait for.
-            None if orphan == Some(Orphan::LateHalf) => {
+            _ if orphan == Some(Orphan::LateHalf) => {
                 close_reason(&self.timeouts, Proto::from(key.proto), tcp_flags::RST, last_ns, now_ns)
             }
-            None => close_reason(&self.timeouts, Proto::from(key.proto), flags, last_ns, now_ns),
+            // A connection that ended is closed, whoever records what is left.
+            Check::Slice(_) => {
+                ended.or_else(|| close_reason(&self.timeouts, Proto::from(key.proto), flags, last_ns, now_ns))
+            }
+            Check::Due => close_reason(&self.timeouts, Proto::from(key.proto), flags, last_ns, now_ns),
         };
         let slice_start = if known.slice_start_ns == 0 { value.first_ns } else { known.slice_start_ns };
         let active_due = slice_start.saturating_add(nanos(self.timeouts.active));
+        let slice_reason = match mode {
+            Check::Slice(reason) => Some(reason),
+            _ if now_ns >= active_due => Some(EndReason::Active),
+            _ => None,
+        };
 
-        match reason {
-            Some(reason) => {
+        match (reason, slice_reason) {
+            (Some(reason), _) => {
                 log::debug!(
                     "closing {key:?} ({reason:?}): first {} last {last_ns} now {now_ns} wan {:?}",
                     value.first_ns,
@@ -723,9 +842,9 @@ impl Assembler {
                     self.hold(wan_key, wan_value.first_ns);
                 }
             }
-            None if now_ns >= active_due => {
+            (None, Some(slice_reason)) => {
                 if !gateways_own && orphan.is_none() {
-                    let mut record = self.record(&view, &known, wan.as_ref(), now_ns, EndReason::Active);
+                    let mut record = self.record(&view, &known, wan.as_ref(), now_ns, slice_reason);
                     record.incomplete |= wan_not_own || handed_over;
                     self.keep(record);
                 }
@@ -742,7 +861,7 @@ impl Assembler {
                 }
                 self.schedule(key, now_ns.saturating_add(nanos(self.timeouts.active)));
             }
-            None => {
+            (None, None) => {
                 let idle_due = if Proto::from(key.proto) == Proto::Tcp && flags & (tcp_flags::FIN | tcp_flags::RST) != 0
                 {
                     last_ns.saturating_add(nanos(self.timeouts.tcp_closed))
@@ -1332,6 +1451,93 @@ mod tests {
         assert_eq!((service.name.as_str(), service.source), ("www.example.test", ServiceSource::Dns));
         assert_eq!(connection.public, Some(Endpoint { ip: reply.dst, port: reply.dst_port }));
         assert!(!connection.local);
+    }
+
+    #[test]
+    fn an_agent_handing_its_probe_over_leaves_the_rest_of_each_connection_to_the_next_named() {
+        use crate::capture::hints::dns::tests::{a_record, response};
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut before = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let device = ipv4(192, 168, 1, 23);
+        let web = ipv4(198, 51, 100, 10);
+        let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
+        nat.apply(NatEvent::New(Mapping { original: lookup, reply: lookup.reversed() }), SEC);
+        let answer =
+            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        let mut question = answer.clone();
+        question[2] &= 0x7f;
+        let exchange = table.packet(lookup, 60, 0, role::LAN, SEC);
+        before.on_event(start_event(exchange, SEC), &nat);
+        before.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
+        table.packet(lookup.reversed(), 90, 0, role::GATEWAY, SEC + 1000);
+        before.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), &nat);
+        // A download named by that answer, NATed, open when the agent stops.
+        let up = Tuple { src: device, src_port: 51000, dst: web, dst_port: 8080, proto: Proto::Tcp };
+        let reply = Tuple { src: web, src_port: 8080, dst: ipv4(203, 0, 113, 1), dst_port: 10001, proto: Proto::Tcp };
+        nat.apply(NatEvent::New(Mapping { original: up, reply }), 2 * SEC);
+        let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, 2 * SEC);
+        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
+        before.on_event(start_event(lan, 2 * SEC), &nat);
+        for at in 3..=5 {
+            table.packet(reply, 1500, tcp_flags::ACK, role::WAN, at * SEC);
+            table.packet(up, 40, tcp_flags::ACK, role::LAN, at * SEC);
+        }
+        // One that ended is closed, not handed over.
+        let ended = Tuple { src_port: 51001, ..up };
+        let ended_key = table.packet(ended, 60, tcp_flags::SYN, role::LAN, 2 * SEC);
+        before.on_event(start_event(ended_key, 2 * SEC), &nat);
+        table.packet(ended, 40, tcp_flags::ACK | tcp_flags::RST, role::LAN, 5 * SEC);
+
+        let (flows, answers) = before.hand_over(6 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let so_far = before.take_records();
+        assert_eq!(so_far.len(), 3, "{so_far:#?}");
+        let first = so_far.iter().find(|r| r.remote.port == 8080 && r.device.port == Some(51000)).unwrap();
+        assert_eq!(first.end_reason, EndReason::Shutdown);
+        assert_eq!((first.packets_up, first.packets_down, first.bytes_down), (4, 4, 60 + 3 * 1500));
+        let reset = so_far.iter().find(|r| r.device.port == Some(51001)).unwrap();
+        assert_eq!(reset.end_reason, EndReason::Rst, "a connection that ended is closed as it ended");
+        let closed = before.take_closed_flows();
+        assert!(closed.contains(&ended_key), "its entry goes once stored");
+        before.release(&closed, &mut table).unwrap();
+        assert!(!table.0.contains_key(&ended_key));
+        assert!(!flows.iter().any(|f| FlowKey::from(f.key) == ended_key));
+        assert!(table.0.contains_key(&lan), "an open connection's entry stays for the next agent");
+
+        // The probe goes on counting while no agent runs.
+        for at in 7..=9 {
+            table.packet(reply, 1500, tcp_flags::ACK, role::WAN, at * SEC);
+            table.packet(up, 40, tcp_flags::ACK, role::LAN, at * SEC);
+        }
+        let handover = Handover::decode(&Handover::new(7, flows, answers).encode().unwrap(), 7).unwrap();
+        let mut after = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        assert_eq!(
+            after.take_over(handover, &table, 10 * SEC).unwrap(),
+            3,
+            "the download's two halves and the exchange"
+        );
+        // A new connection to the address looked up before the handover.
+        let again = Tuple { src_port: 51002, ..up };
+        let reply_again = Tuple { dst_port: 10002, ..reply };
+        nat.apply(NatEvent::New(Mapping { original: again, reply: reply_again }), 11 * SEC);
+        let again_key = table.packet(again, 60, tcp_flags::SYN, role::LAN, 11 * SEC);
+        after.on_event(start_event(again_key, 11 * SEC), &nat);
+        table.packet(reply, 40, tcp_flags::ACK | tcp_flags::FIN, role::WAN, 12 * SEC);
+        table.packet(up, 40, tcp_flags::ACK | tcp_flags::FIN, role::LAN, 12 * SEC);
+        after.on_event(end_event(lan, 12 * SEC), &nat);
+        after.close_all(20 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
+        let rest = after.take_records();
+        let second = rest.iter().find(|r| r.device.port == Some(51000)).expect("the rest of the download");
+        assert_eq!(second.end_reason, EndReason::Fin);
+        assert_eq!(second.start, first.end, "it starts where the first record ended");
+        assert_eq!((second.packets_up, second.packets_down, second.bytes_down), (4, 4, 3 * 1500 + 40), "no byte twice");
+        assert_eq!(second.public, first.public);
+        assert!(!second.incomplete, "{second:#?}");
+        assert_eq!(second.service, first.service, "named as before");
+        assert_eq!(second.service.as_ref().map(|s| s.name.as_str()), Some("www.example.test"));
+        let new = rest.iter().find(|r| r.device.port == Some(51002)).expect("the new connection");
+        assert_eq!(new.service.as_ref().map(|s| s.name.as_str()), Some("www.example.test"), "the lookup is remembered");
+        assert_eq!(after.adopted, 0, "nothing was taken for unknown");
     }
 
     #[test]

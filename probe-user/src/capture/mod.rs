@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod events;
 pub mod flow;
+pub mod handover;
 pub mod hints;
 pub mod loss;
 pub mod nat;

@@ -5,13 +5,14 @@
 //! does. No record: the store's own `DIR/icr.toml` governs.
 use std::{
     ffi::OsStr,
-    fs::{self, File},
-    io::Write as _,
-    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
+    fs,
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use super::files::{replace_private, sync_parent};
 
 /// `DIR/governing-config`: the absolute path of the configuration, on one
 /// line.
@@ -40,7 +41,7 @@ pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
     let path = dir.join(FILE);
     let Some(config) = config else {
         return match fs::remove_file(&path) {
-            Ok(()) => sync_dir(dir),
+            Ok(()) => sync_parent(&path),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(error) => Err(error).with_context(|| format!("removing {}", path.display())),
         };
@@ -49,26 +50,7 @@ pub(super) fn remember(dir: &Path, config: Option<&Path>) -> Result<()> {
     if !config.is_absolute() || bytes.contains(&b'\n') {
         bail!("{} cannot be recorded as the store's configuration: not an absolute path on one line", config.display());
     }
-    let temporary = dir.join(format!("{FILE}.tmp"));
-    // Never through a link left in its place: root writes only the store's file.
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&temporary)
-        .with_context(|| format!("creating {}", temporary.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.write_all(b"\n"))
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    fs::rename(&temporary, &path).with_context(|| format!("renaming {} into place", temporary.display()))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    replace_private(&path, &[bytes, b"\n"].concat())
 }
 
 #[cfg(test)]

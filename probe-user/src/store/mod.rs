@@ -74,6 +74,8 @@ pub const LOOKBACK_DAYS: u64 = 1;
 pub const MAX_RETENTION_DAYS: u32 = 365;
 /// Under the open-block log directory: damaged log ranges, kept as they were.
 const QUARANTINE_DIR: &str = "quarantine";
+/// `DIR/handover`: see [`Store::leave_handover`].
+const HANDOVER_FILE: &str = "handover";
 
 /// A handle on the store; clones share it.
 #[derive(Clone)]
@@ -563,6 +565,26 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Leaves what an agent stopping with its probe pinned hands to the
+    /// next (`capture::handover`), once its last records are durable.
+    pub fn leave_handover(&self, bytes: &[u8]) -> Result<()> {
+        files::replace_private(&self.inner.dir.join(HANDOVER_FILE), bytes)
+    }
+
+    /// Takes what the last agent handed over, if it left anything: read
+    /// once, then removed, so that no later agent resumes from it again.
+    pub fn take_handover(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.inner.dir.join(HANDOVER_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+        };
+        remove_if_present(&path)?;
+        files::sync_parent(&path)?;
+        Ok(Some(bytes))
     }
 
     /// Records that the configuration file `config` (absolute; `None`: the

@@ -23,7 +23,7 @@ pub struct DeviceId {
 
 /// The exchange a name came from, for the record it names: an analyst can
 /// find that exchange and check it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NamedBy {
     pub name: String,
     /// Kernel time of the answer.
@@ -110,6 +110,27 @@ impl DnsCache {
             !entries.is_empty()
         });
         self.entries = kept;
+    }
+
+    /// Every answer held: the device, the address it resolved, the
+    /// answer, until when it names (for `capture::handover`).
+    pub fn entries(&self) -> impl Iterator<Item = (DeviceId, IpAddr, &NamedBy, u64)> {
+        self.by_device.iter().flat_map(|(device, entries)| {
+            entries.iter().map(|(remote, cached)| (*device, *remote, &cached.named_by, cached.until_ns))
+        })
+    }
+
+    /// Holds an answer an earlier agent held, within the same bounds as
+    /// answers seen.
+    pub fn restore(&mut self, device: DeviceId, remote: IpAddr, named_by: NamedBy, until_ns: u64) {
+        let until_ns = until_ns.min(named_by.answered_ns.saturating_add(MAX_HOLD_NS));
+        let entries = self.by_device.entry(device).or_default();
+        let known = entries.contains_key(&remote);
+        if !known && (entries.len() >= MAX_PER_DEVICE || self.entries >= self.max_entries) {
+            return;
+        }
+        entries.insert(remote, Cached { named_by, until_ns });
+        self.entries += usize::from(!known);
     }
 
     /// Answers held, all devices together.

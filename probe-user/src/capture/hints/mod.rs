@@ -110,6 +110,12 @@ impl Exchange {
 const MAX_EXCHANGES: usize = 256;
 
 impl FlowHints {
+    /// The hints of a flow an earlier agent followed: the name it had found
+    /// (the packets that gave it are not seen again).
+    pub fn resumed(service: Option<Service>) -> Self {
+        Self { client_decided: service.is_some(), service, ..Self::default() }
+    }
+
     /// The client's SYN was seen: its data starts at `isn + 1`, so segments
     /// arriving out of order are placed right.
     pub fn client_syn(&mut self, dir: u8, isn: u32) {
