@@ -5,10 +5,23 @@
 //! ran, and after — is in the store, with every byte counted. Both agents
 //! run with the Debian package's capabilities only (no CAP_SYS_ADMIN). A
 //! stopped agent (an upgrade) hands its open connections to the next.
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use icr_lab::{Agent, Bpffs, EXCHANGE_IP, Lab, icr_binary};
 use serde_json::Value;
+
+/// A lab of one client, a bpffs, and a store configured to pin the probe.
+fn pinned_lab() -> (Lab, Bpffs, PathBuf) {
+    let lab = Lab::start(1).expect("building the lab");
+    let bpffs = Bpffs::mount(lab.dir.join("bpffs"));
+    let db = lab.dir.join("db");
+    write_config(&db, &bpffs.0.join("icr"));
+    (lab, bpffs, db)
+}
 
 fn write_config(db: &Path, pins: &Path) {
     std::fs::create_dir_all(db).unwrap();
@@ -24,11 +37,8 @@ fn write_config(db: &Path, pins: &Path) {
 
 #[test]
 fn a_killed_agent_restarts_without_losing_a_flow() {
-    let lab = Lab::start(1).expect("building the lab");
-    let bpffs = Bpffs::mount(lab.dir.join("bpffs"));
+    let (lab, bpffs, db) = pinned_lab();
     let pins = bpffs.0.join("icr");
-    let db = lab.dir.join("db");
-    write_config(&db, &pins);
     let c1 = &lab.clients[0];
 
     let agent = Agent::start_confined(&lab, &icr_binary(), &db).expect("starting the agent");
@@ -84,11 +94,8 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
 
 #[test]
 fn a_stopped_agent_hands_its_open_connections_to_the_next() {
-    let lab = Lab::start(1).expect("building the lab");
-    let bpffs = Bpffs::mount(lab.dir.join("bpffs"));
+    let (lab, bpffs, db) = pinned_lab();
     let pins = bpffs.0.join("icr");
-    let db = lab.dir.join("db");
-    write_config(&db, &pins);
     let c1 = &lab.clients[0];
 
     let agent = Agent::start_confined(&lab, &icr_binary(), &db).expect("starting the agent");

@@ -1408,34 +1408,46 @@ mod tests {
         ProbeEvent::Hint(event, frame)
     }
 
-    #[test]
-    fn the_gateways_resolver_answer_names_a_later_connection_and_its_exchange_is_local() {
+    /// At 1 s, 192.168.1.23 asks the gateway's resolver for
+    /// www.example.test and is answered 198.51.100.10; conntrack follows
+    /// the exchange with the gateway too, untranslated. Then, at 2 s, the
+    /// device opens a connection to that address with no name of its own,
+    /// NATed to 203.0.113.1:10001. Returns the connection's tuple and reply.
+    fn a_lookup_then_a_connection(
+        table: &mut FakeTable,
+        nat: &mut NatTable,
+        assembler: &mut Assembler,
+    ) -> (Tuple, Tuple, FlowKey) {
         use crate::capture::hints::dns::tests::{a_record, response};
-        let mut table = FakeTable::default();
-        let mut nat = NatTable::default();
-        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
         let device = ipv4(192, 168, 1, 23);
         let web = ipv4(198, 51, 100, 10);
         let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
-        // Conntrack follows the exchange with the gateway too, untranslated.
         nat.apply(NatEvent::New(Mapping { original: lookup, reply: lookup.reversed() }), SEC);
         let answer =
             response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
         let mut question = answer.clone();
         question[2] &= 0x7f;
         let key = table.packet(lookup, 60, 0, role::LAN, SEC);
-        assembler.on_event(start_event(key, SEC), &nat);
-        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
+        assembler.on_event(start_event(key, SEC), nat);
+        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), nat);
         table.packet(lookup.reversed(), 90, 0, role::GATEWAY, SEC + 1000);
-        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), &nat);
+        assembler.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), nat);
 
-        // A connection with no name of its own, to the answered address, NATed.
         let up = Tuple { src: device, src_port: 51000, dst: web, dst_port: 8080, proto: Proto::Tcp };
         let reply = Tuple { src: web, src_port: 8080, dst: ipv4(203, 0, 113, 1), dst_port: 10001, proto: Proto::Tcp };
         nat.apply(NatEvent::New(Mapping { original: up, reply }), 2 * SEC);
         let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, 2 * SEC);
         table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC + 1000);
-        assembler.on_event(start_event(lan, 2 * SEC), &nat);
+        assembler.on_event(start_event(lan, 2 * SEC), nat);
+        (up, reply, lan)
+    }
+
+    #[test]
+    fn the_gateways_resolver_answer_names_a_later_connection_and_its_exchange_is_local() {
+        let mut table = FakeTable::default();
+        let mut nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), true);
+        let (_, reply, _) = a_lookup_then_a_connection(&mut table, &mut nat, &mut assembler);
 
         assembler.close_all(3 * SEC, EndReason::Shutdown, &mut table, &nat).unwrap();
         let records = assembler.take_records();
@@ -1455,30 +1467,11 @@ mod tests {
 
     #[test]
     fn an_agent_handing_its_probe_over_leaves_the_rest_of_each_connection_to_the_next_named() {
-        use crate::capture::hints::dns::tests::{a_record, response};
         let mut table = FakeTable::default();
         let mut nat = NatTable::default();
         let mut before = Assembler::new(Timeouts::default(), Clock::capture(), true);
-        let device = ipv4(192, 168, 1, 23);
-        let web = ipv4(198, 51, 100, 10);
-        let lookup = Tuple { src: device, src_port: 40000, dst: ipv4(192, 168, 1, 1), dst_port: 53, proto: Proto::Udp };
-        nat.apply(NatEvent::New(Mapping { original: lookup, reply: lookup.reversed() }), SEC);
-        let answer =
-            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
-        let mut question = answer.clone();
-        question[2] &= 0x7f;
-        let exchange = table.packet(lookup, 60, 0, role::LAN, SEC);
-        before.on_event(start_event(exchange, SEC), &nat);
-        before.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
-        table.packet(lookup.reversed(), 90, 0, role::GATEWAY, SEC + 1000);
-        before.on_event(hint_event(lookup.reversed(), role::GATEWAY, SEC + 1000, &answer), &nat);
-        // A download named by that answer, NATed, open when the agent stops.
-        let up = Tuple { src: device, src_port: 51000, dst: web, dst_port: 8080, proto: Proto::Tcp };
-        let reply = Tuple { src: web, src_port: 8080, dst: ipv4(203, 0, 113, 1), dst_port: 10001, proto: Proto::Tcp };
-        nat.apply(NatEvent::New(Mapping { original: up, reply }), 2 * SEC);
-        let lan = table.packet(up, 60, tcp_flags::SYN, role::LAN, 2 * SEC);
-        table.packet(reply, 60, tcp_flags::SYN | tcp_flags::ACK, role::WAN, 2 * SEC);
-        before.on_event(start_event(lan, 2 * SEC), &nat);
+        // The connection is a download, open when the agent stops.
+        let (up, reply, lan) = a_lookup_then_a_connection(&mut table, &mut nat, &mut before);
         for at in 3..=5 {
             table.packet(reply, 1500, tcp_flags::ACK, role::WAN, at * SEC);
             table.packet(up, 40, tcp_flags::ACK, role::LAN, at * SEC);
