@@ -94,8 +94,7 @@ fn a_killed_agent_restarts_without_losing_a_flow() {
 
 #[test]
 fn a_stopped_agent_hands_its_open_connections_to_the_next() {
-    let (lab, bpffs, db) = pinned_lab();
-    let pins = bpffs.0.join("icr");
+    let (lab, _bpffs, db) = pinned_lab();
     let c1 = &lab.clients[0];
 
     let agent = Agent::start_confined(&lab, &icr_binary(), &db).expect("starting the agent");
