@@ -277,13 +277,14 @@ try_caps() { # LIMIT_MEMLOCK CAPS...
     chown icr: "$dir"
     systemd-run --quiet --wait --collect -p User=icr -p Group=icr \
         -p "AmbientCapabilities=$*" -p "CapabilityBoundingSet=$*" -p "LimitMEMLOCK=$memlock" \
-        /usr/local/bin/icrpkg-try "$dir" < /dev/null > /dev/null 2>&1
+        /usr/local/bin/icrpkg-try "$dir" < /dev/null > "$dir.run" 2>&1
     code=$?
     say "caps [$*] memlock $memlock: $([ "$code" = 0 ] && echo runs || echo "fails (exit $code)")"
-    # Why it fails, and what it could not do while it ran (warnings).
-    ls -la "$dir" | sed 's/^/    /'
-    cut -c1-240 "$dir/log" | grep -v " INFO " | sed 's/^/    /'
-    rm -rf "$dir"
+    # Why it fails (systemd-run's own words, then the agent's), and what it
+    # could not do while it ran (warnings).
+    sed 's/^/    systemd-run: /' "$dir.run"
+    [ -f "$dir/log" ] && cut -c1-240 "$dir/log" | grep -v " INFO " | sed 's/^/    /'
+    rm -rf "$dir" "$dir.run"
     return "$code"
 }
 systemctl stop icr
