@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     export::clickhouse::ClickHouse,
     icr::{EndReason, Icr},
+    query::{Desk, Sweep, Sweeper},
     store::{
         Store,
         gaps::{Gap, LossKind, Watermark},
@@ -139,7 +140,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     store.set_retention_days(config.retention_days);
     let governing = crate::query::audit::govern(&store, &db, config_file.as_deref())?;
     let snapshot = crate::serve::metrics::Shared::default();
-    let _doors = ServiceRuntime::start(&db, &config, governing, &store, &snapshot).await?;
+    let _doors = ServiceRuntime::start(&db, &config, governing.clone(), &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let probe_id = config.probe_id();
     if let Some(section) = &config.clickhouse {
@@ -291,8 +292,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = sweep.tick() => {
-                let summary = crate::query::audit::sweep(&store, &db, &config.audit, config.retention_days, "agent (hourly retention)")?;
-                info!("{summary}");
+                // Reads hide the expired days meanwhile: a sweep that fails
+                // (an unreadable configuration, say) is tried again, and
+                // stops no capture.
+                match Desk::new(&db, &governing, &store).sweep(&Sweep { by: Sweeper::Schedule, config: None }) {
+                    Ok(summary) => info!("{summary}"),
+                    Err(failure) => error!("the retention sweep failed, tried again in an hour: {failure}"),
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

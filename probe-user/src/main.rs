@@ -8,7 +8,7 @@ use clap::Parser as _;
 use icr::{
     agent::{self, RunOptions},
     config::{Config, StoreConfig},
-    query::{Desk, Failure, Request},
+    query::{Desk, Failure, Operator, Request, Sweep, Sweeper},
     serve::{
         cli::{Cli, ClickHouseCommand, Command, ConfigCommand, RunArgs},
         commands,
@@ -66,7 +66,8 @@ fn main() {
             match &args.target.clickhouse {
                 Some(url) => commands::cluster_dir(named, db).map_err(Failure::from).and_then(|dir| {
                     let governing = StoreConfig::of_store(&dir)?;
-                    let summary = commands::sweep_cluster(named, url, &dir, &governing)?;
+                    let cluster = commands::cluster_of(url, &governing)?;
+                    let summary = Desk::new(&dir, &governing, &cluster).sweep(&operators_sweep(named))?;
                     writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e)))
                 }),
                 None => commands::store_dir(named, db)
@@ -160,15 +161,25 @@ fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Fai
     match Store::open(db) {
         Ok(store) => {
             let governing = StoreConfig::of_store(db)?;
-            let summary = Desk::new(db, &governing, &store).sweep_store(&store, named)?;
+            let summary = Desk::new(db, &governing, &store).sweep(&operators_sweep(named))?;
             writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
             Ok(())
         }
         Err(OpenError::InUse(_)) => {
-            from_agent(&agent_socket(db, named), &Order::Sweep { config: named.map(Path::to_path_buf) })
+            let Sweep { config, by } = operators_sweep(named);
+            let sudo_user = match by {
+                Sweeper::Operator(operator) => operator.sudo_user,
+                Sweeper::Schedule => None,
+            };
+            from_agent(&agent_socket(db, named), &Order::Sweep { config, sudo_user })
         }
         Err(OpenError::Failed(error)) => Err(error.into()),
     }
+}
+
+/// This operator's sweep.
+fn operators_sweep(named: Option<&Path>) -> Sweep {
+    Sweep { by: Sweeper::Operator(Operator::this_process()), config: named.map(Path::to_path_buf) }
 }
 
 /// Sends `order` to the agent that holds the store; its answer goes to

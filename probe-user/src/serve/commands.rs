@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use chrono::{Days, NaiveDate, Utc};
 
 use crate::{
     capture::probe::ProbeOptions,
@@ -16,12 +15,7 @@ use crate::{
         self, Format,
         clickhouse::{ClickHouse, block_on},
     },
-    icr::format_time,
-    query::{
-        Ask, Failure, Request, Who,
-        audit::{AuditLog, AuditRecord},
-        cluster::Cluster,
-    },
+    query::{Ask, Request, Who, audit::AuditLog, cluster::Cluster},
     serve::cli::{AuditCommand, CENTRAL_DIR, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
     store::Store,
 };
@@ -259,46 +253,13 @@ pub fn clickhouse_init(section: ClickHouseSection, out: &mut dyn Write) -> Resul
 /// The cluster at `url`, as the governing configuration's `[clickhouse]`
 /// names it (its cluster name, user, password and CA; one server and
 /// ClickHouse's `default` user when it names none).
+/// Its password file must be outside the directory of that configuration.
 pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
-    Cluster::new(clickhouse_at(url, &governing.load()?.config, governing)?)
-}
-
-/// `url` with the rest of the governing configuration's `[clickhouse]`; its
-/// password file must be outside the directory of that configuration.
-fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<ClickHouse> {
-    let section = match config.clickhouse.clone() {
+    let section = match governing.load()?.config.clickhouse {
         Some(section) => ClickHouseSection { url: url.to_string(), ..section },
         None => ClickHouseSection::at(url),
     };
-    ClickHouse::new(&section, governing.path().parent())
-}
-
-/// Applies retention to the cluster now: drops the expired day partitions
-/// on every node, audited in `db`.
-pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
-    crate::query::desk::refuse_another(named, governing)?;
-    let config = governing.load()?.config;
-    let clickhouse = clickhouse_at(url, &config, governing)?;
-    let oldest_kept =
-        Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
-    let dropped = block_on(clickhouse.drop_days_before(oldest_kept))?;
-    // The URL as checked (credentials are refused; none can be audited).
-    let url = clickhouse.url();
-    let summary = format!("retention {} days on {url}: dropped {} day(s)", config.retention_days, dropped.len());
-    AuditLog::open(db, &config.audit)?.append(AuditRecord {
-        time: format_time(&Utc::now()),
-        command: "sweep".into(),
-        officer: Some(crate::query::audit::operator()),
-        parameters: serde_json::json!({
-            "retention_days": config.retention_days,
-            "clickhouse": url,
-            "dropped": dropped.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-        }),
-        outcome: summary.clone(),
-        result_count: dropped.len() as u64,
-        ..AuditRecord::default()
-    })?;
-    Ok(summary)
+    Cluster::new(ClickHouse::new(&section, governing.path().parent())?)
 }
 
 #[cfg(test)]
