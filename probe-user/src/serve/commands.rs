@@ -1,6 +1,7 @@
 //! The command line's side of the doors: its flags become a request for the
-//! desk (`crate::query`), and the operator's commands that are not
-//! questions (replay, sweep, detach, audit verify) run here.
+//! desk (`crate::query`; `route` says where it is answered), and the
+//! operator's commands that are neither questions nor sweeps (replay,
+//! detach, audit verify, serve, clickhouse init) run here.
 use std::{
     io::Write,
     path::{Path, PathBuf},
@@ -16,27 +17,12 @@ use crate::{
         clickhouse::{ClickHouse, block_on},
     },
     query::{Ask, Request, Who, audit::AuditLog, cluster::Cluster},
-    serve::cli::{AuditCommand, CENTRAL_DIR, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
+    serve::{
+        cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
+        route,
+    },
     store::Store,
 };
-
-/// The store a command works on: its `--db`, else the `db` of its
-/// configuration (`named`, else /etc/icr/icr.toml), which is read only then.
-pub fn store_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
-    match flag {
-        Some(dir) => Ok(dir.to_path_buf()),
-        None => Config::choose(named, None)?.db(None),
-    }
-}
-
-/// The directory of the configuration and audit log of a cluster's
-/// questions: `--db`, else the configuration's `db`, else [`CENTRAL_DIR`].
-pub fn cluster_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
-    match flag {
-        Some(dir) => Ok(dir.to_path_buf()),
-        None => Ok(Config::choose(named, None)?.config.db.unwrap_or_else(|| PathBuf::from(CENTRAL_DIR))),
-    }
-}
 
 /// `icr config check`: the configuration `named` (else
 /// /etc/icr/icr.toml) loads; its effective values are printed.
@@ -156,7 +142,7 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
         AuditCommand::Verify { db, config, head, key: Some(key) } => {
-            let db = store_dir(config.as_deref(), db.as_deref())?;
+            let db = route::store_dir(config.as_deref(), db.as_deref())?;
             // The key named here, not the store's configuration, decides:
             // whoever rewrites the store can edit that.
             let log = AuditLog::verifying_with(&db, &key)?;
@@ -171,7 +157,7 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
             Ok(())
         }
         AuditCommand::Verify { db, config, head, key: None } => {
-            let db = store_dir(config.as_deref(), db.as_deref())?;
+            let db = route::store_dir(config.as_deref(), db.as_deref())?;
             let config = StoreConfig::of_store(&db)?.load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
             let verified =
@@ -248,18 +234,6 @@ pub fn clickhouse_init(section: ClickHouseSection, out: &mut dyn Write) -> Resul
     }
     writeln!(out, "the ICR tables are on {} node(s): {}", nodes.len(), nodes.join(" "))?;
     Ok(())
-}
-
-/// The cluster at `url`, as the governing configuration's `[clickhouse]`
-/// names it (its cluster name, user, password and CA; one server and
-/// ClickHouse's `default` user when it names none).
-/// Its password file must be outside the directory of that configuration.
-pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
-    let section = match governing.load()?.config.clickhouse {
-        Some(section) => ClickHouseSection { url: url.to_string(), ..section },
-        None => ClickHouseSection::at(url),
-    };
-    Cluster::new(ClickHouse::new(&section, governing.path().parent())?)
 }
 
 #[cfg(test)]

@@ -68,7 +68,8 @@ struct Reply {
     gaps: Vec<Gap>,
 }
 
-/// What the agent answered: the output went to stdout already.
+/// What the agent answered: its output is written already.
+#[derive(Debug)]
 pub struct Answer {
     pub status: i32,
     pub error: Option<String>,
@@ -229,8 +230,8 @@ pub fn connect(socket: &Path) -> std::io::Result<StdUnixStream> {
 }
 
 /// Sends `order` to the agent over `stream` (from [`connect`]), copies the
-/// output to stdout, and returns the exit status, error and gaps to report.
-pub fn ask(mut stream: StdUnixStream, order: &Order) -> Result<Answer> {
+/// output to `out`, and returns the exit status, error and gaps to report.
+pub fn ask(mut stream: StdUnixStream, order: &Order, out: &mut dyn std::io::Write) -> Result<Answer> {
     let mut request = serde_json::to_vec(order)?;
     request.push(b'\n');
     // A refused caller's reply may come before its order is read: it still says why.
@@ -246,9 +247,8 @@ pub fn ask(mut stream: StdUnixStream, order: &Order) -> Result<Answer> {
         bail!("the agent closed its socket without answering");
     }
     let reply: Reply = serde_json::from_str(&header).context("the agent's answer is malformed")?;
-    let mut stdout = std::io::stdout().lock();
-    std::io::copy(&mut reader.by_ref(), &mut stdout)?;
-    stdout.flush()?;
+    std::io::copy(&mut reader.by_ref(), out)?;
+    out.flush()?;
     Ok(Answer { status: reply.status, error: reply.error, gaps: reply.gaps })
 }
 

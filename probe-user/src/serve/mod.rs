@@ -11,4 +11,5 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod refusals;
+pub mod route;
 pub mod tokens;
