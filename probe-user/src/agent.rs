@@ -22,7 +22,7 @@ use crate::{
     capture::flow::{Assembler, nanos},
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
-    capture::probe::{Probe, ProbeOptions},
+    capture::probe::Probe,
     capture::subscribers::Directory,
     config::Config,
     export::clickhouse::ClickHouse,
@@ -151,12 +151,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tokio::spawn(crate::export::clickhouse::ship::run(store.clone(), cluster, probe_id.clone()));
     }
     let loaded_at = Utc::now();
-    let mut probe = Probe::load(ProbeOptions {
-        flow_table_size: config.probe.flow_table_size,
-        pin_dir: config.probe.pin_dir.clone(),
-        events: config.probe.events,
-        event_ring_bytes: config.probe.event_ring_bytes,
-    })?;
+    let mut probe = Probe::load(config.probe.probe_options())?;
     // Readers first: a flow event sent before its CPU's buffer is open is
     // lost, and the first packets arrive as soon as the program attaches.
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
@@ -343,10 +338,7 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
 /// The closed flows' records, named with their subscribers.
 fn named_records(assembler: &mut Assembler, directory: &Directory, probe: &str) -> Vec<Icr> {
     let mut records = assembler.take_records();
-    for record in &mut records {
-        record.probe = Some(probe.to_string());
-        record.device.subscriber = directory.subscriber(record);
-    }
+    directory.name(&mut records, probe);
     records
 }
 

@@ -27,7 +27,9 @@ fn main() {
     let mut stdout = std::io::stdout().lock();
     let result: Result<(), Failure> = match cli.command {
         Command::Run(args) => run(args).map_err(Failure::from),
-        Command::Replay(args) => commands::replay(args).map_err(Failure::from),
+        Command::Replay(args) => icr::replay::run(&args.file, args.db.as_deref(), args.config.as_deref(), &mut stdout)
+            .map(drop)
+            .map_err(Failure::from),
         Command::Detach(args) => commands::detach(args, &mut stdout).map_err(Failure::from),
         Command::HashToken => hash_token(&mut stdout).map_err(Failure::from),
         Command::Audit(audit) => commands::audit(audit, &mut stdout).map_err(Failure::from),

@@ -1,7 +1,7 @@
 //! The command line's side of the doors: its flags become a request for the
 //! desk (`crate::query`; `route` says where it is answered), and the
-//! operator's commands that are neither questions nor sweeps (replay,
-//! detach, audit verify, serve, clickhouse init) run here.
+//! operator's commands that are neither questions nor sweeps (detach,
+//! audit verify, serve, clickhouse init) run here.
 use std::{
     io::Write,
     path::{Path, PathBuf},
@@ -10,18 +10,16 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    capture::probe::ProbeOptions,
     config::{ClickHouseSection, Config, StoreConfig},
     export::{
-        self, Format,
+        Format,
         clickhouse::{ClickHouse, block_on},
     },
     query::{Ask, Request, Who, audit::AuditLog, cluster::Cluster},
     serve::{
-        cli::{AuditCommand, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
+        cli::{AuditCommand, ListArgs, QueryCommand, Requester, StoreArgs},
         route,
     },
-    store::Store,
 };
 
 /// `icr config check`: the configuration `named` (else
@@ -96,47 +94,6 @@ pub fn service_list(mut services: Vec<String>, file: Option<&Path>) -> Result<Ve
         bail!("name at least one --service (or a --services-file)");
     }
     Ok(services)
-}
-
-pub fn replay(args: ReplayArgs) -> Result<()> {
-    let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
-    let config = chosen.config;
-    let store = args.db.as_deref().map(Store::open).transpose()?;
-    // A replay that stores is the store's writer, as an agent is: its
-    // configuration governs the store's questions from now on.
-    if let (Some(store), Some(db)) = (&store, &args.db) {
-        crate::query::audit::govern(store, db, chosen.source.agent_file())?;
-    }
-    // A replay never pins: it must not touch a running agent's maps.
-    let options = ProbeOptions {
-        flow_table_size: config.probe.flow_table_size,
-        pin_dir: None,
-        events: config.probe.events,
-        event_ring_bytes: config.probe.event_ring_bytes,
-    };
-    let directory = crate::capture::subscribers::Directory::load(&config.subscribers)?;
-    let probe_id = config.probe_id();
-    let mut out = std::io::stdout().lock();
-    let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts(), |mut records| {
-        for record in &mut records {
-            record.probe = Some(probe_id.clone());
-            record.device.subscriber = directory.subscriber(record);
-        }
-        out.write_all(&export::ndjson(&records)?)?;
-        if let Some(store) = &store {
-            store.append(&records)?;
-        }
-        Ok(())
-    })?;
-    out.flush()?;
-    log::info!(
-        "replayed {} packets ({} of unsupported link types skipped, {} damaged packet records skipped): {} records",
-        stats.packets,
-        stats.unsupported_link,
-        stats.damaged,
-        stats.records
-    );
-    Ok(())
 }
 
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
