@@ -104,7 +104,7 @@ impl<'a> Desk<'a> {
         let LoadedConfig { config, sha256 } = self.configuration()?;
         let audit = AuditLog::open(self.audit_dir, &config.audit)?;
         let retention_days = config.retention_days;
-        let entry = AuditRecord {
+        let mut entry = AuditRecord {
             time: format_time(&Utc::now()),
             command: "sweep".into(),
             officer: Some(request.by.to_string()),
@@ -112,6 +112,8 @@ impl<'a> Desk<'a> {
             config_sha256: sha256,
             ..AuditRecord::default()
         };
+        // The sudo user is the caller's word: kept, at a bounded size.
+        shorten(&mut entry.officer);
         let open = Open { audit: &audit, entry: &entry };
         if let Err(refusal) =
             refuse_another(request.config.as_deref(), self.governing, "the store is governed by its configuration")
@@ -234,9 +236,7 @@ impl<'a> Desk<'a> {
             // refused and why, at a bounded size.
             entry.parameters = serde_json::json!({ "oversized": reason });
             for field in [&mut entry.officer, &mut entry.reference, &mut entry.authority] {
-                if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
-                    *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
-                }
+                shorten(field);
             }
             return Err(Open { audit: &audit, entry: &entry }.refuse(Refusal(reason)));
         }
@@ -397,6 +397,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A value longer than a request may carry, as the audit log keeps it: its
+/// start and its length.
+fn shorten(field: &mut Option<String>) {
+    if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
+        *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
+    }
+}
+
 /// Why a request is too large to answer (or audit as it is), if it is.
 fn oversized(record: &AuditRecord) -> Option<String> {
     fn longest(value: &serde_json::Value) -> usize {
@@ -554,5 +562,11 @@ mod tests {
         assert_eq!(entries[2]["parameters"]["dropped"].as_array().unwrap().len(), 1);
         assert!(entries[2].get("clickhouse").is_none() && entries[2]["parameters"].get("clickhouse").is_none());
         assert_eq!(entries[3]["officer"], "agent (hourly retention)");
+
+        // A sudo user is the caller's word: audited at a bounded size.
+        let long = Sweeper::Operator(Operator { uid: stranger, sudo_user: Some("x".repeat(100_000)) });
+        assert!(matches!(desk.sweep(&Sweep { by: long, config: None }), Err(Failure::Refused(_))));
+        let officer = sweeps(db)[4]["officer"].as_str().unwrap().to_string();
+        assert!(officer.len() < 200 && officer.ends_with("bytes)"), "{officer}");
     }
 }
