@@ -24,11 +24,12 @@ use crate::{
     capture::handover::Handover,
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
-    capture::probe::{Probe, ProbeOptions},
+    capture::probe::Probe,
     capture::subscribers::Directory,
     config::Config,
     export::clickhouse::ClickHouse,
     icr::{EndReason, Icr},
+    query::{Desk, Sweep, Sweeper},
     store::{
         Store,
         gaps::{Gap, LossKind, Watermark},
@@ -141,7 +142,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     store.set_retention_days(config.retention_days);
     let governing = crate::query::audit::govern(&store, &db, config_file.as_deref())?;
     let snapshot = crate::serve::metrics::Shared::default();
-    let _doors = ServiceRuntime::start(&db, &config, governing, &store, &snapshot).await?;
+    let _doors = ServiceRuntime::start(&db, &config, governing.clone(), &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
     let probe_id = config.probe_id();
     if let Some(section) = &config.clickhouse {
@@ -152,12 +153,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tokio::spawn(crate::export::clickhouse::ship::run(store.clone(), cluster, probe_id.clone()));
     }
     let loaded_at = Utc::now();
-    let mut probe = Probe::load(ProbeOptions {
-        flow_table_size: config.probe.flow_table_size,
-        pin_dir: config.probe.pin_dir.clone(),
-        events: config.probe.events,
-        event_ring_bytes: config.probe.event_ring_bytes,
-    })?;
+    let mut probe = Probe::load(config.probe.probe_options())?;
     // Readers first: a flow event sent before its CPU's buffer is open is
     // lost, and the first packets arrive as soon as the program attaches.
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
@@ -294,8 +290,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             }
             _ = sweep.tick() => {
-                let summary = crate::query::audit::sweep(&store, &db, &config.audit, config.retention_days, "agent (hourly retention)")?;
-                info!("{summary}");
+                // Reads hide the expired days meanwhile: a sweep that fails
+                // (an unreadable configuration, say) is tried again, and
+                // stops no capture.
+                match Desk::new(&db, &governing, &store).sweep(&Sweep { by: Sweeper::Schedule, config: None }) {
+                    Ok(summary) => info!("{summary}"),
+                    Err(failure) => error!("the retention sweep failed, tried again in an hour: {failure}"),
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -376,10 +377,7 @@ fn apply_nat(nat: &mut NatTable, event: NatEvent) {
 /// The closed flows' records, named with their subscribers.
 fn named_records(assembler: &mut Assembler, directory: &Directory, probe: &str) -> Vec<Icr> {
     let mut records = assembler.take_records();
-    for record in &mut records {
-        record.probe = Some(probe.to_string());
-        record.device.subscriber = directory.subscriber(record);
-    }
+    directory.name(&mut records, probe);
     records
 }
 

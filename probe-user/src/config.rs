@@ -304,6 +304,19 @@ impl Default for ProbeSection {
     }
 }
 
+impl ProbeSection {
+    /// The probe these keys describe, pinned in `pin_dir` when it is set
+    /// (a replay unsets it: it must not touch a running agent's maps).
+    pub fn probe_options(&self) -> crate::capture::probe::ProbeOptions {
+        crate::capture::probe::ProbeOptions {
+            flow_table_size: self.flow_table_size,
+            pin_dir: self.pin_dir.clone(),
+            events: self.events,
+            event_ring_bytes: self.event_ring_bytes,
+        }
+    }
+}
+
 fn default_nat_destroyed_kept() -> usize {
     crate::capture::nat::DEFAULT_MAX_DESTROYED
 }
@@ -843,6 +856,18 @@ mod tests {
         let config = Config::parse("[probe]\nnat_destroyed_kept = 8192").unwrap();
         assert_eq!(config.probe.nat_destroyed_kept, 8192);
         assert!(refusal("[probe]\nnat_destroyed_kept = 0").contains("nat_destroyed_kept"));
+    }
+
+    #[test]
+    fn the_probe_section_is_the_probes_options() {
+        let config =
+            Config::parse("[probe]\nflow_table_size = 4096\npin_dir = \"/sys/fs/bpf/x\"\nevents = \"perf\"\nevent_ring_bytes = 131072")
+                .unwrap();
+        let options = config.probe.probe_options();
+        assert_eq!(options.flow_table_size, 4096);
+        assert_eq!(options.pin_dir.as_deref(), Some(Path::new("/sys/fs/bpf/x")));
+        assert_eq!(options.events, Some(crate::capture::probe::EventPath::Perf));
+        assert_eq!(options.event_ring_bytes, 131_072);
     }
 
     fn refusal(text: &str) -> String {

@@ -6,7 +6,8 @@
 //! `serve` → `query` → `store`, `capture` → `store`, `query` → `export` →
 //! `store`. `icr` (the record), `config` and `remote` (URLs and TLS of
 //! the servers icr reaches) are read by all. `agent` wires
-//! capture, store and the doors together.
+//! capture, store and the doors together; `replay` wires a capture file's
+//! replay to the same naming and store.
 pub mod agent;
 pub mod capture;
 pub mod config;
@@ -14,5 +15,6 @@ pub mod export;
 pub mod icr;
 pub mod query;
 pub mod remote;
+pub mod replay;
 pub mod serve;
 pub mod store;

@@ -1,20 +1,17 @@
-//! `icr`: argument parsing and wiring; the work is in the library's modules.
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+//! `icr`: argument parsing and dispatch; the work, and the choice of door
+//! (`serve::route`), are in the library's modules.
+use std::{io::Write, path::Path};
 
 use clap::Parser as _;
 use icr::{
     agent::{self, RunOptions},
-    config::{Config, StoreConfig},
-    query::{Desk, Failure, Request},
+    config::Config,
+    query::Failure,
     serve::{
         cli::{Cli, ClickHouseCommand, Command, ConfigCommand, RunArgs},
         commands,
-        control::{self, Order},
+        route::{Answered, Place},
     },
-    store::{OpenError, Store},
 };
 
 fn main() {
@@ -30,50 +27,24 @@ fn main() {
     let mut stdout = std::io::stdout().lock();
     let result: Result<(), Failure> = match cli.command {
         Command::Run(args) => run(args).map_err(Failure::from),
-        Command::Replay(args) => commands::replay(args).map_err(Failure::from),
+        Command::Replay(args) => icr::replay::run(&args.file, args.db.as_deref(), args.config.as_deref(), &mut stdout)
+            .map(drop)
+            .map_err(Failure::from),
         Command::Detach(args) => commands::detach(args, &mut stdout).map_err(Failure::from),
         Command::HashToken => hash_token(&mut stdout).map_err(Failure::from),
         Command::Audit(audit) => commands::audit(audit, &mut stdout).map_err(Failure::from),
-        Command::Query(query) => match commands::query_request(&query) {
-            Err(error) => Err(Failure::Invalid(format!("{error:#}"))),
-            Ok(request) => {
-                let target = query.target();
-                let (named, db) = (target.config.as_deref(), target.db.as_deref());
-                match (&target.server, &target.clickhouse) {
-                    (Some(_), _) => icr::serve::client::query(target, &request, &mut stdout).map(|gaps| warn_of(&gaps)),
-                    (None, Some(url)) => commands::cluster_dir(named, db)
-                        .map_err(Failure::from)
-                        .and_then(|dir| ask_cluster(url, &dir, request, &mut stdout)),
-                    (None, None) => commands::store_dir(named, db)
-                        .map_err(Failure::from)
-                        .and_then(|dir| ask_store(&dir, named, request, &mut stdout)),
-                }
-            }
-        },
-        Command::List(args) => {
-            let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());
-            match &args.target.clickhouse {
-                Some(url) => commands::cluster_dir(named, db)
-                    .map_err(Failure::from)
-                    .and_then(|dir| ask_cluster(url, &dir, commands::list_request(&args), &mut stdout)),
-                None => commands::store_dir(named, db)
-                    .map_err(Failure::from)
-                    .and_then(|dir| ask_store(&dir, named, commands::list_request(&args), &mut stdout)),
-            }
-        }
-        Command::Sweep(args) => {
-            let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());
-            match &args.target.clickhouse {
-                Some(url) => commands::cluster_dir(named, db).map_err(Failure::from).and_then(|dir| {
-                    let governing = StoreConfig::of_store(&dir)?;
-                    let summary = commands::sweep_cluster(named, url, &dir, &governing)?;
-                    writeln!(stdout, "{summary}").map_err(|e| Failure::from(anyhow::Error::from(e)))
-                }),
-                None => commands::store_dir(named, db)
-                    .map_err(Failure::from)
-                    .and_then(|dir| sweep(&dir, named, &mut stdout)),
-            }
-        }
+        Command::Query(query) => commands::query_request(&query)
+            .map_err(|error| Failure::Invalid(format!("{error:#}")))
+            .and_then(|request| Place::of_query(query.target())?.ask(&request, &mut stdout))
+            .map(report),
+        Command::List(args) => Place::of_store_or_cluster(&args.target)
+            .map_err(Failure::from)
+            .and_then(|place| place.ask(&commands::list_request(&args), &mut stdout))
+            .map(report),
+        Command::Sweep(args) => Place::of_store_or_cluster(&args.target)
+            .map_err(Failure::from)
+            .and_then(|place| place.sweep(&mut stdout))
+            .map(report),
         Command::Config(ConfigCommand::Check { config }) => {
             commands::config_check(config.as_deref(), &mut stdout).map_err(Failure::from)
         }
@@ -115,85 +86,21 @@ fn hash_token(out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers a request from the store in `db`: here, with the store's own
-/// configuration, or through its running agent's socket when the agent
-/// holds the store, or when the store is not the caller's to read (a member
-/// of the socket's group).
-fn ask_store(db: &Path, named: Option<&Path>, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
-    let socket = agent_socket(db, named);
-    match Store::open_read_only(db) {
-        Ok(store) => {
-            let governing = StoreConfig::of_store(db)?;
-            let answer = Desk::new(db, &governing, &store).answer(&request)?;
-            out.write_all(&answer.body).map_err(anyhow::Error::from)?;
-            warn_of(&answer.gaps);
-            Ok(())
-        }
-        Err(OpenError::InUse(_)) => from_agent(&socket, &Order::Query(Box::new(request))),
-        Err(OpenError::Failed(error)) => match control::connect(&socket) {
-            Ok(stream) => answered_by_agent(stream, &Order::Query(Box::new(request))),
-            Err(_) => Err(error.into()),
-        },
-    }
-}
-
-/// The socket of the agent that holds the store in `db`, as the
-/// configuration named (else the store's own) says; the default one when
-/// that cannot be read here.
-fn agent_socket(db: &Path, named: Option<&Path>) -> PathBuf {
-    control::socket_path(db, &Config::choose(named, Some(db)).map(|chosen| chosen.config).unwrap_or_default())
-}
-
-/// Answers a request from the provider's cluster: the configuration in `dir`
-/// governs it, and its audit log there records it.
-fn ask_cluster(url: &str, dir: &Path, request: Request, out: &mut dyn Write) -> Result<(), Failure> {
-    let governing = StoreConfig::of_store(dir)?;
-    let cluster = commands::cluster_of(url, &governing)?;
-    let answer = Desk::new(dir, &governing, &cluster).answer(&request)?;
-    out.write_all(&answer.body).map_err(anyhow::Error::from)?;
-    warn_of(&answer.gaps);
-    Ok(())
-}
-
-/// A sweep, here or by the running agent.
-fn sweep(db: &Path, named: Option<&Path>, out: &mut dyn Write) -> Result<(), Failure> {
-    match Store::open(db) {
-        Ok(store) => {
-            let governing = StoreConfig::of_store(db)?;
-            let summary = Desk::new(db, &governing, &store).sweep_store(&store, named)?;
-            writeln!(out, "{summary}").map_err(anyhow::Error::from)?;
-            Ok(())
-        }
-        Err(OpenError::InUse(_)) => {
-            from_agent(&agent_socket(db, named), &Order::Sweep { config: named.map(Path::to_path_buf) })
-        }
-        Err(OpenError::Failed(error)) => Err(error.into()),
-    }
-}
-
-/// Sends `order` to the agent that holds the store; its answer goes to
-/// stdout, and the process exits as the agent says.
-fn from_agent(socket: &Path, order: &Order) -> Result<(), Failure> {
-    let stream = control::connect(socket).map_err(|error| {
-        anyhow::Error::from(error)
-            .context(format!("the store is in use, and its agent's socket {} does not answer", socket.display()))
-    })?;
-    answered_by_agent(stream, order)
-}
-
-fn answered_by_agent(stream: std::os::unix::net::UnixStream, order: &Order) -> Result<(), Failure> {
-    let answer = control::ask(stream, order)?;
-    warn_of(&answer.gaps);
-    if let Some(reason) = answer.error {
-        eprintln!("icr: {reason}");
-    }
-    std::process::exit(answer.status);
-}
-
-/// Capture gaps go to stderr, one line each, so stdout stays the answer
-/// that scripts parse.
-fn warn_of(gaps: &[icr::store::gaps::Gap]) {
+/// Shows what came beside an answer: capture gaps on stderr, one line each,
+/// so stdout stays the answer that scripts parse. The agent's answer ends
+/// the process with the agent's exit status.
+fn report(answered: Answered) {
+    let gaps = match &answered {
+        Answered::Here { gaps } => gaps,
+        Answered::ByAgent(answer) => &answer.gaps,
+    };
     for gap in gaps {
         eprintln!("icr: warning: {}", gap.describe());
+    }
+    if let Answered::ByAgent(answer) = answered {
+        if let Some(reason) = answer.error {
+            eprintln!("icr: {reason}");
+        }
+        std::process::exit(answer.status);
     }
 }

@@ -60,8 +60,8 @@ fn replayed_names_agree_with_tshark() {
                 let column = &column;
                 scope.spawn(move || {
                     let config = Config::default();
-                    let options =
-                        ProbeOptions { flow_table_size: config.probe.flow_table_size, ..ProbeOptions::default() };
+                    // As `icr replay` loads it.
+                    let options = ProbeOptions { pin_dir: None, ..config.probe.probe_options() };
                     let mut replayer = Replayer::load(options).expect("loading the probe");
                     let outputs: Vec<_> = half
                         .iter()

@@ -967,3 +967,67 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
     let detach = Command::new(icr_binary()).args(["detach", "--db"]).arg(store.path()).output().unwrap();
     assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
 }
+
+/// A sweep of the cluster is the desk's, as a store's is: refused to a user
+/// other than root and the owner of the directory that governs and audits
+/// it, and to another configuration's retention; audited once whatever its
+/// outcome; carried out by the cluster backend. Asked in-process, from a
+/// thread in the provider's namespace.
+#[test]
+fn a_cluster_sweep_is_authorised_and_audited_once_at_the_desk() {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+
+    use icr::{
+        config::StoreConfig,
+        query::{Desk, Failure, Operator, Sweep, Sweeper},
+    };
+
+    let cluster = ClickHouseCluster::start(2).expect("two ClickHouse shards");
+    init(&cluster);
+    let central = central_dir(&cluster);
+    let started = chrono_now();
+    insert_record(&cluster, "0192f1c4-0000-7000-8000-000000000040", started, 40, "203.0.113.1", 40000);
+    insert_record(&cluster, "0192f1c4-0000-7000-8000-000000000001", started, 0, "203.0.113.1", 40000);
+    let count = || cluster.query_at(&cluster.url(0), "SELECT count() FROM icr.records").unwrap().trim().to_string();
+    assert_eq!(count(), "2");
+    let forged = cluster.dir.join("mine.toml");
+    std::fs::write(&forged, "retention_days = 1\n").unwrap();
+
+    let netns = std::fs::File::open(Path::new("/run/netns").join(&cluster.ns)).unwrap();
+    let (url, dir) = (cluster.url(0), central.clone());
+    let outcomes = std::thread::spawn(move || {
+        // SAFETY: setns on a namespace file we hold open; it changes only
+        // this thread's network namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let governing = StoreConfig::of_store(&dir).unwrap();
+        let backend = icr::serve::route::cluster_of(&url, &governing).unwrap();
+        let desk = Desk::new(&dir, &governing, &backend);
+        let owner = std::fs::metadata(&dir).unwrap().uid();
+        let operator = |uid| Sweeper::Operator(Operator { uid, sudo_user: None });
+        let stranger = if owner == 64_099 { 64_098 } else { 64_099 };
+        [
+            desk.sweep(&Sweep { by: operator(stranger), config: None }),
+            desk.sweep(&Sweep { by: operator(owner), config: Some(forged) }),
+            desk.sweep(&Sweep { by: operator(owner), config: None }),
+        ]
+    })
+    .join()
+    .unwrap();
+    let [stranger, forged, swept] = outcomes;
+    assert!(matches!(&stranger, Err(Failure::Refused(r)) if r.0.contains("operator's")), "{stranger:?}");
+    assert!(matches!(&forged, Err(Failure::Refused(r)) if r.0.contains("governed by its configuration")), "{forged:?}");
+    let summary = swept.unwrap();
+    assert!(summary.starts_with(&format!("retention 30 days on {}: dropped 1 day(s)", cluster.url(0))), "{summary}");
+    assert_eq!(count(), "1", "the 40-day-old record's day is gone, today's kept");
+
+    let audit = std::fs::read_to_string(central.join("audit.log")).unwrap();
+    let entries: Vec<Value> = audit.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(entries.len(), 3, "each sweep audited once: {audit}");
+    assert!(entries.iter().all(|entry| entry["command"] == "sweep"), "{audit}");
+    assert!(entries[..2].iter().all(|entry| entry["outcome"].as_str().unwrap().starts_with("refused")), "{audit}");
+    assert_eq!(entries[2]["outcome"], summary.as_str());
+    assert_eq!(entries[2]["parameters"]["clickhouse"], cluster.url(0).as_str());
+    assert_eq!(entries[2]["result_count"], 1);
+    let verify = icr(&cluster, &["audit", "verify", "--db", central.to_str().unwrap()]);
+    assert_eq!(verify.0, 0, "{}", verify.2);
+}

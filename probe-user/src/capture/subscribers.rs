@@ -128,6 +128,15 @@ impl Directory {
         self.leases.iter().rev().find(|l| l.ip == ip && l.from <= at && at < l.until)
     }
 
+    /// Names closed records as this gateway's: its `probe` id, and each
+    /// device's subscriber (the agent's records and a replay's alike).
+    pub fn name(&self, records: &mut [Icr], probe: &str) {
+        for record in records {
+            record.probe = Some(probe.to_string());
+            record.device.subscriber = self.subscriber(record);
+        }
+    }
+
     /// The subscriber of a record's device at the record's start.
     pub fn subscriber(&self, record: &Icr) -> Option<String> {
         let device = &record.device;
@@ -293,6 +302,17 @@ mod tests {
         assert_eq!(directory.subscriber(&record(None, "192.168.0.1", 0)), None);
         assert!(parse_static("not-a-key,x\nreally-not,y").is_err());
         assert!(parse_static("02:00:00:00:00:17,").is_err());
+    }
+
+    #[test]
+    fn records_are_named_with_the_probe_and_their_subscribers() {
+        let (by_mac, by_net) = parse_static("10.1.0.0/16,line-7\n").unwrap();
+        let directory = Directory { by_mac, by_net, ..Directory::default() };
+        let mut records = [record(None, "10.1.2.3", 0), record(None, "192.168.0.1", 0)];
+        records[1].device.subscriber = Some("stale".into());
+        directory.name(&mut records, "gw-7");
+        let named: Vec<_> = records.iter().map(|r| (r.probe.as_deref(), r.device.subscriber.as_deref())).collect();
+        assert_eq!(named, [(Some("gw-7"), Some("line-7")), (Some("gw-7"), None)]);
     }
 
     #[test]

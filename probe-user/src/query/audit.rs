@@ -395,16 +395,6 @@ impl Drop for FileLock {
     }
 }
 
-/// Who runs an operator command, for the audit log.
-pub fn operator() -> String {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    match std::env::var("SUDO_USER") {
-        Ok(user) => format!("uid {uid} (sudo by {user})"),
-        Err(_) => format!("uid {uid}"),
-    }
-}
-
 /// Makes the agent's configuration (`config_file`; `None`: the store's own)
 /// govern `store`, in `db`, from now on: recorded in the store, so that
 /// questions asked after the agent stops are authorised by the same file,
@@ -424,7 +414,7 @@ pub fn govern(store: &crate::store::Store, db: &Path, config_file: Option<&Path>
         AuditLog::open(db, &loaded.config.audit)?.append(AuditRecord {
             time: crate::icr::format_time(&chrono::Utc::now()),
             command: "govern".into(),
-            officer: Some(operator()),
+            officer: Some(crate::query::request::Operator::this_process().to_string()),
             parameters: serde_json::json!({ "from": from, "to": to }),
             outcome: format!("the store's questions are authorised by {to} from now on"),
             config_sha256: loaded.sha256.clone(),
@@ -432,34 +422,6 @@ pub fn govern(store: &crate::store::Store, db: &Path, config_file: Option<&Path>
         })?;
     }
     Ok(governing)
-}
-
-/// Applies retention now and audits it: what was dropped, by whom (the
-/// agent's hourly sweep, or an operator's `icr sweep`).
-pub fn sweep(
-    store: &crate::store::Store,
-    db: &Path,
-    audit: &AuditSection,
-    retention_days: u32,
-    by: &str,
-) -> Result<String> {
-    let log = AuditLog::open(db, audit)?;
-    let dropped = store.sweep(retention_days, chrono::Utc::now())?;
-    let span = match (dropped.first(), dropped.last()) {
-        (Some(first), Some(last)) => format!(" ({first} .. {last})"),
-        _ => String::new(),
-    };
-    let summary = format!("retention {retention_days} days: dropped {} day(s){span}", dropped.len());
-    log.append(AuditRecord {
-        time: crate::icr::format_time(&chrono::Utc::now()),
-        command: "sweep".into(),
-        officer: Some(by.to_owned()),
-        parameters: serde_json::json!({ "retention_days": retention_days, "dropped": dropped.iter().map(|d| d.to_string()).collect::<Vec<_>>() }),
-        outcome: summary.clone(),
-        result_count: dropped.len() as u64,
-        ..AuditRecord::default()
-    })?;
-    Ok(summary)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! a configured authority whose kind and purposes allow the act.
 use crate::{
     config::{AuthorityKind, Config},
-    query::request::{Act, Who},
+    query::request::{Act, Sweeper, Who},
 };
 
 /// Why a request is refused: the command line exits 3, HTTP answers 403.
@@ -46,10 +46,25 @@ pub fn authorise(config: &Config, who: &Who, act: Act) -> Result<(), Refusal> {
     }
 }
 
+/// Whether `by` may sweep the records whose audit log lies in a directory
+/// owned by `owner`: the agent's own schedule, root, or that owner (the
+/// agent's user; a cluster's operator). The members of the query socket's
+/// group may ask questions through it; they may not destroy records.
+pub fn authorise_sweep(by: &Sweeper, owner: u32) -> Result<(), Refusal> {
+    match by {
+        Sweeper::Schedule => Ok(()),
+        Sweeper::Operator(operator) if operator.uid == 0 || operator.uid == owner => Ok(()),
+        Sweeper::Operator(operator) => Err(Refusal(format!(
+            "a sweep is an operator's: root or the owner of the store (uid {owner}), not uid {}",
+            operator.uid
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Purpose;
+    use crate::{config::Purpose, query::request::Operator};
 
     fn config() -> Config {
         Config::parse(
@@ -93,5 +108,15 @@ mod tests {
         assert!(authorise(&c, &who("met-police"), Act::List).unwrap_err().0.contains("only an operator may list"));
         assert!(authorise(&c, &who("borough"), Act::List).is_err());
         assert!(authorise(&c, &Who { reference: None, ..who("noc") }, Act::List).unwrap_err().0.contains("reference"));
+    }
+
+    #[test]
+    fn a_sweep_is_for_root_the_owner_and_the_schedule() {
+        let operator = |uid| Sweeper::Operator(Operator { uid, sudo_user: None });
+        assert!(authorise_sweep(&Sweeper::Schedule, 991).is_ok());
+        assert!(authorise_sweep(&operator(0), 991).is_ok());
+        assert!(authorise_sweep(&operator(991), 991).is_ok());
+        let refused = authorise_sweep(&operator(1000), 991).unwrap_err().0;
+        assert!(refused.contains("operator's") && refused.contains("uid 1000"), "{refused}");
     }
 }

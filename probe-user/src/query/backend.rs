@@ -2,7 +2,7 @@
 //! a question in its window; the desk ranks and filters them the same way
 //! whichever backend found them. The gateway's own store is one backend.
 use anyhow::Result;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::{
     icr::Icr,
@@ -42,6 +42,18 @@ pub trait Backend: Send + Sync {
     fn all(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Icr>>;
     /// The capture gaps that touch `from..to`.
     fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>>;
+    /// Drops every day more than `retention_days` before `now`'s, for good:
+    /// only the desk calls it, for a sweep it has authorised and audits.
+    fn sweep(&self, retention_days: u32, now: DateTime<Utc>) -> Result<Swept>;
+}
+
+/// What a sweep dropped, and where.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub dropped: Vec<NaiveDate>,
+    /// The cluster's URL as the audit log names it (no credentials); none
+    /// for the gateway's store, which the audit log sits beside.
+    pub clickhouse: Option<String>,
 }
 
 impl Backend for Store {
@@ -88,5 +100,9 @@ impl Backend for Store {
 
     fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
         Store::gaps(self, from, to)
+    }
+
+    fn sweep(&self, retention_days: u32, now: DateTime<Utc>) -> Result<Swept> {
+        Ok(Swept { dropped: Store::sweep(self, retention_days, now)?, clickhouse: None })
     }
 }

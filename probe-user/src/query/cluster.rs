@@ -14,11 +14,11 @@ use crate::{
     export::clickhouse::{Bind, ClickHouse, Index, rows::ip_bytes},
     icr::Icr,
     query::{
-        backend::Backend,
+        backend::{Backend, Swept},
         questions::{DeviceSelector, ServiceSelector},
         request::LocalFilter,
     },
-    store::{LOOKBACK_DAYS, gaps::Gap, rollup::Services},
+    store::{LOOKBACK_DAYS, Store, gaps::Gap, rollup::Services},
 };
 
 pub struct Cluster {
@@ -234,5 +234,12 @@ impl Backend for Cluster {
     fn gaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<Gap>> {
         let rows = self.runtime.block_on(self.clickhouse.gaps(from.timestamp_micros(), to.timestamp_micros()))?;
         rows.into_iter().map(|row| row.into_gap()).collect()
+    }
+
+    /// Drops the expired day partitions on every node.
+    fn sweep(&self, retention_days: u32, now: DateTime<Utc>) -> Result<Swept> {
+        let dropped =
+            self.runtime.block_on(self.clickhouse.drop_days_before(Store::oldest_kept(retention_days, now)))?;
+        Ok(Swept { dropped, clickhouse: Some(self.clickhouse.url().to_string()) })
     }
 }

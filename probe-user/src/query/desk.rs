@@ -3,7 +3,7 @@
 //! store (never one the asker brings), authorised, written to the audit log
 //! (synced before anything is answered), answered from a [`Backend`], and
 //! given the capture gaps of its window.
-use std::path::Path;
+use std::{os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::Context as _;
 use chrono::Utc;
@@ -15,12 +15,12 @@ use crate::{
     icr::{Icr, format_time},
     query::{
         audit::{AuditLog, AuditRecord},
-        authorise::{Refusal, authorise},
-        backend::Backend,
+        authorise::{Refusal, authorise, authorise_sweep},
+        backend::{Backend, Swept},
         questions::{self, Question, SelectorLimits},
-        request::{Act, LocalFilter, Request},
+        request::{Act, LocalFilter, Request, Sweep},
     },
-    store::{Store, gaps::Gap},
+    store::gaps::Gap,
 };
 
 /// The longest value a request may carry in one field (a name, an officer,
@@ -58,15 +58,12 @@ impl Failure {
     }
 }
 
-/// A sweep naming a configuration other than the one that governs the
-/// store is refused: its retention would be the caller's.
-pub fn refuse_another(named: Option<&Path>, governing: &StoreConfig) -> Result<(), Failure> {
+/// A request naming a configuration other than the one that governs the
+/// store is refused: authorities (or retention) would be the caller's.
+/// `what` says so up to the governing configuration's path.
+fn refuse_another(named: Option<&Path>, governing: &StoreConfig, what: &str) -> Result<(), Refusal> {
     match named.filter(|named| !governing.is(named)) {
-        Some(named) => Err(Failure::Refused(Refusal(format!(
-            "the store is governed by its configuration {}, not by {}",
-            governing.path().display(),
-            named.display()
-        )))),
+        Some(named) => Err(Refusal(format!("{what} {}, not by {}", governing.path().display(), named.display()))),
         None => Ok(()),
     }
 }
@@ -101,14 +98,64 @@ impl<'a> Desk<'a> {
         self.governing.load()
     }
 
-    /// Applies the governing configuration's retention to `store` now, and
-    /// audits it: an operator's `icr sweep`, at the store or through the
-    /// agent's socket. One naming another configuration is refused.
-    pub fn sweep_store(&self, store: &Store, named: Option<&Path>) -> Result<String, Failure> {
-        refuse_another(named, self.governing)?;
-        let config = self.governing.load()?.config;
-        let by = crate::query::audit::operator();
-        Ok(crate::query::audit::sweep(store, self.audit_dir, &config.audit, config.retention_days, &by)?)
+    /// Applies the governing configuration's retention now, or says why
+    /// not; either way it is audited, once.
+    pub fn sweep(&self, request: &Sweep) -> Result<String, Failure> {
+        let LoadedConfig { config, sha256 } = self.configuration()?;
+        let audit = AuditLog::open(self.audit_dir, &config.audit)?;
+        let retention_days = config.retention_days;
+        let mut entry = AuditRecord {
+            time: format_time(&Utc::now()),
+            command: "sweep".into(),
+            officer: Some(request.by.to_string()),
+            parameters: serde_json::json!({ "retention_days": retention_days }),
+            config_sha256: sha256,
+            ..AuditRecord::default()
+        };
+        // The sudo user is the caller's word: kept, at a bounded size.
+        shorten(&mut entry.officer);
+        let open = Open { audit: &audit, entry: &entry };
+        if let Err(refusal) =
+            refuse_another(request.config.as_deref(), self.governing, "the store is governed by its configuration")
+        {
+            return Err(open.refuse(refusal));
+        }
+        let owner = std::fs::metadata(self.audit_dir)
+            .with_context(|| format!("reading the owner of {}", self.audit_dir.display()))?
+            .uid();
+        if let Err(refusal) = authorise_sweep(&request.by, owner) {
+            return Err(open.refuse(refusal));
+        }
+        let mut done = entry.clone();
+        match self.backend.sweep(retention_days, Utc::now()) {
+            Ok(Swept { dropped, clickhouse }) => {
+                let span = match (dropped.first(), dropped.last()) {
+                    (Some(first), Some(last)) => format!(" ({first} .. {last})"),
+                    _ => String::new(),
+                };
+                let on = clickhouse.as_ref().map(|url| format!(" on {url}")).unwrap_or_default();
+                let summary = format!("retention {retention_days} days{on}: dropped {} day(s){span}", dropped.len());
+                let dropped: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+                done.parameters = match clickhouse {
+                    Some(url) => {
+                        serde_json::json!({ "retention_days": retention_days, "clickhouse": url, "dropped": dropped })
+                    }
+                    None => serde_json::json!({ "retention_days": retention_days, "dropped": dropped }),
+                };
+                done.outcome = summary.clone();
+                done.result_count = dropped.len() as u64;
+                audit.append(done).context("auditing the sweep")?;
+                Ok(summary)
+            }
+            Err(error) => {
+                let failure = Failure::Failed(error);
+                done.outcome = format!("failed: {failure}");
+                match audit.append(done) {
+                    Ok(_) => Err(failure),
+                    Err(error) => Err(Failure::Failed(error.context(format!("auditing a failed sweep ({failure})")))),
+                }
+            }
+        }
     }
 
     /// Audits a request refused before it could be read (a door's own
@@ -189,20 +236,18 @@ impl<'a> Desk<'a> {
             // refused and why, at a bounded size.
             entry.parameters = serde_json::json!({ "oversized": reason });
             for field in [&mut entry.officer, &mut entry.reference, &mut entry.authority] {
-                if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
-                    *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
-                }
+                shorten(field);
             }
             return Err(Open { audit: &audit, entry: &entry }.refuse(Refusal(reason)));
         }
         let open = Open { audit: &audit, entry: &entry };
         // Whoever asks cannot bring authorities of their own.
-        if let Some(named) = request.config.as_deref().filter(|named| !self.governing.is(named)) {
-            return Err(open.refuse(Refusal(format!(
-                "queries are authorised by the store's configuration {}, not by {}",
-                self.governing.path().display(),
-                named.display()
-            ))));
+        if let Err(refusal) = refuse_another(
+            request.config.as_deref(),
+            self.governing,
+            "queries are authorised by the store's configuration",
+        ) {
+            return Err(open.refuse(refusal));
         }
         if let Err(refusal) = authorise(&config, &request.who, act) {
             return Err(open.refuse(refusal));
@@ -352,6 +397,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A value longer than a request may carry, as the audit log keeps it: its
+/// start and its length.
+fn shorten(field: &mut Option<String>) {
+    if let Some(value) = field.as_mut().filter(|v| v.len() > MAX_FIELD_BYTES) {
+        *value = format!("{}... ({} bytes)", value.chars().take(64).collect::<String>(), value.len());
+    }
+}
+
 /// Why a request is too large to answer (or audit as it is), if it is.
 fn oversized(record: &AuditRecord) -> Option<String> {
     fn longest(value: &serde_json::Value) -> usize {
@@ -385,8 +438,8 @@ mod tests {
     use super::*;
     use crate::{
         icr::Endpoint,
-        query::request::{Ask, Who},
-        store::test_records,
+        query::request::{Ask, Operator, Sweeper, Who},
+        store::{Store, test_records},
     };
 
     const POLICE: &str = "retention_days = 365\n[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1]\n";
@@ -446,5 +499,74 @@ mod tests {
         assert!(resolve(&desk, logged).is_empty(), "Y did not make the connection");
         // At a time Y's record covers, Y is the answer whatever X's record says.
         assert_eq!(resolve(&desk, y.start + Duration::milliseconds(10)).len(), 1);
+    }
+
+    fn sweeps(db: &Path) -> Vec<serde_json::Value> {
+        let audit = std::fs::read_to_string(db.join("audit.log")).unwrap_or_default();
+        audit.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// A store holding a record of 10 days ago and one of now, kept 5 days.
+    fn expiring_store(db: &Path) -> Store {
+        std::fs::write(db.join("icr.toml"), POLICE.replace("365", "5")).unwrap();
+        let store = test_records::open(db).unwrap();
+        let mut ids = crate::icr::RecordIds::default();
+        let old = test_records::sample_at(1, Utc::now() - Duration::days(10), &mut ids);
+        let new = test_records::sample_at(2, Utc::now(), &mut ids);
+        store.append(&[old, new]).unwrap();
+        store
+    }
+
+    #[test]
+    fn a_sweep_is_authorised_and_audited_once_at_the_desk() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path();
+        let store = expiring_store(db);
+        let governing = StoreConfig::of_store(db).unwrap();
+        let desk = Desk::new(db, &governing, &store);
+        let owner = std::fs::metadata(db).unwrap().uid();
+        let operator = |uid| Sweeper::Operator(Operator { uid, sudo_user: Some("alice".into()) });
+        let days = || store.days().unwrap().len();
+
+        // Neither a user other than root and the store's owner, nor another
+        // configuration's retention: refused, each audited once, nothing dropped.
+        let stranger = if owner == 64_099 { 64_098 } else { 64_099 };
+        let refused = desk.sweep(&Sweep { by: operator(stranger), config: None }).unwrap_err();
+        assert!(matches!(&refused, Failure::Refused(r) if r.0.contains("operator's")), "{refused}");
+        let elsewhere = tempfile::tempdir().unwrap();
+        let forged = elsewhere.path().join("mine.toml");
+        std::fs::write(&forged, "retention_days = 1\n").unwrap();
+        let refused = desk.sweep(&Sweep { by: operator(owner), config: Some(forged) }).unwrap_err();
+        assert!(matches!(&refused, Failure::Refused(r) if r.0.contains("governed by its configuration")), "{refused}");
+        assert_eq!(days(), 2, "nothing dropped");
+        let entries = sweeps(db);
+        assert_eq!(entries.len(), 2, "each refusal audited once: {entries:?}");
+        assert!(
+            entries.iter().all(|e| e["command"] == "sweep" && e["outcome"].as_str().unwrap().starts_with("refused"))
+        );
+        assert_eq!(entries[0]["officer"], format!("uid {stranger} (sudo by alice)"));
+        assert!(entries[0]["config_sha256"].is_string(), "the configuration that refused it");
+
+        // The owner sweeps, and the agent's schedule: each audited once.
+        let summary = desk.sweep(&Sweep { by: operator(owner), config: None }).unwrap();
+        assert!(summary.starts_with("retention 5 days: dropped 1 day(s)"), "{summary}");
+        assert_eq!(days(), 1, "the expired day is gone, today's kept");
+        let summary = desk.sweep(&Sweep { by: Sweeper::Schedule, config: None }).unwrap();
+        assert_eq!(summary, "retention 5 days: dropped 0 day(s)");
+        let entries = sweeps(db);
+        assert_eq!(entries.len(), 4, "{entries:?}");
+        assert_eq!(entries[2]["officer"], format!("uid {owner} (sudo by alice)"));
+        assert_eq!(entries[2]["result_count"], 1);
+        assert_eq!(entries[2]["parameters"]["retention_days"], 5);
+        assert_eq!(entries[2]["parameters"]["dropped"].as_array().unwrap().len(), 1);
+        assert!(entries[2].get("clickhouse").is_none() && entries[2]["parameters"].get("clickhouse").is_none());
+        assert_eq!(entries[3]["officer"], "agent (hourly retention)");
+
+        // A sudo user is the caller's word: audited at a bounded size.
+        let long = Sweeper::Operator(Operator { uid: stranger, sudo_user: Some("x".repeat(100_000)) });
+        assert!(matches!(desk.sweep(&Sweep { by: long, config: None }), Err(Failure::Refused(_))));
+        let officer = sweeps(db)[4]["officer"].as_str().unwrap().to_string();
+        assert!(officer.len() < 200 && officer.ends_with("bytes)"), "{officer}");
     }
 }

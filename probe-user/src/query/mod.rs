@@ -3,7 +3,7 @@
 //! governs the store, audits it, and answers it from a [`Backend`].
 //!
 //! - `request`: what is asked, by whom, in which format
-//! - `desk`: the one path from a request to an answer
+//! - `desk`: the one path from a request to an answer (a sweep's too)
 //! - `authorise`: who may ask what
 //! - `questions`: the three questions' values, selectors and ranking
 //! - `backend`: where the desk finds records (the gateway's store), and
@@ -18,7 +18,7 @@ pub mod questions;
 pub mod request;
 
 pub use authorise::Refusal;
-pub use backend::Backend;
+pub use backend::{Backend, Swept};
 pub use desk::{Answer, Desk, Failure};
 pub use questions::{DeviceSelector, Question, ServiceSelector};
-pub use request::{Ask, LocalFilter, Request, Who};
+pub use request::{Ask, LocalFilter, Operator, Request, Sweep, Sweeper, Who};

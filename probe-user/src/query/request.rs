@@ -93,6 +93,64 @@ pub struct Who {
     pub reference: Option<String>,
 }
 
+/// A sweep: apply the governing configuration's retention now, the one
+/// request that destroys records. It asks nothing, so it names no
+/// authority; who sweeps is the process, as the system knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    pub by: Sweeper,
+    /// A configuration the operator named: refused unless it is the one
+    /// that governs the store (its retention would be the caller's).
+    pub config: Option<PathBuf>,
+}
+
+/// Who sweeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sweeper {
+    /// The agent's own hourly schedule (never from a door).
+    Schedule,
+    /// A person's `icr sweep`.
+    Operator(Operator),
+}
+
+impl std::fmt::Display for Sweeper {
+    /// As the audit log names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Schedule => f.write_str("agent (hourly retention)"),
+            Self::Operator(operator) => operator.fmt(f),
+        }
+    }
+}
+
+/// A person running an operator's command: the user it runs as (through
+/// the agent's socket, the peer's, from its credentials), and the sudo user
+/// it says it was run by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operator {
+    pub uid: u32,
+    pub sudo_user: Option<String>,
+}
+
+impl Operator {
+    /// This process's user.
+    pub fn this_process() -> Self {
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        Self { uid, sudo_user: std::env::var("SUDO_USER").ok() }
+    }
+}
+
+impl std::fmt::Display for Operator {
+    /// As the audit log names it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.sudo_user {
+            Some(user) => write!(f, "uid {} (sudo by {user})", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
 /// What a request does with the records: ask one of the three questions, or
 /// list them for maintenance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -87,7 +87,7 @@ pub struct StoreArgs {
 
 /// Where a query is answered: a store directory (directly, or through its
 /// running agent's socket), or a remote agent's HTTP API.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 pub struct QueryTarget {
     /// The store directory (default: the configuration's `db`). With
     /// --clickhouse: the directory of the configuration that governs the

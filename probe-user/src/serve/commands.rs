@@ -1,48 +1,26 @@
 //! The command line's side of the doors: its flags become a request for the
-//! desk (`crate::query`), and the operator's commands that are not
-//! questions (replay, sweep, detach, audit verify) run here.
+//! desk (`crate::query`; `route` says where it is answered), and the
+//! operator's commands that are neither questions nor sweeps (detach,
+//! audit verify, serve, clickhouse init) run here.
 use std::{
     io::Write,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
-use chrono::{Days, NaiveDate, Utc};
 
 use crate::{
-    capture::probe::ProbeOptions,
     config::{ClickHouseSection, Config, StoreConfig},
     export::{
-        self, Format,
+        Format,
         clickhouse::{ClickHouse, block_on},
     },
-    icr::format_time,
-    query::{
-        Ask, Failure, Request, Who,
-        audit::{AuditLog, AuditRecord},
-        cluster::Cluster,
+    query::{Ask, Request, Who, audit::AuditLog, cluster::Cluster},
+    serve::{
+        cli::{AuditCommand, ListArgs, QueryCommand, Requester, StoreArgs},
+        route,
     },
-    serve::cli::{AuditCommand, CENTRAL_DIR, ListArgs, QueryCommand, ReplayArgs, Requester, StoreArgs},
-    store::Store,
 };
-
-/// The store a command works on: its `--db`, else the `db` of its
-/// configuration (`named`, else /etc/icr/icr.toml), which is read only then.
-pub fn store_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
-    match flag {
-        Some(dir) => Ok(dir.to_path_buf()),
-        None => Config::choose(named, None)?.db(None),
-    }
-}
-
-/// The directory of the configuration and audit log of a cluster's
-/// questions: `--db`, else the configuration's `db`, else [`CENTRAL_DIR`].
-pub fn cluster_dir(named: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf> {
-    match flag {
-        Some(dir) => Ok(dir.to_path_buf()),
-        None => Ok(Config::choose(named, None)?.config.db.unwrap_or_else(|| PathBuf::from(CENTRAL_DIR))),
-    }
-}
 
 /// `icr config check`: the configuration `named` (else
 /// /etc/icr/icr.toml) loads; its effective values are printed.
@@ -118,51 +96,10 @@ pub fn service_list(mut services: Vec<String>, file: Option<&Path>) -> Result<Ve
     Ok(services)
 }
 
-pub fn replay(args: ReplayArgs) -> Result<()> {
-    let chosen = Config::choose(args.config.as_deref(), args.db.as_deref())?;
-    let config = chosen.config;
-    let store = args.db.as_deref().map(Store::open).transpose()?;
-    // A replay that stores is the store's writer, as an agent is: its
-    // configuration governs the store's questions from now on.
-    if let (Some(store), Some(db)) = (&store, &args.db) {
-        crate::query::audit::govern(store, db, chosen.source.agent_file())?;
-    }
-    // A replay never pins: it must not touch a running agent's maps.
-    let options = ProbeOptions {
-        flow_table_size: config.probe.flow_table_size,
-        pin_dir: None,
-        events: config.probe.events,
-        event_ring_bytes: config.probe.event_ring_bytes,
-    };
-    let directory = crate::capture::subscribers::Directory::load(&config.subscribers)?;
-    let probe_id = config.probe_id();
-    let mut out = std::io::stdout().lock();
-    let stats = crate::capture::replay::replay(&args.file, options, config.flow_timeouts(), |mut records| {
-        for record in &mut records {
-            record.probe = Some(probe_id.clone());
-            record.device.subscriber = directory.subscriber(record);
-        }
-        out.write_all(&export::ndjson(&records)?)?;
-        if let Some(store) = &store {
-            store.append(&records)?;
-        }
-        Ok(())
-    })?;
-    out.flush()?;
-    log::info!(
-        "replayed {} packets ({} of unsupported link types skipped, {} damaged packet records skipped): {} records",
-        stats.packets,
-        stats.unsupported_link,
-        stats.damaged,
-        stats.records
-    );
-    Ok(())
-}
-
 pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
     match command {
         AuditCommand::Verify { db, config, head, key: Some(key) } => {
-            let db = store_dir(config.as_deref(), db.as_deref())?;
+            let db = route::store_dir(config.as_deref(), db.as_deref())?;
             // The key named here, not the store's configuration, decides:
             // whoever rewrites the store can edit that.
             let log = AuditLog::verifying_with(&db, &key)?;
@@ -177,7 +114,7 @@ pub fn audit(command: AuditCommand, out: &mut dyn Write) -> Result<()> {
             Ok(())
         }
         AuditCommand::Verify { db, config, head, key: None } => {
-            let db = store_dir(config.as_deref(), db.as_deref())?;
+            let db = route::store_dir(config.as_deref(), db.as_deref())?;
             let config = StoreConfig::of_store(&db)?.load()?.config;
             let log = AuditLog::open(&db, &config.audit)?;
             let verified =
@@ -254,51 +191,6 @@ pub fn clickhouse_init(section: ClickHouseSection, out: &mut dyn Write) -> Resul
     }
     writeln!(out, "the ICR tables are on {} node(s): {}", nodes.len(), nodes.join(" "))?;
     Ok(())
-}
-
-/// The cluster at `url`, as the governing configuration's `[clickhouse]`
-/// names it (its cluster name, user, password and CA; one server and
-/// ClickHouse's `default` user when it names none).
-pub fn cluster_of(url: &str, governing: &StoreConfig) -> Result<Cluster> {
-    Cluster::new(clickhouse_at(url, &governing.load()?.config, governing)?)
-}
-
-/// `url` with the rest of the governing configuration's `[clickhouse]`; its
-/// password file must be outside the directory of that configuration.
-fn clickhouse_at(url: &str, config: &Config, governing: &StoreConfig) -> Result<ClickHouse> {
-    let section = match config.clickhouse.clone() {
-        Some(section) => ClickHouseSection { url: url.to_string(), ..section },
-        None => ClickHouseSection::at(url),
-    };
-    ClickHouse::new(&section, governing.path().parent())
-}
-
-/// Applies retention to the cluster now: drops the expired day partitions
-/// on every node, audited in `db`.
-pub fn sweep_cluster(named: Option<&Path>, url: &str, db: &Path, governing: &StoreConfig) -> Result<String, Failure> {
-    crate::query::desk::refuse_another(named, governing)?;
-    let config = governing.load()?.config;
-    let clickhouse = clickhouse_at(url, &config, governing)?;
-    let oldest_kept =
-        Utc::now().date_naive().checked_sub_days(Days::new(u64::from(config.retention_days))).unwrap_or(NaiveDate::MIN);
-    let dropped = block_on(clickhouse.drop_days_before(oldest_kept))?;
-    // The URL as checked (credentials are refused; none can be audited).
-    let url = clickhouse.url();
-    let summary = format!("retention {} days on {url}: dropped {} day(s)", config.retention_days, dropped.len());
-    AuditLog::open(db, &config.audit)?.append(AuditRecord {
-        time: format_time(&Utc::now()),
-        command: "sweep".into(),
-        officer: Some(crate::query::audit::operator()),
-        parameters: serde_json::json!({
-            "retention_days": config.retention_days,
-            "clickhouse": url,
-            "dropped": dropped.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-        }),
-        outcome: summary.clone(),
-        result_count: dropped.len() as u64,
-        ..AuditRecord::default()
-    })?;
-    Ok(summary)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! the peer's credentials); nobody else.
 //!
 //! One order per connection: a JSON line, `{"query": REQUEST}` (a
-//! `query::Request`) or `{"sweep": {"config": null}}`; the answer is a JSON
+//! `query::Request`) or `{"sweep": {"config": null, "sudo_user": null}}`
+//! (a `query::Sweep` by the peer's user); the answer is a JSON
 //! line `{"status": N, "error": "..."}` followed by the answer's body.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -30,7 +31,10 @@ use tokio::{
 
 use crate::{
     config::StoreConfig,
-    query::{Desk, Request},
+    query::{
+        Desk, Request,
+        request::{Operator, Sweep, Sweeper},
+    },
     store::{Store, gaps::Gap},
 };
 
@@ -44,9 +48,14 @@ const MAX_REQUEST: usize = 1 << 20;
 pub enum Order {
     /// A question, or a listing: answered by the agent's desk.
     Query(Box<Request>),
-    /// Apply retention now. `config` is the configuration the operator
-    /// named, refused unless it is the agent's.
-    Sweep { config: Option<PathBuf> },
+    /// Apply retention now: a sweep by the peer's user (`sudo_user` as the
+    /// command line's environment says). `config` is the configuration the
+    /// operator named, refused unless it is the agent's.
+    Sweep {
+        config: Option<PathBuf>,
+        #[serde(default)]
+        sudo_user: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,7 +68,8 @@ struct Reply {
     gaps: Vec<Gap>,
 }
 
-/// What the agent answered: the output went to stdout already.
+/// What the agent answered: its output is written already.
+#[derive(Debug)]
 pub struct Answer {
     pub status: i32,
     pub error: Option<String>,
@@ -154,7 +164,7 @@ async fn answer(
     let (reply, output) = match serde_json::from_str::<Order>(&line) {
         Ok(order) => {
             let db = db.clone();
-            tokio::task::spawn_blocking(move || run(order, &db, &store, &authorising)).await?
+            tokio::task::spawn_blocking(move || run(order, peer.uid(), &db, &store, &authorising)).await?
         }
         Err(error) => {
             (Reply { status: 1, error: Some(format!("a malformed order: {error}")), gaps: Vec::new() }, Vec::new())
@@ -166,14 +176,13 @@ async fn answer(
     Ok(())
 }
 
-/// Carries out an order with the agent's store.
-fn run(order: Order, db: &Path, store: &Store, governing: &StoreConfig) -> (Reply, Vec<u8>) {
+/// Carries out an order of the peer `uid` with the agent's store.
+fn run(order: Order, uid: u32, db: &Path, store: &Store, governing: &StoreConfig) -> (Reply, Vec<u8>) {
+    let desk = Desk::new(db, governing, store);
     let result = match order {
-        Order::Query(request) => {
-            Desk::new(db, governing, store).answer(&request).map(|answer| (answer.body, answer.gaps))
-        }
-        Order::Sweep { config } => Desk::new(db, governing, store)
-            .sweep_store(store, config.as_deref())
+        Order::Query(request) => desk.answer(&request).map(|answer| (answer.body, answer.gaps)),
+        Order::Sweep { config, sudo_user } => desk
+            .sweep(&Sweep { by: Sweeper::Operator(Operator { uid, sudo_user }), config })
             .map(|summary| (format!("{summary}\n").into_bytes(), Vec::new())),
     };
     match result {
@@ -221,8 +230,8 @@ pub fn connect(socket: &Path) -> std::io::Result<StdUnixStream> {
 }
 
 /// Sends `order` to the agent over `stream` (from [`connect`]), copies the
-/// output to stdout, and returns the exit status, error and gaps to report.
-pub fn ask(mut stream: StdUnixStream, order: &Order) -> Result<Answer> {
+/// output to `out`, and returns the exit status, error and gaps to report.
+pub fn ask(mut stream: StdUnixStream, order: &Order, out: &mut dyn std::io::Write) -> Result<Answer> {
     let mut request = serde_json::to_vec(order)?;
     request.push(b'\n');
     // A refused caller's reply may come before its order is read: it still says why.
@@ -238,9 +247,8 @@ pub fn ask(mut stream: StdUnixStream, order: &Order) -> Result<Answer> {
         bail!("the agent closed its socket without answering");
     }
     let reply: Reply = serde_json::from_str(&header).context("the agent's answer is malformed")?;
-    let mut stdout = std::io::stdout().lock();
-    std::io::copy(&mut reader.by_ref(), &mut stdout)?;
-    stdout.flush()?;
+    std::io::copy(&mut reader.by_ref(), out)?;
+    out.flush()?;
     Ok(Answer { status: reply.status, error: reply.error, gaps: reply.gaps })
 }
 
@@ -320,9 +328,9 @@ mod tests {
                 assert_eq!(reply.status, 1);
                 assert!(reply.error.unwrap().contains("malformed order"));
                 // A sweep naming another configuration is refused too.
-                let (reply, _) = order(&Order::Sweep { config: Some(forged) });
+                let (reply, _) = order(&Order::Sweep { config: Some(forged), sudo_user: None });
                 assert_eq!(reply.status, 3, "{:?}", reply.error);
-                let (reply, body) = order(&Order::Sweep { config: None });
+                let (reply, body) = order(&Order::Sweep { config: None, sudo_user: None });
                 assert_eq!(reply.status, 0, "{:?}", reply.error);
                 assert!(String::from_utf8_lossy(&body).contains("retention 365 days"));
             }
@@ -336,7 +344,11 @@ mod tests {
         let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
         let entries: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let outcomes: Vec<&str> = entries.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
-        assert_eq!(outcomes.len(), 3, "the answer, the refusal, the sweep: {outcomes:?}");
+        assert_eq!(outcomes.len(), 4, "the answer, the refusal, the refused sweep, the sweep: {outcomes:?}");
+        assert!(outcomes[2].starts_with("refused: the store is governed by its configuration"), "{outcomes:?}");
+        // SAFETY: getuid cannot fail.
+        let peer = unsafe { libc::getuid() };
+        assert_eq!(entries[3]["officer"], format!("uid {peer}"), "the peer's user");
         assert_eq!(outcomes[0], "answered");
         assert!(
             outcomes[1].starts_with("refused: queries are authorised by the store's configuration"),
@@ -413,6 +425,11 @@ mod tests {
                     assert_eq!((reply.status, reply.error.as_deref()), (0, None), "uid {uid}");
                     assert!(!body.is_empty(), "uid {uid}: the device's services");
                 }
+                // A member asks; it does not sweep (the agent's user is not its own).
+                let sweep = Order::Sweep { config: None, sudo_user: None };
+                let (reply, _) = send_as(&socket, 64_001, 64_001, &[GROUP], &sweep).unwrap();
+                assert_eq!(reply.status, 3, "{:?}", reply.error);
+                assert!(reply.error.unwrap().contains("a sweep is an operator's"));
                 // Anyone else cannot reach it...
                 let error = send_as(&socket, NOBODY, NOBODY, &[], &order).unwrap_err();
                 assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
@@ -432,6 +449,11 @@ mod tests {
         });
         thread.join().unwrap();
         let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
-        assert_eq!(audit.lines().count(), 2, "the two answers, and nothing for the refused caller");
+        assert_eq!(
+            audit.lines().count(),
+            3,
+            "the two answers, the member's refused sweep, nothing for the refused caller"
+        );
+        assert!(audit.lines().nth(2).unwrap().contains(r#""officer":"uid 64001""#), "{audit}");
     }
 }

@@ -23,14 +23,14 @@ use axum::{
 };
 use log::{info, warn};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-use serde::Deserialize;
 
 use crate::{
     config::MAX_BODY_BYTES,
     config::{HttpSection, StoreConfig},
     export::Format,
-    query::{Ask, Backend, Desk, Failure, Request, Who, request::LocalFilter},
+    query::{Backend, Desk, Failure, Request},
     serve::{
+        bodies,
         console::{self, ConsoleState},
         doorkeeper::{BUSY, Doorkeeper, same_origin},
         listener::{self, BodyRefused, Limits},
@@ -365,113 +365,17 @@ fn credentials(headers: &HeaderMap) -> Result<(String, String), (Option<String>,
 /// The questions served: `POST /v1/query/{kind}`.
 const QUESTIONS: [&str; 3] = ["resolve", "services", "accessed"];
 
-/// A body's fields for each question: the command line's flags, without
-/// anything that names a path on the server (`db`, `config`, `bundle`,
-/// `services_file`) and without `authority`, which the token names. (Each
-/// lists who asks itself: serde cannot refuse unknown fields past a
-/// flattened one.)
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResolveBody {
-    officer: Option<String>,
-    reference: Option<String>,
-    format: Option<Format>,
-    ip: IpAddr,
-    port: Option<Port>,
-    at: String,
-    tolerance: Option<String>,
-    remote: Option<String>,
-    service: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServicesBody {
-    officer: Option<String>,
-    reference: Option<String>,
-    format: Option<Format>,
-    device: String,
-    from: String,
-    to: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AccessedBody {
-    officer: Option<String>,
-    reference: Option<String>,
-    format: Option<Format>,
-    service: OneOrMany,
-    from: String,
-    to: String,
-    /// `include` (when absent), `exclude` or `only`.
-    local: Option<LocalFilter>,
-}
-
-/// A port as a number or as its digits.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Port {
-    Number(u16),
-    Text(String),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// The request a body stands for, on behalf of the authenticated `authority`.
+/// The request a JSON body stands for, on behalf of the authenticated
+/// `authority`: read as the console's forms are (`bodies`).
 pub fn request_of(kind: &str, authority: &str, body: &[u8]) -> Result<Request> {
-    let (ask, (officer, reference, format)) = match kind {
-        "resolve" => {
-            let b: ResolveBody = serde_json::from_slice(body).context("the body")?;
-            let port = match b.port {
-                None => None,
-                Some(Port::Number(port)) => Some(port),
-                Some(Port::Text(text)) => {
-                    Some(text.trim().parse().with_context(|| format!("port {text:?} is not a port number"))?)
-                }
-            };
-            let tolerance = b.tolerance.unwrap_or_else(|| crate::query::request::DEFAULT_TOLERANCE.to_string());
-            (
-                Ask::Resolve { ip: b.ip, port, at: b.at, tolerance, remote: b.remote, service: b.service },
-                (b.officer, b.reference, b.format),
-            )
-        }
-        "services" => {
-            let b: ServicesBody = serde_json::from_slice(body).context("the body")?;
-            (Ask::Services { device: b.device, from: b.from, to: b.to }, (b.officer, b.reference, b.format))
-        }
-        "accessed" => {
-            let b: AccessedBody = serde_json::from_slice(body).context("the body")?;
-            let services = match b.service {
-                OneOrMany::One(service) => vec![service],
-                OneOrMany::Many(services) => services,
-            };
-            let local = b.local.unwrap_or_default();
-            (Ask::Accessed { services, from: b.from, to: b.to, local }, (b.officer, b.reference, b.format))
-        }
-        other => bail!("no such question {other:?}"),
-    };
-    let format = format.unwrap_or(Format::Ndjson);
-    if format == Format::Table {
-        bail!("format must be ndjson, csv or ecs");
-    }
-    Ok(Request {
-        ask,
-        who: Who { authority: Some(authority.to_string()), officer, reference },
-        format,
-        bundle: None,
-        config: None,
-    })
+    let body = serde_json::from_slice(body).context("the body")?;
+    bodies::request_of(kind, authority, body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::query::{Ask, LocalFilter, Who};
     use crate::{config::Config, serve::tokens::hash_token};
     use argon2::PasswordHash;
 

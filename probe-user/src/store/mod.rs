@@ -300,8 +300,8 @@ impl Store {
         self.inner.retention_days.store(days.clamp(1, MAX_RETENTION_DAYS), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The oldest day a sweep at `now` keeps.
-    fn oldest_kept(retention_days: u32, now: DateTime<Utc>) -> NaiveDate {
+    /// The oldest day a sweep at `now` keeps (the cluster's too).
+    pub fn oldest_kept(retention_days: u32, now: DateTime<Utc>) -> NaiveDate {
         now.date_naive().checked_sub_days(Days::new(u64::from(retention_days))).unwrap_or(NaiveDate::MIN)
     }
 

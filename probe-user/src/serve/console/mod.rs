@@ -43,11 +43,11 @@ use crate::{
     export::{self, Format},
     icr::format_time,
     query::{
-        Ask, Backend, Desk, Failure, Request, Who,
+        Ask, Backend, Desk, Failure, Request,
         audit::{AuditLog, AuditRecord},
-        request::LocalFilter,
     },
     serve::{
+        bodies,
         doorkeeper::{BUSY, Doorkeeper, same_origin},
         tokens,
     },
@@ -304,44 +304,37 @@ async fn ask_form(
     })
 }
 
-/// The desk's request for a form: the form's values as given, the
-/// signed-in authority, the answer as CSV with a bundle.
+/// The desk's request for a form: the form's values as given, read as the
+/// API reads a body (`bodies`); the signed-in authority; the answer as CSV
+/// with a bundle.
 fn request_of(kind: Kind, authority: &str, form: &HashMap<String, String>, bundle: &Path) -> Result<Request, String> {
     let text = |name: &str| form.get(name).map(|v| v.trim().to_string()).unwrap_or_default();
-    let optional = |name: &str| Some(text(name)).filter(|v| !v.is_empty());
-    let ask = match kind {
-        Kind::Resolve => Ask::Resolve {
-            ip: text("ip").parse().map_err(|_| format!("{:?} is not an IP address", text("ip")))?,
-            port: optional("port").map(|p| p.parse().map_err(|_| format!("{p:?} is not a port number"))).transpose()?,
-            at: text("at"),
-            tolerance: optional("tolerance").unwrap_or_else(|| crate::query::request::DEFAULT_TOLERANCE.to_string()),
-            remote: optional("remote"),
-            service: optional("service"),
-        },
-        Kind::Services => Ask::Services { device: text("device"), from: text("from"), to: text("to") },
-        Kind::Accessed => Ask::Accessed {
-            services: text("services").lines().map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
-            from: text("from"),
-            to: text("to"),
-            local: match text("local").as_str() {
-                "" | "include" => LocalFilter::Include,
-                "exclude" => LocalFilter::Exclude,
-                "only" => LocalFilter::Only,
-                other => return Err(format!("{other:?} is not include, exclude or only")),
-            },
-        },
+    // What the desk checks (a time, a device) is passed on even empty, so
+    // that it is audited; a field left empty is otherwise left out, as from
+    // a body.
+    let (given, optional): (&[&str], &[&str]) = match kind {
+        Kind::Resolve => (&["ip", "at"], &["port", "tolerance", "remote", "service"]),
+        Kind::Services => (&["device", "from", "to"], &[]),
+        Kind::Accessed => (&["from", "to"], &["local"]),
     };
-    Ok(Request {
-        ask,
-        who: Who {
-            authority: Some(authority.to_string()),
-            officer: optional("officer"),
-            reference: optional("reference"),
-        },
-        format: Format::Csv,
-        bundle: Some(bundle.to_path_buf()),
-        config: None,
-    })
+    let mut body = serde_json::Map::new();
+    for name in given {
+        body.insert(name.to_string(), serde_json::Value::String(text(name)));
+    }
+    for name in ["officer", "reference"].iter().chain(optional) {
+        if let Some(value) = Some(text(name)).filter(|value| !value.is_empty()) {
+            body.insert(name.to_string(), serde_json::Value::String(value));
+        }
+    }
+    if kind == Kind::Accessed {
+        // One service a line.
+        let services =
+            text("services").lines().map(str::trim).filter(|s| !s.is_empty()).map(serde_json::Value::from).collect();
+        body.insert("service".into(), serde_json::Value::Array(services));
+    }
+    let request =
+        bodies::request_of(kind.path(), authority, serde_json::Value::Object(body)).map_err(|e| format!("{e:#}"))?;
+    Ok(Request { format: Format::Csv, bundle: Some(bundle.to_path_buf()), ..request })
 }
 
 async fn ask(
@@ -600,6 +593,7 @@ async fn audit_page(State(state): State<ConsoleState>, headers: HeaderMap) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::query::{LocalFilter, Who};
 
     pub(super) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -645,7 +639,16 @@ mod tests {
         );
         let mut bad = form.clone();
         bad.insert("local".into(), "sometimes".into());
-        assert!(request_of(Kind::Accessed, "met-police", &bad, Path::new("/tmp/b")).is_err());
+        let refused = request_of(Kind::Accessed, "met-police", &bad, Path::new("/tmp/b")).unwrap_err();
+        assert!(["sometimes", "include", "exclude", "only"].iter().all(|word| refused.contains(word)), "{refused}");
+        // Left empty: today's answer, as from a body without it.
+        bad.insert("local".into(), " ".into());
+        let request = request_of(Kind::Accessed, "met-police", &bad, Path::new("/tmp/b")).unwrap();
+        assert!(matches!(request.ask, Ask::Accessed { local: LocalFilter::Include, .. }));
+        // What the desk checks is passed on even empty: the desk audits it.
+        bad.insert("from".into(), String::new());
+        let request = request_of(Kind::Accessed, "met-police", &bad, Path::new("/tmp/b")).unwrap();
+        assert!(matches!(request.ask, Ask::Accessed { from, .. } if from.is_empty()));
         let resolve: HashMap<String, String> = [("ip", "203.0.113.1"), ("port", ""), ("at", "2026-11-22T15:02:00Z")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
