@@ -1156,6 +1156,26 @@ fn six_gateways_ship_at_once_through_a_shard_restart_and_the_cluster_answers_the
     assert_eq!(probes.len(), GATEWAYS, "every gateway has records of these names");
     assert_eq!(answered.keys().collect::<Vec<_>>(), union.keys().collect::<Vec<_>>(), "the same records");
     assert_eq!(answered, union, "the cluster's records are the gateways' own, field for field");
+    // Asked for many names, the query service reads the records' names
+    // rather than the name table: the same answer.
+    let mut many = accessed.clone();
+    let absent: Vec<String> = (0..150).map(|n| format!("absent{n}.example")).collect();
+    for name in &absent {
+        many.extend(["--service", name.as_str()]);
+    }
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &many[..],
+            &["--from", &from, "--to", &to, "--clickhouse", &url, "--db", central.to_str().unwrap()],
+            &["--format", "ndjson"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let scanned: BTreeMap<String, Value> =
+        ndjson(&stdout).into_iter().map(|r| (r["id"].as_str().unwrap().to_string(), r)).collect();
+    assert_eq!(scanned, union, "{} names: the same records", names.len() + absent.len());
     eprintln!(
         "{GATEWAYS} gateways: {} records shipped through a shard restart in {:.0} s; question 3: {} records; test {:.0} s",
         every.len(),
