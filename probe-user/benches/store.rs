@@ -112,6 +112,9 @@ struct ClickHouseTarget {
 /// Records in one insert: what the shipper sends when it is behind (64
 /// one-second ticks of a gateway closing ~1,000 connections a second).
 const CLICKHOUSE_BATCH: usize = 65_536;
+/// Gateways shipping to the one node at once, and the inserts each sends.
+const SHIPPERS: usize = 6;
+const SHIPPER_BATCHES: usize = 4;
 
 impl ClickHouseTarget {
     fn flush(&mut self) -> Result<()> {
@@ -136,6 +139,49 @@ impl ClickHouseTarget {
             self.server.query(&format!("OPTIMIZE TABLE icr.{table} PARTITION '{day}' FINAL"))?;
         }
         Ok(())
+    }
+
+    /// [`SHIPPERS`] gateways inserting at once, each its own records, probe
+    /// id and connections, [`SHIPPER_BATCHES`] inserts of
+    /// [`CLICKHOUSE_BATCH`] records each (made before, and turned into rows
+    /// in the timed part, as [`Self::flush`] does): the records all of them
+    /// ship a second.
+    fn many_shippers(&self, options: &Options) -> Result<f64> {
+        let records: Vec<Vec<Icr>> = (0..SHIPPERS)
+            .map(|n| {
+                let mut generator = Generator::new(100 + n as u64, options.clone());
+                (0..SHIPPER_BATCHES * CLICKHOUSE_BATCH)
+                    .map(|_| Icr { probe: Some(format!("gw-{n}")), ..generator.next_record() })
+                    .collect()
+            })
+            .collect();
+        let ready = std::sync::Barrier::new(SHIPPERS + 1);
+        let (started, ended) = std::thread::scope(|scope| -> Result<(Instant, Vec<Instant>)> {
+            let shippers: Vec<_> = records
+                .iter()
+                .map(|records| {
+                    let (clickhouse, ready) = (self.clickhouse.with_own_connections(), &ready);
+                    scope.spawn(move || -> Result<Instant> {
+                        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                        ready.wait();
+                        for batch in records.chunks(CLICKHOUSE_BATCH) {
+                            let rows = batch.iter().map(RecordRow::of).collect::<Result<Vec<_>, _>>()?;
+                            runtime.block_on(clickhouse.insert_records(&rows))?;
+                        }
+                        Ok(Instant::now())
+                    })
+                })
+                .collect();
+            ready.wait();
+            let started = Instant::now();
+            let ended = shippers
+                .into_iter()
+                .map(|s| s.join().map_err(|_| anyhow::anyhow!("a shipper panicked"))?)
+                .collect::<Result<_>>()?;
+            Ok((started, ended))
+        })?;
+        let last = ended.into_iter().max().context("no shipper")?;
+        Ok((SHIPPERS * SHIPPER_BATCHES * CLICKHOUSE_BATCH) as f64 / (last - started).as_secs_f64())
     }
 
     /// Bytes on disk per ICR of each table, and of each column of it.
@@ -238,7 +284,12 @@ fn main() -> Result<()> {
         let figures = measure(&args, &mut target, disk_mb_per_s)?;
         println!("bytes on disk by table and column (after OPTIMIZE FINAL; {}):", clickhouse_server::compression());
         target.breakdown(figures.written)?;
-        Some(figures)
+        let aggregate = target.many_shippers(&Options { per_second: args.per_second, ..Options::default() })?;
+        println!(
+            "ingest with {SHIPPERS} shippers at once ({} inserts of {CLICKHOUSE_BATCH} records each): {aggregate:.0} ICRs/s in all",
+            SHIPPER_BATCHES
+        );
+        Some((figures, aggregate))
     } else {
         None
     };
@@ -246,7 +297,7 @@ fn main() -> Result<()> {
     if !args.keep {
         std::fs::remove_dir_all(&args.dir).ok();
     }
-    if let Some(clickhouse) = &clickhouse_figures {
+    if let Some((clickhouse, aggregate)) = &clickhouse_figures {
         // (what, sled, clickhouse, decimals)
         let (s, c) = (&sled_figures, clickhouse);
         let rows: [(&str, f64, f64, usize); 8] = [
@@ -263,8 +314,12 @@ fn main() -> Result<()> {
         for (what, sled, clickhouse, decimals) in rows {
             println!("{what:<42} {sled:>12.decimals$} {clickhouse:>12.decimals$} {:>16.2}", clickhouse / sled);
         }
+        println!("{:<42} {:>12} {aggregate:>12.0}", format!("ingest, {SHIPPERS} shippers at once (ICRs/s)"), "");
         println!("{sled_json}");
-        println!("{}", json(clickhouse, "clickhouse", disk_mb_per_s));
+        let mut clickhouse_json = json(clickhouse, "clickhouse", disk_mb_per_s);
+        clickhouse_json["shippers"] = SHIPPERS.into();
+        clickhouse_json["ingest_shippers_per_s"] = aggregate.round().into();
+        println!("{clickhouse_json}");
     } else {
         println!("{sled_json}");
     }

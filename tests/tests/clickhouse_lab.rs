@@ -1,7 +1,7 @@
 //! The provider-wide store on real ClickHouse servers (Debian's
 //! `clickhouse-server`, two of them as two shards of cluster `icr`), fed by
-//! real gateways' agents, asked through the same desk as one gateway's
-//! store.
+//! real gateways' agents (and six capture-less gateways shipping at once),
+//! asked through the same desk as one gateway's store.
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use icr_lab::{
@@ -10,6 +10,11 @@ use icr_lab::{
     icr_binary, patience, wait_for,
 };
 use serde_json::Value;
+
+// The names the many-gateways lab asks for, from the generator its gateways are fed by.
+#[allow(dead_code)]
+#[path = "../../probe-user/benches/support/synthetic.rs"]
+mod synthetic;
 
 const AUTHORITIES: &str = r#"
 [[authority]]
@@ -1030,4 +1035,216 @@ fn a_cluster_sweep_is_authorised_and_audited_once_at_the_desk() {
     assert_eq!(entries[2]["result_count"], 1);
     let verify = icr(&cluster, &["audit", "verify", "--db", central.to_str().unwrap()]);
     assert_eq!(verify.0, 0, "{}", verify.2);
+}
+
+/// Gateways shipping at once: each ships [`SHIP_TICKS`] ticks of
+/// [`SHIP_PER_TICK`] records, half a second apart.
+const GATEWAYS: usize = 6;
+const SHIP_TICKS: u32 = 16;
+const SHIP_PER_TICK: u32 = 250;
+
+/// The names question 3 asks for: some of the most popular of the
+/// synthetic stream's, and one no record carries.
+fn popular_names() -> Vec<String> {
+    let mut names: Vec<String> = [1u32, 2, 3, 5, 8, 13, 21, 34].into_iter().map(synthetic::Generator::name).collect();
+    names.push("nobody.example".to_string());
+    names
+}
+
+#[test]
+fn six_gateways_ship_at_once_through_a_shard_restart_and_the_cluster_answers_their_union() {
+    let started = std::time::Instant::now();
+    let mut cluster = ClickHouseCluster::start_secured(2).expect("two ClickHouse shards with password users and HTTPS");
+    let secrets = cluster.dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let admin = password_file(&secrets.join("admin.password"), ADMIN.password);
+    let url = cluster.https_url(0);
+    let ca = cluster.ca.clone().unwrap();
+    let (code, _, stderr) = icr(
+        &cluster,
+        &[
+            "clickhouse",
+            "init",
+            "--url",
+            &url,
+            "--cluster",
+            CLUSTER,
+            "--user",
+            ADMIN.name,
+            "--password-file",
+            admin.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+
+    // Six gateways, each its own store and probe id, shipping over HTTPS as
+    // a gateway user, at the same time.
+    let gateway_password = password_file(&secrets.join("gateway.password"), GATEWAY.password);
+    let section = secured_section(&cluster, GATEWAY, &gateway_password);
+    let dirs: Vec<TempDir> = (0..GATEWAYS).map(|n| TempDir::new(&format!("ch-gw{n}"))).collect();
+    let mut shippers: Vec<std::process::Child> = dirs
+        .iter()
+        .enumerate()
+        .map(|(n, dir)| {
+            std::fs::write(
+                dir.path().join("icr.toml"),
+                format!("retention_days = 30\nprobe_id = \"gw-{n}\"\n{section}{AUTHORITIES}"),
+            )
+            .unwrap();
+            cluster
+                .spawn(
+                    Command::new(env!("CARGO_BIN_EXE_gateway-ship")).arg(dir.path()).args([
+                        &(100 + n).to_string(),
+                        &SHIP_TICKS.to_string(),
+                        &SHIP_PER_TICK.to_string(),
+                    ]),
+                    &format!("gw-{n}"),
+                )
+                .unwrap()
+        })
+        .collect();
+    let logs = |cluster: &ClickHouseCluster| -> String {
+        (0..GATEWAYS)
+            .map(|n| std::fs::read_to_string(cluster.dir.join(format!("gw-{n}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("----\n")
+    };
+
+    // Mid-run, once every gateway has shipped something, shard 1 stops
+    // for a while and comes back.
+    let shipped_by_all = wait_for(patience(Duration::from_secs(30)), "every gateway to ship something", || {
+        let probes = cluster.query_at(&cluster.url(0), "SELECT uniqExact(probe) FROM icr.records")?;
+        Ok(probes.trim() == GATEWAYS.to_string())
+    });
+    if let Err(error) = shipped_by_all {
+        panic!("{error:#}\n{}", logs(&cluster));
+    }
+    cluster.stop_shard(1).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = shippers.iter_mut().map(|s| s.try_wait().unwrap()).filter(Option::is_none).count();
+    assert_eq!(during, GATEWAYS, "every gateway still ships while the shard is down\n{}", logs(&cluster));
+    cluster.start_shard(1).unwrap();
+    for shipper in &mut shippers {
+        let done = wait_for(patience(Duration::from_secs(150)), "a gateway to ship everything", || {
+            Ok(shipper.try_wait()?.is_some())
+        });
+        if let Err(error) = done {
+            let _ = shipper.kill();
+            panic!("{error:#}\n{}", logs(&cluster));
+        }
+        assert!(shipper.wait().unwrap().success(), "{}", logs(&cluster));
+    }
+    let shipped_at = started.elapsed();
+    let said = logs(&cluster);
+    assert!(
+        said.contains("failed, the outbox keeps everything")
+            && said.contains("shipping to https://10.99.0.1:18443 again"),
+        "the shard's absence was felt, and shipping resumed: {said}"
+    );
+
+    // Each gateway's own records, from its own store.
+    let now = chrono_now();
+    let (from, to) = (icr_lab::rfc3339(now - 2 * 3_600), icr_lab::rfc3339(now + 60));
+    let own = |dir: &TempDir, args: &[&str]| -> Vec<Value> {
+        let out = Command::new(icr_binary())
+            .args(args)
+            .args(["--from", &from, "--to", &to, "--db"])
+            .arg(dir.path())
+            .args(["--format", "ndjson"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ndjson(&String::from_utf8_lossy(&out.stdout))
+    };
+    let listing = ["list", "--authority", "lab-noc", "--officer", "NOC 1", "--reference", "MAINT-6"];
+    let mut every: BTreeMap<String, Value> = BTreeMap::new();
+    for (n, dir) in dirs.iter().enumerate() {
+        let records = own(dir, &listing);
+        assert_eq!(records.len(), (SHIP_TICKS * SHIP_PER_TICK) as usize, "gateway {n} keeps what it was fed");
+        for record in records {
+            assert_eq!(record["probe"], format!("gw-{n}"));
+            every.insert(record["id"].as_str().unwrap().to_string(), record);
+        }
+    }
+    assert_eq!(every.len(), GATEWAYS * (SHIP_TICKS * SHIP_PER_TICK) as usize, "no id shared between gateways");
+
+    // Every record of every gateway is in the cluster, once.
+    let rows = cluster
+        .query_at(&cluster.url(0), "SELECT UUIDNumToString(id), probe FROM icr.records ORDER BY id FORMAT TSV")
+        .unwrap();
+    let stored: Vec<(&str, &str)> = rows.lines().map(|l| l.split_once('\t').unwrap()).collect();
+    let twice: Vec<&(&str, &str)> = stored.windows(2).filter(|w| w[0].0 == w[1].0).map(|w| &w[1]).collect();
+    assert!(twice.is_empty(), "{} records stored more than once: {:?}", twice.len(), &twice[..twice.len().min(5)]);
+    let ids: std::collections::BTreeSet<&str> = stored.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, every.keys().map(String::as_str).collect(), "the cluster holds exactly the gateways' records");
+    for (id, probe) in &stored {
+        assert_eq!(every[*id]["probe"], *probe, "{id} is named for its own gateway");
+    }
+
+    // Question 3 across all gateways through the query service (over HTTPS
+    // as the read-only user) is the union of each gateway's own answer.
+    let query_password = password_file(&secrets.join("query.password"), QUERY.password);
+    let central = central_dir_with(&cluster, "central-six", &secured_section(&cluster, QUERY, &query_password));
+    let names = popular_names();
+    let mut accessed = vec!["query", "accessed"];
+    for name in &names {
+        accessed.extend(["--service", name.as_str()]);
+    }
+    accessed.extend(WHO);
+    let mut union: BTreeMap<String, Value> = BTreeMap::new();
+    for dir in &dirs {
+        for record in own(dir, &accessed) {
+            union.insert(record["id"].as_str().unwrap().to_string(), record);
+        }
+    }
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &accessed[..],
+            &["--from", &from, "--to", &to, "--clickhouse", &url, "--db", central.to_str().unwrap()],
+            &["--format", "ndjson"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let across = ndjson(&stdout);
+    let mut answered: BTreeMap<String, Value> = BTreeMap::new();
+    for record in across {
+        let id = record["id"].as_str().unwrap().to_string();
+        assert!(answered.insert(id.clone(), record).is_none(), "{id} answered twice");
+    }
+    assert!(union.len() > 100, "the names are popular: {} records", union.len());
+    let probes: std::collections::BTreeSet<&str> = union.values().map(|r| r["probe"].as_str().unwrap()).collect();
+    assert_eq!(probes.len(), GATEWAYS, "every gateway has records of these names");
+    assert_eq!(answered.keys().collect::<Vec<_>>(), union.keys().collect::<Vec<_>>(), "the same records");
+    assert_eq!(answered, union, "the cluster's records are the gateways' own, field for field");
+    // Asked for many names, the query service reads the records' names
+    // rather than the name table: the same answer.
+    let mut many = accessed.clone();
+    let absent: Vec<String> = (0..150).map(|n| format!("absent{n}.example")).collect();
+    for name in &absent {
+        many.extend(["--service", name.as_str()]);
+    }
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            &many[..],
+            &["--from", &from, "--to", &to, "--clickhouse", &url, "--db", central.to_str().unwrap()],
+            &["--format", "ndjson"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let scanned: BTreeMap<String, Value> =
+        ndjson(&stdout).into_iter().map(|r| (r["id"].as_str().unwrap().to_string(), r)).collect();
+    assert_eq!(scanned, union, "{} names: the same records", names.len() + absent.len());
+    eprintln!(
+        "{GATEWAYS} gateways: {} records shipped through a shard restart in {:.0} s; question 3: {} records; test {:.0} s",
+        every.len(),
+        shipped_at.as_secs_f64(),
+        union.len(),
+        started.elapsed().as_secs_f64()
+    );
 }

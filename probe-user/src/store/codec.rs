@@ -21,7 +21,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use chrono::{DateTime, Utc};
 
-use super::wire::{Reader, push_ip, push_signed, push_varint};
+use super::{
+    wire::{Reader, push_ip, push_signed, push_varint},
+    zstd_contexts,
+};
 use crate::icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource};
 use probe_common::{Mac, Proto};
 
@@ -106,7 +109,7 @@ fn encode_as(version: u8, columns: &[Vec<u8>], count: usize, compress: bool) -> 
         .iter()
         .map(|column| {
             Ok(if compress && !column.is_empty() {
-                Cow::Owned(zstd::bulk::compress(column, ZSTD_LEVEL).context("compressing a block")?)
+                Cow::Owned(zstd_contexts::compress(column, ZSTD_LEVEL).context("compressing a block")?)
             } else {
                 Cow::Borrowed(column.as_slice())
             })
@@ -143,7 +146,7 @@ pub fn encode_v1(records: &[Icr], compress: bool) -> Result<Vec<u8>> {
         push_varint(&mut out, column.len() as u64);
     }
     let body = columns.concat();
-    out.extend_from_slice(&if compress { zstd::bulk::compress(&body, ZSTD_LEVEL)? } else { body });
+    out.extend_from_slice(&if compress { zstd_contexts::compress(&body, ZSTD_LEVEL)? } else { body });
     Ok(out)
 }
 
@@ -252,7 +255,7 @@ impl<'a> Columns<'a> {
         ensure!(total <= MAX_DECODED_BYTES, "a block claims {total} bytes of columns");
         let rest = header.rest();
         let body = if compressed {
-            zstd::bulk::decompress(rest, total).context("decompressing a block")?
+            zstd_contexts::decompress(rest, total).context("decompressing a block")?
         } else {
             rest.to_vec()
         };
@@ -288,8 +291,8 @@ impl<'a> Columns<'a> {
             ensure!(stored.len() == length, "column {c} is {} bytes, its header says {length}", stored.len());
             return Ok(Cow::Borrowed(stored));
         }
-        let body =
-            zstd::bulk::decompress(stored, length).with_context(|| format!("decompressing column {c} of a block"))?;
+        let body = zstd_contexts::decompress(stored, length)
+            .with_context(|| format!("decompressing column {c} of a block"))?;
         ensure!(body.len() == length, "column {c} is {} bytes, its header says {length}", body.len());
         Ok(Cow::Owned(body))
     }

@@ -30,6 +30,7 @@ pub mod rollup;
 pub(crate) mod test_records;
 mod wal;
 mod wire;
+mod zstd_contexts;
 
 use std::{
     collections::BTreeMap,

@@ -22,6 +22,7 @@ use crate::{
     store::{
         index::IndexKey,
         wire::{Reader, push_ip, push_signed, push_varint},
+        zstd_contexts,
     },
 };
 
@@ -302,7 +303,7 @@ impl Rollup {
             // A fingerprint's items stay on one page: a lookup reads one.
             let print_ends = items.get(index + 1).is_none_or(|next| next.0 != print);
             if print_ends && (page.len() >= page_bytes || index + 1 == items.len()) {
-                pages.push((first, zstd::bulk::compress(&page, ZSTD_LEVEL).context("compressing a rollup page")?));
+                pages.push((first, zstd_contexts::compress(&page, ZSTD_LEVEL).context("compressing a rollup page")?));
                 page.clear();
             }
         }
@@ -376,7 +377,7 @@ fn decompress(compressed: &[u8]) -> Result<Vec<u8>> {
         .flatten()
         .ok_or_else(|| anyhow!("a rollup page without its size"))?;
     ensure!(size <= MAX_PAGE_BYTES as u64, "a rollup page claims {size} bytes");
-    zstd::bulk::decompress(compressed, size as usize).context("decompressing a rollup page")
+    zstd_contexts::decompress(compressed, size as usize).context("decompressing a rollup page")
 }
 
 fn write_identity(out: &mut Vec<u8>, identity: &Identity) {
