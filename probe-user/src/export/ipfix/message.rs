@@ -51,13 +51,6 @@ impl Encoder {
         self.sequence = 0;
     }
 
-    /// Counts `data_records` as sent without sending them: on UDP a
-    /// message that could not be sent is a gap the collector sees in the
-    /// sequence numbers, as if the network had lost it.
-    pub fn skip(&mut self, data_records: u32) {
-        self.sequence = self.sequence.wrapping_add(data_records);
-    }
-
     /// The template set alone.
     pub fn templates(&self, export_time: u32) -> Message {
         let mut builder = Builder::new(self.max_len);

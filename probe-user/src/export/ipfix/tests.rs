@@ -17,7 +17,7 @@ fn time(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().into()
 }
 
-fn record() -> Icr {
+pub(super) fn record() -> Icr {
     Icr {
         id: "0192f1c4-0000-7000-8000-000000000001".into(),
         probe: Some("gw-07".into()),
@@ -59,19 +59,19 @@ fn v6_record() -> Icr {
 }
 
 /// A field specifier: (enterprise number, element id, length).
-type Spec = (Option<u32>, u16, u16);
+pub(super) type Spec = (Option<u32>, u16, u16);
 /// A data record's fields by (enterprise number, element id).
-type Fields = HashMap<(Option<u32>, u16), Vec<u8>>;
+pub(super) type Fields = HashMap<(Option<u32>, u16), Vec<u8>>;
 
 /// One decoded message.
 #[derive(Debug)]
-struct Decoded {
-    length: u16,
-    export_time: u32,
-    sequence: u32,
-    domain: u32,
+pub(super) struct Decoded {
+    pub length: u16,
+    pub export_time: u32,
+    pub sequence: u32,
+    pub domain: u32,
     /// Data records: (template id, fields by (enterprise, id)).
-    records: Vec<(u16, Fields)>,
+    pub records: Vec<(u16, Fields)>,
 }
 
 fn be16(bytes: &[u8]) -> u16 {
@@ -83,7 +83,7 @@ fn be32(bytes: &[u8]) -> u32 {
 }
 
 /// Reads a message, learning templates into `known` (RFC 7011 §3).
-fn decode(message: &[u8], known: &mut HashMap<u16, Vec<Spec>>) -> Decoded {
+pub(super) fn decode(message: &[u8], known: &mut HashMap<u16, Vec<Spec>>) -> Decoded {
     assert_eq!(be16(message), 10, "version 10");
     let length = be16(&message[2..]);
     assert_eq!(usize::from(length), message.len(), "the header's length is the message's");
@@ -151,7 +151,7 @@ fn decode_all(messages: &[super::Message]) -> Vec<Decoded> {
     messages.iter().map(|m| decode(&m.bytes, &mut known)).collect()
 }
 
-fn iana(fields: &Fields, id: u16) -> &[u8] {
+pub(super) fn iana(fields: &Fields, id: u16) -> &[u8] {
     fields.get(&(None, id)).unwrap_or_else(|| panic!("element {id} in {fields:?}"))
 }
 
@@ -159,7 +159,7 @@ fn ours(fields: &Fields, id: u16) -> String {
     String::from_utf8(fields[&(Some(PEN), id)].clone()).unwrap()
 }
 
-fn number(bytes: &[u8]) -> u64 {
+pub(super) fn number(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0, |n, b| n << 8 | u64::from(*b))
 }
 
@@ -208,8 +208,6 @@ fn the_header_is_byte_exact_and_templates_do_not_count() {
     let second = encoder.encode(&[record()], EXPORT_TIME + 1, false);
     assert_eq!(be32(&second[0].bytes[8..]), 6, "the templates resent did not count; six data records did");
     assert_eq!(encoder.sequence(), 9);
-    encoder.skip(3);
-    assert_eq!(encoder.sequence(), 12, "records that could not be sent are a gap in the numbers");
     encoder.restart_sequence();
     assert_eq!(encoder.sequence(), 0);
 }
