@@ -135,7 +135,7 @@ impl ClickHouseSection {
 #[serde(deny_unknown_fields)]
 pub struct IpfixSection {
     /// `udp://HOST:PORT` or `tcp://HOST:PORT`, one or more.
-    pub collectors: Vec<crate::export::ipfix::Collector>,
+    pub collectors: Vec<crate::remote::Collector>,
     /// The observation domain id every message carries (RFC 7011 §3.1).
     #[serde(default)]
     pub observation_domain: u32,
@@ -161,8 +161,12 @@ impl IpfixSection {
     }
 }
 
+/// RFC 5612's enterprise number for documentation: the default until the
+/// provider configures its own.
+pub const DOCUMENTATION_PEN: u32 = 32473;
+
 fn default_enterprise_number() -> u32 {
-    crate::export::ipfix::DOCUMENTATION_PEN
+    DOCUMENTATION_PEN
 }
 
 fn default_template_interval() -> Span {

@@ -18,11 +18,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{info, warn};
 
-use super::{
-    Encoder, Message, PATH_MTU_MESSAGE,
-    collector::{Collector, Transport},
+use super::{Encoder, Message, PATH_MTU_MESSAGE};
+use crate::{
+    config::IpfixSection,
+    icr::Icr,
+    remote::{Collector, Transport},
 };
-use crate::{config::IpfixSection, icr::Icr};
 
 /// Batches (one a tick) a collector's thread may have waiting.
 const QUEUE: usize = 64;
