@@ -10,7 +10,7 @@ use icr::{
     config::{Config, StoreConfig},
     query::{Desk, Failure, Request},
     serve::{
-        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, RunArgs},
+        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, ExportCommand, RunArgs},
         commands,
         control::{self, Order},
     },
@@ -60,6 +60,30 @@ fn main() {
                     .map_err(Failure::from)
                     .and_then(|dir| ask_store(&dir, named, commands::list_request(&args), &mut stdout)),
             }
+        }
+        Command::Export(ExportCommand::Ipfix(args)) => {
+            let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());
+            commands::IpfixSink::open(&args).map_err(Failure::from).and_then(|sink| {
+                let request = sink.request(&args);
+                let mut ndjson = Vec::new();
+                let asked = match &args.target.clickhouse {
+                    Some(url) => commands::cluster_dir(named, db)
+                        .map_err(Failure::from)
+                        .and_then(|dir| ask_cluster(url, &dir, request, &mut ndjson).map(|()| dir)),
+                    None => commands::store_dir(named, db)
+                        .map_err(Failure::from)
+                        .and_then(|dir| ask_store(&dir, named, request, &mut ndjson).map(|()| dir)),
+                };
+                let dir = match asked {
+                    Ok(dir) => dir,
+                    Err(failure) => {
+                        sink.abandon();
+                        return Err(failure);
+                    }
+                };
+                let section = Config::choose(named, Some(&dir)).map(|chosen| chosen.config.ipfix).unwrap_or_default();
+                sink.write(&ndjson, section.as_ref(), &mut stdout).map_err(Failure::from)
+            })
         }
         Command::Sweep(args) => {
             let (named, db) = (args.target.config.as_deref(), args.target.db.as_deref());

@@ -387,4 +387,67 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
     assert!(!warnings.is_empty() && !capd_expert.contains("Errors"), "tshark:\n{capd_expert}");
     assert!(warnings.iter().all(|w| w.contains("Unexpected flow sequence for domain ID 7")), "tshark:\n{capd_expert}");
     assert!(!verbose.contains("Malformed"), "no malformed packet");
+
+    // `icr export ipfix`: the stored window again, as an operator's
+    // back-filling, to an RFC 5655 file and to a collector; audited.
+    let now = chrono::Utc::now();
+    let (from, to) = ((now - chrono::Duration::days(1)).to_rfc3339(), (now + chrono::Duration::days(1)).to_rfc3339());
+    let export = |destination: &[&str]| -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gateway])
+            .arg(icr_binary())
+            .args(["export", "ipfix", "--from", &from, "--to", &to, "--db", db.to_str().unwrap()])
+            .args(["--authority", icr_lab::LAB_OPERATOR, "--officer", "ops", "--reference", "BACKFILL-1"])
+            .args(destination)
+            .output()
+            .unwrap()
+    };
+    let file = lab.dir.join("backfill.ipfix");
+    let written = export(&["--file", file.to_str().unwrap()]);
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    assert!(String::from_utf8_lossy(&written.stdout).starts_with(&format!("{} records", records.len())));
+    let read = |extra: &[&str]| {
+        let out = Command::new("tshark").arg("-r").arg(&file).args(extra).output().unwrap();
+        assert!(out.status.success(), "tshark reads the IPFIX file: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let verbose = read(&["-V"]);
+    for id in 256..=260 {
+        assert!(verbose.contains(&format!("Template Id: {id}")), "template {id} in the file");
+    }
+    let expert = read(&["-q", "-z", "expert,warn"]);
+    assert!(!expert.contains("Warns") && !expert.contains("Errors"), "tshark on the file:\n{expert}");
+    let mut ports: Vec<u64> = read(&["-T", "fields", "-e", "cflow.srcport"])
+        .split([',', '\n'])
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut stored: Vec<u64> = records.iter().map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    stored.sort_unstable();
+    stored.dedup();
+    assert_eq!(ports, stored, "every record in the file");
+    let again = export(&["--file", file.to_str().unwrap()]);
+    assert!(!again.status.success(), "a file is never overwritten");
+
+    let third_run = lab.dir.join("nfcapd-3");
+    let mut capd = nfcapd(&lab, &third_run);
+    let sent = export(&["--collector", &format!("udp://127.0.0.1:{NFCAPD_PORT}")]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    capd.stop(libc::SIGTERM);
+    assert_eq!(flows_of(&nfdump(&[&third_run], "any")).len(), records.len(), "nfcapd got every record");
+    let refused = export(&["--collector", "udp://127.0.0.1:9"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("did not reach"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let audit = std::fs::read_to_string(db.join("audit.log")).unwrap();
+    let exports: Vec<&str> = audit.lines().filter(|l| l.contains("\"export ipfix\"")).collect();
+    assert_eq!(exports.len(), 3, "each export asked is audited (not the one refused its file):\n{audit}");
+    assert!(
+        exports.iter().any(|l| l.contains("backfill.ipfix"))
+            && exports.iter().any(|l| l.contains("udp://127.0.0.1:9\""))
+    );
 }
