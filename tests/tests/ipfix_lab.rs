@@ -3,8 +3,8 @@
 //! gateway's loopback. For every connection, nfdump's answer to
 //! `src nip PUBLIC and src nport PORT` is icr's own answer to question 1;
 //! nfacctd reads the names through the enterprise elements; tshark decodes
-//! every template; and a collector stopped mid-run costs the store nothing,
-//! its gap counted.
+//! every template; a collector stopped mid-run costs the store nothing, its
+//! gap counted; and `icr export ipfix` back-fills the stored window.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output},
