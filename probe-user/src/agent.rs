@@ -179,7 +179,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (write_tx, write_rx) = mpsc::channel(write_queue);
     // Flows whose records are stored come back to have their kernel entries deleted.
     let (stored_tx, mut stored_rx) = mpsc::unbounded_channel();
-    let writer = spawn_writer(store.clone(), write_rx, stored_tx, snapshot.clone());
+    // IPFIX collectors get each batch after the store has it.
+    let ipfix = crate::export::ipfix::live::Feed::start(config.ipfix.as_ref())?;
+    if let Ok(mut s) = snapshot.lock() {
+        s.ipfix = ipfix.stats();
+    }
+    let writer = spawn_writer(store.clone(), write_rx, stored_tx, snapshot.clone(), ipfix);
 
     let mut losses = loss_tracker(&store, &probe, loaded_at)?;
     let mut ticks = 0u64;
@@ -458,6 +463,7 @@ fn spawn_writer(
     mut queue: mpsc::Receiver<Batch>,
     stored: mpsc::UnboundedSender<Vec<FlowKey>>,
     snapshot: crate::serve::metrics::Shared,
+    ipfix: crate::export::ipfix::live::Feed,
 ) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         while let Some(mut batch) = queue.blocking_recv() {
@@ -467,6 +473,7 @@ fn spawn_writer(
             let started = std::time::Instant::now();
             let what = format!("storing {} records", batch.records.len());
             until_written(&what, &snapshot, || store.append(&batch.records));
+            ipfix.offer(&batch.records);
             if !batch.flows.is_empty() {
                 // The loop stopping first only leaves the flows to the next agent.
                 let _ = stored.send(std::mem::take(&mut batch.flows));

@@ -58,6 +58,9 @@ pub struct Config {
     /// Where records and gaps are shipped for provider-wide questions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<ClickHouseSection>,
+    /// Live IPFIX export of every closed record to flow collectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipfix: Option<IpfixSection>,
     /// The running agent's local query socket (default `DIR/icr.sock`).
     /// Root, the agent's user and the members of the socket's group may
     /// connect (the package's `/run/icr/icr.sock` is the group icr-query's).
@@ -124,6 +127,50 @@ impl ClickHouseSection {
         }
         Ok(())
     }
+}
+
+/// `[ipfix]`: collectors every closed record is sent to as IPFIX, after
+/// the store has it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IpfixSection {
+    /// `udp://HOST:PORT` or `tcp://HOST:PORT`, one or more.
+    pub collectors: Vec<crate::remote::Collector>,
+    /// The observation domain id every message carries (RFC 7011 §3.1).
+    #[serde(default)]
+    pub observation_domain: u32,
+    /// The IANA Private Enterprise Number icr's own elements are filed
+    /// under: the provider's own (32473, the default, is for documentation).
+    #[serde(default = "default_enterprise_number")]
+    pub enterprise_number: u32,
+    /// How often templates are sent again over UDP, where a collector that
+    /// restarts has no other way to learn them.
+    #[serde(default = "default_template_interval")]
+    pub template_interval: Span,
+}
+
+impl IpfixSection {
+    pub fn validate(&self) -> Result<()> {
+        if self.collectors.is_empty() {
+            bail!("[ipfix] collectors is empty: name at least one udp://HOST:PORT or tcp://HOST:PORT");
+        }
+        if self.enterprise_number == 0 {
+            bail!("[ipfix] enterprise_number = 0 is IANA's own: give the provider's Private Enterprise Number");
+        }
+        Ok(())
+    }
+}
+
+/// RFC 5612's enterprise number for documentation: the default until the
+/// provider configures its own.
+pub const DOCUMENTATION_PEN: u32 = 32473;
+
+fn default_enterprise_number() -> u32 {
+    DOCUMENTATION_PEN
+}
+
+fn default_template_interval() -> Span {
+    Span(Duration::from_secs(60))
 }
 
 /// Reads a secret file (`what` names it in errors): root's and readable by
@@ -395,6 +442,7 @@ impl Default for Config {
             store: StoreSection::default(),
             probe_id: None,
             clickhouse: None,
+            ipfix: None,
             db: None,
             capture: CaptureSection::default(),
             socket: None,
@@ -685,6 +733,9 @@ impl Config {
         if let Some(clickhouse) = &self.clickhouse {
             clickhouse.validate()?;
         }
+        if let Some(ipfix) = &self.ipfix {
+            ipfix.validate()?;
+        }
         Ok(())
     }
 
@@ -886,6 +937,22 @@ mod tests {
         );
         assert!(refusal("[probe]\nevent_ring_bytes = 100000").contains("must be a power of two"));
         assert!(Config::parse(police).is_ok());
+    }
+
+    #[test]
+    fn ipfix_collectors_are_checked_when_the_configuration_is_read() {
+        let config = Config::parse(
+            "[ipfix]\ncollectors = [\"udp://10.0.0.9:4739\", \"tcp://[2001:db8::9]:4739\"]\nobservation_domain = 7\n",
+        )
+        .unwrap();
+        let ipfix = config.ipfix.unwrap();
+        assert_eq!(ipfix.collectors.len(), 2);
+        assert_eq!((ipfix.observation_domain, ipfix.enterprise_number), (7, 32473), "RFC 5612's number by default");
+        assert_eq!(ipfix.template_interval, Span(Duration::from_secs(60)));
+        assert!(refusal("[ipfix]\ncollectors = [\"10.0.0.9:4739\"]").contains("is not udp://HOST:PORT"));
+        assert!(refusal("[ipfix]\ncollectors = []").contains("collectors is empty"));
+        assert!(refusal("[ipfix]\ncollectors = [\"udp://a:1\"]\nenterprise_number = 0").contains("enterprise_number"));
+        assert!(refusal("[ipfix]\ncollectors = [\"udp://a:1\"]\ncollector = \"x\"").contains("unknown field"));
     }
 
     #[test]

@@ -91,6 +91,18 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+impl ServiceSource {
+    /// The record's spelling (`tls_sni`, `quic_sni`, `http_host`, `dns`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TlsSni => "tls_sni",
+            Self::QuicSni => "quic_sni",
+            Self::HttpHost => "http_host",
+            Self::Dns => "dns",
+        }
+    }
+}
+
 impl TryFrom<u8> for ServiceSource {
     type Error = anyhow::Error;
 
@@ -381,5 +393,9 @@ mod tests {
     fn service_sources_are_snake_case() {
         let service = Service::carried("mail.example.com".into(), ServiceSource::TlsSni, false);
         assert_eq!(serde_json::to_value(service).unwrap()["source"], "tls_sni");
+        for number in 0..=3 {
+            let source = ServiceSource::try_from(number).unwrap();
+            assert_eq!(serde_json::to_value(source).unwrap(), source.as_str(), "as_str spells it as the record does");
+        }
     }
 }

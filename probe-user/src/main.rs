@@ -8,7 +8,7 @@ use icr::{
     config::Config,
     query::Failure,
     serve::{
-        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, RunArgs},
+        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, ExportCommand, RunArgs},
         commands,
         route::{Answered, Place},
     },
@@ -41,6 +41,7 @@ fn main() {
             .map_err(Failure::from)
             .and_then(|place| place.ask(&commands::list_request(&args), &mut stdout))
             .map(report),
+        Command::Export(ExportCommand::Ipfix(args)) => commands::export_ipfix(&args, &mut stdout).map(report),
         Command::Sweep(args) => Place::of_store_or_cluster(&args.target)
             .map_err(Failure::from)
             .and_then(|place| place.sweep(&mut stdout))

@@ -1,6 +1,6 @@
 //! How icr reaches other servers (the ClickHouse cluster, a remote icr's
-//! API): a base URL that carries no credentials, shown without anything that
-//! could be a secret, and TLS that trusts one CA file. Read by `config`
+//! API, IPFIX collectors): a base URL that carries no credentials, shown
+//! without anything that could be a secret, and TLS that trusts one CA file. Read by `config`
 //! (validation), `export` and `serve`; it imports none of them.
 use std::sync::Arc;
 
@@ -81,6 +81,80 @@ pub fn tls_trusting(ca: &std::path::Path) -> Result<rustls::ClientConfig> {
     Ok(tls)
 }
 
+/// An IPFIX collector's address as the configuration and `icr export ipfix`
+/// write it: `udp://HOST:PORT` or `tcp://HOST:PORT`.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Collector {
+    pub transport: Transport,
+    /// A name or an address (an IPv6 one without its brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the IPFIX collector {0:?} is not udp://HOST:PORT or tcp://HOST:PORT")]
+pub struct BadCollector(pub String);
+
+impl std::str::FromStr for Collector {
+    type Err = BadCollector;
+
+    fn from_str(text: &str) -> Result<Self, BadCollector> {
+        let bad = || BadCollector(text.to_string());
+        let url = url::Url::parse(text).map_err(|_| bad())?;
+        let transport = match url.scheme() {
+            "udp" => Transport::Udp,
+            "tcp" => Transport::Tcp,
+            _ => return Err(bad()),
+        };
+        // HOST:PORT and nothing else: a path, query or user would be ignored silently.
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || !url.path().is_empty()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(bad());
+        }
+        let host = url.host_str().filter(|host| !host.is_empty()).ok_or_else(bad)?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host).to_string();
+        let port = url.port().filter(|&port| port != 0).ok_or_else(bad)?;
+        Ok(Self { transport, host, port })
+    }
+}
+
+impl std::fmt::Display for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = match self.transport {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl serde::Serialize for Collector {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Collector {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <String as serde::Deserialize>::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +187,28 @@ mod tests {
         assert_eq!(checked_url("https://10.0.0.5:8443/").unwrap().as_str(), "https://10.0.0.5:8443/");
         assert_eq!(checked_url("http://[2001:db8::5]:8123").unwrap().host_str(), Some("[2001:db8::5]"));
         assert_eq!(shown("https://icr:s3cret@10.0.0.5:8443/?password=s3cret"), "https://10.0.0.5:8443");
+    }
+
+    #[test]
+    fn collectors_are_udp_or_tcp_host_and_port() {
+        let udp: Collector = "udp://10.0.0.9:4739".parse().unwrap();
+        assert_eq!((udp.transport, udp.host.as_str(), udp.port), (Transport::Udp, "10.0.0.9", 4739));
+        let tcp: Collector = "tcp://[2001:db8::9]:4739".parse().unwrap();
+        assert_eq!((tcp.transport, tcp.host.as_str()), (Transport::Tcp, "2001:db8::9"));
+        assert_eq!(tcp.to_string(), "tcp://[2001:db8::9]:4739");
+        assert_eq!("udp://collector.example:2055".parse::<Collector>().unwrap().host, "collector.example");
+        for bad in [
+            "10.0.0.9:4739",
+            "http://10.0.0.9:4739",
+            "udp://10.0.0.9",
+            "udp://10.0.0.9:0",
+            "udp://10.0.0.9:4739/path",
+            "udp://user@10.0.0.9:4739",
+            "udp://10.0.0.9:4739?x=1",
+            "udp://:4739",
+            "sctp://10.0.0.9:4739",
+        ] {
+            assert_eq!(bad.parse::<Collector>(), Err(BadCollector(bad.into())), "{bad}");
+        }
     }
 }

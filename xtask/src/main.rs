@@ -61,7 +61,8 @@ enum Command {
     },
     /// Benchmarks, figures printed at the end, the last line JSON (`probe`:
     /// kernel cost per packet; `store`: ingest, size and query latency,
-    /// `--records N` sets the store size).
+    /// `--records N` sets the store size; `export`: CPU and bytes per record,
+    /// IPFIX beside NDJSON).
     Bench {
         #[arg(default_value = "probe")]
         which: String,
@@ -99,8 +100,8 @@ fn build() -> Result<()> {
 
 fn bench(which: &str, args: &[String]) -> Result<()> {
     setup::ensure(setup::Needs::Bench)?;
-    if !["probe", "store"].contains(&which) {
-        anyhow::bail!("no benchmark {which:?} (there is: probe, store)");
+    if !["probe", "store", "export"].contains(&which) {
+        anyhow::bail!("no benchmark {which:?} (there is: probe, store, export)");
     }
     let mut cargo_args = vec!["bench", "--package", "probe-user", "--bench", which];
     if !args.is_empty() {

@@ -29,6 +29,10 @@ const LAB_PACKAGES: &[&str] = &[
     "python3-scapy",
     "tcpdump",
     "tshark",
+    // The IPFIX export's tests: the collectors providers run (nfdump's
+    // nfcapd and nfdump, pmacct's nfacctd).
+    "nfdump",
+    "pmacct",
     // The provider-wide store's tests: two servers as two shards.
     "clickhouse-server",
     // The console's browser tests (icr_lab::browser): a headless Chromium

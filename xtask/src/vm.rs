@@ -254,10 +254,10 @@ fn remove_stale_images(cache: &Path, kernel: &str, current: &Path) {
 }
 
 /// Tests of what no kernel changes (the provider's ClickHouse store, the web
-/// console in a browser): they need `clickhouse-server` or Chromium, which
-/// the test images do not carry, and run in the VM only when named with
-/// `--only`.
-const HOST_ONLY: &[&str] = &["clickhouse_lab", "console_lab", "browser_harness"];
+/// console in a browser, IPFIX collectors): they need `clickhouse-server`,
+/// Chromium or nfdump and pmacct, which the test images do not carry, and
+/// run in the VM only when named with `--only`.
+const HOST_ONLY: &[&str] = &["clickhouse_lab", "console_lab", "browser_harness", "ipfix_lab"];
 
 /// Builds the test binaries and picks those the VM runs, from cargo's JSON
 /// messages (`compiler-artifact` lines with an `executable`).

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 pub mod clickhouse;
+pub mod ipfix;
 
 use anyhow::Result;
 use serde::Serialize;

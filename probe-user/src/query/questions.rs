@@ -51,7 +51,9 @@ impl Question {
             }
             Ask::Services { device, from, to } => Self::services(device, from, to),
             Ask::Accessed { services, from, to, local } => Self::accessed(services, from, to, *local),
-            Ask::List { from, to } => Ok(Self::List { from: parse_time(from, "--from")?, to: parse_time(to, "--to")? }),
+            Ask::List { from, to } | Ask::ExportIpfix { from, to, .. } => {
+                Ok(Self::List { from: parse_time(from, "--from")?, to: parse_time(to, "--to")? })
+            }
         }
     }
 

@@ -53,6 +53,9 @@ pub enum Ask {
     },
     /// Every record in the window, for maintenance (an operator's request).
     List { from: String, to: String },
+    /// Every record in the window, as IPFIX to `destination` (a file or a
+    /// collector's URL): an operator's back-filling, a listing by another name.
+    ExportIpfix { from: String, to: String, destination: String },
 }
 
 /// Question 3's records that never left the gateway (`local`: a device and
@@ -165,7 +168,7 @@ impl Ask {
             Self::Resolve { .. } => Act::Ask(Purpose::Resolve),
             Self::Services { .. } => Act::Ask(Purpose::Services),
             Self::Accessed { .. } => Act::Ask(Purpose::Accessed),
-            Self::List { .. } => Act::List,
+            Self::List { .. } | Self::ExportIpfix { .. } => Act::List,
         }
     }
 
@@ -176,6 +179,7 @@ impl Ask {
             Self::Services { .. } => "query services",
             Self::Accessed { .. } => "query accessed",
             Self::List { .. } => "list",
+            Self::ExportIpfix { .. } => "export ipfix",
         }
     }
 
@@ -224,6 +228,12 @@ mod tests {
             Ask::Accessed { local: LocalFilter::Include, .. }
         ));
         assert!(serde_json::from_str::<Request>(&line.replace(r#""exclude""#, r#""sometimes""#)).is_err());
+        let export = Ask::ExportIpfix { from: "x".into(), to: "y".into(), destination: "udp://10.0.0.9:4739".into() };
+        assert_eq!((export.act(), export.command()), (Act::List, "export ipfix"), "an operator's listing, named");
+        assert_eq!(
+            export.parameters(),
+            serde_json::json!({"from": "x", "to": "y", "destination": "udp://10.0.0.9:4739"})
+        );
         let resolve: Ask = serde_json::from_str(r#"{"question":"resolve","ip":"192.0.2.1","at":"t"}"#).unwrap();
         assert!(matches!(resolve, Ask::Resolve { tolerance, port: None, .. } if tolerance == DEFAULT_TOLERANCE));
     }

@@ -29,6 +29,10 @@ pub enum Command {
     Audit(AuditCommand),
     /// Apply retention now: drop every day older than `retention_days`.
     Sweep(SweepArgs),
+    /// Stored records in the forms other tools read (an operator's request,
+    /// audited like `list`).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// The central query service: the HTTP API (`[http]`) over the provider's
     /// ClickHouse cluster (`[clickhouse]`), with no capture. Its directory
     /// holds the governing configuration and the audit log.
@@ -221,6 +225,41 @@ pub struct ListArgs {
     /// Who asks (an operator authority) and why, and the output.
     #[command(flatten)]
     pub who: Requester,
+    #[command(flatten)]
+    pub target: StoreOrCluster,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCommand {
+    /// The window's records as IPFIX (RFC 7011): a file (RFC 5655) or sent
+    /// to a collector, for back-filling.
+    Ipfix(ExportIpfixArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("destination").required(true).args(["file", "collector"])))]
+pub struct ExportIpfixArgs {
+    /// The window's start (RFC 3339).
+    #[arg(long)]
+    pub from: String,
+    /// Its end: at most the configuration's `max_window_days` after --from.
+    #[arg(long)]
+    pub to: String,
+    /// Write the records to this IPFIX file (RFC 5655); never over an existing file.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Send them to this collector: udp://HOST:PORT or tcp://HOST:PORT.
+    #[arg(long)]
+    pub collector: Option<crate::remote::Collector>,
+    /// The requesting authority (an operator), as configured.
+    #[arg(long)]
+    pub authority: Option<String>,
+    /// The officer making the request.
+    #[arg(long)]
+    pub officer: Option<String>,
+    /// The authorisation reference.
+    #[arg(long)]
+    pub reference: Option<String>,
     #[command(flatten)]
     pub target: StoreOrCluster,
 }

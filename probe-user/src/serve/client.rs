@@ -38,7 +38,7 @@ pub fn query(target: &QueryTarget, request: &Request, out: &mut dyn Write) -> Re
         Ask::Accessed { services, from, to, local } => {
             ("accessed", json!({ "service": services, "from": from, "to": to, "local": local }))
         }
-        Ask::List { .. } => {
+        Ask::List { .. } | Ask::ExportIpfix { .. } => {
             return Err(Failure::invalid("the HTTP API answers the three questions; list records with --db"));
         }
     };

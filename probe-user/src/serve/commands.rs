@@ -8,17 +8,18 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use chrono::Utc;
 
 use crate::{
     config::{ClickHouseSection, Config, StoreConfig},
     export::{
-        Format,
+        self, Format,
         clickhouse::{ClickHouse, block_on},
     },
-    query::{Ask, Request, Who, audit::AuditLog, cluster::Cluster},
+    query::{Ask, Failure, Request, Who, audit::AuditLog, cluster::Cluster},
     serve::{
-        cli::{AuditCommand, ListArgs, QueryCommand, Requester, StoreArgs},
-        route,
+        cli::{AuditCommand, ExportIpfixArgs, ListArgs, QueryCommand, Requester, StoreArgs},
+        route::{self, Answered, Place},
     },
 };
 
@@ -70,6 +71,147 @@ pub fn query_request(command: &QueryCommand) -> Result<Request> {
 pub fn list_request(args: &ListArgs) -> Request {
     let ask = Ask::List { from: args.from.clone(), to: args.to.clone() };
     request(ask, &args.who, args.target.config.clone())
+}
+
+/// Where `icr export ipfix` writes: made ready before the records are asked
+/// for, so that a file that cannot be made is refused before the request is
+/// audited as answered.
+pub enum IpfixSink {
+    File(std::fs::File, PathBuf),
+    Collector(crate::remote::Collector),
+}
+
+/// `icr export ipfix`: the window's records, asked at the desk of the
+/// store (or its agent) or the cluster like any read, then written as
+/// IPFIX to the file or the collector; the file goes if nothing was answered.
+pub fn export_ipfix(args: &ExportIpfixArgs, out: &mut dyn Write) -> Result<Answered, Failure> {
+    let place = Place::of_store_or_cluster(&args.target)?;
+    let sink = IpfixSink::open(args)?;
+    let mut ndjson = Vec::new();
+    let answered = match place.ask(&sink.request(args), &mut ndjson) {
+        Ok(Answered::ByAgent(answer)) if answer.error.is_some() => {
+            sink.abandon();
+            return Ok(Answered::ByAgent(answer));
+        }
+        Ok(answered) => answered,
+        Err(failure) => {
+            sink.abandon();
+            return Err(failure);
+        }
+    };
+    let (dir, named) = match &place {
+        Place::Store { db, named } => (db, named),
+        Place::Cluster { dir, named, .. } => (dir, named),
+        Place::Remote(_) => return Err(Failure::Invalid("an export reads a store or a cluster".into())),
+    };
+    let section = Config::choose(named.as_deref(), Some(dir)).map(|chosen| chosen.config.ipfix).unwrap_or_default();
+    sink.write(&ndjson, section.as_ref(), out)?;
+    Ok(answered)
+}
+
+impl IpfixSink {
+    pub fn open(args: &ExportIpfixArgs) -> Result<Self> {
+        match (&args.file, &args.collector) {
+            (Some(path), _) => {
+                let file =
+                    std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(|| {
+                        format!("creating {} (an existing file is never overwritten)", path.display())
+                    })?;
+                Ok(Self::File(file, path.clone()))
+            }
+            (None, Some(collector)) => Ok(Self::Collector(collector.clone())),
+            (None, None) => bail!("name --file F or --collector URL"),
+        }
+    }
+
+    /// The request was not answered: the file made for it goes.
+    pub fn abandon(self) {
+        if let Self::File(file, path) = self {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn destination(&self) -> String {
+        match self {
+            Self::File(_, path) => path.display().to_string(),
+            Self::Collector(collector) => collector.to_string(),
+        }
+    }
+
+    /// The request: every record of the window, audited as `export ipfix`
+    /// with its destination, answered as NDJSON for [`IpfixSink::write`].
+    pub fn request(&self, args: &ExportIpfixArgs) -> Request {
+        let ask = Ask::ExportIpfix { from: args.from.clone(), to: args.to.clone(), destination: self.destination() };
+        Request {
+            ask,
+            who: Who {
+                authority: args.authority.clone(),
+                officer: args.officer.clone(),
+                reference: args.reference.clone(),
+            },
+            format: Format::Ndjson,
+            bundle: None,
+            config: args.target.config.clone(),
+        }
+    }
+
+    /// Writes the answer's records as IPFIX, templates first, with the
+    /// observation domain and enterprise number of `[ipfix]` (the defaults
+    /// without it); says what was done on `out`.
+    pub fn write(
+        self,
+        ndjson: &[u8],
+        section: Option<&crate::config::IpfixSection>,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let records = ndjson
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice::<crate::icr::Icr>(line).context("reading the answer's records"))
+            .collect::<Result<Vec<_>>>()?;
+        let section = section.cloned().unwrap_or_else(|| crate::config::IpfixSection {
+            collectors: Vec::new(),
+            observation_domain: 0,
+            enterprise_number: crate::config::DOCUMENTATION_PEN,
+            template_interval: crate::config::Span(std::time::Duration::from_secs(60)),
+        });
+        let destination = self.destination();
+        match self {
+            Self::File(mut file, _) => {
+                let mut encoder = export::ipfix::Encoder::new(
+                    section.observation_domain,
+                    section.enterprise_number,
+                    export::ipfix::PATH_MTU_MESSAGE,
+                );
+                let now = Utc::now().timestamp().clamp(0, i64::from(u32::MAX)) as u32;
+                let messages = encoder.encode(&records, now, true);
+                for message in &messages {
+                    file.write_all(&message.bytes)?;
+                }
+                file.sync_all()?;
+                writeln!(
+                    out,
+                    "{} records in {} IPFIX messages written to {destination}",
+                    records.len(),
+                    messages.len()
+                )?;
+            }
+            Self::Collector(collector) => {
+                let stats = export::ipfix::live::send_all(&section, &collector, &records);
+                use std::sync::atomic::Ordering::Relaxed;
+                let (sent, failed) = (stats.records_sent.load(Relaxed), stats.records_failed.load(Relaxed));
+                writeln!(out, "{sent} of {} records sent to {destination}", records.len())?;
+                if failed > 0 {
+                    bail!(
+                        "{failed} of {} records did not reach {destination}; the store still has them all",
+                        records.len()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn request(ask: Ask, who: &Requester, config: Option<PathBuf>) -> Request {

@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub store_open_records: u64,
     /// The process's memory, read when scraped.
     pub memory: Option<Memory>,
+    /// Each IPFIX collector's export, live counters.
+    pub ipfix: Vec<Arc<crate::export::ipfix::live::Stats>>,
 }
 
 /// The process's memory as the kernel and the allocator see it.
@@ -312,12 +314,44 @@ pub fn render(s: &Snapshot) -> String {
             backlog.to_string(),
         );
     }
+    ipfix(&mut out, &s.ipfix);
     out
+}
+
+/// The IPFIX export's counters, one series per collector.
+fn ipfix(out: &mut String, collectors: &[Arc<crate::export::ipfix::live::Stats>]) {
+    let Some(first) = collectors.first() else { return };
+    for (index, (name, help, _)) in first.series().into_iter().enumerate() {
+        let _ = writeln!(out, "# HELP icr_ipfix_{name} {help}\n# TYPE icr_ipfix_{name} counter");
+        for stats in collectors {
+            let collector = stats.collector.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "icr_ipfix_{name}{{collector=\"{collector}\"}} {}", stats.series()[index].2);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipfix_counters_have_one_series_per_collector() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = |collector: &str, failed: u64| {
+            let stats = crate::export::ipfix::live::Stats { collector: collector.into(), ..Default::default() };
+            stats.records_failed.store(failed, Relaxed);
+            Arc::new(stats)
+        };
+        let snapshot = Snapshot {
+            ipfix: vec![stats("udp://127.0.0.1:2055", 3), stats("tcp://[::1]:4739", 0)],
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot);
+        assert!(text.contains("icr_ipfix_records_failed_total{collector=\"udp://127.0.0.1:2055\"} 3\n"), "{text}");
+        assert!(text.contains("icr_ipfix_records_failed_total{collector=\"tcp://[::1]:4739\"} 0\n"));
+        assert_eq!(text.matches("# TYPE icr_ipfix_records_failed_total counter").count(), 1);
+        assert!(!render(&Snapshot::default()).contains("icr_ipfix"), "nothing without collectors");
+    }
 
     #[test]
     fn renders_every_counter_in_the_exposition_format() {

@@ -417,6 +417,9 @@ fn summary_of(ask: &Ask) -> String {
             format!("Devices that used {} from {from} to {to} (local exchanges: {local:?})", services.join(", "))
         }
         Ask::List { from, to } => format!("Every record from {from} to {to}"),
+        Ask::ExportIpfix { from, to, destination } => {
+            format!("Every record from {from} to {to}, as IPFIX to {destination}")
+        }
     }
 }
 
