@@ -15,7 +15,8 @@ const LOAD_LIMIT: Duration = Duration::from_secs(60);
 
 /// `ICR_SOAK_SECONDS=N` makes the run a soak: each client keeps up about
 /// `ICR_SOAK_RATE` requests a second (default 20) for N seconds, and the
-/// agent's memory is printed every minute.
+/// agent's memory is printed every minute. `ICR_SOAK_SMALL=1` gives the agent
+/// the bounds configure.md suggests for a small gateway.
 fn soak() -> Option<(u64, u64)> {
     let seconds = std::env::var("ICR_SOAK_SECONDS").ok()?.parse().ok()?;
     let rate = std::env::var("ICR_SOAK_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
@@ -25,11 +26,29 @@ fn soak() -> Option<(u64, u64)> {
 /// Where a soaking agent serves its metrics, inside the gateway.
 const SOAK_METRICS: &str = "127.0.0.1:9464";
 
-/// A soak's additions to the agent's configuration: its metrics, and
-/// `[store] cache_mb` from `ICR_SOAK_CACHE_MB` when set.
-fn soak_config() -> String {
-    let mut config = format!("[metrics]\nlisten = \"{SOAK_METRICS}\"\n");
-    if let Ok(cache_mb) = std::env::var("ICR_SOAK_CACHE_MB") {
+/// The agent's configuration: short timeouts, so that every connection is
+/// written soon after it ends. A soak adds its metrics, `[store] cache_mb`
+/// from `ICR_SOAK_CACHE_MB` when set, and with `ICR_SOAK_SMALL` the small
+/// gateway's bounds (configure.md, `[probe]`).
+fn agent_config() -> String {
+    let small = soak().is_some() && std::env::var_os("ICR_SOAK_SMALL").is_some();
+    let (probe, tcp_idle) = if small {
+        (
+            "flow_table_size = 16384\nevent_ring_bytes = 1048576\ndns_cache_entries = 4096\nnat_destroyed_kept = 8192\n",
+            "tcp_idle = \"120s\"\n",
+        )
+    } else {
+        ("flow_table_size = 65536\n", "")
+    };
+    let mut config = format!(
+        "retention_days = 30\n[probe]\n{probe}[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n{tcp_idle}"
+    );
+    if soak().is_none() {
+        return config;
+    }
+    config += &format!("[metrics]\nlisten = \"{SOAK_METRICS}\"\n");
+    let cache_mb = std::env::var("ICR_SOAK_CACHE_MB").ok().or_else(|| small.then(|| "8".to_string()));
+    if let Some(cache_mb) = cache_mb {
         config += &format!("[store]\ncache_mb = {cache_mb}\n");
     }
     config
@@ -76,15 +95,7 @@ fn every_connection_under_steady_load_is_one_whole_record() {
     let lab = Lab::start(CLIENTS).expect("building the lab");
     let db = lab.dir.join("db");
     std::fs::create_dir_all(&db).unwrap();
-    std::fs::write(
-        db.join("icr.toml"),
-        "retention_days = 30\n[probe]\nflow_table_size = 65536\n[timeouts]\ntcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"\n",
-    )
-    .unwrap();
-    if soak().is_some() {
-        let mut config = std::fs::OpenOptions::new().append(true).open(db.join("icr.toml")).unwrap();
-        std::io::Write::write_all(&mut config, soak_config().as_bytes()).unwrap();
-    }
+    std::fs::write(db.join("icr.toml"), agent_config()).unwrap();
     // `ICR_LAB_CAPTURE=1`: the gateway's LAN bridge and WAN port are
     // captured too, kept with the rest on failure.
     let _captures = std::env::var_os("ICR_LAB_CAPTURE").map(|_| {

@@ -325,7 +325,14 @@ impl Assembler {
                 self.events_went_missing();
             }
             ProbeEvent::Hint(event, frame) => {
-                self.known.entry(event.key).or_default();
+                if let std::collections::hash_map::Entry::Vacant(unknown) = self.known.entry(event.key) {
+                    // Its start event is late (another CPU's) or lost. The
+                    // sweep passes over flows the agent knows: followed as
+                    // adopted (until that event comes), or it would never
+                    // be checked, and its entries never leave memory.
+                    unknown.insert(Known { adopted: true, ..Known::default() });
+                    self.schedule(event.key, event.ts_ns.saturating_add(ADOPT_AFTER_NS));
+                }
                 self.on_hint(&event, &frame, nat);
             }
             ProbeEvent::Malformed { cpu, len } => {
@@ -2229,6 +2236,38 @@ mod tests {
         assert_eq!(r.device.ip, Some(dns.src), "the initiator is the device on one interface");
         assert_eq!((r.packets_up, r.packets_down), (1, 1));
         assert!(r.incomplete, "its start event was lost");
+    }
+
+    #[test]
+    fn a_flow_known_only_by_its_hint_is_closed_and_forgotten() {
+        use crate::capture::hints::dns::tests::{a_record, response};
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler = Assembler::new(Timeouts::default(), Clock::capture(), false);
+        let lookup =
+            Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: Proto::Udp };
+        let mut question =
+            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        question[2] &= 0x7f;
+        // Its start event was lost (a full ring); its hint came through.
+        table.packet(lookup, 70, 0, role::LAN, SEC);
+        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
+        for second in 2..=70 {
+            assembler.tick(second * SEC, &mut table, &nat).unwrap();
+        }
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1, "closed after udp_idle, as any flow");
+        assert!(records[0].incomplete, "its start event was lost");
+        let closed = assembler.take_closed_flows();
+        assembler.release(&closed, &mut table).unwrap();
+        assert_eq!((assembler.open_flows(), assembler.sizes().hinted_flows), (0, 0), "nothing of it is held");
+        assert!(table.0.is_empty(), "its kernel entry goes too");
+
+        // A hint of a flow already stored and gone from the kernel holds nothing either.
+        assembler.on_event(hint_event(lookup, role::LAN, 71 * SEC, &question), &nat);
+        assembler.tick(73 * SEC, &mut table, &nat).unwrap();
+        assert!(assembler.take_records().is_empty());
+        assert_eq!((assembler.open_flows(), assembler.sizes().hinted_flows), (0, 0));
     }
 
     #[test]
