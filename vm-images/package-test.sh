@@ -178,7 +178,7 @@ agent_caps() { # PID: every thread's sets, without CAP_SYS_ADMIN
     for task in /proc/"$1"/task/*; do
         for set in CapInh CapPrm CapEff CapAmb; do
             [ "$(awk -v set="$set:" '$1 == set {print $2}' "$task/status")" = 000000c000001000 ] ||
-                { say "thread ${task##*/}: $(grep "^$set" "$task/status")"; return 1; }
+                { say "thread ${task##*/} ($(cat "$task/comm")): $(grep "^$set" "$task/status")"; return 1; }
         done
     done
 }
@@ -281,8 +281,7 @@ for link in capl0 capl1 capw0 capw1; do ip link set "$link" up; done
 # "icr running" (then stopped by SIGINT), 1 if it exits before.
 cat > /usr/local/bin/icrpkg-try <<'SCRIPT'
 #!/bin/bash
-printf 'socket = "%s/icr.sock"\n[probe]\nflow_table_size = 1048576\n' "$1" > "$1/icr.toml"
-icr run --lan capl0 --wan capw0 --db "$1/db" --config "$1/icr.toml" > "$1/log" 2>&1 &
+icr run --lan capl0 --wan capw0 --db "$1/db" --config "$1.toml" > "$1/log" 2>&1 &
 for _ in $(seq 240); do
     if grep -q "icr running" "$1/log"; then
         grep '^Cap' /proc/$!/status | tr '\n' ' ' > "$1/caps"
@@ -304,6 +303,8 @@ try_caps() { # LIMIT_MEMLOCK (bytes or unlimited) CAP...
     names=$(printf ',+%s' "$@" | tr 'A-Z' 'a-z' | sed 's/cap_//g')
     dir=$(mktemp -d /var/tmp/icrpkg-caps.XXXXXX)
     chown icr: "$dir"
+    # Root's, as a configuration that authorises questions must be.
+    printf 'socket = "%s/icr.sock"\n[probe]\nflow_table_size = 1048576\n' "$dir" > "$dir.toml"
     prlimit --memlock="$memlock:$memlock" \
         setpriv --reuid=icr --regid=icr --init-groups --inh-caps="-all$names" \
         --ambient-caps="-all$names" --bounding-set="-all$names" \
@@ -314,7 +315,7 @@ try_caps() { # LIMIT_MEMLOCK (bytes or unlimited) CAP...
     sed 's/^/    setpriv: /' "$dir.run"
     [ -f "$dir/caps" ] && sed 's/^/    running with: /' "$dir/caps" && echo
     [ -f "$dir/log" ] && [ "$code" != 0 ] && cut -c1-300 "$dir/log" | grep -v " INFO " | sed 's/^/    /'
-    rm -rf "$dir" "$dir.run"
+    rm -rf "$dir" "$dir.run" "$dir.toml"
     return "$code"
 }
 systemctl stop icr

@@ -139,13 +139,14 @@ impl Drop for ServiceRuntime {
 pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts();
-    let store = Store::open_with_cache(&db, config.store.cache_mb << 20)?;
+    // The store's threads (sled's flusher) are started without CAP_SYS_ADMIN.
+    let store = privileges::without_admin(|| Store::open_with_cache(&db, config.store.cache_mb << 20))??;
     store.set_retention_days(config.retention_days);
     let governing = crate::query::audit::govern(&store, &db, config_file.as_deref())?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
-    // The setup that needs privileges first, while this is the process's
-    // only thread: then CAP_SYS_ADMIN is dropped before any other thread
-    // exists (the doors' runtime, blocking tasks) to keep it.
+    // The setup that needs privileges before any other thread is started
+    // (the doors' runtime, blocking tasks): CAP_SYS_ADMIN is dropped
+    // before one exists to keep it.
     let loaded_at = Utc::now();
     let mut probe = Probe::load(config.probe.probe_options())?;
     // Readers first: a flow event sent before its CPU's buffer is open is

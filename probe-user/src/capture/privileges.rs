@@ -23,8 +23,8 @@ pub struct DropError {
 /// Drops `CAP_SYS_ADMIN` from the calling thread's ambient, inheritable,
 /// effective and permitted sets (in that order: a capability leaves the
 /// ambient set before it can leave the others), so that nothing this
-/// process runs or starts can take it back. Call it while the process has
-/// one thread. A capability not held is no error.
+/// thread runs or starts can take it back. Call it while no other thread
+/// holds it (see `without_admin`). A capability not held is no error.
 pub fn drop_after_setup() -> Result<(), DropError> {
     let capability = DROPPED_AFTER_SETUP;
     for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
@@ -33,21 +33,39 @@ pub fn drop_after_setup() -> Result<(), DropError> {
     Ok(())
 }
 
+/// Runs `work` on a thread of its own that has dropped `CAP_SYS_ADMIN`
+/// first, so that the threads `work` starts (the store's flusher) never
+/// hold it, while the calling thread keeps it for the setup.
+pub fn without_admin<T: Send>(work: impl FnOnce() -> T + Send) -> Result<T, DropError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                drop_after_setup()?;
+                Ok(work())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// On a thread of its own (capabilities are a thread's): afterwards the
-    /// capability is in none of the four sets, whether it was held or not.
+    fn holds_admin() -> bool {
+        [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted]
+            .into_iter()
+            .any(|set| caps::has_cap(None, set, Capability::CAP_SYS_ADMIN).unwrap())
+    }
+
+    /// A thread started by `without_admin`'s work holds CAP_SYS_ADMIN in
+    /// none of the four sets, whether the caller held it or not; the
+    /// caller's own sets are untouched.
     #[test]
-    fn drops_sys_admin_from_every_set() {
-        std::thread::spawn(|| {
-            drop_after_setup().unwrap();
-            for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
-                assert!(!caps::has_cap(None, set, Capability::CAP_SYS_ADMIN).unwrap(), "{set:?}");
-            }
-        })
-        .join()
-        .unwrap();
+    fn threads_started_without_admin_do_not_hold_it() {
+        let before = holds_admin();
+        let started = without_admin(|| std::thread::spawn(holds_admin).join().unwrap()).unwrap();
+        assert!(!started);
+        assert_eq!(holds_admin(), before);
     }
 }
