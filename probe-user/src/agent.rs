@@ -24,6 +24,7 @@ use crate::{
     capture::handover::Handover,
     capture::loss::{LossTracker, Totals},
     capture::nat::{NatEvent, NatTable, conntrack},
+    capture::privileges,
     capture::probe::Probe,
     capture::subscribers::Directory,
     config::Config,
@@ -138,20 +139,14 @@ impl Drop for ServiceRuntime {
 pub async fn run(options: RunOptions) -> Result<()> {
     let RunOptions { lan, wan, db, config, config_file } = options;
     let timeouts = config.flow_timeouts();
-    let store = Store::open_with_cache(&db, config.store.cache_mb << 20)?;
+    // The store's threads (sled's flusher) are started without CAP_SYS_ADMIN.
+    let store = privileges::without_admin(|| Store::open_with_cache(&db, config.store.cache_mb << 20))??;
     store.set_retention_days(config.retention_days);
     let governing = crate::query::audit::govern(&store, &db, config_file.as_deref())?;
-    let snapshot = crate::serve::metrics::Shared::default();
-    let _doors = ServiceRuntime::start(&db, &config, governing.clone(), &store, &snapshot).await?;
     let mut directory = Directory::load(&config.subscribers).context("loading the subscriber directory")?;
-    let probe_id = config.probe_id();
-    if let Some(section) = &config.clickhouse {
-        let cluster = ClickHouse::new(section, Some(&db))?;
-        // Before the first append: everything from now on is spooled.
-        store.enable_outbox().context("opening the outbox")?;
-        info!("shipping records and gap entries to {} ({} records waiting)", cluster.url(), store.outbox_backlog());
-        tokio::spawn(crate::export::clickhouse::ship::run(store.clone(), cluster, probe_id.clone()));
-    }
+    // The setup that needs privileges before any other thread is started
+    // (the doors' runtime, blocking tasks): CAP_SYS_ADMIN is dropped
+    // before one exists to keep it.
     let loaded_at = Utc::now();
     let mut probe = Probe::load(config.probe.probe_options())?;
     // Readers first: a flow event sent before its CPU's buffer is open is
@@ -163,6 +158,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     for interface in &wan {
         probe.attach(interface, role::WAN)?;
+    }
+    privileges::drop_after_setup()?;
+    let snapshot = crate::serve::metrics::Shared::default();
+    let _doors = ServiceRuntime::start(&db, &config, governing.clone(), &store, &snapshot).await?;
+    let probe_id = config.probe_id();
+    if let Some(section) = &config.clickhouse {
+        let cluster = ClickHouse::new(section, Some(&db))?;
+        // Before the first append: everything from now on is spooled.
+        store.enable_outbox().context("opening the outbox")?;
+        info!("shipping records and gap entries to {} ({} records waiting)", cluster.url(), store.outbox_backlog());
+        tokio::spawn(crate::export::clickhouse::ship::run(store.clone(), cluster, probe_id.clone()));
     }
 
     let (nat_tx, mut nat_rx) = mpsc::channel(EVENT_QUEUE);

@@ -10,6 +10,7 @@ pub mod handover;
 pub mod hints;
 pub mod loss;
 pub mod nat;
+pub mod privileges;
 pub mod probe;
 pub mod replay;
 pub mod subscribers;
