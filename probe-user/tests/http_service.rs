@@ -218,8 +218,11 @@ async fn idle_and_slow_connections_cannot_hold_the_service() {
         served.is_some_and(|after| after < Duration::from_secs(8)),
         "a new client is served while the idle sockets are open: {served:?}"
     );
+    // Each is closed `request_timeout` after the server accepted it, which
+    // can be later than the new client was served: give the server's timer
+    // the request timeout again as margin (before: open past 60 s).
     for stream in &mut held {
-        assert!(closed_within(stream, Duration::from_secs(2)).await, "an idle socket is closed by the server");
+        assert!(closed_within(stream, Duration::from_secs(4)).await, "an idle socket is closed by the server");
     }
 
     // A kept-alive connection that goes quiet after its answer is closed.
