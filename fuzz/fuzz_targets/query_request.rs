@@ -7,10 +7,11 @@
 use clap::Parser as _;
 use icr::{
     query::{Question, Request},
-    serve::{
-        cli::{Cli, Command, QueryCommand},
-        commands, control, http,
+    cli::{
+        args::{Cli, Command, QueryCommand},
+        commands,
     },
+    serve::{control, http},
 };
 use libfuzzer_sys::fuzz_target;
 

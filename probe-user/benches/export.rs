@@ -14,7 +14,7 @@ use icr::{
         ipfix::{DOCUMENTATION_PEN, Encoder, PATH_MTU_MESSAGE},
         ndjson,
     },
-    icr::Icr,
+    record::Icr,
 };
 
 #[path = "support/synthetic.rs"]

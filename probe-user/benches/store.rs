@@ -19,8 +19,8 @@ use chrono::{DateTime, Days, Utc};
 use icr::{
     config::ClickHouseSection,
     export::clickhouse::{ClickHouse, rows::RecordRow},
-    icr::Icr,
     query::{Backend, DeviceSelector, LocalFilter, ServiceSelector, cluster::Cluster, questions},
+    record::Icr,
     store::Store,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};

@@ -29,8 +29,8 @@ use crate::{
     capture::subscribers::Directory,
     config::Config,
     export::clickhouse::ClickHouse,
-    icr::{EndReason, Icr},
     query::{Desk, Sweep, Sweeper},
+    record::{EndReason, Icr},
     store::{
         Store,
         gaps::{Gap, LossKind, Watermark},
@@ -425,7 +425,7 @@ fn loss_tracker(store: &Store, probe: &Probe, loaded_at: DateTime<Utc>) -> Resul
                 Totals { events_lost: last.events_lost, flow_table_full: last.flow_table_full, ..Totals::default() };
             info!(
                 "adopted the pinned probe: counting losses since the last agent's watermark at {}",
-                crate::icr::format_time(&last.at)
+                crate::record::format_time(&last.at)
             );
             Ok(LossTracker::new(baseline, last.at))
         }

@@ -3,17 +3,18 @@
 //! questions under the safeguards the law requires.
 //!
 //! One folder per concern; imports run one way:
-//! `serve` → `query` → `store`, `capture` → `store`, `query` → `export` →
-//! `store`. `icr` (the record), `config` and `remote` (URLs and TLS of
-//! the servers icr reaches) are read by all. `agent` wires
-//! capture, store and the doors together; `replay` wires a capture file's
-//! replay to the same naming and store.
+//! `cli` → `serve` → `query` → `store`, `capture` → `store`, `query` →
+//! `export` → `store`. `record` (the ICR itself), `config` and `remote`
+//! (URLs and TLS of the servers icr reaches) are read by all. `agent`
+//! wires capture, store and the doors together; `replay` wires a capture
+//! file's replay to the same naming and store.
 pub mod agent;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod export;
-pub mod icr;
 pub mod query;
+pub mod record;
 pub mod remote;
 pub mod replay;
 pub mod serve;

@@ -1,17 +1,17 @@
 //! `icr`: argument parsing and dispatch; the work, and the choice of door
-//! (`serve::route`), are in the library's modules.
+//! (`cli::route`), are in the library's modules.
 use std::{io::Write, path::Path};
 
 use clap::Parser as _;
 use icr::{
     agent::{self, RunOptions},
-    config::Config,
-    query::Failure,
-    serve::{
-        cli::{Cli, ClickHouseCommand, Command, ConfigCommand, ExportCommand, RunArgs},
+    cli::{
+        args::{Cli, ClickHouseCommand, Command, ConfigCommand, ExportCommand, RunArgs},
         commands,
         route::{Answered, Place},
     },
+    config::Config,
+    query::Failure,
 };
 
 fn main() {

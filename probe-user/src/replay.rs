@@ -76,7 +76,7 @@ mod tests {
         .unwrap();
         let mut out = Vec::new();
         let stats = run(Path::new(CAPTURE), Some(&db), Some(&config), &mut out).expect("replayed (as root)");
-        let printed: Vec<crate::icr::Icr> =
+        let printed: Vec<crate::record::Icr> =
             String::from_utf8(out).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
         assert!(stats.records > 0 && printed.len() as u64 == stats.records, "{} records", printed.len());
         for record in &printed {

@@ -13,7 +13,7 @@ use axum::{
 };
 use icr::{
     config::{Config, MAX_BODY_BYTES},
-    icr::Icr,
+    record::Icr,
     serve::{http::App, tokens::hash_token},
     store::Store,
 };

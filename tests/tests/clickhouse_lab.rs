@@ -1005,7 +1005,7 @@ fn a_cluster_sweep_is_authorised_and_audited_once_at_the_desk() {
         // this thread's network namespace.
         assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
         let governing = StoreConfig::of_store(&dir).unwrap();
-        let backend = icr::serve::route::cluster_of(&url, &governing).unwrap();
+        let backend = icr::cli::route::cluster_of(&url, &governing).unwrap();
         let desk = Desk::new(&dir, &governing, &backend);
         let owner = std::fs::metadata(&dir).unwrap().uid();
         let operator = |uid| Sweeper::Operator(Operator { uid, sudo_user: None });

@@ -5,7 +5,7 @@
 #[path = "../../probe-user/benches/support/synthetic.rs"]
 mod synthetic;
 
-use icr::icr::Icr;
+use icr::record::Icr;
 use synthetic::{Generator, Options};
 
 #[test]

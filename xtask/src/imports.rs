@@ -348,14 +348,14 @@ mod tests {
     #[test]
     fn test_only_items_and_external_paths_are_not_imports() {
         let syntax = syn::parse_file(
-            "use crate::store::Store;\nfn f() { crate::icr::format_time(); }\n#[cfg(test)]\nmod tests { use crate::agent::X; }",
+            "use crate::store::Store;\nfn f() { crate::record::format_time(); }\n#[cfg(test)]\nmod tests { use crate::agent::X; }",
         )
         .unwrap();
         let mut paths = Paths::default();
         paths.visit_file(&syntax);
         let found: Vec<String> = paths.found.iter().map(|p| p.join("::")).collect();
         assert!(found.contains(&"crate::store::Store".to_string()), "{found:?}");
-        assert!(found.iter().any(|p| p.starts_with("crate::icr::format_time")), "{found:?}");
+        assert!(found.iter().any(|p| p.starts_with("crate::record::format_time")), "{found:?}");
         assert!(!found.iter().any(|p| p.contains("agent")), "{found:?}");
     }
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
 use rand_distr::{Distribution as _, Exp, Zipf};
 
-use icr::icr::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
+use icr::record::{Device, Dns, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
 use probe_common::Mac;
 
 #[derive(Clone, Debug)]

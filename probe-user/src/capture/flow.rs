@@ -27,7 +27,7 @@ use crate::{
     capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen, answers::NamedBy, dns},
     capture::nat::{Mapping, NatTable},
     capture::tuple::Tuple,
-    icr::{Device, DnsOrigin, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
+    record::{Device, DnsOrigin, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource},
 };
 
 /// A sweep adopts a flow it has no event of once its first packet is this

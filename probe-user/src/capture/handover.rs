@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result};
 use probe_common::FlowKey;
 use serde::{Deserialize, Serialize};
 
-use crate::{capture::hints::answers::NamedBy, icr::Service};
+use crate::{capture::hints::answers::NamedBy, record::Service};
 
 /// Bumped when the meaning of a field changes: a handover of another
 /// version is not resumed from.

@@ -18,7 +18,7 @@ use crate::{
     capture::flow::{Assembler, Timeouts},
     capture::nat::NatTable,
     capture::probe::{EventReader, Probe, ProbeOptions},
-    icr::{EndReason, Icr},
+    record::{EndReason, Icr},
 };
 
 const ETH_HEADER: usize = 14;

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::icr::Icr;
+use crate::record::Icr;
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -257,7 +257,7 @@ fn parse_kea(text: &str) -> Result<Vec<Lease>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::icr::{Device, EndReason, Endpoint};
+    use crate::record::{Device, EndReason, Endpoint};
 
     fn at(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(s, 0).unwrap()

@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    icr::{Icr, ServiceSource, format_time},
+    record::{Icr, ServiceSource, format_time},
     store::rollup::ServiceRow,
 };
 
@@ -320,7 +320,7 @@ fn table(out: &mut (impl Write + ?Sized), header: &[&str], rows: &[Vec<String>])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::icr::{Device, Dns, EndReason, Endpoint};
+    use crate::record::{Device, Dns, EndReason, Endpoint};
 
     fn record() -> Icr {
         Icr {
@@ -389,12 +389,12 @@ mod tests {
         assert!(lines[1].ends_with(",gw-07,true,a.example/A;a.example/AAAA;b.example/HTTPS,,"), "{}", lines[1]);
         // A connection named from DNS says by which exchange, in the last two columns.
         let mut named = record();
-        named.service = Some(crate::icr::Service {
-            origin: Some(crate::icr::DnsOrigin {
+        named.service = Some(crate::record::Service {
+            origin: Some(crate::record::DnsOrigin {
                 dns_at: chrono::DateTime::from_timestamp(1_700_000_000, 210_000_000).unwrap(),
                 resolver: "[2001:db8::53]:53".parse().unwrap(),
             }),
-            ..crate::icr::Service::carried("www.example.test".into(), ServiceSource::Dns, false)
+            ..crate::record::Service::carried("www.example.test".into(), ServiceSource::Dns, false)
         });
         let mut out = Vec::new();
         write_records(&mut out, &[named], Format::Csv).unwrap();
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn ecs_round_trips_into_the_record_fields() {
         let mut r = record();
-        r.service = Some(crate::icr::Service::carried("mail.example.com".into(), ServiceSource::TlsSni, false));
+        r.service = Some(crate::record::Service::carried("mail.example.com".into(), ServiceSource::TlsSni, false));
         r.public = Some(Endpoint { ip: "203.0.113.1".parse().unwrap(), port: 20001 });
         r.device.mac = Some("02:00:00:00:00:17".into());
         r.device.subscriber = Some("line-0042".into());
@@ -488,7 +488,7 @@ mod tests {
     /// terminal for escape sequences (a forged central row can hold any).
     fn hostile() -> Icr {
         let mut r = record();
-        r.service = Some(crate::icr::Service::carried(
+        r.service = Some(crate::record::Service::carried(
             "=HYPERLINK(\"http://x.example/\",\"open\")".into(),
             ServiceSource::TlsSni,
             false,

@@ -412,7 +412,7 @@ pub fn govern(store: &crate::store::Store, db: &Path, config_file: Option<&Path>
         let (from, to) = (shown(before.as_deref()), shown(recorded));
         log::info!("the store {} is governed by {to} from now on (it was by {from})", db.display());
         AuditLog::open(db, &loaded.config.audit)?.append(AuditRecord {
-            time: crate::icr::format_time(&chrono::Utc::now()),
+            time: crate::record::format_time(&chrono::Utc::now()),
             command: "govern".into(),
             officer: Some(crate::query::request::Operator::this_process().to_string()),
             parameters: serde_json::json!({ "from": from, "to": to }),

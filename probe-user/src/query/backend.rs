@@ -5,11 +5,11 @@ use anyhow::Result;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::{
-    icr::Icr,
     query::{
         questions::{DeviceSelector, ServiceSelector},
         request::LocalFilter,
     },
+    record::Icr,
     store::{Lookup, Store, gaps::Gap, index::IndexKey, rollup::Services},
 };
 

@@ -12,12 +12,12 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 
 use crate::{
     export::clickhouse::{Bind, ClickHouse, Index, rows::ip_bytes},
-    icr::Icr,
     query::{
         backend::{Backend, Swept},
         questions::{DeviceSelector, ServiceSelector},
         request::LocalFilter,
     },
+    record::Icr,
     store::{LOOKBACK_DAYS, Store, gaps::Gap, rollup::Services},
 };
 

@@ -12,7 +12,6 @@ use sha2::{Digest as _, Sha256};
 use crate::{
     config::{Config, LoadedConfig, StoreConfig},
     export::{self, Format},
-    icr::{Icr, format_time},
     query::{
         audit::{AuditLog, AuditRecord},
         authorise::{Refusal, authorise, authorise_sweep},
@@ -20,6 +19,7 @@ use crate::{
         questions::{self, Question, SelectorLimits},
         request::{Act, LocalFilter, Request, Sweep},
     },
+    record::{Icr, format_time},
     store::gaps::Gap,
 };
 
@@ -437,8 +437,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        icr::Endpoint,
         query::request::{Ask, Operator, Sweeper, Who},
+        record::Endpoint,
         store::{Store, test_records},
     };
 
@@ -510,7 +510,7 @@ mod tests {
     fn expiring_store(db: &Path) -> Store {
         std::fs::write(db.join("icr.toml"), POLICE.replace("365", "5")).unwrap();
         let store = test_records::open(db).unwrap();
-        let mut ids = crate::icr::RecordIds::default();
+        let mut ids = crate::record::RecordIds::default();
         let old = test_records::sample_at(1, Utc::now() - Duration::days(10), &mut ids);
         let new = test_records::sample_at(2, Utc::now(), &mut ids);
         store.append(&[old, new]).unwrap();

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use probe_common::Mac;
 
 use crate::{
-    icr::Icr,
     query::request::{Ask, LocalFilter},
+    record::Icr,
     store::{
         index::{IndexKey, normal_name},
         rollup::{ServiceRow, Services},
@@ -427,7 +427,7 @@ pub fn accessed(records: Vec<Icr>, services: &[ServiceSelector], local: LocalFil
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::icr::{Device, Dns, EndReason, Endpoint, Service, ServiceSource};
+    use crate::record::{Device, Dns, EndReason, Endpoint, Service, ServiceSource};
 
     fn record(device: &str, remote: &str, port: u16, name: Option<&str>, start: i64) -> Icr {
         let start = DateTime::from_timestamp(start, 0).unwrap();

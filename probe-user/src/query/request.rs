@@ -70,7 +70,7 @@ pub enum LocalFilter {
 }
 
 impl LocalFilter {
-    pub fn keeps(self, record: &crate::icr::Icr) -> bool {
+    pub fn keeps(self, record: &crate::record::Icr) -> bool {
         match self {
             Self::Include => true,
             Self::Exclude => !record.local,

@@ -60,8 +60,8 @@ impl Doorkeeper {
             let parameters = serde_json::json!({
                 "client": summary.client.to_string(),
                 "refused": summary.refused,
-                "from": crate::icr::format_time(&summary.from),
-                "to": crate::icr::format_time(&summary.to),
+                "from": crate::record::format_time(&summary.from),
+                "to": crate::record::format_time(&summary.to),
             });
             desk.note_unread(&loaded, "http refusals", None, outcome, parameters)?;
         }

@@ -25,7 +25,7 @@ use super::{
     wire::{Reader, push_ip, push_signed, push_varint},
     zstd_contexts,
 };
-use crate::icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource};
+use crate::record::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource};
 use probe_common::{Mac, Proto};
 
 /// The encoding version written now.

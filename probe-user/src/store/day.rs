@@ -14,7 +14,7 @@ use super::{
     rollup::{self, Rollup},
     wal::Wal,
 };
-use crate::icr::Icr;
+use crate::record::Icr;
 
 /// Where question 2's answer for one day comes from.
 #[derive(Default)]

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::icr::micros;
+use crate::record::micros;
 
 /// What was lost, and where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,8 +111,8 @@ impl Gap {
         };
         format!(
             "capture gap from {} to {} in the {}{count}; a missing record in this interval is not proof of no connection",
-            crate::icr::format_time(&self.from),
-            crate::icr::format_time(&self.to),
+            crate::record::format_time(&self.from),
+            crate::record::format_time(&self.to),
             self.place,
         )
     }

@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use probe_common::Mac;
 
 use crate::{
-    icr::Icr,
+    record::Icr,
     store::codec::{KeyFields, Keys},
 };
 

@@ -8,7 +8,7 @@
 use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, NaiveDate, Utc};
 
-use crate::icr::Icr;
+use crate::record::Icr;
 
 pub(super) const DAY_PREFIX: &str = "day/";
 /// The layout written and read: 2 added rollups and longer block metas.

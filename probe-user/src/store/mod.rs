@@ -43,7 +43,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use chrono::{DateTime, Days, NaiveDate, Utc};
 use log::{info, warn};
 
-use crate::icr::Icr;
+use crate::record::Icr;
 use day::Day;
 pub use files::{OpenError, StoreInUse};
 use files::{lock_store, make_private, open_sled, remove_if_present};
@@ -740,7 +740,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::icr::RecordIds;
+    use crate::record::RecordIds;
     use index::RUN_BLOCKS;
     use layout::{BlockMeta, LAYOUT, LAYOUT_KEY, number_of, run_key};
     use test_records::{TEST_BLOCK_RECORDS, reopen, reopen_read_only, sample_at, samples};
@@ -947,7 +947,7 @@ mod tests {
             .map(|r| Icr {
                 dns_all: r.dns.iter().cloned().collect(),
                 local: false,
-                service: r.service.map(|s| crate::icr::Service { origin: None, ..s }),
+                service: r.service.map(|s| crate::record::Service { origin: None, ..s }),
                 ..r
             })
             .collect();

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context as _, Result, bail};
 
 use super::{Store, codec, gaps::Gap};
-use crate::icr::Icr;
+use crate::record::Icr;
 
 const OUTBOX_TREE: &str = "outbox";
 const RECORDS: u8 = 1;

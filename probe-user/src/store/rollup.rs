@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use probe_common::{Mac, Proto};
 
 use crate::{
-    icr::{Icr, format_time},
+    record::{Icr, format_time},
     store::{
         index::IndexKey,
         wire::{Reader, push_ip, push_signed, push_varint},

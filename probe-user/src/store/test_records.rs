@@ -1,5 +1,5 @@
 //! Realistic records for the store's tests.
-use crate::icr::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
+use crate::record::{Device, EndReason, Endpoint, Icr, RecordIds, Service, ServiceSource};
 use chrono::{DateTime, Utc};
 
 /// Opens the store in `dir`, waiting (at most 5 s) for a handle this
@@ -47,7 +47,7 @@ pub fn reopen_with(
 pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
     let local = i % 23 == 7;
     let exchange =
-        |qname: String, qtype: &str, answers: Vec<String>| crate::icr::Dns { qname, qtype: qtype.into(), answers };
+        |qname: String, qtype: &str, answers: Vec<String>| crate::record::Dns { qname, qtype: qtype.into(), answers };
     let dns_all = match i % 18 {
         0 => vec![
             exchange("a.example".into(), "A", vec!["192.0.2.1".into()]),
@@ -78,7 +78,7 @@ pub fn sample_at(i: u64, start: DateTime<Utc>, ids: &mut RecordIds) -> Icr {
             1 | 5 => None,
             // Named from a DNS answer the device had, shortly before.
             3 => Some(Service {
-                origin: Some(crate::icr::DnsOrigin {
+                origin: Some(crate::record::DnsOrigin {
                     dns_at: start - chrono::Duration::milliseconds((i % 900) as i64),
                     resolver: if i.is_multiple_of(3) {
                         "[2001:db8::53]:53".parse().unwrap()

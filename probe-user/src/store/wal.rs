@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{icr::Icr, store::codec};
+use crate::{record::Icr, store::codec};
 
 const MAGIC: &[u8; 8] = b"ICRWAL1\n";
 const HEADER: usize = MAGIC.len() + 4;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use probe_common::{Mac, Proto, Role, Roles};
 
-use crate::icr::{Dns, Service, ServiceSource};
+use crate::record::{Dns, Service, ServiceSource};
 
 pub mod answers;
 pub mod dns;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capture::hints::{dns, normalise_name},
-    icr::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource},
+    record::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource},
     store::gaps::{Gap, LossKind},
 };
 

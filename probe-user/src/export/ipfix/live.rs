@@ -21,7 +21,7 @@ use log::{info, warn};
 use super::{Encoder, Message, PATH_MTU_MESSAGE};
 use crate::{
     config::IpfixSection,
-    icr::Icr,
+    record::Icr,
     remote::{Collector, Transport},
 };
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::templates::{self, Prepared};
-use crate::icr::Icr;
+use crate::record::Icr;
 
 pub const VERSION: u16 = 10;
 pub const HEADER_LEN: usize = 16;

@@ -15,7 +15,7 @@
 //! left out rather than sent as zero.
 use std::net::IpAddr;
 
-use crate::icr::{EndReason, Icr};
+use crate::record::{EndReason, Icr};
 
 /// RFC 5103's enterprise number for reverse (responder-to-initiator) elements.
 const REVERSE_PEN: u32 = 29305;

@@ -8,7 +8,7 @@ use super::{
     Encoder, PATH_MTU_MESSAGE,
     templates::{self, MAX_NAME, MAX_QUESTIONS},
 };
-use crate::icr::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
+use crate::record::{Device, Dns, EndReason, Endpoint, Icr, Service, ServiceSource};
 
 const PEN: u32 = 32473;
 const EXPORT_TIME: u32 = 1_795_000_000;

@@ -41,11 +41,11 @@ use serde::Deserialize;
 use crate::{
     config::{AuthorityKind, StoreConfig},
     export::{self, Format},
-    icr::format_time,
     query::{
         Ask, Backend, Desk, Failure, Request,
         audit::{AuditLog, AuditRecord},
     },
+    record::format_time,
     serve::{
         bodies,
         doorkeeper::{BUSY, Doorkeeper, same_origin},

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::sessions::{Answered, Kind, Rows, Signed};
 use crate::{
-    icr::{Icr, format_time},
+    record::{Icr, format_time},
     store::rollup::ServiceRow,
 };
 

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     config::AuthorityKind,
-    icr::Icr,
+    record::Icr,
     store::{gaps::Gap, rollup::ServiceRow},
 };
 

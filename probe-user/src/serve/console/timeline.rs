@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use maud::{Markup, html};
 
 use crate::{
-    icr::Icr,
+    record::Icr,
     store::{gaps::Gap, rollup::ServiceRow},
 };
 

@@ -11,16 +11,16 @@ use anyhow::{Context as _, Result, bail};
 use chrono::Utc;
 
 use crate::{
+    cli::{
+        args::{AuditCommand, ExportIpfixArgs, ListArgs, QueryCommand, Requester, StoreArgs},
+        route::{self, Answered, Place},
+    },
     config::{ClickHouseSection, Config, StoreConfig},
     export::{
         self, Format,
         clickhouse::{ClickHouse, block_on},
     },
     query::{Ask, Failure, Request, Who, audit::AuditLog, cluster::Cluster},
-    serve::{
-        cli::{AuditCommand, ExportIpfixArgs, ListArgs, QueryCommand, Requester, StoreArgs},
-        route::{self, Answered, Place},
-    },
 };
 
 /// `icr config check`: the configuration `named` (else
@@ -168,7 +168,7 @@ impl IpfixSink {
         let records = ndjson
             .split(|b| *b == b'\n')
             .filter(|line| !line.is_empty())
-            .map(|line| serde_json::from_slice::<crate::icr::Icr>(line).context("reading the answer's records"))
+            .map(|line| serde_json::from_slice::<crate::record::Icr>(line).context("reading the answer's records"))
             .collect::<Result<Vec<_>>>()?;
         let section = section.cloned().unwrap_or_else(|| crate::config::IpfixSection {
             collectors: Vec::new(),
@@ -341,8 +341,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        cli::args::{Cli, Command},
         query::LocalFilter,
-        serve::cli::{Cli, Command},
     };
 
     fn accessed(extra: &[&str]) -> Result<Request> {

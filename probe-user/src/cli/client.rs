@@ -9,10 +9,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::{
+    cli::args::QueryTarget,
     export::{self, Format},
-    icr::Icr,
     query::{Ask, Failure, Refusal, Request},
-    serve::cli::QueryTarget,
+    record::Icr,
     store::{gaps::Gap, rollup::ServiceRow},
 };
 

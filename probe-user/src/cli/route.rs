@@ -12,14 +12,14 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
+    cli::{
+        args::{CENTRAL_DIR, QueryTarget, StoreOrCluster},
+        client,
+    },
     config::{ClickHouseSection, Config, StoreConfig},
     export::clickhouse::ClickHouse,
     query::{Desk, Failure, Operator, Request, Sweep, Sweeper, cluster::Cluster},
-    serve::{
-        cli::{CENTRAL_DIR, QueryTarget, StoreOrCluster},
-        client,
-        control::{self, Order},
-    },
+    serve::control::{self, Order},
     store::{OpenError, Store, gaps::Gap},
 };
 
@@ -219,9 +219,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        cli::args::{Cli, Command},
         export::Format,
         query::{Ask, Who},
-        serve::cli::{Cli, Command},
         store::test_records,
     };
 

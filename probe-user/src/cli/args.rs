@@ -1,4 +1,4 @@
-//! The `icr` command line (`docs/cli.md` is the contract).
+//! The `icr` command line's flags (`docs/cli.md` is the contract).
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
