@@ -302,7 +302,11 @@ pub enum AuthorityKind {
     Police,
     Intelligence,
     Approved,
-    Local,
+    /// A local government authority (a council), which the law forbids
+    /// communications data: refused whatever its purposes. Not to be
+    /// confused with a *local record*, one that never left the gateway.
+    #[serde(rename = "local")]
+    LocalGovernment,
     /// Maintenance: may `list` records, and ask none of the three questions.
     Operator,
     /// Reads the audit log; may neither list records nor ask the questions.

@@ -26,8 +26,8 @@ pub fn authorise(config: &Config, who: &Who, act: Act) -> Result<(), Refusal> {
         return Err(Refusal(format!("authority {name:?} is not configured")));
     };
     match (act, authority.kind) {
-        (_, AuthorityKind::Local) => {
-            Err(Refusal(format!("{name} is a local authority; local authorities may not acquire ICRs")))
+        (_, AuthorityKind::LocalGovernment) => {
+            Err(Refusal(format!("{name} is a local government authority; local authorities may not acquire ICRs")))
         }
         (_, AuthorityKind::Auditor) => {
             Err(Refusal(format!("{name} is an auditor authority: it reads the audit log, not records")))

@@ -201,7 +201,7 @@ async fn sign_in(
         let desk = Desk::new(&checking.db, &governing, checking.backend.as_ref());
         let loaded = desk.configuration()?;
         match tokens::verify(&loaded.config, &asked, &form.token) {
-            Ok(_) => Ok(Ok(loaded.config.authority(&asked).map_or(AuthorityKind::Local, |a| a.kind))),
+            Ok(_) => Ok(Ok(loaded.config.authority(&asked).map_or(AuthorityKind::LocalGovernment, |a| a.kind))),
             Err(reason) => {
                 // Audited like the API's refusals (never the token).
                 let refusal = checking.doorkeeper.refuse_unauthenticated(
