@@ -130,189 +130,248 @@ async fn metrics(State(snapshot): State<Shared>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&snapshot))
 }
 
+/// A metric's type, as Prometheus names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// A sample's value.
+#[derive(Clone, Copy, Debug)]
+pub enum Value {
+    Count(u64),
+    Seconds(f64),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Count(count) => write!(f, "{count}"),
+            Value::Seconds(seconds) => write!(f, "{seconds:.6}"),
+        }
+    }
+}
+
+/// One metric, declared once: `/metrics` renders it from here, and
+/// docs/operate.md's table of every metric is made from the same list
+/// (a test holds them together).
+pub struct Metric {
+    /// Its name after `icr_`.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Its value, or `None` where it is not measured (no memory figures
+    /// on this kernel; no backlog when not shipping).
+    pub value: fn(&Snapshot) -> Option<Value>,
+}
+
+/// Declares a metric whose value is a count the snapshot always has.
+macro_rules! metric {
+    ($kind:ident, $name:literal, $help:literal, |$s:ident| $value:expr) => {
+        Metric { name: $name, kind: Kind::$kind, help: $help, value: |$s| Some(Value::Count(($value) as u64)) }
+    };
+}
+
+/// The XDP program's counters (`probe_common::counter`), each
+/// `icr_probe_NAME_total`, in the kernel's index order.
+pub const PROBE_HELP: [&str; counter::COUNT as usize] = [
+    "Packets the XDP programs saw",
+    "Packets that were not IPv4 or IPv6 (ARP, LLDP): passed, not tracked",
+    "Packets whose headers were truncated or malformed: passed, not tracked",
+    "Flows added to the kernel's flow table",
+    "Packets of new flows the full flow table could not take (flow_table_full gaps)",
+    "Events the event buffer had no room for (event_buffer_full gaps)",
+    "Events sent to the agent",
+    "Non-first IP fragments, counted under their flow without ports",
+    "Hint events sent (the first payload bytes that name a service)",
+    "TCP packets without SYN on the WAN side for no known flow: they open none",
+    "New TCP connections on the ports of one that had just ended: the ended one set aside and recorded apart",
+    "Such new connections counted into the ended one, when three used one port pair within seconds",
+];
+
+/// Every metric of the agent's own, in the order `/metrics` gives them.
+pub const METRICS: &[Metric] = &[
+    metric!(
+        Counter,
+        "events_lost_userspace_total",
+        "Samples the kernel reported lost in the perf buffers (the fallback path; the ring path counts its losses in icr_probe_events_lost_total)",
+        |s| s.events_lost_userspace
+    ),
+    metric!(Gauge, "flows_open", "Flows the assembler follows", |s| s.open_flows),
+    metric!(Counter, "flows_adopted_total", "Flows found by a table sweep whose start event was lost", |s| s
+        .flows_adopted),
+    metric!(Counter, "flows_local_total", "Link-local, multicast and broadcast flows closed without a record", |s| s
+        .local_flows),
+    metric!(
+        Counter,
+        "flows_gateway_total",
+        "The gateway's own connections (its resolver upstream, NTP) closed without a record",
+        |s| s.gateway_flows
+    ),
+    metric!(
+        Counter,
+        "flows_orphan_late_total",
+        "WAN halves re-opened by a late packet of a TCP connection already written, closed without a record",
+        |s| s.orphans.late_halves
+    ),
+    metric!(
+        Counter,
+        "flows_orphan_superseded_total",
+        "WAN halves older than the connection whose NAT mapping now holds their public port (their own mapping is gone), closed without a record",
+        |s| s.orphans.superseded
+    ),
+    metric!(
+        Counter,
+        "flows_orphan_unmapped_total",
+        "WAN-only flows no NAT mapping joins to a device (unconfirmed inbound packets), closed without a record",
+        |s| s.orphans.unmapped
+    ),
+    metric!(
+        Counter,
+        "dns_answers_trusted_total",
+        "DNS answers to a device's own question: they may name its later connections",
+        |s| s.dns_answers.trusted
+    ),
+    metric!(
+        Counter,
+        "dns_answers_unasked_total",
+        "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)",
+        |s| s.dns_answers.unasked
+    ),
+    metric!(
+        Counter,
+        "dns_answers_from_lan_total",
+        "DNS answers that name nothing: they arrived on a LAN port, from another device",
+        |s| s.dns_answers.from_lan
+    ),
+    metric!(Counter, "records_stored_total", "ICRs written to the store", |s| s.records_stored),
+    metric!(Gauge, "nat_mappings", "Conntrack mappings held", |s| s.nat_mappings),
+    metric!(Counter, "nat_overruns_total", "Conntrack event overruns (ENOBUFS), each followed by a resync", |s| s
+        .nat_overruns),
+    metric!(Gauge, "event_queue", "Events waiting between the event readers and the assembler", |s| s.event_queue),
+    metric!(Gauge, "event_queue_capacity", "Capacity of that queue", |s| s.event_queue_capacity),
+    metric!(Gauge, "store_bytes", "Size of the store on disk", |s| s.store_bytes),
+    Metric {
+        name: "store_write_seconds",
+        kind: Kind::Gauge,
+        help: "Time the last batch took to write and flush",
+        value: |s| Some(Value::Seconds(s.write_seconds)),
+    },
+    metric!(Gauge, "write_queue", "Record batches waiting for the store writer", |s| s.write_queue),
+    metric!(Gauge, "write_queue_capacity", "Capacity of that queue", |s| s.write_queue_capacity),
+    metric!(Counter, "writer_backpressure_total", "Times the agent waited for the store writer", |s| s
+        .writer_backpressure),
+    metric!(Counter, "store_write_errors_total", "Failed store writes, each retried until it succeeded", |s| s
+        .write_errors),
+    metric!(
+        Counter,
+        "gap_entries_written_total",
+        "Gap entries written to the store (loss episodes, rewritten as they grow)",
+        |s| s.gaps_recorded
+    ),
+    metric!(Gauge, "flows_held", "Closed flows whose records are on their way to the store", |s| s
+        .assembler
+        .held_flows),
+    metric!(Gauge, "flows_hinted", "Flows with hint state (service names, DNS questions)", |s| s
+        .assembler
+        .hinted_flows),
+    metric!(Gauge, "flows_named_by_dns", "Open flows named by a DNS answer when they started", |s| s
+        .assembler
+        .named_flows),
+    metric!(Gauge, "flow_checks_scheduled", "Flow checks scheduled (at most one a followed flow)", |s| s
+        .assembler
+        .scheduled_checks),
+    metric!(Gauge, "dns_answers_pending", "DNS answers waiting for their question (at most 10 s)", |s| s
+        .assembler
+        .pending_dns),
+    metric!(Gauge, "dns_cache_entries", "DNS answers held to name later connections", |s| s
+        .assembler
+        .dns_cache_entries),
+    metric!(Gauge, "dns_cache_capacity", "The most DNS answers held ([probe] dns_cache_entries)", |s| s
+        .dns_cache_capacity),
+    metric!(
+        Gauge,
+        "nat_mappings_destroyed",
+        "Of the conntrack mappings held, those conntrack destroyed (kept for late flows)",
+        |s| s.nat_destroyed
+    ),
+    metric!(
+        Counter,
+        "nat_mappings_dropped_early_total",
+        "Destroyed conntrack mappings dropped before their grace ended ([probe] nat_destroyed_kept reached): a flow closing later has no public address",
+        |s| s.nat_dropped_early
+    ),
+    metric!(
+        Gauge,
+        "store_open_records",
+        "Records in the store's open blocks, held in memory until their block is sealed",
+        |s| s.store_open_records
+    ),
+    Metric {
+        name: "memory_resident_bytes",
+        kind: Kind::Gauge,
+        help: "Resident memory (VmRSS), read when scraped",
+        value: |s| s.memory.map(|m| Value::Count(m.resident)),
+    },
+    Metric {
+        name: "memory_anonymous_bytes",
+        kind: Kind::Gauge,
+        help: "Resident anonymous memory (heap, stacks)",
+        value: |s| s.memory.map(|m| Value::Count(m.anonymous)),
+    },
+    Metric {
+        name: "memory_file_bytes",
+        kind: Kind::Gauge,
+        help: "Resident file-backed memory (the binary's pages)",
+        value: |s| s.memory.map(|m| Value::Count(m.file)),
+    },
+    Metric {
+        name: "malloc_in_use_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes allocated and not freed (glibc's allocator)",
+        value: |s| s.memory.and_then(|m| m.malloc).map(|m| Value::Count(m.in_use)),
+    },
+    Metric {
+        name: "malloc_free_bytes",
+        kind: Kind::Gauge,
+        help: "Bytes freed but kept by the allocator in its arenas",
+        value: |s| s.memory.and_then(|m| m.malloc).map(|m| Value::Count(m.free)),
+    },
+    Metric {
+        name: "export_backlog_records",
+        kind: Kind::Gauge,
+        help: "Records stored but not yet shipped to the ClickHouse cluster (when shipping)",
+        value: |s| s.export_backlog.map(Value::Count),
+    },
+];
+
+fn write_family(out: &mut String, name: &str, kind: Kind, help: &str) {
+    let _ = writeln!(out, "# HELP icr_{name} {help}\n# TYPE icr_{name} {}", kind.name());
+}
+
 /// The Prometheus text exposition of a snapshot.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP icr_{name} {help}\n# TYPE icr_{name} {kind}\nicr_{name} {value}");
-    };
-    for (index, name) in counter::NAMES.iter().enumerate() {
-        metric(
-            &format!("probe_{name}_total"),
-            "counter",
-            &format!("XDP probe counter {name}, all CPUs"),
-            s.probe.0[index].to_string(),
-        );
+    for (index, (name, help)) in counter::NAMES.iter().zip(PROBE_HELP).enumerate() {
+        let name = format!("probe_{name}_total");
+        write_family(&mut out, &name, Kind::Counter, help);
+        let _ = writeln!(out, "icr_{name} {}", s.probe.0[index]);
     }
-    metric(
-        "events_lost_userspace_total",
-        "counter",
-        "Samples the kernel reported lost in the perf buffers",
-        s.events_lost_userspace.to_string(),
-    );
-    metric("flows_open", "gauge", "Flows the assembler follows", s.open_flows.to_string());
-    metric(
-        "flows_adopted_total",
-        "counter",
-        "Flows found by a table sweep whose start event was lost",
-        s.flows_adopted.to_string(),
-    );
-    metric(
-        "flows_local_total",
-        "counter",
-        "Link-local, multicast and broadcast flows closed without a record",
-        s.local_flows.to_string(),
-    );
-    metric(
-        "flows_gateway_total",
-        "counter",
-        "The gateway's own connections (its resolver upstream, NTP) closed without a record",
-        s.gateway_flows.to_string(),
-    );
-    metric(
-        "flows_orphan_late_total",
-        "counter",
-        "WAN halves re-opened by a late packet of a TCP connection already written, closed without a record",
-        s.orphans.late_halves.to_string(),
-    );
-    metric(
-        "flows_orphan_superseded_total",
-        "counter",
-        "WAN halves older than the connection whose NAT mapping now holds their public port (their own mapping is gone), closed without a record",
-        s.orphans.superseded.to_string(),
-    );
-    metric(
-        "flows_orphan_unmapped_total",
-        "counter",
-        "WAN-only flows no NAT mapping joins to a device (unconfirmed inbound packets), closed without a record",
-        s.orphans.unmapped.to_string(),
-    );
-    metric(
-        "dns_answers_trusted_total",
-        "counter",
-        "DNS answers to a device's own question: they may name its later connections",
-        s.dns_answers.trusted.to_string(),
-    );
-    metric(
-        "dns_answers_unasked_total",
-        "counter",
-        "DNS answers that name nothing: no device asked the question (unsolicited, or a spoofed question)",
-        s.dns_answers.unasked.to_string(),
-    );
-    metric(
-        "dns_answers_from_lan_total",
-        "counter",
-        "DNS answers that name nothing: they arrived on a LAN port, from another device",
-        s.dns_answers.from_lan.to_string(),
-    );
-    metric("records_stored_total", "counter", "ICRs written to the store", s.records_stored.to_string());
-    metric("nat_mappings", "gauge", "Conntrack mappings held", s.nat_mappings.to_string());
-    metric(
-        "nat_overruns_total",
-        "counter",
-        "Conntrack event overruns (ENOBUFS), each followed by a resync",
-        s.nat_overruns.to_string(),
-    );
-    metric(
-        "event_queue",
-        "gauge",
-        "Events waiting between the perf readers and the assembler",
-        s.event_queue.to_string(),
-    );
-    metric("event_queue_capacity", "gauge", "Capacity of that queue", s.event_queue_capacity.to_string());
-    metric("store_bytes", "gauge", "Size of the store on disk", s.store_bytes.to_string());
-    metric(
-        "store_write_seconds",
-        "gauge",
-        "Time the last batch took to write and flush",
-        format!("{:.6}", s.write_seconds),
-    );
-    metric("write_queue", "gauge", "Record batches waiting for the store writer", s.write_queue.to_string());
-    metric("write_queue_capacity", "gauge", "Capacity of that queue", s.write_queue_capacity.to_string());
-    metric(
-        "writer_backpressure_total",
-        "counter",
-        "Times the agent waited for the store writer",
-        s.writer_backpressure.to_string(),
-    );
-    metric(
-        "store_write_errors_total",
-        "counter",
-        "Failed store writes, each retried until it succeeded",
-        s.write_errors.to_string(),
-    );
-    metric(
-        "gap_entries_written_total",
-        "counter",
-        "Gap entries written to the store (loss episodes, rewritten as they grow)",
-        s.gaps_recorded.to_string(),
-    );
-    let sizes = &s.assembler;
-    for (name, help, value) in [
-        ("flows_held", "Closed flows whose records are on their way to the store", sizes.held_flows),
-        ("flows_hinted", "Flows with hint state (service names, DNS questions)", sizes.hinted_flows),
-        ("flows_named_by_dns", "Open flows named by a DNS answer when they started", sizes.named_flows),
-        ("flow_checks_scheduled", "Flow checks scheduled (at most one a followed flow)", sizes.scheduled_checks),
-        ("dns_answers_pending", "DNS answers waiting for their question (at most 10 s)", sizes.pending_dns),
-        ("dns_cache_entries", "DNS answers held to name later connections", sizes.dns_cache_entries),
-    ] {
-        metric(name, "gauge", help, value.to_string());
-    }
-    metric(
-        "dns_cache_capacity",
-        "gauge",
-        "The most DNS answers held ([probe] dns_cache_entries)",
-        s.dns_cache_capacity.to_string(),
-    );
-    metric(
-        "nat_mappings_destroyed",
-        "gauge",
-        "Of the conntrack mappings held, those conntrack destroyed (kept for late flows)",
-        s.nat_destroyed.to_string(),
-    );
-    metric(
-        "nat_mappings_dropped_early_total",
-        "counter",
-        "Destroyed conntrack mappings dropped before their grace ended ([probe] nat_destroyed_kept reached): a flow closing later has no public address",
-        s.nat_dropped_early.to_string(),
-    );
-    metric(
-        "store_open_records",
-        "gauge",
-        "Records in the store's open blocks, held in memory until their block is sealed",
-        s.store_open_records.to_string(),
-    );
-    if let Some(memory) = &s.memory {
-        metric("memory_resident_bytes", "gauge", "Resident memory (VmRSS)", memory.resident.to_string());
-        metric(
-            "memory_anonymous_bytes",
-            "gauge",
-            "Resident anonymous memory (heap, stacks)",
-            memory.anonymous.to_string(),
-        );
-        metric(
-            "memory_file_bytes",
-            "gauge",
-            "Resident file-backed memory (the binary's pages)",
-            memory.file.to_string(),
-        );
-        if let Some(malloc) = &memory.malloc {
-            metric("malloc_in_use_bytes", "gauge", "Bytes allocated and not freed", malloc.in_use.to_string());
-            metric(
-                "malloc_free_bytes",
-                "gauge",
-                "Bytes freed but kept by the allocator in its arenas",
-                malloc.free.to_string(),
-            );
+    for metric in METRICS {
+        if let Some(value) = (metric.value)(s) {
+            write_family(&mut out, metric.name, metric.kind, metric.help);
+            let _ = writeln!(out, "icr_{} {value}", metric.name);
         }
-    }
-    if let Some(backlog) = s.export_backlog {
-        metric(
-            "export_backlog_records",
-            "gauge",
-            "Records stored but not yet shipped to the ClickHouse cluster",
-            backlog.to_string(),
-        );
     }
     ipfix(&mut out, &s.ipfix);
     out
@@ -322,12 +381,30 @@ pub fn render(s: &Snapshot) -> String {
 fn ipfix(out: &mut String, collectors: &[Arc<crate::export::ipfix::live::Stats>]) {
     let Some(first) = collectors.first() else { return };
     for (index, (name, help, _)) in first.series().into_iter().enumerate() {
-        let _ = writeln!(out, "# HELP icr_ipfix_{name} {help}\n# TYPE icr_ipfix_{name} counter");
+        write_family(out, &format!("ipfix_{name}"), Kind::Counter, help);
         for stats in collectors {
             let collector = stats.collector.replace('\\', "\\\\").replace('"', "\\\"");
             let _ = writeln!(out, "icr_ipfix_{name}{{collector=\"{collector}\"}} {}", stats.series()[index].2);
         }
     }
+}
+
+/// docs/operate.md's table of every metric, made from the declarations.
+pub fn reference_table() -> String {
+    let mut out = String::from("| metric | type | what |\n| --- | --- | --- |\n");
+    let mut row = |name: &str, kind: Kind, help: &str| {
+        let _ = writeln!(out, "| `icr_{name}` | {} | {help} |", kind.name());
+    };
+    for (name, help) in counter::NAMES.iter().zip(PROBE_HELP) {
+        row(&format!("probe_{name}_total"), Kind::Counter, help);
+    }
+    for metric in METRICS {
+        row(metric.name, metric.kind, metric.help);
+    }
+    for (name, help, _) in crate::export::ipfix::live::Stats::default().series() {
+        row(&format!("ipfix_{name}{{collector}}"), Kind::Counter, help);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -365,6 +442,46 @@ mod tests {
             assert!(text.contains(&format!("icr_probe_{name}_total ")), "{name}");
         }
         assert!(text.lines().all(|l| l.starts_with('#') || l.split(' ').count() == 2), "one sample per line");
+    }
+
+    /// The docs' table of every metric is the declarations' (regenerate it
+    /// with `ICR_BLESS_DOCS=1 cargo test -p probe-user --lib metrics`), and
+    /// every `icr_..._total` the docs name is declared.
+    #[test]
+    fn the_docs_list_every_metric_as_declared() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+        let operate = docs.join("operate.md");
+        let text = std::fs::read_to_string(&operate).unwrap();
+        let (begin, end) = ("<!-- metrics: made from serve/metrics.rs -->\n", "<!-- end of metrics -->");
+        let from = text.find(begin).expect("operate.md marks its table of metrics") + begin.len();
+        let to = from + text[from..].find(end).expect("and its end");
+        let wanted = reference_table();
+        if text[from..to] != wanted {
+            if std::env::var_os("ICR_BLESS_DOCS").is_some() {
+                std::fs::write(&operate, format!("{}{wanted}{}", &text[..from], &text[to..])).unwrap();
+            } else {
+                panic!("docs/operate.md's table of metrics is not the declarations'; regenerate it with ICR_BLESS_DOCS=1");
+            }
+        }
+
+        let declared: std::collections::HashSet<String> = render(&Snapshot {
+            memory: Some(Memory { malloc: Some(Malloc::default()), ..Memory::default() }),
+            export_backlog: Some(0),
+            ipfix: vec![Arc::default()],
+            ..Snapshot::default()
+        })
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.split(' ').next().map(String::from))
+        .collect();
+        let mut pages: Vec<_> = std::fs::read_dir(&docs).unwrap().map(|entry| entry.unwrap().path()).collect();
+        pages.push(docs.join("../README.md"));
+        for page in pages.iter().filter(|page| page.extension().is_some_and(|e| e == "md")) {
+            let text = std::fs::read_to_string(page).unwrap();
+            for named in text.split('`').filter(|word| word.starts_with("icr_") && word.ends_with("_total")) {
+                let named = named.split('{').next().unwrap_or(named);
+                assert!(declared.contains(named), "{} names {named}, which is not a metric", page.display());
+            }
+        }
     }
 
     #[test]
