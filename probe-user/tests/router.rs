@@ -22,6 +22,7 @@ use tower::ServiceExt as _;
 
 const TOKEN: &str = "met-token-0123456789";
 const AUDITOR_TOKEN: &str = "audit-token-0123456789";
+const COUNCIL_TOKEN: &str = "council-token-0123456789";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
@@ -40,8 +41,8 @@ struct Doors {
 
 impl Doors {
     /// The routes over a store holding [`RECORD`]: `met` (police, every
-    /// question, [`TOKEN`]), `nca` (police, question 2 only, same token)
-    /// and `audit` (auditor).
+    /// question, [`TOKEN`]), `nca` (police, question 2 only, same token),
+    /// `audit` (auditor) and `borough` (a local government authority).
     fn new(http: &str) -> Doors {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().to_path_buf();
@@ -50,8 +51,10 @@ impl Doors {
             "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\ntoken_hash = \"{hash}\"\n\
              [[authority]]\nname = \"nca\"\nkind = \"police\"\npurposes = [2]\ntoken_hash = \"{hash}\"\n\
              [[authority]]\nname = \"audit\"\nkind = \"auditor\"\npurposes = []\ntoken_hash = \"{}\"\n\
+             [[authority]]\nname = \"borough\"\nkind = \"local\"\npurposes = [1, 2, 3]\ntoken_hash = \"{}\"\n\
              [http]\n{http}\n",
             hash_token(AUDITOR_TOKEN).unwrap(),
+            hash_token(COUNCIL_TOKEN).unwrap(),
         );
         std::fs::write(db.join("icr.toml"), &text).unwrap();
         let config = Config::parse(&text).unwrap();
@@ -185,6 +188,77 @@ async fn an_authorised_question_is_answered_with_its_gaps_and_a_refused_or_malfo
     assert_eq!(outcomes[0], "answered");
     assert!(outcomes[1].starts_with("refused"), "{outcomes:?}");
     assert!(outcomes[2].starts_with("failed"), "{outcomes:?}");
+}
+
+/// The API's refusal table, each row's status, and each refusal audited:
+/// the same table `http_api` drives through a real agent's listener.
+#[tokio::test]
+async fn every_refusal_has_its_status_and_is_audited() {
+    let doors = Doors::new("");
+    let ask = |kind: &str, authority: Option<&str>, token: Option<&str>, body: &str| {
+        let mut builder = query(kind);
+        if let Some(authority) = authority {
+            builder = builder.header("icr-authority", authority);
+        }
+        if let Some(token) = token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        json(builder, body)
+    };
+    let services = r#"{"officer":"PC 1","reference":"OP-1","device":"192.168.50.11","from":"2026-11-22T00:00:00Z","to":"2026-11-23T00:00:00Z"}"#;
+    let cases = [
+        ("wrong token", ask("services", Some("met"), Some("not-a-token"), services), StatusCode::UNAUTHORIZED),
+        ("no token", ask("services", Some("met"), None, services), StatusCode::UNAUTHORIZED),
+        ("no authority named", ask("services", None, Some(TOKEN), services), StatusCode::UNAUTHORIZED),
+        (
+            "another authority's token",
+            ask("services", Some("met"), Some(AUDITOR_TOKEN), services),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "a local government authority",
+            ask("services", Some("borough"), Some(COUNCIL_TOKEN), services),
+            StatusCode::FORBIDDEN,
+        ),
+        ("an auditor asks", ask("services", Some("audit"), Some(AUDITOR_TOKEN), services), StatusCode::FORBIDDEN),
+        ("a purpose not granted", ask("resolve", Some("nca"), Some(TOKEN), RESOLVE), StatusCode::FORBIDDEN),
+        (
+            "no reference",
+            ask("services", Some("met"), Some(TOKEN), &services.replace(r#""reference":"OP-1","#, "")),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "a window past max_window_days",
+            ask("services", Some("met"), Some(TOKEN), &services.replace("2026-11-22T00", "2020-01-01T00")),
+            StatusCode::FORBIDDEN,
+        ),
+        ("not JSON", ask("services", Some("met"), Some(TOKEN), "device=1"), StatusCode::BAD_REQUEST),
+        (
+            "an unknown field",
+            ask("services", Some("met"), Some(TOKEN), r#"{"db":"/tmp/elsewhere"}"#),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "a time that is none",
+            ask("services", Some("met"), Some(TOKEN), &services.replace("2026-11-23T00:00:00Z", "tomorrow")),
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    let mut audited = doors.audit().len();
+    for (case, request, status) in cases {
+        let response = doors.send(request).await;
+        assert_eq!(response.status(), status, "{case}");
+        let error: Value = serde_json::from_str(&body_text(response).await).unwrap();
+        assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()), "{case}: an error says why: {error}");
+        let audit = doors.audit();
+        assert_eq!(audit.len(), audited + 1, "{case} is audited");
+        let outcome = audit[audited]["outcome"].as_str().unwrap();
+        assert!(outcome.starts_with("refused") || outcome.starts_with("failed"), "{case}: {outcome}");
+        audited += 1;
+    }
+    // No such question: nothing to audit, nothing read.
+    assert_eq!(doors.send(ask("everything", Some("met"), Some(TOKEN), services)).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(doors.audit().len(), audited);
 }
 
 #[tokio::test]

@@ -460,7 +460,9 @@ mod tests {
             if std::env::var_os("ICR_BLESS_DOCS").is_some() {
                 std::fs::write(&operate, format!("{}{wanted}{}", &text[..from], &text[to..])).unwrap();
             } else {
-                panic!("docs/operate.md's table of metrics is not the declarations'; regenerate it with ICR_BLESS_DOCS=1");
+                panic!(
+                    "docs/operate.md's table of metrics is not the declarations'; regenerate it with ICR_BLESS_DOCS=1"
+                );
             }
         }
 
