@@ -19,6 +19,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use icr_test_kit::netns::ip;
+pub use icr_test_kit::{TempDir, patience, wait_for};
 
 /// Names of everything a lab creates start with this.
 const NAME_PREFIX: &str = "icrlab";
@@ -804,15 +806,6 @@ pub fn hash_token(token: &str) -> String {
     String::from_utf8(out.stdout).expect("a hash is text").trim().to_string()
 }
 
-/// How long to wait for something the lab starts: `base`, times
-/// `ICR_LAB_SLOWDOWN` when set (`cargo xtask vm-test` sets 4 under software
-/// emulation, where everything runs several times slower).
-pub fn patience(base: Duration) -> Duration {
-    let factor =
-        std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
-    base.mul_f64(factor)
-}
-
 /// A client's own time limit (curl's `--max-time`, dig's `+time`, ...) in
 /// whole seconds, as its argument: `base_seconds` scaled like [`patience`]
 /// (under TCG, a 10 s limit becomes 40 s).
@@ -898,10 +891,6 @@ pub fn ask_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ask.py")
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
-}
-
 fn run(command: &mut Command) -> Result<()> {
     output(command).map(drop)
 }
@@ -917,19 +906,6 @@ fn output(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if ready()? {
-            return Ok(());
-        }
-        if started.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Removes every namespace (and its processes and resolv.conf) of the lab
@@ -993,32 +969,6 @@ pub fn file_contains(path: &Path, pattern: &str) -> bool {
     fs::File::open(path)
         .map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(pattern)))
         .unwrap_or(false)
-}
-
-/// A directory of its own under the system's temporary directory, removed
-/// (with everything in it) when dropped, also when a test fails.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// `<tmp>/<name>-<pid>-<n>`: unique within this process and across runs.
-    pub fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("{name}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir); // left by a killed run with the same pid
-        fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("creating {}: {error}", dir.display()));
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]
