@@ -4,6 +4,10 @@ use std::{fmt, path::Path};
 
 use crate::TempDir;
 
+/// `met`, police for every question: the authority most tests ask as
+/// ([`Authority::police`]`("met")`, as text for `format!`).
+pub const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
+
 /// One `[[authority]]`.
 #[derive(Clone, Debug)]
 pub struct Authority {
@@ -136,5 +140,34 @@ impl StoreDir {
 
     pub fn path(&self) -> &Path {
         self.0.path()
+    }
+
+    /// The entries of its audit log, parsed (there must be one).
+    pub fn audit_entries(&self) -> Vec<serde_json::Value> {
+        let log = std::fs::read_to_string(self.path().join("audit.log")).expect("the store's audit log");
+        log.lines().map(|line| serde_json::from_str(line).expect("an audit entry is JSON")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn police_is_met_for_every_question() {
+        assert_eq!(Authority::police("met").to_string(), POLICE);
+    }
+
+    #[test]
+    fn top_level_keys_come_before_every_table() {
+        let config = Config::new()
+            .metrics("127.0.0.1:9464")
+            .authority(Authority::operator("noc").token_hash("$argon2id$x"))
+            .key("retention_days = 30");
+        assert_eq!(
+            config.to_string(),
+            "retention_days = 30\n[[authority]]\nname = \"noc\"\nkind = \"operator\"\npurposes = []\n\
+             token_hash = \"$argon2id$x\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"
+        );
     }
 }

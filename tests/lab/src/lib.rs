@@ -19,8 +19,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use icr_test_kit::netns::ip;
 pub use icr_test_kit::{TempDir, patience, wait_for};
+use icr_test_kit::{
+    config::{Authority, Config},
+    netns::ip,
+};
 
 /// Names of everything a lab creates start with this.
 const NAME_PREFIX: &str = "icrlab";
@@ -821,6 +824,26 @@ pub fn icr_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/icr"))
 }
 
+/// The authority the labs' questions are asked as: police, every question.
+pub const LAB_POLICE: &str = "lab-police";
+
+/// The configuration of a lab's agent: `probe_id`, metrics on `metrics`,
+/// [`LAB_POLICE`], a month's retention and short timeouts, so that records
+/// close within seconds of their traffic. Tests add their own parts.
+pub fn agent_config(probe_id: &str, metrics: &str) -> Config {
+    Config::new()
+        .key("retention_days = 30")
+        .key(&format!("probe_id = \"{probe_id}\""))
+        .metrics(metrics)
+        .authority(Authority::police(LAB_POLICE))
+        .section("timeouts", "tcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"")
+}
+
+/// `icr ARGS` (the binary under test), its output.
+pub fn icr(args: &[&str]) -> Output {
+    Command::new(icr_binary()).args(args).output().expect("running icr")
+}
+
 /// The operator authority `icr list` runs as in the lab's stores.
 pub const LAB_OPERATOR: &str = "lab-operator";
 
@@ -834,7 +857,7 @@ pub fn allow_listing(db: &Path) -> Result<()> {
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
     if !config.contains(&format!("name = \"{LAB_OPERATOR}\"")) {
-        let operator = format!("\n[[authority]]\nname = \"{LAB_OPERATOR}\"\nkind = \"operator\"\npurposes = []\n");
+        let operator = format!("\n{}", Authority::operator(LAB_OPERATOR));
         fs::create_dir_all(db)?;
         fs::write(&path, config + &operator).with_context(|| format!("writing {}", path.display()))?;
     }
