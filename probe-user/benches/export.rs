@@ -1,5 +1,5 @@
 //! `cargo xtask bench export [--records N]`: what exporting a record costs,
-//! IPFIX beside NDJSON. N synthetic ICRs (`support/synthetic.rs`), in
+//! IPFIX beside NDJSON. N synthetic ICRs (`icr_test_kit::synthetic`), in
 //! batches of one tick's worth, are encoded as NDJSON (the record contract,
 //! what files and the audit digest carry) and as IPFIX messages (the live
 //! export's encoder), and the IPFIX messages are also sent over UDP to a
@@ -17,9 +17,7 @@ use icr::{
     record::Icr,
 };
 
-#[path = "support/synthetic.rs"]
-mod synthetic;
-use synthetic::{Generator, Options};
+use icr_test_kit::synthetic::{Generator, Options};
 
 /// Records a tick hands the writer on a busy gateway (1,000 connections
 /// closed a second).

@@ -64,10 +64,10 @@ use icr::{
     capture::probe::{Baseline, EventPath, EventReader, Floor, Probe, ProbeOptions, RingLayout},
     capture::tuple::{Tuple, ipv4},
 };
+use icr_test_kit::netns::{self, NetnsPair};
 use probe_common::{Proto, counter, event_kind, role};
 use serde_json::{Map, Value, json};
 use support::{
-    netns::{self, NetnsPair},
     softflowd::Softflowd,
     traffic::{self, Traffic},
 };
@@ -546,7 +546,7 @@ fn send_phase(
     max_packets: u64,
 ) -> Result<Phase> {
     let (rx0, drop0) = pair.rx_stats()?;
-    let (ns, interface) = (pair.tx_ns.clone(), pair.tx_if.clone());
+    let (ns, interface) = (pair.tx.name().to_string(), pair.tx_if.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let sender = std::thread::spawn(move || -> Result<(traffic::Sent, traffic::Mix)> {
         netns::enter(&ns)?;
@@ -701,7 +701,7 @@ fn probe_phase(
 ) -> Result<ProbePhase> {
     let mut probe =
         Probe::load(ProbeOptions { events, flow_table_size: flow_table_size(), ..ProbeOptions::default() })?;
-    netns::in_netns(&pair.rx_ns, || probe.attach(&pair.rx_if, role::LAN))??;
+    pair.rx.run(|| probe.attach(&pair.rx_if, role::LAN))??;
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let reader = if deliver { Some(probe.open_events()?) } else { None };
     let path = probe.event_path();
@@ -747,8 +747,8 @@ fn live() -> Result<Map<String, Value>> {
     let seconds: f64 = env("ICR_BENCH_SECONDS", 4.0);
     let max_packets: u64 = env("ICR_BENCH_MAX_PACKETS", 20_000_000);
     let segments: u32 = env("ICR_BENCH_SEGMENTS", 32u32).clamp(2, 1000);
-    let pair = NetnsPair::create()?;
-    let macs = (pair.mac(&pair.tx_ns, &pair.tx_if)?, pair.mac(&pair.rx_ns, &pair.rx_if)?);
+    let pair = NetnsPair::create("icrb")?;
+    let macs = (pair.mac(&pair.tx, &pair.tx_if)?, pair.mac(&pair.rx, &pair.rx_if)?);
     // Each phase gets its own range of connection numbers.
     let mut conn_base = 0u64;
     let mut next_base = || {
@@ -758,8 +758,8 @@ fn live() -> Result<Map<String, Value>> {
     let mut json = Map::new();
     println!(
         "== live: veth between namespaces {} and {}, AF_PACKET sendmmsg sender ({seconds} s per phase; load average {}) ==",
-        pair.tx_ns,
-        pair.rx_ns,
+        pair.tx.name(),
+        pair.rx.name(),
         loadavg()
     );
 
@@ -773,7 +773,7 @@ fn live() -> Result<Map<String, Value>> {
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let (bare, bare_ns, bare_cnt, bare_jited) = {
         let mut baseline = Baseline::load(16)?;
-        netns::in_netns(&pair.rx_ns, || baseline.attach(Floor::Pass, &pair.rx_if))??;
+        pair.rx.run(|| baseline.attach(Floor::Pass, &pair.rx_if))??;
         let s0 = prog_stats(&pair)?;
         let phase = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
         let s1 = prog_stats(&pair)?;
@@ -783,7 +783,7 @@ fn live() -> Result<Map<String, Value>> {
     // the probe's size.
     let (upsert_ns, upsert_cnt) = {
         let mut baseline = Baseline::load(flow_table_size())?;
-        netns::in_netns(&pair.rx_ns, || baseline.attach(Floor::Upsert, &pair.rx_if))??;
+        pair.rx.run(|| baseline.attach(Floor::Upsert, &pair.rx_if))??;
         let s0 = prog_stats(&pair)?;
         send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;
         let s1 = prog_stats(&pair)?;
@@ -817,7 +817,7 @@ fn live() -> Result<Map<String, Value>> {
     drop(stats_fd);
 
     // softflowd on the same interface, same traffic, no XDP program.
-    let softflowd = Softflowd::start(&pair.rx_ns, &pair.rx_if)?;
+    let softflowd = Softflowd::start(pair.rx.name(), &pair.rx_if)?;
     let cpu0 = softflowd.cpu()?;
     let (processed0, _, _) = softflowd.statistics()?;
     let sf = send_phase(&pair, macs, segments, next_base(), None, seconds, max_packets)?;

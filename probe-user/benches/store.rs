@@ -1,5 +1,5 @@
 //! `cargo xtask bench store [--records N] [--backend clickhouse]`: the store
-//! at ISP scale. Writes N synthetic ICRs (`support/synthetic.rs`) through
+//! at ISP scale. Writes N synthetic ICRs (`icr_test_kit::synthetic`) through
 //! `Store::append` on one thread, then asks the three questions many times
 //! over the result, through the desk's `Backend`. Each rate is also given as
 //! a ratio to this disk's raw sequential write speed, measured in the same
@@ -23,13 +23,11 @@ use icr::{
     record::Icr,
     store::Store,
 };
+use icr_test_kit::{
+    clickhouse::{self, Setup},
+    synthetic::{Generator, Options},
+};
 use rand::{Rng as _, SeedableRng as _, rngs::SmallRng};
-
-#[path = "support/clickhouse_server.rs"]
-mod clickhouse_server;
-#[path = "support/synthetic.rs"]
-mod synthetic;
-use synthetic::{Generator, Options};
 
 /// Records handed to `append` at once (the agent hands one tick's worth).
 const BATCH: usize = 16_384;
@@ -101,7 +99,7 @@ impl Target for Sled {
 }
 
 struct ClickHouseTarget {
-    server: clickhouse_server::Server,
+    server: clickhouse::Server,
     clickhouse: ClickHouse,
     cluster: Cluster,
     runtime: tokio::runtime::Runtime,
@@ -275,14 +273,14 @@ fn main() -> Result<()> {
 
     let clickhouse_figures = if args.clickhouse {
         println!("== clickhouse (one clickhouse-server, the cluster's tables)");
-        let server = clickhouse_server::Server::start(&args.dir.join("clickhouse"))?;
+        let server = clickhouse::Server::start(Setup::loopback(&args.dir.join("clickhouse")))?;
         let clickhouse = ClickHouse::new(&ClickHouseSection::at(server.url()), None)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(clickhouse.init(&mut |line| println!("{line}")))?;
         let cluster = Cluster::new(clickhouse.clone())?;
         let mut target = ClickHouseTarget { server, clickhouse, cluster, runtime, pending: Vec::new() };
         let figures = measure(&args, &mut target, disk_mb_per_s)?;
-        println!("bytes on disk by table and column (after OPTIMIZE FINAL; {}):", clickhouse_server::compression());
+        println!("bytes on disk by table and column (after OPTIMIZE FINAL; {}):", clickhouse::compression());
         target.breakdown(figures.written)?;
         let aggregate = target.many_shippers(&Options { per_second: args.per_second, ..Options::default() })?;
         println!(

@@ -9,7 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use icr::{config::Config, serve::http::Served, serve::tokens::hash_token, store::Store};
+use icr::{config::Config, serve::http::Served, store::Store};
+use icr_test_kit::config::{self as kit, Authority};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpSocket, TcpStream},
@@ -41,13 +42,11 @@ impl Api {
         } else {
             String::new()
         };
-        let text = format!(
-            "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\ntoken_hash = \"{}\"\n\
-             [[authority]]\nname = \"nca\"\nkind = \"police\"\npurposes = [1, 2, 3]\ntoken_hash = \"{}\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n{certificate}{http}\n",
-            hash_token(TOKEN).unwrap(),
-            hash_token(OTHER_TOKEN).unwrap(),
-        );
+        let text = kit::Config::new()
+            .authority(Authority::police("met").token(TOKEN))
+            .authority(Authority::police("nca").token(OTHER_TOKEN))
+            .http("127.0.0.1:0", &format!("{certificate}{http}"))
+            .to_string();
         std::fs::write(db.join("icr.toml"), &text).unwrap();
         let config = Config::parse(&text).unwrap();
         let store = Store::open(&db).unwrap();

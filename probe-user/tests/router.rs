@@ -13,9 +13,12 @@ use axum::{
 };
 use icr::{
     config::{Config, MAX_BODY_BYTES},
-    record::Icr,
     serve::{http::App, tokens::hash_token},
     store::Store,
+};
+use icr_test_kit::{
+    config::{self as kit, Authority},
+    samples,
 };
 use serde_json::Value;
 use tower::ServiceExt as _;
@@ -26,41 +29,30 @@ const COUNCIL_TOKEN: &str = "council-token-0123456789";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
-/// One record on public 203.0.113.1:20000 at 10:00:00-10:00:05.
-const RECORD: &str = r#"{"id":"01a203cd-70ec-7c71-8778-7639fb3fa483","probe":"gw-07","start":"2026-11-22T10:00:00.000000Z",
- "end":"2026-11-22T10:00:05.000000Z","end_reason":"fin","proto":"tcp",
- "device":{"mac":"02:00:00:00:00:01","ip":"192.168.50.11","port":48416,"vlan":[],"pppoe_session":null,"subscriber":null},
- "public":{"ip":"203.0.113.1","port":20000},"remote":{"ip":"198.51.100.10","port":443},
- "service":null,"dns":null,"dns_all":null,"packets_up":9,"packets_down":6,"bytes_up":1226,"bytes_down":1284,
- "incomplete":false,"local":false}"#;
-
 struct Doors {
     router: Router,
     dir: tempfile::TempDir,
 }
 
 impl Doors {
-    /// The routes over a store holding [`RECORD`]: `met` (police, every
+    /// The routes over a store holding [`samples::tcp`]: `met` (police, every
     /// question, [`TOKEN`]), `nca` (police, question 2 only, same token),
     /// `audit` (auditor) and `borough` (a local government authority).
     fn new(http: &str) -> Doors {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().to_path_buf();
         let hash = hash_token(TOKEN).unwrap();
-        let text = format!(
-            "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\ntoken_hash = \"{hash}\"\n\
-             [[authority]]\nname = \"nca\"\nkind = \"police\"\npurposes = [2]\ntoken_hash = \"{hash}\"\n\
-             [[authority]]\nname = \"audit\"\nkind = \"auditor\"\npurposes = []\ntoken_hash = \"{}\"\n\
-             [[authority]]\nname = \"borough\"\nkind = \"local\"\npurposes = [1, 2, 3]\ntoken_hash = \"{}\"\n\
-             [http]\n{http}\n",
-            hash_token(AUDITOR_TOKEN).unwrap(),
-            hash_token(COUNCIL_TOKEN).unwrap(),
-        );
+        let text = kit::Config::new()
+            .authority(Authority::police("met").token_hash(&hash))
+            .authority(Authority::new("nca", "police", &[2]).token_hash(&hash))
+            .authority(Authority::auditor("audit").token(AUDITOR_TOKEN))
+            .authority(Authority::new("borough", "local", &[1, 2, 3]).token(COUNCIL_TOKEN))
+            .section("http", http)
+            .to_string();
         std::fs::write(db.join("icr.toml"), &text).unwrap();
         let config = Config::parse(&text).unwrap();
         let store = Store::open(&db).unwrap();
-        let record: Icr = serde_json::from_str(RECORD).unwrap();
-        store.append(&[record]).unwrap();
+        store.append(&[samples::tcp()]).unwrap();
         let app = App::new(&config.http, db, None, Arc::new(store)).unwrap();
         Doors { router: app.router, dir }
     }

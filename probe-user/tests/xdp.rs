@@ -8,6 +8,7 @@ use icr::{
     capture::probe::{EventPath, EventReader, Probe, ProbeOptions},
     capture::tuple::{Tuple, ipv4},
 };
+use icr_test_kit::netns::Netns;
 use probe_common::{FlowEvent, FlowValue, Proto, SYN_RETRY_SHIFT, counter, event_kind, role, tcp_flags};
 
 const XDP_PASS: u32 = 2;
@@ -920,54 +921,19 @@ fn refused_by_kernel(error: &anyhow::Error) -> bool {
     })
 }
 
-/// A network namespace with a veth pair in it, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn with_veth(name: &str) -> Self {
-        let ns = Self(format!("{name}-{}", std::process::id()));
-        let ip = |args: &[&str]| {
-            assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}")
-        };
-        ip(&["netns", "add", &ns.0]);
-        ip(&["-n", &ns.0, "link", "add", "busy0", "type", "veth", "peer", "name", "busy1"]);
-        ip(&["-n", &ns.0, "link", "set", "busy0", "up"]);
-        ip(&["-n", &ns.0, "link", "set", "busy1", "up"]);
-        ns
-    }
-
-    /// Runs `f` with this thread in the namespace.
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        use std::os::fd::AsRawFd as _;
-        let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
-        let target = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
-        // SAFETY: setns on namespace fds we hold open.
-        assert_eq!(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let result = f();
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        result
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
-}
-
 #[test]
 fn an_interface_with_another_xdp_program_is_named_in_the_error() {
-    let ns = Netns::with_veth("icrt-busy");
+    let ns = Netns::create("icrt-busy").unwrap();
+    ns.add_veth("busy0", "busy1").unwrap();
     let mut other = icr::capture::probe::Baseline::load(16).unwrap();
-    ns.run(|| other.attach(icr::capture::probe::Floor::Pass, "busy0")).unwrap();
+    ns.run(|| other.attach(icr::capture::probe::Floor::Pass, "busy0")).unwrap().unwrap();
     let mut probe = Probe::load(ProbeOptions::default()).unwrap();
-    let error = ns.run(|| probe.attach("busy0", role::LAN)).expect_err("the interface is busy");
+    let error = ns.run(|| probe.attach("busy0", role::LAN)).unwrap().expect_err("the interface is busy");
     let message = format!("{error:#}");
     assert!(message.contains("busy0 already has an XDP program attached"), "{message}");
     assert!(message.contains("icr detach") && message.contains("ip link set dev busy0 xdp off"), "{message}");
     // The free peer still takes the probe.
-    ns.run(|| probe.attach("busy1", role::LAN)).unwrap();
+    ns.run(|| probe.attach("busy1", role::LAN)).unwrap().unwrap();
 }
 
 /// Run by `without_bpf_permission_the_error_says_what_is_needed` as an

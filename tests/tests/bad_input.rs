@@ -7,24 +7,7 @@ use std::{
 };
 
 use icr_lab::{TempDir, icr_binary};
-
-const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
-
-/// A store directory of its own with `config` as its configuration,
-/// removed when dropped.
-struct StoreDir(TempDir);
-
-impl StoreDir {
-    fn with_config(config: &str) -> Self {
-        let dir = TempDir::new("icr-bad-input");
-        std::fs::write(dir.path().join("icr.toml"), config).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
+use icr_test_kit::config::{POLICE, StoreDir};
 
 fn icr(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(icr_binary())
@@ -71,7 +54,7 @@ fn stderr(output: &Output) -> String {
 
 #[test]
 fn an_overflowing_tolerance_is_a_clear_audited_error_not_a_panic() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     let output = resolve(&store, "300000years");
     assert_eq!(output.status.code(), Some(1), "exit 1, not a panic: {}", stderr(&output));
     assert!(
@@ -92,7 +75,7 @@ fn an_overflowing_tolerance_is_a_clear_audited_error_not_a_panic() {
 fn an_authority_configured_twice_is_refused_before_anything_is_answered() {
     // The second entry's kind and purposes must not be taken for the first's.
     let local = "[[authority]]\nname = \"met\"\nkind = \"local\"\npurposes = [1, 2, 3]\n";
-    let store = StoreDir::with_config(&format!("{POLICE}{local}"));
+    let store = StoreDir::with_config("icr-bad-input", format!("{POLICE}{local}"));
     let output = resolve(&store, "5m");
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(stderr(&output).contains("authority \"met\" is configured twice"), "{}", stderr(&output));
@@ -111,7 +94,7 @@ fn empty_authority_names_and_zero_timeouts_are_refused() {
             "(tcp_idle): \"0s\": a duration must be longer than zero",
         ),
     ] {
-        let store = StoreDir::with_config(config);
+        let store = StoreDir::with_config("icr-bad-input", config);
         let output = resolve(&store, "5m");
         assert_eq!(output.status.code(), Some(1), "{config}: {}", stderr(&output));
         assert!(stderr(&output).contains(says), "{config}: {}", stderr(&output));
@@ -156,7 +139,7 @@ fn query_accessed(store: &StoreDir, service: &str) -> Output {
 
 #[test]
 fn an_oversized_request_is_refused_audited_and_breaks_nothing_after_it() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     let huge = format!("{}.example", "a".repeat(70_000));
     let output = query_accessed(&store, &huge);
     assert_eq!(output.status.code(), Some(3), "a refusal: {}", stderr(&output));
@@ -172,7 +155,7 @@ fn an_oversized_request_is_refused_audited_and_breaks_nothing_after_it() {
 
 #[test]
 fn a_cut_audit_tail_is_found_against_the_head_kept_elsewhere() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     for _ in 0..3 {
         assert!(query_accessed(&store, "www.example.test").status.success());
     }
@@ -226,7 +209,7 @@ fn with_an_audit_key_a_rechained_log_fails_verification() {
     std::fs::write(&key, [0x5au8; 32]).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
     let keyed = format!("{POLICE}\n[audit]\nkey = \"{}\"\n", key.display());
-    let store = StoreDir::with_config(&keyed);
+    let store = StoreDir::with_config("icr-bad-input", &keyed);
     for _ in 0..3 {
         assert!(query_accessed(&store, "www.example.test").status.success());
     }
@@ -260,7 +243,7 @@ fn a_log_stripped_of_its_macs_fails_against_the_key_named_from_outside() {
     let key = keys.path().join("audit.key");
     std::fs::write(&key, [0x5au8; 32]).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
-    let store = StoreDir::with_config(&format!("{POLICE}\n[audit]\nkey = \"{}\"\n", key.display()));
+    let store = StoreDir::with_config("icr-bad-input", format!("{POLICE}\n[audit]\nkey = \"{}\"\n", key.display()));
     for _ in 0..3 {
         assert!(query_accessed(&store, "www.example.test").status.success());
     }
@@ -284,33 +267,27 @@ fn a_log_stripped_of_its_macs_fails_against_the_key_named_from_outside() {
 
 #[test]
 fn question_3_over_a_wide_network_is_a_bulk_read_and_refused() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "2001:db8::/31"] {
         let output = query_accessed(&store, wide);
         assert_eq!(output.status.code(), Some(3), "{wide}: a refusal: {}", stderr(&output));
         assert!(stderr(&output).contains("is wider than the /"), "{wide}: {}", stderr(&output));
-        let last = audit_entries(&store).pop().unwrap();
+        let last = store.audit_entries().pop().unwrap();
         assert!(last["outcome"].as_str().unwrap().starts_with("refused: "), "audited: {last}");
         assert_eq!(last["parameters"]["services"][0], wide, "{last}");
     }
     assert!(query_accessed(&store, "10.1.0.0/16").status.success(), "a /16 is a question");
     // A wider limit lets a /8 through, never the whole space.
-    let wider = StoreDir::with_config(&format!("max_selector_v4 = 8\nmax_selector_v6 = 0\n{POLICE}"));
+    let wider = StoreDir::with_config("icr-bad-input", format!("max_selector_v4 = 8\nmax_selector_v6 = 0\n{POLICE}"));
     assert!(query_accessed(&wider, "10.0.0.0/8").status.success());
     for everything in ["0.0.0.0/0", "::/0"] {
         assert_eq!(query_accessed(&wider, everything).status.code(), Some(3), "{everything}");
     }
 }
 
-/// The audit log's entries, parsed.
-fn audit_entries(store: &StoreDir) -> Vec<serde_json::Value> {
-    let log = std::fs::read_to_string(store.path().join("audit.log")).unwrap();
-    log.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
-}
-
 #[test]
 fn a_query_is_authorised_by_the_stores_configuration_never_the_callers() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     let db = store.path().to_str().unwrap();
     // The caller's own file: an authority of their making, a long window.
     let elsewhere = TempDir::new("icr-caller-config");
@@ -350,7 +327,7 @@ fn a_query_is_authorised_by_the_stores_configuration_never_the_callers() {
     let output = ask(&forged, "fake");
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("authorised by the store's configuration"), "{}", stderr(&output));
-    let entries = audit_entries(&store);
+    let entries = store.audit_entries();
     let refused = entries.last().unwrap();
     assert!(refused["outcome"].as_str().unwrap().starts_with("refused"), "{refused}");
     // The entry names the configuration that decided: the store's.
@@ -373,7 +350,7 @@ fn a_query_is_authorised_by_the_stores_configuration_never_the_callers() {
 
 #[test]
 fn the_services_of_a_services_file_are_audited_themselves() {
-    let store = StoreDir::with_config(POLICE);
+    let store = StoreDir::with_config("icr-bad-input", POLICE);
     let db = store.path().to_str().unwrap();
     let list = store.path().join("services.txt");
     std::fs::write(&list, "# wanted\nfirst.example.test\n\n*.second.example.test\n").unwrap();
@@ -403,7 +380,7 @@ fn the_services_of_a_services_file_are_audited_themselves() {
         b"",
     );
     assert!(output.status.success(), "{}", stderr(&output));
-    let entry = audit_entries(&store).pop().unwrap();
+    let entry = store.audit_entries().pop().unwrap();
     assert_eq!(
         entry["parameters"]["services"],
         serde_json::json!(["third.example.test", "first.example.test", "*.second.example.test"]),
@@ -414,7 +391,7 @@ fn the_services_of_a_services_file_are_audited_themselves() {
 #[test]
 fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited() {
     let operator = "[[authority]]\nname = \"noc\"\nkind = \"operator\"\npurposes = []\n";
-    let store = StoreDir::with_config(&format!("{POLICE}\n{operator}"));
+    let store = StoreDir::with_config("icr-bad-input", format!("{POLICE}\n{operator}"));
     let db = store.path().to_str().unwrap();
     let list = |extra: &[&str]| icr(&[&["list", "--db", db, "--format", "ndjson"][..], extra].concat(), b"");
     let window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-22T00:00:00Z"];
@@ -446,7 +423,7 @@ fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited
 
     let output = list(&[&window[..], &who("noc")].concat());
     assert!(output.status.success(), "{}", stderr(&output));
-    let entry = audit_entries(&store).pop().unwrap();
+    let entry = store.audit_entries().pop().unwrap();
     assert_eq!(entry["command"], "list");
     assert_eq!(
         (entry["authority"].as_str(), entry["officer"].as_str(), entry["reference"].as_str()),
@@ -479,7 +456,7 @@ fn listing_is_a_request_an_operator_makes_for_a_bounded_window_and_it_is_audited
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("operator authority"), "{}", stderr(&output));
     assert_eq!(
-        audit_entries(&store).iter().filter(|e| e["outcome"].as_str().unwrap().starts_with("refused")).count(),
+        store.audit_entries().iter().filter(|e| e["outcome"].as_str().unwrap().starts_with("refused")).count(),
         4
     );
 }

@@ -11,11 +11,6 @@ use icr_lab::{
 };
 use serde_json::Value;
 
-// The names the many-gateways lab asks for, from the generator its gateways are fed by.
-#[allow(dead_code)]
-#[path = "../../probe-user/benches/support/synthetic.rs"]
-mod synthetic;
-
 const AUTHORITIES: &str = r#"
 [[authority]]
 name = "lab-police"
@@ -980,7 +975,7 @@ fn a_secured_cluster_takes_each_user_over_https_for_its_part_only() {
 /// thread in the provider's namespace.
 #[test]
 fn a_cluster_sweep_is_authorised_and_audited_once_at_the_desk() {
-    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    use std::os::unix::fs::MetadataExt as _;
 
     use icr::{
         config::StoreConfig,
@@ -998,12 +993,9 @@ fn a_cluster_sweep_is_authorised_and_audited_once_at_the_desk() {
     let forged = cluster.dir.join("mine.toml");
     std::fs::write(&forged, "retention_days = 1\n").unwrap();
 
-    let netns = std::fs::File::open(Path::new("/run/netns").join(&cluster.ns)).unwrap();
-    let (url, dir) = (cluster.url(0), central.clone());
+    let (url, dir, ns) = (cluster.url(0), central.clone(), cluster.ns.clone());
     let outcomes = std::thread::spawn(move || {
-        // SAFETY: setns on a namespace file we hold open; it changes only
-        // this thread's network namespace.
-        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        icr_test_kit::netns::enter(&ns).unwrap();
         let governing = StoreConfig::of_store(&dir).unwrap();
         let backend = icr::cli::route::cluster_of(&url, &governing).unwrap();
         let desk = Desk::new(&dir, &governing, &backend);
@@ -1046,7 +1038,8 @@ const SHIP_PER_TICK: u32 = 250;
 /// The names question 3 asks for: some of the most popular of the
 /// synthetic stream's, and one no record carries.
 fn popular_names() -> Vec<String> {
-    let mut names: Vec<String> = [1u32, 2, 3, 5, 8, 13, 21, 34].into_iter().map(synthetic::Generator::name).collect();
+    let mut names: Vec<String> =
+        [1u32, 2, 3, 5, 8, 13, 21, 34].into_iter().map(icr_test_kit::synthetic::Generator::name).collect();
     names.push("nobody.example".to_string());
     names
 }

@@ -19,8 +19,7 @@ use std::{
 };
 
 use icr_lab::{Agent, EXCHANGE_IP, GATEWAY_WAN_IF, Lab, TempDir, icr_binary};
-
-const POLICE: &str = "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n";
+use icr_test_kit::config::POLICE;
 
 /// The repository's top folder.
 fn repository() -> PathBuf {

@@ -8,6 +8,7 @@ use std::{
 };
 
 use icr_lab::{TempDir, icr_binary};
+use icr_test_kit::config::POLICE;
 
 /// `program` as a user with umask 022 would start it.
 fn with_umask_022(program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -47,8 +48,7 @@ fn the_store_audit_log_and_bundles_are_private_whatever_the_umask() {
     // A store written with umask 022 by another program (as by an older icr).
     let out = with_umask_022(env!("CARGO_BIN_EXE_store-ingest")).arg(&db).args(["3", "2", "50"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(db.join("icr.toml"), "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n")
-        .unwrap();
+    std::fs::write(db.join("icr.toml"), POLICE).unwrap();
     assert!(!not_private(&db).is_empty(), "the writer left files others may read");
 
     // The agent's open (a sweep's here) makes the whole store private.
@@ -60,8 +60,7 @@ fn the_store_audit_log_and_bundles_are_private_whatever_the_umask() {
     let fresh = dir.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::write(fresh.join("icr.toml"), "[[authority]]\nname = \"met\"\nkind = \"police\"\npurposes = [1, 2, 3]\n")
-        .unwrap();
+    std::fs::write(fresh.join("icr.toml"), POLICE).unwrap();
     std::fs::set_permissions(fresh.join("icr.toml"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let bundle = dir.path().join("bundle");
     let query = with_umask_022(icr_binary())

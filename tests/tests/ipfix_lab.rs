@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use icr_lab::{Agent, DNS_IP, Lab, PUBLIC_IP, WEB_NAME, client_timeout, icr_binary, patience};
+use icr_lab::{Agent, DNS_IP, Lab, PUBLIC_IP, WEB_NAME, agent_config, client_timeout, icr, icr_binary, patience};
 use serde_json::Value;
 
 const NFCAPD_PORT: u16 = 9995;
@@ -31,34 +31,15 @@ name=subscriber field_type=32473:16 len=vlen semantics=str
 
 fn write_config(db: &Path) {
     std::fs::create_dir_all(db).unwrap();
-    std::fs::write(
-        db.join("icr.toml"),
-        format!(
-            r#"
-retention_days = 30
-probe_id = "gw-lab-ipfix"
-
-[metrics]
-listen = "{METRICS}"
-
-[[authority]]
-name = "lab-police"
-kind = "police"
-purposes = [1, 2, 3]
-
-[timeouts]
-tcp_closed = "1s"
-udp_idle = "2s"
-full_sweep = "1s"
-
-[ipfix]
-collectors = ["udp://127.0.0.1:{NFCAPD_PORT}", "udp://127.0.0.1:{NFACCTD_PORT}"]
-observation_domain = 7
-template_interval = "2s"
-"#
-        ),
-    )
-    .unwrap();
+    agent_config("gw-lab-ipfix", METRICS)
+        .section(
+            "ipfix",
+            &format!(
+                "collectors = [\"udp://127.0.0.1:{NFCAPD_PORT}\", \"udp://127.0.0.1:{NFACCTD_PORT}\"]\n\
+                 observation_domain = 7\ntemplate_interval = \"2s\""
+            ),
+        )
+        .write(&db.join("icr.toml"));
 }
 
 /// A collector in the gateway, in a process group of its own (nfacctd forks
@@ -141,10 +122,6 @@ fn nfacctd(lab: &Lab) -> (Collector, PathBuf) {
     )
     .unwrap();
     (Collector::start(lab, "nfacctd", Command::new("nfacctd").arg("-f").arg(&config)), output)
-}
-
-fn icr(args: &[&str]) -> Output {
-    Command::new(icr_binary()).args(args).output().expect("running icr")
 }
 
 fn ndjson(text: &[u8]) -> Vec<Value> {

@@ -9,8 +9,10 @@ use std::{
 };
 
 use icr_lab::{
-    Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, client_timeout, icr_binary,
+    Agent, DNS_IP, EXCHANGE_IP, EXCHANGE_PORT, Lab, PUBLIC_IP, WEB_IP, WEB_NAME, agent_config, client_timeout, icr,
+    icr_binary,
 };
+use icr_test_kit::config::Authority;
 use serde_json::Value;
 
 /// A window around the test run (queries may span at most 31 days).
@@ -27,50 +29,12 @@ fn write_config(db: &Path, c1_mac: &str) {
     let subscribers = db.join("subscribers.csv");
     std::fs::write(&subscribers, format!("mac_or_ip,subscriber\n{c1_mac},line-0001\n192.168.50.0/24,lab-lan\n"))
         .unwrap();
-    std::fs::write(
-        db.join("icr.toml"),
-        format!(
-            r#"
-retention_days = 30
-probe_id = "gw-lab-1"
-
-[subscribers]
-static = "{}"
-
-[metrics]
-listen = "127.0.0.1:9464"
-
-[[authority]]
-name = "lab-police"
-kind = "police"
-purposes = [1, 2, 3]
-
-[[authority]]
-name = "lab-council"
-kind = "local"
-purposes = [1, 2, 3]
-
-[[authority]]
-name = "lab-narrow"
-kind = "approved"
-purposes = [2]
-
-[probe]
-flow_table_size = 65536
-
-[timeouts]
-tcp_closed = "1s"
-udp_idle = "2s"
-full_sweep = "1s"
-"#,
-            subscribers.display()
-        ),
-    )
-    .unwrap();
-}
-
-fn icr(args: &[&str]) -> Output {
-    Command::new(icr_binary()).args(args).output().expect("running icr")
+    agent_config("gw-lab-1", "127.0.0.1:9464")
+        .authority(Authority::new("lab-council", "local", &[1, 2, 3]))
+        .authority(Authority::new("lab-narrow", "approved", &[2]))
+        .section("subscribers", &format!("static = \"{}\"", subscribers.display()))
+        .section("probe", "flow_table_size = 65536")
+        .write(&db.join("icr.toml"));
 }
 
 fn ndjson(out: &Output) -> Vec<Value> {

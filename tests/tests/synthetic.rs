@@ -1,12 +1,8 @@
-//! The synthetic ICR generator that the store bench and the crash test's
-//! writer share (`probe-user/benches/support/synthetic.rs`) makes plausible
-//! records.
-#[allow(dead_code)]
-#[path = "../../probe-user/benches/support/synthetic.rs"]
-mod synthetic;
-
+//! The synthetic ICR generator of the test kit (`icr_test_kit::synthetic`),
+//! which the benches, the crash test's writer and the ClickHouse lab's
+//! gateways share, makes plausible records.
 use icr::record::Icr;
-use synthetic::{Generator, Options};
+use icr_test_kit::synthetic::{Generator, Options};
 
 #[test]
 fn records_are_plausible_and_closed_in_order() {

@@ -42,8 +42,8 @@ const LAB_PACKAGES: &[&str] = &[
 ];
 /// `cargo xtask bench`: namespaces and veth, and softflowd to compare
 /// against,
-/// and ClickHouse for the store bench's second backend.
-const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd", "clickhouse-server"];
+/// and ClickHouse for the store bench's second backend (asked through curl).
+const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd", "clickhouse-server", "curl"];
 /// Test VMs (`cargo xtask vm-test`): qemu, debootstrap, `mkfs.ext4 -d`.
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "debootstrap", "e2fsprogs"];
 /// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.

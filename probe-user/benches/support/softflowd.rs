@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::netns;
+use icr_test_kit::netns;
 
 const EXPORT_PORT: u16 = 9995;
 

@@ -22,7 +22,7 @@ use std::{
     fs,
     future::Future,
     io::{BufRead as _, BufReader},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     pin::Pin,
     process::{Child, Command, Stdio},
@@ -160,11 +160,7 @@ impl Browser {
         let (ready_tx, ready) = mpsc::channel::<Result<()>>();
         let worker = std::thread::Builder::new().name(format!("browser-{}", self.ns)).spawn(move || {
             let started = (|| -> Result<(tokio::runtime::Runtime, Client)> {
-                // SAFETY: setns on a namespace file we hold open; it changes
-                // only this thread's network namespace.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns into the browser's network namespace: {}", std::io::Error::last_os_error());
-                }
+                icr_test_kit::netns::enter_file(&netns).context("entering the browser's network namespace")?;
                 drop(netns);
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 let mut builder = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());

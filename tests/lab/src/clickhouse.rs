@@ -8,12 +8,12 @@ use std::{
     fs,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
+use icr_test_kit::clickhouse::{Server, Setup, ask};
 
-use crate::{Lab, ip, next_prefix, output, patience, wait_for};
+use crate::{Lab, ip, next_prefix, output};
 
 pub const HTTP_PORT: u16 = 18123;
 /// Every shard's HTTPS port, when [`ClickHouseCluster::start_secured`].
@@ -24,17 +24,13 @@ pub const HTTPS_PORT: u16 = 18443;
 /// ports differ where hosts would in a deployment.
 const TCP_PORT: u16 = 19000;
 pub const CLUSTER: &str = "icr";
-/// The server-wide compression of every part (config.xml's `<compression>`;
-/// 18.16 has no per-column codecs), as docs/cluster.md advises it; the store
-/// bench's server uses it too.
-pub const COMPRESSION_XML: &str = include_str!("clickhouse-compression.xml");
 
 pub struct ClickHouseCluster {
     /// The provider's namespace: the servers run here, and so do the
     /// commands that ask them.
     pub ns: String,
     pub dir: PathBuf,
-    shards: Vec<Option<Child>>,
+    shards: Vec<Server>,
     links: usize,
     /// With password users and HTTPS: the CA that signed every shard's
     /// certificate.
@@ -105,9 +101,6 @@ impl ClickHouseCluster {
             PathBuf::from("/etc/clickhouse-server/users.xml")
         };
         for shard in 0..shards {
-            let data = cluster.dir.join(format!("shard{shard}"));
-            fs::create_dir_all(data.join("tmp"))?;
-            let d = data.display();
             let https = if secured {
                 let c = cluster.dir.display();
                 format!(
@@ -119,23 +112,19 @@ impl ClickHouseCluster {
             } else {
                 String::new()
             };
-            fs::write(
-                data.join("config.xml"),
-                format!(
-                    "<yandex>\n  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><size>10M</size><count>1</count></logger>\n  \
-                     <http_port>{HTTP_PORT}</http_port>\n  {https}<tcp_port>{}</tcp_port>\n  <listen_host>{}</listen_host>\n  \
-                     <path>{d}/data/</path>\n  <tmp_path>{d}/tmp/</tmp_path>\n  <user_files_path>{d}/user_files/</user_files_path>\n  \
-                     <users_config>{}</users_config>\n  <default_profile>default</default_profile>\n  \
-                     <default_database>default</default_database>\n  <mark_cache_size>268435456</mark_cache_size>\n  \
-                     <remote_servers><{CLUSTER}>{replicas}</{CLUSTER}></remote_servers>\n  {}</yandex>\n",
-                    TCP_PORT + shard as u16,
-                    Self::address(shard),
-                    users.display(),
-                    COMPRESSION_XML,
-                ),
-            )?;
-            cluster.shards.push(None);
-            cluster.start_shard(shard)?;
+            let server = Server::start(Setup {
+                dir: cluster.dir.join(format!("shard{shard}")),
+                host: Self::address(shard),
+                http_port: HTTP_PORT,
+                tcp_port: TCP_PORT + shard as u16,
+                users: users.clone(),
+                mark_cache_size: 256 << 20,
+                more_xml: format!("{https}<remote_servers><{CLUSTER}>{replicas}</{CLUSTER}></remote_servers>"),
+                netns: Some(ns.clone()),
+                login: secured.then(|| (ADMIN.name.to_string(), ADMIN.password.to_string())),
+            })
+            .with_context(|| format!("ClickHouse shard {shard}"))?;
+            cluster.shards.push(server);
         }
         Ok(cluster)
     }
@@ -210,42 +199,14 @@ impl ClickHouseCluster {
         format!("https://{}:{HTTPS_PORT}", Self::address(shard))
     }
 
-    /// Starts `shard` (again) and waits until it answers.
+    /// Starts `shard` again and waits until it answers.
     pub fn start_shard(&mut self, shard: usize) -> Result<()> {
-        let data = self.dir.join(format!("shard{shard}"));
-        let log = fs::File::create(data.join("stdout.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "clickhouse-server", "--config-file"])
-            .arg(data.join("config.xml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting clickhouse-server (Debian's clickhouse-server package)")?;
-        self.shards[shard] = Some(child);
-        let url = self.url(shard);
-        wait_for(patience(Duration::from_secs(60)), &format!("ClickHouse shard {shard} to answer"), || {
-            if let Some(Some(child)) = self.shards.get_mut(shard)
-                && let Some(status) = child.try_wait()?
-            {
-                bail!(
-                    "clickhouse-server of shard {shard} exited ({status}): {}",
-                    fs::read_to_string(data.join("error.log")).unwrap_or_default()
-                );
-            }
-            Ok(self.query_at(&url, "SELECT 1").is_ok_and(|answer| answer.trim() == "1"))
-        })
+        self.shards[shard].restart()
     }
 
     /// Stops `shard` (SIGTERM) and waits for it.
     pub fn stop_shard(&mut self, shard: usize) -> Result<()> {
-        if let Some(mut child) = self.shards[shard].take() {
-            // `ip netns exec` execs the server: its pid is the server's.
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait()?;
-        }
-        Ok(())
+        self.shards[shard].stop()
     }
 
     /// Runs `sql` on the node at `url`; its text answer. A secured
@@ -253,7 +214,7 @@ impl ClickHouseCluster {
     pub fn query_at(&self, url: &str, sql: &str) -> Result<String> {
         match self.ca {
             Some(_) => self.query_as(ADMIN, url, sql),
-            None => self.curl(&[], url, sql),
+            None => ask(Some(&self.ns), &[], url, sql),
         }
     }
 
@@ -265,20 +226,7 @@ impl ClickHouseCluster {
         if let Some(ca) = &self.ca {
             args.extend(["--cacert".to_string(), ca.display().to_string()]);
         }
-        self.curl(&args, url, sql)
-    }
-
-    fn curl(&self, extra: &[String], url: &str, sql: &str) -> Result<String> {
-        let out =
-            self.exec(Command::new("curl").args(["-sS", "--fail-with-body", "--max-time", "60"]).args(extra).args([
-                "--data-binary",
-                sql,
-                url,
-            ]))?;
-        if !out.status.success() {
-            bail!("{sql}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        ask(Some(&self.ns), &args, url, sql)
     }
 
     /// Runs `command` in the provider's namespace (any outcome).
@@ -365,9 +313,8 @@ fn users_xml() -> Result<String> {
 
 impl Drop for ClickHouseCluster {
     fn drop(&mut self) {
-        for shard in 0..self.shards.len() {
-            let _ = self.stop_shard(shard);
-        }
+        // The servers first (their own Drop), then whatever else runs there.
+        self.shards.clear();
         if let Ok(pids) = output(Command::new("ip").args(["netns", "pids", &self.ns])) {
             for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
                 // SAFETY: a process inside our own namespace.

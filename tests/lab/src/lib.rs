@@ -19,6 +19,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+pub use icr_test_kit::{TempDir, patience, wait_for};
+use icr_test_kit::{
+    config::{Authority, Config},
+    netns::ip,
+};
 
 /// Names of everything a lab creates start with this.
 const NAME_PREFIX: &str = "icrlab";
@@ -804,15 +809,6 @@ pub fn hash_token(token: &str) -> String {
     String::from_utf8(out.stdout).expect("a hash is text").trim().to_string()
 }
 
-/// How long to wait for something the lab starts: `base`, times
-/// `ICR_LAB_SLOWDOWN` when set (`cargo xtask vm-test` sets 4 under software
-/// emulation, where everything runs several times slower).
-pub fn patience(base: Duration) -> Duration {
-    let factor =
-        std::env::var("ICR_LAB_SLOWDOWN").ok().and_then(|f| f.parse::<f64>().ok()).filter(|f| *f >= 1.0).unwrap_or(1.0);
-    base.mul_f64(factor)
-}
-
 /// A client's own time limit (curl's `--max-time`, dig's `+time`, ...) in
 /// whole seconds, as its argument: `base_seconds` scaled like [`patience`]
 /// (under TCG, a 10 s limit becomes 40 s).
@@ -828,6 +824,26 @@ pub fn icr_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/icr"))
 }
 
+/// The authority the labs' questions are asked as: police, every question.
+pub const LAB_POLICE: &str = "lab-police";
+
+/// The configuration of a lab's agent: `probe_id`, metrics on `metrics`,
+/// [`LAB_POLICE`], a month's retention and short timeouts, so that records
+/// close within seconds of their traffic. Tests add their own parts.
+pub fn agent_config(probe_id: &str, metrics: &str) -> Config {
+    Config::new()
+        .key("retention_days = 30")
+        .key(&format!("probe_id = \"{probe_id}\""))
+        .metrics(metrics)
+        .authority(Authority::police(LAB_POLICE))
+        .section("timeouts", "tcp_closed = \"1s\"\nudp_idle = \"2s\"\nfull_sweep = \"1s\"")
+}
+
+/// `icr ARGS` (the binary under test), its output.
+pub fn icr(args: &[&str]) -> Output {
+    Command::new(icr_binary()).args(args).output().expect("running icr")
+}
+
 /// The operator authority `icr list` runs as in the lab's stores.
 pub const LAB_OPERATOR: &str = "lab-operator";
 
@@ -841,7 +857,7 @@ pub fn allow_listing(db: &Path) -> Result<()> {
         Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
     };
     if !config.contains(&format!("name = \"{LAB_OPERATOR}\"")) {
-        let operator = format!("\n[[authority]]\nname = \"{LAB_OPERATOR}\"\nkind = \"operator\"\npurposes = []\n");
+        let operator = format!("\n{}", Authority::operator(LAB_OPERATOR));
         fs::create_dir_all(db)?;
         fs::write(&path, config + &operator).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -898,10 +914,6 @@ pub fn ask_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ask.py")
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
-}
-
 fn run(command: &mut Command) -> Result<()> {
     output(command).map(drop)
 }
@@ -917,19 +929,6 @@ fn output(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if ready()? {
-            return Ok(());
-        }
-        if started.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Removes every namespace (and its processes and resolv.conf) of the lab
@@ -993,32 +992,6 @@ pub fn file_contains(path: &Path, pattern: &str) -> bool {
     fs::File::open(path)
         .map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(pattern)))
         .unwrap_or(false)
-}
-
-/// A directory of its own under the system's temporary directory, removed
-/// (with everything in it) when dropped, also when a test fails.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// `<tmp>/<name>-<pid>-<n>`: unique within this process and across runs.
-    pub fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("{name}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir); // left by a killed run with the same pid
-        fs::create_dir_all(&dir).unwrap_or_else(|error| panic!("creating {}: {error}", dir.display()));
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 #[cfg(test)]

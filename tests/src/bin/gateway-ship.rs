@@ -12,9 +12,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 // The store bench's generator: one definition of a realistic ICR stream.
-#[path = "../../../probe-user/benches/support/synthetic.rs"]
-mod synthetic;
-use synthetic::{Generator, Options};
+use icr_test_kit::synthetic::{Generator, Options};
 
 use icr::{config::Config, export::clickhouse::ClickHouse, store::Store};
 

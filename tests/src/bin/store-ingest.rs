@@ -10,9 +10,7 @@ use std::io::Write as _;
 
 use anyhow::{Context as _, Result};
 // The store bench's generator: one definition of a realistic ICR stream.
-#[path = "../../../probe-user/benches/support/synthetic.rs"]
-mod synthetic;
-use synthetic::{Generator, Options};
+use icr_test_kit::synthetic::{Generator, Options};
 
 use icr::store::Store;
 

@@ -598,17 +598,6 @@ mod tests {
     use super::*;
     use crate::query::{LocalFilter, Who};
 
-    pub(super) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for (name, value) in pairs {
-            headers.append(
-                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        headers
-    }
-
     #[test]
     fn forms_become_the_desks_requests() {
         let form: HashMap<String, String> = [

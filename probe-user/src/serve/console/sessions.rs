@@ -225,7 +225,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::serve::console::tests::headers;
+    use crate::serve::doorkeeper::headers;
 
     #[test]
     fn the_session_cookie_is_read_strictly() {

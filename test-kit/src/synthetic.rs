@@ -1,5 +1,5 @@
-//! Realistic synthetic ICRs for the store's benchmark and crash tests
-//! (`benches/store.rs`; `tests/src/bin/store-ingest.rs` includes this file): many
+//! Realistic synthetic ICRs for the benches (store, export), the crash
+//! test's writer and the gateways of the ClickHouse lab: many
 //! devices behind a CGNAT pool (public ports drawn per connection),
 //! Zipf-distributed service names (a few very popular, a long tail), DNS
 //! lookups, flows of exponentially distributed length, emitted in the order
