@@ -6,11 +6,11 @@
 #![no_main]
 use clap::Parser as _;
 use icr::{
-    query::{Question, Request},
     cli::{
         args::{Cli, Command, QueryCommand},
         commands,
     },
+    query::{Question, Request},
     serve::{control, http},
 };
 use libfuzzer_sys::fuzz_target;
