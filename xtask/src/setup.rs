@@ -115,9 +115,18 @@ pub fn ensure(needs: Needs) -> Result<()> {
     Ok(())
 }
 
+/// The cross toolchain of a target (`cargo xtask build --target ...`).
+pub fn ensure_cross(target: &crate::cross::Target) -> Result<()> {
+    ensure_packages(target.packages)
+}
+
 /// What `cargo xtask vm-test` needs to build and boot its images.
 pub fn ensure_vm() -> Result<()> {
-    let mut packages = VM_PACKAGES.to_vec();
+    ensure_packages(VM_PACKAGES)
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let mut packages = packages.to_vec();
     packages.retain(|package| !is_installed(package));
     if packages.is_empty() {
         return Ok(());

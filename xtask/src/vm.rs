@@ -173,7 +173,7 @@ fn package_builds(target: &Path) -> Result<Guest> {
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or the workspace's
 /// `target/`): the guest mounts it at the same path when it is elsewhere.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--no-deps"])
@@ -316,7 +316,7 @@ fn test_binaries(only: &[String], target: &Path) -> Result<Vec<TestBinary>> {
 
 /// The string value of the first `"key":"..."` in a JSON line (cargo's
 /// messages put the target's `name` before any other `name`).
-fn json_string(line: &str, key: &str) -> Option<String> {
+pub fn json_string(line: &str, key: &str) -> Option<String> {
     let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
     let mut value = String::new();
     let mut chars = line[start..].chars();
