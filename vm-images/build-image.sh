@@ -1,10 +1,15 @@
 #!/bin/bash
 # Builds a bootable test VM for icr-probe from Debian's packages:
 #
-#   build-image.sh NAME OUTDIR
+#   build-image.sh NAME OUTDIR [ARCH [LISTS]]
 #
 # NAME.env (beside this script) says which suite the userland and the kernel
-# come from. The result, OUTDIR, holds:
+# come from. ARCH is Debian's architecture (default amd64; arm64 needs
+# qemu-user-static registered with binfmt_misc, which `cargo xtask vm-test
+# --arch arm64` does, since debootstrap and apt run the guest's programs in
+# the chroot). LISTS names the package lists beside this script to install
+# (default "packages-kernel packages"); the Python venv of the lab is made only
+# when python3 is among them. The result, OUTDIR, holds:
 #   rootfs.ext4      the root file system (no partition table, no bootloader)
 #   vmlinuz, initrd.img, kernel-release   the image's own kernel, for qemu -kernel
 #   apt-policy.txt   where the kernel came from (apt-cache policy)
@@ -23,8 +28,10 @@ if [ "${ICR_VM_IN_NAMESPACE:-}" != 1 ]; then
 fi
 
 here=$(cd "$(dirname "$0")" && pwd)
-name=${1:?usage: build-image.sh NAME OUTDIR}
-out=${2:?usage: build-image.sh NAME OUTDIR}
+name=${1:?usage: build-image.sh NAME OUTDIR [ARCH [LISTS]]}
+out=${2:?usage: build-image.sh NAME OUTDIR [ARCH [LISTS]]}
+arch=${3:-amd64}
+lists=${4:-packages-kernel packages}
 [ -f "$here/$name.env" ] || { echo "build-image: no recipe $here/$name.env" >&2; exit 2; }
 # shellcheck source=/dev/null
 . "$here/$name.env"
@@ -48,8 +55,8 @@ mkdir -p "$work"
 
 say() { echo "build-image [$name]: $*" >&2; }
 
-say "debootstrap $SUITE (minbase) from $mirror"
-debootstrap --variant=minbase "$SUITE" "$root" "$mirror"
+say "debootstrap $SUITE (minbase, $arch) from $mirror"
+debootstrap --variant=minbase --arch="$arch" "$SUITE" "$root" "$mirror"
 
 {
     echo "deb $mirror $SUITE main"
@@ -68,13 +75,24 @@ mount -t devpts devpts "$root/dev/pts"
 
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
 
-packages=$(sed -e 's/#.*//' "$here/packages" | xargs)
+packages=$(cd "$here" && sed -e 's/#.*//' $lists | xargs)
 say "installing: $packages"
 in_root apt-get update -q
 in_root apt-get install -y -q --no-install-recommends $packages
 
-say "kernel: linux-image-amd64 from $KERNEL_SUITE"
-in_root apt-cache policy linux-image-amd64 | tee "$work/apt-policy.txt" >&2
+kernel_package=linux-image-$arch
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+    # Under qemu-user every program the initramfs hooks start is emulated:
+    # MODULES=most took 14 minutes per initramfs (and apt makes two). This
+    # one only mounts the root file system of the test VM (virtio-blk, ext4);
+    # the rest loads from it.
+    # (Not /etc/initramfs-tools/modules: a conffile of the package to come.)
+    mkdir -p "$root/etc/initramfs-tools/conf.d" "$root/usr/share/initramfs-tools/modules.d"
+    echo MODULES=list > "$root/etc/initramfs-tools/conf.d/icr-vm"
+    printf '%s\n' virtio_pci virtio_blk ext4 > "$root/usr/share/initramfs-tools/modules.d/icr-vm"
+fi
+say "kernel: $kernel_package from $KERNEL_SUITE"
+in_root apt-cache policy "$kernel_package" | tee "$work/apt-policy.txt" >&2
 target=()
 # Only for another suite: -t bookworm would prefer bookworm over bookworm-security.
 if [ "$KERNEL_SUITE" != "$SUITE" ]; then target=(-t "$KERNEL_SUITE"); fi
@@ -82,20 +100,22 @@ if [ "${INITRAMFS_FROM_SUITE:-}" = 1 ]; then
     # An older suite's initramfs-tools would pull that suite's udev, which
     # conflicts with the userland's libudev1: take the userland's.
     in_root apt-get install -y -q --no-install-recommends initramfs-tools
-    in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64
+    in_root apt-get install -y -q --no-install-recommends "${target[@]}" "$kernel_package"
 else
-    in_root apt-get install -y -q --no-install-recommends "${target[@]}" linux-image-amd64 initramfs-tools
+    in_root apt-get install -y -q --no-install-recommends "${target[@]}" "$kernel_package" initramfs-tools
 fi
 
 # The lab's QUIC peer (aioquic) is on PyPI, not in Debian 12. pip checks
 # certificates against the build machine's bundle (which may carry a local CA).
-python_packages=$(sed -e 's/#.*//' "$here/python-packages" | xargs)
-say "lab Python: /opt/icr-lab-python with $python_packages"
-cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/build-ca.crt"
-in_root python3 -m venv /opt/icr-lab-python
-in_root /opt/icr-lab-python/bin/pip install -q --no-cache-dir --cert /tmp/build-ca.crt $python_packages
-rm -f "$root/tmp/build-ca.crt"
-in_root /opt/icr-lab-python/bin/python3 -c 'import aioquic; print("aioquic", aioquic.__version__)' >&2
+if [ -x "$root/usr/bin/python3" ]; then
+    python_packages=$(sed -e 's/#.*//' "$here/python-packages" | xargs)
+    say "lab Python: /opt/icr-lab-python with $python_packages"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/build-ca.crt"
+    in_root python3 -m venv /opt/icr-lab-python
+    in_root /opt/icr-lab-python/bin/pip install -q --no-cache-dir --cert /tmp/build-ca.crt $python_packages
+    rm -f "$root/tmp/build-ca.crt"
+    in_root /opt/icr-lab-python/bin/python3 -c 'import aioquic; print("aioquic", aioquic.__version__)' >&2
+fi
 
 install -m 755 "$here/init" "$root/sbin/icr-vm-init"
 # The same init as a service, for the boot with systemd (kernel command line

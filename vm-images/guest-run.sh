@@ -7,12 +7,13 @@
 #
 # run.env (written by `cargo xtask vm-test`): ICR_VM_ROOT, ICR_VM_TARGET (cargo's
 # target directory; ICR_VM_TARGET_SHARED=1 when it is outside ICR_VM_ROOT and
-# shared on its own),
+# shared on its own), ICR_VM_BIN (the `icr` built for the guest's architecture),
 # ICR_VM_TEST_TIMEOUT (seconds per test binary), ICR_VM_TEST_ARGS, and the
 # tests' own settings when set on the host (ICR_FAILOPEN_FRAMES, ICR_LAB_LOG,
 # ICR_LAB_SLOWDOWN, which xtask sets to 4 under TCG), and ICR_VM_PACKAGE_TEST=1
 # for `--only package` (package-test.sh in the run directory, not tests.list).
-# tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE.
+# tests.list: one test binary a line: NAME<TAB>DIRECTORY<TAB>EXECUTABLE<TAB>ARGS
+# (its own arguments, test filters, before ICR_VM_TEST_ARGS; may be empty).
 set -u
 ctl=/run/icr-vm
 # shellcheck source=/dev/null
@@ -45,7 +46,7 @@ if [ -n "${ICR_VM_PACKAGE_TEST:-}" ]; then
     exit "$code"
 fi
 
-export ICR_BIN="${ICR_VM_TARGET:-$ICR_VM_ROOT/target}/debug/icr"
+export ICR_BIN="${ICR_VM_BIN:-${ICR_VM_TARGET:-$ICR_VM_ROOT/target}/debug/icr}"
 export ICR_LAB_PYTHON=/opt/icr-lab-python/bin/python3
 export RUST_BACKTRACE=1
 "$ICR_BIN" --version 2>&1 | sed 's/^/guest-run: /'
@@ -53,11 +54,12 @@ export RUST_BACKTRACE=1
 read -r -a extra_args <<< "${ICR_VM_TEST_ARGS:-}"
 passed_bins=0
 failed_bins=()
-while IFS=$'\t' read -r name dir exe; do
+while IFS=$'\t' read -r name dir exe own; do
     [ -n "$name" ] || continue
+    read -r -a own_args <<< "${own:-}"
     echo "ICR-VM-TEST-START: $name"
     start=$(date +%s)
-    (cd "$dir" && exec timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" "$exe" "${extra_args[@]}")
+    (cd "$dir" && exec timeout -k 10 "${ICR_VM_TEST_TIMEOUT:-1200}" "$exe" "${own_args[@]}" "${extra_args[@]}")
     code=$?
     took=$(( $(date +%s) - start ))
     echo "ICR-VM-TEST-END: $name exit=$code seconds=$took"

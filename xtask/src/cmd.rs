@@ -61,7 +61,7 @@ pub fn cargo_with_env(args: &[&str], env: &[(&str, &OsStr)]) -> Result<()> {
     run(&mut command)
 }
 
-fn describe(command: &Command) -> String {
+pub fn describe(command: &Command) -> String {
     let mut text = command.get_program().to_string_lossy().into_owned();
     for arg in command.get_args() {
         text.push(' ');

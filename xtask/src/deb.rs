@@ -32,8 +32,12 @@ pub fn build(args: &Args) -> Result<PathBuf> {
     setup::ensure_cargo_deb()?;
     let mut command = Command::new("cargo");
     command.args(["deb", "--package", "probe-user", "--locked"]);
-    if let Some(target) = &args.target {
-        command.args(["--target", target]);
+    if let Some(triple) = &args.target {
+        // cargo-deb's own build would look for the target's standard
+        // library, which only `-Z build-std` makes here: build first, then
+        // package what was built (cargo-deb strips with the target's strip).
+        crate::cross::find(triple)?.build_icr(false)?;
+        command.args(["--target", triple, "--no-build"]);
     }
     if let Some(version) = &args.deb_version {
         command.args(["--deb-version", version]);

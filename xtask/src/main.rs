@@ -2,6 +2,7 @@
 //! needs and is missing (Debian packages, the nightly's rust-src, bpf-linker),
 //! saying what it does.
 mod cmd;
+mod cross;
 mod deb;
 mod demo;
 mod imports;
@@ -21,9 +22,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what building and testing need, when it is missing.
-    Setup,
+    Setup {
+        /// Also the cross toolchain of this Rust target (e.g. aarch64-unknown-linux-gnu).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Build the XDP object and the `icr` binary (release).
-    Build,
+    Build {
+        /// Build for this Rust target (aarch64-unknown-linux-gnu), with the
+        /// nightly's `-Z build-std` and Debian's cross gcc, into
+        /// target/TARGET/release/icr; the host's `icr` is built too and both
+        /// must embed byte-identical BPF objects.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The Debian package (`target/debian/icr_VERSION_ARCH.deb`): the agent
     /// as a systemd unit under its own user, its configuration, the pins.
     Deb(deb::Args),
@@ -75,8 +87,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup => setup::ensure(setup::Needs::Test),
-        Command::Build => build(),
+        Command::Setup { target } => setup(target.as_deref()),
+        Command::Build { target } => build(target.as_deref()),
         Command::Deb(args) => deb::run(&args),
         Command::Test { args } => test(&args),
         Command::Demo => demo::run(),
@@ -91,7 +103,21 @@ fn main() {
     }
 }
 
-fn build() -> Result<()> {
+fn setup(target: Option<&str>) -> Result<()> {
+    setup::ensure(setup::Needs::Test)?;
+    match target {
+        Some(triple) => setup::ensure_cross(cross::find(triple)?),
+        None => Ok(()),
+    }
+}
+
+fn build(target: Option<&str>) -> Result<()> {
+    if let Some(triple) = target {
+        let started = std::time::Instant::now();
+        let icr = cross::find(triple)?.build_icr(true)?;
+        println!("built {} in {:.0} s", icr.display(), started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     setup::ensure(setup::Needs::Build)?;
     cmd::cargo(&["build", "--release", "--package", "probe-user"])?;
     println!("built {}", cmd::workspace_root().join("target/release/icr").display());

@@ -3,7 +3,7 @@
 //! the LLVM of the nightly that builds the eBPF crate.
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
@@ -46,6 +46,13 @@ const LAB_PACKAGES: &[&str] = &[
 const BENCH_PACKAGES: &[&str] = &["iproute2", "softflowd", "clickhouse-server", "curl"];
 /// Test VMs (`cargo xtask vm-test`): qemu, debootstrap, `mkfs.ext4 -d`.
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "debootstrap", "e2fsprogs"];
+/// arm64 test VMs: qemu-system-aarch64, and qemu-user-static to run the
+/// arm64 image's programs while debootstrap and apt build it.
+const VM_ARM64_PACKAGES: &[&str] = &["qemu-system-arm", "qemu-user-static"];
+/// qemu-user-static's binfmt_misc rule for arm64 programs (the `F` flag:
+/// its interpreter is opened now, so it works inside a chroot).
+const BINFMT_ARM64_RULE: &str = "/usr/lib/binfmt.d/qemu-aarch64.conf";
+const BINFMT_MISC: &str = "/proc/sys/fs/binfmt_misc";
 /// PyPI packages of the lab's Python (a venv in target/): a real QUIC peer.
 const LAB_PYTHON_PACKAGES: &[&str] = &["aioquic==1.7.2"];
 
@@ -115,9 +122,41 @@ pub fn ensure(needs: Needs) -> Result<()> {
     Ok(())
 }
 
+/// The cross toolchain of a target (`cargo xtask build --target ...`).
+pub fn ensure_cross(target: &crate::cross::Target) -> Result<()> {
+    ensure_packages(target.packages)
+}
+
 /// What `cargo xtask vm-test` needs to build and boot its images.
 pub fn ensure_vm() -> Result<()> {
-    let mut packages = VM_PACKAGES.to_vec();
+    ensure_packages(VM_PACKAGES)
+}
+
+/// What an arm64 test VM needs besides `ensure_vm`'s: its qemu, and arm64
+/// programs running here (through qemu-user) for building its image. The
+/// package registers the rule only where systemd or binfmt-support runs.
+pub fn ensure_vm_arm64() -> Result<()> {
+    ensure_packages(VM_ARM64_PACKAGES)?;
+    let misc = std::path::Path::new(BINFMT_MISC);
+    if misc.join("qemu-aarch64").exists() {
+        return Ok(());
+    }
+    if !misc.join("register").exists() {
+        eprintln!("xtask: mounting binfmt_misc at {BINFMT_MISC}");
+        cmd::run(Command::new("mount").args(["-t", "binfmt_misc", "binfmt_misc", BINFMT_MISC]))?;
+    }
+    let rule = std::fs::read_to_string(BINFMT_ARM64_RULE)
+        .with_context(|| format!("reading {BINFMT_ARM64_RULE} (qemu-user-static)"))?;
+    eprintln!("xtask: registering qemu-user-static for arm64 programs with binfmt_misc");
+    for line in rule.lines().filter(|line| line.starts_with(':')) {
+        std::fs::write(misc.join("register"), line)
+            .with_context(|| format!("registering {BINFMT_ARM64_RULE} in {BINFMT_MISC}/register"))?;
+    }
+    Ok(())
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let mut packages = packages.to_vec();
     packages.retain(|package| !is_installed(package));
     if packages.is_empty() {
         return Ok(());

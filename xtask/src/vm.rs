@@ -33,7 +33,8 @@ use crate::{cmd, setup};
 /// The files an image is made from: a change to any of them (or to the
 /// kernel's `<name>.env`) makes a new image. `guest-run.sh` is not among
 /// them: it is handed to the guest at each run.
-const RECIPE_FILES: &[&str] = &["build-image.sh", "init", "icr-vm-run.service", "packages", "python-packages"];
+const RECIPE_FILES: &[&str] =
+    &["build-image.sh", "init", "icr-vm-run.service", "packages-kernel", "packages", "python-packages"];
 
 /// `--only package`: the Debian package's test, under systemd.
 const PACKAGE_TEST: &str = "package";
@@ -46,6 +47,8 @@ const TCG_SLOWDOWN: &str = "4";
 /// The VM's default deadline, boot included, in seconds.
 const KVM_TIMEOUT: u64 = 2400;
 const TCG_TIMEOUT: u64 = 7200;
+/// The fail-open test's frames in an arm64 guest, unless ICR_FAILOPEN_FRAMES is set.
+const ARM64_FAILOPEN_FRAMES: u32 = 20_000;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -54,6 +57,13 @@ pub struct Args {
     /// or `bullseye` (Debian 12 with Debian 11's linux-image-amd64, 5.10).
     #[arg(long, default_value = "debian12")]
     kernel: String,
+    /// The guest's architecture. `arm64` (Debian's linux-image-arm64 under
+    /// `qemu-system-aarch64 -M virt`, always emulated here, so slow) has a
+    /// lean image that runs only the kernel tests (`xdp`), cross-compiled,
+    /// and the unit tests of what user space shares with the kernel and
+    /// reads from files (probe-common, the store's codec, the pcap reader).
+    #[arg(long, value_enum, default_value_t = Arch::Amd64)]
+    arch: Arch,
     /// Test binaries to run in the VM, by target name (default: probe-user's
     /// `xdp` and every test of the `icr-tests` crate but `clickhouse_lab`),
     /// e.g. `--only xdp,nat_lab`. `--only package` instead boots the guest
@@ -87,13 +97,67 @@ pub struct Args {
     args: Vec<String>,
 }
 
-/// A built image: `rootfs.ext4`, `vmlinuz`, `initrd.img`, `kernel-release`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum TcgThreads {
     Single,
     Multi,
 }
 
+/// Debian's name of the guest's architecture.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// qemu's `-cpu` under TCG. For arm64, `max` with QEMU's own
+    /// pointer-authentication algorithm instead of the architected QARMA,
+    /// whose emulation costs much of TCG's time (QEMU's docs, "Arm CPU
+    /// Features": pauth-impdef).
+    fn tcg_cpu(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "max",
+            Arch::Arm64 => "max,pauth-impdef=on",
+        }
+    }
+
+    /// The package lists of vm-images/ its image installs.
+    fn package_lists(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "packages-kernel packages",
+            Arch::Arm64 => "packages-kernel",
+        }
+    }
+
+    /// The name of an image (`suffix`: its recipe's hash) or of a run
+    /// directory: amd64's keep the names they always had.
+    fn image_name(self, kernel: &str, suffix: &str) -> String {
+        match self {
+            Arch::Amd64 => format!("{kernel}-{suffix}"),
+            Arch::Arm64 => format!("{kernel}-arm64-{suffix}"),
+        }
+    }
+}
+
+/// The test binaries of an arm64 guest: the kernel tests, and the unit
+/// tests of the layouts shared with the kernel and of the byte formats read
+/// from disk (the store's codec, the pcap reader), as the cross-compiled code
+/// runs them. Each with its own test filters.
+const ARM64_TESTS: &[(&str, &str, &str)] = &[
+    ("probe-user", "xdp", ""),
+    ("probe-common", "probe_common", ""),
+    ("probe-user", "icr", "store::codec:: store::wire:: capture::events:: capture::tuple:: replay::"),
+];
+
+/// A built image: `rootfs.ext4`, `vmlinuz`, `initrd.img`, `kernel-release`.
 struct Image {
     dir: PathBuf,
     release: String,
@@ -122,6 +186,8 @@ struct TestBinary {
     /// Its package's directory: cargo runs tests there.
     dir: PathBuf,
     executable: PathBuf,
+    /// Its own arguments (test filters), before the run's.
+    filters: String,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -133,12 +199,32 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("vm-test builds images (debootstrap, chroot) and runs the lab: run it as root");
     }
     setup::ensure_vm()?;
+    if args.arch == Arch::Arm64 {
+        setup::ensure_vm_arm64()?;
+        if let Some(other) = args.only.iter().find(|name| name.as_str() != "xdp") {
+            bail!("the arm64 image runs the kernel tests only (`--only xdp`), not {other:?}");
+        }
+    }
+    let started = Instant::now();
     let image = ensure_image(args, &recipes)?;
+    let image_time = started.elapsed();
     if args.image_only {
         println!("{} (kernel {})", image.dir.display(), image.release);
         return Ok(());
     }
     let target = target_dir()?;
+    if args.arch == Arch::Arm64 {
+        let started = Instant::now();
+        let guest = Guest::Tests(arm64_test_binaries()?);
+        let build_time = started.elapsed();
+        let result = boot_and_test(args, &recipes, &image, &target, &guest);
+        eprintln!(
+            "xtask: vm-test arm64: image {:.0} s (0 when cached), cross-compiling the tests {:.0} s",
+            image_time.as_secs_f64(),
+            build_time.as_secs_f64()
+        );
+        return result;
+    }
     let guest = if args.only.iter().any(|name| name == PACKAGE_TEST) {
         if args.only.len() > 1 {
             bail!("--only {PACKAGE_TEST} boots the guest with systemd and runs alone");
@@ -173,7 +259,7 @@ fn package_builds(target: &Path) -> Result<Guest> {
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or the workspace's
 /// `target/`): the guest mounts it at the same path when it is elsewhere.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--no-deps"])
@@ -217,18 +303,26 @@ fn recipe_hash(recipes: &Path, kernel: &str) -> Result<String> {
 
 fn ensure_image(args: &Args, recipes: &Path) -> Result<Image> {
     let hash = recipe_hash(recipes, &args.kernel)?;
-    let dir = args.cache.join(format!("{}-{hash}", args.kernel));
+    let dir = args.cache.join(args.arch.image_name(&args.kernel, &hash));
     if !dir.join("rootfs.ext4").exists() {
         fs::create_dir_all(&args.cache)?;
         eprintln!(
-            "xtask: building the {} VM image in {} (debootstrap from Debian's mirror: several minutes)",
+            "xtask: building the {} {} VM image in {} (debootstrap from Debian's mirror: several minutes)",
             args.kernel,
+            args.arch.name(),
             dir.display()
         );
         let started = Instant::now();
-        cmd::run(Command::new("bash").arg(recipes.join("build-image.sh")).arg(&args.kernel).arg(&dir))?;
+        cmd::run(
+            Command::new("bash")
+                .arg(recipes.join("build-image.sh"))
+                .arg(&args.kernel)
+                .arg(&dir)
+                .arg(args.arch.name())
+                .arg(args.arch.package_lists()),
+        )?;
         eprintln!("xtask: image built in {:.0} s", started.elapsed().as_secs_f64());
-        remove_stale_images(&args.cache, &args.kernel, &dir);
+        remove_stale_images(&args.cache, &args.arch.image_name(&args.kernel, ""), &dir);
     }
     let release = fs::read_to_string(dir.join("kernel-release"))
         .with_context(|| format!("{}: incomplete image, remove it", dir.display()))?
@@ -237,14 +331,15 @@ fn ensure_image(args: &Args, recipes: &Path) -> Result<Image> {
     Ok(Image { dir, release })
 }
 
-/// Images of an older recipe of the same kernel.
-fn remove_stale_images(cache: &Path, kernel: &str, current: &Path) {
+/// Images of an older recipe of the same kernel and architecture (`prefix`:
+/// the image's name without its hash).
+fn remove_stale_images(cache: &Path, prefix: &str, current: &Path) {
     let Ok(entries) = fs::read_dir(cache) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         let stale = name
-            .strip_prefix(&format!("{kernel}-"))
+            .strip_prefix(prefix)
             .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
         if stale && path != current {
             eprintln!("xtask: removing the older image {}", path.display());
@@ -298,7 +393,7 @@ fn test_binaries(only: &[String], target: &Path) -> Result<Vec<TestBinary>> {
                 executable.display()
             );
         }
-        tests.push(TestBinary { name, dir, executable });
+        tests.push(TestBinary { name, dir, executable, filters: String::new() });
     }
     tests.sort_by(|a, b| a.name.cmp(&b.name));
     // xdp first: if the probe does not load, the labs cannot pass either.
@@ -314,9 +409,49 @@ fn test_binaries(only: &[String], target: &Path) -> Result<Vec<TestBinary>> {
     Ok(tests)
 }
 
+/// Cross-compiles ARM64_TESTS (`cargo test --no-run` for aarch64) and
+/// returns them in that order.
+fn arm64_test_binaries() -> Result<Vec<TestBinary>> {
+    eprintln!("xtask: cross-compiling the arm64 guest's test binaries (cargo test --no-run)");
+    let mut command = crate::cross::by_debian_arch("arm64")?.cargo("test")?;
+    command.args(["--no-run", "--locked", "--message-format=json-render-diagnostics"]);
+    command.args(["--package", "probe-user", "--test", "xdp", "--lib", "--package", "probe-common"]);
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    eprintln!("xtask: running {}", cmd::describe(&command));
+    let out = cmd::output(&mut command)?;
+    let root = cmd::workspace_root();
+    let mut built = Vec::new();
+    // Test harnesses only (a library or a test target with an executable):
+    // `--test xdp` also builds the `icr` binary, named as the library is.
+    let harnesses = out.lines().filter(|line| {
+        line.contains(r#""reason":"compiler-artifact""#)
+            && (line.contains(r#""kind":["lib"]"#) || line.contains(r#""kind":["test"]"#))
+    });
+    for line in harnesses {
+        let (Some(executable), Some(name), Some(manifest)) =
+            (json_string(line, "executable"), json_string(line, "name"), json_string(line, "manifest_path"))
+        else {
+            continue;
+        };
+        let dir = Path::new(&manifest).parent().context("manifest path")?.to_path_buf();
+        built.push((dir, name, PathBuf::from(executable)));
+    }
+    ARM64_TESTS
+        .iter()
+        .map(|&(package, name, filters)| {
+            let dir = root.join(package);
+            let (_, _, executable) = built
+                .iter()
+                .find(|(d, n, _)| *d == dir && n == name)
+                .with_context(|| format!("cargo built no test binary {name} of {package}"))?;
+            Ok(TestBinary { name: name.to_string(), dir, executable: executable.clone(), filters: filters.to_string() })
+        })
+        .collect()
+}
+
 /// The string value of the first `"key":"..."` in a JSON line (cargo's
 /// messages put the target's `name` before any other `name`).
-fn json_string(line: &str, key: &str) -> Option<String> {
+pub fn json_string(line: &str, key: &str) -> Option<String> {
     let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
     let mut value = String::new();
     let mut chars = line[start..].chars();
@@ -504,15 +639,22 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, gues
     // A target directory outside the workspace is shared on its own.
     let target_share = (!target.starts_with(&root)).then_some(target);
 
-    let run_dir = RunDir(args.cache.join("runs").join(format!("{}-{}", args.kernel, std::process::id())));
+    let run_dir =
+        RunDir(args.cache.join("runs").join(args.arch.image_name(&args.kernel, &std::process::id().to_string())));
     let _ = fs::remove_dir_all(&run_dir.0);
     fs::create_dir_all(&run_dir.0)?;
     fs::copy(recipes.join("guest-run.sh"), run_dir.0.join("guest-run.sh"))?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    // The `icr` the lab tests run: built for the guest's architecture.
+    let icr = match args.arch {
+        Arch::Amd64 => target.join("debug/icr"),
+        Arch::Arm64 => target.join(crate::cross::by_debian_arch("arm64")?.triple).join("debug/icr"),
+    };
     let mut env = format!(
-        "ICR_VM_ROOT={}\nICR_VM_TARGET={}\nICR_VM_TARGET_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
+        "ICR_VM_ROOT={}\nICR_VM_TARGET={}\nICR_VM_BIN={}\nICR_VM_TARGET_SHARED={}\nICR_VM_TEST_TIMEOUT={}\nICR_VM_TEST_ARGS={}\n",
         quote(&root.to_string_lossy()),
         quote(&target.to_string_lossy()),
+        quote(&icr.to_string_lossy()),
         u8::from(target_share.is_some()),
         args.test_timeout,
         quote(&args.args.join(" ")),
@@ -522,16 +664,30 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, gues
             env.push_str(&format!("export {name}={}\n", quote(&value.to_string_lossy())));
         }
     }
-    let accel = choose_accel(image, args.tcg_threads)?;
+    if args.arch == Arch::Arm64 && std::env::var_os("ICR_FAILOPEN_FRAMES").is_none() {
+        // Emulated arm64 runs the XDP program some hundred times slower
+        // than the host: the fail-open test on fewer frames keeps the step lean.
+        env.push_str(&format!("export ICR_FAILOPEN_FRAMES={ARM64_FAILOPEN_FRAMES}\n"));
+    }
+    // No arm64 KVM on an x86_64 host: always emulated.
+    let accel = match args.arch {
+        Arch::Amd64 => choose_accel(image, args.tcg_threads)?,
+        Arch::Arm64 => Accel::Tcg(args.tcg_threads),
+    };
     if std::env::var_os("ICR_LAB_SLOWDOWN").is_none() && accel != Accel::Kvm {
         env.push_str(&format!("export ICR_LAB_SLOWDOWN={TCG_SLOWDOWN}\n"));
     }
-    let mut append = "root=/dev/vda rw rootfstype=ext4 console=ttyS0 panic=1 loglevel=4".to_string();
+    let console = match args.arch {
+        Arch::Amd64 => "ttyS0",
+        // The virt machine's PL011 UART.
+        Arch::Arm64 => "ttyAMA0",
+    };
+    let mut append = format!("root=/dev/vda rw rootfstype=ext4 console={console} panic=1 loglevel=4");
     match guest {
         Guest::Tests(tests) => {
             let list: String = tests
                 .iter()
-                .map(|t| format!("{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display()))
+                .map(|t| format!("{}\t{}\t{}\t{}\n", t.name, t.dir.display(), t.executable.display(), t.filters))
                 .collect();
             fs::write(run_dir.0.join("tests.list"), list)?;
             append.push_str(" init=/sbin/icr-vm-init");
@@ -550,7 +706,11 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, gues
     fs::write(run_dir.0.join("run.env"), env)?;
 
     eprintln!("xtask: booting {} (kernel {}) under {}", args.kernel, image.release, accel.name());
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let qemu_program = match args.arch {
+        Arch::Amd64 => "qemu-system-x86_64",
+        Arch::Arm64 => "qemu-system-aarch64",
+    };
+    let mut qemu = Command::new(qemu_program);
     qemu.args([
         "-nodefaults",
         "-no-user-config",
@@ -563,11 +723,17 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, gues
         "-no-reboot",
     ])
     .args(["-m", "2G", "-smp", "2"]);
+    if args.arch == Arch::Arm64 {
+        qemu.args(["-machine", "virt"]);
+    }
     match accel {
         Accel::Kvm => qemu.args(["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg(TcgThreads::Single) => qemu.args(["-accel", "tcg,thread=single", "-cpu", "max"]),
-        Accel::Tcg(TcgThreads::Multi) => qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Tcg(TcgThreads::Single) => qemu.args(["-accel", "tcg,thread=single"]),
+        Accel::Tcg(TcgThreads::Multi) => qemu.args(["-accel", "tcg,thread=multi"]),
     };
+    if let Accel::Tcg(_) = accel {
+        qemu.args(["-cpu", args.arch.tcg_cpu()]);
+    }
     qemu.arg("-kernel")
         .arg(image.dir.join("vmlinuz"))
         .arg("-initrd")
@@ -596,7 +762,7 @@ fn boot_and_test(args: &Args, recipes: &Path, image: &Image, target: &Path, gues
     }
 
     let started = Instant::now();
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let mut child = qemu.spawn().with_context(|| format!("starting {qemu_program}"))?;
     QEMU_PID.store(child.id() as i32, Ordering::SeqCst);
     let _ = ctrlc::set_handler(|| {
         let pid = QEMU_PID.load(Ordering::SeqCst);
