@@ -5,7 +5,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -102,15 +102,8 @@ impl Server {
     pub fn restart(&mut self) -> Result<()> {
         let dir = self.setup.dir.clone();
         let log = fs::File::create(dir.join("stdout.log"))?;
-        let mut command = match &self.setup.netns {
-            // `ip netns exec` execs the server: the child's pid is the server's.
-            Some(ns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", ns, "clickhouse-server"]);
-                command
-            }
-            None => Command::new("clickhouse-server"),
-        };
+        // `ip netns exec` execs the server: the child's pid is the server's.
+        let mut command = crate::netns::command_in(self.setup.netns.as_deref(), "clickhouse-server");
         let child = command
             .arg("--config-file")
             .arg(dir.join("config.xml"))
@@ -169,14 +162,7 @@ impl Drop for Server {
 /// `extra` arguments: credentials, a CA); its text answer, or ClickHouse's
 /// error.
 pub fn ask(netns: Option<&str>, extra: &[String], url: &str, sql: &str) -> Result<String> {
-    let mut command = match netns {
-        Some(ns) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, "curl"]);
-            command
-        }
-        None => Command::new("curl"),
-    };
+    let mut command = crate::netns::command_in(netns, "curl");
     let out = command
         .args(["-sS", "--fail-with-body", "--max-time", "60"])
         .args(extra)

@@ -151,6 +151,19 @@ pub fn ip(args: &[&str]) -> Result<()> {
     ip_output(args).map(drop)
 }
 
+/// `program`, to be run in namespace `netns` (through `ip netns exec`,
+/// which execs it) or, without one, here.
+pub fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, program]);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// `ip ARGS`'s output; it must succeed.
 pub fn ip_output(args: &[&str]) -> Result<String> {
     let out =
