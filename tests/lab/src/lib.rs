@@ -366,6 +366,22 @@ http {{
         Ok(out)
     }
 
+    /// A device's lookup from `ns`: `dig +short NAME QTYPE` asked of the
+    /// lab's resolver, one try (it must succeed).
+    pub fn lookup(&self, ns: &str, name: &str, qtype: &str) -> Result<Output> {
+        self.exec(
+            ns,
+            Command::new("dig").args([
+                "+short",
+                &format!("+time={}", client_timeout(2)),
+                "+tries=1",
+                &format!("@{DNS_IP}"),
+                name,
+                qtype,
+            ]),
+        )
+    }
+
     /// Routes IPv6 through the gateway, without NAT: global addresses for
     /// the gateway's two sides, the clients and the internet's servers
     /// ([`WEB_IP6`], and [`EXCHANGE_IP6`], where an exchange server starts).
