@@ -611,7 +611,7 @@ fn spawn_reader(
         let mut result = runtime.block_on(async move {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 16);
             match reader {
-                Some(reader) => events::spawn_readers(reader, tx)?,
+                Some(reader) => drop(events::spawn_readers(reader, tx)?),
                 None => drop(tx),
             }
             let mut result = ReaderResult::default();
@@ -636,6 +636,7 @@ fn spawn_reader(
                         }
                         Some(ProbeEvent::Lost { count, .. }) => result.lost_records += count,
                         Some(ProbeEvent::Malformed { .. }) => result.malformed += 1,
+                        Some(ProbeEvent::CaughtUp { .. } | ProbeEvent::ReaderStopped { .. }) => {}
                         None => break,
                     },
                     _ = tick.tick() => if stop.load(Ordering::Relaxed) { break },

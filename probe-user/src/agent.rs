@@ -152,7 +152,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Readers first: a flow event sent before its CPU's buffer is open is
     // lost, and the first packets arrive as soon as the program attaches.
     let (event_tx, mut event_rx) = mpsc::channel(EVENT_QUEUE);
-    events::spawn_readers(probe.open_events()?, event_tx)?;
+    let read_horizon = events::spawn_readers(probe.open_events()?, event_tx)?;
     for interface in &lan {
         probe.attach(interface, role::LAN)?;
     }
@@ -198,8 +198,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // earlier losses are not this agent's open flows').
     let mut kernel_events_lost = probe.counters().map(|c| c.get(counter::EVENTS_LOST)).unwrap_or(0);
 
-    let mut assembler =
-        Assembler::new(timeouts, Clock::live(), nat_expected).with_dns_cache_entries(config.probe.dns_cache_entries);
+    let mut assembler = Assembler::new(timeouts, Clock::live(), nat_expected)
+        .with_dns_cache_entries(config.probe.dns_cache_entries)
+        .with_readers(read_horizon);
     let nat_grace = nanos(timeouts.nat_grace());
     let mut nat = NatTable::with_max_destroyed(config.probe.nat_destroyed_kept);
     take_handover(&store, &mut assembler, &probe)?;

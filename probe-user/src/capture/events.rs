@@ -2,7 +2,7 @@
 //! drained when the probe wakes us, which it does only once a batch is
 //! waiting, and on a short timer) or, on older kernels, from per-CPU perf buffers, whose
 //! kernel "lost N samples" records are noticed too.
-use std::{mem::size_of, time::Duration};
+use std::{collections::BTreeMap, mem::size_of, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf, perf::PerfEvent};
@@ -10,7 +10,15 @@ use log::warn;
 use probe_common::{EVENT_RING_DRAIN_MS, FlowEvent, event_kind};
 use tokio::{io::unix::AsyncFd, sync::mpsc, time::MissedTickBehavior};
 
-use crate::capture::probe::{CpuRing, EventBuffer, EventReader};
+use crate::capture::{
+    clock::monotonic_ns,
+    probe::{CpuRing, EventBuffer, EventReader},
+};
+
+/// How long after its timestamp an event is surely in its buffer: the probe
+/// stamps it and commits it in one run of a program (microseconds), and
+/// its mid-flow clock may be the coarse one, a scheduler tick behind.
+const IN_FLIGHT_NS: u64 = 50_000_000;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeEvent {
@@ -28,6 +36,54 @@ pub enum ProbeEvent {
         cpu: Option<u32>,
         len: usize,
     },
+    /// The reader of `cpu`'s buffer had read all the buffer held at `at_ns`
+    /// (the probe's clock), and sent it before this.
+    CaughtUp {
+        cpu: u32,
+        at_ns: u64,
+    },
+    /// The reader of `cpu`'s buffer failed: nothing more comes from it.
+    ReaderStopped {
+        cpu: u32,
+    },
+}
+
+/// The time up to which every event of the probe has been read, from what
+/// the readers say ([`ProbeEvent::CaughtUp`]). A busy agent's queue holds
+/// events of the last moments: what is decided from the kernel's table as
+/// of a later time than this may miss them (a start event taken for lost,
+/// a flow closed before its name was read).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadHorizon {
+    /// Each running reader's last caught-up time, by CPU.
+    readers: BTreeMap<u32, u64>,
+}
+
+impl ReadHorizon {
+    /// Readers of `cpus`, none of which has read anything yet.
+    pub fn new(cpus: impl IntoIterator<Item = u32>) -> Self {
+        Self { readers: cpus.into_iter().map(|cpu| (cpu, 0)).collect() }
+    }
+
+    /// The reader of `cpu` had read all its buffer held at `at_ns`.
+    pub fn caught_up(&mut self, cpu: u32, at_ns: u64) {
+        if let Some(read) = self.readers.get_mut(&cpu) {
+            *read = (*read).max(at_ns);
+        }
+    }
+
+    /// The reader of `cpu` failed: the horizon no longer waits for it.
+    pub fn stopped(&mut self, cpu: u32) {
+        self.readers.remove(&cpu);
+    }
+
+    /// `now_ns`, or the last time whose events are all read when that is earlier.
+    pub fn clamp(&self, now_ns: u64) -> u64 {
+        match self.readers.values().min() {
+            Some(&read) => now_ns.min(read.saturating_sub(IN_FLIGHT_NS)),
+            None => now_ns,
+        }
+    }
 }
 
 /// Decodes one perf sample, which may wrap around the ring (`head` + `tail`).
@@ -105,19 +161,36 @@ fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<ProbeEvent>) {
     }
 }
 
-/// Reads the events as they come and forwards them. A full channel makes
-/// the readers wait, so the kernel side counts the overflow rather than the
-/// agent growing without bound.
-pub fn spawn_readers(reader: EventReader, tx: mpsc::Sender<ProbeEvent>) -> Result<()> {
+/// Reads the events as they come and forwards them, each reader saying
+/// after each pass how far it has read; returns the readers' horizon. A
+/// full channel makes the readers wait, so the kernel side counts the
+/// overflow rather than the agent growing without bound.
+pub fn spawn_readers(reader: EventReader, tx: mpsc::Sender<ProbeEvent>) -> Result<ReadHorizon> {
     match reader {
         EventReader::Ring(rings) => {
+            let horizon = ReadHorizon::new(rings.iter().map(|ring| ring.cpu));
             for ring in rings {
                 spawn_ring_reader(ring, tx.clone())?;
             }
-            Ok(())
+            Ok(horizon)
         }
-        EventReader::Perf(buffers) => spawn_perf_readers(buffers, tx),
+        EventReader::Perf(buffers) => {
+            let horizon = ReadHorizon::new(buffers.iter().map(|buffer| buffer.cpu));
+            spawn_perf_readers(buffers, tx)?;
+            Ok(horizon)
+        }
     }
+}
+
+/// Forwards one pass's events, then how far the pass read (`at_ns`, taken
+/// before it began); false when the agent is shutting down.
+async fn forward(tx: &mpsc::Sender<ProbeEvent>, batch: &mut Vec<ProbeEvent>, cpu: u32, at_ns: u64) -> bool {
+    for event in batch.drain(..) {
+        if tx.send(event).await.is_err() {
+            return false;
+        }
+    }
+    tx.send(ProbeEvent::CaughtUp { cpu, at_ns }).await.is_ok()
 }
 
 /// Drains a CPU's ring when the probe wakes us (a batch is waiting) and
@@ -139,23 +212,24 @@ fn spawn_ring_reader(CpuRing { cpu, ring }: CpuRing, tx: mpsc::Sender<ProbeEvent
                     Ok(mut guard) => guard.clear_ready(),
                     Err(error) => {
                         warn!("the event ring of CPU {cpu} failed: {error}");
+                        let _ = tx.send(ProbeEvent::ReaderStopped { cpu }).await;
                         return;
                     }
                 },
                 _ = timer.tick() => {}
             }
+            let at_ns = monotonic_ns();
             drain_ring(fd.get_mut(), &mut batch);
-            for event in batch.drain(..) {
-                if tx.send(event).await.is_err() {
-                    return; // the agent is shutting down
-                }
+            if !forward(&tx, &mut batch, cpu, at_ns).await {
+                return; // the agent is shutting down
             }
         }
     });
     Ok(())
 }
 
-/// One task per CPU's perf buffer, each woken by the kernel per event.
+/// One task per CPU's perf buffer, each woken by the kernel per event, and
+/// on the ring readers' timer, so that an idle CPU says it has read all.
 fn spawn_perf_readers(buffers: Vec<EventBuffer>, tx: mpsc::Sender<ProbeEvent>) -> Result<()> {
     for EventBuffer { cpu, buffer } in buffers {
         // SAFETY: the buffer owns its perf fd and keeps it open (and the same)
@@ -163,23 +237,27 @@ fn spawn_perf_readers(buffers: Vec<EventBuffer>, tx: mpsc::Sender<ProbeEvent>) -
         let mut fd = unsafe { AsyncFd::register(buffer)? };
         let tx = tx.clone();
         tokio::spawn(async move {
+            let mut timer = tokio::time::interval(Duration::from_millis(EVENT_RING_DRAIN_MS));
+            timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut batch = Vec::new();
             loop {
-                let mut guard = match fd.readable_mut().await {
-                    Ok(guard) => guard,
-                    Err(error) => {
-                        warn!("event buffer of CPU {cpu} failed: {error}");
-                        return;
-                    }
-                };
-                // Clear first: a sample that lands while we drain re-arms the
-                // readiness instead of being left until the next one.
-                guard.clear_ready();
-                guard.get_inner_mut().for_each(|event| batch.push(decode(cpu, event)));
-                for event in batch.drain(..) {
-                    if tx.send(event).await.is_err() {
-                        return; // the agent is shutting down
-                    }
+                tokio::select! {
+                    ready = fd.readable_mut() => match ready {
+                        // Clear first: a sample that lands while we drain
+                        // re-arms the readiness instead of being left until the next one.
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(error) => {
+                            warn!("event buffer of CPU {cpu} failed: {error}");
+                            let _ = tx.send(ProbeEvent::ReaderStopped { cpu }).await;
+                            return;
+                        }
+                    },
+                    _ = timer.tick() => {}
+                }
+                let at_ns = monotonic_ns();
+                fd.get_mut().for_each(|event| batch.push(decode(cpu, event)));
+                if !forward(&tx, &mut batch, cpu, at_ns).await {
+                    return; // the agent is shutting down
                 }
             }
         });
@@ -223,6 +301,24 @@ mod tests {
         assert!(matches!(decoded, ProbeEvent::Malformed { cpu: Some(3), .. }));
         assert!(matches!(decode(1, PerfEvent::Sample { head: &[0; 10], tail: &[] }), ProbeEvent::Malformed { .. }));
         assert_eq!(decode(2, PerfEvent::Lost { count: 7 }), ProbeEvent::Lost { cpu: 2, count: 7 });
+    }
+
+    #[test]
+    fn the_horizon_is_the_slowest_readers_pass_less_what_may_be_in_flight() {
+        let now = 100 * 1_000_000_000;
+        assert_eq!(ReadHorizon::default().clamp(now), now, "no readers (a capture file): no wait");
+        let mut horizon = ReadHorizon::new([0, 1]);
+        assert_eq!(horizon.clamp(now), 0, "nothing read yet");
+        horizon.caught_up(0, now);
+        horizon.caught_up(1, now - 3_000_000_000);
+        horizon.caught_up(7, 1); // no reader of this horizon
+        assert_eq!(horizon.clamp(now), now - 3_000_000_000 - IN_FLIGHT_NS);
+        horizon.caught_up(1, now - 4_000_000_000); // an older pass says nothing new
+        assert_eq!(horizon.clamp(now), now - 3_000_000_000 - IN_FLIGHT_NS);
+        horizon.stopped(1);
+        assert_eq!(horizon.clamp(now), now - IN_FLIGHT_NS);
+        horizon.stopped(0);
+        assert_eq!(horizon.clamp(now), now);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use probe_common::{FlowEvent, FlowKey, FlowValue, Mac, Proto, Role, Roles, SYN_R
 
 use crate::{
     capture::clock::Clock,
-    capture::events::ProbeEvent,
+    capture::events::{ProbeEvent, ReadHorizon},
     capture::handover::{HandedAnswer, HandedFlow, Handover},
     capture::hints::{DeviceId, DnsCache, FlowHints, HintPacket, Seen, answers::NamedBy, dns},
     capture::nat::{Mapping, NatTable},
@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// A sweep adopts a flow it has no event of once its first packet is this
-/// old: a start event still queued behind a busy agent is not a lost one.
+/// old as of the events read ([`ReadHorizon`]).
 const ADOPT_AFTER_NS: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +189,8 @@ pub struct Assembler {
     /// What each kernel flow's hints have told (service names, DNS).
     hints: HashMap<FlowKey, FlowHints>,
     dns_cache: DnsCache,
+    /// How far the probe's events are read: flows are checked as of then.
+    horizon: ReadHorizon,
     /// What the device had looked up for the remote address when its flow
     /// started: a long connection keeps the name after the answer's TTL.
     named_at_start: HashMap<FlowKey, NamedBy>,
@@ -226,6 +228,7 @@ impl Assembler {
             records: Vec::new(),
             hints: HashMap::new(),
             dns_cache: DnsCache::default(),
+            horizon: ReadHorizon::default(),
             named_at_start: HashMap::new(),
             pending_dns: Vec::new(),
             dns_answers: DnsAnswerCounts::default(),
@@ -241,6 +244,13 @@ impl Assembler {
     /// [`DnsCache::with_max_entries`]).
     pub fn with_dns_cache_entries(mut self, max_entries: usize) -> Self {
         self.dns_cache = DnsCache::with_max_entries(max_entries);
+        self
+    }
+
+    /// Checks flows as of the time up to which the probe's readers have
+    /// read every event (without readers, as of the time it is told).
+    pub fn with_readers(mut self, horizon: ReadHorizon) -> Self {
+        self.horizon = horizon;
         self
     }
 
@@ -338,6 +348,12 @@ impl Assembler {
             ProbeEvent::Malformed { cpu, len } => {
                 let from = cpu.map_or_else(|| "the ring buffer".to_string(), |cpu| format!("CPU {cpu}"));
                 log::warn!("ignored a {len}-byte event from {from}: agent and probe disagree");
+            }
+            ProbeEvent::CaughtUp { cpu, at_ns } => self.horizon.caught_up(cpu, at_ns),
+            ProbeEvent::ReaderStopped { cpu } => {
+                log::warn!("no more events are read from CPU {cpu}: its flows may lack their end and names");
+                self.horizon.stopped(cpu);
+                self.events_went_missing();
             }
         }
     }
@@ -497,6 +513,9 @@ impl Assembler {
 
     /// Closes what is due at `now_ns` (kernel time).
     pub fn tick(&mut self, now_ns: u64, table: &mut impl FlowTable, nat: &NatTable) -> Result<()> {
+        // An agent behind its events decides as of where it is: a flow
+        // whose start or name is still queued is neither adopted nor closed.
+        let now_ns = self.horizon.clamp(now_ns);
         self.retry_pending_dns(now_ns, nat);
         if now_ns >= self.next_full_sweep_ns {
             self.full_sweep(table, now_ns, ADOPT_AFTER_NS)?;
@@ -2287,6 +2306,50 @@ mod tests {
         let records = assembler.take_records();
         assert_eq!(records.len(), 2);
         assert!(records.iter().all(|r| !r.incomplete), "{records:#?}");
+    }
+
+    #[test]
+    fn an_agent_behind_its_events_neither_adopts_nor_closes_what_they_still_name() {
+        use crate::capture::hints::dns::tests::{a_record, response};
+        let mut table = FakeTable::default();
+        let nat = NatTable::default();
+        let mut assembler =
+            Assembler::new(Timeouts::default(), Clock::capture(), false).with_readers(ReadHorizon::new([0, 1]));
+        let lookup =
+            Tuple { src: ipv4(10, 0, 0, 2), src_port: 5353, dst: ipv4(10, 0, 0, 1), dst_port: 53, proto: Proto::Udp };
+        let mut question =
+            response("www.example.test", simple_dns::TYPE::A, vec![a_record("www.example.test", [198, 51, 100, 10])]);
+        question[2] &= 0x7f;
+        let key = table.packet(lookup, 70, 0, role::LAN, SEC);
+        // The agent has read CPU 0 up to now, CPU 1 only up to before the
+        // lookup: its start event and its question are still queued.
+        assembler.on_event(ProbeEvent::CaughtUp { cpu: 0, at_ns: 70 * SEC }, &nat);
+        assembler.on_event(ProbeEvent::CaughtUp { cpu: 1, at_ns: SEC / 2 }, &nat);
+        for second in 2..=70 {
+            assembler.tick(second * SEC, &mut table, &nat).unwrap();
+        }
+        assert_eq!(assembler.adopted, 0, "its start event is not lost, only late");
+        assert!(assembler.take_records().is_empty(), "nothing closed on events not read yet");
+
+        // CPU 1's reader catches up.
+        assembler.on_event(start_event(key, SEC), &nat);
+        assembler.on_event(hint_event(lookup, role::LAN, SEC, &question), &nat);
+        assembler.on_event(ProbeEvent::CaughtUp { cpu: 1, at_ns: 71 * SEC }, &nat);
+        assembler.tick(71 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1, "closed once its events are read");
+        assert!(!records[0].incomplete, "{:?}", records[0]);
+        assert_eq!(records[0].dns.as_ref().map(|dns| dns.qname.as_str()), Some("www.example.test"));
+
+        // A reader that stops is no longer waited for.
+        let other = table.packet(Tuple { src_port: 5354, ..lookup }, 70, 0, role::LAN, 72 * SEC);
+        assembler.on_event(start_event(other, 72 * SEC), &nat);
+        assembler.on_event(ProbeEvent::ReaderStopped { cpu: 1 }, &nat);
+        assembler.on_event(ProbeEvent::CaughtUp { cpu: 0, at_ns: 200 * SEC }, &nat);
+        assembler.tick(200 * SEC, &mut table, &nat).unwrap();
+        let records = assembler.take_records();
+        assert_eq!(records.len(), 1);
+        assert!(records[0].incomplete, "its end may have been on the stopped reader's CPU");
     }
 
     #[test]
