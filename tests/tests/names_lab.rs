@@ -139,6 +139,45 @@ fn names_come_from_sni_host_and_dns() {
     assert!(!text.contains("hello from") && !text.contains("GET /"), "no content in records");
 }
 
+/// An agent that falls seconds behind its events (here stopped, as under a
+/// load it cannot keep up with) reads what its buffers hold before it
+/// decides: connections that started and ended meanwhile are whole records
+/// with their names, not flows its sweep found and closed unnamed.
+#[test]
+fn connections_made_while_the_agent_was_behind_keep_their_names() {
+    let lab = Lab::start(1).expect("building the lab");
+    let db = lab.dir.join("db");
+    write_config(&db);
+    let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
+    let c1 = &lab.clients[0];
+    let timeout = client_timeout(10);
+
+    agent.pause().expect("stopping the agent");
+    for name in [WEB_NAME, MAIL_NAME] {
+        let out = lab
+            .exec(&c1.ns, Command::new("curl").args(["-sk", "--max-time", &timeout, &format!("https://{name}/")]))
+            .expect("curl");
+        assert!(out.status.success(), "curl {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Past the sweep's grace, tcp_closed and udp_idle: all of it could close.
+    std::thread::sleep(Duration::from_secs(4));
+    agent.resume().expect("resuming the agent");
+    std::thread::sleep(Duration::from_secs(4));
+    agent.stop().expect("the agent stops cleanly");
+
+    let records = icr_lab::stored_records(&db);
+    for (ip, name) in [(WEB_IP, WEB_NAME), (MAIL_IP, MAIL_NAME)] {
+        let tls = icr_lab::records_between(&records, &c1.ip, ip, 443, "tcp");
+        assert_eq!(tls.len(), 1, "{records:#?}");
+        assert_eq!(icr_lab::service_of(tls[0]), (name.into(), "tls_sni".into()), "{:#}", tls[0]);
+        assert_eq!(tls[0]["incomplete"], false, "{:#}", tls[0]);
+    }
+    let lookups = icr_lab::records_between(&records, &c1.ip, DNS_IP, 53, "udp");
+    let asked: BTreeSet<&str> = lookups.iter().filter_map(|r| r["dns"]["qname"].as_str()).collect();
+    assert!(asked.contains(WEB_NAME) && asked.contains(MAIL_NAME), "{lookups:#?}");
+    assert!(lookups.iter().all(|r| r["incomplete"] == false), "{lookups:#?}");
+}
+
 type FlowNames = BTreeMap<(String, u64, String, u64), BTreeSet<String>>;
 
 /// Names per flow (client ip, port, server ip, port) from `icr replay`.
