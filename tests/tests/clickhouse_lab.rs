@@ -677,9 +677,56 @@ fn two_gateways_ship_every_record_once_and_the_cluster_answers_for_both() {
         .concat(),
     );
     assert_eq!(code, 0, "{stderr}");
-    let listed: Vec<String> = ndjson(&stdout).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let listing = stdout;
+    let listed: Vec<String> = ndjson(&listing).iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(listed.len(), all.len(), "listed once each, though gateway A's are stored twice");
     assert_eq!(listed.iter().collect::<std::collections::BTreeSet<_>>(), all.keys().copied().collect());
+
+    // The same window as IPFIX for a provider's collector (`icr export
+    // ipfix` over the cluster), to a file tshark reads: every record's device
+    // port in it, and an audit entry at the desk.
+    let file = Path::new(db).join("cluster.ipfix");
+    let (code, stdout, stderr) = icr(
+        &cluster,
+        &[
+            "export",
+            "ipfix",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--authority",
+            "lab-noc",
+            "--officer",
+            "NOC 1",
+            "--reference",
+            "MAINT-CH-IPFIX",
+            "--clickhouse",
+            url.as_str(),
+            "--db",
+            db,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with(&format!("{} records", listed.len())), "{stdout}");
+    let tshark = |extra: &[&str]| {
+        let out = Command::new("tshark").arg("-r").arg(&file).args(extra).output().unwrap();
+        assert!(out.status.success(), "tshark reads the file: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let in_file: std::collections::BTreeSet<u64> = tshark(&["-T", "fields", "-e", "cflow.srcport"])
+        .split([',', '\n'])
+        .filter_map(|port| port.trim().parse().ok())
+        .collect();
+    let listed_ports: std::collections::BTreeSet<u64> =
+        ndjson(&listing).iter().map(|r| r["device"]["port"].as_u64().unwrap()).collect();
+    assert_eq!(in_file, listed_ports, "every record of the cluster's window in the file");
+    let expert = tshark(&["-q", "-z", "expert,warn"]);
+    assert!(!expert.contains("Warns") && !expert.contains("Errors"), "tshark on the file:\n{expert}");
+    let audit = std::fs::read_to_string(Path::new(db).join("audit.log")).unwrap();
+    assert_eq!(audit.lines().filter(|l| l.contains("\"export ipfix\"") && l.contains("MAINT-CH-IPFIX")).count(), 1);
 
     // The central query service: the same question over HTTP, answered from
     // the cluster by `icr serve`, audited in the same log.
