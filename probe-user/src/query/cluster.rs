@@ -69,6 +69,26 @@ impl Cluster {
         rows.into_iter().map(|row| row.into_icr()).collect()
     }
 
+    /// The services of the records [`Self::overlapping`] would read, from
+    /// the columns question 2 needs alone.
+    fn services_overlapping(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        index: Option<(Index, &str, Vec<Bind>)>,
+        condition: &str,
+        binds: Vec<Bind>,
+    ) -> Result<Services> {
+        let (sql, binds) = self.window(from, to, index, condition, binds);
+        let rows = self.runtime.block_on(self.clickhouse.service_uses(&sql, &binds))?;
+        let mut services = Services::default();
+        for row in rows {
+            let (key, used) = row.into_use()?;
+            services.add(key, &used);
+        }
+        Ok(services)
+    }
+
     /// The condition of [`Self::overlapping`], its binds in order.
     fn window(
         &self,
@@ -145,29 +165,24 @@ impl Backend for Cluster {
     /// By MAC through the device table; by address or subscriber over the
     /// records themselves.
     fn services(&self, from: DateTime<Utc>, to: DateTime<Utc>, device: &DeviceSelector) -> Result<Services> {
-        let records = match device {
+        match device {
             DeviceSelector::Mac(mac) => {
                 let mac = Bind::Text(hex::encode(mac.0));
-                self.overlapping(
+                self.services_overlapping(
                     from,
                     to,
                     Some((Index::ByDevice, &format!("device_mac = {MAC}"), vec![mac.clone()])),
                     &format!("device_mac = {MAC}"),
                     vec![mac],
-                )?
+                )
             }
             DeviceSelector::Ip(ip) => {
-                self.overlapping(from, to, None, &format!("device_ip = {ADDRESS}"), vec![address(*ip)])?
+                self.services_overlapping(from, to, None, &format!("device_ip = {ADDRESS}"), vec![address(*ip)])
             }
             DeviceSelector::Subscriber(name) => {
-                self.overlapping(from, to, None, "subscriber = ?", vec![Bind::Text(name.clone())])?
+                self.services_overlapping(from, to, None, "subscriber = ?", vec![Bind::Text(name.clone())])
             }
-        };
-        let mut services = Services::default();
-        for record in &records {
-            services.add_record(record);
         }
-        Ok(services)
     }
 
     /// A name or suffix matches the service name or any DNS exchange's name

@@ -106,6 +106,14 @@ impl Services {
         }
     }
 
+    /// One connection's use of `key` (or a merged one's).
+    pub fn add(&mut self, key: ServiceKey, used: &ServiceUse) {
+        match key {
+            ServiceKey::Name(name) => self.add_name(&name, used),
+            ServiceKey::Remote(ip, port, proto) => self.add_remote((ip, port, proto), used),
+        }
+    }
+
     fn add_name(&mut self, name: &str, used: &ServiceUse) {
         match self.names.get_mut(name) {
             Some(known) => known.merge(used),

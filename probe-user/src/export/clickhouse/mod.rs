@@ -48,7 +48,7 @@ use clickhouse::Client;
 
 use crate::config::ClickHouseSection;
 use access::Access;
-use rows::{GapRow, RECORD_COLUMNS, RecordRow};
+use rows::{GapRow, RECORD_COLUMNS, RecordRow, SERVICE_USE_COLUMNS, ServiceUseRow};
 
 pub use schema::{DATABASE, INGEST};
 
@@ -270,6 +270,12 @@ impl ClickHouse {
         self.records_from(&self.client, &self.table(Table::Records), condition, binds).await
     }
 
+    /// What question 2 reads of the records that satisfy `condition`, one
+    /// per record id, from every shard.
+    pub async fn service_uses(&self, condition: &str, binds: &[Bind]) -> Result<Vec<ServiceUseRow>> {
+        self.rows_from(&self.client, &self.table(Table::Records), SERVICE_USE_COLUMNS, condition, binds).await
+    }
+
     async fn records_from(
         &self,
         client: &Client,
@@ -277,8 +283,24 @@ impl ClickHouse {
         condition: &str,
         binds: &[Bind],
     ) -> Result<Vec<RecordRow>> {
-        let columns = RECORD_COLUMNS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
-        let sql = format!("SELECT {columns} FROM {table} WHERE {condition} LIMIT 1 BY id");
+        let columns: Vec<&str> = RECORD_COLUMNS.iter().map(|(name, _)| *name).collect();
+        self.rows_from(client, table, &columns, condition, binds).await
+    }
+
+    /// `columns` of the rows of `table` that satisfy `condition`, one per
+    /// record id (a batch shipped twice is stored twice).
+    async fn rows_from<T>(
+        &self,
+        client: &Client,
+        table: &str,
+        columns: &[&str],
+        condition: &str,
+        binds: &[Bind],
+    ) -> Result<Vec<T>>
+    where
+        T: for<'a> clickhouse::Row<Value<'a> = T> + serde::de::DeserializeOwned + 'static,
+    {
+        let sql = format!("SELECT {} FROM {table} WHERE {condition} LIMIT 1 BY id", columns.join(", "));
         let mut query = client.query(&sql);
         for bind in binds {
             query = match bind {

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capture::hints::{dns, normalise_name},
     record::{Device, Dns, DnsOrigin, EndReason, Endpoint, Icr, Service, ServiceSource},
-    store::gaps::{Gap, LossKind},
+    store::{
+        gaps::{Gap, LossKind},
+        rollup::{ServiceKey, ServiceUse},
+    },
 };
 
 /// One record: the columns of `records_local` (ordered for question 1), in
@@ -281,62 +284,167 @@ impl RecordRow {
     /// spelling, free texts without control characters. (The id and the MAC
     /// are bytes: any value is one.)
     fn check(&self) -> Result<(), InvalidRow> {
-        let refuse = |field: &'static str, value: &str, why: &'static str| InvalidRow {
-            id: self.id_text(),
-            field,
-            value: value.chars().take(80).collect(),
-            why,
-        };
-        let canonical = |field, value: &str, made: Option<String>, why| match made {
-            Some(made) if made == value => Ok(()),
-            _ => Err(refuse(field, value, why)),
-        };
-        canonical(
-            "proto",
-            &self.proto,
-            self.proto.parse::<probe_common::Proto>().ok().map(|p| p.to_string()),
-            "not a protocol",
-        )?;
+        let row = Checked { id: self.id };
+        row.service_use(&self.proto, &self.service_name, self.service_source, self.start_us, self.end_us)?;
         for (field, text) in [("probe", &self.probe), ("subscriber", &self.subscriber)] {
             if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
-                return Err(refuse(field, text, "too long or holds control characters"));
-            }
-        }
-        let name = |field, value: &str| {
-            canonical(field, value, normalise_name(value.as_bytes()), "not a name as capture writes one")
-        };
-        // Names from DNS keep every octet, escaped (RFC 1035 presentation form).
-        let dns_name = |field, value: &str| match dns::is_presentation(value) {
-            true => Ok(()),
-            false => Err(refuse(field, value, "not a DNS name as capture writes one")),
-        };
-        if !self.service_name.is_empty() {
-            match self.service_source.checked_sub(1).map(ServiceSource::try_from) {
-                Some(Ok(ServiceSource::Dns)) => dns_name("service_name", &self.service_name)?,
-                _ => name("service_name", &self.service_name)?,
+                return Err(row.refuse(field, text, "too long or holds control characters"));
             }
         }
         for qname in &self.dns_all_qname {
-            dns_name("dns qname", qname)?;
+            row.dns_name("dns qname", qname)?;
         }
         for qtype in &self.dns_all_qtype {
             if qtype.is_empty()
                 || qtype.len() > 10
                 || !qtype.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
             {
-                return Err(refuse("dns qtype", qtype, "not a DNS type"));
+                return Err(row.refuse("dns qtype", qtype, "not a DNS type"));
             }
         }
         for answer in self.dns_all_answers.iter().flatten() {
             let address = answer.parse::<IpAddr>().ok().map(|ip| ip.to_string());
             if address.as_deref() != Some(answer.as_str()) {
-                dns_name("dns answer", answer)?;
+                row.dns_name("dns answer", answer)?;
             }
         }
-        if self.end_us < self.start_us {
-            return Err(refuse("end_us", &self.end_us.to_string(), "before its start"));
+        Ok(())
+    }
+}
+
+/// The checks of a row's columns, by the row's id.
+struct Checked {
+    id: [u8; 16],
+}
+
+impl Checked {
+    fn refuse(&self, field: &'static str, value: &str, why: &'static str) -> InvalidRow {
+        InvalidRow {
+            id: uuid::Uuid::from_bytes(self.id).to_string(),
+            field,
+            value: value.chars().take(80).collect(),
+            why,
+        }
+    }
+
+    fn canonical(
+        &self,
+        field: &'static str,
+        value: &str,
+        made: Option<String>,
+        why: &'static str,
+    ) -> Result<(), InvalidRow> {
+        match made {
+            Some(made) if made == value => Ok(()),
+            _ => Err(self.refuse(field, value, why)),
+        }
+    }
+
+    /// Names from DNS keep every octet, escaped (RFC 1035 presentation form).
+    fn dns_name(&self, field: &'static str, value: &str) -> Result<(), InvalidRow> {
+        match dns::is_presentation(value) {
+            true => Ok(()),
+            false => Err(self.refuse(field, value, "not a DNS name as capture writes one")),
+        }
+    }
+
+    /// The columns question 2 reads ([`ServiceUseRow`]), as capture makes them.
+    fn service_use(
+        &self,
+        proto: &str,
+        service_name: &str,
+        service_source: u8,
+        start_us: i64,
+        end_us: i64,
+    ) -> Result<(), InvalidRow> {
+        let made = proto.parse::<probe_common::Proto>().ok().map(|p| p.to_string());
+        self.canonical("proto", proto, made, "not a protocol")?;
+        if !service_name.is_empty() {
+            match service_source.checked_sub(1).map(ServiceSource::try_from) {
+                Some(Ok(ServiceSource::Dns)) => self.dns_name("service_name", service_name)?,
+                _ => self.canonical(
+                    "service_name",
+                    service_name,
+                    normalise_name(service_name.as_bytes()),
+                    "not a name as capture writes one",
+                )?,
+            }
+        }
+        if end_us < start_us {
+            return Err(self.refuse("end_us", &end_us.to_string(), "before its start"));
         }
         Ok(())
+    }
+}
+
+/// What question 2 reads of a record ([`Services`](crate::store::rollup::Services)): its service or remote
+/// end, times, bytes and mark. Read instead of the whole row, whose DNS
+/// exchanges are most of its bytes.
+#[derive(Clone, Debug, PartialEq, Row, Deserialize)]
+pub struct ServiceUseRow {
+    pub id: [u8; 16],
+    pub start_us: i64,
+    pub end_us: i64,
+    pub proto: String,
+    pub remote_ip: [u8; 16],
+    pub remote_port: u16,
+    pub service_name: String,
+    pub service_source: u8,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub incomplete: u8,
+}
+
+/// The columns of [`ServiceUseRow`], in its order.
+pub const SERVICE_USE_COLUMNS: &[&str] = &[
+    "id",
+    "start_us",
+    "end_us",
+    "proto",
+    "remote_ip",
+    "remote_port",
+    "service_name",
+    "service_source",
+    "bytes_up",
+    "bytes_down",
+    "incomplete",
+];
+
+impl ServiceUseRow {
+    /// What the record adds to its device's services (as
+    /// `Services::add_record` takes it from its [`Icr`]), checked as [`RecordRow::into_icr`] checks it.
+    pub fn into_use(self) -> Result<(ServiceKey, ServiceUse)> {
+        Checked { id: self.id }.service_use(
+            &self.proto,
+            &self.service_name,
+            self.service_source,
+            self.start_us,
+            self.end_us,
+        )?;
+        let id = uuid::Uuid::from_bytes(self.id);
+        for us in [self.start_us, self.end_us] {
+            DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("record {id}: time {us} µs is out of range"))?;
+        }
+        let source = match self.service_source {
+            0 => None,
+            stored => Some(ServiceSource::try_from(stored - 1).with_context(|| format!("record {id}"))?),
+        };
+        let proto = self.proto.parse::<probe_common::Proto>().map_or(0, u8::from);
+        let remote = (ip_of(self.remote_ip), self.remote_port);
+        let key = match (self.service_name.is_empty(), source) {
+            (false, Some(_)) => ServiceKey::Name(self.service_name),
+            _ => ServiceKey::Remote(remote.0, remote.1, proto),
+        };
+        let used = ServiceUse {
+            first_us: self.start_us,
+            last_us: self.end_us,
+            connections: 1,
+            bytes: self.bytes_up.saturating_add(self.bytes_down),
+            incomplete: self.incomplete != 0,
+            remote,
+            proto,
+        };
+        Ok((key, used))
     }
 }
 
@@ -475,6 +583,58 @@ mod tests {
             assert_eq!(refused.field, field, "{refused}");
             let message = format!("{:#}", row.into_icr().unwrap_err());
             assert!(!message.chars().any(char::is_control), "the report escapes what it shows: {message}");
+        }
+    }
+
+    /// The narrow row question 2 reads, made from a record's full row.
+    fn service_use_row(row: &RecordRow) -> ServiceUseRow {
+        ServiceUseRow {
+            id: row.id,
+            start_us: row.start_us,
+            end_us: row.end_us,
+            proto: row.proto.clone(),
+            remote_ip: row.remote_ip,
+            remote_port: row.remote_port,
+            service_name: row.service_name.clone(),
+            service_source: row.service_source,
+            bytes_up: row.bytes_up,
+            bytes_down: row.bytes_down,
+            incomplete: row.incomplete,
+        }
+    }
+
+    #[test]
+    fn question_2_from_the_narrow_rows_is_question_2_from_the_records() {
+        use crate::store::rollup::Services;
+        let mut records = samples(500);
+        records[1].service = None;
+        records[2].bytes_up = u64::MAX;
+        let (mut whole, mut narrow) = (Services::default(), Services::default());
+        for record in &records {
+            whole.add_record(record);
+            let (key, used) = service_use_row(&RecordRow::of(record).unwrap()).into_use().unwrap();
+            narrow.add(key, &used);
+        }
+        assert!(whole.len() > 10, "the samples use many services");
+        assert_eq!(narrow.into_sorted(), whole.into_sorted());
+
+        // A forged row is refused here as in the whole record.
+        let good = RecordRow::of(&records[0]).unwrap();
+        type Forgery = (&'static str, fn(&mut RecordRow));
+        let forged: [Forgery; 4] = [
+            ("service_name", |r| r.service_name = "=HYPERLINK(\"http://x/\",\"a\")".into()),
+            ("proto", |r| r.proto = "tcp\u{7}".into()),
+            ("end_us", |r| r.end_us = r.start_us - 1),
+            ("service_source", |r| {
+                r.service_name = "a.example".into();
+                r.service_source = 200;
+            }),
+        ];
+        for (field, forge) in forged {
+            let mut row = good.clone();
+            forge(&mut row);
+            assert!(service_use_row(&row).into_use().is_err(), "{field}");
+            assert!(row.into_icr().is_err(), "{field}");
         }
     }
 }
