@@ -4,19 +4,35 @@
 //! `src nip PUBLIC and src nport PORT` is icr's own answer to question 1;
 //! nfacctd reads the names through the enterprise elements; tshark decodes
 //! every template; a collector stopped mid-run costs the store nothing, its
-//! gap counted; and `icr export ipfix` back-fills the stored window.
+//! gap counted; and `icr export ipfix` back-fills the stored window. IPv6
+//! records, from real IPv6 captures replayed into a store, reach tshark and
+//! nfcapd with their addresses (on the host's loopback, no lab).
 use std::{
+    net::IpAddr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, Output, Stdio},
     time::Duration,
 };
 
-use icr_lab::{Agent, Lab, PUBLIC_IP, WEB_NAME, agent_config, client_timeout, icr, icr_binary, patience};
+use icr_lab::{
+    Agent, LAB_OPERATOR, Lab, PUBLIC_IP, TempDir, WEB_NAME, agent_config, client_timeout, icr, icr_binary, patience,
+};
+use icr_test_kit::{
+    config::{Authority, Config, StoreDir},
+    netns::command_in,
+};
 use serde_json::Value;
 
 const NFCAPD_PORT: u16 = 9995;
 const NFACCTD_PORT: u16 = 9996;
 const METRICS: &str = "127.0.0.1:9464";
+/// The captures replayed into one store for the IPv6 test (tests/captures):
+/// TLS and QUIC from a global IPv6 address (a TCP and a UDP record), and
+/// HTTP over IPv4, so that one file holds both families' templates (no
+/// capture there has unicast flows of both within a retention's reach).
+const IPV6_CAPTURE: &str = "suricata-verify/tests/ja4-tls-quic/input.pcap";
+const IPV4_CAPTURE: &str = "zeek/Traces/tls/ssl-to-http-server.pcap";
 const AUTHORITY_FLAGS: [&str; 6] = ["--authority", "lab-police", "--officer", "PC 1", "--reference", "OP-IPFIX-1"];
 
 /// The enterprise elements as a pmacct operator declares them (docs/ipfix.md).
@@ -42,17 +58,26 @@ fn write_config(db: &Path) {
         .write(&db.join("icr.toml"));
 }
 
-/// A collector in the gateway, in a process group of its own (nfacctd forks
-/// its plugins), stopped with `signal` to the group.
+/// A collector (in the namespace `netns`, or here) in a process group of
+/// its own (nfacctd forks its plugins), stopped with `signal` to the group;
+/// its output in `log`.
 struct Collector {
     child: Option<Child>,
 }
 
 impl Collector {
-    fn start(lab: &Lab, name: &str, command: &mut Command) -> Self {
-        let mut wrapped = Command::new("setsid");
-        wrapped.arg(command.get_program()).args(command.get_args());
-        let child = lab.spawn_in(&lab.gateway, &mut wrapped, name).expect("starting a collector");
+    fn start(netns: Option<&str>, command: &Command, log: &Path) -> Self {
+        let program = command.get_program().to_str().expect("a collector's name is text");
+        let log = std::fs::File::create(log).expect("a collector's log");
+        // `ip netns exec` execs the collector: the group stays the child's.
+        let child = command_in(netns, program)
+            .args(command.get_args())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("a collector's log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|error| panic!("starting {program}: {error}"));
         // Bound: until it listens (nothing answers a UDP port; give it a moment).
         std::thread::sleep(patience(Duration::from_secs(1)));
         Self { child: Some(child) }
@@ -85,20 +110,13 @@ impl Drop for Collector {
     }
 }
 
-fn nfcapd(lab: &Lab, dir: &Path) -> Collector {
+/// nfcapd on `127.0.0.1:port` (in `netns`, or here), writing into `dir`
+/// (its log beside it).
+fn nfcapd(netns: Option<&str>, dir: &Path, port: u16) -> Collector {
     std::fs::create_dir_all(dir).unwrap();
-    Collector::start(
-        lab,
-        "nfcapd",
-        Command::new("nfcapd").arg("-w").arg(dir).args([
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &NFCAPD_PORT.to_string(),
-            "-t",
-            "3600",
-        ]),
-    )
+    let mut command = Command::new("nfcapd");
+    command.arg("-w").arg(dir).args(["-b", "127.0.0.1", "-p", &port.to_string(), "-t", "3600"]);
+    Collector::start(netns, &command, &dir.with_extension("log"))
 }
 
 fn nfacctd(lab: &Lab) -> (Collector, PathBuf) {
@@ -121,7 +139,9 @@ fn nfacctd(lab: &Lab) -> (Collector, PathBuf) {
         ),
     )
     .unwrap();
-    (Collector::start(lab, "nfacctd", Command::new("nfacctd").arg("-f").arg(&config)), output)
+    let mut command = Command::new("nfacctd");
+    command.arg("-f").arg(&config);
+    (Collector::start(Some(&lab.gateway), &command, &lab.dir.join("nfacctd.log")), output)
 }
 
 fn ndjson(text: &[u8]) -> Vec<Value> {
@@ -154,6 +174,33 @@ fn millis(rfc3339: &str) -> String {
     time.format("%Y-%m-%dT%H:%M:%S%.3f").to_string()
 }
 
+/// `icr export ipfix` (in `netns`, or here) of the store in `db` over the
+/// days around now, as the lab's operator, to `destination`.
+fn export_ipfix(netns: Option<&str>, db: &Path, destination: &[&str]) -> Output {
+    let now = chrono::Utc::now();
+    let (from, to) = ((now - chrono::Duration::days(1)).to_rfc3339(), (now + chrono::Duration::days(1)).to_rfc3339());
+    command_in(netns, icr_binary().to_str().expect("the binary's path is text"))
+        .args(["export", "ipfix", "--from", &from, "--to", &to, "--db", db.to_str().unwrap()])
+        .args(["--authority", LAB_OPERATOR, "--officer", "ops", "--reference", "BACKFILL-1"])
+        .args(destination)
+        .output()
+        .expect("running icr export ipfix")
+}
+
+/// What tshark prints for the IPFIX file `file` with `args` (it must read it).
+fn tshark_file(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("tshark").arg("-r").arg(file).args(args).output().expect("running tshark");
+    assert!(out.status.success(), "tshark reads {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// tshark's expert info on the IPFIX file `file` has no warning or error
+/// (a malformed message is an error).
+fn assert_no_expert_warnings(file: &Path) {
+    let expert = tshark_file(file, &["-q", "-z", "expert,warn"]);
+    assert!(!expert.contains("Warns") && !expert.contains("Errors"), "tshark on {}:\n{expert}", file.display());
+}
+
 /// The value of a metric series in a Prometheus text.
 fn sample(metrics: &str, series: &str) -> u64 {
     let line = metrics.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in {metrics}"));
@@ -167,7 +214,7 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
     let (c1, c2) = (&lab.clients[0], &lab.clients[1]);
     write_config(&db);
     let (first_run, second_run) = (lab.dir.join("nfcapd-1"), lab.dir.join("nfcapd-2"));
-    let mut capd = nfcapd(&lab, &first_run);
+    let mut capd = nfcapd(Some(&lab.gateway), &first_run, NFCAPD_PORT);
     let (mut acctd, acctd_output) = nfacctd(&lab);
     let capture = lab.capture_in(&lab.gateway, "lo", "ipfix").expect("tcpdump on the gateway's loopback");
     let agent = Agent::start(&lab, &icr_binary(), &db).expect("starting the agent");
@@ -199,7 +246,7 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
         .collect();
 
     // It comes back (templates resent), and takes the rest.
-    let mut capd = nfcapd(&lab, &second_run);
+    let mut capd = nfcapd(Some(&lab.gateway), &second_run, NFCAPD_PORT);
     lab.exchange(c2, 2_000, 5_000).expect("an exchange after nfcapd is back");
     settle();
     let metrics = lab
@@ -363,33 +410,17 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
 
     // `icr export ipfix`: the stored window again, as an operator's
     // back-filling, to an RFC 5655 file and to a collector; audited.
-    let now = chrono::Utc::now();
-    let (from, to) = ((now - chrono::Duration::days(1)).to_rfc3339(), (now + chrono::Duration::days(1)).to_rfc3339());
-    let export = |destination: &[&str]| -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &lab.gateway])
-            .arg(icr_binary())
-            .args(["export", "ipfix", "--from", &from, "--to", &to, "--db", db.to_str().unwrap()])
-            .args(["--authority", icr_lab::LAB_OPERATOR, "--officer", "ops", "--reference", "BACKFILL-1"])
-            .args(destination)
-            .output()
-            .unwrap()
-    };
+    let export = |destination: &[&str]| export_ipfix(Some(&lab.gateway), &db, destination);
     let file = lab.dir.join("backfill.ipfix");
     let written = export(&["--file", file.to_str().unwrap()]);
     assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
     assert!(String::from_utf8_lossy(&written.stdout).starts_with(&format!("{} records", records.len())));
-    let read = |extra: &[&str]| {
-        let out = Command::new("tshark").arg("-r").arg(&file).args(extra).output().unwrap();
-        assert!(out.status.success(), "tshark reads the IPFIX file: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let read = |extra: &[&str]| tshark_file(&file, extra);
     let verbose = read(&["-V"]);
     for id in 256..=260 {
         assert!(verbose.contains(&format!("Template Id: {id}")), "template {id} in the file");
     }
-    let expert = read(&["-q", "-z", "expert,warn"]);
-    assert!(!expert.contains("Warns") && !expert.contains("Errors"), "tshark on the file:\n{expert}");
+    assert_no_expert_warnings(&file);
     let mut ports: Vec<u64> = read(&["-T", "fields", "-e", "cflow.srcport"])
         .split([',', '\n'])
         .filter_map(|p| p.trim().parse().ok())
@@ -404,7 +435,7 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
     assert!(!again.status.success(), "a file is never overwritten");
 
     let third_run = lab.dir.join("nfcapd-3");
-    let mut capd = nfcapd(&lab, &third_run);
+    let mut capd = nfcapd(Some(&lab.gateway), &third_run, NFCAPD_PORT);
     let sent = export(&["--collector", &format!("udp://127.0.0.1:{NFCAPD_PORT}")]);
     assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
     capd.stop(libc::SIGTERM);
@@ -423,4 +454,127 @@ fn nfdump_and_pmacct_read_the_gateways_records_and_a_stopped_collector_is_counte
         exports.iter().any(|l| l.contains("backfill.ipfix"))
             && exports.iter().any(|l| l.contains("udp://127.0.0.1:9\""))
     );
+}
+
+/// A copy of the capture `name` (tests/captures) in `dir`, its packets
+/// moved in time so that the first is an hour ago: a store reads nothing
+/// older than its retention.
+fn recent_copy(name: &str, dir: &Path) -> PathBuf {
+    let capture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("captures").join(name);
+    let run = |command: &mut Command| {
+        let out = command.output().unwrap_or_else(|error| panic!("running {:?}: {error}", command.get_program()));
+        assert!(out.status.success(), "{:?}: {}", command.get_program(), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // "FILE<TAB>SECONDS.FRACTION": the first packet's time.
+    let first = run(Command::new("capinfos").args(["-a", "-T", "-r", "-S"]).arg(&capture));
+    let first: f64 = first.trim().rsplit('\t').next().and_then(|t| t.parse().ok()).expect("capinfos' first time");
+    let shift = chrono::Utc::now().timestamp() - 3600 - first as i64;
+    let copy = dir.join(name.replace('/', "-"));
+    run(Command::new("editcap").arg("-t").arg(shift.to_string()).arg(&capture).arg(&copy));
+    copy
+}
+
+/// Every data record tshark dissects in the IPFIX file `file`, with its
+/// template id.
+fn tshark_flows(file: &Path) -> Vec<(u64, Value)> {
+    let packets: Vec<Value> = serde_json::from_str(&tshark_file(file, &["-T", "json"])).expect("tshark's JSON");
+    let mut flows = Vec::new();
+    for packet in &packets {
+        let sets = packet["_source"]["layers"]["cflow"].as_object().expect("an IPFIX message");
+        for set in sets.values() {
+            let Some(id) = set["cflow.flowset_id"].as_str().and_then(|id| id.parse().ok()) else { continue };
+            let records = set.as_object().into_iter().flatten().filter(|(key, _)| key.starts_with("Flow "));
+            flows.extend(records.map(|(_, flow)| (id, flow.clone())));
+        }
+    }
+    flows
+}
+
+/// An address as tshark, nfdump and icr write it (none if missing).
+fn address(value: &Value) -> Option<IpAddr> {
+    value.as_str().and_then(|text| text.parse().ok())
+}
+
+/// A value as text: tshark writes numbers as strings.
+fn text(value: &Value) -> String {
+    value.as_str().map_or_else(|| value.to_string(), str::to_owned)
+}
+
+#[test]
+fn replayed_ipv6_records_reach_tshark_and_nfcapd_with_their_addresses() {
+    let dir = TempDir::new("icr-ipfix-v6");
+    let store = StoreDir::with_config(
+        "icr-ipfix-v6-store",
+        Config::new().key("retention_days = 30").authority(Authority::operator(LAB_OPERATOR)),
+    );
+    let db = store.path();
+    for capture in [IPV6_CAPTURE, IPV4_CAPTURE] {
+        let copy = recent_copy(capture, dir.path());
+        let replayed = icr(&["replay", copy.to_str().unwrap(), "--db", db.to_str().unwrap()]);
+        assert!(replayed.status.success(), "icr replay {capture}: {}", String::from_utf8_lossy(&replayed.stderr));
+    }
+    let records = icr_lab::stored_records(db);
+    let ipv6: Vec<&Value> =
+        records.iter().filter(|r| address(&r["device"]["ip"]).is_some_and(|ip| ip.is_ipv6())).collect();
+    assert!(
+        ["tcp", "udp"].iter().all(|proto| ipv6.iter().any(|r| r["proto"] == *proto)),
+        "a TCP and a UDP record over IPv6: {records:#?}"
+    );
+    assert!(ipv6.len() < records.len(), "and IPv4 ones in the same store: {records:#?}");
+    // Routed IPv6, no NAT66: the public end (281, 227) is the device's own.
+    assert!(ipv6.iter().all(|r| !r["public"].is_null()), "{ipv6:#?}");
+
+    // The file, as tshark dissects it: every IPv6 record in template 259
+    // or 260, with its ends.
+    let file = dir.path().join("replayed.ipfix");
+    let written = export_ipfix(None, db, &["--file", file.to_str().unwrap()]);
+    assert!(written.status.success(), "{}", String::from_utf8_lossy(&written.stderr));
+    assert_no_expert_warnings(&file);
+    let flows: Vec<Value> =
+        tshark_flows(&file).into_iter().filter(|(id, _)| matches!(id, 259 | 260)).map(|(_, flow)| flow).collect();
+    assert_eq!(flows.len(), ipv6.len(), "one IPv6 flow per IPv6 record: {flows:#?}");
+    for record in &ipv6 {
+        let (device, remote, public) = (&record["device"], &record["remote"], &record["public"]);
+        let flow = flows
+            .iter()
+            .find(|f| {
+                address(&f["cflow.srcaddrv6"]) == address(&device["ip"])
+                    && text(&f["cflow.srcport"]) == text(&device["port"])
+            })
+            .unwrap_or_else(|| panic!("tshark finds {record}: {flows:#?}"));
+        assert_eq!(address(&flow["cflow.dstaddrv6"]), address(&remote["ip"]), "{flow:#}");
+        assert_eq!(text(&flow["cflow.dstport"]), text(&remote["port"]));
+        assert_eq!(address(&flow["cflow.post_nat_source_ipv6_address"]), address(&public["ip"]), "{flow:#}");
+        assert_eq!(text(&flow["cflow.post_naptsource_transport_port"]), text(&public["port"]));
+    }
+
+    // A real nfcapd on loopback; nfdump 1.7.1 decodes 27/28 and 227 but
+    // not 281 (postNATSourceIPv6Address), which tshark checked above.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
+    let received = dir.path().join("nfcapd");
+    let mut capd = nfcapd(None, &received, port);
+    let sent = export_ipfix(None, db, &["--collector", &format!("udp://127.0.0.1:{port}")]);
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    // Bound: a moment for nfcapd to read what loopback holds for it.
+    std::thread::sleep(patience(Duration::from_secs(1)));
+    capd.stop(libc::SIGTERM);
+    let flows: Vec<Value> =
+        nfdump(&[&received], "any").into_iter().filter(|f| address(&f["src6_addr"]).is_some()).collect();
+    assert_eq!(flows.len(), ipv6.len(), "one IPv6 flow per IPv6 record: {flows:#?}");
+    for record in &ipv6 {
+        let (device, remote) = (&record["device"], &record["remote"]);
+        let flow = flows
+            .iter()
+            .find(|f| address(&f["src6_addr"]) == address(&device["ip"]) && f["src_port"] == device["port"])
+            .unwrap_or_else(|| panic!("nfdump finds {record}: {flows:#?}"));
+        assert_eq!(address(&flow["dst6_addr"]), address(&remote["ip"]), "{flow:#}");
+        assert_eq!(flow["dst_port"], remote["port"]);
+        assert_eq!(flow["src_xlt_port"], text(&record["public"]["port"]), "nfdump writes the translated port as text");
+        assert_eq!(flow["in_src_mac"], device["mac"]);
+        assert_eq!(flow["first"], millis(record["start"].as_str().unwrap()));
+        assert_eq!(flow["last"], millis(record["end"].as_str().unwrap()));
+        assert_eq!(flow["in_packets"], record["packets_up"]);
+        assert_eq!(flow["out_packets"], record["packets_down"]);
+    }
 }
