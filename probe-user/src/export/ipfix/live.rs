@@ -4,8 +4,10 @@
 //! is the evidence; what a collector misses is counted, never retried from
 //! memory.
 use std::{
+    collections::VecDeque,
     io::{self, Write as _},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _, UdpSocket},
+    os::fd::AsRawFd as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -37,20 +39,28 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MOST: Duration = Duration::from_secs(30);
 /// How long the agent waits at exit for the threads to send what they hold.
 const DRAIN: Duration = Duration::from_secs(5);
+/// Messages a TCP connection keeps apart while unacknowledged; past it a
+/// message joins the newest (see `InFlight::wrote`). A full 4 MB send
+/// buffer of messages of one record each is about that many.
+const MOST_IN_FLIGHT: usize = 16_384;
 
 /// What one collector's export has done, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub collector: String,
-    /// ICRs in messages handed to the network.
+    /// ICRs that reached the collector's host: over TCP once its kernel
+    /// acknowledged their bytes, over UDP once handed to the network (a
+    /// refused datagram's are then counted failed too).
     pub records_sent: AtomicU64,
-    /// ICRs the collector did not get: not connected, a failed send, or
+    /// ICRs the collector did not get: not connected, a failed send,
+    /// (TCP) written but not acknowledged when the connection ended, or
     /// (UDP) a datagram the collector's host refused.
     pub records_failed: AtomicU64,
     /// ICRs dropped because the thread was behind (its queue full).
     pub records_dropped: AtomicU64,
     /// ICRs whose names or DNS questions were cut to fit a message.
     pub records_truncated: AtomicU64,
+    /// Messages and bytes handed to the network (acknowledged or not).
     pub messages_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     /// TCP connections opened, and attempts that failed.
@@ -63,10 +73,16 @@ impl Stats {
     pub fn series(&self) -> [(&'static str, &'static str, u64); 8] {
         let value = |counter: &AtomicU64| counter.load(Relaxed);
         [
-            ("records_sent_total", "ICRs sent to the collector", value(&self.records_sent)),
+            (
+                "records_sent_total",
+                "ICRs sent to the collector: over TCP once its host acknowledged them, over UDP once handed to the \
+                 network",
+                value(&self.records_sent),
+            ),
             (
                 "records_failed_total",
-                "ICRs the collector did not get: not connected, a failed send, or a datagram refused",
+                "ICRs the collector did not get: not connected, a failed send, written over TCP but unacknowledged \
+                 when the connection ended, or a datagram refused",
                 value(&self.records_failed),
             ),
             (
@@ -79,8 +95,8 @@ impl Stats {
                 "ICRs whose names or DNS questions were cut to fit a message",
                 value(&self.records_truncated),
             ),
-            ("messages_sent_total", "IPFIX messages sent", value(&self.messages_sent)),
-            ("bytes_sent_total", "Bytes of IPFIX messages sent", value(&self.bytes_sent)),
+            ("messages_sent_total", "IPFIX messages handed to the network", value(&self.messages_sent)),
+            ("bytes_sent_total", "Bytes of IPFIX messages handed to the network", value(&self.bytes_sent)),
             ("connects_total", "TCP connections opened to the collector", value(&self.connects)),
             ("connect_failures_total", "TCP connection attempts that failed", value(&self.connect_failures)),
         ]
@@ -162,9 +178,7 @@ pub fn send_all(section: &IpfixSection, collector: &Collector, records: &[Icr]) 
     for batch in records.chunks(BATCH) {
         export.send(batch);
     }
-    // A refusal of the last datagram comes back after it.
-    std::thread::sleep(Duration::from_millis(200));
-    export.link.check(&export.stats);
+    export.link.finish(&export.stats);
     export.stats
 }
 
@@ -193,7 +207,7 @@ impl Export {
             match batches.recv_timeout(LOOK) {
                 Ok(batch) => self.send(&batch),
                 Err(RecvTimeoutError::Timeout) => self.look(),
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return self.link.finish(&self.stats),
             }
         }
     }
@@ -229,8 +243,9 @@ impl Export {
         }
     }
 
-    /// Between batches: a refused datagram or a closed connection is found
-    /// and counted, and UDP templates are sent when due.
+    /// Between batches: what the collector's host acknowledged is counted
+    /// sent, a refused datagram or a closed connection is found and
+    /// counted, and UDP templates are sent when due.
     fn look(&mut self) {
         if self.link.check(&self.stats) {
             self.forget_templates();
@@ -258,7 +273,7 @@ fn export_time() -> u32 {
 struct Link {
     collector: Collector,
     udp: Option<UdpSocket>,
-    tcp: Option<TcpStream>,
+    tcp: Option<Connection>,
     /// ICRs in the last datagram, counted failed if the collector's host refuses it.
     last_datagram: u64,
     next_attempt: Instant,
@@ -313,7 +328,7 @@ impl Link {
                 let stream = TcpStream::connect_timeout(&address, TCP_DEADLINE)?;
                 stream.set_write_timeout(Some(TCP_DEADLINE))?;
                 stream.set_nodelay(true)?;
-                self.tcp = Some(stream);
+                self.tcp = Some(Connection::new(stream));
                 stats.connects.fetch_add(1, Relaxed);
                 Ok(true)
             }
@@ -340,19 +355,31 @@ impl Link {
     }
 
     /// Sends one message; false (and its records counted failed) when it
-    /// could not be sent.
+    /// could not be sent. Over TCP its records count sent once the
+    /// collector's host acknowledges them (at a later send or look).
     fn send(&mut self, message: &Message, stats: &Stats) -> bool {
         let sent = match (&self.udp, &mut self.tcp) {
             (Some(socket), _) => socket.send(&message.bytes).map(|_| ()),
-            (None, Some(stream)) => stream.write_all(&message.bytes),
+            (None, Some(tcp)) => tcp.stream.write_all(&message.bytes),
             (None, None) => Err(io::Error::new(io::ErrorKind::NotConnected, "not connected")),
         };
         match sent {
             Ok(()) => {
-                stats.records_sent.fetch_add(message.records as u64, Relaxed);
+                match &mut self.tcp {
+                    Some(tcp) => {
+                        tcp.in_flight.wrote(message.bytes.len() as u64, message.records as u64);
+                        tcp.count_acknowledged(stats);
+                    }
+                    None => {
+                        // UDP has no acknowledgement: a datagram lost on the way
+                        // without an ICMP refusal shows only as the collector's
+                        // sequence gap (RFC 7011 §10.3.2), never here.
+                        stats.records_sent.fetch_add(message.records as u64, Relaxed);
+                        self.last_datagram = message.records as u64;
+                    }
+                }
                 stats.messages_sent.fetch_add(1, Relaxed);
                 stats.bytes_sent.fetch_add(message.bytes.len() as u64, Relaxed);
-                self.last_datagram = message.records as u64;
                 if self.failing {
                     self.failing = false;
                     info!("IPFIX export to {} works again", self.collector);
@@ -365,12 +392,38 @@ impl Link {
                     // The refusal of the last datagram, reported by this send.
                     stats.records_failed.fetch_add(std::mem::take(&mut self.last_datagram), Relaxed);
                 }
-                if self.tcp.take().is_some() {
+                if let Some(tcp) = self.tcp.take() {
+                    tcp.end(stats);
                     self.next_attempt = Instant::now();
                 }
                 self.failed(&format!("sending: {error}"));
                 false
             }
+        }
+    }
+
+    /// At the end of an export: gives the collector's host a moment to
+    /// acknowledge what was written (TCP) or to refuse the last datagram
+    /// (UDP, whose refusal comes back after it); what is then still
+    /// unacknowledged is counted failed.
+    fn finish(&mut self, stats: &Stats) {
+        let deadline = Instant::now() + TCP_DEADLINE;
+        match &mut self.tcp {
+            Some(tcp) => {
+                tcp.count_acknowledged(stats);
+                while !tcp.in_flight.is_empty() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                    tcp.count_acknowledged(stats);
+                }
+            }
+            None if self.udp.is_some() => std::thread::sleep(Duration::from_millis(200)),
+            None => {}
+        }
+        self.check(stats);
+        if let Some(tcp) = self.tcp.take()
+            && tcp.end(stats) > 0
+        {
+            self.failed("the collector did not acknowledge every message in time");
         }
     }
 
@@ -385,19 +438,21 @@ impl Link {
             self.failed(&format!("the collector's host refused a message: {error}"));
             return true;
         }
-        if let Some(stream) = &self.tcp {
+        if let Some(tcp) = &mut self.tcp {
             // A collector sends nothing: anything readable is its end of the
             // connection (or an error).
             let mut byte = [0u8; 1];
-            let closed = stream.set_nonblocking(true).is_ok()
-                && !matches!(stream.peek(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock);
-            let _ = stream.set_nonblocking(false);
-            if closed {
-                self.tcp = None;
-                self.next_attempt = Instant::now();
-                self.failed("the collector closed the connection");
-                return true;
+            let closed = tcp.stream.set_nonblocking(true).is_ok()
+                && !matches!(tcp.stream.peek(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock);
+            let _ = tcp.stream.set_nonblocking(false);
+            if !closed {
+                tcp.count_acknowledged(stats);
+                return false;
             }
+            let lost = self.tcp.take().map_or(0, |tcp| tcp.end(stats));
+            self.next_attempt = Instant::now();
+            self.failed(&format!("the collector closed the connection ({lost} records written were not acknowledged)"));
+            return true;
         }
         false
     }
@@ -411,6 +466,122 @@ impl Link {
             );
         }
     }
+}
+
+/// A TCP connection to a collector, and what was written on it that its
+/// host has not acknowledged yet: the kernel took those bytes, but a reset
+/// or a collector gone loses them.
+struct Connection {
+    stream: TcpStream,
+    in_flight: InFlight,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Self {
+        // The SYN counts as an acknowledged byte: the stream starts after it.
+        let in_flight = InFlight::new(bytes_acked(&stream).unwrap_or(0));
+        Self { stream, in_flight }
+    }
+
+    /// Counts the records the collector's host acknowledged since the last look as sent.
+    fn count_acknowledged(&mut self, stats: &Stats) {
+        // Without tcpi_bytes_acked (Linux before 4.1) a written message
+        // counts as acknowledged, as handed to the kernel.
+        let acked = bytes_acked(&self.stream).unwrap_or(u64::MAX);
+        stats.records_sent.fetch_add(self.in_flight.acknowledged(acked), Relaxed);
+    }
+
+    /// The connection ends (closed, failed or given up): what its host
+    /// acknowledged counts sent, the rest failed. Returns the failed records.
+    fn end(mut self, stats: &Stats) -> u64 {
+        self.count_acknowledged(stats);
+        let lost = self.in_flight.records();
+        stats.records_failed.fetch_add(lost, Relaxed);
+        lost
+    }
+}
+
+/// The messages written on a connection and not yet acknowledged.
+struct InFlight {
+    /// The acknowledged byte count when the connection opened.
+    acked_at_open: u64,
+    /// Bytes written on the connection.
+    written: u64,
+    /// Each message's end in the connection's byte stream and its records, oldest first.
+    messages: VecDeque<(u64, u64)>,
+}
+
+impl InFlight {
+    fn new(acked_at_open: u64) -> Self {
+        Self { acked_at_open, written: 0, messages: VecDeque::new() }
+    }
+
+    /// A message of `bytes` holding `records` was written. Past
+    /// `MOST_IN_FLIGHT` it joins the newest entry: those records then count
+    /// sent only once the later message's end is acknowledged, and failed
+    /// otherwise (coarser, never uncounted).
+    fn wrote(&mut self, bytes: u64, records: u64) {
+        self.written += bytes;
+        let full = self.messages.len() >= MOST_IN_FLIGHT;
+        match self.messages.back_mut() {
+            Some((end, held)) if full => {
+                *end = self.written;
+                *held += records;
+            }
+            _ => self.messages.push_back((self.written, records)),
+        }
+    }
+
+    /// Forgets the messages whose every byte is in `acked` (the kernel's
+    /// count since the connection opened); returns their records.
+    fn acknowledged(&mut self, acked: u64) -> u64 {
+        let acked = acked.saturating_sub(self.acked_at_open);
+        let mut records = 0;
+        while let Some(&(end, held)) = self.messages.front()
+            && end <= acked
+        {
+            records += held;
+            self.messages.pop_front();
+        }
+        records
+    }
+
+    fn records(&self) -> u64 {
+        self.messages.iter().map(|(_, records)| records).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
+/// The bytes the peer of `stream` has acknowledged, its SYN included
+/// (`tcpi_bytes_acked`, Linux 4.1 on). The count stays readable after a
+/// reset, when the kernel has dropped what was not acknowledged.
+fn bytes_acked(stream: &TcpStream) -> io::Result<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut length = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `stream` owns an open socket; `info` holds `length` bytes and
+    // the kernel writes at most that many. A zeroed tcp_info (integers
+    // only) is a valid one, whatever part the kernel filled.
+    let info = unsafe {
+        if libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut length,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        info.assume_init()
+    };
+    // An older kernel's tcp_info ends before the field.
+    if (length as usize) < std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>() {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "tcp_info has no tcpi_bytes_acked"));
+    }
+    Ok(info.tcpi_bytes_acked)
 }
 
 #[cfg(test)]
@@ -466,6 +637,16 @@ mod tests {
         decoded.records.iter().filter(|(id, _)| *id != 256).map(|(_, f)| number(iana(f, 7))).collect()
     }
 
+    /// One IPFIX message off a TCP stream.
+    fn read_message(stream: &mut TcpStream, known: &mut HashMap<u16, Vec<Spec>>) -> Decoded {
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).unwrap();
+        let mut message = header.to_vec();
+        message.resize(usize::from(u16::from_be_bytes([header[2], header[3]])), 0);
+        stream.read_exact(&mut message[16..]).unwrap();
+        decode(&message, known)
+    }
+
     #[test]
     fn udp_export_sends_templates_then_records_and_counts_a_refused_collector() {
         let collector = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -510,14 +691,6 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let feed = Feed::start(Some(&section(&format!("tcp://{address}")))).unwrap();
         let stats = feed.stats()[0].clone();
-        let read_message = |stream: &mut TcpStream, known: &mut HashMap<u16, Vec<Spec>>| {
-            let mut header = [0u8; 16];
-            stream.read_exact(&mut header).unwrap();
-            let mut message = header.to_vec();
-            message.resize(usize::from(u16::from_be_bytes([header[2], header[3]])), 0);
-            stream.read_exact(&mut message[16..]).unwrap();
-            decode(&message, known)
-        };
         feed.offer(&records(1000, 1));
         let (mut stream, _) = listener.accept().unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -568,5 +741,83 @@ mod tests {
         let (_stream, _) = listener.accept().unwrap();
         assert!(stats.records_dropped.load(Relaxed) > 0, "a full queue drops, counted");
         drop(feed);
+    }
+
+    /// Sets SO_RCVBUF on `listener`: the connections it accepts inherit it,
+    /// and their window with it.
+    fn set_receive_buffer(listener: &TcpListener, bytes: libc::c_int) {
+        // SAFETY: the descriptor is the listener's own, the value a c_int.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const bytes).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_tcp_collector_that_dies_with_bytes_unacknowledged_has_their_records_counted_failed() {
+        // A small receive window: what the collector does not read soon
+        // stays unacknowledged in the export's send buffer.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_receive_buffer(&listener, 4096);
+        let section = section(&format!("tcp://{}", listener.local_addr().unwrap()));
+        // On this thread: each send returns once the kernel has the bytes.
+        let mut export = Export::new(&section, &section.collectors[0]);
+        let stats = export.stats.clone();
+        export.send(&records(1000, 20));
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut known, mut read) = (HashMap::new(), 0);
+        while read < 20 {
+            read += ports(&read_message(&mut stream, &mut known)).len();
+        }
+        until("the read records to count as sent", || {
+            export.look();
+            stats.records_sent.load(Relaxed) == 20
+        });
+
+        // It stops reading: its window closes; then it dies with unread
+        // bytes, and its kernel resets the connection.
+        let offered = 20 + 3 * 100;
+        for batch in 0..3 {
+            export.send(&records(2000 + batch * 100, 100));
+        }
+        assert_eq!(stats.records_failed.load(Relaxed), 0, "every write was taken by the kernel");
+        drop(stream);
+        until("the loss to be counted", || {
+            export.look();
+            stats.records_failed.load(Relaxed) > 0
+        });
+        let (sent, failed) = (stats.records_sent.load(Relaxed), stats.records_failed.load(Relaxed));
+        assert_eq!(sent + failed, offered, "every record counted once: {sent} sent, {failed} failed");
+        assert!(sent >= 20, "what the collector read was acknowledged: {sent}");
+        // Its host acknowledged at most its receive buffer's worth (8 kB,
+        // about 40 records) of what followed.
+        assert!(failed >= 200, "the unacknowledged bytes count as failed: {failed}");
+        export.look();
+        assert_eq!(stats.records_failed.load(Relaxed), failed, "counted once");
+    }
+
+    #[test]
+    fn the_messages_in_flight_count_once_acknowledged_and_stay_bounded() {
+        let mut in_flight = InFlight::new(1);
+        in_flight.wrote(100, 3);
+        in_flight.wrote(50, 2);
+        assert_eq!(in_flight.acknowledged(1 + 120), 3, "the first message's bytes are in, not the second's");
+        assert_eq!(in_flight.acknowledged(1 + 120), 0, "counted once");
+        assert_eq!(in_flight.records(), 2);
+        for _ in 0..MOST_IN_FLIGHT + 10 {
+            in_flight.wrote(10, 1);
+        }
+        assert_eq!(in_flight.messages.len(), MOST_IN_FLIGHT, "bounded");
+        assert_eq!(in_flight.records(), 2 + MOST_IN_FLIGHT as u64 + 10, "no record uncounted past the bound");
+        let all = in_flight.written + 1;
+        assert_eq!(in_flight.acknowledged(all), 2 + MOST_IN_FLIGHT as u64 + 10);
+        assert!(in_flight.is_empty());
     }
 }
