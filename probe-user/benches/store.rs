@@ -113,6 +113,8 @@ const CLICKHOUSE_BATCH: usize = 65_536;
 /// Gateways shipping to the one node at once, and the inserts each sends.
 const SHIPPERS: usize = 6;
 const SHIPPER_BATCHES: usize = 4;
+/// How long the merge of one table's day may take.
+const MERGE_WITHIN: Duration = Duration::from_secs(3600);
 
 impl ClickHouseTarget {
     fn flush(&mut self) -> Result<()> {
@@ -134,7 +136,8 @@ impl ClickHouseTarget {
             let (table, partition) = line.split_once('\t').context("table and partition")?;
             // A day partition, shown as YYYY-MM-DD (quoted by some releases).
             let day = partition.trim_matches('\'');
-            self.server.query(&format!("OPTIMIZE TABLE icr.{table} PARTITION '{day}' FINAL"))?;
+            // A day of 100M records takes minutes to merge on two cores.
+            self.server.query_within(&format!("OPTIMIZE TABLE icr.{table} PARTITION '{day}' FINAL"), MERGE_WITHIN)?;
         }
         Ok(())
     }

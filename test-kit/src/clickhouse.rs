@@ -146,9 +146,15 @@ impl Server {
 
     /// `sql`'s text answer, asked as the setup's login.
     pub fn query(&self, sql: &str) -> Result<String> {
+        self.query_within(sql, ANSWER_WITHIN)
+    }
+
+    /// [`Self::query`] for a statement that may take longer than a question
+    /// (a merge of a day of a large gateway), waited for up to `limit`.
+    pub fn query_within(&self, sql: &str, limit: Duration) -> Result<String> {
         let login =
             self.setup.login.iter().flat_map(|(user, password)| ["-u".to_string(), format!("{user}:{password}")]);
-        ask(self.setup.netns.as_deref(), &login.collect::<Vec<_>>(), &self.url(), sql)
+        ask_within(self.setup.netns.as_deref(), &login.collect::<Vec<_>>(), &self.url(), sql, limit)
     }
 }
 
@@ -162,9 +168,17 @@ impl Drop for Server {
 /// `extra` arguments: credentials, a CA); its text answer, or ClickHouse's
 /// error.
 pub fn ask(netns: Option<&str>, extra: &[String], url: &str, sql: &str) -> Result<String> {
+    ask_within(netns, extra, url, sql, ANSWER_WITHIN)
+}
+
+/// How long [`ask`] waits for an answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// [`ask`], waiting up to `limit` for the answer.
+pub fn ask_within(netns: Option<&str>, extra: &[String], url: &str, sql: &str, limit: Duration) -> Result<String> {
     let mut command = crate::netns::command_in(netns, "curl");
     let out = command
-        .args(["-sS", "--fail-with-body", "--max-time", "60"])
+        .args(["-sS", "--fail-with-body", "--max-time", &limit.as_secs().max(1).to_string()])
         .args(extra)
         .args(["--data-binary", sql, url])
         .stdin(Stdio::null())
